@@ -1,0 +1,119 @@
+"""Driver-side file operations on any Hadoop filesystem URI (file://, hdfs://, s3a://).
+
+They go through the JVM's Hadoop FileSystem of the active SparkSession, so every scheme
+Spark can read, with the credentials Spark is configured with, works here too. Small
+files (manifests, pointers, whitening matrices) are written to a temporary name and
+renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+
+def _jvm(spark):
+    return spark.sparkContext._jvm
+
+
+def _path(spark, uri: str):
+    return _jvm(spark).org.apache.hadoop.fs.Path(uri)
+
+
+def _fs(spark, uri: str):
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    return _path(spark, uri).getFileSystem(conf)
+
+
+def qualify(spark, uri: str) -> str:
+    """Make ``uri`` absolute and scheme-qualified (``output`` -> ``file:/cwd/output``)."""
+    fs = _fs(spark, uri)
+    return fs.makeQualified(_path(spark, uri)).toString()
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def exists(spark, uri: str) -> bool:
+    return bool(_fs(spark, uri).exists(_path(spark, uri)))
+
+
+def delete(spark, uri: str, recursive: bool = True) -> None:
+    fs = _fs(spark, uri)
+    p = _path(spark, uri)
+    if fs.exists(p):
+        fs.delete(p, recursive)
+
+
+def mkdirs(spark, uri: str) -> None:
+    _fs(spark, uri).mkdirs(_path(spark, uri))
+
+
+def rename(spark, src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``; ``dst``'s parent is created. Raises if it fails."""
+    fs = _fs(spark, src)
+    dst_path = _path(spark, dst)
+    fs.mkdirs(dst_path.getParent())
+    if not fs.rename(_path(spark, src), dst_path):
+        raise OSError(f"could not rename {src} to {dst}")
+
+
+def list_names(spark, uri: str) -> list[str]:
+    """Names of the entries directly under ``uri`` (empty if it does not exist)."""
+    fs = _fs(spark, uri)
+    p = _path(spark, uri)
+    if not fs.exists(p):
+        return []
+    return sorted(status.getPath().getName() for status in fs.listStatus(p))
+
+
+def write_bytes(spark, uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (temporary sibling, then rename)."""
+    fs = _fs(spark, uri)
+    dst = _path(spark, uri)
+    tmp = _path(spark, f"{uri}.{uuid.uuid4().hex}.tmp")
+    out = fs.create(tmp, True)
+    try:
+        out.write(bytearray(data))
+    finally:
+        out.close()
+    if fs.exists(dst):
+        fs.delete(dst, False)
+    if not fs.rename(tmp, dst):
+        fs.delete(tmp, False)
+        raise OSError(f"could not write {uri}")
+
+
+def read_bytes(spark, uri: str) -> bytes:
+    fs = _fs(spark, uri)
+    p = _path(spark, uri)
+    length = fs.getFileStatus(p).getLen()
+    stream = fs.open(p)
+    try:
+        jvm = _jvm(spark)
+        buf = jvm.java.io.ByteArrayOutputStream()
+        jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, buf, 1 << 16, False)
+        data = bytes(buf.toByteArray())
+    finally:
+        stream.close()
+    if len(data) != length:
+        raise OSError(f"short read of {uri}: {len(data)} of {length} bytes")
+    return data
+
+
+def write_json(spark, uri: str, obj: Any) -> None:
+    write_bytes(spark, uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def read_json(spark, uri: str) -> Any:
+    return json.loads(read_bytes(spark, uri).decode("utf-8"))
+
+
+_GLOB_CHARS = "\\{}[]*?"
+
+
+def escape_glob(uri: str) -> str:
+    """Escape Hadoop glob characters so a literal path can be passed to ``load``."""
+    return "".join("\\" + c if c in _GLOB_CHARS else c for c in uri)

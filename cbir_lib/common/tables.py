@@ -1,0 +1,77 @@
+"""Stage outputs as snapshot tables: ``<root>/<table>/run=<run_id>/`` plus a ``_LATEST`` pointer.
+
+A stage writes its whole output to a temporary directory, renames it to its run
+partition (replacing that run's earlier output, so a retry of the same run is
+idempotent), and only then moves the ``_LATEST`` pointer. A reader that follows the
+pointer therefore always sees a complete snapshot, and a job killed at any point leaves
+the previous snapshot in force. Older snapshots beyond ``keep`` are pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from cbir_lib.common import fs
+
+log = logging.getLogger(__name__)
+
+LATEST = "_LATEST"
+MANIFEST = "_manifest.json"
+
+
+def run_dir(table_uri: str, run_id: str) -> str:
+    return fs.join(table_uri, f"run={run_id}")
+
+
+def latest_run_id(spark, table_uri: str) -> str | None:
+    pointer = fs.join(table_uri, LATEST)
+    if not fs.exists(spark, pointer):
+        return None
+    run_id = fs.read_bytes(spark, pointer).decode("utf-8").strip()
+    return run_id or None
+
+
+def read_latest(spark, table_uri: str):
+    """The latest committed snapshot as a DataFrame, or ``None`` if there is none."""
+    run_id = latest_run_id(spark, table_uri)
+    if run_id is None:
+        return None
+    return spark.read.parquet(run_dir(table_uri, run_id))
+
+
+def read_manifest(spark, table_uri: str, run_id: str | None = None) -> dict | None:
+    run_id = run_id or latest_run_id(spark, table_uri)
+    if run_id is None:
+        return None
+    uri = fs.join(run_dir(table_uri, run_id), MANIFEST)
+    return fs.read_json(spark, uri) if fs.exists(spark, uri) else None
+
+
+def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None, keep: int = 2) -> str:
+    """Write ``df`` as snapshot ``run_id`` of the table, atomically, and point ``_LATEST`` at it.
+
+    ``extra_files`` (name -> bytes) are written into the snapshot directory before it is
+    renamed into place, so they are part of the same commit. Returns the snapshot URI.
+    """
+    tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
+    df.write.mode("overwrite").parquet(tmp)
+    for name, data in (extra_files or {}).items():
+        fs.write_bytes(spark, fs.join(tmp, name), data)
+    fs.write_json(spark, fs.join(tmp, MANIFEST), manifest)
+    dst = run_dir(table_uri, run_id)
+    fs.delete(spark, dst)
+    fs.rename(spark, tmp, dst)
+    fs.write_bytes(spark, fs.join(table_uri, LATEST), run_id.encode("utf-8"))
+    _prune(spark, table_uri, keep, current=run_id)
+    log.info("committed %s", dst)
+    return dst
+
+
+def _prune(spark, table_uri: str, keep: int, current: str) -> None:
+    runs = [n[len("run="):] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
+    # Run ids are sortable timestamps or logical dates; keep the newest, always the current.
+    stale = [r for r in sorted(runs)[:-keep] if r != current] if len(runs) > keep else []
+    for r in stale:
+        fs.delete(spark, run_dir(table_uri, r))
+    fs.delete(spark, fs.join(table_uri, "_tmp"))

@@ -1,0 +1,190 @@
+"""Spark adapter of the ingest stage: a directory or Hadoop URI -> the images table.
+
+Incremental: files whose path, size and modification time match the latest images
+snapshot are carried over without being read again; only new or changed files are
+read (Spark's ``binaryFile`` source) and analysed. Files that disappeared drop out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pandas as pd
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.config import Config
+from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK, analyse
+
+log = logging.getLogger(__name__)
+
+TABLE = "images"
+
+IMAGES_DDL = (
+    "image_id long, path string, size_bytes long, modification_time timestamp, content_sha256 string, "
+    "width int, height int, format string, mode string, n_frames int, "
+    "ahash long, dhash long, phash long, status string, error string, ingest_run_id string"
+)
+
+
+class IngestFailed(RuntimeError):
+    """More files failed than ``ingest.max_failure_rate`` allows."""
+
+
+def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
+    def fn(batches):
+        for pdf in batches:
+            rows = []
+            for path, mtime, content in zip(pdf["path"], pdf["modificationTime"], pdf["content"]):
+                row = analyse(path, content, max_pixels, hash_side)
+                row["modification_time"] = mtime
+                row["ingest_run_id"] = run_id
+                rows.append(row)
+            out = pd.DataFrame(rows, columns=[c.split()[0] for c in IMAGES_DDL.split(", ")])
+            for col in ("width", "height", "n_frames"):
+                out[col] = out[col].astype("Int32")
+            for col in ("ahash", "dhash", "phash"):
+                out[col] = out[col].astype("Int64")
+            yield out
+
+    return fn
+
+
+def _reader(spark, cfg: Config, with_glob: bool = True):
+    reader = spark.read.format("binaryFile").option("recursiveFileLookup", str(cfg.ingest.recursive).lower())
+    if with_glob and cfg.ingest.glob:
+        reader = reader.option("pathGlobFilter", cfg.ingest.glob)
+    return reader
+
+
+def normalise_uri(uri: str) -> str:
+    """``file:///x`` (file index form) -> ``file:/x`` (the form of the scan's ``path`` column)."""
+    return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
+
+
+def images_table_uri(spark, cfg: Config) -> str:
+    return fs.join(fs.qualify(spark, cfg.run.output_root), TABLE)
+
+
+def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
+    """Ingest ``images_uri`` into ``<output_root>/images`` and return the run manifest."""
+    from pyspark.sql import functions as F
+
+    started = time.time()
+    run_id = cfg.run.run_id or new_run_id()
+    table = images_table_uri(spark, cfg)
+    source = fs.qualify(spark, images_uri)
+    if not fs.exists(spark, source):
+        raise FileNotFoundError(f"ingest.images: {images_uri} does not exist")
+
+    with timer("listing " + source):
+        scan = _reader(spark, cfg).load(source)
+        scanned = scan.select("path", F.col("length").alias("size_bytes"), "modificationTime").cache()
+        # Spark's file scans skip zero-byte files (SPARK-26161), but its file index lists them:
+        # they are the listed files that the scan did not return.
+        scanned_paths = {r.path for r in scanned.select("path").collect()}
+        empty_paths = sorted({normalise_uri(p) for p in scan.inputFiles()} - scanned_paths)
+        listing = scanned
+        if empty_paths:
+            empties = spark.createDataFrame([(p, 0, None) for p in empty_paths], "path string, size_bytes long, modificationTime timestamp")
+            listing = scanned.unionByName(empties)
+        n_listed = len(scanned_paths) + len(empty_paths)
+
+    prev_run = tables.latest_run_id(spark, table)
+    prev = tables.read_latest(spark, table)
+    if prev is not None:
+        joined = listing.join(prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left")
+        same = F.coalesce((F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False))
+        todo_paths = [r.path for r in joined.filter(~same).select("path").collect()]
+        carried = prev.join(joined.filter(same).select("path"), "path", "left_semi")
+        n_removed = prev.join(listing, "path", "left_anti").count()
+    else:
+        todo_paths = None  # everything is new: read the whole source in one scan
+        carried = None
+        n_removed = 0
+
+    if todo_paths is None:
+        todo_paths_nonempty, todo_empty = None, empty_paths
+    else:
+        empty_set = set(empty_paths)
+        todo_empty = [p for p in todo_paths if p in empty_set]
+        todo_paths_nonempty = [p for p in todo_paths if p not in empty_set]
+    n_todo = n_listed if todo_paths is None else len(todo_paths)
+    log.info("ingest: %d files listed, %d new or changed", n_listed, n_todo)
+    if prev is not None and n_todo == 0 and prev_run == run_id:
+        scanned.unpersist()
+        manifest = tables.read_manifest(spark, table, run_id) or {}
+        return {**manifest, "noop": True}
+
+    parallelism = spark.sparkContext.defaultParallelism
+    new_frames = []
+    analyse_fn = _analyse_partition(cfg.ingest.max_pixels, cfg.ingest.hash_decode_side, run_id)
+    if todo_paths_nonempty is None or todo_paths_nonempty:
+        if todo_paths_nonempty is None:
+            content = scan
+        else:
+            content = _reader(spark, cfg, with_glob=False).load([fs.escape_glob(p) for p in todo_paths_nonempty])
+        n_parts = max(parallelism * 2, n_todo // 500)
+        new_frames.append(content.select("path", "modificationTime", "content").repartition(n_parts, "path").mapInPandas(analyse_fn, IMAGES_DDL))
+    if todo_empty:
+        empty_input = spark.createDataFrame([(p, None, b"") for p in todo_empty], "path string, modificationTime timestamp, content binary")
+        new_frames.append(empty_input.mapInPandas(analyse_fn, IMAGES_DDL))
+    new_rows = None
+    for frame in new_frames:
+        new_rows = frame if new_rows is None else new_rows.unionByName(frame)
+    parts = [df for df in (carried, new_rows) if df is not None]
+    if not parts:
+        images = spark.createDataFrame([], IMAGES_DDL)
+    else:
+        images = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+
+    # Materialise once so the failure check and the commit see the same rows.
+    images = images.cache()
+    counts = {r["status"]: r["count"] for r in images.groupBy("status").count().collect()}
+    new_counts = {}
+    if new_rows is not None:
+        new_counts = {r["status"]: r["count"] for r in images.filter(F.col("ingest_run_id") == run_id).groupBy("status").count().collect()}
+    n_failed_new = new_counts.get(STATUS_FAILED, 0)
+    if n_todo and n_failed_new / n_todo > cfg.ingest.max_failure_rate:
+        sample = images.filter((F.col("ingest_run_id") == run_id) & (F.col("status") == STATUS_FAILED)).select("path", "error").limit(10).collect()
+        detail = "; ".join(f"{r.path}: {r.error}" for r in sample)
+        images.unpersist()
+        scanned.unpersist()
+        raise IngestFailed(
+            f"ingest.max_failure_rate: {n_failed_new} of {n_todo} new files failed "
+            f"(> {cfg.ingest.max_failure_rate:.0%}); first failures: {detail}"
+        )
+    reasons = {
+        r["reason"]: r["count"]
+        for r in images.filter(F.col("status") == STATUS_FAILED)
+        .groupBy(F.split("error", ":").getItem(0).alias("reason"))
+        .count()
+        .collect()
+    }
+    total = sum(counts.values())
+    manifest = {
+        "stage": "ingest",
+        "run_id": run_id,
+        "source": source,
+        "previous_run_id": prev_run,
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+        "counts": {
+            "listed": n_listed,
+            "new_or_changed": n_todo,
+            "carried": total - sum(new_counts.values()),
+            "removed": n_removed,
+            "input": total,
+            "ok": counts.get(STATUS_OK, 0),
+            "failed": counts.get(STATUS_FAILED, 0),
+            "failure_reasons": reasons,
+        },
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    out = tables.commit(spark, images.coalesce(max(1, min(parallelism, total // 20000 + 1))), table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    images.unpersist()
+    scanned.unpersist()
+    manifest["output"] = out
+    log.info("ingest %s: %s", run_id, manifest["counts"])
+    return manifest

@@ -1,0 +1,53 @@
+"""``cbir``: one command with a subcommand per stage; each runs the stage's job shell.
+
+    cbir demo                      # sample -> ingest -> extract, with a summary
+    cbir ingest --images DIR       # any directory or Hadoop URI
+    cbir extract --config conf/default.yaml extract.pooling=gem
+    cbir sample DIR                # write the embedded sample photos to DIR
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "demo": "jobs.demo",
+    "ingest": "jobs.ingest",
+    "extract": "jobs.extract",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nsubcommands: " + ", ".join([*STAGES, "sample"]))
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "sample":
+        from cbir_lib.sample import make_sample
+
+        if len(rest) != 1:
+            print("usage: cbir sample DIR", file=sys.stderr)
+            return 2
+        print(make_sample(rest[0]))
+        return 0
+    if command not in STAGES:
+        print(f"cbir: unknown subcommand {command!r}; one of {', '.join([*STAGES, 'sample'])}", file=sys.stderr)
+        return 2
+    from cbir_lib.config import ConfigError
+
+    try:
+        importlib.import_module(STAGES[command]).main(rest)
+    except ConfigError as exc:
+        print(f"cbir {command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"cbir {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
