@@ -1,0 +1,117 @@
+"""Shared fixtures: one local[2] SparkSession for the whole run, and the shared photo data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CBIR_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CLOTHING = SHARED_DATA / "clothing-small"
+DEDUP = SHARED_DATA / "dedup-fixtures"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def need_shared(path: Path = CLOTHING) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared photo data lives beside the project at ../shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from cbir_lib.config import Config, SparkConfig
+    from jobs._common import build_session
+
+    cfg = Config(spark=SparkConfig(app_name="cbir-tests", master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}))
+    session = build_session(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One converted Lite0 model for the whole run (conversion takes a few seconds)."""
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def clothing_slice(dst: Path, classes: tuple[str, ...], per_class: int, split: str = "train") -> Path:
+    """Copy the first ``per_class`` photos of each class into ``dst/<class>/``."""
+    src = need_shared() / split
+    for cls in classes:
+        files = sorted((src / cls).iterdir())[:per_class]
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dst / cls / f.name)
+    return dst
+
+
+def _png_bomb() -> bytes:
+    """A valid 1x1 PNG whose header claims 100000 x 100000 pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 100_000, 100_000)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def make_odd_files() -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, expected status, expected reason code or source mode)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+
+    def save(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    good_jpeg = save(photo, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    frames = [Image.fromarray(np.full((20, 30, 3), v, np.uint8)) for v in (0, 128, 255)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    palette = photo.convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 255, (60, 80), dtype=np.uint8)))
+    return {
+        "zero_byte.jpg": (b"", "failed", "empty_file"),
+        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 3], "failed", "truncated"),
+        "not_an_image.jpg": (b"%PDF-1.4 definitely not a picture\n" * 30, "failed", "not_an_image"),
+        "bomb.png": (_png_bomb(), "failed", "too_large"),
+        "good.jpg": (good_jpeg, "ok", "RGB"),
+        "cmyk.jpg": (save(photo.convert("CMYK"), "JPEG"), "ok", "CMYK"),
+        "sixteen_bit.png": (save(Image.fromarray((rng.integers(0, 65535, (60, 80))).astype(np.uint16)), "PNG"), "ok", "I;16"),
+        "palette.png": (save(palette, "PNG", transparency=0), "ok", "P"),
+        "alpha.png": (save(rgba, "PNG"), "ok", "RGBA"),
+        "grey_alpha.png": (save(photo.convert("LA"), "PNG"), "ok", "LA"),
+        "animated.gif": (gif.getvalue(), "ok", "P"),
+        "exif_rotated.jpg": (save(photo, "JPEG", exif=exif), "ok", "RGB"),
+    }
+
+
+@pytest.fixture
+def odd_files():
+    return make_odd_files()

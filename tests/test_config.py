@@ -1,0 +1,58 @@
+import pytest
+
+from cbir_lib import config
+from cbir_lib.config import ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = config.load(None, [])
+    assert cfg.extract.model == "efficientnet-lite0"
+    assert cfg.extract.pooling == "gap"
+
+
+def test_yaml_profile_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extract:\n  pooling: gem\n  batch_size: 16\nspark:\n  conf:\n    spark.task.cpus: 2\n")
+    cfg = config.load(str(path), ["extract.gem_p=4", "extract.whitening=true", "spark.conf.spark.executor.memory=2g"])
+    assert cfg.extract.pooling == "gem" and cfg.extract.batch_size == 16
+    assert cfg.extract.gem_p == 4.0 and cfg.extract.whitening is True
+    assert cfg.spark.conf == {"spark.task.cpus": "2", "spark.executor.memory": "2g"}
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["extract.pooling=avg"], "extract.pooling"),
+        (["extract.batch_size=0"], "extract.batch_size"),
+        (["extract.batch_size=big"], "extract.batch_size"),
+        (["extract.whitening=maybe"], "extract.whitening"),
+        (["extract.modle=vgg16"], "extract.modle"),
+        (["extract.model=alexnet"], "extract.model"),
+        (["extract.model=custom"], "extract.model_path"),
+        (["extract.model=custom", "extract.model_path=m.keras"], "extract.output_layer"),
+        (["ingest.max_failure_rate=2"], "ingest.max_failure_rate"),
+        (["run.run_id=a/b"], "run.run_id"),
+        (["nosuch.field=1"], "nosuch"),
+        (["extract.device=tpu"], "extract.device"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, overrides)
+    assert str(err.value).startswith(field)
+
+
+def test_bad_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        config.load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="--config"):
+        config.load(str(bad))
+
+
+def test_shipped_profiles_load():
+    from pathlib import Path
+
+    for profile in sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml")):
+        config.load(str(profile))
