@@ -224,10 +224,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if parts[0] == "spark" and parts[1] == "conf" and len(parts) > 2:
             section.setdefault("conf", {})[".".join(parts[2:])] = value
         elif len(parts) == 2:
-            section[parts[1]] = yaml.safe_load(value) if value != "" else None
+            section[parts[1]] = _scalar(value)
         else:
             raise ConfigError(f"override {item!r}: expected section.field=value")
     return out
+
+
+def _scalar(text: str) -> Any:
+    """An override value as YAML would read it (``64`` -> int, ``true`` -> bool), else the text."""
+    if text == "":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:

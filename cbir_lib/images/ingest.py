@@ -28,6 +28,11 @@ IMAGES_DDL = (
 )
 
 
+_COLUMNS = [c.split()[0] for c in IMAGES_DDL.split(", ")]
+_PANDAS_TYPES = {"image_id": "Int64", "size_bytes": "Int64", "width": "Int32", "height": "Int32", "n_frames": "Int32",
+                 "ahash": "Int64", "dhash": "Int64", "phash": "Int64"}
+
+
 class IngestFailed(RuntimeError):
     """More files failed than ``ingest.max_failure_rate`` allows."""
 
@@ -41,11 +46,9 @@ def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
                 row["modification_time"] = mtime
                 row["ingest_run_id"] = run_id
                 rows.append(row)
-            out = pd.DataFrame(rows, columns=[c.split()[0] for c in IMAGES_DDL.split(", ")])
-            for col in ("width", "height", "n_frames"):
-                out[col] = out[col].astype("Int32")
-            for col in ("ahash", "dhash", "phash"):
-                out[col] = out[col].astype("Int64")
+            # Build column by column: a frame built from rows would pass 64-bit hashes with
+            # None through float64 and lose their low bits.
+            out = pd.DataFrame({name: pd.array([r[name] for r in rows], dtype=_PANDAS_TYPES.get(name, object)) for name in _COLUMNS})
             yield out
 
     return fn
@@ -59,7 +62,10 @@ def _reader(spark, cfg: Config, with_glob: bool = True):
 
 
 def normalise_uri(uri: str) -> str:
-    """``file:///x`` (file index form) -> ``file:/x`` (the form of the scan's ``path`` column)."""
+    """A file index URI (``file:///a%20b``) in the form of the scan's ``path`` column (``file:/a b``)."""
+    from urllib.parse import unquote
+
+    uri = unquote(uri)
     return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
 
 
