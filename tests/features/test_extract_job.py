@@ -1,0 +1,208 @@
+"""extract end to end on real photos: local[2], a killed run resumed, and a standalone cluster."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir_lib import config
+from cbir_lib.common import tables
+from cbir_lib.features.extract import TABLE, run_extract
+from cbir_lib.images.ingest import run_ingest
+
+from conftest import ROOT, clothing_slice, need_shared
+
+CLASSES = ("dress", "hat", "pants", "shoes")
+PER_CLASS = 12
+
+
+def _cfg(out, run_id, model_cache, *extra):
+    return config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}", *extra])
+
+
+def _table(spark, out, run_id=None):
+    table = os.path.join(str(out), TABLE)
+    return spark.read.parquet(tables.run_dir(table, run_id or tables.latest_run_id(spark, table))).toPandas()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    need_shared()
+    src = clothing_slice(tmp_path_factory.mktemp("clothing"), CLASSES, PER_CLASS)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return src
+
+
+@pytest.fixture(scope="module")
+def extracted(spark, photos, tmp_path_factory, model_cache):
+    out = tmp_path_factory.mktemp("out")
+    run_ingest(spark, _cfg(out, "i1", model_cache), str(photos))
+    manifest = run_extract(spark, _cfg(out, "e1", model_cache, "extract.chunk_size=20"))
+    return out, manifest
+
+
+def _class_of(path: str) -> str:
+    return Path(path.replace("file:", "")).parent.name
+
+
+def test_counts_and_contract(spark, extracted):
+    out, manifest = extracted
+    c = manifest["counts"]
+    assert c["input"] == len(CLASSES) * PER_CLASS + 1 == c["ok"] + c["failed"]
+    assert c["failed"] == 1 and c["embedded_this_run"] == c["ok"]
+    df = _table(spark, out)
+    assert df["image_id"].is_unique and len(df) == c["input"]
+    ok = df[df.status == "ok"]
+    assert set(ok["dim"]) == {1280} and set(df["model"]) == {"efficientnet-lite0"} and set(df["pooling"]) == {"gap"}
+    vecs = np.stack(ok["embedding"].to_numpy())
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    bad = df[df.status == "failed"].iloc[0]
+    assert bad["embedding"] is None and bad["error"].startswith("truncated") or bad["error"].startswith("decode_error")
+    assert manifest["model"]["sha256"] and manifest["packages"]["tensorflow-cpu"]
+    assert manifest["images_per_second"] > 0
+    lineage = json.loads(Path(str(out), TABLE, "run=e1", "_manifest.json").read_text())
+    assert lineage["config"]["extract"]["pooling"] == "gap" and lineage["counts"] == c
+
+
+def test_neighbours_share_their_class(spark, extracted):
+    out, _ = extracted
+    ok = _table(spark, out).query("status == 'ok'")
+    vecs = np.stack(ok["embedding"].to_numpy())
+    classes = np.array([_class_of(p) for p in ok["path"]])
+    sims = vecs @ vecs.T
+    np.fill_diagonal(sims, -np.inf)
+    top5 = np.argsort(-sims, axis=1)[:, :5]
+    precision = (classes[top5] == classes[:, None]).mean()
+    chance = (PER_CLASS - 1) / (len(classes) - 1)
+    assert precision > 0.8 > 3 * chance, precision
+
+
+def test_spark_path_equals_direct_embedding(spark, extracted, model_cache):
+    """The distributed result against the plain numpy/TF core on the same bytes."""
+    from cbir_lib.config import ExtractConfig
+    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.images.decode import decode_for_model
+    from cbir_lib.models.backbones import resolve_artifact
+
+    out, _ = extracted
+    ok = _table(spark, out).query("status == 'ok'").head(6)
+    artifact = resolve_artifact(ExtractConfig(model_cache=model_cache))
+    emb = Embedder(EmbedSpec(artifact=artifact), artifact.local_path)
+    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), 224)[0] for p in ok["path"]])
+    np.testing.assert_allclose(emb.embed(images), np.stack(ok["embedding"].to_numpy()), atol=1e-5)
+
+
+def test_unchanged_rerun_is_a_noop(spark, extracted, model_cache):
+    out, _ = extracted
+    again = run_extract(spark, _cfg(out, "e2", model_cache))
+    assert again.get("noop") is True and again["run_id"] == "e1"
+
+
+def test_whitening_and_codes(spark, extracted, model_cache):
+    out, first = extracted
+    cfg = _cfg(out, "w1", model_cache, "extract.whitening=true", "extract.whitening_dim=32", "extract.binary_codes=true")
+    m = run_extract(spark, cfg)
+    assert m["counts"]["embedded_this_run"] == 0  # raw vectors reused: only post-processing reruns
+    assert m["dim"] == 32 and m["whitening"]["dim_out"] == 32
+    df = _table(spark, out).query("status == 'ok'")
+    vecs = np.stack(df["embedding"].to_numpy())
+    assert vecs.shape[1] == 32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    codes = np.stack([np.frombuffer(c, np.uint8) for c in df["binary_code"]])
+    thresholds = np.load(Path(str(out), TABLE, "run=w1", "_binary_thresholds.npy"))
+    np.testing.assert_array_equal(codes, np.packbits(vecs > thresholds, axis=1))
+    assert 0.3 < np.unpackbits(codes, axis=1).mean() < 0.7
+
+
+def _job(args, env=None, **kw):
+    cmd = [sys.executable, "-m", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
+    out, first = extracted
+    args = ["jobs.extract", "--output", str(out), "--run-id", "k1", "--master", "local[2]",
+            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.chunk_size=8"]
+    proc = _job(args)
+    parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "part-*")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        mac_parts = [p for p in glob.glob(parts) if len(glob.glob(os.path.join(p, "*.parquet")))]
+        if len({os.path.dirname(p) for p in mac_parts}) and len(mac_parts) >= 2 + 1:  # gap parts + >= 2 mac parts
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tables.read_manifest(spark, os.path.join(str(out), TABLE), "k1") is None
+
+    resumed = _job(args)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    summary = _last_json(stdout)
+    total_ok = first["counts"]["ok"] + first["counts"]["failed"]
+    assert 0 < summary["counts"]["embedded_this_run"] < total_ok  # finished work was not redone
+    df = _table(spark, out)
+    assert df["image_id"].is_unique and len(df) == first["counts"]["input"]
+    assert set(df["pooling"]) == {"mac"} and (df.status == "ok").sum() == first["counts"]["ok"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path):
+    """A Spark standalone master and two workers on 127.0.0.1, started for this test."""
+    import pyspark
+
+    spark_home = os.path.dirname(pyspark.__file__)
+    spark_class = os.path.join(spark_home, "bin", "spark-class")
+    port = _free_port()
+    env = {**os.environ, "SPARK_HOME": spark_home, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
+    procs = [subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(_free_port())],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    time.sleep(4)
+    for _ in range(2):
+        procs.append(subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "3g",
+                                       "--webui-port", str(_free_port()), f"spark://127.0.0.1:{port}"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    time.sleep(6)
+    yield f"spark://127.0.0.1:{port}"
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def test_same_result_on_a_standalone_cluster(spark, photos, extracted, standalone_cluster, tmp_path, model_cache):
+    out = tmp_path / "cluster-out"
+    common = ["--output", str(out), "--master", standalone_cluster, "--set", f"extract.model_cache={model_cache}",
+              "--set", "spark.conf.spark.executor.memory=2g", "--set", "spark.conf.spark.cores.max=2"]
+    env = {"SPARK_LOCAL_IP": "127.0.0.1"}
+    for job in (["jobs.ingest", "--images", str(photos)], ["jobs.extract"]):
+        proc = _job([*job, *common], env=env)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+    cluster = _table(spark, out).set_index("path")
+    local = _table(spark, extracted[0], "e1").set_index("path")  # the gap run, same config
+    assert sorted(cluster.index) == sorted(local.index)
+    ok = local.index[local.status == "ok"]
+    np.testing.assert_allclose(np.stack(cluster.loc[ok, "embedding"].to_numpy()), np.stack(local.loc[ok, "embedding"].to_numpy()), atol=1e-5)
