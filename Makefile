@@ -25,7 +25,7 @@ $(STAMP): requirements.lock setup.cfg
 demo: $(STAMP)
 	$(BIN)/cbir demo --output output $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

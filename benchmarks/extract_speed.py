@@ -53,7 +53,7 @@ def bench_raw(model_path: str, n: int) -> float:
     import tensorflow as tf
 
     from cbir_lib.config import ExtractConfig
-    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
     from cbir_lib.models.backbones import resolve_artifact
 
     artifact = resolve_artifact(ExtractConfig(model_path=model_path))

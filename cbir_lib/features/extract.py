@@ -90,7 +90,7 @@ def _embed_partition(spec: EmbedSpec):
 
         def records():
             for pdf in batches:
-                for content, image_id, sha in zip(pdf["content"], pdf["image_id"], pdf["content_sha256"]):
+                for content, image_id, sha in zip(pdf["content"], pdf["image_id"], pdf["content_sha256"], strict=False):
                     if hashlib.sha256(content).hexdigest() != sha:
                         yield (image_id, sha, "changed_since_ingest: content differs from the ingested checksum"), b""
                     else:
@@ -208,7 +208,7 @@ def _mean_of(df) -> np.ndarray:
     def partial(batches):
         total, count = None, 0
         for pdf in batches:
-            vecs = [v for v, s in zip(pdf["embedding"], pdf["status"]) if s == STATUS_OK]
+            vecs = [v for v, s in zip(pdf["embedding"], pdf["status"], strict=False) if s == STATUS_OK]
             if vecs:
                 mat = np.stack([np.asarray(v, dtype=np.float64) for v in vecs])
                 total = mat.sum(axis=0) if total is None else total + mat.sum(axis=0)

@@ -41,7 +41,7 @@ def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
     def fn(batches):
         for pdf in batches:
             rows = []
-            for path, mtime, content in zip(pdf["path"], pdf["modificationTime"], pdf["content"]):
+            for path, mtime, content in zip(pdf["path"], pdf["modificationTime"], pdf["content"], strict=False):
                 row = analyse(path, content, max_pixels, hash_side)
                 row["modification_time"] = mtime
                 row["ingest_run_id"] = run_id

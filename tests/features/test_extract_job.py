@@ -13,20 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, clothing_slice, need_shared
 
 from cbir_lib import config
 from cbir_lib.common import tables
 from cbir_lib.features.extract import TABLE, run_extract
 from cbir_lib.images.ingest import run_ingest
 
-from conftest import ROOT, clothing_slice, need_shared
-
 CLASSES = ("dress", "hat", "pants", "shoes")
 PER_CLASS = 12
 
 
 def _cfg(out, run_id, model_cache, *extra):
-    return config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}", *extra])
+    # keep every snapshot: later tests compare against the first run
+    return config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10", *extra])
 
 
 def _table(spark, out, run_id=None):
@@ -89,7 +89,7 @@ def test_neighbours_share_their_class(spark, extracted):
 def test_spark_path_equals_direct_embedding(spark, extracted, model_cache):
     """The distributed result against the plain numpy/TF core on the same bytes."""
     from cbir_lib.config import ExtractConfig
-    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
     from cbir_lib.images.decode import decode_for_model
     from cbir_lib.models.backbones import resolve_artifact
 
@@ -135,7 +135,7 @@ def _last_json(stdout: str) -> dict:
 def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
     out, first = extracted
     args = ["jobs.extract", "--output", str(out), "--run-id", "k1", "--master", "local[2]",
-            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.chunk_size=8"]
+            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.chunk_size=8", "--set", "run.keep_snapshots=10"]
     proc = _job(args)
     parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "part-*")
     deadline = time.time() + 240

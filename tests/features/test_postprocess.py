@@ -42,5 +42,5 @@ def test_hamming_matches_bit_counting():
     rng = np.random.default_rng(3)
     a = rng.integers(0, 256, (5, 6), dtype=np.uint8)
     b = rng.integers(0, 256, (4, 6), dtype=np.uint8)
-    naive = [[sum(bin(int(p) ^ int(q)).count("1") for p, q in zip(ra, rb)) for rb in b] for ra in a]
+    naive = [[sum(bin(int(p) ^ int(q)).count("1") for p, q in zip(ra, rb, strict=False)) for rb in b] for ra in a]
     assert hamming(a, b).tolist() == naive

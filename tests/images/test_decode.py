@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
+from conftest import make_odd_files
 
 from cbir_lib.images.decode import decode_for_model, decode_pil, probe
-
-from conftest import make_odd_files
 
 ODD = make_odd_files()
 

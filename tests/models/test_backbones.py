@@ -18,7 +18,7 @@ def test_keras_app_from_an_explicit_weights_file(tmp_path):
     """A weights file given by path is loaded into the app and its conv map pooled."""
     import keras
 
-    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
 
     app = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(96, 96, 3))
     weights = tmp_path / "mnv2.weights.h5"
@@ -33,7 +33,7 @@ def test_keras_app_from_an_explicit_weights_file(tmp_path):
 def test_custom_model_with_named_output_layer(tmp_path):
     import keras
 
-    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
 
     inp = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
@@ -53,7 +53,7 @@ def test_custom_model_with_named_output_layer(tmp_path):
 
 
 def test_lite_mixed_precision_agrees_with_float32(model_cache):
-    from cbir_lib.features.embedder import EmbedSpec, Embedder
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
 
     cfg = ExtractConfig(model_cache=model_cache, image_size=128)
     artifact = resolve_artifact(cfg)
