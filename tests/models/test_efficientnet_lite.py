@@ -104,4 +104,5 @@ def test_logits_match_torch(state, lite0):
     x = F.relu6(bn(F.conv2d(x, sd["_conv_head.weight"]), "_bn1"))
     ref = F.linear(x.mean(dim=(2, 3)), sd["_fc.weight"], sd["_fc.bias"]).numpy()
     ours = np.asarray(lite0(np.stack([_photo("chelsea"), _photo("coffee")]), training=False)["logits"])
+    print("max |keras - torch| logit difference:", float(np.abs(ours - ref).max()))
     np.testing.assert_allclose(ours, ref, atol=1e-4)
