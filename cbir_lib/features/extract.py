@@ -374,7 +374,7 @@ def run_extract(spark, cfg: Config) -> dict:
         "whitening": whitening_info,
         "binary_codes": {"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"} if thresholds is not None else None,
         "packages": package_versions(),
-        "counts": {"input": n_input, "ok": n_ok, "failed": n_failed, "embedded_this_run": processed, "reused": n_ok + n_failed - processed},
+        "counts": {"input": n_input, "ok": n_ok, "failed": n_failed, "embedded_this_run": processed, "reused": n_ok - (processed - failed_new)},
         "embed_seconds": round(embed_seconds, 3),
         "images_per_second": round(processed / embed_seconds, 3) if processed and embed_seconds > 0 else None,
         "task_slots": _task_slots(spark),

@@ -58,7 +58,7 @@ def test_counts_and_contract(spark, extracted):
     out, manifest = extracted
     c = manifest["counts"]
     assert c["input"] == len(CLASSES) * PER_CLASS + 1 == c["ok"] + c["failed"]
-    assert c["failed"] == 1 and c["embedded_this_run"] == c["ok"]
+    assert c["failed"] == 1 and c["embedded_this_run"] == c["ok"] and c["reused"] == 0
     df = _table(spark, out)
     assert df["image_id"].is_unique and len(df) == c["input"]
     ok = df[df.status == "ok"]
@@ -112,6 +112,7 @@ def test_whitening_and_codes(spark, extracted, model_cache):
     cfg = _cfg(out, "w1", model_cache, "extract.whitening=true", "extract.whitening_dim=32", "extract.binary_codes=true")
     m = run_extract(spark, cfg)
     assert m["counts"]["embedded_this_run"] == 0  # raw vectors reused: only post-processing reruns
+    assert m["counts"]["reused"] == first["counts"]["ok"]
     assert m["dim"] == 32 and m["whitening"]["dim_out"] == 32
     df = _table(spark, out).query("status == 'ok'")
     vecs = np.stack(df["embedding"].to_numpy())
