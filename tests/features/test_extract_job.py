@@ -137,25 +137,31 @@ def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
     out, first = extracted
     args = ["jobs.extract", "--output", str(out), "--run-id", "k1", "--master", "local[2]",
             "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.chunk_size=8", "--set", "run.keep_snapshots=10"]
-    proc = _job(args)
     parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "part-*")
+    before = set(glob.glob(parts))  # the gap run's parts: not this job's
+    proc = _job(args)
     deadline = time.time() + 240
+    new_parts: set = set()
     while time.time() < deadline and proc.poll() is None:
-        mac_parts = [p for p in glob.glob(parts) if len(glob.glob(os.path.join(p, "*.parquet")))]
-        if len({os.path.dirname(p) for p in mac_parts}) and len(mac_parts) >= 2 + 1:  # gap parts + >= 2 mac parts
+        new_parts = {p for p in glob.glob(parts) if p not in before and glob.glob(os.path.join(p, "*.parquet"))}
+        if len(new_parts) >= 2:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert len(new_parts) >= 2, "no chunk was committed before the kill"
+    committed = len({p for p in glob.glob(parts) if p not in before})
     assert tables.read_manifest(spark, os.path.join(str(out), TABLE), "k1") is None
 
     resumed = _job(args)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     summary = _last_json(stdout)
-    total_ok = first["counts"]["ok"] + first["counts"]["failed"]
-    assert 0 < summary["counts"]["embedded_this_run"] < total_ok  # finished work was not redone
+    n_ok = first["counts"]["ok"]
+    # finished work was not redone: each committed chunk of 8 is skipped
+    assert summary["counts"]["embedded_this_run"] == n_ok - 8 * committed
+    assert summary["counts"]["reused"] == 8 * committed
     df = _table(spark, out)
     assert df["image_id"].is_unique and len(df) == first["counts"]["input"]
     assert set(df["pooling"]) == {"mac"} and (df.status == "ok").sum() == first["counts"]["ok"]
