@@ -84,7 +84,6 @@ class Embedder:
             return tf.cast(y, tf.float32)
 
         self._forward = forward
-        self.dim: int | None = None
 
     def feature_maps(self, images: np.ndarray) -> np.ndarray:
         return self._forward(images).numpy()
@@ -93,9 +92,7 @@ class Embedder:
         if images.ndim != 4 or images.shape[1:] != (self.spec.artifact.image_size,) * 2 + (3,):
             size = self.spec.artifact.image_size
             raise ValueError(f"expected images of shape (B, {size}, {size}, 3), got {images.shape}")
-        out = pool(self.feature_maps(images), self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels)
-        self.dim = out.shape[1]
-        return out
+        return pool(self.feature_maps(images), self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels)
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}

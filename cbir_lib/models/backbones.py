@@ -97,17 +97,6 @@ def _load_user_model(path: str):
     return keras.models.load_model(path, compile=False)
 
 
-def _preprocess(x, mode: str):
-    import tensorflow as tf
-
-    if mode == "caffe":
-        x = x[..., ::-1]
-        return x - tf.constant(CAFFE_MEAN_BGR, dtype=x.dtype)
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    return x
-
-
 def _with_policy(model, policy: str):
     """Rebuild a functional model with every layer under a dtype policy (mixed precision)."""
     import keras
@@ -130,7 +119,14 @@ def preprocess_mode(artifact: ModelArtifact) -> str:
 
 def preprocess(x, mode: str):
     """Apply a backbone's input preprocessing to a float tensor of 0..255 RGB."""
-    return _preprocess(x, mode)
+    import tensorflow as tf
+
+    if mode == "caffe":
+        x = x[..., ::-1]
+        return x - tf.constant(CAFFE_MEAN_BGR, dtype=x.dtype)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    return x
 
 
 def build_feature_model(artifact: ModelArtifact, path: str, mixed_precision: bool = False):
