@@ -1,0 +1,134 @@
+"""Pure numpy coarse quantiser: k-means on a sample, balanced by splitting oversized cells.
+
+The cells of an IVF index are the unit of work of the neighbours job and of the
+per-cell Annoy forests, so a cell that holds 10x its share makes one task 10x slower
+(the classic skew failure of Spark LSH). After training, cells whose share of the sample
+exceeds ``balance`` x the mean are split by a 2..m-way k-means of their own members,
+until none does or ``max_rounds`` is reached. Cells whose sample share is zero are
+dropped, so no centroid is dead weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def choose_n_cells(n: int, dim: int, executor_memory_bytes: int | None = None, cores_per_executor: int = 1, target_cell: int | None = None) -> int:
+    """A number of cells for ``n`` vectors of ``dim`` when the user gives none.
+
+    About ``2 sqrt(n)`` cells (faiss's rule of thumb is 1..16 sqrt(n); few large cells
+    keep the dense per-cell products efficient), at least 1, at most ``n / 8``; and never
+    so few that one cell's vectors, scored by every core of an executor at once, would
+    take more than a tenth of that executor's memory.
+    """
+    if n <= 0:
+        return 1
+    p = target_cell and max(1, round(n / target_cell)) or max(1, round(2 * math.sqrt(n)))
+    p = min(p, max(1, n // 8))
+    if executor_memory_bytes:
+        # A task holds its cell and the (cell x cell) score block; keep both small.
+        per_task = executor_memory_bytes / 10 / max(1, cores_per_executor)
+        max_cell = max(64, int(per_task / (4 * (dim + 8) * 4)))
+        p = max(p, math.ceil(n / max_cell))
+    return int(p)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, metric: str, nprobe: int = 1, block: int = 8192) -> np.ndarray:
+    """Indices of the ``nprobe`` nearest centroids per row, nearest first (ties: lower cell)."""
+    nprobe = min(nprobe, len(centroids))
+    out = np.empty((len(x), nprobe), dtype=np.int32)
+    c_sq = np.einsum("ij,ij->i", centroids, centroids)
+    for s in range(0, len(x), block):
+        xb = x[s : s + block]
+        sim = xb @ centroids.T
+        if metric == "euclidean":
+            sim -= 0.5 * c_sq[None, :]
+        if nprobe == 1:
+            out[s : s + block, 0] = np.argmax(sim, axis=1)
+            continue
+        part = np.sort(np.argpartition(-sim, nprobe - 1, axis=1)[:, :nprobe], axis=1)
+        psim = np.take_along_axis(sim, part, axis=1)
+        order = np.argsort(-psim, axis=1, kind="stable")  # stable over sorted cells: ties -> lower cell
+        out[s : s + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def _normalise(c: np.ndarray) -> np.ndarray:
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans(x: np.ndarray, k: int, metric: str, n_iter: int = 20, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding (spherical for ``angular``/``dot``)."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    k = max(1, min(k, n))
+    spherical = metric != "euclidean"
+    # k-means++ on at most 64k points keeps seeding cheap; empty cells are reseeded below.
+    pool = x if n <= 65536 else x[rng.choice(n, 65536, replace=False)]
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    centroids[0] = pool[rng.integers(len(pool))]
+    d2 = ((pool - centroids[0]) ** 2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        j = rng.choice(len(pool), p=d2 / total) if total > 0 else rng.integers(len(pool))
+        centroids[i] = pool[j]
+        d2 = np.minimum(d2, ((pool - centroids[i]) ** 2).sum(1))
+    for _ in range(n_iter):
+        labels = assign(x, centroids, "euclidean" if not spherical else "dot")[:, 0]
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(sums, labels, x)
+        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 0).astype(np.float32)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            # Reseed an empty cell with a point of the largest cell.
+            big = np.argsort(-counts)[: empty.size]
+            for e, b in zip(empty, big, strict=False):
+                members = np.flatnonzero(labels == b)
+                new[e] = x[members[rng.integers(members.size)]]
+        if spherical:
+            new = _normalise(new)
+        shift = float(np.abs(new - centroids).max())
+        centroids = new
+        if shift < 1e-5:
+            break
+    return centroids
+
+
+def train_balanced(
+    sample: np.ndarray,
+    n_cells: int,
+    metric: str,
+    balance: float = 2.0,
+    seed: int = 0,
+    n_iter: int = 20,
+    max_rounds: int = 4,
+) -> np.ndarray:
+    """Centroids of about ``n_cells`` cells whose sample shares stay below ``balance`` x mean.
+
+    ``sample`` must be :func:`~cbir_lib.neighbors.topk.prepare`-d for the metric.
+    """
+    centroids = kmeans(sample, n_cells, metric, n_iter=n_iter, seed=seed)
+    route = "dot" if metric != "euclidean" else "euclidean"
+    for rnd in range(max_rounds):
+        labels = assign(sample, centroids, route)[:, 0]
+        counts = np.bincount(labels, minlength=len(centroids))
+        cap = max(2.0, balance * len(sample) / max(1, n_cells))
+        big = np.flatnonzero(counts > cap)
+        alive = counts > 0
+        if not big.size:
+            centroids = centroids[alive]
+            break
+        keep = [centroids[i] for i in range(len(centroids)) if alive[i] and i not in set(big.tolist())]
+        for b in big:
+            members = sample[labels == b]
+            parts = int(math.ceil(counts[b] / (len(sample) / max(1, n_cells))))
+            keep.extend(kmeans(members, parts, metric, n_iter=n_iter, seed=seed + 1 + rnd))
+        log.info("balancing round %d: split %d oversized cells (largest %d, cap %.0f)", rnd + 1, big.size, counts.max(), cap)
+        centroids = np.stack(keep).astype(np.float32)
+    return np.ascontiguousarray(centroids, dtype=np.float32)

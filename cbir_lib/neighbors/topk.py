@@ -1,0 +1,199 @@
+"""Pure numpy cores of the neighbour search: scoring, running top-k, exact blocked search.
+
+Conventions used by every method so their outputs compare exactly:
+
+* ``score`` is "higher is closer": cosine for ``angular`` (vectors are L2-normalised
+  first), the inner product for ``dot``, and minus the L2 distance for ``euclidean``.
+* Ties are broken by the smaller neighbour id, so a top-k is a deterministic function of
+  the scores. Every method ranks by ``(-score, neighbor_id)``.
+* A query never has itself as a neighbour.
+* Nothing here materialises an N x N matrix: exact search walks the collection in
+  blocks and keeps a running top-k per query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("angular", "euclidean", "dot")
+NO_ID = -1
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, and unit-length for ``angular``."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "angular":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(norms, 1e-12)
+    elif metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return x
+
+
+def rank_scores(q: np.ndarray, x: np.ndarray, metric: str, x_sqnorm: np.ndarray | None = None) -> np.ndarray:
+    """Scores that rank like the final score, cheaply: ``q @ x.T`` (minus ``|x|^2/2`` for euclidean).
+
+    For euclidean, ``q.x - |x|^2/2 = (|q|^2 - |q-x|^2) / 2`` orders candidates exactly
+    like ``-|q-x|``; :func:`final_scores` turns it into the distance.
+    """
+    s = q @ x.T
+    if metric == "euclidean":
+        if x_sqnorm is None:
+            x_sqnorm = np.einsum("ij,ij->i", x, x)
+        s -= 0.5 * x_sqnorm[None, :]
+    return s
+
+
+def final_scores(rank: np.ndarray, metric: str, q_sqnorm: np.ndarray | None = None) -> np.ndarray:
+    """The reported score from a ranking score of :func:`rank_scores` (rows = queries)."""
+    if metric != "euclidean":
+        return rank
+    d2 = np.maximum(q_sqnorm[:, None] - 2.0 * rank, 0.0)
+    out = -np.sqrt(d2)
+    out[~np.isfinite(rank)] = -np.inf
+    return out
+
+
+def empty(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A running top-k for ``m`` queries: scores ``-inf``, ids ``NO_ID``."""
+    return np.full((m, k), -np.inf, dtype=np.float32), np.full((m, k), NO_ID, dtype=np.int64)
+
+
+def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per row of a candidate list ``(row, score, id)``, ranked by ``(-score, id)``.
+
+    Candidates with a non-finite score or a negative id are dropped; rows with fewer than
+    ``k`` candidates are padded with ``-inf`` / ``NO_ID``.
+    """
+    keep = np.isfinite(scores) & (ids >= 0)
+    rows, scores, ids = rows[keep], scores[keep], ids[keep]
+    out_v, out_i = empty(m, k)
+    if rows.size == 0:
+        return out_v, out_i
+    order = np.lexsort((ids, -scores, rows))
+    rows, scores, ids = rows[order], scores[order], ids[order]
+    starts = np.searchsorted(rows, np.arange(m))
+    rank = np.arange(rows.size) - starts[rows]
+    take = rank < k
+    out_v[rows[take], rank[take]] = scores[take]
+    out_i[rows[take], rank[take]] = ids[take]
+    return out_v, out_i
+
+
+def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a block of candidate scores into a running top-k.
+
+    Parameters
+    ----------
+    vals, ids : (m, k) arrays
+        The running top-k, sorted by ``(-score, id)`` per row (see :func:`empty`).
+    block : (m, n) float array
+        Scores of ``n`` candidates for the same ``m`` queries; ``-inf`` masks a candidate
+        (a query itself, or padding).
+    block_ids : (n,) or (m, n) int array
+        The candidates' ids, shared by all rows or per row.
+
+    Only candidates that can still enter the top-k are looked at: the threshold is a
+    row's current k-th best score, tightened by the k-th best of a column sample of the
+    block, both lower bounds of the final k-th best. That keeps the merge close to one
+    comparison per score instead of a partial sort of every row.
+    """
+    m, n = block.shape
+    k = vals.shape[1] if k is None else k
+    if m == 0 or n == 0:
+        return vals, ids
+    thr = vals[:, k - 1].astype(np.float32, copy=True)
+    c = min(n, max(32 * k, 256))
+    if c > k and np.isneginf(thr).any():
+        sub = np.partition(block[:, :c], c - k, axis=1)[:, c - k]
+        thr = np.maximum(thr, sub)
+    r, col = np.nonzero(block >= thr[:, None])
+    cand_ids = block_ids[col] if block_ids.ndim == 1 else block_ids[r, col]
+    rows = np.concatenate([np.repeat(np.arange(m), k), r])
+    scores = np.concatenate([vals.ravel(), block[r, col].astype(np.float32, copy=False)])
+    all_ids = np.concatenate([ids.ravel(), cand_ids.astype(np.int64, copy=False)])
+    return select(rows, scores, all_ids, m, k)
+
+
+def exact_topk(
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    base: np.ndarray,
+    base_ids: np.ndarray,
+    k: int,
+    metric: str,
+    block_size: int = 16384,
+    exclude_self: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of every query over ``base``, walking ``base`` in blocks.
+
+    Vectors must already be :func:`prepare`-d. Returns ``(scores, ids)`` of shape
+    ``(len(queries), k)`` in final-score units, ranked by ``(-score, id)``; a query's own
+    id is excluded when ``exclude_self``. Memory is ``len(queries) x block_size``.
+    """
+    m = len(queries)
+    vals, ids = empty(m, k)
+    if m == 0 or len(base) == 0:
+        return vals, ids
+    base_sq = np.einsum("ij,ij->i", base, base) if metric == "euclidean" else None
+    for start in range(0, len(base), block_size):
+        stop = min(start + block_size, len(base))
+        block = rank_scores(queries, base[start:stop], metric, None if base_sq is None else base_sq[start:stop])
+        bids = base_ids[start:stop]
+        if exclude_self:
+            mask_self(block, query_ids, bids)
+        vals, ids = merge_topk(vals, ids, block, bids, k)
+    q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "euclidean" else None
+    return final_scores(vals, metric, q_sq).astype(np.float32), ids
+
+
+def mask_self(block: np.ndarray, query_ids: np.ndarray, block_ids: np.ndarray) -> None:
+    """Set ``block[i, j] = -inf`` wherever ``query_ids[i] == block_ids[j]`` (in place)."""
+    order = np.argsort(block_ids, kind="stable")
+    sorted_ids = block_ids[order]
+    pos = np.searchsorted(sorted_ids, query_ids)
+    pos_c = np.minimum(pos, len(sorted_ids) - 1)
+    hit = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query_ids)
+    rows = np.flatnonzero(hit)
+    block[rows, order[pos_c[rows]]] = -np.inf
+
+
+def brute_force(vectors: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle: one full score matrix and a full sort per row (small inputs only)."""
+    x = prepare(vectors, metric)
+    if metric == "euclidean":
+        d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0))
+        s = -d
+    else:
+        s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    out_v, out_i = empty(len(x), k)
+    for i in range(len(x)):
+        order = np.lexsort((ids, -s[i]))
+        order = [j for j in order if np.isfinite(s[i, j])][:k]
+        out_v[i, : len(order)] = s[i, order]
+        out_i[i, : len(order)] = ids[order]
+    return out_v, out_i
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None, approx_scores: np.ndarray | None = None) -> float:
+    """Mean fraction of each query's exact top-k found by the approximate top-k.
+
+    With scores given, an approximate neighbour whose score equals the exact k-th score
+    counts as found (a tie at the boundary is not a miss).
+    """
+    k = exact_ids.shape[1]
+    total = found = 0
+    for i in range(len(exact_ids)):
+        truth = exact_ids[i][exact_ids[i] >= 0]
+        if truth.size == 0:
+            continue
+        got = approx_ids[i][approx_ids[i] >= 0]
+        hits = np.isin(truth, got).sum()
+        if exact_scores is not None and approx_scores is not None and hits < truth.size:
+            kth = exact_scores[i][truth.size - 1]
+            extra = (approx_scores[i][approx_ids[i] >= 0] >= kth - 1e-6) & ~np.isin(got, truth)
+            hits = min(truth.size, hits + int(extra.sum()))
+        found += hits
+        total += min(k, truth.size)
+    return found / total if total else 1.0

@@ -1,0 +1,107 @@
+"""The pure numpy cores of the neighbour search against a brute-force oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbir_lib.neighbors.topk import (
+    NO_ID,
+    brute_force,
+    exact_topk,
+    mask_self,
+    merge_topk,
+    prepare,
+    recall_at_k,
+    select,
+)
+
+
+def integer_vectors(n: int, d: int, seed: int = 0, duplicates: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Small-integer vectors: every product is exact in float32, so ties are real ties.
+
+    A few rows are exact copies of others and ids are shuffled, so the tie-break by id
+    is exercised rather than the storage order.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    x[rng.choice(n, duplicates, replace=False)] = x[rng.choice(n, duplicates, replace=False)]
+    ids = rng.permutation(np.arange(1000, 1000 + 7 * n, 7)).astype(np.int64)
+    return x, ids
+
+
+@pytest.mark.parametrize("metric", ["dot", "euclidean", "angular"])
+@pytest.mark.parametrize("block_size", [7, 64, 4096])
+def test_exact_topk_equals_brute_force_including_ties(metric, block_size):
+    x, ids = integer_vectors(300, 6)
+    k = 10
+    want_v, want_i = brute_force(x, ids, k, metric)
+    p = prepare(x, metric)
+    got_v, got_i = exact_topk(p, ids, p, ids, k, metric, block_size=block_size)
+    np.testing.assert_array_equal(got_i, want_i)
+    if metric == "angular":
+        np.testing.assert_allclose(got_v, want_v, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got_v, want_v)
+    # Low-dimensional integer vectors tie a lot: the test is only meaningful if they do.
+    assert (np.diff(want_v, axis=1) == 0).sum() > 100
+
+
+def test_ties_break_by_smaller_id_not_storage_order():
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    base = np.array([[1.0, 0.0]] * 4, dtype=np.float32)
+    ids = np.array([40, 10, 30, 20])
+    v, i = exact_topk(q, np.array([99]), base, ids, k=3, metric="dot", block_size=1)
+    assert i.tolist() == [[10, 20, 30]]
+    assert v.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_self_is_excluded_and_short_lists_are_padded():
+    x = np.eye(3, dtype=np.float32)
+    ids = np.array([5, 6, 7])
+    v, i = exact_topk(x, ids, x, ids, k=4, metric="dot")
+    assert not any(ids[r] in i[r] for r in range(3))
+    assert (i[:, 2:] == NO_ID).all() and np.isneginf(v[:, 2:]).all()
+    v2, i2 = exact_topk(x, ids, x, ids, k=4, metric="dot", exclude_self=False)
+    assert i2[:, 0].tolist() == [5, 6, 7]
+
+
+def test_merge_in_pieces_equals_merge_at_once():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 50, size=(40, 3000)).astype(np.float32)
+    ids = rng.permutation(3000).astype(np.int64)
+    v0, i0 = select(np.repeat(np.arange(40), 3000), scores.ravel(), np.tile(ids, 40), 40, 10)
+    v, i = np.full((40, 10), -np.inf, np.float32), np.full((40, 10), NO_ID)
+    for s in range(0, 3000, 333):
+        v, i = merge_topk(v, i, scores[:, s : s + 333], ids[s : s + 333])
+    np.testing.assert_array_equal(i, i0)
+    np.testing.assert_array_equal(v, v0)
+
+
+def test_mask_self_only_masks_matching_ids():
+    block = np.zeros((3, 4), dtype=np.float32)
+    mask_self(block, np.array([2, 9, 4]), np.array([4, 3, 2, 1]))
+    assert np.isneginf(block).tolist() == [
+        [False, False, True, False],
+        [False, False, False, False],
+        [True, False, False, False],
+    ]
+
+
+def test_select_drops_invalid_candidates():
+    v, i = select(np.array([0, 0, 0]), np.array([np.nan, 1.0, np.inf]), np.array([1, -1, 2]), 1, 2)
+    assert i.tolist() == [[NO_ID, NO_ID]]
+
+
+def test_recall_counts_boundary_ties_as_found():
+    exact_i = np.array([[1, 2, 3]])
+    exact_v = np.array([[0.9, 0.8, 0.7]])
+    assert recall_at_k(np.array([[1, 2, 4]]), exact_i) == pytest.approx(2 / 3)
+    # id 4 scores exactly the k-th score: an equally good answer, not a miss.
+    assert recall_at_k(np.array([[1, 2, 4]]), exact_i, exact_v, np.array([[0.9, 0.8, 0.7]])) == 1.0
+    assert recall_at_k(np.array([[1, 2, 4]]), exact_i, exact_v, np.array([[0.9, 0.8, 0.6]])) == pytest.approx(2 / 3)
+
+
+def test_prepare_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="metric"):
+        prepare(np.zeros((2, 2)), "cosine-ish")
