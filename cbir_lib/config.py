@@ -1,6 +1,7 @@
 """Typed, frozen configuration loaded from YAML, validated as a whole before Spark starts.
 
-A config file has one section per stage (``run``, ``ingest``, ``extract``, ``spark``).
+A config file has one section per stage (``run``, ``ingest``, ``extract``, ``index``,
+``neighbors``, ``spark``).
 Overrides are ``section.field=value`` strings whose values are parsed as YAML scalars,
 so ``extract.batch_size=64`` is an int and ``extract.whitening=true`` a bool.
 Every error is a :class:`ConfigError` naming the offending field.
@@ -120,6 +121,71 @@ class ExtractConfig:
         return os.path.expanduser(self.model_cache)
 
 
+METRICS = ("angular", "euclidean", "dot")
+PARTITIONINGS = ("kmeans", "hash")
+SEARCH_METHODS = ("auto", "dense", "annoy", "exact")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    metric: str = "angular"  # angular (cosine) | euclidean | dot
+    partitioning: str = "kmeans"  # kmeans: IVF cells from a coarse k-means | hash: pmod(hash(image_id), P)
+    n_cells: int | None = None  # P; None: about 2 sqrt(N), more if executor memory demands
+    balance: float = 2.0  # split cells holding more than this x the mean share of the sample
+    train_sample: int = 100_000  # vectors the coarse k-means is trained on
+    kmeans_iter: int = 20
+    forests: bool = True  # build one Annoy forest per cell (for method=annoy and `cbir query`)
+    n_trees: int = 16
+    seed: int = 42
+    export_ann_files: bool = True  # also write each forest as <cell>.ann + <cell>.ids.npy files
+
+    def validate(self) -> None:
+        _require(self.metric in METRICS, "index.metric", f"must be one of {METRICS}, got {self.metric!r}")
+        _require(self.partitioning in PARTITIONINGS, "index.partitioning", f"must be one of {PARTITIONINGS}, got {self.partitioning!r}")
+        if self.n_cells is not None:
+            _require(self.n_cells >= 1, "index.n_cells", "must be >= 1")
+        _require(self.balance > 1.0, "index.balance", "must be > 1")
+        _require(self.train_sample >= 2, "index.train_sample", "must be >= 2")
+        _require(self.kmeans_iter >= 1, "index.kmeans_iter", "must be >= 1")
+        _require(self.n_trees >= 1, "index.n_trees", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class NeighborsConfig:
+    k: int = 10
+    method: str = "auto"  # auto | dense | annoy | exact
+    nprobe: int = 16  # cells probed per query (dense and annoy)
+    search_k: int = -1  # annoy: nodes inspected per probed forest; -1 = n_trees * candidates
+    candidates: int | None = None  # annoy: candidates taken from each probed forest; None = 2k
+    metric: str | None = None  # None: the index's; set it to insist (a mismatch is refused)
+    device: str = "auto"  # exact: auto | cpu | gpu (TensorFlow matmul + top_k on a GPU)
+    min_score: float | None = None  # drop neighbours scoring below this (cosine, inner product or -L2)
+    pairs: bool = False  # also write the de-duplicated symmetric pairs(a < b) table
+    recall_sample: int = 1000  # queries whose top-k is checked against exact search on every run
+    min_recall: float | None = None  # fail the run when the measured recall@k is below this
+    exact_max_n: int = 50_000  # auto: exact search up to this many images, dense IVF above
+    query_block: int = 2048  # queries scored together in one task step (memory ~ block x nprobe x cell)
+    chunk_size: int = 200_000  # queries per committed part: the unit of resume after a crash
+
+    def validate(self) -> None:
+        _require(1 <= self.k <= 1000, "neighbors.k", "must be in 1..1000")
+        _require(self.method in SEARCH_METHODS, "neighbors.method", f"must be one of {SEARCH_METHODS}, got {self.method!r}")
+        _require(self.nprobe >= 1, "neighbors.nprobe", "must be >= 1")
+        _require(self.search_k == -1 or self.search_k >= 1, "neighbors.search_k", "must be -1 or >= 1")
+        if self.candidates is not None:
+            _require(self.candidates >= 1, "neighbors.candidates", "must be >= 1")
+        if self.metric is not None:
+            _require(self.metric in METRICS, "neighbors.metric", f"must be one of {METRICS}, got {self.metric!r}")
+        _require(self.device in ("auto", "cpu", "gpu"), "neighbors.device", "must be auto, cpu or gpu")
+        _require(self.recall_sample >= 0, "neighbors.recall_sample", "must be >= 0")
+        if self.min_recall is not None:
+            _require(0.0 <= self.min_recall <= 1.0, "neighbors.min_recall", "must be in [0, 1]")
+            _require(self.recall_sample > 0, "neighbors.recall_sample", "must be > 0 when neighbors.min_recall is set")
+        _require(self.exact_max_n >= 0, "neighbors.exact_max_n", "must be >= 0")
+        _require(self.query_block >= 1, "neighbors.query_block", "must be >= 1")
+        _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class SparkConfig:
     app_name: str = "cbir"
@@ -135,6 +201,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def validate(self) -> "Config":
@@ -195,7 +263,14 @@ def _section(cls, section: str, raw: Any):
     return cls(**{k: _coerce(section, known[k], v) for k, v in raw.items()})
 
 
-_SECTIONS = {"run": RunConfig, "ingest": IngestConfig, "extract": ExtractConfig, "spark": SparkConfig}
+_SECTIONS = {
+    "run": RunConfig,
+    "ingest": IngestConfig,
+    "extract": ExtractConfig,
+    "index": IndexConfig,
+    "neighbors": NeighborsConfig,
+    "spark": SparkConfig,
+}
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

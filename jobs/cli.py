@@ -1,8 +1,10 @@
 """``cbir``: one command with a subcommand per stage; each runs the stage's job shell.
 
-    cbir demo                      # sample -> ingest -> extract, with a summary
+    cbir demo                      # sample -> ingest -> extract -> index -> neighbours
     cbir ingest --images DIR       # any directory or Hadoop URI
     cbir extract --config conf/default.yaml extract.pooling=gem
+    cbir build_index index.metric=angular index.n_trees=16
+    cbir neighbors neighbors.k=10 neighbors.min_recall=0.95
     cbir sample DIR                # write the embedded sample photos to DIR
 """
 
@@ -15,6 +17,9 @@ STAGES = {
     "demo": "jobs.demo",
     "ingest": "jobs.ingest",
     "extract": "jobs.extract",
+    "build_index": "jobs.build_index",
+    "index": "jobs.build_index",
+    "neighbors": "jobs.neighbors",
 }
 
 
@@ -37,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbir: unknown subcommand {command!r}; one of {', '.join([*STAGES, 'sample'])}", file=sys.stderr)
         return 2
     from cbir_lib.config import ConfigError
+    from cbir_lib.index.build import IndexMismatch
 
     try:
         importlib.import_module(STAGES[command]).main(rest)
     except ConfigError as exc:
         print(f"cbir {command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except IndexMismatch as exc:
+        print(f"cbir {command}: index mismatch: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"cbir {command}: {exc}", file=sys.stderr)

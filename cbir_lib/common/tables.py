@@ -54,8 +54,16 @@ def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: 
     ``extra_files`` (name -> bytes) are written into the snapshot directory before it is
     renamed into place, so they are part of the same commit. Returns the snapshot URI.
     """
+    return commit_dir(spark, lambda tmp: df.write.mode("overwrite").parquet(tmp), table_uri, run_id, manifest, extra_files, keep)
+
+
+def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None, keep: int = 2) -> str:
+    """Like :func:`commit`, for a snapshot made of several writes: ``write(tmp_uri)`` fills it.
+
+    The manifest may be completed by ``write`` (it is written after it returns).
+    """
     tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
-    df.write.mode("overwrite").parquet(tmp)
+    write(tmp)
     for name, data in (extra_files or {}).items():
         fs.write_bytes(spark, fs.join(tmp, name), data)
     fs.write_json(spark, fs.join(tmp, MANIFEST), manifest)

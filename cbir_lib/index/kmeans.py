@@ -68,21 +68,26 @@ def kmeans(x: np.ndarray, k: int, metric: str, n_iter: int = 20, seed: int = 0) 
     n = len(x)
     k = max(1, min(k, n))
     spherical = metric != "euclidean"
-    # k-means++ on at most 64k points keeps seeding cheap; empty cells are reseeded below.
-    pool = x if n <= 65536 else x[rng.choice(n, 65536, replace=False)]
+    # k-means++ seeding on a pool of at most 16k points, with squared distances updated
+    # through one matrix-vector product per centre (no (pool x d) temporaries).
+    pool = x if n <= 16384 else x[rng.choice(n, 16384, replace=False)]
+    p_sq = np.einsum("ij,ij->i", pool, pool)
     centroids = np.empty((k, x.shape[1]), dtype=np.float32)
     centroids[0] = pool[rng.integers(len(pool))]
-    d2 = ((pool - centroids[0]) ** 2).sum(1)
+    d2 = np.maximum(p_sq - 2 * pool @ centroids[0] + centroids[0] @ centroids[0], 0)
     for i in range(1, k):
-        total = d2.sum()
+        total = float(d2.sum())
         j = rng.choice(len(pool), p=d2 / total) if total > 0 else rng.integers(len(pool))
         centroids[i] = pool[j]
-        d2 = np.minimum(d2, ((pool - centroids[i]) ** 2).sum(1))
+        d2 = np.minimum(d2, np.maximum(p_sq - 2 * pool @ centroids[i] + centroids[i] @ centroids[i], 0))
     for _ in range(n_iter):
         labels = assign(x, centroids, "euclidean" if not spherical else "dot")[:, 0]
         counts = np.bincount(labels, minlength=k)
+        # Sums per cell by sorting once and reduceat (np.add.at is ~50x slower).
+        order = np.argsort(labels, kind="stable")
+        present = np.flatnonzero(counts)
         sums = np.zeros_like(centroids, dtype=np.float64)
-        np.add.at(sums, labels, x)
+        sums[present] = np.add.reduceat(x[order], np.concatenate([[0], np.cumsum(counts[present])[:-1]]), axis=0)
         new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 0).astype(np.float32)
         empty = np.flatnonzero(counts == 0)
         if empty.size:

@@ -27,7 +27,7 @@ class CellStore:
     ids: np.ndarray  # (N,) int64, sorted within each cell
     vectors: np.ndarray  # (N, d) float32, prepared for the metric
     offsets: np.ndarray  # (P + 1,) int64
-    centroids: np.ndarray  # (P, d) float32
+    centroids: np.ndarray | None  # (P, d) float32; None for hash cells: every query probes all
     metric: str
 
     def __post_init__(self) -> None:
@@ -44,11 +44,14 @@ class CellStore:
     @classmethod
     def from_assignment(cls, ids: np.ndarray, vectors: np.ndarray, cells: np.ndarray, centroids: np.ndarray, metric: str) -> "CellStore":
         order = np.lexsort((ids, cells))
-        counts = np.bincount(cells, minlength=len(centroids))
+        counts = np.bincount(cells, minlength=len(centroids) if centroids is not None else int(cells.max(initial=-1)) + 1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return cls(ids[order].astype(np.int64), np.ascontiguousarray(vectors[order], dtype=np.float32), offsets, centroids, metric)
 
     def route(self, queries: np.ndarray, nprobe: int) -> np.ndarray:
+        """The ``nprobe`` nearest cells of each query, nearest first (all cells for hash cells)."""
+        if self.centroids is None:
+            return np.tile(np.arange(self.n_cells, dtype=np.int32), (len(queries), 1))
         return assign(queries, self.centroids, self.metric, nprobe)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 METRICS = ("angular", "euclidean", "dot")
+# Padding of a short top-k: score -inf and this id. Image ids are signed 64-bit hashes, so
+# -1 can be a real id: a slot is padding because its score is not finite, never by its id.
 NO_ID = -1
 
 
@@ -62,10 +64,10 @@ def empty(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k per row of a candidate list ``(row, score, id)``, ranked by ``(-score, id)``.
 
-    Candidates with a non-finite score or a negative id are dropped; rows with fewer than
-    ``k`` candidates are padded with ``-inf`` / ``NO_ID``.
+    Candidates with a non-finite score are dropped (padding, masked self, empty slots);
+    rows with fewer than ``k`` candidates are padded with ``-inf`` / ``NO_ID``.
     """
-    keep = np.isfinite(scores) & (ids >= 0)
+    keep = np.isfinite(scores)
     rows, scores, ids = rows[keep], scores[keep], ids[keep]
     out_v, out_i = empty(m, k)
     if rows.size == 0:
@@ -179,20 +181,23 @@ def brute_force(vectors: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tu
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None, approx_scores: np.ndarray | None = None) -> float:
     """Mean fraction of each query's exact top-k found by the approximate top-k.
 
-    With scores given, an approximate neighbour whose score equals the exact k-th score
-    counts as found (a tie at the boundary is not a miss).
+    Padding slots are those with a non-finite score (or, without scores, the id
+    ``NO_ID``). With scores given, an approximate neighbour whose score equals the exact
+    k-th score counts as found: a tie at the boundary is not a miss.
     """
     k = exact_ids.shape[1]
+    t_ok = np.isfinite(exact_scores) if exact_scores is not None else exact_ids != NO_ID
+    a_ok = np.isfinite(approx_scores) if approx_scores is not None else approx_ids != NO_ID
     total = found = 0
     for i in range(len(exact_ids)):
-        truth = exact_ids[i][exact_ids[i] >= 0]
+        truth = exact_ids[i][t_ok[i]]
         if truth.size == 0:
             continue
-        got = approx_ids[i][approx_ids[i] >= 0]
-        hits = np.isin(truth, got).sum()
+        got = approx_ids[i][a_ok[i]]
+        hits = int(np.isin(truth, got).sum())
         if exact_scores is not None and approx_scores is not None and hits < truth.size:
-            kth = exact_scores[i][truth.size - 1]
-            extra = (approx_scores[i][approx_ids[i] >= 0] >= kth - 1e-6) & ~np.isin(got, truth)
+            kth = exact_scores[i][t_ok[i]][-1]
+            extra = (approx_scores[i][a_ok[i]] >= kth - 1e-6) & ~np.isin(got, truth)
             hits = min(truth.size, hits + int(extra.sum()))
         found += hits
         total += min(k, truth.size)

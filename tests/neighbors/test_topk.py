@@ -26,7 +26,8 @@ def integer_vectors(n: int, d: int, seed: int = 0, duplicates: int = 20) -> tupl
     rng = np.random.default_rng(seed)
     x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
     x[rng.choice(n, duplicates, replace=False)] = x[rng.choice(n, duplicates, replace=False)]
-    ids = rng.permutation(np.arange(1000, 1000 + 7 * n, 7)).astype(np.int64)
+    # Image ids are signed 64-bit hashes: half of them are negative, -1 included here.
+    ids = rng.permutation(np.arange(-7 * (n // 2), 7 * (n - n // 2), 7) - 1).astype(np.int64)
     return x, ids
 
 
@@ -88,9 +89,10 @@ def test_mask_self_only_masks_matching_ids():
     ]
 
 
-def test_select_drops_invalid_candidates():
-    v, i = select(np.array([0, 0, 0]), np.array([np.nan, 1.0, np.inf]), np.array([1, -1, 2]), 1, 2)
-    assert i.tolist() == [[NO_ID, NO_ID]]
+def test_select_drops_non_finite_scores_and_keeps_negative_ids():
+    v, i = select(np.array([0, 0, 0, 0]), np.array([np.nan, 1.0, np.inf, -np.inf]), np.array([1, -1, 2, 3]), 1, 2)
+    assert i[0, 0] == -1 and v[0, 0] == 1.0
+    assert np.isneginf(v[0, 1])
 
 
 def test_recall_counts_boundary_ties_as_found():

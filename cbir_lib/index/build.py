@@ -1,0 +1,334 @@
+"""Spark adapter of the index stage: the embeddings table -> a cell-partitioned index.
+
+How a run proceeds:
+
+1. Read the latest embeddings snapshot (ok rows). On the driver, train a coarse,
+   balanced k-means on a sample (or use hash partitioning: no centroids, every query
+   probes every cell), choosing P from N and executor memory when it is not given.
+2. On the executors, assign every vector to its nearest centroid and write the
+   **store**: ``(cell, image_id, vector)`` partitioned by cell and sorted by
+   ``(cell, image_id)``; a vector's position within its cell is its Annoy item id.
+3. On the executors, build one Annoy forest per cell (dense local ids ``0..n-1``, fixed
+   seed) and write the **forests** table ``(cell, n_items, ids, ann)``; optionally also
+   export each forest as ``ann/cell-<c>.ann`` plus its id map ``cell-<c>.ids.npy``.
+4. Commit everything, with ``centroids.npy`` and a manifest (dim, metric, n_trees, seed,
+   P, counts per cell, the embeddings run, timings), as snapshot ``index/run=<id>/``.
+
+Rebuilding an index from unchanged embeddings with an unchanged config is a no-op.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.config import Config
+from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
+from cbir_lib.neighbors.topk import prepare
+
+log = logging.getLogger(__name__)
+
+TABLE = "index"
+EMBEDDINGS = "embeddings"
+STORE = "store"
+FORESTS = "forests"
+ANN = "ann"
+CENTROIDS = "centroids.npy"
+STORE_DDL = "cell int, image_id long, vector array<float>"
+FORESTS_DDL = "cell int, n_items int, ids array<long>, ann binary"
+ANNOY_METRIC = {"angular": "angular", "euclidean": "euclidean", "dot": "dot"}
+
+
+class IndexMismatch(ValueError):
+    """An index does not fit the embeddings or the search asked of it; the message says how."""
+
+
+def index_table_uri(spark, cfg: Config) -> str:
+    return fs.join(fs.qualify(spark, cfg.run.output_root), TABLE)
+
+
+def embeddings_table_uri(spark, cfg: Config) -> str:
+    return fs.join(fs.qualify(spark, cfg.run.output_root), EMBEDDINGS)
+
+
+def to_numpy(table, column: str = "embedding", dim: int | None = None) -> np.ndarray:
+    """A list<float> column of an Arrow table or batch as an ``(n, dim)`` float32 array."""
+    import pyarrow as pa
+
+    col = table.column(column)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.float32()))
+    n = len(col)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if dim is None:
+        dim = flat.size // n if n else 0
+    if flat.size != n * dim:
+        raise ValueError(f"{column}: expected {n} vectors of dim {dim}, got {flat.size} values (ragged or null vectors)")
+    return flat.reshape(n, dim)
+
+
+def vectors_array(x: np.ndarray):
+    """An ``(n, d)`` float32 array as an Arrow ``list<float>`` array (no Python objects)."""
+    import pyarrow as pa
+
+    n, d = x.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel()))
+
+
+def _bytes_of(value: str) -> int | None:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)b?\s*", str(value).lower())
+    if not m:
+        return None
+    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
+
+
+def executor_memory(spark) -> tuple[int | None, int]:
+    """(bytes of memory per executor, cores per executor) from the Spark conf."""
+    conf = spark.sparkContext.getConf()
+    local = spark.sparkContext.master.startswith("local")
+    mem = conf.get("spark.driver.memory" if local else "spark.executor.memory", "1g")
+    cores = spark.sparkContext.defaultParallelism if local else int(conf.get("spark.executor.cores", "1"))
+    return _bytes_of(mem), max(1, cores)
+
+
+def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int):
+    """mapInArrow: (image_id, embedding[, cell]) -> (cell, image_id, prepared vector)."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            x = prepare(to_numpy(batch), metric)
+            if centroids is not None:
+                cells = assign(x, centroids, metric)[:, 0]
+            else:
+                cells = batch.column("cell").to_numpy(zero_copy_only=False)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_array(x)],
+                names=["cell", "image_id", "vector"],
+            )
+
+    return fn
+
+
+def build_forest(vectors: np.ndarray, metric: str, n_trees: int, seed: int) -> bytes:
+    """One Annoy forest over ``vectors`` (item ``i`` = row ``i``), as the bytes of its file."""
+    from annoy import AnnoyIndex
+
+    forest = AnnoyIndex(vectors.shape[1], ANNOY_METRIC[metric])
+    forest.set_seed(seed)
+    for i, v in enumerate(vectors):
+        forest.add_item(i, v)
+    forest.build(n_trees, n_jobs=1)
+    with tempfile.TemporaryDirectory(prefix="cbir-annoy-") as tmp:
+        path = os.path.join(tmp, "forest.ann")
+        forest.save(path)
+        forest.unload()
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def _build_forests(metric: str, n_trees: int, seed: int):
+    """mapInArrow over the store's partitions: one forest per cell (rows come cell-sorted)."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        tables_ = [pa.Table.from_batches([b]) for b in batches if b.num_rows]
+        if not tables_:
+            return
+        t = pa.concat_tables(tables_)
+        cells = t.column("cell").to_numpy()
+        ids = t.column("image_id").to_numpy()
+        x = to_numpy(t, "vector")
+        order = np.lexsort((ids, cells))  # sorted already; make sure
+        cells, ids, x = cells[order], ids[order], x[order]
+        bounds = np.flatnonzero(np.diff(cells)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(cells)], strict=True):
+            blob = build_forest(x[lo:hi], metric, n_trees, seed)
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array([int(cells[lo])], pa.int32()),
+                    pa.array([int(hi - lo)], pa.int32()),
+                    pa.array([ids[lo:hi].tolist()], pa.list_(pa.int64())),
+                    pa.array([blob], pa.binary()),
+                ],
+                names=["cell", "n_items", "ids", "ann"],
+            )
+
+    return fn
+
+
+def _index_signature(cfg: Config, dim: int) -> dict:
+    i = cfg.index
+    return {
+        "dim": dim,
+        "metric": i.metric,
+        "partitioning": i.partitioning,
+        "n_cells": i.n_cells,
+        "balance": i.balance,
+        "train_sample": i.train_sample,
+        "kmeans_iter": i.kmeans_iter,
+        "forests": i.forests,
+        "n_trees": i.n_trees,
+        "seed": i.seed,
+        "export_ann_files": i.export_ann_files,
+    }
+
+
+def run_build_index(spark, cfg: Config) -> dict:
+    """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest."""
+    from pyspark.sql import functions as F
+
+    started = time.time()
+    ic = cfg.index
+    run_id = cfg.run.run_id or new_run_id()
+    emb_uri = embeddings_table_uri(spark, cfg)
+    emb_run = tables.latest_run_id(spark, emb_uri)
+    if emb_run is None:
+        raise FileNotFoundError(f"run.output_root: no embeddings table under {emb_uri}; run extract first")
+    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
+    dim = emb_manifest.get("dim")
+    table = index_table_uri(spark, cfg)
+    signature = _index_signature(cfg, dim)
+    prev = tables.read_manifest(spark, table)
+    if prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature:
+        log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
+        return {**prev, "noop": True}
+
+    emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
+    n = emb.count()
+    if n == 0:
+        raise ValueError(f"build_index: embeddings run {emb_run} has no ok vectors to index")
+    mem, cores = executor_memory(spark)
+    n_cells = ic.n_cells or choose_n_cells(n, dim or 256, mem, cores)
+    n_cells = max(1, min(n_cells, n))
+    timings: dict[str, float] = {}
+
+    centroids = None
+    if ic.partitioning == "kmeans":
+        with timer(f"training {n_cells} balanced cells on a sample of {min(n, ic.train_sample)}") as t:
+            fraction = min(1.0, 1.2 * ic.train_sample / n)
+            sample_tbl = emb.sample(fraction=fraction, seed=ic.seed).limit(ic.train_sample).toArrow()
+            sample = prepare(to_numpy(sample_tbl, "embedding", dim), ic.metric)
+            centroids = train_balanced(sample, min(n_cells, len(sample)), ic.metric, balance=ic.balance, seed=ic.seed, n_iter=ic.kmeans_iter)
+        timings["train_s"] = round(t["seconds"], 3)
+        n_cells = len(centroids)
+        centroids_bytes = _npy_bytes(centroids)
+        source = emb
+    else:
+        centroids_bytes = None
+        source = emb.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
+
+    n_parts = max(1, min(n_cells, max(spark.sparkContext.defaultParallelism, n // 200_000 + 1)))
+    assigned = source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells), STORE_DDL)
+    # Hash-partitioned by cell (a cell never spans two files); no range sampling, which
+    # would run the nearest-centroid assignment twice.
+    store = assigned.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
+
+    manifest: dict = {
+        "stage": "index",
+        "run_id": run_id,
+        "embeddings_run_id": emb_run,
+        "signature": signature,
+        "config": cfg.to_dict(),
+        "dim": dim,
+        "metric": ic.metric,
+        "partitioning": ic.partitioning,
+        "n_cells": n_cells,
+        "n_trees": ic.n_trees if ic.forests else None,
+        "seed": ic.seed,
+        "centroids": {"file": CENTROIDS, "shape": [n_cells, dim]} if centroids is not None else None,
+        "store": STORE,
+        "forests": FORESTS if ic.forests else None,
+        "ann_files": ANN if ic.forests and ic.export_ann_files else None,
+        "packages": package_versions(),
+    }
+
+    def write(tmp: str) -> None:
+        with timer("assigning vectors to cells and writing the store") as t:
+            store.write.mode("overwrite").parquet(fs.join(tmp, STORE))
+        timings["store_s"] = round(t["seconds"], 3)
+        written = spark.read.parquet(fs.join(tmp, STORE))
+        counts = np.zeros(n_cells, dtype=np.int64)
+        for row in written.groupBy("cell").count().collect():
+            counts[row["cell"]] = row["count"]
+        if int(counts.sum()) != n:
+            raise RuntimeError(f"build_index: {n} vectors in but {int(counts.sum())} in the store")
+        manifest["counts"] = {
+            "vectors": n,
+            "cells": n_cells,
+            "empty_cells": int((counts == 0).sum()),
+            "max_cell": int(counts.max()),
+            "mean_cell": round(float(counts.mean()), 2),
+            "max_over_mean": round(float(counts.max() / max(counts.mean(), 1e-9)), 3),
+            "per_cell": counts.tolist(),
+        }
+        if ic.forests:
+            with timer(f"building {int((counts > 0).sum())} Annoy forests ({ic.n_trees} trees) on the executors") as t:
+                forests = written.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
+                forests.write.mode("overwrite").parquet(fs.join(tmp, FORESTS))
+            timings["forests_s"] = round(t["seconds"], 3)
+            if ic.export_ann_files:
+                with timer("exporting .ann files and id maps") as t:
+                    exported = _export_ann(spark, spark.read.parquet(fs.join(tmp, FORESTS)), fs.join(tmp, ANN))
+                timings["export_s"] = round(t["seconds"], 3)
+                manifest["ann_files_written"] = exported
+
+    extra = {CENTROIDS: centroids_bytes} if centroids_bytes else {}
+    manifest["timings"] = timings
+
+    def write_and_time(tmp: str) -> None:
+        write(tmp)
+        manifest["build_seconds"] = round(time.time() - started, 3)
+
+    out = tables.commit_dir(spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots)
+    manifest["output"] = out
+    c = manifest["counts"]
+    log.info("index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",
+             run_id, n, n_cells, c["max_cell"], c["mean_cell"], c["empty_cells"], manifest["build_seconds"])
+    return manifest
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _export_ann(spark, forests, dst: str) -> int:
+    """Write each forest as ``cell-<c>.ann`` and its id map ``cell-<c>.ids.npy`` (driver, streamed)."""
+    n = 0
+    width = 6
+    for row in forests.select("cell", "ids", "ann").toLocalIterator():
+        name = f"cell-{row['cell']:0{width}d}"
+        fs.write_bytes(spark, fs.join(dst, name + ".ann"), bytes(row["ann"]))
+        fs.write_bytes(spark, fs.join(dst, name + ".ids.npy"), _npy_bytes(np.asarray(row["ids"], dtype=np.int64)))
+        n += 1
+    return n
+
+
+def load_index_manifest(spark, cfg: Config, run_id: str | None = None) -> dict:
+    table = index_table_uri(spark, cfg)
+    manifest = tables.read_manifest(spark, table, run_id)
+    if manifest is None:
+        raise FileNotFoundError(f"run.output_root: no index under {table}; run build_index first")
+    manifest["uri"] = tables.run_dir(table, manifest["run_id"])
+    return manifest
+
+
+def cell_offsets(manifest: dict) -> np.ndarray:
+    counts = np.asarray(manifest["counts"]["per_cell"], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

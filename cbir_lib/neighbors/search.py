@@ -1,0 +1,515 @@
+"""Spark adapter of the neighbours stage: an index -> every image's top-k, with measured recall.
+
+How a run proceeds:
+
+1. Validate the index against the latest embeddings (dim, metric, the embeddings run it
+   was built from) and the search asked of it; refuse a mismatch with a clear error.
+2. Ship the index's store (and, for ``annoy``, its forests) to every executor with
+   ``addFile``, one Parquet part at a time. An executor turns them into a cell-sorted
+   :class:`~cbir_lib.neighbors.ivf.CellStore` once, in local ``.npy`` files that every
+   Python worker on it memory-maps: one copy per machine, not per task.
+3. The work is the store itself: every image is a query, and queries are taken in
+   cell order, so a block of queries shares most of its probed cells and each cell is
+   one dense matrix product. Cell-aligned row ranges are the tasks; row ranges of about
+   ``chunk_size`` queries are committed one by one under ``_work/``, so a killed run
+   resumes where it stopped.
+4. Recall@k is measured on ``recall_sample`` queries against exact search over the full
+   collection (itself distributed over row ranges of the store), logged, written to the
+   manifest, and checked against ``min_recall``. ``method=auto`` takes exact search for
+   small collections and otherwise dense IVF, doubling ``nprobe`` on the sample until
+   the recall target is met.
+5. Commit ``neighbors(image_id, rank, neighbor_id, score, neighbors_run_id)``, filtered
+   by ``min_score``, and optionally ``pairs(a, b, score)`` with ``a < b``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import uuid
+
+import numpy as np
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.config import Config
+from cbir_lib.index.build import (
+    CENTROIDS,
+    FORESTS,
+    STORE,
+    IndexMismatch,
+    cell_offsets,
+    embeddings_table_uri,
+    load_index_manifest,
+    to_numpy,
+)
+from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
+from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
+
+log = logging.getLogger(__name__)
+
+TABLE = "neighbors"
+PAIRS = "pairs"
+NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
+FINAL_DDL = NEIGHBORS_DDL + ", neighbors_run_id string"
+
+
+class RecallTooLow(RuntimeError):
+    """The measured recall@k is below ``neighbors.min_recall``."""
+
+
+# ---------------------------------------------------------------------------------------
+# Executor side: the store, loaded once per machine and memory-mapped by every worker.
+
+_STORES: dict[str, CellStore] = {}
+_FORESTS: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    import fcntl
+
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_store_parts(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(p, columns=["cell", "image_id", "vector"]) for p in paths]
+    t = pa.concat_tables(parts) if parts else None
+    if t is None or t.num_rows == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    cells = t.column("cell").to_numpy()
+    ids = t.column("image_id").to_numpy()
+    x = to_numpy(t, "vector")
+    order = np.lexsort((ids, cells))
+    return cells[order], ids[order], np.ascontiguousarray(x[order])
+
+
+def store_from_parts(paths: list[str], manifest: dict, centroids: np.ndarray | None) -> CellStore:
+    cells, ids, x = read_store_parts(paths)
+    offsets = cell_offsets(manifest)
+    if len(ids) != offsets[-1] or not np.array_equal(np.bincount(cells, minlength=len(offsets) - 1), np.diff(offsets)):
+        raise IndexMismatch(f"index {manifest['run_id']}: the store's cells do not match the manifest's counts")
+    return CellStore(ids, x, offsets, centroids, manifest["metric"])
+
+
+def local_store(spec: dict) -> CellStore:
+    """The executor's copy of the store (built from the ``addFile``-d parts on first use)."""
+    key = spec["store_key"]
+    if key in _STORES:
+        return _STORES[key]
+    from pyspark import SparkFiles
+
+    d = os.path.join(SparkFiles.getRootDirectory(), f"cbir-store-{key}")
+    with _file_lock(d + ".lock"):
+        if not os.path.exists(os.path.join(d, "_done")):
+            paths = [SparkFiles.get(name) for name in spec["store_files"]]
+            cells, ids, x = read_store_parts(paths)
+            tmp = f"{d}.{uuid.uuid4().hex}"
+            os.makedirs(tmp)
+            np.save(os.path.join(tmp, "ids.npy"), ids)
+            np.save(os.path.join(tmp, "vectors.npy"), x)
+            np.save(os.path.join(tmp, "cells.npy"), cells)
+            open(os.path.join(tmp, "_done"), "w").close()
+            os.rename(tmp, d)
+    ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
+    x = np.load(os.path.join(d, "vectors.npy"), mmap_mode="r")
+    centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
+    store = CellStore(np.asarray(ids), x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"])
+    _STORES[key] = store
+    return store
+
+
+def local_forests(spec: dict):
+    """``cell -> AnnoyIndex`` over the executor's copy of the forests (memory-mapped files)."""
+    key = spec["store_key"]
+    if key in _FORESTS:
+        return _FORESTS[key]["get"]
+    import pyarrow.parquet as pq
+    from annoy import AnnoyIndex
+    from pyspark import SparkFiles
+
+    d = os.path.join(SparkFiles.getRootDirectory(), f"cbir-forests-{key}")
+    with _file_lock(d + ".lock"):
+        if not os.path.exists(os.path.join(d, "_done")):
+            tmp = f"{d}.{uuid.uuid4().hex}"
+            os.makedirs(tmp)
+            for name in spec["forest_files"]:
+                t = pq.read_table(SparkFiles.get(name), columns=["cell", "ann"])
+                for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
+                    with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
+                        fh.write(blob)
+            open(os.path.join(tmp, "_done"), "w").close()
+            os.rename(tmp, d)
+    loaded: dict[int, object] = {}
+    metric = {"angular": "angular", "euclidean": "euclidean", "dot": "dot"}[spec["metric"]]
+
+    def get(cell: int):
+        if cell not in loaded:
+            path = os.path.join(d, f"{cell}.ann")
+            if os.path.exists(path):
+                f = AnnoyIndex(spec["dim"], metric)
+                f.load(path)
+                loaded[cell] = f
+            else:
+                loaded[cell] = None
+        return loaded[cell]
+
+    _FORESTS[key] = {"get": get}
+    return get
+
+
+def _use_tf(device: str) -> bool:
+    if device == "gpu":
+        return True
+    if device == "cpu":
+        return False
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return bool(ctx is not None and "gpu" in ctx.resources())
+
+
+def search_rows(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, get_forest=None):
+    """Top-k of a block of queries by the spec's method: ``(scores, ids)``."""
+    k, method = spec["k"], spec["method"]
+    if method == "dense":
+        return dense_search(store, queries, query_ids, store.route(queries, spec["nprobe"]), k)
+    if method == "annoy":
+        cand = spec["candidates"] or 2 * k
+        return annoy_search(store, get_forest, queries, query_ids, store.route(queries, spec["nprobe"]), k, spec["search_k"], cand)
+    if _use_tf(spec["device"]):
+        return tf_exact_search(store, queries, query_ids, k)
+    return exact_search(store, queries, query_ids, k)
+
+
+def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
+    import pyarrow as pa
+
+    m, k = ids.shape
+    keep = np.isfinite(vals).ravel()
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.repeat(query_ids, k)[keep]),
+            pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), m)[keep]),
+            pa.array(ids.ravel()[keep]),
+            pa.array(vals.ravel()[keep].astype(np.float32)),
+        ],
+        names=["image_id", "rank", "neighbor_id", "score"],
+    )
+
+
+def _search_ranges(spec: dict):
+    """mapInArrow over ``(lo, hi)`` row ranges of the store: their rows' top-k."""
+
+    def fn(batches):
+        store = local_store(spec)
+        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
+        qb = spec["query_block"]
+        for batch in batches:
+            for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
+                for s in range(lo, hi, qb):
+                    e = min(hi, s + qb)
+                    q = np.ascontiguousarray(store.vectors[s:e])
+                    vals, ids = search_rows(store, q, store.ids[s:e], spec, get_forest)
+                    yield _topk_batch(store.ids[s:e], vals, ids)
+
+    return fn
+
+
+def _search_positions(spec: dict, positions: np.ndarray):
+    """RDD partition function: the top-k of the store rows at ``positions``, and seconds."""
+
+    def fn(_):
+        store = local_store(spec)
+        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
+        q = np.ascontiguousarray(store.vectors[positions])
+        qids = np.asarray(store.ids[positions])
+        t0 = time.perf_counter()
+        out = []
+        for s in range(0, len(q), spec["query_block"]):
+            out.append(search_rows(store, q[s : s + spec["query_block"]], qids[s : s + spec["query_block"]], spec, get_forest))
+        seconds = time.perf_counter() - t0
+        vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec["k"]), np.float32)
+        ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec["k"]), np.int64)
+        yield qids, vals, ids, seconds
+
+    return fn
+
+
+def _exact_partial(spec: dict, positions: np.ndarray):
+    """RDD function over ``(lo, hi)`` ranges: exact top-k of the sample against those rows."""
+
+    def fn(ranges):
+        from cbir_lib.neighbors.topk import exact_topk
+
+        store = local_store(spec)
+        q = np.ascontiguousarray(store.vectors[positions])
+        qids = np.asarray(store.ids[positions])
+        for lo, hi in ranges:
+            t0 = time.perf_counter()
+            vals, ids = exact_topk(q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"])
+            yield vals, ids, time.perf_counter() - t0
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# Driver side.
+
+
+def split_rows(offsets: np.ndarray, lo: int, hi: int, n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into about ``n`` ranges at cell boundaries (a cell is never split)."""
+    if hi <= lo:
+        return []
+    bounds = offsets[(offsets > lo) & (offsets < hi)]
+    cuts = [lo]
+    for j in range(1, n):
+        target = lo + (hi - lo) * j / n
+        if bounds.size:
+            b = int(bounds[np.argmin(np.abs(bounds - target))])
+            if b > cuts[-1]:
+                cuts.append(b)
+    cuts.append(hi)
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def _spec_key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None, cfg: Config) -> None:
+    """Refuse an index that does not fit the embeddings or the search asked of it."""
+    nb = cfg.neighbors
+    if emb_manifest is not None and emb_manifest.get("dim") is not None and index.get("dim") != emb_manifest.get("dim"):
+        raise IndexMismatch(
+            f"index {index['run_id']} has dim {index.get('dim')} but the embeddings (run {emb_run}) have dim "
+            f"{emb_manifest.get('dim')}; rebuild the index (build_index)"
+        )
+    if nb.metric is not None and nb.metric != index.get("metric"):
+        raise IndexMismatch(
+            f"neighbors.metric: {nb.metric!r} was asked for but index {index['run_id']} was built for metric "
+            f"{index.get('metric')!r}; rebuild it with index.metric={nb.metric}"
+        )
+    if emb_run is not None and index.get("embeddings_run_id") != emb_run:
+        raise IndexMismatch(
+            f"index {index['run_id']} was built from embeddings run {index.get('embeddings_run_id')} but the latest "
+            f"embeddings are run {emb_run}; rebuild the index (build_index) so no image is left out"
+        )
+    if nb.method == "annoy" and not index.get("forests"):
+        raise IndexMismatch(f"neighbors.method: 'annoy' needs forests, but index {index['run_id']} was built with index.forests=false")
+
+
+def run_neighbors(spark, cfg: Config) -> dict:
+    """Every image's top-k into ``<output_root>/neighbors/run=<id>/``; return the manifest."""
+    from pyspark.sql import functions as F
+
+    started = time.time()
+    nb = cfg.neighbors
+    run_id = cfg.run.run_id or new_run_id()
+    root = fs.qualify(spark, cfg.run.output_root)
+    emb_uri = embeddings_table_uri(spark, cfg)
+    emb_run = tables.latest_run_id(spark, emb_uri)
+    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) if emb_run else None
+    index = load_index_manifest(spark, cfg)
+    check_compatible(index, emb_manifest, emb_run, cfg)
+
+    offsets = cell_offsets(index)
+    n = int(offsets[-1])
+    n_cells = len(offsets) - 1
+    method = nb.method
+    if method == "auto":
+        method = "exact" if n <= nb.exact_max_n else "dense"
+    nprobe = min(nb.nprobe, n_cells)
+    table = fs.join(root, TABLE)
+    params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
+              "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
+              "exact_max_n": nb.exact_max_n}
+    prev = tables.read_manifest(spark, table)
+    if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
+        log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
+        return {**prev, "noop": True}
+
+    # Ship the store (and forests) to the executors, part file by part file.
+    sc = spark.sparkContext
+    store_uri = fs.join(index["uri"], STORE)
+    store_files = [name for name in fs.list_names(spark, store_uri) if name.endswith(".parquet")]
+    for name in store_files:
+        sc.addFile(fs.join(store_uri, name))
+    forest_files: list[str] = []
+    if method == "annoy":
+        forest_uri = fs.join(index["uri"], FORESTS)
+        forest_files = [name for name in fs.list_names(spark, forest_uri) if name.endswith(".parquet")]
+        for name in forest_files:
+            sc.addFile(fs.join(forest_uri, name))
+    centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
+    spec = {
+        "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
+        "store_files": store_files,
+        "forest_files": forest_files,
+        "centroids": centroids,
+        "offsets": offsets.tolist(),
+        "metric": index["metric"],
+        "dim": index["dim"],
+        "k": nb.k,
+        "method": method,
+        "nprobe": nprobe,
+        "search_k": nb.search_k,
+        "candidates": nb.candidates,
+        "device": nb.device,
+        "query_block": nb.query_block,
+    }
+    slots = sc.defaultParallelism
+    timings: dict[str, float] = {}
+
+    # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
+    rng = np.random.default_rng(index.get("seed", 0))
+    sample_pos = np.sort(rng.choice(n, min(nb.recall_sample, n), replace=False)) if nb.recall_sample and n else np.zeros(0, np.int64)
+    truth = None
+    calibration = []
+    if sample_pos.size and method != "exact":
+        with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
+            truth = _exact_sample(sc, spec, sample_pos, n, offsets, slots)
+        timings["exact_sample_s"] = round(t["seconds"], 3)
+        timings["exact_extrapolated_s"] = round(t["seconds"] * n / sample_pos.size, 1)
+        if nb.method == "auto":
+            target = nb.min_recall if nb.min_recall is not None else 0.95
+            while True:
+                r, secs = _sample_recall(sc, {**spec, "nprobe": nprobe}, sample_pos, truth)
+                calibration.append({"nprobe": nprobe, "recall": round(r, 4), "sample_seconds": round(secs, 3)})
+                log.info("auto: nprobe %d gives recall@%d %.4f on the sample (%.2f s)", nprobe, nb.k, r, secs)
+                if r >= target or nprobe >= n_cells:
+                    break
+                nprobe = min(n_cells, nprobe * 2)
+            spec["nprobe"] = nprobe
+            # Dense probing of most cells costs more than exact search: then do exact.
+            if secs * n / sample_pos.size > timings["exact_extrapolated_s"]:
+                method = spec["method"] = "exact"
+
+    # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
+    work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"],
+                          "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size})
+    work_dir = fs.join(table, "_work", work_key)
+    parts_dir = fs.join(work_dir, "parts")
+    fs.delete(spark, fs.join(work_dir, "_tmp"))
+    chunks = split_rows(offsets, 0, n, max(1, -(-n // nb.chunk_size)))
+    done = set(fs.list_names(spark, parts_dir))
+    searched = 0
+    with timer(f"{method} search of {n} queries in {len(chunks)} chunks") as t:
+        for lo, hi in chunks:
+            name = f"rows-{lo:012d}-{hi:012d}"
+            if name in done:
+                continue
+            units = split_rows(offsets, lo, hi, max(1, min(4 * slots, -(-(hi - lo) // nb.query_block))))
+            df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
+            out = df.mapInArrow(_search_ranges(spec), NEIGHBORS_DDL)
+            tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
+            out.write.mode("overwrite").parquet(tmp)
+            fs.rename(spark, tmp, fs.join(parts_dir, name))
+            searched += hi - lo
+    timings["search_s"] = round(t["seconds"], 3)
+    expected = [f"rows-{lo:012d}-{hi:012d}" for lo, hi in chunks]
+    raw = spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected]) if expected else spark.createDataFrame([], NEIGHBORS_DDL)
+
+    recall = None
+    if truth is not None:
+        with timer("measuring recall on the sample") as t:
+            recall = _recall_from_table(raw, truth, nb.k)
+        timings["recall_s"] = round(t["seconds"], 3)
+        log.info("neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)", run_id, nb.k, recall, len(sample_pos), method, spec["nprobe"])
+    elif method == "exact":
+        recall = 1.0
+    if nb.min_recall is not None and recall is not None and recall < nb.min_recall:
+        raise RecallTooLow(
+            f"neighbors.min_recall: measured recall@{nb.k} {recall:.4f} on {len(sample_pos)} queries is below {nb.min_recall} "
+            f"({method}, nprobe {spec['nprobe']}); raise neighbors.nprobe or use method=auto"
+        )
+
+    final = raw if nb.min_score is None else raw.filter(F.col("score") >= F.lit(nb.min_score))
+    final = final.withColumn("neighbors_run_id", F.lit(run_id))
+    n_files = max(1, min(slots, n // 500_000 + 1))
+    manifest = {
+        "stage": "neighbors",
+        "run_id": run_id,
+        "index_run_id": index["run_id"],
+        "embeddings_run_id": index.get("embeddings_run_id"),
+        "params": params,
+        "config": cfg.to_dict(),
+        "method": method,
+        "nprobe": spec["nprobe"] if method != "exact" else None,
+        "metric": index["metric"],
+        "k": nb.k,
+        "n": n,
+        "n_cells": n_cells,
+        "recall_at_k": round(recall, 5) if recall is not None else None,
+        "recall_sample": int(sample_pos.size) if truth is not None else 0,
+        "calibration": calibration,
+        "searched_this_run": searched,
+        "timings": timings,
+        "packages": package_versions(),
+    }
+    with timer("committing the neighbours table") as t:
+        out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    manifest["output"] = out
+    if nb.pairs:
+        pairs = (
+            final.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
+            .groupBy("a", "b").agg(F.max("score").alias("score"))
+            .withColumn("neighbors_run_id", F.lit(run_id))
+        )
+        manifest["pairs_output"] = tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
+                                                 {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots)
+    committed = spark.read.parquet(out)
+    manifest["counts"] = {"queries": n, "rows": committed.count()}
+    manifest["wall_seconds"] = round(time.time() - started, 3)
+    fs.write_json(spark, fs.join(out, tables.MANIFEST), manifest)
+    fs.delete(spark, work_dir)
+    log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
+    return manifest
+
+
+def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, offsets: np.ndarray, slots: int):
+    """Exact top-k of the sample over the whole store: (query ids, scores, ids)."""
+    ranges = [(a, b) for a, b in ((i * n // (2 * slots), (i + 1) * n // (2 * slots)) for i in range(2 * slots)) if b > a]
+    parts = sc.parallelize(ranges, len(ranges)).mapPartitions(_exact_partial(spec, positions)).collect()
+    m, k = len(positions), spec["k"]
+    rows = np.concatenate([np.repeat(np.arange(m), k) for _ in parts])
+    vals = np.concatenate([p[0].ravel() for p in parts])
+    ids = np.concatenate([p[1].ravel() for p in parts])
+    v, i = select(rows, vals, ids, m, k)
+    qids = sc.parallelize([0], 1).mapPartitions(lambda _: [np.asarray(local_store(spec).ids[positions])]).collect()[0]
+    return qids, v, i
+
+
+def _sample_recall(sc, spec: dict, positions: np.ndarray, truth) -> tuple[float, float]:
+    qids, vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
+    _, tv, ti = truth
+    return recall_at_k(ids, ti, tv, vals), seconds
+
+
+def _recall_from_table(raw, truth, k: int) -> float:
+    from pyspark.sql import functions as F
+
+    qids, tv, ti = truth
+    pos = {int(q): j for j, q in enumerate(qids)}
+    got = raw.filter(F.col("image_id").isin([int(q) for q in qids])).select("image_id", "rank", "neighbor_id", "score").toArrow()
+    av = np.full(ti.shape, -np.inf, dtype=np.float32)
+    ai = np.full(ti.shape, NO_ID, dtype=np.int64)
+    rows = np.array([pos[int(q)] for q in got.column("image_id").to_pylist()], dtype=np.int64)
+    ranks = got.column("rank").to_numpy() - 1
+    ai[rows, ranks] = got.column("neighbor_id").to_numpy()
+    av[rows, ranks] = got.column("score").to_numpy()
+    return recall_at_k(ai, ti, tv, av)
