@@ -345,16 +345,8 @@ def run_neighbors(spark, cfg: Config) -> dict:
 
     # Ship the store (and forests) to the executors, part file by part file.
     sc = spark.sparkContext
-    store_uri = fs.join(index["uri"], STORE)
-    store_files = [name for name in fs.list_names(spark, store_uri) if name.endswith(".parquet")]
-    for name in store_files:
-        sc.addFile(fs.join(store_uri, name))
-    forest_files: list[str] = []
-    if method == "annoy":
-        forest_uri = fs.join(index["uri"], FORESTS)
-        forest_files = [name for name in fs.list_names(spark, forest_uri) if name.endswith(".parquet")]
-        for name in forest_files:
-            sc.addFile(fs.join(forest_uri, name))
+    store_files = _ship(sc, spark, fs.join(index["uri"], STORE))
+    forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     spec = {
         "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
@@ -479,6 +471,16 @@ def run_neighbors(spark, cfg: Config) -> dict:
     fs.delete(spark, work_dir)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def _ship(sc, spark, uri: str) -> list[str]:
+    """``addFile`` each Parquet part under ``uri`` (once per SparkContext); their names."""
+    names = [name for name in fs.list_names(spark, uri) if name.endswith(".parquet")]
+    shipped = {u.rsplit("/", 1)[-1] for u in sc.listFiles}
+    for name in names:
+        if name not in shipped:
+            sc.addFile(fs.join(uri, name))
+    return names
 
 
 def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, offsets: np.ndarray, slots: int):

@@ -1,0 +1,221 @@
+"""The index and neighbours stages on local[2], checked against exact numpy oracles.
+
+Embeddings tables are written directly (no TensorFlow): clustered vectors with signed
+64-bit ids like the real ``image_id`` hashes, plus failed rows that must be ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from cbir_lib.common import fs, tables
+from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
+from cbir_lib.index.build import IndexMismatch, run_build_index
+from cbir_lib.neighbors.search import RecallTooLow, run_neighbors
+from cbir_lib.neighbors.topk import brute_force, exact_topk, prepare, recall_at_k
+
+pytestmark = pytest.mark.slow
+EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    spectrum = 1.0 / np.sqrt(np.arange(1, d + 1))
+    centres = rng.normal(size=(40, d)) * spectrum
+    return (centres[rng.integers(0, 40, n)] + 0.6 * rng.normal(size=(n, d)) * spectrum).astype(np.float32)
+
+
+def signed_ids(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed + 100)
+    return np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n].astype(np.int64)
+
+
+def write_embeddings(spark, root: str, ids: np.ndarray, x: np.ndarray, run_id: str, n_failed: int = 3) -> None:
+    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), x.shape[1], "ok", None, run_id) for i, v in zip(ids, x, strict=True)]
+    rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, "failed", "truncated", run_id) for j in range(n_failed)]
+    df = spark.createDataFrame(rows, EMB_DDL)
+    tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})
+
+
+def config(root, run_id, index=None, neighbors=None) -> Config:
+    return Config(
+        run=RunConfig(output_root=str(root), run_id=run_id),
+        index=dataclasses.replace(IndexConfig(), **(index or {})),
+        neighbors=dataclasses.replace(NeighborsConfig(), **(neighbors or {})),
+    )
+
+
+def read_topk(spark, uri: str, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    t = spark.read.parquet(uri).select("image_id", "rank", "neighbor_id", "score").toArrow()
+    pos = {int(q): j for j, q in enumerate(query_ids)}
+    v = np.full((len(query_ids), k), -np.inf, np.float32)
+    i = np.full((len(query_ids), k), -1, np.int64)
+    rows = np.array([pos[q] for q in t.column("image_id").to_pylist()])
+    ranks = t.column("rank").to_numpy() - 1
+    i[rows, ranks] = t.column("neighbor_id").to_numpy()
+    v[rows, ranks] = t.column("score").to_numpy()
+    return v, i
+
+
+@pytest.fixture(scope="module")
+def collection(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nb")
+    x = clustered(5000, 32, seed=1)
+    ids = signed_ids(5000)
+    write_embeddings(spark, str(root), ids, x, "e1")
+    p = prepare(x, "angular")
+    exact_v, exact_i = exact_topk(p, ids, p, ids, 10, "angular")
+    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8}))
+    return {"root": root, "x": x, "ids": ids, "exact": (exact_v, exact_i), "index": index}
+
+
+def test_index_manifest_and_ann_files(spark, collection):
+    from annoy import AnnoyIndex
+
+    m = collection["index"]
+    assert m["dim"] == 32 and m["metric"] == "angular" and m["embeddings_run_id"] == "e1"
+    c = m["counts"]
+    assert c["vectors"] == 5000 and sum(c["per_cell"]) == 5000, "failed rows are not indexed"
+    assert c["max_cell"] <= 2.0 * 5000 / 40 + 1 and c["empty_cells"] == 0
+    assert m["ann_files_written"] == m["n_cells"]
+    # An exported forest answers by itself: its items map to image ids through the id map.
+    ann_dir = os.path.join(m["output"].replace("file:", ""), "ann")
+    cell = int(np.argmax(c["per_cell"]))
+    ids = np.load(os.path.join(ann_dir, f"cell-{cell:06d}.ids.npy"))
+    forest = AnnoyIndex(32, "angular")
+    forest.load(os.path.join(ann_dir, f"cell-{cell:06d}.ann"))
+    assert forest.get_n_items() == len(ids) == c["per_cell"][cell] and forest.get_n_trees() == 8
+    row = {int(i): r for r, i in enumerate(collection["ids"])}[int(ids[0])]
+    assert forest.get_nns_by_vector(collection["x"][row].tolist(), 1)[0] == 0
+
+
+@pytest.mark.parametrize("method", ["dense", "annoy"])
+def test_approximate_recall_against_exact(spark, collection, method):
+    root, ids = collection["root"], collection["ids"]
+    m = run_neighbors(spark, config(root, f"n-{method}", neighbors={"method": method, "nprobe": 8, "recall_sample": 500}))
+    exact_v, exact_i = collection["exact"]
+    v, i = read_topk(spark, m["output"], ids, 10)
+    r = recall_at_k(i, exact_i, exact_v, v)
+    assert r >= 0.9, r
+    assert abs(m["recall_at_k"] - r) < 0.05, "the sampled recall estimates the true one"
+    assert m["counts"]["rows"] == 5000 * 10
+    assert not (i == ids[:, None]).any(), "no image is its own neighbour"
+    assert (np.diff(v, axis=1) <= 1e-6).all(), "ranked by score"
+
+
+def test_exact_mode_matches_brute_force_with_ties(spark, tmp_path):
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, size=(300, 5)).astype(np.float32)
+    x[:30] = x[30:60]  # exact duplicates
+    ids = signed_ids(300, seed=5)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"metric": "dot", "n_cells": 4, "forests": False}))
+    m = run_neighbors(spark, config(tmp_path, "n1", neighbors={"method": "exact", "k": 7}))
+    want_v, want_i = brute_force(x, ids, 7, "dot")
+    got_v, got_i = read_topk(spark, m["output"], ids, 7)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_v, want_v)
+    assert m["recall_at_k"] == 1.0 and m["method"] == "exact"
+
+
+def test_threshold_and_pairs_view(spark, collection):
+    root = collection["root"]
+    m = run_neighbors(spark, config(root, "n-thr", neighbors={"method": "dense", "min_score": 0.8, "pairs": True, "recall_sample": 100}))
+    nb = spark.read.parquet(m["output"]).toPandas()
+    assert len(nb) < 50000 and (nb.score >= 0.8).all()
+    pairs = spark.read.parquet(m["pairs_output"]).toPandas()
+    assert (pairs.a < pairs.b).all() and not pairs.duplicated(["a", "b"]).any()
+    want = {(min(a, b), max(a, b)) for a, b in zip(nb.image_id, nb.neighbor_id, strict=True)}
+    assert set(zip(pairs.a, pairs.b, strict=True)) == want
+
+
+def test_min_recall_fails_loudly(spark, collection):
+    with pytest.raises(RecallTooLow, match="neighbors.min_recall"):
+        run_neighbors(spark, config(collection["root"], "n-low", neighbors={"method": "dense", "nprobe": 1, "min_recall": 0.99}))
+
+
+def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
+    m = run_neighbors(spark, config(collection["root"], "n-auto", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.97}))
+    assert m["method"] in ("dense", "exact") and m["recall_at_k"] >= 0.97
+    steps = m["calibration"]
+    assert steps[0]["nprobe"] == 1 and [s["nprobe"] for s in steps] == sorted(s["nprobe"] for s in steps)
+
+
+def test_mismatched_index_is_refused(spark, tmp_path):
+    x = clustered(400, 16)
+    ids = signed_ids(400)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 4, "forests": False}))
+    with pytest.raises(IndexMismatch, match="neighbors.metric"):
+        run_neighbors(spark, config(tmp_path, "n1", neighbors={"metric": "euclidean"}))
+    with pytest.raises(IndexMismatch, match="needs forests"):
+        run_neighbors(spark, config(tmp_path, "n1", neighbors={"method": "annoy"}))
+    write_embeddings(spark, str(tmp_path), ids, clustered(400, 24), "e2")  # re-extracted at another dim
+    with pytest.raises(IndexMismatch, match="dim 16 .* dim 24"):
+        run_neighbors(spark, config(tmp_path, "n1"))
+
+
+def test_hash_cells_with_empty_cells_are_exact(spark, tmp_path):
+    x = clustered(60, 8)
+    ids = signed_ids(60)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    idx = run_build_index(spark, config(tmp_path, "i1", {"partitioning": "hash", "n_cells": 50, "n_trees": 2}))
+    assert idx["counts"]["empty_cells"] > 0 and idx["centroids"] is None
+    for method in ("dense", "annoy"):
+        m = run_neighbors(spark, config(tmp_path, f"n-{method}", neighbors={"method": method, "k": 5, "candidates": 60, "search_k": 10000}))
+        want_v, want_i = brute_force(x, ids, 5, "angular")
+        got_v, got_i = read_topk(spark, m["output"], ids, 5)
+        np.testing.assert_array_equal(got_i, want_i)
+
+
+def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypatch):
+    import cbir_lib.neighbors.search as search
+
+    x = clustered(3000, 16, seed=3)
+    ids = signed_ids(3000, seed=3)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 20, "forests": False}))
+    assert run_build_index(spark, config(tmp_path, "i2", {"n_cells": 20, "forests": False}))["noop"]
+    cfg = config(tmp_path, "n1", neighbors={"method": "dense", "nprobe": 4, "chunk_size": 700, "recall_sample": 200})
+
+    # Killed after the search, before the commit: every chunk is already under _work/.
+    real_commit = search.tables.commit
+    monkeypatch.setattr(search.tables, "commit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        run_neighbors(spark, cfg)
+    monkeypatch.setattr(search.tables, "commit", real_commit)
+    resumed = run_neighbors(spark, cfg)
+    assert resumed["searched_this_run"] == 0, "no chunk is searched twice"
+    first = spark.read.parquet(resumed["output"]).orderBy("image_id", "rank").toPandas()
+
+    # The same run again (a retry) replaces its own output with the same rows.
+    cfg2 = dataclasses.replace(cfg, neighbors=dataclasses.replace(cfg.neighbors, recall_sample=201))
+    again = run_neighbors(spark, cfg2)
+    second = spark.read.parquet(again["output"]).orderBy("image_id", "rank").toPandas()
+    assert again["searched_this_run"] == 3000
+    assert first.drop(columns="neighbors_run_id").equals(second.drop(columns="neighbors_run_id"))
+    assert not second.duplicated(["image_id", "rank"]).any() and len(second) == 30000
+    # Unchanged index and parameters: a new run id is a no-op.
+    assert run_neighbors(spark, dataclasses.replace(cfg2, run=RunConfig(output_root=str(tmp_path), run_id="n2")))["noop"]
+
+
+def test_job_shells_run_under_python(spark, collection, tmp_path):
+    root = str(collection["root"])
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    common = ["--output", root, "--master", "local[2]"]
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "neighbors.py"), *common, "--run-id", "n-shell",
+                          "neighbors.method=dense", "neighbors.recall_sample=100"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["stage"] == "neighbors" and summary["counts"]["rows"] == 50000 and summary["recall_at_k"] > 0.8
+    bad = subprocess.run([sys.executable, "-m", "jobs.cli", "neighbors", *common, "neighbors.metric=dot"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
+    assert bad.returncode == 2 and "neighbors.metric" in bad.stderr
