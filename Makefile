@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-extract bench-all-pairs clean
 
 venv: $(STAMP)
 
@@ -31,8 +31,20 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check cbir_lib jobs tests airflow_dags benchmarks
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(BIN)/pip install --quiet -c requirements.lock -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+# Benchmarks are run by hand, never in CI; each records its results under benchmarks/results/.
+bench: bench-extract bench-all-pairs
+
+bench-extract: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
+
+bench-all-pairs: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/all_pairs.py --real --n 100000 --n 1000000 $(ARGS)
 
 clean:
 	rm -rf output .pytest_cache

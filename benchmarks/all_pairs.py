@@ -455,6 +455,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lsh-max-n", type=int, default=100_000)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per method before it is recorded as unfinished")
+    ap.add_argument("--lsh-timeout", type=int, default=900, help="the same for spark_brp_lsh")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="mixture", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -476,7 +477,7 @@ def main() -> None:
         for method in methods:
             if method == "spark_brp_lsh" and n > args.lsh_max_n:
                 continue
-            row = run_method(method, data, key, args.timeout)
+            row = run_method(method, data, key, args.lsh_timeout if method == "spark_brp_lsh" else args.timeout)
             row["n"], row["dim"] = n, dim
             results["runs"] = [r for r in results["runs"] if (r["n"], r["data"], r["method"]) != (n, data, method)] + [row]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

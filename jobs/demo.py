@@ -3,8 +3,9 @@
     python -m jobs.demo [--output DIR] [section.field=value ...]
 
 Writes the sample photos and their edited copies, ingests them, extracts embeddings,
-and prints counts, the output locations, and how often an edited copy's nearest
-neighbour is a picture of the same original (a quick check that the features work).
+builds the index, finds every image's neighbours (with their measured recall), and
+prints counts, the output locations, and how often an edited copy's nearest neighbour
+in the neighbours table is a picture of the same original.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ if __package__ in (None, ""):
 from jobs._common import load_config, parse_args, run_job, sample_dir_for
 
 
-def _copy_retrieval(spark, embeddings_uri: str, sample_dir: str) -> tuple[int, int]:
-    """(copies whose top-1 neighbour is in their group, copies) over the sample."""
-    import numpy as np
+def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: str) -> tuple[int, int]:
+    """(copies whose top-1 neighbour, read from the neighbours table, is in their group, copies)."""
+    from pyspark.sql import functions as F
 
     from cbir_lib.sample import read_groups
 
@@ -28,18 +29,10 @@ def _copy_retrieval(spark, embeddings_uri: str, sample_dir: str) -> tuple[int, i
     if not os.path.exists(os.path.join(parent, "groups.csv")):
         return 0, 0  # not the embedded sample: no ground truth to check against
     group_of = {os.path.join(sample_dir, g["file"]): g["group"] for g in read_groups(parent)}
-    rows = spark.read.parquet(embeddings_uri).filter("status = 'ok'").select("path", "embedding").collect()
-    paths = [r.path.replace("file:", "", 1) for r in rows]
-    keep = [i for i, p in enumerate(paths) if p in group_of]
-    if len(keep) < 2:
-        return 0, 0
-    vecs = np.stack([np.asarray(rows[i].embedding, dtype=np.float32) for i in keep])
-    groups = [group_of[paths[i]] for i in keep]
-    sims = vecs @ vecs.T
-    np.fill_diagonal(sims, -np.inf)
-    top1 = sims.argmax(axis=1)
-    copies = [i for i, p in enumerate(keep) if "__original" not in paths[p]]
-    hits = sum(groups[top1[i]] == groups[i] for i in copies)
+    paths = {r.image_id: r.path.replace("file:", "", 1) for r in spark.read.parquet(embeddings_uri).select("image_id", "path").collect()}
+    top1 = spark.read.parquet(neighbors_uri).filter(F.col("rank") == 1).select("image_id", "neighbor_id").collect()
+    copies = [(paths[r.image_id], paths[r.neighbor_id]) for r in top1 if paths[r.image_id] in group_of and "__original" not in paths[r.image_id]]
+    hits = sum(group_of[q] == group_of.get(n) for q, n in copies)
     return hits, len(copies)
 
 
@@ -49,20 +42,28 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.common import fs
     from cbir_lib.features.extract import run_extract
     from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
 
     sample_dir = cfg.ingest.images or sample_dir_for(cfg)
 
     def pipeline(spark):
         ingest = run_ingest(spark, cfg, sample_dir)
         extract = run_extract(spark, cfg)
+        index = run_build_index(spark, cfg)
+        neighbors = run_neighbors(spark, cfg)
         from cbir_lib.common import tables
-        from cbir_lib.features.extract import TABLE
 
-        table = fs.join(fs.qualify(spark, cfg.run.output_root), TABLE)
-        hits, copies = _copy_retrieval(spark, tables.run_dir(table, extract["run_id"]), sample_dir)
-        return ingest, extract, hits, copies
+        root = fs.qualify(spark, cfg.run.output_root)
+        hits, copies = _copy_retrieval(
+            spark,
+            tables.run_dir(fs.join(root, "neighbors"), neighbors["run_id"]),
+            tables.run_dir(fs.join(root, "embeddings"), extract["run_id"]),
+            sample_dir,
+        )
+        return ingest, extract, index, neighbors, hits, copies
 
-    ingest, extract, hits, copies = run_job(pipeline, cfg, args.verbose)
+    ingest, extract, index, neighbors, hits, copies = run_job(pipeline, cfg, args.verbose)
     ic, ec = ingest["counts"], extract["counts"]
     lines = [
         "",
@@ -74,11 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"{ec['embedded_this_run']} embedded this run at {extract.get('images_per_second') or '-'} img/s",
         f"              model {extract['model']['name']} ({extract['model']['sha256'][:12]}), pooling {cfg.extract.pooling}, dim {extract['dim']}",
         f"              -> {extract.get('output', '(unchanged, no-op)')}",
+        f"  index       {index['counts']['vectors']} vectors in {index['n_cells']} {index['partitioning']} cells "
+        f"(largest {index['counts']['max_over_mean']}x the mean), {index['metric']}, Annoy forests of {index['n_trees']} trees",
+        f"              -> {index.get('output', '(unchanged, no-op)')}",
+        f"  neighbours  top-{neighbors['k']} of every image by {neighbors['method']} search: "
+        f"{neighbors['counts']['rows']} rows, recall@{neighbors['k']} {neighbors['recall_at_k']}",
+        f"              -> {neighbors.get('output', '(unchanged, no-op)')}",
     ]
     if copies:
         lines.append(f"  check       {hits}/{copies} edited copies have a picture of their own original as nearest neighbour")
     print("\n".join(lines))
-    return {"ingest": ingest, "extract": extract, "copy_hits": hits, "copies": copies}
+    return {"ingest": ingest, "extract": extract, "index": index, "neighbors": neighbors, "copy_hits": hits, "copies": copies}
 
 
 if __name__ == "__main__":

@@ -56,3 +56,30 @@ def test_shipped_profiles_load():
 
     for profile in sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml")):
         config.load(str(profile))
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("index.metric=cosine", "index.metric"),
+        ("index.partitioning=lsh", "index.partitioning"),
+        ("index.n_cells=0", "index.n_cells"),
+        ("index.balance=1", "index.balance"),
+        ("index.n_trees=0", "index.n_trees"),
+        ("neighbors.k=0", "neighbors.k"),
+        ("neighbors.method=hnsw", "neighbors.method"),
+        ("neighbors.nprobe=0", "neighbors.nprobe"),
+        ("neighbors.search_k=0", "neighbors.search_k"),
+        ("neighbors.min_recall=1.5", "neighbors.min_recall"),
+        ("neighbors.device=tpu", "neighbors.device"),
+        ("neighbors.metric=l1", "neighbors.metric"),
+    ],
+)
+def test_index_and_neighbors_fields_are_validated(override, field):
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        config.load(None, [override])
+
+
+def test_min_recall_needs_a_sample():
+    with pytest.raises(ConfigError, match="^neighbors.recall_sample"):
+        config.load(None, ["neighbors.min_recall=0.9", "neighbors.recall_sample=0"])
