@@ -106,3 +106,27 @@ def test_tensorflow_exact_equals_numpy_exact():
         got = tf_exact_search(store, store.vectors, store.ids, 10, block_size=97)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean"])
+def test_routing_from_the_own_cell_equals_full_routing(metric):
+    x = clustered(3000, 16, seed=4)
+    store = build(x, np.arange(3000, dtype=np.int64), metric, 60)
+    rows = np.arange(0, 3000, 3)
+    q = store.vectors[rows]
+    from cbir_lib.index.kmeans import assign
+
+    for nprobe in (2, 7, 16):
+        np.testing.assert_array_equal(store.route(q, nprobe, store.cells_of_rows(rows)), assign(q, store.centroids, metric, nprobe))
+
+
+def test_split_rows_cuts_only_at_cell_boundaries():
+    from cbir_lib.neighbors.search import split_rows
+
+    offsets = np.array([0, 5, 5, 12, 30, 31, 40])
+    parts = split_rows(offsets, 0, 40, 4)
+    assert parts[0][0] == 0 and parts[-1][1] == 40
+    assert all(b == c for (_, b), (c, _) in zip(parts[:-1], parts[1:], strict=True))
+    assert all(a in offsets and b in offsets for a, b in parts)
+    assert split_rows(offsets, 12, 30, 5) == [(12, 30)], "one cell is never split"
+    assert split_rows(offsets, 7, 7, 3) == []

@@ -146,7 +146,11 @@ def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
     m = run_neighbors(spark, config(collection["root"], "n-auto", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.97}))
     assert m["method"] in ("dense", "exact") and m["recall_at_k"] >= 0.97
     steps = m["calibration"]
-    assert steps[0]["nprobe"] == 1 and [s["nprobe"] for s in steps] == sorted(s["nprobe"] for s in steps)
+    assert steps[0]["nprobe"] == 1
+    if m["method"] == "dense":
+        # The chosen nprobe is the smallest measured one that meets the target.
+        assert m["nprobe"] == min(s["nprobe"] for s in steps if s["recall"] >= 0.97)
+        assert all(s["recall"] < 0.97 for s in steps if s["nprobe"] < m["nprobe"])
 
 
 def test_mismatched_index_is_refused(spark, tmp_path):
