@@ -319,17 +319,11 @@ def w_cbir(x, t, ids=None, tmp=None):
             raise SystemExit(f"{job} failed:\n{out.stderr[-4000:]}")
         sys.stderr.write(out.stderr[-2500:])
         times[job + "_summary"] = json.loads(out.stdout.strip().splitlines()[-1])
+    from cbir_lib.neighbors.search import topk_arrays
+
     nb = pq.read_table(root / "neighbors" / "run=bench", columns=["image_id", "rank", "neighbor_id", "score"])
     qids = ids[t["pos"]]
-    pos = {int(q): j for j, q in enumerate(qids)}
-    mask = np.isin(nb.column("image_id").to_numpy(), qids)
-    sub = nb.filter(pa.array(mask))
-    gi = np.full((len(qids), K), -1, np.int64)
-    gv = np.full((len(qids), K), -np.inf, np.float32)
-    r = np.array([pos[q] for q in sub.column("image_id").to_pylist()], dtype=np.int64)
-    rank = sub.column("rank").to_numpy() - 1
-    gi[r, rank] = sub.column("neighbor_id").to_numpy()
-    gv[r, rank] = sub.column("score").to_numpy()
+    gv, gi = topk_arrays(nb.filter(pa.array(np.isin(nb.column("image_id").to_numpy(), qids))), qids, K)
     manifest = json.loads((root / "neighbors" / "run=bench" / "_manifest.json").read_text())
     return times["build_index"], times["neighbors"], gv, gi, {"manifest_recall": manifest.get("recall_at_k"),
                                                               "nprobe": manifest.get("nprobe"), "timings": manifest.get("timings"),

@@ -175,6 +175,17 @@ def build_forest(vectors: np.ndarray, metric: str, n_trees: int, seed: int) -> b
             return fh.read()
 
 
+def sorted_store(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells, ids, vectors) of store rows (an Arrow table), sorted by ``(cell, image_id)``."""
+    if table.num_rows == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    cells = table.column("cell").to_numpy()
+    ids = table.column("image_id").to_numpy()
+    x = binary_to_numpy(table.column("vector"))
+    order = np.lexsort((ids, cells))
+    return cells[order], ids[order], np.ascontiguousarray(x[order])
+
+
 def _build_forests(metric: str, n_trees: int, seed: int):
     """mapInArrow over the store's partitions: one forest per cell (rows come cell-sorted)."""
 
@@ -184,12 +195,7 @@ def _build_forests(metric: str, n_trees: int, seed: int):
         tables_ = [pa.Table.from_batches([b]) for b in batches if b.num_rows]
         if not tables_:
             return
-        t = pa.concat_tables(tables_)
-        cells = t.column("cell").to_numpy()
-        ids = t.column("image_id").to_numpy()
-        x = binary_to_numpy(t.column("vector"))
-        order = np.lexsort((ids, cells))  # sorted already; make sure
-        cells, ids, x = cells[order], ids[order], x[order]
+        cells, ids, x = sorted_store(pa.concat_tables(tables_))
         bounds = np.flatnonzero(np.diff(cells)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(cells)], strict=True):
             blob = build_forest(x[lo:hi], metric, n_trees, seed)

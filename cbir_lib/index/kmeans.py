@@ -129,7 +129,9 @@ def train_balanced(
         if not big.size:
             centroids = centroids[alive]
             break
-        keep = [centroids[i] for i in range(len(centroids)) if alive[i] and i not in set(big.tolist())]
+        split = np.zeros(len(centroids), dtype=bool)
+        split[big] = True
+        keep = list(centroids[alive & ~split])
         for b in big:
             members = sample[labels == b]
             parts = int(math.ceil(counts[b] / (len(sample) / max(1, n_cells))))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir_lib.index.kmeans import assign
-from cbir_lib.neighbors.topk import empty, exact_topk, final_scores, rank_scores, select
+from cbir_lib.neighbors.topk import empty, exact_topk, final_scores, rank_scores, select, self_positions
 
 
 @dataclass
@@ -66,21 +66,15 @@ class CellStore:
         pool = min(n_cells, 3 * nprobe)
         if own_cells is None or pool >= n_cells or nprobe == 1:
             return assign(queries, self.centroids, self.metric, nprobe)
-        m = len(queries)
         sim = queries @ self.centroids.T
         if self.metric == "euclidean":
             sim -= 0.5 * np.einsum("ij,ij->i", self.centroids, self.centroids)[None, :]
         near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
         thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
         r, c = np.nonzero(sim >= thr[:, None])
-        order = np.lexsort((c, -sim[r, c], r))
-        r, c = r[order], c[order]
-        starts = np.searchsorted(r, np.arange(m))
-        rank = np.arange(r.size) - starts[r]
-        take = rank < nprobe
-        out = np.empty((m, nprobe), dtype=np.int32)
-        out[r[take], rank[take]] = c[take]
-        return out
+        # Ranked by (-similarity, cell): ties go to the lower cell, as in assign().
+        _, cells = select(r, sim[r, c], c, len(queries), nprobe)
+        return cells.astype(np.int32)
 
     def cell_graph(self, pool: int) -> np.ndarray:
         """``(P, pool)``: each centroid's ``pool`` nearest centroids, itself first (cached)."""
@@ -132,10 +126,8 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         a, b = offsets[cell], offsets[cell + 1]
         s = rank_scores(queries[rows], vectors[a:b], store.metric, None if sq is None else sq[a:b])
         if exclude_self:
-            cell_ids = store.ids[a:b]
-            pos = np.minimum(np.searchsorted(cell_ids, query_ids[rows]), n - 1)
-            hit = np.flatnonzero(cell_ids[pos] == query_ids[rows])
-            s[hit, pos[hit]] = -np.inf
+            hit, pos = self_positions(query_ids[rows], store.ids[a:b], ids_sorted=True)
+            s[hit, pos] = -np.inf
         return s
 
     def collect(cell: int, rows: np.ndarray, s: np.ndarray, t: np.ndarray) -> None:
@@ -229,11 +221,11 @@ def tf_exact_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray
             s = s - 0.5 * tf.constant(store.sqnorm[start:stop])[None, :]
         bids = store.ids[start:stop]
         if exclude_self:
-            s_np = s.numpy()
-            from cbir_lib.neighbors.topk import mask_self
-
-            mask_self(s_np, query_ids, bids)
-            s = tf.constant(s_np)
+            # Mask on the device: only the (row, col) positions travel, not the block.
+            rows, cols = self_positions(query_ids, bids)
+            if rows.size:
+                at = tf.constant(np.stack([rows, cols], axis=1), dtype=tf.int64)
+                s = tf.tensor_scatter_nd_update(s, at, tf.fill([rows.size], tf.constant(-np.inf, s.dtype)))
         v, idx = tf.math.top_k(s, k=min(kk, stop - start))
         rows_all.append(np.repeat(np.arange(m), v.shape[1]))
         vals_all.append(v.numpy().ravel())

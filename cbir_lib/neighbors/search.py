@@ -16,8 +16,8 @@ How a run proceeds:
 4. Recall@k is measured on ``recall_sample`` queries against exact search over the full
    collection (itself distributed over row ranges of the store), logged, written to the
    manifest, and checked against ``min_recall``. ``method=auto`` takes exact search for
-   small collections and otherwise dense IVF, doubling ``nprobe`` on the sample until
-   the recall target is met.
+   small collections and otherwise dense IVF, doubling then bisecting ``nprobe`` on the
+   sample until the recall target is met.
 5. Commit ``neighbors(image_id, rank, neighbor_id, score, neighbors_run_id)``, filtered
    by ``min_score``, and optionally ``pairs(a, b, score)`` with ``a < b``.
 """
@@ -39,16 +39,17 @@ from cbir_lib.common import fs, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
+    ANNOY_METRIC,
     CENTROIDS,
     FORESTS,
     STORE,
     VECTOR_BATCH,
     IndexMismatch,
     arrow_batch,
-    binary_to_numpy,
     cell_offsets,
     embeddings_table_uri,
     load_index_manifest,
+    sorted_store,
 )
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 TABLE = "neighbors"
 PAIRS = "pairs"
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
-FINAL_DDL = NEIGHBORS_DDL + ", neighbors_run_id string"
 
 
 class RecallTooLow(RuntimeError):
@@ -69,7 +69,7 @@ class RecallTooLow(RuntimeError):
 # Executor side: the store, loaded once per machine and memory-mapped by every worker.
 
 _STORES: dict[str, CellStore] = {}
-_FORESTS: dict[str, dict] = {}
+_FORESTS: dict[str, object] = {}
 
 
 @contextlib.contextmanager
@@ -90,22 +90,9 @@ def read_store_parts(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     import pyarrow.parquet as pq
 
     parts = [pq.read_table(p, columns=["cell", "image_id", "vector"]) for p in paths]
-    t = pa.concat_tables(parts) if parts else None
-    if t is None or t.num_rows == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-    cells = t.column("cell").to_numpy()
-    ids = t.column("image_id").to_numpy()
-    x = binary_to_numpy(t.column("vector"))
-    order = np.lexsort((ids, cells))
-    return cells[order], ids[order], np.ascontiguousarray(x[order])
-
-
-def store_from_parts(paths: list[str], manifest: dict, centroids: np.ndarray | None) -> CellStore:
-    cells, ids, x = read_store_parts(paths)
-    offsets = cell_offsets(manifest)
-    if len(ids) != offsets[-1] or not np.array_equal(np.bincount(cells, minlength=len(offsets) - 1), np.diff(offsets)):
-        raise IndexMismatch(f"index {manifest['run_id']}: the store's cells do not match the manifest's counts")
-    return CellStore(ids, x, offsets, centroids, manifest["metric"])
+    if not parts:
+        return sorted_store(pa.table({"cell": pa.array([], pa.int32())}))
+    return sorted_store(pa.concat_tables(parts))
 
 
 def local_store(spec: dict) -> CellStore:
@@ -120,11 +107,13 @@ def local_store(spec: dict) -> CellStore:
         if not os.path.exists(os.path.join(d, "_done")):
             paths = [SparkFiles.get(name) for name in spec["store_files"]]
             cells, ids, x = read_store_parts(paths)
+            counts = np.diff(np.asarray(spec["offsets"]))
+            if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
+                raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
             tmp = f"{d}.{uuid.uuid4().hex}"
             os.makedirs(tmp)
             np.save(os.path.join(tmp, "ids.npy"), ids)
             np.save(os.path.join(tmp, "vectors.npy"), x)
-            np.save(os.path.join(tmp, "cells.npy"), cells)
             open(os.path.join(tmp, "_done"), "w").close()
             os.rename(tmp, d)
     ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
@@ -139,7 +128,7 @@ def local_forests(spec: dict):
     """``cell -> AnnoyIndex`` over the executor's copy of the forests (memory-mapped files)."""
     key = spec["store_key"]
     if key in _FORESTS:
-        return _FORESTS[key]["get"]
+        return _FORESTS[key]
     import pyarrow.parquet as pq
     from annoy import AnnoyIndex
     from pyspark import SparkFiles
@@ -157,7 +146,7 @@ def local_forests(spec: dict):
             open(os.path.join(tmp, "_done"), "w").close()
             os.rename(tmp, d)
     loaded: dict[int, object] = {}
-    metric = {"angular": "angular", "euclidean": "euclidean", "dot": "dot"}[spec["metric"]]
+    metric = ANNOY_METRIC[spec["metric"]]
 
     def get(cell: int):
         if cell not in loaded:
@@ -170,7 +159,7 @@ def local_forests(spec: dict):
                 loaded[cell] = None
         return loaded[cell]
 
-    _FORESTS[key] = {"get": get}
+    _FORESTS[key] = get
     return get
 
 
@@ -267,13 +256,12 @@ def _search_ranges(spec: dict):
 
 
 def _search_positions(spec: dict, positions: np.ndarray):
-    """RDD partition function: the top-k of the store rows at ``positions``, and seconds."""
+    """RDD partition function: the top-k of the store rows at ``positions``, and the seconds it took."""
 
     def fn(_):
         limit_blas_threads(_task_threads())
         store = local_store(spec)
         get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        qids = np.asarray(store.ids[positions])
         t0 = time.perf_counter()
         out = []
         for s in range(0, len(positions), spec["query_block"]):
@@ -281,13 +269,13 @@ def _search_positions(spec: dict, positions: np.ndarray):
         seconds = time.perf_counter() - t0
         vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec["k"]), np.float32)
         ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec["k"]), np.int64)
-        yield qids, vals, ids, seconds
+        yield vals, ids, seconds
 
     return fn
 
 
 def _exact_partial(spec: dict, positions: np.ndarray):
-    """RDD function over ``(lo, hi)`` ranges: exact top-k of the sample against those rows."""
+    """RDD function over ``(lo, hi)`` ranges: the sample's ids and its exact top-k against those rows."""
 
     def fn(ranges):
         from cbir_lib.neighbors.topk import exact_topk
@@ -297,9 +285,8 @@ def _exact_partial(spec: dict, positions: np.ndarray):
         q = np.ascontiguousarray(store.vectors[positions])
         qids = np.asarray(store.ids[positions])
         for lo, hi in ranges:
-            t0 = time.perf_counter()
             vals, ids = exact_topk(q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"])
-            yield vals, ids, time.perf_counter() - t0
+            yield qids, vals, ids
 
     return fn
 
@@ -420,7 +407,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     timings["store_load_s"] = round(t["seconds"], 3)
     if sample_pos.size and method != "exact":
         with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
-            truth = _exact_sample(sc, spec, sample_pos, n, offsets, slots)
+            truth = _exact_sample(sc, spec, sample_pos, n, slots)
         timings["exact_sample_s"] = round(t["seconds"], 3)
         timings["exact_extrapolated_s"] = round(t["seconds"] * n / sample_pos.size, 1)
         if nb.method == "auto":
@@ -494,21 +481,24 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "timings": timings,
         "packages": package_versions(),
     }
-    with timer("committing the neighbours table") as t:
-        out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots)
-    manifest["output"] = out
+    # Everything the manifest records is known before the commit, so it is written once,
+    # inside the snapshot, and a reader following _LATEST never sees it incomplete.
+    manifest["output"] = tables.run_dir(table, run_id)
+    manifest["counts"] = {"queries": n, "rows": final.count()}
+    pairs = None
     if nb.pairs:
         pairs = (
             final.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
             .groupBy("a", "b").agg(F.max("score").alias("score"))
             .withColumn("neighbors_run_id", F.lit(run_id))
         )
-        manifest["pairs_output"] = tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
-                                                 {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots)
-    committed = spark.read.parquet(out)
-    manifest["counts"] = {"queries": n, "rows": committed.count()}
+        manifest["pairs_output"] = tables.run_dir(fs.join(root, PAIRS), run_id)
     manifest["wall_seconds"] = round(time.time() - started, 3)
-    fs.write_json(spark, fs.join(out, tables.MANIFEST), manifest)
+    with timer("committing the neighbours table"):
+        tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    if pairs is not None:
+        tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
+                      {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots)
     fs.delete(spark, work_dir)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
@@ -524,17 +514,16 @@ def _ship(sc, spark, uri: str) -> list[str]:
     return names
 
 
-def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, offsets: np.ndarray, slots: int):
+def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, slots: int):
     """Exact top-k of the sample over the whole store: (query ids, scores, ids)."""
     ranges = [(a, b) for a, b in ((i * n // (2 * slots), (i + 1) * n // (2 * slots)) for i in range(2 * slots)) if b > a]
     parts = sc.parallelize(ranges, len(ranges)).mapPartitions(_exact_partial(spec, positions)).collect()
     m, k = len(positions), spec["k"]
     rows = np.concatenate([np.repeat(np.arange(m), k) for _ in parts])
-    vals = np.concatenate([p[0].ravel() for p in parts])
-    ids = np.concatenate([p[1].ravel() for p in parts])
+    vals = np.concatenate([p[1].ravel() for p in parts])
+    ids = np.concatenate([p[2].ravel() for p in parts])
     v, i = select(rows, vals, ids, m, k)
-    qids = sc.parallelize([0], 1).mapPartitions(lambda _: [np.asarray(local_store(spec).ids[positions])]).collect()[0]
-    return qids, v, i
+    return parts[0][0], v, i
 
 
 def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, target: float, steps: list, k: int) -> tuple[int, float]:
@@ -568,21 +557,27 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
 
 
 def _sample_recall(sc, spec: dict, positions: np.ndarray, truth) -> tuple[float, float]:
-    qids, vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
+    vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
     _, tv, ti = truth
     return recall_at_k(ids, ti, tv, vals), seconds
+
+
+def topk_arrays(table, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour rows (an Arrow table with image_id, rank, neighbor_id, score) of the given
+    queries as ``(scores, ids)`` arrays of shape ``(len(query_ids), k)``, padded with -inf."""
+    pos = {int(q): j for j, q in enumerate(query_ids)}
+    vals, ids = np.full((len(query_ids), k), -np.inf, dtype=np.float32), np.full((len(query_ids), k), NO_ID, dtype=np.int64)
+    rows = np.array([pos[int(q)] for q in table.column("image_id").to_pylist()], dtype=np.int64)
+    ranks = table.column("rank").to_numpy() - 1
+    ids[rows, ranks] = table.column("neighbor_id").to_numpy()
+    vals[rows, ranks] = table.column("score").to_numpy()
+    return vals, ids
 
 
 def _recall_from_table(raw, truth, k: int) -> float:
     from pyspark.sql import functions as F
 
     qids, tv, ti = truth
-    pos = {int(q): j for j, q in enumerate(qids)}
     got = raw.filter(F.col("image_id").isin([int(q) for q in qids])).select("image_id", "rank", "neighbor_id", "score").toArrow()
-    av = np.full(ti.shape, -np.inf, dtype=np.float32)
-    ai = np.full(ti.shape, NO_ID, dtype=np.int64)
-    rows = np.array([pos[int(q)] for q in got.column("image_id").to_pylist()], dtype=np.int64)
-    ranks = got.column("rank").to_numpy() - 1
-    ai[rows, ranks] = got.column("neighbor_id").to_numpy()
-    av[rows, ranks] = got.column("score").to_numpy()
+    av, ai = topk_arrays(got, qids, k)
     return recall_at_k(ai, ti, tv, av)

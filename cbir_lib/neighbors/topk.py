@@ -170,15 +170,26 @@ def exact_topk(
     return final_scores(vals, metric, q_sq).astype(np.float32), ids
 
 
+def self_positions(query_ids: np.ndarray, block_ids: np.ndarray, ids_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` where ``query_ids[row] == block_ids[col]`` (ids unique in the block).
+
+    ``ids_sorted`` skips the sort when ``block_ids`` is ascending (a cell of the store).
+    """
+    order = None if ids_sorted else np.argsort(block_ids, kind="stable")
+    sorted_ids = block_ids if order is None else block_ids[order]
+    n = len(sorted_ids)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, query_ids), n - 1)
+    rows = np.flatnonzero(sorted_ids[pos] == query_ids)
+    cols = pos[rows] if order is None else order[pos[rows]]
+    return rows, cols
+
+
 def mask_self(block: np.ndarray, query_ids: np.ndarray, block_ids: np.ndarray) -> None:
     """Set ``block[i, j] = -inf`` wherever ``query_ids[i] == block_ids[j]`` (in place)."""
-    order = np.argsort(block_ids, kind="stable")
-    sorted_ids = block_ids[order]
-    pos = np.searchsorted(sorted_ids, query_ids)
-    pos_c = np.minimum(pos, len(sorted_ids) - 1)
-    hit = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == query_ids)
-    rows = np.flatnonzero(hit)
-    block[rows, order[pos_c[rows]]] = -np.inf
+    rows, cols = self_positions(query_ids, block_ids)
+    block[rows, cols] = -np.inf
 
 
 def brute_force(vectors: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:

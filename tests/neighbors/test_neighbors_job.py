@@ -19,7 +19,7 @@ from conftest import ROOT
 from cbir_lib.common import fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
 from cbir_lib.index.build import IndexMismatch, run_build_index
-from cbir_lib.neighbors.search import RecallTooLow, run_neighbors
+from cbir_lib.neighbors.search import RecallTooLow, run_neighbors, topk_arrays
 from cbir_lib.neighbors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,7 @@ def config(root, run_id, index=None, neighbors=None) -> Config:
 
 
 def read_topk(spark, uri: str, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    t = spark.read.parquet(uri).select("image_id", "rank", "neighbor_id", "score").toArrow()
-    pos = {int(q): j for j, q in enumerate(query_ids)}
-    v = np.full((len(query_ids), k), -np.inf, np.float32)
-    i = np.full((len(query_ids), k), -1, np.int64)
-    rows = np.array([pos[q] for q in t.column("image_id").to_pylist()])
-    ranks = t.column("rank").to_numpy() - 1
-    i[rows, ranks] = t.column("neighbor_id").to_numpy()
-    v[rows, ranks] = t.column("score").to_numpy()
-    return v, i
+    return topk_arrays(spark.read.parquet(uri).select("image_id", "rank", "neighbor_id", "score").toArrow(), query_ids, k)
 
 
 @pytest.fixture(scope="module")
