@@ -84,6 +84,23 @@ def _file_lock(path: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _local_once(name: str, build) -> str:
+    """A directory ``name`` under this executor's SparkFiles root, filled once by
+    ``build(tmp_dir)`` under a file lock and renamed into place: every Python worker on
+    the machine then shares it."""
+    from pyspark import SparkFiles
+
+    d = os.path.join(SparkFiles.getRootDirectory(), name)
+    with _file_lock(d + ".lock"):
+        if not os.path.exists(os.path.join(d, "_done")):
+            tmp = f"{d}.{uuid.uuid4().hex}"
+            os.makedirs(tmp)
+            build(tmp)
+            open(os.path.join(tmp, "_done"), "w").close()
+            os.rename(tmp, d)
+    return d
+
+
 def read_store_parts(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``."""
     import pyarrow as pa
@@ -102,20 +119,15 @@ def local_store(spec: dict) -> CellStore:
         return _STORES[key]
     from pyspark import SparkFiles
 
-    d = os.path.join(SparkFiles.getRootDirectory(), f"cbir-store-{key}")
-    with _file_lock(d + ".lock"):
-        if not os.path.exists(os.path.join(d, "_done")):
-            paths = [SparkFiles.get(name) for name in spec["store_files"]]
-            cells, ids, x = read_store_parts(paths)
-            counts = np.diff(np.asarray(spec["offsets"]))
-            if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
-                raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
-            tmp = f"{d}.{uuid.uuid4().hex}"
-            os.makedirs(tmp)
-            np.save(os.path.join(tmp, "ids.npy"), ids)
-            np.save(os.path.join(tmp, "vectors.npy"), x)
-            open(os.path.join(tmp, "_done"), "w").close()
-            os.rename(tmp, d)
+    def build(tmp: str) -> None:
+        cells, ids, x = read_store_parts([SparkFiles.get(name) for name in spec["store_files"]])
+        counts = np.diff(np.asarray(spec["offsets"]))
+        if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
+            raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
+        np.save(os.path.join(tmp, "ids.npy"), ids)
+        np.save(os.path.join(tmp, "vectors.npy"), x)
+
+    d = _local_once(f"cbir-store-{key}", build)
     ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
     x = np.load(os.path.join(d, "vectors.npy"), mmap_mode="r")
     centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
@@ -133,18 +145,14 @@ def local_forests(spec: dict):
     from annoy import AnnoyIndex
     from pyspark import SparkFiles
 
-    d = os.path.join(SparkFiles.getRootDirectory(), f"cbir-forests-{key}")
-    with _file_lock(d + ".lock"):
-        if not os.path.exists(os.path.join(d, "_done")):
-            tmp = f"{d}.{uuid.uuid4().hex}"
-            os.makedirs(tmp)
-            for name in spec["forest_files"]:
-                t = pq.read_table(SparkFiles.get(name), columns=["cell", "ann"])
-                for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
-                    with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
-                        fh.write(blob)
-            open(os.path.join(tmp, "_done"), "w").close()
-            os.rename(tmp, d)
+    def build(tmp: str) -> None:
+        for name in spec["forest_files"]:
+            t = pq.read_table(SparkFiles.get(name), columns=["cell", "ann"])
+            for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
+                with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
+                    fh.write(blob)
+
+    d = _local_once(f"cbir-forests-{key}", build)
     loaded: dict[int, object] = {}
     metric = ANNOY_METRIC[spec["metric"]]
 
