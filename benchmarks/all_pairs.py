@@ -310,7 +310,7 @@ def w_cbir(x, t, ids=None, tmp=None):
     extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
     times = {}
     for job, args in (("build_index", ["index.forests=false", *[a for a in extra if a.startswith("index.")]]),
-                      ("neighbors", ["neighbors.method=auto", "neighbors.min_recall=0.95", *[a for a in extra if a.startswith("neighbors.")]])):
+                      ("neighbors", ["neighbors.method=auto", "neighbors.min_recall=0.95", "neighbors.rerank=none", *[a for a in extra if a.startswith("neighbors.")]])):
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *common, "--run-id", "bench", *args],
                              cwd=ROOT, capture_output=True, text=True)

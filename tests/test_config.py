@@ -7,7 +7,7 @@ from cbir_lib.config import ConfigError
 def test_defaults_are_valid():
     cfg = config.load(None, [])
     assert cfg.extract.model == "efficientnet-lite0"
-    assert cfg.extract.pooling == "gap"
+    assert cfg.extract.pooling == "rmac" and cfg.extract.resize == "center_crop" and cfg.neighbors.rerank == "dba+alpha_qe"
 
 
 def test_yaml_profile_and_overrides(tmp_path):

@@ -50,8 +50,10 @@ from cbir_lib.index.build import (
     embeddings_table_uri,
     load_index_manifest,
     sorted_store,
+    vectors_binary,
 )
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
+from cbir_lib.neighbors.rerank import augment, mode_alpha
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
 
 log = logging.getLogger(__name__)
@@ -214,19 +216,49 @@ def _use_tf(device: str) -> bool:
 
 
 def search_rows(store: CellStore, rows: np.ndarray, spec: dict, get_forest=None):
-    """Top-k of the store rows ``rows`` (every image is a query) by the spec's method."""
-    k, method = spec["k"], spec["method"]
+    """Top-k of the store rows ``rows`` (every image is a query) by the spec's method, with
+    query expansion first when the spec asks for it (``expand``)."""
     queries = np.ascontiguousarray(store.vectors[rows])
     query_ids = np.asarray(store.ids[rows])
+    own = store.cells_of_rows(rows)
+    if spec.get("expand"):
+        queries = expand_queries(store, queries, query_ids, own, spec, get_forest)
+    return search_vectors(store, queries, query_ids, own, spec, get_forest)
+
+
+def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None, k: int | None = None):
+    k = k or spec["k"]
+    method = spec["method"]
     if method in ("dense", "annoy"):
-        probes = store.route(queries, spec["nprobe"], store.cells_of_rows(rows))
+        probes = store.route(queries, spec["nprobe"], own_cells)
         if method == "dense":
             return dense_search(store, queries, query_ids, probes, k)
-        cand = spec["candidates"] or 2 * k
+        cand = max(spec["candidates"] or 2 * k, k)
         return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], cand)
     if _use_tf(spec["device"]):
         return tf_exact_search(store, queries, query_ids, k)
     return exact_search(store, queries, query_ids, k)
+
+
+_POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
+    """Rows of ``ids`` in the store (ids not in it, such as padding, map to row 0)."""
+    key = id(store)
+    if key not in _POSITIONS:
+        order = np.argsort(store.ids, kind="stable")
+        _POSITIONS[key] = (order, np.asarray(store.ids)[order])
+    order, sorted_ids = _POSITIONS[key]
+    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+    return np.where(sorted_ids[at] == ids, order[at], 0)
+
+
+def expand_queries(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None) -> np.ndarray:
+    """Each query plus its weighted top-``rerank_n`` in the store (AQE / alpha-QE / DBA)."""
+    vals, ids = search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k=spec["rerank_n"])
+    neighbours = np.asarray(store.vectors)[positions_of(store, ids)]
+    return augment(queries, neighbours, vals, spec["alpha"])
 
 
 def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
@@ -259,6 +291,31 @@ def _search_ranges(spec: dict):
                     e = min(hi, s + qb)
                     vals, ids = search_rows(store, np.arange(s, e), spec, get_forest)
                     yield _topk_batch(store.ids[s:e], vals, ids)
+
+    return fn
+
+
+def _augment_ranges(spec: dict):
+    """mapInArrow over ``(lo, hi)`` row ranges: each row's vector augmented with its
+    top-``rerank_n`` (database-side augmentation), as new store rows."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        limit_blas_threads(_task_threads())
+        store = local_store(spec)
+        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
+        for batch in batches:
+            for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
+                for s in range(lo, hi, spec["query_block"]):
+                    rows = np.arange(s, min(hi, s + spec["query_block"]))
+                    own = store.cells_of_rows(rows)
+                    x = np.ascontiguousarray(store.vectors[rows])
+                    y = expand_queries(store, x, np.asarray(store.ids[rows]), own, spec, get_forest)
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(own.astype(np.int32)), pa.array(np.asarray(store.ids[rows])), vectors_binary(y)],
+                        names=["cell", "image_id", "vector"],
+                    )
 
     return fn
 
@@ -374,7 +431,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     table = fs.join(root, TABLE)
     params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
-              "exact_max_n": nb.exact_max_n}
+              "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha}
     prev = tables.read_manifest(spark, table)
     if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
         log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
@@ -429,8 +486,14 @@ def _run_neighbors(spark, cfg: Config) -> dict:
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
     work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"],
-                          "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size})
+                          "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
+                          "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha})
     work_dir = fs.join(table, "_work", work_key)
+    base_spec = dict(spec)
+    if nb.rerank != "none":
+        with timer(f"re-ranking setup ({nb.rerank}, n={nb.rerank_n})") as t:
+            spec = _rerank_spec(spark, sc, spec, index, offsets, nb, work_dir, slots)
+        timings["rerank_setup_s"] = round(t["seconds"], 3)
     parts_dir = fs.join(work_dir, "parts")
     fs.delete(spark, fs.join(work_dir, "_tmp"))
     chunks = split_rows(offsets, 0, n, max(1, -(-n // nb.chunk_size)))
@@ -453,7 +516,13 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     raw = spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected]) if expected else spark.createDataFrame([], NEIGHBORS_DDL)
 
     recall = None
-    if truth is not None:
+    if truth is not None and nb.rerank != "none":
+        # Re-ranked results have no exact counterpart of the same queries: the recall
+        # reported is the base search's (same method and nprobe) on the sample.
+        with timer("measuring the base search's recall on the sample") as t:
+            recall, _ = _sample_recall(sc, base_spec, sample_pos, truth)
+        timings["recall_s"] = round(t["seconds"], 3)
+    elif truth is not None:
         with timer("measuring recall on the sample") as t:
             recall = _recall_from_table(raw, truth, nb.k)
         timings["recall_s"] = round(t["seconds"], 3)
@@ -483,6 +552,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "n": n,
         "n_cells": n_cells,
         "recall_at_k": round(recall, 5) if recall is not None else None,
+        "recall_of": "the base search before re-ranking" if nb.rerank != "none" else "the final top-k",
+        "rerank": {"mode": nb.rerank, "n": nb.rerank_n, "alpha": spec.get("alpha")} if nb.rerank != "none" else None,
         "recall_sample": int(sample_pos.size) if truth is not None else 0,
         "calibration": calibration,
         "searched_this_run": searched,
@@ -510,6 +581,35 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     fs.delete(spark, work_dir)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int) -> dict:
+    """The spec of the final, re-ranked search.
+
+    Query expansion happens inside each search task (top-n, augment, search again), so it
+    needs nothing new. Database-side augmentation first rewrites every vector with its
+    top-n into a new store with the same cells (one extra distributed pass, committed under
+    ``_work/`` so a resumed run reuses it), ships that store, and searches it instead.
+    """
+    if index["metric"] != "angular":
+        raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} averages unit vectors and needs metric 'angular'; index {index['run_id']} is {index['metric']!r}")
+    spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(nb.rerank, nb.alpha), "expand": nb.rerank != "dba"}
+    if not nb.rerank.startswith("dba"):
+        return spec
+    n = int(offsets[-1])
+    dba_dir = fs.join(work_dir, "dba_store")
+    if not fs.exists(spark, dba_dir):
+        units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
+        df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
+        tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
+        df.mapInArrow(_augment_ranges({**spec, "expand": False}), "cell int, image_id long, vector binary").write.mode("overwrite").parquet(tmp)
+        fs.rename(spark, tmp, dba_dir)
+    files = _ship(sc, spark, dba_dir)
+    # The forests index the original vectors: searches of the augmented store are dense.
+    spec = {**spec, "store_key": f"{index['run_id']}-dba-{_spec_key(files)}", "store_files": files,
+            "method": "dense" if spec["method"] == "annoy" else spec["method"]}
+    sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
+    return spec
 
 
 def _ship(sc, spark, uri: str) -> list[str]:

@@ -62,7 +62,7 @@ def test_counts_and_contract(spark, extracted):
     df = _table(spark, out)
     assert df["image_id"].is_unique and len(df) == c["input"]
     ok = df[df.status == "ok"]
-    assert set(ok["dim"]) == {1280} and set(df["model"]) == {"efficientnet-lite0"} and set(df["pooling"]) == {"gap"}
+    assert set(ok["dim"]) == {1280} and set(df["model"]) == {"efficientnet-lite0"} and set(df["pooling"]) == {"rmac"}
     vecs = np.stack(ok["embedding"].to_numpy())
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     bad = df[df.status == "failed"].iloc[0]
@@ -70,7 +70,7 @@ def test_counts_and_contract(spark, extracted):
     assert manifest["model"]["sha256"] and manifest["packages"]["tensorflow-cpu"]
     assert manifest["images_per_second"] > 0
     lineage = json.loads(Path(str(out), TABLE, "run=e1", "_manifest.json").read_text())
-    assert lineage["config"]["extract"]["pooling"] == "gap" and lineage["counts"] == c
+    assert lineage["config"]["extract"]["pooling"] == "rmac" and lineage["counts"] == c
 
 
 def test_neighbours_share_their_class(spark, extracted):

@@ -49,7 +49,7 @@ def config(root, run_id, index=None, neighbors=None) -> Config:
     return Config(
         run=RunConfig(output_root=str(root), run_id=run_id),
         index=dataclasses.replace(IndexConfig(), **(index or {})),
-        neighbors=dataclasses.replace(NeighborsConfig(), **(neighbors or {})),
+        neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", **(neighbors or {})}),
     )
 
 
@@ -215,3 +215,23 @@ def test_job_shells_run_under_python(spark, collection, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.cli", "neighbors", *common, "neighbors.metric=dot"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
     assert bad.returncode == 2 and "neighbors.metric" in bad.stderr
+
+
+@pytest.mark.parametrize("mode", ["alpha_qe", "dba", "dba+alpha_qe"])
+def test_rerank_matches_the_numpy_oracle(spark, tmp_path, mode):
+    from cbir_lib.neighbors.rerank import exact_rerank
+
+    x = clustered(600, 16, seed=5)
+    ids = signed_ids(600, seed=5)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 6, "forests": False}))
+    m = run_neighbors(spark, config(tmp_path, "n1", neighbors={"method": "exact", "rerank": mode, "rerank_n": 5, "alpha": 3.0}))
+    assert m["rerank"]["mode"] == mode and m["recall_at_k"] == 1.0
+    p = prepare(x, "angular")
+    q, g = exact_rerank(p, p, mode, 5, 3.0, q_in_g=True)
+    want_v, want_i = exact_topk(q, ids, g, ids, 10, "angular")
+    got_v, got_i = read_topk(spark, m["output"], ids, 10)
+    assert recall_at_k(got_i, want_i, want_v, got_v) > 0.999
+    np.testing.assert_allclose(got_v, want_v, atol=1e-4)
+    base_v, base_i = exact_topk(p, ids, p, ids, 10, "angular")
+    assert not np.array_equal(got_i, base_i), "re-ranking changed nothing"
