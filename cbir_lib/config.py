@@ -1,7 +1,7 @@
 """Typed, frozen configuration loaded from YAML, validated as a whole before Spark starts.
 
 A config file has one section per stage (``run``, ``ingest``, ``extract``, ``index``,
-``neighbors``, ``spark``).
+``neighbors``, ``evaluate``, ``dedup``, ``spark``).
 Overrides are ``section.field=value`` strings whose values are parsed as YAML scalars,
 so ``extract.batch_size=64`` is an int and ``extract.whitening=true`` a bool.
 Every error is a :class:`ConfigError` naming the offending field.
@@ -195,6 +195,53 @@ class NeighborsConfig:
         _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
 
 
+EVALUATE_MODES = ("neighbors", "split")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    mode: str = "neighbors"  # neighbors: the neighbours table | split: query_split vs gallery_split, exact
+    labels: str = "folders"  # folders | groups (the demo sample's groups.csv) | a CSV path or URI
+    labels_base: str | None = None  # where relative paths in a labels CSV start (default: its folder)
+    k: int | None = None  # None: the neighbours run's k (neighbors) or neighbors.k (split)
+    query_split: str = "test"
+    gallery_split: str = "train"
+    max_gallery: int = 500_000  # split mode broadcasts the gallery: refuse larger ones
+    report: bool = True  # write report.html (the gallery) beside the metrics
+    report_queries: int = 24
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.mode in EVALUATE_MODES, "evaluate.mode", f"must be one of {EVALUATE_MODES}, got {self.mode!r}")
+        _require(bool(self.labels), "evaluate.labels", "must be folders, groups or a CSV path")
+        if self.k is not None:
+            _require(1 <= self.k <= 1000, "evaluate.k", "must be in 1..1000")
+        _require(self.query_split != self.gallery_split, "evaluate.query_split", "must differ from evaluate.gallery_split")
+        _require(self.max_gallery >= 1, "evaluate.max_gallery", "must be >= 1")
+        _require(self.report_queries >= 1, "evaluate.report_queries", "must be >= 1")
+
+
+DEDUP_SOURCES = ("phash", "embedding", "both")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    sources: str = "both"  # phash | embedding | both (the union of their pairs)
+    exact: bool = True  # the same content_sha256 is always a duplicate
+    phash_threshold: int = 10  # Hamming distance of the 64-bit pHash
+    phash_chunks: int = 4  # multi-index chunks: probes within radius threshold // chunks
+    min_score: float = 0.9  # embedding pairs: neighbour score at least this
+    max_iter: int = 60  # connected-component rounds before giving up
+
+    def validate(self) -> None:
+        _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
+        _require(0 <= self.phash_threshold <= 32, "dedup.phash_threshold", "must be in 0..32")
+        _require(1 <= self.phash_chunks <= 16, "dedup.phash_chunks", "must be in 1..16")
+        _require(self.phash_threshold // self.phash_chunks <= 3, "dedup.phash_chunks",
+                 "too few for the threshold: probes grow as C(64/chunks, threshold // chunks); use threshold // chunks <= 3")
+        _require(self.max_iter >= 1, "dedup.max_iter", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class SparkConfig:
     app_name: str = "cbir"
@@ -212,6 +259,8 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def validate(self) -> "Config":
@@ -278,6 +327,8 @@ _SECTIONS = {
     "extract": ExtractConfig,
     "index": IndexConfig,
     "neighbors": NeighborsConfig,
+    "evaluate": EvaluateConfig,
+    "dedup": DedupConfig,
     "spark": SparkConfig,
 }
 

@@ -5,6 +5,9 @@
     cbir extract --config conf/default.yaml extract.pooling=gem
     cbir build_index index.metric=angular index.n_trees=16
     cbir neighbors neighbors.k=10 neighbors.min_recall=0.95
+    cbir evaluate evaluate.mode=split evaluate.labels=folders
+    cbir dedup dedup.phash_threshold=8 dedup.min_score=0.9
+    cbir query IMAGE [--k 10] [--html out.html]
     cbir sample DIR                # write the embedded sample photos to DIR
 """
 
@@ -20,6 +23,9 @@ STAGES = {
     "build_index": "jobs.build_index",
     "index": "jobs.build_index",
     "neighbors": "jobs.neighbors",
+    "evaluate": "jobs.evaluate",
+    "dedup": "jobs.dedup",
+    "query": "jobs.query",
 }
 
 
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cbir_lib.config import ConfigError
     from cbir_lib.index.build import IndexMismatch
+    from cbir_lib.query import QueryError
 
     try:
         importlib.import_module(STAGES[command]).main(rest)
@@ -52,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except IndexMismatch as exc:
         print(f"cbir {command}: index mismatch: {exc}", file=sys.stderr)
         return 2
+    except QueryError as exc:
+        print(f"cbir {command}: {exc}", file=sys.stderr)
+        return 1
     except FileNotFoundError as exc:
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,180 @@
+"""Spark adapter of the dedup stage: candidate pairs, connected components, clusters.
+
+Edges between images come from up to three sources (``dedup.sources``):
+
+- ``exact``: the same ``content_sha256`` (always on: it is free);
+- ``phash``: perceptual-hash Hamming distance <= ``dedup.phash_threshold``, found with a
+  multi-index on ``dedup.phash_chunks`` chunks (see :mod:`cbir_lib.dedup.core`): each
+  image is stored under its chunk values and probes every value within radius
+  ``t // chunks``; only images meeting under a key are compared;
+- ``embedding``: neighbour pairs scoring >= ``dedup.min_score`` in the latest neighbours
+  table (cosine for the angular metric).
+
+Connected components of the edge graph are computed on Spark by min-label propagation
+with pointer jumping (each round a node takes the smallest label among itself and its
+neighbours, then its label's label), until no label changes. A component's id is its
+smallest ``image_id``; its representative is the image with the most pixels, then the
+most bytes, then the smallest id.
+
+Output ``dedup/run=<id>/clusters/`` ``(cluster_id, image_id, is_representative, size)``
+for every image in a component of two or more, ``pairs/`` ``(a, b, source, hamming,
+score)`` with ``a < b``, and counts in the manifest. Only images with status ``ok`` take
+part; failed ones are counted and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.config import Config, ConfigError
+from cbir_lib.dedup.core import chunk_bounds, flips
+
+log = logging.getLogger(__name__)
+
+TABLE = "dedup"
+PAIRS_DDL = "a long, b long, source string, hamming int, score float"
+
+
+def exact_pairs(images):
+    """Every member of a content-hash group paired with the group's smallest id."""
+    from pyspark.sql import functions as F
+
+    firsts = images.groupBy("content_sha256").agg(F.min("image_id").alias("a"), F.count("*").alias("n")).filter("n > 1")
+    return (images.join(firsts, "content_sha256").filter(F.col("image_id") != F.col("a"))
+            .select("a", F.col("image_id").alias("b"), F.lit("exact").alias("source"), F.lit(0).alias("hamming"), F.lit(None).cast("float").alias("score")))
+
+
+def phash_pairs(images, t: int, m: int):
+    """Pairs with ``bit_count(phash_a ^ phash_b) <= t`` through the multi-index."""
+    from pyspark.sql import functions as F
+
+    h = images.select("image_id", "phash").filter(F.col("phash").isNotNull())
+    radius = t // m
+    stored, probes = [], []
+    for j, (shift, width) in enumerate(chunk_bounds(m)):
+        value = F.shiftrightunsigned("phash", shift).bitwiseAND(F.lit((1 << width) - 1))
+        stored.append(h.select(F.lit(j).alias("chunk"), value.alias("key"), F.col("image_id").alias("a"), F.col("phash").alias("ha")))
+        masks = [int(x) for x in flips(width, min(radius, width))]
+        probes.append(h.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
+                               value.alias("v"), F.col("image_id").alias("b"), F.col("phash").alias("hb"))
+                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
+    store = stored[0]
+    probe = probes[0]
+    for s, p in zip(stored[1:], probes[1:], strict=True):
+        store, probe = store.unionByName(s), probe.unionByName(p)
+    dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
+    return (store.join(probe, ["chunk", "key"]).filter((F.col("a") < F.col("b")) & (dist <= t))
+            .select("a", "b", F.lit("phash").alias("source"), dist.cast("int").alias("hamming"), F.lit(None).cast("float").alias("score"))
+            .dropDuplicates(["a", "b"]))
+
+
+def embedding_pairs(spark, root: str, tau: float, ok_ids):
+    from pyspark.sql import functions as F
+
+    nb_uri = fs.join(root, "neighbors")
+    run = tables.latest_run_id(spark, nb_uri)
+    if run is None:
+        raise FileNotFoundError(f"dedup.sources: embedding pairs need a neighbours table under {nb_uri}; run neighbors first or use dedup.sources=phash")
+    nb = spark.read.parquet(tables.run_dir(nb_uri, run)).filter(F.col("score") >= tau)
+    pairs = (nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
+             .groupBy("a", "b").agg(F.max("score").alias("score")))
+    pairs = pairs.join(ok_ids.select(F.col("image_id").alias("a")), "a").join(ok_ids.select(F.col("image_id").alias("b")), "b")
+    return pairs.select("a", "b", F.lit("embedding").alias("source"), F.lit(None).cast("int").alias("hamming"), F.col("score").cast("float")), run
+
+
+def connected_components(spark, edges, max_iter: int = 60):
+    """``(image_id, cluster_id)`` for every node of ``edges(a, b)``: min-label propagation
+    with pointer jumping; returns ``(labels, rounds)``."""
+    from pyspark.sql import functions as F
+
+    und = edges.select(F.col("a").alias("src"), F.col("b").alias("dst")).unionByName(
+        edges.select(F.col("b").alias("src"), F.col("a").alias("dst"))).distinct().localCheckpoint()
+    labels = und.groupBy(F.col("src").alias("id")).agg(F.least(F.min("dst"), F.first("src")).alias("label")).localCheckpoint()
+    for rounds in range(1, max_iter + 1):
+        nbr = und.join(labels.withColumnRenamed("id", "src"), "src").groupBy(F.col("dst").alias("id")).agg(F.min("label").alias("nl"))
+        step = labels.join(nbr, "id", "left").select("id", F.least("label", F.coalesce("nl", "label")).alias("label"))
+        jump = step.alias("s").join(step.alias("p"), F.col("s.label") == F.col("p.id"), "left").select(
+            F.col("s.id").alias("id"), F.least(F.col("s.label"), F.coalesce(F.col("p.label"), F.col("s.label"))).alias("label")).localCheckpoint()
+        changed = jump.alias("n").join(labels.alias("o"), "id").filter(F.col("n.label") != F.col("o.label")).count()
+        labels = jump
+        if changed == 0:
+            return labels.select(F.col("id").alias("image_id"), F.col("label").alias("cluster_id")), rounds
+    raise RuntimeError(f"dedup.max_iter: connected components did not converge in {max_iter} rounds")
+
+
+def run_dedup(spark, cfg: Config) -> dict:
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    started = time.time()
+    dd = cfg.dedup
+    run_id = cfg.run.run_id or new_run_id()
+    root = fs.qualify(spark, cfg.run.output_root)
+    img_uri = fs.join(root, "images")
+    img_run = tables.latest_run_id(spark, img_uri)
+    if img_run is None:
+        raise FileNotFoundError(f"no images table under {img_uri}: run ingest first")
+    images = spark.read.parquet(tables.run_dir(img_uri, img_run))
+    status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
+    ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", "phash", "width", "height", "size_bytes").cache()
+    parts, lineage, timings = [], {"images_run_id": img_run}, {}
+    if dd.exact:
+        parts.append(exact_pairs(ok))
+    if dd.sources in ("phash", "both"):
+        parts.append(phash_pairs(ok, dd.phash_threshold, dd.phash_chunks))
+    if dd.sources in ("embedding", "both"):
+        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"))
+        parts.append(emb_pairs)
+        lineage["neighbors_run_id"] = nb_run
+    if not parts:
+        raise ConfigError("dedup.sources: nothing to find pairs with (exact is off and no source chosen)")
+    pairs = parts[0]
+    for p in parts[1:]:
+        pairs = pairs.unionByName(p)
+    with timer("candidate pairs") as t:
+        pairs = pairs.localCheckpoint()
+        by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
+    timings["pairs_s"] = round(t["seconds"], 3)
+    with timer("connected components") as t:
+        labels, rounds = connected_components(spark, pairs.select("a", "b"), dd.max_iter)
+    timings["components_s"] = round(t["seconds"], 3)
+    order = Window.partitionBy("cluster_id").orderBy(
+        F.desc(F.col("width").cast("long") * F.col("height")), F.desc("size_bytes"), F.asc("image_id"))
+    clusters = (labels.join(ok, "image_id")
+                .withColumn("is_representative", F.row_number().over(order) == 1)
+                .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id")))
+                .select("cluster_id", "image_id", "is_representative", "size", "path")
+                .withColumn("dedup_run_id", F.lit(run_id))).localCheckpoint()
+    sizes = clusters.groupBy("cluster_id").agg(F.first("size").alias("size"))
+    stats = sizes.agg(F.count("*").alias("clusters"), F.sum("size").alias("images"), F.max("size").alias("largest")).first()
+    table = fs.join(root, TABLE)
+    manifest = {
+        "stage": "dedup",
+        "run_id": run_id,
+        **lineage,
+        "params": {"sources": dd.sources, "exact": dd.exact, "phash_threshold": dd.phash_threshold,
+                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score},
+        "counts": {
+            "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
+            "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
+            "largest_cluster": stats.largest, "removable": (stats.images or 0) - stats.clusters,
+        },
+        "component_rounds": rounds,
+        "timings": timings,
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+    }
+    manifest["output"] = tables.run_dir(table, run_id)
+
+    def write(tmp: str) -> None:
+        clusters.coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "clusters"))
+        pairs.withColumn("dedup_run_id", F.lit(run_id)).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "pairs"))
+
+    manifest["wall_seconds"] = round(time.time() - started, 3)
+    tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    ok.unpersist()
+    log.info("dedup %s: %d clusters holding %d images", run_id, stats.clusters, stats.images or 0)
+    return manifest

@@ -1,0 +1,187 @@
+"""``cbir query IMAGE``: one image's nearest neighbours in a finished run, without Spark.
+
+The query is embedded exactly as the run embedded its collection (model file and its
+checksum, input size, resize, pooling and whitening, all read from the embeddings run's
+manifest), routed to the ``nprobe`` nearest cells of the index, and looked up in those
+cells' Annoy forests only (``index/run=<id>/ann/``); candidates are scored exactly and
+the top-k printed as a table of score and path. Files are read with pyarrow's
+filesystems, so ``file://``, ``hdfs://`` and ``s3://`` (``s3a://``) outputs work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class QueryError(RuntimeError):
+    """A one-line reason the query cannot be answered (missing image, run, file...)."""
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    if uri.startswith("s3a://"):
+        uri = "s3://" + uri[len("s3a://"):]
+    if "://" not in uri and not uri.startswith("file:"):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return pafs.LocalFileSystem(), uri[len("file:"):]
+    return pafs.FileSystem.from_uri(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    filesystem, path = _fs(uri)
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise QueryError(f"no such file: {uri}")
+    with filesystem.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def latest_run(table_uri: str) -> tuple[str, dict]:
+    try:
+        run_id = read_bytes(_join(table_uri, "_LATEST")).decode().strip()
+    except QueryError:
+        raise QueryError(f"no finished run under {table_uri}") from None
+    return run_id, json.loads(read_bytes(_join(table_uri, f"run={run_id}", "_manifest.json")))
+
+
+@dataclass
+class Hit:
+    rank: int
+    image_id: int
+    score: float
+    path: str | None
+
+
+def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str | None = None) -> np.ndarray:
+    """The query's descriptor, made the way the run made its collection's."""
+    from cbir_lib.config import ExtractConfig
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
+    from cbir_lib.features.pooling import l2_normalize
+    from cbir_lib.features.postprocess import Whitening
+    from cbir_lib.images.decode import decode_for_model
+    from cbir_lib.models.backbones import resolve_artifact
+
+    e = dict(emb_manifest["config"]["extract"])
+    if model_cache:
+        e["model_cache"] = model_cache
+    ec = ExtractConfig(**e)
+    artifact = resolve_artifact(ec)
+    want = (emb_manifest.get("model") or {}).get("sha256")
+    if want and artifact.sha256 != want:
+        raise QueryError(f"the model file {artifact.local_path} (sha256 {artifact.sha256[:12]}) is not the one the run used ({want[:12]})")
+    image, err = decode_for_model(data, artifact.image_size, ec.resize)
+    if image is None:
+        raise QueryError(f"cannot read the query image: {err}")
+    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize, device="cpu")
+    vec = Embedder(spec, artifact.local_path).embed(image[None])
+    if (emb_manifest.get("whitening") or {}).get("file"):
+        vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)
+    return l2_normalize(vec).astype(np.float32)
+
+
+def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ``(scores, ids)`` of one prepared query over the forests of its nearest cells."""
+    from annoy import AnnoyIndex
+
+    from cbir_lib.index.build import ANNOY_METRIC
+    from cbir_lib.neighbors.topk import final_scores, prepare, rank_scores
+
+    if not index.get("ann_files"):
+        raise QueryError(f"index {index['run_id']} has no exported forests (index.forests and index.export_ann_files must be true)")
+    metric = index["metric"]
+    q = prepare(q, metric)
+    counts = np.asarray(index["counts"]["per_cell"])
+    if index.get("centroids"):
+        c = np.load(io.BytesIO(read_bytes(_join(index_dir, "centroids.npy"))))
+        cells = np.argsort(-rank_scores(q, prepare(c, metric) if metric == "angular" else c, metric)[0], kind="stable")[:nprobe]
+    else:
+        cells = np.arange(len(counts))
+    width = 6
+    all_ids, all_vecs = [], []
+    with tempfile.TemporaryDirectory(prefix="cbir-query-") as tmp:
+        for cell in cells:
+            if counts[cell] == 0:
+                continue
+            name = f"cell-{int(cell):0{width}d}"
+            local = os.path.join(tmp, name + ".ann")
+            with open(local, "wb") as fh:
+                fh.write(read_bytes(_join(index_dir, index["ann_files"], name + ".ann")))
+            ids = np.load(io.BytesIO(read_bytes(_join(index_dir, index["ann_files"], name + ".ids.npy"))))
+            forest = AnnoyIndex(index["dim"], ANNOY_METRIC[metric])
+            forest.load(local)
+            items = forest.get_nns_by_vector(q[0].tolist(), candidates, search_k=-1)
+            all_ids.append(ids[items])
+            all_vecs.append(np.array([forest.get_item_vector(i) for i in items], dtype=np.float32).reshape(len(items), -1))
+            forest.unload()
+    if not all_ids:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    ids = np.concatenate(all_ids)
+    vecs = np.concatenate(all_vecs)
+    scores = final_scores(rank_scores(q, vecs, metric), metric, np.einsum("ij,ij->i", q, q))[0]
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
+def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
+              model_cache: str | None = None) -> tuple[list[Hit], dict]:
+    """The top-k of ``image`` in the latest index of ``output_root``; (hits, what was used)."""
+    root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
+    data = read_bytes(image if "://" in image or image.startswith("file:") else os.path.abspath(image))
+    emb_table = _join(root, "embeddings")
+    emb_run, emb_manifest = latest_run(emb_table)
+    idx_table = _join(root, "index")
+    idx_run, index = latest_run(idx_table)
+    if index.get("embeddings_run_id") != emb_run:
+        raise QueryError(f"index {idx_run} was built from embeddings run {index.get('embeddings_run_id')}, not the latest ({emb_run}); rebuild it")
+    q = embed_query(data, emb_manifest, _join(emb_table, f"run={emb_run}"), model_cache)
+    if q.shape[1] != index["dim"]:
+        raise QueryError(f"the query has dim {q.shape[1]} but index {idx_run} has dim {index['dim']}")
+    n_cells = len(index["counts"]["per_cell"])
+    nprobe = min(nprobe or 16, n_cells)
+    scores, ids = search_forests(q, _join(idx_table, f"run={idx_run}"), index, k, nprobe, candidates or max(4 * k, 40))
+    paths = _paths(_join(emb_table, f"run={emb_run}"), ids)
+    hits = [Hit(r + 1, int(i), float(s), paths.get(int(i))) for r, (s, i) in enumerate(zip(scores, ids, strict=True))]
+    used = {"embeddings_run_id": emb_run, "index_run_id": idx_run, "model": (emb_manifest.get("model") or {}).get("name"),
+            "pooling": emb_manifest["config"]["extract"]["pooling"], "nprobe": int(nprobe), "cells": n_cells}
+    return hits, used
+
+
+def _paths(run_dir: str, ids: np.ndarray) -> dict[int, str]:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    if len(ids) == 0:
+        return {}
+    filesystem, path = _fs(run_dir)
+    data = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True)
+    t = data.to_table(columns=["image_id", "path"], filter=pc.field("image_id").isin([int(i) for i in ids]))
+    return dict(zip(t.column("image_id").to_pylist(), t.column("path").to_pylist(), strict=True))
+
+
+def render_html(image: str, hits: list[Hit], used: dict) -> str:
+    from cbir_lib.evaluate.report import cell, kv_table, page, thumbnail_uri
+
+    def thumb(path):
+        try:
+            return thumbnail_uri(read_bytes(path))
+        except Exception:  # noqa: BLE001 - a vanished file gets a placeholder
+            return None
+
+    cells = [cell(thumb(image if "://" in image else os.path.abspath(image)), "query", "query")]
+    cells += [cell(thumb(h.path) if h.path else None, f"#{h.rank} {h.score:.3f}") for h in hits]
+    body = f"<h1>cbir query</h1><p>{len(hits)} nearest images</p><div class=\"q\">{''.join(cells)}</div><h2>Run</h2>{kv_table(used)}"
+    return page("cbir query", body)

@@ -1,0 +1,109 @@
+"""The dedup stage on the imagededup fixtures (real photos, copies, formats, a corrupt JPEG).
+
+The whole pipeline runs once for the module (ingest, extract, index, neighbours), then
+dedup with each source; pairs are checked against the ground truth the file names give.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from itertools import combinations
+
+import numpy as np
+import pytest
+from conftest import DEDUP, need_shared
+
+from cbir_lib import config
+from cbir_lib.common import tables
+from cbir_lib.dedup.core import components
+from cbir_lib.dedup.run import connected_components, run_dedup
+
+pytestmark = pytest.mark.slow
+
+
+def group_of(path: str) -> str | None:
+    """The ukbench photo a file shows (copies and formats share it); None for other photos."""
+    m = re.search(r"(ukbench\d+)", os.path.basename(path))
+    return m.group(1) if m else None
+
+
+@pytest.fixture(scope="module")
+def pipeline(spark, tmp_path_factory, model_cache):
+    from cbir_lib.features.extract import run_extract
+    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    need_shared(DEDUP)
+    src = tmp_path_factory.mktemp("fixtures") / "images"
+    shutil.copytree(DEDUP, src)
+    out = tmp_path_factory.mktemp("dedup-out")
+    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10",
+                             "neighbors.rerank=none"])
+    run_ingest(spark, cfg, str(src))
+    run_extract(spark, cfg)
+    run_build_index(spark, cfg)
+    run_neighbors(spark, cfg)
+    return out, cfg
+
+
+def _clusters(spark, manifest):
+    return spark.read.parquet(os.path.join(manifest["output"], "clusters")).toPandas()
+
+
+def _pair_scores(df, all_paths):
+    truth = {frozenset(p) for p in combinations(all_paths, 2) if group_of(p[0]) and group_of(p[0]) == group_of(p[1])}
+    found = set()
+    for _, g in df.groupby("cluster_id"):
+        found |= {frozenset(p) for p in combinations(g["path"], 2)}
+    tp = len(found & truth)
+    return tp / max(1, len(found)), tp / max(1, len(truth)), found, truth
+
+
+@pytest.mark.parametrize("sources", ["phash", "both"])
+def test_fixture_clusters(spark, pipeline, sources):
+    out, cfg = pipeline
+    m = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.sources={sources}", "run.keep_snapshots=10"]))
+    c = m["counts"]
+    assert c["skipped_failed"] >= 2, "the corrupt JPEGs are failed rows, skipped"
+    assert c["pairs"].get("exact", 0) >= 3, "the fixture folders repeat files byte for byte"
+    df = _clusters(spark, m)
+    assert not df.image_id.duplicated().any() and (df.groupby("cluster_id").is_representative.sum() == 1).all()
+    assert not df.path.str.contains("corrupt").any()
+    assert (df.cluster_id == df.groupby("cluster_id").image_id.transform("min")).all()
+    images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
+    ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
+    precision, recall, found, truth = _pair_scores(df, ok_paths)
+    assert precision == 1.0, sorted(map(sorted, found - truth))[:5]
+    # pHash misses the flipped and rotated copies; embeddings find them too.
+    assert recall >= (0.5 if sources == "phash" else 0.8), (recall, sorted(map(sorted, truth - found))[:8])
+    if sources == "both":
+        assert m["counts"]["pairs"].get("embedding", 0) > 0 and m["neighbors_run_id"]
+        hflip = df[df.path.str.contains("ukbench00120_hflip")].cluster_id.unique()
+        assert len(hflip) == 1 and (df[df.cluster_id == hflip[0]].path.str.contains("ukbench00120.jpg")).any()
+    # A rerun of the same run id replaces its snapshot: same clusters, no duplicates.
+    again = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.sources={sources}", f"run.run_id={m['run_id']}"]))
+    df2 = _clusters(spark, again)
+    assert sorted(df2.image_id) == sorted(df.image_id)
+
+
+def test_spark_components_match_union_find(spark):
+    rng = np.random.default_rng(3)
+    n = 400
+    # long chains (many propagation rounds) plus random edges
+    chain = np.stack([np.arange(0, 120), np.arange(1, 121)], 1)
+    rand = rng.integers(150, n, size=(150, 2))
+    edges = np.concatenate([chain, rand])
+    ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n]
+    df = spark.createDataFrame([(int(ids[a]), int(ids[b])) for a, b in edges], "a long, b long")
+    labels, rounds = connected_components(spark, df)
+    got = {r.image_id: r.cluster_id for r in labels.collect()}
+    want = components(n, edges)
+    nodes = np.unique(edges)
+    # the same partition, each labelled by its smallest image_id
+    for v in nodes:
+        members = nodes[want[nodes] == want[v]]
+        assert got[int(ids[v])] == int(ids[members].min())
+    assert len(got) == len(nodes) and rounds < 60
