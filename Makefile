@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test lint bench bench-extract bench-all-pairs clean
+.PHONY: venv demo test lint browser bench bench-extract bench-all-pairs bench-quality clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,14 @@ $(STAMP): requirements.lock setup.cfg
 demo: $(STAMP)
 	$(BIN)/cbir demo --output output $(ARGS)
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gallery test drives a real headless Chromium: Debian's chromium + chromium-driver.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "make browser: could not install chromium (not root?); the browser test will skip"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check cbir_lib jobs tests airflow_dags benchmarks
@@ -38,13 +44,16 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # Benchmarks are run by hand, never in CI; each records its results under benchmarks/results/.
-bench: bench-extract bench-all-pairs
+bench: bench-extract bench-all-pairs bench-quality
 
 bench-extract: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
 
 bench-all-pairs: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/all_pairs.py --real --n 100000 --n 1000000 $(ARGS)
+
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py $(ARGS)
 
 clean:
 	rm -rf output .pytest_cache

@@ -15,12 +15,12 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 # Photographs bundled in the scikit-image wheel (no download needed).
 ORIGINALS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "immunohistochemistry", "camera", "moon")
 
-TRANSFORMS = ("original", "crop", "flip", "rotate", "rescale", "jpeg_q20", "brighten")
+TRANSFORMS = ("original", "crop", "flip", "rotate", "rescale", "jpeg_q20", "brighten", "overlay_text")
 
 GROUPS_FILE = "groups.csv"
 
@@ -56,6 +56,15 @@ def _transform(img: Image.Image, kind: str) -> bytes:
         return _jpeg(img, quality=20)
     if kind == "brighten":
         return _jpeg(ImageEnhance.Brightness(img).enhance(1.4))
+    if kind == "overlay_text":  # a caption banner across the lower third, as on reposted images
+        out = img.convert("RGB")
+        draw = ImageDraw.Draw(out)
+        size = max(10, h // 12)
+        font = ImageFont.load_default(size=size)
+        top = int(h * 0.62)
+        draw.rectangle((0, top, w, top + int(size * 1.5)), fill=(255, 255, 255))
+        draw.text((w // 20, top + size // 6), "SALE -50% cbir.example", fill=(200, 0, 0), font=font)
+        return _jpeg(out)
     raise ValueError(f"unknown transform {kind!r}")
 
 

@@ -7,8 +7,8 @@ Edges between images come from up to three sources (``dedup.sources``):
   multi-index on ``dedup.phash_chunks`` chunks (see :mod:`cbir_lib.dedup.core`): each
   image is stored under its chunk values and probes every value within radius
   ``t // chunks``; only images meeting under a key are compared;
-- ``embedding``: neighbour pairs scoring >= ``dedup.min_score`` in the latest neighbours
-  table (cosine for the angular metric).
+- ``embedding``: pairs of neighbours (the latest neighbours table proposes them) whose
+  raw embedding cosine is >= ``dedup.min_score``.
 
 Connected components of the edge graph are computed on Spark by min-label propagation
 with pointer jumping (each round a node takes the smallest label among itself and its
@@ -71,18 +71,30 @@ def phash_pairs(images, t: int, m: int):
             .dropDuplicates(["a", "b"]))
 
 
-def embedding_pairs(spark, root: str, tau: float, ok_ids):
+def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings):
+    """Neighbour pairs whose raw embedding cosine is >= ``tau``.
+
+    The neighbours table proposes the candidates; the score is recomputed from the
+    embeddings because a re-ranked run (DBA, QE) reports similarities of augmented
+    vectors, which are inflated among merely similar images.
+    """
     from pyspark.sql import functions as F
 
     nb_uri = fs.join(root, "neighbors")
     run = tables.latest_run_id(spark, nb_uri)
     if run is None:
         raise FileNotFoundError(f"dedup.sources: embedding pairs need a neighbours table under {nb_uri}; run neighbors first or use dedup.sources=phash")
-    nb = spark.read.parquet(tables.run_dir(nb_uri, run)).filter(F.col("score") >= tau)
-    pairs = (nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
-             .groupBy("a", "b").agg(F.max("score").alias("score")))
-    pairs = pairs.join(ok_ids.select(F.col("image_id").alias("a")), "a").join(ok_ids.select(F.col("image_id").alias("b")), "b")
-    return pairs.select("a", "b", F.lit("embedding").alias("source"), F.lit(None).cast("int").alias("hamming"), F.col("score").cast("float")), run
+    nb = spark.read.parquet(tables.run_dir(nb_uri, run))
+    cand = nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b")).distinct()
+    ea = embeddings.select(F.col("image_id").alias("a"), F.col("embedding").alias("ea"))
+    eb = embeddings.select(F.col("image_id").alias("b"), F.col("embedding").alias("eb"))
+    dot = F.aggregate(F.zip_with("ea", "eb", lambda x, y: x * y), F.lit(0.0).cast("double"), lambda acc, v: acc + v)
+    norm = F.sqrt(F.aggregate("ea", F.lit(0.0).cast("double"), lambda acc, v: acc + v * v)) * \
+        F.sqrt(F.aggregate("eb", F.lit(0.0).cast("double"), lambda acc, v: acc + v * v))
+    pairs = (cand.join(ok_ids.select(F.col("image_id").alias("a")), "a").join(ok_ids.select(F.col("image_id").alias("b")), "b")
+             .join(ea, "a").join(eb, "b").select("a", "b", (dot / norm).cast("float").alias("score"))
+             .filter(F.col("score") >= tau))
+    return pairs.select("a", "b", F.lit("embedding").alias("source"), F.lit(None).cast("int").alias("hamming"), "score"), run
 
 
 def connected_components(spark, edges, max_iter: int = 60):
@@ -126,7 +138,13 @@ def run_dedup(spark, cfg: Config) -> dict:
     if dd.sources in ("phash", "both"):
         parts.append(phash_pairs(ok, dd.phash_threshold, dd.phash_chunks))
     if dd.sources in ("embedding", "both"):
-        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"))
+        emb_uri = fs.join(root, "embeddings")
+        emb_run = tables.latest_run_id(spark, emb_uri)
+        if emb_run is None:
+            raise FileNotFoundError(f"dedup.sources: embedding pairs need an embeddings table under {emb_uri}")
+        embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
+        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"), embeddings)
+        lineage["embeddings_run_id"] = emb_run
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
     if not parts:

@@ -83,7 +83,7 @@ def line_svg(values: list[float], title: str, w: int = 420, h: int = 240) -> str
             f"<text x=\"{pad - 4}\" y=\"{h - pad}\" font-size=\"10\" text-anchor=\"end\">0</text>"
             f"<text x=\"{pad}\" y=\"{h - pad + 14}\" font-size=\"10\">1</text>"
             f"<text x=\"{w - pad}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"end\">{n}</text>")
-    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" "
+    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg width=\"{w}\" "
             f"height=\"{h}\" role=\"img\">{axis}<polyline points=\"{pts}\" fill=\"none\" stroke=\"#3366cc\" stroke-width=\"2\"/>{dots}</svg></figure>")
 
 
@@ -105,7 +105,7 @@ def histogram_svg(series: dict[str, list[int]], colours: dict[str, str], lo: flo
     axis = (f"<line x1=\"{pad}\" y1=\"{h - pad}\" x2=\"{w - pad}\" y2=\"{h - pad}\" stroke=\"#444\"/>"
             f"<text x=\"{pad}\" y=\"{h - pad + 14}\" font-size=\"10\">{lo}</text>"
             f"<text x=\"{w - pad}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"end\">{hi}</text>")
-    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" "
+    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg width=\"{w}\" "
             f"height=\"{h}\" role=\"img\">{axis}{''.join(bars)}{legend}</svg></figure>")
 
 
