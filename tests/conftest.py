@@ -115,3 +115,25 @@ def make_odd_files() -> dict[str, tuple[bytes, str, str]]:
 @pytest.fixture
 def odd_files():
     return make_odd_files()
+
+
+@pytest.fixture(scope="session")
+def fixtures_run(spark, tmp_path_factory, model_cache):
+    """The imagededup fixtures through ingest, extract, index and neighbours, once per session."""
+    from cbir_lib import config
+    from cbir_lib.features.extract import run_extract
+    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    need_shared(DEDUP)
+    src = tmp_path_factory.mktemp("fixtures") / "images"
+    shutil.copytree(DEDUP, src)
+    out = tmp_path_factory.mktemp("dedup-out")
+    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10",
+                             "neighbors.rerank=none"])
+    run_ingest(spark, cfg, str(src))
+    run_extract(spark, cfg)
+    run_build_index(spark, cfg)
+    run_neighbors(spark, cfg)
+    return out, cfg

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from itertools import combinations
 
 import numpy as np
 import pytest
-from conftest import DEDUP, need_shared
 
 from cbir_lib import config
 from cbir_lib.common import tables
@@ -32,26 +30,6 @@ def group_of(path: str) -> str | None:
     return m.group(1) if m else None
 
 
-@pytest.fixture(scope="module")
-def pipeline(spark, tmp_path_factory, model_cache):
-    from cbir_lib.features.extract import run_extract
-    from cbir_lib.images.ingest import run_ingest
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
-
-    need_shared(DEDUP)
-    src = tmp_path_factory.mktemp("fixtures") / "images"
-    shutil.copytree(DEDUP, src)
-    out = tmp_path_factory.mktemp("dedup-out")
-    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10",
-                             "neighbors.rerank=none"])
-    run_ingest(spark, cfg, str(src))
-    run_extract(spark, cfg)
-    run_build_index(spark, cfg)
-    run_neighbors(spark, cfg)
-    return out, cfg
-
-
 def _clusters(spark, manifest):
     return spark.read.parquet(os.path.join(manifest["output"], "clusters")).toPandas()
 
@@ -66,8 +44,8 @@ def _pair_scores(df, all_paths):
 
 
 @pytest.mark.parametrize("sources", ["phash", "both"])
-def test_fixture_clusters(spark, pipeline, sources):
-    out, cfg = pipeline
+def test_fixture_clusters(spark, fixtures_run, sources):
+    out, cfg = fixtures_run
     m = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.sources={sources}", "run.keep_snapshots=10"]))
     c = m["counts"]
     assert c["skipped_failed"] >= 2, "the corrupt JPEGs are failed rows, skipped"
