@@ -228,9 +228,9 @@ DEDUP_SOURCES = ("phash", "embedding", "both")
 class DedupConfig:
     sources: str = "both"  # phash | embedding | both (the union of their pairs)
     exact: bool = True  # the same content_sha256 is always a duplicate
-    phash_threshold: int = 10  # Hamming distance of the 64-bit pHash
+    phash_threshold: int = 4  # Hamming distance of the 64-bit pHash (quality.json: 8 and up chain product photos together)
     phash_chunks: int = 4  # multi-index chunks: probes within radius threshold // chunks
-    min_score: float = 0.9  # embedding pairs: neighbour score at least this
+    min_score: float = 0.95  # embedding pairs: raw cosine at least this (quality.json: 0.92 keeps precision >= 0.985)
     max_iter: int = 60  # connected-component rounds before giving up
 
     def validate(self) -> None:

@@ -3,9 +3,10 @@
     python -m jobs.demo [--output DIR] [section.field=value ...]
 
 Writes the sample photos and their edited copies, ingests them, extracts embeddings,
-builds the index, finds every image's neighbours (with their measured recall), and
-prints counts, the output locations, and how often an edited copy's nearest neighbour
-in the neighbours table is a picture of the same original.
+builds the index, finds every image's neighbours (with their measured recall), clusters
+near-duplicates, evaluates retrieval against the sample's groups, writes the HTML
+gallery, and prints counts, the output locations, the gallery's path, and how often an
+edited copy's nearest neighbour in the neighbours table is a picture of the same original.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: 
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args("demo", __doc__, argv)
     cfg = load_config(args.config, overrides)
+    import dataclasses
+
     from cbir_lib.common import fs
+    from cbir_lib.dedup.run import run_dedup
+    from cbir_lib.evaluate.run import run_evaluate
     from cbir_lib.features.extract import run_extract
     from cbir_lib.images.ingest import run_ingest
     from cbir_lib.index.build import run_build_index
@@ -61,9 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
             tables.run_dir(fs.join(root, "embeddings"), extract["run_id"]),
             sample_dir,
         )
-        return ingest, extract, index, neighbors, hits, copies
+        dedup = run_dedup(spark, cfg)
+        # The sample's ground truth is its groups (an original and its edited copies).
+        labels = "groups" if copies and cfg.evaluate.labels == "folders" else cfg.evaluate.labels
+        evaluation = run_evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels)))
+        return ingest, extract, index, neighbors, hits, copies, dedup, evaluation
 
-    ingest, extract, index, neighbors, hits, copies = run_job(pipeline, cfg, args.verbose)
+    ingest, extract, index, neighbors, hits, copies, dedup, evaluation = run_job(pipeline, cfg, args.verbose)
     ic, ec = ingest["counts"], extract["counts"]
     lines = [
         "",
@@ -84,8 +93,18 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if copies:
         lines.append(f"  check       {hits}/{copies} edited copies have a picture of their own original as nearest neighbour")
+    dc, em = dedup["counts"], evaluation["metrics"]
+    lines += [
+        f"  dedup       {dc['clusters']} near-duplicate clusters holding {dc['images_in_clusters']} images "
+        f"(pairs: {dc['pairs']}); {dc['removable']} removable",
+        f"              -> {dedup['output']}",
+        f"  evaluate    labels {evaluation['labels']}: P@{em['k']} {em['precision_at_k']}, mAP@{em['k']} {em['map_at_k']}, "
+        f"recall@{em['k']} {em['recall_at_k']} over {em['queries']} queries",
+        f"  gallery     {evaluation.get('report', '(not written)').replace('file:', '', 1)}",
+    ]
     print("\n".join(lines))
-    return {"ingest": ingest, "extract": extract, "index": index, "neighbors": neighbors, "copy_hits": hits, "copies": copies}
+    return {"ingest": ingest, "extract": extract, "index": index, "neighbors": neighbors, "copy_hits": hits, "copies": copies,
+            "dedup": dedup, "evaluate": evaluation}
 
 
 if __name__ == "__main__":
