@@ -32,6 +32,14 @@ def latest_run_id(spark, table_uri: str) -> str | None:
     return run_id or None
 
 
+def require_latest(spark, table_uri: str, produced_by: str) -> str:
+    """The latest run id of a table a stage needs; a clear error naming the stage to run if none."""
+    run_id = latest_run_id(spark, table_uri)
+    if run_id is None:
+        raise FileNotFoundError(f"no table under {table_uri}: run {produced_by} first")
+    return run_id
+
+
 def read_latest(spark, table_uri: str):
     """The latest committed snapshot as a DataFrame, or ``None`` if there is none."""
     run_id = latest_run_id(spark, table_uri)

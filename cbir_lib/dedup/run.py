@@ -81,9 +81,7 @@ def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings):
     from pyspark.sql import functions as F
 
     nb_uri = fs.join(root, "neighbors")
-    run = tables.latest_run_id(spark, nb_uri)
-    if run is None:
-        raise FileNotFoundError(f"dedup.sources: embedding pairs need a neighbours table under {nb_uri}; run neighbors first or use dedup.sources=phash")
+    run = tables.require_latest(spark, nb_uri, "neighbors (or use dedup.sources=phash)")
     nb = spark.read.parquet(tables.run_dir(nb_uri, run))
     cand = nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b")).distinct()
     ea = embeddings.select(F.col("image_id").alias("a"), F.col("embedding").alias("ea"))
@@ -126,9 +124,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     img_uri = fs.join(root, "images")
-    img_run = tables.latest_run_id(spark, img_uri)
-    if img_run is None:
-        raise FileNotFoundError(f"no images table under {img_uri}: run ingest first")
+    img_run = tables.require_latest(spark, img_uri, "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", "phash", "width", "height", "size_bytes").cache()
@@ -139,9 +135,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         parts.append(phash_pairs(ok, dd.phash_threshold, dd.phash_chunks))
     if dd.sources in ("embedding", "both"):
         emb_uri = fs.join(root, "embeddings")
-        emb_run = tables.latest_run_id(spark, emb_uri)
-        if emb_run is None:
-            raise FileNotFoundError(f"dedup.sources: embedding pairs need an embeddings table under {emb_uri}")
+        emb_run = tables.require_latest(spark, emb_uri, "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
         emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"), embeddings)
         lineage["embeddings_run_id"] = emb_run

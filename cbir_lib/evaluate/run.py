@@ -98,9 +98,7 @@ def _neighbors_mode(spark, cfg: Config, universe, k_default: int | None):
 
     root = fs.qualify(spark, cfg.run.output_root)
     nb_uri = fs.join(root, "neighbors")
-    nb_run = tables.latest_run_id(spark, nb_uri)
-    if nb_run is None:
-        raise FileNotFoundError(f"no neighbours table under {nb_uri}: run the neighbors stage first (or evaluate.mode=split)")
+    nb_run = tables.require_latest(spark, nb_uri, "neighbors (or use evaluate.mode=split)")
     nb_manifest = tables.read_manifest(spark, nb_uri, nb_run) or {}
     k = cfg.evaluate.k or nb_manifest.get("k") or k_default
     nb = spark.read.parquet(tables.run_dir(nb_uri, nb_run)).filter(F.col("rank") <= k)
@@ -282,9 +280,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.latest_run_id(spark, emb_uri)
-    if emb_run is None:
-        raise FileNotFoundError(f"no embeddings table under {emb_uri}: run extract first")
+    emb_run = tables.require_latest(spark, emb_uri, "extract")
     emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
     emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
     labels = ground_truth(spark, emb.select("image_id", "path"), ev.labels, ev.labels_base, root)
