@@ -95,9 +95,10 @@ def test_spark_path_equals_direct_embedding(spark, extracted, model_cache):
 
     out, _ = extracted
     ok = _table(spark, out).query("status == 'ok'").head(6)
-    artifact = resolve_artifact(ExtractConfig(model_cache=model_cache))
-    emb = Embedder(EmbedSpec(artifact=artifact), artifact.local_path)
-    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), 224)[0] for p in ok["path"]])
+    ec = ExtractConfig(model_cache=model_cache)
+    artifact = resolve_artifact(ec)
+    emb = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), artifact.local_path)
+    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), 224, ec.resize)[0] for p in ok["path"]])
     np.testing.assert_allclose(emb.embed(images), np.stack(ok["embedding"].to_numpy()), atol=1e-5)
 
 
