@@ -160,8 +160,8 @@ def run_dedup(spark, cfg: Config) -> dict:
                 .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id")))
                 .select("cluster_id", "image_id", "is_representative", "size", "path")
                 .withColumn("dedup_run_id", F.lit(run_id))).localCheckpoint()
-    sizes = clusters.groupBy("cluster_id").agg(F.first("size").alias("size"))
-    stats = sizes.agg(F.count("*").alias("clusters"), F.sum("size").alias("images"), F.max("size").alias("largest")).first()
+    stats = clusters.agg(F.count_if("is_representative").alias("clusters"), F.count("*").alias("images"),
+                         F.max("size").alias("largest")).first()
     table = fs.join(root, TABLE)
     manifest = {
         "stage": "dedup",

@@ -124,16 +124,12 @@ def _gallery_dba(g_b, n: int, alpha: float):
         import pyarrow as pa
 
         from cbir_lib.index.build import vectors_binary
-        from cbir_lib.neighbors.rerank import augment
+        from cbir_lib.neighbors.rerank import augment_against
 
         g = g_b.value
         for b in batches:
             pos = b.column("pos").to_numpy()
-            x = g[pos]
-            s = x @ g.T
-            s[np.arange(len(pos)), pos] = -np.inf
-            idx = np.argpartition(-s, n - 1, axis=1)[:, :n]
-            y = augment(x, g[idx], np.take_along_axis(s, idx, 1), alpha)
+            y = augment_against(g[pos], g, n, alpha, self_rows=pos)
             yield pa.RecordBatch.from_arrays([pa.array(pos), vectors_binary(y)], names=["pos", "vector"])
 
     return fn
@@ -144,7 +140,7 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
 
     def fn(batches):
         from cbir_lib.index.build import to_numpy
-        from cbir_lib.neighbors.rerank import augment
+        from cbir_lib.neighbors.rerank import augment_against
 
         g, g_ids = g_b.value
         g_lab = g_labels_b.value
@@ -158,9 +154,7 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
             lab = np.array([code.get(x, -1) for x in labels])
             q = to_numpy(b, "embedding")
             if mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
-                s = q @ g.T
-                idx = np.argpartition(-s, n - 1, axis=1)[:, :n]
-                q = augment(q, g[idx], np.take_along_axis(s, idx, 1), alpha)
+                q = augment_against(q, g, n, alpha)
             s = q @ g.T
             order = np.lexsort((np.broadcast_to(g_ids, s.shape), -s), axis=1)
             rel_full = g_lab[order] == lab[:, None]
@@ -222,7 +216,6 @@ def summary(per_query, k: int) -> dict:
 
     aggs = [F.count("*").alias("queries"), F.avg("precision_at_k").alias("precision_at_k"),
             F.avg("ap_at_k").alias("map_at_k"), F.avg("recall_at_k").alias("recall_at_k"), F.avg("ap").alias("map"),
-            F.avg(F.least(F.col("hits_at_k"), F.lit(10**9))).alias("_hits"),
             F.min("n_relevant").alias("_min_rel"), F.max("n_relevant").alias("_max_rel"),
             F.avg(1 + F.element_at("cum_hits", F.least(F.lit(3), F.size("cum_hits")))).alias("_ns")]
     overall = per_query.agg(*aggs).first().asDict()

@@ -57,22 +57,27 @@ def exact_rerank(q: np.ndarray, g: np.ndarray, mode: str, n: int, alpha: float, 
         return q, g
     a = mode_alpha(mode, alpha)
     if mode.startswith("dba"):
-        g = _augment_against(g, g, n, a, skip_self=True)
+        g = augment_against(g, g, n, a, self_rows=np.arange(len(g)))
         if q_in_g:
             q = g  # an all-pairs query is a database item: augmented with it
         if mode == "dba":
             return q, g
-    return _augment_against(q, g, n, a, skip_self=q_in_g), g
+    return augment_against(q, g, n, a, self_rows=np.arange(len(q)) if q_in_g else None), g
 
 
-def _augment_against(q: np.ndarray, g: np.ndarray, n: int, alpha: float, skip_self: bool, block: int = 1024) -> np.ndarray:
+def augment_against(q: np.ndarray, g: np.ndarray, n: int, alpha: float, self_rows: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+    """Each row of ``q`` augmented with its top-``n`` rows of ``g`` by inner product.
+
+    ``self_rows[i]``: the row of ``g`` that query ``i`` is (not its own neighbour), or None
+    when the queries are not in ``g``.
+    """
     out = np.empty_like(q)
     for s in range(0, len(q), block):
         qs = q[s : s + block]
         scores = qs @ g.T
-        if skip_self:
-            scores[np.arange(len(qs)), np.arange(s, s + len(qs))] = -np.inf
-        m = min(n, g.shape[0] - (1 if skip_self else 0))
+        if self_rows is not None:
+            scores[np.arange(len(qs)), self_rows[s : s + block]] = -np.inf
+        m = min(n, g.shape[0] - (1 if self_rows is not None else 0))
         idx = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m > 0 else np.zeros((len(qs), 0), np.int64)
         out[s : s + block] = augment(qs, g[idx], np.take_along_axis(scores, idx, 1), alpha)
     return out

@@ -277,8 +277,9 @@ def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
     )
 
 
-def _search_ranges(spec: dict):
-    """mapInArrow over ``(lo, hi)`` row ranges of the store: their rows' top-k."""
+def _row_ranges(spec: dict, per_block):
+    """mapInArrow over ``(lo, hi)`` row ranges of the store, ``query_block`` rows at a time:
+    yields ``per_block(store, rows, get_forest)``."""
 
     def fn(batches):
         limit_blas_threads(_task_threads())
@@ -288,36 +289,35 @@ def _search_ranges(spec: dict):
         for batch in batches:
             for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
                 for s in range(lo, hi, qb):
-                    e = min(hi, s + qb)
-                    vals, ids = search_rows(store, np.arange(s, e), spec, get_forest)
-                    yield _topk_batch(store.ids[s:e], vals, ids)
+                    yield per_block(store, np.arange(s, min(hi, s + qb)), get_forest)
 
     return fn
+
+
+def _search_ranges(spec: dict):
+    """The rows' top-k, as neighbour rows."""
+
+    def block(store, rows, get_forest):
+        vals, ids = search_rows(store, rows, spec, get_forest)
+        return _topk_batch(store.ids[rows], vals, ids)
+
+    return _row_ranges(spec, block)
 
 
 def _augment_ranges(spec: dict):
-    """mapInArrow over ``(lo, hi)`` row ranges: each row's vector augmented with its
-    top-``rerank_n`` (database-side augmentation), as new store rows."""
+    """Each row's vector augmented with its top-``rerank_n`` (database-side augmentation),
+    as new store rows."""
 
-    def fn(batches):
+    def block(store, rows, get_forest):
         import pyarrow as pa
 
-        limit_blas_threads(_task_threads())
-        store = local_store(spec)
-        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        for batch in batches:
-            for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
-                for s in range(lo, hi, spec["query_block"]):
-                    rows = np.arange(s, min(hi, s + spec["query_block"]))
-                    own = store.cells_of_rows(rows)
-                    x = np.ascontiguousarray(store.vectors[rows])
-                    y = expand_queries(store, x, np.asarray(store.ids[rows]), own, spec, get_forest)
-                    yield pa.RecordBatch.from_arrays(
-                        [pa.array(own.astype(np.int32)), pa.array(np.asarray(store.ids[rows])), vectors_binary(y)],
-                        names=["cell", "image_id", "vector"],
-                    )
+        own = store.cells_of_rows(rows)
+        ids = np.asarray(store.ids[rows])
+        y = expand_queries(store, np.ascontiguousarray(store.vectors[rows]), ids, own, spec, get_forest)
+        return pa.RecordBatch.from_arrays([pa.array(own.astype(np.int32)), pa.array(ids), vectors_binary(y)],
+                                          names=["cell", "image_id", "vector"])
 
-    return fn
+    return _row_ranges(spec, block)
 
 
 def _search_positions(spec: dict, positions: np.ndarray):
@@ -467,8 +467,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     truth = None
     calibration = []
     with timer("loading the store on the executors") as t:
-        # Every worker maps the store before anything is timed (the first builds the .npy copy).
-        sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
+        _warm_store(sc, spec, slots)
     timings["store_load_s"] = round(t["seconds"], 3)
     if sample_pos.size and method != "exact":
         with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
@@ -608,8 +607,13 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
     # The forests index the original vectors: searches of the augmented store are dense.
     spec = {**spec, "store_key": f"{index['run_id']}-dba-{_spec_key(files)}", "store_files": files,
             "method": "dense" if spec["method"] == "annoy" else spec["method"]}
-    sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
+    _warm_store(sc, spec, slots)
     return spec
+
+
+def _warm_store(sc, spec: dict, slots: int) -> None:
+    """Every worker maps the spec's store before anything is timed (the first builds the .npy copy)."""
+    sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
 
 
 def _ship(sc, spark, uri: str) -> list[str]:
