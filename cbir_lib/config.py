@@ -40,9 +40,16 @@ class RunConfig:
     output_root: str = "output"
     run_id: str | None = None  # default: a timestamp; Airflow passes one from the logical date
     keep_snapshots: int = 2
+    # Read every input table at this run's own id (``run=<run_id>``) instead of its
+    # ``_LATEST``, build on the newest snapshot up to this id, and never move ``_LATEST``
+    # back to an older run: what a scheduler needs so that a retry, a re-run of an old date
+    # or a backfill of several dates each gives that date's own complete run.
+    pin_inputs: bool = False
 
     def validate(self) -> None:
         _require(bool(self.output_root), "run.output_root", "must be a path or URI")
+        if self.pin_inputs:
+            _require(self.run_id is not None, "run.run_id", "is required when run.pin_inputs is true")
         if self.run_id is not None:
             _require(
                 all(c.isalnum() or c in "-_." for c in self.run_id),

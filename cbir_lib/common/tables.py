@@ -40,6 +40,31 @@ def require_latest(spark, table_uri: str, produced_by: str) -> str:
     return run_id
 
 
+def committed_runs(spark, table_uri: str) -> list[str]:
+    """Run ids with a complete snapshot (its manifest is written last, inside the commit)."""
+    runs = [n[len("run="):] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
+    return sorted(r for r in runs if fs.exists(spark, fs.join(run_dir(table_uri, r), MANIFEST)))
+
+
+def input_run(spark, table_uri: str, run, produced_by: str) -> str:
+    """The snapshot of an input table a stage reads: ``_LATEST``, or with ``run.pin_inputs``
+    the snapshot of this very run id (a clear error naming the stage to run if it is absent)."""
+    if not run.pin_inputs:
+        return require_latest(spark, table_uri, produced_by)
+    if not fs.exists(spark, fs.join(run_dir(table_uri, run.run_id), MANIFEST)):
+        raise FileNotFoundError(f"no snapshot run={run.run_id} under {table_uri} (run.pin_inputs): run {produced_by} for run {run.run_id} first")
+    return run.run_id
+
+
+def base_run(spark, table_uri: str, run) -> str | None:
+    """The snapshot of a stage's own table that a run builds on or may find already current:
+    ``_LATEST``, or with ``run.pin_inputs`` the newest committed run id up to this one."""
+    if not run.pin_inputs:
+        return latest_run_id(spark, table_uri)
+    earlier = [r for r in committed_runs(spark, table_uri) if r <= run.run_id]
+    return earlier[-1] if earlier else None
+
+
 def read_latest(spark, table_uri: str):
     """The latest committed snapshot as a DataFrame, or ``None`` if there is none."""
     run_id = latest_run_id(spark, table_uri)
@@ -56,16 +81,21 @@ def read_manifest(spark, table_uri: str, run_id: str | None = None) -> dict | No
     return fs.read_json(spark, uri) if fs.exists(spark, uri) else None
 
 
-def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None, keep: int = 2) -> str:
+def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None,
+           keep: int = 2, forward_only: bool = False) -> str:
     """Write ``df`` as snapshot ``run_id`` of the table, atomically, and point ``_LATEST`` at it.
 
     ``extra_files`` (name -> bytes) are written into the snapshot directory before it is
-    renamed into place, so they are part of the same commit. Returns the snapshot URI.
+    renamed into place, so they are part of the same commit. With ``forward_only`` (set by
+    ``run.pin_inputs``) ``_LATEST`` moves only to a run id at least as new as the one it
+    names, so re-running an old date does not turn back the tables' current state.
+    Returns the snapshot URI.
     """
-    return commit_dir(spark, lambda tmp: df.write.mode("overwrite").parquet(tmp), table_uri, run_id, manifest, extra_files, keep)
+    return commit_dir(spark, lambda tmp: df.write.mode("overwrite").parquet(tmp), table_uri, run_id, manifest, extra_files, keep, forward_only)
 
 
-def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None, keep: int = 2) -> str:
+def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None,
+               keep: int = 2, forward_only: bool = False) -> str:
     """Like :func:`commit`, for a snapshot made of several writes: ``write(tmp_uri)`` fills it.
 
     The manifest may be completed by ``write`` (it is written after it returns).
@@ -78,7 +108,9 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     dst = run_dir(table_uri, run_id)
     fs.delete(spark, dst)
     fs.rename(spark, tmp, dst)
-    fs.write_bytes(spark, fs.join(table_uri, LATEST), run_id.encode("utf-8"))
+    current = latest_run_id(spark, table_uri) if forward_only else None
+    if current is None or run_id >= current or not fs.exists(spark, run_dir(table_uri, current)):
+        fs.write_bytes(spark, fs.join(table_uri, LATEST), run_id.encode("utf-8"))
     _prune(spark, table_uri, keep, current=run_id)
     log.info("committed %s", dst)
     return dst

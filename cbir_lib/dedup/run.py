@@ -71,7 +71,7 @@ def phash_pairs(images, t: int, m: int):
             .dropDuplicates(["a", "b"]))
 
 
-def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings):
+def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):
     """Neighbour pairs whose raw embedding cosine is >= ``tau``.
 
     The neighbours table proposes the candidates; the score is recomputed from the
@@ -81,7 +81,7 @@ def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings):
     from pyspark.sql import functions as F
 
     nb_uri = fs.join(root, "neighbors")
-    run = tables.require_latest(spark, nb_uri, "neighbors (or use dedup.sources=phash)")
+    run = tables.input_run(spark, nb_uri, run_cfg, "neighbors (or use dedup.sources=phash)")
     nb = spark.read.parquet(tables.run_dir(nb_uri, run))
     cand = nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b")).distinct()
     ea = embeddings.select(F.col("image_id").alias("a"), F.col("embedding").alias("ea"))
@@ -124,7 +124,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     img_uri = fs.join(root, "images")
-    img_run = tables.require_latest(spark, img_uri, "ingest")
+    img_run = tables.input_run(spark, img_uri, cfg.run, "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", "phash", "width", "height", "size_bytes").cache()
@@ -135,9 +135,9 @@ def run_dedup(spark, cfg: Config) -> dict:
         parts.append(phash_pairs(ok, dd.phash_threshold, dd.phash_chunks))
     if dd.sources in ("embedding", "both"):
         emb_uri = fs.join(root, "embeddings")
-        emb_run = tables.require_latest(spark, emb_uri, "extract (dedup.sources includes embedding)")
+        emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
-        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"), embeddings)
+        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"), embeddings, cfg.run)
         lineage["embeddings_run_id"] = emb_run
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
@@ -186,7 +186,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         pairs.withColumn("dedup_run_id", F.lit(run_id)).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "pairs"))
 
     manifest["wall_seconds"] = round(time.time() - started, 3)
-    tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     ok.unpersist()
     log.info("dedup %s: %d clusters holding %d images", run_id, stats.clusters, stats.images or 0)
     return manifest

@@ -98,7 +98,7 @@ def _neighbors_mode(spark, cfg: Config, universe, k_default: int | None):
 
     root = fs.qualify(spark, cfg.run.output_root)
     nb_uri = fs.join(root, "neighbors")
-    nb_run = tables.require_latest(spark, nb_uri, "neighbors (or use evaluate.mode=split)")
+    nb_run = tables.input_run(spark, nb_uri, cfg.run, "neighbors (or use evaluate.mode=split)")
     nb_manifest = tables.read_manifest(spark, nb_uri, nb_run) or {}
     k = cfg.evaluate.k or nb_manifest.get("k") or k_default
     nb = spark.read.parquet(tables.run_dir(nb_uri, nb_run)).filter(F.col("rank") <= k)
@@ -273,7 +273,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.require_latest(spark, emb_uri, "extract")
+    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
     emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
     emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
     labels = ground_truth(spark, emb.select("image_id", "path"), ev.labels, ev.labels_base, root)
@@ -323,7 +323,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
     if report is not None:
         extra["report.html"] = report.encode("utf-8")
         manifest["report"] = fs.join(manifest["output"], "report.html")
-    tables.commit_dir(spark, write, table, run_id, manifest, extra, keep=cfg.run.keep_snapshots)
+    tables.commit_dir(spark, write, table, run_id, manifest, extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     per_query.unpersist()
     universe.unpersist()
     log.info("evaluate %s: P@%d %.4f mAP@%d %.4f over %d queries", run_id, k, summ["precision_at_k"] or 0, k, summ["map_at_k"] or 0, summ["queries"])

@@ -230,9 +230,7 @@ def run_extract(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     images_uri = images_table_uri(spark, cfg)
-    images_run = tables.latest_run_id(spark, images_uri)
-    if images_run is None:
-        raise FileNotFoundError(f"run.output_root: no images table under {images_uri}; run ingest first")
+    images_run = tables.input_run(spark, images_uri, cfg.run, "ingest")
     images = spark.read.parquet(tables.run_dir(images_uri, images_run))
     table = fs.join(root, TABLE)
 
@@ -257,7 +255,8 @@ def run_extract(spark, cfg: Config) -> dict:
     todo_df = ok_images.join(done, ["image_id", "content_sha256"], "left_anti")
     todo = [(r.image_id, r.path, r.content_sha256) for r in todo_df.orderBy("image_id").collect()]
 
-    prev_manifest = tables.read_manifest(spark, table)
+    prev_run = tables.base_run(spark, table, cfg.run)
+    prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
     postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes}
     if (
         not todo
@@ -381,7 +380,7 @@ def run_extract(spark, cfg: Config) -> dict:
     }
     n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
     manifest["wall_seconds"] = round(time.time() - started, 3)
-    out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots)
+    out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     combined.unpersist()
     manifest["output"] = out
     log.info("extract %s: %s", run_id, manifest["counts"])

@@ -97,8 +97,8 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
             listing = scanned.unionByName(empties)
         n_listed = len(scanned_paths) + len(empty_paths)
 
-    prev_run = tables.latest_run_id(spark, table)
-    prev = tables.read_latest(spark, table)
+    prev_run = tables.base_run(spark, table, cfg.run)
+    prev = spark.read.parquet(tables.run_dir(table, prev_run)) if prev_run else None
     if prev is not None:
         joined = listing.join(prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left")
         same = F.coalesce((F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False))
@@ -188,7 +188,7 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         },
         "wall_seconds": round(time.time() - started, 3),
     }
-    out = tables.commit(spark, images.coalesce(max(1, min(parallelism, total // 20000 + 1))), table, run_id, manifest, keep=cfg.run.keep_snapshots)
+    out = tables.commit(spark, images.coalesce(max(1, min(parallelism, total // 20000 + 1))), table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     images.unpersist()
     scanned.unpersist()
     manifest["output"] = out

@@ -265,14 +265,13 @@ def _run_build_index(spark, cfg: Config) -> dict:
     ic = cfg.index
     run_id = cfg.run.run_id or new_run_id()
     emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.latest_run_id(spark, emb_uri)
-    if emb_run is None:
-        raise FileNotFoundError(f"run.output_root: no embeddings table under {emb_uri}; run extract first")
+    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
     emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
     dim = emb_manifest.get("dim")
     table = index_table_uri(spark, cfg)
     signature = _index_signature(cfg, dim)
-    prev = tables.read_manifest(spark, table)
+    prev_run = tables.base_run(spark, table, cfg.run)
+    prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     if prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature:
         log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
         return {**prev, "noop": True}
@@ -366,7 +365,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         write(tmp)
         manifest["build_seconds"] = round(time.time() - started, 3)
 
-    out = tables.commit_dir(spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots)
+    out = tables.commit_dir(spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     manifest["output"] = out
     c = manifest["counts"]
     log.info("index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",

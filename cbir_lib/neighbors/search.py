@@ -48,6 +48,7 @@ from cbir_lib.index.build import (
     arrow_batch,
     cell_offsets,
     embeddings_table_uri,
+    index_table_uri,
     load_index_manifest,
     sorted_store,
     vectors_binary,
@@ -416,9 +417,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.latest_run_id(spark, emb_uri)
-    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) if emb_run else None
-    index = load_index_manifest(spark, cfg)
+    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
+    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run)
+    index_run = tables.input_run(spark, index_table_uri(spark, cfg), cfg.run, "build_index") if cfg.run.pin_inputs else None
+    index = load_index_manifest(spark, cfg, index_run)
     check_compatible(index, emb_manifest, emb_run, cfg)
 
     offsets = cell_offsets(index)
@@ -432,7 +434,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
               "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha}
-    prev = tables.read_manifest(spark, table)
+    prev_run = tables.base_run(spark, table, cfg.run)
+    prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
         log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
         return {**prev, "noop": True}
@@ -573,10 +576,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         manifest["pairs_output"] = tables.run_dir(fs.join(root, PAIRS), run_id)
     manifest["wall_seconds"] = round(time.time() - started, 3)
     with timer("committing the neighbours table"):
-        tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots)
+        tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     if pairs is not None:
         tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
-                      {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots)
+                      {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     fs.delete(spark, work_dir)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest

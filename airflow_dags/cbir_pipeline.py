@@ -1,0 +1,160 @@
+"""cbir nightly pipeline: ingest -> extract -> build_index -> neighbors -> (evaluate, dedup).
+
+One ``SparkSubmitOperator`` per stage, each submitting ``jobs/<stage>.py`` of the cbir
+checkout through the ``spark_default`` connection. Every task of a DAG run writes only
+its own snapshot ``<output_root>/<table>/run=<run_id>/`` and reads its inputs at that same
+run id (``run.pin_inputs``), so a retried task, a cleared task or a whole re-run of a
+date rewrites the same partitions with the same rows, and a backfill of several dates
+produces one complete run per date. The run id comes from the logical date
+(``20261124T020000Z``), in the same sortable format as the jobs' own timestamps.
+
+Settings are resolved at run time, first match wins: the DAG run's params, then the
+Airflow Variable ``cbir_<name>``, then the default below. Nothing is read from the
+metadata database while the file is parsed, and nothing heavy is imported: this module
+imports only the Airflow SDK and the Spark provider's operator.
+
+| setting      | meaning                                                                  |
+|--------------|--------------------------------------------------------------------------|
+| project_dir  | the cbir checkout on the worker (holds jobs/ and conf/)                  |
+| profile      | YAML profile for every stage, relative to project_dir or absolute        |
+| extract_profile | profile for extract only, e.g. conf/yarn-gpu.yaml for GPU executors   |
+| images       | directory or Hadoop URI to ingest; empty: the embedded sample           |
+| output_root  | where the tables live (file://, hdfs://, s3a://)                        |
+| model, k     | extract.model and neighbors.k; empty: the profile's                     |
+| labels       | evaluate.labels; empty: the sample's groups, or class folders           |
+| python       | PYSPARK_PYTHON for driver and executors; empty: the worker's environment |
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import DAG, Param
+
+DAG_ID = "cbir_pipeline"
+CONN_ID = "spark_default"  # the Airflow connection: master (local[*], yarn, k8s://...), deploy-mode, queue
+# The checkout this file sits in, when it is deployed by pointing dags_folder at it.
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULTS = {
+    "project_dir": HERE,
+    "profile": "conf/default.yaml",
+    "extract_profile": "",
+    "images": "",
+    "output_root": "",
+    "model": "",
+    "k": "",
+    "labels": "",
+    "python": "",
+    # A daily DAG keeps a week of snapshots, so a re-run or backfill finds its base.
+    "keep_snapshots": "8",
+}
+RUN_ID = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y%m%dT%H%M%SZ') }}"
+
+
+def setting(params, name: str) -> str:
+    """A setting at run time: the DAG run's param, else Variable ``cbir_<name>``, else the default."""
+    value = params.get(name) if params else None
+    if value not in (None, ""):
+        return str(value)
+    from airflow.sdk import Variable  # run time only: never a database call at parse time
+
+    value = Variable.get(f"cbir_{name}", default=None)
+    return str(value) if value not in (None, "") else DEFAULTS[name]
+
+
+def in_project(params, name: str) -> str:
+    """A path setting, made absolute against ``project_dir`` when it is relative."""
+    value = setting(params, name)
+    if not value or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.join(setting(params, "project_dir"), value)
+
+
+def output_root(params) -> str:
+    value = setting(params, "output_root")
+    if not value:
+        raise ValueError("cbir_pipeline: set the output_root param or the Airflow Variable cbir_output_root")
+    return value
+
+
+def labels(params) -> str:
+    """``evaluate.labels``: given, else the sample's groups when ingesting the sample, else folders."""
+    value = setting(params, "labels")
+    if value:
+        return value
+    return "folders" if setting(params, "images") else "groups"
+
+
+class CbirStage(SparkSubmitOperator):
+    """``spark-submit jobs/<stage>.py`` with the common cbir arguments.
+
+    An override that renders empty (``extract.model=``) is dropped, so the profile's value
+    stands; an environment variable that renders empty is dropped too (an empty
+    ``SPARK_HOME`` or ``PYSPARK_PYTHON`` breaks pip's ``spark-submit``).
+    """
+
+    def __init__(self, *, stage: str, profile: str = "profile", overrides: tuple[str, ...] = (), **kwargs):
+        args = [
+            "--config", "{{ in_project(params, '%s') or in_project(params, 'profile') }}" % profile,
+            "--output", "{{ output_root(params) }}",
+            "--run-id", RUN_ID,
+            "run.pin_inputs=true",
+            "run.keep_snapshots={{ setting(params, 'keep_snapshots') }}",
+            *overrides,
+        ]
+        super().__init__(
+            task_id=stage,
+            application="{{ setting(params, 'project_dir') }}/jobs/%s.py" % stage,
+            conn_id=CONN_ID,
+            application_args=args,
+            name=f"cbir-{stage}-{RUN_ID}",
+            env_vars={"PYSPARK_PYTHON": "{{ setting(params, 'python') }}", "PYSPARK_DRIVER_PYTHON": "{{ setting(params, 'python') }}"},
+            **kwargs,
+        )
+
+    def execute(self, context):
+        self.application_args = [a for a in self.application_args if not (a.endswith("=") and not a.startswith("-"))]
+        self.env_vars = {k: v for k, v in (self.env_vars or {}).items() if v not in (None, "")} or None
+        return super().execute(context)
+
+
+with DAG(
+    dag_id=DAG_ID,
+    description="cbir: images -> embeddings -> index -> all-pairs neighbours -> evaluation and near-duplicates",
+    schedule="0 2 * * *",
+    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc),
+    # Explicit: a new deployment does not replay every day since start_date. Backfill on
+    # purpose with `airflow backfill create`; each date then gets its own complete run.
+    catchup=False,
+    # Runs build on each other (incremental ingest, reused embeddings): one at a time.
+    max_active_runs=1,
+    default_args={
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=5),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=30),
+        "execution_timeout": dt.timedelta(hours=12),
+    },
+    params={
+        "images": Param(None, type=["null", "string"], description="directory or Hadoop URI; empty: Variable cbir_images, else the embedded sample"),
+        "output_root": Param(None, type=["null", "string"], description="table root; empty: Variable cbir_output_root"),
+        "profile": Param(None, type=["null", "string"], description="YAML profile; empty: Variable cbir_profile, else conf/default.yaml"),
+        "extract_profile": Param(None, type=["null", "string"], description="profile for extract (e.g. conf/yarn-gpu.yaml); empty: the profile"),
+        "model": Param(None, type=["null", "string"], description="extract.model; empty: the profile's"),
+        "k": Param(None, type=["null", "integer"], minimum=1, maximum=1000, description="neighbors.k; empty: the profile's"),
+        "labels": Param(None, type=["null", "string"], description="evaluate.labels: folders | groups | a labels CSV"),
+    },
+    user_defined_macros={"setting": setting, "in_project": in_project, "output_root": output_root, "labels": labels},
+    tags=["cbir"],
+    doc_md=__doc__,
+) as dag:
+    ingest = CbirStage(stage="ingest", overrides=("ingest.images={{ setting(params, 'images') }}",))
+    extract = CbirStage(stage="extract", profile="extract_profile", overrides=("extract.model={{ setting(params, 'model') }}",))
+    build_index = CbirStage(stage="build_index")
+    neighbors = CbirStage(stage="neighbors", overrides=("neighbors.k={{ setting(params, 'k') }}",))
+    evaluate = CbirStage(stage="evaluate", overrides=("evaluate.labels={{ labels(params) }}",))
+    dedup = CbirStage(stage="dedup")
+
+    ingest >> extract >> build_index >> neighbors >> [evaluate, dedup]

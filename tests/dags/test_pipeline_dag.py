@@ -1,0 +1,209 @@
+"""The Airflow DAG: it imports cleanly and leanly, and `airflow dags test` runs the whole
+pipeline on the embedded sample with local Spark, SQLite and a throw-away AIRFLOW_HOME.
+
+Airflow runs in subprocesses only (its import configures logging and reads AIRFLOW_HOME),
+exactly as a deployment would run it: `airflow db migrate`, `dags reserialize`, `dags test`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DAG_ID = "cbir_pipeline"
+# Each stage's table: what its task writes under <output_root>.
+TABLES = {"ingest": "images", "extract": "embeddings", "build_index": "index", "neighbors": "neighbors",
+          "evaluate": "evaluation", "dedup": "dedup"}
+DATE1, RUN1 = "2026-11-20T02:00:00+00:00", "20261120T020000Z"
+DATE2, RUN2 = "2026-11-21T02:00:00+00:00", "20261121T020000Z"
+
+
+def airflow_env(home: Path, output: Path, profile: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SPARK_HOME"))}
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        # The connection and variables a deployment would set in the UI or a secrets backend.
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        "AIRFLOW_VAR_CBIR_OUTPUT_ROOT": str(output),
+        "AIRFLOW_VAR_CBIR_PROFILE": str(profile),
+        "AIRFLOW_VAR_CBIR_PROJECT_DIR": str(ROOT),
+        "AIRFLOW_VAR_CBIR_PYTHON": sys.executable,
+        # spark-submit must be on PATH: pip's pyspark puts it beside this interpreter.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    return env
+
+
+def airflow(env, *args, timeout=900, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def json_out(proc: subprocess.CompletedProcess):
+    """The JSON an `airflow ... --output json` printed (warnings may precede it on stdout)."""
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[", "{"))]
+    assert lines, proc.stdout[-2000:]
+    return json.loads(lines[-1])
+
+
+def python(env, code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, model_cache):
+    """A throw-away Airflow home with a migrated SQLite database and the DAG serialised."""
+    base = tmp_path_factory.mktemp("airflow")
+    home, output = base / "home", base / "output"
+    home.mkdir()
+    profile = base / "profile.yaml"
+    # The shipped default profile, with the test session's model cache and small shuffles.
+    text = (ROOT / "conf" / "default.yaml").read_text()
+    text = text.replace("extract:\n", f"extract:\n  model_cache: {model_cache}\n", 1)
+    text = text.replace("  conf:\n", '  conf:\n    spark.sql.shuffle.partitions: "4"\n', 1)
+    profile.write_text(text)
+    env = airflow_env(home, output, profile)
+    airflow(env, "db", "migrate")
+    airflow(env, "dags", "reserialize")
+    return {"env": env, "output": output, "home": home}
+
+
+def test_dagbag_has_the_pipeline_in_order_with_retries(deployment):
+    code = f"""
+import json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder={str(ROOT / "airflow_dags")!r})
+dag = bag.get_dag({DAG_ID!r})
+out = {{"errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dag_ids)}}
+if dag is not None:
+    out.update(
+        order=[t.task_id for t in dag.topological_sort()],
+        edges=sorted((u, d) for t in dag.tasks for u, d in [(t.task_id, x) for x in t.downstream_task_ids]),
+        operators=sorted({{type(t).__mro__[1].__name__ for t in dag.tasks}}),
+        retries=sorted({{t.retries for t in dag.tasks}}),
+        retry_delay=sorted({{t.retry_delay.total_seconds() for t in dag.tasks}}),
+        catchup=dag.catchup, max_active_runs=dag.max_active_runs, schedule=str(dag.schedule),
+        conn_ids=sorted({{t._conn_id for t in dag.tasks}}),
+    )
+print(json.dumps(out))
+"""
+    out = json.loads(python(deployment["env"], code))
+    assert out["errors"] == {}
+    assert out["dags"] == [DAG_ID]
+    assert out["order"][:4] == ["ingest", "extract", "build_index", "neighbors"]
+    assert sorted(out["order"][4:]) == ["dedup", "evaluate"]
+    assert out["edges"] == [["build_index", "neighbors"], ["extract", "build_index"], ["ingest", "extract"],
+                            ["neighbors", "dedup"], ["neighbors", "evaluate"]]
+    assert out["operators"] == ["SparkSubmitOperator"]
+    assert out["retries"] == [2] and out["retry_delay"] == [300.0]
+    assert out["catchup"] is False and out["max_active_runs"] == 1 and out["schedule"] == "0 2 * * *"
+    assert out["conn_ids"] == ["spark_default"]
+    # Airflow's own view after reserialize: listed, no import errors.
+    listed = airflow(deployment["env"], "dags", "list", "--output", "json")
+    assert DAG_ID in {d["dag_id"] for d in json_out(listed)}
+    errors = airflow(deployment["env"], "dags", "list-import-errors", "--output", "json")
+    assert json_out(errors) == []
+
+
+def test_dag_file_imports_nothing_heavy(deployment):
+    code = f"""
+import json, sys, time, importlib.util
+t = time.time()
+spec = importlib.util.spec_from_file_location("cbir_pipeline", {str(ROOT / 'airflow_dags' / 'cbir_pipeline.py')!r})
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+heavy = sorted(m for m in ("pyspark", "tensorflow", "numpy", "pyarrow", "pandas", "annoy", "petastorm", "cbir_lib", "jobs") if m in sys.modules)
+print(json.dumps({{"heavy": heavy, "seconds": time.time() - t}}))
+"""
+    out = json.loads(python(deployment["env"], code))
+    assert out["heavy"] == [], f"the DAG file pulled in {out['heavy']} at parse time"
+
+
+def _run_manifest(output: Path, table: str, run_id: str) -> dict:
+    path = output / table / f"run={run_id}" / "_manifest.json"
+    assert path.exists(), f"{table} has no snapshot for run {run_id}"
+    return json.loads(path.read_text())
+
+
+def _rows(spark, output: Path, table: str, run_id: str, drop=()) -> list:
+    """Every row of a run's table (``dedup:clusters`` is the clusters part of dedup's run), sorted."""
+    table, _, part = table.partition(":")
+    df = spark.read.parquet(str(output / table / f"run={run_id}" / part))
+    cols = [c for c in df.columns if c not in drop and dict(df.dtypes)[c] != "binary"]
+    return sorted(tuple(map(repr, r)) for r in df.select(*cols).collect())
+
+
+@pytest.mark.slow
+def test_dags_test_runs_every_stage_then_reruns_and_a_second_date(deployment, spark):
+    env, output = deployment["env"], deployment["output"]
+    proc = airflow(env, "dags", "test", DAG_ID, DATE1)
+    assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
+    for stage, table in TABLES.items():
+        assert _run_manifest(output, table, RUN1)["stage"] in (stage, "index")
+
+    images = _run_manifest(output, "images", RUN1)
+    emb = _run_manifest(output, "embeddings", RUN1)
+    index = _run_manifest(output, "index", RUN1)
+    nb = _run_manifest(output, "neighbors", RUN1)
+    ev = _run_manifest(output, "evaluation", RUN1)
+    dd = _run_manifest(output, "dedup", RUN1)
+    n_ok = images["counts"]["ok"]
+    assert n_ok >= 80 and images["counts"]["failed"] == 3, images["counts"]
+    assert emb["counts"]["ok"] == n_ok and emb["images_run_id"] == RUN1
+    assert index["embeddings_run_id"] == RUN1 and sum(index["counts"]["per_cell"]) == n_ok
+    assert nb["index_run_id"] == RUN1 and nb["counts"]["queries"] == n_ok and nb["counts"]["rows"] == n_ok * nb["k"]
+    assert ev["neighbors_run_id"] == RUN1 and ev["metrics"]["queries"] == n_ok, ev["metrics"]
+    assert dd["images_run_id"] == RUN1
+    assert ev["metrics"]["precision_at_k"] > 0.5  # the sample's copies find each other
+    nb_rows = spark.read.parquet(str(output / "neighbors" / f"run={RUN1}"))
+    assert nb_rows.select("image_id").distinct().count() == n_ok
+
+    # A task run twice gives the same output: dedup rewrites its partition; neighbours,
+    # whose partition is deleted first (a task killed after its commit was lost), recompute it.
+    before = {t: _rows(spark, output, t, RUN1, drop=("neighbors_run_id",)) for t in ("neighbors", "dedup:clusters", "dedup:pairs")}
+    shutil.rmtree(output / "neighbors" / f"run={RUN1}")
+    airflow(env, "tasks", "test", DAG_ID, "neighbors", DATE1)
+    airflow(env, "tasks", "test", DAG_ID, "dedup", DATE1)
+    after = {t: _rows(spark, output, t, RUN1, drop=("neighbors_run_id",)) for t in before}
+    for table in before:
+        assert after[table] == before[table], f"{table} changed when its task ran again"
+
+    # The next date, with one new photo: a separate complete run that reads and embeds only it.
+    photos = output / "sample" / "images" / "photos"
+    from PIL import Image
+
+    Image.open(photos / "chelsea__original.jpg").rotate(90, expand=True).save(photos / "new_upload.jpg", quality=90)
+    proc = airflow(env, "dags", "test", DAG_ID, DATE2)
+    assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
+    images2 = _run_manifest(output, "images", RUN2)
+    emb2 = _run_manifest(output, "embeddings", RUN2)
+    nb2 = _run_manifest(output, "neighbors", RUN2)
+    assert images2["counts"]["new_or_changed"] == 1 and images2["counts"]["ok"] == n_ok + 1
+    assert emb2["counts"]["embedded_this_run"] == 1 and emb2["counts"]["ok"] == n_ok + 1
+    assert nb2["counts"]["queries"] == n_ok + 1 and nb2["index_run_id"] == RUN2
+    assert (output / "neighbors" / "_LATEST").read_text().strip() == RUN2
+    # The first date's run is untouched and still complete.
+    assert _run_manifest(output, "images", RUN1)["counts"]["ok"] == n_ok
+    assert _rows(spark, output, "neighbors", RUN1, drop=("neighbors_run_id",)) == before["neighbors"]
+
+    # Re-running the older date after the newer one rewrites only its own partitions and
+    # leaves _LATEST on the newer run.
+    airflow(env, "tasks", "test", DAG_ID, "build_index", DATE1)
+    assert (output / "index" / "_LATEST").read_text().strip() == RUN2
