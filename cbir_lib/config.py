@@ -1,6 +1,6 @@
 """Typed, frozen configuration loaded from YAML, validated as a whole before Spark starts.
 
-A config file has one section per stage (``run``, ``ingest``, ``extract``, ``index``,
+A config file has one section per stage (``run``, ``ingest``, ``extract``, ``index``, ``train``,
 ``neighbors``, ``evaluate``, ``dedup``, ``spark``).
 Overrides are ``section.field=value`` strings whose values are parsed as YAML scalars,
 so ``extract.batch_size=64`` is an int and ``extract.whitening=true`` a bool.
@@ -88,6 +88,9 @@ class ExtractConfig:
     whitening_dim: int | None = None  # None keeps the full dimension
     whitening_sample: int = 20_000
     binary_codes: bool = False
+    # A trained head (`cbir train`): a models/run=<id> directory or URI. Its features become
+    # the embedding and its code units, thresholded at 0.5, the binary_code.
+    head: str | None = None
     batch_size: int = 32
     chunk_size: int = 2048  # images per committed part; the unit of resume after a crash
     mixed_precision: bool = False
@@ -120,6 +123,9 @@ class ExtractConfig:
         _require(self.device in ("auto", "cpu", "gpu"), "extract.device", "must be auto, cpu or gpu")
         _require(self.decode_threads >= 1, "extract.decode_threads", "must be >= 1")
         _require(0.0 <= self.max_failure_rate <= 1.0, "extract.max_failure_rate", "must be in [0, 1]")
+        if self.head is not None:
+            _require(not self.whitening, "extract.whitening", "cannot be combined with extract.head (the head is trained on unwhitened embeddings)")
+            _require(not self.binary_codes, "extract.binary_codes", "cannot be combined with extract.head (the head writes its own codes)")
         if self.model == "vgg16-fc2":
             _require(self.pooling == "gap", "extract.pooling", "vgg16-fc2 is a vector already; use pooling=gap")
 
@@ -259,6 +265,44 @@ class SparkConfig:
         _require(isinstance(self.conf, Mapping), "spark.conf", "must be a mapping of Spark settings")
 
 
+TRAIN_MODES = ("head", "full")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``cbir train``: the head of Lin et al. (features -> B sigmoid code units -> classes)."""
+
+    mode: str = "head"  # head: on the frozen embeddings (CPU default) | full: also the last backbone blocks (GPU)
+    labels: str = "folders"  # folders | a labels CSV (as evaluate.labels)
+    labels_base: str | None = None
+    split: str | None = "train"  # the split that trains; None: every labelled image
+    validation_split: str | None = "validation"  # reported each epoch; None or absent: none
+    bits: int = 48  # B, the code length
+    hidden: int = 512  # width of the hidden layer below the code units
+    epochs: int = 80
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    dropout: float = 0.3  # on the input embedding
+    noise: float = 0.0  # tf.data augmentation: Gaussian noise (std) added to each embedding
+    binarise: float = 0.1  # weight of the term pushing code activations away from 0.5
+    balance: float = 0.1  # weight of the term pushing each bit to fire for half the images
+    seed: int = 42
+    workers: int = 2  # Petastorm reader threads
+
+    def validate(self) -> None:
+        _require(self.mode in TRAIN_MODES, "train.mode", f"must be one of {TRAIN_MODES}, got {self.mode!r}")
+        _require(8 <= self.bits <= 1024 and self.bits % 8 == 0, "train.bits", "must be a multiple of 8 in 8..1024")
+        _require(self.hidden >= 8, "train.hidden", "must be >= 8")
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
+        _require(self.noise >= 0, "train.noise", "must be >= 0")
+        _require(self.binarise >= 0, "train.binarise", "must be >= 0")
+        _require(self.balance >= 0, "train.balance", "must be >= 0")
+        _require(self.workers >= 1, "train.workers", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -268,6 +312,7 @@ class Config:
     neighbors: NeighborsConfig = field(default_factory=NeighborsConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def validate(self) -> "Config":
@@ -336,6 +381,7 @@ _SECTIONS = {
     "neighbors": NeighborsConfig,
     "evaluate": EvaluateConfig,
     "dedup": DedupConfig,
+    "train": TrainConfig,
     "spark": SparkConfig,
 }
 

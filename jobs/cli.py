@@ -7,6 +7,7 @@
     cbir neighbors neighbors.k=10 neighbors.min_recall=0.95
     cbir evaluate evaluate.mode=split evaluate.labels=folders
     cbir dedup dedup.phash_threshold=8 dedup.min_score=0.9
+    cbir train train.bits=48 && cbir extract extract.head=output/models
     cbir query IMAGE [--k 10] [--html out.html]
     cbir sample DIR                # write the embedded sample photos to DIR
 """
@@ -25,6 +26,7 @@ STAGES = {
     "neighbors": "jobs.neighbors",
     "evaluate": "jobs.evaluate",
     "dedup": "jobs.dedup",
+    "train": "jobs.train",
     "query": "jobs.query",
 }
 

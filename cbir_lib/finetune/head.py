@@ -1,0 +1,114 @@
+"""The learned head of Lin et al. (CVPRW 2015) on top of frozen embeddings.
+
+``embedding -> Dense(hidden, ReLU) -> Dense(B, sigmoid) "code" -> Dense(C, softmax) "classes"``
+
+- ``code``: B sigmoid units between the hidden layer and the classifier, thresholded at
+  0.5 into the B-bit code (the latent layer H of the paper);
+- ``features``: the same units as floats, ``2 h - 1`` (L2-normalised for search), so the
+  code is exactly their sign pattern. The paper re-ranks by fc7, the layer below H; on
+  clothing-small the latent floats measured better (P@10 0.90-0.91 against 0.88-0.89 for
+  the hidden layer, benchmarks/results/finetune.json), and they are B-dimensional;
+- ``classes``: the classifier that trains them.
+
+Training adds two optional terms on the code activations (from the paper's follow-up, SSDH,
+Yang et al. TPAMI 2017): ``binarise`` pushes them away from 0.5 and ``balance`` pushes every
+bit towards firing for half the images. The saved model carries no custom objects, so any
+Keras loads it. Inference in extract and ``cbir query`` is the same arithmetic in numpy
+(:func:`apply_head`), so executors need no TensorFlow for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LAYERS = ("hidden", "code", "classes")  # the layers with weights
+
+
+def build_head(input_dim: int, n_classes: int, bits: int, hidden: int, dropout: float = 0.0,
+               binarise: float = 0.0, balance: float = 0.0, seed: int = 0):
+    """The Keras head. With ``binarise``/``balance`` > 0 the code layer carries the extra terms
+    as an activity regulariser: train that model, then copy its weights into one built
+    without them (:func:`clean_copy`) to save a model that needs no custom objects."""
+    import tensorflow as tf
+
+    keras = tf.keras
+    init = keras.initializers.GlorotUniform(seed=seed)
+    x = inp = keras.Input((input_dim,), name="embedding")
+    if dropout:
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    h = keras.layers.Dense(hidden, activation="relu", kernel_initializer=init, name="hidden")(x)
+    reg = _CodeTerms(binarise, balance) if (binarise or balance) else None
+    code = keras.layers.Dense(bits, activation="sigmoid", kernel_initializer=init, activity_regularizer=reg, name="code")(h)
+    feats = keras.layers.Rescaling(2.0, offset=-1.0, name="features")(code)
+    classes = keras.layers.Dense(n_classes, activation="softmax", kernel_initializer=init, name="classes")(code)
+    return keras.Model(inp, {"features": feats, "code": code, "classes": classes}, name="cbir_head")
+
+
+def clean_copy(model, input_dim: int, n_classes: int, bits: int, hidden: int):
+    """The same head without dropout or regularisers, holding ``model``'s weights."""
+    out = build_head(input_dim, n_classes, bits, hidden)
+    for name in LAYERS:
+        out.get_layer(name).set_weights(model.get_layer(name).get_weights())
+    return out
+
+
+def _code_terms_class():
+    import tensorflow as tf
+
+    class CodeTerms(tf.keras.regularizers.Regularizer):
+        """``-binarise * mean((h - 0.5)^2) + balance * mean_j (mean_i h_ij - 0.5)^2``."""
+
+        def __init__(self, binarise: float, balance: float):
+            self.binarise, self.balance = float(binarise), float(balance)
+
+        def __call__(self, h):
+            loss = -self.binarise * tf.reduce_mean(tf.square(h - 0.5))
+            return loss + self.balance * tf.reduce_mean(tf.square(tf.reduce_mean(h, axis=0) - 0.5))
+
+        def get_config(self):
+            return {"binarise": self.binarise, "balance": self.balance}
+
+    return CodeTerms
+
+
+def _CodeTerms(binarise: float, balance: float):  # noqa: N802 - a lazy class (TensorFlow loads on use)
+    return _code_terms_class()(binarise, balance)
+
+
+def head_weights(model) -> dict[str, np.ndarray]:
+    """The head's weights by layer: ``{name/kernel, name/bias}`` for hidden, code, classes."""
+    out = {}
+    for name in LAYERS:
+        kernel, bias = model.get_layer(name).get_weights()
+        out[f"{name}/kernel"] = np.asarray(kernel, dtype=np.float32)
+        out[f"{name}/bias"] = np.asarray(bias, dtype=np.float32)
+    return out
+
+
+def apply_head(weights: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features, code activations, class probabilities)`` of embeddings ``x``, in numpy;
+    the same numbers as the Keras model's outputs (dropout is off at inference)."""
+    x = np.asarray(x, dtype=np.float32)
+    h = np.maximum(x @ weights["hidden/kernel"] + weights["hidden/bias"], 0.0)
+    code = 1.0 / (1.0 + np.exp(-(h @ weights["code/kernel"] + weights["code/bias"])))
+    feats = 2.0 * code - 1.0
+    logits = code @ weights["classes/kernel"] + weights["classes/bias"]
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return feats.astype(np.float32), code.astype(np.float32), probs.astype(np.float32)
+
+
+def save_weights_npz(weights: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **weights)
+    return buf.getvalue()
+
+
+def load_weights_npz(data: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}

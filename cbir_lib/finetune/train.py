@@ -1,0 +1,235 @@
+"""``cbir train``: the learned head (features, B-bit code, classifier) on a labelled table.
+
+1. The embeddings (``run.pin_inputs`` or ``_LATEST``) joined with their labels (class
+   folders or a labels CSV, as in evaluate) and split.
+2. The training split goes into ``tf.data`` through Petastorm's Spark converter
+   (``make_spark_converter`` materialises it as Parquet under ``models/_work/petastorm``,
+   ``make_tf_dataset`` streams it back in shuffled batches); augmentation (Gaussian noise
+   on the embedding, ``train.noise``) runs in ``tf.data``. The validation split is small
+   and is scored each epoch.
+3. The model is saved as ``models/run=<id>/model.keras`` (outputs ``features``, ``code``,
+   ``classes``; no custom objects) with ``head.npz`` (the same weights for numpy inference)
+   and a manifest: data, classes, epochs, per-epoch metrics, checksums, and the embedding
+   it was trained on (model checksum, pooling, resize), which extract checks before applying it.
+
+``train.mode=full`` (the last backbone blocks as well, on images decoded in ``tf.data``,
+for GPU executors) is refused with a clear error: it is not built yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+TABLE = "models"
+MODEL_FILE = "model.keras"
+WEIGHTS_FILE = "head.npz"
+
+
+def labelled_embeddings(spark, cfg: Config, emb_uri: str, emb_run: str):
+    """``(image_id, embedding, label, split)`` of every ok, labelled embedding."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.evaluate.groundtruth import ground_truth
+
+    emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
+    labels = ground_truth(spark, emb.select("image_id", "path"), cfg.train.labels, cfg.train.labels_base,
+                          fs.qualify(spark, cfg.run.output_root))
+    return emb.select("image_id", "embedding").join(labels, "image_id").dropDuplicates(["image_id"])
+
+
+def _split(df, split: str | None):
+    from pyspark.sql import functions as F
+
+    return df if split is None else df.filter(F.col("split") == split)
+
+
+def fit_head(dataset, steps_per_epoch: int, dim: int, classes: list[str], tc, validation=None, log_every: bool = True):
+    """Train the head on a ``tf.data`` dataset of ``(embedding, label)`` batches; returns
+    ``(model without regularisers, per-epoch history)``. Shared by the job and the benchmark."""
+    import tensorflow as tf
+
+    from cbir_lib.finetune.head import build_head, clean_copy
+
+    tf.keras.utils.set_random_seed(tc.seed)
+    model = build_head(dim, len(classes), tc.bits, tc.hidden, tc.dropout, tc.binarise, tc.balance, tc.seed)
+    # The classifier trains every layer; the code units' extra terms ride on their layer.
+    trainer = tf.keras.Model(model.input, model.output["classes"])
+    trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
+                    loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    val = validation if validation is not None and len(validation[0]) else None
+    hist = trainer.fit(dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val,
+                       verbose=2 if log_every else 0)
+    history = [{k: round(float(v[i]), 5) for k, v in hist.history.items()} for i in range(len(hist.history["loss"]))]
+    for i, h in enumerate(history):
+        h["epoch"] = i + 1
+    return clean_copy(model, dim, len(classes), tc.bits, tc.hidden), history
+
+
+def augment(dataset, noise: float, seed: int):
+    """Embedding-level augmentation inside tf.data: additive Gaussian noise, then re-normalise."""
+    import tensorflow as tf
+
+    if not noise:
+        return dataset
+
+    def fn(x, y):
+        x = x + tf.random.normal(tf.shape(x), stddev=noise, seed=seed)
+        return tf.math.l2_normalize(x, axis=-1), y
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_train(spark, cfg: Config) -> dict:
+    """Train the head on ``<output_root>/embeddings`` into ``<output_root>/models/run=<id>/``."""
+    from pyspark.sql import functions as F
+
+    tc = cfg.train
+    if tc.mode == "full":
+        raise ConfigError("train.mode: 'full' (fine-tuning the backbone's last blocks) is not built yet; use train.mode=head")
+    started = time.time()
+    run_id = cfg.run.run_id or new_run_id()
+    root = fs.qualify(spark, cfg.run.output_root)
+    emb_uri = fs.join(root, "embeddings")
+    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
+    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
+    if emb_manifest.get("head"):
+        raise ConfigError("extract.head: the embeddings were made with a trained head already; train on plain backbone embeddings")
+    if emb_manifest.get("whitening"):
+        raise ConfigError("extract.whitening: train on unwhitened embeddings (the head learns its own projection)")
+
+    data = labelled_embeddings(spark, cfg, emb_uri, emb_run).cache()
+    train_df = _split(data, tc.split)
+    classes = sorted(r.label for r in train_df.select("label").distinct().collect())
+    if len(classes) < 2:
+        raise ConfigError(f"train.labels: {tc.labels!r} gives {len(classes)} class(es) in split {tc.split!r}; at least 2 are needed")
+    index_of = spark.createDataFrame(list(enumerate(classes)), "label_index int, label string")
+    train_df = train_df.join(index_of, "label").select(F.col("embedding").cast("array<float>"), F.col("label_index").alias("label"))
+    n_train = train_df.count()
+    counts = {r.label: r["count"] for r in _split(data, tc.split).groupBy("label").count().collect()}
+    val = None
+    if tc.validation_split:
+        rows = _split(data, tc.validation_split).join(index_of, "label").select("embedding", "label_index").collect()
+        if rows:
+            val = (np.stack([np.asarray(r.embedding, np.float32) for r in rows]), np.array([r.label_index for r in rows], np.int32))
+    dim = int(emb_manifest.get("dim") or len(data.first().embedding))
+
+    import tensorflow as tf
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, fs.join(root, TABLE, "_work", "petastorm"))
+    steps = max(1, -(-n_train // tc.batch_size))
+    with timer(f"petastorm: materialising {n_train} training rows"):
+        converter = make_spark_converter(train_df)
+    try:
+        with converter.make_tf_dataset(batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers,
+                                       shuffling_queue_capacity=min(n_train, 10_000), seed=tc.seed) as ds:
+            ds = ds.map(lambda b: (tf.reshape(b.embedding, (-1, dim)), b.label))
+            ds = augment(ds, tc.noise, tc.seed).prefetch(2)
+            with timer(f"training the head ({tc.epochs} epochs of {steps} steps)") as t:
+                model, history = fit_head(ds, steps, dim, classes, tc, val)
+    finally:
+        converter.delete()
+    data.unpersist()
+
+    from cbir_lib.finetune.head import apply_head, head_weights, save_weights_npz
+
+    weights = head_weights(model)
+    weights_bytes = save_weights_npz(weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        model.save(local)
+        with open(local, "rb") as fh:
+            model_bytes = fh.read()
+    metrics = {"train_accuracy": history[-1].get("accuracy"), "loss": history[-1].get("loss")}
+    if val is not None:
+        _, code, probs = apply_head(weights, val[0])
+        metrics["validation_accuracy"] = round(float((probs.argmax(1) == val[1]).mean()), 5)
+        metrics["validation_bits_on"] = round(float((code > 0.5).mean()), 4)
+        metrics["validation_bits_undecided"] = round(float((np.abs(code - 0.5) < 0.1).mean()), 4)
+    base = emb_manifest.get("config", {}).get("extract", {})
+    manifest = {
+        "stage": "train",
+        "run_id": run_id,
+        "mode": tc.mode,
+        "embeddings_run_id": emb_run,
+        "base": {
+            "feature_key": emb_manifest.get("feature_key"), "model": emb_manifest.get("model"), "dim": dim,
+            "pooling": base.get("pooling"), "resize": base.get("resize"),
+        },
+        "classes": classes,
+        "bits": tc.bits,
+        "hidden": tc.hidden,
+        "data": {"labels": tc.labels, "split": tc.split, "validation_split": tc.validation_split, "train": n_train,
+                 "validation": 0 if val is None else len(val[1]), "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
+        "params": {k: getattr(tc, k) for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance", "seed")},
+        "history": history,
+        "metrics": metrics,
+        "files": {MODEL_FILE: _sha256(model_bytes), WEIGHTS_FILE: _sha256(weights_bytes)},
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+        "timings": {"train_s": round(t["seconds"], 3)},
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    table = fs.join(root, TABLE)
+    out = tables.commit_dir(spark, lambda tmp: None, table, run_id, manifest,
+                            extra_files={MODEL_FILE: model_bytes, WEIGHTS_FILE: weights_bytes},
+                            keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    manifest["output"] = out
+    log.info("train %s: %s", run_id, metrics)
+    return manifest
+
+
+def load_head(spark_or_none, uri: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A trained head's manifest and weights from ``models/run=<id>`` (checksum verified).
+    ``uri`` may also be the ``models`` table, meaning its latest run."""
+    from cbir_lib.finetune.head import load_weights_npz
+
+    read_json, read_bytes, exists = _readers(spark_or_none)
+    if not exists(fs.join(uri, tables.MANIFEST)) and exists(fs.join(uri, tables.LATEST)):
+        uri = tables.run_dir(uri, read_bytes(fs.join(uri, tables.LATEST)).decode().strip())
+    if not exists(fs.join(uri, tables.MANIFEST)):
+        raise FileNotFoundError(f"extract.head: no trained model at {uri} (run cbir train first)")
+    manifest = read_json(fs.join(uri, tables.MANIFEST))
+    data = read_bytes(fs.join(uri, WEIGHTS_FILE))
+    if _sha256(data) != manifest["files"][WEIGHTS_FILE]:
+        raise ValueError(f"extract.head: {uri}/{WEIGHTS_FILE} does not match its manifest's checksum")
+    manifest["uri"] = uri
+    return manifest, load_weights_npz(data)
+
+
+def _readers(spark):
+    if spark is not None:
+        return (lambda u: fs.read_json(spark, u)), (lambda u: fs.read_bytes(spark, u)), (lambda u: fs.exists(spark, u))
+    import json
+
+    import pyarrow.fs as pafs
+
+    def _fs(u):
+        return pafs.FileSystem.from_uri(u if "://" in u else "file://" + os.path.abspath(u))
+
+    def read_bytes(u):
+        f, p = _fs(u)
+        with f.open_input_stream(p) as fh:
+            return fh.read()
+
+    def exists(u):
+        f, p = _fs(u)
+        return f.get_file_info(p).type != pafs.FileType.NotFound
+
+    return (lambda u: json.loads(read_bytes(u))), read_bytes, exists
