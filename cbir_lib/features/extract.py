@@ -11,8 +11,10 @@ How a run proceeds:
    at any point loses at most the chunk in flight, and the next run skips every
    committed chunk. Unchanged images are never embedded twice.
 4. Finalise: the current images' raw vectors, plus failed rows, optionally PCA-whitened
-   (fitted once per feature key and kept) and with mean-threshold binary codes, are
-   committed as the snapshot ``embeddings/run=<run_id>/`` with its manifest.
+   (fitted once per feature key and kept) and with mean-threshold binary codes, or passed
+   through a trained head (``extract.head``: its code units' floats become the embedding and
+   their bits the ``binary_code``; the CNN is not run again), are committed as the snapshot
+   ``embeddings/run=<run_id>/`` with its manifest.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from cbir_lib.common import fs, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.features.embedder import EmbedSpec, configure_devices, embed_stream, get_embedder
+from cbir_lib.features.pooling import l2_normalize
 from cbir_lib.features.postprocess import Whitening, mean_threshold_bits
+from cbir_lib.finetune.head import apply_head, load_weights_npz
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK
 from cbir_lib.images.ingest import images_table_uri
 from cbir_lib.models.backbones import ModelArtifact, resolve_artifact
@@ -165,9 +169,28 @@ def _embed_chunk(spark, rows: list, spec: EmbedSpec, parts_dir: str, work_dir: s
     return len(rows), n_failed
 
 
-def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray | None, meta: dict):
+def _load_head(spark, uri: str, key: str):
+    """A trained head (``cbir train``) and its weights, refused unless it was trained on
+    embeddings made exactly as this run makes them."""
+    from cbir_lib.config import ConfigError
+    from cbir_lib.finetune.train import load_head
+
+    manifest, weights = load_head(spark, fs.qualify(spark, uri))
+    base = manifest.get("base") or {}
+    if base.get("feature_key") != key:
+        raise ConfigError(
+            f"extract.head: {manifest['uri']} was trained on embeddings {base.get('feature_key')} "
+            f"(pooling {base.get('pooling')}, resize {base.get('resize')}), but this extract makes {key}; "
+            "extract with the settings it was trained on, or train again")
+    return manifest, weights
+
+
+def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray | None, meta: dict, head_bytes: bytes | None = None):
     def fn(batches):
+        from cbir_lib.neighbors.hamming import threshold
+
         whitening = Whitening.from_bytes(whitening_bytes) if whitening_bytes else None
+        head = load_weights_npz(head_bytes) if head_bytes else None
         for pdf in batches:
             ok = pdf["status"] == STATUS_OK
             vectors = list(pdf["embedding"])
@@ -178,6 +201,10 @@ def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray
                 if whitening is not None:
                     mat = whitening.apply(mat).astype(np.float32)
                 packed = mean_threshold_bits(mat, thresholds) if thresholds is not None else None
+                if head is not None:  # the trained head: its code units' floats, and their bits
+                    feats, code, _ = apply_head(head, mat)
+                    mat = l2_normalize(feats).astype(np.float32)
+                    packed = threshold(code, 0.5)
                 for j, i in enumerate(idx):
                     vectors[i] = mat[j]
                     if packed is not None:
@@ -255,9 +282,11 @@ def run_extract(spark, cfg: Config) -> dict:
     todo_df = ok_images.join(done, ["image_id", "content_sha256"], "left_anti")
     todo = [(r.image_id, r.path, r.content_sha256) for r in todo_df.orderBy("image_id").collect()]
 
+    head = _load_head(spark, e.head, key) if e.head else None
     prev_run = tables.base_run(spark, table, cfg.run)
     prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
-    postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes}
+    postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes,
+                       "head": head[0]["files"]["head.npz"] if head else None}
     if (
         not todo
         and prev_manifest
@@ -353,7 +382,18 @@ def run_extract(spark, cfg: Config) -> dict:
         buf = io.BytesIO()
         np.save(buf, thresholds)
         extra["_binary_thresholds.npy"] = buf.getvalue()
-    final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta), FINAL_DDL)
+    head_info = None
+    if head is not None:
+        from cbir_lib.finetune.head import save_weights_npz
+
+        h_manifest, h_weights = head
+        dim = int(h_manifest["bits"])
+        meta["dim"] = dim
+        head_bytes = save_weights_npz(h_weights)
+        extra["_head.npz"] = head_bytes
+        head_info = {"uri": h_manifest["uri"], "run_id": h_manifest["run_id"], "bits": dim, "classes": h_manifest["classes"],
+                     "sha256": h_manifest["files"]["head.npz"], "file": "_head.npz"}
+    final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz")), FINAL_DDL)
 
     manifest = {
         "stage": "extract",
@@ -371,7 +411,9 @@ def run_extract(spark, cfg: Config) -> dict:
         },
         "dim": dim,
         "whitening": whitening_info,
-        "binary_codes": {"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"} if thresholds is not None else None,
+        "binary_codes": ({"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"} if thresholds is not None
+                         else {"bits": dim, "rule": "trained code unit > 0.5"} if head_info else None),
+        "head": head_info,
         "packages": package_versions(),
         "counts": {"input": n_input, "ok": n_ok, "failed": n_failed, "embedded_this_run": processed, "reused": n_ok - (processed - failed_new)},
         "embed_seconds": round(embed_seconds, 3),

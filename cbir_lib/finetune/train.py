@@ -69,7 +69,7 @@ def fit_head(dataset, steps_per_epoch: int, dim: int, classes: list[str], tc, va
     trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
                     loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     val = validation if validation is not None and len(validation[0]) else None
-    hist = trainer.fit(dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val,
+    hist = trainer.fit(dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val, shuffle=False,
                        verbose=2 if log_every else 0)
     history = [{k: round(float(v[i]), 5) for k, v in hist.history.items()} for i in range(len(hist.history["loss"]))]
     for i, h in enumerate(history):

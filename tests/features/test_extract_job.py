@@ -125,6 +125,34 @@ def test_whitening_and_codes(spark, extracted, model_cache):
     assert 0.3 < np.unpackbits(codes, axis=1).mean() < 0.7
 
 
+def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, extracted, model_cache):
+    """cbir train on run e1's embeddings, then extract.head: the head's code floats and bits."""
+    from cbir_lib.config import ConfigError
+    from cbir_lib.finetune.head import apply_head
+    from cbir_lib.finetune.train import load_head, run_train
+    from cbir_lib.neighbors.hamming import threshold
+
+    out, first = extracted
+    # Pinned to run e1 (later tests' runs are whitened); folders give the class, no split.
+    cfg = _cfg(out, "e1", model_cache, "run.pin_inputs=true", "train.split=", "train.validation_split=",
+               "train.bits=16", "train.hidden=32", "train.epochs=3", "train.workers=1")
+    trained = run_train(spark, cfg)
+    assert trained["data"]["train"] == len(CLASSES) * PER_CLASS and trained["classes"] == sorted(CLASSES)
+    m = run_extract(spark, _cfg(out, "h1", model_cache, f"extract.head={out}/models"))
+    assert m["counts"]["embedded_this_run"] == 0 and m["dim"] == 16
+    assert m["head"]["run_id"] == "e1" and m["binary_codes"]["bits"] == 16
+    raw = _table(spark, out, "e1").query("status == 'ok'").set_index("image_id")
+    df = _table(spark, out, "h1").query("status == 'ok'").set_index("image_id").loc[raw.index]
+    _, weights = load_head(None, f"{out}/models")
+    _, code, _ = apply_head(weights, np.stack(raw["embedding"].to_numpy()))
+    vecs = np.stack(df["embedding"].to_numpy())
+    np.testing.assert_allclose(vecs, (2 * code - 1) / np.linalg.norm(2 * code - 1, axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_array_equal(np.stack([np.frombuffer(c, np.uint8) for c in df["binary_code"]]), threshold(code))
+    # A head trained on other embeddings (here: another pooling) is refused, by name.
+    with pytest.raises(ConfigError, match="extract.head: .* was trained on embeddings"):
+        run_extract(spark, _cfg(out, "h2", model_cache, f"extract.head={out}/models", "extract.pooling=gap"))
+
+
 def _job(args, env=None, **kw):
     cmd = [sys.executable, "-m", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
