@@ -136,7 +136,7 @@ class ExtractConfig:
 
 METRICS = ("angular", "euclidean", "dot")
 PARTITIONINGS = ("kmeans", "hash")
-SEARCH_METHODS = ("auto", "dense", "annoy", "exact")
+SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical")
 RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
 
 
@@ -178,6 +178,10 @@ class NeighborsConfig:
     recall_sample: int = 1000  # queries whose top-k is checked against exact search on every run
     min_recall: float | None = None  # fail the run when the measured recall@k is below this
     exact_max_n: int = 50_000  # auto: exact search up to this many images, dense IVF above
+    # hierarchical (Lin et al.): the code_candidates Hamming-nearest binary codes of each image
+    # (multi-index over code chunks), re-ranked by the float embedding. Needs binary codes:
+    # extract.head (trained) or extract.binary_codes (mean-threshold).
+    code_candidates: int = 200
     query_block: int = 2048  # queries scored together in one task step (memory ~ block x nprobe x cell)
     chunk_size: int = 200_000  # queries per committed part: the unit of resume after a crash
     # Re-ranking (angular only): none | aqe | alpha_qe | dba | dba+alpha_qe. The default
@@ -204,6 +208,7 @@ class NeighborsConfig:
             _require(0.0 <= self.min_recall <= 1.0, "neighbors.min_recall", "must be in [0, 1]")
             _require(self.recall_sample > 0, "neighbors.recall_sample", "must be > 0 when neighbors.min_recall is set")
         _require(self.exact_max_n >= 0, "neighbors.exact_max_n", "must be >= 0")
+        _require(self.code_candidates >= self.k, "neighbors.code_candidates", f"must be >= neighbors.k ({self.k})")
         _require(self.query_block >= 1, "neighbors.query_block", "must be >= 1")
         _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
 

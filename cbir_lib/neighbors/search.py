@@ -53,6 +53,7 @@ from cbir_lib.index.build import (
     sorted_store,
     vectors_binary,
 )
+from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment, mode_alpha
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
@@ -236,9 +237,33 @@ def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray,
             return dense_search(store, queries, query_ids, probes, k)
         cand = max(spec["candidates"] or 2 * k, k)
         return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], cand)
+    if method == "hierarchical":
+        return code_search(store, queries, query_ids, spec, k)
     if _use_tf(spec["device"]):
         return tf_exact_search(store, queries, query_ids, k)
     return exact_search(store, queries, query_ids, k)
+
+
+_CODE_INDEXES: dict[str, MultiIndex] = {}
+
+
+def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
+    """Hierarchical search: Hamming candidates from a multi-index over the store's codes,
+    re-ranked by the float vectors. A vector's code is its bits above ``code_thresholds``
+    (0 for a trained head, whose embedding is 2h - 1 of the code units; the collection
+    mean for mean-threshold codes), so the store's codes are derived from its vectors on
+    the executor and an expanded query (QE, DBA) gets the code of its expanded vector."""
+    thresholds = np.load(io.BytesIO(spec["code_thresholds"]))
+    key = spec["store_key"]
+    if key not in _CODE_INDEXES:
+        codes = np.concatenate([threshold(store.vectors[i : i + 65536], thresholds) for i in range(0, len(store.vectors), 65536)])
+        _CODE_INDEXES[key] = MultiIndex(codes)
+    index = _CODE_INDEXES[key]
+    own = positions_of(store, query_ids)
+    own = np.where(np.asarray(store.ids)[own] == query_ids, own, -1)
+    pos, vals, _ = hierarchical_search(queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own)
+    ids = np.where(pos >= 0, np.asarray(store.ids)[np.maximum(pos, 0)], NO_ID)
+    return vals.astype(np.float32), ids.astype(np.int64)
 
 
 _POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -433,7 +458,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     table = fs.join(root, TABLE)
     params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
-              "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha}
+              "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
+              "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None}
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
@@ -461,6 +487,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "device": nb.device,
         "query_block": nb.query_block,
     }
+    if method == "hierarchical":
+        spec["code_thresholds"] = _code_thresholds(spark, emb_uri, emb_run, emb_manifest, index)
+        spec["code_candidates"] = nb.code_candidates
     slots = sc.defaultParallelism
     timings: dict[str, float] = {}
 
@@ -489,7 +518,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
     work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"],
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
-                          "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha})
+                          "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
+                          "code_candidates": params["code_candidates"]})
     work_dir = fs.join(table, "_work", work_key)
     base_spec = dict(spec)
     if nb.rerank != "none":
@@ -617,6 +647,35 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
 def _warm_store(sc, spec: dict, slots: int) -> None:
     """Every worker maps the spec's store before anything is timed (the first builds the .npy copy)."""
     sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
+
+
+def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, index: dict) -> bytes:
+    """The rule that turns an embedding into its binary code, as ``.npy`` bytes, checked on
+    a sample of the table's own ``binary_code`` column."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.config import ConfigError
+
+    if index["metric"] not in ("angular", "dot"):
+        raise ConfigError(f"neighbors.method: 'hierarchical' re-ranks by inner product; index {index['run_id']} is {index['metric']!r}")
+    codes = emb_manifest.get("binary_codes") or {}
+    if emb_manifest.get("head"):
+        thresholds = np.zeros(int(index["dim"]), dtype=np.float32)
+    elif codes.get("file"):
+        thresholds = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(tables.run_dir(emb_uri, emb_run), codes["file"]))))
+    else:
+        raise ConfigError("neighbors.method: 'hierarchical' needs binary codes; extract with extract.head=<trained models> "
+                          "or extract.binary_codes=true first")
+    sample = (spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
+              .select("embedding", "binary_code").limit(256).collect())
+    if sample:
+        vecs = np.stack([np.asarray(r.embedding, np.float32) for r in sample])
+        stored = np.stack([np.frombuffer(r.binary_code, np.uint8) for r in sample])
+        if not np.array_equal(threshold(vecs, thresholds), stored):
+            raise IndexMismatch(f"embeddings run {emb_run}: binary_code is not the thresholded embedding; extract again")
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(thresholds, np.float32))
+    return buf.getvalue()
 
 
 def _ship(sc, spark, uri: str) -> list[str]:

@@ -235,3 +235,43 @@ def test_rerank_matches_the_numpy_oracle(spark, tmp_path, mode):
     np.testing.assert_allclose(got_v, want_v, atol=1e-4)
     base_v, base_i = exact_topk(p, ids, p, ids, 10, "angular")
     assert not np.array_equal(got_i, base_i), "re-ranking changed nothing"
+
+
+def test_hierarchical_search_on_codes(spark, tmp_path):
+    """method=hierarchical: Hamming candidates from the codes, re-ranked by the floats. With
+    every image a candidate it is exact search; with 100 its answers are all Hamming-near."""
+    from cbir_lib.config import ConfigError
+    from cbir_lib.neighbors.hamming import hamming, threshold
+
+    x = prepare(clustered(1500, 32, seed=5), "angular")
+    ids = signed_ids(1500, seed=5)
+    codes = threshold(x, 0.0)  # a trained head's rule: the embedding is 2h - 1, its code h > 0.5
+    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), bytes(c), 32, "ok") for i, v, c in zip(ids, x, codes, strict=True)]
+    df = spark.createDataFrame(rows, "image_id long, path string, embedding array<float>, binary_code binary, dim int, status string")
+    root = str(tmp_path)
+    manifest = {"run_id": "e1", "dim": 32, "head": {"bits": 32}, "binary_codes": {"bits": 32, "rule": "trained code unit > 0.5"}}
+    tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), "e1", manifest)
+    run_build_index(spark, config(root, "i1", {"n_cells": 8, "forests": False, "export_ann_files": False}))
+    exact_v, exact_i = exact_topk(x, ids, x, ids, 10, "angular")
+
+    full = run_neighbors(spark, config(root, "n1", neighbors={"method": "hierarchical", "code_candidates": 1500}))
+    v, i = read_topk(spark, full["output"], ids, 10)
+    assert full["method"] == "hierarchical" and full["recall_at_k"] == 1.0
+    assert (i == exact_i).all() and np.allclose(v, exact_v, atol=1e-5)
+
+    part = run_neighbors(spark, config(root, "n2", neighbors={"method": "hierarchical", "code_candidates": 100}))
+    v, i = read_topk(spark, part["output"], ids, 10)
+    pos = {int(a): j for j, a in enumerate(ids)}
+    d = hamming(codes, codes)
+    np.fill_diagonal(d, 99)
+    bound = np.sort(d, axis=1)[:, 99]  # the 100th Hamming-nearest other image's distance
+    for q in range(len(ids)):
+        got = [pos[int(a)] for a in i[q]]
+        assert q not in got and (d[q, got] <= bound[q]).all()
+        assert np.allclose(v[q], x[got] @ x[q], atol=1e-5)
+    assert 0.5 < part["recall_at_k"] < 1.0
+
+    write_embeddings(spark, str(tmp_path / "plain"), ids, x, "e1")
+    run_build_index(spark, config(tmp_path / "plain", "i1", {"n_cells": 8, "forests": False}))
+    with pytest.raises(ConfigError, match="neighbors.method: 'hierarchical' needs binary codes"):
+        run_neighbors(spark, config(tmp_path / "plain", "n1", neighbors={"method": "hierarchical"}))
