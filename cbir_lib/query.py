@@ -90,7 +90,42 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     vec = Embedder(spec, artifact.local_path).embed(image[None])
     if (emb_manifest.get("whitening") or {}).get("file"):
         vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)
+    if emb_manifest.get("head"):  # a trained head: the floats of its code units
+        from cbir_lib.finetune.head import apply_head, load_weights_npz
+
+        vec = apply_head(load_weights_npz(read_bytes(_join(run_dir, emb_manifest["head"]["file"]))), vec)[0]
     return l2_normalize(vec).astype(np.float32)
+
+
+def code_thresholds(emb_manifest: dict, run_dir: str) -> np.ndarray:
+    """The rule from embedding to binary code: sign for a trained head, else the run's means."""
+    if emb_manifest.get("head"):
+        return np.zeros(int(emb_manifest["dim"]), np.float32)
+    codes = emb_manifest.get("binary_codes") or {}
+    if not codes.get("file"):
+        raise QueryError("--hierarchical needs binary codes: extract with extract.head or extract.binary_codes=true")
+    return np.load(io.BytesIO(read_bytes(_join(run_dir, codes["file"]))))
+
+
+def search_codes(q: np.ndarray, run_dir: str, thresholds: np.ndarray, k: int, candidates: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Hierarchical top-k of one query over the whole embeddings run: the ``candidates``
+    Hamming-nearest codes (multi-index), re-ranked by cosine. Reads every ok row's code and
+    vector, so it suits collections that fit in memory. ``(scores, ids, vectors scored)``."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
+
+    filesystem, path = _fs(run_dir)
+    t = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True).to_table(
+        columns=["image_id", "embedding", "binary_code"], filter=pc.field("status") == "ok")
+    ids = np.asarray(t.column("image_id").to_numpy(), np.int64)
+    dim = len(q[0])
+    g = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, dim)
+    codes = np.frombuffer(b"".join(t.column("binary_code").to_pylist()), np.uint8).reshape(len(ids), -1)
+    pos, scores, scored = hierarchical_search(q, threshold(q, thresholds), g, MultiIndex(codes), k, candidates)
+    keep = pos[0] >= 0
+    return scores[0][keep], ids[pos[0][keep]], int(scored[0])
 
 
 def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +172,7 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
 
 
 def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
-              model_cache: str | None = None) -> tuple[list[Hit], dict]:
+              model_cache: str | None = None, hierarchical: bool = False) -> tuple[list[Hit], dict]:
     """The top-k of ``image`` in the latest index of ``output_root``; (hits, what was used)."""
     root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
     data = read_bytes(image if "://" in image or image.startswith("file:") else os.path.abspath(image))
@@ -152,11 +187,18 @@ def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = No
         raise QueryError(f"the query has dim {q.shape[1]} but index {idx_run} has dim {index['dim']}")
     n_cells = len(index["counts"]["per_cell"])
     nprobe = min(nprobe or 16, n_cells)
-    scores, ids = search_forests(q, _join(idx_table, f"run={idx_run}"), index, k, nprobe, candidates or max(4 * k, 40))
-    paths = _paths(_join(emb_table, f"run={emb_run}"), ids)
-    hits = [Hit(r + 1, int(i), float(s), paths.get(int(i))) for r, (s, i) in enumerate(zip(scores, ids, strict=True))]
     used = {"embeddings_run_id": emb_run, "index_run_id": idx_run, "model": (emb_manifest.get("model") or {}).get("name"),
-            "pooling": emb_manifest["config"]["extract"]["pooling"], "nprobe": int(nprobe), "cells": n_cells}
+            "pooling": emb_manifest["config"]["extract"]["pooling"], "head": (emb_manifest.get("head") or {}).get("run_id")}
+    emb_dir = _join(emb_table, f"run={emb_run}")
+    if hierarchical:
+        n_cand = candidates or 200
+        scores, ids, scored = search_codes(q, emb_dir, code_thresholds(emb_manifest, emb_dir), k, n_cand)
+        used.update(search="hierarchical", code_candidates=n_cand, vectors_scored=scored)
+    else:
+        scores, ids = search_forests(q, _join(idx_table, f"run={idx_run}"), index, k, nprobe, candidates or max(4 * k, 40))
+        used.update(search="forests", nprobe=int(nprobe), cells=n_cells)
+    paths = _paths(emb_dir, ids)
+    hits = [Hit(r + 1, int(i), float(s), paths.get(int(i))) for r, (s, i) in enumerate(zip(scores, ids, strict=True))]
     return hits, used
 
 

@@ -44,3 +44,33 @@ def test_query_errors_are_one_line_and_nonzero(fixtures_run, model_cache, tmp_pa
     assert len(corrupt.stderr.strip().splitlines()) == 1, corrupt.stderr
     norun = _query(tmp_path / "nothing-here", str(DEDUP / "base_images" / "ukbench00120.jpg"), model_cache=model_cache)
     assert norun.returncode == 1 and "no finished run" in norun.stderr
+
+
+def test_hierarchical_query_over_a_trained_heads_codes(spark, fixtures_run, model_cache, tmp_path):
+    """Train a head on the run, extract with it, and query with --hierarchical: the query is
+    embedded through the same head, its code finds candidates, the floats rank them."""
+    import shutil
+
+    from cbir_lib import config
+    from cbir_lib.features.extract import run_extract
+    from cbir_lib.finetune.train import run_train
+    from cbir_lib.index.build import run_build_index
+
+    src, _ = fixtures_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)  # the session's run stays as it is for the other tests
+    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "train.split=",
+                             "train.validation_split=", "train.bits=16", "train.hidden=32", "train.epochs=2",
+                             "train.workers=1"])
+    run_train(spark, cfg)
+    m = run_extract(spark, config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", f"extract.head={out}/models"]))
+    assert m["dim"] == 16 and m["counts"]["embedded_this_run"] == 0
+    run_build_index(spark, cfg)
+    r = _query(out, str(DEDUP / "base_images" / "ukbench00120.jpg"), "--k", "3", "--hierarchical", "neighbors.code_candidates=20",
+               model_cache=model_cache)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "20 Hamming candidates re-ranked" in r.stdout
+    rows = [line.split(None, 2) for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 3 and float(rows[0][1]) > 0.999 and "ukbench00120" in rows[0][2]
+    plain = _query(src, str(DEDUP / "base_images" / "ukbench00120.jpg"), "--hierarchical", model_cache=model_cache)
+    assert plain.returncode == 1 and "needs binary codes" in plain.stderr
