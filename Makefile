@@ -10,13 +10,14 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test lint browser bench bench-extract bench-all-pairs bench-quality clean
+.PHONY: venv demo test lint browser bench bench-extract bench-all-pairs bench-quality bench-finetune clean
 
 venv: $(STAMP)
 
 $(STAMP): requirements.lock setup.cfg
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	# setuptools stays below 70: petastorm 0.13.1 declares setuptools<70 (pip check flags newer).
+	$(BIN)/pip install --quiet --upgrade pip wheel "setuptools==69.5.1"
 	# One install of the whole locked stack: installing piecemeal lets pip move numpy.
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
@@ -44,7 +45,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # Benchmarks are run by hand, never in CI; each records its results under benchmarks/results/.
-bench: bench-extract bench-all-pairs bench-quality
+bench: bench-extract bench-all-pairs bench-quality bench-finetune
 
 bench-extract: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
@@ -54,6 +55,9 @@ bench-all-pairs: $(BENCH_STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py $(ARGS)
+
+bench-finetune: $(STAMP)
+	$(BIN)/python benchmarks/finetune.py $(ARGS)
 
 clean:
 	rm -rf output .pytest_cache

@@ -278,6 +278,7 @@ class TrainConfig:
     """``cbir train``: the head of Lin et al. (features -> B sigmoid code units -> classes)."""
 
     mode: str = "head"  # head: on the frozen embeddings (CPU default) | full: also the last backbone blocks (GPU)
+    trainable_blocks: int = 2  # full: the last N Lite blocks (and head_conv) are fine-tuned
     labels: str = "folders"  # folders | a labels CSV (as evaluate.labels)
     labels_base: str | None = None
     split: str | None = "train"  # the split that trains; None: every labelled image
@@ -306,6 +307,7 @@ class TrainConfig:
         _require(self.binarise >= 0, "train.binarise", "must be >= 0")
         _require(self.balance >= 0, "train.balance", "must be >= 0")
         _require(self.workers >= 1, "train.workers", "must be >= 1")
+        _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
 
 
 @dataclass(frozen=True)

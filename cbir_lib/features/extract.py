@@ -169,20 +169,43 @@ def _embed_chunk(spark, rows: list, spec: EmbedSpec, parts_dir: str, work_dir: s
     return len(rows), n_failed
 
 
-def _load_head(spark, uri: str, key: str):
-    """A trained head (``cbir train``) and its weights, refused unless it was trained on
-    embeddings made exactly as this run makes them."""
-    from cbir_lib.config import ConfigError
+def _resolve_head(spark, cfg: Config):
+    """A trained head (``cbir train``) and its weights. A head trained with its backbone
+    (``train.mode=full``) brings the fine-tuned backbone: the returned config runs that
+    file (``extract.model=custom``, GAP) instead of the configured model."""
+    import dataclasses
+
+    from cbir_lib.finetune.full import BACKBONE_FILE, backbone_extract_config
     from cbir_lib.finetune.train import load_head
 
-    manifest, weights = load_head(spark, fs.qualify(spark, uri))
+    manifest, weights = load_head(spark, fs.qualify(spark, cfg.extract.head))
+    if manifest.get("mode") == "full":
+        sha = manifest["files"][BACKBONE_FILE]
+        local = os.path.join(cfg.extract.model_cache_dir, "finetuned", f"{sha[:16]}-{BACKBONE_FILE}")
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            data = fs.read_bytes(spark, fs.join(manifest["uri"], BACKBONE_FILE))
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ValueError(f"extract.head: {manifest['uri']}/{BACKBONE_FILE} does not match its manifest's checksum")
+            with open(local + ".tmp", "wb") as fh:
+                fh.write(data)
+            os.replace(local + ".tmp", local)
+        e = dataclasses.replace(backbone_extract_config(cfg, local, manifest["base"]["image_size"]), head=cfg.extract.head)
+        cfg = dataclasses.replace(cfg, extract=e)
+    return cfg, (manifest, weights)
+
+
+def _check_head(head, key: str) -> None:
+    """Refuse a head trained on embeddings made otherwise than this run makes them."""
+    from cbir_lib.config import ConfigError
+
+    manifest = head[0]
     base = manifest.get("base") or {}
     if base.get("feature_key") != key:
         raise ConfigError(
             f"extract.head: {manifest['uri']} was trained on embeddings {base.get('feature_key')} "
             f"(pooling {base.get('pooling')}, resize {base.get('resize')}), but this extract makes {key}; "
             "extract with the settings it was trained on, or train again")
-    return manifest, weights
 
 
 def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray | None, meta: dict, head_bytes: bytes | None = None):
@@ -253,6 +276,9 @@ def run_extract(spark, cfg: Config) -> dict:
     from pyspark.sql import functions as F
 
     started = time.time()
+    head = None
+    if cfg.extract.head:
+        cfg, head = _resolve_head(spark, cfg)
     e = cfg.extract
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
@@ -282,7 +308,8 @@ def run_extract(spark, cfg: Config) -> dict:
     todo_df = ok_images.join(done, ["image_id", "content_sha256"], "left_anti")
     todo = [(r.image_id, r.path, r.content_sha256) for r in todo_df.orderBy("image_id").collect()]
 
-    head = _load_head(spark, e.head, key) if e.head else None
+    if head is not None:
+        _check_head(head, key)
     prev_run = tables.base_run(spark, table, cfg.run)
     prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
     postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes,

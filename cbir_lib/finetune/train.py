@@ -12,8 +12,8 @@
    and a manifest: data, classes, epochs, per-epoch metrics, checksums, and the embedding
    it was trained on (model checksum, pooling, resize), which extract checks before applying it.
 
-``train.mode=full`` (the last backbone blocks as well, on images decoded in ``tf.data``,
-for GPU executors) is refused with a clear error: it is not built yet.
+``train.mode=full`` trains the backbone's last blocks with the head on the images
+themselves (:mod:`cbir_lib.finetune.full`), for GPU executors.
 """
 
 from __future__ import annotations
@@ -95,36 +95,145 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _labelled_images(spark, cfg: Config, img_uri: str, img_run: str):
+    """``(image_id, path, label, split)`` of every ok, labelled image (full mode)."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.evaluate.groundtruth import ground_truth
+
+    images = spark.read.parquet(tables.run_dir(img_uri, img_run)).filter(F.col("status") == "ok").select("image_id", "path")
+    labels = ground_truth(spark, images, cfg.train.labels, cfg.train.labels_base, fs.qualify(spark, cfg.run.output_root))
+    return images.join(labels, "image_id").dropDuplicates(["image_id"])
+
+
+def _with_content(spark, df):
+    """``df`` (with ``path``) joined with its files' bytes, read by Spark's binaryFile source."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.images.ingest import normalise_uri
+
+    paths = [r.path for r in df.select("path").collect()]
+    if not paths:
+        return df.withColumn("content", F.lit(None).cast("binary"))
+    content = spark.read.format("binaryFile").load([fs.escape_glob(p) for p in paths]).select("path", "content")
+    norm = F.udf(normalise_uri, "string")
+    return df.withColumn("npath", norm("path")).join(content.withColumn("npath", norm("path")).drop("path"), "npath").drop("npath")
+
+
 def run_train(spark, cfg: Config) -> dict:
-    """Train the head on ``<output_root>/embeddings`` into ``<output_root>/models/run=<id>/``."""
+    """Train into ``<output_root>/models/run=<id>/``: the head on the embeddings (``head``),
+    or the backbone's last blocks with it on the images (``full``)."""
     from pyspark.sql import functions as F
 
     tc = cfg.train
-    if tc.mode == "full":
-        raise ConfigError("train.mode: 'full' (fine-tuning the backbone's last blocks) is not built yet; use train.mode=head")
     started = time.time()
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
-    emb_uri = fs.join(root, "embeddings")
-    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
-    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
-    if emb_manifest.get("head"):
-        raise ConfigError("extract.head: the embeddings were made with a trained head already; train on plain backbone embeddings")
-    if emb_manifest.get("whitening"):
-        raise ConfigError("extract.whitening: train on unwhitened embeddings (the head learns its own projection)")
+    if tc.mode == "full":
+        src_uri, src_name = fs.join(root, "images"), "ingest"
+    else:
+        src_uri, src_name = fs.join(root, "embeddings"), "extract"
+    src_run = tables.input_run(spark, src_uri, cfg.run, src_name)
+    src_manifest = tables.read_manifest(spark, src_uri, src_run) or {}
+    if tc.mode == "head":
+        if src_manifest.get("head"):
+            raise ConfigError("extract.head: the embeddings were made with a trained head already; train on plain backbone embeddings")
+        if src_manifest.get("whitening"):
+            raise ConfigError("extract.whitening: train on unwhitened embeddings (the head learns its own projection)")
+        data = labelled_embeddings(spark, cfg, src_uri, src_run).cache()
+    else:
+        data = _labelled_images(spark, cfg, src_uri, src_run).cache()
 
-    data = labelled_embeddings(spark, cfg, emb_uri, emb_run).cache()
     train_df = _split(data, tc.split)
     classes = sorted(r.label for r in train_df.select("label").distinct().collect())
     if len(classes) < 2:
         raise ConfigError(f"train.labels: {tc.labels!r} gives {len(classes)} class(es) in split {tc.split!r}; at least 2 are needed")
     index_of = spark.createDataFrame(list(enumerate(classes)), "label_index int, label string")
+    counts = {r.label: r["count"] for r in train_df.groupBy("label").count().collect()}
+    val_df = _split(data, tc.validation_split).join(index_of, "label") if tc.validation_split else None
+    extra_files: dict[str, bytes] = {}
+
+    with timer(f"training ({tc.mode}, {tc.epochs} epochs)") as t:
+        if tc.mode == "full":
+            from cbir_lib.finetune.full import BACKBONE_FILE, train_full
+
+            images_df = _with_content(spark, train_df.join(index_of, "label")).select("content", F.col("label_index").alias("label"))
+            val_rows = _with_content(spark, val_df).select("content", F.col("label_index").alias("label")).collect() if val_df is not None else []
+            out = train_full(spark, cfg, images_df, classes, root, TABLE, val_rows)
+            weights, model_bytes, history, n_train, dim = out["weights"], out["model_bytes"], out["history"], out["n_train"], out["dim"]
+            extra_files[BACKBONE_FILE] = out["backbone_bytes"]
+            val = None
+            n_val = len(val_rows)
+            base = {"feature_key": out["feature_key"], "model": {"name": "custom", "file": BACKBONE_FILE, "finetuned_from": cfg.extract.model},
+                    "dim": dim, "pooling": "gap", "resize": cfg.extract.resize, "image_size": out["image_size"],
+                    "output_layer": "head_activation", "tuned_layers": out["tuned_layers"]}
+        else:
+            model, history, n_train, dim, val = _train_head(spark, cfg, data, train_df, index_of, val_df, root, src_manifest)
+            from cbir_lib.finetune.head import head_weights
+
+            weights = head_weights(model)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, MODEL_FILE)
+                model.save(local)
+                with open(local, "rb") as fh:
+                    model_bytes = fh.read()
+            n_val = 0 if val is None else len(val[1])
+            extract_cfg = src_manifest.get("config", {}).get("extract", {})
+            base = {"feature_key": src_manifest.get("feature_key"), "model": src_manifest.get("model"), "dim": dim,
+                    "pooling": extract_cfg.get("pooling"), "resize": extract_cfg.get("resize")}
+    data.unpersist()
+
+    from cbir_lib.finetune.head import apply_head, save_weights_npz
+
+    weights_bytes = save_weights_npz(weights)
+    metrics = {"train_accuracy": history[-1].get("accuracy"), "loss": history[-1].get("loss")}
+    if history[-1].get("val_accuracy") is not None:
+        metrics["validation_accuracy"] = history[-1]["val_accuracy"]
+    if val is not None:
+        _, code, probs = apply_head(weights, val[0])
+        metrics["validation_accuracy"] = round(float((probs.argmax(1) == val[1]).mean()), 5)
+        metrics["validation_bits_on"] = round(float((code > 0.5).mean()), 4)
+        metrics["validation_bits_undecided"] = round(float((np.abs(code - 0.5) < 0.1).mean()), 4)
+    files = {MODEL_FILE: model_bytes, WEIGHTS_FILE: weights_bytes, **extra_files}
+    manifest = {
+        "stage": "train",
+        "run_id": run_id,
+        "mode": tc.mode,
+        ("images_run_id" if tc.mode == "full" else "embeddings_run_id"): src_run,
+        "base": base,
+        "classes": classes,
+        "bits": tc.bits,
+        "hidden": tc.hidden,
+        "data": {"labels": tc.labels, "split": tc.split, "validation_split": tc.validation_split, "train": n_train,
+                 "validation": n_val, "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
+        "params": {k: getattr(tc, k) for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance",
+                                               "seed", "trainable_blocks")},
+        "history": history,
+        "metrics": metrics,
+        "files": {name: _sha256(data) for name, data in files.items()},
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+        "timings": {"train_s": round(t["seconds"], 3)},
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    table = fs.join(root, TABLE)
+    out = tables.commit_dir(spark, lambda tmp: None, table, run_id, manifest, extra_files=files,
+                            keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    manifest["output"] = out
+    log.info("train %s: %s", run_id, metrics)
+    return manifest
+
+
+def _train_head(spark, cfg: Config, data, train_df, index_of, val_df, root: str, emb_manifest: dict):
+    """Head mode: the embeddings through Petastorm into tf.data, and the fit."""
+    from pyspark.sql import functions as F
+
+    tc = cfg.train
     train_df = train_df.join(index_of, "label").select(F.col("embedding").cast("array<float>"), F.col("label_index").alias("label"))
     n_train = train_df.count()
-    counts = {r.label: r["count"] for r in _split(data, tc.split).groupBy("label").count().collect()}
     val = None
-    if tc.validation_split:
-        rows = _split(data, tc.validation_split).join(index_of, "label").select("embedding", "label_index").collect()
+    if val_df is not None:
+        rows = val_df.select("embedding", "label_index").collect()
         if rows:
             val = (np.stack([np.asarray(r.embedding, np.float32) for r in rows]), np.array([r.label_index for r in rows], np.int32))
     dim = int(emb_manifest.get("dim") or len(data.first().embedding))
@@ -141,58 +250,11 @@ def run_train(spark, cfg: Config) -> dict:
                                        shuffling_queue_capacity=min(n_train, 10_000), seed=tc.seed) as ds:
             ds = ds.map(lambda b: (tf.reshape(b.embedding, (-1, dim)), b.label))
             ds = augment(ds, tc.noise, tc.seed).prefetch(2)
-            with timer(f"training the head ({tc.epochs} epochs of {steps} steps)") as t:
-                model, history = fit_head(ds, steps, dim, classes, tc, val)
+            classes = [r.label for r in index_of.orderBy("label_index").collect()]
+            model, history = fit_head(ds, steps, dim, classes, tc, val)
     finally:
         converter.delete()
-    data.unpersist()
-
-    from cbir_lib.finetune.head import apply_head, head_weights, save_weights_npz
-
-    weights = head_weights(model)
-    weights_bytes = save_weights_npz(weights)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        model.save(local)
-        with open(local, "rb") as fh:
-            model_bytes = fh.read()
-    metrics = {"train_accuracy": history[-1].get("accuracy"), "loss": history[-1].get("loss")}
-    if val is not None:
-        _, code, probs = apply_head(weights, val[0])
-        metrics["validation_accuracy"] = round(float((probs.argmax(1) == val[1]).mean()), 5)
-        metrics["validation_bits_on"] = round(float((code > 0.5).mean()), 4)
-        metrics["validation_bits_undecided"] = round(float((np.abs(code - 0.5) < 0.1).mean()), 4)
-    base = emb_manifest.get("config", {}).get("extract", {})
-    manifest = {
-        "stage": "train",
-        "run_id": run_id,
-        "mode": tc.mode,
-        "embeddings_run_id": emb_run,
-        "base": {
-            "feature_key": emb_manifest.get("feature_key"), "model": emb_manifest.get("model"), "dim": dim,
-            "pooling": base.get("pooling"), "resize": base.get("resize"),
-        },
-        "classes": classes,
-        "bits": tc.bits,
-        "hidden": tc.hidden,
-        "data": {"labels": tc.labels, "split": tc.split, "validation_split": tc.validation_split, "train": n_train,
-                 "validation": 0 if val is None else len(val[1]), "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
-        "params": {k: getattr(tc, k) for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance", "seed")},
-        "history": history,
-        "metrics": metrics,
-        "files": {MODEL_FILE: _sha256(model_bytes), WEIGHTS_FILE: _sha256(weights_bytes)},
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-        "timings": {"train_s": round(t["seconds"], 3)},
-        "wall_seconds": round(time.time() - started, 3),
-    }
-    table = fs.join(root, TABLE)
-    out = tables.commit_dir(spark, lambda tmp: None, table, run_id, manifest,
-                            extra_files={MODEL_FILE: model_bytes, WEIGHTS_FILE: weights_bytes},
-                            keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
-    manifest["output"] = out
-    log.info("train %s: %s", run_id, metrics)
-    return manifest
+    return model, history, n_train, dim, val
 
 
 def load_head(spark_or_none, uri: str) -> tuple[dict, dict[str, np.ndarray]]:

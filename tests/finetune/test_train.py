@@ -96,10 +96,51 @@ def test_train_refuses_what_it_cannot_do(spark, tmp_path):
     root = str(tmp_path / "out")
     _fake_embeddings(spark, root, n_per_class=4)
     cfg = Config(run=RunConfig(output_root=root), train=TrainConfig(mode="full"))
-    with pytest.raises(ConfigError, match="train.mode"):
+    with pytest.raises(FileNotFoundError, match="run ingest"):  # full mode trains on the images
         run_train(spark, cfg)
     with pytest.raises(ConfigError, match="train.bits"):
         dataclasses.replace(TrainConfig(), bits=12).validate()
     cfg = Config(run=RunConfig(output_root=root), train=TrainConfig(labels="folders", split="nonexistent"))
     with pytest.raises(ConfigError, match="train.labels"):
         run_train(spark, cfg)
+
+
+@pytest.mark.slow
+def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark, tmp_path, model_cache):
+    """train.mode=full on real photos (images through Petastorm, decoded in tf.data), then
+    extract with the head: the fine-tuned backbone runs, and the table holds exactly what the
+    saved model.keras computes."""
+    import tensorflow as tf
+    from conftest import clothing_slice
+
+    from cbir_lib import config
+    from cbir_lib.features.extract import run_extract
+    from cbir_lib.finetune.train import run_train
+    from cbir_lib.images.decode import decode_for_model
+    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.neighbors.hamming import threshold
+
+    photos = clothing_slice(tmp_path / "photos", ("dress", "hat", "shoes"), 3)
+    out = tmp_path / "out"
+
+    def cfg(*extra):
+        return config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=5", *extra])
+
+    run_ingest(spark, cfg(), str(photos))
+    m = run_train(spark, cfg("train.mode=full", "train.split=", "train.validation_split=", "train.epochs=2", "train.batch_size=4",
+                             "train.trainable_blocks=1", "train.bits=8", "train.hidden=16", "train.workers=1"))
+    assert m["mode"] == "full" and m["data"]["train"] == 9 and len(m["history"]) == 2
+    assert m["base"]["pooling"] == "gap" and "head_conv" in m["base"]["tuned_layers"]
+    assert all(not name.endswith("_bn") for name in m["base"]["tuned_layers"])
+    assert set(m["files"]) == {"model.keras", "head.npz", "backbone.keras"}
+    e = run_extract(spark, cfg(f"extract.head={out}/models"))
+    assert e["counts"]["ok"] == 9 and e["counts"]["embedded_this_run"] == 9  # the fine-tuned backbone ran
+    assert e["model"]["name"] == "custom" and e["dim"] == 8 and e["head"]["run_id"] == m["run_id"]
+    model = tf.keras.models.load_model(out / "models" / f"run={m['run_id']}" / "model.keras")
+    df = spark.read.parquet(str(out / "embeddings" / f"run={e['run_id']}")).filter("status = 'ok'").toPandas()
+    row = df.iloc[0]
+    image, _ = decode_for_model(open(row.path.replace("file:", ""), "rb").read(), 224, "center_crop")
+    got = model(image[None].astype(np.float32))
+    feats = got["features"].numpy()[0]
+    np.testing.assert_allclose(np.asarray(row.embedding), feats / np.linalg.norm(feats), atol=1e-4)
+    assert bytes(row.binary_code) == threshold(got["code"].numpy(), 0.5)[0].tobytes()
