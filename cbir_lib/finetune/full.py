@@ -111,7 +111,8 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
     steps = max(1, -(-n_train // tc.batch_size))
     val = None
     if val_rows:
-        vds = tf.data.Dataset.from_tensor_slices(([r.content for r in val_rows], np.array([r.label for r in val_rows], np.int32)))
+        # Spark returns binary as bytearray, which TensorFlow would read as int sequences.
+        vds = tf.data.Dataset.from_tensor_slices(([bytes(r.content) for r in val_rows], np.array([r.label for r in val_rows], np.int32)))
         val = image_pipeline(vds.batch(64), size, False, tc.seed).batch(tc.batch_size)
     try:
         with converter.make_tf_dataset(batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers,

@@ -120,21 +120,24 @@ def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark,
     from cbir_lib.images.ingest import run_ingest
     from cbir_lib.neighbors.hamming import threshold
 
-    photos = clothing_slice(tmp_path / "photos", ("dress", "hat", "shoes"), 3)
+    photos = tmp_path / "photos"
+    clothing_slice(photos / "train", ("dress", "hat", "shoes"), 3)
+    clothing_slice(photos / "validation", ("dress", "hat", "shoes"), 1, split="validation")
     out = tmp_path / "out"
 
     def cfg(*extra):
         return config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=5", *extra])
 
     run_ingest(spark, cfg(), str(photos))
-    m = run_train(spark, cfg("train.mode=full", "train.split=", "train.validation_split=", "train.epochs=2", "train.batch_size=4",
+    m = run_train(spark, cfg("train.mode=full", "train.epochs=2", "train.batch_size=4",
                              "train.trainable_blocks=1", "train.bits=8", "train.hidden=16", "train.workers=1"))
-    assert m["mode"] == "full" and m["data"]["train"] == 9 and len(m["history"]) == 2
+    assert m["mode"] == "full" and m["data"]["train"] == 9 and m["data"]["validation"] == 3 and len(m["history"]) == 2
+    assert 0.0 <= m["metrics"]["validation_accuracy"] <= 1.0
     assert m["base"]["pooling"] == "gap" and "head_conv" in m["base"]["tuned_layers"]
     assert all(not name.endswith("_bn") for name in m["base"]["tuned_layers"])
     assert set(m["files"]) == {"model.keras", "head.npz", "backbone.keras"}
     e = run_extract(spark, cfg(f"extract.head={out}/models"))
-    assert e["counts"]["ok"] == 9 and e["counts"]["embedded_this_run"] == 9  # the fine-tuned backbone ran
+    assert e["counts"]["ok"] == 12 and e["counts"]["embedded_this_run"] == 12  # the fine-tuned backbone ran
     assert e["model"]["name"] == "custom" and e["dim"] == 8 and e["head"]["run_id"] == m["run_id"]
     model = tf.keras.models.load_model(out / "models" / f"run={m['run_id']}" / "model.keras")
     df = spark.read.parquet(str(out / "embeddings" / f"run={e['run_id']}")).filter("status = 'ok'").toPandas()
