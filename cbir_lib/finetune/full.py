@@ -48,6 +48,15 @@ def trainable_layers(model, n_blocks: int) -> list[str]:
     return names
 
 
+def assemble(backbone, head, name: str = "cbir_finetuned"):
+    """``image -> backbone -> GAP -> L2 -> head``: the fine-tuned model."""
+    import keras
+
+    image = keras.Input(backbone.input.shape[1:], name="image")
+    pooled = keras.layers.UnitNormalization(name="l2")(keras.layers.GlobalAveragePooling2D(name="gap")(backbone(image)))
+    return keras.Model(image, head(pooled), name=name)
+
+
 def build_full(artifact, n_classes: int, tc):
     """``(trainer: image -> classes, full: image -> features/code/classes, backbone, head)``."""
     import keras
@@ -60,11 +69,8 @@ def build_full(artifact, n_classes: int, tc):
     tuned = trainable_layers(backbone, tc.trainable_blocks)
     dim = int(backbone.output.shape[-1])
     head = build_head(dim, n_classes, tc.bits, tc.hidden, tc.dropout, tc.binarise, tc.balance, tc.seed)
-    image = keras.Input(backbone.input.shape[1:], name="image")
-    pooled = keras.layers.UnitNormalization(name="l2")(keras.layers.GlobalAveragePooling2D(name="gap")(backbone(image)))
-    outputs = head(pooled)
-    full = keras.Model(image, outputs, name="cbir_finetuned")
-    trainer = keras.Model(image, outputs["classes"])
+    full = assemble(backbone, head)
+    trainer = keras.Model(full.input, full.output["classes"])
     return trainer, full, backbone, head, tuned
 
 
@@ -127,11 +133,7 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
     with tempfile.TemporaryDirectory() as tmp:
         bpath, mpath = os.path.join(tmp, BACKBONE_FILE), os.path.join(tmp, "model.keras")
         backbone.save(bpath)
-        import keras
-
-        image = keras.Input(backbone.input.shape[1:], name="image")
-        pooled = keras.layers.UnitNormalization(name="l2")(keras.layers.GlobalAveragePooling2D(name="gap")(backbone(image)))
-        keras.Model(image, clean_head(pooled), name="cbir_finetuned").save(mpath)
+        assemble(backbone, clean_head).save(mpath)
         with open(bpath, "rb") as fh:
             backbone_bytes = fh.read()
         with open(mpath, "rb") as fh:
