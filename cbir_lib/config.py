@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 POOLINGS = ("gap", "mac", "gem", "crow", "rmac")
 RESIZE_MODES = ("squash", "center_crop", "pad")
+TTA_MODES = ("none", "flip")
 BUILTIN_MODELS = (
     "efficientnet-lite0",
     "efficientnet-lite1",
@@ -84,6 +85,10 @@ class ExtractConfig:
     pooling: str = "rmac"
     gem_p: float = 3.0
     rmac_levels: int = 3
+    # Test-time augmentation: "flip" embeds each image and its mirror and sums the pooled
+    # vectors (mirror-invariant descriptors; twice the CNN work). finetune.json: P@10 +0.006
+    # ImageNet, +0.008 with a trained head on clothing-small.
+    tta: str = "none"
     whitening: bool = False
     whitening_dim: int | None = None  # None keeps the full dimension
     whitening_sample: int = 20_000
@@ -111,6 +116,7 @@ class ExtractConfig:
             _require(bool(self.output_layer), "extract.output_layer", "is required when extract.model is 'custom'")
         _require(self.pooling in POOLINGS, "extract.pooling", f"must be one of {POOLINGS}, got {self.pooling!r}")
         _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
+        _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
         _require(self.gem_p > 0, "extract.gem_p", "must be > 0")
         _require(1 <= self.rmac_levels <= 5, "extract.rmac_levels", "must be in 1..5")
         if self.image_size is not None:

@@ -86,7 +86,8 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     image, err = decode_for_model(data, artifact.image_size, ec.resize)
     if image is None:
         raise QueryError(f"cannot read the query image: {err}")
-    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize, device="cpu")
+    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,
+                     tta=ec.tta, device="cpu")
     vec = Embedder(spec, artifact.local_path).embed(image[None])
     if (emb_manifest.get("whitening") or {}).get("file"):
         vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)

@@ -34,6 +34,7 @@ def test_yaml_profile_and_overrides(tmp_path):
         (["run.run_id=a/b"], "run.run_id"),
         (["nosuch.field=1"], "nosuch"),
         (["extract.device=tpu"], "extract.device"),
+        (["extract.tta=rotate"], "extract.tta"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from cbir_lib.features.pooling import pool
+from cbir_lib.features.pooling import l2_normalize, pool
 from cbir_lib.images.decode import decode_for_model
 from cbir_lib.models.backbones import ModelArtifact, build_feature_model, preprocess, preprocess_mode
 
@@ -32,6 +32,7 @@ class EmbedSpec:
     gem_p: float = 3.0
     rmac_levels: int = 3
     resize: str = "squash"
+    tta: str = "none"  # none | flip (the image and its mirror, pooled vectors summed)
     batch_size: int = 32
     mixed_precision: bool = False
     device: str = "auto"  # auto | cpu | gpu
@@ -92,7 +93,14 @@ class Embedder:
         if images.ndim != 4 or images.shape[1:] != (self.spec.artifact.image_size,) * 2 + (3,):
             size = self.spec.artifact.image_size
             raise ValueError(f"expected images of shape (B, {size}, {size}, 3), got {images.shape}")
-        return pool(self.feature_maps(images), self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels)
+        if self.spec.tta == "flip":  # one forward pass over both views, then one vector per image
+            n = len(images)
+            pooled = self._pool(self.feature_maps(np.concatenate([images, images[:, :, ::-1]])))
+            return l2_normalize(pooled[:n] + pooled[n:])
+        return self._pool(self.feature_maps(images))
+
+    def _pool(self, fmaps: np.ndarray) -> np.ndarray:
+        return pool(fmaps, self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels)
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}

@@ -69,6 +69,8 @@ def feature_key(cfg: Config, artifact: ModelArtifact) -> str:
         "rmac_levels": e.rmac_levels if e.pooling == "rmac" else None,
         "mixed_precision": e.mixed_precision,
     }
+    if e.tta != "none":  # absent when off, so keys made before the option existed still match
+        fields["tta"] = e.tta
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -204,7 +206,8 @@ def _check_head(head, key: str) -> None:
     if base.get("feature_key") != key:
         raise ConfigError(
             f"extract.head: {manifest['uri']} was trained on embeddings {base.get('feature_key')} "
-            f"(pooling {base.get('pooling')}, resize {base.get('resize')}), but this extract makes {key}; "
+            f"(pooling {base.get('pooling')}, resize {base.get('resize')}, tta {base.get('tta') or 'none'}), "
+            f"but this extract makes {key}; "
             "extract with the settings it was trained on, or train again")
 
 
@@ -330,6 +333,7 @@ def run_extract(spark, cfg: Config) -> dict:
         gem_p=e.gem_p,
         rmac_levels=e.rmac_levels,
         resize=e.resize,
+        tta=e.tta,
         batch_size=e.batch_size,
         mixed_precision=e.mixed_precision,
         device=e.device,

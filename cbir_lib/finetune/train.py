@@ -165,7 +165,7 @@ def run_train(spark, cfg: Config) -> dict:
             val = None
             n_val = len(val_rows)
             base = {"feature_key": out["feature_key"], "model": {"name": "custom", "file": BACKBONE_FILE, "finetuned_from": cfg.extract.model},
-                    "dim": dim, "pooling": "gap", "resize": cfg.extract.resize, "image_size": out["image_size"],
+                    "dim": dim, "pooling": "gap", "resize": cfg.extract.resize, "tta": cfg.extract.tta, "image_size": out["image_size"],
                     "output_layer": "head_activation", "tuned_layers": out["tuned_layers"]}
         else:
             model, history, n_train, dim, val = _train_head(spark, cfg, data, train_df, index_of, val_df, root, src_manifest)
@@ -180,7 +180,7 @@ def run_train(spark, cfg: Config) -> dict:
             n_val = 0 if val is None else len(val[1])
             extract_cfg = src_manifest.get("config", {}).get("extract", {})
             base = {"feature_key": src_manifest.get("feature_key"), "model": src_manifest.get("model"), "dim": dim,
-                    "pooling": extract_cfg.get("pooling"), "resize": extract_cfg.get("resize")}
+                    "pooling": extract_cfg.get("pooling"), "resize": extract_cfg.get("resize"), "tta": extract_cfg.get("tta", "none")}
     data.unpersist()
 
     from cbir_lib.finetune.head import apply_head, save_weights_npz

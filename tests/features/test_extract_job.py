@@ -108,6 +108,35 @@ def test_unchanged_rerun_is_a_noop(spark, extracted, model_cache):
     assert again.get("noop") is True and again["run_id"] == "e1"
 
 
+def test_flip_tta_matches_the_core_and_the_query_path(spark, extracted, model_cache):
+    """extract.tta=flip: a new raw key (everything re-embedded), the Spark rows equal the core's
+    sum of both views, and cbir query
+    rebuilds the same descriptor from the run's manifest."""
+    from cbir_lib.config import ExtractConfig
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
+    from cbir_lib.features.pooling import l2_normalize
+    from cbir_lib.images.decode import decode_for_model
+    from cbir_lib.models.backbones import resolve_artifact
+    from cbir_lib.query import embed_query
+
+    out, first = extracted
+    m = run_extract(spark, _cfg(out, "t1", model_cache, "extract.tta=flip"))
+    assert m["feature_key"] != first["feature_key"] and m["counts"]["embedded_this_run"] == first["counts"]["ok"]
+    ok = _table(spark, out, "t1").query("status == 'ok'").head(4)
+    ec = ExtractConfig(model_cache=model_cache)
+    artifact = resolve_artifact(ec)
+    plain = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), artifact.local_path)
+    files = [p.replace("file:", "") for p in ok["path"]]
+    images = np.stack([decode_for_model(open(p, "rb").read(), 224, ec.resize)[0] for p in files])
+    oracle = l2_normalize(plain._pool(plain.feature_maps(images)) + plain._pool(plain.feature_maps(images[:, :, ::-1].copy())))
+    got = np.stack(ok["embedding"].to_numpy())
+    np.testing.assert_allclose(got, oracle, atol=1e-5)
+    assert (np.sum(got * plain.embed(images), axis=1) < 0.9999).any()  # not the single-view vector
+    manifest = json.loads(Path(str(out), TABLE, "run=t1", "_manifest.json").read_text())
+    run_dir = str(Path(str(out), TABLE, "run=t1"))
+    np.testing.assert_allclose(embed_query(open(files[0], "rb").read(), manifest, run_dir, model_cache)[0], got[0], atol=1e-5)
+
+
 def test_whitening_and_codes(spark, extracted, model_cache):
     out, first = extracted
     cfg = _cfg(out, "w1", model_cache, "extract.whitening=true", "extract.whitening_dim=32", "extract.binary_codes=true")
