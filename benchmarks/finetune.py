@@ -21,9 +21,12 @@ float search takes the same path as ``finetuned`` (a matrix product and a sort p
 query). ``scored_fraction`` is the share of the gallery whose float vector each query
 compared (Hamming-only methods compare none). Seeds: three trainings, mean and spread.
 
-    python benchmarks/finetune.py [--seeds 3] [--bits 48] [--full EPOCHS]
+    python benchmarks/finetune.py [--seeds 3] [--bits 48] [--tta flip|none]
+        [--pipeline head|full [--epochs N]] [--only-pipeline]
 
-``--full`` also trains with ``train.mode=full`` through the pipeline (see full_pipeline).
+``--tta``: the table is made with ``extract.tta=flip`` (each embedding the sum of the photo's
+and its mirror's), the recorded setting; the sweep repeats every method with the other one.
+``--pipeline`` also trains through the pipeline's jobs (see ``pipeline``).
 """
 
 from __future__ import annotations
@@ -83,33 +86,60 @@ def hamming_search(qc, gc, k=10):
     return out
 
 
-def run(seeds: int, bits: int, candidates: list[int]) -> dict:
+def embeddings(tta: str) -> np.ndarray:
+    """R-MAC Lite0 embeddings of clothing-small, as ``extract`` makes them with ``extract.tta``."""
     import quality as Q
+
+    from cbir_lib.features.pooling import l2_normalize, pool
+
+    def rmac(fm):
+        return np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), "rmac") for i in range(0, len(fm), 256)])
+
+    x = rmac(Q.feature_maps("center_crop"))
+    if tta == "flip":
+        x = l2_normalize(x + rmac(Q.feature_maps("center_crop", mirrored=True)))
+    return x
+
+
+def run(seeds: int, bits: int, candidates: list[int], tta: str) -> dict:
+    import quality as Q
+
+    files = Q.paths()
+    split = np.array([p.split("/")[-3] for p in files])
+    label = np.array([p.split("/")[-2] for p in files])
+    rows: dict[str, list[dict]] = {}
+    trainings: list[dict] = []
+    # The recorded embedding first (its rows are the table), then the other one for the sweep.
+    for t in (tta, *(m for m in ("none", "flip") if m != tta)):
+        suffix = "" if t == tta else f"[tta={t}]"
+        evaluate_embedding(embeddings(t), label, split, seeds, bits, candidates, suffix, rows, trainings)
+        for r in trainings:
+            r.setdefault("tta", t)
+    tr, va, te = split == "train", split == "validation", split == "test"
+    ng, nq = int(tr.sum()), int(te.sum())
+    return summarise(rows, trainings, bits, seeds, tta, ng, nq, int(va.sum()))
+
+
+def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, trainings) -> None:
+    """Every method of the table on one embedding; rows per method name + ``suffix``."""
     import tensorflow as tf
 
     from cbir_lib.config import TrainConfig
-    from cbir_lib.features.pooling import pool
     from cbir_lib.finetune.head import apply_head, head_weights
     from cbir_lib.finetune.train import fit_head
     from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
     from cbir_lib.neighbors.rerank import exact_rerank
 
-    files = Q.paths()
-    split = np.array([p.split("/")[-3] for p in files])
-    label = np.array([p.split("/")[-2] for p in files])
-    fm = Q.feature_maps("center_crop")
-    x = np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), "rmac") for i in range(0, len(fm), 256)])
     classes = sorted(set(label))
     li = np.array([classes.index(c) for c in label], dtype=np.int32)
     tr, va, te = split == "train", split == "validation", split == "test"
     lq, lg = label[te], label[tr]
     nq, ng = int(te.sum()), int(tr.sum())
-    rows: dict[str, list[dict]] = {}
 
     def add(method, top, ms, scored, **extra):
         p, m = _metrics(top, lq, lg)
-        rows.setdefault(method, []).append({"p_at_10": p, "map_at_10": m, "ms_per_query": ms, "scored_fraction": scored, **extra})
-        print(method, round(p, 4), round(m, 4), f"{ms:.3f} ms", scored, extra, flush=True)
+        rows.setdefault(method + suffix, []).append({"p_at_10": p, "map_at_10": m, "ms_per_query": ms, "scored_fraction": scored, **extra})
+        print(method + suffix, round(p, 4), round(m, 4), f"{ms:.3f} ms", scored, extra, flush=True)
 
     top, ms = _timed(lambda: float_search(x[te], x[tr]), nq)
     add("imagenet", top, ms, 1.0)
@@ -122,7 +152,6 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
     add("mean_threshold", top, ms, 0.0, bits=int(x.shape[1]))
 
     tc0 = TrainConfig(bits=bits)
-    trainings = []
     for seed in range(seeds):
         tc = dataclasses.replace(tc0, seed=seed)
         ds = tf.data.Dataset.from_tensor_slices((x[tr], li[tr])).shuffle(ng, seed=seed).repeat().batch(tc.batch_size)
@@ -146,6 +175,12 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
             res, ms = _timed(lambda n=n, c=codes, f=f, ix=index: hierarchical_search(f[te], c[te], f[tr], ix, 10, n), nq)
             add(f"hierarchical@{n}", res[0], ms, float(res[2].mean() / ng), seed=seed, bits=bits)
 
+
+def summarise(rows, trainings, bits, seeds, tta, ng, nq, nv) -> dict:
+    from cbir_lib.config import TrainConfig
+
+    tc0 = TrainConfig(bits=bits)
+
     def summary(method, runs):
         out = {"method": method}
         for key in ("p_at_10", "map_at_10", "ms_per_query", "scored_fraction"):
@@ -159,9 +194,9 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
 
     table = [summary(m, r) for m, r in rows.items()]
     # The issue's five methods: hierarchical is the largest candidate count under 10 %.
-    under = [r for r in table if r["method"].startswith("hierarchical@") and r["scored_fraction"] < 0.10]
+    under = [r for r in table if r["method"].startswith("hierarchical@") and "[" not in r["method"] and r["scored_fraction"] < 0.10]
     best = max(under, key=lambda r: r["scored_fraction"]) if under else None
-    main_rows = [r for r in table if not r["method"].startswith("hierarchical@") and "+" not in r["method"]]
+    main_rows = [r for r in table if not r["method"].startswith("hierarchical@") and "+" not in r["method"] and "[" not in r["method"]]
     if best:
         main_rows.append({**best, "method": "hierarchical", "candidates": int(best["method"].split("@")[1])})
     order = ["imagenet", "finetuned", "codes_hamming", "hierarchical", "mean_threshold"]
@@ -177,6 +212,7 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
         "speedup_hierarchical_vs_float_search": round(ft["ms_per_query"] / best["ms_per_query"], 2) if best else None,
         "finetuned_vs_imagenet_p_at_10": round(ft["p_at_10"] / im["p_at_10"], 3),
         "finetuned_with_default_reranking_p_at_10": next(r["p_at_10"] for r in table if r["method"] == "finetuned+dba+alpha_qe"),
+        "finetuned_p_at_10_other_tta": next((r["p_at_10"] for r in table if r["method"].startswith("finetuned[")), None),
     }
     return {
         "rows": main_rows,
@@ -184,8 +220,10 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
         "trainings": trainings,
         "targets": targets,
         "setup": {
-            "data": f"clothing-small: {ng} train images are the gallery, {nq} test images the queries, {int(va.sum())} validation",
-            "embedding": "efficientnet-lite0, center_crop 224, R-MAC (the pipeline default), dim 1280",
+            "data": f"clothing-small: {ng} train images are the gallery, {nq} test images the queries, {nv} validation",
+            "embedding": f"efficientnet-lite0, center_crop 224, R-MAC (the pipeline default), dim 1280, extract.tta={tta} "
+                         "(the sweep's [tta=...] rows: the other setting)",
+            "tta": tta,
             "head": {k: getattr(tc0, k) for k in ("bits", "hidden", "epochs", "batch_size", "learning_rate", "dropout", "binarise", "balance")},
             "seeds": seeds,
             "timing": "numpy on one process of this 2-core machine, per query (a product and a sort, or a Hamming scan, or multi-index + re-rank)",
@@ -193,16 +231,17 @@ def run(seeds: int, bits: int, candidates: list[int]) -> dict:
     }
 
 
-def full_pipeline(epochs: int) -> dict:
-    """``train.mode=full`` through the pipeline: ingest, cbir train (the last 2 Lite blocks +
-    head, images via Petastorm), extract with the head, then evaluate (split mode: test
-    against train, exact), without and with the default re-ranking."""
+def pipeline(mode: str, epochs: int | None, tta: str) -> dict:
+    """The same through the pipeline, ``train.mode=MODE``: ingest, (head: extract the raw
+    embeddings), cbir train (head: on those embeddings; full: the last 2 Lite blocks + head,
+    images via Petastorm), extract with the trained head, then evaluate (split mode: test
+    against train, exact), without and with the default re-ranking. One training, seed 0."""
     import subprocess
 
-    out = ROOT / "benchmarks" / ".cache" / "ft-full"
+    out = ROOT / "benchmarks" / ".cache" / f"ft-{mode}"
     clothing = ROOT.parent / "shared" / "data" / "clothing-small"
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    common = ["--output", str(out), "--master", "local[2]"]
+    common = ["--output", str(out), "--master", "local[2]", f"extract.tta={tta}"]
 
     def cbir(*args) -> dict:
         t = time.perf_counter()
@@ -213,18 +252,23 @@ def full_pipeline(epochs: int) -> dict:
         return {**json.loads(line), "seconds": round(time.perf_counter() - t, 1)}
 
     cbir("ingest", "--images", str(clothing))
-    trained = cbir("train", "train.mode=full", f"train.epochs={epochs}", "train.batch_size=32")
+    raw = cbir("extract") if mode == "head" else None
+    sized = ["train.batch_size=32"] if mode == "full" else []  # full: images through the CNN, memory-bound
+    trained = cbir("train", f"train.mode={mode}", *([f"train.epochs={epochs}"] if epochs else []), *sized)
     extracted = cbir("extract", f"extract.head={out}/models")
+    name = "finetuned_" + mode + "_pipeline" + ("" if tta == "none" else f"[tta={tta}]")
     rows = []
     for rerank in ("none", "dba+alpha_qe"):
         ev = cbir("evaluate", "evaluate.mode=split", f"neighbors.rerank={rerank}", "evaluate.report=false")
         metrics = json.loads((out / "evaluation" / f"run={ev['run_id']}" / "metrics.json").read_text())
-        rows.append({"method": "finetuned_full" + ("" if rerank == "none" else "+dba+alpha_qe"),
+        rows.append({"method": name + ("" if rerank == "none" else "+dba+alpha_qe"),
                      "p_at_10": round(metrics["precision_at_k"], 4), "map_at_10": round(metrics["map_at_k"], 4),
                      "ms_per_query": None, "scored_fraction": 1.0})
     manifest = json.loads((out / "models" / f"run={trained['run_id']}" / "_manifest.json").read_text())
-    return {"rows": rows, "epochs": epochs, "train_seconds": trained["seconds"], "extract_seconds": extracted["seconds"],
-            "history": manifest["history"], "metrics": manifest["metrics"], "tuned_layers": manifest["base"]["tuned_layers"]}
+    return {"rows": rows, "mode": mode, "tta": tta, "epochs": epochs or manifest.get("config", {}).get("train", {}).get("epochs"),
+            "raw_extract_seconds": raw["seconds"] if raw else None, "train_seconds": trained["seconds"],
+            "extract_seconds": extracted["seconds"], "history": manifest["history"], "metrics": manifest["metrics"],
+            "tuned_layers": manifest["base"].get("tuned_layers")}
 
 
 def main() -> None:
@@ -232,15 +276,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bits", type=int, default=48)
     ap.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 300])
-    ap.add_argument("--full", type=int, metavar="EPOCHS", default=0,
-                    help="also run train.mode=full through the pipeline for EPOCHS epochs (CPU: ~2 min per epoch)")
-    ap.add_argument("--only-full", action="store_true", help="keep the recorded head-mode results; run only --full")
+    ap.add_argument("--tta", choices=("none", "flip"), default="flip",
+                    help="extract.tta of the recorded table and of --pipeline (the table's other setting goes to the sweep)")
+    ap.add_argument("--pipeline", choices=("head", "full"), action="append", default=[],
+                    help="also train this mode through the pipeline (repeatable; full on CPU: ~2 min per epoch)")
+    ap.add_argument("--epochs", type=int, default=None, help="--pipeline's train.epochs (default: the config's)")
+    ap.add_argument("--only-pipeline", action="store_true", help="keep the recorded table; run only --pipeline")
     args = ap.parse_args()
-    result = json.loads(RESULTS.read_text()) if args.only_full else run(args.seeds, args.bits, args.candidates)
-    if args.full:
-        result["sweep"] = [r for r in result["sweep"] if not r["method"].startswith("finetuned_full")]
-        result["full_mode"] = full_pipeline(args.full)
-        result["sweep"].extend(result["full_mode"]["rows"])
+    result = json.loads(RESULTS.read_text()) if args.only_pipeline else run(args.seeds, args.bits, args.candidates, args.tta)
+    for mode in args.pipeline:
+        key = f"pipeline_{mode}" + ("" if args.tta == "none" else f"_tta_{args.tta}")
+        done = pipeline(mode, args.epochs, args.tta)
+        names = {r["method"] for r in done["rows"]}
+        result["sweep"] = [r for r in result["sweep"] if r["method"] not in names]
+        result[key] = done
+        result["sweep"].extend(done["rows"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["rows"], indent=1))

@@ -43,8 +43,9 @@ def paths() -> list[str]:
     return sorted(str(p) for p in CLOTHING.rglob("*.jpg"))
 
 
-def feature_maps(resize: str) -> np.ndarray:
-    out = CACHE / f"clothing_fmaps_lite0_{resize}.npy"
+def feature_maps(resize: str, mirrored: bool = False) -> np.ndarray:
+    """Lite0 feature maps of every clothing-small photo (of its mirror image if ``mirrored``)."""
+    out = CACHE / f"clothing_fmaps_lite0_{resize}{'_mirrored' if mirrored else ''}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
     from cbir_lib.config import ExtractConfig
@@ -58,6 +59,8 @@ def feature_maps(resize: str) -> np.ndarray:
     maps = []
     for s in range(0, len(files), 32):
         imgs = np.stack([decode_for_model(open(p, "rb").read(), art.image_size, resize)[0] for p in files[s : s + 32]])
+        if mirrored:
+            imgs = imgs[:, :, ::-1].copy()
         maps.append(emb.feature_maps(imgs).astype(np.float16))
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(out, np.concatenate(maps))
