@@ -128,15 +128,14 @@ def _load_contents(spark, rows: list):
     from pyspark.sql.utils import AnalysisException
 
     paths = [r[1] for r in rows]
-    reader = spark.read.format("binaryFile")
     try:
-        return reader.load([fs.escape_glob(p) for p in paths]).select("path", "content"), []
+        return fs.read_files(spark, paths), []
     except AnalysisException:
         present = [p for p in paths if fs.exists(spark, p)]
         missing = sorted(set(paths) - set(present))
         if not present:
             return None, missing
-        return reader.load([fs.escape_glob(p) for p in present]).select("path", "content"), missing
+        return fs.read_files(spark, present), missing
 
 
 def _embed_chunk(spark, rows: list, spec: EmbedSpec, parts_dir: str, work_dir: str, seq: int) -> tuple[int, int]:

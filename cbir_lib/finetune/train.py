@@ -115,7 +115,7 @@ def _with_content(spark, df):
     paths = [r.path for r in df.select("path").collect()]
     if not paths:
         return df.withColumn("content", F.lit(None).cast("binary"))
-    content = spark.read.format("binaryFile").load([fs.escape_glob(p) for p in paths]).select("path", "content")
+    content = fs.read_files(spark, paths)
     norm = F.udf(normalise_uri, "string")
     return df.withColumn("npath", norm("path")).join(content.withColumn("npath", norm("path")).drop("path"), "npath").drop("npath")
 
