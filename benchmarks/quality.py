@@ -242,11 +242,52 @@ def dedup() -> dict:
     for r in cl:
         clusters.setdefault(r["cluster_id"], []).append(_norm(r["path"]))
     final = pair_metrics(clusters, t_truth)
-    return {**final, "chosen": best, "images": len(ids), "groups": len({g for g, _ in truth.values()}),
+    verified = dedup_verified(out, ids, pos, paths_, pairs, t_truth)
+    return {**final, "verified": verified, "chosen": best, "images": len(ids), "groups": len({g for g, _ in truth.values()}),
             "distractors": len(ids) - len(truth), "pipeline_seconds": round(pipeline_s, 1), "dedup_job_seconds": round(job_s, 1),
             "sweep": sweep, "per_source_alone": {
                 "phash_only_t10": pair_metrics(clusters_for(10, None), t_truth),
                 "embedding_only_best": pair_metrics(clusters_for(None, best["min_score"] or 0.9), t_truth)}}
+
+
+def dedup_verified(out: Path, ids, pos, paths_, pairs, t_truth) -> dict:
+    """``dedup.verify=true``: one job run keeps every verdict (min_inliers 3, min_agreement
+    -1), then the edge rule ``inliers >= i and agreement >= g`` (the job's own filter) is
+    swept offline; the configured defaults' point is reported as ``default``."""
+    import pyarrow.parquet as pq
+
+    from cbir_lib.config import DedupConfig
+    from cbir_lib.dedup.core import components
+
+    t0 = time.time()
+    subprocess.run([*CBIR, "dedup", "--run-id", "verified-loose", "dedup.verify=true", "dedup.min_inliers=3",
+                    "dedup.min_agreement=-1", "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+    job_s = time.time() - t0
+    manifest = json.loads((out / "dedup" / "run=verified-loose" / "_manifest.json").read_text())
+    verdicts = pq.read_table(out / "dedup" / "run=verified-loose" / "pairs").to_pylist()
+    exact = [(pos[p["a"]], pos[p["b"]]) for p in pairs if p["source"] == "exact"]
+
+    def metrics_for(i: int, g: float) -> dict:
+        keep = exact + [(pos[v["a"]], pos[v["b"]]) for v in verdicts
+                        if v["source"] != "exact" and v["inliers"] >= i and v["agreement"] >= g]
+        lab = components(len(ids), np.array(keep, np.int64).reshape(-1, 2))
+        groups: dict[int, list[str]] = {}
+        for j, c in enumerate(lab):
+            groups.setdefault(int(c), []).append(paths_[j])
+        return pair_metrics({c: m for c, m in groups.items() if len(m) > 1}, t_truth)
+
+    sweep = []
+    for i in (8, 15, 25):
+        for g in (0.6, 0.7, 0.8, 0.85, 0.9):
+            m = metrics_for(i, g)
+            sweep.append({"min_inliers": i, "min_agreement": g, "pair_precision": m["pair_precision"], "pair_recall": m["pair_recall"]})
+            print("verified", sweep[-1], flush=True)
+    d = DedupConfig()
+    default = metrics_for(d.min_inliers, d.min_agreement)
+    return {"default": {**default, "min_inliers": d.min_inliers, "min_agreement": d.min_agreement,
+                        "verify_min_score": d.verify_min_score},
+            "candidates": manifest["counts"]["candidates"], "verify_seconds": manifest["timings"].get("verify_s"),
+            "job_seconds": round(job_s, 1), "sweep": sweep}
 
 
 def main() -> None:

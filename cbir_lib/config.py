@@ -256,8 +256,23 @@ class DedupConfig:
     phash_chunks: int = 4  # multi-index chunks: probes within radius threshold // chunks
     min_score: float = 0.95  # embedding pairs: raw cosine at least this (quality.json: 0.92 keeps precision >= 0.985)
     max_iter: int = 60  # connected-component rounds before giving up
+    # Verification (cbir_lib/dedup/verify.py): a candidate pair becomes an edge only if ORB +
+    # RANSAC finds >= min_inliers matches under one similarity transform and the images agree
+    # under it (median block NCC >= min_agreement). Candidates are then looser: embedding
+    # pairs from verify_min_score, pHash pairs within phash_threshold.
+    verify: bool = False
+    verify_min_score: float = 0.5  # cost is bounded anyway: at most k candidates per image (the neighbour lists)
+    min_inliers: int = 15
+    min_agreement: float = 0.8
+    verify_max_side: int = 512  # images are verified in grayscale at most this size
+    verify_features: int = 1000  # ORB keypoints per image
 
     def validate(self) -> None:
+        _require(-1.0 <= self.verify_min_score <= 1.0, "dedup.verify_min_score", "must be in [-1, 1]")
+        _require(self.min_inliers >= 3, "dedup.min_inliers", "must be >= 3 (a similarity transform needs 2 points)")
+        _require(-1.0 <= self.min_agreement <= 1.0, "dedup.min_agreement", "must be in [-1, 1]")
+        _require(64 <= self.verify_max_side <= 4096, "dedup.verify_max_side", "must be in 64..4096")
+        _require(self.verify_features >= 50, "dedup.verify_features", "must be >= 50")
         _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
         _require(0 <= self.phash_threshold <= 32, "dedup.phash_threshold", "must be in 0..32")
         _require(1 <= self.phash_chunks <= 16, "dedup.phash_chunks", "must be in 1..16")

@@ -35,6 +35,9 @@ def test_yaml_profile_and_overrides(tmp_path):
         (["nosuch.field=1"], "nosuch"),
         (["extract.device=tpu"], "extract.device"),
         (["extract.tta=rotate"], "extract.tta"),
+        (["dedup.min_inliers=1"], "dedup.min_inliers"),
+        (["dedup.min_agreement=2"], "dedup.min_agreement"),
+        (["dedup.verify_max_side=10"], "dedup.verify_max_side"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

@@ -10,6 +10,11 @@ Edges between images come from up to three sources (``dedup.sources``):
 - ``embedding``: pairs of neighbours (the latest neighbours table proposes them) whose
   raw embedding cosine is >= ``dedup.min_score``.
 
+With ``dedup.verify`` every candidate pair but the exact ones is checked by
+:mod:`cbir_lib.dedup.verify` (local features + RANSAC, then photometric agreement) and only
+pairs with ``inliers >= min_inliers`` and ``agreement >= min_agreement`` become edges;
+embedding candidates then start at ``verify_min_score``.
+
 Connected components of the edge graph are computed on Spark by min-label propagation
 with pointer jumping (each round a node takes the smallest label among itself and its
 neighbours, then its label's label), until no label changes. A component's id is its
@@ -18,7 +23,7 @@ most bytes, then the smallest id.
 
 Output ``dedup/run=<id>/clusters/`` ``(cluster_id, image_id, is_representative, size)``
 for every image in a component of two or more, ``pairs/`` ``(a, b, source, hamming,
-score)`` with ``a < b``, and counts in the manifest. Only images with status ``ok`` take
+score, inliers, agreement)`` with ``a < b``, and counts in the manifest. Only images with status ``ok`` take
 part; failed ones are counted and left out.
 """
 
@@ -35,7 +40,64 @@ from cbir_lib.dedup.core import chunk_bounds, flips
 log = logging.getLogger(__name__)
 
 TABLE = "dedup"
-PAIRS_DDL = "a long, b long, source string, hamming int, score float"
+VERDICT_DDL = "a long, b long, inliers int, agreement float"
+
+
+def _prepare_partition(max_side: int):
+    def fn(batches):
+        import pandas as pd
+
+        from cbir_lib.dedup.verify import prepare
+
+        for pdf in batches:
+            yield pd.DataFrame({"image_id": pdf["image_id"], "payload": [prepare(bytes(c), max_side) for c in pdf["content"]]})
+
+    return fn
+
+
+def _verify_partition(features: int):
+    def fn(batches):
+        import cv2
+        import pandas as pd
+
+        from cbir_lib.dedup.verify import gray, verify
+
+        cv2.setNumThreads(1)  # one task per core already
+        for pdf in batches:
+            inliers, agreement = [], []
+            for pa, pb in zip(pdf["pa"], pdf["pb"], strict=True):
+                v = verify(gray(pa), gray(pb), features) if pa is not None and pb is not None else None
+                inliers.append(v.inliers if v else 0)
+                agreement.append(v.agreement if v else -1.0)
+            yield pd.DataFrame({"a": pdf["a"], "b": pdf["b"], "inliers": inliers, "agreement": agreement})
+
+    return fn
+
+
+def verified_pairs(spark, candidates, ok, dd):
+    """``(a, b, inliers, agreement)`` of every candidate pair (:mod:`cbir_lib.dedup.verify`).
+
+    Each image in a candidate pair is read and prepared once (grayscale PNG, at most
+    ``dedup.verify_max_side`` px); each pair is then checked in the task where its two
+    payloads meet. A file gone since ingest, or undecodable, verifies nothing.
+    """
+    from pyspark.sql import functions as F
+
+    pairs = candidates.select("a", "b").distinct()
+    ids = pairs.select(F.col("a").alias("image_id")).union(pairs.select(F.col("b").alias("image_id"))).distinct()
+    todo = ok.select("image_id", "path").join(ids, "image_id")
+    content, missing = fs.read_present(spark, [r.path for r in todo.select("path").collect()])
+    if missing:
+        log.warning("dedup.verify: %d files are gone since ingest; their pairs are not verified", len(missing))
+    if content is None:
+        return pairs.select("a", "b", F.lit(0).alias("inliers"), F.lit(-1.0).cast("float").alias("agreement"))
+    payload = (todo.join(content, "path").select("image_id", "content")
+               .mapInPandas(_prepare_partition(dd.verify_max_side), "image_id long, payload binary").localCheckpoint())
+    pa = payload.select(F.col("image_id").alias("a"), F.col("payload").alias("pa"))
+    pb = payload.select(F.col("image_id").alias("b"), F.col("payload").alias("pb"))
+    return (pairs.join(pa, "a", "left").join(pb, "b", "left")
+            .repartition(4 * spark.sparkContext.defaultParallelism)
+            .mapInPandas(_verify_partition(dd.verify_features), VERDICT_DDL))
 
 
 def exact_pairs(images):
@@ -137,7 +199,8 @@ def run_dedup(spark, cfg: Config) -> dict:
         emb_uri = fs.join(root, "embeddings")
         emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
-        emb_pairs, nb_run = embedding_pairs(spark, root, dd.min_score, ok.select("image_id"), embeddings, cfg.run)
+        tau = dd.verify_min_score if dd.verify else dd.min_score
+        emb_pairs, nb_run = embedding_pairs(spark, root, tau, ok.select("image_id"), embeddings, cfg.run)
         lineage["embeddings_run_id"] = emb_run
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
@@ -148,8 +211,20 @@ def run_dedup(spark, cfg: Config) -> dict:
         pairs = pairs.unionByName(p)
     with timer("candidate pairs") as t:
         pairs = pairs.localCheckpoint()
-        by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
+        candidates = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
     timings["pairs_s"] = round(t["seconds"], 3)
+    if dd.verify:
+        with timer("verifying candidate pairs") as t:
+            exact = pairs.filter(F.col("source") == "exact").select("a", "b")
+            verdicts = verified_pairs(spark, pairs.filter(F.col("source") != "exact").join(exact, ["a", "b"], "left_anti"), ok, dd)
+            pairs = pairs.join(verdicts, ["a", "b"], "left").filter(
+                (F.col("source") == "exact") | ((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
+            ).localCheckpoint()
+            by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
+        timings["verify_s"] = round(t["seconds"], 3)
+    else:
+        pairs = pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+        by_source = candidates
     with timer("connected components") as t:
         labels, rounds = connected_components(spark, pairs.select("a", "b"), dd.max_iter)
     timings["components_s"] = round(t["seconds"], 3)
@@ -168,10 +243,12 @@ def run_dedup(spark, cfg: Config) -> dict:
         "run_id": run_id,
         **lineage,
         "params": {"sources": dd.sources, "exact": dd.exact, "phash_threshold": dd.phash_threshold,
-                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score},
+                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify,
+                   **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
+                       "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features} if dd.verify else {})},
         "counts": {
             "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
-            "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
+            "candidates": candidates, "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
             "largest_cluster": stats.largest, "removable": (stats.images or 0) - stats.clusters,
         },
         "component_rounds": rounds,

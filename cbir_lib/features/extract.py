@@ -125,17 +125,7 @@ def _task_slots(spark) -> int:
 
 def _load_contents(spark, rows: list):
     """Read the chunk's files; files that vanished since ingest become failed rows."""
-    from pyspark.sql.utils import AnalysisException
-
-    paths = [r[1] for r in rows]
-    try:
-        return fs.read_files(spark, paths), []
-    except AnalysisException:
-        present = [p for p in paths if fs.exists(spark, p)]
-        missing = sorted(set(paths) - set(present))
-        if not present:
-            return None, missing
-        return fs.read_files(spark, present), missing
+    return fs.read_present(spark, [r[1] for r in rows])
 
 
 def _embed_chunk(spark, rows: list, spec: EmbedSpec, parts_dir: str, work_dir: str, seq: int) -> tuple[int, int]:

@@ -71,6 +71,27 @@ def test_fixture_clusters(spark, fixtures_run, sources):
     assert sorted(df2.image_id) == sorted(df.image_id)
 
 
+def test_verified_edges_add_the_rotations_and_keep_precision(spark, fixtures_run):
+    """dedup.verify: looser candidates, each checked by ORB + RANSAC + agreement; the rotated
+    copies the default thresholds miss are found, and nothing false gets in."""
+    out, _ = fixtures_run
+    base = [f"run.output_root={out}", "dedup.sources=both", "run.keep_snapshots=10"]
+    plain = run_dedup(spark, config.load(None, base))
+    m = run_dedup(spark, config.load(None, [*base, "dedup.verify=true"]))
+    assert m["params"]["verify"] and m["timings"]["verify_s"] > 0
+    assert sum(m["counts"]["candidates"].values()) > sum(m["counts"]["pairs"].values())  # some candidates were refused
+    pairs = spark.read.parquet(os.path.join(m["output"], "pairs")).toPandas()
+    checked = pairs[pairs.source != "exact"]
+    assert len(checked) and (checked.inliers >= 15).all() and (checked.agreement >= 0.8).all()
+    assert pairs[pairs.source == "exact"].inliers.isna().all()
+    images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
+    ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
+    p0, r0, _, _ = _pair_scores(_clusters(spark, plain), ok_paths)
+    precision, recall, found, truth = _pair_scores(_clusters(spark, m), ok_paths)
+    assert precision == 1.0, sorted(map(sorted, found - truth))[:5]
+    assert recall > r0 and any("rotation" in p for pair in found for p in pair), (recall, r0)
+
+
 def test_spark_components_match_union_find(spark):
     rng = np.random.default_rng(3)
     n = 400
