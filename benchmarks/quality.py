@@ -164,6 +164,17 @@ def _norm(p: str) -> str:
     return p[len("file:"):] if p.startswith("file:") else p
 
 
+def clusters_of(edges: list[tuple[int, int]], paths_: list[str]) -> dict[int, list[str]]:
+    """Connected components of ``edges`` (positions in ``paths_``): groups of two or more paths."""
+    from cbir_lib.dedup.core import components
+
+    lab = components(len(paths_), np.array(edges, np.int64).reshape(-1, 2))
+    groups: dict[int, list[str]] = {}
+    for j, c in enumerate(lab):
+        groups.setdefault(int(c), []).append(paths_[j])
+    return {c: m for c, m in groups.items() if len(m) > 1}
+
+
 def pair_metrics(clusters: dict[int, list[str]], truth: dict[str, tuple[str, str]]) -> dict:
     """Pair precision/recall of the pairs a clustering implies (every two members of a
     cluster), counted without listing them: a 5,000-image cluster implies 12.5M pairs."""
@@ -186,8 +197,6 @@ def pair_metrics(clusters: dict[int, list[str]], truth: dict[str, tuple[str, str
 
 def dedup() -> dict:
     import pyarrow.parquet as pq
-
-    from cbir_lib.dedup.core import components
 
     d, truth = dedup_set(reuse="--reuse" in sys.argv)
     out = CACHE / "dedup-out"
@@ -212,11 +221,7 @@ def dedup() -> dict:
         keep = [(pos[p["a"]], pos[p["b"]]) for p in pairs if p["source"] == "exact"
                 or (t is not None and p["source"] == "phash" and p["hamming"] <= t)
                 or (tau is not None and p["source"] == "embedding" and p["score"] >= tau)]
-        lab = components(len(ids), np.array(keep, np.int64).reshape(-1, 2))
-        out_: dict[int, list[str]] = {}
-        for j, c in enumerate(lab):
-            out_.setdefault(int(c), []).append(paths_[j])
-        return {c: m for c, m in out_.items() if len(m) > 1}
+        return clusters_of(keep, paths_)
 
     sweep = []
     for t in (None, 4, 6, 8, 10, 12, 14, 16):
@@ -242,7 +247,7 @@ def dedup() -> dict:
     for r in cl:
         clusters.setdefault(r["cluster_id"], []).append(_norm(r["path"]))
     final = pair_metrics(clusters, t_truth)
-    verified = dedup_verified(out, ids, pos, paths_, pairs, t_truth)
+    verified = dedup_verified(out, pos, paths_, pairs, t_truth)
     return {**final, "verified": verified, "chosen": best, "images": len(ids), "groups": len({g for g, _ in truth.values()}),
             "distractors": len(ids) - len(truth), "pipeline_seconds": round(pipeline_s, 1), "dedup_job_seconds": round(job_s, 1),
             "sweep": sweep, "per_source_alone": {
@@ -250,14 +255,13 @@ def dedup() -> dict:
                 "embedding_only_best": pair_metrics(clusters_for(None, best["min_score"] or 0.9), t_truth)}}
 
 
-def dedup_verified(out: Path, ids, pos, paths_, pairs, t_truth) -> dict:
+def dedup_verified(out: Path, pos, paths_, pairs, t_truth) -> dict:
     """``dedup.verify=true``: one job run keeps every verdict (min_inliers 3, min_agreement
     -1), then the edge rule ``inliers >= i and agreement >= g`` (the job's own filter) is
     swept offline; the configured defaults' point is reported as ``default``."""
     import pyarrow.parquet as pq
 
     from cbir_lib.config import DedupConfig
-    from cbir_lib.dedup.core import components
 
     t0 = time.time()
     subprocess.run([*CBIR, "dedup", "--run-id", "verified-loose", "dedup.verify=true", "dedup.min_inliers=3",
@@ -270,11 +274,7 @@ def dedup_verified(out: Path, ids, pos, paths_, pairs, t_truth) -> dict:
     def metrics_for(i: int, g: float) -> dict:
         keep = exact + [(pos[v["a"]], pos[v["b"]]) for v in verdicts
                         if v["source"] != "exact" and v["inliers"] >= i and v["agreement"] >= g]
-        lab = components(len(ids), np.array(keep, np.int64).reshape(-1, 2))
-        groups: dict[int, list[str]] = {}
-        for j, c in enumerate(lab):
-            groups.setdefault(int(c), []).append(paths_[j])
-        return pair_metrics({c: m for c, m in groups.items() if len(m) > 1}, t_truth)
+        return pair_metrics(clusters_of(keep, paths_), t_truth)
 
     sweep = []
     for i in (8, 15, 25):

@@ -102,6 +102,7 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     """
     tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
     write(tmp)
+    manifest.setdefault("spark", spark_settings(spark))
     for name, data in (extra_files or {}).items():
         fs.write_bytes(spark, fs.join(tmp, name), data)
     fs.write_json(spark, fs.join(tmp, MANIFEST), manifest)
@@ -114,6 +115,20 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     _prune(spark, table_uri, keep, current=run_id)
     log.info("committed %s", dst)
     return dst
+
+
+# The settings that shape a run, recorded in every manifest (whose value won: the cluster's or ours).
+_RECORDED = ("spark.master", "spark.sql.shuffle.partitions", "spark.sql.execution.arrow.maxRecordsPerBatch",
+             "spark.task.cpus", "spark.executor.cores", "spark.executor.memory", "spark.driver.memory",
+             "spark.executor.instances", "spark.task.resource.gpu.amount")
+
+
+def spark_settings(spark) -> dict:
+    conf = spark.sparkContext.getConf()
+    out = {k: conf.get(k) for k in _RECORDED if conf.contains(k)}
+    out["spark.sql.shuffle.partitions"] = spark.conf.get("spark.sql.shuffle.partitions")
+    out["default_parallelism"] = spark.sparkContext.defaultParallelism
+    return out
 
 
 def _prune(spark, table_uri: str, keep: int, current: str) -> None:

@@ -77,6 +77,7 @@ def _ncc(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _one(a: np.ndarray, b: np.ndarray, fa, fb, ratio: float, reproj: float) -> tuple[int, float]:
+    """``a`` (float32) against ``b`` (float32) given both images' ORB features."""
     import cv2
 
     (pa, da), (pb, db) = fa, fb
@@ -89,6 +90,7 @@ def _one(a: np.ndarray, b: np.ndarray, fa, fb, ratio: float, reproj: float) -> t
     src, dst = pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]]
     h, w = b.shape
     best = (0, -1.0)
+    ones = np.ones(a.shape, np.float32)
     # A similarity transform first (rotation, uniform scale, shift: the common edits), then a
     # full affine one (an aspect-ratio change); the better-agreeing of the two is the verdict.
     for estimate in (cv2.estimateAffinePartial2D, cv2.estimateAffine2D):
@@ -97,9 +99,9 @@ def _one(a: np.ndarray, b: np.ndarray, fa, fb, ratio: float, reproj: float) -> t
         if transform is None:
             continue
         inliers = int(mask.sum())
-        warped = cv2.warpAffine(a.astype(np.float32), transform, (w, h))
-        valid = cv2.warpAffine(np.ones(a.shape, np.float32), transform, (w, h), flags=cv2.INTER_NEAREST) > 0.5
-        agreement = _blockwise_agreement(warped, b.astype(np.float32), valid) if valid.mean() >= MIN_OVERLAP else -1.0
+        warped = cv2.warpAffine(a, transform, (w, h))
+        valid = cv2.warpAffine(ones, transform, (w, h), flags=cv2.INTER_NEAREST) > 0.5
+        agreement = _blockwise_agreement(warped, b, valid) if valid.mean() >= MIN_OVERLAP else -1.0
         best = max(best, (inliers, agreement), key=lambda r: (r[1], r[0]))
     return best
 
@@ -131,10 +133,11 @@ def _blockwise_agreement(x: np.ndarray, y: np.ndarray, valid: np.ndarray, grid: 
 def verify(a: np.ndarray, b: np.ndarray, features: int = 1000, ratio: float = 0.8, reproj: float = 4.0) -> Verdict:
     """The better of ``a`` and its mirror image against ``b`` (more inliers, then agreement)."""
     fb = _features(b, features)
+    b32 = b.astype(np.float32)
     best = Verdict(0, -1.0, False)
     for mirrored in (False, True):
         img = np.ascontiguousarray(a[:, ::-1]) if mirrored else a
-        inliers, agreement = _one(img, b, _features(img, features), fb, ratio, reproj)
+        inliers, agreement = _one(img.astype(np.float32), b32, _features(img, features), fb, ratio, reproj)
         if (inliers, agreement) > (best.inliers, best.agreement):
             best = Verdict(inliers, agreement, mirrored)
     return best

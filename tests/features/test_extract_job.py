@@ -46,7 +46,7 @@ def photos(tmp_path_factory):
 def extracted(spark, photos, tmp_path_factory, model_cache):
     out = tmp_path_factory.mktemp("out")
     run_ingest(spark, _cfg(out, "i1", model_cache), str(photos))
-    manifest = run_extract(spark, _cfg(out, "e1", model_cache, "extract.chunk_size=20"))
+    manifest = run_extract(spark, _cfg(out, "e1", model_cache, "extract.shard_size=20"))
     return out, manifest
 
 
@@ -110,8 +110,7 @@ def test_unchanged_rerun_is_a_noop(spark, extracted, model_cache):
 
 def test_flip_tta_matches_the_core_and_the_query_path(spark, extracted, model_cache):
     """extract.tta=flip: a new raw key (everything re-embedded), the Spark rows equal the core's
-    sum of both views, and cbir query
-    rebuilds the same descriptor from the run's manifest."""
+    sum of both views, and cbir query rebuilds the same descriptor from the run's manifest."""
     from cbir_lib.config import ExtractConfig
     from cbir_lib.features.embedder import Embedder, EmbedSpec
     from cbir_lib.features.pooling import l2_normalize
@@ -191,25 +190,34 @@ def _last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
+def _rows_in(files) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(f).num_rows for f in files)
+
+
 def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
+    """kill -9 of the whole job mid-way: the rerun skips every committed shard, redoes the rest."""
     out, first = extracted
     args = ["jobs.extract", "--output", str(out), "--run-id", "k1", "--master", "local[2]",
-            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.chunk_size=8", "--set", "run.keep_snapshots=10"]
-    parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "part-*")
-    before = set(glob.glob(parts))  # the gap run's parts: not this job's
+            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.shard_size=6", "--set", "run.keep_snapshots=10"]
+    parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "*.parquet")
+    before = set(glob.glob(parts))  # the other runs' parts: not this job's
     proc = _job(args)
     deadline = time.time() + 240
     new_parts: set = set()
     while time.time() < deadline and proc.poll() is None:
-        new_parts = {p for p in glob.glob(parts) if p not in before and glob.glob(os.path.join(p, "*.parquet"))}
+        new_parts = set(glob.glob(parts)) - before
         if len(new_parts) >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(new_parts) >= 2, "no chunk was committed before the kill"
-    committed = len({p for p in glob.glob(parts) if p not in before})
+    committed = set(glob.glob(parts)) - before
+    assert len(committed) >= 2, "no shard was committed before the kill"
+    assert len(committed) < 8, "every shard was committed before the kill"
+    done_rows = _rows_in(committed)
     assert tables.read_manifest(spark, os.path.join(str(out), TABLE), "k1") is None
 
     resumed = _job(args)
@@ -217,12 +225,33 @@ def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
     assert resumed.returncode == 0, stderr[-3000:]
     summary = _last_json(stdout)
     n_ok = first["counts"]["ok"]
-    # finished work was not redone: each committed chunk of 8 is skipped
-    assert summary["counts"]["embedded_this_run"] == n_ok - 8 * committed
-    assert summary["counts"]["reused"] == 8 * committed
+    # finished work was not redone: every committed shard is skipped, the rest is done once
+    assert summary["counts"]["embedded_this_run"] == n_ok - done_rows
+    assert summary["counts"]["reused"] == done_rows
+    assert _rows_in(set(glob.glob(parts)) - before) == n_ok  # no shard twice on disk
     df = _table(spark, out)
     assert df["image_id"].is_unique and len(df) == first["counts"]["input"]
     assert set(df["pooling"]) == {"mac"} and (df.status == "ok").sum() == first["counts"]["ok"]
+
+
+def test_retried_attempt_after_its_commit_leaves_one_copy(spark, extracted, model_cache, tmp_path):
+    """A task that dies right after committing its shard is retried: the retry finds the shard
+    committed and does nothing, so the table holds each image once."""
+    out, first = extracted
+    args = ["jobs.extract", "--output", str(out), "--run-id", "r1", "--master", "local[2,3]",
+            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=gem", "--set", "extract.shard_size=12", "--set", "run.keep_snapshots=10"]
+    proc = _job(args, env={"CBIR_FAULTS": f"extract.after_commit:{tmp_path}/faults"})
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "faults" / "extract.after_commit").exists(), "the fault never fired"
+    manifest = json.loads(Path(str(out), TABLE, "run=r1", "_manifest.json").read_text())
+    assert manifest["shards"]["outcomes"].get("already_committed") == 1
+    assert manifest["counts"]["embedded_this_run"] == first["counts"]["ok"]
+    key = manifest["feature_key"]
+    files = glob.glob(os.path.join(str(out), TABLE, "_work", key, "parts", "*.parquet"))
+    assert len(files) == manifest["shards"]["planned"] and _rows_in(files) == first["counts"]["ok"]
+    df = _table(spark, out, "r1")
+    assert df["image_id"].is_unique and len(df) == first["counts"]["input"]
 
 
 def _free_port() -> int:
@@ -266,6 +295,9 @@ def test_same_result_on_a_standalone_cluster(spark, photos, extracted, standalon
         proc = _job([*job, *common], env=env)
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
+    shards = tables.read_manifest(spark, os.path.join(str(out), TABLE))["shards"]
+    # both workers embedded shards, at the same time
+    assert shards["executors"] == 2 and shards["peak_concurrent"] == 2 and shards["planned"] == 2, shards
     cluster = _table(spark, out).set_index("path")
     local = _table(spark, extracted[0], "e1").set_index("path")  # the gap run, same config
     assert sorted(cluster.index) == sorted(local.index)

@@ -1,0 +1,32 @@
+"""Fault injection for the failure tests: crash a task at a named point, on purpose.
+
+``CBIR_FAULTS`` holds ``point:marker_dir`` items separated by commas. At a named point
+(:func:`point`) the first process to get there creates ``marker_dir/point`` and raises
+:class:`InjectedFault`; later visitors (the retry) pass. Executors inherit the variable in
+local and standalone mode. Unset, a point costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a fault point named in ``CBIR_FAULTS``."""
+
+
+def point(name: str) -> None:
+    spec = os.environ.get("CBIR_FAULTS")
+    if not spec:
+        return
+    for item in spec.split(","):
+        target, _, marker_dir = item.partition(":")
+        if target != name or not marker_dir:
+            continue
+        os.makedirs(marker_dir, exist_ok=True)
+        try:
+            fd = os.open(os.path.join(marker_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # this fault already fired once: the retry goes through
+        os.close(fd)
+        raise InjectedFault(f"injected fault at {name}")

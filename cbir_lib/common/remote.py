@@ -1,0 +1,188 @@
+"""Executor-side file access: a task reads its own input files and commits its own output.
+
+:mod:`cbir_lib.common.fs` works through the driver's JVM. A Python task on an executor
+has no JVM handle, so it reads image bytes and writes its shard through ``pyarrow.fs``,
+which covers the Hadoop URIs a cluster uses for images and outputs:
+
+- ``file:/a``, ``file:///a`` and bare ``/a`` paths (local or a shared mount);
+- ``hdfs://host:port/a`` (libhdfs through ``HADOOP_HOME``/``CLASSPATH``, as on YARN);
+- ``s3a://``, ``s3n://`` and ``s3://`` buckets (the driver's ``fs.s3a.*`` endpoint and
+  credentials are handed over, see :func:`settings_from_hadoop`);
+- ``gs://`` buckets.
+
+A :class:`Files` object is a small picklable recipe: the filesystems are opened lazily in
+the task and cached per process. Reads never raise for a bad file: they return
+``(None, reason)`` with the codes ``missing_file`` and ``read_error``, so a vanished or
+unreadable image becomes a status row like any other bad input.
+
+Committing: on a filesystem with an atomic rename (local, HDFS) a file is written under
+a temporary name and renamed into place; on an object store a written object appears
+only when its upload completes, so it is written under its final, attempt-unique name.
+Either way a reader sees a whole file or none.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+from urllib.parse import urlparse
+
+_S3_SCHEMES = ("s3a", "s3n", "s3")
+SUPPORTED_SCHEMES = ("file", "hdfs", "viewfs", "gs", *_S3_SCHEMES)
+
+# fs.s3a.* keys of the Hadoop configuration -> pyarrow.fs.S3FileSystem arguments.
+_S3A_KEYS = {
+    "fs.s3a.access.key": "access_key",
+    "fs.s3a.secret.key": "secret_key",
+    "fs.s3a.session.token": "session_token",
+    "fs.s3a.endpoint": "endpoint_override",
+    "fs.s3a.endpoint.region": "region",
+}
+
+
+class UnsupportedScheme(ValueError):
+    """A URI whose scheme no executor-side filesystem handles."""
+
+
+@dataclass(frozen=True)
+class Files:
+    """Picklable settings of the executor-side filesystems (credentials stay out of repr)."""
+
+    s3: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def _options(self) -> dict:
+        return dict(self.s3)
+
+
+def settings_from_hadoop(spark) -> Files:
+    """The executor-side settings that mirror the driver's Hadoop configuration."""
+    if spark is None:
+        return Files()
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    s3 = []
+    for key, arg in _S3A_KEYS.items():
+        value = conf.get(key)
+        if value:
+            s3.append((arg, str(value)))
+    return Files(s3=tuple(sorted(s3)))
+
+
+def check_scheme(uri: str) -> None:
+    """Raise :class:`UnsupportedScheme` for a URI that tasks cannot open (checked on the driver)."""
+    scheme = urlparse(uri).scheme or "file"
+    if scheme not in SUPPORTED_SCHEMES:
+        raise UnsupportedScheme(
+            f"{uri}: scheme {scheme!r} cannot be read by executor tasks (supported: {', '.join(SUPPORTED_SCHEMES)})")
+
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _filesystem(files: Files, uri: str):
+    """``(pyarrow filesystem, path inside it, has atomic rename)`` for ``uri``."""
+    from pyarrow import fs as pafs
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme or "file"
+    if scheme == "file":
+        path = parsed.path if parsed.scheme else uri
+        return pafs.LocalFileSystem(), path, True
+    key: tuple
+    if scheme in ("hdfs", "viewfs"):
+        key = ("hdfs", parsed.hostname or "default", parsed.port or 0)
+    elif scheme in _S3_SCHEMES:
+        key = ("s3", files.s3)
+    elif scheme == "gs":
+        key = ("gs",)
+    else:
+        raise UnsupportedScheme(f"{uri}: scheme {scheme!r} is not supported by executor tasks")
+    with _CACHE_LOCK:
+        fs_ = _CACHE.get(key)
+        if fs_ is None:
+            if key[0] == "hdfs":
+                fs_ = pafs.HadoopFileSystem(key[1], key[2])
+            elif key[0] == "s3":
+                fs_ = pafs.S3FileSystem(**files._options())
+            else:
+                fs_ = pafs.GcsFileSystem()
+            _CACHE[key] = fs_
+    if key[0] == "hdfs":
+        return fs_, parsed.path, True
+    return fs_, parsed.netloc + parsed.path, False
+
+
+def read(files: Files, uri: str) -> tuple[bytes | None, str | None]:
+    """The bytes of ``uri``, or ``(None, reason)``; never raises for a bad file."""
+    try:
+        fs_, path, _ = _filesystem(files, uri)
+        with fs_.open_input_stream(path) as fh:
+            return fh.read(), None
+    except FileNotFoundError:
+        return None, "missing_file: deleted since ingest"
+    except UnsupportedScheme as exc:
+        return None, f"read_error: {exc}"
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
+            return None, "missing_file: deleted since ingest"
+        return None, f"read_error: {type(exc).__name__}: {exc}"
+
+
+def read_many(files: Files, items: Iterable[tuple], threads: int = 4, ahead: int = 64) -> Iterator[tuple]:
+    """``(key, uri)`` items -> ``(key, bytes or None, reason or None)``, in order.
+
+    Up to ``ahead`` reads are in flight on ``threads`` threads, so the consumer (decoding
+    and the model) never waits for storage while the reads keep up.
+    """
+    import collections
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: collections.deque = collections.deque()
+        for key, uri in items:
+            pending.append((key, pool.submit(read, files, uri)))
+            if len(pending) >= ahead:
+                k, fut = pending.popleft()
+                yield (k, *fut.result())
+        while pending:
+            k, fut = pending.popleft()
+            yield (k, *fut.result())
+
+
+def list_names(files: Files, uri: str) -> list[str]:
+    """Names of the files directly under ``uri`` (empty if it does not exist)."""
+    from pyarrow import fs as pafs
+
+    fs_, path, _ = _filesystem(files, uri)
+    try:
+        infos = fs_.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.File)
+
+
+def delete(files: Files, uri: str) -> None:
+    fs_, path, _ = _filesystem(files, uri)
+    try:
+        fs_.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str) -> None:
+    """Write ``table`` so that ``final_uri`` appears whole or not at all."""
+    import pyarrow.parquet as pq
+
+    fs_, final_path, atomic_rename = _filesystem(files, final_uri)
+    if atomic_rename:
+        _, tmp_dir, _ = _filesystem(files, tmp_dir_uri)
+        fs_.create_dir(tmp_dir, recursive=True)
+        fs_.create_dir(os.path.dirname(final_path), recursive=True)
+        tmp = f"{tmp_dir}/{uuid.uuid4().hex}.parquet"
+        pq.write_table(table, tmp, filesystem=fs_)
+        fs_.move(tmp, final_path)
+    else:
+        pq.write_table(table, final_path, filesystem=fs_)
