@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test lint browser bench bench-extract bench-all-pairs bench-quality bench-finetune clean
+.PHONY: venv demo test test-fast lint browser bench bench-extract bench-all-pairs bench-quality bench-finetune clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier: pure cores and local[2] adapters, no end-to-end job runs (pytest -m "not slow").
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The gallery test drives a real headless Chromium: Debian's chromium + chromium-driver.
 browser:

@@ -141,15 +141,3 @@ def read_files(spark, uris: list[str]):
             spark.conf.unset(_LISTING_PARALLELISM)
         else:
             spark.conf.set(_LISTING_PARALLELISM, previous)
-
-
-def read_present(spark, uris: list[str]):
-    """``(read_files of the files still there or None, the missing ones)``."""
-    from pyspark.errors import AnalysisException
-
-    try:
-        return read_files(spark, uris), []
-    except AnalysisException:
-        present = [u for u in uris if exists(spark, u)]
-        missing = sorted(set(uris) - set(present))
-        return (read_files(spark, present) if present else None), missing

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.dedup.core import chunk_bounds, flips
@@ -43,14 +43,20 @@ TABLE = "dedup"
 VERDICT_DDL = "a long, b long, inliers int, agreement float"
 
 
-def _prepare_partition(max_side: int):
+def _prepare_partition(max_side: int, files):
+    """mapInPandas: ``(image_id, path)`` -> ``(image_id, payload)``; each task reads its own files."""
+
     def fn(batches):
         import pandas as pd
 
+        from cbir_lib.common import remote
         from cbir_lib.dedup.verify import prepare
 
         for pdf in batches:
-            yield pd.DataFrame({"image_id": pdf["image_id"], "payload": [prepare(bytes(c), max_side) for c in pdf["content"]]})
+            payloads = []
+            for _, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
+                payloads.append(prepare(content, max_side) if error is None else None)
+            yield pd.DataFrame({"image_id": pdf["image_id"], "payload": payloads})
 
     return fn
 
@@ -86,13 +92,10 @@ def verified_pairs(spark, candidates, ok, dd):
     pairs = candidates.select("a", "b").distinct()
     ids = pairs.select(F.col("a").alias("image_id")).union(pairs.select(F.col("b").alias("image_id"))).distinct()
     todo = ok.select("image_id", "path").join(ids, "image_id")
-    content, missing = fs.read_present(spark, [r.path for r in todo.select("path").collect()])
-    if missing:
-        log.warning("dedup.verify: %d files are gone since ingest; their pairs are not verified", len(missing))
-    if content is None:
-        return pairs.select("a", "b", F.lit(0).alias("inliers"), F.lit(-1.0).cast("float").alias("agreement"))
-    payload = (todo.join(content, "path").select("image_id", "content")
-               .mapInPandas(_prepare_partition(dd.verify_max_side), "image_id long, payload binary").localCheckpoint())
+    # Each task reads the files of its own rows: no path list on the driver, no bytes shuffled.
+    payload = (todo.repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
+               .mapInPandas(_prepare_partition(dd.verify_max_side, remote.settings_from_hadoop(spark)), "image_id long, payload binary")
+               .localCheckpoint())
     pa = payload.select(F.col("image_id").alias("a"), F.col("payload").alias("pa"))
     pb = payload.select(F.col("image_id").alias("b"), F.col("payload").alias("pb"))
     return (pairs.join(pa, "a", "left").join(pb, "b", "left")

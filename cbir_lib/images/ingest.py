@@ -12,7 +12,7 @@ import time
 
 import pandas as pd
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK, analyse
@@ -41,8 +41,11 @@ def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
     def fn(batches):
         for pdf in batches:
             rows = []
-            for path, mtime, content in zip(pdf["path"], pdf["modificationTime"], pdf["content"], strict=False):
+            read_errors = pdf["read_error"] if "read_error" in pdf else [None] * len(pdf)
+            for path, mtime, content, read_error in zip(pdf["path"], pdf["modificationTime"], pdf["content"], read_errors, strict=False):
                 row = analyse(path, content, max_pixels, hash_side)
+                if read_error:  # vanished or unreadable between listing and reading
+                    row["status"], row["error"] = STATUS_FAILED, read_error
                 row["modification_time"] = mtime
                 row["ingest_run_id"] = run_id
                 rows.append(row)
@@ -50,6 +53,25 @@ def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
             # None through float64 and lose their low bits.
             out = pd.DataFrame({name: pd.array([r[name] for r in rows], dtype=_PANDAS_TYPES.get(name, object)) for name in _COLUMNS})
             yield out
+
+    return fn
+
+
+_READ_DDL = "path string, modificationTime timestamp, content binary, read_error string"
+
+
+def _read_partition(files):
+    """mapInPandas: ``(path, modificationTime)`` -> ``+ content``; a file that cannot be read
+    gets empty content (and so a failed row) rather than failing the task."""
+
+    def fn(batches):
+        from cbir_lib.common import remote
+
+        for pdf in batches:
+            read = list(remote.read_many(files, zip(pdf["path"], pdf["path"], strict=True)))
+            yield pd.DataFrame({"path": pdf["path"], "modificationTime": pdf["modificationTime"],
+                                "content": [data if data is not None else b"" for _, data, _ in read],
+                                "read_error": [err for _, _, err in read]})
 
     return fn
 
@@ -87,36 +109,34 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     with timer("listing " + source):
         scan = _reader(spark, cfg).load(source)
         scanned = scan.select("path", F.col("length").alias("size_bytes"), "modificationTime").cache()
-        # Spark's file scans skip zero-byte files (SPARK-26161), but its file index lists them:
-        # they are the listed files that the scan did not return.
-        scanned_paths = {r.path for r in scanned.select("path").collect()}
-        empty_paths = sorted({normalise_uri(p) for p in scan.inputFiles()} - scanned_paths)
+        n_scanned = scanned.count()
+        # Spark's file scans skip zero-byte files (SPARK-26161), but its file index lists them.
+        # The index lives in the driver's JVM anyway; its names cross into Python only when
+        # the counts say some files are empty, to name those.
+        index = scan._jdf.inputFiles()
+        n_listed = len(index)
+        empty_paths: list[str] = []
         listing = scanned
-        if empty_paths:
+        if n_listed != n_scanned:
+            indexed = spark.createDataFrame([(normalise_uri(p),) for p in index], "path string")
+            empty_paths = sorted(r.path for r in indexed.join(scanned, "path", "left_anti").collect())
             empties = spark.createDataFrame([(p, 0, None) for p in empty_paths], "path string, size_bytes long, modificationTime timestamp")
             listing = scanned.unionByName(empties)
-        n_listed = len(scanned_paths) + len(empty_paths)
 
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = spark.read.parquet(tables.run_dir(table, prev_run)) if prev_run else None
     if prev is not None:
         joined = listing.join(prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left")
         same = F.coalesce((F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False))
-        todo_paths = [r.path for r in joined.filter(~same).select("path").collect()]
+        todo = joined.filter(~same).select("path", "modificationTime")
         carried = prev.join(joined.filter(same).select("path"), "path", "left_semi")
         n_removed = prev.join(listing, "path", "left_anti").count()
+        n_todo = todo.count()
     else:
-        todo_paths = None  # everything is new: read the whole source in one scan
+        todo = listing.select("path", "modificationTime")  # everything is new
         carried = None
         n_removed = 0
-
-    if todo_paths is None:
-        todo_paths_nonempty, todo_empty = None, empty_paths
-    else:
-        empty_set = set(empty_paths)
-        todo_empty = [p for p in todo_paths if p in empty_set]
-        todo_paths_nonempty = [p for p in todo_paths if p not in empty_set]
-    n_todo = n_listed if todo_paths is None else len(todo_paths)
+        n_todo = n_listed
     log.info("ingest: %d files listed, %d new or changed", n_listed, n_todo)
     if prev is not None and n_todo == 0 and prev_run == run_id:
         scanned.unpersist()
@@ -126,16 +146,13 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     parallelism = spark.sparkContext.defaultParallelism
     new_frames = []
     analyse_fn = _analyse_partition(cfg.ingest.max_pixels, cfg.ingest.hash_decode_side, run_id)
-    if todo_paths_nonempty is None or todo_paths_nonempty:
-        if todo_paths_nonempty is None:
-            content = scan
-        else:
-            content = _reader(spark, cfg, with_glob=False).load([fs.escape_glob(p) for p in todo_paths_nonempty])
-        n_parts = max(parallelism * 2, n_todo // 500)
-        new_frames.append(content.select("path", "modificationTime", "content").repartition(n_parts, "path").mapInPandas(analyse_fn, IMAGES_DDL))
-    if todo_empty:
-        empty_input = spark.createDataFrame([(p, None, b"") for p in todo_empty], "path string, modificationTime timestamp, content binary")
-        new_frames.append(empty_input.mapInPandas(analyse_fn, IMAGES_DDL))
+    n_parts = max(parallelism * 2, n_todo // 500)
+    if n_todo:
+        # Each task reads its own new or changed files: no path list on the driver, no
+        # re-listing, and no image bytes shuffled (only the paths are spread over tasks).
+        files = remote.settings_from_hadoop(spark)
+        new_frames.append(todo.repartition(n_parts, "path").mapInPandas(_read_partition(files), _READ_DDL)
+                          .mapInPandas(analyse_fn, IMAGES_DDL))
     new_rows = None
     for frame in new_frames:
         new_rows = frame if new_rows is None else new_rows.unionByName(frame)

@@ -20,6 +20,8 @@ from cbir_lib.common import tables
 from cbir_lib.features.extract import TABLE, run_extract
 from cbir_lib.images.ingest import run_ingest
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ("dress", "hat", "pants", "shoes")
 PER_CLASS = 12
 
