@@ -157,6 +157,7 @@ class IndexConfig:
     n_cells: int | None = None  # P; None: about 2 sqrt(N), more if executor memory demands
     balance: float = 2.0  # split cells holding more than this x the mean share of the sample
     train_sample: int = 100_000  # at most this many vectors train the coarse k-means (and at most 64 per cell)
+    train_sample_mb: int = 256  # and at most this many MB of them (streamed to the driver in 8 MB chunks)
     kmeans_iter: int = 10
     forests: bool = True  # build one Annoy forest per cell (for method=annoy and `cbir query`)
     n_trees: int = 16
@@ -170,6 +171,7 @@ class IndexConfig:
             _require(self.n_cells >= 1, "index.n_cells", "must be >= 1")
         _require(self.balance > 1.0, "index.balance", "must be > 1")
         _require(self.train_sample >= 2, "index.train_sample", "must be >= 2")
+        _require(self.train_sample_mb >= 1, "index.train_sample_mb", "must be >= 1")
         _require(self.kmeans_iter >= 1, "index.kmeans_iter", "must be >= 1")
         _require(self.n_trees >= 1, "index.n_trees", "must be >= 1")
 

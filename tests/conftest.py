@@ -137,3 +137,16 @@ def fixtures_run(spark, tmp_path_factory, model_cache):
     run_build_index(spark, cfg)
     run_neighbors(spark, cfg)
     return out, cfg
+
+
+EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"
+
+
+def write_embeddings(spark, root: str, ids, x, run_id: str, n_failed: int = 3) -> None:
+    """A committed embeddings snapshot of the given vectors (plus a few failed rows)."""
+    from cbir_lib.common import fs, tables
+
+    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), x.shape[1], "ok", None, run_id) for i, v in zip(ids, x, strict=True)]
+    rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, "failed", "truncated", run_id) for j in range(n_failed)]
+    df = spark.createDataFrame(rows, EMB_DDL)
+    tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})

@@ -34,3 +34,45 @@ def test_cli_writes_the_sample(tmp_path):
     cli.main(["sample", str(tmp_path)])  # deterministic: nothing rewritten
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*")}
     assert images_dir(str(tmp_path)).endswith("images")
+
+
+def _ingest_manifest(out):
+    import json
+    from pathlib import Path
+
+    table = Path(out) / "images"
+    return json.loads((table / f"run={(table / '_LATEST').read_text().strip()}" / "_manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_spark_submit_conf_wins_over_the_project_defaults(tmp_path, odd_files):
+    """The project's defaults (shuffle partitions 8) apply only where the user's cluster is silent."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.jpg").write_bytes(odd_files["good.jpg"][0])
+    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    for out, conf in ((tmp_path / "given", ["--conf", "spark.sql.shuffle.partitions=3", "--driver-memory", "1500m"]), (tmp_path / "silent", [])):
+        proc = subprocess.run([submit, "--master", "local[1]", *conf, "jobs/ingest.py", "--images", str(src), "--output", str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    given, silent = _ingest_manifest(tmp_path / "given")["spark"], _ingest_manifest(tmp_path / "silent")["spark"]
+    assert given["spark.sql.shuffle.partitions"] == "3" and given["spark.driver.memory"] == "1500m"
+    assert silent["spark.sql.shuffle.partitions"] == "8"
+
+
+def test_a_job_leaves_an_active_session_running(spark, tmp_path, odd_files):
+    """Called inside an application that has a session, a job uses it and does not stop it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.jpg").write_bytes(odd_files["good.jpg"][0])
+    m = ingest.main(["--images", str(src), "--output", str(tmp_path / "out")])
+    assert m["counts"]["ok"] == 1
+    assert spark.range(3).count() == 3  # still alive
+    assert m["spark"]["default_parallelism"] == spark.sparkContext.defaultParallelism

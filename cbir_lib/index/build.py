@@ -80,6 +80,45 @@ def to_numpy(table, column: str = "embedding", dim: int | None = None) -> np.nda
     return flat.reshape(n, dim)
 
 
+# Rows of the k-means sample per streamed chunk: the driver's JVM holds one chunk at a time.
+SAMPLE_CHUNK_BYTES = 8 * 2**20
+
+
+def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int) -> np.ndarray:
+    """About ``n_rows`` random ok vectors as an ``(m, dim)`` array, fetched a chunk at a time.
+
+    The vectors travel as float32 bytes in partitions of at most ``SAMPLE_CHUNK_BYTES``
+    through ``toLocalIterator``, so the driver's JVM never holds more than one chunk: the
+    sample's size is bounded by the Python process (``index.train_sample_mb``), not by
+    ``spark.driver.memory``.
+    """
+    fraction = min(1.0, 1.2 * n_rows / n)
+    chunks = max(1, -(-n_rows * 4 * dim // SAMPLE_CHUNK_BYTES))
+    picked = emb.sample(fraction=fraction, seed=seed).limit(n_rows)
+    as_bytes = picked.mapInArrow(_embedding_bytes(dim), "k long, vector binary").repartition(chunks, "k")
+    out = np.empty((n_rows, dim), dtype=np.float32)
+    keys = np.empty(n_rows, dtype=np.int64)
+    m = 0
+    for row in as_bytes.toLocalIterator():
+        if m < n_rows:
+            keys[m] = row.k
+            out[m] = np.frombuffer(row.vector, dtype="<f4")
+            m += 1
+    # Shuffled chunks arrive in any order: sort by id so the same sample trains the same cells.
+    return out[:m][np.argsort(keys[:m], kind="stable")]
+
+
+def _embedding_bytes(dim: int):
+    def fn(batches):
+        import pyarrow as pa
+
+        for batch in batches:
+            x = to_numpy(batch, "embedding", dim)
+            yield pa.RecordBatch.from_arrays([batch.column("image_id"), vectors_binary(x)], names=["k", "vector"])
+
+    return fn
+
+
 def vectors_binary(x: np.ndarray):
     """An ``(n, d)`` float32 array as an Arrow binary array of ``4 d`` bytes per row (zero-copy)."""
     import pyarrow as pa
@@ -286,13 +325,15 @@ def _run_build_index(spark, cfg: Config) -> dict:
     timings: dict[str, float] = {}
 
     centroids = None
+    trained_on = None
     if ic.partitioning == "kmeans":
         # 64 points per cell suffice for a coarse quantiser (faiss warns below 39).
-        n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000))
+        # The sample is bounded in bytes as well as rows (40,448 x 1,280 floats through
+        # toArrow() overflowed Spark's default 1 GB driver), and streamed in small chunks.
+        n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000), max(2, ic.train_sample_mb * 2**20 // (4 * (dim or 1))))
         with timer(f"training {n_cells} balanced cells on a sample of {n_train}") as t:
-            fraction = min(1.0, 1.2 * n_train / n)
-            sample_tbl = emb.sample(fraction=fraction, seed=ic.seed).limit(n_train).toArrow()
-            sample = prepare(to_numpy(sample_tbl, "embedding", dim), ic.metric)
+            sample = prepare(stream_sample(emb, n, n_train, dim, ic.seed), ic.metric)
+            trained_on = len(sample)
             centroids = train_balanced(sample, min(n_cells, len(sample)), ic.metric, balance=ic.balance, seed=ic.seed, n_iter=ic.kmeans_iter)
         timings["train_s"] = round(t["seconds"], 3)
         n_cells = len(centroids)
@@ -320,7 +361,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         "n_cells": n_cells,
         "n_trees": ic.n_trees if ic.forests else None,
         "seed": ic.seed,
-        "centroids": {"file": CENTROIDS, "shape": [n_cells, dim]} if centroids is not None else None,
+        "centroids": {"file": CENTROIDS, "shape": [n_cells, dim], "trained_on": trained_on} if centroids is not None else None,
         "store": STORE,
         "forests": FORESTS if ic.forests else None,
         "ann_files": ANN if ic.forests and ic.export_ann_files else None,

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_embeddings
 
 from cbir_lib.common import fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
@@ -23,9 +23,6 @@ from cbir_lib.neighbors.search import RecallTooLow, run_neighbors, topk_arrays
 from cbir_lib.neighbors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow
-EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"
-
-
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spectrum = 1.0 / np.sqrt(np.arange(1, d + 1))
@@ -36,13 +33,6 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 def signed_ids(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed + 100)
     return np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n].astype(np.int64)
-
-
-def write_embeddings(spark, root: str, ids: np.ndarray, x: np.ndarray, run_id: str, n_failed: int = 3) -> None:
-    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), x.shape[1], "ok", None, run_id) for i, v in zip(ids, x, strict=True)]
-    rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, "failed", "truncated", run_id) for j in range(n_failed)]
-    df = spark.createDataFrame(rows, EMB_DDL)
-    tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})
 
 
 def config(root, run_id, index=None, neighbors=None) -> Config:
