@@ -55,8 +55,9 @@ def _cluster_conf() -> dict[str, str] | None:
     or ``None`` when this process starts its own JVM (plain ``python jobs/x.py``)."""
     if not os.environ.get("PYSPARK_GATEWAY_PORT"):
         return None
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
 
+    SparkContext._ensure_initialized()  # joins spark-submit's JVM (SparkConf() alone reads nothing)
     return dict(SparkConf().getAll())
 
 
