@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -195,6 +196,10 @@ class NeighborsConfig:
     # extract.head (trained) or extract.binary_codes (mean-threshold).
     code_candidates: int = 200
     query_block: int = 2048  # queries scored together in one task step (memory ~ block x nprobe x cell)
+    # Most store bytes an executor may hold ("512m", "4g"). A store that fits is shipped to
+    # every executor (fastest); a bigger one is searched in groups of cells that fit, with
+    # the same top-k. None: 40 % of spark.executor.memory (the driver's in local mode).
+    memory_budget: str | None = None
     chunk_size: int = 200_000  # queries per committed part: the unit of resume after a crash
     # Re-ranking (angular only): none | aqe | alpha_qe | dba | dba+alpha_qe. The default
     # measured best on clothing-small (benchmarks/results/quality.json): P@10 0.754 -> 0.784.
@@ -222,6 +227,9 @@ class NeighborsConfig:
         _require(self.exact_max_n >= 0, "neighbors.exact_max_n", "must be >= 0")
         _require(self.code_candidates >= self.k, "neighbors.code_candidates", f"must be >= neighbors.k ({self.k})")
         _require(self.query_block >= 1, "neighbors.query_block", "must be >= 1")
+        if self.memory_budget is not None:
+            _require(bool(re.fullmatch(r"\s*\d+\s*[kmgt]b?\s*", str(self.memory_budget).lower())) and not str(self.memory_budget).strip().startswith("0"),
+                     "neighbors.memory_budget", f"must be a size such as 512m or 4g, got {self.memory_budget!r}")
         _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
 
 

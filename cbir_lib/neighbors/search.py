@@ -35,7 +35,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
@@ -53,6 +53,7 @@ from cbir_lib.index.build import (
     sorted_store,
     vectors_binary,
 )
+from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment, mode_alpha
@@ -466,9 +467,17 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
         return {**prev, "noop": True}
 
-    # Ship the store (and forests) to the executors, part file by part file.
+    # The layout: the whole store on every executor while it fits the budget, else groups.
     sc = spark.sparkContext
-    store_files = _ship(sc, spark, fs.join(index["uri"], STORE))
+    budget_bytes = budget.resolve_budget(spark, nb.memory_budget)
+    store_bytes = n * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)
+    grouped = store_bytes > budget_bytes
+    if grouped:
+        budget.check_supported(method, nb.rerank, store_bytes, budget_bytes)
+        if method == "auto":
+            method = "exact" if n <= nb.exact_max_n else "dense"
+    # Ship the store (and forests) to the executors, part file by part file.
+    store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
     forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     spec = {
@@ -492,23 +501,39 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         spec["code_candidates"] = nb.code_candidates
     slots = sc.defaultParallelism
     timings: dict[str, float] = {}
+    memory = {"budget_bytes": budget_bytes, "store_bytes": store_bytes, "layout": "groups" if grouped else "broadcast"}
+    if grouped:
+        with timer("writing the store in groups that fit the memory budget") as t:
+            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots)
+        timings["groups_s"] = round(t["seconds"], 3)
+        memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)})
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     rng = np.random.default_rng(index.get("seed", 0))
     sample_pos = np.sort(rng.choice(n, min(nb.recall_sample, n), replace=False)) if nb.recall_sample and n else np.zeros(0, np.int64)
     truth = None
     calibration = []
-    with timer("loading the store on the executors") as t:
-        _warm_store(sc, spec, slots)
-    timings["store_load_s"] = round(t["seconds"], 3)
+    sample = sample_pos
+    if grouped:
+        sample = budget.sample_queries(spark, spec["groups_uri"], sample_pos, int(index["dim"])) if sample_pos.size else None
+    else:
+        with timer("loading the store on the executors") as t:
+            _warm_store(sc, spec, slots)
+        timings["store_load_s"] = round(t["seconds"], 3)
     if sample_pos.size and method != "exact":
         with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
-            truth = _exact_sample(sc, spec, sample_pos, n, slots)
+            if grouped:
+                exact_spec = {**spec, "method": "exact"}
+                v, i, _, held = budget.sample_search(sc, exact_spec, sample, budget.core(exact_spec))
+                truth = (sample[1], v, i)
+                memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
+            else:
+                truth = _exact_sample(sc, spec, sample_pos, n, slots)
         timings["exact_sample_s"] = round(t["seconds"], 3)
         timings["exact_extrapolated_s"] = round(t["seconds"] * n / sample_pos.size, 1)
         if nb.method == "auto":
             target = nb.min_recall if nb.min_recall is not None else 0.95
-            nprobe, secs = _calibrate(sc, spec, sample_pos, truth, nprobe, n_cells, target, calibration, nb.k)
+            nprobe, secs = _calibrate(sc, spec, sample, truth, nprobe, n_cells, target, calibration, nb.k)
             spec["nprobe"] = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
@@ -519,7 +544,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"],
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
                           "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-                          "code_candidates": params["code_candidates"]})
+                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows")})
     work_dir = fs.join(table, "_work", work_key)
     base_spec = dict(spec)
     if nb.rerank != "none":
@@ -528,9 +553,14 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         timings["rerank_setup_s"] = round(t["seconds"], 3)
     parts_dir = fs.join(work_dir, "parts")
     fs.delete(spark, fs.join(work_dir, "_tmp"))
-    chunks = split_rows(offsets, 0, n, max(1, -(-n // nb.chunk_size)))
+    chunks = [] if grouped else split_rows(offsets, 0, n, max(1, -(-n // nb.chunk_size)))
     done = set(fs.list_names(spark, parts_dir))
     searched = 0
+    if grouped:
+        with timer(f"{method} search of {n} queries in {len(spec['bounds']) - 1} groups") as t:
+            searched, held = _grouped_search(sc, spec, parts_dir, fs.join(work_dir, "_tmp"), work_key[:8])
+        memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
+        timings["search_s"] = round(t["seconds"], 3)
     with timer(f"{method} search of {n} queries in {len(chunks)} chunks") as t:
         for lo, hi in chunks:
             name = f"rows-{lo:012d}-{hi:012d}"
@@ -543,8 +573,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             out.write.mode("overwrite").parquet(tmp)
             fs.rename(spark, tmp, fs.join(parts_dir, name))
             searched += hi - lo
-    timings["search_s"] = round(t["seconds"], 3)
-    expected = [f"rows-{lo:012d}-{hi:012d}" for lo, hi in chunks]
+    if not grouped:
+        timings["search_s"] = round(t["seconds"], 3)
+    expected = ([f"rows-{lo:012d}-{hi:012d}" for lo, hi in chunks] if not grouped
+                else shards.winners([p for p in fs.list_names(spark, parts_dir) if p.endswith(".parquet")]))
     raw = spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected]) if expected else spark.createDataFrame([], NEIGHBORS_DDL)
 
     recall = None
@@ -552,7 +584,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         # Re-ranked results have no exact counterpart of the same queries: the recall
         # reported is the base search's (same method and nprobe) on the sample.
         with timer("measuring the base search's recall on the sample") as t:
-            recall, _ = _sample_recall(sc, base_spec, sample_pos, truth)
+            recall, _ = _sample_recall(sc, base_spec, sample, truth)
         timings["recall_s"] = round(t["seconds"], 3)
     elif truth is not None:
         with timer("measuring recall on the sample") as t:
@@ -589,6 +621,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "recall_sample": int(sample_pos.size) if truth is not None else 0,
         "calibration": calibration,
         "searched_this_run": searched,
+        "memory": memory,
         "timings": timings,
         "packages": package_versions(),
     }
@@ -611,6 +644,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
                       {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     fs.delete(spark, work_dir)
+    if grouped:
+        fs.delete(spark, spec["groups_uri"])
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
 
@@ -642,6 +677,35 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
             "method": "dense" if spec["method"] == "annoy" else spec["method"]}
     _warm_store(sc, spec, slots)
     return spec
+
+
+def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int) -> dict:
+    """The spec of the grouped layout: groups of the store written once (kept for reruns).
+
+    A task holds its query group and one store group, and an executor runs
+    ``slots_per_executor`` tasks at once, so a group is a ``2 x slots``-th of the budget.
+    """
+    n, dim = int(offsets[-1]), int(index["dim"])
+    rows = budget.group_rows(n, dim, budget_bytes // (2 * budget.slots_per_executor(spark)), min_groups=slots)
+    bounds = budget.group_bounds(n, rows)
+    groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
+    if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
+        fs.delete(spark, groups_uri)
+        budget.write_groups(spark, fs.join(index["uri"], STORE), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex))
+    first, last = budget.groups_of_cells(offsets, bounds)
+    files = remote.settings_from_hadoop(spark)
+    log.info("neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20)
+    return {**spec, "groups_uri": groups_uri, "group_rows": rows, "bounds": bounds.tolist(),
+            "cell_groups": [first.tolist(), last.tolist()], "files": {"s3": files.s3}}
+
+
+def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int]:
+    """One task per query group (each commits its own part); returns (queries searched, largest bytes held)."""
+    n_groups = len(spec["bounds"]) - 1
+    stats = sc.parallelize(range(n_groups), n_groups).mapPartitions(
+        budget.group_task(spec, parts_dir, tmp_dir, plan, budget.core(spec), _topk_batch)).collect()
+    committed = [s for s in stats if s["outcome"] == "committed"]
+    return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
 
 
 def _warm_store(sc, spec: dict, slots: int) -> None:
@@ -730,8 +794,13 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
     return hi, measured[hi][1]
 
 
-def _sample_recall(sc, spec: dict, positions: np.ndarray, truth) -> tuple[float, float]:
-    vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
+def _sample_recall(sc, spec: dict, positions, truth) -> tuple[float, float]:
+    """Recall of the spec's search on the sample (store positions; in the grouped layout the
+    sample's ``(vectors, ids, cells)``)."""
+    if spec.get("groups_uri"):
+        vals, ids, seconds, _ = budget.sample_search(sc, spec, positions, budget.core(spec))
+    else:
+        vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
     _, tv, ti = truth
     return recall_at_k(ids, ti, tv, vals), seconds
 

@@ -1,0 +1,95 @@
+"""Neighbours under a memory budget: the grouped layout gives the unbudgeted top-k."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import write_embeddings
+
+from cbir_lib.neighbors import budget
+from cbir_lib.neighbors.topk import exact_topk, prepare
+
+
+def test_groups_cover_every_cell_once_even_split_ones():
+    offsets = np.array([0, 5, 5, 12, 30, 31])  # cell 1 empty, cell 3 spans groups
+    bounds = budget.group_bounds(31, 10)
+    assert bounds.tolist() == [0, 10, 20, 30, 31]
+    first, last = budget.groups_of_cells(offsets, bounds)
+    assert first.tolist() == [0, 1, 0, 1, 3] and last.tolist() == [0, 0, 1, 2, 3]
+    assert first[1] > last[1]  # the empty cell is in no group
+    sub = budget.sub_store(offsets, 10, 20, np.arange(10), np.zeros((10, 2), np.float32), None, "angular")
+    assert sub.sizes.tolist() == [0, 0, 2, 8, 0] and sub.n_cells == 5
+
+
+def test_merge_of_partials_is_the_top_k_with_ties_by_id():
+    a = (np.array([[0.9, 0.5]], np.float32), np.array([[7, 3]]))
+    b = (np.array([[0.9, 0.8]], np.float32), np.array([[2, 9]]))
+    v, i = budget.merge(a, b, 3)
+    assert i.tolist() == [[2, 7, 9]] and v[0].tolist() == pytest.approx([0.9, 0.9, 0.8])
+
+
+def test_group_rows_bounds_the_bytes():
+    assert budget.group_rows(10_000, 64, 2**20) == 2**20 // (4 * 64 + budget.ROW_OVERHEAD)
+    assert budget.group_rows(100, 64, 2**30, min_groups=4) == 25
+
+
+def _cfg(root, run_id, **nb):
+    import dataclasses
+
+    from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
+
+    return Config(run=RunConfig(output_root=str(root), run_id=run_id, keep_snapshots=10),
+                  index=dataclasses.replace(IndexConfig(), n_cells=30, forests=False),
+                  neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "recall_sample": 200, **nb}))
+
+
+def _topk(spark, m):
+    t = spark.read.parquet(m["output"]).select("image_id", "rank", "neighbor_id", "score").toPandas()
+    return t.sort_values(["image_id", "rank"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dense", "exact"])
+def test_a_budget_smaller_than_the_store_gives_the_same_top_k(spark, tmp_path, method):
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    rng = np.random.default_rng(7)
+    n, d = 12_000, 32
+    x = (rng.normal(size=(40, d))[rng.integers(0, 40, n)] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
+    x[:50] = x[50:100]  # exact duplicates: ties
+    ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n].astype(np.int64)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, _cfg(tmp_path, "i1"))
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-budget")  # the same index, its own neighbours
+    whole = run_neighbors(spark, _cfg(tmp_path, "n1", method=method, nprobe=4))
+    small = run_neighbors(spark, _cfg(tmp_path.parent / f"{tmp_path.name}-budget", "n1", method=method, nprobe=4, memory_budget="1m"))
+    assert whole["memory"]["layout"] == "broadcast" and small["memory"]["layout"] == "groups"
+    mem = small["memory"]
+    assert mem["store_bytes"] > mem["budget_bytes"] and mem["groups"] >= 4
+    assert 0 < mem["max_held_bytes"] <= mem["budget_bytes"]  # measured, per task
+    a, b = _topk(spark, whole), _topk(spark, small)
+    assert len(a) == len(b) == n * 10
+    assert (a["image_id"] == b["image_id"]).all() and (a["neighbor_id"] == b["neighbor_id"]).all()
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    assert whole["recall_at_k"] == small["recall_at_k"]
+    if method == "exact":
+        p = prepare(x, "angular")
+        ev, ei = exact_topk(p, ids, p, ids, 10, "angular")
+        got = b.pivot(index="image_id", columns="rank", values="neighbor_id").loc[ids].to_numpy()
+        assert (got == ei).mean() > 0.999  # float ties at the k-th place may order differently
+
+
+@pytest.mark.slow
+def test_what_the_grouped_layout_cannot_run_yet_is_refused_by_name(spark, tmp_path):
+    from cbir_lib.config import ConfigError
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
+    write_embeddings(spark, str(tmp_path), np.arange(3000, dtype=np.int64), x, "e1")
+    run_build_index(spark, _cfg(tmp_path, "i1"))
+    with pytest.raises(ConfigError, match="neighbors.memory_budget: .* not neighbors.rerank='dba"):
+        run_neighbors(spark, _cfg(tmp_path, "n1", memory_budget="64k", rerank="dba+alpha_qe"))
