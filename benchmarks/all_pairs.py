@@ -327,6 +327,7 @@ def w_cbir(x, t, ids=None, tmp=None):
     manifest = json.loads((root / "neighbors" / "run=bench" / "_manifest.json").read_text())
     return times["build_index"], times["neighbors"], gv, gi, {"manifest_recall": manifest.get("recall_at_k"),
                                                               "nprobe": manifest.get("nprobe"), "timings": manifest.get("timings"),
+                                                              "memory": manifest.get("memory"),
                                                               "index": times["build_index_summary"]}
 
 
@@ -424,9 +425,11 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_method(method: str, data: str, n: int, timeout: int) -> dict:
+def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    if memory_budget:
+        env["CBIR_BENCH_ARGS"] = f"{env.get('CBIR_BENCH_ARGS', '')} neighbors.memory_budget={memory_budget}".strip()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", method, "--data", data, "--n", str(n)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -464,6 +467,13 @@ def run_method(method: str, data: str, n: int, timeout: int) -> dict:
            "peak_rss_mb": round(peak[0] / 2**20), "extrapolated": r["extrapolated"], "process_wall_s": round(wall, 1)}
     if "info" in r:
         row["info"] = r["info"]
+        held = (r["info"].get("memory") or {}).get("max_held_bytes")
+        if held:
+            row["largest_store_share_mb"] = round(held / 2**20, 1)
+    if memory_budget:
+        from cbir_lib.index.build import _bytes_of
+
+        row["memory_budget_mb"] = round(_bytes_of(memory_budget) / 2**20)
     return row
 
 
@@ -475,6 +485,7 @@ def main() -> None:
     ap.add_argument("--lsh-max-n", type=int, default=100_000)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per method before it is recorded as unfinished")
     ap.add_argument("--lsh-timeout", type=int, default=900, help="the same for spark_brp_lsh")
+    ap.add_argument("--memory-budget", help="cbir only: neighbors.memory_budget (e.g. 1g); the row records memory_budget_mb")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="mixture", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -496,9 +507,11 @@ def main() -> None:
         for method in methods:
             if method == "spark_brp_lsh" and n > args.lsh_max_n:
                 continue
-            row = run_method(method, data, key, args.lsh_timeout if method == "spark_brp_lsh" else args.timeout)
+            budget = args.memory_budget if method == "cbir" else None
+            row = run_method(method, data, key, args.lsh_timeout if method == "spark_brp_lsh" else args.timeout, budget)
             row["n"], row["dim"] = n, dim
-            results["runs"] = [r for r in results["runs"] if (r["n"], r["data"], r["method"]) != (n, data, method)] + [row]
+            same = (n, data, method, row.get("memory_budget_mb"))
+            results["runs"] = [r for r in results["runs"] if (r["n"], r["data"], r["method"], r.get("memory_budget_mb")) != same] + [row]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps({k: v for k, v in row.items() if k != "info"}), flush=True)
@@ -506,7 +519,12 @@ def main() -> None:
 
 
 def _ratios(results: dict, data: str, n: int) -> None:
-    rows = {r["method"]: r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r}
+    rows = {r["method"]: r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r and not r.get("memory_budget_mb")}
+    budgeted = [r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r and r.get("memory_budget_mb")]
+    for r in budgeted:
+        base_ = rows.get(r["method"])
+        print(f"{data} n={n}: {r['method']} under a {r['memory_budget_mb']} MB budget: total {r['total_s']} s, recall {r['recall_at_10']}, "
+              f"largest store share {r.get('largest_store_share_mb')} MB" + (f" -> {r['total_s'] / base_['total_s']:.2f}x unbudgeted" if base_ else ""))
     base = rows.get("cbir")
     if not base:
         return
