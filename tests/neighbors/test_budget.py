@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -93,3 +94,49 @@ def test_what_the_grouped_layout_cannot_run_yet_is_refused_by_name(spark, tmp_pa
     run_build_index(spark, _cfg(tmp_path, "i1"))
     with pytest.raises(ConfigError, match="neighbors.memory_budget: .* not neighbors.rerank='dba"):
         run_neighbors(spark, _cfg(tmp_path, "n1", memory_budget="64k", rerank="dba+alpha_qe"))
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_killed_mid_search_resumes_to_the_same_result(spark, tmp_path):
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    rng = np.random.default_rng(11)
+    n, d = 12_000, 32
+    x = (rng.normal(size=(40, d))[rng.integers(0, 40, n)] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64) * 7 - 40_000
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, _cfg(tmp_path, "i1"))
+    killed = tmp_path.parent / f"{tmp_path.name}-killed"
+    shutil.copytree(tmp_path, killed)
+    whole = run_neighbors(spark, _cfg(tmp_path, "n1", method="dense", nprobe=4))
+
+    args = [sys.executable, "-m", "jobs.neighbors", "--output", str(killed), "--run-id", "n1", "--master", "local[1]",
+            "neighbors.memory_budget=256k", "neighbors.method=dense", "neighbors.nprobe=4", "neighbors.rerank=none",
+            "neighbors.recall_sample=200", "index.n_cells=30", "index.forests=false"]
+    parts = os.path.join(str(killed), "neighbors", "_work", "*", "parts", "*.parquet")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(glob.glob(parts)) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(glob.glob(parts))
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m = json.loads((killed / "neighbors" / "run=n1" / "_manifest.json").read_text())
+    assert m["memory"]["layout"] == "groups" and m["memory"]["groups"] > done >= 2
+    assert m["searched_this_run"] < n  # the committed groups were not searched again
+    a, b = _topk(spark, whole), _topk(spark, m)
+    assert not b.duplicated(["image_id", "rank"]).any()
+    assert (a["image_id"] == b["image_id"]).all() and (a["neighbor_id"] == b["neighbor_id"]).all()
