@@ -425,6 +425,21 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+def watch_peak_rss(pid: int, every: float = 0.2):
+    """Poll the process tree's RSS in a thread: ``(peak [bytes], stop event, thread)``."""
+    peak = [0]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(pid))
+            time.sleep(every)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    return peak, stop, th
+
+
 def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
@@ -433,16 +448,7 @@ def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str 
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--worker", method, "--data", data, "--n", str(n)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    peak = [0]
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
-            time.sleep(0.2)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
+    peak, stop, th = watch_peak_rss(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

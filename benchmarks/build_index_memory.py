@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def main() -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from all_pairs import _tree_rss, mixture
+    from all_pairs import mixture, watch_peak_rss
 
     from cbir_lib.index.build import vectors_array
 
@@ -64,15 +63,7 @@ def main() -> None:
                "--run-id", "bench", "--set", f"spark.conf.spark.driver.memory={args.driver_memory}"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        peak = [0]
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
-                time.sleep(0.5)
-
-        threading.Thread(target=poll, daemon=True).start()
+        peak, stop, _ = watch_peak_rss(proc.pid, every=0.5)
         out, err = proc.communicate()
         stop.set()
         wall = time.perf_counter() - t0

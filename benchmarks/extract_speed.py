@@ -126,6 +126,45 @@ def bench_decode(files: list[Path], threads: int) -> float:
     return len(blobs) / seconds
 
 
+def bench_decoders(files: list[Path], reps: int = 3) -> dict:
+    """Pillow's ``draft`` (the pipeline's decoder) against simplejpeg (libjpeg-turbo with DCT
+    scaling), bytes to a 224 px center crop, one thread, best of ``reps``; plus how far
+    their pixels differ (a different decoder changes the embeddings, so the feature key)."""
+    import numpy as np
+    from PIL import Image
+
+    from cbir_lib.images.decode import decode_for_model, resize_for_model
+
+    try:
+        import simplejpeg
+    except ImportError:
+        return {"skipped": "simplejpeg is not installed (pip install simplejpeg)"}
+    blobs = [f.read_bytes() for f in files]
+
+    def pillow(b):
+        return decode_for_model(b, 224, "center_crop")[0]
+
+    def turbo(b):
+        arr = simplejpeg.decode_jpeg(b, colorspace="RGB", min_height=224, min_width=224)
+        return resize_for_model(Image.fromarray(arr), 224, "center_crop")
+
+    out: dict = {"images": len(blobs), "simplejpeg": simplejpeg.__version__}
+    for name, fn in (("pillow_draft_ips", pillow), ("simplejpeg_ips", turbo)):
+        fn(blobs[0])
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for b in blobs:
+                fn(b)
+            best = max(best, len(blobs) / (time.perf_counter() - t0))
+        out[name] = round(best, 1)
+    a = np.stack([pillow(b) for b in blobs[:200]]).astype(np.int16)
+    b = np.stack([turbo(b) for b in blobs[:200]]).astype(np.int16)
+    out["mean_abs_pixel_difference"] = round(float(np.abs(a - b).mean()), 3)
+    out["simplejpeg_over_pillow"] = round(out["simplejpeg_ips"] / out["pillow_draft_ips"], 3)
+    return out
+
+
 def bench_raw_default(model_path: str, n: int) -> float:
     """(a) with the shipped pooling and resize (what the stage runs)."""
     import numpy as np
@@ -248,7 +287,16 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=96)
     parser.add_argument("--baseline", type=Path, help="a worktree of an older commit to measure in the same run")
     parser.add_argument("--petastorm", action="store_true", help="also re-measure the Petastorm feeder (else its last figures are kept)")
+    parser.add_argument("--decoders-only", action="store_true", help="only compare the JPEG decoders and update that key")
     args = parser.parse_args()
+    if args.decoders_only:
+        path = ROOT / "benchmarks" / "results" / "extract.json"
+        shared = sorted((ROOT.parent / "shared" / "data" / "clothing-small").rglob("*.jpg"))[:1500]
+        result = json.loads(path.read_text())
+        result["decoders"] = {**bench_decoders(shared), "measured": time.strftime("%Y-%m-%d"), "cpu": _cpu_name()}
+        print(json.dumps(result["decoders"], indent=2))
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     from cbir_lib.models.efficientnet_lite import converted_model
 
