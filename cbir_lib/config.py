@@ -91,6 +91,10 @@ class ExtractConfig:
     # vectors (mirror-invariant descriptors; twice the CNN work). finetune.json: P@10 +0.006
     # ImageNet, +0.011 with a trained head on clothing-small.
     tta: str = "none"
+    # JPEG decoder: simplejpeg (libjpeg-turbo) takes plain JPEGs at 1.38x Pillow's draft
+    # (benchmarks/results/extract.json, decoders); anything else falls back to Pillow with
+    # the same status rows. Part of the feature key, so vectors of the two never mix.
+    decoder: str = "simplejpeg"
     whitening: bool = False
     whitening_dim: int | None = None  # None keeps the full dimension
     whitening_sample: int = 20_000
@@ -122,6 +126,7 @@ class ExtractConfig:
         _require(self.pooling in POOLINGS, "extract.pooling", f"must be one of {POOLINGS}, got {self.pooling!r}")
         _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
         _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
+        _require(self.decoder in ("pillow", "simplejpeg"), "extract.decoder", f"must be pillow or simplejpeg, got {self.decoder!r}")
         _require(self.gem_p > 0, "extract.gem_p", "must be > 0")
         _require(1 <= self.rmac_levels <= 5, "extract.rmac_levels", "must be in 1..5")
         if self.image_size is not None:

@@ -76,6 +76,7 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     from cbir_lib.models.backbones import resolve_artifact
 
     e = dict(emb_manifest["config"]["extract"])
+    e.setdefault("decoder", "pillow")  # runs from before the option were decoded by Pillow
     if model_cache:
         e["model_cache"] = model_cache
     ec = ExtractConfig(**e)
@@ -83,7 +84,7 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     want = (emb_manifest.get("model") or {}).get("sha256")
     if want and artifact.sha256 != want:
         raise QueryError(f"the model file {artifact.local_path} (sha256 {artifact.sha256[:12]}) is not the one the run used ({want[:12]})")
-    image, err = decode_for_model(data, artifact.image_size, ec.resize)
+    image, err = decode_for_model(data, artifact.image_size, ec.resize, decoder=ec.decoder)
     if image is None:
         raise QueryError(f"cannot read the query image: {err}")
     spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,

@@ -38,6 +38,7 @@ class EmbedSpec:
     device: str = "auto"  # auto | cpu | gpu
     decode_threads: int = 2
     max_pixels: int = 100_000_000
+    decoder: str = "pillow"  # pillow | simplejpeg (see cbir_lib.images.decode.decode_for_model)
     threads: int | None = None  # TF intra-op threads; None = TF's default
 
 
@@ -157,7 +158,7 @@ def _decode_batches(records: Iterable[tuple], spec: EmbedSpec, pool_: ThreadPool
 
     def flush(items):
         keys = [k for k, _ in items]
-        results = list(pool_.map(lambda kv: decode_for_model(kv[1], size, spec.resize, spec.max_pixels), items))
+        results = list(pool_.map(lambda kv: decode_for_model(kv[1], size, spec.resize, spec.max_pixels, spec.decoder), items))
         ok_index = [i for i, (arr, _) in enumerate(results) if arr is not None]
         errors = {i: err for i, (arr, err) in enumerate(results) if arr is None}
         images = np.stack([results[i][0] for i in ok_index]) if ok_index else np.zeros((0, size, size, 3), np.uint8)

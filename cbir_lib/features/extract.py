@@ -77,6 +77,8 @@ def feature_key(cfg: Config, artifact: ModelArtifact) -> str:
     }
     if e.tta != "none":  # absent when off, so keys made before the option existed still match
         fields["tta"] = e.tta
+    if e.decoder != "pillow":  # likewise: vectors decoded by Pillow keep their key
+        fields["decoder"] = e.decoder
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -461,6 +463,7 @@ def run_extract(spark, cfg: Config) -> dict:
         device=e.device,
         decode_threads=e.decode_threads,
         max_pixels=cfg.ingest.max_pixels,
+        decoder=e.decoder,
     )
     embed_started = time.time()
     shard_stats: list = []

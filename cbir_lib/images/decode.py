@@ -166,10 +166,52 @@ def resize_for_model(img: Image.Image, size: int, mode: str = "squash") -> np.nd
     return np.asarray(out, dtype=np.uint8)
 
 
+DECODERS = ("pillow", "simplejpeg")
+
+
+def _decode_turbo(data: bytes, size: int, max_pixels: int) -> Image.Image | None:
+    """A plain JPEG through simplejpeg (libjpeg-turbo, DCT-scaled to >= ``size`` on the short
+    side), or ``None`` for anything else, which then takes the Pillow path.
+
+    Only the common case is taken: an RGB/greyscale JPEG with no EXIF rotation, within
+    ``max_pixels``, that decodes without a libjpeg warning (``strict``). Everything else (a
+    CMYK or rotated JPEG, a truncated or corrupt one, other formats) goes through Pillow,
+    so the status rows and their reasons are the same as with the Pillow decoder.
+    """
+    if data is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        import simplejpeg
+
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray") or w <= 0 or h <= 0 or w * h > max_pixels:
+            return None
+        if Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) != 1:
+            return None
+        scale = size / min(w, h)
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True,
+                                     min_height=max(1, int(h * scale + 0.999)), min_width=max(1, int(w * scale + 0.999)))
+    except Exception:  # noqa: BLE001 - Pillow decides what is wrong with the file
+        return None
+    return Image.fromarray(arr)
+
+
 def decode_for_model(
-    data: bytes, size: int, resize: str = "squash", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, size: int, resize: str = "squash", max_pixels: int = DEFAULT_MAX_PIXELS, decoder: str = "pillow"
 ) -> tuple[np.ndarray | None, str | None]:
-    """Bytes -> ``(size, size, 3)`` uint8 array, decoding JPEGs at reduced scale."""
+    """Bytes -> ``(size, size, 3)`` uint8 array, decoding JPEGs at reduced scale.
+
+    ``decoder="simplejpeg"`` decodes plain JPEGs with libjpeg-turbo (1.38x Pillow's
+    ``draft`` on 400 x 533 photos, ``extract.json``); other files, and any JPEG it will not
+    take, go through Pillow, so bad input gets the same status rows either way.
+    """
+    if decoder == "simplejpeg":
+        fast = _decode_turbo(data, size, max_pixels)
+        if fast is not None:
+            try:
+                return resize_for_model(fast, size, resize), None
+            except Exception as exc:  # noqa: BLE001
+                return None, _classify(exc)
     decoded, err = decode_pil(data, max_pixels=max_pixels, min_side=size)
     if err:
         return None, err

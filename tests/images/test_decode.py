@@ -77,3 +77,35 @@ def test_reduced_jpeg_decode_keeps_original_size():
 def test_max_pixels_is_enforced():
     _, err = decode_for_model(ODD["good.jpg"][0], 32, max_pixels=100)
     assert err.startswith("too_large")
+
+
+@pytest.mark.parametrize("name", sorted(ODD))
+def test_simplejpeg_gives_the_same_status_rows_as_pillow(name):
+    """The libjpeg-turbo decoder takes plain JPEGs only; every other file, and every JPEG it
+    refuses (CMYK, rotated, truncated), gets Pillow's verdict, reason included."""
+    data = ODD[name][0]
+    for resize in ("center_crop", "squash"):
+        a, err_a = decode_for_model(data, 32, resize)
+        b, err_b = decode_for_model(data, 32, resize, decoder="simplejpeg")
+        assert err_a == err_b and (a is None) == (b is None)
+        if a is not None:
+            assert b.shape == a.shape and b.dtype == np.uint8
+    if name in ("exif_rotated.jpg", "cmyk.jpg") or not name.endswith(".jpg"):  # Pillow's path, pixel for pixel
+        np.testing.assert_array_equal(*(decode_for_model(data, 32, decoder=d)[0] if decode_for_model(data, 32)[0] is not None
+                                        else np.zeros(1) for d in ("pillow", "simplejpeg")))
+
+
+def test_simplejpeg_on_real_photos_is_close_to_pillow():
+    from conftest import CLOTHING, need_shared
+
+    need_shared()
+    files = sorted((CLOTHING / "train").rglob("*.jpg"))[:20]
+    for f in files:
+        data = f.read_bytes()
+        a, _ = decode_for_model(data, 224, "center_crop")
+        b, err = decode_for_model(data, 224, "center_crop", decoder="simplejpeg")
+        # libjpeg-turbo scales in the DCT by M/8 (here 5/8 of 400 x 533), Pillow's draft only
+        # by 1/2^n (here not at all): the same picture, resampled a little differently.
+        assert err is None and np.abs(a.astype(int) - b.astype(int)).mean() < 8
+    truncated = files[0].read_bytes()[:5000]
+    assert decode_for_model(truncated, 224, decoder="simplejpeg") == (None, decode_for_model(truncated, 224)[1])
