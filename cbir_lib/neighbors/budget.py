@@ -125,8 +125,8 @@ def group_store(spec: dict, g: int) -> CellStore:
 def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Every query of group ``gq`` against the store groups its probes reach.
 
-    ``search(store, queries, query_ids, own_cells, probes)`` is the method's core on one
-    (sub-)store. Returns ``(query ids, scores, ids, largest store bytes held at once)``.
+    ``search(store, queries, query_ids, own_cells, probes, kth)`` is the method's core on one
+    (sub-)store; ``kth`` is each query's running k-th best score, a bound it may prune with. Returns ``(query ids, scores, ids, largest store bytes held at once)``.
     """
     qs = group_store(spec, gq)
     m, k, qb = len(qs.ids), spec["k"], spec["query_block"]
@@ -154,7 +154,7 @@ def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, n
         rows = visits[g]
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
-            v, i = search(store, np.ascontiguousarray(qs.vectors[r]), qs.ids[r], own[r], None if probes is None else probes[r])
+            v, i = search(store, np.ascontiguousarray(qs.vectors[r]), qs.ids[r], own[r], None if probes is None else probes[r], best_v[r, k - 1])
             best_v[r], best_i[r] = merge((best_v[r], best_i[r]), (v, i), k)
     return qs.ids, best_v, best_i, held
 
@@ -275,9 +275,13 @@ def core(spec: dict):
     from cbir_lib.neighbors.ivf import dense_search, exact_search
 
     k = spec["k"]
+    # The running k-th best prunes the later groups as the query's own cell prunes the
+    # broadcast search (without it every score in them is a candidate: 5x slower at 1M).
+    # Euclidean's running scores are distances, not rank scores: no bound there.
+    bound = spec["metric"] != "euclidean"
     if spec["method"] == "dense":
-        return lambda store, q, qids, own, probes: dense_search(store, q, qids, probes, k)
-    return lambda store, q, qids, own, probes: exact_search(store, q, qids, k)
+        return lambda store, q, qids, own, probes, kth=None: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None)
+    return lambda store, q, qids, own, probes, kth=None: exact_search(store, q, qids, k)
 
 
 SUPPORTED = ("dense", "exact")

@@ -98,7 +98,8 @@ def _pairs_by_cell(cells: np.ndarray, rows: np.ndarray):
         yield int(cells[lo]), rows[lo:hi]
 
 
-def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, exclude_self: bool = True,
+                 thresholds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each query over all members of its probed cells.
 
     ``probes`` is ``(m, nprobe)`` cell indices, nearest first. Every probed cell is one
@@ -111,12 +112,17 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
 
     The candidates of both passes go through one exact ``(-score, id)`` selection. No
     padded ``(m, nprobe x cell)`` matrix is ever built.
+
+    ``thresholds``: known lower bounds of each query's final k-th best *rank* score (a
+    search over part of the store, :mod:`cbir_lib.neighbors.budget`, passes the running
+    top-k of the parts before; for ``euclidean`` that is in rank units, see
+    :func:`~cbir_lib.neighbors.topk.rank_scores`). Scores tied with the bound are kept.
     """
     m, nprobe = probes.shape
     if m == 0:
         return empty(0, k)
     sizes, offsets, vectors, sq = store.sizes, store.offsets, store.vectors, store.sqnorm
-    thr = np.full(m, -np.inf, dtype=np.float32)
+    thr = np.full(m, -np.inf, dtype=np.float32) if thresholds is None else np.asarray(thresholds, dtype=np.float32).copy()
     cand_rows, cand_scores, cand_pos = [], [], []
 
     def scores(cell: int, rows: np.ndarray) -> np.ndarray | None:
@@ -143,7 +149,7 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
             continue
         n = s.shape[1]
         if n > k:
-            thr[rows] = np.partition(s, n - k, axis=1)[:, n - k]
+            thr[rows] = np.maximum(thr[rows], np.partition(s, n - k, axis=1)[:, n - k])
         collect(cell, rows, s, thr[rows])
     if nprobe > 1:
         rest_cells = probes[:, 1:].ravel()
