@@ -29,7 +29,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
-from urllib.parse import urlparse
 
 _S3_SCHEMES = ("s3a", "s3n", "s3")
 SUPPORTED_SCHEMES = ("file", "hdfs", "viewfs", "gs", *_S3_SCHEMES)
@@ -71,9 +70,21 @@ def settings_from_hadoop(spark) -> Files:
     return Files(s3=tuple(sorted(s3)))
 
 
+def _split(uri: str) -> tuple[str, str, str]:
+    """``(scheme, authority, path)`` of a Hadoop URI, taken literally: Spark's ``path`` column
+    is not URL-encoded, so ``#`` and ``?`` are part of a file name, not a fragment or query."""
+    head, sep, rest = uri.partition(":")
+    if not sep or "/" in head or len(head) < 2:  # a bare path (or a Windows drive letter)
+        return "file", "", uri
+    if rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        return head.lower(), authority, slash + path
+    return head.lower(), "", rest
+
+
 def check_scheme(uri: str) -> None:
     """Raise :class:`UnsupportedScheme` for a URI that tasks cannot open (checked on the driver)."""
-    scheme = urlparse(uri).scheme or "file"
+    scheme = _split(uri)[0]
     if scheme not in SUPPORTED_SCHEMES:
         raise UnsupportedScheme(
             f"{uri}: scheme {scheme!r} cannot be read by executor tasks (supported: {', '.join(SUPPORTED_SCHEMES)})")
@@ -87,14 +98,13 @@ def _filesystem(files: Files, uri: str):
     """``(pyarrow filesystem, path inside it, has atomic rename)`` for ``uri``."""
     from pyarrow import fs as pafs
 
-    parsed = urlparse(uri)
-    scheme = parsed.scheme or "file"
+    scheme, authority, path = _split(uri)
     if scheme == "file":
-        path = parsed.path if parsed.scheme else uri
         return pafs.LocalFileSystem(), path, True
     key: tuple
     if scheme in ("hdfs", "viewfs"):
-        key = ("hdfs", parsed.hostname or "default", parsed.port or 0)
+        host, _, port = authority.rpartition(":") if ":" in authority else (authority, "", "")
+        key = ("hdfs", host or "default", int(port) if port.isdigit() else 0)
     elif scheme in _S3_SCHEMES:
         key = ("s3", files.s3)
     elif scheme == "gs":
@@ -112,8 +122,8 @@ def _filesystem(files: Files, uri: str):
                 fs_ = pafs.GcsFileSystem()
             _CACHE[key] = fs_
     if key[0] == "hdfs":
-        return fs_, parsed.path, True
-    return fs_, parsed.netloc + parsed.path, False
+        return fs_, path, True
+    return fs_, authority + path, False
 
 
 def read(files: Files, uri: str) -> tuple[bytes | None, str | None]:

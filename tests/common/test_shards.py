@@ -62,16 +62,23 @@ def test_racing_attempts_leave_one_file(tmp_path):
 
 def test_reads_are_status_not_exceptions(tmp_path):
     files = remote.Files()
-    good = tmp_path / "a b.jpg"
+    good = tmp_path / "a b#1?.jpg"  # Spark's path column is not URL-encoded: '#' and '?' are the name's
     good.write_bytes(b"xyz")
-    items = [(1, f"file:{good}"), (2, f"file://{tmp_path}/gone.jpg"), (3, str(good)), (4, "ftp://host/x.jpg")]
+    items = [(1, f"file:{good}"), (2, f"file://{tmp_path}/gone.jpg"), (3, str(good)), (4, "ftp://host/x.jpg"), (5, f"file://{good}")]
     got = {k: (data, err) for k, data, err in remote.read_many(files, items, threads=2)}
-    assert got[1] == (b"xyz", None) and got[3] == (b"xyz", None)
+    assert got[1] == (b"xyz", None) and got[3] == (b"xyz", None) and got[5] == (b"xyz", None)
     assert got[2][0] is None and got[2][1].startswith("missing_file")
     assert got[4][0] is None and got[4][1].startswith("read_error")
     with pytest.raises(remote.UnsupportedScheme, match="ftp"):
         remote.check_scheme("ftp://host/x.jpg")
     remote.check_scheme("s3a://bucket/x.jpg")
+
+
+def test_uris_split_literally():
+    assert remote._split("file:/a/b#c.jpg") == ("file", "", "/a/b#c.jpg")
+    assert remote._split("hdfs://nn:8020/x/y?.jpg") == ("hdfs", "nn:8020", "/x/y?.jpg")
+    assert remote._split("s3a://bucket/k/e y.jpg") == ("s3a", "bucket", "/k/e y.jpg")
+    assert remote._split("/plain/path.jpg") == ("file", "", "/plain/path.jpg")
 
 
 def test_credentials_stay_out_of_repr():
