@@ -81,7 +81,9 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "error"}))
     if proc.returncode:
-        sys.stderr.write(err[-3000:])
+        log = Path(tempfile.gettempdir()) / "build_index_memory.stderr.log"
+        log.write_text(err)
+        sys.stderr.write(err[-3000:] + f"\n(the whole log: {log})\n")
 
 
 if __name__ == "__main__":

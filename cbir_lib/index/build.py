@@ -94,18 +94,23 @@ def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int) -> np.ndarray:
     """
     fraction = min(1.0, 1.2 * n_rows / n)
     chunks = max(1, -(-n_rows * 4 * dim // SAMPLE_CHUNK_BYTES))
-    picked = emb.sample(fraction=fraction, seed=seed).limit(n_rows)
+    # No limit(): a global limit gathers every sampled row into one task first, which
+    # overflowed a 1 GB local JVM at 1M x 1,280. The sample's surplus is dropped below.
+    picked = emb.sample(fraction=fraction, seed=seed)
     as_bytes = picked.mapInArrow(_embedding_bytes(dim), "k long, vector binary").repartition(chunks, "k")
-    out = np.empty((n_rows, dim), dtype=np.float32)
-    keys = np.empty(n_rows, dtype=np.int64)
+    cap = int(n_rows * 1.5) + 64  # the sample's size varies around 1.2 n_rows; bounded here
+    out = np.empty((cap, dim), dtype=np.float32)
+    keys = np.empty(cap, dtype=np.int64)
     m = 0
     for row in as_bytes.toLocalIterator():
-        if m < n_rows:
+        if m < cap:
             keys[m] = row.k
             out[m] = np.frombuffer(row.vector, dtype="<f4")
             m += 1
-    # Shuffled chunks arrive in any order: sort by id so the same sample trains the same cells.
-    return out[:m][np.argsort(keys[:m], kind="stable")]
+    # Chunks arrive in any order: sort by id, then keep the first n_rows, so the same sample
+    # trains the same cells on every run.
+    order = np.argsort(keys[:m], kind="stable")[:n_rows]
+    return out[order]
 
 
 def _embedding_bytes(dim: int):
