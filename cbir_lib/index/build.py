@@ -281,6 +281,16 @@ def run_build_index(spark, cfg: Config) -> dict:
 
 # Vectors travel in Arrow batches of this many rows (the session default is sized for image bytes).
 VECTOR_BATCH = 8192
+# ... and of at most this many bytes, and are written in Parquet row groups of at most
+# ROW_GROUP_BYTES: at 1,280-d, 8,192-row batches beside Parquet's 128 MB row groups, two
+# tasks at once, overflowed a 1 GB local JVM (benchmarks/build_index_memory.py).
+VECTOR_BATCH_BYTES = 16 << 20
+ROW_GROUP_BYTES = 32 << 20
+
+
+def vector_batch(dim: int | None) -> int:
+    """Rows per Arrow batch for vectors of ``dim`` floats."""
+    return max(256, min(VECTOR_BATCH, VECTOR_BATCH_BYTES // (4 * max(1, dim or 1))))
 
 
 @contextlib.contextmanager
@@ -324,6 +334,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
     n = emb.count()
     if n == 0:
         raise ValueError(f"build_index: embeddings run {emb_run} has no ok vectors to index")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(vector_batch(dim)))  # restored by run_build_index
     mem, cores = executor_memory(spark)
     n_cells = ic.n_cells or choose_n_cells(n, dim or 256, mem, cores)
     n_cells = max(1, min(n_cells, n))
@@ -375,7 +386,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
 
     def write(tmp: str) -> None:
         with timer("assigning vectors to cells and writing the store") as t:
-            store.write.mode("overwrite").parquet(fs.join(tmp, STORE))
+            store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         written = spark.read.parquet(fs.join(tmp, STORE))
         counts = np.zeros(n_cells, dtype=np.int64)
@@ -396,7 +407,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
             with timer(f"building {int((counts > 0).sum())} Annoy forests ({ic.n_trees} trees) on the executors") as t:
                 by_cell = written.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
                 forests = by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
-                forests.write.mode("overwrite").parquet(fs.join(tmp, FORESTS))
+                forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, FORESTS))
             timings["forests_s"] = round(t["seconds"], 3)
             if ic.export_ann_files:
                 with timer("exporting .ann files and id maps") as t:
