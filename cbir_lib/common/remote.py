@@ -196,3 +196,18 @@ def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str) -> Non
         fs_.move(tmp, final_path)
     else:
         pq.write_table(table, final_path, filesystem=fs_)
+
+
+def write_bytes(files: Files, uri: str, data: bytes, tmp_dir_uri: str) -> None:
+    """Write ``data`` so that ``uri`` appears whole or not at all (as :func:`commit_parquet`)."""
+    fs_, final_path, atomic_rename = _filesystem(files, uri)
+    fs_.create_dir(os.path.dirname(final_path), recursive=True)
+    target = final_path
+    if atomic_rename:
+        _, tmp_dir, _ = _filesystem(files, tmp_dir_uri)
+        fs_.create_dir(tmp_dir, recursive=True)
+        target = f"{tmp_dir}/{uuid.uuid4().hex}"
+    with fs_.open_output_stream(target) as out:
+        out.write(data)
+    if target != final_path:
+        fs_.move(target, final_path)

@@ -275,8 +275,24 @@ def _index_signature(cfg: Config, dim: int) -> dict:
 
 def run_build_index(spark, cfg: Config) -> dict:
     """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest."""
-    with arrow_batch(spark, VECTOR_BATCH):
+    with arrow_batch(spark, VECTOR_BATCH), restored(spark, READER_BATCH_KEY):
         return _run_build_index(spark, cfg)
+
+
+READER_BATCH_KEY = "spark.sql.parquet.columnarReaderBatchSize"
+
+
+@contextlib.contextmanager
+def restored(spark, key: str):
+    """Put a session setting back as it was when the block ends."""
+    old = spark.conf.get(key, None)
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
 
 
 # Vectors travel in Arrow batches of this many rows (the session default is sized for image bytes).
@@ -301,15 +317,9 @@ def arrow_batch(spark, rows: int):
     12.4 s, mostly per-batch overhead.
     """
     key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    old = spark.conf.get(key, None)
-    spark.conf.set(key, str(rows))
-    try:
+    with restored(spark, key):
+        spark.conf.set(key, str(rows))
         yield
-    finally:
-        if old is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, old)
 
 
 def _run_build_index(spark, cfg: Config) -> dict:
@@ -334,7 +344,10 @@ def _run_build_index(spark, cfg: Config) -> dict:
     n = emb.count()
     if n == 0:
         raise ValueError(f"build_index: embeddings run {emb_run} has no ok vectors to index")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(vector_batch(dim)))  # restored by run_build_index
+    # Both restored by run_build_index. Parquet's vectorized reader holds a batch of 4,096
+    # rows: 21 MB of 1,280-d arrays per task, which a 1 GB local JVM could not also fit.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(vector_batch(dim)))
+    spark.conf.set(READER_BATCH_KEY, str(max(256, min(4096, (4 << 20) // (4 * max(1, dim or 1))))))
     mem, cores = executor_memory(spark)
     n_cells = ic.n_cells or choose_n_cells(n, dim or 256, mem, cores)
     n_cells = max(1, min(n_cells, n))
@@ -407,7 +420,11 @@ def _run_build_index(spark, cfg: Config) -> dict:
             with timer(f"building {int((counts > 0).sum())} Annoy forests ({ic.n_trees} trees) on the executors") as t:
                 by_cell = written.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
                 forests = by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
-                forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, FORESTS))
+                # A forest is one value of MBs (2 MB per cell at 1M x 1,280): Parquet sizes its
+                # pages only every 100 rows by default, a 200 MB page in a 1 GB JVM.
+                (forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
+                 .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8)
+                 .parquet(fs.join(tmp, FORESTS)))
             timings["forests_s"] = round(t["seconds"], 3)
             if ic.export_ann_files:
                 with timer("exporting .ann files and id maps") as t:
@@ -437,14 +454,30 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _export_ann(spark, forests, dst: str) -> int:
-    """Write each forest as ``cell-<c>.ann`` and its id map ``cell-<c>.ids.npy`` (driver, streamed)."""
-    n = 0
-    width = 6
-    for row in forests.select("cell", "ids", "ann").toLocalIterator():
-        name = f"cell-{row['cell']:0{width}d}"
-        fs.write_bytes(spark, fs.join(dst, name + ".ann"), bytes(row["ann"]))
-        fs.write_bytes(spark, fs.join(dst, name + ".ids.npy"), _npy_bytes(np.asarray(row["ids"], dtype=np.int64)))
-        n += 1
+    """Write each forest as ``cell-<c>.ann`` and its id map ``cell-<c>.ids.npy``, from the
+    executors (a forest is MBs: at 1M x 1,280 a partition of them overflowed a 1 GB driver
+    through ``toLocalIterator``). Rows are read a few at a time for the same reason."""
+    from cbir_lib.common import remote
+
+    files = remote.settings_from_hadoop(spark)
+    tmp = fs.join(dst, "_tmp")
+    spark.conf.set(READER_BATCH_KEY, "16")  # restored by run_build_index
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
+
+    def write(batches):
+        import pyarrow as pa
+
+        width = 6
+        for batch in batches:
+            for cell, ids, ann in zip(batch.column("cell").to_pylist(), batch.column("ids").to_pylist(),
+                                      batch.column("ann").to_pylist(), strict=True):
+                name = f"cell-{cell:0{width}d}"
+                remote.write_bytes(files, fs.join(dst, name + ".ann"), ann, tmp)
+                remote.write_bytes(files, fs.join(dst, name + ".ids.npy"), _npy_bytes(np.asarray(ids, dtype=np.int64)), tmp)
+            yield pa.RecordBatch.from_arrays([pa.array([batch.num_rows], pa.int64())], names=["n"])
+
+    n = sum(r["n"] for r in forests.select("cell", "ids", "ann").mapInArrow(write, "n long").collect())
+    fs.delete(spark, tmp)
     return n
 
 
