@@ -22,6 +22,7 @@ the largest goes into the manifest beside the budget.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -118,8 +119,18 @@ def group_store(spec: dict, g: int) -> CellStore:
         from cbir_lib.index.build import IndexMismatch
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
-    centroids = np.load(__import__("io").BytesIO(spec["centroids"])) if spec["centroids"] else None
-    return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, centroids, spec["metric"])
+    return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, _centroids(spec), spec["metric"])
+
+
+_CENTROIDS: dict[str, np.ndarray | None] = {}
+
+
+def _centroids(spec: dict) -> np.ndarray | None:
+    """The spec's centroids, parsed once per process (a group store is made per visit)."""
+    key = spec["groups_uri"]
+    if key not in _CENTROIDS:
+        _CENTROIDS[key] = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
+    return _CENTROIDS[key]
 
 
 def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -185,8 +196,9 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
     return fn
 
 
-def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: np.ndarray, search):
-    """RDD partition function over store groups: the sample's partial top-k in each."""
+def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: np.ndarray, probes, search):
+    """RDD partition function over store groups: the sample's partial top-k in each
+    (``probes`` routed once on the driver, ``None`` for exact)."""
 
     def fn(groups):
         from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
@@ -195,7 +207,6 @@ def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: 
         for g in groups:
             store = group_store(spec, int(g))
             t0 = time.perf_counter()
-            probes = None if spec["method"] == "exact" else store.route(queries, spec["nprobe"], own)
             v, i = search(store, queries, query_ids, own, probes)
             yield v, i, time.perf_counter() - t0, int(store.vectors.nbytes)
 
@@ -263,11 +274,17 @@ def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np
     ``(scores, ids, seconds of work summed over the groups, largest group bytes)``."""
     x, ids, own = sample
     n_groups = len(spec["bounds"]) - 1
-    parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, search)).collect()
+    t0 = time.perf_counter()
+    probes = None
+    if spec["method"] != "exact":  # once here, not once per group in every task
+        router = sub_store(np.asarray(spec["offsets"]), 0, 0, ids[:0], x[:0], _centroids(spec), spec["metric"])
+        probes = router.route(x, spec["nprobe"], own)
+    routing = time.perf_counter() - t0
+    parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
     best = None
     for v, i, _, _ in parts:
         best = merge(best, (v, i), spec["k"])
-    return best[0], best[1], sum(p[2] for p in parts), max(p[3] for p in parts)
+    return best[0], best[1], routing + sum(p[2] for p in parts), max(p[3] for p in parts)
 
 
 def core(spec: dict):
