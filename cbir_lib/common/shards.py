@@ -51,6 +51,11 @@ def unit_of(name: str) -> str:
     return m.group("unit") if m else name
 
 
+def of_unit(names: list[str], unit: str) -> list[str]:
+    """The names among ``names`` that belong to ``unit``."""
+    return [n for n in names if unit_of(n) == unit]
+
+
 def winners(names: list[str]) -> list[str]:
     """One committed name per unit: the first in sort order. Temporary names are ignored."""
     best: dict[str, str] = {}

@@ -166,7 +166,7 @@ def _shard_task(spec: EmbedSpec, files: remote.Files, parts_uri: str, tmp_uri: s
         for shard, group in pdf.groupby("shard", sort=True):
             unit = shards.unit_name(plan, int(shard), job)
             started = time.time()
-            committed = shards.winners([n for n in remote.list_names(files, parts_uri) if shards.unit_of(n) == unit])
+            committed = shards.winners(shards.of_unit(remote.list_names(files, parts_uri), unit))
             if committed:  # an earlier attempt of this task committed the shard, then failed
                 rows_, failed_ = _committed_counts(files, fs.join(parts_uri, committed[0]))
                 yield _stats(shard, unit, "already_committed", rows_, failed_, started, executor, attempt)
@@ -189,7 +189,7 @@ def commit_unit(files: remote.Files, table, parts_uri: str, tmp_uri: str, unit: 
     file comes first (every attempt, reader and the job's clean-up agree on the first name)."""
     name = shards.attempt_name(unit)
     remote.commit_parquet(files, table, fs.join(parts_uri, name), tmp_uri)
-    mine = [n for n in remote.list_names(files, parts_uri) if shards.unit_of(n) == unit]
+    mine = shards.of_unit(remote.list_names(files, parts_uri), unit)
     if shards.winners(mine) != [name]:
         remote.delete(files, fs.join(parts_uri, name))
         return "discarded"

@@ -183,7 +183,7 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
         for gq in groups:
             t0 = time.time()
             unit = shards.unit_name(plan, int(gq), "0" * 8)  # same content every run: resumable
-            if [n for n in remote.list_names(files, parts_uri) if shards.unit_of(n) == unit]:
+            if shards.of_unit(remote.list_names(files, parts_uri), unit):
                 yield {"group": int(gq), "outcome": "already_committed", "held_bytes": 0, "seconds": 0.0, "queries": 0}
                 continue
             qids, vals, ids, held = search_group(spec, int(gq), search)
