@@ -8,13 +8,26 @@ once as its own Parquet files under ``neighbors/_work/<key>/groups/group=<g>/``.
 
 The search is then one task per *query group*: it loads its own group (the queries),
 routes them once, and visits, one at a time, every store group that holds a cell some of
-its queries probe (every group for exact search). Each visit is the same numpy core as the
-broadcast path on a sub-store whose offsets are clipped to the group (cells outside it are
-empty), and the task keeps each query's running top-k merged by ``(-score, id)``
-(:func:`~cbir_lib.neighbors.topk.select`). A cell split across groups contributes all of its
-members over the visits, so the result is the same top-k as the unbudgeted search of the
-same index, ``nprobe`` and method. A task holds at most two groups (its queries and the
-store group it visits) and commits its own part, so a killed run resumes per group.
+its queries probe (every group for exact and hierarchical search). Each visit is the same
+numpy core as the broadcast path on a sub-store whose offsets are clipped to the group
+(cells outside it are empty), and the task keeps each query's running top-k merged by
+``(-score, id)`` (:func:`~cbir_lib.neighbors.topk.select`). A cell split across groups
+contributes all of its members over the visits, so the result is the same top-k as the
+unbudgeted search of the same index, ``nprobe`` and method: bit for bit, because every
+final score is a pair score no product shape changes (:func:`~cbir_lib.neighbors.topk.reselect`).
+
+Per method (a :class:`Sweep` is one task's passage over the groups):
+
+- dense, exact, annoy: :func:`topk`, one sweep (annoy reads the visited group's forests);
+- query expansion: :func:`expand`, the top-n, then a second sweep that adds each group's
+  share of the neighbours into a fixed-point sum (order-free, so the expanded vector is the
+  broadcast one), then the top-k of the expanded queries;
+- DBA: :func:`dba_task` writes each group of the augmented store, searched in groups;
+- hierarchical: :func:`hierarchical_topk`, the Hamming-nearest codes of every group merged
+  by ``(distance, row)``, then a second sweep scores them.
+
+A task holds its query group, one store group and the buffers of its method
+(:func:`buffers_per_group`), and commits its own part, so a killed run resumes per group.
 
 Measured-share accounting: every task reports the bytes of store vectors it held at once;
 the largest goes into the manifest beside the budget.
@@ -82,19 +95,25 @@ def merge(best: tuple[np.ndarray, np.ndarray] | None, part: tuple[np.ndarray, np
 _GROUPS: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def read_group(spec: dict, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(cells, ids, vectors)`` of group ``g``, in store order; a worker keeps at most two."""
+def read_group(spec: dict, g: int, keep: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cells, ids, vectors)`` of group ``g``, in store order.
+
+    A worker caches one store group (the last visited, so the next sweep can start with it);
+    the cached one is dropped *before* another is read, so a task never holds two store groups
+    at once. The task's own query group is held by its :class:`Sweep`, not here.
+    """
     import pyarrow.parquet as pq
 
     key = (spec["groups_uri"], g)
     if key in _GROUPS:
         return _GROUPS[key]
+    _GROUPS.clear()
     from cbir_lib.index.build import binary_to_numpy
 
     files = remote.Files(**spec.get("files", {}))
     uri = f"{spec['groups_uri']}/group={g}"
     fs_, path, _ = remote._filesystem(files, uri)
-    names = [n for n in remote.list_names(files, uri) if n.endswith(".parquet")]
+    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
     tables = [pq.read_table(f"{path}/{n}", columns=["pos", "cell", "image_id", "vector"], filesystem=fs_) for n in names]
     if tables:
         import pyarrow as pa
@@ -106,15 +125,14 @@ def read_group(spec: dict, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec["dim"])[order])
     else:
         cells, ids, x = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, spec["dim"]), np.float32)
-    while len(_GROUPS) >= 2:  # the query group and one store group at a time
-        _GROUPS.pop(next(iter(_GROUPS)))
-    _GROUPS[key] = (cells, ids, x)
-    return _GROUPS[key]
+    if keep:
+        _GROUPS[key] = (cells, ids, x)
+    return cells, ids, x
 
 
-def group_store(spec: dict, g: int) -> CellStore:
+def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
     bounds = np.asarray(spec["bounds"])
-    _, ids, x = read_group(spec, g)
+    _, ids, x = read_group(spec, g, keep)
     if len(ids) != bounds[g + 1] - bounds[g]:
         from cbir_lib.index.build import IndexMismatch
 
@@ -123,6 +141,7 @@ def group_store(spec: dict, g: int) -> CellStore:
 
 
 _CENTROIDS: dict[str, np.ndarray | None] = {}
+_ROUTERS: dict[str, CellStore] = {}
 
 
 def _centroids(spec: dict) -> np.ndarray | None:
@@ -133,41 +152,272 @@ def _centroids(spec: dict) -> np.ndarray | None:
     return _CENTROIDS[key]
 
 
-def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Every query of group ``gq`` against the store groups its probes reach.
+def router(spec: dict) -> CellStore:
+    """A store with no rows but every centroid: routes queries (its cell graph cached per process)."""
+    key = spec["groups_uri"]
+    if key not in _ROUTERS:
+        _ROUTERS[key] = sub_store(np.asarray(spec["offsets"]), 0, 0, np.zeros(0, np.int64),
+                                  np.zeros((0, spec["dim"]), np.float32), _centroids(spec), spec["metric"])
+    return _ROUTERS[key]
 
-    ``search(store, queries, query_ids, own_cells, probes, kth)`` is the method's core on one
-    (sub-)store; ``kth`` is each query's running k-th best score, a bound it may prune with. Returns ``(query ids, scores, ids, largest store bytes held at once)``.
+
+class Sweep:
+    """One task's passage over the store groups, one group at a time.
+
+    ``gq`` is the task's query group (held for the whole task; ``None`` for a sample of
+    queries passed in). ``held`` is the largest number of bytes of store vectors and
+    per-query buffers the task held at once: the share the budget bounds.
     """
-    qs = group_store(spec, gq)
-    m, k, qb = len(qs.ids), spec["k"], spec["query_block"]
-    if m == 0:
-        return qs.ids, np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), 0
-    own = qs.cells_of_rows(np.arange(m))
-    exact = spec["method"] == "exact"
-    n_groups = len(spec["bounds"]) - 1
-    if exact:
-        probes = None
-        visits = {g: np.arange(m) for g in range(n_groups)}
-    else:
-        probes = np.concatenate([qs.route(qs.vectors[s : s + qb], spec["nprobe"], own[s : s + qb]) for s in range(0, m, qb)])
-        first, last = (np.asarray(a) for a in spec["cell_groups"])
-        visits = {}
-        for g in range(n_groups):
-            hit = ((first[probes] <= g) & (last[probes] >= g)).any(axis=1)
-            if hit.any():
-                visits[g] = np.flatnonzero(hit)
+
+    def __init__(self, spec: dict, gq: int | None = None, base_bytes: int = 0):
+        self.spec = spec
+        self.gq = gq
+        self.bounds = np.asarray(spec["bounds"])
+        self.n_groups = len(self.bounds) - 1
+        self.qs = group_store(spec, gq, keep=False) if gq is not None else None
+        self.base = base_bytes + (self.qs.vectors.nbytes if self.qs is not None else 0)
+        self.extra = 0
+        self.held = self.base
+
+    def hold(self, nbytes: int) -> None:
+        self.extra += int(nbytes)
+        self.held = max(self.held, self.base + self.extra)
+
+    def release(self, nbytes: int) -> None:
+        self.extra -= int(nbytes)
+
+    def store(self, g: int) -> CellStore:
+        self.close()
+        st = self.qs if g == self.gq else group_store(self.spec, g)
+        held = 0 if g == self.gq else st.vectors.nbytes
+        if self.spec["method"] == "annoy":
+            st.forests, st.lo, forest_bytes, self._forest_dir = group_forests(self.spec, g)
+            self._forests_loaded = st.forests.loaded
+            held += forest_bytes
+        self.held = max(self.held, self.base + self.extra + held)
+        return st
+
+    def close(self) -> None:
+        """Unmap and delete the forests of the last visit (annoy)."""
+        d = getattr(self, "_forest_dir", None)
+        if d is not None:
+            import shutil
+
+            for f in self._forests_loaded.values():
+                if f is not None:
+                    f.unload()
+            shutil.rmtree(d, ignore_errors=True)
+            self._forest_dir = None
+
+    def order(self, groups, reverse: bool = False) -> list[int]:
+        """The query group first (it is loaded), then the rest; ``reverse`` starts with the
+        group the last forward sweep ended on (still cached)."""
+        gs = sorted(groups, reverse=reverse)
+        if self.gq in gs:
+            gs.remove(self.gq)
+            gs.insert(0, self.gq)
+        return gs
+
+
+def group_forests(spec: dict, g: int):
+    """The Annoy forests of the cells with rows in group ``g``, read from the index's forests
+    table (row groups pruned by cell) into a temporary directory and memory-mapped on use:
+    ``(cell -> AnnoyIndex or None, group row start, bytes of the forests, directory)``."""
+    import tempfile
+
+    import pyarrow.dataset as ds
+    from annoy import AnnoyIndex
+
+    from cbir_lib.index.build import ANNOY_METRIC
+
+    bounds, offsets = np.asarray(spec["bounds"]), np.asarray(spec["offsets"])
+    lo, hi = int(bounds[g]), int(bounds[g + 1])
+    first = int(np.searchsorted(offsets, lo, side="right") - 1)
+    last = int(np.searchsorted(offsets, hi - 1, side="right") - 1)
+    files = remote.Files(**spec.get("files", {}))
+    fs_, path, _ = remote._filesystem(files, spec["forests_uri"])
+    names = [f"{path}/{n}" for n in remote.list_names(files, spec["forests_uri"]) if n.endswith(".parquet")]
+    d = tempfile.mkdtemp(prefix=f"cbir-forests-g{g}-")
+    total = 0
+    if names and hi > lo:
+        t = ds.dataset(names, format="parquet", filesystem=fs_).to_table(
+            columns=["cell", "ann"], filter=(ds.field("cell") >= first) & (ds.field("cell") <= last))
+        for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
+            with open(os.path.join(d, f"{cell}.ann"), "wb") as fh:
+                fh.write(blob)
+            total += len(blob)
+        t = None
+    loaded: dict[int, object] = {}
+    metric = ANNOY_METRIC[spec["metric"]]
+
+    def get(cell: int):
+        if cell not in loaded:
+            p = os.path.join(d, f"{cell}.ann")
+            f = None
+            if first <= cell <= last and os.path.exists(p):
+                f = AnnoyIndex(spec["dim"], metric)
+                f.load(p)
+            loaded[cell] = f
+        return loaded[cell]
+
+    get.loaded = loaded
+    return get, lo, total, d
+
+
+def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
+    """Each query's probed cells, and for every store group the queries that probe a cell in it
+    (every query visits every group for exact and hierarchical search)."""
+    spec, m = sweep.spec, len(queries)
+    if spec["method"] in ("exact", "hierarchical"):
+        return None, {g: np.arange(m) for g in range(sweep.n_groups)}
+    qb = spec["query_block"]
+    r = router(spec)
+    probes = np.concatenate([r.route(queries[s : s + qb], spec["nprobe"], own[s : s + qb]) for s in range(0, m, qb)])
+    first, last = (np.asarray(a) for a in spec["cell_groups"])
+    visits = {}
+    for g in range(sweep.n_groups):
+        hit = ((first[probes] <= g) & (last[probes] >= g)).any(axis=1)
+        if hit.any():
+            visits[g] = np.flatnonzero(hit)
+    return probes, visits
+
+
+def topk(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
+
+    ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
+    sub-store; ``kth``, each query's running k-th best, is a bound it may prune with.
+    ``own_pos``: each query's row in the store (for hierarchical search, which excludes by row).
+    """
+    m = len(queries)
+    if sweep.spec["method"] == "hierarchical":
+        return (*hierarchical_topk(sweep, queries, own_pos, k), list(range(sweep.n_groups)))
+    probes, visits = route_visits(sweep, queries, own)
+    qb = sweep.spec["query_block"]
     best_v, best_i = empty(m, k)
-    held = 0
-    for g in sorted(visits, key=lambda g: (g != gq, g)):  # the query group first: it is loaded
-        store = qs if g == gq else group_store(spec, g)
-        held = max(held, qs.vectors.nbytes + (0 if g == gq else store.vectors.nbytes))
+    for g in sweep.order(visits):
+        st = sweep.store(g)
         rows = visits[g]
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
-            v, i = search(store, np.ascontiguousarray(qs.vectors[r]), qs.ids[r], own[r], None if probes is None else probes[r], best_v[r, k - 1])
+            v, i = search(st, np.ascontiguousarray(queries[r]), qids[r], own[r], None if probes is None else probes[r], best_v[r, k - 1], k)
             best_v[r], best_i[r] = merge((best_v[r], best_i[r]), (v, i), k)
-    return qs.ids, best_v, best_i, held
+        st = None  # noqa: F841 - drop this group before the next is read
+    return best_v, best_i, sorted(visits)
+
+
+def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, search) -> np.ndarray:
+    """Each query augmented with its top-``rerank_n`` (alpha-QE / AQE / DBA), bit for bit as
+    :func:`~cbir_lib.neighbors.rerank.augment` does on the whole store: a second sweep adds
+    each group's share of every query's neighbours into a fixed-point sum (exact in any order)."""
+    from cbir_lib.neighbors.rerank import fixed, unfixed, weights
+
+    spec = sweep.spec
+    vals, ids, visited = topk(sweep, queries, qids, own, own_pos, spec["rerank_n"], search)
+    w = weights(vals, spec["alpha"])
+    acc = fixed(queries)
+    sweep.hold(acc.nbytes)
+    for g in sweep.order(visited, reverse=True):
+        st = sweep.store(g)
+        if len(st.ids):
+            order = np.argsort(st.ids, kind="stable")
+            sorted_ids = np.asarray(st.ids)[order]
+            at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+            hit = (sorted_ids[at] == ids) & (w > 0)
+            for j in range(ids.shape[1]):
+                r = np.flatnonzero(hit[:, j])
+                if r.size:
+                    acc[r] += fixed(w[r, j, None], st.vectors[order[at[r, j]]])
+        st = None  # noqa: F841
+    out = unfixed(acc)
+    sweep.release(acc.nbytes)
+    return out
+
+
+_THRESHOLDS: dict[str, np.ndarray] = {}
+
+
+def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hierarchical search over groups, as :func:`~cbir_lib.neighbors.hamming.hierarchical_search`
+    over the whole store: the ``code_candidates`` Hamming-nearest codes by ``(distance, row)``
+    (the top of each group, merged), then those candidates scored by the float vectors in a
+    second sweep and ranked by ``(-score, row)``."""
+    from cbir_lib.neighbors.hamming import MultiIndex, threshold
+    from cbir_lib.neighbors.topk import NO_ID, row_dots
+
+    spec = sweep.spec
+    key = spec["groups_uri"]
+    if key not in _THRESHOLDS:
+        _THRESHOLDS[key] = np.load(io.BytesIO(spec["code_thresholds"]))
+    thresholds = _THRESHOLDS[key]
+    m, want = len(queries), spec["code_candidates"] + 1
+    qcodes = threshold(queries, thresholds)
+    far = np.iinfo(np.int64).max
+    best_d = np.full((m, want), far, np.int64)
+    best_p = np.full((m, want), far, np.int64)
+    for g in sweep.order(range(sweep.n_groups)):
+        st = sweep.store(g)
+        if len(st.ids):
+            codes = np.concatenate([threshold(st.vectors[i : i + 65536], thresholds) for i in range(0, len(st.ids), 65536)])
+            index = MultiIndex(codes)
+            index_bytes = codes.nbytes + sum(sum(a.nbytes for a in t) for t in index.tables)
+            sweep.hold(index_bytes)
+            lo = int(sweep.bounds[g])
+            for i in range(m):
+                probe = index.search(qcodes[i], want)
+                d = np.concatenate([best_d[i], probe.distances.astype(np.int64)])
+                p = np.concatenate([best_p[i], probe.positions + lo])
+                o = np.lexsort((p, d))[:want]
+                best_d[i], best_p[i] = d[o], p[o]
+            sweep.release(index_bytes)
+            index = codes = None
+        st = None  # noqa: F841
+    # The query itself is not its own candidate; then the first code_candidates.
+    cand = np.full((m, want - 1), -1, np.int64)
+    for i in range(m):
+        c = best_p[i][(best_d[i] != far) & (best_p[i] != own_pos[i])][: want - 1]
+        cand[i, : len(c)] = c
+    scores = np.full(cand.shape, -np.inf, np.float32)
+    cand_ids = np.full(cand.shape, NO_ID, np.int64)
+    block = max(1, (32 << 20) // (4 * queries.shape[1]))
+    for g in sweep.order(range(sweep.n_groups), reverse=True):
+        lo, hi = int(sweep.bounds[g]), int(sweep.bounds[g + 1])
+        r, c = np.nonzero((cand >= lo) & (cand < hi))
+        if not r.size:
+            continue
+        st = sweep.store(g)
+        for s in range(0, r.size, block):
+            rr, cc = r[s : s + block], c[s : s + block]
+            local = cand[rr, cc] - lo
+            scores[rr, cc] = row_dots(st.vectors[local], queries[rr])
+            cand_ids[rr, cc] = np.asarray(st.ids)[local]
+        st = None  # noqa: F841
+    top = np.lexsort((np.where(cand >= 0, cand, far), -scores), axis=-1)[:, :k]
+    vals = np.take_along_axis(scores, top, 1)
+    ids = np.take_along_axis(cand_ids, top, 1)
+    if top.shape[1] < k:
+        pad_v, pad_i = empty(m, k - top.shape[1])
+        vals, ids = np.concatenate([vals, pad_v], 1), np.concatenate([ids, pad_i], 1)
+    return vals.astype(np.float32), ids.astype(np.int64)
+
+
+def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Every query of group ``gq`` against the store, with query expansion first when the
+    spec asks for it: ``(query ids, scores, ids, largest bytes held at once)``."""
+    sweep = Sweep(spec, gq)
+    qs, k = sweep.qs, spec["k"]
+    m = len(qs.ids)
+    if m == 0:
+        return qs.ids, np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), 0
+    own = qs.cells_of_rows(np.arange(m))
+    own_pos = sweep.bounds[gq] + np.arange(m)
+    queries = qs.vectors
+    if spec.get("expand"):
+        queries = expand(sweep, queries, qs.ids, own, own_pos, search)
+        sweep.hold(queries.nbytes)
+    vals, ids, _ = topk(sweep, queries, qs.ids, own, own_pos, k, search)
+    sweep.close()
+    return qs.ids, vals, ids, sweep.held
 
 
 def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_batch):
@@ -188,10 +438,43 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
                 continue
             qids, vals, ids, held = search_group(spec, int(gq), search)
             table = pa.Table.from_batches([to_batch(qids, vals, ids)])
-            name = shards.attempt_name(unit)
-            remote.commit_parquet(files, table, f"{parts_uri}/{name}", tmp_uri)
+            remote.commit_parquet(files, table, f"{parts_uri}/{shards.attempt_name(unit)}", tmp_uri)
             yield {"group": int(gq), "outcome": "committed", "held_bytes": int(held), "seconds": round(time.time() - t0, 3),
                    "queries": int(len(qids)), "pid": os.getpid()}
+
+    return fn
+
+
+def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
+    """RDD partition function over group numbers: group ``g`` of the database-side augmented
+    store (each vector with its top-``rerank_n`` of the original store), committed as
+    ``out_uri/group=<g>/`` in the layout of :func:`write_groups`; yields stats."""
+
+    def fn(groups):
+        import pyarrow as pa
+
+        from cbir_lib.index.build import vectors_binary
+        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+
+        limit_blas_threads(_task_threads())
+        files = remote.Files(**spec.get("files", {}))
+        for gq in groups:
+            t0 = time.time()
+            unit = shards.unit_name(plan, int(gq), "0" * 8)
+            dest = f"{out_uri}/group={int(gq)}"
+            if shards.of_unit(remote.list_names(files, dest), unit):
+                yield {"group": int(gq), "outcome": "already_committed", "held_bytes": 0, "seconds": 0.0}
+                continue
+            sweep = Sweep(spec, int(gq))
+            qs = sweep.qs
+            m = len(qs.ids)
+            pos = sweep.bounds[gq] + np.arange(m, dtype=np.int64)
+            own = qs.cells_of_rows(np.arange(m))
+            y = expand(sweep, qs.vectors, qs.ids, own, pos, search) if m else qs.vectors
+            sweep.close()
+            table = pa.table({"pos": pos, "cell": own.astype(np.int32), "image_id": np.asarray(qs.ids), "vector": vectors_binary(y)})
+            remote.commit_parquet(files, table, f"{dest}/{shards.attempt_name(unit)}", tmp_uri)
+            yield {"group": int(gq), "outcome": "committed", "held_bytes": int(sweep.held), "seconds": round(time.time() - t0, 3)}
 
     return fn
 
@@ -205,10 +488,30 @@ def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: 
 
         limit_blas_threads(_task_threads())
         for g in groups:
-            store = group_store(spec, int(g))
+            sweep = Sweep(spec, None, base_bytes=queries.nbytes)
+            store = sweep.store(int(g))
             t0 = time.perf_counter()
-            v, i = search(store, queries, query_ids, own, probes)
-            yield v, i, time.perf_counter() - t0, int(store.vectors.nbytes)
+            v, i = search(store, queries, query_ids, own, probes, None, spec["k"])
+            sweep.close()
+            yield v, i, time.perf_counter() - t0, int(sweep.held)
+
+    return fn
+
+
+def sample_whole(spec: dict, sample: tuple, search):
+    """RDD partition function: the sample's top-k in one task that sweeps every group
+    (hierarchical search, whose candidates are global, is not a merge of per-group top-k)."""
+
+    def fn(_):
+        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+
+        limit_blas_threads(_task_threads())
+        x, ids, own, pos = sample
+        t0 = time.perf_counter()
+        sweep = Sweep(spec, None, base_bytes=x.nbytes)
+        v, i, _ = topk(sweep, x, ids, own, pos, spec["k"], search)
+        sweep.close()
+        yield v, i, time.perf_counter() - t0, sweep.held
 
     return fn
 
@@ -256,8 +559,8 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     fs.rename(spark, tmp_uri, groups_uri)
 
 
-def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(vectors, ids, cells)`` of the store rows at ``positions`` (a small sample)."""
+def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small sample)."""
     from pyspark.sql import functions as F
 
     from cbir_lib.index.build import binary_to_numpy
@@ -266,19 +569,22 @@ def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> t
             .select("pos", "cell", "image_id", "vector").toArrow())
     order = np.argsort(rows.column("pos").to_numpy())
     x = binary_to_numpy(rows.column("vector"), dim)[order]
-    return np.ascontiguousarray(x), rows.column("image_id").to_numpy()[order], rows.column("cell").to_numpy()[order].astype(np.int32)
+    return (np.ascontiguousarray(x), rows.column("image_id").to_numpy()[order], rows.column("cell").to_numpy()[order].astype(np.int32),
+            rows.column("pos").to_numpy()[order].astype(np.int64))
 
 
 def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np.ndarray, float, int]:
     """The sample's top-k over every group (one task per group), merged on the driver:
-    ``(scores, ids, seconds of work summed over the groups, largest group bytes)``."""
-    x, ids, own = sample
+    ``(scores, ids, seconds of work summed over the groups, largest bytes held)``."""
+    x, ids, own, _ = sample
+    if spec["method"] == "hierarchical":
+        v, i, seconds, held = sc.parallelize([0], 1).mapPartitions(sample_whole(spec, sample, search)).collect()[0]
+        return v, i, seconds, held
     n_groups = len(spec["bounds"]) - 1
     t0 = time.perf_counter()
     probes = None
     if spec["method"] != "exact":  # once here, not once per group in every task
-        router = sub_store(np.asarray(spec["offsets"]), 0, 0, ids[:0], x[:0], _centroids(spec), spec["metric"])
-        probes = router.route(x, spec["nprobe"], own)
+        probes = router(spec).route(x, spec["nprobe"], own)
     routing = time.perf_counter() - t0
     parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
     best = None
@@ -288,33 +594,47 @@ def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np
 
 
 def core(spec: dict):
-    """The method's numpy core on one (sub-)store, as ``search_group`` calls it."""
+    """The method's numpy core on one sub-store: ``search(store, queries, ids, own_cells,
+    probes, kth, k)`` as :func:`topk` calls it (hierarchical search has its own sweeps)."""
     from cbir_lib.neighbors.ivf import dense_search, exact_search
 
-    k = spec["k"]
     # The running k-th best prunes the later groups as the query's own cell prunes the
     # broadcast search (without it every score in them is a candidate: 5x slower at 1M).
     # Euclidean's running scores are distances, not rank scores: no bound there.
     bound = spec["metric"] != "euclidean"
+    if spec["method"] == "annoy":
+        from cbir_lib.neighbors.ivf import annoy_search
+
+        cand = max(spec["candidates"] or 2 * spec["k"], spec["k"])
+        return lambda store, q, qids, own, probes, kth, k: annoy_search(store, store.forests, q, qids, probes, k, spec["search_k"], max(cand, k),
+                                                                        whole_offsets=spec["offsets"], lo=store.lo)
     if spec["method"] == "dense":
-        return lambda store, q, qids, own, probes, kth=None: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None)
-    return lambda store, q, qids, own, probes, kth=None: exact_search(store, q, qids, k)
+        return lambda store, q, qids, own, probes, kth, k: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None)
+    return lambda store, q, qids, own, probes, kth, k: exact_search(store, q, qids, k)
 
 
-SUPPORTED = ("dense", "exact")
+SUPPORTED = ("dense", "exact", "hierarchical", "annoy")
 
 
-def check_supported(method: str, rerank: str, store_bytes: int, budget_bytes: int) -> None:
+def buffers_per_group(rerank: str, method: str, dim: int = 0, n_trees: int = 0) -> int:
+    """How many group-sized buffers a task holds at once: its queries and one store group;
+    with re-ranking also the fixed-point sum of the expansion (two) or the expanded queries;
+    hierarchical search adds a group's codes and hash tables (counted as one more); annoy a
+    group's forests, which hold the vectors again plus about 12 bytes per item and tree."""
+    extra = 0
+    if method == "hierarchical":
+        extra = 1
+    elif method == "annoy":
+        extra = 1 + math.ceil((16 + 12 * n_trees) / max(1, 4 * dim))
+    return (4 if rerank != "none" else 2) + extra
+
+
+def check_supported(method: str, store_bytes: int, budget_bytes: int) -> None:
     """Refuse, by name, what the grouped layout does not run yet (rather than run it unbounded)."""
     from cbir_lib.config import ConfigError
 
-    why = None
     if method not in SUPPORTED and method != "auto":
-        why = f"neighbors.method={method!r}"
-    elif rerank != "none":
-        why = f"neighbors.rerank={rerank!r}"
-    if why:
         raise ConfigError(
             f"neighbors.memory_budget: the store ({store_bytes / 2**20:.0f} MB) exceeds the budget "
-            f"({budget_bytes / 2**20:.0f} MB), and under a budget the search runs method dense or exact with "
-            f"rerank none so far, not {why}; raise neighbors.memory_budget or choose those")
+            f"({budget_bytes / 2**20:.0f} MB), and under a budget the search runs method dense, exact or hierarchical, "
+            f"not neighbors.method={method!r}; raise neighbors.memory_budget or choose one of those")

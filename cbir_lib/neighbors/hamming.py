@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbir_lib.neighbors.topk import row_dots
+
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -194,7 +196,7 @@ def hierarchical_search(
             cand = cand[cand != exclude[i]][:n_candidates]
         else:
             cand = cand[:n_candidates]
-        s = g_vec[cand] @ q_vec[i]
+        s = row_dots(g_vec[cand], q_vec[i])  # as the grouped search scores them
         scored[i] = len(cand)
         top = np.lexsort((cand, -s))[:k]
         pos_out[i, : len(top)] = cand[top]

@@ -9,7 +9,10 @@ with ``offsets[c]:offsets[c+1]`` the rows of cell ``c``. Queries are routed to t
 * ``annoy``: candidates from the cell's Annoy forest (``search_k``), re-scored exactly.
 * ``exact``: every vector, in blocks (see :func:`~cbir_lib.neighbors.topk.exact_topk`).
 
-All return final scores ranked by ``(-score, id)`` with the query itself excluded.
+All return final scores ranked by ``(-score, id)`` with the query itself excluded. BLAS
+finds the candidates; the final ranking (of cells too) is by pair scores that no product
+shape changes (:func:`~cbir_lib.neighbors.topk.reselect`), so a query gets the same answer
+in any block of queries and from any split of the store.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir_lib.index.kmeans import assign
-from cbir_lib.neighbors.topk import empty, exact_topk, final_scores, rank_scores, select, self_positions
+from cbir_lib.neighbors.topk import empty, exact_topk, final_scores, pair_scores, rank_scores, reselect, select, self_positions, slack
 
 
 @dataclass
@@ -62,18 +65,24 @@ class CellStore:
         n_cells = self.n_cells
         if self.centroids is None:
             return np.tile(np.arange(n_cells, dtype=np.int32), (len(queries), 1))
+        m = len(queries)
+        if m == 0:
+            return np.zeros((0, min(nprobe, n_cells)), np.int32)
         nprobe = min(nprobe, n_cells)
         pool = min(n_cells, 3 * nprobe)
-        if own_cells is None or pool >= n_cells or nprobe == 1:
-            return assign(queries, self.centroids, self.metric, nprobe)
+        c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids) if self.metric == "euclidean" else None
         sim = queries @ self.centroids.T
-        if self.metric == "euclidean":
-            sim -= 0.5 * np.einsum("ij,ij->i", self.centroids, self.centroids)[None, :]
-        near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
-        thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
-        r, c = np.nonzero(sim >= thr[:, None])
+        if c_sq is not None:
+            sim -= 0.5 * c_sq[None, :]
+        if own_cells is None or pool >= n_cells:
+            thr = np.partition(sim, n_cells - nprobe, axis=1)[:, n_cells - nprobe]
+        else:
+            near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
+            thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
+        r, c = np.nonzero(sim >= slack(thr)[:, None])
         # Ranked by (-similarity, cell): ties go to the lower cell, as in assign().
-        _, cells = select(r, sim[r, c], c, len(queries), nprobe)
+        metric = "euclidean" if c_sq is not None else "dot"
+        _, cells = reselect(r, sim[r, c], c, m, nprobe, lambda rr, cc: pair_scores(queries, rr, self.centroids, cc, metric, c_sq))
         return cells.astype(np.int32)
 
     def cell_graph(self, pool: int) -> np.ndarray:
@@ -137,7 +146,7 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         return s
 
     def collect(cell: int, rows: np.ndarray, s: np.ndarray, t: np.ndarray) -> None:
-        r, c = np.nonzero(s >= t[:, None])
+        r, c = np.nonzero(s >= slack(t)[:, None])
         if r.size:
             cand_rows.append(rows[r])
             cand_scores.append(s[r, c])
@@ -161,18 +170,25 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     if not cand_rows:
         return empty(m, k)
     pos = np.concatenate(cand_pos)
-    vals, ids = select(np.concatenate(cand_rows), np.concatenate(cand_scores).astype(np.float32, copy=False), store.ids[pos], m, k)
+    vals, ids = reselect(np.concatenate(cand_rows), np.concatenate(cand_scores).astype(np.float32, copy=False), pos, m, k,
+                         lambda rr, pp: pair_scores(queries, rr, vectors, pp, store.metric, sq), lambda pp: store.ids[pp])
     q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
     return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
 
 
-def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, search_k: int, candidates: int, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, search_k: int, candidates: int,
+                 exclude_self: bool = True, whole_offsets: np.ndarray | None = None, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-k from each probed cell's Annoy forest, re-scored exactly with the stored vectors.
 
     ``forests(cell)`` returns a loaded ``AnnoyIndex`` whose item ``i`` is row
-    ``offsets[cell] + i`` of the store, or ``None`` for an empty cell.
+    ``offsets[cell] + i`` of the store, or ``None`` for an empty cell. For a store that is
+    rows ``[lo, lo + len)`` of a whole one (a group, :mod:`cbir_lib.neighbors.budget`),
+    ``whole_offsets`` are the whole store's: a forest's items outside the group are left
+    to the visit of the group that holds them.
     """
     m = len(queries)
+    offsets = store.offsets if whole_offsets is None else np.asarray(whole_offsets)
+    hi = lo + len(store.ids)
     rows_out, grows = [], []
     for i in range(m):
         for cell in probes[i]:
@@ -181,17 +197,16 @@ def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.n
                 continue
             local = forest.get_nns_by_vector(queries[i], candidates, search_k=search_k)
             if local:
-                rows_out.append(np.full(len(local), i))
-                grows.append(store.offsets[cell] + np.asarray(local, dtype=np.int64))
+                g = offsets[cell] + np.asarray(local, dtype=np.int64)
+                if whole_offsets is not None:
+                    g = g[(g >= lo) & (g < hi)] - lo
+                rows_out.append(np.full(len(g), i))
+                grows.append(g)
     if not grows:
         return empty(m, k)
     r = np.concatenate(rows_out)
     g = np.concatenate(grows)
-    q = queries[r]
-    x = store.vectors[g]
-    s = np.einsum("ij,ij->i", q, x)
-    if store.metric == "euclidean":
-        s = s - 0.5 * store.sqnorm[g]
+    s = pair_scores(queries, r, store.vectors, g, store.metric, store.sqnorm)
     cand = store.ids[g]
     if exclude_self:
         s = np.where(cand == query_ids[r], -np.inf, s)

@@ -37,7 +37,32 @@ def augment(x: np.ndarray, neighbor_vectors: np.ndarray, neighbor_scores: np.nda
     if y.ndim != 3 or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[1]:
         raise ValueError(f"neighbour vectors must be (m, n, d) for x {x.shape}, got {y.shape}")
     w = weights(neighbor_scores, alpha)
-    return l2_normalize(x + np.einsum("mn,mnd->md", w, y))
+    acc = fixed(x)
+    for j in range(y.shape[1]):
+        acc += fixed(w[:, j, None], y[:, j])
+    return unfixed(acc)
+
+
+# The weighted sum is taken in fixed point, 2^-50 per unit: an integer sum does not depend on
+# the order of its terms, so the grouped search (:mod:`cbir_lib.neighbors.budget`), which adds
+# a query's neighbours group by group, gets bit for bit the vector of this sum over the whole
+# store, and two duplicate images keep exactly tied scores. The inputs are unit vectors (the
+# re-ranking modes need metric angular) and weights at most about 1: 101 terms of at most
+# 2^51 stay far inside int64; 2^-50 is a millionth of a float32 ulp at 1e-9.
+FIXED_SCALE = 2.0**50
+
+
+def fixed(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``a`` (or the product ``a * b``, exact in float64 for float32 inputs) in fixed point."""
+    t = np.asarray(a, dtype=np.float64) if b is None else np.asarray(a, dtype=np.float64) * np.asarray(b, dtype=np.float64)
+    if t.size and not np.abs(t).max() <= 2.0:
+        raise ValueError("augment: re-ranking sums unit vectors with weights <= 1; got a term of magnitude > 2")
+    return np.rint(t * FIXED_SCALE).astype(np.int64)
+
+
+def unfixed(acc: np.ndarray) -> np.ndarray:
+    """The normalised float32 vector of a fixed-point sum."""
+    return l2_normalize((acc.astype(np.float64) / FIXED_SCALE).astype(np.float32))
 
 
 def mode_alpha(mode: str, alpha: float) -> float:

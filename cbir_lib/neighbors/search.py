@@ -4,7 +4,9 @@ How a run proceeds:
 
 1. Validate the index against the latest embeddings (dim, metric, the embeddings run it
    was built from) and the search asked of it; refuse a mismatch with a clear error.
-2. Ship the index's store (and, for ``annoy``, its forests) to every executor with
+2. Past ``neighbors.memory_budget`` the store is searched in groups instead
+   (:mod:`cbir_lib.neighbors.budget`), with the same results. Within it, ship the index's
+   store (and, for ``annoy``, its forests) to every executor with
    ``addFile``, one Parquet part at a time. An executor turns them into a cell-sorted
    :class:`~cbir_lib.neighbors.ivf.CellStore` once, in local ``.npy`` files that every
    Python worker on it memory-maps: one copy per machine, not per task.
@@ -471,14 +473,16 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     sc = spark.sparkContext
     budget_bytes = budget.resolve_budget(spark, nb.memory_budget)
     store_bytes = n * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)
+    if method == "annoy":  # the forests go along, and hold the vectors again
+        store_bytes += n * (4 * int(index["dim"]) + 16 + 12 * int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
     if grouped:
-        budget.check_supported(method, nb.rerank, store_bytes, budget_bytes)
+        budget.check_supported(method, store_bytes, budget_bytes)
         if method == "auto":
             method = "exact" if n <= nb.exact_max_n else "dense"
     # Ship the store (and forests) to the executors, part file by part file.
     store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
-    forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" else []
+    forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     spec = {
         "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
@@ -504,7 +508,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     memory = {"budget_bytes": budget_bytes, "store_bytes": store_bytes, "layout": "groups" if grouped else "broadcast"}
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
-            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots)
+            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, nb.rerank)
         timings["groups_s"] = round(t["seconds"], 3)
         memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)})
 
@@ -549,7 +553,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     base_spec = dict(spec)
     if nb.rerank != "none":
         with timer(f"re-ranking setup ({nb.rerank}, n={nb.rerank_n})") as t:
-            spec = _rerank_spec(spark, sc, spec, index, offsets, nb, work_dir, slots)
+            spec = _rerank_spec(spark, sc, spec, index, offsets, nb, work_dir, slots, memory)
         timings["rerank_setup_s"] = round(t["seconds"], 3)
     parts_dir = fs.join(work_dir, "parts")
     fs.delete(spark, fs.join(work_dir, "_tmp"))
@@ -650,19 +654,30 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     return manifest
 
 
-def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int) -> dict:
+def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int, memory: dict) -> dict:
     """The spec of the final, re-ranked search.
 
     Query expansion happens inside each search task (top-n, augment, search again), so it
     needs nothing new. Database-side augmentation first rewrites every vector with its
     top-n into a new store with the same cells (one extra distributed pass, committed under
     ``_work/`` so a resumed run reuses it), ships that store, and searches it instead.
+    Under a memory budget the augmented store is written as groups of the same rows, one
+    task per group (:func:`~cbir_lib.neighbors.budget.dba_task`), and searched in groups.
     """
     if index["metric"] != "angular":
         raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} averages unit vectors and needs metric 'angular'; index {index['run_id']} is {index['metric']!r}")
     spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(nb.rerank, nb.alpha), "expand": nb.rerank != "dba"}
     if not nb.rerank.startswith("dba"):
         return spec
+    if spec.get("groups_uri"):
+        dba_uri = fs.join(work_dir, "dba_groups")
+        if not fs.exists(spark, fs.join(dba_uri, "_SUCCESS")):
+            n_groups = len(spec["bounds"]) - 1
+            task = budget.dba_task({**spec, "expand": False}, dba_uri, fs.join(work_dir, "_tmp"), shards.plan_tag(dba_uri), budget.core(spec))
+            stats = sc.parallelize(range(n_groups), n_groups).mapPartitions(task).collect()
+            memory["max_held_bytes"] = max([memory.get("max_held_bytes", 0)] + [s["held_bytes"] for s in stats])
+            fs.write_bytes(spark, fs.join(dba_uri, "_SUCCESS"), b"")
+        return {**spec, "groups_uri": dba_uri, "method": "dense" if spec["method"] == "annoy" else spec["method"]}
     n = int(offsets[-1])
     dba_dir = fs.join(work_dir, "dba_store")
     if not fs.exists(spark, dba_dir):
@@ -679,14 +694,16 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
     return spec
 
 
-def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int) -> dict:
+def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str) -> dict:
     """The spec of the grouped layout: groups of the store written once (kept for reruns).
 
-    A task holds its query group and one store group, and an executor runs
-    ``slots_per_executor`` tasks at once, so a group is a ``2 x slots``-th of the budget.
+    A task holds its query group and one store group (and, re-ranking, the buffers of the
+    expansion: :func:`~cbir_lib.neighbors.budget.buffers_per_group`), and an executor runs
+    ``slots_per_executor`` tasks at once, so a group is that many times smaller than the budget.
     """
     n, dim = int(offsets[-1]), int(index["dim"])
-    rows = budget.group_rows(n, dim, budget_bytes // (2 * budget.slots_per_executor(spark)), min_groups=slots)
+    per_task = budget.buffers_per_group(rerank, spec["method"], dim, int(index.get("n_trees") or 0)) * budget.slots_per_executor(spark)
+    rows = budget.group_rows(n, dim, budget_bytes // per_task, min_groups=slots)
     bounds = budget.group_bounds(n, rows)
     groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
@@ -695,7 +712,7 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     first, last = budget.groups_of_cells(offsets, bounds)
     files = remote.settings_from_hadoop(spark)
     log.info("neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20)
-    return {**spec, "groups_uri": groups_uri, "group_rows": rows, "bounds": bounds.tolist(),
+    return {**spec, "groups_uri": groups_uri, "group_rows": rows, "bounds": bounds.tolist(), "forests_uri": fs.join(index["uri"], FORESTS),
             "cell_groups": [first.tolist(), last.tolist()], "files": {"s3": files.s3}}
 
 

@@ -97,6 +97,59 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     return out_v, out_i
 
 
+# A BLAS product's value for one (query, vector) pair depends on the shape of the call that
+# computed it (gemv for one row, edge kernels for thin blocks: up to a few ulps apart). The
+# candidates are found with BLAS, then ranked by scores that do not depend on the shape:
+# a pairwise sum per pair. So the same pair scores the same whether the store is searched
+# whole, in groups (:mod:`cbir_lib.neighbors.budget`) or in other query blocks, and exact
+# duplicates stay exactly tied. TIE_SLACK widens every BLAS threshold by more than that
+# error, so no candidate is lost to it.
+TIE_SLACK = 1e-5
+
+
+def slack(thr: np.ndarray) -> np.ndarray:
+    """A threshold lowered by more than the shape-dependent error of a BLAS score."""
+    thr = np.asarray(thr, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(thr), thr - np.float32(TIE_SLACK) * np.maximum(np.float32(1.0), np.abs(thr)), thr).astype(np.float32)
+
+
+def row_dots(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` dotted with ``q`` (or with the matching row of ``q``) by a pairwise
+    sum per row: a row's value does not depend on which other rows are scored with it."""
+    return (np.asarray(x, dtype=np.float32) * q).sum(axis=1, dtype=np.float32)
+
+
+def pair_scores(queries: np.ndarray, rows: np.ndarray, vectors: np.ndarray, pos: np.ndarray, metric: str,
+                sqnorm: np.ndarray | None = None, block_bytes: int = 32 << 20) -> np.ndarray:
+    """Rank scores (:func:`rank_scores` units) of the pairs ``(queries[rows], vectors[pos])``,
+    independent of the shape of any product, in blocks of ``block_bytes``."""
+    out = np.empty(len(rows), dtype=np.float32)
+    step = max(1, block_bytes // max(1, 4 * vectors.shape[1]))
+    for s in range(0, len(rows), step):
+        r, p = rows[s : s + step], pos[s : s + step]
+        out[s : s + step] = row_dots(vectors[p], queries[r])
+    if metric == "euclidean":
+        if sqnorm is None:
+            sqnorm = np.einsum("ij,ij->i", vectors, vectors)
+        out -= np.float32(0.5) * sqnorm[pos]
+    return out
+
+
+def reselect(rows: np.ndarray, fast: np.ndarray, cand: np.ndarray, m: int, k: int, rescore, ids_of=None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact pair scores of candidates found with BLAS scores ``fast``.
+
+    The candidates within :func:`slack` of each row's k-th best ``fast`` score are scored
+    again by ``rescore(rows, cand)`` and ranked by ``(-score, id)``, ``ids_of(cand)`` the ids
+    (``cand`` itself by default). Returns ``(scores, ids)`` like :func:`select`.
+    """
+    v, _ = select(rows, fast, cand, m, k)
+    near = np.isfinite(fast) & (fast >= slack(v[:, k - 1])[rows])
+    rows, cand = rows[near], cand[near]
+    exact = rescore(rows, cand)
+    return select(rows, exact, cand if ids_of is None else ids_of(cand), m, k)
+
+
 def _sortable(x: np.ndarray) -> np.ndarray:
     """float32 -> uint32 whose unsigned order is the float order (finite values)."""
     b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -165,9 +218,25 @@ def exact_topk(
         bids = base_ids[start:stop]
         if exclude_self:
             mask_self(block, query_ids, bids)
-        vals, ids = merge_topk(vals, ids, block, bids, k)
+        vals, ids = merge_exact(vals, ids, block, bids, k, queries, base[start:stop], metric, None if base_sq is None else base_sq[start:stop])
     q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "euclidean" else None
     return final_scores(vals, metric, q_sq).astype(np.float32), ids
+
+
+def merge_exact(vals, ids, block, block_ids, k, queries, base, metric, base_sq=None):
+    """:func:`merge_topk` with the block's candidates ranked by exact pair scores
+    (:func:`reselect`): the running top-k holds scores that no block shape changes."""
+    m, n = block.shape
+    if m == 0 or n == 0:
+        return vals, ids
+    thr = vals[:, k - 1].astype(np.float32, copy=True)
+    c = min(n, max(32 * k, 256))
+    if c > k and np.isneginf(thr).any():
+        thr = np.maximum(thr, np.partition(block[:, :c], c - k, axis=1)[:, c - k])
+    r, col = np.nonzero(block >= slack(thr)[:, None])
+    bv, bi = reselect(r, block[r, col], col, m, k, lambda rr, cc: pair_scores(queries, rr, base, cc, metric, base_sq), lambda cc: block_ids[cc])
+    rows = np.repeat(np.arange(m), 2 * k)
+    return select(rows, np.concatenate([vals, bv], axis=1).ravel(), np.concatenate([ids, bi], axis=1).ravel(), m, k)
 
 
 def self_positions(query_ids: np.ndarray, block_ids: np.ndarray, ids_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -198,8 +267,8 @@ def brute_force(vectors: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tu
     if metric == "euclidean":
         d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0))
         s = -d
-    else:
-        s = x @ x.T
+    else:  # the pair scores every search ranks by (row_dots), not one product's
+        s = np.stack([row_dots(x, x[i]) for i in range(len(x))])
     np.fill_diagonal(s, -np.inf)
     out_v, out_i = empty(len(x), k)
     for i in range(len(x)):

@@ -83,17 +83,102 @@ def test_a_budget_smaller_than_the_store_gives_the_same_top_k(spark, tmp_path, m
         assert (got == ei).mean() > 0.999  # float ties at the k-th place may order differently
 
 
-@pytest.mark.slow
-def test_what_the_grouped_layout_cannot_run_yet_is_refused_by_name(spark, tmp_path):
-    from cbir_lib.config import ConfigError
+def _codes_table(spark, root, ids, x):
+    """An embeddings snapshot with a trained head's binary codes (the hierarchical method's input)."""
+    from cbir_lib.common import fs, tables
+    from cbir_lib.neighbors.hamming import threshold
+
+    codes = threshold(x, 0.0)
+    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), bytes(c), x.shape[1], "ok") for i, v, c in zip(ids, x, codes, strict=True)]
+    df = spark.createDataFrame(rows, "image_id long, path string, embedding array<float>, binary_code binary, dim int, status string")
+    manifest = {"run_id": "e1", "dim": x.shape[1], "head": {"bits": x.shape[1]}, "binary_codes": {"bits": x.shape[1], "rule": "h > 0.5"}}
+    tables.commit(spark, df, fs.join(fs.qualify(spark, str(root)), "embeddings"), "e1", manifest)
+
+
+def _whole_and_budgeted(spark, tmp_path, ids, x, budget_size, codes=False, **nb):
+    """The same index searched without and with a budget smaller than its store."""
+    import dataclasses
+
     from cbir_lib.index.build import run_build_index
     from cbir_lib.neighbors.search import run_neighbors
 
-    x = np.random.default_rng(1).normal(size=(3000, 16)).astype(np.float32)
-    write_embeddings(spark, str(tmp_path), np.arange(3000, dtype=np.int64), x, "e1")
-    run_build_index(spark, _cfg(tmp_path, "i1"))
-    with pytest.raises(ConfigError, match="neighbors.memory_budget: .* not neighbors.rerank='dba"):
-        run_neighbors(spark, _cfg(tmp_path, "n1", memory_budget="64k", rerank="dba+alpha_qe"))
+    if codes:
+        _codes_table(spark, tmp_path, ids, prepare(x, "angular"))
+    else:
+        write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    cfg = _cfg(tmp_path, "i1")
+    run_build_index(spark, dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, forests=nb.get("method") == "annoy", n_trees=4)))
+    other = tmp_path.parent / f"{tmp_path.name}-budget"
+    shutil.copytree(tmp_path, other)  # the same index, its own neighbours
+    whole = run_neighbors(spark, _cfg(tmp_path, "n1", **nb))
+    small = run_neighbors(spark, _cfg(other, "n1", memory_budget=budget_size, **nb))
+    assert whole["memory"]["layout"] == "broadcast" and small["memory"]["layout"] == "groups"
+    mem = small["memory"]
+    assert mem["store_bytes"] > mem["budget_bytes"] and mem["groups"] >= 4
+    assert 0 < mem["max_held_bytes"] <= mem["budget_bytes"]  # measured, per task
+    return whole, small
+
+
+def _same_top_k(spark, whole, small, n, k=10):
+    a, b = _topk(spark, whole), _topk(spark, small)
+    assert len(a) == len(b) == n * k
+    assert not b.duplicated(["image_id", "rank"]).any()
+    assert (a["image_id"] == b["image_id"]).all() and (a["rank"] == b["rank"]).all()
+    assert (a["neighbor_id"] == b["neighbor_id"]).all()
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    assert whole["recall_at_k"] == small["recall_at_k"]
+
+
+def _mixture(n, d, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(40, d))[rng.integers(0, 40, n)] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
+    x[:50] = x[50:100]  # exact duplicates: ties
+    ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n].astype(np.int64)
+    return ids, x
+
+
+@pytest.mark.slow
+def test_the_shipped_rerank_under_a_4mb_budget_gives_the_same_top_k_at_100k(spark, tmp_path):
+    """DBA + alpha-QE (the default) on a 100k x 64 store (27 MB) under a 4 MB budget."""
+    n = 100_000
+    ids, x = _mixture(n, 64, 3)
+    whole, small = _whole_and_budgeted(spark, tmp_path, ids, x, "4m", method="dense", nprobe=4, rerank="dba+alpha_qe")
+    _same_top_k(spark, whole, small, n)
+    assert small["rerank"]["mode"] == "dba+alpha_qe"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,rerank,n,size", [("exact", "alpha_qe", 20_000, "1m"), ("dense", "dba", 12_000, "1m"),
+                                                  ("hierarchical", "none", 2_000, "288k"), ("hierarchical", "dba+alpha_qe", 1_000, "144k"),
+                                                  ("annoy", "none", 6_000, "512k"), ("annoy", "alpha_qe", 3_000, "256k")])
+def test_every_method_under_a_budget_gives_the_same_top_k(spark, tmp_path, method, rerank, n, size):
+    ids, x = _mixture(n, 32, 5)
+    extra = {"code_candidates": 150} if method == "hierarchical" else {}
+    whole, small = _whole_and_budgeted(spark, tmp_path, ids, x, size, codes=method == "hierarchical",
+                                       method=method, nprobe=4, rerank=rerank, **extra)
+    _same_top_k(spark, whole, small, n)
+
+
+@pytest.mark.slow
+def test_empty_cells_and_groups_under_a_budget(spark, tmp_path):
+    """Hash cells, most of them empty, in groups of a few rows: still the exact top-k."""
+    import dataclasses
+
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.neighbors.topk import brute_force
+
+    ids, x = _mixture(300, 8, 9)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    cfg = _cfg(tmp_path, "i1")
+    cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, partitioning="hash", n_cells=500))
+    idx = run_build_index(spark, cfg)
+    assert idx["counts"]["empty_cells"] > 50
+    m = run_neighbors(spark, _cfg(tmp_path, "n1", method="dense", k=5, memory_budget="4k"))
+    assert m["memory"]["layout"] == "groups" and m["memory"]["groups"] >= 10
+    want_v, want_i = brute_force(x, ids, 5, "angular")
+    got = _topk(spark, m).pivot(index="image_id", columns="rank", values="neighbor_id").loc[ids].to_numpy()
+    assert (got == want_i).mean() > 0.999  # float ties at the k-th place may order differently
 
 
 @pytest.mark.slow
