@@ -60,6 +60,7 @@ class _LazyTensor:
         if self.storage.data is None:
             raise LegacyCheckpointError(f"storage {self.storage.key} was never read")
         base = self.storage.data
+        check_extent(self.offset, self.shape, self.stride, len(base), self.storage.key)
         itemsize = base.itemsize
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :],
@@ -70,14 +71,35 @@ class _LazyTensor:
         return np.array(view, copy=True)
 
 
+def check_extent(offset: int, shape: tuple[int, ...], stride: tuple[int, ...], size: int, key: str) -> None:
+    """Refuse a tensor that would read outside its storage (``as_strided`` does not check)."""
+    if len(shape) != len(stride) or offset < 0 or any(d < 0 for d in shape) or any(s < 0 for s in stride):
+        raise LegacyCheckpointError(f"storage {key}: a tensor with offset {offset}, shape {shape}, stride {stride} is malformed")
+    if 0 in shape:
+        return
+    last = offset + sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
+    if last >= size:
+        raise LegacyCheckpointError(f"storage {key}: a tensor reaches element {last} of a storage of {size}")
+
+
 class _StorageType:
     def __init__(self, name: str):
         self.name = name
         self.dtype = _STORAGE_DTYPES[name]
 
 
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or not all(type(v) is int for v in values):
+        raise LegacyCheckpointError(f"tensor {what} must be a tuple of ints, got {type(values).__name__}")
+    return tuple(values)
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_ignored):
-    return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _Storage) or type(storage_offset) is not int:
+        raise LegacyCheckpointError("a tensor must refer to a storage at an int offset")
+    shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    check_extent(storage_offset, shape, strides, storage.size, storage.key)
+    return _LazyTensor(storage, storage_offset, shape, strides)
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -102,9 +124,11 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ('storage', storage_type, root_key, location, numel, view_metadata)
-        if not isinstance(pid, tuple) or pid[0] != "storage":
-            raise LegacyCheckpointError(f"unexpected persistent id {pid!r}")
+        if not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage":
+            raise LegacyCheckpointError("unexpected persistent id in the checkpoint")
         _, storage_type, key, _location, numel, view_metadata = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise LegacyCheckpointError("a storage reference in the checkpoint is malformed")
         if view_metadata is not None:
             raise LegacyCheckpointError("storage views are not supported")
         storage = self.storages.get(key)
@@ -112,6 +136,29 @@ class _Unpickler(pickle.Unpickler):
             storage = _Storage(key, storage_type.dtype, int(numel))
             self.storages[key] = storage
         return storage
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """For the header pickles and the key list: plain data only, no class, no persistent id."""
+
+    def find_class(self, module: str, name: str):
+        raise LegacyCheckpointError(f"refusing to unpickle {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise LegacyCheckpointError("unexpected persistent id in the checkpoint header")
+
+
+def _data(fh: BinaryIO, kind, what: str, path: str):
+    """One data-only pickle from ``fh``, checked to be of ``kind``."""
+    try:
+        value = _DataUnpickler(fh).load()
+    except LegacyCheckpointError:
+        raise
+    except Exception as e:  # a malformed stream: the pickle module raises many types
+        raise LegacyCheckpointError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise LegacyCheckpointError(f"{path}: the {what} is a {type(value).__name__}")
+    return value
 
 
 def _resolve(obj):
@@ -144,19 +191,33 @@ def load_legacy_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarra
                 f"{path} is a zip-format torch checkpoint; only the legacy format is supported"
             )
         fh.seek(0)
-        magic = pickle.load(fh)
+        # Every pickle goes through a restricted unpickler: the header and key list admit
+        # plain data only, the object only tensor rebuilds, storages and OrderedDict.
+        magic = _data(fh, int, "magic number", path)
         if magic != LEGACY_MAGIC:
-            raise LegacyCheckpointError(f"{path}: bad magic number {magic!r}")
-        pickle.load(fh)  # protocol version
-        sys_info = pickle.load(fh)
+            raise LegacyCheckpointError(f"{path}: bad magic number")
+        _data(fh, int, "protocol version", path)
+        sys_info = _data(fh, dict, "system info", path)
         if not sys_info.get("little_endian", True):
             raise LegacyCheckpointError(f"{path}: big-endian checkpoints are not supported")
         unpickler = _Unpickler(fh)
-        obj = unpickler.load()
-        keys = pickle.load(fh)
+        try:
+            obj = unpickler.load()
+        except LegacyCheckpointError:
+            raise
+        except Exception as e:
+            raise LegacyCheckpointError(f"{path}: unreadable object ({type(e).__name__})") from None
+        keys = _data(fh, list, "storage key list", path)
         for key in keys:
-            storage = unpickler.storages[key]
-            (numel,) = struct.unpack("<q", fh.read(8))
+            storage = unpickler.storages.get(key) if isinstance(key, str) else None
+            if storage is None:
+                raise LegacyCheckpointError(f"{path}: the key list names a storage the object does not use")
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise LegacyCheckpointError(f"{path}: truncated storage {key}")
+            (numel,) = struct.unpack("<q", raw)
+            if numel != storage.size:
+                raise LegacyCheckpointError(f"{path}: storage {key} has {numel} elements, its reference says {storage.size}")
             nbytes = numel * np.dtype(storage.dtype).itemsize
             buf = fh.read(nbytes)
             if len(buf) != nbytes:
