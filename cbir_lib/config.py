@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class ExtractConfig:
         _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
         _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
         _require(self.decoder in ("pillow", "simplejpeg"), "extract.decoder", f"must be pillow or simplejpeg, got {self.decoder!r}")
-        _require(self.gem_p > 0, "extract.gem_p", "must be > 0")
+        _require(math.isfinite(self.gem_p) and self.gem_p > 0, "extract.gem_p", "must be a finite number > 0")
         _require(1 <= self.rmac_levels <= 5, "extract.rmac_levels", "must be in 1..5")
         if self.image_size is not None:
             _require(32 <= self.image_size <= 1024, "extract.image_size", "must be in 32..1024")
@@ -180,6 +181,7 @@ class IndexConfig:
         _require(self.train_sample_mb >= 1, "index.train_sample_mb", "must be >= 1")
         _require(self.kmeans_iter >= 1, "index.kmeans_iter", "must be >= 1")
         _require(self.n_trees >= 1, "index.n_trees", "must be >= 1")
+        _require(0 <= self.seed < 2**31, "index.seed", "must be in 0..2^31-1 (numpy and Annoy seeds)")
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,9 @@ class NeighborsConfig:
     def validate(self) -> None:
         _require(self.rerank in RERANK_MODES, "neighbors.rerank", f"must be one of {RERANK_MODES}, got {self.rerank!r}")
         _require(1 <= self.rerank_n <= 100, "neighbors.rerank_n", "must be in 1..100")
-        _require(self.alpha >= 0, "neighbors.alpha", "must be >= 0")
+        if self.min_score is not None:
+            _require(math.isfinite(self.min_score), "neighbors.min_score", f"must be a finite number, got {self.min_score!r}")
+        _require(math.isfinite(self.alpha) and self.alpha >= 0, "neighbors.alpha", "must be a finite number >= 0")
         _require(1 <= self.k <= 1000, "neighbors.k", "must be in 1..1000")
         _require(self.method in SEARCH_METHODS, "neighbors.method", f"must be one of {SEARCH_METHODS}, got {self.method!r}")
         _require(self.nprobe >= 1, "neighbors.nprobe", "must be >= 1")
@@ -256,6 +260,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         _require(self.mode in EVALUATE_MODES, "evaluate.mode", f"must be one of {EVALUATE_MODES}, got {self.mode!r}")
+        _require(0 <= self.seed < 2**31, "evaluate.seed", "must be in 0..2^31-1")
         _require(bool(self.labels), "evaluate.labels", "must be folders, groups or a CSV path")
         if self.k is not None:
             _require(1 <= self.k <= 1000, "evaluate.k", "must be in 1..1000")
@@ -287,6 +292,7 @@ class DedupConfig:
     verify_features: int = 1000  # ORB keypoints per image
 
     def validate(self) -> None:
+        _require(-1.0 <= self.min_score <= 1.0, "dedup.min_score", "must be in [-1, 1] (a cosine)")
         _require(-1.0 <= self.verify_min_score <= 1.0, "dedup.verify_min_score", "must be in [-1, 1]")
         _require(self.min_inliers >= 3, "dedup.min_inliers", "must be >= 3 (a similarity transform needs 2 points)")
         _require(-1.0 <= self.min_agreement <= 1.0, "dedup.min_agreement", "must be in [-1, 1]")
@@ -341,12 +347,13 @@ class TrainConfig:
         _require(self.hidden >= 8, "train.hidden", "must be >= 8")
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _require(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "train.learning_rate", "must be a finite number > 0")
         _require(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
         _require(self.noise >= 0, "train.noise", "must be >= 0")
         _require(self.binarise >= 0, "train.binarise", "must be >= 0")
         _require(self.balance >= 0, "train.balance", "must be >= 0")
         _require(self.workers >= 1, "train.workers", "must be >= 1")
+        _require(0 <= self.seed < 2**31, "train.seed", "must be in 0..2^31-1")
         _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
 
 
@@ -400,11 +407,15 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     if hint.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: must be a number, got {value!r}")
+        if not math.isfinite(value):  # .nan passes every comparison's negation; .inf overflows
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         return float(value)
     if hint.startswith("str"):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{name}: must be a string, got {value!r}")
-        return str(value)
+        # A number here was YAML's reading of the text (010 -> 8, 1.10 -> 1.1), which cannot
+        # be undone: two run ids could collide. Quoted, it stays the text.
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string, got {value!r} ({type(value).__name__}); quote it in YAML")
+        return value
     return value
 
 
@@ -466,10 +477,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if parts[0] == "spark" and parts[1] == "conf" and len(parts) > 2:
             section.setdefault("conf", {})[".".join(parts[2:])] = value
         elif len(parts) == 2:
-            section[parts[1]] = _scalar(value)
+            section[parts[1]] = _text_or_scalar(parts[0], parts[1], value)
         else:
             raise ConfigError(f"override {item!r}: expected section.field=value")
     return out
+
+
+def _text_or_scalar(section: str, field: str, text: str) -> Any:
+    """A string field's override is its text, as given (``run.run_id=010`` stays ``"010"``,
+    ``null`` stays ``"null"``; only an empty value means unset); others are YAML scalars."""
+    cls = _SECTIONS.get(section)
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)} if cls else {}
+    if hints.get(field, "").startswith("str"):
+        return None if text == "" else text
+    return _scalar(text)
 
 
 def _scalar(text: str) -> Any:

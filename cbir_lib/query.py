@@ -176,6 +176,10 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
 def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
               model_cache: str | None = None, hierarchical: bool = False) -> tuple[list[Hit], dict]:
     """The top-k of ``image`` in the latest index of ``output_root``; (hits, what was used)."""
+    if type(k) is not int or k < 1:
+        raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
+    if nprobe is not None and (type(nprobe) is not int or nprobe < 1):
+        raise QueryError(f"--nprobe: must be a whole number >= 1, got {nprobe!r}")
     root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
     data = read_bytes(image if "://" in image or image.startswith("file:") else os.path.abspath(image))
     emb_table = _join(root, "embeddings")

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbir: unknown subcommand {command!r}; one of {', '.join([*STAGES, 'sample'])}", file=sys.stderr)
         return 2
     from cbir_lib.config import ConfigError
+    from cbir_lib.features.extract import ExtractFailed
+    from cbir_lib.images.ingest import IngestFailed
     from cbir_lib.index.build import IndexMismatch
+    from cbir_lib.neighbors.search import RecallTooLow
     from cbir_lib.query import QueryError
 
     try:
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbir {command}: index mismatch: {exc}", file=sys.stderr)
         return 2
     except QueryError as exc:
+        print(f"cbir {command}: {exc}", file=sys.stderr)
+        return 1
+    except (RecallTooLow, ExtractFailed, IngestFailed) as exc:  # a gate the run failed: its reason, not a traceback
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:

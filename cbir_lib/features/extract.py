@@ -534,6 +534,11 @@ def run_extract(spark, cfg: Config) -> dict:
         first = combined.filter(F.col("status") == STATUS_OK).select("embedding").first()
         dim = len(first.embedding)
     whitening_info = None
+    if e.whitening and n_ok and e.whitening_dim is not None and e.whitening_dim > dim:
+        from cbir_lib.config import ConfigError
+
+        raise ConfigError(f"extract.whitening_dim: {e.whitening_dim} is larger than the embedding's dimension {dim} "
+                          f"({e.model}, pooling {e.pooling}); the extracted shards are kept, so a rerun with a smaller value reuses them")
     if e.whitening and n_ok:
         w_uri = fs.join(work_dir, f"whitening-{e.whitening_dim or 'full'}.npz")
         if fs.exists(spark, w_uri):

@@ -305,3 +305,11 @@ def test_same_result_on_a_standalone_cluster(spark, photos, extracted, standalon
     assert sorted(cluster.index) == sorted(local.index)
     ok = local.index[local.status == "ok"]
     np.testing.assert_allclose(np.stack(cluster.loc[ok, "embedding"].to_numpy()), np.stack(local.loc[ok, "embedding"].to_numpy()), atol=1e-5)
+
+
+def test_a_whitening_dim_beyond_the_embedding_is_a_config_error(spark, extracted, model_cache):
+    from cbir_lib.config import ConfigError
+
+    out, first = extracted
+    with pytest.raises(ConfigError, match="extract.whitening_dim: 5000 is larger than the embedding's dimension 1280"):
+        run_extract(spark, _cfg(out, "w2", model_cache, "extract.whitening=true", "extract.whitening_dim=5000"))
