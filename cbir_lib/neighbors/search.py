@@ -37,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import fs, remote, shards, tables
+from cbir_lib.common import faults, fs, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
@@ -466,6 +466,11 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
+        if nb.pairs and not _pairs_of(spark, root, prev["run_id"]):
+            # A run killed between its two commits: the neighbours are current, the pairs not.
+            log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
+            _commit_pairs(spark, cfg, root, spark.read.parquet(prev["output"]), prev["run_id"], max(1, min(spark.sparkContext.defaultParallelism, prev["n"] // 500_000 + 1)))
+            return {**prev, "noop": False, "pairs_only": True}
         log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
         return {**prev, "noop": True}
 
@@ -633,25 +638,38 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
     manifest["output"] = tables.run_dir(table, run_id)
     manifest["counts"] = {"queries": n, "rows": final.count()}
-    pairs = None
     if nb.pairs:
-        pairs = (
-            final.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
-            .groupBy("a", "b").agg(F.max("score").alias("score"))
-            .withColumn("neighbors_run_id", F.lit(run_id))
-        )
         manifest["pairs_output"] = tables.run_dir(fs.join(root, PAIRS), run_id)
     manifest["wall_seconds"] = round(time.time() - started, 3)
     with timer("committing the neighbours table"):
         tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
-    if pairs is not None:
-        tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
-                      {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    faults.point("neighbors.between_commits")
+    if nb.pairs:
+        _commit_pairs(spark, cfg, root, final, run_id, n_files)
     fs.delete(spark, work_dir)
     if grouped:
         fs.delete(spark, spec["groups_uri"])
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def _pairs_of(spark, root: str, run_id: str) -> bool:
+    """Whether the pairs table holds the pairs of neighbours run ``run_id``."""
+    m = tables.read_manifest(spark, fs.join(root, PAIRS), run_id)
+    return bool(m and m.get("neighbors_run_id") == run_id)
+
+
+def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_files: int) -> None:
+    """``pairs(a < b, score)`` of a neighbours table, committed as run ``run_id`` of ``pairs``."""
+    from pyspark.sql import functions as F
+
+    pairs = (
+        neighbours.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
+        .groupBy("a", "b").agg(F.max("score").alias("score"))
+        .withColumn("neighbors_run_id", F.lit(run_id))
+    )
+    tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
+                  {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
 
 
 def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int, memory: dict) -> dict:

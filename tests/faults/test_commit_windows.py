@@ -1,0 +1,45 @@
+"""A crash in a commit window, then a rerun: nothing lost, nothing duplicated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import write_embeddings
+
+from cbir_lib.common import faults, fs, tables
+from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(root, run_id, **nb):
+    return Config(run=RunConfig(output_root=str(root), run_id=run_id),
+                  index=dataclasses.replace(IndexConfig(), n_cells=8, forests=False),
+                  neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "method": "exact", "pairs": True, **nb}))
+
+
+def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rerun(spark, tmp_path, monkeypatch):
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    x = np.random.default_rng(3).normal(size=(800, 16)).astype(np.float32)
+    ids = np.arange(800, dtype=np.int64) * 3 + 1
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, _cfg(tmp_path, "i1"))
+    monkeypatch.setenv("CBIR_FAULTS", f"neighbors.between_commits:{tmp_path / 'markers'}")
+    with pytest.raises(faults.InjectedFault):
+        run_neighbors(spark, _cfg(tmp_path, "n1"))
+    root = fs.qualify(spark, str(tmp_path))
+    assert tables.read_manifest(spark, fs.join(root, "neighbors"), "n1") is not None
+    assert tables.latest_run_id(spark, fs.join(root, "pairs")) is None  # the window: neighbours without pairs
+
+    again = run_neighbors(spark, _cfg(tmp_path, "n1"))  # the retry
+    assert again.get("pairs_only") and again["run_id"] == "n1"
+    pairs = spark.read.parquet(tables.run_dir(fs.join(root, "pairs"), "n1")).toPandas()
+    nb = spark.read.parquet(again["output"]).toPandas()
+    want = {(min(a, b), max(a, b)) for a, b in zip(nb["image_id"], nb["neighbor_id"], strict=True)}
+    assert set(zip(pairs["a"], pairs["b"], strict=True)) == want and len(pairs) == len(want)
+    assert (pairs["neighbors_run_id"] == "n1").all()
+    assert run_neighbors(spark, _cfg(tmp_path, "n1"))["noop"]  # and now it is current
