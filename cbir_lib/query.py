@@ -188,6 +188,8 @@ def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = No
     idx_run, index = latest_run(idx_table)
     if index.get("embeddings_run_id") != emb_run:
         raise QueryError(f"index {idx_run} was built from embeddings run {index.get('embeddings_run_id')}, not the latest ({emb_run}); rebuild it")
+    if index.get("embeddings_commit") != emb_manifest.get("commit_id"):
+        raise QueryError(f"index {idx_run} was built from an earlier commit of embeddings run {emb_run} (committed again since); rebuild it")
     q = embed_query(data, emb_manifest, _join(emb_table, f"run={emb_run}"), model_cache)
     if q.shape[1] != index["dim"]:
         raise QueryError(f"the query has dim {q.shape[1]} but index {idx_run} has dim {index['dim']}")

@@ -81,6 +81,11 @@ def read_manifest(spark, table_uri: str, run_id: str | None = None) -> dict | No
     return fs.read_json(spark, uri) if fs.exists(spark, uri) else None
 
 
+def commit_of(manifest: dict | None) -> str | None:
+    """The content identity of a committed snapshot (None for manifests older than it)."""
+    return (manifest or {}).get("commit_id")
+
+
 def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None,
            keep: int = 2, forward_only: bool = False) -> str:
     """Write ``df`` as snapshot ``run_id`` of the table, atomically, and point ``_LATEST`` at it.
@@ -103,6 +108,9 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
     write(tmp)
     manifest.setdefault("spark", spark_settings(spark))
+    # The content identity of this commit: a run id can be committed again with other
+    # content (a re-extract under the same id), so downstream stages compare this, not the id.
+    manifest["commit_id"] = uuid.uuid4().hex
     for name, data in (extra_files or {}).items():
         fs.write_bytes(spark, fs.join(tmp, name), data)
     fs.write_json(spark, fs.join(tmp, MANIFEST), manifest)

@@ -446,6 +446,7 @@ def run_extract(spark, cfg: Config) -> dict:
         and prev_manifest
         and prev_manifest.get("feature_key") == key
         and prev_manifest.get("images_run_id") == images_run
+        and prev_manifest.get("images_commit") == tables.commit_of(tables.read_manifest(spark, images_uri, images_run))
         and prev_manifest.get("postprocess") == postprocess_sig
     ):
         log.info("extract: nothing to do; %s is current", prev_manifest.get("run_id"))
@@ -585,6 +586,7 @@ def run_extract(spark, cfg: Config) -> dict:
         "stage": "extract",
         "run_id": run_id,
         "images_run_id": images_run,
+        "images_commit": tables.commit_of(tables.read_manifest(spark, images_uri, images_run)),
         "feature_key": key,
         "postprocess": postprocess_sig,
         "config": cfg.to_dict(),

@@ -336,7 +336,8 @@ def _run_build_index(spark, cfg: Config) -> dict:
     signature = _index_signature(cfg, dim)
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
-    if prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature:
+    if (prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature
+            and prev.get("embeddings_commit") == tables.commit_of(emb_manifest)):
         log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
         return {**prev, "noop": True}
 
@@ -382,6 +383,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         "stage": "index",
         "run_id": run_id,
         "embeddings_run_id": emb_run,
+        "embeddings_commit": tables.commit_of(emb_manifest),
         "signature": signature,
         "config": cfg.to_dict(),
         "dim": dim,

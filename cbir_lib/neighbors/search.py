@@ -422,6 +422,11 @@ def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None
             f"neighbors.metric: {nb.metric!r} was asked for but index {index['run_id']} was built for metric "
             f"{index.get('metric')!r}; rebuild it with index.metric={nb.metric}"
         )
+    if emb_manifest is not None and index.get("embeddings_run_id") == emb_run and index.get("embeddings_commit") != tables.commit_of(emb_manifest):
+        raise IndexMismatch(
+            f"index {index['run_id']} was built from an earlier commit of embeddings run {emb_run} (the run was "
+            f"committed again, e.g. re-extracted under the same id); rebuild the index (build_index)"
+        )
     if emb_run is not None and index.get("embeddings_run_id") != emb_run:
         raise IndexMismatch(
             f"index {index['run_id']} was built from embeddings run {index.get('embeddings_run_id')} but the latest "
@@ -465,7 +470,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
               "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None}
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
-    if prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params:
+    if (prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params
+            and prev.get("index_commit") == tables.commit_of(index)):
         if nb.pairs and not _pairs_of(spark, root, prev["run_id"]):
             # A run killed between its two commits: the neighbours are current, the pairs not.
             log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
@@ -615,6 +621,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "stage": "neighbors",
         "run_id": run_id,
         "index_run_id": index["run_id"],
+        "index_commit": tables.commit_of(index),
         "embeddings_run_id": index.get("embeddings_run_id"),
         "params": params,
         "config": cfg.to_dict(),

@@ -74,7 +74,7 @@ def write_legacy(path, tensors, storages, header=None, keys=None, numel=None):
 
         P(buf, protocol=2).dump({name: _Tensor(*spec) for name, spec in tensors.items()})
         pickle.dump(list(storages) if keys is None else keys, buf, protocol=2)
-        for key, data in storages.items():
+        for data in storages.values():
             buf.write(struct.pack("<q", len(data) if numel is None else numel))
             buf.write(np.asarray(data, np.float32).tobytes())
     finally:
