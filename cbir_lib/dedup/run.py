@@ -40,7 +40,7 @@ from cbir_lib.dedup.core import chunk_bounds, flips
 log = logging.getLogger(__name__)
 
 TABLE = "dedup"
-VERDICT_DDL = "a long, b long, inliers int, agreement float"
+VERDICT_DDL = "a long, b long, inliers int, agreement float, unverified string"
 
 
 def _prepare_partition(max_side: int, files):
@@ -70,12 +70,20 @@ def _verify_partition(features: int):
 
         cv2.setNumThreads(1)  # one task per core already
         for pdf in batches:
-            inliers, agreement = [], []
+            inliers, agreement, why = [], [], []
             for pa, pb in zip(pdf["pa"], pdf["pb"], strict=True):
-                v = verify(gray(pa), gray(pb), features) if pa is not None and pb is not None else None
+                v, reason = None, None
+                if pa is None or pb is None:
+                    reason = "unreadable_image: a file of the pair is gone or undecodable"
+                else:
+                    try:
+                        v = verify(gray(pa), gray(pb), features)
+                    except Exception as e:  # noqa: BLE001 - one pair's failure is that pair's verdict, not the stage's
+                        reason = f"verify_error: {type(e).__name__}: {str(e)[:200]}"
                 inliers.append(v.inliers if v else 0)
                 agreement.append(v.agreement if v else -1.0)
-            yield pd.DataFrame({"a": pdf["a"], "b": pdf["b"], "inliers": inliers, "agreement": agreement})
+                why.append(reason)
+            yield pd.DataFrame({"a": pdf["a"], "b": pdf["b"], "inliers": inliers, "agreement": agreement, "unverified": why})
 
     return fn
 
@@ -219,15 +227,21 @@ def run_dedup(spark, cfg: Config) -> dict:
     if dd.verify:
         with timer("verifying candidate pairs") as t:
             exact = pairs.filter(F.col("source") == "exact").select("a", "b")
-            verdicts = verified_pairs(spark, pairs.filter(F.col("source") != "exact").join(exact, ["a", "b"], "left_anti"), ok, dd)
+            verdicts = verified_pairs(spark, pairs.filter(F.col("source") != "exact").join(exact, ["a", "b"], "left_anti"), ok, dd).localCheckpoint()
+            not_verified = {r.kind: r["count"] for r in verdicts.filter(F.col("unverified").isNotNull())
+                            .groupBy(F.substring_index("unverified", ":", 1).alias("kind")).count().collect()}
+            examples = [{"a": r.a, "b": r.b, "reason": r.unverified}
+                        for r in verdicts.filter(F.col("unverified").isNotNull()).orderBy("a", "b").limit(5).collect()]
             pairs = pairs.join(verdicts, ["a", "b"], "left").filter(
                 (F.col("source") == "exact") | ((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
             ).localCheckpoint()
             by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
         timings["verify_s"] = round(t["seconds"], 3)
     else:
-        pairs = pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+        pairs = (pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+                 .withColumn("unverified", F.lit(None).cast("string")))
         by_source = candidates
+        not_verified, examples = {}, []
     with timer("connected components") as t:
         labels, rounds = connected_components(spark, pairs.select("a", "b"), dd.max_iter)
     timings["components_s"] = round(t["seconds"], 3)
@@ -253,7 +267,9 @@ def run_dedup(spark, cfg: Config) -> dict:
             "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
             "candidates": candidates, "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
             "largest_cluster": stats.largest, "removable": (stats.images or 0) - stats.clusters,
+            "not_verified": not_verified,
         },
+        "not_verified_examples": examples,
         "component_rounds": rounds,
         "timings": timings,
         "config": cfg.to_dict(),
