@@ -61,8 +61,13 @@ def from_folders(images):
 def _read_csv_rows(spark, uri: str) -> list[dict[str, str]]:
     if not fs.exists(spark, uri):
         raise ConfigError(f"evaluate.labels: no such labels file: {uri}")
-    text = fs.read_bytes(spark, uri).decode("utf-8-sig")
-    rows = list(csv.DictReader(io.StringIO(text)))
+    # No error below quotes the file: evaluate.labels may name a file that is not a labels
+    # CSV at all (a mistake, or a DAG trigger probing the worker's disk).
+    try:
+        text = fs.read_bytes(spark, uri).decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error):
+        raise ConfigError(f"evaluate.labels: {uri} is not a UTF-8 CSV file") from None
     if not rows:
         raise ConfigError(f"evaluate.labels: {uri} has no rows")
     return rows
@@ -76,14 +81,17 @@ def from_csv(spark, images, uri: str, base: str | None = None):
     cols = set(rows[0])
     label_col = next((c for c in LABEL_COLUMNS if c in cols), None)
     if label_col is None:
-        raise ConfigError(f"evaluate.labels: {uri} needs a column named one of {LABEL_COLUMNS}; it has {sorted(cols)}")
+        raise ConfigError(f"evaluate.labels: {uri} needs a column named one of {LABEL_COLUMNS}; its header has {len(cols)} other columns")
     split = [r.get("split") or None for r in rows]
     if "image_id" in cols:
-        data = [(int(r["image_id"]), r[label_col], s) for r, s in zip(rows, split, strict=True)]
+        try:
+            data = [(int(r["image_id"]), r[label_col], s) for r, s in zip(rows, split, strict=True)]
+        except (TypeError, ValueError):
+            raise ConfigError(f"evaluate.labels: {uri}: every image_id must be an integer") from None
         return spark.createDataFrame(data, SCHEMA)
     path_col = next((c for c in PATH_COLUMNS if c in cols), None)
     if path_col is None:
-        raise ConfigError(f"evaluate.labels: {uri} needs an image_id or a path column ({PATH_COLUMNS}); it has {sorted(cols)}")
+        raise ConfigError(f"evaluate.labels: {uri} needs an image_id or a path column ({PATH_COLUMNS}); its header has neither")
     base = _norm(base or uri.rsplit("/", 1)[0])
     paths = []
     for r in rows:
