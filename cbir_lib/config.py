@@ -71,9 +71,13 @@ class IngestConfig:
     max_pixels: int = 100_000_000
     hash_decode_side: int = 128  # decode JPEGs at reduced scale for the perceptual hashes
     max_failure_rate: float = 1.0  # fail the run when more than this fraction fails
+    # Files larger than this are failed rows (file_too_large), decided from the listing's
+    # length and never read: a task holds a file whole, and Spark's binary reads stop at 2 GiB.
+    max_file_bytes: int = 512 * 2**20
 
     def validate(self) -> None:
         _require(self.max_pixels > 0, "ingest.max_pixels", "must be > 0")
+        _require(1 <= self.max_file_bytes < 2**31, "ingest.max_file_bytes", "must be in 1..2^31-1 (bytes)")
         _require(self.hash_decode_side >= 32, "ingest.hash_decode_side", "must be >= 32")
         _require(0.0 <= self.max_failure_rate <= 1.0, "ingest.max_failure_rate", "must be in [0, 1]")
 

@@ -60,18 +60,29 @@ def _analyse_partition(max_pixels: int, hash_side: int, run_id: str):
 _READ_DDL = "path string, modificationTime timestamp, content binary, read_error string"
 
 
-def _read_partition(files):
-    """mapInPandas: ``(path, modificationTime)`` -> ``+ content``; a file that cannot be read
-    gets empty content (and so a failed row) rather than failing the task."""
+def _read_partition(files, max_bytes: int):
+    """mapInPandas: ``(path, modificationTime, size_bytes)`` -> ``+ content``; a file that cannot
+    be read (gone since the listing: ``missing_file``), or is larger than ``max_bytes`` by the
+    listing (``file_too_large``, never opened), gets empty content and so a failed row rather
+    than failing the task."""
 
     def fn(batches):
         from cbir_lib.common import remote
 
         for pdf in batches:
-            read = list(remote.read_many(files, zip(pdf["path"], pdf["path"], strict=True)))
-            yield pd.DataFrame({"path": pdf["path"], "modificationTime": pdf["modificationTime"],
-                                "content": [data if data is not None else b"" for _, data, _ in read],
-                                "read_error": [err for _, _, err in read]})
+            sizes = pdf["size_bytes"].fillna(0).astype("int64").tolist()
+            small = [(p, p) for p, s in zip(pdf["path"], sizes, strict=True) if s <= max_bytes]
+            read = iter(remote.read_many(files, small))
+            content, errors = [], []
+            for s in sizes:
+                if s > max_bytes:
+                    content.append(b"")
+                    errors.append(f"file_too_large: {s} bytes > ingest.max_file_bytes {max_bytes}")
+                else:
+                    _, data, err = next(read)
+                    content.append(data if data is not None else b"")
+                    errors.append(err)
+            yield pd.DataFrame({"path": pdf["path"], "modificationTime": pdf["modificationTime"], "content": content, "read_error": errors})
 
     return fn
 
@@ -128,12 +139,12 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     if prev is not None:
         joined = listing.join(prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left")
         same = F.coalesce((F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False))
-        todo = joined.filter(~same).select("path", "modificationTime")
+        todo = joined.filter(~same).select("path", "modificationTime", "size_bytes")
         carried = prev.join(joined.filter(same).select("path"), "path", "left_semi")
         n_removed = prev.join(listing, "path", "left_anti").count()
         n_todo = todo.count()
     else:
-        todo = listing.select("path", "modificationTime")  # everything is new
+        todo = listing.select("path", "modificationTime", "size_bytes")  # everything is new
         carried = None
         n_removed = 0
         n_todo = n_listed
@@ -151,7 +162,7 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         # Each task reads its own new or changed files: no path list on the driver, no
         # re-listing, and no image bytes shuffled (only the paths are spread over tasks).
         files = remote.settings_from_hadoop(spark)
-        new_frames.append(todo.repartition(n_parts, "path").mapInPandas(_read_partition(files), _READ_DDL)
+        new_frames.append(todo.repartition(n_parts, "path").mapInPandas(_read_partition(files, cfg.ingest.max_file_bytes), _READ_DDL)
                           .mapInPandas(analyse_fn, IMAGES_DDL))
     new_rows = None
     for frame in new_frames:
