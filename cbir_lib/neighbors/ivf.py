@@ -80,9 +80,21 @@ class CellStore:
             near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
             thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
         r, c = np.nonzero(sim >= slack(thr)[:, None])
-        # Ranked by (-similarity, cell): ties go to the lower cell, as in assign().
+        fast = sim[r, c]
+        # The probed *set* must not depend on the shape of the product (the order within it
+        # only steers pruning): cells clearly inside the nprobe best are kept as they are;
+        # only those within the BLAS error of the nprobe-th best are scored exactly.
+        v, _ = select(r, fast, c, m, nprobe)
+        kth = v[:, nprobe - 1]
+        low = slack(kth)
+        sure = fast > (kth + (kth - low))[r]
+        band = np.flatnonzero(~sure & (fast >= low[r]))
+        # Sure cells keep their BLAS score (nearest first: the first probe steers pruning).
+        score = np.where(sure, fast, np.float32(-np.inf)).astype(np.float32)
         metric = "euclidean" if c_sq is not None else "dot"
-        _, cells = reselect(r, sim[r, c], c, m, nprobe, lambda rr, cc: pair_scores(queries, rr, self.centroids, cc, metric, c_sq))
+        score[band] = pair_scores(queries, r[band], self.centroids, c[band], metric, c_sq)
+        # Ranked by (-similarity, cell): ties go to the lower cell, as in assign().
+        _, cells = select(r, score, c, m, nprobe)
         return cells.astype(np.int32)
 
     def cell_graph(self, pool: int) -> np.ndarray:
@@ -146,7 +158,7 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         return s
 
     def collect(cell: int, rows: np.ndarray, s: np.ndarray, t: np.ndarray) -> None:
-        r, c = np.nonzero(s >= slack(t)[:, None])
+        r, c = np.nonzero(s >= t[:, None])
         if r.size:
             cand_rows.append(rows[r])
             cand_scores.append(s[r, c])
@@ -159,14 +171,15 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         n = s.shape[1]
         if n > k:
             thr[rows] = np.maximum(thr[rows], np.partition(s, n - k, axis=1)[:, n - k])
-        collect(cell, rows, s, thr[rows])
+        collect(cell, rows, s, slack(thr[rows]))
     if nprobe > 1:
+        low = slack(thr)  # final after the first pass: widened once, not per cell
         rest_cells = probes[:, 1:].ravel()
         rest_rows = np.repeat(np.arange(m), nprobe - 1)
         for cell, rows in _pairs_by_cell(rest_cells, rest_rows):
             s = scores(cell, rows)
             if s is not None:
-                collect(cell, rows, s, thr[rows])
+                collect(cell, rows, s, low[rows])
     if not cand_rows:
         return empty(m, k)
     pos = np.concatenate(cand_pos)

@@ -109,9 +109,8 @@ TIE_SLACK = 1e-5
 
 def slack(thr: np.ndarray) -> np.ndarray:
     """A threshold lowered by more than the shape-dependent error of a BLAS score."""
-    thr = np.asarray(thr, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        return np.where(np.isfinite(thr), thr - np.float32(TIE_SLACK) * np.maximum(np.float32(1.0), np.abs(thr)), thr).astype(np.float32)
+    thr = np.asarray(thr, dtype=np.float32)  # -inf (no bound yet) stays -inf
+    return thr - np.float32(TIE_SLACK) * np.maximum(np.float32(1.0), np.abs(thr))
 
 
 def row_dots(x: np.ndarray, q: np.ndarray) -> np.ndarray:
