@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in STAGES:
         print(f"cbir: unknown subcommand {command!r}; one of {', '.join([*STAGES, 'sample'])}", file=sys.stderr)
         return 2
+    from cbir_lib.common.lease import ConcurrentRun
     from cbir_lib.config import ConfigError
     from cbir_lib.features.extract import ExtractFailed
     from cbir_lib.images.ingest import IngestFailed
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except QueryError as exc:
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1
-    except (RecallTooLow, ExtractFailed, IngestFailed) as exc:  # a gate the run failed: its reason, not a traceback
+    except (RecallTooLow, ExtractFailed, IngestFailed, ConcurrentRun) as exc:  # a gate the run failed: its reason, not a traceback
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cbir_lib.common import fs, remote, tables
+from cbir_lib.common import fs, lease, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.dedup.core import chunk_bounds, flips
@@ -188,6 +188,7 @@ def connected_components(spark, edges, max_iter: int = 60):
     raise RuntimeError(f"dedup.max_iter: connected components did not converge in {max_iter} rounds")
 
 
+@lease.leased(TABLE, "dedup")
 def run_dedup(spark, cfg: Config) -> dict:
     from pyspark.sql import Window
     from pyspark.sql import functions as F

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.evaluate import metrics
@@ -262,6 +262,7 @@ def _hist(rows, rel: bool) -> list[int]:
     return h
 
 
+@lease.leased(TABLE, "evaluate")
 def run_evaluate(spark, cfg: Config) -> dict:
     """Evaluate the latest outputs against the ground truth; return the manifest."""
     from pyspark.sql import functions as F

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from cbir_lib.common import faults, fs, remote, shards, tables
+from cbir_lib.common import faults, fs, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.features.embedder import EmbedSpec, configure_devices, embed_stream, get_embedder
@@ -391,6 +391,7 @@ def _mean_of(df) -> np.ndarray:
     return (np.sum([np.asarray(r["total"]) for r in parts], axis=0) / n).astype(np.float32)
 
 
+@lease.leased(TABLE, "extract")
 def run_extract(spark, cfg: Config) -> dict:
     """Embed the latest images snapshot into ``<output_root>/embeddings``; return the manifest."""
     from pyspark.sql import functions as F

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 
@@ -120,6 +120,7 @@ def _with_content(spark, df):
     return df.withColumn("npath", norm("path")).join(content.withColumn("npath", norm("path")).drop("path"), "npath").drop("npath")
 
 
+@lease.leased(TABLE, "train")
 def run_train(spark, cfg: Config) -> dict:
     """Train into ``<output_root>/models/run=<id>/``: the head on the embeddings (``head``),
     or the backbone's last blocks with it on the images (``full``)."""

@@ -12,7 +12,7 @@ import time
 
 import pandas as pd
 
-from cbir_lib.common import fs, remote, tables
+from cbir_lib.common import fs, lease, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK, analyse
@@ -106,6 +106,7 @@ def images_table_uri(spark, cfg: Config) -> str:
     return fs.join(fs.qualify(spark, cfg.run.output_root), TABLE)
 
 
+@lease.leased(TABLE, "ingest")
 def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     """Ingest ``images_uri`` into ``<output_root>/images`` and return the run manifest."""
     from pyspark.sql import functions as F

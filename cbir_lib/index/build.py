@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
@@ -273,6 +273,7 @@ def _index_signature(cfg: Config, dim: int) -> dict:
     }
 
 
+@lease.leased(TABLE, "build_index")
 def run_build_index(spark, cfg: Config) -> dict:
     """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest."""
     with arrow_batch(spark, VECTOR_BATCH), restored(spark, READER_BATCH_KEY):

@@ -37,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import faults, fs, remote, shards, tables
+from cbir_lib.common import faults, fs, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
@@ -436,6 +436,7 @@ def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None
         raise IndexMismatch(f"neighbors.method: 'annoy' needs forests, but index {index['run_id']} was built with index.forests=false")
 
 
+@lease.leased(TABLE, "neighbors")
 def run_neighbors(spark, cfg: Config) -> dict:
     """Every image's top-k into ``<output_root>/neighbors/run=<id>/``; return the manifest."""
     with arrow_batch(spark, VECTOR_BATCH):
