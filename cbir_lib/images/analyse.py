@@ -71,6 +71,8 @@ def analyse(path: str, content: bytes | None, max_pixels: int, hash_decode_side:
         row["ahash"] = hash_to_int64(imagehash.average_hash(img))
         row["dhash"] = hash_to_int64(imagehash.dhash(img))
         row["phash"] = hash_to_int64(imagehash.phash(img))
+    except MemoryError:  # the worker's state, not the file's: the task fails and is retried
+        raise
     except Exception as exc:  # noqa: BLE001 - a hashing failure is a property of the file
         row["error"] = f"hash_error: {type(exc).__name__}: {exc}"
         return row

@@ -28,9 +28,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # Refuse, rather than try, images beyond this many pixels (decompression bombs).
 DEFAULT_MAX_PIXELS = 100_000_000
 
-# We enforce our own limit, with a reason row; disable PIL's warning/exception pair.
-Image.MAX_IMAGE_PIXELS = None
+# We enforce our own limit (ingest.max_pixels), with a reason row. Pillow's own guard stays
+# on for the whole process (the report and dedup verification rely on it): its warning
+# above MAX_IMAGE_PIXELS is silenced, its error at twice that is a too_large row here.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Working memory of a high-bit-depth conversion: rows are converted this many bytes at a time.
+CONVERT_BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return None, "not_an_image: unrecognised image format"
+    except Image.DecompressionBombError as exc:
+        return None, f"too_large: {exc} (Pillow's decompression-bomb guard)"
     except Exception as exc:  # noqa: BLE001 - any parser failure is a property of the file
         return None, _classify(exc)
     w, h = img.size
@@ -60,6 +66,8 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image | None, str | None]
 
 
 def _classify(exc: Exception) -> str:
+    if isinstance(exc, MemoryError):  # this worker's state, not the file's: fail the task, Spark retries it
+        raise exc
     msg = str(exc)
     low = msg.lower()
     if isinstance(exc, (OSError, SyntaxError, ValueError)) and ("truncat" in low or "broken data stream" in low or "premature" in low):
@@ -72,19 +80,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img)
-        if mode == "I":
-            hi = max(int(arr.max()), 1)
-            arr8 = (arr.astype(np.float64) * (255.0 / (65535 if hi > 255 else 255))).clip(0, 255)
-        else:
-            arr8 = arr.astype(np.uint32) >> 8
-        return Image.fromarray(arr8.astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _wide_to_rgb(img)
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
@@ -96,6 +93,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     # CMYK (incl. Adobe-inverted JPEGs, which PIL handles), YCbCr, LAB, L, 1, HSV ...
     return img.convert("RGB")
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images to 8-bit RGB, a block of rows at a time: the working
+    memory is the 8-bit output plus ``CONVERT_BLOCK_BYTES``, not float64 copies of the image
+    (3 GB for one 100-megapixel 32-bit TIFF before)."""
+    mode = img.mode
+    w, h = img.size
+    lo, hi = img.getextrema()
+    out = np.empty((h, w), dtype=np.uint8)
+    step = max(1, CONVERT_BLOCK_BYTES // (8 * max(1, w)))
+    for y in range(0, h, step):
+        block = np.asarray(img.crop((0, y, w, min(h, y + step))))
+        if mode == "I":
+            top = max(int(hi), 1)
+            out[y : y + step] = (block.astype(np.float64) * (255.0 / (65535 if top > 255 else 255))).clip(0, 255).astype(np.uint8)
+        elif mode == "F":
+            a = block.astype(np.float64)
+            lo_, hi_ = float(lo), float(hi)
+            out[y : y + step] = ((a - lo_) / (hi_ - lo_) * 255.0).astype(np.uint8) if hi_ > lo_ else 0
+        else:
+            out[y : y + step] = (block.astype(np.uint32) >> 8).astype(np.uint8)
+    return Image.fromarray(out, "L").convert("RGB")
 
 
 def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[ImageInfo | None, str | None]:
