@@ -121,10 +121,20 @@ def exact_pairs(images):
 
 
 def phash_pairs(images, t: int, m: int):
-    """Pairs with ``bit_count(phash_a ^ phash_b) <= t`` through the multi-index."""
+    """Pairs with ``bit_count(phash_a ^ phash_b) <= t`` through the multi-index.
+
+    Images sharing one pHash (placeholders, blank frames: thousands of them) are paired with
+    their group's smallest id, as exact duplicates are, and only one image per distinct hash
+    goes through the multi-index: a group of g identical hashes gives g - 1 pairs, not
+    g (g - 1) / 2, and the same connected components.
+    """
     from pyspark.sql import functions as F
 
-    h = images.select("image_id", "phash").filter(F.col("phash").isNotNull())
+    every = images.select("image_id", "phash").filter(F.col("phash").isNotNull())
+    h = every.groupBy("phash").agg(F.min("image_id").alias("image_id"))
+    same = (every.join(h.withColumnRenamed("image_id", "a"), "phash").filter(F.col("image_id") != F.col("a"))
+            .select("a", F.col("image_id").alias("b"), F.lit("phash").alias("source"), F.lit(0).alias("hamming"),
+                    F.lit(None).cast("float").alias("score")))
     radius = t // m
     stored, probes = [], []
     for j, (shift, width) in enumerate(chunk_bounds(m)):
@@ -139,9 +149,10 @@ def phash_pairs(images, t: int, m: int):
     for s, p in zip(stored[1:], probes[1:], strict=True):
         store, probe = store.unionByName(s), probe.unionByName(p)
     dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
-    return (store.join(probe, ["chunk", "key"]).filter((F.col("a") < F.col("b")) & (dist <= t))
+    near = (store.join(probe, ["chunk", "key"]).filter((F.col("a") < F.col("b")) & (dist <= t))
             .select("a", "b", F.lit("phash").alias("source"), dist.cast("int").alias("hamming"), F.lit(None).cast("float").alias("score"))
             .dropDuplicates(["a", "b"]))
+    return near.unionByName(same)
 
 
 def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):

@@ -1,0 +1,45 @@
+"""Thousands of identical pHashes (placeholder images): linear pairs, the same clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbir_lib.dedup.run import phash_pairs
+
+
+def _components(n_ids, pairs):
+    parent = {i: i for i in n_ids}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    groups = {}
+    for i in n_ids:
+        groups.setdefault(find(i), set()).add(i)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def test_identical_hashes_give_linear_pairs_and_the_naive_components(spark):
+    rng = np.random.default_rng(0)
+    placeholder = int(rng.integers(-(2**63), 2**63 - 1))
+    hashes = [placeholder] * 3000
+    base = [int(x) for x in rng.integers(-(2**63), 2**63 - 1, size=40)]
+    for h in base:  # 40 photos, each with a copy 1-2 bits away
+        flipped = np.int64(h) ^ np.int64(1 << int(rng.integers(0, 63))) ^ np.int64(1 << int(rng.integers(0, 63)))
+        hashes += [h, int(flipped)]
+    ids = list(range(10, 10 + len(hashes)))
+    df = spark.createDataFrame(list(zip(ids, hashes, strict=True)), "image_id long, phash long")
+    got = phash_pairs(df, 4, 4).select("a", "b").collect()
+    assert len(got) < 3000 + 2 * 40  # linear: before, the placeholders alone gave 4,498,500 pairs
+    pairs = [(r.a, r.b) for r in got]
+    assert all(a < b for a, b in pairs)
+    h = np.array(hashes, dtype=np.int64).view(np.uint64)
+    naive = [(ids[i], ids[j]) for i in range(3000, len(ids)) for j in range(i + 1, len(ids))
+             if bin(int(h[i] ^ h[j])).count("1") <= 4]
+    naive += [(ids[0], ids[j]) for j in range(1, 3000)]  # the placeholders: one component
+    assert _components(ids, pairs) == _components(ids, naive)
