@@ -258,6 +258,7 @@ class EvaluateConfig:
     query_split: str = "test"
     gallery_split: str = "train"
     max_gallery: int = 500_000  # split mode broadcasts the gallery: refuse larger ones
+    max_gallery_mb: float = 2048.0  # ... and bounded in bytes too: 500k x 2,048-d float32 is 4 GB on the driver, plus its broadcast
     report: bool = True  # write report.html (the gallery) beside the metrics
     report_queries: int = 24
     seed: int = 0
@@ -270,6 +271,7 @@ class EvaluateConfig:
             _require(1 <= self.k <= 1000, "evaluate.k", "must be in 1..1000")
         _require(self.query_split != self.gallery_split, "evaluate.query_split", "must differ from evaluate.gallery_split")
         _require(self.max_gallery >= 1, "evaluate.max_gallery", "must be >= 1")
+        _require(self.max_gallery_mb > 0, "evaluate.max_gallery_mb", "must be > 0")
         _require(self.report_queries >= 1, "evaluate.report_queries", "must be >= 1")
 
 

@@ -181,6 +181,11 @@ def _split_mode(spark, cfg: Config, universe, emb):
         raise ConfigError(f"evaluate.gallery_split: no labelled images in split {ev.gallery_split!r} (splits found: {splits})")
     if n_gallery > ev.max_gallery:
         raise ConfigError(f"evaluate.max_gallery: the gallery has {n_gallery} images, above {ev.max_gallery}; use evaluate.mode=neighbors")
+    dim = gallery.select(F.size("embedding").alias("d")).first().d
+    gallery_mb = n_gallery * dim * 4 / 2**20
+    if gallery_mb > ev.max_gallery_mb:
+        raise ConfigError(f"evaluate.max_gallery_mb: the gallery is {n_gallery} x {dim} float32 = {gallery_mb:.0f} MB, above "
+                          f"{ev.max_gallery_mb} MB (it is collected on the driver and broadcast); use evaluate.mode=neighbors")
     t = gallery.orderBy("image_id").toArrow()
     g = to_numpy(t, "embedding")
     g_ids = t.column("image_id").to_numpy()

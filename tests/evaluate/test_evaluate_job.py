@@ -127,6 +127,8 @@ def test_labels_csv_and_groups_and_bad_labels(spark, collection, tmp_path):
         run_evaluate(spark, config.load(None, [f"run.output_root={root}", f"evaluate.labels={tmp_path}/absent.csv"]))
     with pytest.raises(config.ConfigError, match="evaluate.gallery_split"):
         run_evaluate(spark, config.load(None, [f"run.output_root={root}", "evaluate.mode=split", "evaluate.gallery_split=db"]))
+    with pytest.raises(config.ConfigError, match=r"evaluate.max_gallery_mb: the gallery is \d+ x \d+ float32"):
+        run_evaluate(spark, config.load(None, [f"run.output_root={root}", "evaluate.mode=split", "evaluate.max_gallery_mb=0.001"]))
 
 
 def _browser():
