@@ -335,6 +335,7 @@ class TrainConfig:
     labels_base: str | None = None
     split: str | None = "train"  # the split that trains; None: every labelled image
     validation_split: str | None = "validation"  # reported each epoch; None or absent: none
+    max_validation_mb: float = 256.0  # full mode holds the validation images' bytes on the driver: a hash-ordered prefix this big
     bits: int = 48  # B, the code length
     hidden: int = 512  # width of the hidden layer below the code units
     epochs: int = 80
@@ -359,6 +360,7 @@ class TrainConfig:
         _require(self.binarise >= 0, "train.binarise", "must be >= 0")
         _require(self.balance >= 0, "train.balance", "must be >= 0")
         _require(self.workers >= 1, "train.workers", "must be >= 1")
+        _require(math.isfinite(self.max_validation_mb) and self.max_validation_mb > 0, "train.max_validation_mb", "must be > 0")
         _require(0 <= self.seed < 2**31, "train.seed", "must be in 0..2^31-1")
         _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
 

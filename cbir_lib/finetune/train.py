@@ -120,6 +120,21 @@ def _with_content(spark, df):
     return df.withColumn("npath", norm("path")).join(content.withColumn("npath", norm("path")).drop("path"), "npath").drop("npath")
 
 
+def bounded_rows(df, limit_bytes: float):
+    """The rows of ``df`` (``path``, ``content``, ...) to collect, at most ``limit_bytes`` of
+    content: a prefix in ``xxhash64(path)`` order (deterministic, class-blind), chosen on the
+    sizes alone so no task or driver holds more than the kept bytes. ``(rows, dropped)``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    sizes = df.select("path", F.length("content").alias("n"))
+    order = Window.orderBy(F.xxhash64("path"), "path").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    keep = sizes.withColumn("cum", F.sum("n").over(order)).filter(F.col("cum") <= F.lit(int(limit_bytes))).select("path")
+    rows = df.join(keep, "path", "left_semi").orderBy("path").collect()
+    dropped = sizes.count() - len(rows)
+    return rows, dropped
+
+
 @lease.leased(TABLE, "train")
 def run_train(spark, cfg: Config) -> dict:
     """Train into ``<output_root>/models/run=<id>/``: the head on the embeddings (``head``),
@@ -153,13 +168,19 @@ def run_train(spark, cfg: Config) -> dict:
     counts = {r.label: r["count"] for r in train_df.groupBy("label").count().collect()}
     val_df = _split(data, tc.validation_split).join(index_of, "label") if tc.validation_split else None
     extra_files: dict[str, bytes] = {}
+    val_dropped = 0
 
     with timer(f"training ({tc.mode}, {tc.epochs} epochs)") as t:
         if tc.mode == "full":
             from cbir_lib.finetune.full import BACKBONE_FILE, train_full
 
             images_df = _with_content(spark, train_df.join(index_of, "label")).select("content", F.col("label_index").alias("label"))
-            val_rows = _with_content(spark, val_df).select("content", F.col("label_index").alias("label")).collect() if val_df is not None else []
+            val_rows = []
+            if val_df is not None:
+                val_rows, val_dropped = bounded_rows(_with_content(spark, val_df).select("path", "content", F.col("label_index").alias("label")),
+                                                     tc.max_validation_mb * 2**20)
+                if val_dropped:
+                    log.warning("train: %d validation images beyond train.max_validation_mb=%s left out", val_dropped, tc.max_validation_mb)
             out = train_full(spark, cfg, images_df, classes, root, TABLE, val_rows)
             weights, model_bytes, history, n_train, dim = out["weights"], out["model_bytes"], out["history"], out["n_train"], out["dim"]
             extra_files[BACKBONE_FILE] = out["backbone_bytes"]
@@ -206,7 +227,7 @@ def run_train(spark, cfg: Config) -> dict:
         "bits": tc.bits,
         "hidden": tc.hidden,
         "data": {"labels": tc.labels, "split": tc.split, "validation_split": tc.validation_split, "train": n_train,
-                 "validation": n_val, "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
+                 "validation": n_val, "validation_left_out": val_dropped, "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
         "params": {k: getattr(tc, k) for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance",
                                                "seed", "trainable_blocks")},
         "history": history,

@@ -1,4 +1,4 @@
-"""Thousands of identical pHashes (placeholder images): linear pairs, the same clusters."""
+"""Driver memory: thousands of identical pHashes give linear pairs; full training's validation bytes are bounded."""
 
 from __future__ import annotations
 
@@ -43,3 +43,14 @@ def test_identical_hashes_give_linear_pairs_and_the_naive_components(spark):
              if bin(int(h[i] ^ h[j])).count("1") <= 4]
     naive += [(ids[0], ids[j]) for j in range(1, 3000)]  # the placeholders: one component
     assert _components(ids, pairs) == _components(ids, naive)
+
+
+def test_full_trainings_validation_bytes_are_bounded(spark):
+    from cbir_lib.finetune.train import bounded_rows
+
+    df = spark.createDataFrame([(f"/v/{i}.jpg", bytes(1000), i % 3) for i in range(50)], "path string, content binary, label int")
+    rows, dropped = bounded_rows(df, 10_500)
+    assert len(rows) == 10 and dropped == 40 and sum(len(r.content) for r in rows) <= 10_500
+    again, _ = bounded_rows(df, 10_500)
+    assert [r.path for r in again] == [r.path for r in rows]  # deterministic
+    assert bounded_rows(df, 10**9)[1] == 0
