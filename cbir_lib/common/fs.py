@@ -69,21 +69,47 @@ def list_names(spark, uri: str) -> list[str]:
     return sorted(status.getPath().getName() for status in fs.listStatus(p))
 
 
+# Stores whose rename is a copy: there one PUT is the atomic way to replace a small file.
+OBJECT_STORES = ("s3a", "s3", "s3n", "gs", "abfs", "abfss", "wasb", "wasbs", "oss", "cos")
+
+
 def write_bytes(spark, uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically (temporary sibling, then rename)."""
+    """Write ``data`` to ``uri`` so that a reader sees the old file or the new one, never none.
+
+    On an object store the file is written in one PUT (an object appears whole or not at
+    all). Elsewhere a temporary sibling is renamed over it with Hadoop's
+    ``FileContext.rename(OVERWRITE)``, atomic on HDFS and local disks; there was a window
+    between deleting the old file and renaming the new one in which a crash left no
+    ``_LATEST`` pointer or manifest.
+    """
+    from cbir_lib.common import faults
+
     fs = _fs(spark, uri)
     dst = _path(spark, uri)
+    if (dst.toUri().getScheme() or "").lower() in OBJECT_STORES:
+        out = fs.create(dst, True)
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+        return
     tmp = _path(spark, f"{uri}.{uuid.uuid4().hex}.tmp")
     out = fs.create(tmp, True)
     try:
         out.write(bytearray(data))
     finally:
         out.close()
-    if fs.exists(dst):
-        fs.delete(dst, False)
-    if not fs.rename(tmp, dst):
+    faults.point("fs.write_bytes.before_replace")
+    jvm = _jvm(spark)
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    fc = jvm.org.apache.hadoop.fs.FileContext.getFileContext(dst.toUri(), conf)
+    options = spark.sparkContext._gateway.new_array(jvm.org.apache.hadoop.fs.Options.Rename, 1)
+    options[0] = jvm.org.apache.hadoop.fs.Options.Rename.OVERWRITE
+    try:
+        fc.rename(tmp, dst, options)
+    except Exception as e:  # noqa: BLE001 - py4j wraps the IOException
         fs.delete(tmp, False)
-        raise OSError(f"could not write {uri}")
+        raise OSError(f"could not write {uri}: {e}") from None
 
 
 def read_bytes(spark, uri: str) -> bytes:

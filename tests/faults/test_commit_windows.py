@@ -11,8 +11,6 @@ from conftest import write_embeddings
 from cbir_lib.common import faults, fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
 
-pytestmark = pytest.mark.slow
-
 
 def _cfg(root, run_id, **nb):
     return Config(run=RunConfig(output_root=str(root), run_id=run_id),
@@ -20,6 +18,7 @@ def _cfg(root, run_id, **nb):
                   neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "method": "exact", "pairs": True, **nb}))
 
 
+@pytest.mark.slow
 def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rerun(spark, tmp_path, monkeypatch):
     from cbir_lib.index.build import run_build_index
     from cbir_lib.neighbors.search import run_neighbors
@@ -43,3 +42,17 @@ def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rer
     assert set(zip(pairs["a"], pairs["b"], strict=True)) == want and len(pairs) == len(want)
     assert (pairs["neighbors_run_id"] == "n1").all()
     assert run_neighbors(spark, _cfg(tmp_path, "n1"))["noop"]  # and now it is current
+
+
+def test_a_crash_while_replacing_the_pointer_leaves_the_old_one_whole(spark, tmp_path, monkeypatch):
+    df = spark.createDataFrame([(1,)], "x int")
+    table = fs.join(fs.qualify(spark, str(tmp_path)), "t")
+    tables.commit(spark, df, table, "r1", {"run_id": "r1"})
+    assert tables.latest_run_id(spark, table) == "r1"
+    monkeypatch.setenv("CBIR_FAULTS", f"fs.write_bytes.before_replace:{tmp_path / 'markers'}")
+    with pytest.raises(faults.InjectedFault):
+        fs.write_bytes(spark, fs.join(table, tables.LATEST), b"r2")
+    assert tables.latest_run_id(spark, table) == "r1"  # never absent, never half-written
+    assert tables.read_manifest(spark, table)["run_id"] == "r1"
+    fs.write_bytes(spark, fs.join(table, tables.LATEST), b"r2")  # the retry (the fault fired once)
+    assert fs.read_bytes(spark, fs.join(table, tables.LATEST)) == b"r2"
