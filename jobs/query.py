@@ -15,6 +15,12 @@ if __package__ in (None, ""):
 from jobs._common import load_config, parse_args
 
 
+def printable(text) -> str:
+    """A path as a terminal may print it: control characters (an ANSI escape in a file name
+    could rewrite the screen) shown as ``\\xNN``, everything else as it is."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+
+
 def main(argv: list[str] | None = None) -> list:
     def extra(p):
         p.add_argument("image", help="path or URI of the query image")
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> list:
           f"{how}, index {used['index_run_id']})")
     print(f"{'rank':>4}  {'score':>7}  path")
     for h in hits:
-        print(f"{h.rank:>4}  {h.score:>7.4f}  {h.path}")
+        print(f"{h.rank:>4}  {h.score:>7.4f}  {printable(h.path)}")
     if args.html:
         with open(args.html, "w", encoding="utf-8") as fh:
             fh.write(render_html(args.image, hits, used))
