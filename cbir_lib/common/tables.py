@@ -2,9 +2,12 @@
 
 A stage writes its whole output to a temporary directory, renames it to its run
 partition (replacing that run's earlier output, so a retry of the same run is
-idempotent), and only then moves the ``_LATEST`` pointer. A reader that follows the
-pointer therefore always sees a complete snapshot, and a job killed at any point leaves
-the previous snapshot in force. Older snapshots beyond ``keep`` are pruned.
+idempotent), writes the snapshot's manifest last (the commit marker: no manifest, no
+snapshot, which also holds where a rename is a copy that can stop halfway), and only then
+moves the ``_LATEST`` pointer (replaced in one step, :func:`cbir_lib.common.fs.write_bytes`).
+A reader that follows the pointer therefore always sees a complete snapshot, and a job
+killed at any point leaves the previous snapshot in force. Older snapshots beyond ``keep``
+are pruned.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def require_latest(spark, table_uri: str, produced_by: str) -> str:
     run_id = latest_run_id(spark, table_uri)
     if run_id is None:
         raise FileNotFoundError(f"no table under {table_uri}: run {produced_by} first")
+    if not fs.exists(spark, fs.join(run_dir(table_uri, run_id), MANIFEST)):
+        raise FileNotFoundError(f"{table_uri}: _LATEST names run={run_id}, which has no manifest (a commit that did not finish); "
+                                f"run {produced_by} for run {run_id} again")
     return run_id
 
 
@@ -105,6 +111,8 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
 
     The manifest may be completed by ``write`` (it is written after it returns).
     """
+    from cbir_lib.common import faults
+
     tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
     write(tmp)
     manifest.setdefault("spark", spark_settings(spark))
@@ -113,10 +121,20 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     manifest["commit_id"] = uuid.uuid4().hex
     for name, data in (extra_files or {}).items():
         fs.write_bytes(spark, fs.join(tmp, name), data)
-    fs.write_json(spark, fs.join(tmp, MANIFEST), manifest)
     dst = run_dir(table_uri, run_id)
-    fs.delete(spark, dst)
+    # The manifest is the commit marker, written last inside the snapshot (one PUT on an
+    # object store): a directory renamed by copying (S3) and cut off halfway has none, and
+    # no reader takes it for a snapshot. An earlier commit of this run id is moved aside,
+    # not deleted, until the new one is in place.
+    aside = None
+    if fs.exists(spark, dst):
+        aside = fs.join(table_uri, "_tmp", f"replaced-{run_id}-{uuid.uuid4().hex[:8]}")
+        fs.rename(spark, dst, aside)
     fs.rename(spark, tmp, dst)
+    faults.point("tables.commit.before_manifest")
+    fs.write_json(spark, fs.join(dst, MANIFEST), manifest)
+    if aside is not None:
+        fs.delete(spark, aside)
     current = latest_run_id(spark, table_uri) if forward_only else None
     if current is None or run_id >= current or not fs.exists(spark, run_dir(table_uri, current)):
         fs.write_bytes(spark, fs.join(table_uri, LATEST), run_id.encode("utf-8"))

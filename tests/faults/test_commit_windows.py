@@ -56,3 +56,29 @@ def test_a_crash_while_replacing_the_pointer_leaves_the_old_one_whole(spark, tmp
     assert tables.read_manifest(spark, table)["run_id"] == "r1"
     fs.write_bytes(spark, fs.join(table, tables.LATEST), b"r2")  # the retry (the fault fired once)
     assert fs.read_bytes(spark, fs.join(table, tables.LATEST)) == b"r2"
+
+
+def test_a_snapshot_without_its_manifest_is_never_read_as_committed(spark, tmp_path, monkeypatch):
+    """The manifest is written last: a crash after the data is in place (or a copy-rename cut
+    off halfway on an object store) leaves a directory no reader takes for a snapshot."""
+    from types import SimpleNamespace
+
+    table = fs.join(fs.qualify(spark, str(tmp_path)), "t")
+    tables.commit(spark, spark.createDataFrame([(1,)], "x int"), table, "r1", {"run_id": "r1"})
+    monkeypatch.setenv("CBIR_FAULTS", f"tables.commit.before_manifest:{tmp_path / 'm1'}")
+    with pytest.raises(faults.InjectedFault):
+        tables.commit(spark, spark.createDataFrame([(2,)], "x int"), table, "r2", {"run_id": "r2"})
+    assert fs.exists(spark, tables.run_dir(table, "r2"))  # the data is there ...
+    assert tables.committed_runs(spark, table) == ["r1"]  # ... but not committed
+    assert tables.require_latest(spark, table, "t") == "r1"
+    with pytest.raises(FileNotFoundError, match="no snapshot run=r2"):
+        tables.input_run(spark, table, SimpleNamespace(pin_inputs=True, run_id="r2"), "t")
+    tables.commit(spark, spark.createDataFrame([(2,)], "x int"), table, "r2", {"run_id": "r2"})  # the retry
+    assert tables.committed_runs(spark, table) == ["r1", "r2"] and tables.read_latest(spark, table).first().x == 2
+
+    # A half-copied directory that a pointer names (an object store's rename stopped midway).
+    fs.mkdirs(spark, tables.run_dir(table, "r3"))
+    fs.write_bytes(spark, fs.join(tables.run_dir(table, "r3"), "part-0.parquet"), b"PAR1 partial")
+    fs.write_bytes(spark, fs.join(table, tables.LATEST), b"r3")
+    with pytest.raises(FileNotFoundError, match="run=r3, which has no manifest"):
+        tables.require_latest(spark, table, "t")
