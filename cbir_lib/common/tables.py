@@ -72,11 +72,11 @@ def base_run(spark, table_uri: str, run) -> str | None:
 
 
 def read_latest(spark, table_uri: str):
-    """The latest committed snapshot as a DataFrame, or ``None`` if there is none."""
-    run_id = latest_run_id(spark, table_uri)
-    if run_id is None:
+    """The latest committed snapshot as a DataFrame, or ``None`` if there is none (an error
+    if the pointer names a snapshot without its manifest: a commit that did not finish)."""
+    if latest_run_id(spark, table_uri) is None:
         return None
-    return spark.read.parquet(run_dir(table_uri, run_id))
+    return spark.read.parquet(run_dir(table_uri, require_latest(spark, table_uri, "the stage that writes it")))
 
 
 def read_manifest(spark, table_uri: str, run_id: str | None = None) -> dict | None:
