@@ -189,6 +189,11 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
 
 
+def annoy_candidates(configured: int | None, k: int) -> int:
+    """Candidates taken from each probed forest for a top-``k``: ``neighbors.candidates``, else 2k."""
+    return max(configured or 2 * k, k)
+
+
 def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, search_k: int, candidates: int,
                  exclude_self: bool = True, whole_offsets: np.ndarray | None = None, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-k from each probed cell's Annoy forest, re-scored exactly with the stored vectors.

@@ -57,7 +57,7 @@ from cbir_lib.index.build import (
 )
 from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
-from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
+from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment, mode_alpha
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, select
 
@@ -238,8 +238,7 @@ def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray,
         probes = store.route(queries, spec["nprobe"], own_cells)
         if method == "dense":
             return dense_search(store, queries, query_ids, probes, k)
-        cand = max(spec["candidates"] or 2 * k, k)
-        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], cand)
+        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], annoy_candidates(spec["candidates"], k))
     if method == "hierarchical":
         return code_search(store, queries, query_ids, spec, k)
     if _use_tf(spec["device"]):
@@ -476,7 +475,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         if nb.pairs and not _pairs_of(spark, root, prev["run_id"]):
             # A run killed between its two commits: the neighbours are current, the pairs not.
             log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
-            _commit_pairs(spark, cfg, root, spark.read.parquet(prev["output"]), prev["run_id"], max(1, min(spark.sparkContext.defaultParallelism, prev["n"] // 500_000 + 1)))
+            _commit_pairs(spark, cfg, root, spark.read.parquet(prev["output"]), prev["run_id"], _output_files(spark, prev["n"]))
             return {**prev, "noop": False, "pairs_only": True}
         log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
         return {**prev, "noop": True}
@@ -486,12 +485,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     budget_bytes = budget.resolve_budget(spark, nb.memory_budget)
     store_bytes = n * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)
     if method == "annoy":  # the forests go along, and hold the vectors again
-        store_bytes += n * (4 * int(index["dim"]) + 16 + 12 * int(index.get("n_trees") or 0))
+        store_bytes += n * budget.forest_bytes_per_row(int(index["dim"]), int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
-    if grouped:
-        budget.check_supported(method, store_bytes, budget_bytes)
-        if method == "auto":
-            method = "exact" if n <= nb.exact_max_n else "dense"
     # Ship the store (and forests) to the executors, part file by part file.
     store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
     forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
@@ -617,7 +612,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
 
     final = raw if nb.min_score is None else raw.filter(F.col("score") >= F.lit(nb.min_score))
     final = final.withColumn("neighbors_run_id", F.lit(run_id))
-    n_files = max(1, min(slots, n // 500_000 + 1))
+    n_files = _output_files(spark, n)
     manifest = {
         "stage": "neighbors",
         "run_id": run_id,
@@ -659,6 +654,11 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         fs.delete(spark, spec["groups_uri"])
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def _output_files(spark, n: int) -> int:
+    """Parquet files of a neighbours (or pairs) snapshot of ``n`` queries: one per 500k, at most one per slot."""
+    return max(1, min(spark.sparkContext.defaultParallelism, n // 500_000 + 1))
 
 
 def _pairs_of(spark, root: str, run_id: str) -> bool:

@@ -160,6 +160,15 @@ def test_every_method_under_a_budget_gives_the_same_top_k(spark, tmp_path, metho
 
 
 @pytest.mark.slow
+def test_annoy_expansion_with_rerank_n_unlike_k_gives_the_same_top_k(spark, tmp_path):
+    """The expansion's top-rerank_n takes its own candidate count per forest, as the broadcast search does."""
+    n = 3_000
+    ids, x = _mixture(n, 32, 5)
+    whole, small = _whole_and_budgeted(spark, tmp_path, ids, x, "256k", method="annoy", nprobe=4, rerank="alpha_qe", rerank_n=4)
+    _same_top_k(spark, whole, small, n)
+
+
+@pytest.mark.slow
 def test_empty_cells_and_groups_under_a_budget(spark, tmp_path):
     """Hash cells, most of them empty, in groups of a few rows: still the exact top-k."""
     import dataclasses
