@@ -155,7 +155,8 @@ def _sortable(x: np.ndarray) -> np.ndarray:
     return np.where(b & 0x80000000, ~b, b | 0x80000000).astype(np.uint32)
 
 
-def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int | None = None,
+               rescore=None) -> tuple[np.ndarray, np.ndarray]:
     """Merge a block of candidate scores into a running top-k.
 
     Parameters
@@ -172,6 +173,10 @@ def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: 
     row's current k-th best score, tightened by the k-th best of a column sample of the
     block, both lower bounds of the final k-th best. That keeps the merge close to one
     comparison per score instead of a partial sort of every row.
+
+    ``rescore(rows, cols)``: the block holds BLAS scores, and its candidates are ranked by
+    these exact pair scores instead (:func:`reselect`; ``block_ids`` shared by all rows), so
+    the running top-k holds scores that no block shape changes.
     """
     m, n = block.shape
     k = vals.shape[1] if k is None else k
@@ -182,6 +187,11 @@ def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: 
     if c > k and np.isneginf(thr).any():
         sub = np.partition(block[:, :c], c - k, axis=1)[:, c - k]
         thr = np.maximum(thr, sub)
+    if rescore is not None:
+        r, col = np.nonzero(block >= slack(thr)[:, None])
+        bv, bi = reselect(r, block[r, col], col, m, k, rescore, lambda cc: block_ids[cc])
+        rows = np.repeat(np.arange(m), 2 * k)
+        return select(rows, np.concatenate([vals, bv], axis=1).ravel(), np.concatenate([ids, bi], axis=1).ravel(), m, k)
     r, col = np.nonzero(block >= thr[:, None])
     cand_ids = block_ids[col] if block_ids.ndim == 1 else block_ids[r, col]
     rows = np.concatenate([np.repeat(np.arange(m), k), r])
@@ -217,25 +227,11 @@ def exact_topk(
         bids = base_ids[start:stop]
         if exclude_self:
             mask_self(block, query_ids, bids)
-        vals, ids = merge_exact(vals, ids, block, bids, k, queries, base[start:stop], metric, None if base_sq is None else base_sq[start:stop])
+        block_x, block_sq = base[start:stop], None if base_sq is None else base_sq[start:stop]
+        vals, ids = merge_topk(vals, ids, block, bids, k,
+                               rescore=lambda rr, cc, x=block_x, sq=block_sq: pair_scores(queries, rr, x, cc, metric, sq))
     q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "euclidean" else None
     return final_scores(vals, metric, q_sq).astype(np.float32), ids
-
-
-def merge_exact(vals, ids, block, block_ids, k, queries, base, metric, base_sq=None):
-    """:func:`merge_topk` with the block's candidates ranked by exact pair scores
-    (:func:`reselect`): the running top-k holds scores that no block shape changes."""
-    m, n = block.shape
-    if m == 0 or n == 0:
-        return vals, ids
-    thr = vals[:, k - 1].astype(np.float32, copy=True)
-    c = min(n, max(32 * k, 256))
-    if c > k and np.isneginf(thr).any():
-        thr = np.maximum(thr, np.partition(block[:, :c], c - k, axis=1)[:, c - k])
-    r, col = np.nonzero(block >= slack(thr)[:, None])
-    bv, bi = reselect(r, block[r, col], col, m, k, lambda rr, cc: pair_scores(queries, rr, base, cc, metric, base_sq), lambda cc: block_ids[cc])
-    rows = np.repeat(np.arange(m), 2 * k)
-    return select(rows, np.concatenate([vals, bv], axis=1).ravel(), np.concatenate([ids, bi], axis=1).ravel(), m, k)
 
 
 def self_positions(query_ids: np.ndarray, block_ids: np.ndarray, ids_sorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
