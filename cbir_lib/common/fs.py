@@ -69,6 +69,24 @@ def list_names(spark, uri: str) -> list[str]:
     return sorted(status.getPath().getName() for status in fs.listStatus(p))
 
 
+def create_file(spark, uri: str, data: bytes, overwrite: bool = True) -> bool:
+    """Write ``data`` as ``uri`` in one create; with ``overwrite=False`` return False, writing
+    nothing, where it exists (Hadoop's exclusive create: atomic on local disks and HDFS)."""
+    fs = _fs(spark, uri)
+    path = _path(spark, uri)
+    try:
+        out = fs.create(path, overwrite)
+    except Exception as e:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
+        if not overwrite and ("FileAlreadyExists" in str(e) or "already exists" in str(e)):
+            return False
+        raise
+    try:
+        out.write(bytearray(data))
+    finally:
+        out.close()
+    return True
+
+
 # Stores whose rename is a copy: there one PUT is the atomic way to replace a small file.
 OBJECT_STORES = ("s3a", "s3", "s3n", "gs", "abfs", "abfss", "wasb", "wasbs", "oss", "cos")
 
@@ -84,21 +102,13 @@ def write_bytes(spark, uri: str, data: bytes) -> None:
     """
     from cbir_lib.common import faults
 
-    fs = _fs(spark, uri)
     dst = _path(spark, uri)
     if (dst.toUri().getScheme() or "").lower() in OBJECT_STORES:
-        out = fs.create(dst, True)
-        try:
-            out.write(bytearray(data))
-        finally:
-            out.close()
+        create_file(spark, uri, data)
         return
-    tmp = _path(spark, f"{uri}.{uuid.uuid4().hex}.tmp")
-    out = fs.create(tmp, True)
-    try:
-        out.write(bytearray(data))
-    finally:
-        out.close()
+    tmp_uri = f"{uri}.{uuid.uuid4().hex}.tmp"
+    create_file(spark, tmp_uri, data)
+    tmp = _path(spark, tmp_uri)
     faults.point("fs.write_bytes.before_replace")
     jvm = _jvm(spark)
     conf = spark.sparkContext._jsc.hadoopConfiguration()
@@ -108,7 +118,7 @@ def write_bytes(spark, uri: str, data: bytes) -> None:
     try:
         fc.rename(tmp, dst, options)
     except Exception as e:  # noqa: BLE001 - py4j wraps the IOException
-        fs.delete(tmp, False)
+        _fs(spark, uri).delete(tmp, False)
         raise OSError(f"could not write {uri}: {e}") from None
 
 

@@ -41,20 +41,8 @@ class ConcurrentRun(RuntimeError):
 
 def _create(spark, uri: str, data: bytes) -> bool:
     """Create ``uri`` holding ``data`` unless it exists (False then)."""
-    jfs = fs._fs(spark, uri)
-    path = fs._path(spark, uri)
-    jfs.mkdirs(path.getParent())
-    try:
-        out = jfs.create(path, False)
-    except Exception as e:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
-        if "FileAlreadyExists" in str(e) or "already exists" in str(e):
-            return False
-        raise
-    try:
-        out.write(bytearray(data))
-    finally:
-        out.close()
-    return True
+    fs.mkdirs(spark, uri.rsplit("/", 1)[0])
+    return fs.create_file(spark, uri, data, overwrite=False)
 
 
 def _read(spark, uri: str) -> dict | None:

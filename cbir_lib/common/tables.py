@@ -40,10 +40,15 @@ def require_latest(spark, table_uri: str, produced_by: str) -> str:
     run_id = latest_run_id(spark, table_uri)
     if run_id is None:
         raise FileNotFoundError(f"no table under {table_uri}: run {produced_by} first")
+    _require_committed(spark, table_uri, run_id, produced_by)
+    return run_id
+
+
+def _require_committed(spark, table_uri: str, run_id: str, produced_by: str) -> None:
+    """Refuse the run ``_LATEST`` names when its snapshot has no manifest (the commit marker)."""
     if not fs.exists(spark, fs.join(run_dir(table_uri, run_id), MANIFEST)):
         raise FileNotFoundError(f"{table_uri}: _LATEST names run={run_id}, which has no manifest (a commit that did not finish); "
                                 f"run {produced_by} for run {run_id} again")
-    return run_id
 
 
 def committed_runs(spark, table_uri: str) -> list[str]:
@@ -74,9 +79,11 @@ def base_run(spark, table_uri: str, run) -> str | None:
 def read_latest(spark, table_uri: str):
     """The latest committed snapshot as a DataFrame, or ``None`` if there is none (an error
     if the pointer names a snapshot without its manifest: a commit that did not finish)."""
-    if latest_run_id(spark, table_uri) is None:
+    run_id = latest_run_id(spark, table_uri)
+    if run_id is None:
         return None
-    return spark.read.parquet(run_dir(table_uri, require_latest(spark, table_uri, "the stage that writes it")))
+    _require_committed(spark, table_uri, run_id, "the stage that writes it")
+    return spark.read.parquet(run_dir(table_uri, run_id))
 
 
 def read_manifest(spark, table_uri: str, run_id: str | None = None) -> dict | None:
