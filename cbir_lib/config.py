@@ -174,8 +174,13 @@ class IndexConfig:
     n_trees: int = 16
     seed: int = 42
     export_ann_files: bool = True  # also write each forest as <cell>.ann + <cell>.ids.npy files
+    # Dense search's first pass scores each vector's projection on the r top principal
+    # directions of the training sample, then re-ranks a shortlist at full dimension
+    # (cbir_lib/index/reduce.py). Used at dim >= 4 r (kmeans partitioning); 0 turns it off.
+    reduced_dim: int = 128
 
     def validate(self) -> None:
+        _require(0 <= self.reduced_dim <= 4096, "index.reduced_dim", "must be in 0..4096 (0: no reduced first pass)")
         _require(self.metric in METRICS, "index.metric", f"must be one of {METRICS}, got {self.metric!r}")
         _require(self.partitioning in PARTITIONINGS, "index.partitioning", f"must be one of {PARTITIONINGS}, got {self.partitioning!r}")
         if self.n_cells is not None:
@@ -212,6 +217,9 @@ class NeighborsConfig:
     # the same top-k. None: 40 % of spark.executor.memory (the driver's in local mode).
     memory_budget: str | None = None
     chunk_size: int = 200_000  # queries per committed part: the unit of resume after a crash
+    # dense search on an index with reduced vectors: each query's top-shortlist by reduced
+    # score is re-ranked at full dimension. None: 4k. Recall is measured as always.
+    shortlist: int | None = None
     # Re-ranking (angular only): none | aqe | alpha_qe | dba | dba+alpha_qe. The default
     # measured best on clothing-small (benchmarks/results/quality.json): P@10 0.754 -> 0.784.
     rerank: str = "dba+alpha_qe"
@@ -244,6 +252,8 @@ class NeighborsConfig:
             _require(bool(re.fullmatch(r"\s*\d+\s*[kmgt]b?\s*", str(self.memory_budget).lower())) and not str(self.memory_budget).strip().startswith("0"),
                      "neighbors.memory_budget", f"must be a size such as 512m or 4g, got {self.memory_budget!r}")
         _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
+        if self.shortlist is not None:
+            _require(self.k <= self.shortlist <= 10_000, "neighbors.shortlist", f"must be in neighbors.k ({self.k})..10000")
 
 
 EVALUATE_MODES = ("neighbors", "split")

@@ -33,6 +33,7 @@ import numpy as np
 from cbir_lib.common import fs, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
+from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
 from cbir_lib.neighbors.topk import prepare
 
@@ -44,6 +45,7 @@ STORE = "store"
 FORESTS = "forests"
 ANN = "ann"
 CENTROIDS = "centroids.npy"
+REDUCTION = "reduction.npy"
 # The store's vector is raw little-endian float32 bytes, not array<float>: Spark shuffles,
 # sorts and writes one binary value per row far faster than 256 list elements. Measured
 # on 100k x 256: writing the store took 8.7 s with array<float>, 5.4 s as binary.
@@ -179,13 +181,14 @@ def executor_memory(spark) -> tuple[int | None, int]:
     return _bytes_of(mem), max(1, cores)
 
 
-def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int):
-    """mapInArrow: (image_id, embedding[, cell]) -> (cell, image_id, prepared vector)."""
+def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int, reduction_bytes: bytes | None = None):
+    """mapInArrow: (image_id, embedding[, cell]) -> (cell, image_id, prepared vector[, its reduction])."""
 
     def fn(batches):
         import pyarrow as pa
 
         centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
+        basis = np.load(io.BytesIO(reduction_bytes)) if reduction_bytes else None
         for batch in batches:
             if batch.num_rows == 0:
                 continue
@@ -194,10 +197,10 @@ def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int):
                 cells = assign(x, centroids, metric)[:, 0]
             else:
                 cells = batch.column("cell").to_numpy(zero_copy_only=False)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_binary(x)],
-                names=["cell", "image_id", "vector"],
-            )
+            cols = [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_binary(x)]
+            if basis is not None:
+                cols.append(vectors_binary(reduce.project(x, basis)))
+            yield pa.RecordBatch.from_arrays(cols, names=["cell", "image_id", "vector", "reduced"][: len(cols)])
 
     return fn
 
@@ -270,6 +273,7 @@ def _index_signature(cfg: Config, dim: int) -> dict:
         "n_trees": i.n_trees,
         "seed": i.seed,
         "export_ann_files": i.export_ann_files,
+        "reduced_dim": i.reduced_dim if reduce.applies(dim, i.reduced_dim) and i.partitioning == "kmeans" else 0,
     }
 
 
@@ -357,6 +361,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
 
     centroids = None
     trained_on = None
+    reduction, reduction_bytes = None, None
     if ic.partitioning == "kmeans":
         # 64 points per cell suffice for a coarse quantiser (faiss warns below 39).
         # The sample is bounded in bytes as well as rows (40,448 x 1,280 floats through
@@ -370,6 +375,12 @@ def _run_build_index(spark, cfg: Config) -> dict:
         n_cells = len(centroids)
         centroids_bytes = _npy_bytes(centroids)
         source = emb
+        if reduce.applies(dim, ic.reduced_dim):
+            with timer(f"fitting the {ic.reduced_dim}-d reduction on the sample") as t:
+                basis, energy = reduce.fit(sample, ic.reduced_dim)
+            timings["reduction_s"] = round(t["seconds"], 3)
+            reduction = {"file": REDUCTION, "dim": int(basis.shape[1]), "energy": round(energy, 4), "fitted_on": len(sample)}
+            reduction_bytes = _npy_bytes(basis)
     else:
         centroids_bytes = None
         source = emb.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
@@ -378,7 +389,8 @@ def _run_build_index(spark, cfg: Config) -> dict:
     # The store is written as assigned, without a shuffle: its readers (executors loading
     # it for the search, the forest builder) sort by (cell, image_id) themselves, and a
     # shuffle of N x dim floats measured 5.4 s of the 100k build.
-    store = source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells), STORE_DDL)
+    store = source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes),
+                              STORE_DDL + (", reduced binary" if reduction_bytes else ""))
 
     manifest: dict = {
         "stage": "index",
@@ -394,6 +406,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         "n_trees": ic.n_trees if ic.forests else None,
         "seed": ic.seed,
         "centroids": {"file": CENTROIDS, "shape": [n_cells, dim], "trained_on": trained_on} if centroids is not None else None,
+        "reduction": reduction,
         "store": STORE,
         "forests": FORESTS if ic.forests else None,
         "ann_files": ANN if ic.forests and ic.export_ann_files else None,
@@ -436,6 +449,8 @@ def _run_build_index(spark, cfg: Config) -> dict:
                 manifest["ann_files_written"] = exported
 
     extra = {CENTROIDS: centroids_bytes} if centroids_bytes else {}
+    if reduction_bytes:
+        extra[REDUCTION] = reduction_bytes
     manifest["timings"] = timings
 
     def write_and_time(tmp: str) -> None:

@@ -72,31 +72,58 @@ def groups_of_cells(offsets: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray
     return first.astype(np.int64), last.astype(np.int64)
 
 
-def sub_store(offsets: np.ndarray, lo: int, hi: int, ids: np.ndarray, vectors: np.ndarray, centroids, metric: str) -> CellStore:
+def sub_store(offsets: np.ndarray, lo: int, hi: int, ids: np.ndarray, vectors: np.ndarray, centroids, metric: str,
+              reduced: np.ndarray | None = None, projection: np.ndarray | None = None) -> CellStore:
     """Rows ``[lo, hi)`` of the sorted store as a store of all cells, those outside it empty."""
     clipped = np.clip(offsets, lo, hi) - lo
-    return CellStore(ids, vectors, clipped.astype(np.int64), centroids, metric)
+    return CellStore(ids, vectors, clipped.astype(np.int64), centroids, metric, reduced, projection)
 
 
-def merge(best: tuple[np.ndarray, np.ndarray] | None, part: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k of two partial top-k lists of the same queries, ranked by ``(-score, id)``."""
+def merge(best: tuple | None, part: tuple, k: int) -> tuple:
+    """The top-k of two partial top-k lists of the same queries, ranked by ``(-score, id)``.
+
+    Shortlists of the reduced first pass are ``(reduced, ids, full)``: merged by the
+    reduced score, the full one carried along."""
     if best is None:
         return part
     m = len(part[0])
     vals = np.concatenate([best[0], part[0]], axis=1)
     ids = np.concatenate([best[1], part[1]], axis=1)
     rows = np.repeat(np.arange(m), vals.shape[1])
+    if len(part) == 3:
+        return select(rows, vals.ravel(), ids.ravel(), m, k, payload=np.concatenate([best[2], part[2]], axis=1).ravel())
     return select(rows, vals.ravel(), ids.ravel(), m, k)
+
+
+def uses_shortlist(spec: dict) -> bool:
+    """Whether the spec's search is dense with the reduced first pass (its parts return shortlists)."""
+    return bool(spec.get("shortlist")) and spec["method"] == "dense"
+
+
+def shortlist_width(spec: dict, k: int) -> int:
+    """Entries of a query's running list: its shortlist with the reduced first pass, else k."""
+    return max(int(spec["shortlist"]), k) if uses_shortlist(spec) else k
+
+
+def finish(spec: dict, best: tuple, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A merged running list as the final top-k ``(scores, ids)``."""
+    if len(best) == 2:
+        return best
+    from cbir_lib.neighbors.topk import final_scores, finish_shortlist
+
+    vals, ids = finish_shortlist(*best, k)
+    q_sq = np.einsum("ij,ij->i", queries, queries) if spec["metric"] == "euclidean" else None
+    return final_scores(vals, spec["metric"], q_sq).astype(np.float32), ids
 
 
 # ---------------------------------------------------------------------------------------
 # Executor side.
 
-_GROUPS: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_GROUPS: dict[tuple[str, int], tuple] = {}
 
 
-def read_group(spec: dict, g: int, keep: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(cells, ids, vectors)`` of group ``g``, in store order.
+def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
+    """``(cells, ids, vectors, reduced vectors or None)`` of group ``g``, in store order.
 
     A worker caches one store group (the last visited, so the next sweep can start with it);
     the cached one is dropped *before* another is read, so a task never holds two store groups
@@ -114,7 +141,10 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple[np.ndarray, np.nd
     uri = f"{spec['groups_uri']}/group={g}"
     fs_, path, _ = remote._filesystem(files, uri)
     names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
-    tables = [pq.read_table(f"{path}/{n}", columns=["pos", "cell", "image_id", "vector"], filesystem=fs_) for n in names]
+    r = spec.get("reduced_dim")
+    columns = ["pos", "cell", "image_id", "vector", *(["reduced"] if r else [])]
+    tables = [pq.read_table(f"{path}/{n}", columns=columns, filesystem=fs_) for n in names]
+    xr = None
     if tables:
         import pyarrow as pa
 
@@ -123,21 +153,25 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple[np.ndarray, np.nd
         cells = t.column("cell").to_numpy()[order]
         ids = t.column("image_id").to_numpy()[order]
         x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec["dim"])[order])
+        if r:
+            xr = np.ascontiguousarray(binary_to_numpy(t.column("reduced"), r)[order])
     else:
         cells, ids, x = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, spec["dim"]), np.float32)
+        xr = np.zeros((0, r), np.float32) if r else None
     if keep:
-        _GROUPS[key] = (cells, ids, x)
-    return cells, ids, x
+        _GROUPS[key] = (cells, ids, x, xr)
+    return cells, ids, x, xr
 
 
 def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
     bounds = np.asarray(spec["bounds"])
-    _, ids, x = read_group(spec, g, keep)
+    _, ids, x, xr = read_group(spec, g, keep)
     if len(ids) != bounds[g + 1] - bounds[g]:
         from cbir_lib.index.build import IndexMismatch
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
-    return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, _centroids(spec), spec["metric"])
+    return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, _centroids(spec), spec["metric"],
+                     xr, _projection(spec))
 
 
 _CENTROIDS: dict[str, np.ndarray | None] = {}
@@ -152,6 +186,17 @@ def _centroids(spec: dict) -> np.ndarray | None:
     return _CENTROIDS[key]
 
 
+_PROJECTIONS: dict[str, np.ndarray | None] = {}
+
+
+def _projection(spec: dict) -> np.ndarray | None:
+    """The index's reduction basis (``(d, r)``), parsed once per process."""
+    key = spec["groups_uri"]
+    if key not in _PROJECTIONS:
+        _PROJECTIONS[key] = np.load(io.BytesIO(spec["projection"])) if spec.get("projection") else None
+    return _PROJECTIONS[key]
+
+
 def router(spec: dict) -> CellStore:
     """A store with no rows but every centroid: routes queries (its cell graph cached per process)."""
     key = spec["groups_uri"]
@@ -159,6 +204,11 @@ def router(spec: dict) -> CellStore:
         _ROUTERS[key] = sub_store(np.asarray(spec["offsets"]), 0, 0, np.zeros(0, np.int64),
                                   np.zeros((0, spec["dim"]), np.float32), _centroids(spec), spec["metric"])
     return _ROUTERS[key]
+
+
+def _nbytes(store: CellStore) -> int:
+    """Bytes of a group's vectors, their reductions included."""
+    return store.vectors.nbytes + (store.reduced.nbytes if store.reduced is not None else 0)
 
 
 class Sweep:
@@ -175,7 +225,7 @@ class Sweep:
         self.bounds = np.asarray(spec["bounds"])
         self.n_groups = len(self.bounds) - 1
         self.qs = group_store(spec, gq, keep=False) if gq is not None else None
-        self.base = base_bytes + (self.qs.vectors.nbytes if self.qs is not None else 0)
+        self.base = base_bytes + (_nbytes(self.qs) if self.qs is not None else 0)
         self.extra = 0
         self.held = self.base
 
@@ -189,7 +239,7 @@ class Sweep:
     def store(self, g: int) -> CellStore:
         self.close()
         st = self.qs if g == self.gq else group_store(self.spec, g)
-        held = 0 if g == self.gq else st.vectors.nbytes
+        held = 0 if g == self.gq else _nbytes(st)
         if self.spec["method"] == "annoy":
             st.forests, st.lo, forest_bytes, self._forest_dir = group_forests(self.spec, g)
             self._forests_loaded = st.forests.loaded
@@ -294,16 +344,21 @@ def topk(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, o
         return (*hierarchical_topk(sweep, queries, own_pos, k), list(range(sweep.n_groups)))
     probes, visits = route_visits(sweep, queries, own)
     qb = sweep.spec["query_block"]
-    best_v, best_i = empty(m, k)
+    width = shortlist_width(sweep.spec, k)
+    best = empty(m, width)
+    if uses_shortlist(sweep.spec):
+        best = (*best, np.full((m, width), -np.inf, np.float32))
     for g in sweep.order(visits):
         st = sweep.store(g)
         rows = visits[g]
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
-            v, i = search(st, np.ascontiguousarray(queries[r]), qids[r], own[r], None if probes is None else probes[r], best_v[r, k - 1], k)
-            best_v[r], best_i[r] = merge((best_v[r], best_i[r]), (v, i), k)
+            part = search(st, np.ascontiguousarray(queries[r]), qids[r], own[r], None if probes is None else probes[r], best[0][r, width - 1], k)
+            merged = merge(tuple(b[r] for b in best), part, width)
+            for b, new_ in zip(best, merged, strict=True):
+                b[r] = new_
         st = None  # noqa: F841 - drop this group before the next is read
-    return best_v, best_i, sorted(visits)
+    return (*finish(sweep.spec, best, queries, k), sorted(visits))
 
 
 def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, search) -> np.ndarray:
@@ -472,7 +527,12 @@ def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
             own = qs.cells_of_rows(np.arange(m))
             y = expand(sweep, qs.vectors, qs.ids, own, pos, search) if m else qs.vectors
             sweep.close()
-            table = pa.table({"pos": pos, "cell": own.astype(np.int32), "image_id": np.asarray(qs.ids), "vector": vectors_binary(y)})
+            cols = {"pos": pos, "cell": own.astype(np.int32), "image_id": np.asarray(qs.ids), "vector": vectors_binary(y)}
+            if qs.projection is not None:  # the augmented vectors' own reductions
+                from cbir_lib.index.reduce import project
+
+                cols["reduced"] = vectors_binary(project(y, qs.projection))
+            table = pa.table(cols)
             remote.commit_parquet(files, table, f"{dest}/{shards.attempt_name(unit)}", tmp_uri)
             yield {"group": int(gq), "outcome": "committed", "held_bytes": int(sweep.held), "seconds": round(time.time() - t0, 3)}
 
@@ -491,9 +551,9 @@ def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: 
             sweep = Sweep(spec, None, base_bytes=queries.nbytes)
             store = sweep.store(int(g))
             t0 = time.perf_counter()
-            v, i = search(store, queries, query_ids, own, probes, None, spec["k"])
+            part = search(store, queries, query_ids, own, probes, None, spec["k"])
             sweep.close()
-            yield v, i, time.perf_counter() - t0, int(sweep.held)
+            yield part, time.perf_counter() - t0, int(sweep.held)
 
     return fn
 
@@ -551,7 +611,8 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     from cbir_lib.common import fs
 
     starts = F.array(*[F.lit(int(o)) for o in offsets[:-1]])
-    store = spark.read.parquet(store_uri).select("cell", "image_id", "vector")
+    store = spark.read.parquet(store_uri)
+    store = store.select("cell", "image_id", "vector", *(["reduced"] if "reduced" in store.columns else []))
     pos = F.element_at(starts, F.col("cell") + 1) + F.row_number().over(Window.partitionBy("cell").orderBy("image_id")) - 1
     grouped = store.withColumn("pos", pos.cast("long")).withColumn("group", (F.col("pos") / F.lit(rows_per_group)).cast("int"))
     n_groups = -(-int(offsets[-1]) // rows_per_group)
@@ -588,9 +649,10 @@ def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np
     routing = time.perf_counter() - t0
     parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
     best = None
-    for v, i, _, _ in parts:
-        best = merge(best, (v, i), spec["k"])
-    return best[0], best[1], routing + sum(p[2] for p in parts), max(p[3] for p in parts)
+    for part, _, _ in parts:
+        best = merge(best, part, shortlist_width(spec, spec["k"]))
+    v, i = finish(spec, best, x, spec["k"])
+    return v, i, routing + sum(p[1] for p in parts), max(p[2] for p in parts)
 
 
 def core(spec: dict):
@@ -610,7 +672,10 @@ def core(spec: dict):
                                                                         annoy_candidates(spec["candidates"], k),
                                                                         whole_offsets=spec["offsets"], lo=store.lo)
     if spec["method"] == "dense":
-        return lambda store, q, qids, own, probes, kth, k: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None)
+        # With the reduced first pass each part returns its shortlist (reduced, ids, full).
+        short = spec.get("shortlist") if uses_shortlist(spec) else None
+        return lambda store, q, qids, own, probes, kth, k: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None,
+                                                                        shortlist=short, raw=bool(short))
     return lambda store, q, qids, own, probes, kth, k: exact_search(store, q, qids, k)
 
 

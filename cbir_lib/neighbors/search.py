@@ -55,6 +55,7 @@ from cbir_lib.index.build import (
     sorted_store,
     vectors_binary,
 )
+from cbir_lib.index.reduce import project
 from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
@@ -108,15 +109,24 @@ def _local_once(name: str, build) -> str:
     return d
 
 
-def read_store_parts(paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``."""
+def read_store_parts(paths: list[str], reduced: bool = False) -> tuple:
+    """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``;
+    with ``reduced``, the rows' reduced vectors fourth."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = [pq.read_table(p, columns=["cell", "image_id", "vector"]) for p in paths]
+    from cbir_lib.index.build import binary_to_numpy
+
+    parts = [pq.read_table(p, columns=["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for p in paths]
     if not parts:
-        return sorted_store(pa.table({"cell": pa.array([], pa.int32())}))
-    return sorted_store(pa.concat_tables(parts))
+        empty_ = sorted_store(pa.table({"cell": pa.array([], pa.int32())}))
+        return (*empty_, np.zeros((0, 0), np.float32)) if reduced else empty_
+    t = pa.concat_tables(parts)
+    cells, ids, x = sorted_store(t)
+    if not reduced:
+        return cells, ids, x
+    order = np.lexsort((t.column("image_id").to_numpy(), t.column("cell").to_numpy()))
+    return cells, ids, x, np.ascontiguousarray(binary_to_numpy(t.column("reduced"))[order])
 
 
 def local_store(spec: dict) -> CellStore:
@@ -126,19 +136,25 @@ def local_store(spec: dict) -> CellStore:
         return _STORES[key]
     from pyspark import SparkFiles
 
+    reduced = bool(spec.get("reduced_dim"))
+
     def build(tmp: str) -> None:
-        cells, ids, x = read_store_parts([SparkFiles.get(name) for name in spec["store_files"]])
+        cells, ids, x, *xr = read_store_parts([SparkFiles.get(name) for name in spec["store_files"]], reduced)
         counts = np.diff(np.asarray(spec["offsets"]))
         if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
             raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
         np.save(os.path.join(tmp, "ids.npy"), ids)
         np.save(os.path.join(tmp, "vectors.npy"), x)
+        if reduced:
+            np.save(os.path.join(tmp, "reduced.npy"), xr[0])
 
     d = _local_once(f"cbir-store-{key}", build)
     ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
     x = np.load(os.path.join(d, "vectors.npy"), mmap_mode="r")
+    xr = np.load(os.path.join(d, "reduced.npy"), mmap_mode="r") if reduced else None
     centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
-    store = CellStore(np.asarray(ids), x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"])
+    projection = np.load(io.BytesIO(spec["projection"])) if reduced else None
+    store = CellStore(np.asarray(ids), x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"], xr, projection)
     _STORES[key] = store
     return store
 
@@ -237,7 +253,7 @@ def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray,
     if method in ("dense", "annoy"):
         probes = store.route(queries, spec["nprobe"], own_cells)
         if method == "dense":
-            return dense_search(store, queries, query_ids, probes, k)
+            return dense_search(store, queries, query_ids, probes, k, shortlist=spec.get("shortlist"))
         return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], annoy_candidates(spec["candidates"], k))
     if method == "hierarchical":
         return code_search(store, queries, query_ids, spec, k)
@@ -342,8 +358,11 @@ def _augment_ranges(spec: dict):
         own = store.cells_of_rows(rows)
         ids = np.asarray(store.ids[rows])
         y = expand_queries(store, np.ascontiguousarray(store.vectors[rows]), ids, own, spec, get_forest)
-        return pa.RecordBatch.from_arrays([pa.array(own.astype(np.int32)), pa.array(ids), vectors_binary(y)],
-                                          names=["cell", "image_id", "vector"])
+        cols, names = [pa.array(own.astype(np.int32)), pa.array(ids), vectors_binary(y)], ["cell", "image_id", "vector"]
+        if store.projection is not None:  # the augmented vectors' own reductions
+            cols.append(vectors_binary(project(y, store.projection)))
+            names.append("reduced")
+        return pa.RecordBatch.from_arrays(cols, names=names)
 
     return _row_ranges(spec, block)
 
@@ -483,7 +502,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     # The layout: the whole store on every executor while it fits the budget, else groups.
     sc = spark.sparkContext
     budget_bytes = budget.resolve_budget(spark, nb.memory_budget)
-    store_bytes = n * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)
+    row_dim = int(index["dim"]) + int((index.get("reduction") or {}).get("dim") or 0)  # a row's floats, its reduction's included
+    store_bytes = n * (4 * row_dim + budget.ROW_OVERHEAD)
     if method == "annoy":  # the forests go along, and hold the vectors again
         store_bytes += n * budget.forest_bytes_per_row(int(index["dim"]), int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
@@ -491,7 +511,12 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
     forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
+    reduction = index.get("reduction") or {}
     spec = {
+        "reduced_dim": int(reduction.get("dim") or 0),
+        "projection": fs.read_bytes(spark, fs.join(index["uri"], reduction["file"])) if reduction else None,
+        # Dense search on a reduced index: each query's top-L by reduced score, re-ranked.
+        "shortlist": (nb.shortlist or 4 * nb.k) if reduction else None,
         "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
         "store_files": store_files,
         "forest_files": forest_files,
@@ -517,7 +542,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, nb.rerank)
         timings["groups_s"] = round(t["seconds"], 3)
-        memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * int(index["dim"]) + budget.ROW_OVERHEAD)})
+        memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * row_dim + budget.ROW_OVERHEAD)})
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     rng = np.random.default_rng(index.get("seed", 0))
@@ -710,7 +735,7 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
         units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
         df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
         tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
-        df.mapInArrow(_augment_ranges({**spec, "expand": False}), "cell int, image_id long, vector binary").write.mode("overwrite").parquet(tmp)
+        df.mapInArrow(_augment_ranges({**spec, "expand": False}), "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")).write.mode("overwrite").parquet(tmp)
         fs.rename(spark, tmp, dba_dir)
     files = _ship(sc, spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
@@ -729,7 +754,7 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     """
     n, dim = int(offsets[-1]), int(index["dim"])
     per_task = budget.buffers_per_group(rerank, spec["method"], dim, int(index.get("n_trees") or 0)) * budget.slots_per_executor(spark)
-    rows = budget.group_rows(n, dim, budget_bytes // per_task, min_groups=slots)
+    rows = budget.group_rows(n, dim + spec["reduced_dim"], budget_bytes // per_task, min_groups=slots)
     bounds = budget.group_bounds(n, rows)
     groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):

@@ -61,11 +61,13 @@ def empty(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((m, k), -np.inf, dtype=np.float32), np.full((m, k), NO_ID, dtype=np.int64)
 
 
-def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int, payload: np.ndarray | None = None):
     """Top-k per row of a candidate list ``(row, score, id)``, ranked by ``(-score, id)``.
 
     Candidates with a non-finite score are dropped (padding, masked self, empty slots);
     rows with fewer than ``k`` candidates are padded with ``-inf`` / ``NO_ID``.
+    ``payload``: a float32 value per candidate carried along (``-inf`` in padding); then
+    ``(scores, ids, payload)`` is returned.
 
     One sort of a single int64 key (row, then score descending) finds each row's k-th
     best score; only candidates at or above it (k plus ties) go through the exact
@@ -75,8 +77,12 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     keep = np.isfinite(scores)
     rows, scores, ids = rows[keep], np.asarray(scores[keep], dtype=np.float32), ids[keep]
     out_v, out_i = empty(m, k)
+    out_p = None
+    if payload is not None:
+        payload = np.asarray(payload, dtype=np.float32)[keep]
+        out_p = np.full((m, k), -np.inf, dtype=np.float32)
     if rows.size == 0:
-        return out_v, out_i
+        return (out_v, out_i) if out_p is None else (out_v, out_i, out_p)
     if rows.size > 4 * k * max(1, m) // 2:
         key = (rows.astype(np.int64) << 32) | (0xFFFFFFFF - _sortable(scores)).astype(np.int64)
         order = np.argsort(key)
@@ -87,6 +93,8 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
         kth = np.where(counts > 0, scores[order][np.maximum(kth_at, 0)], np.inf)
         near = scores >= kth[rows]
         rows, scores, ids = rows[near], scores[near], ids[near]
+        if payload is not None:
+            payload = payload[near]
     order = np.lexsort((ids, -scores, rows))
     rows, scores, ids = rows[order], scores[order], ids[order]
     starts = np.searchsorted(rows, np.arange(m))
@@ -94,7 +102,18 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     take = rank < k
     out_v[rows[take], rank[take]] = scores[take]
     out_i[rows[take], rank[take]] = ids[take]
-    return out_v, out_i
+    if payload is None:
+        return out_v, out_i
+    out_p[rows[take], rank[take]] = payload[order][take]
+    return out_v, out_i, out_p
+
+
+def finish_shortlist(red: np.ndarray, ids: np.ndarray, full: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k by ``(-full score, id)`` of a shortlist: ``(m, L)`` candidates ranked by
+    their reduced scores ``red`` (padding: ``-inf``), each with its full-dimension score."""
+    m, L = ids.shape
+    full = np.where(np.isfinite(red), full, -np.inf).astype(np.float32)
+    return select(np.repeat(np.arange(m), L), full.ravel(), ids.ravel(), m, k)
 
 
 # A BLAS product's value for one (query, vector) pair depends on the shape of the call that

@@ -130,3 +130,57 @@ def test_split_rows_cuts_only_at_cell_boundaries():
     assert all(a in offsets and b in offsets for a, b in parts)
     assert split_rows(offsets, 12, 30, 5) == [(12, 30)], "one cell is never split"
     assert split_rows(offsets, 7, 7, 3) == []
+
+
+def reduced_store(x: np.ndarray, ids: np.ndarray, metric: str, n_cells: int, r: int) -> CellStore:
+    from cbir_lib.index import reduce
+
+    store = build(x, ids, metric, n_cells)
+    basis, _ = reduce.fit(store.vectors, r)
+    store.reduced, store.projection = reduce.project(store.vectors, basis), basis
+    return store
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+def test_the_reduced_first_pass_shortlist_holds_the_exact_top_k(metric):
+    """Every cell probed: only the reduction can lose a neighbour, and a 4k shortlist of a
+    32-of-128-d projection keeps nearly all of the exact top-10; the scores are the full ones."""
+    x = clustered(3000, 128, seed=2)
+    ids = np.arange(3000, dtype=np.int64) * 7 - 5000
+    store = reduced_store(x, ids, metric, 16, 32)
+    q = store.vectors
+    probes = store.route(q, store.n_cells)
+    want_v, want_i = exact_search(store, q, store.ids, 10)
+    got_v, got_i = dense_search(store, q, store.ids, probes, 10, shortlist=40)
+    assert recall_at_k(got_i, want_i, want_v, got_v) >= 0.97
+    found = got_i == want_i
+    np.testing.assert_allclose(got_v[found], want_v[found], rtol=1e-5, atol=1e-5)
+    # A shortlist of everything is exact.
+    all_v, all_i = dense_search(store, q[:200], store.ids[:200], probes[:200], 10, shortlist=3000)
+    np.testing.assert_array_equal(all_i, want_i[:200])
+    # Shorter shortlists lose more.
+    _, short_i = dense_search(store, q, store.ids, probes, 10, shortlist=10)
+    assert recall_at_k(short_i, want_i) < recall_at_k(got_i, want_i)
+
+
+def test_reduced_shortlists_of_parts_merge_to_the_whole_search():
+    """The store in three row ranges, each searched raw, the shortlists merged by (reduced
+    score, id) and finished once: the whole store's answer, bit for bit (duplicates tied)."""
+    from cbir_lib.neighbors import budget
+
+    x = clustered(2000, 128, seed=3)
+    x[:30] = x[30:60]
+    ids = np.random.default_rng(0).permutation(2000).astype(np.int64)
+    store = reduced_store(x, ids, "angular", 12, 32)
+    q, probes = store.vectors, store.route(store.vectors, 5)
+    want_v, want_i = dense_search(store, q, store.ids, probes, 10, shortlist=40)
+    spec = {"shortlist": 40, "method": "dense", "metric": "angular"}
+    best = None
+    for lo, hi in ((0, 500), (500, 1400), (1400, 2000)):
+        part = budget.sub_store(store.offsets, lo, hi, store.ids[lo:hi], store.vectors[lo:hi], store.centroids, "angular",
+                                store.reduced[lo:hi], store.projection)
+        kth = None if best is None else best[0][:, -1]
+        best = budget.merge(best, dense_search(part, q, store.ids, probes, 10, thresholds=kth, shortlist=40, raw=True), 40)
+    got_v, got_i = budget.finish(spec, best, q, 10)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_v, want_v)
