@@ -137,8 +137,8 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
     from cbir_lib.index.build import ANNOY_METRIC
     from cbir_lib.neighbors.topk import final_scores, prepare, rank_scores
 
-    if not index.get("ann_files"):
-        raise QueryError(f"index {index['run_id']} has no exported forests (index.forests and index.export_ann_files must be true)")
+    if not index.get("forests"):
+        raise QueryError(f"index {index['run_id']} has no forests (build it with index.forests=true)")
     metric = index["metric"]
     q = prepare(q, metric)
     counts = np.asarray(index["counts"]["per_cell"])
@@ -147,17 +147,13 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
         cells = np.argsort(-rank_scores(q, prepare(c, metric) if metric == "angular" else c, metric)[0], kind="stable")[:nprobe]
     else:
         cells = np.arange(len(counts))
-    width = 6
     all_ids, all_vecs = [], []
+    blobs = _forest_blobs(index_dir, index, [int(c) for c in cells if counts[c] > 0])
     with tempfile.TemporaryDirectory(prefix="cbir-query-") as tmp:
-        for cell in cells:
-            if counts[cell] == 0:
-                continue
-            name = f"cell-{int(cell):0{width}d}"
-            local = os.path.join(tmp, name + ".ann")
+        for cell, (blob, ids) in blobs.items():
+            local = os.path.join(tmp, f"{cell}.ann")
             with open(local, "wb") as fh:
-                fh.write(read_bytes(_join(index_dir, index["ann_files"], name + ".ann")))
-            ids = np.load(io.BytesIO(read_bytes(_join(index_dir, index["ann_files"], name + ".ids.npy"))))
+                fh.write(blob)
             forest = AnnoyIndex(index["dim"], ANNOY_METRIC[metric])
             forest.load(local)
             items = forest.get_nns_by_vector(q[0].tolist(), candidates, search_k=-1)
@@ -171,6 +167,28 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
     scores = final_scores(rank_scores(q, vecs, metric), metric, np.einsum("ij,ij->i", q, q))[0]
     order = np.lexsort((ids, -scores))[:k]
     return scores[order], ids[order]
+
+
+def _forest_blobs(index_dir: str, index: dict, cells: list[int]) -> dict[int, tuple[bytes, np.ndarray]]:
+    """``cell -> (Annoy file bytes, item ids)`` of the given cells: from the exported ``.ann``
+    files when the index has them, else from its forests table (row groups pruned by cell)."""
+    if index.get("ann_files"):
+        out = {}
+        for cell in cells:
+            name = f"cell-{cell:06d}"
+            out[cell] = (read_bytes(_join(index_dir, index["ann_files"], name + ".ann")),
+                         np.load(io.BytesIO(read_bytes(_join(index_dir, index["ann_files"], name + ".ids.npy")))))
+        return out
+    import pyarrow.dataset as ds
+
+    if not cells:
+        return {}
+    filesystem, path = _fs(_join(index_dir, index["forests"]))
+    t = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True).to_table(
+        columns=["cell", "ids", "ann"], filter=ds.field("cell").isin(cells))
+    found = {int(c): (a, np.asarray(i, np.int64)) for c, i, a in zip(t.column("cell").to_pylist(), t.column("ids").to_pylist(),
+                                                                        t.column("ann").to_pylist(), strict=True)}
+    return {c: found[c] for c in cells if c in found}
 
 
 def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = None, candidates: int | None = None,

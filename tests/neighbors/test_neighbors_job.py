@@ -55,8 +55,22 @@ def collection(spark, tmp_path_factory):
     write_embeddings(spark, str(root), ids, x, "e1")
     p = prepare(x, "angular")
     exact_v, exact_i = exact_topk(p, ids, p, ids, 10, "angular")
-    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8}))
+    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8, "export_ann_files": True}))
     return {"root": root, "x": x, "ids": ids, "exact": (exact_v, exact_i), "index": index}
+
+
+def test_query_reads_the_forests_table_as_it_reads_exported_files(collection):
+    """``cbir query``'s search with .ann files and, with the export off (the default), from the
+    forests table: the same hits."""
+    from cbir_lib.query import search_forests
+
+    m = collection["index"]
+    q = collection["x"][:3]
+    for row in range(3):
+        a = search_forests(q[row : row + 1], m["output"], m, 10, 6, 40)
+        b = search_forests(q[row : row + 1], m["output"], {**m, "ann_files": None}, 10, 6, 40)
+        assert a[1].tolist() == b[1].tolist() and len(a[1]) == 10 and a[1][0] == collection["ids"][row]
+        np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_index_manifest_and_ann_files(spark, collection):
