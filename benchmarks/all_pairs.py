@@ -1,6 +1,6 @@
 """All-pairs top-10: this project's index + neighbours jobs against single-node peers.
 
-    python benchmarks/all_pairs.py --n 100000 [--n 1000000] [--methods cbir,faiss_hnsw,...]
+    python benchmarks/all_pairs.py --n 100000 [--n 1000000] [--fashion] [--real] [--methods cbir,faiss_hnsw,...]
 
 Every method gets the same vectors and the same 2 cores, in a fresh process of its own,
 and finds the top-10 of every vector (itself excluded). Recall@10 is measured on the
@@ -8,9 +8,12 @@ same 1,000 sampled queries for all, against exact search (faiss IndexFlatIP), wi
 at the 10th score counted as found. Peak RSS is the whole process tree's (Spark: driver
 JVM + Python workers), polled every 0.2 s.
 
-- cbir:          ``jobs/build_index.py`` then ``jobs/neighbors.py`` (dense IVF), Spark
-                 local[2], end to end as a user runs them (JVM start-up included); the
-                 input embeddings table is written beforehand and not timed.
+- cbir:          ``jobs/pipeline.py --stages build_index,neighbors`` (one Spark session,
+                 local[2]), end to end as a user runs it (JVM start-up included), method
+                 auto at recall 0.95, no re-ranking, no forests; the input embeddings
+                 table is written beforehand and not timed. ``build_s`` is the index
+                 stage's own wall time, ``query_s`` the rest. ``CBIR_BENCH_TWO_JOBS=1``
+                 with ``--label cbir_two_jobs`` runs the two jobs as two spark-submits.
 - faiss_hnsw:    IndexHNSWFlat M=32, efConstruction 40; efSearch the smallest of 64..1024
                  reaching recall 0.95 on the sample (the sweep is not timed; at 100k, 64).
 - faiss_ivf:     IndexIVFFlat, 4 sqrt(N) cells, nprobe 16.
@@ -31,9 +34,13 @@ JVM + Python workers), polled every 0.2 s.
 
 **Data** ``mixture``: a Gaussian mixture (64 diagonal components) fitted to the real
 Lite0 embeddings of ../shared/data/clothing-small after PCA to 256 dims, sampled and
-L2-normalised. ``real``: those 3,781 real embeddings themselves (1280 dims). The
-embeddings are extracted once with this project (``cbir ingest`` + ``cbir extract``) and
-cached under benchmarks/.cache/.
+L2-normalised. ``real``: those 3,781 real embeddings themselves (1280 dims).
+``fashion`` (``--fashion``): the 70,000 Fashion-MNIST images of Debian's
+dataset-fashion-mnist (MIT licence; ``apt-get install dataset-fashion-mnist``) embedded
+at the shipped defaults (Lite0, R-MAC, 1,280 dims): real CNN embeddings with the cluster
+structure graph indexes exploit, which the mixture lacks. The embeddings are extracted
+once with this project (``cbir ingest`` + ``cbir extract``) and cached under
+benchmarks/.cache/.
 
 Results are merged into benchmarks/results/all_pairs.json (one row per n, data, method).
 """
@@ -155,8 +162,8 @@ def mixture(n: int, d: int = 256, components: int = 64, seed: int = 0) -> np.nda
 
 
 def dataset(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    if name == "real":
-        ids, x = real_embeddings()
+    if name in ("real", "fashion"):
+        ids, x = real_embeddings() if name == "real" else fashion_embeddings()
         return ids.astype(np.int64), (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     rng = np.random.default_rng(n)
     ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]
@@ -348,19 +355,31 @@ def w_cbir(x, t, ids=None, tmp=None):
         }), emb / f"part-{s // step:05d}.parquet")
     (emb / "_manifest.json").write_text(json.dumps({"run_id": "bench", "dim": int(x.shape[1])}))
     (root / "embeddings" / "_LATEST").write_text("bench")
-    common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g"]
+    common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench"]
     extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
+    index_args = ["index.forests=false", *[a for a in extra if a.startswith("index.")]]
+    nb_args = ["neighbors.method=auto", "neighbors.min_recall=0.95", "neighbors.rerank=none", *[a for a in extra if a.startswith("neighbors.")]]
     times = {}
-    for job, args in (("build_index", ["index.forests=false", *[a for a in extra if a.startswith("index.")]]),
-                      ("neighbors", ["neighbors.method=auto", "neighbors.min_recall=0.95", "neighbors.rerank=none", *[a for a in extra if a.startswith("neighbors.")]])):
+    if os.environ.get("CBIR_BENCH_TWO_JOBS"):  # one spark-submit per stage, as before jobs/pipeline.py
+        runs = (("build_index", [str(ROOT / "jobs" / "build_index.py"), *common, *index_args]),
+                ("neighbors", [str(ROOT / "jobs" / "neighbors.py"), *common, *nb_args]))
+    else:  # both stages in one session
+        runs = (("pipeline", [str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *common, *index_args, *nb_args]),)
+    for job, cmd in runs:
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *common, "--run-id", "bench", *args],
-                             cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         times[job] = time.perf_counter() - t0
         if out.returncode:
             raise SystemExit(f"{job} failed:\n{out.stderr[-4000:]}")
         sys.stderr.write(out.stderr[-2500:])
-        times[job + "_summary"] = json.loads(out.stdout.strip().splitlines()[-1])
+        if os.environ.get("CBIR_BENCH_LOG"):  # the job's whole log, for a timeline of its steps
+            with open(os.environ["CBIR_BENCH_LOG"], "a") as fh:
+                fh.write(out.stderr)
+        times[job + "_summary"] = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    index_manifest = json.loads((root / "index" / "run=bench" / "_manifest.json").read_text())
+    if "pipeline" in times:  # the index stage's own wall time, the rest (JVM start included) to the search
+        times["build_index"] = index_manifest["build_seconds"]
+        times["neighbors"] = times["pipeline"] - times["build_index"]
     from cbir_lib.neighbors.search import topk_arrays
 
     nb = pq.read_table(root / "neighbors" / "run=bench", columns=["image_id", "rank", "neighbor_id", "score"])
@@ -369,8 +388,11 @@ def w_cbir(x, t, ids=None, tmp=None):
     manifest = json.loads((root / "neighbors" / "run=bench" / "_manifest.json").read_text())
     return times["build_index"], times["neighbors"], gv, gi, {"manifest_recall": manifest.get("recall_at_k"),
                                                               "nprobe": manifest.get("nprobe"), "timings": manifest.get("timings"),
-                                                              "memory": manifest.get("memory"),
-                                                              "index": times["build_index_summary"]}
+                                                              "memory": manifest.get("memory"), "method": manifest.get("method"),
+                                                              "jobs": [job for job in ("pipeline", "build_index", "neighbors") if job + "_summary" in times],
+                                                              "index": {"n_cells": index_manifest["n_cells"], "timings": index_manifest.get("timings"),
+                                                                        "reduction": index_manifest.get("reduction"),
+                                                                        "build_seconds": index_manifest.get("build_seconds")}}
 
 
 def w_spark_brp_lsh(x, t, ids=None, tmp=None):
@@ -529,6 +551,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, action="append", help="collection sizes (mixture data); default 100000")
     ap.add_argument("--real", action="store_true", help="also run on the real clothing-small embeddings")
+    ap.add_argument("--fashion", action="store_true", help="also run on Fashion-MNIST's 70,000 real 1,280-d embeddings")
+    ap.add_argument("--label", help="cbir only: record the row under this method name (e.g. cbir_two_jobs)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lsh-max-n", type=int, default=100_000)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per method before it is recorded as unfinished")
@@ -547,6 +571,10 @@ def main() -> None:
     plans = [("mixture", n) for n in (args.n or [100_000])]
     if args.real:
         plans.insert(0, ("real", 0))
+    if args.fashion:
+        plans.insert(0, ("fashion", 0))
+    if args.n is None and (args.real or args.fashion):
+        plans = [p for p in plans if p[0] != "mixture"]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
     for data, key in plans:
         ids, x = dataset(data, key)
@@ -558,7 +586,9 @@ def main() -> None:
             budget = args.memory_budget if method == "cbir" else None
             row = run_method(method, data, key, args.lsh_timeout if method == "spark_brp_lsh" else args.timeout, budget)
             row["n"], row["dim"] = n, dim
-            same = (n, data, method, row.get("memory_budget_mb"))
+            if args.label and method == "cbir":
+                row["method"] = args.label
+            same = (n, data, row["method"], row.get("memory_budget_mb"))
             results["runs"] = [r for r in results["runs"] if (r["n"], r["data"], r["method"], r.get("memory_budget_mb")) != same] + [row]
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")

@@ -9,6 +9,7 @@
     cbir dedup dedup.phash_threshold=8 dedup.min_score=0.9
     cbir train train.bits=48 && cbir extract extract.head=output/models
     cbir query IMAGE [--k 10] [--html out.html]
+    cbir pipeline --stages build_index,neighbors   # several stages in one Spark session
     cbir sample DIR                # write the embedded sample photos to DIR
 """
 
@@ -28,6 +29,7 @@ STAGES = {
     "dedup": "jobs.dedup",
     "train": "jobs.train",
     "query": "jobs.query",
+    "pipeline": "jobs.pipeline",
 }
 
 

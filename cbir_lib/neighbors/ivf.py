@@ -33,6 +33,7 @@ from cbir_lib.neighbors.topk import (
     reselect,
     select,
     self_positions,
+    shortlist_scores,
     slack,
 )
 
@@ -192,8 +193,8 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     near = np.isfinite(fast) & (fast >= slack(v[:, width - 1])[rows])
     rows, pos = rows[near], pos[near]
     red = pair_scores(q, rows, x, pos, store.metric, sq)
-    full = pair_scores(queries, rows, vectors, pos, store.metric, sq)
-    red_l, ids_l, full_l = select(rows, red, store.ids[pos], m, width, payload=full)
+    red_l, ids_l, pos_l = select(rows, red, store.ids[pos], m, width, payload=pos)
+    full_l = shortlist_scores(queries, vectors, pos_l, store.metric, sq)
     if raw:
         return red_l, ids_l, full_l
     vals, ids = finish_shortlist(red_l, ids_l, full_l, k)

@@ -66,8 +66,8 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
 
     Candidates with a non-finite score are dropped (padding, masked self, empty slots);
     rows with fewer than ``k`` candidates are padded with ``-inf`` / ``NO_ID``.
-    ``payload``: a float32 value per candidate carried along (``-inf`` in padding); then
-    ``(scores, ids, payload)`` is returned.
+    ``payload``: a value per candidate carried along (padding: ``-inf`` for floats, -1 for
+    integers); then ``(scores, ids, payload)`` is returned.
 
     One sort of a single int64 key (row, then score descending) finds each row's k-th
     best score; only candidates at or above it (k plus ties) go through the exact
@@ -79,8 +79,8 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     out_v, out_i = empty(m, k)
     out_p = None
     if payload is not None:
-        payload = np.asarray(payload, dtype=np.float32)[keep]
-        out_p = np.full((m, k), -np.inf, dtype=np.float32)
+        payload = np.asarray(payload)[keep]
+        out_p = np.full((m, k), -np.inf if payload.dtype.kind == "f" else -1, dtype=payload.dtype)
     if rows.size == 0:
         return (out_v, out_i) if out_p is None else (out_v, out_i, out_p)
     if rows.size > 4 * k * max(1, m) // 2:
@@ -151,6 +151,26 @@ def pair_scores(queries: np.ndarray, rows: np.ndarray, vectors: np.ndarray, pos:
         if sqnorm is None:
             sqnorm = np.einsum("ij,ij->i", vectors, vectors)
         out -= np.float32(0.5) * sqnorm[pos]
+    return out
+
+
+def shortlist_scores(queries: np.ndarray, vectors: np.ndarray, pos: np.ndarray, metric: str, sqnorm: np.ndarray | None = None,
+                     block_bytes: int = 32 << 20) -> np.ndarray:
+    """Rank scores of each query ``i`` against the store rows ``pos[i]`` (``(m, L)``, -1 for
+    none: ``-inf``), the same values as :func:`pair_scores` (a pairwise sum per pair), with
+    each query's row read once rather than once per candidate."""
+    m, L = pos.shape
+    out = np.full((m, L), -np.inf, dtype=np.float32)
+    if m == 0 or L == 0:
+        return out
+    step = max(1, block_bytes // max(1, 4 * L * vectors.shape[1]))
+    for s in range(0, m, step):
+        p = pos[s : s + step]
+        g = np.asarray(vectors[np.maximum(p, 0)], dtype=np.float32)  # (b, L, d)
+        v = (g * queries[s : s + step, None, :]).sum(axis=2, dtype=np.float32)
+        if metric == "euclidean":
+            v -= np.float32(0.5) * sqnorm[np.maximum(p, 0)]
+        out[s : s + step] = np.where(p >= 0, v, np.float32(-np.inf))
     return out
 
 
@@ -300,10 +320,28 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.
     ``NO_ID``). With scores given, an approximate neighbour whose score equals the exact
     k-th score counts as found: a tie at the boundary is not a miss.
     """
+    found, total = _hits(approx_ids, exact_ids, exact_scores, approx_scores)
+    return float(found.sum() / total.sum()) if total.sum() else 1.0
+
+
+def recall_lower_bound(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None,
+                       approx_scores: np.ndarray | None = None, z: float = 1.645) -> float:
+    """A one-sided bound (95 % at the default ``z``) on the collection's recall@k from a
+    sample of queries: the sample's mean per-query recall less ``z`` standard errors."""
+    found, total = _hits(approx_ids, exact_ids, exact_scores, approx_scores)
+    per = found[total > 0] / total[total > 0]
+    if per.size < 2:
+        return float(per.mean()) if per.size else 1.0
+    return float(per.mean() - z * per.std(ddof=1) / np.sqrt(per.size))
+
+
+def _hits(approx_ids, exact_ids, exact_scores, approx_scores) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (exact neighbours found, exact neighbours to find)."""
     k = exact_ids.shape[1]
     t_ok = np.isfinite(exact_scores) if exact_scores is not None else exact_ids != NO_ID
     a_ok = np.isfinite(approx_scores) if approx_scores is not None else approx_ids != NO_ID
-    total = found = 0
+    found = np.zeros(len(exact_ids), dtype=np.int64)
+    total = np.zeros(len(exact_ids), dtype=np.int64)
     for i in range(len(exact_ids)):
         truth = exact_ids[i][t_ok[i]]
         if truth.size == 0:
@@ -314,6 +352,6 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.
             kth = exact_scores[i][t_ok[i]][-1]
             extra = (approx_scores[i][a_ok[i]] >= kth - 1e-6) & ~np.isin(got, truth)
             hits = min(truth.size, hits + int(extra.sum()))
-        found += hits
-        total += min(k, truth.size)
-    return found / total if total else 1.0
+        found[i] = hits
+        total[i] = min(k, truth.size)
+    return found, total

@@ -107,3 +107,22 @@ def test_recall_counts_boundary_ties_as_found():
 def test_prepare_rejects_unknown_metric():
     with pytest.raises(ValueError, match="metric"):
         prepare(np.zeros((2, 2)), "cosine-ish")
+
+
+def test_shortlist_scores_are_the_pair_scores_bit_for_bit():
+    """Scored query by query with the query's row read once: the same float32 values as
+    pair_scores, so a shortlist's full scores do not depend on how candidates were batched."""
+    from cbir_lib.neighbors.topk import pair_scores, shortlist_scores
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 300)).astype(np.float32)
+    q = rng.normal(size=(64, 300)).astype(np.float32)
+    pos = rng.integers(0, 500, size=(64, 7))
+    pos[3, 5:] = -1
+    for metric in ("dot", "euclidean"):
+        sq = np.einsum("ij,ij->i", x, x)
+        got = shortlist_scores(q, x, pos, metric, sq, block_bytes=4 * 7 * 300 * 5)  # blocks of 5 queries
+        rows = np.repeat(np.arange(64), 7)
+        want = pair_scores(q, rows, x, np.maximum(pos.ravel(), 0), metric, sq).reshape(64, 7)
+        want[pos < 0] = -np.inf
+        np.testing.assert_array_equal(got, want)
