@@ -55,7 +55,9 @@ bench-extract: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
 
 bench-all-pairs: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/all_pairs.py --real --n 100000 --n 1000000 $(ARGS)
+	# --fashion needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
+	$(BIN)/python benchmarks/all_pairs.py --fashion --real --n 100000 --n 1000000 --lsh-max-n 50000 $(ARGS)
+	$(BIN)/python benchmarks/reduced_pass.py --data fashion
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py $(ARGS)

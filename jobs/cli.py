@@ -10,6 +10,7 @@
     cbir train train.bits=48 && cbir extract extract.head=output/models
     cbir query IMAGE [--k 10] [--html out.html]
     cbir pipeline --stages build_index,neighbors   # several stages in one Spark session
+    cbir sql --output out "SELECT * FROM neighbors_by_path LIMIT 10"   # DuckDB over the latest snapshots
     cbir sample DIR                # write the embedded sample photos to DIR
 """
 
@@ -30,6 +31,7 @@ STAGES = {
     "train": "jobs.train",
     "query": "jobs.query",
     "pipeline": "jobs.pipeline",
+    "sql": "jobs.sql",
 }
 
 
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_lib.index.build import IndexMismatch
     from cbir_lib.neighbors.search import RecallTooLow
     from cbir_lib.query import QueryError
+    from cbir_lib.sql.views import NoRuns
 
     try:
         importlib.import_module(STAGES[command]).main(rest)
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except QueryError as exc:
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1
-    except (RecallTooLow, ExtractFailed, IngestFailed, ConcurrentRun) as exc:  # a gate the run failed: its reason, not a traceback
+    except (RecallTooLow, ExtractFailed, IngestFailed, ConcurrentRun, NoRuns) as exc:  # a gate the run failed: its reason, not a traceback
         print(f"cbir {command}: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:

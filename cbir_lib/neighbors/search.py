@@ -569,7 +569,16 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         timings["exact_extrapolated_s"] = round(t["seconds"] * n / sample_pos.size, 1)
         if nb.method == "auto":
             target = nb.min_recall if nb.min_recall is not None else 0.95
-            nprobe, secs = _calibrate(sc, spec, sample, truth, nprobe, n_cells, target, calibration, nb.k)
+            start = nprobe
+            nprobe, secs = _calibrate(sc, spec, sample, truth, start, n_cells, target, calibration, nb.k)
+            if spec.get("shortlist") and nb.shortlist is None:
+                # The reduced first pass pays where cells are big (1M x 1,280: half the time
+                # at the same nprobe) and not where they are small (70k: 13 % slower, lower
+                # ceiling): measure the full-dimension search too and keep the cheaper.
+                full_probe, full_secs = _calibrate(sc, {**spec, "shortlist": None}, sample, truth, start, n_cells, target, calibration, nb.k)
+                if full_secs < secs:
+                    nprobe, secs = full_probe, full_secs
+                    spec["shortlist"] = None
             spec["nprobe"] = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
@@ -577,7 +586,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
                 method = spec["method"] = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
-    work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"],
+    work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
                           "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
                           "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows")})
@@ -627,7 +636,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         # sample searched alone gives the rows the table holds for it; auto's calibration
         # has usually measured it already. (Reading the table back cost 1.2 s at 70k.)
         with timer("measuring recall on the sample") as t:
-            known = [c["recall"] for c in calibration if c["nprobe"] == spec["nprobe"]] if method == "dense" else []
+            known = ([c["recall"] for c in calibration if c["nprobe"] == spec["nprobe"] and c["shortlist"] == spec.get("shortlist")]
+                     if method == "dense" else [])
             recall = known[-1] if known else _sample_recall(sc, spec, sample, truth)[0]
         timings["recall_s"] = round(t["seconds"], 3)
         log.info("neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)", run_id, nb.k, recall, len(sample_pos), method, spec["nprobe"])
@@ -652,6 +662,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "config": cfg.to_dict(),
         "method": method,
         "nprobe": spec["nprobe"] if method != "exact" else None,
+        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
         "metric": index["metric"],
         "k": nb.k,
         "n": n,
@@ -854,8 +865,10 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
     def measure(p: int) -> float:
         r, bound, secs = _sample_recall(sc, {**spec, "nprobe": p}, sample_pos, truth, with_bound=True)
         measured[p] = (bound, secs)
-        steps.append({"nprobe": p, "recall": round(r, 4), "lower_bound": round(bound, 4), "sample_seconds": round(secs, 3)})
-        log.info("auto: nprobe %d gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)", p, k, r, bound, secs)
+        steps.append({"nprobe": p, "shortlist": spec.get("shortlist"), "recall": round(r, 4), "lower_bound": round(bound, 4),
+                      "sample_seconds": round(secs, 3)})
+        log.info("auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)", p,
+                 f" (reduced, shortlist {spec['shortlist']})" if spec.get("shortlist") else "", k, r, bound, secs)
         return bound
 
     lo = 0  # largest nprobe known to miss

@@ -144,9 +144,31 @@ def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
     steps = m["calibration"]
     assert steps[0]["nprobe"] == 1
     if m["method"] == "dense":
-        # The chosen nprobe is the smallest measured one that meets the target.
-        assert m["nprobe"] == min(s["nprobe"] for s in steps if s["recall"] >= 0.97)
-        assert all(s["recall"] < 0.97 for s in steps if s["nprobe"] < m["nprobe"])
+        # The chosen nprobe is the smallest measured one whose one-sided 95 % bound meets the target.
+        assert m["nprobe"] == min(s["nprobe"] for s in steps if s["lower_bound"] >= 0.97)
+        assert all(s["lower_bound"] < 0.97 for s in steps if s["nprobe"] < m["nprobe"])
+        assert all(s["lower_bound"] < s["recall"] for s in steps)
+
+
+def test_auto_on_a_reduced_index_keeps_the_cheaper_first_pass_and_its_promise(spark, tmp_path):
+    """128-d vectors with a 32-d reduction: auto calibrates the reduced first pass and the
+    full-dimension search, keeps the one measured cheaper, and meets the target against the
+    exact oracle on every image, not only on its sample."""
+    x = clustered(6000, 128, seed=4)
+    ids = signed_ids(6000)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    index = run_build_index(spark, config(tmp_path, "i1", {"n_cells": 40, "forests": False, "reduced_dim": 32}))
+    assert index["reduction"]["dim"] == 32 and 0 < index["reduction"]["energy"] < 1
+    m = run_neighbors(spark, config(tmp_path, "n1", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 2, "min_recall": 0.95}))
+    steps = m["calibration"]
+    assert {s["shortlist"] for s in steps} == {40, None}
+    chosen = [s for s in steps if s["shortlist"] == m["shortlist"] and s["nprobe"] == m["nprobe"]][-1]
+    other = [s for s in steps if s["shortlist"] != m["shortlist"] and s["lower_bound"] >= 0.95]
+    assert chosen["lower_bound"] >= 0.95 and all(chosen["sample_seconds"] <= s["sample_seconds"] for s in other[-1:])
+    p = prepare(x, "angular")
+    ev, ei = exact_topk(p, ids, p, ids, 10, "angular")
+    gv, gi = read_topk(spark, m["output"], ids, 10)
+    assert recall_at_k(gi, ei, ev, gv) >= 0.95
 
 
 def test_mismatched_index_is_refused(spark, tmp_path):

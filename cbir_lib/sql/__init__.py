@@ -1,0 +1,1 @@
+"""SQL over the latest snapshot of every table: DuckDB (``cbir sql``) and Spark SQL (``register_views``)."""

@@ -1,0 +1,149 @@
+"""The catalogue of SQL views over an output root: which table snapshot each view reads, and
+the convenience views built on them. Engine-neutral; :mod:`cbir_lib.sql.duck` registers it in
+DuckDB, :mod:`cbir_lib.sql.spark` in Spark SQL.
+
+Each stage's table is a folder of ``run=<id>/`` snapshots and a ``_LATEST`` pointer
+(:mod:`cbir_lib.common.tables`). A reader that globs the folder reads every kept snapshot and
+duplicates every row; these views read exactly one committed snapshot per table: the one
+``_LATEST`` names (or a pinned run), and only if its ``_manifest.json``, the commit marker,
+is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Source:
+    view: str
+    table: str  # the folder under the root
+    sub: str = ""  # a folder inside the snapshot ("" for the snapshot itself)
+    about: str = ""
+
+
+SOURCES = (
+    Source("images", "images", "", "one row per file: id, path, hashes, size, status and error (ingest)"),
+    Source("embeddings", "embeddings", "", "one row per image: the embedding, model, status and error (extract)"),
+    Source("index_store", "index", "store", "the index's vectors by cell (build_index)"),
+    Source("neighbors", "neighbors", "", "every image's top-k: image_id, rank, neighbor_id, score"),
+    Source("pairs", "pairs", "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
+    Source("dedup_clusters", "dedup", "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path"),
+    Source("dedup_pairs", "dedup", "pairs", "the verified near-duplicate pairs and their evidence"),
+    Source("evaluation_per_query", "evaluation", "per_query", "retrieval quality per query (evaluate)"),
+    Source("evaluation_per_class", "evaluation", "per_class", "retrieval quality per class (evaluate)"),
+)
+
+# Tables whose manifests make up the ``runs`` view (models have no rows but a manifest).
+RUN_TABLES = ("images", "embeddings", "index", "neighbors", "pairs", "dedup", "evaluation", "models")
+
+# Convenience views: name -> (the views they need, SQL per engine). Paths come from the
+# images table (the one every other table's ids point back to).
+DERIVED = {
+    "neighbors_by_path": (
+        ("neighbors", "images"),
+        """SELECT q.path AS query_path, n.rank, p.path AS neighbor_path, n.score, n.image_id, n.neighbor_id
+           FROM neighbors n JOIN images q ON q.image_id = n.image_id JOIN images p ON p.image_id = n.neighbor_id""",
+        None,
+    ),
+    "duplicate_groups": (
+        ("dedup_clusters",),
+        """SELECT cluster_id, max(size) AS size,
+                  max(CASE WHEN is_representative THEN path END) AS representative_path,
+                  list(path ORDER BY path) AS member_paths
+           FROM dedup_clusters GROUP BY cluster_id""",
+        """SELECT cluster_id, max(size) AS size,
+                  max(CASE WHEN is_representative THEN path END) AS representative_path,
+                  array_sort(collect_list(path)) AS member_paths
+           FROM dedup_clusters GROUP BY cluster_id""",
+    ),
+    "failures": (
+        ("images",),
+        """SELECT path, 'ingest' AS stage, status AS error_code, error FROM images WHERE status <> 'ok'
+           UNION ALL
+           SELECT path, 'extract' AS stage, status AS error_code, error FROM embeddings WHERE status <> 'ok'""",
+        None,
+    ),
+}
+# A derived view is made when every view it reads exists; "failures" also reads embeddings
+# when there are any (an ingest-only root has failures of ingest alone).
+FAILURES_INGEST_ONLY = "SELECT path, 'ingest' AS stage, status AS error_code, error FROM images WHERE status <> 'ok'"
+
+
+def derived_sql(name: str, engine: str, present: set[str]) -> str | None:
+    """The SQL of a convenience view for ``engine`` ("duckdb" or "spark"), or None when a view it
+    needs is absent."""
+    needs, duck, spark = DERIVED[name]
+    if not set(needs) <= present:
+        return None
+    if name == "failures" and "embeddings" not in present:
+        return FAILURES_INGEST_ONLY
+    return duck if engine == "duckdb" or spark is None else spark
+
+
+def snapshot_dir(root: str, table: str, run_id: str) -> str:
+    return f"{root.rstrip('/')}/{table}/run={run_id}"
+
+
+def parquet_glob(root: str, source: Source, run_id: str) -> str:
+    d = snapshot_dir(root, source.table, run_id)
+    return f"{d}/{source.sub}/*.parquet" if source.sub else f"{d}/*.parquet"
+
+
+class NoRuns(FileNotFoundError):
+    """The root holds no committed snapshot of any table."""
+
+
+@dataclass
+class Resolved:
+    """What a root offers: ``{view: parquet glob}``, the runs' manifest rows, and notes on what
+    is absent and why."""
+
+    views: dict[str, str]
+    runs: list[dict]
+    notes: list[str]
+
+
+def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved:
+    """Each source's snapshot under ``root``: ``_LATEST`` (or run ``run`` where the table has it),
+    committed (its manifest present). ``read_text(uri)`` returns a file's text or None;
+    ``list_runs(table_uri)`` the run ids of its ``run=<id>`` folders."""
+    import json
+
+    root = root.rstrip("/")
+    views: dict[str, str] = {}
+    notes: list[str] = []
+    chosen: dict[str, str] = {}
+    for table in sorted({s.table for s in SOURCES} | set(RUN_TABLES)):
+        uri = f"{root}/{table}"
+        latest = (read_text(f"{uri}/_LATEST") or "").strip() or None
+        run_id = run if run and read_text(f"{snapshot_dir(root, table, run)}/_manifest.json") is not None else latest
+        if run_id is None:
+            continue
+        if read_text(f"{snapshot_dir(root, table, run_id)}/_manifest.json") is None:
+            notes.append(f"{table}: run={run_id} has no manifest (a commit that did not finish); left out")
+            continue
+        chosen[table] = run_id
+    for s in SOURCES:
+        if s.table in chosen:
+            views[s.view] = parquet_glob(root, s, chosen[s.table])
+        else:
+            notes.append(f"{s.view}: no committed {s.table} table under {root} (that stage has not run here); no view")
+    runs = []
+    for table in RUN_TABLES:
+        for run_id in sorted(list_runs(f"{root}/{table}")):
+            text = read_text(f"{snapshot_dir(root, table, run_id)}/_manifest.json")
+            if text is None:
+                continue
+            m = json.loads(text)
+            inputs = {k: v for k, v in m.items() if k.endswith("_run_id") and k != "run_id" and isinstance(v, str)}
+            wall = m.get("wall_seconds") or m.get("build_seconds")
+            runs.append({"table_name": table, "stage": m.get("stage"), "run_id": run_id, "in_view": chosen.get(table) == run_id,
+                         "wall_seconds": float(wall) if wall is not None else None,
+                         "counts": json.dumps({k: v for k, v in (m.get("counts") or {}).items() if k != "per_cell"}, sort_keys=True),
+                         "inputs": json.dumps(inputs, sort_keys=True),
+                         "recall_at_k": float(m["recall_at_k"]) if m.get("recall_at_k") is not None else None,
+                         "commit_id": m.get("commit_id")})
+    if not chosen:
+        raise NoRuns(f"{root}: no committed run of any table here (run the pipeline first, e.g. cbir demo --output {root})")
+    return Resolved(views, runs, notes)
