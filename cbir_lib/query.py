@@ -66,13 +66,17 @@ class Hit:
     path: str | None
 
 
-def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str | None = None) -> np.ndarray:
-    """The query's descriptor, made the way the run made its collection's."""
+# One embedder per (run, model cache) in a process: `cbir serve` loads the model once.
+_EMBEDDERS: dict[tuple, tuple] = {}
+
+
+def _embedder(emb_manifest: dict, model_cache: str | None):
+    """``(ExtractConfig, artifact, Embedder)`` for a run, built once per process."""
+    key = (emb_manifest.get("commit_id") or emb_manifest.get("run_id"), json.dumps(emb_manifest["config"]["extract"], sort_keys=True), model_cache)
+    if key in _EMBEDDERS:
+        return _EMBEDDERS[key]
     from cbir_lib.config import ExtractConfig
     from cbir_lib.features.embedder import Embedder, EmbedSpec
-    from cbir_lib.features.pooling import l2_normalize
-    from cbir_lib.features.postprocess import Whitening
-    from cbir_lib.images.decode import decode_for_model
     from cbir_lib.models.backbones import resolve_artifact
 
     e = dict(emb_manifest["config"]["extract"])
@@ -84,12 +88,23 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     want = (emb_manifest.get("model") or {}).get("sha256")
     if want and artifact.sha256 != want:
         raise QueryError(f"the model file {artifact.local_path} (sha256 {artifact.sha256[:12]}) is not the one the run used ({want[:12]})")
+    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,
+                     tta=ec.tta, device="cpu")
+    _EMBEDDERS[key] = (ec, artifact, Embedder(spec, artifact.local_path))
+    return _EMBEDDERS[key]
+
+
+def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str | None = None) -> np.ndarray:
+    """The query's descriptor, made the way the run made its collection's."""
+    from cbir_lib.features.pooling import l2_normalize
+    from cbir_lib.features.postprocess import Whitening
+    from cbir_lib.images.decode import decode_for_model
+
+    ec, artifact, embedder = _embedder(emb_manifest, model_cache)
     image, err = decode_for_model(data, artifact.image_size, ec.resize, decoder=ec.decoder)
     if image is None:
         raise QueryError(f"cannot read the query image: {err}")
-    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,
-                     tta=ec.tta, device="cpu")
-    vec = Embedder(spec, artifact.local_path).embed(image[None])
+    vec = embedder.embed(image[None])
     if (emb_manifest.get("whitening") or {}).get("file"):
         vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)
     if emb_manifest.get("head"):  # a trained head: the floats of its code units
@@ -198,8 +213,16 @@ def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = No
         raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
     if nprobe is not None and (type(nprobe) is not int or nprobe < 1):
         raise QueryError(f"--nprobe: must be a whole number >= 1, got {nprobe!r}")
-    root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
     data = read_bytes(image if "://" in image or image.startswith("file:") else os.path.abspath(image))
+    return query_bytes(output_root, data, k, nprobe, candidates, model_cache, hierarchical)
+
+
+def query_bytes(output_root: str, data: bytes, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
+                model_cache: str | None = None, hierarchical: bool = False) -> tuple[list[Hit], dict]:
+    """:func:`run_query` for an image's bytes (an upload to ``cbir serve``)."""
+    if type(k) is not int or k < 1:
+        raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
+    root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
     emb_table = _join(root, "embeddings")
     emb_run, emb_manifest = latest_run(emb_table)
     idx_table = _join(root, "index")

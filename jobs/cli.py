@@ -11,6 +11,7 @@
     cbir query IMAGE [--k 10] [--html out.html]
     cbir pipeline --stages build_index,neighbors   # several stages in one Spark session
     cbir sql --output out "SELECT * FROM neighbors_by_path LIMIT 10"   # DuckDB over the latest snapshots
+    cbir serve --output out [--port 8080]   # a local search page (127.0.0.1, read-only)
     cbir sample DIR                # write the embedded sample photos to DIR
 """
 
@@ -32,6 +33,7 @@ STAGES = {
     "query": "jobs.query",
     "pipeline": "jobs.pipeline",
     "sql": "jobs.sql",
+    "serve": "jobs.serve",
 }
 
 

@@ -139,6 +139,16 @@ def fixtures_run(spark, tmp_path_factory, model_cache):
     return out, cfg
 
 
+@pytest.fixture(scope="session")
+def demo_out(spark, tmp_path_factory, model_cache):
+    """``cbir demo``'s whole pipeline on the embedded sample, once per session: (output root, summary)."""
+    from jobs import demo
+
+    out = tmp_path_factory.mktemp("demo") / "output"
+    summary = demo.main(["--output", str(out), "--set", f"extract.model_cache={model_cache}"])
+    return out, summary
+
+
 EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"
 
 
@@ -150,3 +160,20 @@ def write_embeddings(spark, root: str, ids, x, run_id: str, n_failed: int = 3) -
     rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, "failed", "truncated", run_id) for j in range(n_failed)]
     df = spark.createDataFrame(rows, EMB_DDL)
     tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})
+
+
+def headless_browser():
+    """Debian's Chromium, headless, driven by selenium, with the console log kept (skips without it)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Chromium and chromedriver are not installed (make browser installs them from Debian)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=opts)

@@ -31,7 +31,7 @@ def _snapshot(root: Path, table: str, run: str, rows: dict, sub: str = "", manif
 
 def _images(n: int, failed: int = 0) -> dict:
     return {"image_id": list(range(n)), "path": [f"/p/{i}.jpg" for i in range(n)],
-            "status": ["ok"] * (n - failed) + ["truncated"] * failed, "error": [None] * (n - failed) + ["cut short"] * failed}
+            "status": ["ok"] * (n - failed) + ["failed"] * failed, "error": [None] * (n - failed) + ["truncated: cut short"] * failed}
 
 
 def test_views_read_only_the_latest_committed_snapshot(tmp_path):
@@ -81,15 +81,6 @@ def test_cli_prints_csv_and_writes_parquet(tmp_path):
 
 
 # ------------------------------------------------------------------ on the demo's own output
-
-
-@pytest.fixture(scope="module")
-def demo_out(spark, tmp_path_factory, model_cache):
-    from jobs import demo
-
-    out = tmp_path_factory.mktemp("demo") / "output"
-    summary = demo.main(["--output", str(out), "--set", f"extract.model_cache={model_cache}"])
-    return out, summary
 
 
 @pytest.mark.slow

@@ -59,15 +59,24 @@ DERIVED = {
     ),
     "failures": (
         ("images",),
-        """SELECT path, 'ingest' AS stage, status AS error_code, error FROM images WHERE status <> 'ok'
+        # error is "<code>: <message>"; a file that failed ingest is carried by extract with the
+        # same error, so extract's own failures are those ingest let through.
+        """SELECT path, 'ingest' AS stage, split_part(error, ':', 1) AS error_code, error FROM images WHERE status <> 'ok'
            UNION ALL
-           SELECT path, 'extract' AS stage, status AS error_code, error FROM embeddings WHERE status <> 'ok'""",
-        None,
+           SELECT path, 'extract' AS stage, split_part(error, ':', 1) AS error_code, error FROM embeddings
+           WHERE status <> 'ok' AND path NOT IN (SELECT path FROM images WHERE status <> 'ok')""",
+        """SELECT path, 'ingest' AS stage, substring_index(error, ':', 1) AS error_code, error FROM images WHERE status <> 'ok'
+           UNION ALL
+           SELECT path, 'extract' AS stage, substring_index(error, ':', 1) AS error_code, error FROM embeddings
+           WHERE status <> 'ok' AND path NOT IN (SELECT path FROM images WHERE status <> 'ok')""",
     ),
 }
 # A derived view is made when every view it reads exists; "failures" also reads embeddings
 # when there are any (an ingest-only root has failures of ingest alone).
-FAILURES_INGEST_ONLY = "SELECT path, 'ingest' AS stage, status AS error_code, error FROM images WHERE status <> 'ok'"
+FAILURES_INGEST_ONLY = {
+    "duckdb": "SELECT path, 'ingest' AS stage, split_part(error, ':', 1) AS error_code, error FROM images WHERE status <> 'ok'",
+    "spark": "SELECT path, 'ingest' AS stage, substring_index(error, ':', 1) AS error_code, error FROM images WHERE status <> 'ok'",
+}
 
 
 def derived_sql(name: str, engine: str, present: set[str]) -> str | None:
@@ -77,7 +86,7 @@ def derived_sql(name: str, engine: str, present: set[str]) -> str | None:
     if not set(needs) <= present:
         return None
     if name == "failures" and "embeddings" not in present:
-        return FAILURES_INGEST_ONLY
+        return FAILURES_INGEST_ONLY[engine]
     return duck if engine == "duckdb" or spark is None else spark
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
+from conftest import headless_browser
 from PIL import Image
 
 from cbir_lib import config
@@ -131,25 +131,9 @@ def test_labels_csv_and_groups_and_bad_labels(spark, collection, tmp_path):
         run_evaluate(spark, config.load(None, [f"run.output_root={root}", "evaluate.mode=split", "evaluate.max_gallery_mb=0.001"]))
 
 
-def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Chromium and chromedriver are not installed (make browser installs them from Debian)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=opts)
-
-
 def check_page_in_browser(path: str, min_images: int) -> None:
     """Load a page in headless Chromium: it renders, every image decodes, no console errors."""
-    browser = _browser()
+    browser = headless_browser()
     try:
         browser.get(f"file://{path}")
         assert browser.title
