@@ -76,8 +76,7 @@ def real_embeddings() -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of clothing-small embedded by this project's extract stage (cached)."""
     out = CACHE / "clothing_lite0.npz"
     if out.exists():
-        z = np.load(out)
-        return z["ids"], z["x"]
+        return _cached(out)
     if not CLOTHING.exists():
         raise SystemExit(f"{CLOTHING} is absent: the benchmark's data generator is fitted to it")
     return _embed(CLOTHING, CACHE / "clothing-run", out)
@@ -103,8 +102,7 @@ def fashion_embeddings() -> tuple[np.ndarray, np.ndarray]:
     through ``cbir ingest`` + ``cbir extract`` as a user's photos would (1,280-d Lite0 R-MAC)."""
     out = CACHE / "fashion_lite0.npz"
     if out.exists():
-        z = np.load(out)
-        return z["ids"], z["x"]
+        return _cached(out)
     if not FASHION.exists():
         raise SystemExit(f"{FASHION} is absent: apt-get install dataset-fashion-mnist")
     from PIL import Image
@@ -120,6 +118,11 @@ def fashion_embeddings() -> tuple[np.ndarray, np.ndarray]:
                 Image.fromarray(img).save(d / f"{j:05d}.png")
         (pngs / "_done").write_text("")
     return _embed(pngs, CACHE / "fashion-run", out)
+
+
+def _cached(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    z = np.load(out)
+    return z["ids"], z["x"]
 
 
 def _embed(images: Path, root: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:

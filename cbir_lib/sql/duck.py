@@ -8,7 +8,7 @@ once; this machine has none, so only local roots are tested here).
 
 from __future__ import annotations
 
-from cbir_lib.sql.views import DERIVED, Resolved, derived_sql, resolve
+from cbir_lib.sql.views import Resolved, add_derived, resolve
 
 
 def _local(root: str) -> str:
@@ -77,14 +77,7 @@ def connect(root: str, run: str | None = None, con=None):
     if runs is not None:
         con.register("_cbir_runs", runs)
         con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _cbir_runs")
-    present = set(resolved.views)
-    for name in DERIVED:
-        sql = derived_sql(name, "duckdb", present)
-        if sql is None:
-            resolved.notes.append(f"{name}: needs {', '.join(DERIVED[name][0])}; no view")
-            continue
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
-        resolved.views[name] = "(derived)"
+    add_derived(resolved, "duckdb", lambda name, sql: con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}"))
     return con, resolved
 
 

@@ -5,7 +5,7 @@ statements for a metastore (re-run them after each night: a location is one snap
 from __future__ import annotations
 
 from cbir_lib.common import fs
-from cbir_lib.sql.views import DERIVED, SOURCES, Resolved, derived_sql, resolve, snapshot_dir
+from cbir_lib.sql.views import SOURCES, Resolved, add_derived, resolve, snapshot_dir
 
 
 def _resolve(spark, root: str, run: str | None) -> Resolved:
@@ -36,14 +36,7 @@ def register_views(spark, root: str, run: str | None = None) -> Resolved:
     if resolved.runs:
         spark.createDataFrame(resolved.runs, "table_name string, stage string, run_id string, in_view boolean, wall_seconds double, "
                               "counts string, inputs string, recall_at_k double, commit_id string").createOrReplaceTempView("runs")
-    present = set(resolved.views)
-    for name in DERIVED:
-        sql = derived_sql(name, "spark", present)
-        if sql is None:
-            resolved.notes.append(f"{name}: needs {', '.join(DERIVED[name][0])}; no view")
-            continue
-        spark.sql(sql).createOrReplaceTempView(name)
-        resolved.views[name] = "(derived)"
+    add_derived(resolved, "spark", lambda name, sql: spark.sql(sql).createOrReplaceTempView(name))
     return resolved
 
 

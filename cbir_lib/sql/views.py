@@ -90,6 +90,18 @@ def derived_sql(name: str, engine: str, present: set[str]) -> str | None:
     return duck if engine == "duckdb" or spark is None else spark
 
 
+def add_derived(resolved: "Resolved", engine: str, create) -> None:
+    """Create each convenience view whose inputs are present with ``create(name, sql)``; note the rest."""
+    present = set(resolved.views)
+    for name in DERIVED:
+        sql = derived_sql(name, engine, present)
+        if sql is None:
+            resolved.notes.append(f"{name}: needs {', '.join(DERIVED[name][0])}; no view")
+            continue
+        create(name, sql)
+        resolved.views[name] = "(derived)"
+
+
 def snapshot_dir(root: str, table: str, run_id: str) -> str:
     return f"{root.rstrip('/')}/{table}/run={run_id}"
 
