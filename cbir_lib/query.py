@@ -70,11 +70,13 @@ class Hit:
 _EMBEDDERS: dict[tuple, tuple] = {}
 
 
-def _embedder(emb_manifest: dict, model_cache: str | None):
-    """``(ExtractConfig, artifact, Embedder)`` for a run, built once per process."""
+def _embedder(emb_manifest: dict, model_cache: str | None, data: bytes | None = None):
+    """``(ExtractConfig, artifact, Embedder, decoded image)`` for a run, the model built once
+    per process, and only after ``data`` decodes (a bad image fails before TensorFlow loads)."""
     key = (emb_manifest.get("commit_id") or emb_manifest.get("run_id"), json.dumps(emb_manifest["config"]["extract"], sort_keys=True), model_cache)
     if key in _EMBEDDERS:
-        return _EMBEDDERS[key]
+        ec, artifact, embedder = _EMBEDDERS[key]
+        return ec, artifact, embedder, _decoded(data, artifact, ec)
     from cbir_lib.config import ExtractConfig
     from cbir_lib.features.embedder import Embedder, EmbedSpec
     from cbir_lib.models.backbones import resolve_artifact
@@ -88,22 +90,30 @@ def _embedder(emb_manifest: dict, model_cache: str | None):
     want = (emb_manifest.get("model") or {}).get("sha256")
     if want and artifact.sha256 != want:
         raise QueryError(f"the model file {artifact.local_path} (sha256 {artifact.sha256[:12]}) is not the one the run used ({want[:12]})")
+    image = _decoded(data, artifact, ec)
     spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,
                      tta=ec.tta, device="cpu")
     _EMBEDDERS[key] = (ec, artifact, Embedder(spec, artifact.local_path))
-    return _EMBEDDERS[key]
+    return (*_EMBEDDERS[key], image)
+
+
+def _decoded(data: bytes | None, artifact, ec):
+    from cbir_lib.images.decode import decode_for_model
+
+    if data is None:
+        return None
+    image, err = decode_for_model(data, artifact.image_size, ec.resize, decoder=ec.decoder)
+    if image is None:
+        raise QueryError(f"cannot read the query image: {err}")
+    return image
 
 
 def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str | None = None) -> np.ndarray:
     """The query's descriptor, made the way the run made its collection's."""
     from cbir_lib.features.pooling import l2_normalize
     from cbir_lib.features.postprocess import Whitening
-    from cbir_lib.images.decode import decode_for_model
 
-    ec, artifact, embedder = _embedder(emb_manifest, model_cache)
-    image, err = decode_for_model(data, artifact.image_size, ec.resize, decoder=ec.decoder)
-    if image is None:
-        raise QueryError(f"cannot read the query image: {err}")
+    _, _, embedder, image = _embedder(emb_manifest, model_cache, data)
     vec = embedder.embed(image[None])
     if (emb_manifest.get("whitening") or {}).get("file"):
         vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)

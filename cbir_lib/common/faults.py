@@ -1,9 +1,11 @@
 """Fault injection for the failure tests: crash a task at a named point, on purpose.
 
-``CBIR_FAULTS`` holds ``point:marker_dir`` items separated by commas. At a named point
-(:func:`point`) the first process to get there creates ``marker_dir/point`` and raises
-:class:`InjectedFault`; later visitors (the retry) pass. Executors inherit the variable in
-local and standalone mode. Unset, a point costs one environment lookup.
+``CBIR_FAULTS`` holds ``point:marker_dir[:kill]`` items separated by commas. At a named
+point (:func:`point`) the first process to get there creates ``marker_dir/point`` and raises
+:class:`InjectedFault`, or with ``:kill`` dies at once by SIGKILL (``kill -9``: no handler,
+no ``finally``, no JVM shutdown hook runs); later visitors (the retry) pass. Executors
+inherit the variable in local and standalone mode. Unset, a point costs one environment
+lookup.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def point(name: str) -> None:
     if not spec:
         return
     for item in spec.split(","):
-        target, _, marker_dir = item.partition(":")
+        target, _, rest = item.partition(":")
+        marker_dir, kill = (rest[: -len(":kill")], True) if rest.endswith(":kill") else (rest, False)
         if target != name or not marker_dir:
             continue
         os.makedirs(marker_dir, exist_ok=True)
@@ -29,4 +32,8 @@ def point(name: str) -> None:
         except FileExistsError:
             return  # this fault already fired once: the retry goes through
         os.close(fd)
+        if kill:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected fault at {name}")

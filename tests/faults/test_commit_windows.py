@@ -82,3 +82,39 @@ def test_a_snapshot_without_its_manifest_is_never_read_as_committed(spark, tmp_p
     fs.write_bytes(spark, fs.join(table, tables.LATEST), b"r3")
     with pytest.raises(FileNotFoundError, match="run=r3, which has no manifest"):
         tables.require_latest(spark, table, "t")
+
+
+def test_a_rename_that_fails_halfway_is_never_read_and_the_retry_is_whole(spark, tmp_path, monkeypatch):
+    """An object store renames a folder file by file: the commit's rename copies half the
+    snapshot's files, then fails. Readers keep the last commit; the retry commits every row
+    once, and the half copy is gone."""
+    import os
+    import shutil
+
+    table = fs.join(fs.qualify(spark, str(tmp_path)), "t")
+    tables.commit(spark, spark.createDataFrame([(i,) for i in range(10)], "x int"), table, "r1", {"run_id": "r1"})
+    rows = spark.createDataFrame([(i,) for i in range(1000)], "x int").repartition(4)
+    real_rename = fs.rename
+    calls = []
+
+    def half_then_fail(spark_, src, dst):
+        if "/_tmp/" in src and "run=r2" in dst and not calls:
+            calls.append(dst)
+            s, d = src.replace("file:", "", 1), dst.replace("file:", "", 1)
+            os.makedirs(d)
+            for name in sorted(os.listdir(s))[: len(os.listdir(s)) // 2]:
+                shutil.copy(os.path.join(s, name), d)
+            raise OSError("injected: the rename failed halfway")
+        return real_rename(spark_, src, dst)
+
+    monkeypatch.setattr(fs, "rename", half_then_fail)
+    with pytest.raises(OSError, match="halfway"):
+        tables.commit(spark, rows, table, "r2", {"run_id": "r2"})
+    assert calls and os.listdir(calls[0].replace("file:", "", 1))  # the half copy is there...
+    assert tables.latest_run_id(spark, table) == "r1" and tables.committed_runs(spark, table) == ["r1"]  # ...and never read
+    assert tables.read_latest(spark, table).count() == 10
+    tables.commit(spark, rows, table, "r2", {"run_id": "r2"})  # the retry
+    assert tables.latest_run_id(spark, table) == "r2"
+    got = sorted(r.x for r in tables.read_latest(spark, table).collect())
+    assert got == list(range(1000))  # every row, once
+    assert not fs.exists(spark, fs.join(table, "_tmp"))  # the half copy, moved aside, and the staging are gone
