@@ -35,40 +35,62 @@ def _rows(out, view: str, columns: str) -> list[tuple]:
     return sorted(con.execute(f"SELECT {columns} FROM {view}").fetchall())
 
 
-@pytest.mark.parametrize("window", ["before_rename", "before_manifest", "before_pointer"])
-def test_ingest_killed_in_a_commit_window_then_rerun_is_the_clean_result(tmp_path, window):
-    src = tmp_path / "in"
+def _ingest(spark, out, src, run_id: str = "r1") -> None:
+    """The same stage in this process (the rerun: only the killed runs need processes of their own)."""
+    from cbir_lib import config
+    from cbir_lib.images.ingest import run_ingest
+
+    run_ingest(spark, config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}"]), str(src))
+
+
+@pytest.fixture(scope="module")
+def clean_ingest(spark, tmp_path_factory):
+    """The files, and the rows a clean ingest of them writes (once for every window)."""
+    tmp = tmp_path_factory.mktemp("kill9")
+    src = tmp / "in"
     src.mkdir()
     for name, (data, _, _) in make_odd_files().items():
         (src / name).write_bytes(data)
-    clean = _job("ingest", tmp_path / "clean", "r1", "--images", str(src))
-    assert clean.returncode == 0, clean.stderr[-2000:]
-    want = _rows(tmp_path / "clean", "images", "image_id, path, status, content_sha256")
+    _ingest(spark, tmp / "clean", src)
+    return src, _rows(tmp / "clean", "images", "image_id, path, status, content_sha256")
 
+
+@pytest.mark.parametrize("window", ["before_rename", "before_manifest", "before_pointer"])
+def test_ingest_killed_in_a_commit_window_then_rerun_is_the_clean_result(spark, tmp_path, window, clean_ingest):
+    src, want = clean_ingest
     out = tmp_path / "out"
     killed = _job("ingest", out, "r1", "--images", str(src), faults=f"tables.commit.{window}:{tmp_path / 'markers'}:kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # Until the rerun: nothing committed is visible (this was the table's first commit).
     seen = _rows(out, "images", "image_id, path, status, content_sha256")
     assert seen in ([], want), "a reader saw a half snapshot"
-    again = _job("ingest", out, "r1", "--images", str(src))  # the same command; the dead run's lease is taken over
-    assert again.returncode == 0, again.stderr[-2000:]
+    _ingest(spark, out, src)  # the same run again; the dead run's lease is taken over
     got = _rows(out, "images", "image_id, path, status, content_sha256")
     assert got == want and len({r[0] for r in got}) == len(got)  # every file once
     assert not (out / "images" / "_tmp").exists()
 
 
 def test_build_index_killed_before_its_manifest_then_rerun_is_the_clean_result(spark, tmp_path):
+    import dataclasses
+
     import numpy as np
+
+    from cbir_lib.config import Config, IndexConfig, RunConfig
+    from cbir_lib.index.build import run_build_index
 
     x = np.random.default_rng(5).normal(size=(600, 8)).astype(np.float32)
     for root in ("clean", "out"):
         write_embeddings(spark, str(tmp_path / root), np.arange(600, dtype=np.int64) * 7, x, "e1")
-    common = ("--set", "index.forests=false", "--set", "index.n_cells=6")
-    assert _job("build_index", tmp_path / "clean", "i1", *common).returncode == 0
-    killed = _job("build_index", tmp_path / "out", "i1", *common, faults=f"tables.commit.before_manifest:{tmp_path / 'm'}:kill")
-    assert killed.returncode == -signal.SIGKILL
+
+    def cfg(root):
+        return Config(run=RunConfig(output_root=str(tmp_path / root), run_id="i1"),
+                      index=dataclasses.replace(IndexConfig(), forests=False, n_cells=6))
+
+    run_build_index(spark, cfg("clean"))
+    killed = _job("build_index", tmp_path / "out", "i1", "--set", "index.forests=false", "--set", "index.n_cells=6",
+                  faults=f"tables.commit.before_manifest:{tmp_path / 'm'}:kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "index_store" not in connect(str(tmp_path / "out"))[1].views  # the snapshot without its manifest is not read
-    assert _job("build_index", tmp_path / "out", "i1", *common).returncode == 0
+    run_build_index(spark, cfg("out"))
     cols = "cell, image_id, vector"
     assert _rows(tmp_path / "out", "index_store", cols) == _rows(tmp_path / "clean", "index_store", cols)
