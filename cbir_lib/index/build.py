@@ -238,15 +238,18 @@ def build_forest(vectors: np.ndarray, metric: str, n_trees: int, seed: int) -> b
             return fh.read()
 
 
-def sorted_store(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cells, ids, vectors) of store rows (an Arrow table), sorted by ``(cell, image_id)``."""
+def sorted_store(table, reduced: bool = False) -> tuple:
+    """(cells, ids, vectors) of store rows (an Arrow table), sorted by ``(cell, image_id)``;
+    with ``reduced``, the rows' reduced vectors fourth, in the same order."""
     if table.num_rows == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        out = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
+        return (*out, np.zeros((0, 0), np.float32)) if reduced else out
     cells = table.column("cell").to_numpy()
     ids = table.column("image_id").to_numpy()
     x = binary_to_numpy(table.column("vector"))
     order = np.lexsort((ids, cells))
-    return cells[order], ids[order], np.ascontiguousarray(x[order])
+    out = (cells[order], ids[order], np.ascontiguousarray(x[order]))
+    return (*out, np.ascontiguousarray(binary_to_numpy(table.column("reduced"))[order])) if reduced else out
 
 
 def _build_forests(metric: str, n_trees: int, seed: int):

@@ -44,7 +44,7 @@ import numpy as np
 
 from cbir_lib.common import remote, shards
 from cbir_lib.neighbors.ivf import CellStore
-from cbir_lib.neighbors.topk import empty, select
+from cbir_lib.neighbors.topk import empty, empty_shortlist, select
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, cell and position beside each vector
 
@@ -109,11 +109,9 @@ def finish(spec: dict, best: tuple, queries: np.ndarray, k: int) -> tuple[np.nda
     """A merged running list as the final top-k ``(scores, ids)``."""
     if len(best) == 2:
         return best
-    from cbir_lib.neighbors.topk import final_scores, finish_shortlist
+    from cbir_lib.neighbors.topk import finish_shortlist
 
-    vals, ids = finish_shortlist(*best, k)
-    q_sq = np.einsum("ij,ij->i", queries, queries) if spec["metric"] == "euclidean" else None
-    return final_scores(vals, spec["metric"], q_sq).astype(np.float32), ids
+    return finish_shortlist(*best, k, spec["metric"], queries)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,9 +343,7 @@ def topk(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, o
     probes, visits = route_visits(sweep, queries, own)
     qb = sweep.spec["query_block"]
     width = shortlist_width(sweep.spec, k)
-    best = empty(m, width)
-    if uses_shortlist(sweep.spec):
-        best = (*best, np.full((m, width), -np.inf, np.float32))
+    best = empty_shortlist(m, width) if uses_shortlist(sweep.spec) else empty(m, width)
     for g in sweep.order(visits):
         st = sweep.store(g)
         rows = visits[g]

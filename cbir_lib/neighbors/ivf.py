@@ -25,6 +25,7 @@ from cbir_lib.index.kmeans import assign
 from cbir_lib.index.reduce import project
 from cbir_lib.neighbors.topk import (
     empty,
+    empty_shortlist,
     exact_topk,
     final_scores,
     finish_shortlist,
@@ -168,37 +169,26 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     m = probes.shape[0]
     reduced = shortlist is not None and store.reduced is not None
     width = max(int(shortlist), k) if reduced else k
-    if m == 0:
-        if reduced and raw:
-            return (*empty(0, width), np.zeros((0, width), np.float32))
-        return empty(0, k)
     vectors, sq = store.vectors, store.sqnorm
     q = project(queries, store.projection) if reduced else queries
     x = store.reduced if reduced else vectors
-    found = _gather(store, q, x, query_ids, probes, width, exclude_self, thresholds)
+    found = _gather(store, q, x, query_ids, probes, width, exclude_self, thresholds) if m else None
     if found is None:
-        if reduced and raw:
-            v, i = empty(m, width)
-            return v, i, v.copy()
-        return empty(m, k)
+        return empty_shortlist(m, width) if reduced and raw else empty(m, k)
     rows, fast, pos = found
-    q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
     if not reduced:
         vals, ids = reselect(rows, fast, pos, m, k, lambda rr, pp: pair_scores(queries, rr, vectors, pp, store.metric, sq),
                              lambda pp: store.ids[pp])
+        q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
         return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
-    # The shortlist: every candidate within the BLAS error of the L-th best, scored by
-    # pair sums (reduced and full), then the top-L by (reduced, id) with the full score along.
-    v, _ = select(rows, fast, pos, m, width)
-    near = np.isfinite(fast) & (fast >= slack(v[:, width - 1])[rows])
-    rows, pos = rows[near], pos[near]
-    red = pair_scores(q, rows, x, pos, store.metric, sq)
-    red_l, ids_l, pos_l = select(rows, red, store.ids[pos], m, width, payload=pos)
+    # The shortlist: the top-L by reduced pair score (ties by id) with their store rows, then
+    # their full-dimension pair scores.
+    red_l, ids_l, pos_l = reselect(rows, fast, pos, m, width, lambda rr, pp: pair_scores(q, rr, x, pp, store.metric, sq),
+                                   lambda pp: store.ids[pp], with_cand=True)
     full_l = shortlist_scores(queries, vectors, pos_l, store.metric, sq)
     if raw:
         return red_l, ids_l, full_l
-    vals, ids = finish_shortlist(red_l, ids_l, full_l, k)
-    return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
+    return finish_shortlist(red_l, ids_l, full_l, k, store.metric, queries)
 
 
 def _gather(store: CellStore, queries: np.ndarray, x: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int,

@@ -115,18 +115,8 @@ def read_store_parts(paths: list[str], reduced: bool = False) -> tuple:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbir_lib.index.build import binary_to_numpy
-
     parts = [pq.read_table(p, columns=["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for p in paths]
-    if not parts:
-        empty_ = sorted_store(pa.table({"cell": pa.array([], pa.int32())}))
-        return (*empty_, np.zeros((0, 0), np.float32)) if reduced else empty_
-    t = pa.concat_tables(parts)
-    cells, ids, x = sorted_store(t)
-    if not reduced:
-        return cells, ids, x
-    order = np.lexsort((t.column("image_id").to_numpy(), t.column("cell").to_numpy()))
-    return cells, ids, x, np.ascontiguousarray(binary_to_numpy(t.column("reduced"))[order])
+    return sorted_store(pa.concat_tables(parts) if parts else pa.table({"cell": pa.array([], pa.int32())}), reduced)
 
 
 def local_store(spec: dict) -> CellStore:

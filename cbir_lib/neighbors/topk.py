@@ -108,12 +108,21 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     return out_v, out_i, out_p
 
 
-def finish_shortlist(red: np.ndarray, ids: np.ndarray, full: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-k by ``(-full score, id)`` of a shortlist: ``(m, L)`` candidates ranked by
-    their reduced scores ``red`` (padding: ``-inf``), each with its full-dimension score."""
+def empty_shortlist(m: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A running shortlist ``(reduced, ids, full)`` for ``m`` queries: nothing found yet."""
+    v, i = empty(m, width)
+    return v, i, v.copy()
+
+
+def finish_shortlist(red: np.ndarray, ids: np.ndarray, full: np.ndarray, k: int, metric: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The final top-k ``(scores, ids)`` of a shortlist: ``(m, L)`` candidates ranked by their
+    reduced scores ``red`` (padding: ``-inf``), each with its full-dimension rank score,
+    ranked by ``(-full score, id)`` and reported in final-score units (:func:`final_scores`)."""
     m, L = ids.shape
     full = np.where(np.isfinite(red), full, -np.inf).astype(np.float32)
-    return select(np.repeat(np.arange(m), L), full.ravel(), ids.ravel(), m, k)
+    vals, out_ids = select(np.repeat(np.arange(m), L), full.ravel(), ids.ravel(), m, k)
+    q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "euclidean" else None
+    return final_scores(vals, metric, q_sq).astype(np.float32), out_ids
 
 
 # A BLAS product's value for one (query, vector) pair depends on the shape of the call that
@@ -174,18 +183,19 @@ def shortlist_scores(queries: np.ndarray, vectors: np.ndarray, pos: np.ndarray, 
     return out
 
 
-def reselect(rows: np.ndarray, fast: np.ndarray, cand: np.ndarray, m: int, k: int, rescore, ids_of=None) -> tuple[np.ndarray, np.ndarray]:
+def reselect(rows: np.ndarray, fast: np.ndarray, cand: np.ndarray, m: int, k: int, rescore, ids_of=None, with_cand: bool = False):
     """Top-k by exact pair scores of candidates found with BLAS scores ``fast``.
 
     The candidates within :func:`slack` of each row's k-th best ``fast`` score are scored
     again by ``rescore(rows, cand)`` and ranked by ``(-score, id)``, ``ids_of(cand)`` the ids
-    (``cand`` itself by default). Returns ``(scores, ids)`` like :func:`select`.
+    (``cand`` itself by default). Returns ``(scores, ids)`` like :func:`select`; with
+    ``with_cand``, ``(scores, ids, cand)`` (-1 in padding).
     """
     v, _ = select(rows, fast, cand, m, k)
     near = np.isfinite(fast) & (fast >= slack(v[:, k - 1])[rows])
     rows, cand = rows[near], cand[near]
     exact = rescore(rows, cand)
-    return select(rows, exact, cand if ids_of is None else ids_of(cand), m, k)
+    return select(rows, exact, cand if ids_of is None else ids_of(cand), m, k, payload=cand if with_cand else None)
 
 
 def _sortable(x: np.ndarray) -> np.ndarray:
