@@ -33,11 +33,23 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
 
     from cbir_lib.query import QueryError, query_bytes, read_bytes
     from cbir_lib.sql.duck import connect
+    from cbir_lib.sql.views import RUN_TABLES
 
     lock = threading.Lock()  # one DuckDB connection and one TensorFlow model: one request at a time
+    cached: dict = {}
 
     def views():
-        return connect(output_root)[0]  # re-resolved per request: a run committed meanwhile is seen
+        """The views, made again only when a table's ``_LATEST`` moved: a run committed while
+        the server runs is seen, and a thumbnail request reads a few pointers, not every manifest."""
+        pointers = []
+        for table in RUN_TABLES:
+            try:
+                pointers.append(read_bytes(f"{output_root.rstrip('/')}/{table}/_LATEST"))
+            except QueryError:
+                pointers.append(None)
+        if cached.get("pointers") != pointers:
+            cached["con"], cached["pointers"] = connect(output_root)[0], pointers
+        return cached["con"]
 
     def rows(sql: str, params: list | None = None) -> list[tuple]:
         with lock:

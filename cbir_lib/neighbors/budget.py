@@ -169,30 +169,24 @@ def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
     return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, _centroids(spec), spec["metric"],
-                     xr, _projection(spec))
+                     xr, _parsed(spec, "projection"))
 
 
-_CENTROIDS: dict[str, np.ndarray | None] = {}
+_PARSED: dict[tuple[str, str], np.ndarray | None] = {}
 _ROUTERS: dict[str, CellStore] = {}
 
 
+def _parsed(spec: dict, field: str) -> np.ndarray | None:
+    """The spec's ``.npy`` bytes in ``field`` (centroids, the reduction basis) as an array,
+    parsed once per process (a group store is made per visit)."""
+    key = (spec["groups_uri"], field)
+    if key not in _PARSED:
+        _PARSED[key] = np.load(io.BytesIO(spec[field])) if spec.get(field) else None
+    return _PARSED[key]
+
+
 def _centroids(spec: dict) -> np.ndarray | None:
-    """The spec's centroids, parsed once per process (a group store is made per visit)."""
-    key = spec["groups_uri"]
-    if key not in _CENTROIDS:
-        _CENTROIDS[key] = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
-    return _CENTROIDS[key]
-
-
-_PROJECTIONS: dict[str, np.ndarray | None] = {}
-
-
-def _projection(spec: dict) -> np.ndarray | None:
-    """The index's reduction basis (``(d, r)``), parsed once per process."""
-    key = spec["groups_uri"]
-    if key not in _PROJECTIONS:
-        _PROJECTIONS[key] = np.load(io.BytesIO(spec["projection"])) if spec.get("projection") else None
-    return _PROJECTIONS[key]
+    return _parsed(spec, "centroids")
 
 
 def router(spec: dict) -> CellStore:
