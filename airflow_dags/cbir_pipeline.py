@@ -29,6 +29,15 @@ imports only the Airflow SDK and the Spark provider's operator.
 | output_root  | where the tables live (file://, hdfs://, s3a://)                        |
 | model, k     | extract.model (a built-in name) and neighbors.k; empty: the profile's   |
 | labels       | evaluate.labels: folders, groups or a .csv; empty: the sample's groups, or class folders |
+| mode         | incremental (default): index and neighbours update last night's; full: rebuild both |
+| full_rebuild_every | incremental nights: a full rebuild every this many builds (default 7; 0: only on drift) |
+
+Nights are incremental by default: build_index assigns the night's new and changed vectors
+to the existing cells, and neighbors searches only those and merges them into the lists
+they now belong to. Each stage falls back to a full rebuild by itself, and says why in
+its manifest (``full_reason``), every ``full_rebuild_every`` builds, when the drift check
+asks for one, or when its inputs are not incremental (a re-ranking mode, another model).
+Trigger with ``{"mode": "full"}`` to force one.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ PATTERNS = {
     "extract_profile": r"^conf/[A-Za-z0-9_.-]+\.ya?ml$",
     "model": r"^[A-Za-z0-9_.-]{1,64}$",
     "labels": r"^(folders|groups|[^\x00-\x1f\x7f]{1,4096}\.csv)$",
+    "mode": r"^(incremental|full)$",
 }
 DEFAULTS = {
     "profile": "conf/default.yaml",
@@ -69,6 +79,8 @@ DEFAULTS = {
     "model": "",
     "k": "",
     "labels": "",
+    "mode": "incremental",
+    "full_rebuild_every": "7",
 }
 RUN_ID = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y%m%dT%H%M%SZ') }}"
 
@@ -111,6 +123,9 @@ def check_conf(conf) -> None:
         if name == "k":
             if type(value) is not int or not 1 <= value <= 1000:
                 raise ValueError("cbir_pipeline: param k must be an integer in 1..1000")
+        elif name == "full_rebuild_every":
+            if type(value) is not int or not 0 <= value <= 1000:
+                raise ValueError("cbir_pipeline: param full_rebuild_every must be an integer in 0..1000")
         elif not isinstance(value, str) or not re.fullmatch(PATTERNS[name], value):
             raise ValueError(f"cbir_pipeline: param {name} does not match its schema {PATTERNS[name]}")
 
@@ -149,6 +164,10 @@ PARAMS = {
     "model": Param(None, type=["null", "string"], pattern=PATTERNS["model"], description="extract.model, a built-in name; empty: the profile's"),
     "k": Param(None, type=["null", "integer"], minimum=1, maximum=1000, description="neighbors.k; empty: the profile's"),
     "labels": Param(None, type=["null", "string"], pattern=PATTERNS["labels"], description="evaluate.labels: folders | groups | a labels .csv"),
+    "mode": Param(None, type=["null", "string"], enum=[None, "incremental", "full"],
+                  description="incremental (default): update last night's index and neighbours; full: rebuild them"),
+    "full_rebuild_every": Param(None, type=["null", "integer"], minimum=0, maximum=1000,
+                                description="a full rebuild every this many index builds; empty: Variable, else 7"),
 }
 
 
@@ -211,8 +230,9 @@ with DAG(
 ) as dag:
     ingest = CbirStage(stage="ingest", overrides=("ingest.images={{ setting(params, 'images') }}",))
     extract = CbirStage(stage="extract", profile="extract_profile", overrides=("extract.model={{ setting(params, 'model') }}",))
-    build_index = CbirStage(stage="build_index")
-    neighbors = CbirStage(stage="neighbors", overrides=("neighbors.k={{ setting(params, 'k') }}",))
+    build_index = CbirStage(stage="build_index", overrides=("index.mode={{ setting(params, 'mode') }}",
+                                                            "index.full_rebuild_every={{ setting(params, 'full_rebuild_every') }}"))
+    neighbors = CbirStage(stage="neighbors", overrides=("neighbors.k={{ setting(params, 'k') }}", "neighbors.mode={{ setting(params, 'mode') }}"))
     evaluate = CbirStage(stage="evaluate", overrides=("evaluate.labels={{ labels(params) }}",))
     dedup = CbirStage(stage="dedup")
 

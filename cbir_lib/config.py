@@ -159,6 +159,7 @@ METRICS = ("angular", "euclidean", "dot")
 PARTITIONINGS = ("kmeans", "hash")
 SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical")
 RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
+BUILD_MODES = ("full", "incremental")
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,29 @@ class IndexConfig:
     # directions of the training sample, then re-ranks a shortlist at full dimension
     # (cbir_lib/index/reduce.py). Used at dim >= 4 r (kmeans partitioning); 0 turns it off.
     reduced_dim: int = 128
+    # full: train the cells and build everything. incremental: on the latest index, assign
+    # the new and changed vectors to its cells, drop the deleted and changed ones, and
+    # rebuild the forests of the touched cells only (cbir_lib/index/incremental.py). It
+    # falls back to a full build, saying why, when there is no usable base or a drift
+    # bound below is passed.
+    mode: str = "full"
+    # Drift bounds, each measured against the last full build: the largest cell over the
+    # mean, as a multiple of what the full build had; new vectors' mean distance to their
+    # centroid (1 - cosine; L2 for euclidean), as a multiple of the full build's sample's;
+    # vectors added + removed since the full build, as a share of its size.
+    drift_max_imbalance: float = 1.5
+    drift_max_distance: float = 1.5
+    drift_max_change: float = 0.3
+    # Incremental: a full build every this many builds (the 7th after a full one is full
+    # again), whatever the drift; 0: only when the drift asks.
+    full_rebuild_every: int = 7
 
     def validate(self) -> None:
+        _require(self.mode in BUILD_MODES, "index.mode", f"must be one of {BUILD_MODES}, got {self.mode!r}")
+        _require(self.drift_max_imbalance >= 1.0, "index.drift_max_imbalance", "must be >= 1")
+        _require(self.drift_max_distance >= 1.0, "index.drift_max_distance", "must be >= 1")
+        _require(0.0 < self.drift_max_change <= 1.0, "index.drift_max_change", "must be in (0, 1]")
+        _require(self.full_rebuild_every >= 0, "index.full_rebuild_every", "must be >= 0 (0: only when the drift asks)")
         _require(0 <= self.reduced_dim <= 4096, "index.reduced_dim", "must be in 0..4096 (0: no reduced first pass)")
         _require(self.metric in METRICS, "index.metric", f"must be one of {METRICS}, got {self.metric!r}")
         _require(self.partitioning in PARTITIONINGS, "index.partitioning", f"must be one of {PARTITIONINGS}, got {self.partitioning!r}")
@@ -231,8 +253,18 @@ class NeighborsConfig:
     rerank: str = "dba+alpha_qe"
     rerank_n: int = 10  # neighbours averaged into each vector
     alpha: float = 3.0  # weight max(score, 0)^alpha for the alpha modes (0: uniform)
+    # full: search every image. incremental: on the latest neighbours and an incremental
+    # index, search only the new and changed images, merge them into the old lists they
+    # now belong to, and re-search lists that lost a neighbour beyond their reserve
+    # (cbir_lib/neighbors/incremental.py). Falls back to full, saying why.
+    mode: str = "full"
+    # Neighbours kept past k in each list (the snapshot's _reserve/): a list that loses a
+    # deleted neighbour takes the next one instead of being searched again.
+    reserve: int = 5
 
     def validate(self) -> None:
+        _require(self.mode in BUILD_MODES, "neighbors.mode", f"must be one of {BUILD_MODES}, got {self.mode!r}")
+        _require(0 <= self.reserve <= 1000, "neighbors.reserve", "must be in 0..1000")
         _require(self.rerank in RERANK_MODES, "neighbors.rerank", f"must be one of {RERANK_MODES}, got {self.rerank!r}")
         _require(1 <= self.rerank_n <= 100, "neighbors.rerank_n", "must be in 1..100")
         if self.min_score is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -149,15 +150,20 @@ def demo_out(spark, tmp_path_factory, model_cache):
     return out, summary
 
 
-EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"
+EMB_DDL = ("image_id long, path string, content_sha256 string, embedding array<float>, dim int, status string, error string, "
+           "extract_run_id string")
 
 
 def write_embeddings(spark, root: str, ids, x, run_id: str, n_failed: int = 3) -> None:
     """A committed embeddings snapshot of the given vectors (plus a few failed rows)."""
+    import numpy as np
+
     from cbir_lib.common import fs, tables
 
-    rows = [(int(i), f"/img/{i}.jpg", v.tolist(), x.shape[1], "ok", None, run_id) for i, v in zip(ids, x, strict=True)]
-    rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, "failed", "truncated", run_id) for j in range(n_failed)]
+    # The content hash stands in for the image's: the vector's own bytes.
+    rows = [(int(i), f"/img/{i}.jpg", hashlib.sha256(np.asarray(v, np.float32).tobytes()).hexdigest(), v.tolist(), x.shape[1], "ok", None, run_id)
+            for i, v in zip(ids, x, strict=True)]
+    rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, None, "failed", "truncated", run_id) for j in range(n_failed)]
     df = spark.createDataFrame(rows, EMB_DDL)
     tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})
 

@@ -50,7 +50,7 @@ REDUCTION = "reduction.npy"
 # The store's vector is raw little-endian float32 bytes, not array<float>: Spark shuffles,
 # sorts and writes one binary value per row far faster than 256 list elements. Measured
 # on 100k x 256: writing the store took 8.7 s with array<float>, 5.4 s as binary.
-STORE_DDL = "cell int, image_id long, vector binary"
+STORE_DDL = "cell int, image_id long, vector binary, fp long"
 FORESTS_DDL = "cell int, n_items int, ids array<long>, ann binary"
 ANNOY_METRIC = {"angular": "angular", "euclidean": "euclidean", "dot": "dot"}
 
@@ -198,7 +198,10 @@ def executor_memory(spark) -> tuple[int | None, int]:
 
 
 def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int, reduction_bytes: bytes | None = None):
-    """mapInArrow: (image_id, embedding[, cell]) -> (cell, image_id, prepared vector[, its reduction])."""
+    """mapInArrow: (image_id, fp, embedding[, cell]) -> (cell, image_id, prepared vector, fp[, its reduction]).
+
+    ``fp`` is the row's content fingerprint (``xxhash64(content_sha256)``): an incremental
+    build finds the changed images by it without reading a vector."""
 
     def fn(batches):
         import pyarrow as pa
@@ -213,10 +216,10 @@ def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int, redu
                 cells = assign(x, centroids, metric)[:, 0]
             else:
                 cells = batch.column("cell").to_numpy(zero_copy_only=False)
-            cols = [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_binary(x)]
+            cols = [pa.array(cells.astype(np.int32)), batch.column("image_id"), vectors_binary(x), batch.column("fp")]
             if basis is not None:
                 cols.append(vectors_binary(reduce.project(x, basis)))
-            yield pa.RecordBatch.from_arrays(cols, names=["cell", "image_id", "vector", "reduced"][: len(cols)])
+            yield pa.RecordBatch.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
 
     return fn
 
@@ -298,9 +301,21 @@ def _index_signature(cfg: Config, dim: int) -> dict:
 
 @lease.leased(TABLE, "build_index")
 def run_build_index(spark, cfg: Config) -> dict:
-    """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest."""
+    """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest.
+
+    ``index.mode=incremental`` updates the latest index instead where it can
+    (:mod:`cbir_lib.index.incremental`); where it cannot, the full build runs and its
+    manifest says why (``full_reason``)."""
     with arrow_batch(spark, VECTOR_BATCH), restored(spark, READER_BATCH_KEY):
         return _run_build_index(spark, cfg)
+
+
+def fingerprint(df):
+    """The content fingerprint of an embeddings row: ``xxhash64(content_sha256)``, or of
+    the vector itself in a table without content hashes (slower: it reads every vector)."""
+    from pyspark.sql import functions as F
+
+    return F.xxhash64("content_sha256" if "content_sha256" in df.columns else "embedding").alias("fp")
 
 
 READER_BATCH_KEY = "spark.sql.parquet.columnarReaderBatchSize"
@@ -360,12 +375,15 @@ def _run_build_index(spark, cfg: Config) -> dict:
     signature = _index_signature(cfg, dim)
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
+    # A full build asked for is not answered by an incremental one of the same input.
+    forced_full = ic.mode == "full" and (prev or {}).get("mode") == "incremental"
     if (prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature
-            and prev.get("embeddings_commit") == tables.commit_of(emb_manifest)):
+            and prev.get("embeddings_commit") == tables.commit_of(emb_manifest) and not forced_full):
         log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
         return {**prev, "noop": True}
 
-    emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
+    emb_all = spark.read.parquet(tables.run_dir(emb_uri, emb_run))
+    emb = emb_all.filter(F.col("status") == "ok").select("image_id", fingerprint(emb_all), "embedding")
     # The extract manifest counts its ok rows (the store's own count checks it below).
     n = int((emb_manifest.get("counts") or {}).get("ok") or 0) or emb.count()
     if n == 0:
@@ -378,6 +396,16 @@ def _run_build_index(spark, cfg: Config) -> dict:
     n_cells = ic.n_cells or choose_n_cells(n, dim or 256, mem, cores)
     n_cells = max(1, min(n_cells, n))
     timings: dict[str, float] = {}
+    full_reason = None
+    if ic.mode == "incremental":
+        from cbir_lib.index import incremental  # it builds on this module's helpers
+
+        started_inc = time.time()
+        done, full_reason = incremental.try_incremental(spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, emb, signature)
+        if done is not None:
+            return done
+        log.info("build_index: a full build instead of an incremental one: %s", full_reason)
+        timings["incremental_check_s"] = round(time.time() - started_inc, 3)
 
     centroids = None
     trained_on = None
@@ -409,9 +437,12 @@ def _run_build_index(spark, cfg: Config) -> dict:
         timings["train_s"] = round(t["seconds"], 3)
         n_cells = len(centroids)
         centroids_bytes = _npy_bytes(centroids)
+        # The drift check of later incremental builds compares new vectors with this.
+        quantisation = {"mean_distance": round(float(centroid_distance(sample, centroids, ic.metric).mean()), 6), "of": "the training sample"}
         source = emb
     else:
         centroids_bytes = None
+        quantisation = None
         source = emb.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
 
     n_parts = max(1, min(n_cells, max(spark.sparkContext.defaultParallelism, n // 200_000 + 1)))
@@ -436,7 +467,14 @@ def _run_build_index(spark, cfg: Config) -> dict:
         "seed": ic.seed,
         "centroids": {"file": CENTROIDS, "shape": [n_cells, dim], "trained_on": trained_on} if centroids is not None else None,
         "reduction": reduction,
+        "mode": "full",
+        "full_reason": full_reason,
+        "full_run_id": run_id,
+        "builds_since_full": 0,
+        "quantisation": quantisation,
+        "vector_space": vector_space(spark, emb_uri, emb_run, emb_manifest),
         "store": STORE,
+        "store_fp": True,
         "forests": FORESTS if ic.forests else None,
         "ann_files": ANN if ic.forests and ic.export_ann_files else None,
         "packages": package_versions(),
@@ -452,24 +490,11 @@ def _run_build_index(spark, cfg: Config) -> dict:
             counts[row["cell"]] = row["count"]
         if int(counts.sum()) != n:
             raise RuntimeError(f"build_index: {n} vectors in but {int(counts.sum())} in the store")
-        manifest["counts"] = {
-            "vectors": n,
-            "cells": n_cells,
-            "empty_cells": int((counts == 0).sum()),
-            "max_cell": int(counts.max()),
-            "mean_cell": round(float(counts.mean()), 2),
-            "max_over_mean": round(float(counts.max() / max(counts.mean(), 1e-9)), 3),
-            "per_cell": counts.tolist(),
-        }
+        manifest["counts"] = cell_counts(counts)
+        manifest["full_build"] = {"vectors": n, "max_over_mean": manifest["counts"]["max_over_mean"]}
         if ic.forests:
             with timer(f"building {int((counts > 0).sum())} Annoy forests ({ic.n_trees} trees) on the executors") as t:
-                by_cell = written.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
-                forests = by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
-                # A forest is one value of MBs (2 MB per cell at 1M x 1,280): Parquet sizes its
-                # pages only every 100 rows by default, a 200 MB page in a 1 GB JVM.
-                (forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
-                 .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8)
-                 .parquet(fs.join(tmp, FORESTS)))
+                write_forests(spark, written, ic, n_parts, fs.join(tmp, FORESTS))
             timings["forests_s"] = round(t["seconds"], 3)
             if ic.export_ann_files:
                 with timer("exporting .ann files and id maps") as t:
@@ -492,6 +517,61 @@ def _run_build_index(spark, cfg: Config) -> dict:
     log.info("index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",
              run_id, n, n_cells, c["max_cell"], c["mean_cell"], c["empty_cells"], manifest["build_seconds"])
     return manifest
+
+
+def vector_space(spark, emb_uri: str, emb_run: str, emb_manifest: dict) -> str:
+    """An identity of the space an embeddings run's vectors live in: its model, pooling,
+    post-processing, head and fitted whitening. Two runs with the same identity embed the
+    same image to the same vector, so an incremental build may mix them."""
+    import hashlib
+    import json
+
+    m = emb_manifest or {}
+    parts = {key: m.get(key) for key in ("feature_key", "postprocess", "model", "dim", "head", "binary_codes")}
+    whitening = m.get("whitening") or {}
+    if whitening.get("file"):
+        parts["whitening_sha256"] = hashlib.sha256(fs.read_bytes(spark, fs.join(tables.run_dir(emb_uri, emb_run), whitening["file"]))).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cell_counts(counts: np.ndarray) -> dict:
+    """The manifest's ``counts`` of an index with these vectors per cell."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return {
+        "vectors": int(counts.sum()),
+        "cells": len(counts),
+        "empty_cells": int((counts == 0).sum()),
+        "max_cell": int(counts.max()),
+        "mean_cell": round(float(counts.mean()), 2),
+        "max_over_mean": round(float(counts.max() / max(counts.mean(), 1e-9)), 3),
+        "per_cell": counts.tolist(),
+    }
+
+
+def centroid_distance(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """Each (prepared) vector's distance to its nearest centroid: 1 - cosine (angular),
+    L2 (euclidean), or minus the best inner product (dot)."""
+    out = np.empty(len(x), np.float64)
+    for s in range(0, len(x), 8192):
+        xb = x[s : s + 8192]
+        c = centroids[assign(xb, centroids, metric)[:, 0]]
+        if metric == "euclidean":
+            out[s : s + len(xb)] = np.linalg.norm(xb - c, axis=1)
+        else:
+            dots = np.einsum("ij,ij->i", xb, c)
+            out[s : s + len(xb)] = 1.0 - dots if metric == "angular" else -dots
+    return out
+
+
+def write_forests(spark, store, ic, n_parts: int, uri: str) -> None:
+    """One Annoy forest per cell of ``store`` (a DataFrame of store rows), written to ``uri``."""
+    by_cell = store.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
+    forests = by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
+    # A forest is one value of MBs (2 MB per cell at 1M x 1,280): Parquet sizes its
+    # pages only every 100 rows by default, a 200 MB page in a 1 GB JVM.
+    (forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
+     .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8)
+     .parquet(uri))
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

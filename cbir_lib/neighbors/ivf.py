@@ -239,6 +239,51 @@ def _gather(store: CellStore, queries: np.ndarray, x: np.ndarray, query_ids: np.
     return np.concatenate(cand_rows), np.concatenate(cand_scores).astype(np.float32, copy=False), np.concatenate(cand_pos)
 
 
+def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, thresholds: np.ndarray):
+    """The store rows each query now belongs with: ``(store rows, query indices, scores)``
+    of every pair, over the members of each query's probed cells, whose final score is at
+    least the row's own threshold (``thresholds``, one per store row in final-score units:
+    the score of the last neighbour it keeps; ``-inf``: it takes anything, ``+inf``: nothing).
+
+    An incremental night runs this for the new vectors over the cells their own search
+    probes: one matrix product per (cell, the queries probing it), as in
+    :func:`dense_search`, compared while hot with the members' thresholds widened by the
+    BLAS error, then scored exactly by :func:`~cbir_lib.neighbors.topk.pair_scores` (the
+    score the member's own search would report, so merged lists rank like searched ones).
+    A query never meets itself.
+    """
+    m = len(queries)
+    out_r, out_q = [], []
+    if m == 0 or probes.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    thr_all = np.asarray(thresholds, dtype=np.float32)
+    sq, euclid = store.sqnorm, store.metric == "euclidean"
+    q_sq = np.einsum("ij,ij->i", queries, queries) if euclid else None
+    for cell, rows in _pairs_by_cell(probes.ravel(), np.repeat(np.arange(m), probes.shape[1])):
+        a, b = int(store.offsets[cell]), int(store.offsets[cell + 1])
+        if b == a:
+            continue
+        thr = thr_all[a:b]
+        live = np.isfinite(thr) | (thr < 0)  # +inf: the member takes nothing
+        if not live.any():
+            continue
+        s = rank_scores(queries[rows], store.vectors[a:b], store.metric, None if sq is None else sq[a:b])
+        if euclid:  # compare in final units: -|q - x|
+            s = final_scores(s, "euclidean", q_sq[rows])
+        r, c = np.nonzero((s >= slack(np.where(live, thr, np.float32(0)))[None, :]) & live[None, :])
+        if r.size:
+            out_q.append(rows[r])
+            out_r.append(a + c)
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    qi, pos = np.concatenate(out_q), np.concatenate(out_r).astype(np.int64)
+    exact = pair_scores(queries, qi, store.vectors, pos, store.metric, sq)
+    if euclid:
+        exact = -np.sqrt(np.maximum(q_sq[qi] - 2.0 * exact, 0.0)).astype(np.float32)
+    keep = (exact >= thr_all[pos]) & (np.asarray(store.ids)[pos] != query_ids[qi])
+    return pos[keep], qi[keep], exact[keep].astype(np.float32)
+
+
 def annoy_candidates(configured: int | None, k: int) -> int:
     """Candidates taken from each probed forest for a top-``k``: ``neighbors.candidates``, else 2k."""
     return max(configured or 2 * k, k)

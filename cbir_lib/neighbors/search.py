@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 TABLE = "neighbors"
 PAIRS = "pairs"
+RESERVE = "_reserve"
+CHANGES = "_changes"
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
 
 
@@ -476,11 +478,12 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
               "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-              "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None}
+              "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None, "reserve": nb.reserve}
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
+    forced_full = nb.mode == "full" and (prev or {}).get("mode") == "incremental"
     if (prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params
-            and prev.get("index_commit") == tables.commit_of(index)):
+            and prev.get("index_commit") == tables.commit_of(index) and not forced_full):
         if nb.pairs and not _pairs_of(spark, root, prev["run_id"]):
             # A run killed between its two commits: the neighbours are current, the pairs not.
             log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
@@ -514,7 +517,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "offsets": offsets.tolist(),
         "metric": index["metric"],
         "dim": index["dim"],
-        "k": nb.k,
+        # Each list is searched k + reserve deep: the table holds the top k, _reserve/ the
+        # rest (an incremental night refills a list that lost a neighbour from it).
+        "k": nb.k + nb.reserve,
+        "k_out": nb.k,
         "method": method,
         "nprobe": nprobe,
         "search_k": nb.search_k,
@@ -528,6 +534,14 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     slots = sc.defaultParallelism
     timings: dict[str, float] = {}
     memory = {"budget_bytes": budget_bytes, "store_bytes": store_bytes, "layout": "groups" if grouped else "broadcast"}
+    full_reason = None
+    if nb.mode == "incremental":
+        from cbir_lib.neighbors import incremental  # it builds on this module's helpers
+
+        full_reason = incremental.why_not(prev, index, params, grouped)
+        if full_reason is None:
+            return incremental.run(spark, cfg, run_id, table, root, prev, index, spec, params, slots, memory, started)
+        log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, nb.rerank)
@@ -576,7 +590,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
                 method = spec["method"] = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
-    work_key = _spec_key({"index": index["run_id"], "k": nb.k, "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
+    work_key = _spec_key({"index": index["run_id"], "k": spec["k"], "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
                           "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
                           "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows")})
@@ -639,8 +653,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             f"({method}, nprobe {spec['nprobe']}); raise neighbors.nprobe or use method=auto"
         )
 
-    final = raw if nb.min_score is None else raw.filter(F.col("score") >= F.lit(nb.min_score))
-    final = final.withColumn("neighbors_run_id", F.lit(run_id))
+    final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
     n_files = _output_files(spark, n)
     manifest = {
         "stage": "neighbors",
@@ -655,6 +668,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
         "metric": index["metric"],
         "k": nb.k,
+        "reserve": {"rows": nb.reserve, "output": RESERVE, "searched_k": spec["k"]},
+        "mode": "full",
+        "full_reason": full_reason,
         "n": n,
         "n_cells": n_cells,
         "recall_at_k": round(recall, 5) if recall is not None else None,
@@ -675,7 +691,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         manifest["pairs_output"] = tables.run_dir(fs.join(root, PAIRS), run_id)
     manifest["wall_seconds"] = round(time.time() - started, 3)
     with timer("committing the neighbours table"):
-        tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+        # A full run may change any list: _changes names every image, kind "rebuilt".
+        rebuilt = (spark.read.parquet(fs.join(index["uri"], STORE)).select("image_id").withColumn("kind", F.lit("rebuilt"))
+                   .withColumn("neighbors_run_id", F.lit(run_id)))
+        commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), table, run_id, manifest, cfg)
     faults.point("neighbors.between_commits")
     if nb.pairs:
         _commit_pairs(spark, cfg, root, final, run_id, n_files)
@@ -684,6 +703,41 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         fs.delete(spark, spec["groups_uri"])
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
+    """The table's rows (rank <= k, at least ``min_score``) and ``_reserve/``'s (the rest),
+    both with ``neighbors_run_id``: together they are every list whole."""
+    from pyspark.sql import functions as F
+
+    public = lists.filter(F.col("rank") <= k)
+    if min_score is not None:
+        public = public.filter(F.col("score") >= F.lit(min_score))
+    rest = lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score))) if min_score is not None else lists.filter(F.col("rank") > k)
+    return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
+
+
+def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manifest: dict, cfg: Config) -> str:
+    """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
+    table, which skip ``_`` names) ``_reserve/`` and ``_changes/``."""
+
+    def write(tmp: str) -> None:
+        public.write.mode("overwrite").parquet(tmp)
+        reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
+        if changes is not None:
+            changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
+
+    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def read_lists(spark, manifest: dict):
+    """Every list of a committed neighbours snapshot whole: the table and its ``_reserve/``
+    (``image_id, rank, neighbor_id, score``), or None for a snapshot without a reserve."""
+    if not (manifest.get("reserve") or {}).get("output"):
+        return None
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    uri = manifest["output"]
+    return spark.read.parquet(uri).select(*cols).unionByName(spark.read.parquet(fs.join(uri, manifest["reserve"]["output"])).select(*cols))
 
 
 def _output_files(spark, n: int) -> int:
@@ -883,7 +937,10 @@ def _sample_recall(sc, spec: dict, positions, truth, with_bound: bool = False) -
         vals, ids, seconds, _ = budget.sample_search(sc, spec, positions, budget.core(spec))
     else:
         vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
+    # Lists are searched k + reserve deep; recall is of the top k the table holds.
+    k = spec.get("k_out") or spec["k"]
     _, tv, ti = truth
+    vals, ids, tv, ti = vals[:, :k], ids[:, :k], tv[:, :k], ti[:, :k]
     if with_bound:
         return recall_at_k(ids, ti, tv, vals), recall_lower_bound(ids, ti, tv, vals), seconds
     return recall_at_k(ids, ti, tv, vals), seconds

@@ -32,7 +32,12 @@ def register_views(spark, root: str, run: str | None = None) -> Resolved:
         if s.view not in resolved.views:
             continue
         base = snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table))
-        spark.read.parquet(fs.join(base, s.sub) if s.sub else base).createOrReplaceTempView(s.view)
+        location = fs.join(base, s.sub) if s.sub else base
+        if s.sub and not fs.exists(spark, location):  # e.g. _changes of a snapshot older than it
+            resolved.notes.append(f"{s.view}: {location} is not there; no view")
+            del resolved.views[s.view]
+            continue
+        spark.read.parquet(location).createOrReplaceTempView(s.view)
     if resolved.runs:
         spark.createDataFrame(resolved.runs, "table_name string, stage string, run_id string, in_view boolean, wall_seconds double, "
                               "counts string, inputs string, recall_at_k double, commit_id string").createOrReplaceTempView("runs")

@@ -27,6 +27,8 @@ SOURCES = (
     Source("embeddings", "embeddings", "", "one row per image: the embedding, model, status and error (extract)"),
     Source("index_store", "index", "store", "the index's vectors by cell (build_index)"),
     Source("neighbors", "neighbors", "", "every image's top-k: image_id, rank, neighbor_id, score"),
+    Source("changes", "neighbors", "_changes", "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
+           "removed; rebuilt after a full run), neighbors_run_id"),
     Source("pairs", "pairs", "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
     Source("dedup_clusters", "dedup", "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path"),
     Source("dedup_pairs", "dedup", "pairs", "the verified near-duplicate pairs and their evidence"),

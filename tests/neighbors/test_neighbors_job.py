@@ -209,11 +209,11 @@ def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypat
     cfg = config(tmp_path, "n1", neighbors={"method": "dense", "nprobe": 4, "chunk_size": 700, "recall_sample": 200})
 
     # Killed after the search, before the commit: every chunk is already under _work/.
-    real_commit = search.tables.commit
-    monkeypatch.setattr(search.tables, "commit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    real_commit = search.tables.commit_dir
+    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
     with pytest.raises(KeyboardInterrupt):
         run_neighbors(spark, cfg)
-    monkeypatch.setattr(search.tables, "commit", real_commit)
+    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
     resumed = run_neighbors(spark, cfg)
     assert resumed["searched_this_run"] == 0, "no chunk is searched twice"
     first = spark.read.parquet(resumed["output"]).orderBy("image_id", "rank").toPandas()

@@ -1,0 +1,238 @@
+"""Incremental nights against full rebuilds of the same collection.
+
+    python benchmarks/incremental.py [--n 1000000] [--nights 5]
+
+Start: ``n`` vectors of the 256-d mixture of ``all_pairs.py`` (the same cached file), a
+full ``build_index`` + ``neighbors``. Then ``--nights`` nights, each:
+
+- adds 1 % new vectors: 70 % fresh draws of the same mixture (rows past ``n`` of the
+  cached 4M file), 30 % near-copies of old ones (the old vector plus noise of norm 0.05,
+  renormalised: the reverse updates must put them in their originals' lists);
+- deletes 0.2 % and changes 0.2 % (a changed image gets a fresh vector and a new
+  content hash) of the old ones, drawn at random.
+
+The night's embeddings table is written (untimed) and read by two output roots: one runs
+``jobs/pipeline.py --stages build_index,neighbors`` with ``index.mode=incremental
+neighbors.mode=incremental`` on last night's tables, the other the same with the full
+modes on its own copy. Both as a user runs them (one spark-submit, JVM start included,
+``local[2]``, the settings of ``all_pairs.py``: method auto at recall 0.95, no re-ranking,
+no forests). The root of the full rebuilds starts each night from nothing but the
+embeddings, so it is a real rebuild.
+
+After each night, both tables are read back and checked against exact search (numpy,
+blocked) over the current collection, on 500 new and 500 old images: recall@10, with
+ties at the 10th score counted as found. Also: how many old lists changed (the
+incremental run's count), how many rows of each table still name a deleted image, and of
+the (old image, new image) pairs that exact search puts in an old sampled list, the share
+the incremental list holds (``reverse_recall``).
+
+Results: ``benchmarks/results/incremental.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results" / "incremental.json"
+K = 10
+SAMPLE = 500
+
+
+def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, versions: np.ndarray) -> None:
+    """A committed embeddings snapshot; ``content_sha256`` stands for the image's content
+    (its id and version: a changed image gets a new version)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cbir_lib.index.build import vectors_array
+
+    emb = root / "embeddings" / f"run={run_id}"
+    if emb.exists():
+        shutil.rmtree(emb)
+    emb.mkdir(parents=True)
+    step = 200_000
+    for s in range(0, len(x), step):
+        m = min(step, len(x) - s)
+        sha = [hashlib.sha256(f"{i}:{v}".encode()).hexdigest() for i, v in zip(ids[s : s + m], versions[s : s + m], strict=True)]
+        pq.write_table(pa.table({
+            "image_id": pa.array(ids[s : s + m]),
+            "content_sha256": pa.array(sha),
+            "embedding": vectors_array(np.asarray(x[s : s + m])),
+            "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+            "status": pa.array(["ok"] * m),
+            "error": pa.array([None] * m, pa.string()),
+        }), emb / f"part-{s // step:05d}.parquet")
+    (emb / "_manifest.json").write_text(json.dumps({"run_id": run_id, "dim": int(x.shape[1]), "commit_id": f"bench-{run_id}",
+                                                    "counts": {"ok": int(len(x))}}))
+    (root / "embeddings" / "_LATEST").write_text(run_id)
+
+
+def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
+    args = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", run_id,
+            "index.forests=false", f"index.mode={mode}", "neighbors.method=auto", "neighbors.min_recall=0.95",
+            "neighbors.rerank=none", f"neighbors.mode={mode}", *os.environ.get("CBIR_BENCH_ARGS", "").split()]
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
+                         cwd=ROOT, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    with open(log, "a") as fh:
+        fh.write(f"==== {root.name} {run_id} {mode} ({took:.1f} s)\n{out.stderr}")
+    if out.returncode:
+        raise SystemExit(f"{mode} night {run_id} failed:\n{out.stderr[-4000:]}")
+    return took
+
+
+def exact_topk(x: np.ndarray, ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-10 (itself excluded) of the rows ``pos`` over all of ``x``: scores, ids."""
+    q = np.ascontiguousarray(x[pos])
+    best_v = np.full((len(pos), K), -np.inf, np.float32)
+    best_i = np.full((len(pos), K), -1, np.int64)
+    for s in range(0, len(x), 200_000):
+        sc = q @ x[s : s + 200_000].T
+        sc[(pos[:, None] - s) == np.arange(sc.shape[1])[None, :]] = -np.inf
+        part = np.argpartition(-sc, K, axis=1)[:, :K]
+        v = np.concatenate([best_v, np.take_along_axis(sc, part, 1)], 1)
+        i = np.concatenate([best_i, ids[s : s + 200_000][part]], 1)
+        top = np.argsort(-v, axis=1, kind="stable")[:, :K]
+        best_v, best_i = np.take_along_axis(v, top, 1), np.take_along_axis(i, top, 1)
+    return best_v, best_i
+
+
+def read_lists(root: Path, run_id: str, qids: np.ndarray):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cbir_lib.neighbors.search import topk_arrays
+
+    t = pq.read_table(root / "neighbors" / f"run={run_id}", columns=["image_id", "rank", "neighbor_id", "score"])
+    manifest = json.loads((root / "neighbors" / f"run={run_id}" / "_manifest.json").read_text())
+    sub = t.filter(pa.array(np.isin(t.column("image_id").to_numpy(), qids)))
+    return topk_arrays(sub, qids, K), t.column("neighbor_id").to_numpy(), manifest
+
+
+def recall(got_ids: np.ndarray, tv: np.ndarray, ti: np.ndarray, gv: np.ndarray) -> float:
+    from cbir_lib.neighbors.topk import recall_at_k
+
+    return round(float(recall_at_k(got_ids, ti, tv, gv)), 5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--nights", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = ap.parse_args()
+    from all_pairs import dataset, mixture
+
+    n = args.n
+    ids0, x0 = dataset("mixture", n)
+    pool = np.asarray(mixture(4_000_000))[n:]
+    rng = np.random.default_rng(17)
+    work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
+    inc, full = work / "incremental", work / "full"
+    log = work / "jobs.log"
+    ids, x = ids0.copy(), np.array(x0, dtype=np.float32)
+    versions = np.zeros(n, np.int64)
+    next_id, used = int(ids.max()) + 1, 0
+    write_embeddings(inc, "night-0", ids, x, versions)
+    base_s = run_pipeline(inc, "night-0", "full", log)
+    print(f"base: {n} vectors, full build {base_s:.1f} s", flush=True)
+    out = {"n_base": n, "dim": int(x.shape[1]), "base_full_s": round(base_s, 1), "machine_cores": os.cpu_count(), "nights": []}
+    for night in range(1, args.nights + 1):
+        run_id = f"night-{night}"
+        m = len(ids)
+        n_add, n_del, n_chg = int(0.01 * m), int(0.002 * m), int(0.002 * m)
+        pick = rng.choice(m, n_del + n_chg, replace=False)
+        dele, chg = pick[:n_del], pick[n_del:]
+        deleted_ids = ids[dele]
+        # changed: a fresh vector and a new version
+        x[chg] = pool[used : used + n_chg]
+        used += n_chg
+        versions[chg] += 1
+        n_copy = int(0.3 * n_add)
+        src = rng.choice(np.setdiff1d(np.arange(m), pick), n_copy, replace=False)
+        noise = rng.normal(size=(n_copy, x.shape[1])).astype(np.float32)
+        copies = x[src] + 0.05 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        fresh = pool[used : used + n_add - n_copy]
+        used += n_add - n_copy
+        new_x = np.concatenate([copies, fresh]).astype(np.float32)
+        new_x /= np.linalg.norm(new_x, axis=1, keepdims=True)
+        new_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
+        next_id += n_add
+        keep = np.ones(m, bool)
+        keep[dele] = False
+        ids = np.concatenate([ids[keep], new_ids])
+        x = np.concatenate([x[keep], new_x])
+        versions = np.concatenate([versions[keep], np.zeros(n_add, np.int64)])
+        write_embeddings(inc, run_id, ids, x, versions)
+        inc_s = run_pipeline(inc, run_id, "incremental", log)
+        # The full rebuild: the same embeddings, nothing else.
+        if full.exists():
+            shutil.rmtree(full)
+        (full / "embeddings").mkdir(parents=True)
+        os.symlink(inc / "embeddings" / f"run={run_id}", full / "embeddings" / f"run={run_id}")
+        (full / "embeddings" / "_LATEST").write_text(run_id)
+        full_s = run_pipeline(full, run_id, "full", log)
+
+        # Exact top-10 on 500 new and 500 old images of tonight's collection.
+        is_new = np.isin(ids, new_ids)
+        q_new = np.sort(rng.choice(np.flatnonzero(is_new), min(SAMPLE, int(is_new.sum())), replace=False))
+        q_old = np.sort(rng.choice(np.flatnonzero(~is_new), SAMPLE, replace=False))
+        row = {"night": night, "added": n_add, "deleted": n_del, "changed": n_chg, "incremental_s": round(inc_s, 1), "full_s": round(full_s, 1)}
+        exact = {which: exact_topk(x, ids, pos) for which, pos in (("new", q_new), ("old", q_old))}
+        for name, root in (("incremental", inc), ("full", full)):
+            for which, pos in (("new", q_new), ("old", q_old)):
+                tv, ti = exact[which]
+                (gv, gi), neighbour_ids, manifest = read_lists(root, run_id, ids[pos])
+                row[f"{name}_recall_{which}"] = recall(gi, tv, ti, gv)
+                if name == "incremental" and which == "old":
+                    want = np.isin(ti, new_ids)
+                    row["reverse_pairs_in_sample"] = int(want.sum())
+                    row["reverse_recall"] = round(float((want & (ti[:, :, None] == gi[:, None, :]).any(2)).sum() / max(1, want.sum())), 4)
+            row[f"{'deleted_left_in_lists' if name == 'incremental' else 'full_deleted_left_in_lists'}"] = int(np.isin(neighbour_ids, deleted_ids).sum())
+            if name == "incremental":
+                row["lists_changed"] = (manifest.get("changes") or {}).get("lists_changed")
+                row["incremental_mode"] = manifest.get("mode")
+                row["incremental_manifest"] = {"changes": manifest.get("changes"), "timings": manifest.get("timings"),
+                                               "wall_seconds": manifest.get("wall_seconds"), "recall_new": manifest.get("recall_new"),
+                                               "recall_old": manifest.get("recall_old"), "full_reason": manifest.get("full_reason")}
+                idx = json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())
+                row["incremental_index"] = {"mode": idx.get("mode"), "full_reason": idx.get("full_reason"), "build_seconds": idx.get("build_seconds"),
+                                            "timings": idx.get("timings"), "drift": idx.get("drift")}
+                row["incremental_stages_s"] = round(float(idx.get("build_seconds") or 0) + float(manifest.get("wall_seconds") or 0), 1)
+            else:
+                row["full_stages_s"] = round(float(json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())["build_seconds"])
+                                             + float(manifest.get("wall_seconds") or 0), 1)
+        row["ratio"] = round(inc_s / full_s, 4)
+        row["stages_ratio"] = round(row["incremental_stages_s"] / max(row["full_stages_s"], 1e-9), 4)
+        out["nights"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("incremental_") or k == "incremental_s"}), flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        if n == 1_000_000:  # the issue's size: the file's top level
+            results.update(out)
+        else:
+            results.setdefault("other_sizes", {})[str(n)] = out
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"jobs log: {log}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

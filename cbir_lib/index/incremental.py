@@ -1,0 +1,252 @@
+"""Incremental index builds (``index.mode=incremental``): tonight's embeddings on last night's cells.
+
+A night changes a few percent of a collection. Instead of training the cells again and
+rebuilding every forest, an incremental build takes the latest index as its base and
+
+1. finds the difference between the base's store and tonight's embeddings by content
+   fingerprint (``xxhash64(content_sha256)``, a store column) without reading a vector:
+   *added* rows are new images and the new versions of changed ones, *removed* rows
+   the deleted images and the old versions of changed ones;
+2. assigns the added vectors to the base's centroids (and reduction) on the executors,
+   and measures the drift: how far the cell sizes moved from the full build's balance,
+   how far the new vectors sit from their centroids against the full build's sample,
+   and how much of the collection changed since the full build. Past a bound of
+   ``index.drift_max_*`` it gives up, and the caller runs a full build, logging why;
+3. writes the new store (the base's rows less the removed, plus the added), rebuilds
+   the forests of the touched cells only and copies the others, and writes ``delta/``
+   ``(image_id, kind, cell)`` (kind ``added`` or ``removed``), which the neighbours
+   stage's incremental run reads;
+4. commits the result as a snapshot like any other, whose manifest names its base.
+
+Everything that is read in full is read by column (ids, fingerprints, cells); the
+vectors read are the added ones, and the store's rows are copied, not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from cbir_lib.common import fs, tables
+from cbir_lib.common.frames import columns_frame, id_frame
+from cbir_lib.common.lineage import package_versions, timer
+from cbir_lib.config import Config
+from cbir_lib.index.build import (
+    CENTROIDS,
+    FORESTS,
+    REDUCTION,
+    ROW_GROUP_BYTES,
+    STORE,
+    _assign_cells,
+    cell_counts,
+    centroid_distance,
+    vector_space,
+    write_forests,
+)
+
+log = logging.getLogger(__name__)
+
+DELTA = "delta"
+DELTA_DDL = "image_id long, kind string, cell int"
+
+
+class _Drifted(Exception):
+    """The drift check asks for a full build (the message says why)."""
+
+
+def drift_of(counts: np.ndarray, full: dict, distances: np.ndarray, base_distance: float | None, changed_since_full: int) -> dict:
+    """The drift of an index with ``counts`` vectors per cell from its last full build
+    (``full``: its vectors and max/mean), given the added vectors' centroid distances."""
+    counts = np.asarray(counts, dtype=np.float64)
+    max_over_mean = float(counts.max() / max(counts.mean(), 1e-9)) if counts.size else 0.0
+    out = {
+        "max_over_mean": round(max_over_mean, 3),
+        "imbalance": round(max_over_mean / max(float(full.get("max_over_mean") or 1.0), 1e-9), 4),
+        "changed_since_full": int(changed_since_full),
+        "change": round(changed_since_full / max(int(full.get("vectors") or 1), 1), 5),
+    }
+    if distances.size and base_distance:
+        out["new_mean_distance"] = round(float(distances.mean()), 6)
+        out["distance"] = round(float(distances.mean()) / max(base_distance, 1e-12), 4)
+    return out
+
+
+def drift_reason(drift: dict, ic) -> str | None:
+    """Why the drift asks for a full build, or None."""
+    if drift["imbalance"] > ic.drift_max_imbalance:
+        return (f"the largest cell is {drift['max_over_mean']}x the mean, {drift['imbalance']}x the full build's "
+                f"(index.drift_max_imbalance {ic.drift_max_imbalance})")
+    if drift.get("distance", 0.0) > ic.drift_max_distance:
+        return (f"the new vectors sit {drift['distance']}x as far from their centroids as the full build's sample "
+                f"(index.drift_max_distance {ic.drift_max_distance})")
+    if drift["change"] > ic.drift_max_change:
+        return (f"{drift['changed_since_full']} vectors were added or removed since the full build, {drift['change']:.1%} of it "
+                f"(index.drift_max_change {ic.drift_max_change:.0%})")
+    return None
+
+
+def _distances(centroids_bytes: bytes | None, metric: str):
+    """mapInArrow over assigned store rows: (image_id, cell, distance to the centroid)."""
+
+    def fn(batches):
+        import io
+
+        import pyarrow as pa
+
+        from cbir_lib.index.build import binary_to_numpy
+
+        centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
+        for b in batches:
+            if not b.num_rows:
+                continue
+            d = (centroid_distance(binary_to_numpy(b.column("vector")), centroids, metric) if centroids is not None
+                 else np.zeros(b.num_rows))
+            yield pa.RecordBatch.from_arrays([b.column("image_id"), b.column("cell"), pa.array(d)], names=["image_id", "cell", "distance"])
+
+    return fn
+
+
+def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | None, emb_uri: str, emb_run: str,
+                    emb_manifest: dict, emb, signature: dict) -> tuple[dict | None, str | None]:
+    """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``."""
+    from pyspark.sql import functions as F
+
+    ic = cfg.index
+    if prev is None:
+        return None, "there is no earlier index to build on"
+    if prev.get("signature") != signature:
+        return None, f"the index settings differ from those of index {prev['run_id']}"
+    if not prev.get("store_fp"):
+        return None, f"index {prev['run_id']} has no content fingerprints in its store (built before incremental builds)"
+    chain = int(prev.get("builds_since_full") or 0) + 1
+    if ic.full_rebuild_every and chain >= ic.full_rebuild_every:
+        return None, f"index.full_rebuild_every: this would be build {chain} since the full build {prev.get('full_run_id')}"
+    space = vector_space(spark, emb_uri, emb_run, emb_manifest)
+    if prev.get("vector_space") != space:
+        return None, (f"embeddings run {emb_run} is not in the vector space index {prev['run_id']} was built on "
+                      "(model, pooling, post-processing, head or whitening changed)")
+    started = time.time()
+    timings: dict[str, float] = {}
+    base_uri = tables.run_dir(table, prev["run_id"])
+    old = spark.read.parquet(fs.join(base_uri, STORE))
+    n_cells = int(prev["n_cells"])
+    centroids_bytes = fs.read_bytes(spark, fs.join(base_uri, CENTROIDS)) if prev.get("centroids") else None
+    reduction = prev.get("reduction")
+    reduction_bytes = fs.read_bytes(spark, fs.join(base_uri, REDUCTION)) if reduction else None
+
+    with timer("finding the added and removed vectors by content fingerprint") as t:
+        # One shuffle of (id, fp) pairs; the vectors stay where they are.
+        diff = (old.select("image_id", "fp", "cell").join(emb.select("image_id", "fp", F.lit(True).alias("now")), ["image_id", "fp"], "full_outer")
+                .filter(F.col("cell").isNull() | F.col("now").isNull()).select("image_id", "cell", "now").collect())
+    timings["diff_s"] = round(t["seconds"], 3)
+    ids = np.array([r.image_id for r in diff], dtype=np.int64)
+    is_added = np.array([r.now is not None for r in diff], dtype=bool)
+    added_ids = np.sort(ids[is_added])
+    removed_ids, removed_cells = ids[~is_added], np.array([r.cell for r in diff if r.now is None], dtype=np.int64)
+    order = np.argsort(removed_ids)
+    removed_ids, removed_cells = removed_ids[order], removed_cells[order]
+    changed = int(np.intersect1d(added_ids, removed_ids).size)
+
+    added_rows = np.zeros(0, np.int64)  # the added ids in the order of added_cells
+    added_cells = np.zeros(0, np.int64)
+    distances = np.zeros(0)
+    source = emb.join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi") if added_ids.size else None
+    if source is not None and prev.get("partitioning") == "hash":
+        source = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
+    ddl = "cell int, image_id long, vector binary, fp long" + (", reduced binary" if reduction_bytes else "")
+
+    manifest = {k: v for k, v in prev.items() if k not in ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")}
+    manifest.update({
+        "run_id": run_id,
+        "embeddings_run_id": emb_run,
+        "embeddings_commit": tables.commit_of(emb_manifest),
+        "config": cfg.to_dict(),
+        "mode": "incremental",
+        "full_reason": None,
+        "base_run_id": prev["run_id"],
+        "base_commit": tables.commit_of(prev),
+        "builds_since_full": chain,
+        "vector_space": space,
+        "delta": DELTA,
+        "packages": package_versions(),
+    })
+    full = prev.get("full_build") or {"vectors": (prev.get("counts") or {}).get("vectors"), "max_over_mean": (prev.get("counts") or {}).get("max_over_mean")}
+    since = int((prev.get("drift") or {}).get("changed_since_full") or 0) + int(added_ids.size + removed_ids.size)
+
+    def write(tmp: str) -> None:
+        nonlocal added_rows, added_cells, distances
+        if source is not None:
+            with timer(f"assigning {added_ids.size} added vectors to the base's {n_cells} cells") as t:
+                source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), ddl).write.mode("overwrite").parquet(fs.join(tmp, "_added"))
+                assigned_ = spark.read.parquet(fs.join(tmp, "_added"))
+                got = assigned_.select("image_id", "cell", "vector").mapInArrow(_distances(centroids_bytes, ic.metric), "image_id long, cell int, distance double").toArrow()
+            timings["assign_s"] = round(t["seconds"], 3)
+            added_rows = got.column("image_id").to_numpy().astype(np.int64)
+            added_cells = got.column("cell").to_numpy().astype(np.int64)
+            distances = got.column("distance").to_numpy()
+            if len(added_cells) != added_ids.size:
+                raise RuntimeError(f"build_index: {added_ids.size} vectors to add but {len(added_cells)} assigned")
+        counts = (np.asarray(prev["counts"]["per_cell"], np.int64) - np.bincount(removed_cells, minlength=n_cells)
+                  + np.bincount(added_cells, minlength=n_cells))
+        drift = drift_of(counts, full, distances, (prev.get("quantisation") or {}).get("mean_distance"), since)
+        manifest["drift"] = drift
+        why = drift_reason(drift, ic)
+        if why:
+            raise _Drifted(why)
+        with timer("writing the store: the base's rows less the removed, plus the added") as t:
+            kept = old.join(F.broadcast(id_frame(spark, removed_ids)), "image_id", "left_anti") if removed_ids.size else old
+            if reduction_bytes is None and "reduced" in kept.columns:
+                kept = kept.drop("reduced")
+            new_store = kept if source is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
+            new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+        timings["store_s"] = round(t["seconds"], 3)
+        fs.delete(spark, fs.join(tmp, "_added"))
+        written = spark.read.parquet(fs.join(tmp, STORE))
+        got_counts = np.zeros(n_cells, dtype=np.int64)
+        for row in written.groupBy("cell").count().collect():
+            got_counts[row["cell"]] = row["count"]
+        if not np.array_equal(got_counts, counts):
+            raise RuntimeError(f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected")
+        manifest["counts"] = cell_counts(counts)
+        touched = np.unique(np.concatenate([removed_cells, added_cells])).astype(np.int64)
+        manifest["touched_cells"] = int(touched.size)
+        if prev.get("forests"):
+            with timer(f"rebuilding the forests of {touched.size} touched cells of {n_cells}") as t:
+                old_forests = spark.read.parquet(fs.join(base_uri, FORESTS))
+                keep = old_forests.filter(~F.col("cell").isin([int(c) for c in touched])) if touched.size else old_forests
+                (keep.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
+                 .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8).parquet(fs.join(tmp, FORESTS)))
+                if touched.size:
+                    part = fs.join(tmp, "_forests_touched")
+                    n_parts = max(1, min(int(touched.size), spark.sparkContext.defaultParallelism))
+                    write_forests(spark, written.filter(F.col("cell").isin([int(c) for c in touched])), ic, n_parts, part)
+                    for name in fs.list_names(spark, part):
+                        if name.endswith(".parquet"):
+                            fs.rename(spark, fs.join(part, name), fs.join(tmp, FORESTS, f"touched-{name}"))
+                    fs.delete(spark, part)
+            timings["forests_s"] = round(t["seconds"], 3)
+        kinds = np.array(["added"] * len(added_rows) + ["removed"] * len(removed_ids), dtype=object)
+        columns_frame(spark, {"image_id": np.concatenate([added_rows, removed_ids]), "kind": kinds,
+                              "cell": np.concatenate([added_cells, removed_cells]).astype(np.int32)}, DELTA_DDL).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
+        manifest["delta_counts"] = {"added": int(added_ids.size), "removed": int(removed_ids.size), "changed": changed,
+                                    "new": int(added_ids.size) - changed, "deleted": int(removed_ids.size) - changed}
+        manifest["timings"] = timings
+        manifest["build_seconds"] = round(time.time() - started, 3)
+
+    extra = {CENTROIDS: centroids_bytes} if centroids_bytes else {}
+    if reduction_bytes:
+        extra[REDUCTION] = reduction_bytes
+    try:
+        out = tables.commit_dir(spark, write, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots,
+                                forward_only=cfg.run.pin_inputs)
+    except _Drifted as e:
+        return None, f"the drift check asks for one: {e}"
+    manifest["output"] = out
+    d = manifest["delta_counts"]
+    log.info("index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",
+             run_id, prev["run_id"], d["added"], d["removed"], d["changed"], manifest["touched_cells"], n_cells, manifest["drift"],
+             manifest["build_seconds"])
+    return manifest, None
+

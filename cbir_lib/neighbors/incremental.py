@@ -1,0 +1,332 @@
+"""Incremental neighbours (``neighbors.mode=incremental``): last night's lists, updated by tonight's change.
+
+On an incremental index (:mod:`cbir_lib.index.incremental`), whose ``delta/`` says which
+vectors were added (new images, new versions of changed ones) and removed (deleted
+images, old versions of changed ones), and on the latest neighbours snapshot built on
+that index's base, a run
+
+1. reads every old list whole (the table and its ``_reserve/``: each list is searched
+   ``k + reserve`` deep) and, in one aggregation, each list's length, its last score
+   and how many of its neighbours were removed;
+2. **searches the added vectors** against the whole new store, with the method and
+   ``nprobe`` the base run calibrated, and in the same task scans the cells each one
+   probed for the **old rows it now belongs with** (:func:`~cbir_lib.neighbors.ivf.reverse_scan`):
+   every member whose last kept score it reaches. No old image is searched again for that;
+3. **removes** the removed vectors from every list. A list keeps what is left: its
+   entries are still the best of the old collection, in order, down to its last one, so
+   the reverse scan of later nights compares against that last score. Only a list left
+   with fewer than ``k`` is **refilled**: searched again, whole;
+4. merges: a list touched by a reverse candidate or a removal is re-ranked by
+   ``(-score, neighbour id)``, capped at ``k + reserve``; the added and refilled lists are
+   the new searches; every other list is copied as it is;
+5. measures recall@k on a sample of new images and one of old images against exact
+   search over the current collection (``neighbors.min_recall`` applies to both), and
+   commits a complete snapshot as a full run does, with ``_changes/``
+   ``(image_id, kind, neighbors_run_id)``: ``added``, ``updated`` (a changed image, or an
+   old list the night changed), ``refilled``, ``removed``.
+
+The searches are committed under ``_work/`` before the merge, so a killed run resumes
+with them; the result is a deterministic function of the inputs, so a retry commits the
+same snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import numpy as np
+
+from cbir_lib.common import faults, fs, tables
+from cbir_lib.common.frames import columns_frame, id_frame
+from cbir_lib.common.lineage import package_versions, timer
+from cbir_lib.config import Config
+from cbir_lib.index.incremental import DELTA
+from cbir_lib.neighbors import search as S
+from cbir_lib.neighbors.ivf import reverse_scan
+from cbir_lib.neighbors.topk import recall_at_k
+
+log = logging.getLogger(__name__)
+
+DELTA_SEARCH_DDL = "image_id long, rank int, neighbor_id long, score float, reverse boolean"
+THRESHOLDS = "thresholds"
+KINDS = ("added", "updated", "refilled", "removed")  # and "rebuilt", every image of a full run
+
+
+def why_not(prev: dict | None, index: dict, params: dict, grouped: bool) -> str | None:
+    """Why this run cannot be incremental (then a full one runs), or None."""
+    if index.get("mode") != "incremental":
+        return f"index {index['run_id']} was built in full" + (f" ({index['full_reason']})" if index.get("full_reason") else "")
+    if prev is None:
+        return "there are no earlier neighbours to update"
+    if prev.get("index_run_id") != index.get("base_run_id") or prev.get("index_commit") != index.get("base_commit"):
+        return (f"the latest neighbours ({prev['run_id']}) were built on index {prev.get('index_run_id')}, not on "
+                f"{index.get('base_run_id')}, the base of index {index['run_id']}")
+    if {k: v for k, v in (prev.get("params") or {}).items()} != params:
+        return f"the neighbours settings differ from those of run {prev['run_id']}"
+    if not (prev.get("reserve") or {}).get("output"):
+        return f"neighbours run {prev['run_id']} has no _reserve (it predates incremental runs)"
+    if params["rerank"] != "none":
+        return (f"neighbors.rerank={params['rerank']} re-ranks with every list's neighbours (DBA rewrites every vector), "
+                "which a night's change moves everywhere; only rerank=none is incremental")
+    if prev.get("method") not in ("dense", "exact"):
+        return f"method {prev.get('method')!r} is not incremental (dense and exact are)"
+    if grouped:
+        return "the store is past neighbors.memory_budget (the grouped layout is not incremental yet)"
+    return None
+
+
+def _delta_search(spec: dict):
+    """mapInArrow over ``(image_id, reverse)``: each id's list in the new store (``reverse``
+    false), and for the added ones also the old rows they now belong with (``reverse``
+    true: ``image_id`` the old row's id, ``neighbor_id`` the added one, rank 0)."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        S.limit_blas_threads(S._task_threads())
+        store = S.local_store(spec)
+        thr = _local_thresholds(spec, store)
+        qb = spec["query_block"]
+        for batch in batches:
+            qids_all = batch.column("image_id").to_numpy()
+            rev_all = batch.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
+            for s in range(0, len(qids_all), qb):
+                qids, rev = qids_all[s : s + qb], rev_all[s : s + qb]
+                rows = S.positions_of(store, qids)
+                if not np.array_equal(np.asarray(store.ids)[rows], qids):
+                    raise RuntimeError("neighbors: an image of the index's delta is not in its store")
+                vals, ids = S.search_rows(store, rows, spec)
+                out = S._topk_batch(qids, vals, ids)
+                yield pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
+                if rev.any():
+                    q = np.ascontiguousarray(store.vectors[rows[rev]])
+                    probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
+                    pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(np.asarray(store.ids)[pos]), pa.array(np.zeros(pos.size, np.int32)), pa.array(qids[rev][qi]),
+                         pa.array(sc), pa.array(np.ones(pos.size, bool))],
+                        names=["image_id", "rank", "neighbor_id", "score", "reverse"])
+
+    return fn
+
+
+def _probes(store, queries: np.ndarray, own: np.ndarray, spec: dict) -> np.ndarray:
+    """The cells a query's own search probes (every cell for exact search)."""
+    if spec["method"] == "exact":
+        return np.tile(np.arange(store.n_cells, dtype=np.int32), (len(queries), 1))
+    return store.route(queries, spec["nprobe"], own)
+
+
+_THRESHOLDS: dict[str, np.ndarray] = {}
+
+
+def _local_thresholds(spec: dict, store) -> np.ndarray:
+    """Each store row's threshold for the reverse scan, from the shipped thresholds files:
+    ``+inf`` for rows not in them (the added: their lists are searched)."""
+    key = spec["thresholds_key"]
+    if key not in _THRESHOLDS:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyspark import SparkFiles
+
+        parts = [pq.read_table(SparkFiles.get(name)) for name in spec["thresholds_files"]]
+        t = pa.concat_tables(parts) if parts else None
+        thr = np.full(len(store.ids), np.inf, dtype=np.float32)
+        if t is not None and t.num_rows:
+            ids = t.column("image_id").to_numpy()
+            rows = S.positions_of(store, ids)
+            ok = np.asarray(store.ids)[rows] == ids
+            thr[rows[ok]] = t.column("thr").to_numpy().astype(np.float32)[ok]
+        _THRESHOLDS[key] = thr
+    return _THRESHOLDS[key]
+
+
+def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, index: dict, spec: dict, params: dict,
+        slots: int, memory: dict, started: float) -> dict:
+    from pyspark.sql import functions as F
+    from pyspark.sql import Window
+
+    nb = cfg.neighbors
+    sc = spark.sparkContext
+    k, width = nb.k, spec["k"]
+    timings: dict[str, float] = {}
+    # The base run's calibrated search, not a new calibration: the same lists for the same data.
+    spec = {**spec, "method": prev["method"], "nprobe": prev.get("nprobe") or spec["nprobe"], "shortlist": prev.get("shortlist")}
+    n = int(S.cell_offsets(index)[-1])
+    n_prev = int(prev.get("n") or 0)
+    work_key = S._spec_key({"prev": prev["run_id"], "prev_commit": tables.commit_of(prev), "index": index["run_id"],
+                            "index_commit": tables.commit_of(index), "params": params})
+    work_dir = fs.join(table, "_work", f"incremental-{work_key}")
+
+    delta = spark.read.parquet(fs.join(index["uri"], DELTA))
+    rows = delta.select("image_id", "kind").collect()
+    added = np.unique(np.array([r.image_id for r in rows if r.kind == "added"], dtype=np.int64))
+    removed = np.unique(np.array([r.image_id for r in rows if r.kind == "removed"], dtype=np.int64))
+    changed = np.intersect1d(added, removed)
+
+    old = S.read_lists(spark, prev)
+    # Each old list's length, last score and removed neighbours, in one aggregation.
+    stats_uri = fs.join(work_dir, "list_stats")
+    if not fs.exists(spark, fs.join(stats_uri, "_SUCCESS")):
+        with timer("measuring the old lists (length, last score, removed neighbours)") as t:
+            gone = id_frame(spark, removed, "neighbor_id").withColumn("gone", F.lit(1))
+            marked = old.join(F.broadcast(gone), "neighbor_id", "left")
+            stats = marked.groupBy("image_id").agg(F.max("rank").alias("length"), F.min("score").alias("last"),
+                                                   F.sum(F.coalesce("gone", F.lit(0))).alias("lost"))
+            stats.write.mode("overwrite").parquet(stats_uri)
+        timings["list_stats_s"] = round(t["seconds"], 3)
+    stats = spark.read.parquet(stats_uri)
+    # A list of a collection with more than k + reserve other images is complete to its
+    # last score (a list shorter than that lost neighbours on an earlier night): the reverse
+    # scan must reach its last score. In a smaller one every list is everything there is.
+    complete_only = n_prev - 1 < width
+    live = stats.join(F.broadcast(id_frame(spark, np.union1d(added, removed))), "image_id", "left_anti")
+    refill = np.array([] if complete_only else [r.image_id for r in live.filter((F.col("lost") > 0) & (F.col("length") - F.col("lost") < k))
+                                                .select("image_id").collect()], dtype=np.int64)
+    lost_only = np.array([r.image_id for r in live.filter(F.col("lost") > 0).select("image_id").collect()], dtype=np.int64)
+    lost_only = np.setdiff1d(lost_only, refill)
+
+    thr_uri = fs.join(work_dir, THRESHOLDS)
+    if not fs.exists(spark, fs.join(thr_uri, "_SUCCESS")):
+        keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
+        thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
+        keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
+    thr_files = S._ship(sc, spark, thr_uri)
+    spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{S._spec_key(thr_files)}"}
+
+    with timer("loading the store on the executors") as t:
+        S._warm_store(sc, spec, slots)
+    timings["store_load_s"] = round(t["seconds"], 3)
+
+    # The searches: the added (with their reverse scans) and the refilled, committed once.
+    searched_uri = fs.join(work_dir, "searched")
+    n_queries = int(added.size + refill.size)
+    if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
+        with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
+            n_parts = max(1, min(4 * slots, -(-n_queries // max(1, nb.query_block // 4))))
+            qdf = columns_frame(spark, {"image_id": np.concatenate([added, refill]).astype(np.int64),
+                                        "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]},
+                                "image_id long, reverse boolean").repartition(n_parts)
+            tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
+            qdf.mapInArrow(_delta_search(spec), DELTA_SEARCH_DDL).write.mode("overwrite").parquet(tmp)
+            fs.delete(spark, searched_uri)
+            fs.rename(spark, tmp, searched_uri)
+        timings["search_s"] = round(t["seconds"], 3)
+    faults.point("neighbors.incremental.after_search")
+    searched = spark.read.schema(DELTA_SEARCH_DDL).parquet(searched_uri)
+    fresh = searched.filter(~F.col("reverse")).drop("reverse")
+    replaced = np.union1d(np.union1d(added, removed), refill)
+    reverse = (searched.filter(F.col("reverse")).drop("reverse")
+               .join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti"))
+    reverse_ids = np.array([r.image_id for r in reverse.select("image_id").distinct().collect()], dtype=np.int64)
+    touched = np.union1d(reverse_ids, lost_only)
+
+    # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, touched))), "image_id", "left_anti")
+    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi")
+    kept = kept.join(F.broadcast(id_frame(spark, removed, "neighbor_id")), "neighbor_id", "left_anti").select(*cols)
+    order = Window.partitionBy("image_id").orderBy(F.col("score").desc(), F.col("neighbor_id").asc())
+    merged = (kept.unionByName(reverse.select(*cols)).withColumn("rank", F.row_number().over(order).cast("int"))
+              .filter(F.col("rank") <= width).select(*cols))
+    lists = untouched.select(*cols).unionByName(merged).unionByName(fresh.select(*cols))
+    n_files = S._output_files(spark, n)
+    public, reserve = S.public_and_reserve(lists, k, nb.min_score, run_id)
+
+    new_only = np.setdiff1d(added, changed)
+    groups = {"added": new_only, "updated": np.union1d(changed, touched), "refilled": refill, "removed": np.setdiff1d(removed, changed)}
+    changes = columns_frame(spark, {"image_id": np.concatenate([v for v in groups.values()]).astype(np.int64),
+                                    "kind": np.array([kind for kind, v in groups.items() for _ in range(len(v))], dtype=object)},
+                            "image_id long, kind string").withColumn("neighbors_run_id", F.lit(run_id))
+
+    # Recall on new and on old images, from the lists as committed, against exact search.
+    recall_new, recall_old, sample_sizes = _recall(spark, sc, spec, lists, added, n, slots, nb, index.get("seed", 0), timings)
+    recalls = [r for r in (recall_new, recall_old) if r is not None]
+    if nb.min_recall is not None and recalls and min(recalls) < nb.min_recall:
+        raise S.RecallTooLow(f"neighbors.min_recall: measured recall@{k} {min(recalls):.4f} (new images {recall_new}, old images "
+                             f"{recall_old}) is below {nb.min_recall}; run neighbors with neighbors.mode=full")
+
+    manifest = {
+        "stage": "neighbors",
+        "run_id": run_id,
+        "index_run_id": index["run_id"],
+        "index_commit": tables.commit_of(index),
+        "embeddings_run_id": index.get("embeddings_run_id"),
+        "params": params,
+        "config": cfg.to_dict(),
+        "method": spec["method"],
+        "nprobe": spec["nprobe"] if spec["method"] != "exact" else None,
+        "shortlist": spec.get("shortlist") if spec["method"] == "dense" else None,
+        "metric": index["metric"],
+        "k": k,
+        "reserve": {"rows": nb.reserve, "output": S.RESERVE, "searched_k": width},
+        "mode": "incremental",
+        "full_reason": None,
+        "base_run_id": prev["run_id"],
+        "base_commit": tables.commit_of(prev),
+        "n": n,
+        "n_cells": len(spec["offsets"]) - 1,
+        "recall_at_k": min(recalls) if recalls else None,
+        "recall_new": recall_new,
+        "recall_old": recall_old,
+        "recall_of": "the final top-k, new and old images apart (recall_at_k: the lower)",
+        "recall_sample": sample_sizes,
+        "rerank": None,
+        "changes": {"added": int(new_only.size), "changed": int(changed.size), "deleted": int(np.setdiff1d(removed, changed).size),
+                    "refilled": int(refill.size), "reverse_updated": int(reverse_ids.size), "lost_neighbours_only": int(lost_only.size),
+                    "lists_changed": int(np.union1d(touched, refill).size), "output": S.CHANGES},
+        "searched_this_run": n_queries,
+        "memory": memory,
+        "timings": timings,
+        "packages": package_versions(),
+    }
+    manifest["output"] = tables.run_dir(table, run_id)
+    with timer("committing the neighbours table (incremental)") as t:
+        manifest["counts"] = {"queries": n}
+        manifest["wall_seconds"] = round(time.time() - started, 3)
+        S.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
+    timings["commit_s"] = round(t["seconds"], 3)
+    if nb.pairs:
+        S._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
+    fs.delete(spark, work_dir)
+    c = manifest["changes"]
+    log.info("neighbors %s (incremental on %s): %d added, %d changed, %d deleted; %d lists updated by new images, %d refilled; "
+             "recall@%d new %s old %s; %.1f s", run_id, prev["run_id"], c["added"], c["changed"], c["deleted"], c["reverse_updated"],
+             c["refilled"], k, recall_new, recall_old, time.time() - started)
+    return manifest
+
+
+def _recall(spark, sc, spec: dict, lists, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
+    """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
+    images (store positions drawn with the index's seed), against exact search."""
+    from pyspark.sql import functions as F
+
+    half = nb.recall_sample // 2
+    if not half:
+        return None, None, {"new": 0, "old": 0}
+    rng = np.random.default_rng(seed)
+    new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
+    cand = np.sort(rng.choice(n, min(n, 2 * half + added.size), replace=False))
+
+    def locate(_):
+        store = S.local_store(spec)
+        pos = S.positions_of(store, new_ids)
+        return [(pos, np.asarray(store.ids)[cand])]
+
+    new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
+    old_pos = cand[~np.isin(cand_ids, added)][:half]
+    positions = np.sort(np.concatenate([new_pos, old_pos]))
+    with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
+        qids, tv, ti = S._exact_sample(sc, spec, positions, n, slots)
+    timings["exact_sample_s"] = round(t["seconds"], 3)
+    k = nb.k
+    got = lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow()
+    av, ai = S.topk_arrays(got, qids, spec["k"])
+    is_new = np.isin(qids, added)
+
+    def rec(mask):
+        return round(recall_at_k(ai[mask, :k], ti[mask, :k], tv[mask, :k], av[mask, :k]), 5) if mask.any() else None
+
+    return rec(is_new), rec(~is_new), {"new": int(is_new.sum()), "old": int((~is_new).sum())}

@@ -1,0 +1,176 @@
+"""Incremental nights on local[2]: index and neighbours updated by a night's change, checked
+against exact search over the current collection (an exact oracle where exact is cheap)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, write_embeddings
+
+from cbir_lib.index.build import run_build_index
+from cbir_lib.neighbors.search import run_neighbors
+from cbir_lib.neighbors.topk import brute_force, prepare, recall_at_k
+from tests.neighbors.test_neighbors_job import clustered, config, read_topk, signed_ids
+
+pytestmark = pytest.mark.slow
+
+INC = {"mode": "incremental"}
+
+
+def night(spark, root, run_id, ids, x, index=None, neighbors=None):
+    write_embeddings(spark, str(root), ids, x, run_id)
+    cfg = config(root, run_id, {**INC, "forests": False, **(index or {})}, {**INC, **(neighbors or {})})
+    return run_build_index(spark, cfg), run_neighbors(spark, cfg)
+
+
+def check_exact(spark, nm, ids, x, k=10):
+    """The committed table is exact search's top-k of every image (the exact method)."""
+    got_v, got_i = read_topk(spark, nm["output"], ids, k)
+    want_v, want_i = brute_force(prepare(x, "angular"), ids, k, "angular")
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_v, want_v, atol=1e-5)
+
+
+def first_neighbour(spark, nm, query_ids) -> np.ndarray:
+    rows = dict(spark.read.parquet(nm["output"]).filter("rank = 1").select("image_id", "neighbor_id").collect())
+    return np.array([rows[int(q)] for q in query_ids])
+
+
+def changes_of(spark, nm) -> dict:
+    rows = spark.read.parquet(nm["output"] + "/_changes").collect()
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r.kind, set()).add(r.image_id)
+        assert r.neighbors_run_id == nm["run_id"]
+    return out
+
+
+def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
+    """Adds (near-copies among them), deletes, changes, an id deleted one night and back the
+    next with other content, and an empty night: after each, the table is exact search's."""
+    rng = np.random.default_rng(0)
+    pool = clustered(760, 16, seed=1)  # the same distribution for old and new vectors
+    ids, x = signed_ids(700, seed=1), pool[:700]
+    _, nm = night(spark, tmp_path, "d1", ids, x, neighbors={"reserve": 2})
+    assert nm["mode"] == "full" and "built in full" in nm["full_reason"]
+    check_exact(spark, nm, ids, x)
+
+    # Night 2: 30 deleted (more than a reserve of 2 in some lists: refills), 10 changed,
+    # 25 added, 10 of them near-copies of old images.
+    dele, chg = np.arange(0, 30), np.arange(30, 40)
+    copies = x[100:110] + 0.001 * rng.normal(size=(10, 16)).astype(np.float32)
+    new_x = np.concatenate([copies, pool[700:715]])
+    new_ids = signed_ids(25, seed=77)
+    x2 = x.copy()
+    x2[chg] = pool[715:725]
+    keep = np.ones(700, bool)
+    keep[dele] = False
+    ids2, x2 = np.concatenate([ids[keep], new_ids]), np.concatenate([x2[keep], new_x])
+    im, nm = night(spark, tmp_path, "d2", ids2, x2, neighbors={"reserve": 2})
+    assert im["mode"] == "incremental", im["full_reason"]
+    assert im["delta_counts"] == {"added": 35, "removed": 40, "changed": 10, "new": 25, "deleted": 30}
+    assert nm["mode"] == "incremental" and nm["base_run_id"] == "d1"
+    check_exact(spark, nm, ids2, x2)
+    c = nm["changes"]
+    assert (c["added"], c["changed"], c["deleted"]) == (25, 10, 30) and c["refilled"] > 0 and c["reverse_updated"] > 0
+    kinds = changes_of(spark, nm)
+    assert kinds["added"] == set(new_ids.tolist()) and kinds["removed"] == set(ids[dele].tolist())
+    # The near-copies' originals changed lists: updated by the reverse scan, or refilled.
+    assert set(ids[chg].tolist()) <= kinds["updated"] and set(ids[100:110].tolist()) <= kinds["updated"] | kinds["refilled"]
+    # Each near-copy is its original's nearest neighbour now.
+    assert (first_neighbour(spark, nm, ids[100:110]) == new_ids[:10]).all()
+    assert nm["recall_new"] == 1.0 and nm["recall_old"] == 1.0
+
+    # Night 3: a deleted id comes back with other content, a new one of night 2 goes.
+    back = np.array([ids[0]])
+    ids3 = np.concatenate([ids2[ids2 != new_ids[20]], back])
+    x3 = np.concatenate([x2[ids2 != new_ids[20]], pool[725:726]])
+    im, nm = night(spark, tmp_path, "d3", ids3, x3, neighbors={"reserve": 2})
+    assert nm["mode"] == "incremental" and im["delta_counts"]["added"] == 1 and im["delta_counts"]["removed"] == 1
+    check_exact(spark, nm, ids3, x3)
+
+    # An empty night: the same collection under a new run id.
+    im, nm = night(spark, tmp_path, "d4", ids3, x3, neighbors={"reserve": 2})
+    assert im["mode"] == "incremental" and im["delta_counts"]["added"] == im["delta_counts"]["removed"] == 0
+    assert nm["mode"] == "incremental" and nm["changes"]["lists_changed"] == 0
+    check_exact(spark, nm, ids3, x3)
+    assert spark.read.parquet(nm["output"] + "/_changes").count() == 0
+
+    # A full run of the same collection writes the same table.
+    full = run_neighbors(spark, config(tmp_path, "d5", {"forests": False}, {"reserve": 2}))
+    a = spark.read.parquet(nm["output"]).select("image_id", "rank", "neighbor_id", "score").collect()
+    b = spark.read.parquet(full["output"]).select("image_id", "rank", "neighbor_id", "score").collect()
+    assert sorted(a) == sorted(b)
+
+
+def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
+    """The reverse update through the probed cells, on the dense IVF (no exact search)."""
+    rng = np.random.default_rng(2)
+    ids, x = signed_ids(4000, seed=3), clustered(4000, 16, seed=3)
+    opts = {"exact_max_n": 0, "recall_sample": 200}
+    _, nm = night(spark, tmp_path, "d1", ids, x, neighbors=opts)
+    assert nm["method"] == "dense"
+    orig = rng.choice(4000, 40, replace=False)
+    new_ids = signed_ids(40, seed=99)
+    gone = np.setdiff1d(np.arange(4000), orig)[:20]
+    keep = np.ones(4000, bool)
+    keep[gone] = False
+    ids2 = np.concatenate([ids[keep], new_ids])
+    x2 = np.concatenate([x[keep], x[orig] + 0.001 * rng.normal(size=(40, 16)).astype(np.float32)])
+    im, nm = night(spark, tmp_path, "d2", ids2, x2, neighbors=opts)
+    assert nm["mode"] == "incremental" and nm["nprobe"] == json.loads((tmp_path / "neighbors" / "run=d1" / "_manifest.json").read_text())["nprobe"]
+    assert (first_neighbour(spark, nm, ids[orig]) == new_ids).all()
+    # No list names a deleted image, and recall is measured on new and old images apart.
+    names = np.array([r.neighbor_id for r in spark.read.parquet(nm["output"]).select("neighbor_id").collect()])
+    assert not np.isin(names, ids[gone]).any()
+    assert nm["recall_sample"]["new"] == 40 and nm["recall_sample"]["old"] == 100
+    assert nm["recall_new"] >= 0.9 and nm["recall_old"] >= 0.9
+    # The measured recall is the table's: that of every image, nearly all old, is near it.
+    gv, gi = read_topk(spark, nm["output"], ids2, 10)
+    tv, ti = brute_force(prepare(x2, "angular"), ids2, 10, "angular")
+    assert abs(recall_at_k(gi, ti, tv, gv) - nm["recall_old"]) < 0.05
+
+
+def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
+    pool = clustered(660, 16, seed=4)
+    ids, x = signed_ids(600, seed=4), pool[:600]
+    night(spark, tmp_path, "d1", ids, x)
+    ids2, x2 = np.concatenate([ids[60:], signed_ids(60, seed=5)]), np.concatenate([x[60:], pool[600:]])
+    im, nm = night(spark, tmp_path, "d2", ids2, x2, index={"drift_max_change": 0.1})
+    assert im["mode"] == "full" and "index.drift_max_change" in im["full_reason"]
+    assert nm["mode"] == "full" and "built in full" in nm["full_reason"]
+    check_exact(spark, nm, ids2, x2)
+    # Under the default bound the same night is incremental.
+    im, nm = night(spark, tmp_path / "b", "d1", ids, x)
+    im, nm = night(spark, tmp_path / "b", "d2", ids2, x2)
+    assert im["mode"] == "incremental" and im["drift"]["change"] == 0.2 and nm["mode"] == "incremental"
+
+
+def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(spark, tmp_path):
+    pool = clustered(612, 16, seed=7)
+    ids, x = signed_ids(600, seed=7), pool[:600]
+    night(spark, tmp_path, "d1", ids, x)
+    ids2, x2 = np.concatenate([ids[10:], signed_ids(12, seed=8)]), np.concatenate([x[10:], pool[600:]])
+    write_embeddings(spark, str(tmp_path), ids2, x2, "d2")
+    args = ["--output", str(tmp_path), "--run-id", "d2", "--master", "local[2]", "index.mode=incremental", "index.forests=false",
+            "neighbors.mode=incremental", "neighbors.rerank=none"]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "CBIR_FAULTS": f"neighbors.incremental.after_search:{tmp_path / 'faults'}:kill"}
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert (tmp_path / "neighbors" / "_LATEST").read_text() == "d1"
+    assert any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
+    cfg = config(tmp_path, "d2", {**INC, "forests": False}, INC)
+    im = run_build_index(spark, cfg)
+    assert im.get("noop") and im["mode"] == "incremental"
+    nm = run_neighbors(spark, cfg)
+    assert nm["mode"] == "incremental"
+    check_exact(spark, nm, ids2, x2)
+    assert json.loads((tmp_path / "neighbors" / "run=d2" / "_manifest.json").read_text())["run_id"] == "d2"
+    assert not any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
