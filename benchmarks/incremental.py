@@ -200,10 +200,11 @@ def main() -> None:
                 tv, ti = exact[which]
                 (gv, gi), neighbour_ids, manifest = read_lists(root, run_id, ids[pos])
                 row[f"{name}_recall_{which}"] = recall(gi, tv, ti, gv)
-                if name == "incremental" and which == "old":
+                if which == "old":
                     want = np.isin(ti, new_ids)
                     row["reverse_pairs_in_sample"] = int(want.sum())
-                    row["reverse_recall"] = round(float((want & (ti[:, :, None] == gi[:, None, :]).any(2)).sum() / max(1, want.sum())), 4)
+                    row[f"{'' if name == 'incremental' else 'full_'}reverse_recall"] = round(
+                        float((want & (ti[:, :, None] == gi[:, None, :]).any(2)).sum() / max(1, want.sum())), 4)
             row[f"{'deleted_left_in_lists' if name == 'incremental' else 'full_deleted_left_in_lists'}"] = int(np.isin(neighbour_ids, deleted_ids).sum())
             if name == "incremental":
                 row["lists_changed"] = (manifest.get("changes") or {}).get("lists_changed")

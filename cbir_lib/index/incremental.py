@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, tables
+from cbir_lib.common import fs, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import package_versions, timer
 from cbir_lib.config import Config
@@ -108,6 +108,39 @@ def _distances(centroids_bytes: bytes | None, metric: str):
     return fn
 
 
+def _read_added(files, ids: np.ndarray, fps: np.ndarray, assigner):
+    """mapInArrow over embeddings file URIs: the rows whose ids are in ``ids`` (sorted; with
+    their fingerprints ``fps``), read row group by row group with pyarrow (a group without
+    one is never decoded past its ids), as assigned store rows."""
+
+    def fn(batches):
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        def picked():
+            for b in batches:
+                for uri in b.column("uri").to_pylist():
+                    data, err = remote.read(files, uri)
+                    if data is None:
+                        raise RuntimeError(f"build_index: embeddings file {uri} could not be read ({err})")
+                    pf = pq.ParquetFile(io.BytesIO(data))
+                    for g in range(pf.num_row_groups):
+                        key = pf.read_row_group(g, columns=["image_id"]).column(0).to_numpy()
+                        at = np.minimum(np.searchsorted(ids, key), len(ids) - 1)
+                        hit = ids[at] == key
+                        if not hit.any():
+                            continue
+                        t = pf.read_row_group(g, columns=["image_id", "embedding"]).filter(pa.array(hit))
+                        t = t.append_column("fp", pa.array(fps[at[hit]]))
+                        yield from t.combine_chunks().to_batches()
+
+        yield from assigner(picked())
+
+    return fn
+
+
 def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | None, emb_uri: str, emb_run: str,
                     emb_manifest: dict, emb, signature: dict) -> tuple[dict | None, str | None]:
     """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``."""
@@ -138,24 +171,38 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
 
     with timer("finding the added and removed vectors by content fingerprint") as t:
         # One shuffle of (id, fp) pairs; the vectors stay where they are.
-        diff = (old.select("image_id", "fp", "cell").join(emb.select("image_id", "fp", F.lit(True).alias("now")), ["image_id", "fp"], "full_outer")
-                .filter(F.col("cell").isNull() | F.col("now").isNull()).select("image_id", "cell", "now").collect())
+        now = emb.select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
+        diff = (old.select("image_id", F.col("fp").alias("fp_key"), "cell").join(now, ["image_id", "fp_key"], "full_outer")
+                .filter(F.col("cell").isNull() | F.col("fp_now").isNull()).select("image_id", "cell", "fp_now").toArrow())
     timings["diff_s"] = round(t["seconds"], 3)
-    ids = np.array([r.image_id for r in diff], dtype=np.int64)
-    is_added = np.array([r.now is not None for r in diff], dtype=bool)
-    added_ids = np.sort(ids[is_added])
-    removed_ids, removed_cells = ids[~is_added], np.array([r.cell for r in diff if r.now is None], dtype=np.int64)
-    order = np.argsort(removed_ids)
+    ids = diff.column("image_id").to_numpy().astype(np.int64)
+    fp_now = diff.column("fp_now")
+    is_added = fp_now.is_valid().to_numpy(zero_copy_only=False)
+    order = np.argsort(ids[is_added], kind="stable")
+    added_ids = ids[is_added][order]
+    added_fps = fp_now.filter(fp_now.is_valid()).to_numpy().astype(np.int64)[order]
+    removed_ids, removed_cells = ids[~is_added], diff.column("cell").to_numpy(zero_copy_only=False)[~is_added].astype(np.int64)
+    order = np.argsort(removed_ids, kind="stable")
     removed_ids, removed_cells = removed_ids[order], removed_cells[order]
     changed = int(np.intersect1d(added_ids, removed_ids).size)
 
     added_rows = np.zeros(0, np.int64)  # the added ids in the order of added_cells
     added_cells = np.zeros(0, np.int64)
     distances = np.zeros(0)
-    source = emb.join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi") if added_ids.size else None
-    if source is not None and prev.get("partitioning") == "hash":
-        source = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
     ddl = "cell int, image_id long, vector binary, fp long" + (", reduced binary" if reduction_bytes else "")
+    assigner = _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes)
+    added_store = None
+    if added_ids.size and prev.get("partitioning") == "hash":
+        source = emb.join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi")
+        added_store = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int")).mapInArrow(assigner, ddl)
+    elif added_ids.size:
+        # The added rows read by the executors with pyarrow, a file per task: Spark's reader
+        # would turn every vector of the table into rows to keep 1 % of them.
+        emb_dir = tables.run_dir(emb_uri, emb_run)
+        uris = [fs.join(emb_dir, name) for name in fs.list_names(spark, emb_dir) if name.endswith(".parquet")]
+        files = remote.settings_from_hadoop(spark)
+        added_store = (columns_frame(spark, {"uri": np.array(uris, dtype=object)}, "uri string").repartition(max(1, len(uris)))
+                       .mapInArrow(_read_added(files, added_ids, added_fps, assigner), ddl))
 
     manifest = {k: v for k, v in prev.items() if k not in ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")}
     manifest.update({
@@ -177,9 +224,9 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
 
     def write(tmp: str) -> None:
         nonlocal added_rows, added_cells, distances
-        if source is not None:
+        if added_store is not None:
             with timer(f"assigning {added_ids.size} added vectors to the base's {n_cells} cells") as t:
-                source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), ddl).write.mode("overwrite").parquet(fs.join(tmp, "_added"))
+                added_store.write.mode("overwrite").parquet(fs.join(tmp, "_added"))
                 assigned_ = spark.read.parquet(fs.join(tmp, "_added"))
                 got = assigned_.select("image_id", "cell", "vector").mapInArrow(_distances(centroids_bytes, ic.metric), "image_id long, cell int, distance double").toArrow()
             timings["assign_s"] = round(t["seconds"], 3)
@@ -199,7 +246,7 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
             kept = old.join(F.broadcast(id_frame(spark, removed_ids)), "image_id", "left_anti") if removed_ids.size else old
             if reduction_bytes is None and "reduced" in kept.columns:
                 kept = kept.drop("reduced")
-            new_store = kept if source is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
+            new_store = kept if added_store is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
             new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         fs.delete(spark, fs.join(tmp, "_added"))

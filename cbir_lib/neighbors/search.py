@@ -540,7 +540,10 @@ def _run_neighbors(spark, cfg: Config) -> dict:
 
         full_reason = incremental.why_not(prev, index, params, grouped)
         if full_reason is None:
-            return incremental.run(spark, cfg, run_id, table, root, prev, index, spec, params, slots, memory, started)
+            try:
+                return incremental.run(spark, cfg, run_id, table, root, prev, index, spec, params, slots, memory, started)
+            except incremental.NotIncremental as exc:
+                full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:

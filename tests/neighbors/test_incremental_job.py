@@ -85,6 +85,12 @@ def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
     # Each near-copy is its original's nearest neighbour now.
     assert (first_neighbour(spark, nm, ids[100:110]) == new_ids[:10]).all()
     assert nm["recall_new"] == 1.0 and nm["recall_old"] == 1.0
+    # The SQL view of the change, for downstream systems that want only that.
+    from cbir_lib.sql.duck import connect
+
+    con, _ = connect(str(tmp_path))
+    got = dict(con.execute("SELECT kind, count(*) FROM changes GROUP BY kind").fetchall())
+    assert got == {kind: len(v) for kind, v in kinds.items()}
 
     # Night 3: a deleted id comes back with other content, a new one of night 2 goes.
     back = np.array([ids[0]])
