@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DELTA_SEARCH_DDL = "image_id long, rank int, neighbor_id long, score float, reverse boolean"
 THRESHOLDS = "thresholds"
+DELTA_BLOCK = 8192  # a night's queries searched together in one task step
 
 
 class NotIncremental(Exception):
@@ -93,26 +94,33 @@ def _delta_search(spec: dict):
         S.limit_blas_threads(S._task_threads())
         store = S.local_store(spec)
         thr = _local_thresholds(spec, store)
-        qb = spec["query_block"]
-        for batch in batches:
-            qids_all = batch.column("image_id").to_numpy()
-            rev_all = batch.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
-            for s in range(0, len(qids_all), qb):
-                qids, rev = qids_all[s : s + qb], rev_all[s : s + qb]
-                rows = S.positions_of(store, qids)
-                if not np.array_equal(np.asarray(store.ids)[rows], qids):
-                    raise RuntimeError("neighbors: an image of the index's delta is not in its store")
-                vals, ids = S.search_rows(store, rows, spec)
-                out = S._topk_batch(qids, vals, ids)
-                yield pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
-                if rev.any():
-                    q = np.ascontiguousarray(store.vectors[rows[rev]])
-                    probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
-                    pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
-                    yield pa.RecordBatch.from_arrays(
-                        [pa.array(np.asarray(store.ids)[pos]), pa.array(np.zeros(pos.size, np.int32)), pa.array(qids[rev][qi]),
-                         pa.array(sc), pa.array(np.ones(pos.size, bool))],
-                        names=["image_id", "rank", "neighbor_id", "score", "reverse"])
+        # A night's queries are a sparse sample of the collection. Taken in store order and in
+        # big blocks, those that share a probed cell share its matrix product; in blocks of
+        # query_block random queries a cell met a few of them at a time.
+        parts = [b for b in batches if b.num_rows]
+        if not parts:
+            return
+        qids_all = np.concatenate([b.column("image_id").to_numpy() for b in parts])
+        rev_all = np.concatenate([b.column("reverse").to_numpy(zero_copy_only=False) for b in parts]).astype(bool)
+        rows_all = S.positions_of(store, qids_all)
+        if not np.array_equal(np.asarray(store.ids)[rows_all], qids_all):
+            raise RuntimeError("neighbors: an image of the index's delta is not in its store")
+        order = np.argsort(rows_all, kind="stable")
+        qb = max(spec["query_block"], DELTA_BLOCK)
+        for s in range(0, len(order), qb):
+            take = order[s : s + qb]
+            qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
+            vals, ids = S.search_rows(store, rows, spec)
+            out = S._topk_batch(qids, vals, ids)
+            yield pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
+            if rev.any():
+                q = np.ascontiguousarray(store.vectors[rows[rev]])
+                probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
+                pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(np.asarray(store.ids)[pos]), pa.array(np.zeros(pos.size, np.int32)), pa.array(qids[rev][qi]),
+                     pa.array(sc), pa.array(np.ones(pos.size, bool))],
+                    names=["image_id", "rank", "neighbor_id", "score", "reverse"])
 
     return fn
 
@@ -167,9 +175,10 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     work_dir = fs.join(table, "_work", f"incremental-{work_key}")
 
     delta = spark.read.parquet(fs.join(index["uri"], DELTA))
-    rows = delta.select("image_id", "kind").collect()
-    added = np.unique(np.array([r.image_id for r in rows if r.kind == "added"], dtype=np.int64))
-    removed = np.unique(np.array([r.image_id for r in rows if r.kind == "removed"], dtype=np.int64))
+    rows = delta.select("image_id", "kind").toArrow()
+    kind = np.asarray(rows.column("kind").to_pylist(), dtype=object)
+    delta_ids = rows.column("image_id").to_numpy().astype(np.int64)
+    added, removed = np.unique(delta_ids[kind == "added"]), np.unique(delta_ids[kind == "removed"])
     changed = np.intersect1d(added, removed)
 
     old = S.read_lists(spark, prev)
@@ -189,10 +198,11 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     # scan must reach its last score. In a smaller one every list is everything there is.
     complete_only = n_prev - 1 < width
     live = stats.join(F.broadcast(id_frame(spark, np.union1d(added, removed))), "image_id", "left_anti")
-    refill = np.array([] if complete_only else [r.image_id for r in live.filter((F.col("lost") > 0) & (F.col("length") - F.col("lost") < k))
-                                                .select("image_id").collect()], dtype=np.int64)
-    lost_only = np.array([r.image_id for r in live.filter(F.col("lost") > 0).select("image_id").collect()], dtype=np.int64)
-    lost_only = np.setdiff1d(lost_only, refill)
+    lost = live.filter(F.col("lost") > 0).select("image_id", (F.col("length") - F.col("lost") < k).alias("short")).toArrow()
+    lost_ids = lost.column("image_id").to_numpy().astype(np.int64)
+    short = lost.column("short").to_numpy(zero_copy_only=False).astype(bool)
+    refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
+    lost_only = np.setdiff1d(lost_ids, refill)
 
     thr_uri = fs.join(work_dir, THRESHOLDS)
     if not fs.exists(spark, fs.join(thr_uri, "_SUCCESS")):
@@ -211,7 +221,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     n_queries = int(added.size + refill.size)
     if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
-            n_parts = max(1, min(4 * slots, -(-n_queries // max(1, nb.query_block // 4))))
+            n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))
             qdf = columns_frame(spark, {"image_id": np.concatenate([added, refill]).astype(np.int64),
                                         "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]},
                                 "image_id long, reverse boolean").repartition(n_parts)
@@ -226,7 +236,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     replaced = np.union1d(np.union1d(added, removed), refill)
     reverse = (searched.filter(F.col("reverse")).drop("reverse")
                .join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti"))
-    reverse_ids = np.array([r.image_id for r in reverse.select("image_id").distinct().collect()], dtype=np.int64)
+    reverse_ids = np.unique(reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64))
     touched = np.union1d(reverse_ids, lost_only)
 
     # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
@@ -242,8 +252,16 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     n_files = S._output_files(spark, n)
     public, reserve = S.public_and_reserve(lists, k, nb.min_score, run_id)
 
+    # "updated": a touched list whose top k (what the table holds) is not what it was; one
+    # that changed only past k (its reserve) is no change to a reader of the table.
+    top_cols = ["image_id", "rank", "neighbor_id", "score"]
+    was = old.filter(F.col("rank") <= k).join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*top_cols)
+    now_ = lists.filter(F.col("rank") <= k).join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*top_cols)
+    differ = (was.withColumn("was", F.lit(1)).join(now_.withColumn("now", F.lit(1)), top_cols, "full_outer")
+              .filter(F.col("was").isNull() | F.col("now").isNull()).select("image_id").toArrow())
+    top_changed = np.unique(differ.column("image_id").to_numpy().astype(np.int64))
     new_only = np.setdiff1d(added, changed)
-    groups = {"added": new_only, "updated": np.union1d(changed, touched), "refilled": refill, "removed": np.setdiff1d(removed, changed)}
+    groups = {"added": new_only, "updated": np.union1d(changed, top_changed), "refilled": refill, "removed": np.setdiff1d(removed, changed)}
     changes = columns_frame(spark, {"image_id": np.concatenate([v for v in groups.values()]).astype(np.int64),
                                     "kind": np.array([kind for kind, v in groups.items() for _ in range(len(v))], dtype=object)},
                             "image_id long, kind string").withColumn("neighbors_run_id", F.lit(run_id))
@@ -292,7 +310,8 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
         "rerank": None,
         "changes": {"added": int(new_only.size), "changed": int(changed.size), "deleted": int(np.setdiff1d(removed, changed).size),
                     "refilled": int(refill.size), "reverse_updated": int(reverse_ids.size), "lost_neighbours_only": int(lost_only.size),
-                    "lists_changed": int(np.union1d(touched, refill).size), "output": S.CHANGES},
+                    "lists_changed": int(np.union1d(top_changed, refill).size),
+                    "reserve_only_changed": int(touched.size - top_changed.size), "output": S.CHANGES},
         "searched_this_run": n_queries,
         "memory": memory,
         "timings": timings,
@@ -300,7 +319,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     }
     manifest["output"] = tables.run_dir(table, run_id)
     with timer("committing the neighbours table (incremental)") as t:
-        manifest["counts"] = {"queries": n}
+        manifest["counts"] = {"queries": n, "rows": public.count()}
         manifest["wall_seconds"] = round(time.time() - started, 3)
         S.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
     timings["commit_s"] = round(t["seconds"], 3)

@@ -117,14 +117,14 @@ def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
 def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
     """The reverse update through the probed cells, on the dense IVF (no exact search)."""
     rng = np.random.default_rng(2)
-    ids, x = signed_ids(4000, seed=3), clustered(4000, 16, seed=3)
+    ids, x = signed_ids(2500, seed=3), clustered(2500, 16, seed=3)
     opts = {"exact_max_n": 0, "recall_sample": 200}
     _, nm = night(spark, tmp_path, "d1", ids, x, neighbors=opts)
     assert nm["method"] == "dense"
-    orig = rng.choice(4000, 40, replace=False)
+    orig = rng.choice(2500, 40, replace=False)
     new_ids = signed_ids(40, seed=99)
-    gone = np.setdiff1d(np.arange(4000), orig)[:20]
-    keep = np.ones(4000, bool)
+    gone = np.setdiff1d(np.arange(2500), orig)[:20]
+    keep = np.ones(2500, bool)
     keep[gone] = False
     ids2 = np.concatenate([ids[keep], new_ids])
     x2 = np.concatenate([x[keep], x[orig] + 0.001 * rng.normal(size=(40, 16)).astype(np.float32)])
@@ -143,18 +143,19 @@ def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
 
 
 def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
-    pool = clustered(660, 16, seed=4)
+    pool = clustered(672, 16, seed=4)
     ids, x = signed_ids(600, seed=4), pool[:600]
     night(spark, tmp_path, "d1", ids, x)
-    ids2, x2 = np.concatenate([ids[60:], signed_ids(60, seed=5)]), np.concatenate([x[60:], pool[600:]])
+    ids2, x2 = np.concatenate([ids[60:], signed_ids(60, seed=5)]), np.concatenate([x[60:], pool[600:660]])
     im, nm = night(spark, tmp_path, "d2", ids2, x2, index={"drift_max_change": 0.1})
     assert im["mode"] == "full" and "index.drift_max_change" in im["full_reason"]
     assert nm["mode"] == "full" and "built in full" in nm["full_reason"]
     check_exact(spark, nm, ids2, x2)
-    # Under the default bound the same night is incremental.
-    im, nm = night(spark, tmp_path / "b", "d1", ids, x)
-    im, nm = night(spark, tmp_path / "b", "d2", ids2, x2)
-    assert im["mode"] == "incremental" and im["drift"]["change"] == 0.2 and nm["mode"] == "incremental"
+    # The next, smaller night under the same bound is incremental on that full build.
+    ids3, x3 = np.concatenate([ids2[12:], signed_ids(12, seed=6)]), np.concatenate([x2[12:], pool[660:]])
+    im, nm = night(spark, tmp_path, "d3", ids3, x3, index={"drift_max_change": 0.1})
+    assert im["mode"] == "incremental" and im["drift"]["change"] == 0.04 and nm["mode"] == "incremental"
+    check_exact(spark, nm, ids3, x3)
 
 
 def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(spark, tmp_path):

@@ -59,7 +59,7 @@ def test_reverse_scan_scores_are_the_members_own_pair_scores():
     thr = np.full(300, -np.inf, np.float32)
     pos, qi, sc = reverse_scan(store, q, qids, store.route(q, store.n_cells), thr)
     v, i = dense_search(store, store.vectors[pos], store.ids[pos], store.route(store.vectors[pos], store.n_cells), 300)
-    for row, (p, j, s) in enumerate(zip(pos, qi, sc, strict=True)):
+    for row, (_p, j, s) in enumerate(zip(pos, qi, sc, strict=True)):
         at = np.flatnonzero(i[row] == qids[j])
         assert at.size == 1 and v[row, at[0]] == s
 
