@@ -164,7 +164,7 @@ PARAMS = {
     "model": Param(None, type=["null", "string"], pattern=PATTERNS["model"], description="extract.model, a built-in name; empty: the profile's"),
     "k": Param(None, type=["null", "integer"], minimum=1, maximum=1000, description="neighbors.k; empty: the profile's"),
     "labels": Param(None, type=["null", "string"], pattern=PATTERNS["labels"], description="evaluate.labels: folders | groups | a labels .csv"),
-    "mode": Param(None, type=["null", "string"], enum=[None, "incremental", "full"],
+    "mode": Param(None, type=["null", "string"], enum=[None, "incremental", "full"], pattern=PATTERNS["mode"],
                   description="incremental (default): update last night's index and neighbours; full: rebuild them"),
     "full_rebuild_every": Param(None, type=["null", "integer"], minimum=0, maximum=1000,
                                 description="a full rebuild every this many index builds; empty: Variable, else 7"),

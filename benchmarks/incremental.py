@@ -131,11 +131,17 @@ def recall(got_ids: np.ndarray, tv: np.ndarray, ti: np.ndarray, gv: np.ndarray) 
     return round(float(recall_at_k(got_ids, ti, tv, gv)), 5)
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--nights", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
+    ap.add_argument("--label", help="record the run under variants/<label> (the 5 nights at 1M stay the file's top level)")
     args = ap.parse_args()
     from all_pairs import dataset, mixture
 
@@ -225,7 +231,9 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("incremental_") or k == "incremental_s"}), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        if n == 1_000_000:  # the size: the file's top level
+        if args.label:
+            results.setdefault("variants", {})[args.label] = {**out, "code": _commit()}
+        elif n == 1_000_000:  # the size: the file's top level
             results.update(out)
         else:
             results.setdefault("other_sizes", {})[str(n)] = out

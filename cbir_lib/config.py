@@ -191,7 +191,8 @@ class IndexConfig:
     # Drift bounds, each measured against the last full build: the largest cell over the
     # mean, as a multiple of what the full build had; new vectors' mean distance to their
     # centroid (1 - cosine; L2 for euclidean), as a multiple of the full build's sample's;
-    # vectors added + removed since the full build, as a share of its size.
+    # vectors added + removed since the full build, as a share of its size. (The distance
+    # bound applies to nights that add at least 100 vectors: the mean of fewer is noise.)
     drift_max_imbalance: float = 1.5
     drift_max_distance: float = 1.5
     drift_max_change: float = 0.3

@@ -52,6 +52,9 @@ DELTA = "delta"
 DELTA_DDL = "image_id long, kind string, cell int"
 
 
+DRIFT_MIN_ADDED = 100
+
+
 class _Drifted(Exception):
     """The drift check asks for a full build (the message says why)."""
 
@@ -67,7 +70,9 @@ def drift_of(counts: np.ndarray, full: dict, distances: np.ndarray, base_distanc
         "changed_since_full": int(changed_since_full),
         "change": round(changed_since_full / max(int(full.get("vectors") or 1), 1), 5),
     }
-    if distances.size and base_distance:
+    # The mean distance of a handful of vectors is noise (one rotated photo of the demo
+    # measured 1.9x): the distance bound applies from DRIFT_MIN_ADDED added vectors.
+    if distances.size >= DRIFT_MIN_ADDED and base_distance:
         out["new_mean_distance"] = round(float(distances.mean()), 6)
         out["distance"] = round(float(distances.mean()) / max(base_distance, 1e-12), 4)
     return out

@@ -23,7 +23,7 @@ that index's base, a run
    search over the current collection (``neighbors.min_recall`` applies to both), and
    commits a complete snapshot as a full run does, with ``_changes/``
    ``(image_id, kind, neighbors_run_id)``: ``added``, ``updated`` (a changed image, or an
-   old list the night changed), ``refilled``, ``removed``.
+   old list whose top k the night changed), ``refilled``, ``removed``.
 
 The searches are committed under ``_work/`` before the merge, so a killed run resumes
 with them; the result is a deterministic function of the inputs, so a retry commits the
@@ -282,17 +282,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
                              f"neighbors.min_recall {nb.min_recall} with 95 % confidence (upper bounds {upper})")
 
     manifest = {
-        "stage": "neighbors",
-        "run_id": run_id,
-        "index_run_id": index["run_id"],
-        "index_commit": tables.commit_of(index),
-        "embeddings_run_id": index.get("embeddings_run_id"),
-        "params": params,
-        "config": cfg.to_dict(),
-        "method": spec["method"],
-        "nprobe": spec["nprobe"] if spec["method"] != "exact" else None,
-        "shortlist": spec.get("shortlist") if spec["method"] == "dense" else None,
-        "metric": index["metric"],
+        **S.manifest_head(run_id, index, params, cfg, spec["method"], spec),
         "k": k,
         "reserve": {"rows": nb.reserve, "output": S.RESERVE, "searched_k": width},
         "mode": "incremental",

@@ -659,17 +659,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
     n_files = _output_files(spark, n)
     manifest = {
-        "stage": "neighbors",
-        "run_id": run_id,
-        "index_run_id": index["run_id"],
-        "index_commit": tables.commit_of(index),
-        "embeddings_run_id": index.get("embeddings_run_id"),
-        "params": params,
-        "config": cfg.to_dict(),
-        "method": method,
-        "nprobe": spec["nprobe"] if method != "exact" else None,
-        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
-        "metric": index["metric"],
+        **manifest_head(run_id, index, params, cfg, method, spec),
         "k": nb.k,
         "reserve": {"rows": nb.reserve, "output": RESERVE, "searched_k": spec["k"]},
         "mode": "full",
@@ -706,6 +696,23 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         fs.delete(spark, spec["groups_uri"])
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
+
+
+def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: dict) -> dict:
+    """The fields every neighbours manifest starts with: lineage, settings and the search."""
+    return {
+        "stage": "neighbors",
+        "run_id": run_id,
+        "index_run_id": index["run_id"],
+        "index_commit": tables.commit_of(index),
+        "embeddings_run_id": index.get("embeddings_run_id"),
+        "params": params,
+        "config": cfg.to_dict(),
+        "method": method,
+        "nprobe": spec["nprobe"] if method != "exact" else None,
+        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
+        "metric": index["metric"],
+    }
 
 
 def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):

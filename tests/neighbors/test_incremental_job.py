@@ -164,18 +164,17 @@ def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(
     night(spark, tmp_path, "d1", ids, x)
     ids2, x2 = np.concatenate([ids[10:], signed_ids(12, seed=8)]), np.concatenate([x[10:], pool[600:]])
     write_embeddings(spark, str(tmp_path), ids2, x2, "d2")
+    cfg = config(tmp_path, "d2", {**INC, "forests": False}, INC)
+    assert run_build_index(spark, cfg)["mode"] == "incremental"
     args = ["--output", str(tmp_path), "--run-id", "d2", "--master", "local[2]", "index.mode=incremental", "index.forests=false",
             "neighbors.mode=incremental", "neighbors.rerank=none"]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3",
            "CBIR_FAULTS": f"neighbors.incremental.after_search:{tmp_path / 'faults'}:kill"}
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "neighbors.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
     assert out.returncode == -9, out.stderr[-2000:]
     assert (tmp_path / "neighbors" / "_LATEST").read_text() == "d1"
     assert any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
-    cfg = config(tmp_path, "d2", {**INC, "forests": False}, INC)
-    im = run_build_index(spark, cfg)
-    assert im.get("noop") and im["mode"] == "incremental"
     nm = run_neighbors(spark, cfg)
     assert nm["mode"] == "incremental"
     check_exact(spark, nm, ids2, x2)
