@@ -485,9 +485,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
             store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         written = spark.read.parquet(fs.join(tmp, STORE))
-        counts = np.zeros(n_cells, dtype=np.int64)
-        for row in written.groupBy("cell").count().collect():
-            counts[row["cell"]] = row["count"]
+        counts = store_counts(written, n_cells)
         if int(counts.sum()) != n:
             raise RuntimeError(f"build_index: {n} vectors in but {int(counts.sum())} in the store")
         manifest["counts"] = cell_counts(counts)
@@ -563,12 +561,24 @@ def centroid_distance(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.n
     return out
 
 
+def store_counts(store, n_cells: int) -> np.ndarray:
+    """Vectors per cell of a written store (a DataFrame of store rows)."""
+    counts = np.zeros(n_cells, dtype=np.int64)
+    for row in store.groupBy("cell").count().collect():
+        counts[row["cell"]] = row["count"]
+    return counts
+
+
 def write_forests(spark, store, ic, n_parts: int, uri: str) -> None:
     """One Annoy forest per cell of ``store`` (a DataFrame of store rows), written to ``uri``."""
     by_cell = store.repartition(n_parts, "cell").sortWithinPartitions("cell", "image_id")
-    forests = by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL)
-    # A forest is one value of MBs (2 MB per cell at 1M x 1,280): Parquet sizes its
-    # pages only every 100 rows by default, a 200 MB page in a 1 GB JVM.
+    write_forest_rows(by_cell.mapInArrow(_build_forests(ic.metric, ic.n_trees, ic.seed), FORESTS_DDL), uri)
+
+
+def write_forest_rows(forests, uri: str) -> None:
+    """Write forests-table rows to ``uri``. A forest is one value of MBs (2 MB per cell at
+    1M x 1,280): Parquet sizes its pages only every 100 rows by default, a 200 MB page in
+    a 1 GB JVM."""
     (forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
      .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8)
      .parquet(uri))

@@ -39,10 +39,13 @@ from cbir_lib.index.build import (
     REDUCTION,
     ROW_GROUP_BYTES,
     STORE,
+    STORE_DDL,
     _assign_cells,
     cell_counts,
     centroid_distance,
+    store_counts,
     vector_space,
+    write_forest_rows,
     write_forests,
 )
 
@@ -194,7 +197,7 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
     added_rows = np.zeros(0, np.int64)  # the added ids in the order of added_cells
     added_cells = np.zeros(0, np.int64)
     distances = np.zeros(0)
-    ddl = "cell int, image_id long, vector binary, fp long" + (", reduced binary" if reduction_bytes else "")
+    ddl = STORE_DDL + (", reduced binary" if reduction_bytes else "")
     assigner = _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes)
     added_store = None
     if added_ids.size and prev.get("partitioning") == "hash":
@@ -256,9 +259,7 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
         timings["store_s"] = round(t["seconds"], 3)
         fs.delete(spark, fs.join(tmp, "_added"))
         written = spark.read.parquet(fs.join(tmp, STORE))
-        got_counts = np.zeros(n_cells, dtype=np.int64)
-        for row in written.groupBy("cell").count().collect():
-            got_counts[row["cell"]] = row["count"]
+        got_counts = store_counts(written, n_cells)
         if not np.array_equal(got_counts, counts):
             raise RuntimeError(f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected")
         manifest["counts"] = cell_counts(counts)
@@ -268,8 +269,7 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
             with timer(f"rebuilding the forests of {touched.size} touched cells of {n_cells}") as t:
                 old_forests = spark.read.parquet(fs.join(base_uri, FORESTS))
                 keep = old_forests.filter(~F.col("cell").isin([int(c) for c in touched])) if touched.size else old_forests
-                (keep.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
-                 .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8).parquet(fs.join(tmp, FORESTS)))
+                write_forest_rows(keep, fs.join(tmp, FORESTS))
                 if touched.size:
                     part = fs.join(tmp, "_forests_touched")
                     n_parts = max(1, min(int(touched.size), spark.sparkContext.defaultParallelism))
