@@ -43,9 +43,13 @@ def paths() -> list[str]:
     return sorted(str(p) for p in CLOTHING.rglob("*.jpg"))
 
 
-def feature_maps(resize: str, mirrored: bool = False) -> np.ndarray:
-    """Lite0 feature maps of every clothing-small photo (of its mirror image if ``mirrored``)."""
-    out = CACHE / f"clothing_fmaps_lite0_{resize}{'_mirrored' if mirrored else ''}.npy"
+BACKBONES = ("lite0", "lite1", "lite2")
+
+
+def feature_maps(resize: str, mirrored: bool = False, backbone: str = "lite0") -> np.ndarray:
+    """A backbone's feature maps of every clothing-small photo (of its mirror image if
+    ``mirrored``), at the backbone's native size."""
+    out = CACHE / f"clothing_fmaps_{backbone}_{resize}{'_mirrored' if mirrored else ''}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
     from cbir_lib.config import ExtractConfig
@@ -53,7 +57,7 @@ def feature_maps(resize: str, mirrored: bool = False) -> np.ndarray:
     from cbir_lib.images.decode import decode_for_model
     from cbir_lib.models.backbones import resolve_artifact
 
-    art = resolve_artifact(ExtractConfig())
+    art = resolve_artifact(ExtractConfig(model=f"efficientnet-{backbone}"))
     emb = Embedder(EmbedSpec(artifact=art, resize=resize), art.local_path)
     files = paths()
     maps = []
@@ -67,41 +71,139 @@ def feature_maps(resize: str, mirrored: bool = False) -> np.ndarray:
     return np.load(out, mmap_mode="r")
 
 
-def score(q, g, lq, lg, k=10) -> tuple[float, float]:
+def score(q, g, lq, lg, k=10, order=None) -> tuple[float, float]:
+    """P@k and mAP@k of queries ``q`` against gallery ``g``: ranked by score, or by ``order``
+    (each query's gallery positions, as k-reciprocal re-ranking gives)."""
     from cbir_lib.evaluate import metrics
 
-    s = q @ g.T
-    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    if order is None:
+        s = q @ g.T
+        order = np.argsort(-s, axis=1, kind="stable")
+    top = order[:, :k]
     rel = metrics.relevance(lq, lg[top])
     n_rel = (lg[None, :] == lq[:, None]).sum(1)
     m = metrics.summarise(metrics.per_query(rel, n_rel, k))
     return round(m["precision_at_k"], 4), round(m["map_at_k"], 4)
 
 
-def retrieval() -> list[dict]:
-    from cbir_lib.features.pooling import pool
-    from cbir_lib.features.postprocess import Whitening
-    from cbir_lib.neighbors.rerank import exact_rerank
+def full_map(q, g, lq, lg, order=None) -> float:
+    from cbir_lib.evaluate import metrics
 
+    if order is None:
+        order = np.argsort(-(q @ g.T), axis=1, kind="stable")
+    rel = lg[order] == lq[:, None]
+    return round(float(np.mean(metrics.average_precision(rel, rel.sum(1)))), 4)
+
+
+KR = {"k1": 20, "k2": 6, "lam": 0.3, "depth": 40}  # the config's defaults (neighbors.kr_*)
+
+
+def rerank_score(y, tr, te, label, mode: str, kr: dict = KR, with_map: bool = False) -> dict:
+    """One row's figures: the vector re-ranking, then k-reciprocal when the mode asks."""
+    from cbir_lib.neighbors import kreciprocal
+    from cbir_lib.neighbors.rerank import exact_rerank, split_mode
+
+    q, g = exact_rerank(y[te], y[tr], mode, 10, 3.0)
+    order = kreciprocal.split_order(q, g, kr["depth"], kr["k1"], kr["k2"], kr["lam"]) if split_mode(mode)[1] else None
+    p10, map10 = score(q, g, label[te], label[tr], order=order)
+    row = {"p_at_10": p10, "map_at_10": map10}
+    if with_map:
+        row["map"] = full_map(q, g, label[te], label[tr], order)
+    return row
+
+
+def pooled(fm, pooling: str) -> np.ndarray:
+    from cbir_lib.features.pooling import pool
+
+    return np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), pooling) for i in range(0, len(fm), 256)])
+
+
+def labels():
     files = paths()
     split = np.array([p.split("/")[-3] for p in files])
     label = np.array([p.split("/")[-2] for p in files])
-    tr, te = split == "train", split == "test"
+    return split == "train", split == "test", label
+
+
+def retrieval() -> list[dict]:
+    from cbir_lib.features.postprocess import Whitening
+
+    tr, te, label = labels()
     rows = []
     for resize in ("squash", "center_crop"):
         fm = feature_maps(resize)
         for pooling in ("gap", "gem", "mac", "crow", "rmac"):
-            x = np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), pooling) for i in range(0, len(fm), 256)])
+            x = pooled(fm, pooling)
             variants = [("", x)]
             if pooling in ("gap", "rmac"):
                 variants.append(("+pcaw256", Whitening.fit(x[tr], 256, shrinkage=0.1).apply(x).astype(np.float32)))
             for wname, y in variants:
-                modes = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe") if not wname else ("none", "dba+alpha_qe")
+                modes = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe", "k_reciprocal", "dba+alpha_qe+k_reciprocal") if not wname else ("none", "dba+alpha_qe")
                 for mode in modes:
-                    q, g = exact_rerank(y[te], y[tr], mode, 10, 3.0)
-                    p10, map10 = score(q, g, label[te], label[tr])
-                    rows.append({"method": f"{resize} {pooling}{wname} rerank={mode}", "p_at_10": p10, "map_at_10": map10})
+                    rows.append({"method": f"lite0 {resize} {pooling}{wname} rerank={mode}", **rerank_score(y, tr, te, label, mode)})
                     print(rows[-1], flush=True)
+    return rows
+
+
+def backbone_grid() -> list[dict]:
+    """Every backbone x pooling x re-ranking at center_crop: P@10, mAP@10 and full mAP."""
+    tr, te, label = labels()
+    rows = []
+    for backbone in BACKBONES:
+        fm = feature_maps("center_crop", backbone=backbone)
+        for pooling in ("gap", "gem", "crow", "rmac"):
+            x = pooled(fm, pooling)
+            for mode in ("none", "dba+alpha_qe", "k_reciprocal", "dba+alpha_qe+k_reciprocal"):
+                rows.append({"method": f"{backbone} center_crop {pooling} rerank={mode}", "backbone": backbone,
+                             **rerank_score(x, tr, te, label, mode, with_map=True)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def kr_sweep(backbone: str = "lite0") -> list[dict]:
+    """k-reciprocal's parameters around the paper's (k1 20, k2 6, lambda 0.3), on R-MAC."""
+    tr, te, label = labels()
+    x = pooled(feature_maps("center_crop", backbone=backbone), "rmac")
+    rows = []
+    for k1, k2, lam, depth in ((20, 6, 0.3, 40), (20, 6, 0.3, 80), (20, 6, 0.3, 25), (10, 3, 0.3, 40), (30, 6, 0.3, 60),
+                               (20, 1, 0.3, 40), (20, 6, 0.1, 40), (20, 6, 0.5, 40)):
+        kr = {"k1": k1, "k2": k2, "lam": lam, "depth": depth}
+        for mode in ("k_reciprocal", "dba+alpha_qe+k_reciprocal"):
+            rows.append({"backbone": backbone, "mode": mode, **kr, **rerank_score(x, tr, te, label, mode, kr)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def stages() -> list[dict]:
+    """Each backbone through the real stages on the same cores, one after the other: ingest
+    once, then extract (img/s from its manifest), build_index + neighbours at the shipped
+    settings (seconds, JVM start included), and the split evaluation."""
+    out = CACHE / "clothing-stages"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([*CBIR, "ingest", "--images", str(CLOTHING), "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+    rows = []
+    for backbone in BACKBONES:
+        model = f"extract.model=efficientnet-{backbone}"
+        t0 = time.time()
+        subprocess.run([*CBIR, "extract", model, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+        extract_s = time.time() - t0
+        run = (out / "embeddings" / "_LATEST").read_text().strip()
+        em = json.loads((out / "embeddings" / f"run={run}" / "_manifest.json").read_text())
+        t0 = time.time()
+        for stage in ("build_index", "neighbors"):
+            subprocess.run([*CBIR, stage, model, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+        neighbors_s = time.time() - t0
+        ev = []
+        for mode in ("dba+alpha_qe", "k_reciprocal"):
+            subprocess.run([*CBIR, "evaluate", model, "evaluate.mode=split", f"neighbors.rerank={mode}", "--output", str(out)],
+                           cwd=ROOT, check=True, capture_output=True)
+            erun = (out / "evaluation" / "_LATEST").read_text().strip()
+            m = json.loads((out / "evaluation" / f"run={erun}" / "metrics.json").read_text())
+            ev.append({"rerank": mode, "p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": round(m["map"], 4)})
+        rows.append({"backbone": backbone, "images": em.get("counts", {}).get("ok"), "extract_s": round(extract_s, 1),
+                     "extract_ips": em.get("throughput", {}).get("images_per_s") or em.get("images_per_s"),
+                     "neighbors_s": round(neighbors_s, 1), "evaluate_split": ev})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -295,9 +397,11 @@ def main() -> None:
     ap.add_argument("--retrieval", action="store_true")
     ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--dedup", action="store_true")
+    ap.add_argument("--backbones", action="store_true", help="backbone x pooling x re-ranking grid, k-reciprocal sweep")
+    ap.add_argument("--stages", action="store_true", help="each backbone through the pipeline: extract img/s, neighbours s")
     ap.add_argument("--reuse", action="store_true", help="dedup: reuse the generated set and pipeline outputs in .cache")
     a = ap.parse_args()
-    everything = not (a.retrieval or a.pipeline or a.dedup)
+    everything = not (a.retrieval or a.pipeline or a.dedup or a.backbones or a.stages)
     if not CLOTHING.exists():
         raise SystemExit(f"{CLOTHING} is absent")
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -305,11 +409,18 @@ def main() -> None:
     if everything or a.retrieval:
         rows = retrieval()
         res["retrieval"] = rows
-        base = next(r for r in rows if r["method"] == "squash gap rerank=none")
+        base = next(r for r in rows if r["method"] == "lite0 squash gap rerank=none")
         best = max(rows, key=lambda r: r["p_at_10"])
         res["baseline"] = base["method"]
         res["best"] = best["method"]
         print(f"P@10 best / baseline = {best['p_at_10']} / {base['p_at_10']} = {best['p_at_10'] / base['p_at_10']:.3f}x")
+    if everything or a.backbones:
+        res["backbones"] = backbone_grid()
+        res["kr_sweep"] = kr_sweep("lite0") + kr_sweep("lite2")
+        _save(res)
+    if everything or a.stages:
+        res["stages"] = stages()
+        _save(res)
     if everything or a.pipeline:
         p = pipeline()
         res["retrieval"] = [r for r in res.get("retrieval", []) if not r["method"].startswith("pipeline")] + [p]
@@ -318,6 +429,10 @@ def main() -> None:
     if everything or a.dedup:
         res["dedup"] = dedup()
         print({k: v for k, v in res["dedup"].items() if k != "sweep"})
+    _save(res)
+
+
+def _save(res: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
 

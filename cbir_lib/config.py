@@ -158,7 +158,9 @@ class ExtractConfig:
 METRICS = ("angular", "euclidean", "dot")
 PARTITIONINGS = ("kmeans", "hash")
 SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical")
-RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
+VECTOR_RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
+# A vector mode, then optionally k-reciprocal re-ranking of the lists it gives.
+RERANK_MODES = VECTOR_RERANK_MODES + ("k_reciprocal",) + tuple(f"{m}+k_reciprocal" for m in VECTOR_RERANK_MODES[1:])
 BUILD_MODES = ("full", "incremental")
 
 
@@ -254,6 +256,14 @@ class NeighborsConfig:
     rerank: str = "dba+alpha_qe"
     rerank_n: int = 10  # neighbours averaged into each vector
     alpha: float = 3.0  # weight max(score, 0)^alpha for the alpha modes (0: uniform)
+    # k-reciprocal re-ranking (rerank=...k_reciprocal; Zhong et al. 2017,
+    # cbir_lib/neighbors/kreciprocal.py): k1 reciprocal neighbours, k2 for the local query
+    # expansion, lambda the original distance's share, and how deep each list is searched
+    # and re-ordered (at least k1 and k + reserve).
+    kr_k1: int = 20
+    kr_k2: int = 6
+    kr_lambda: float = 0.3
+    kr_depth: int = 40
     # full: search every image. incremental: on the latest neighbours and an incremental
     # index, search only the new and changed images, merge them into the old lists they
     # now belong to, and re-search lists that lost a neighbour beyond their reserve
@@ -268,6 +278,10 @@ class NeighborsConfig:
         _require(0 <= self.reserve <= 1000, "neighbors.reserve", "must be in 0..1000")
         _require(self.rerank in RERANK_MODES, "neighbors.rerank", f"must be one of {RERANK_MODES}, got {self.rerank!r}")
         _require(1 <= self.rerank_n <= 100, "neighbors.rerank_n", "must be in 1..100")
+        _require(2 <= self.kr_k1 <= 200, "neighbors.kr_k1", "must be in 2..200")
+        _require(1 <= self.kr_k2 <= self.kr_k1, "neighbors.kr_k2", f"must be in 1..neighbors.kr_k1 ({self.kr_k1})")
+        _require(math.isfinite(self.kr_lambda) and 0.0 <= self.kr_lambda <= 1.0, "neighbors.kr_lambda", "must be in [0, 1]")
+        _require(self.kr_k1 <= self.kr_depth <= 1000, "neighbors.kr_depth", f"must be in neighbors.kr_k1 ({self.kr_k1})..1000")
         if self.min_score is not None:
             _require(math.isfinite(self.min_score), "neighbors.min_score", f"must be a finite number, got {self.min_score!r}")
         _require(math.isfinite(self.alpha) and self.alpha >= 0, "neighbors.alpha", "must be a finite number >= 0")

@@ -29,7 +29,7 @@ from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.evaluate import metrics
 from cbir_lib.evaluate.groundtruth import ground_truth
-from cbir_lib.neighbors.rerank import mode_alpha
+from cbir_lib.neighbors.rerank import mode_alpha, split_mode
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,10 @@ def _gallery_dba(g_b, n: int, alpha: float):
     return fn
 
 
-def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n: int, alpha: float):
-    """mapInArrow over query rows: expansion (when asked), exact ranking of the whole gallery."""
+def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n: int, alpha: float, kr_b=None):
+    """mapInArrow over query rows: expansion (when asked), exact ranking of the whole gallery;
+    with ``kr_b`` (query id -> (expanded vector, re-ranked head of gallery positions)), the
+    k-reciprocal head first, then the rest of the gallery by score."""
 
     def fn(batches):
         from cbir_lib.index.build import to_numpy
@@ -153,10 +155,16 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
             labels = b.column("label").to_pylist()
             lab = np.array([code.get(x, -1) for x in labels])
             q = to_numpy(b, "embedding")
-            if mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
+            if kr_b is not None:
+                q = np.stack([kr_b.value[int(i)][0] for i in ids])
+            elif mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
                 q = augment_against(q, g, n, alpha)
             s = q @ g.T
             order = np.lexsort((np.broadcast_to(g_ids, s.shape), -s), axis=1)
+            if kr_b is not None:
+                from cbir_lib.neighbors.kreciprocal import with_head
+
+                order = np.stack([with_head(order[j], kr_b.value[int(i)][1], len(g_ids)) for j, i in enumerate(ids)])
             rel_full = g_lab[order] == lab[:, None]
             n_rel = np.where(lab >= 0, n_per[np.maximum(lab, 0)], 0)
             ap = metrics.average_precision(rel_full, n_rel)
@@ -192,7 +200,7 @@ def _split_mode(spark, cfg: Config, universe, emb):
     label_names = sorted(set(t.column("label").to_pylist()))
     code = {name: i for i, name in enumerate(label_names)}
     g_lab = np.array([code[x] for x in t.column("label").to_pylist()])
-    mode, n, alpha = nb.rerank, nb.rerank_n, mode_alpha(nb.rerank, nb.alpha)
+    (mode, kr_on), n, alpha = split_mode(nb.rerank), nb.rerank_n, mode_alpha(nb.rerank, nb.alpha)
     sc = spark.sparkContext
     if mode.startswith("dba"):
         # Database-side augmentation of the gallery, distributed over gallery rows.
@@ -208,11 +216,77 @@ def _split_mode(spark, cfg: Config, universe, emb):
         raise ConfigError(f"evaluate.query_split: no labelled images in split {ev.query_split!r}")
     g_b = sc.broadcast((g, g_ids))
     lab_b = sc.broadcast(g_lab)
+    kr_b = _split_k_reciprocal(spark, queries, g, g_ids, mode, min(n, len(g)), alpha, nb, ev) if kr_on else None
     per_query = queries.repartition(max(1, sc.defaultParallelism)).mapInArrow(
-        _split_queries(g_b, lab_b, label_names, k, mode, min(n, len(g)), alpha), PER_QUERY_DDL)
+        _split_queries(g_b, lab_b, label_names, k, mode, min(n, len(g)), alpha, kr_b), PER_QUERY_DDL)
     lineage = {"gallery_split": ev.gallery_split, "query_split": ev.query_split, "gallery_size": int(n_gallery),
-               "rerank": {"mode": mode, "n": n, "alpha": alpha} if mode != "none" else None}
+               "rerank": ({"mode": nb.rerank, "n": n, "alpha": alpha,
+                           **({"k_reciprocal": {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}} if kr_on else {})}
+                          if nb.rerank != "none" else None)}
     return per_query, k, lineage
+
+
+def _union_lists(x_b, depth: int):
+    """mapInArrow over union positions: each row's exact top-``depth`` other rows (by image id)."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        from cbir_lib.neighbors.kreciprocal import exact_lists
+
+        x, ids = x_b.value
+        for b in batches:
+            pos = b.column("pos").to_numpy()
+            if not pos.size:
+                continue
+            nbr, sc = exact_lists(x, ids, depth, rows=pos)
+            d = nbr.shape[1]
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.repeat(ids[pos], d)), pa.array(np.tile(np.arange(1, d + 1, dtype=np.int32), len(pos))),
+                 pa.array(nbr.ravel()), pa.array(sc.ravel())], names=["image_id", "rank", "neighbor_id", "score"])
+
+    return fn
+
+
+def _split_k_reciprocal(spark, queries, g, g_ids, mode: str, n: int, alpha: float, nb, ev):
+    """k-reciprocal re-ranking for the split evaluation, as the paper ranks a probe set: the
+    lists are over queries and gallery together (what the neighbours stage's all-pairs lists
+    are over the collection), each ``kr_depth`` deep, re-ranked by
+    :func:`~cbir_lib.neighbors.kreciprocal.rerank_frame`. Returns a broadcast of query id ->
+    (its expanded vector, its re-ranked head as gallery positions)."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.index.build import to_numpy
+    from cbir_lib.neighbors.kreciprocal import LISTS_DDL, rerank_frame
+    from cbir_lib.neighbors.rerank import augment_against
+
+    sc = spark.sparkContext
+    t = queries.select("image_id", "embedding").orderBy("image_id").toArrow()
+    q = to_numpy(t, "embedding")
+    q_ids = t.column("image_id").to_numpy()
+    union_mb = (len(q) + len(g)) * g.shape[1] * 4 / 2**20
+    if union_mb > ev.max_gallery_mb:
+        raise ConfigError(f"evaluate.max_gallery_mb: k-reciprocal re-ranking holds queries and gallery together, "
+                          f"{len(q) + len(g)} x {g.shape[1]} float32 = {union_mb:.0f} MB, above {ev.max_gallery_mb} MB")
+    if mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
+        q = augment_against(q, g, n, alpha)
+    x = np.concatenate([g, q])
+    ids = np.concatenate([g_ids, q_ids])
+    x_b = sc.broadcast((x, ids))
+    pos = spark.createDataFrame([(int(i),) for i in range(len(x))], "pos long").repartition(max(1, sc.defaultParallelism))
+    lists = pos.mapInArrow(_union_lists(x_b, nb.kr_depth), LISTS_DDL)
+    heads = (rerank_frame(lists, nb.kr_k1, nb.kr_k2, nb.kr_lambda).join(queries.select("image_id"), "image_id")
+             .groupBy("image_id").agg(F.collect_list(F.struct("rank", "neighbor_id")).alias("ranked")).collect())
+    x_b.unpersist()
+    g_pos = {int(i): p for p, i in enumerate(g_ids)}
+    row = {int(i): r for r, i in enumerate(q_ids)}
+    out = {}
+    for h in heads:
+        ranked = [g_pos.get(int(nid), -1) for _, nid in sorted(h.ranked)]
+        out[int(h.image_id)] = (q[row[int(h.image_id)]], np.array(ranked, np.int64))
+    for i in q_ids:
+        out.setdefault(int(i), (q[row[int(i)]], np.zeros(0, np.int64)))
+    return sc.broadcast(out)
 
 
 def summary(per_query, k: int) -> dict:

@@ -65,9 +65,22 @@ def unfixed(acc: np.ndarray) -> np.ndarray:
     return l2_normalize((acc.astype(np.float64) / FIXED_SCALE).astype(np.float32))
 
 
+K_RECIPROCAL = "k_reciprocal"
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """``(vector mode, k-reciprocal?)`` of a ``neighbors.rerank`` value: ``dba+alpha_qe+k_reciprocal``
+    is DBA + alpha-QE on the vectors, then k-reciprocal re-ranking of the lists."""
+    if mode == K_RECIPROCAL:
+        return "none", True
+    if mode.endswith("+" + K_RECIPROCAL):
+        return mode[: -len(K_RECIPROCAL) - 1], True
+    return mode, False
+
+
 def mode_alpha(mode: str, alpha: float) -> float:
     """Plain AQE and plain DBA weigh neighbours uniformly; the alpha modes use ``alpha``."""
-    return 0.0 if mode == "aqe" else alpha
+    return 0.0 if split_mode(mode)[0] == "aqe" else alpha
 
 
 def exact_rerank(q: np.ndarray, g: np.ndarray, mode: str, n: int, alpha: float, q_in_g: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +91,7 @@ def exact_rerank(q: np.ndarray, g: np.ndarray, mode: str, n: int, alpha: float, 
     """
     q = np.asarray(q, dtype=np.float32)
     g = np.asarray(g, dtype=np.float32)
+    mode = split_mode(mode)[0]  # k-reciprocal re-orders lists, after this (kreciprocal.split_order)
     if mode == "none":
         return q, g
     a = mode_alpha(mode, alpha)

@@ -59,7 +59,7 @@ from cbir_lib.index.reduce import project
 from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
-from cbir_lib.neighbors.rerank import augment, mode_alpha
+from cbir_lib.neighbors.rerank import augment, mode_alpha, split_mode
 from cbir_lib.neighbors.topk import NO_ID, recall_at_k, recall_lower_bound, select
 
 log = logging.getLogger(__name__)
@@ -479,6 +479,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
               "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
               "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None, "reserve": nb.reserve}
+    vector_mode, kr_on = split_mode(nb.rerank)
+    if kr_on:  # only then: the other runs keep their no-op signatures
+        params["k_reciprocal"] = {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     forced_full = nb.mode == "full" and (prev or {}).get("mode") == "incremental"
@@ -519,7 +522,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "dim": index["dim"],
         # Each list is searched k + reserve deep: the table holds the top k, _reserve/ the
         # rest (an incremental night refills a list that lost a neighbour from it).
-        "k": nb.k + nb.reserve,
+        # k-reciprocal re-ranking re-orders each list kr_depth deep.
+        "k": max(nb.k + nb.reserve, nb.kr_depth) if kr_on else nb.k + nb.reserve,
         "k_out": nb.k,
         "method": method,
         "nprobe": nprobe,
@@ -547,7 +551,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
-            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, nb.rerank)
+            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
         timings["groups_s"] = round(t["seconds"], 3)
         memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * row_dim + budget.ROW_OVERHEAD)})
 
@@ -596,11 +600,12 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     work_key = _spec_key({"index": index["run_id"], "k": spec["k"], "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
                           "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows")})
+                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows"),
+                          **({"k_reciprocal": params["k_reciprocal"]} if kr_on else {})})
     work_dir = fs.join(table, "_work", work_key)
     base_spec = dict(spec)
-    if nb.rerank != "none":
-        with timer(f"re-ranking setup ({nb.rerank}, n={nb.rerank_n})") as t:
+    if vector_mode != "none":
+        with timer(f"re-ranking setup ({vector_mode}, n={nb.rerank_n})") as t:
             spec = _rerank_spec(spark, sc, spec, index, offsets, nb, work_dir, slots, memory)
         timings["rerank_setup_s"] = round(t["seconds"], 3)
     parts_dir = fs.join(work_dir, "parts")
@@ -632,7 +637,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     raw = spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected]) if expected else spark.createDataFrame([], NEIGHBORS_DDL)
 
     recall = None
-    if truth is not None and nb.rerank != "none":
+    if truth is not None and vector_mode != "none":
         # Re-ranked results have no exact counterpart of the same queries: the recall
         # reported is the base search's (same method and nprobe) on the sample.
         with timer("measuring the base search's recall on the sample") as t:
@@ -656,6 +661,14 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             f"({method}, nprobe {spec['nprobe']}); raise neighbors.nprobe or use method=auto"
         )
 
+    kr_stats = None
+    if kr_on:
+        if spec["metric"] != "angular":
+            raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
+                                f"index {index['run_id']} is {index['metric']!r}")
+        with timer(f"k-reciprocal re-ranking of {n} lists ({spec['k']} deep)") as t:
+            raw, kr_stats = _k_reciprocal(spark, raw, nb, work_dir)
+        timings["k_reciprocal_s"] = round(t["seconds"], 3)
     final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
     n_files = _output_files(spark, n)
     manifest = {
@@ -668,7 +681,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "n_cells": n_cells,
         "recall_at_k": round(recall, 5) if recall is not None else None,
         "recall_of": "the base search before re-ranking" if nb.rerank != "none" else "the final top-k",
-        "rerank": {"mode": nb.rerank, "n": nb.rerank_n, "alpha": spec.get("alpha")} if nb.rerank != "none" else None,
+        "rerank": ({"mode": nb.rerank, "n": nb.rerank_n, "alpha": spec.get("alpha"),
+                    **({"k_reciprocal": {**params["k_reciprocal"], **kr_stats}} if kr_on else {})}
+                   if nb.rerank != "none" else None),
         "recall_sample": int(sample_pos.size) if truth is not None else 0,
         "calibration": calibration,
         "searched_this_run": searched,
@@ -774,6 +789,31 @@ def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_file
                   {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
 
 
+def _k_reciprocal(spark, raw, nb, work_dir: str):
+    """The lists re-ranked by k-reciprocal encoding (:mod:`cbir_lib.neighbors.kreciprocal`),
+    committed under ``_work/`` (a resumed run reuses them) and read back: the table, the
+    reserve and the counts each read them once."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.neighbors import kreciprocal
+
+    out_dir = fs.join(work_dir, "k_reciprocal")
+    stats_file = fs.join(work_dir, "k_reciprocal.json")
+    if not fs.exists(spark, stats_file):
+        enc_dir = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
+        kreciprocal.encodings(raw, nb.kr_k1).write.mode("overwrite").parquet(enc_dir)  # once: two steps read it
+        enc = spark.read.parquet(enc_dir)
+        agg = enc.agg(F.sum("dropped").alias("dropped"), F.sum(F.size("v_ids")).alias("members")).first()
+        lists = kreciprocal.rerank_frame(raw, nb.kr_k1, nb.kr_k2, nb.kr_lambda, base=enc)
+        tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
+        lists.write.mode("overwrite").parquet(tmp)
+        fs.delete(spark, out_dir)
+        fs.rename(spark, tmp, out_dir)
+        fs.write_bytes(spark, stats_file, json.dumps({"dropped_members": int(agg.dropped or 0), "members": int(agg.members or 0)}).encode())
+    stats = json.loads(fs.read_bytes(spark, stats_file))
+    return spark.read.schema(NEIGHBORS_DDL).parquet(out_dir), stats
+
+
 def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int, memory: dict) -> dict:
     """The spec of the final, re-ranked search.
 
@@ -786,8 +826,9 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
     """
     if index["metric"] != "angular":
         raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} averages unit vectors and needs metric 'angular'; index {index['run_id']} is {index['metric']!r}")
-    spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(nb.rerank, nb.alpha), "expand": nb.rerank != "dba"}
-    if not nb.rerank.startswith("dba"):
+    mode = split_mode(nb.rerank)[0]
+    spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(mode, nb.alpha), "expand": mode != "dba"}
+    if not mode.startswith("dba"):
         return spec
     if spec.get("groups_uri"):
         dba_uri = fs.join(work_dir, "dba_groups")

@@ -53,11 +53,12 @@ def collection(spark, tmp_path_factory):
     return root, meta
 
 
-def _oracle(q, g, qlab, glab, qids, gids, k, skip_self=False):
+def _oracle(q, g, qlab, glab, qids, gids, k, skip_self=False, order=None):
     s = q @ g.T
     if skip_self:
         np.fill_diagonal(s, -np.inf)
-    order = np.lexsort((np.broadcast_to(gids, s.shape), -s), axis=1)
+    if order is None:
+        order = np.lexsort((np.broadcast_to(gids, s.shape), -s), axis=1)
     if skip_self:
         order = order[:, :-1]
     rel = glab[order] == qlab[:, None]
@@ -85,13 +86,15 @@ def test_neighbors_mode_matches_the_oracle(spark, collection):
     assert sorted(per_class.label) == sorted(CLASSES)
 
 
-@pytest.mark.parametrize("rerank", ["none", "dba+alpha_qe"])
+@pytest.mark.parametrize("rerank", ["none", "dba+alpha_qe", "dba+alpha_qe+k_reciprocal"])
 def test_split_mode_matches_the_oracle(spark, collection, rerank):
-    from cbir_lib.neighbors.rerank import exact_rerank
+    from cbir_lib.neighbors.kreciprocal import split_order
+    from cbir_lib.neighbors.rerank import exact_rerank, split_mode
 
     root, meta = collection
     m = run_evaluate(spark, config.load(None, [f"run.output_root={root}", "evaluate.mode=split", "evaluate.report=false",
-                                               f"neighbors.rerank={rerank}", "neighbors.rerank_n=4", "run.keep_snapshots=10"]))
+                                               f"neighbors.rerank={rerank}", "neighbors.rerank_n=4", "run.keep_snapshots=10",
+                                               "neighbors.kr_k1=8", "neighbors.kr_k2=3", "neighbors.kr_depth=16"]))
     tr = [r for r in meta if r[1] == "train"]
     te = [r for r in meta if r[1] == "test"]
     g = np.stack([r[3] for r in sorted(tr, key=lambda r: r[0])]).astype(np.float32)
@@ -99,7 +102,9 @@ def test_split_mode_matches_the_oracle(spark, collection, rerank):
     glab = np.array([r[2] for r in sorted(tr, key=lambda r: r[0])])
     q = np.stack([r[3] for r in te]).astype(np.float32)
     q, g = exact_rerank(q, g, rerank, 4, 3.0)
-    want = metrics.summarise(_oracle(q, g, np.array([r[2] for r in te]), glab, None, gids, 10))
+    # k-reciprocal: the oracle's graph numbers the gallery first, then the queries, as ids
+    order = split_order(q, g, 16, 8, 3, 0.3) if split_mode(rerank)[1] else None
+    want = metrics.summarise(_oracle(q, g, np.array([r[2] for r in te]), glab, None, gids, 10, order=order))
     got = m["metrics"]
     assert got["queries"] == len(te) and m["gallery_size"] == len(tr)
     for key in ("precision_at_k", "map_at_k", "map", "recall_at_k"):

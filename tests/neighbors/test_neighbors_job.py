@@ -263,6 +263,34 @@ def test_rerank_matches_the_numpy_oracle(spark, tmp_path, mode):
     assert not np.array_equal(got_i, base_i), "re-ranking changed nothing"
 
 
+@pytest.mark.parametrize("mode", ["k_reciprocal", "dba+alpha_qe+k_reciprocal"])
+def test_k_reciprocal_matches_the_numpy_graph_version(spark, tmp_path, mode):
+    from cbir_lib.neighbors import kreciprocal
+    from cbir_lib.neighbors.rerank import exact_rerank
+
+    x = clustered(500, 16, seed=7)
+    ids = signed_ids(500, seed=7)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 5, "forests": False}))
+    nb = {"method": "exact", "rerank": mode, "rerank_n": 5, "alpha": 3.0, "kr_k1": 12, "kr_k2": 4, "kr_depth": 24}
+    m = run_neighbors(spark, config(tmp_path, "n1", neighbors=nb))
+    assert m["rerank"]["k_reciprocal"]["k1"] == 12 and m["rerank"]["k_reciprocal"]["dropped_members"] >= 0
+    assert m["reserve"]["searched_k"] == 24 and "k_reciprocal_s" in m["timings"]
+    p = prepare(x, "angular")
+    q, g = exact_rerank(p, p, mode, 5, 3.0, q_in_g=True)
+    lv, li = exact_topk(q, ids, g, ids, 24, "angular")  # the stage's lists before k-reciprocal
+    want_i, want_s = kreciprocal.rerank_graph(ids, li, lv, 12, 4, 0.3)
+    got_v, got_i = read_topk(spark, m["output"], ids, 10)
+    assert recall_at_k(got_i, want_i[:, :10], want_s[:, :10], got_v) > 0.995
+    np.testing.assert_allclose(got_v, want_s[:, :10], atol=1e-5)
+    assert not np.array_equal(got_i, li[:, :10]), "re-ranking changed nothing"
+    # the table plus _reserve/ hold every re-ordered list whole, 24 deep
+    whole = spark.read.parquet(m["output"]).count() + spark.read.parquet(os.path.join(m["output"], "_reserve")).count()
+    assert whole == 500 * 24
+    again = run_neighbors(spark, config(tmp_path, "n2", neighbors=nb))
+    assert again["noop"]
+
+
 def test_hierarchical_search_on_codes(spark, tmp_path):
     """method=hierarchical: Hamming candidates from the codes, re-ranked by the floats. With
     every image a candidate it is exact search; with 100 its answers are all Hamming-near."""
