@@ -86,7 +86,7 @@ def hamming_search(qc, gc, k=10):
     return out
 
 
-def embeddings(tta: str) -> np.ndarray:
+def embeddings(tta: str, backbone: str = "lite0") -> np.ndarray:
     """R-MAC Lite0 embeddings of clothing-small, as ``extract`` makes them with ``extract.tta``."""
     import quality as Q
 
@@ -95,13 +95,13 @@ def embeddings(tta: str) -> np.ndarray:
     def rmac(fm):
         return np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), "rmac") for i in range(0, len(fm), 256)])
 
-    x = rmac(Q.feature_maps("center_crop"))
+    x = rmac(Q.feature_maps("center_crop", backbone=backbone))
     if tta == "flip":
-        x = l2_normalize(x + rmac(Q.feature_maps("center_crop", mirrored=True)))
+        x = l2_normalize(x + rmac(Q.feature_maps("center_crop", mirrored=True, backbone=backbone)))
     return x
 
 
-def run(seeds: int, bits: int, candidates: list[int], tta: str) -> dict:
+def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = "lite0", other_tta: bool = True) -> dict:
     import quality as Q
 
     files = Q.paths()
@@ -110,14 +110,16 @@ def run(seeds: int, bits: int, candidates: list[int], tta: str) -> dict:
     rows: dict[str, list[dict]] = {}
     trainings: list[dict] = []
     # The recorded embedding first (its rows are the table), then the other one for the sweep.
-    for t in (tta, *(m for m in ("none", "flip") if m != tta)):
+    for t in (tta, *(m for m in ("none", "flip") if m != tta and other_tta)):
         suffix = "" if t == tta else f"[tta={t}]"
-        evaluate_embedding(embeddings(t), label, split, seeds, bits, candidates, suffix, rows, trainings)
+        evaluate_embedding(embeddings(t, backbone), label, split, seeds, bits, candidates, suffix, rows, trainings)
         for r in trainings:
             r.setdefault("tta", t)
     tr, va, te = split == "train", split == "validation", split == "test"
     ng, nq = int(tr.sum()), int(te.sum())
-    return summarise(rows, trainings, bits, seeds, tta, ng, nq, int(va.sum()))
+    out = summarise(rows, trainings, bits, seeds, tta, ng, nq, int(va.sum()))
+    out["setup"]["embedding"] = out["setup"]["embedding"].replace("efficientnet-lite0, center_crop 224", f"efficientnet-{backbone}, center_crop")
+    return out
 
 
 def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, trainings) -> None:
@@ -282,7 +284,15 @@ def main() -> None:
                     help="also train this mode through the pipeline (repeatable; full on CPU: ~2 min per epoch)")
     ap.add_argument("--epochs", type=int, default=None, help="--pipeline's train.epochs (default: the config's)")
     ap.add_argument("--only-pipeline", action="store_true", help="keep the recorded table; run only --pipeline")
+    ap.add_argument("--backbone", choices=("lite0", "lite1", "lite2"), default="lite0",
+                    help="another backbone's embeddings, at --tta only; recorded under backbone_<name> beside the lite0 table")
     args = ap.parse_args()
+    if args.backbone != "lite0":
+        result = json.loads(RESULTS.read_text())
+        result[f"backbone_{args.backbone}_tta_{args.tta}"] = run(args.seeds, args.bits, args.candidates, args.tta, args.backbone, other_tta=False)
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result[f"backbone_{args.backbone}_tta_{args.tta}"]["rows"], indent=1))
+        return
     result = json.loads(RESULTS.read_text()) if args.only_pipeline else run(args.seeds, args.bits, args.candidates, args.tta)
     for mode in args.pipeline:
         key = f"pipeline_{mode}" + ("" if args.tta == "none" else f"_tta_{args.tta}")

@@ -84,7 +84,7 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    model: str = "efficientnet-lite0"
+    model: str = "efficientnet-lite1"  # chosen by measurement: README "Backbones", quality.json
     model_path: str | None = None  # .keras/.h5/SavedModel, or weights file for a builtin
     output_layer: str | None = None  # required for a user model
     image_size: int | None = None  # default: the model's native size

@@ -6,7 +6,7 @@ from cbir_lib.config import ConfigError
 
 def test_defaults_are_valid():
     cfg = config.load(None, [])
-    assert cfg.extract.model == "efficientnet-lite0"
+    assert cfg.extract.model == "efficientnet-lite1"
     assert cfg.extract.pooling == "rmac" and cfg.extract.resize == "center_crop" and cfg.neighbors.rerank == "dba+alpha_qe"
 
 
@@ -60,6 +60,20 @@ def test_shipped_profiles_load():
 
     for profile in sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml")):
         config.load(str(profile))
+
+
+def test_trade_off_profiles_are_what_they_say():
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    default, fast, quality = (config.load(str(conf / f"{p}.yaml")) for p in ("default", "fast", "quality"))
+    assert default.extract == config.load(None).extract and default.neighbors.rerank == "dba+alpha_qe"
+    assert fast.extract.model == "efficientnet-lite0" and fast.neighbors.rerank == "none"
+    assert quality.extract.model == default.extract.model and quality.neighbors.rerank == "dba+alpha_qe+k_reciprocal"
+    with pytest.raises(config.ConfigError, match="neighbors.kr_depth"):
+        config.load(str(conf / "quality.yaml"), ["neighbors.kr_depth=5"])
+    with pytest.raises(config.ConfigError, match="neighbors.rerank"):
+        config.load(None, ["neighbors.rerank=k_reciprocal+dba"])
 
 
 @pytest.mark.parametrize(

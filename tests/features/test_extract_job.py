@@ -64,7 +64,7 @@ def test_counts_and_contract(spark, extracted):
     df = _table(spark, out)
     assert df["image_id"].is_unique and len(df) == c["input"]
     ok = df[df.status == "ok"]
-    assert set(ok["dim"]) == {1280} and set(df["model"]) == {"efficientnet-lite0"} and set(df["pooling"]) == {"rmac"}
+    assert set(ok["dim"]) == {1280} and set(df["model"]) == {"efficientnet-lite1"} and set(df["pooling"]) == {"rmac"}
     vecs = np.stack(ok["embedding"].to_numpy())
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     bad = df[df.status == "failed"].iloc[0]
