@@ -109,9 +109,9 @@ def reciprocal_mask(ids: np.ndarray, nbr: np.ndarray, k: int, valid: np.ndarray)
     src = np.repeat(ids, top.shape[1])
     dst = top.ravel()
     valid = np.asarray(valid)[:, :k].ravel()
-    fwd = set(zip(src[valid].tolist(), dst[valid].tolist()))
+    fwd = set(zip(src[valid].tolist(), dst[valid].tolist(), strict=True))
     out = np.zeros(nbr.shape, bool)
-    flat = np.array([(g, p) in fwd for p, g in zip(src.tolist(), dst.tolist())], bool) & valid
+    flat = np.array([(g, p) in fwd for p, g in zip(src.tolist(), dst.tolist(), strict=True)], bool) & valid
     out[:, :k] = flat.reshape(top.shape)
     return out
 
