@@ -100,7 +100,7 @@ def test_spark_path_equals_direct_embedding(spark, extracted, model_cache):
     ec = ExtractConfig(model_cache=model_cache)
     artifact = resolve_artifact(ec)
     emb = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), artifact.local_path)
-    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), 224, ec.resize, decoder=ec.decoder)[0] for p in ok["path"]])
+    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), artifact.image_size, ec.resize, decoder=ec.decoder)[0] for p in ok["path"]])
     np.testing.assert_allclose(emb.embed(images), np.stack(ok["embedding"].to_numpy()), atol=1e-5)
 
 
@@ -128,7 +128,7 @@ def test_flip_tta_matches_the_core_and_the_query_path(spark, extracted, model_ca
     artifact = resolve_artifact(ec)
     plain = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), artifact.local_path)
     files = [p.replace("file:", "") for p in ok["path"]]
-    images = np.stack([decode_for_model(open(p, "rb").read(), 224, ec.resize, decoder=ec.decoder)[0] for p in files])
+    images = np.stack([decode_for_model(open(p, "rb").read(), artifact.image_size, ec.resize, decoder=ec.decoder)[0] for p in files])
     oracle = l2_normalize(plain._pool(plain.feature_maps(images)) + plain._pool(plain.feature_maps(images[:, :, ::-1].copy())))
     got = np.stack(ok["embedding"].to_numpy())
     np.testing.assert_allclose(got, oracle, atol=1e-5)

@@ -142,7 +142,8 @@ def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark,
     model = tf.keras.models.load_model(out / "models" / f"run={m['run_id']}" / "model.keras")
     df = spark.read.parquet(str(out / "embeddings" / f"run={e['run_id']}")).filter("status = 'ok'").toPandas()
     row = df.iloc[0]
-    image, _ = decode_for_model(open(row.path.replace("file:", ""), "rb").read(), 224, "center_crop", decoder="simplejpeg")
+    size = int(model.inputs[0].shape[1])  # the backbone's native size (Lite1: 240)
+    image, _ = decode_for_model(open(row.path.replace("file:", ""), "rb").read(), size, "center_crop", decoder="simplejpeg")
     got = model(image[None].astype(np.float32))
     feats = got["features"].numpy()[0]
     np.testing.assert_allclose(np.asarray(row.embedding), feats / np.linalg.norm(feats), atol=1e-4)
