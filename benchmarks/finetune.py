@@ -101,7 +101,7 @@ def embeddings(tta: str, backbone: str = "lite0") -> np.ndarray:
     return x
 
 
-def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = "lite0", other_tta: bool = True) -> dict:
+def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = "lite0", other_tta: bool = True, loss: str = "classify") -> dict:
     import quality as Q
 
     files = Q.paths()
@@ -112,7 +112,7 @@ def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = 
     # The recorded embedding first (its rows are the table), then the other one for the sweep.
     for t in (tta, *(m for m in ("none", "flip") if m != tta and other_tta)):
         suffix = "" if t == tta else f"[tta={t}]"
-        evaluate_embedding(embeddings(t, backbone), label, split, seeds, bits, candidates, suffix, rows, trainings)
+        evaluate_embedding(embeddings(t, backbone), label, split, seeds, bits, candidates, suffix, rows, trainings, loss)
         for r in trainings:
             r.setdefault("tta", t)
     tr, va, te = split == "train", split == "validation", split == "test"
@@ -122,7 +122,7 @@ def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = 
     return out
 
 
-def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, trainings) -> None:
+def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, trainings, loss: str = "classify") -> None:
     """Every method of the table on one embedding; rows per method name + ``suffix``."""
     import tensorflow as tf
 
@@ -153,7 +153,7 @@ def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, t
     top, ms = _timed(lambda: hamming_search(mt_q, mt_g), nq)
     add("mean_threshold", top, ms, 0.0, bits=int(x.shape[1]))
 
-    tc0 = TrainConfig(bits=bits)
+    tc0 = TrainConfig(bits=bits, loss=loss)
     for seed in range(seeds):
         tc = dataclasses.replace(tc0, seed=seed)
         ds = tf.data.Dataset.from_tensor_slices((x[tr], li[tr])).shuffle(ng, seed=seed).repeat().batch(tc.batch_size)
@@ -163,7 +163,7 @@ def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, t
         feats, code, probs = apply_head(head_weights(model), x)
         f = _l2(feats)
         codes = threshold(code, 0.5)
-        trainings.append({"seed": seed, "train_s": round(train_s, 1), "test_accuracy": round(float((probs[te].argmax(1) == li[te]).mean()), 4),
+        trainings.append({"seed": seed, "train_s": round(train_s, 1), "test_accuracy": round(float((probs[te].argmax(1) == li[te]).mean()), 4) if loss == "classify" else None,
                           "validation_accuracy": history[-1].get("val_accuracy"), "bits_on": round(float((code > 0.5).mean()), 3)})
         top, ms = _timed(lambda f=f: float_search(f[te], f[tr]), nq)
         add("finetuned", top, ms, 1.0, seed=seed)
@@ -286,12 +286,15 @@ def main() -> None:
     ap.add_argument("--only-pipeline", action="store_true", help="keep the recorded table; run only --pipeline")
     ap.add_argument("--backbone", choices=("lite0", "lite1", "lite2"), default="lite0",
                     help="another backbone's embeddings, at --tta only; recorded under backbone_<name> beside the lite0 table")
+    ap.add_argument("--loss", choices=("classify", "triplet", "contrastive"), default="classify",
+                    help="train.loss of the head; other than classify: recorded under backbone_<name>_tta_<t>_loss_<loss>")
     args = ap.parse_args()
-    if args.backbone != "lite0":
+    if args.backbone != "lite0" or args.loss != "classify":
         result = json.loads(RESULTS.read_text())
-        result[f"backbone_{args.backbone}_tta_{args.tta}"] = run(args.seeds, args.bits, args.candidates, args.tta, args.backbone, other_tta=False)
+        key = f"backbone_{args.backbone}_tta_{args.tta}" + (f"_loss_{args.loss}" if args.loss != "classify" else "")
+        result[key] = run(args.seeds, args.bits, args.candidates, args.tta, args.backbone, other_tta=False, loss=args.loss)
         RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result[f"backbone_{args.backbone}_tta_{args.tta}"]["rows"], indent=1))
+        print(json.dumps(result[key]["rows"], indent=1))
         return
     result = json.loads(RESULTS.read_text()) if args.only_pipeline else run(args.seeds, args.bits, args.candidates, args.tta)
     for mode in args.pipeline:

@@ -259,6 +259,33 @@ def other_photos() -> list[dict]:
     return out
 
 
+def seed_methods() -> list[dict]:
+    """The seeds' methods through the real stages, in one run on the same cores: the colour
+    histogram (extract.model=color_hist, whole image and 2 x 2 grid; img/s from extract's
+    manifest) evaluated like any backbone, with and without the default re-ranking."""
+    out = CACHE / "clothing-seeds"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([*CBIR, "ingest", "--images", str(CLOTHING), "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+    rows = []
+    for grid in (1, 2):
+        setting = ["extract.model=color_hist", "extract.hist_bins=8x12x3", f"extract.hist_grid={grid}"]
+        t0 = time.time()
+        subprocess.run([*CBIR, "extract", *setting, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+        extract_s = time.time() - t0
+        run = (out / "embeddings" / "_LATEST").read_text().strip()
+        em = json.loads((out / "embeddings" / f"run={run}" / "_manifest.json").read_text())
+        for mode in ("none", "dba+alpha_qe"):
+            subprocess.run([*CBIR, "evaluate", *setting, "evaluate.mode=split", f"neighbors.rerank={mode}", "--output", str(out)],
+                           cwd=ROOT, check=True, capture_output=True)
+            erun = (out / "evaluation" / "_LATEST").read_text().strip()
+            m = json.loads((out / "evaluation" / f"run={erun}" / "metrics.json").read_text())
+            rows.append({"method": f"color_hist hsv 8x12x3 grid {grid} rerank={mode}", "dim": em["dim"],
+                         "p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": round(m["map"], 4),
+                         "extract_ips": em.get("images_per_second"), "extract_s": round(extract_s, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def pipeline() -> dict:
     out = CACHE / "clothing-pipeline"
     shutil.rmtree(out, ignore_errors=True)
@@ -356,7 +383,8 @@ def dedup() -> dict:
     out = CACHE / "dedup-out"
     t0 = time.time()
     steps = (["ingest", "--images", str(d)], ["extract"], ["build_index"], ["neighbors"],
-                 ["dedup", "dedup.phash_threshold=16", "dedup.phash_chunks=8", "dedup.min_score=0.7", "--run-id", "loose"])
+                 ["dedup", "dedup.hash=any", "dedup.phash_threshold=16", "dedup.ahash_threshold=16", "dedup.dhash_threshold=16",
+                  "dedup.phash_chunks=8", "dedup.min_score=0.7", "--run-id", "loose"])
     if not ("--reuse" in sys.argv and (out / "dedup" / "run=loose").exists()):
         shutil.rmtree(out, ignore_errors=True)
         for args in steps:
@@ -371,11 +399,28 @@ def dedup() -> dict:
     paths_ = [path_of[i] for i in ids]
     t_truth = {_norm(p): v for p, v in truth.items()}
 
-    def clusters_for(t: int | None, tau: float | None) -> dict[int, list[str]]:
+    def clusters_for(t: int | None, tau: float | None, hashes: dict[str, int] | None = None) -> dict[int, list[str]]:
+        limits = hashes if hashes is not None else ({"phash": t} if t is not None else {})
         keep = [(pos[p["a"]], pos[p["b"]]) for p in pairs if p["source"] == "exact"
-                or (t is not None and p["source"] == "phash" and p["hamming"] <= t)
+                or (p["source"] in limits and p["hamming"] <= limits[p["source"]])
                 or (tau is not None and p["source"] == "embedding" and p["score"] >= tau)]
         return clusters_of(keep, paths_)
+
+    # dedup.hash: each perceptual hash alone, swept; its threshold is the loosest at pair
+    # precision >= 0.99; "any" is the union of the three at those thresholds.
+    hashes, chosen_t = [], {}
+    for h in ("phash", "ahash", "dhash"):
+        rows_h = []
+        for t in (2, 4, 6, 8, 10, 12):
+            m = pair_metrics(clusters_for(None, None, {h: t}), t_truth)
+            rows_h.append({"hash": h, "threshold": t, **m})
+        ok_h = [r for r in rows_h if r["pair_precision"] >= 0.99]
+        chosen_t[h] = max(ok_h, key=lambda r: r["pair_recall"])["threshold"] if ok_h else 2
+        hashes.extend(rows_h)
+        print("hash", h, [(r["threshold"], r["pair_precision"], r["pair_recall"]) for r in rows_h], flush=True)
+    any_m = pair_metrics(clusters_for(None, None, chosen_t), t_truth)
+    hashes.append({"hash": "any", "threshold": dict(chosen_t), **any_m})
+    print("hash any", chosen_t, any_m["pair_precision"], any_m["pair_recall"], flush=True)
 
     sweep = []
     for t in (None, 4, 6, 8, 10, 12, 14, 16):
@@ -401,10 +446,17 @@ def dedup() -> dict:
     for r in cl:
         clusters.setdefault(r["cluster_id"], []).append(_norm(r["path"]))
     final = pair_metrics(clusters, t_truth)
-    verified = dedup_verified(out, pos, paths_, pairs, t_truth)
+    # --no-verify: keep the recorded verify=true block (its job takes ~17 min on 2 cores)
+    previous = json.loads(RESULTS.read_text()).get("dedup", {}) if RESULTS.exists() else {}
+    if "--no-verify" in sys.argv and previous.get("verified"):
+        verified = {**previous["verified"], "note": previous["verified"].get("note") or "recorded by an earlier run (this one had --no-verify)"}
+    else:
+        verified = dedup_verified(out, pos, paths_, pairs, t_truth)
     return {**final, "verified": verified, "chosen": best, "images": len(ids), "groups": len({g for g, _ in truth.values()}),
             "distractors": len(ids) - len(truth), "pipeline_seconds": round(pipeline_s, 1), "dedup_job_seconds": round(job_s, 1),
-            "sweep": sweep, "per_source_alone": {
+            "sweep": sweep, "hashes": {"rows": hashes, "chosen_thresholds": chosen_t,
+                                       "rule": "each hash alone (exact pairs included); threshold: the loosest with pair precision >= 0.99"},
+            "per_source_alone": {
                 "phash_only_t10": pair_metrics(clusters_for(10, None), t_truth),
                 "embedding_only_best": pair_metrics(clusters_for(None, best["min_score"] or 0.9), t_truth)}}
 
@@ -450,11 +502,13 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--dedup", action="store_true")
     ap.add_argument("--backbones", action="store_true", help="backbone x pooling x re-ranking grid, k-reciprocal sweep")
+    ap.add_argument("--seeds", action="store_true", help="the seeds' methods through the pipeline (colour histogram)")
     ap.add_argument("--other", action="store_true", help="each backbone on another kind of photo (the demo sample)")
     ap.add_argument("--stages", action="store_true", help="each backbone through the pipeline: extract img/s, neighbours s")
     ap.add_argument("--reuse", action="store_true", help="dedup: reuse the generated set and pipeline outputs in .cache")
+    ap.add_argument("--no-verify", action="store_true", help="dedup: keep the recorded verify=true block instead of re-running it")
     a = ap.parse_args()
-    everything = not (a.retrieval or a.pipeline or a.dedup or a.backbones or a.stages or a.other)
+    everything = not (a.retrieval or a.pipeline or a.dedup or a.backbones or a.stages or a.other or a.seeds)
     if not CLOTHING.exists():
         raise SystemExit(f"{CLOTHING} is absent")
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -470,6 +524,9 @@ def main() -> None:
     if everything or a.backbones:
         res["backbones"] = backbone_grid()
         res["kr_sweep"] = kr_sweep("lite0") + kr_sweep("lite2")
+        _save(res)
+    if everything or a.seeds:
+        res["seed_methods"] = seed_methods()
         _save(res)
     if everything or a.other:
         res["other_photos"] = other_photos()

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the field."""
 
 
-POOLINGS = ("gap", "mac", "gem", "crow", "rmac")
+POOLINGS = ("gap", "mac", "gem", "crow", "rmac", "pwa")
 RESIZE_MODES = ("squash", "center_crop", "pad")
 TTA_MODES = ("none", "flip")
 BUILTIN_MODELS = (
@@ -36,6 +36,7 @@ BUILTIN_MODELS = (
     "resnet50",
     "mobilenetv2",
     "inceptionv3",
+    "color_hist",  # an HSV colour histogram, no CNN (cbir_lib/models/color_hist.py)
 )
 
 
@@ -88,6 +89,14 @@ class ExtractConfig:
     model_path: str | None = None  # .keras/.h5/SavedModel, or weights file for a builtin
     output_layer: str | None = None  # required for a user model
     image_size: int | None = None  # default: the model's native size
+    # pooling=pwa (Xu et al. 2018): the pwa_parts channels of highest variance over a sample
+    # of pwa_sample images weight the map into pwa_parts x C dims; fitted once per model and
+    # kept (embeddings/_pwa/), so later runs keep the same descriptor. Whitening reduces it.
+    pwa_parts: int = 4
+    pwa_sample: int = 500
+    # extract.model=color_hist: H x S x V bins, and a grid x grid split (1: whole image)
+    hist_bins: str = "8x12x3"
+    hist_grid: int = 1
     resize: str = "center_crop"  # measured best on clothing-small (quality.json); squash | pad keep the whole frame
     pooling: str = "rmac"
     gem_p: float = 3.0
@@ -129,6 +138,14 @@ class ExtractConfig:
             _require(bool(self.model_path), "extract.model_path", "is required when extract.model is 'custom'")
             _require(bool(self.output_layer), "extract.output_layer", "is required when extract.model is 'custom'")
         _require(self.pooling in POOLINGS, "extract.pooling", f"must be one of {POOLINGS}, got {self.pooling!r}")
+        bins = str(self.hist_bins).lower().split("x")
+        _require(len(bins) == 3 and all(b.isdigit() and 1 <= int(b) <= 64 for b in bins), "extract.hist_bins",
+                 f"must be HxSxV bin counts in 1..64 such as 8x12x3, got {self.hist_bins!r}")
+        _require(1 <= self.hist_grid <= 4, "extract.hist_grid", "must be in 1..4")
+        _require(1 <= self.pwa_parts <= 64, "extract.pwa_parts", "must be in 1..64")
+        _require(not (self.pooling == "pwa" and self.model in ("color_hist", "vgg16-fc2")), "extract.pooling",
+                 f"pwa weights a convolutional feature map; extract.model={self.model} gives a vector")
+        _require(self.pwa_sample >= 2, "extract.pwa_sample", "must be >= 2")
         _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
         _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
         _require(self.decoder in ("pillow", "simplejpeg"), "extract.decoder", f"must be pillow or simplejpeg, got {self.decoder!r}")
@@ -157,7 +174,7 @@ class ExtractConfig:
 
 METRICS = ("angular", "euclidean", "dot")
 PARTITIONINGS = ("kmeans", "hash")
-SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical")
+SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical", "lsh")
 VECTOR_RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
 # A vector mode, then optionally k-reciprocal re-ranking of the lists it gives.
 RERANK_MODES = VECTOR_RERANK_MODES + ("k_reciprocal",) + tuple(f"{m}+k_reciprocal" for m in VECTOR_RERANK_MODES[1:])
@@ -269,6 +286,12 @@ class NeighborsConfig:
     # now belong to, and re-search lists that lost a neighbour beyond their reserve
     # (cbir_lib/neighbors/incremental.py). Falls back to full, saying why.
     mode: str = "full"
+    # method=lsh (random-projection LSH, the seed's nearpy; cbir_lib/neighbors/lsh.py): tables
+    # of sign bits from random hyperplanes (fixed seed), buckets probed at Hamming radius 0
+    # or 1, candidates scored exactly. Angular only; the store on every executor.
+    lsh_tables: int = 16
+    lsh_bits: int = 16
+    lsh_radius: int = 1
     # Neighbours kept past k in each list (the snapshot's _reserve/): a list that loses a
     # deleted neighbour takes the next one instead of being searched again.
     reserve: int = 5
@@ -287,6 +310,9 @@ class NeighborsConfig:
         _require(math.isfinite(self.alpha) and self.alpha >= 0, "neighbors.alpha", "must be a finite number >= 0")
         _require(1 <= self.k <= 1000, "neighbors.k", "must be in 1..1000")
         _require(self.method in SEARCH_METHODS, "neighbors.method", f"must be one of {SEARCH_METHODS}, got {self.method!r}")
+        _require(1 <= self.lsh_tables <= 256, "neighbors.lsh_tables", "must be in 1..256")
+        _require(1 <= self.lsh_bits <= 62, "neighbors.lsh_bits", "must be in 1..62")
+        _require(self.lsh_radius in (0, 1), "neighbors.lsh_radius", "must be 0 or 1")
         _require(self.nprobe >= 1, "neighbors.nprobe", "must be >= 1")
         _require(self.search_k == -1 or self.search_k >= 1, "neighbors.search_k", "must be -1 or >= 1")
         if self.candidates is not None:
@@ -339,6 +365,7 @@ class EvaluateConfig:
 
 
 DEDUP_SOURCES = ("phash", "embedding", "both")
+DEDUP_HASHES = ("phash", "ahash", "dhash", "any")  # which perceptual hash the phash source compares
 
 
 @dataclass(frozen=True)
@@ -346,7 +373,13 @@ class DedupConfig:
     sources: str = "both"  # phash | embedding | both (the union of their pairs)
     exact: bool = True  # the same content_sha256 is always a duplicate
     phash_threshold: int = 4  # Hamming distance of the 64-bit pHash (quality.json: 8 and up chain product photos together)
-    phash_chunks: int = 4  # multi-index chunks: probes within radius threshold // chunks
+    phash_chunks: int = 4  # multi-index chunks (every hash): probes within radius threshold // chunks
+    # The perceptual hash(es) of the phash source (the images table holds all three, 64 bits
+    # each): phash (DCT), ahash (mean), dhash (gradient), or any (the union of the three
+    # rules, each at its own threshold). Thresholds: quality.json dedup.hashes.
+    hash: str = "phash"
+    ahash_threshold: int = 4
+    dhash_threshold: int = 6
     min_score: float = 0.95  # embedding pairs: raw cosine at least this (quality.json: 0.92 keeps precision >= 0.985)
     max_iter: int = 60  # connected-component rounds before giving up
     # Verification (cbir_lib/dedup/verify.py): a candidate pair becomes an edge only if ORB +
@@ -368,10 +401,13 @@ class DedupConfig:
         _require(64 <= self.verify_max_side <= 4096, "dedup.verify_max_side", "must be in 64..4096")
         _require(self.verify_features >= 50, "dedup.verify_features", "must be >= 50")
         _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
-        _require(0 <= self.phash_threshold <= 32, "dedup.phash_threshold", "must be in 0..32")
+        _require(self.hash in DEDUP_HASHES, "dedup.hash", f"must be one of {DEDUP_HASHES}, got {self.hash!r}")
         _require(1 <= self.phash_chunks <= 16, "dedup.phash_chunks", "must be in 1..16")
-        _require(self.phash_threshold // self.phash_chunks <= 3, "dedup.phash_chunks",
-                 "too few for the threshold: probes grow as C(64/chunks, threshold // chunks); use threshold // chunks <= 3")
+        for name in ("phash", "ahash", "dhash"):
+            t = getattr(self, f"{name}_threshold")
+            _require(0 <= t <= 32, f"dedup.{name}_threshold", "must be in 0..32")
+            _require(t // self.phash_chunks <= 3, "dedup.phash_chunks",
+                     f"too few for dedup.{name}_threshold={t}: probes grow as C(64/chunks, threshold // chunks); use threshold // chunks <= 3")
         _require(self.max_iter >= 1, "dedup.max_iter", "must be >= 1")
 
 
@@ -386,6 +422,7 @@ class SparkConfig:
 
 
 TRAIN_MODES = ("head", "full")
+TRAIN_LOSSES = ("classify", "triplet", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -410,6 +447,11 @@ class TrainConfig:
     balance: float = 0.1  # weight of the term pushing each bit to fire for half the images
     seed: int = 42
     workers: int = 2  # Petastorm reader threads
+    # classify: softmax over the classes (Lin et al.). triplet | contrastive: metric losses on
+    # the code units' floats with batch-hard mining (each anchor's farthest same-class and
+    # nearest other-class image in its batch), margin on the squared distance of unit vectors.
+    loss: str = "classify"
+    margin: float = 0.2
 
     def validate(self) -> None:
         _require(self.mode in TRAIN_MODES, "train.mode", f"must be one of {TRAIN_MODES}, got {self.mode!r}")
@@ -426,6 +468,8 @@ class TrainConfig:
         _require(math.isfinite(self.max_validation_mb) and self.max_validation_mb > 0, "train.max_validation_mb", "must be > 0")
         _require(0 <= self.seed < 2**31, "train.seed", "must be in 0..2^31-1")
         _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
+        _require(self.loss in TRAIN_LOSSES, "train.loss", f"must be one of {TRAIN_LOSSES}, got {self.loss!r}")
+        _require(math.isfinite(self.margin) and 0 < self.margin <= 4, "train.margin", "must be in (0, 4] (squared distance of unit vectors)")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ def test_trade_off_profiles_are_what_they_say():
 @pytest.mark.parametrize(
     "override, field",
     [
+        ("dedup.hash=md5", "dedup.hash"),
+        ("dedup.ahash_threshold=40", "dedup.ahash_threshold"),
         ("index.metric=cosine", "index.metric"),
         ("index.partitioning=lsh", "index.partitioning"),
         ("index.n_cells=0", "index.n_cells"),

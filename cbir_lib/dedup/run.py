@@ -3,10 +3,13 @@
 Edges between images come from up to three sources (``dedup.sources``):
 
 - ``exact``: the same ``content_sha256`` (always on: it is free);
-- ``phash``: perceptual-hash Hamming distance <= ``dedup.phash_threshold``, found with a
+- ``phash``: perceptual-hash Hamming distance <= the hash's threshold, found with a
   multi-index on ``dedup.phash_chunks`` chunks (see :mod:`cbir_lib.dedup.core`): each
   image is stored under its chunk values and probes every value within radius
-  ``t // chunks``; only images meeting under a key are compared;
+  ``t // chunks``; only images meeting under a key are compared. ``dedup.hash`` picks the
+  hash: ``phash`` (DCT, ``phash_threshold``), ``ahash`` (mean, ``ahash_threshold``),
+  ``dhash`` (gradient, ``dhash_threshold``) or ``any`` (the union of the three); a pair's
+  ``source`` names the hash that found it;
 - ``embedding``: pairs of neighbours (the latest neighbours table proposes them) whose
   raw embedding cosine is >= ``dedup.min_score``.
 
@@ -120,8 +123,9 @@ def exact_pairs(images):
             .select("a", F.col("image_id").alias("b"), F.lit("exact").alias("source"), F.lit(0).alias("hamming"), F.lit(None).cast("float").alias("score")))
 
 
-def phash_pairs(images, t: int, m: int):
-    """Pairs with ``bit_count(phash_a ^ phash_b) <= t`` through the multi-index.
+def phash_pairs(images, t: int, m: int, column: str = "phash"):
+    """Pairs with ``bit_count(h_a ^ h_b) <= t`` of the 64-bit hash ``column`` (phash, ahash
+    or dhash) through the multi-index; ``source`` is the column's name.
 
     Images sharing one pHash (placeholders, blank frames: thousands of them) are paired with
     their group's smallest id, as exact duplicates are, and only one image per distinct hash
@@ -130,10 +134,10 @@ def phash_pairs(images, t: int, m: int):
     """
     from pyspark.sql import functions as F
 
-    every = images.select("image_id", "phash").filter(F.col("phash").isNotNull())
+    every = images.select("image_id", F.col(column).alias("phash")).filter(F.col("phash").isNotNull())
     h = every.groupBy("phash").agg(F.min("image_id").alias("image_id"))
     same = (every.join(h.withColumnRenamed("image_id", "a"), "phash").filter(F.col("image_id") != F.col("a"))
-            .select("a", F.col("image_id").alias("b"), F.lit("phash").alias("source"), F.lit(0).alias("hamming"),
+            .select("a", F.col("image_id").alias("b"), F.lit(column).alias("source"), F.lit(0).alias("hamming"),
                     F.lit(None).cast("float").alias("score")))
     radius = t // m
     stored, probes = [], []
@@ -150,7 +154,7 @@ def phash_pairs(images, t: int, m: int):
         store, probe = store.unionByName(s), probe.unionByName(p)
     dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
     near = (store.join(probe, ["chunk", "key"]).filter((F.col("a") < F.col("b")) & (dist <= t))
-            .select("a", "b", F.lit("phash").alias("source"), dist.cast("int").alias("hamming"), F.lit(None).cast("float").alias("score"))
+            .select("a", "b", F.lit(column).alias("source"), dist.cast("int").alias("hamming"), F.lit(None).cast("float").alias("score"))
             .dropDuplicates(["a", "b"]))
     return near.unionByName(same)
 
@@ -212,12 +216,14 @@ def run_dedup(spark, cfg: Config) -> dict:
     img_run = tables.input_run(spark, img_uri, cfg.run, "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
-    ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", "phash", "width", "height", "size_bytes").cache()
+    hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
+    ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes").cache()
     parts, lineage, timings = [], {"images_run_id": img_run}, {}
     if dd.exact:
         parts.append(exact_pairs(ok))
     if dd.sources in ("phash", "both"):
-        parts.append(phash_pairs(ok, dd.phash_threshold, dd.phash_chunks))
+        for column in hashes:
+            parts.append(phash_pairs(ok, getattr(dd, f"{column}_threshold"), dd.phash_chunks, column))
     if dd.sources in ("embedding", "both"):
         emb_uri = fs.join(root, "embeddings")
         emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
@@ -272,6 +278,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         "run_id": run_id,
         **lineage,
         "params": {"sources": dd.sources, "exact": dd.exact, "phash_threshold": dd.phash_threshold,
+                   **({"hash": dd.hash, **{f"{c}_threshold": getattr(dd, f"{c}_threshold") for c in hashes}} if dd.hash != "phash" else {}),
                    "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify,
                    **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
                        "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features} if dd.verify else {})},

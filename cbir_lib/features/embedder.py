@@ -40,6 +40,7 @@ class EmbedSpec:
     max_pixels: int = 100_000_000
     decoder: str = "pillow"  # pillow | simplejpeg (see cbir_lib.images.decode.decode_for_model)
     threads: int | None = None  # TF intra-op threads; None = TF's default
+    pwa_channels: tuple = ()  # pooling=pwa: the fitted part channels
 
 
 def configure_devices(device: str, gpu_addresses: list[str] | None) -> None:
@@ -101,7 +102,7 @@ class Embedder:
         return self._pool(self.feature_maps(images))
 
     def _pool(self, fmaps: np.ndarray) -> np.ndarray:
-        return pool(fmaps, self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels)
+        return pool(fmaps, self.spec.pooling, self.spec.gem_p, self.spec.rmac_levels, self.spec.pwa_channels)
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}

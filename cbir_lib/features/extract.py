@@ -61,7 +61,7 @@ class ExtractFailed(RuntimeError):
     """More images failed than ``extract.max_failure_rate`` allows."""
 
 
-def feature_key(cfg: Config, artifact: ModelArtifact) -> str:
+def feature_key(cfg: Config, artifact: ModelArtifact, pwa_channels: list[int] | None = None) -> str:
     """Identity of the raw vectors: anything that changes them changes the key."""
     e = cfg.extract
     fields = {
@@ -79,6 +79,8 @@ def feature_key(cfg: Config, artifact: ModelArtifact) -> str:
         fields["tta"] = e.tta
     if e.decoder != "pillow":  # likewise: vectors decoded by Pillow keep their key
         fields["decoder"] = e.decoder
+    if e.pooling == "pwa":
+        fields["pwa_channels"] = list(pwa_channels or [])
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -391,6 +393,61 @@ def _mean_of(df) -> np.ndarray:
     return (np.sum([np.asarray(r["total"]) for r in parts], axis=0) / n).astype(np.float32)
 
 
+def _channel_sums(spec: EmbedSpec, files: remote.Files):
+    """mapInPandas over ``(image_id, path)``: each image's feature map summed over space."""
+
+    def fn(batches):
+        from pyspark import SparkFiles
+
+        from cbir_lib.images.decode import decode_for_model
+
+        emb = None
+        for pdf in batches:
+            ids, maps = [], []
+            for image_id, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
+                img = decode_for_model(content, spec.artifact.image_size, spec.resize, spec.max_pixels, spec.decoder)[0] if error is None else None
+                if img is None:
+                    continue
+                emb = emb or get_embedder(spec, SparkFiles.get(spec.artifact.file_name))
+                ids.append(image_id)
+                maps.append(emb.feature_maps(img[None])[0].sum(axis=(0, 1)).astype(np.float32))
+            yield pd.DataFrame({"image_id": ids, "sums": [m.tolist() for m in maps]})
+
+    return fn
+
+
+def pwa_channels(spark, cfg: Config, artifact: ModelArtifact, images, table: str) -> dict:
+    """PWA's part channels for this model and input: chosen once from the feature maps of
+    ``extract.pwa_sample`` images (the first by a hash of their id, so any run picks the same
+    ones while they exist) and kept under ``embeddings/_pwa/``; later runs, and nights that
+    add images, reuse the file, so the descriptor (and its raw feature key) stays the same."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.features.pooling import pwa_select
+
+    e = cfg.extract
+    name = f"{artifact.sha256[:16]}-{artifact.image_size}-{e.resize}-{e.decoder}-parts{e.pwa_parts}-sample{e.pwa_sample}.json"
+    uri = fs.join(table, "_pwa", name)
+    if fs.exists(spark, uri):
+        return json.loads(fs.read_bytes(spark, uri))
+    sample = (images.filter(F.col("status") == STATUS_OK).select("image_id", "path")
+              .orderBy(F.xxhash64("image_id"), "image_id").limit(e.pwa_sample))
+    spark.sparkContext.addFile(artifact.local_path, recursive=os.path.isdir(artifact.local_path))
+    spec = EmbedSpec(artifact=artifact, pooling="gap", resize=e.resize, max_pixels=cfg.ingest.max_pixels, decoder=e.decoder, device=e.device)
+    rows = (sample.repartition(max(1, task_slots(spark)))
+            .mapInPandas(_channel_sums(spec, remote.settings_from_hadoop(spark)), "image_id long, sums array<float>").collect())
+    if len(rows) < 2:
+        from cbir_lib.config import ConfigError
+
+        raise ConfigError(f"extract.pooling=pwa: {len(rows)} decodable image(s) to choose part channels from; it needs at least 2")
+    rows.sort(key=lambda r: r.image_id)
+    channels = pwa_select(np.array([r.sums for r in rows], np.float32), e.pwa_parts)
+    info = {"channels": channels.tolist(), "parts": e.pwa_parts, "sample": len(rows), "file": name,
+            "rule": "the channels whose sum-pooled response varies most over the sample (Xu et al. 2018)"}
+    fs.write_bytes(spark, uri, json.dumps(info).encode())
+    return info
+
+
 @lease.leased(TABLE, "extract")
 def run_extract(spark, cfg: Config) -> dict:
     """Embed the latest images snapshot into ``<output_root>/embeddings``; return the manifest."""
@@ -410,7 +467,11 @@ def run_extract(spark, cfg: Config) -> dict:
 
     with timer("resolving model " + e.model):
         artifact = resolve_artifact(e)
-    key = feature_key(cfg, artifact)
+    pwa_info = None
+    if e.pooling == "pwa":
+        with timer("PWA part channels"):
+            pwa_info = pwa_channels(spark, cfg, artifact, images, table)
+    key = feature_key(cfg, artifact, pwa_info["channels"] if pwa_info else None)
     work_dir = fs.join(table, "_work", key)
     parts_dir = fs.join(work_dir, "parts")
     tmp_dir = fs.join(work_dir, "_tmp")
@@ -466,6 +527,7 @@ def run_extract(spark, cfg: Config) -> dict:
         decode_threads=e.decode_threads,
         max_pixels=cfg.ingest.max_pixels,
         decoder=e.decoder,
+        pwa_channels=tuple(pwa_info["channels"]) if pwa_info else (),
     )
     embed_started = time.time()
     shard_stats: list = []
@@ -600,6 +662,7 @@ def run_extract(spark, cfg: Config) -> dict:
         },
         "dim": dim,
         "whitening": whitening_info,
+        "pwa": pwa_info,
         "binary_codes": ({"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"} if thresholds is not None
                          else {"bits": dim, "rule": "trained code unit > 0.5"} if head_info else None),
         "head": head_info,

@@ -98,7 +98,30 @@ def rmac(fmap: np.ndarray, levels: int = 3) -> np.ndarray:
     return l2_normalize(total)
 
 
-def pool(fmap: np.ndarray, method: str, gem_p: float = 3.0, rmac_levels: int = 3) -> np.ndarray:
+def pwa_select(channel_sums: np.ndarray, parts: int) -> np.ndarray:
+    """PWA's part detectors (Xu et al., AAAI 2018): the ``parts`` channels whose sum-pooled
+    responses vary most over a sample of images (``channel_sums``: ``(n, C)``), ties by
+    channel index; sorted ascending, so the descriptor's layout does not depend on the sample order."""
+    v = np.asarray(channel_sums, np.float64).var(axis=0)
+    order = np.lexsort((np.arange(v.size), -v))
+    return np.sort(order[:parts]).astype(np.int64)
+
+
+def pwa(fmap: np.ndarray, channels: np.ndarray, alpha: float = 2.0, beta: float = 2.0) -> np.ndarray:
+    """Part-based weighting aggregation: for each selected channel ``n``, the weight map
+    ``w_n = (f_n / ||f_n||_alpha) ** (1 / beta)`` sum-pools the whole feature map into a
+    C-dim part vector; the parts are concatenated (``len(channels) x C``) and L2-normalised.
+    The paper then PCA-whitens the result (``extract.whitening``, ``whitening_dim``)."""
+    arr = _check(fmap)
+    chans = np.asarray(channels, np.int64)
+    f = np.maximum(arr[..., chans], 0.0)  # (B, h, w, N); post-ReLU maps are >= 0 anyway
+    norm = np.power(np.power(f, alpha).sum(axis=(1, 2), keepdims=True), 1.0 / alpha)
+    w = np.power(f / np.maximum(norm, 1e-12), 1.0 / beta)
+    parts = np.einsum("bhwn,bhwc->bnc", w, arr)
+    return l2_normalize(parts.reshape(len(arr), -1))
+
+
+def pool(fmap: np.ndarray, method: str, gem_p: float = 3.0, rmac_levels: int = 3, channels=None) -> np.ndarray:
     """Pool a batch with the named method. A ``(B, D)`` input is a vector already: it is only
     L2-normalised (models whose output is a dense layer, such as VGG16 fc2)."""
     arr = np.asarray(fmap, dtype=np.float32)
@@ -114,4 +137,8 @@ def pool(fmap: np.ndarray, method: str, gem_p: float = 3.0, rmac_levels: int = 3
         return crow(arr)
     if method == "rmac":
         return rmac(arr, rmac_levels)
+    if method == "pwa":
+        if channels is None or not len(channels):
+            raise ValueError("extract.pooling=pwa needs its fitted part channels")
+        return pwa(arr, channels)
     raise ValueError(f"extract.pooling: unknown pooling {method!r}")

@@ -75,6 +75,37 @@ def _CodeTerms(binarise: float, balance: float):  # noqa: N802 - a lazy class (T
     return _code_terms_class()(binarise, balance)
 
 
+def metric_loss(kind: str, margin: float):
+    """A Keras loss ``(labels, features) -> scalar`` with batch-hard mining (Hermans et al.
+    2017): for each anchor, its farthest same-class and its nearest other-class image in the
+    batch, by squared distance ``d`` of the L2-normalised features (0..4).
+
+    - ``triplet``: ``mean(relu(d(a, p_hard) - d(a, n_hard) + margin))``;
+    - ``contrastive``: ``mean(d(a, p_hard) + relu(margin - d(a, n_hard)))``.
+
+    Anchors without a positive or a negative in the batch are left out."""
+    import tensorflow as tf
+
+    def loss(labels, features):
+        y = tf.reshape(tf.cast(labels, tf.int64), [-1])
+        x = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=1)
+        d = tf.maximum(2.0 - 2.0 * tf.matmul(x, x, transpose_b=True), 0.0)
+        same = tf.equal(y[:, None], y[None, :])
+        eye = tf.eye(tf.shape(x)[0], dtype=tf.bool)
+        pos = tf.logical_and(same, tf.logical_not(eye))
+        neg = tf.logical_not(same)
+        hard_pos = tf.reduce_max(tf.where(pos, d, tf.zeros_like(d)), axis=1)
+        hard_neg = tf.reduce_min(tf.where(neg, d, tf.fill(tf.shape(d), 4.0)), axis=1)
+        if kind == "triplet":
+            per = tf.nn.relu(hard_pos - hard_neg + margin)
+        else:
+            per = hard_pos + tf.nn.relu(margin - hard_neg)
+        valid = tf.cast(tf.logical_and(tf.reduce_any(pos, axis=1), tf.reduce_any(neg, axis=1)), tf.float32)
+        return tf.reduce_sum(per * valid) / tf.maximum(tf.reduce_sum(valid), 1.0)
+
+    return loss
+
+
 def head_weights(model) -> dict[str, np.ndarray]:
     """The head's weights by layer: ``{name/kernel, name/bias}`` for hidden, code, classes."""
     out = {}

@@ -64,10 +64,17 @@ def fit_head(dataset, steps_per_epoch: int, dim: int, classes: list[str], tc, va
 
     tf.keras.utils.set_random_seed(tc.seed)
     model = build_head(dim, len(classes), tc.bits, tc.hidden, tc.dropout, tc.binarise, tc.balance, tc.seed)
-    # The classifier trains every layer; the code units' extra terms ride on their layer.
-    trainer = tf.keras.Model(model.input, model.output["classes"])
-    trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
-                    loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    if tc.loss == "classify":
+        # The classifier trains every layer; the code units' extra terms ride on their layer.
+        trainer = tf.keras.Model(model.input, model.output["classes"])
+        trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
+                        loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    else:
+        # A metric loss on the code units' floats (the classifier above them stays untrained).
+        from cbir_lib.finetune.head import metric_loss
+
+        trainer = tf.keras.Model(model.input, model.output["features"])
+        trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate), loss=metric_loss(tc.loss, tc.margin))
     val = validation if validation is not None and len(validation[0]) else None
     hist = trainer.fit(dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val, shuffle=False,
                        verbose=2 if log_every else 0)
@@ -213,7 +220,8 @@ def run_train(spark, cfg: Config) -> dict:
         metrics["validation_accuracy"] = history[-1]["val_accuracy"]
     if val is not None:
         _, code, probs = apply_head(weights, val[0])
-        metrics["validation_accuracy"] = round(float((probs.argmax(1) == val[1]).mean()), 5)
+        # A metric loss leaves the classifier untrained: its accuracy would say nothing.
+        metrics["validation_accuracy"] = round(float((probs.argmax(1) == val[1]).mean()), 5) if tc.loss == "classify" else None
         metrics["validation_bits_on"] = round(float((code > 0.5).mean()), 4)
         metrics["validation_bits_undecided"] = round(float((np.abs(code - 0.5) < 0.1).mean()), 4)
     files = {MODEL_FILE: model_bytes, WEIGHTS_FILE: weights_bytes, **extra_files}

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from cbir_lib.config import ExtractConfig
-from cbir_lib.models import efficientnet_lite
+from cbir_lib.models import color_hist, efficientnet_lite
 
 # keras.applications: (constructor, feature layer, preprocessing mode, native size, weight files)
 KERAS_APPS = {
@@ -51,6 +51,15 @@ def resolve_artifact(cfg: ExtractConfig) -> ModelArtifact:
         path = cfg.model_path or efficientnet_lite.converted_model(cfg.model, cfg.model_cache_dir)
         size = cfg.image_size or efficientnet_lite.VARIANTS[cfg.model][2]
         layer = None
+    elif cfg.model == color_hist.NAME:
+        import hashlib
+
+        size = cfg.image_size or color_hist.DEFAULT_SIZE
+        bins = color_hist.parse_bins(cfg.hist_bins)
+        path = color_hist.model_file(bins, cfg.hist_grid, size, cfg.model_cache_dir)
+        # The descriptor is defined by its settings, not by the bytes of a saved file.
+        digest = hashlib.sha256(f"{color_hist.NAME} v1 bins={bins} grid={cfg.hist_grid} size={size}".encode()).hexdigest()
+        return ModelArtifact(cfg.model, os.path.basename(path), path, digest, size, None)
     elif cfg.model in KERAS_APPS:
         _, layer, _, native, weights = KERAS_APPS[cfg.model]
         path = cfg.model_path or os.path.join(keras_cache_dir(), weights)
@@ -139,6 +148,9 @@ def build_feature_model(artifact: ModelArtifact, path: str, mixed_precision: boo
     import keras
 
     size = artifact.image_size
+    if artifact.model == color_hist.NAME:
+        color_hist.layer_class()  # registered before the file is read
+        return keras.models.load_model(path, compile=False)  # counting: no reduced precision
     if artifact.model.startswith("efficientnet-lite"):
         full = keras.models.load_model(path, compile=False)
         feature_model = keras.Model(full.input, full.get_layer(efficientnet_lite.FEATURE_LAYER).output)

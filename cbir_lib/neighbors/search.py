@@ -39,7 +39,7 @@ import numpy as np
 
 from cbir_lib.common import faults, fs, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
-from cbir_lib.config import Config
+from cbir_lib.config import Config, ConfigError
 from cbir_lib.index.build import (
     ANNOY_METRIC,
     CENTROIDS,
@@ -249,6 +249,8 @@ def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray,
         return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], annoy_candidates(spec["candidates"], k))
     if method == "hierarchical":
         return code_search(store, queries, query_ids, spec, k)
+    if method == "lsh":
+        return lsh_search(store, queries, query_ids, spec, k)
     if _use_tf(spec["device"]):
         return tf_exact_search(store, queries, query_ids, k)
     return exact_search(store, queries, query_ids, k)
@@ -274,6 +276,22 @@ def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, sp
     pos, vals, _ = hierarchical_search(queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own)
     ids = np.where(pos >= 0, np.asarray(store.ids)[np.maximum(pos, 0)], NO_ID)
     return vals.astype(np.float32), ids.astype(np.int64)
+
+
+_LSH_INDEXES: dict[str, object] = {}
+
+
+def lsh_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
+    """Random-projection LSH over the whole store (:mod:`cbir_lib.neighbors.lsh`): the tables
+    are built once per executor process from the store's vectors, candidates scored exactly."""
+    from cbir_lib.neighbors.lsh import LSHIndex, lsh_topk
+
+    p = spec["lsh"]
+    key = f"{spec['store_key']}-{p['tables']}-{p['bits']}-{p['seed']}"
+    if key not in _LSH_INDEXES:
+        _LSH_INDEXES[key] = LSHIndex(store.vectors, p["tables"], p["bits"], p["seed"])
+    vals, ids, _ = lsh_topk(_LSH_INDEXES[key], store.vectors, store.ids, queries, query_ids, k, p["radius"])
+    return vals, ids
 
 
 _POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -479,6 +497,11 @@ def _run_neighbors(spark, cfg: Config) -> dict:
               "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
               "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
               "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None, "reserve": nb.reserve}
+    if method == "lsh":  # only then: the other runs keep their no-op signatures
+        params["lsh"] = {"tables": nb.lsh_tables, "bits": nb.lsh_bits, "radius": nb.lsh_radius, "seed": int(index.get("seed", 0))}
+        if index["metric"] != "angular":
+            raise IndexMismatch(f"neighbors.method=lsh hashes by the angle between vectors and needs metric 'angular'; "
+                                f"index {index['run_id']} is {index['metric']!r}")
     vector_mode, kr_on = split_mode(nb.rerank)
     if kr_on:  # only then: the other runs keep their no-op signatures
         params["k_reciprocal"] = {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}
@@ -503,6 +526,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     if method == "annoy":  # the forests go along, and hold the vectors again
         store_bytes += n * budget.forest_bytes_per_row(int(index["dim"]), int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
+    if grouped and method == "lsh":
+        raise ConfigError(f"neighbors.method=lsh searches the whole store on each executor: {store_bytes / 2**20:.0f} MB is above "
+                          f"neighbors.memory_budget ({budget_bytes / 2**20:.0f} MB); raise the budget or use method=dense")
     # Ship the store (and forests) to the executors, part file by part file.
     store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
     forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
@@ -532,6 +558,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "device": nb.device,
         "query_block": nb.query_block,
     }
+    if method == "lsh":
+        spec["lsh"] = params["lsh"]
     if method == "hierarchical":
         spec["code_thresholds"] = _code_thresholds(spark, emb_uri, emb_run, emb_manifest, index)
         spec["code_candidates"] = nb.code_candidates
@@ -600,7 +628,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     work_key = _spec_key({"index": index["run_id"], "k": spec["k"], "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
                           "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
                           "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows"),
+                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows"), "lsh": params.get("lsh"),
                           **({"k_reciprocal": params["k_reciprocal"]} if kr_on else {})})
     work_dir = fs.join(table, "_work", work_key)
     base_spec = dict(spec)

@@ -71,6 +71,27 @@ def test_fixture_clusters(spark, fixtures_run, sources):
     assert sorted(df2.image_id) == sorted(df.image_id)
 
 
+@pytest.mark.parametrize("hash_", ["phash", "ahash", "dhash", "any"])
+def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, fixtures_run, hash_):
+    """dedup.hash: each perceptual hash alone pairs the rescaled copy with its original (no
+    64-bit hash of a photo survives a mirror: the flip comes from the embedding source)."""
+    out, _ = fixtures_run
+
+    def cluster_with_original(m, name):
+        df = _clusters(spark, m)
+        c = df[df.path.str.contains(name)].cluster_id.unique()
+        return len(c) == 1 and (df[df.cluster_id == c[0]].path.str.contains("ukbench00120.jpg")).any(), df
+
+    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", f"dedup.hash={hash_}", "run.keep_snapshots=20"]))
+    found, df = cluster_with_original(alone, "ukbench00120_resize")
+    assert found, df.path.tolist()
+    used = {hash_} if hash_ != "any" else {"phash", "ahash", "dhash"}
+    assert set(alone["counts"]["candidates"]) <= used | {"exact"} and set(alone["counts"]["candidates"]) & used
+    assert alone["params"].get("hash", "phash") == hash_
+    both = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.hash={hash_}", "run.keep_snapshots=20"]))
+    assert cluster_with_original(both, "ukbench00120_hflip")[0] and cluster_with_original(both, "ukbench00120_resize")[0]
+
+
 def test_verified_edges_add_the_rotations_and_keep_precision(spark, fixtures_run):
     """dedup.verify: looser candidates, each checked by ORB + RANSAC + agreement; the rotated
     copies the default thresholds miss are found, and nothing false gets in."""

@@ -110,6 +110,45 @@ def test_unchanged_rerun_is_a_noop(spark, extracted, model_cache):
     assert again.get("noop") is True and again["run_id"] == "e1"
 
 
+def test_pwa_pooling_fits_its_parts_once_and_matches_the_core_and_the_query_path(spark, extracted, model_cache):
+    """extract.pooling=pwa: part channels chosen from a sample and kept under _pwa/, the rows
+    equal the numpy core with those channels, a second run reuses the file, and cbir query
+    rebuilds the same descriptor from the manifest."""
+    from cbir_lib.config import ExtractConfig
+    from cbir_lib.features.embedder import Embedder, EmbedSpec
+    from cbir_lib.features.pooling import pwa, pwa_select
+    from cbir_lib.images.decode import decode_for_model
+    from cbir_lib.models.backbones import resolve_artifact
+    from cbir_lib.query import embed_query
+
+    out, first = extracted
+    m = run_extract(spark, _cfg(out, "p1", model_cache, "extract.pooling=pwa", "extract.pwa_parts=3", "extract.pwa_sample=10"))
+    info = m["pwa"]
+    assert info["parts"] == 3 and len(info["channels"]) == 3 and info["sample"] == 10
+    assert m["dim"] == 3 * 1280 and m["feature_key"] != first["feature_key"]
+    ok = _table(spark, out, "p1").query("status == 'ok'")
+    ec = ExtractConfig(model_cache=model_cache)
+    artifact = resolve_artifact(ec)
+    core = Embedder(EmbedSpec(artifact=artifact, resize=ec.resize), artifact.local_path)
+    files = sorted(p.replace("file:", "") for p in ok["path"])
+    images = np.stack([decode_for_model(open(p, "rb").read(), artifact.image_size, ec.resize, decoder=ec.decoder)[0] for p in files])
+    maps = core.feature_maps(images)
+    # the sample: the first 10 ok images by xxhash64(image_id); the channels from their maps
+    import pyspark.sql.functions as F
+
+    sample = [r.path.replace("file:", "") for r in spark.createDataFrame(ok[["image_id", "path"]])
+              .orderBy(F.xxhash64("image_id"), "image_id").limit(10).collect()]
+    pos = [files.index(p) for p in sample]
+    assert pwa_select(maps[pos].sum(axis=(1, 2)), 3).tolist() == info["channels"]
+    got = {p.replace("file:", ""): v for p, v in zip(ok["path"], ok["embedding"], strict=True)}
+    np.testing.assert_allclose(np.stack([got[p] for p in files]), pwa(maps, info["channels"]), atol=1e-5)
+    again = run_extract(spark, _cfg(out, "p2", model_cache, "extract.pooling=pwa", "extract.pwa_parts=3", "extract.pwa_sample=10"))
+    assert again.get("noop") and again["run_id"] == "p1"
+    manifest = json.loads(Path(str(out), TABLE, "run=p1", "_manifest.json").read_text())
+    q = embed_query(open(files[0], "rb").read(), manifest, str(Path(str(out), TABLE, "run=p1")), model_cache)[0]
+    np.testing.assert_allclose(q, got[files[0]], atol=1e-5)
+
+
 def test_flip_tta_matches_the_core_and_the_query_path(spark, extracted, model_cache):
     """extract.tta=flip: a new raw key (everything re-embedded), the Spark rows equal the core's
     sum of both views, and cbir query rebuilds the same descriptor from the run's manifest."""

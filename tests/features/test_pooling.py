@@ -61,3 +61,20 @@ def test_vectors_are_only_normalised():
 def test_shape_error_names_shapes():
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         pooling.gap(np.zeros((2, 3, 4)))
+
+
+def test_pwa_by_hand():
+    from cbir_lib.features.pooling import pwa, pwa_select
+
+    # a 1 x 2 x 2 map with 3 channels; part channel 0 has responses 3 (top-left) and 4 (bottom-right)
+    f = np.zeros((1, 2, 2, 3), np.float32)
+    f[0, 0, 0] = [3, 1, 0]
+    f[0, 1, 1] = [4, 0, 2]
+    # w = (f_0 / ||f_0||_2) ** (1/2): ||(3, 4)|| = 5, so w = sqrt(0.6), sqrt(0.8) at those cells
+    part = np.sqrt(0.6) * np.array([3, 1, 0]) + np.sqrt(0.8) * np.array([4, 0, 2])
+    np.testing.assert_allclose(pwa(f, [0])[0], part / np.linalg.norm(part), rtol=1e-6)
+    two = pwa(f, [0, 2])[0]  # channel 2 fires only bottom-right: w = 1 there
+    want = np.concatenate([part, [4, 0, 2]])
+    np.testing.assert_allclose(two, want / np.linalg.norm(want), rtol=1e-6)
+    sums = np.array([[1, 5, 2], [1, 1, 2], [1, 9, 2.5]])  # channel 1 varies most, then 2
+    assert pwa_select(sums, 2).tolist() == [1, 2] and pwa_select(sums, 1).tolist() == [1]

@@ -93,7 +93,7 @@ def test_index_manifest_and_ann_files(spark, collection):
     assert forest.get_nns_by_vector(collection["x"][row].tolist(), 1)[0] == 0
 
 
-@pytest.mark.parametrize("method", ["dense", "annoy"])
+@pytest.mark.parametrize("method", ["dense", "annoy", "lsh"])
 def test_approximate_recall_against_exact(spark, collection, method):
     root, ids = collection["root"], collection["ids"]
     m = run_neighbors(spark, config(root, f"n-{method}", neighbors={"method": method, "nprobe": 8, "recall_sample": 500}))
@@ -105,6 +105,20 @@ def test_approximate_recall_against_exact(spark, collection, method):
     assert m["counts"]["rows"] == 5000 * 10
     assert not (i == ids[:, None]).any(), "no image is its own neighbour"
     assert (np.diff(v, axis=1) <= 1e-6).all(), "ranked by score"
+    if method == "lsh":
+        assert m["params"]["lsh"] == {"tables": 16, "bits": 16, "radius": 1, "seed": 42}
+
+
+def test_lsh_refuses_what_it_cannot_do(spark, collection, tmp_path):
+    from cbir_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match="neighbors.method=lsh"):
+        run_neighbors(spark, config(collection["root"], "n-lsh-budget", neighbors={"method": "lsh", "memory_budget": "64k"}))
+    x = clustered(200, 8)
+    write_embeddings(spark, str(tmp_path), signed_ids(200), x, "e1")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 2, "forests": False, "metric": "euclidean"}))
+    with pytest.raises(IndexMismatch, match="angular"):
+        run_neighbors(spark, config(tmp_path, "n1", neighbors={"method": "lsh"}))
 
 
 def test_exact_mode_matches_brute_force_with_ties(spark, tmp_path):
