@@ -71,10 +71,12 @@ def test_fixture_clusters(spark, fixtures_run, sources):
     assert sorted(df2.image_id) == sorted(df.image_id)
 
 
-@pytest.mark.parametrize("hash_", ["ahash", "dhash", "any"])  # phash: test_fixture_clusters
-def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, fixtures_run, hash_):
+def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, fixtures_run):
     """dedup.hash: each perceptual hash alone pairs the rescaled copy with its original (no
-    64-bit hash of a photo survives a mirror: the flip comes from the embedding source)."""
+    64-bit hash of a photo survives a mirror: the flip comes from the embedding source).
+    One run of hash=any holds every hash's own pairs, each named by its source."""
+    import pyspark.sql.functions as F
+
     out, _ = fixtures_run
 
     def cluster_with_original(m, name):
@@ -82,15 +84,22 @@ def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, f
         c = df[df.path.str.contains(name)].cluster_id.unique()
         return len(c) == 1 and (df[df.cluster_id == c[0]].path.str.contains("ukbench00120.jpg")).any(), df
 
-    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", f"dedup.hash={hash_}", "run.keep_snapshots=20"]))
+    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", "dedup.hash=any", "run.keep_snapshots=20"]))
     found, df = cluster_with_original(alone, "ukbench00120_resize")
     assert found, df.path.tolist()
-    used = {hash_} if hash_ != "any" else {"phash", "ahash", "dhash"}
-    assert set(alone["counts"]["candidates"]) <= used | {"exact"} and set(alone["counts"]["candidates"]) & used
-    assert alone["params"].get("hash", "phash") == hash_
-    if hash_ == "any":  # with the embedding source (the default), the flip too
-        both = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.hash={hash_}", "run.keep_snapshots=20"]))
-        assert cluster_with_original(both, "ukbench00120_hflip")[0] and cluster_with_original(both, "ukbench00120_resize")[0]
+    assert alone["params"]["hash"] == "any" and set(alone["counts"]["candidates"]) <= {"phash", "ahash", "dhash", "exact"}
+    ids = spark.read.parquet(os.path.join(alone["output"], "clusters")).select("image_id", "path")
+    orig = ids.filter(F.col("path").endswith("mixed_images/ukbench00120.jpg")).select("image_id").collect()
+    resized = ids.filter(F.col("path").endswith("mixed_images/ukbench00120_resize.jpg")).select("image_id").collect()
+    pairs = spark.read.parquet(os.path.join(alone["output"], "pairs")).select("a", "b", "source").toPandas()
+    for source in ("phash", "ahash", "dhash"):  # each hash's edges alone (and exact copies) join the two
+        edges = pairs[pairs.source.isin([source, "exact"])]
+        nodes = sorted(set(edges.a) | set(edges.b) | {orig[0].image_id, resized[0].image_id})
+        at = {n: i for i, n in enumerate(nodes)}
+        label = components(len(nodes), np.array([[at[x], at[y]] for x, y in zip(edges.a, edges.b, strict=True)], np.int64))
+        assert label[at[orig[0].image_id]] == label[at[resized[0].image_id]], source
+    both = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.hash=any", "run.keep_snapshots=20"]))
+    assert cluster_with_original(both, "ukbench00120_hflip")[0] and cluster_with_original(both, "ukbench00120_resize")[0]
 
 
 def test_verified_edges_add_the_rotations_and_keep_precision(spark, fixtures_run):
