@@ -90,14 +90,11 @@ def embeddings(tta: str, backbone: str = "lite0") -> np.ndarray:
     """R-MAC Lite0 embeddings of clothing-small, as ``extract`` makes them with ``extract.tta``."""
     import quality as Q
 
-    from cbir_lib.features.pooling import l2_normalize, pool
+    from cbir_lib.features.pooling import l2_normalize
 
-    def rmac(fm):
-        return np.concatenate([pool(np.asarray(fm[i : i + 256], np.float32), "rmac") for i in range(0, len(fm), 256)])
-
-    x = rmac(Q.feature_maps("center_crop", backbone=backbone))
+    x = Q.pooled(Q.feature_maps("center_crop", backbone=backbone), "rmac")
     if tta == "flip":
-        x = l2_normalize(x + rmac(Q.feature_maps("center_crop", mirrored=True, backbone=backbone)))
+        x = l2_normalize(x + Q.pooled(Q.feature_maps("center_crop", mirrored=True, backbone=backbone), "rmac"))
     return x
 
 

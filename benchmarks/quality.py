@@ -180,6 +180,19 @@ def kr_sweep(backbone: str = "lite0") -> list[dict]:
     return rows
 
 
+def _latest(out: Path, table: str, name: str = "_manifest.json") -> dict:
+    """A JSON file of a table's latest snapshot under ``out``."""
+    run = (out / table / "_LATEST").read_text().strip()
+    return json.loads((out / table / f"run={run}" / name).read_text())
+
+
+def _split_metrics(out: Path, *settings: str) -> dict:
+    """``cbir evaluate evaluate.mode=split`` with ``settings``: P@10, mAP@10 and full mAP."""
+    subprocess.run([*CBIR, "evaluate", *settings, "evaluate.mode=split", "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
+    m = _latest(out, "evaluation", "metrics.json")
+    return {"p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": round(m["map"], 4)}
+
+
 def stages() -> list[dict]:
     """Each backbone through the real stages on the same cores, one after the other: ingest
     once, then extract (img/s from its manifest), build_index + neighbours at the shipped
@@ -193,8 +206,7 @@ def stages() -> list[dict]:
         t0 = time.time()
         subprocess.run([*CBIR, "extract", model, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
         extract_s = time.time() - t0
-        run = (out / "embeddings" / "_LATEST").read_text().strip()
-        em = json.loads((out / "embeddings" / f"run={run}" / "_manifest.json").read_text())
+        em = _latest(out, "embeddings")
         t0 = time.time()
         for stage in ("build_index", "neighbors"):
             subprocess.run([*CBIR, stage, model, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
@@ -203,15 +215,8 @@ def stages() -> list[dict]:
         subprocess.run([*CBIR, "neighbors", model, "neighbors.rerank=dba+alpha_qe+k_reciprocal", "--output", str(out)],
                        cwd=ROOT, check=True, capture_output=True)
         neighbors_kr_s = time.time() - t0
-        nrun = (out / "neighbors" / "_LATEST").read_text().strip()
-        kr_timing = json.loads((out / "neighbors" / f"run={nrun}" / "_manifest.json").read_text())["timings"].get("k_reciprocal_s")
-        ev = []
-        for mode in ("dba+alpha_qe", "dba+alpha_qe+k_reciprocal"):
-            subprocess.run([*CBIR, "evaluate", model, "evaluate.mode=split", f"neighbors.rerank={mode}", "--output", str(out)],
-                           cwd=ROOT, check=True, capture_output=True)
-            erun = (out / "evaluation" / "_LATEST").read_text().strip()
-            m = json.loads((out / "evaluation" / f"run={erun}" / "metrics.json").read_text())
-            ev.append({"rerank": mode, "p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": round(m["map"], 4)})
+        kr_timing = _latest(out, "neighbors")["timings"].get("k_reciprocal_s")
+        ev = [{"rerank": mode, **_split_metrics(out, model, f"neighbors.rerank={mode}")} for mode in ("dba+alpha_qe", "dba+alpha_qe+k_reciprocal")]
         rows.append({"backbone": backbone, "images": em.get("counts", {}).get("ok"), "extract_s": round(extract_s, 1),
                      "extract_ips": em.get("images_per_second"), "embed_seconds": em.get("embed_seconds"),
                      "neighbors_s": round(neighbors_s, 1), "neighbors_with_k_reciprocal_s": round(neighbors_kr_s, 1),
@@ -272,15 +277,10 @@ def seed_methods() -> list[dict]:
         t0 = time.time()
         subprocess.run([*CBIR, "extract", *setting, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
         extract_s = time.time() - t0
-        run = (out / "embeddings" / "_LATEST").read_text().strip()
-        em = json.loads((out / "embeddings" / f"run={run}" / "_manifest.json").read_text())
+        em = _latest(out, "embeddings")
         for mode in ("none", "dba+alpha_qe"):
-            subprocess.run([*CBIR, "evaluate", *setting, "evaluate.mode=split", f"neighbors.rerank={mode}", "--output", str(out)],
-                           cwd=ROOT, check=True, capture_output=True)
-            erun = (out / "evaluation" / "_LATEST").read_text().strip()
-            m = json.loads((out / "evaluation" / f"run={erun}" / "metrics.json").read_text())
             rows.append({"method": f"color_hist hsv 8x12x3 grid {grid} rerank={mode}", "dim": em["dim"],
-                         "p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": round(m["map"], 4),
+                         **_split_metrics(out, *setting, f"neighbors.rerank={mode}"),
                          "extract_ips": em.get("images_per_second"), "extract_s": round(extract_s, 1)})
             print(rows[-1], flush=True)
     return rows

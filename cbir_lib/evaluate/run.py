@@ -29,7 +29,7 @@ from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.evaluate import metrics
 from cbir_lib.evaluate.groundtruth import ground_truth
-from cbir_lib.neighbors.rerank import mode_alpha, split_mode
+from cbir_lib.neighbors.rerank import expands_queries, mode_alpha, split_mode
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
             q = to_numpy(b, "embedding")
             if kr_b is not None:
                 q = np.stack([kr_b.value[int(i)][0] for i in ids])
-            elif mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
+            elif expands_queries(mode):
                 q = augment_against(q, g, n, alpha)
             s = q @ g.T
             order = np.lexsort((np.broadcast_to(g_ids, s.shape), -s), axis=1)
@@ -232,18 +232,19 @@ def _union_lists(x_b, depth: int):
     def fn(batches):
         import pyarrow as pa
 
-        from cbir_lib.neighbors.kreciprocal import exact_lists
+        from cbir_lib.neighbors.topk import exact_topk
 
         x, ids = x_b.value
         for b in batches:
             pos = b.column("pos").to_numpy()
             if not pos.size:
                 continue
-            nbr, sc = exact_lists(x, ids, depth, rows=pos)
+            sc, nbr = exact_topk(x[pos], ids[pos], x, ids, depth, "angular")
             d = nbr.shape[1]
+            keep = np.isfinite(sc.ravel())  # a union smaller than the depth pads its lists
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.repeat(ids[pos], d)), pa.array(np.tile(np.arange(1, d + 1, dtype=np.int32), len(pos))),
-                 pa.array(nbr.ravel()), pa.array(sc.ravel())], names=["image_id", "rank", "neighbor_id", "score"])
+                [pa.array(np.repeat(ids[pos], d)[keep]), pa.array(np.tile(np.arange(1, d + 1, dtype=np.int32), len(pos))[keep]),
+                 pa.array(nbr.ravel()[keep]), pa.array(sc.ravel()[keep])], names=["image_id", "rank", "neighbor_id", "score"])
 
     return fn
 
@@ -268,7 +269,7 @@ def _split_k_reciprocal(spark, queries, g, g_ids, mode: str, n: int, alpha: floa
     if union_mb > ev.max_gallery_mb:
         raise ConfigError(f"evaluate.max_gallery_mb: k-reciprocal re-ranking holds queries and gallery together, "
                           f"{len(q) + len(g)} x {g.shape[1]} float32 = {union_mb:.0f} MB, above {ev.max_gallery_mb} MB")
-    if mode in ("aqe", "alpha_qe", "dba+alpha_qe"):
+    if expands_queries(mode):
         q = augment_against(q, g, n, alpha)
     x = np.concatenate([g, q])
     ids = np.concatenate([g_ids, q_ids])

@@ -403,15 +403,17 @@ def _channel_sums(spec: EmbedSpec, files: remote.Files):
 
         emb = None
         for pdf in batches:
-            ids, maps = [], []
+            ids, images = [], []
             for image_id, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
                 img = decode_for_model(content, spec.artifact.image_size, spec.resize, spec.max_pixels, spec.decoder)[0] if error is None else None
-                if img is None:
-                    continue
+                if img is not None:
+                    ids.append(image_id)
+                    images.append(img)
+            sums = []
+            if images:  # one forward pass per batch
                 emb = emb or get_embedder(spec, SparkFiles.get(spec.artifact.file_name))
-                ids.append(image_id)
-                maps.append(emb.feature_maps(img[None])[0].sum(axis=(0, 1)).astype(np.float32))
-            yield pd.DataFrame({"image_id": ids, "sums": [m.tolist() for m in maps]})
+                sums = [m.tolist() for m in emb.feature_maps(np.stack(images)).sum(axis=(1, 2)).astype(np.float32)]
+            yield pd.DataFrame({"image_id": ids, "sums": sums})
 
     return fn
 

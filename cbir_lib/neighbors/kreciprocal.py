@@ -59,11 +59,11 @@ def encode(p: int, members: np.ndarray, list_ids: np.ndarray, list_scores: np.nd
     lid, ls = lid[keep], ls[keep]
     order = np.argsort(lid, kind="stable")
     lid, ls = lid[order], ls[order]
-    pos = np.searchsorted(lid, members)
-    found = (pos < lid.size) & (lid[np.minimum(pos, max(lid.size - 1, 0))] == members) if lid.size else np.zeros(members.size, bool)
+    at = np.minimum(np.searchsorted(lid, members), max(lid.size - 1, 0))
+    found = lid[at] == members if lid.size else np.zeros(members.size, bool)
     is_self = members == p
     ok = found | is_self
-    s = np.where(is_self, 1.0, ls[np.minimum(pos, max(lid.size - 1, 0))] if lid.size else 0.0)
+    s = np.where(is_self, 1.0, ls[at] if lid.size else 0.0)
     ids = members[ok]
     w = np.exp(-(1.0 - s[ok]))
     return ids, w / w.sum(), int((~ok).sum())
@@ -152,34 +152,6 @@ def rerank_graph(ids, nbr, scores, k1: int = 20, k2: int = 6, lam: float = 0.3, 
     return out_ids, out_s
 
 
-def exact_lists(x: np.ndarray, ids: np.ndarray, depth: int, block: int = 1024, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's (or each of ``rows``') exact top-``depth`` other rows by inner product, ties
-    by id: ``(nbr ids, scores)``."""
-    x = np.asarray(x, np.float32)
-    ids = np.asarray(ids, np.int64)
-    n = len(x)
-    rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-    depth = min(depth, n - 1)
-    nbr = np.empty((len(rows), depth), np.int64)
-    sc = np.empty((len(rows), depth), np.float32)
-    for s in range(0, len(rows), block):
-        r = rows[s : s + block]
-        m = x[r] @ x.T
-        m[np.arange(len(r)), r] = -np.inf
-        part = np.argpartition(-m, depth - 1, axis=1)[:, :depth] if depth < n - 1 else np.tile(np.arange(n), (len(r), 1))
-        ps = np.take_along_axis(m, part, 1)
-        # a tie at the cut may leave a smaller id outside the partition: redo those rows whole
-        cut = ps.min(1)
-        for i in np.flatnonzero((m >= cut[:, None]).sum(1) > depth):
-            every = np.flatnonzero(m[i] >= cut[i])
-            part[i] = every[np.lexsort((ids[every], -m[i, every]))][:depth]
-        ps = np.take_along_axis(m, part, 1)
-        top = np.take_along_axis(part, np.lexsort((ids[part], -ps), axis=1), 1)[:, :depth]
-        nbr[s : s + len(r)] = ids[top]
-        sc[s : s + len(r)] = np.take_along_axis(m, top, 1)
-    return nbr, sc
-
-
 def split_order(q: np.ndarray, g: np.ndarray, depth: int, k1: int, k2: int, lam: float) -> np.ndarray:
     """Every query's ranking of the whole gallery (positions): the k-reciprocal re-ranking of
     its top-``depth`` list over queries and gallery together (the paper's probe + gallery
@@ -189,7 +161,10 @@ def split_order(q: np.ndarray, g: np.ndarray, depth: int, k1: int, k2: int, lam:
     g = np.asarray(g, np.float32)
     nq, ng = len(q), len(g)
     ids = np.arange(ng + nq, dtype=np.int64)  # gallery 0..ng-1, then the queries
-    nbr, sc = exact_lists(np.concatenate([g, q]), ids, depth)
+    from cbir_lib.neighbors.topk import exact_topk
+
+    x = np.concatenate([g, q])
+    sc, nbr = exact_topk(x, ids, x, ids, depth, "angular")  # ties by id; padding -inf
     out, _ = rerank_graph(ids, nbr, sc, k1, k2, lam)
     s = q @ g.T
     base = np.lexsort((np.broadcast_to(np.arange(ng), s.shape), -s), axis=1)

@@ -78,6 +78,11 @@ def split_mode(mode: str) -> tuple[str, bool]:
     return mode, False
 
 
+def expands_queries(mode: str) -> bool:
+    """Whether the mode expands each query with its top-n (AQE, alpha-QE, DBA+alpha-QE)."""
+    return split_mode(mode)[0] in ("aqe", "alpha_qe", "dba+alpha_qe")
+
+
 def mode_alpha(mode: str, alpha: float) -> float:
     """Plain AQE and plain DBA weigh neighbours uniformly; the alpha modes use ``alpha``."""
     return 0.0 if split_mode(mode)[0] == "aqe" else alpha

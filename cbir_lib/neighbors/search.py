@@ -505,6 +505,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     vector_mode, kr_on = split_mode(nb.rerank)
     if kr_on:  # only then: the other runs keep their no-op signatures
         params["k_reciprocal"] = {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}
+        if index["metric"] != "angular":  # refused before any search, not after it
+            raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
+                                f"index {index['run_id']} is {index['metric']!r}")
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     forced_full = nb.mode == "full" and (prev or {}).get("mode") == "incremental"
@@ -691,9 +694,6 @@ def _run_neighbors(spark, cfg: Config) -> dict:
 
     kr_stats = None
     if kr_on:
-        if spec["metric"] != "angular":
-            raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
-                                f"index {index['run_id']} is {index['metric']!r}")
         with timer(f"k-reciprocal re-ranking of {n} lists ({spec['k']} deep)") as t:
             raw, kr_stats = _k_reciprocal(spark, raw, nb, work_dir)
         timings["k_reciprocal_s"] = round(t["seconds"], 3)

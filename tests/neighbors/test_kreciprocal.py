@@ -130,12 +130,15 @@ def test_padding_stays_last_and_pieces_by_hand():
     assert o[1].tolist() == [0, -1] and np.isneginf(s[1, 1])
 
 
-def test_exact_lists_break_ties_by_id_at_the_cut():
+def test_the_lists_it_re_ranks_break_ties_by_id_at_the_cut():
+    from cbir_lib.neighbors.topk import exact_topk, row_dots  # what split_order and the split evaluation search with
+
     x = _data(n=40, dups=6)
     x[10:14] = x[20]  # a block of ties
     ids = np.arange(1000, 1040, dtype=np.int64)[::-1].copy()
-    nbr, sc = kr.exact_lists(x, ids, 5, block=7)
-    full, fs = _ranked(x @ x.T, ids)
+    sc, nbr = exact_topk(x, ids, x, ids, 5, "angular", block_size=7)
+    pairwise = np.stack([row_dots(x, x[i]) for i in range(len(x))])  # the stage's score of a pair
+    full, fs = _ranked(pairwise, ids)
     np.testing.assert_array_equal(nbr, full[:, :5])
     np.testing.assert_array_equal(sc, fs[:, :5])
 
