@@ -365,7 +365,8 @@ class EvaluateConfig:
 
 
 DEDUP_SOURCES = ("phash", "embedding", "both")
-DEDUP_HASHES = ("phash", "ahash", "dhash", "any")  # which perceptual hash the phash source compares
+DEDUP_HASHES = ("phash", "ahash", "dhash", "any")
+DEDUP_VERIFY = ("band", "all", "off")  # which perceptual hash the phash source compares
 
 
 @dataclass(frozen=True)
@@ -385,15 +386,25 @@ class DedupConfig:
     min_score: float = 0.95  # embedding pairs: raw cosine at least this (quality.json: 0.92 keeps precision >= 0.985)
     max_iter: int = 60  # connected-component rounds before giving up
     # Verification (cbir_lib/dedup/verify.py): a candidate pair becomes an edge only if ORB +
-    # RANSAC finds >= min_inliers matches under one similarity (or affine) transform and the images agree
-    # under it (median block NCC >= min_agreement). Candidates are then looser: embedding
-    # pairs from verify_min_score, pHash pairs within phash_threshold.
-    verify: bool = False
+    # RANSAC finds >= min_inliers matches under one similarity (or affine) transform and the
+    # images agree under it (median block NCC >= min_agreement). Every image gets a copy
+    # signature once (cbir_lib/dedup/signature.py: its trimmed dihedral pHashes, ORB features,
+    # a thumbnail), so no pair decodes an image. verify:
+    #   band (the default): the conclusive pairs are edges at once (exact, an ingest hash within
+    #     its threshold, cosine >= min_score); the uncertain ones (cosine >= verify_min_score,
+    #     dihedral pHash within dihedral_threshold) are verified, at most band_per_image per
+    #     image, skipping pairs the accepted edges already join;
+    #   all: every candidate but the byte-identical ones is verified (true is this);
+    #   off: no verification, the rules alone (false is this; the default before 2026-12).
+    verify: str = field(default="band", metadata={"bools": {True: "all", False: "off"}})
     verify_min_score: float = 0.5  # cost is bounded anyway: at most k candidates per image (the neighbour lists)
+    dihedral_threshold: int = 8  # trimmed pHash bits under the best of the 8 symmetries, for a pair to be verified
+    band_per_image: int = 6  # verify=band: uncertain pairs verified per image (the best by dihedral distance, then cosine)
     min_inliers: int = 15
     min_agreement: float = 0.8
-    verify_max_side: int = 512  # images are verified in grayscale at most this size
-    verify_features: int = 1000  # ORB keypoints per image
+    verify_max_side: int = 512  # features are found on the grayscale at most this size
+    verify_features: int = 400  # ORB keypoints per image (and per mirror image), spread over a 4x4 grid
+    verify_photo_side: int = 192  # the photometric check compares thumbnails at most this size
 
     def validate(self) -> None:
         _require(-1.0 <= self.min_score <= 1.0, "dedup.min_score", "must be in [-1, 1] (a cosine)")
@@ -402,6 +413,12 @@ class DedupConfig:
         _require(-1.0 <= self.min_agreement <= 1.0, "dedup.min_agreement", "must be in [-1, 1]")
         _require(64 <= self.verify_max_side <= 4096, "dedup.verify_max_side", "must be in 64..4096")
         _require(self.verify_features >= 50, "dedup.verify_features", "must be >= 50")
+        _require(self.verify in DEDUP_VERIFY, "dedup.verify", f"must be one of {DEDUP_VERIFY} (true is all, false is off), got {self.verify!r}")
+        _require(32 <= self.verify_photo_side <= self.verify_max_side, "dedup.verify_photo_side", "must be in 32..dedup.verify_max_side")
+        _require(0 <= self.dihedral_threshold <= 32, "dedup.dihedral_threshold", "must be in 0..32")
+        _require(self.dihedral_threshold // self.phash_chunks <= 3, "dedup.phash_chunks",
+                 f"too few for dedup.dihedral_threshold={self.dihedral_threshold}: use threshold // chunks <= 3")
+        _require(1 <= self.band_per_image <= 1000, "dedup.band_per_image", "must be in 1..1000")
         _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
         _require(self.hash in DEDUP_HASHES, "dedup.hash", f"must be one of {DEDUP_HASHES}, got {self.hash!r}")
         _require(1 <= self.phash_chunks <= 16, "dedup.phash_chunks", "must be in 1..16")
@@ -527,6 +544,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not math.isfinite(value):  # .nan passes every comparison's negation; .inf overflows
             raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         return float(value)
+    if "bools" in f.metadata and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
+        # a mode that was once a switch: true and false still name two of its modes
+        return f.metadata["bools"][value if isinstance(value, bool) else str(value).lower() == "true"]
     if hint.startswith("str"):
         # A number here was YAML's reading of the text (010 -> 8, 1.10 -> 1.1), which cannot
         # be undone: two run ids could collide. Quoted, it stays the text.

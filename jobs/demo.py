@@ -37,6 +37,21 @@ def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: 
     return hits, len(copies)
 
 
+def _copy_dedup(spark, clusters_uri: str, sample_dir: str) -> tuple[int, int]:
+    """(edited copies that dedup put in their own original's cluster, copies)."""
+    from cbir_lib.sample import read_groups
+
+    parent = os.path.dirname(sample_dir)
+    if not os.path.exists(os.path.join(parent, "groups.csv")):
+        return 0, 0
+    groups = read_groups(parent)
+    cluster_of = {r.path.replace("file:", "", 1): r.cluster_id for r in spark.read.parquet(clusters_uri).select("path", "cluster_id").collect()}
+    original = {g["group"]: os.path.join(sample_dir, g["file"]) for g in groups if g["is_original"] == "1"}
+    copies = [(os.path.join(sample_dir, g["file"]), original.get(g["group"])) for g in groups if g["is_original"] != "1"]
+    hits = sum(1 for c, o in copies if c in cluster_of and cluster_of[c] == cluster_of.get(o))
+    return hits, len(copies)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args("demo", __doc__, argv)
     cfg = load_config(args.config, overrides)
@@ -67,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             sample_dir,
         )
         dedup = run_dedup(spark, cfg)
+        dedup["copies_found"] = _copy_dedup(spark, fs.join(dedup["output"], "clusters"), sample_dir)
         # The sample's ground truth is its groups (an original and its edited copies).
         labels = "groups" if copies and cfg.evaluate.labels == "folders" else cfg.evaluate.labels
         evaluation = run_evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels)))
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"  dedup       {dc['clusters']} near-duplicate clusters holding {dc['images_in_clusters']} images "
         f"(pairs: {dc['pairs']}); {dc['removable']} removable",
         f"              -> {dedup['output']}",
+        *([f"  check       {dedup['copies_found'][0]}/{dedup['copies_found'][1]} edited copies are in their own original's dedup cluster"]
+          if dedup["copies_found"][1] else []),
         f"  evaluate    labels {evaluation['labels']}: P@{em['k']} {em['precision_at_k']}, mAP@{em['k']} {em['map_at_k']}, "
         f"recall@{em['k']} {em['recall_at_k']} over {em['queries']} queries",
         f"  gallery     {evaluation.get('report', '(not written)').replace('file:', '', 1)}",

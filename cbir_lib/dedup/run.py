@@ -46,41 +46,67 @@ TABLE = "dedup"
 VERDICT_DDL = "a long, b long, inliers int, agreement float, unverified string"
 
 
-def _prepare_partition(max_side: int, files):
-    """mapInPandas: ``(image_id, path)`` -> ``(image_id, payload)``; each task reads its own files."""
-
-    def fn(batches):
-        import pandas as pd
-
-        from cbir_lib.common import remote
-        from cbir_lib.dedup.verify import prepare
-
-        for pdf in batches:
-            payloads = []
-            for _, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
-                payloads.append(prepare(content, max_side) if error is None else None)
-            yield pd.DataFrame({"image_id": pdf["image_id"], "payload": payloads})
-
-    return fn
+SIGNATURE_COLUMNS = ("hashes", "h", "w", "points", "descriptors", "mirror_points", "mirror_descriptors", "thumb")
 
 
-def _verify_partition(features: int):
+def _signature_partition(side: int, features: int, photo_side: int, files):
+    """mapInPandas: ``(image_id, path)`` -> ``(image_id, <signature>)``; each task reads its
+    own files, once. A file gone since ingest, or undecodable, gets a null signature."""
+
     def fn(batches):
         import cv2
         import pandas as pd
 
-        from cbir_lib.dedup.verify import gray, verify
+        from cbir_lib.common import remote
+        from cbir_lib.dedup import signature as sig
+
+        cv2.setNumThreads(1)  # one task per core already
+        for pdf in batches:
+            rows = []
+            for _, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
+                g = sig.decode_gray(content, side) if error is None and content else None
+                rows.append(sig.encode(sig.signature(g, features, photo_side)) if g is not None and min(g.shape) >= 8 else None)
+            out = {"image_id": pdf["image_id"]}
+            for c in SIGNATURE_COLUMNS:
+                out[c] = [r[c] if r is not None else None for r in rows]
+            yield pd.DataFrame(out)
+
+    return fn
+
+
+def signatures(spark, todo, dd):
+    """The copy signature (:mod:`cbir_lib.dedup.signature`) of every row of ``todo(image_id,
+    path)``, checkpointed: each image is read and decoded once per run, whatever the
+    number of its candidate pairs."""
+    from cbir_lib.dedup.signature import SIGNATURE_DDL
+
+    return (todo.select("image_id", "path").repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
+            .mapInPandas(_signature_partition(dd.verify_max_side, dd.verify_features, dd.verify_photo_side,
+                                              remote.settings_from_hadoop(spark)), f"image_id long, {SIGNATURE_DDL}")
+            .localCheckpoint())
+
+
+def _verify_partition(min_inliers: int, min_agreement: float, early: bool):
+    def fn(batches):
+        import cv2
+        import pandas as pd
+
+        from cbir_lib.dedup import signature as sig
+        from cbir_lib.dedup.verify import verify_signatures
 
         cv2.setNumThreads(1)  # one task per core already
         for pdf in batches:
             inliers, agreement, why = [], [], []
-            for pa, pb in zip(pdf["pa"], pdf["pb"], strict=True):
+            for ra, rb in zip(pdf[[f"a_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
+                              pdf[[f"b_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False), strict=True):
                 v, reason = None, None
-                if pa is None or pb is None:
+                if ra[0] is None or rb[0] is None:
                     reason = "unreadable_image: a file of the pair is gone or undecodable"
                 else:
                     try:
-                        v = verify(gray(pa), gray(pb), features)
+                        v = verify_signatures(sig.decode(dict(zip(SIGNATURE_COLUMNS, ra, strict=True))),
+                                              sig.decode(dict(zip(SIGNATURE_COLUMNS, rb, strict=True))),
+                                              min_inliers, min_agreement, early=early)
                     except Exception as e:  # noqa: BLE001 - one pair's failure is that pair's verdict, not the stage's
                         reason = f"verify_error: {type(e).__name__}: {str(e)[:200]}"
                 inliers.append(v.inliers if v else 0)
@@ -91,27 +117,17 @@ def _verify_partition(features: int):
     return fn
 
 
-def verified_pairs(spark, candidates, ok, dd):
-    """``(a, b, inliers, agreement)`` of every candidate pair (:mod:`cbir_lib.dedup.verify`).
-
-    Each image in a candidate pair is read and prepared once (grayscale PNG, at most
-    ``dedup.verify_max_side`` px); each pair is then checked in the task where its two
-    payloads meet. A file gone since ingest, or undecodable, verifies nothing.
-    """
+def verified_pairs(spark, pairs, sig, dd, early: bool = True):
+    """``(a, b, inliers, agreement, unverified)`` of every pair of ``pairs(a, b)``, each
+    checked in the task where the two images' signatures meet (no image is decoded here).
+    ``early``: stop at the first attempt that passes (the job's verdicts); without it
+    every attempt runs (for an offline sweep of the thresholds)."""
     from pyspark.sql import functions as F
 
-    pairs = candidates.select("a", "b").distinct()
-    ids = pairs.select(F.col("a").alias("image_id")).union(pairs.select(F.col("b").alias("image_id"))).distinct()
-    todo = ok.select("image_id", "path").join(ids, "image_id")
-    # Each task reads the files of its own rows: no path list on the driver, no bytes shuffled.
-    payload = (todo.repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
-               .mapInPandas(_prepare_partition(dd.verify_max_side, remote.settings_from_hadoop(spark)), "image_id long, payload binary")
-               .localCheckpoint())
-    pa = payload.select(F.col("image_id").alias("a"), F.col("payload").alias("pa"))
-    pb = payload.select(F.col("image_id").alias("b"), F.col("payload").alias("pb"))
-    return (pairs.join(pa, "a", "left").join(pb, "b", "left")
+    side = {p: sig.select(F.col("image_id").alias(p), *[F.col(c).alias(f"{p}_{c}") for c in SIGNATURE_COLUMNS]) for p in ("a", "b")}
+    return (pairs.select("a", "b").distinct().join(side["a"], "a", "left").join(side["b"], "b", "left")
             .repartition(4 * spark.sparkContext.defaultParallelism)
-            .mapInPandas(_verify_partition(dd.verify_features), VERDICT_DDL))
+            .mapInPandas(_verify_partition(dd.min_inliers, dd.min_agreement, early), VERDICT_DDL))
 
 
 def exact_pairs(images):
@@ -159,6 +175,40 @@ def phash_pairs(images, t: int, m: int, column: str = "phash"):
     return near.unionByName(same)
 
 
+def dihedral_pairs(sig, t: int, m: int):
+    """Pairs whose trimmed pHashes are within ``t`` bits under one of the 8 symmetries of
+    the square (:func:`cbir_lib.dedup.signature.dihedral_phashes`): a quarter-turned,
+    mirrored or letterboxed copy meets its original here. Each image is stored under its
+    identity hash and probes with all 8, through the multi-index of :func:`phash_pairs`;
+    ``hamming`` is the smallest distance over the symmetries. Images with one identical
+    trimmed hash are paired with their group's smallest id (g - 1 pairs, never g^2)."""
+    from pyspark.sql import functions as F
+
+    every = sig.filter(F.col("hashes").isNotNull()).select("image_id", F.col("hashes")[0].alias("h0"), "hashes")
+    h = every.groupBy("h0").agg(F.min("image_id").alias("image_id"), F.first("hashes").alias("hashes"))
+    same = (every.join(h.select("h0", F.col("image_id").alias("a")), "h0").filter(F.col("image_id") != F.col("a"))
+            .select("a", F.col("image_id").alias("b"), F.lit(0).alias("hamming")))
+    variants = h.select(F.col("image_id").alias("b"), F.posexplode("hashes").alias("variant", "hb"))
+    radius = t // m
+    stored, probes = [], []
+    for j, (shift, width) in enumerate(chunk_bounds(m)):
+        masks = [int(x) for x in flips(width, min(radius, width))]
+        stored.append(h.select(F.lit(j).alias("chunk"), F.shiftrightunsigned("h0", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("key"),
+                               F.col("image_id").alias("a"), F.col("h0").alias("ha")))
+        probes.append(variants.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
+                                      F.shiftrightunsigned("hb", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("v"), "b", "hb")
+                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
+    store, probe = stored[0], probes[0]
+    for st, pr in zip(stored[1:], probes[1:], strict=True):
+        store, probe = store.unionByName(st), probe.unionByName(pr)
+    dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
+    near = (store.join(probe, ["chunk", "key"]).filter((F.col("a") != F.col("b")) & (dist <= t))
+            .select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), dist.cast("int").alias("hamming"))
+            .groupBy("a", "b").agg(F.min("hamming").alias("hamming")))
+    return (near.unionByName(same).select("a", "b", F.lit("dihedral").alias("source"), "hamming",
+                                          F.lit(None).cast("float").alias("score")))
+
+
 def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):
     """Neighbour pairs whose raw embedding cosine is >= ``tau``.
 
@@ -203,6 +253,51 @@ def connected_components(spark, edges, max_iter: int = 60):
     raise RuntimeError(f"dedup.max_iter: connected components did not converge in {max_iter} rounds")
 
 
+def evidence(pairs, dd, hashes):
+    """One row per candidate pair: its strongest source (exact, an ingest hash, the dihedral
+    hash, then the embedding) with that source's ``hamming``, the best ``score``, the
+    smallest dihedral distance, and ``accepted``: evidence already conclusive on its own
+    (byte-identical, an ingest hash within its threshold, or a raw cosine >= ``min_score``;
+    each measured at pair precision >= 0.99, quality.json)."""
+    from pyspark.sql import functions as F
+
+    src = F.col("source")
+    prio = F.when(src == "exact", 0).when(src.isin(*hashes), 1).when(src == "dihedral", 2).otherwise(3)
+    conclusive = (src == "exact") | src.isin(*hashes) | ((src == "embedding") & (F.col("score") >= dd.min_score))
+    return (pairs.withColumn("p", prio)
+            .groupBy("a", "b").agg(F.min(F.struct("p", "source", "hamming")).alias("best"), F.max("score").alias("score"),
+                                   F.min(F.when(src == "dihedral", F.col("hamming"))).alias("dihedral_hamming"),
+                                   F.max(conclusive).alias("accepted"))
+            .select("a", "b", F.col("best.source").alias("source"), F.col("best.hamming").alias("hamming"), "score",
+                    "dihedral_hamming", "accepted"))
+
+
+def band_pairs(spark, uncertain, accepted, dd):
+    """The uncertain pairs worth verifying, and their counts.
+
+    A pair whose two images the accepted edges already join is skipped (verifying it could
+    not change a cluster). Of the rest, each image keeps its ``band_per_image`` best (the
+    smallest dihedral distance first, then the highest cosine), and a pair is verified if
+    it is among the best of either of its images: at most ``band_per_image`` pairs per
+    image, however many images share a look."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    labels, _ = connected_components(spark, accepted.select("a", "b"), dd.max_iter)
+    la = labels.select(F.col("image_id").alias("a"), F.col("cluster_id").alias("la"))
+    lb = labels.select(F.col("image_id").alias("b"), F.col("cluster_id").alias("lb"))
+    open_ = (uncertain.join(la, "a", "left").join(lb, "b", "left")
+             .filter(F.col("la").isNull() | F.col("lb").isNull() | (F.col("la") != F.col("lb"))).drop("la", "lb"))
+    order = [F.col("dihedral_hamming").asc_nulls_last(), F.col("score").desc_nulls_last(), F.col("a"), F.col("b")]
+    ends = open_.select("a", "b", "dihedral_hamming", "score", F.col("a").alias("image")).unionByName(
+        open_.select("a", "b", "dihedral_hamming", "score", F.col("b").alias("image")))
+    best = (ends.withColumn("r", F.row_number().over(Window.partitionBy("image").orderBy(*order)))
+            .filter(F.col("r") <= dd.band_per_image).select("a", "b").distinct())
+    band = open_.join(best, ["a", "b"], "left_semi").localCheckpoint()
+    counts = {"uncertain": uncertain.count(), "open": open_.count(), "verified": band.count()}
+    return band, counts
+
+
 @lease.leased(TABLE, "dedup")
 def run_dedup(spark, cfg: Config) -> dict:
     from pyspark.sql import Window
@@ -218,7 +313,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
     ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes").cache()
-    parts, lineage, timings = [], {"images_run_id": img_run}, {}
+    parts, lineage, timings, counts_extra = [], {"images_run_id": img_run}, {}, {}
     if dd.exact:
         parts.append(exact_pairs(ok))
     if dd.sources in ("phash", "both"):
@@ -228,11 +323,19 @@ def run_dedup(spark, cfg: Config) -> dict:
         emb_uri = fs.join(root, "embeddings")
         emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
-        tau = dd.verify_min_score if dd.verify else dd.min_score
+        tau = dd.verify_min_score if dd.verify != "off" else dd.min_score
         emb_pairs, nb_run = embedding_pairs(spark, root, tau, ok.select("image_id"), embeddings, cfg.run)
         lineage["embeddings_run_id"] = emb_run
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
+    sig = None
+    if dd.verify != "off":
+        with timer("copy signatures") as t:
+            sig = signatures(spark, ok, dd)
+            signed = sig.filter(F.col("hashes").isNotNull()).count()
+        timings["signatures_s"] = round(t["seconds"], 3)
+        counts_extra["signed"] = signed
+        parts.append(dihedral_pairs(sig, dd.dihedral_threshold, dd.phash_chunks))
     if not parts:
         raise ConfigError("dedup.sources: nothing to find pairs with (exact is off and no source chosen)")
     pairs = parts[0]
@@ -242,24 +345,37 @@ def run_dedup(spark, cfg: Config) -> dict:
         pairs = pairs.localCheckpoint()
         candidates = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
     timings["pairs_s"] = round(t["seconds"], 3)
-    if dd.verify:
+    not_verified, examples = {}, []
+    if dd.verify == "off":
+        pairs = (pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+                 .withColumn("unverified", F.lit(None).cast("string"))
+                 .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+        by_source = candidates
+    else:
+        ev = evidence(pairs, dd, hashes)
+        if dd.verify == "band":
+            accepted = ev.filter("accepted")
+            band, band_counts = band_pairs(spark, ev.filter(~F.col("accepted")), accepted, dd)
+            counts_extra["band"] = band_counts
+        else:  # all: every candidate but the byte-identical ones is checked
+            accepted = ev.filter(F.col("source") == "exact")
+            band = ev.filter(F.col("source") != "exact")
         with timer("verifying candidate pairs") as t:
-            exact = pairs.filter(F.col("source") == "exact").select("a", "b")
-            verdicts = verified_pairs(spark, pairs.filter(F.col("source") != "exact").join(exact, ["a", "b"], "left_anti"), ok, dd).localCheckpoint()
+            verdicts = verified_pairs(spark, band, sig, dd).localCheckpoint()
             not_verified = {r.kind: r["count"] for r in verdicts.filter(F.col("unverified").isNotNull())
                             .groupBy(F.substring_index("unverified", ":", 1).alias("kind")).count().collect()}
             examples = [{"a": r.a, "b": r.b, "reason": r.unverified}
                         for r in verdicts.filter(F.col("unverified").isNotNull()).orderBy("a", "b").limit(5).collect()]
-            pairs = pairs.join(verdicts, ["a", "b"], "left").filter(
-                (F.col("source") == "exact") | ((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
-            ).localCheckpoint()
-            by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
+            counts_extra["verified"] = verdicts.count()
         timings["verify_s"] = round(t["seconds"], 3)
-    else:
-        pairs = (pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
-                 .withColumn("unverified", F.lit(None).cast("string")))
-        by_source = candidates
-        not_verified, examples = {}, []
+        passed = (band.join(verdicts, ["a", "b"]).filter((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
+                  .withColumn("decision", F.lit("verified")))
+        kept = (accepted.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+                .withColumn("unverified", F.lit(None).cast("string"))
+                .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+        cols = ["a", "b", "source", "hamming", "score", "inliers", "agreement", "unverified", "decision"]
+        pairs = kept.select(*cols).unionByName(passed.select(*cols)).localCheckpoint()
+        by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
     with timer("connected components") as t:
         labels, rounds = connected_components(spark, pairs.select("a", "b"), dd.max_iter)
     timings["components_s"] = round(t["seconds"], 3)
@@ -281,12 +397,15 @@ def run_dedup(spark, cfg: Config) -> dict:
                    **({"hash": dd.hash, **{f"{c}_threshold": getattr(dd, f"{c}_threshold") for c in hashes}} if dd.hash != "phash" else {}),
                    "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify,
                    **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
-                       "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features} if dd.verify else {})},
+                       "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features,
+                       "verify_photo_side": dd.verify_photo_side, "dihedral_threshold": dd.dihedral_threshold} if dd.verify != "off" else {}),
+                   **({"band_per_image": dd.band_per_image} if dd.verify == "band" else {})},
         "counts": {
             "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
             "candidates": candidates, "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
             "largest_cluster": stats.largest, "removable": (stats.images or 0) - stats.clusters,
             "not_verified": not_verified,
+            **counts_extra,
         },
         "not_verified_examples": examples,
         "component_rounds": rounds,
@@ -301,6 +420,11 @@ def run_dedup(spark, cfg: Config) -> dict:
         pairs.withColumn("dedup_run_id", F.lit(run_id)).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "pairs"))
 
     manifest["wall_seconds"] = round(time.time() - started, 3)
+    # Cost: the stage's wall time on all the cores it was given (an upper bound of the
+    # core-seconds it used), per image; extract's manifest reports the same figure.
+    cores = spark.sparkContext.defaultParallelism
+    manifest["cost"] = {"cores": cores, "core_seconds": round(manifest["wall_seconds"] * cores, 3),
+                        "core_seconds_per_image": round(manifest["wall_seconds"] * cores / max(1, status.get("ok", 0)), 5)}
     tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     ok.unpersist()
     log.info("dedup %s: %d clusters holding %d images", run_id, stats.clusters, stats.images or 0)

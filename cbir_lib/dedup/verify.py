@@ -2,16 +2,17 @@
 
 A global descriptor (pHash, CNN embedding) cannot tell "the same photo, cropped or
 rotated" from "another photo of the same kind of thing": on product photos the two overlap
-(benchmarks/results/quality.json). This module checks one candidate pair directly, on
-grayscale images at most ``max_side`` pixels on their longer side:
+(benchmarks/results/quality.json). This module checks one candidate pair directly, from the
+two images' copy signatures (:mod:`cbir_lib.dedup.signature`: ORB features of the grayscale
+at most ``verify_max_side`` px and of its mirror, and a thumbnail), so no pair decodes:
 
 1. **geometric**: ORB keypoints of both images, matched with Lowe's ratio test, and a
    similarity transform (rotation, uniform scale, translation) fitted by RANSAC; the
    *inliers* are the matches it explains. The mirror image of ``a`` is tried as well, so a
-   flipped copy is found like any other.
-   If the images agree better under a full affine transform (an aspect-ratio change), that
-   one is taken.
-2. **photometric**: ``a`` warped by that transform onto ``b``, and the normalised
+   flipped copy is found like any other. If the images agree better under a full affine
+   transform (an aspect-ratio change, a shear), that one is taken.
+2. **photometric**, only where the geometry explains ``min_inliers`` matches: ``a``'s
+   thumbnail warped by that transform onto ``b``'s, and the normalised
    cross-correlation of the two, block by block over their overlap, the median over the
    textured blocks being the *agreement* (-1..1; -1 where there is no transform or the
    overlap is under 10 % of ``b``). A shared caption, logo or banner gives many inliers
@@ -19,12 +20,13 @@ grayscale images at most ``max_side`` pixels on their longer side:
    one copy covers a few blocks and the median passes over them.
 
 Pure numpy + OpenCV; the Spark adapter is :func:`cbir_lib.dedup.run.verified_pairs`.
-OpenCV's RANSAC is seeded, so a pair's verdict is the same on every run.
+OpenCV's RANSAC is seeded, so a pair's verdict is the same on every run. Measured costs
+(one core, 2026-12-02): about 15 ms per signature and 3 ms per pair, where decoding both
+images and matching 1,000 features per pair took about 50 ms.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,36 +41,6 @@ class Verdict:
     mirrored: bool
 
 
-def prepare(data: bytes, max_side: int = 512) -> bytes | None:
-    """The image as the PNG of its grayscale, at most ``max_side`` px (EXIF rotation
-    honoured); ``None`` where it cannot be decoded."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("L", (max_side, max_side))  # JPEG: decode at a reduced size
-            gray = ImageOps.exif_transpose(img).convert("L")
-            gray.thumbnail((max_side, max_side))
-            out = io.BytesIO()
-            gray.save(out, format="PNG", compress_level=1)
-            return out.getvalue()
-    except Exception:  # noqa: BLE001 - any undecodable file is simply not verifiable
-        return None
-
-
-def gray(payload: bytes) -> np.ndarray:
-    import cv2
-
-    return cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
-
-
-def _features(img: np.ndarray, n: int):
-    import cv2
-
-    kp, des = cv2.ORB_create(nfeatures=n).detectAndCompute(img, None)
-    return np.float32([k.pt for k in kp]).reshape(-1, 2), des
-
-
 def _ncc(x: np.ndarray, y: np.ndarray) -> float:
     x = x - x.mean()
     y = y - y.mean()
@@ -76,34 +48,14 @@ def _ncc(x: np.ndarray, y: np.ndarray) -> float:
     return float((x * y).sum() / den) if den > 0 else -1.0
 
 
-def _one(a: np.ndarray, b: np.ndarray, fa, fb, ratio: float, reproj: float) -> tuple[int, float]:
-    """``a`` (float32) against ``b`` (float32) given both images' ORB features."""
+def _block_sums(a: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Sums of ``a`` over the blocks starting at ``rows`` x ``cols`` (an integral image, float64)."""
     import cv2
 
-    (pa, da), (pb, db) = fa, fb
-    if da is None or db is None or len(da) < 2 or len(db) < 2:
-        return 0, -1.0
-    pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
-    good = [m for m, n in (p for p in pairs if len(p) == 2) if m.distance < ratio * n.distance]
-    if len(good) < 3:
-        return 0, -1.0
-    src, dst = pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]]
-    h, w = b.shape
-    best = (0, -1.0)
-    ones = np.ones(a.shape, np.float32)
-    # A similarity transform first (rotation, uniform scale, shift: the common edits), then a
-    # full affine one (an aspect-ratio change); the better-agreeing of the two is the verdict.
-    for estimate in (cv2.estimateAffinePartial2D, cv2.estimateAffine2D):
-        cv2.setRNGSeed(0)
-        transform, mask = estimate(src, dst, method=cv2.RANSAC, ransacReprojThreshold=reproj, maxIters=2000, confidence=0.99)
-        if transform is None:
-            continue
-        inliers = int(mask.sum())
-        warped = cv2.warpAffine(a, transform, (w, h))
-        valid = cv2.warpAffine(ones, transform, (w, h), flags=cv2.INTER_NEAREST) > 0.5
-        agreement = _blockwise_agreement(warped, b, valid) if valid.mean() >= MIN_OVERLAP else -1.0
-        best = max(best, (inliers, agreement), key=lambda r: (r[1], r[0]))
-    return best
+    s = cv2.integral(np.ascontiguousarray(a, np.float32), sdepth=cv2.CV_64F)
+    r = np.append(rows, a.shape[0])
+    c = np.append(cols, a.shape[1])
+    return s[r[1:, None], c[None, 1:]] - s[r[:-1, None], c[None, 1:]] - s[r[1:, None], c[None, :-1]] + s[r[:-1, None], c[None, :-1]]
 
 
 def _blockwise_agreement(x: np.ndarray, y: np.ndarray, valid: np.ndarray, grid: int = 8, min_std: float = 8.0) -> float:
@@ -112,32 +64,99 @@ def _blockwise_agreement(x: np.ndarray, y: np.ndarray, valid: np.ndarray, grid: 
     The median lets a local occlusion (a caption, a logo: a few blocks) pass where the rest of
     the frame agrees, and fails two different pictures that share one, since then most textured
     blocks disagree. Flat blocks (white background) say nothing either way and are skipped.
-    Fewer than 4 textured blocks: the NCC of the whole overlap."""
+    Fewer than 4 textured blocks: the NCC of the whole overlap.
+
+    Vectorised: the masked sums of every block come from integral images (block ``i``
+    spans rows ``i * h // grid`` to ``(i + 1) * h // grid``), summed in float64."""
     h, w = y.shape
-    scores = []
-    for i in range(grid):
-        for j in range(grid):
-            sl = (slice(i * h // grid, (i + 1) * h // grid), slice(j * w // grid, (j + 1) * w // grid))
-            m = valid[sl]
-            if m.mean() < 0.5:
-                continue
-            xs, ys = x[sl][m], y[sl][m]
-            if max(xs.std(), ys.std()) < min_std:
-                continue
-            scores.append(_ncc(xs, ys))
-    if len(scores) < 4:
+    rows = (np.arange(grid) * h) // grid
+    cols = (np.arange(grid) * w) // grid
+    v = valid.astype(np.float32)
+    xv, yv = x.astype(np.float32) * v, y.astype(np.float32) * v
+    n = _block_sums(v, rows, cols)
+    area = np.diff(np.append(rows, h))[:, None] * np.diff(np.append(cols, w))[None, :]
+    sx, sy = _block_sums(xv, rows, cols), _block_sums(yv, rows, cols)
+    sxx, syy, sxy = _block_sums(xv * xv, rows, cols), _block_sums(yv * yv, rows, cols), _block_sums(xv * yv, rows, cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cxx = np.maximum(sxx - sx * sx / n, 0.0)
+        cyy = np.maximum(syy - sy * sy / n, 0.0)
+        cxy = sxy - sx * sy / n
+        textured = (n >= 0.5 * area) & (n > 0) & (np.sqrt(np.maximum(cxx, cyy) / n) >= min_std)
+        den = np.sqrt(cxx * cyy)
+        ncc = np.where(den > 0, cxy / den, -1.0)
+    scores = ncc[textured]
+    if scores.size < 4:
         return _ncc(x[valid], y[valid])
     return float(np.median(scores))
 
 
-def verify(a: np.ndarray, b: np.ndarray, features: int = 1000, ratio: float = 0.8, reproj: float = 4.0) -> Verdict:
-    """The better of ``a`` and its mirror image against ``b`` (more inliers, then agreement)."""
-    fb = _features(b, features)
-    b32 = b.astype(np.float32)
+def _photometric(a_thumb: np.ndarray, b_thumb: np.ndarray, transform: np.ndarray, a_shape, b_shape) -> float:
+    """Agreement of ``a`` warped onto ``b`` at the thumbnails' scale, given the transform
+    found at the features' scale."""
+    import cv2
+
+    sa = np.array([a_thumb.shape[1] / a_shape[1], a_thumb.shape[0] / a_shape[0]])
+    sb = np.array([b_thumb.shape[1] / b_shape[1], b_thumb.shape[0] / b_shape[0]])
+    t = transform.astype(np.float64).copy()
+    t[:, :2] = sb[:, None] * t[:, :2] / sa[None, :]
+    t[:, 2] = sb * t[:, 2]
+    h, w = b_thumb.shape
+    warped = cv2.warpAffine(a_thumb.astype(np.float32), t, (w, h))
+    valid = cv2.warpAffine(np.ones(a_thumb.shape, np.float32), t, (w, h), flags=cv2.INTER_NEAREST) > 0.5
+    if valid.mean() < MIN_OVERLAP:
+        return -1.0
+    return _blockwise_agreement(warped, b_thumb.astype(np.float32), valid)
+
+
+def verify_signatures(sa, sb, min_inliers: int = 15, min_agreement: float = 0.8, ratio: float = 0.8,
+                      reproj: float = 4.0, early: bool = True) -> Verdict:
+    """Does ``sa`` show the picture of ``sb`` (two :class:`~cbir_lib.dedup.signature.Signature`)?
+
+    ``a`` and then its mirror image are matched against ``b``; for each, a similarity and
+    then an affine transform are fitted, and the photometric check runs only where the
+    transform explains at least ``min_inliers`` matches (otherwise the verdict cannot pass
+    whatever the pixels say). With ``early``, the first attempt that passes is the verdict,
+    and the rest are skipped; without it, every attempt runs and the best (agreement, then
+    inliers) is returned, as an offline sweep of the two thresholds needs. Deterministic:
+    RANSAC is seeded."""
+    import cv2
+
     best = Verdict(0, -1.0, False)
+    if len(sb.descriptors) < 2:
+        return best
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     for mirrored in (False, True):
-        img = np.ascontiguousarray(a[:, ::-1]) if mirrored else a
-        inliers, agreement = _one(img.astype(np.float32), b32, _features(img, features), fb, ratio, reproj)
-        if (inliers, agreement) > (best.inliers, best.agreement):
-            best = Verdict(inliers, agreement, mirrored)
+        pa, da = (sa.mirror_points, sa.mirror_descriptors) if mirrored else (sa.points, sa.descriptors)
+        if len(da) < 2:
+            continue
+        good = [m for m, n in (p for p in matcher.knnMatch(da, sb.descriptors, k=2) if len(p) == 2) if m.distance < ratio * n.distance]
+        if len(good) < max(3, min_inliers if early else 3):
+            best = max(best, Verdict(len(good) if len(good) >= 3 else 0, -1.0, mirrored), key=_rank)
+            continue
+        src, dst = pa[[m.queryIdx for m in good]], sb.points[[m.trainIdx for m in good]]
+        thumb = np.ascontiguousarray(sa.thumb[:, ::-1]) if mirrored else sa.thumb
+        # A similarity transform first (rotation, uniform scale, shift: the common edits), then
+        # a full affine one (an aspect-ratio change, a shear).
+        for estimate in (cv2.estimateAffinePartial2D, cv2.estimateAffine2D):
+            cv2.setRNGSeed(0)
+            transform, mask = estimate(src, dst, method=cv2.RANSAC, ransacReprojThreshold=reproj, maxIters=2000, confidence=0.99)
+            if transform is None:
+                continue
+            inliers = int(mask.sum())
+            agreement = _photometric(thumb, sb.thumb, transform, sa.shape, sb.shape) if inliers >= min_inliers else -1.0
+            best = max(best, Verdict(inliers, agreement, mirrored), key=_rank)
+            if early and inliers >= min_inliers and agreement >= min_agreement:
+                return best
     return best
+
+
+def _rank(v: Verdict) -> tuple[float, int]:
+    return (v.agreement, v.inliers)
+
+
+def verify(a: np.ndarray, b: np.ndarray, features: int = 1000, ratio: float = 0.8, reproj: float = 4.0,
+           min_inliers: int = 15, min_agreement: float = 0.8) -> Verdict:
+    """:func:`verify_signatures` of two grayscale images."""
+    from cbir_lib.dedup.signature import signature
+
+    return verify_signatures(signature(a, features), signature(b, features), min_inliers, min_agreement, ratio, reproj)

@@ -65,6 +65,8 @@ def test_fixture_clusters(spark, fixtures_run, sources):
         assert m["counts"]["pairs"].get("embedding", 0) > 0 and m["neighbors_run_id"]
         hflip = df[df.path.str.contains("ukbench00120_hflip")].cluster_id.unique()
         assert len(hflip) == 1 and (df[df.cluster_id == hflip[0]].path.str.contains("ukbench00120.jpg")).any()
+    if sources == "phash":
+        return
     # A rerun of the same run id replaces its snapshot: same clusters, no duplicates.
     again = run_dedup(spark, config.load(None, [f"run.output_root={out}", f"dedup.sources={sources}", f"run.run_id={m['run_id']}"]))
     df2 = _clusters(spark, again)
@@ -74,7 +76,8 @@ def test_fixture_clusters(spark, fixtures_run, sources):
 def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, fixtures_run):
     """dedup.hash: each perceptual hash alone pairs the rescaled copy with its original (no
     64-bit hash of a photo survives a mirror: the flip comes from the embedding source).
-    One run of hash=any holds every hash's own pairs, each named by its source."""
+    One run of hash=any with verify=off (the rules alone, one row per source of a pair) holds
+    every hash's own pairs, each named by its source."""
     import pyspark.sql.functions as F
 
     out, _ = fixtures_run
@@ -84,7 +87,8 @@ def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, f
         c = df[df.path.str.contains(name)].cluster_id.unique()
         return len(c) == 1 and (df[df.cluster_id == c[0]].path.str.contains("ukbench00120.jpg")).any(), df
 
-    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", "dedup.hash=any", "run.keep_snapshots=20"]))
+    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", "dedup.hash=any", "dedup.verify=off",
+                                                "run.keep_snapshots=20"]))
     found, df = cluster_with_original(alone, "ukbench00120_resize")
     assert found, df.path.tolist()
     assert alone["params"]["hash"] == "any" and set(alone["counts"]["candidates"]) <= {"phash", "ahash", "dhash", "exact"}
@@ -103,24 +107,34 @@ def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, f
 
 
 def test_verified_edges_add_the_rotations_and_keep_precision(spark, fixtures_run):
-    """dedup.verify: looser candidates, each checked by ORB + RANSAC + agreement; the rotated
-    copies the default thresholds miss are found, and nothing false gets in."""
+    """dedup.verify=all (true): looser candidates, each checked by ORB + RANSAC + agreement;
+    the rotated copies the rules alone (verify=off) miss are found, and nothing false gets in.
+    The default, verify=band, finds the same pairs while verifying only the uncertain ones,
+    at most band_per_image per image."""
     out, _ = fixtures_run
     base = [f"run.output_root={out}", "dedup.sources=both", "run.keep_snapshots=10"]
-    plain = run_dedup(spark, config.load(None, base))
+    plain = run_dedup(spark, config.load(None, [*base, "dedup.verify=false"]))
     m = run_dedup(spark, config.load(None, [*base, "dedup.verify=true"]))
-    assert m["params"]["verify"] and m["timings"]["verify_s"] > 0
+    band = run_dedup(spark, config.load(None, base))
+    assert m["params"]["verify"] == "all" and band["params"]["verify"] == "band" and plain["params"]["verify"] == "off"
+    assert m["timings"]["verify_s"] > 0 and "signatures_s" in band["timings"] and "verify_s" not in plain["timings"]
     assert sum(m["counts"]["candidates"].values()) > sum(m["counts"]["pairs"].values())  # some candidates were refused
     pairs = spark.read.parquet(os.path.join(m["output"], "pairs")).toPandas()
     checked = pairs[pairs.source != "exact"]
     assert len(checked) and (checked.inliers >= 15).all() and (checked.agreement >= 0.8).all()
-    assert pairs[pairs.source == "exact"].inliers.isna().all()
+    assert (checked.decision == "verified").all() and pairs[pairs.source == "exact"].inliers.isna().all()
     images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
     ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
     p0, r0, _, _ = _pair_scores(_clusters(spark, plain), ok_paths)
     precision, recall, found, truth = _pair_scores(_clusters(spark, m), ok_paths)
     assert precision == 1.0, sorted(map(sorted, found - truth))[:5]
     assert recall > r0 and any("rotation" in p for pair in found for p in pair), (recall, r0)
+    pb, rb, found_b, _ = _pair_scores(_clusters(spark, band), ok_paths)
+    assert pb == 1.0 and rb >= recall, (pb, rb, recall)
+    c = band["counts"]
+    assert c["band"]["verified"] <= c["band"]["open"] <= c["band"]["uncertain"] and c["band"]["verified"] <= 6 * c["ok"]
+    assert c["verified"] < m["counts"]["verified"], "band verifies fewer pairs than all"
+    assert band["cost"]["core_seconds_per_image"] > 0 and band["cost"]["cores"] >= 1
 
 
 def test_spark_components_match_union_find(spark):

@@ -11,7 +11,8 @@ import pytest
 from conftest import CLOTHING, need_shared
 from PIL import Image
 
-from cbir_lib.dedup.verify import gray, prepare, verify
+from cbir_lib.dedup.signature import decode_gray
+from cbir_lib.dedup.verify import verify
 from cbir_lib.sample import _transform
 
 MIN_INLIERS, MIN_AGREEMENT = 15, 0.8  # dedup.min_inliers, dedup.min_agreement
@@ -20,6 +21,10 @@ MIN_INLIERS, MIN_AGREEMENT = 15, 0.8  # dedup.min_inliers, dedup.min_agreement
 def _photos(cls: str, n: int) -> list[Path]:
     need_shared()
     return sorted((CLOTHING / "train" / cls).glob("*.jpg"))[:n]
+
+
+def _g(data: bytes):
+    return decode_gray(data, 512)
 
 
 def _passes(v) -> bool:
@@ -31,13 +36,13 @@ def test_edited_copies_pass(kind):
     for path in _photos("shoes", 2) + _photos("dress", 1):
         with Image.open(path) as img:
             img.load()
-            v = verify(gray(prepare(path.read_bytes())), gray(prepare(_transform(img, kind))))
+            v = verify(_g(path.read_bytes()), _g(_transform(img, kind)))
         assert _passes(v), (path.name, v)
         assert v.mirrored == (kind == "flip")
 
 
 def test_other_photos_of_the_same_kind_fail():
-    shoes = [gray(prepare(p.read_bytes())) for p in _photos("shoes", 4)]
+    shoes = [_g(p.read_bytes()) for p in _photos("shoes", 4)]
     for i in range(len(shoes)):
         for j in range(i + 1, len(shoes)):
             v = verify(shoes[i], shoes[j])
@@ -51,20 +56,20 @@ def test_a_shared_caption_is_not_a_copy():
     with Image.open(a) as ia, Image.open(b) as ib:
         ia.load()
         ib.load()
-        v = verify(gray(prepare(_transform(ia, "overlay_text"))), gray(prepare(_transform(ib, "overlay_text"))))
+        v = verify(_g(_transform(ia, "overlay_text")), _g(_transform(ib, "overlay_text")))
     assert v.inliers >= MIN_INLIERS and v.agreement < MIN_AGREEMENT, v
 
 
-def test_prepare_bounds_the_size_and_refuses_junk():
+def test_decode_bounds_the_size_and_refuses_junk():
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 1200, 3), np.uint8)).save(buf, "JPEG")
-    assert max(gray(prepare(buf.getvalue(), max_side=256)).shape) == 256
-    assert prepare(b"not an image") is None and prepare(b"") is None
+    assert max(decode_gray(buf.getvalue(), 256).shape) == 256
+    assert decode_gray(b"not an image", 512) is None and decode_gray(b"", 512) is None
 
 
 def test_verdicts_are_deterministic():
-    a, b = (gray(prepare(p.read_bytes())) for p in _photos("dress", 2))
+    a, b = (_g(p.read_bytes()) for p in _photos("dress", 2))
     with Image.open(_photos("dress", 1)[0]) as img:
         img.load()
-        c = gray(prepare(_transform(img, "rotate")))
+        c = _g(_transform(img, "rotate"))
     assert verify(a, c) == verify(a, c) and verify(a, b) == verify(a, b)
