@@ -104,3 +104,153 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     return np.array([find(i) for i in range(n)])
+
+
+def _adjacency(n: int, edges: np.ndarray) -> list[np.ndarray]:
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    both = np.concatenate([e, e[:, ::-1]])
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    starts = np.searchsorted(both[:, 0], np.arange(n + 1))
+    return [both[starts[i] : starts[i + 1], 1] for i in range(n)]
+
+
+def hops_from(adj: list[np.ndarray], source: int, allowed: np.ndarray) -> np.ndarray:
+    """Breadth-first hop counts from ``source`` over the ``allowed`` nodes (-1: unreached)."""
+    dist = np.full(len(adj), -1, np.int64)
+    dist[source] = 0
+    frontier = [source]
+    while frontier:
+        nxt = []
+        for u in frontier:
+            for v in adj[u]:
+                if allowed[v] and dist[v] < 0:
+                    dist[v] = dist[u] + 1
+                    nxt.append(int(v))
+        frontier = nxt
+    return dist
+
+
+def diameter(adj: list[np.ndarray], nodes: np.ndarray, exact_up_to: int = 2000) -> int:
+    """Hop diameter of the connected subgraph on ``nodes``: every node's eccentricity up to
+    ``exact_up_to`` nodes, else a double sweep (a lower bound, exact on trees)."""
+    allowed = np.zeros(len(adj), bool)
+    allowed[nodes] = True
+    if len(nodes) <= exact_up_to:
+        return int(max(hops_from(adj, int(u), allowed).max() for u in nodes))
+    far = int(np.argmax(hops_from(adj, int(nodes[0]), allowed)))
+    return int(hops_from(adj, far, allowed).max())
+
+
+def edge_betweenness(adj: list[np.ndarray], nodes: np.ndarray) -> dict[tuple[int, int], float]:
+    """Brandes' edge betweenness of the subgraph on ``nodes`` (unweighted): for each edge
+    ``(u < v)``, the share of shortest paths between node pairs that cross it."""
+    allowed = np.zeros(len(adj), bool)
+    allowed[nodes] = True
+    score: dict[tuple[int, int], float] = {}
+    for s in nodes.tolist():
+        order, preds = [], {s: []}
+        sigma, dist = {s: 1.0}, {s: 0}
+        frontier = [s]
+        while frontier:
+            nxt = []
+            for u in frontier:
+                order.append(u)
+                for v in adj[u].tolist():
+                    if not allowed[v]:
+                        continue
+                    if v not in dist:
+                        dist[v] = dist[u] + 1
+                        sigma[v], preds[v] = 0.0, []
+                        nxt.append(v)
+                    if dist[v] == dist[u] + 1:
+                        sigma[v] += sigma[u]
+                        preds[v].append(u)
+            frontier = nxt
+        delta = dict.fromkeys(order, 0.0)
+        for w in reversed(order):
+            for u in preds[w]:
+                c = sigma[u] / sigma[w] * (1.0 + delta[w])
+                key = (min(u, w), max(u, w))
+                score[key] = score.get(key, 0.0) + c
+                delta[u] += c
+    return score
+
+
+def split_by_diameter(n: int, edges: np.ndarray, max_diameter: int, max_cuts: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters of the graph whose hop diameter is at most ``max_diameter``.
+
+    A connected component within the bound stays whole. One beyond it (copies of copies,
+    or a false edge joining two groups) loses its edge of highest betweenness (the one most
+    shortest paths cross: a bridge between two groups; Girvan and Newman 2002), again until
+    every piece is within the bound. After ``max_cuts`` cuts, or in a component of more
+    than 2,000 nodes, the rest is cut into balls instead: the node of least eccentricity
+    takes every node within ``max_diameter // 2`` hops, and so on. Returns ``(labels,
+    diameters)``: each node's piece, labelled by its smallest node, and the diameter of each
+    node's component before the split.
+    """
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    e = np.unique(np.sort(e[e[:, 0] != e[:, 1]], axis=1), axis=0) if len(e) else e
+    comp = components(n, e)
+    labels = np.arange(n)
+    before = np.zeros(n, np.int64)
+    adj = _adjacency(n, e)
+    for c in np.unique(comp):
+        nodes = np.flatnonzero(comp == c)
+        if len(nodes) < 2:
+            continue
+        d = diameter(adj, nodes)
+        before[nodes] = d
+        if d <= max_diameter:
+            labels[nodes] = nodes.min()
+            continue
+        for part in _split(nodes, {tuple(x) for x in e[np.isin(e[:, 0], nodes)].tolist()}, max_diameter, max_cuts):
+            labels[part] = part.min()
+    return labels, before
+
+
+def _within(edges: set[tuple[int, int]], part: np.ndarray) -> np.ndarray:
+    members = set(part.tolist())
+    return np.array(sorted((a, b) for a, b in edges if a in members and b in members), np.int64).reshape(-1, 2)
+
+
+def _pieces(n: int, edges: set[tuple[int, int]], part: np.ndarray) -> list[np.ndarray]:
+    lab = components(n, _within(edges, part))[part]
+    return [part[lab == r] for r in np.unique(lab)]
+
+
+def _split(nodes: np.ndarray, edges: set[tuple[int, int]], max_diameter: int, max_cuts: int) -> list[np.ndarray]:
+    n = int(nodes.max()) + 1
+    cuts = 0
+    todo, done = [nodes], []
+    while todo:
+        part = todo.pop()
+        adj = _adjacency(n, _within(edges, part))
+        if len(part) == 1 or diameter(adj, part) <= max_diameter:
+            done.append(part)
+            continue
+        if cuts < max_cuts and len(part) <= 2000:
+            bet = edge_betweenness(adj, part)
+            edges = edges - {max(bet.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]}
+            cuts += 1
+            todo.extend(_pieces(n, edges, part))
+            continue
+        mask = np.zeros(n, bool)
+        mask[part] = True
+        ecc = [int(hops_from(adj, int(u), mask).max()) for u in part] if len(part) <= 2000 else [0]
+        dist = hops_from(adj, int(part[int(np.argmin(ecc))]), mask)
+        ball = np.flatnonzero((dist >= 0) & (dist <= max_diameter // 2))
+        done.append(ball)
+        rest = np.setdiff1d(part, ball)
+        if len(rest):
+            todo.extend(_pieces(n, edges, rest))
+    return done
+
+
+def worst_pair(x: np.ndarray) -> tuple[float, int, int]:
+    """The least similar two rows of ``x`` (cosine) and their positions."""
+    x = np.asarray(x, np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    s = x @ x.T
+    np.fill_diagonal(s, np.inf)
+    i, j = np.unravel_index(int(np.argmin(s)), s.shape)
+    return float(s[i, j]), int(min(i, j)), int(max(i, j))

@@ -256,18 +256,22 @@ def connected_components(spark, edges, max_iter: int = 60):
 def evidence(pairs, dd, hashes):
     """One row per candidate pair: its strongest source (exact, an ingest hash, the dihedral
     hash, then the embedding) with that source's ``hamming``, the best ``score``, the
-    smallest dihedral distance, and ``accepted``: evidence already conclusive on its own
-    (byte-identical, an ingest hash within its threshold, or a raw cosine >= ``min_score``;
-    each measured at pair precision >= 0.99, quality.json)."""
+    smallest dihedral distance, and ``accepted``: evidence already conclusive (byte-identical;
+    an ingest hash within its threshold together with a raw cosine of at least
+    ``accept_hash_score``, where a pair outside the neighbour lists has none and is
+    verified; or a raw cosine >= ``min_score``). A hash
+    alone is not enough: two different photos turned by 15 degrees onto black corners, or
+    letterboxed onto one canvas, share a pHash (quality.json: 9 false edges of 1,515)."""
     from pyspark.sql import functions as F
 
     src = F.col("source")
     prio = F.when(src == "exact", 0).when(src.isin(*hashes), 1).when(src == "dihedral", 2).otherwise(3)
-    conclusive = (src == "exact") | src.isin(*hashes) | ((src == "embedding") & (F.col("score") >= dd.min_score))
-    return (pairs.withColumn("p", prio)
-            .groupBy("a", "b").agg(F.min(F.struct("p", "source", "hamming")).alias("best"), F.max("score").alias("score"),
-                                   F.min(F.when(src == "dihedral", F.col("hamming"))).alias("dihedral_hamming"),
-                                   F.max(conclusive).alias("accepted"))
+    ev = (pairs.withColumn("p", prio)
+          .groupBy("a", "b").agg(F.min(F.struct("p", "source", "hamming")).alias("best"), F.max("score").alias("score"),
+                                 F.min(F.when(src == "dihedral", F.col("hamming"))).alias("dihedral_hamming"),
+                                 F.max(src == "exact").alias("exact"), F.max(src.isin(*hashes)).alias("hashed")))
+    conclusive = F.col("exact") | (F.col("hashed") & (F.col("score") >= dd.accept_hash_score)) | (F.col("score") >= dd.min_score)
+    return (ev.withColumn("accepted", F.coalesce(conclusive, F.col("exact")))
             .select("a", "b", F.col("best.source").alias("source"), F.col("best.hamming").alias("hamming"), "score",
                     "dihedral_hamming", "accepted"))
 
@@ -298,6 +302,65 @@ def band_pairs(spark, uncertain, accepted, dd):
     return band, counts
 
 
+def split_clusters(labels, edges, max_diameter: int):
+    """``(image_id, cluster_id, diameter, component_diameter)``: each connected component
+    cut by :func:`cbir_lib.dedup.core.split_by_diameter` into pieces of hop diameter at most
+    ``max_diameter`` (one task per component; the cluster id is its piece's smallest
+    image id). Pieces of one image leave the clusters."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    def fn(pdf):
+        import numpy as np
+
+        from cbir_lib.dedup.core import _adjacency, diameter, split_by_diameter
+
+        nodes = np.unique(np.concatenate([pdf["a"].to_numpy(), pdf["b"].to_numpy()]))
+        e = np.stack([np.searchsorted(nodes, pdf["a"].to_numpy()), np.searchsorted(nodes, pdf["b"].to_numpy())], 1)
+        lab, before = split_by_diameter(len(nodes), e, max_diameter)
+        adj = _adjacency(len(nodes), e)
+        rows = []
+        for piece in np.unique(lab):
+            members = np.flatnonzero(lab == piece)
+            if len(members) < 2:
+                continue
+            d = diameter(adj, members)
+            rows += [(int(nodes[m]), int(nodes[piece]), d, int(before[m])) for m in members]
+        return pd.DataFrame(rows, columns=["image_id", "cluster_id", "diameter", "component_diameter"])
+
+    grouped = edges.select("a", "b").join(labels.select(F.col("image_id").alias("a"), "cluster_id"), "a")
+    return grouped.groupBy("cluster_id").applyInPandas(fn, "image_id long, cluster_id long, diameter int, component_diameter int")
+
+
+WORST_PAIR_MEMBERS = 1000  # clusters larger than this: the worst pair among their first 1,000 members by id
+
+
+def worst_pairs(clusters, embeddings):
+    """``(cluster_id, worst_score, worst_a, worst_b)``: each cluster's least similar two
+    members by raw embedding cosine (fastdup #302: components at 0.97 that hold pairs at
+    0.82), over at most :data:`WORST_PAIR_MEMBERS` members."""
+    import pandas as pd
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    def fn(pdf):
+        import numpy as np
+
+        from cbir_lib.dedup.core import worst_pair
+
+        pdf = pdf.sort_values("image_id")
+        x = np.stack([np.asarray(v, np.float32) for v in pdf["embedding"]])
+        score, i, j = worst_pair(x)
+        ids = pdf["image_id"].to_numpy()
+        return pd.DataFrame({"cluster_id": [int(pdf["cluster_id"].iloc[0])], "worst_score": [score],
+                             "worst_a": [int(ids[i])], "worst_b": [int(ids[j])]})
+
+    members = (clusters.select("cluster_id", "image_id").join(embeddings, "image_id")
+               .withColumn("r", F.row_number().over(Window.partitionBy("cluster_id").orderBy("image_id")))
+               .filter(F.col("r") <= WORST_PAIR_MEMBERS).drop("r"))
+    return members.groupBy("cluster_id").applyInPandas(fn, "cluster_id long, worst_score double, worst_a long, worst_b long")
+
+
 @lease.leased(TABLE, "dedup")
 def run_dedup(spark, cfg: Config) -> dict:
     from pyspark.sql import Window
@@ -312,6 +375,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
+    embeddings = None
     ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes").cache()
     parts, lineage, timings, counts_extra = [], {"images_run_id": img_run}, {}, {}
     if dd.exact:
@@ -379,15 +443,33 @@ def run_dedup(spark, cfg: Config) -> dict:
     with timer("connected components") as t:
         labels, rounds = connected_components(spark, pairs.select("a", "b"), dd.max_iter)
     timings["components_s"] = round(t["seconds"], 3)
+    with timer("cluster diameters") as t:
+        pieces = split_clusters(labels, pairs, dd.max_diameter).localCheckpoint()
+        over = pieces.filter(F.col("component_diameter") > dd.max_diameter)
+        counts_extra["split"] = {
+            "components": over.join(labels.withColumnRenamed("cluster_id", "component"), "image_id").select("component").distinct().count(),
+            "pieces": over.select("cluster_id").distinct().count()}
+    timings["diameters_s"] = round(t["seconds"], 3)
     order = Window.partitionBy("cluster_id").orderBy(
         F.desc(F.col("width").cast("long") * F.col("height")), F.desc("size_bytes"), F.asc("image_id"))
-    clusters = (labels.join(ok, "image_id")
+    clusters = (pieces.join(ok, "image_id")
                 .withColumn("is_representative", F.row_number().over(order) == 1)
-                .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id")))
-                .select("cluster_id", "image_id", "is_representative", "size", "path")
+                .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id"))))
+    worst_examples = []
+    if embeddings is not None:
+        with timer("worst pairs") as t:
+            worst = worst_pairs(clusters, embeddings).localCheckpoint()
+            clusters = clusters.join(worst, "cluster_id", "left")
+            worst_examples = [r.asDict() for r in worst.orderBy("worst_score", "cluster_id").limit(5).collect()]
+        timings["worst_pairs_s"] = round(t["seconds"], 3)
+    else:
+        clusters = (clusters.withColumn("worst_score", F.lit(None).cast("double")).withColumn("worst_a", F.lit(None).cast("long"))
+                    .withColumn("worst_b", F.lit(None).cast("long")))
+    clusters = (clusters.select("cluster_id", "image_id", "is_representative", "size", "path", "diameter", "component_diameter",
+                                "worst_score", "worst_a", "worst_b")
                 .withColumn("dedup_run_id", F.lit(run_id))).localCheckpoint()
     stats = clusters.agg(F.count_if("is_representative").alias("clusters"), F.count("*").alias("images"),
-                         F.max("size").alias("largest")).first()
+                         F.max("size").alias("largest"), F.max("diameter").alias("diameter")).first()
     table = fs.join(root, TABLE)
     manifest = {
         "stage": "dedup",
@@ -395,7 +477,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         **lineage,
         "params": {"sources": dd.sources, "exact": dd.exact, "phash_threshold": dd.phash_threshold,
                    **({"hash": dd.hash, **{f"{c}_threshold": getattr(dd, f"{c}_threshold") for c in hashes}} if dd.hash != "phash" else {}),
-                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify,
+                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify, "max_diameter": dd.max_diameter,
                    **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
                        "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features,
                        "verify_photo_side": dd.verify_photo_side, "dihedral_threshold": dd.dihedral_threshold} if dd.verify != "off" else {}),
@@ -403,11 +485,12 @@ def run_dedup(spark, cfg: Config) -> dict:
         "counts": {
             "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
             "candidates": candidates, "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
-            "largest_cluster": stats.largest, "removable": (stats.images or 0) - stats.clusters,
+            "largest_cluster": stats.largest, "largest_diameter": stats.diameter, "removable": (stats.images or 0) - stats.clusters,
             "not_verified": not_verified,
             **counts_extra,
         },
         "not_verified_examples": examples,
+        "worst_pairs": worst_examples,
         "component_rounds": rounds,
         "timings": timings,
         "config": cfg.to_dict(),

@@ -15,7 +15,7 @@ at most ``verify_max_side`` px and of its mirror, and a thumbnail), so no pair d
    thumbnail warped by that transform onto ``b``'s, and the normalised
    cross-correlation of the two, block by block over their overlap, the median over the
    textured blocks being the *agreement* (-1..1; -1 where there is no transform or the
-   overlap is under 10 % of ``b``). A shared caption, logo or banner gives many inliers
+   overlap is under half of the image it covers most of). A shared caption, logo or banner gives many inliers
    between different pictures, but the rest of the frame then disagrees; a caption added to
    one copy covers a few blocks and the median passes over them.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_OVERLAP = 0.1
+MIN_OVERLAP = 0.5  # of the image the overlap covers most of (until 2026-12-02: 0.1 of b)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,12 @@ def _photometric(a_thumb: np.ndarray, b_thumb: np.ndarray, transform: np.ndarray
     h, w = b_thumb.shape
     warped = cv2.warpAffine(a_thumb.astype(np.float32), t, (w, h))
     valid = cv2.warpAffine(np.ones(a_thumb.shape, np.float32), t, (w, h), flags=cv2.INTER_NEAREST) > 0.5
-    if valid.mean() < MIN_OVERLAP:
+    # The overlap, as a share of the image it covers most of: a crop lies wholly inside its
+    # original (share 1), while two pictures matched on a strip (a caption moved from the
+    # bottom of one to the top of another) overlap on that strip alone.
+    a_area = a_thumb.size * abs(float(np.linalg.det(t[:, :2])))
+    overlap = max(valid.mean(), float(valid.sum()) / a_area if a_area > 0 else 0.0)
+    if overlap < MIN_OVERLAP:
         return -1.0
     return _blockwise_agreement(warped, b_thumb.astype(np.float32), valid)
 

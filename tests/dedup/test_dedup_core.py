@@ -39,3 +39,51 @@ def test_components_by_hand():
     labels = core.components(6, np.array([[1, 2], [4, 2], [5, 3]]))
     assert labels.tolist() == [0, 1, 1, 3, 1, 3]
     assert core.components(3, np.zeros((0, 2))).tolist() == [0, 1, 2]
+
+
+def test_edge_betweenness_of_a_path_counts_the_pairs_each_edge_separates():
+    from cbir_lib.dedup.core import _adjacency, edge_betweenness
+
+    e = np.array([(0, 1), (1, 2), (2, 3)])
+    bet = edge_betweenness(_adjacency(4, e), np.arange(4))
+    # both directions of every pair: (0,1) separates 3 pairs, (1,2) 4
+    assert bet == {(0, 1): 6.0, (1, 2): 8.0, (2, 3): 6.0}
+
+
+def test_split_by_diameter_cuts_bridges_and_bounds_every_piece():
+    from cbir_lib.dedup.core import _adjacency, diameter, split_by_diameter
+
+    # two stars joined by one edge: the bridge goes, each star stays whole
+    e = np.array([(0, i) for i in range(1, 6)] + [(10, i) for i in range(11, 16)] + [(5, 15)])
+    lab, before = split_by_diameter(16, e, 4)
+    assert set(lab[:6]) == {0} and set(lab[10:]) == {10} and before[0] == 5
+    assert list(lab[6:10]) == [6, 7, 8, 9]  # isolated nodes are their own
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        n = int(rng.integers(2, 40))
+        e = rng.integers(0, n, (int(rng.integers(1, 3 * n)), 2))
+        d = int(rng.integers(1, 6))
+        lab, before = split_by_diameter(n, e, d)
+        comp = core.components(n, e[e[:, 0] != e[:, 1]])
+        adj = _adjacency(n, e[e[:, 0] != e[:, 1]])
+        for label in np.unique(lab):
+            part = np.flatnonzero(lab == label)
+            assert part.min() == label and len(set(comp[part])) == 1
+            if len(part) > 1:
+                assert diameter(adj, part) <= d
+        for c in np.unique(comp):  # a component within the bound is one piece
+            part = np.flatnonzero(comp == c)
+            if len(part) > 1 and diameter(adj, part) <= d:
+                assert len(set(lab[part])) == 1
+
+
+def test_worst_pair_is_the_least_similar_two():
+    from cbir_lib.dedup.core import worst_pair
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 8))
+    s, i, j = worst_pair(x)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = u @ u.T
+    np.fill_diagonal(c, np.inf)
+    assert i < j and abs(s - c.min()) < 1e-12 and abs(c[i, j] - c.min()) < 1e-12

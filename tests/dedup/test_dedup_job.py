@@ -54,6 +54,9 @@ def test_fixture_clusters(spark, fixtures_run, sources):
     assert not df.image_id.duplicated().any() and (df.groupby("cluster_id").is_representative.sum() == 1).all()
     assert not df.path.str.contains("corrupt").any()
     assert (df.cluster_id == df.groupby("cluster_id").image_id.transform("min")).all()
+    assert (df.diameter <= m["params"]["max_diameter"]).all() and (df.diameter >= 1).all()
+    assert (df.worst_score.notna() if sources == "both" else df.worst_score.isna()).all()
+    assert m["counts"]["largest_diameter"] == df.diameter.max()
     images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
     ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
     precision, recall, found, truth = _pair_scores(df, ok_paths)
@@ -155,3 +158,35 @@ def test_spark_components_match_union_find(spark):
         members = nodes[want[nodes] == want[v]]
         assert got[int(ids[v])] == int(ids[members].min())
     assert len(got) == len(nodes) and rounds < 60
+
+
+def test_spark_cluster_split_and_worst_pairs_match_the_cores(spark):
+    """Two groups joined by one false edge, and a long chain: the Spark split is the core's,
+    every cluster within the diameter, and each cluster's worst pair is its least similar two."""
+    from cbir_lib.dedup.core import split_by_diameter, worst_pair
+    from cbir_lib.dedup.run import split_clusters, worst_pairs
+
+    star = [(0, i) for i in range(1, 6)] + [(10, i) for i in range(11, 16)] + [(5, 15)]
+    chain = [(20 + i, 21 + i) for i in range(12)]
+    edges = np.array(star + chain)
+    ids = np.sort(np.random.default_rng(4).choice(10**12, 40, replace=False)).astype(np.int64) - 5 * 10**11
+    df = spark.createDataFrame([(int(ids[a]), int(ids[b])) for a, b in edges], "a long, b long")
+    labels, _ = connected_components(spark, df)
+    got = split_clusters(labels, df, 4).toPandas().set_index("image_id")
+    want, before = split_by_diameter(40, edges, 4)
+    nodes = np.unique(edges)
+    for v in nodes:
+        same = [u for u in nodes if want[u] == want[v]]
+        if len(same) > 1:
+            assert got.loc[ids[v], "cluster_id"] == ids[min(same)] and got.loc[ids[v], "component_diameter"] == before[v]
+        else:
+            assert ids[v] not in got.index  # a piece of one image leaves the clusters
+    assert (got["diameter"] <= 4).all() and got["component_diameter"].max() == 12
+    x = np.random.default_rng(5).normal(size=(40, 6)).astype(np.float32)
+    emb = spark.createDataFrame([(int(ids[i]), x[i].tolist()) for i in nodes], "image_id long, embedding array<float>")
+    clusters = spark.createDataFrame(got.reset_index()[["cluster_id", "image_id"]])
+    worst = worst_pairs(clusters, emb).toPandas().set_index("cluster_id")
+    for c, members in got.reset_index().groupby("cluster_id"):
+        pos = [int(np.flatnonzero(ids == m)[0]) for m in sorted(members.image_id)]
+        s, i, j = worst_pair(x[pos])
+        assert abs(worst.loc[c, "worst_score"] - s) < 1e-5 and (worst.loc[c, "worst_a"], worst.loc[c, "worst_b"]) == (ids[pos[i]], ids[pos[j]])

@@ -54,3 +54,21 @@ def test_full_trainings_validation_bytes_are_bounded(spark):
     again, _ = bounded_rows(df, 10_500)
     assert [r.path for r in again] == [r.path for r in rows]  # deterministic
     assert bounded_rows(df, 10**9)[1] == 0
+
+
+def test_identical_dihedral_hashes_give_linear_pairs(spark):
+    """The dihedral source (trimmed pHashes under the 8 symmetries) groups identical hashes
+    as the pHash source does: 3,000 blank placeholders give 2,999 pairs, not 4.5M."""
+    from cbir_lib.dedup.run import dihedral_pairs
+
+    rng = np.random.default_rng(1)
+    blank = [int(x) for x in rng.integers(-(2**63), 2**63 - 1, size=8)]
+    rows = [(10 + i, blank) for i in range(3000)]
+    for j in range(40):  # 40 photos, each with a quarter-turned copy: its hashes permuted
+        h = [int(x) for x in rng.integers(-(2**63), 2**63 - 1, size=8)]
+        rows += [(5000 + 2 * j, h), (5001 + 2 * j, [h[5], h[7], h[6], h[4], h[0], h[2], h[1], h[3]])]
+    df = spark.createDataFrame(rows, "image_id long, hashes array<long>")
+    got = {(r.a, r.b) for r in dihedral_pairs(df, 8, 4).select("a", "b").collect()}
+    assert len(got) < 3000 + 2 * 40 and all(a < b for a, b in got)
+    assert all((5000 + 2 * j, 5001 + 2 * j) in got for j in range(40))
+    assert sum(1 for a, b in got if a == 10) == 2999
