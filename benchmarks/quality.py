@@ -577,7 +577,8 @@ def dedup() -> dict:
     # The shipped default (verify=band), the exhaustive mode, and the variants tried.
     default = run("default")
     exhaustive = run("all", "dedup.verify=all")
-    variants = [run(f"v{j}", *v) for j, v in enumerate((["dedup.band_per_image=3"], ["dedup.verify_max_side=384"]))]
+    variants = [run(f"v{j}", *v) for j, v in enumerate((["dedup.band_per_image=6"], ["dedup.verify_max_side=512"],
+                                                        ["dedup.band_per_image=6", "dedup.verify_max_side=512", "dedup.max_diameter=6"]))]
     n = len(ids)
     worst = min(default["per_transform"].items(), key=lambda kv: kv[1]["recall_vs_original"])
     return {**{k: default[k] for k in ("pair_precision", "pair_recall", "pairs_found", "pairs_true", "false_pairs", "per_transform")},

@@ -387,8 +387,10 @@ class DedupConfig:
     max_iter: int = 60  # connected-component rounds before giving up
     # A cluster's hop diameter (edges between its two farthest members) is at most this: a
     # component beyond it (copies of copies, or one false edge joining two groups) is cut at
-    # its edges of highest betweenness (cbir_lib/dedup/core.py split_by_diameter).
-    max_diameter: int = 6
+    # its edges of highest betweenness (cbir_lib/dedup/core.py split_by_diameter). On the
+    # benchmark's 300 groups of 15 (quality.json), 293 true clusters have a diameter of 4 or
+    # less; the ones of 5 and more were two groups joined by one false edge.
+    max_diameter: int = 4
     # Verification (cbir_lib/dedup/verify.py): a candidate pair becomes an edge only if ORB +
     # RANSAC finds >= min_inliers matches under one similarity (or affine) transform and the
     # images agree under it (median block NCC >= min_agreement). Every image gets a copy
@@ -404,10 +406,10 @@ class DedupConfig:
     verify_min_score: float = 0.65  # embedding candidates to verify start here (quality.json: 4,183 of 4,200 copies had their best edge at 0.7 or more)
     accept_hash_score: float = 0.85  # verify=band: a hash pair is an edge unverified only where the raw cosine is at least this
     dihedral_threshold: int = 8  # trimmed pHash bits under the best of the 8 symmetries, for a pair to be verified
-    band_per_image: int = 6  # verify=band: uncertain pairs verified per image (the best by dihedral distance, then cosine)
+    band_per_image: int = 3  # verify=band: uncertain pairs verified per image (the best by dihedral distance, then cosine; quality.json: 6 found recall 0.979 against 0.965, at 1.25x the CPU)
     min_inliers: int = 15
     min_agreement: float = 0.8
-    verify_max_side: int = 512  # features are found on the grayscale at most this size
+    verify_max_side: int = 384  # features are found on the grayscale at most this size (512: 15 % more CPU, quality.json)
     verify_features: int = 400  # ORB keypoints per image (and per mirror image), spread over a 4x4 grid
     verify_photo_side: int = 192  # the photometric check compares thumbnails at most this size
 

@@ -30,7 +30,8 @@ SOURCES = (
     Source("changes", "neighbors", "_changes", "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
            "removed; rebuilt after a full run), neighbors_run_id"),
     Source("pairs", "pairs", "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
-    Source("dedup_clusters", "dedup", "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path"),
+    Source("dedup_clusters", "dedup", "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path, "
+           "diameter (hops), worst_score (the least similar two members' cosine)"),
     Source("dedup_pairs", "dedup", "pairs", "the verified near-duplicate pairs and their evidence"),
     Source("evaluation_per_query", "evaluation", "per_query", "retrieval quality per query (evaluate)"),
     Source("evaluation_per_class", "evaluation", "per_class", "retrieval quality per class (evaluate)"),
@@ -52,11 +53,11 @@ DERIVED = {
         ("dedup_clusters",),
         """SELECT cluster_id, max(size) AS size,
                   max(CASE WHEN is_representative THEN path END) AS representative_path,
-                  list(path ORDER BY path) AS member_paths
+                  list(path ORDER BY path) AS member_paths, max(diameter) AS diameter, min(worst_score) AS worst_score
            FROM dedup_clusters GROUP BY cluster_id""",
         """SELECT cluster_id, max(size) AS size,
                   max(CASE WHEN is_representative THEN path END) AS representative_path,
-                  array_sort(collect_list(path)) AS member_paths
+                  array_sort(collect_list(path)) AS member_paths, max(diameter) AS diameter, min(worst_score) AS worst_score
            FROM dedup_clusters GROUP BY cluster_id""",
     ),
     "failures": (
