@@ -503,7 +503,7 @@ def dedup() -> dict:
     extract_cost["cpu_s_per_image"] = round(extract_cost["cpu_s"] / len(ids), 5) if extract_cost.get("cpu_s") else None
 
     def run(run_id: str, *settings: str) -> dict:
-        job = _job(["dedup", "--run-id", run_id, *settings], out)
+        job = _job(["dedup", "--run-id", run_id, "run.keep_snapshots=50", *settings], out)
         manifest = json.loads((out / "dedup" / f"run={run_id}" / "_manifest.json").read_text())
         cl = pq.read_table(out / "dedup" / f"run={run_id}" / "clusters", columns=["cluster_id", "path"]).to_pylist()
         clusters: dict[int, list[str]] = {}
@@ -529,7 +529,7 @@ def dedup() -> dict:
     loose = ["dedup.verify=off", "dedup.hash=any", "dedup.phash_threshold=16", "dedup.ahash_threshold=16", "dedup.dhash_threshold=16",
              "dedup.phash_chunks=8", "dedup.min_score=0.7"]
     if not (reuse and (out / "dedup" / "run=loose").exists()):
-        _job(["dedup", *loose, "--run-id", "loose"], out)
+        _job(["dedup", *loose, "--run-id", "loose", "run.keep_snapshots=50"], out)
     pairs = pq.read_table(out / "dedup" / "run=loose" / "pairs").to_pylist()
 
     def clusters_for(t: int | None, tau: float | None, hashes: dict[str, int] | None = None) -> dict[int, list[str]]:
@@ -577,7 +577,7 @@ def dedup() -> dict:
     # The shipped default (verify=band), the exhaustive mode, and the variants tried.
     default = run("default")
     exhaustive = run("all", "dedup.verify=all")
-    variants = [run(f"v{j}", *v) for j, v in enumerate((["dedup.band_per_image=6"], ["dedup.verify_max_side=512"],
+    variants = [run(f"v{j}", *v) for j, v in enumerate((["dedup.band_per_image=6"],
                                                         ["dedup.band_per_image=6", "dedup.verify_max_side=512", "dedup.max_diameter=6"]))]
     n = len(ids)
     worst = min(default["per_transform"].items(), key=lambda kv: kv[1]["recall_vs_original"])

@@ -130,7 +130,10 @@ def hops_from(adj: list[np.ndarray], source: int, allowed: np.ndarray) -> np.nda
     return dist
 
 
-def diameter(adj: list[np.ndarray], nodes: np.ndarray, exact_up_to: int = 2000) -> int:
+EXACT_UP_TO = 200  # nodes: exact diameters and betweenness cuts up to this (each O(nodes x edges) in Python)
+
+
+def diameter(adj: list[np.ndarray], nodes: np.ndarray, exact_up_to: int = EXACT_UP_TO) -> int:
     """Hop diameter of the connected subgraph on ``nodes``: every node's eccentricity up to
     ``exact_up_to`` nodes, else a double sweep (a lower bound, exact on trees)."""
     allowed = np.zeros(len(adj), bool)
@@ -182,9 +185,10 @@ def split_by_diameter(n: int, edges: np.ndarray, max_diameter: int, max_cuts: in
     A connected component within the bound stays whole. One beyond it (copies of copies,
     or a false edge joining two groups) loses its edge of highest betweenness (the one most
     shortest paths cross: a bridge between two groups; Girvan and Newman 2002), again until
-    every piece is within the bound. After ``max_cuts`` cuts, or in a component of more
-    than 2,000 nodes, the rest is cut into balls instead: the node of least eccentricity
-    takes every node within ``max_diameter // 2`` hops, and so on. Returns ``(labels,
+    every piece is within the bound. After ``max_cuts`` cuts, or in a piece of more than
+    :data:`EXACT_UP_TO` nodes, it is cut into balls instead: the node of least eccentricity
+    (in a larger piece, the end of a double sweep's first leg) takes every node within
+    ``max_diameter // 2`` hops, and so on, so a giant component costs O(edges) per ball. Returns ``(labels,
     diameters)``: each node's piece, labelled by its smallest node, and the diameter of each
     node's component before the split.
     """
@@ -228,7 +232,7 @@ def _split(nodes: np.ndarray, edges: set[tuple[int, int]], max_diameter: int, ma
         if len(part) == 1 or diameter(adj, part) <= max_diameter:
             done.append(part)
             continue
-        if cuts < max_cuts and len(part) <= 2000:
+        if cuts < max_cuts and len(part) <= EXACT_UP_TO:
             bet = edge_betweenness(adj, part)
             edges = edges - {max(bet.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]}
             cuts += 1
@@ -236,8 +240,13 @@ def _split(nodes: np.ndarray, edges: set[tuple[int, int]], max_diameter: int, ma
             continue
         mask = np.zeros(n, bool)
         mask[part] = True
-        ecc = [int(hops_from(adj, int(u), mask).max()) for u in part] if len(part) <= 2000 else [0]
-        dist = hops_from(adj, int(part[int(np.argmin(ecc))]), mask)
+        if len(part) <= EXACT_UP_TO:
+            centre = int(part[int(np.argmin([int(hops_from(adj, int(u), mask).max()) for u in part]))])
+        else:  # a double sweep's far end, then the middle of the path back
+            far = int(np.argmax(np.where(mask, hops_from(adj, int(part[0]), mask), -1)))
+            back = hops_from(adj, far, mask)
+            centre = int(np.flatnonzero(back == back.max() // 2)[0])
+        dist = hops_from(adj, centre, mask)
         ball = np.flatnonzero((dist >= 0) & (dist <= max_diameter // 2))
         done.append(ball)
         rest = np.setdiff1d(part, ball)
