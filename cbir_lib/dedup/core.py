@@ -187,8 +187,8 @@ def split_by_diameter(n: int, edges: np.ndarray, max_diameter: int, max_cuts: in
     shortest paths cross: a bridge between two groups; Girvan and Newman 2002), again until
     every piece is within the bound. After ``max_cuts`` cuts, or in a piece of more than
     :data:`EXACT_UP_TO` nodes, it is cut into balls instead: the node of least eccentricity
-    (in a larger piece, the end of a double sweep's first leg) takes every node within
-    ``max_diameter // 2`` hops, and so on, so a giant component costs O(edges) per ball. Returns ``(labels,
+    (in a larger piece, of highest degree) takes every node within ``max_diameter // 2``
+    hops, and so on; a giant component is cut in one pass, O(edges). Returns ``(labels,
     diameters)``: each node's piece, labelled by its smallest node, and the diameter of each
     node's component before the split.
     """
@@ -222,6 +222,31 @@ def _pieces(n: int, edges: set[tuple[int, int]], part: np.ndarray) -> list[np.nd
     return [part[lab == r] for r in np.unique(lab)]
 
 
+def _balls(adj: list[np.ndarray], part: np.ndarray, radius: int) -> list[np.ndarray]:
+    """A large piece cut into balls in one pass, O(edges): the remaining node of highest
+    degree takes every remaining node within ``radius`` hops (through remaining nodes, so
+    each ball is connected through its centre), and so on."""
+    left = np.zeros(len(adj), bool)
+    left[part] = True
+    out = []
+    for centre in sorted(part.tolist(), key=lambda u: (-len(adj[u]), u)):
+        if not left[centre]:
+            continue
+        ball, frontier = [centre], [centre]
+        left[centre] = False
+        for _ in range(radius):
+            nxt = []
+            for u in frontier:
+                for v in adj[u].tolist():
+                    if left[v]:
+                        left[v] = False
+                        nxt.append(v)
+            ball += nxt
+            frontier = nxt
+        out.append(np.array(sorted(ball)))
+    return out
+
+
 def _split(nodes: np.ndarray, edges: set[tuple[int, int]], max_diameter: int, max_cuts: int) -> list[np.ndarray]:
     n = int(nodes.max()) + 1
     cuts = 0
@@ -238,14 +263,12 @@ def _split(nodes: np.ndarray, edges: set[tuple[int, int]], max_diameter: int, ma
             cuts += 1
             todo.extend(_pieces(n, edges, part))
             continue
+        if len(part) > EXACT_UP_TO:
+            done.extend(_balls(adj, part, max_diameter // 2))
+            continue
         mask = np.zeros(n, bool)
         mask[part] = True
-        if len(part) <= EXACT_UP_TO:
-            centre = int(part[int(np.argmin([int(hops_from(adj, int(u), mask).max()) for u in part]))])
-        else:  # a double sweep's far end, then the middle of the path back
-            far = int(np.argmax(np.where(mask, hops_from(adj, int(part[0]), mask), -1)))
-            back = hops_from(adj, far, mask)
-            centre = int(np.flatnonzero(back == back.max() // 2)[0])
+        centre = int(part[int(np.argmin([int(hops_from(adj, int(u), mask).max()) for u in part]))])
         dist = hops_from(adj, centre, mask)
         ball = np.flatnonzero((dist >= 0) & (dist <= max_diameter // 2))
         done.append(ball)
