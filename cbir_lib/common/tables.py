@@ -158,6 +158,15 @@ _RECORDED = ("spark.master", "spark.sql.shuffle.partitions", "spark.sql.executio
              "spark.executor.instances", "spark.task.resource.gpu.amount")
 
 
+def cost(spark, wall_seconds: float, images: int) -> dict:
+    """A stage's cost for its manifest: its wall time on all the cores it was given (an upper
+    bound of the core-seconds it used), in all and per image. extract and dedup record it,
+    so the two compare on the same photos."""
+    cores = spark.sparkContext.defaultParallelism
+    return {"cores": cores, "core_seconds": round(wall_seconds * cores, 3),
+            "core_seconds_per_image": round(wall_seconds * cores / max(1, images), 5)}
+
+
 def spark_settings(spark) -> dict:
     conf = spark.sparkContext.getConf()
     out = {k: conf.get(k) for k in _RECORDED if conf.contains(k)}

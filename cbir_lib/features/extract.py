@@ -677,6 +677,7 @@ def run_extract(spark, cfg: Config) -> dict:
     }
     n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
     manifest["wall_seconds"] = round(time.time() - started, 3)
+    manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)
     out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     combined.unpersist()
     manifest["output"] = out

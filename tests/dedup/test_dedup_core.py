@@ -87,3 +87,19 @@ def test_worst_pair_is_the_least_similar_two():
     c = u @ u.T
     np.fill_diagonal(c, np.inf)
     assert i < j and abs(s - c.min()) < 1e-12 and abs(c[i, j] - c.min()) < 1e-12
+
+
+def test_cosines_of_embedding_pairs_in_numpy():
+    import pyarrow as pa
+
+    from cbir_lib.dedup.run import _cosines
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(50, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
+    y[3] = x[3] * 2.5  # the same direction: cosine 1
+    batch = pa.RecordBatch.from_arrays([pa.array(np.arange(50)), pa.array(np.arange(50) + 100),
+                                        pa.array(list(x)), pa.array(list(y))], names=["a", "b", "ea", "eb"])
+    got = pa.Table.from_batches(list(_cosines(iter([batch.slice(0, 20), batch.slice(20)]))))
+    want = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-6)
+    assert got["b"].to_pylist() == list(range(100, 150)) and abs(got["score"][3].as_py() - 1.0) < 1e-6

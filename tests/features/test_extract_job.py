@@ -71,6 +71,7 @@ def test_counts_and_contract(spark, extracted):
     assert bad["embedding"] is None and bad["error"].startswith("truncated") or bad["error"].startswith("decode_error")
     assert manifest["model"]["sha256"] and manifest["packages"]["tensorflow-cpu"]
     assert manifest["images_per_second"] > 0
+    assert manifest["cost"]["core_seconds_per_image"] > 0 and manifest["cost"]["cores"] >= 1  # compared with dedup's
     lineage = json.loads(Path(str(out), TABLE, "run=e1", "_manifest.json").read_text())
     assert lineage["config"]["extract"]["pooling"] == "rmac" and lineage["counts"] == c
 
