@@ -406,7 +406,7 @@ class DedupConfig:
     verify_min_score: float = 0.65  # embedding candidates to verify start here (quality.json: 4,183 of 4,200 copies had their best edge at 0.7 or more)
     accept_hash_score: float = 0.85  # verify=band: a hash pair is an edge unverified only where the raw cosine is at least this
     dihedral_threshold: int = 8  # trimmed pHash bits under the best of the 8 symmetries, for a pair to be verified
-    band_per_image: int = 4  # verify=band: uncertain pairs verified per image, the best by dihedral distance, then cosine (quality.json: 3: recall 0.946 at 0.96x extract's CPU, 4: 0.969 at 1.06x)
+    band_per_image: int = 4  # verify=band: uncertain pairs verified per image, the best by dihedral distance, then cosine (quality.json: 3: recall 0.946 at 0.96x extract's CPU, 4: 0.969 at 1.03x)
     min_inliers: int = 15
     min_agreement: float = 0.8
     verify_max_side: int = 384  # features are found on the grayscale at most this size (512: 15 % more CPU, quality.json)
