@@ -139,6 +139,31 @@ def exact_pairs(images):
             .select("a", F.col("image_id").alias("b"), F.lit("exact").alias("source"), F.lit(0).alias("hamming"), F.lit(None).cast("float").alias("score")))
 
 
+def _multi_index(store, probe, t: int, m: int):
+    """``(a, b, hamming)`` of every ``store(a, ha)`` x ``probe(b, hb)`` pair of 64-bit hashes
+    within ``t`` bits, through the multi-index (:mod:`cbir_lib.dedup.core`): each stored hash
+    sits under its ``m`` chunk values, each probe looks up every value within radius
+    ``t // m`` of its chunks, and only hashes meeting under a key are compared."""
+    from pyspark.sql import functions as F
+
+    radius = t // m
+    stored, probes = [], []
+    for j, (shift, width) in enumerate(chunk_bounds(m)):
+        def chunk(col: str, shift: int = shift, width: int = width):
+            return F.shiftrightunsigned(col, shift).bitwiseAND(F.lit((1 << width) - 1))
+
+        masks = [int(x) for x in flips(width, min(radius, width))]
+        stored.append(store.select(F.lit(j).alias("chunk"), chunk("ha").alias("key"), "a", "ha"))
+        probes.append(probe.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
+                                   chunk("hb").alias("v"), "b", "hb")
+                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
+    st, pr = stored[0], probes[0]
+    for s, p in zip(stored[1:], probes[1:], strict=True):
+        st, pr = st.unionByName(s), pr.unionByName(p)
+    dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
+    return st.join(pr, ["chunk", "key"]).filter(dist <= t).select("a", "b", dist.cast("int").alias("hamming"))
+
+
 def phash_pairs(images, t: int, m: int, column: str = "phash"):
     """Pairs with ``bit_count(h_a ^ h_b) <= t`` of the 64-bit hash ``column`` (phash, ahash
     or dhash) through the multi-index; ``source`` is the column's name.
@@ -155,22 +180,10 @@ def phash_pairs(images, t: int, m: int, column: str = "phash"):
     same = (every.join(h.withColumnRenamed("image_id", "a"), "phash").filter(F.col("image_id") != F.col("a"))
             .select("a", F.col("image_id").alias("b"), F.lit(column).alias("source"), F.lit(0).alias("hamming"),
                     F.lit(None).cast("float").alias("score")))
-    radius = t // m
-    stored, probes = [], []
-    for j, (shift, width) in enumerate(chunk_bounds(m)):
-        value = F.shiftrightunsigned("phash", shift).bitwiseAND(F.lit((1 << width) - 1))
-        stored.append(h.select(F.lit(j).alias("chunk"), value.alias("key"), F.col("image_id").alias("a"), F.col("phash").alias("ha")))
-        masks = [int(x) for x in flips(width, min(radius, width))]
-        probes.append(h.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
-                               value.alias("v"), F.col("image_id").alias("b"), F.col("phash").alias("hb"))
-                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
-    store = stored[0]
-    probe = probes[0]
-    for s, p in zip(stored[1:], probes[1:], strict=True):
-        store, probe = store.unionByName(s), probe.unionByName(p)
-    dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
-    near = (store.join(probe, ["chunk", "key"]).filter((F.col("a") < F.col("b")) & (dist <= t))
-            .select("a", "b", F.lit(column).alias("source"), dist.cast("int").alias("hamming"), F.lit(None).cast("float").alias("score"))
+    near = (_multi_index(h.select(F.col("image_id").alias("a"), F.col("phash").alias("ha")),
+                         h.select(F.col("image_id").alias("b"), F.col("phash").alias("hb")), t, m)
+            .filter(F.col("a") < F.col("b"))
+            .select("a", "b", F.lit(column).alias("source"), "hamming", F.lit(None).cast("float").alias("score"))
             .dropDuplicates(["a", "b"]))
     return near.unionByName(same)
 
@@ -179,31 +192,19 @@ def dihedral_pairs(sig, t: int, m: int):
     """Pairs whose trimmed pHashes are within ``t`` bits under one of the 8 symmetries of
     the square (:func:`cbir_lib.dedup.signature.dihedral_phashes`): a quarter-turned,
     mirrored or letterboxed copy meets its original here. Each image is stored under its
-    identity hash and probes with all 8, through the multi-index of :func:`phash_pairs`;
-    ``hamming`` is the smallest distance over the symmetries. Images with one identical
-    trimmed hash are paired with their group's smallest id (g - 1 pairs, never g^2)."""
+    identity hash and probes with all 8, through :func:`_multi_index`; ``hamming`` is the
+    smallest distance over the symmetries. Images with one identical trimmed hash are
+    paired with their group's smallest id (g - 1 pairs, never g^2)."""
     from pyspark.sql import functions as F
 
     every = sig.filter(F.col("hashes").isNotNull()).select("image_id", F.col("hashes")[0].alias("h0"), "hashes")
     h = every.groupBy("h0").agg(F.min("image_id").alias("image_id"), F.first("hashes").alias("hashes"))
     same = (every.join(h.select("h0", F.col("image_id").alias("a")), "h0").filter(F.col("image_id") != F.col("a"))
             .select("a", F.col("image_id").alias("b"), F.lit(0).alias("hamming")))
-    variants = h.select(F.col("image_id").alias("b"), F.posexplode("hashes").alias("variant", "hb"))
-    radius = t // m
-    stored, probes = [], []
-    for j, (shift, width) in enumerate(chunk_bounds(m)):
-        masks = [int(x) for x in flips(width, min(radius, width))]
-        stored.append(h.select(F.lit(j).alias("chunk"), F.shiftrightunsigned("h0", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("key"),
-                               F.col("image_id").alias("a"), F.col("h0").alias("ha")))
-        probes.append(variants.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
-                                      F.shiftrightunsigned("hb", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("v"), "b", "hb")
-                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
-    store, probe = stored[0], probes[0]
-    for st, pr in zip(stored[1:], probes[1:], strict=True):
-        store, probe = store.unionByName(st), probe.unionByName(pr)
-    dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
-    near = (store.join(probe, ["chunk", "key"]).filter((F.col("a") != F.col("b")) & (dist <= t))
-            .select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), dist.cast("int").alias("hamming"))
+    variants = h.select(F.col("image_id").alias("b"), F.posexplode("hashes").alias("variant", "hb")).select("b", "hb")
+    near = (_multi_index(h.select(F.col("image_id").alias("a"), F.col("h0").alias("ha")), variants, t, m)
+            .filter(F.col("a") != F.col("b"))
+            .select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), "hamming")
             .groupBy("a", "b").agg(F.min("hamming").alias("hamming")))
     return (near.unionByName(same).select("a", "b", F.lit("dihedral").alias("source"), "hamming",
                                           F.lit(None).cast("float").alias("score")))
@@ -379,6 +380,15 @@ def worst_pairs(clusters, embeddings):
     return members.groupBy("cluster_id").applyInPandas(fn, "cluster_id long, worst_score double, worst_a long, worst_b long")
 
 
+def _unverified(edges):
+    """Edges decided without verification: null verdict columns, ``decision`` exact or rule."""
+    from pyspark.sql import functions as F
+
+    return (edges.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
+            .withColumn("unverified", F.lit(None).cast("string"))
+            .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+
+
 @lease.leased(TABLE, "dedup")
 def run_dedup(spark, cfg: Config) -> dict:
     from pyspark.sql import Window
@@ -429,9 +439,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     timings["pairs_s"] = round(t["seconds"], 3)
     not_verified, examples = {}, []
     if dd.verify == "off":
-        pairs = (pairs.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
-                 .withColumn("unverified", F.lit(None).cast("string"))
-                 .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+        pairs = _unverified(pairs)
         by_source = candidates
     else:
         ev = evidence(pairs, dd, hashes)
@@ -452,9 +460,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         timings["verify_s"] = round(t["seconds"], 3)
         passed = (band.join(verdicts, ["a", "b"]).filter((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
                   .withColumn("decision", F.lit("verified")))
-        kept = (accepted.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
-                .withColumn("unverified", F.lit(None).cast("string"))
-                .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+        kept = _unverified(accepted)
         cols = ["a", "b", "source", "hamming", "score", "inliers", "agreement", "unverified", "decision"]
         pairs = kept.select(*cols).unionByName(passed.select(*cols)).localCheckpoint()
         by_source = {r.source: r["count"] for r in pairs.groupBy("source").count().collect()}
