@@ -69,22 +69,22 @@ def list_names(spark, uri: str) -> list[str]:
     return sorted(status.getPath().getName() for status in fs.listStatus(p))
 
 
-def create_file(spark, uri: str, data: bytes, overwrite: bool = True) -> bool:
-    """Write ``data`` as ``uri`` in one create; with ``overwrite=False`` return False, writing
-    nothing, where it exists (Hadoop's exclusive create: atomic on local disks and HDFS)."""
+def modified_s(spark, uri: str) -> float | None:
+    """The file's modification time in seconds since the epoch (None if it does not exist)."""
     fs = _fs(spark, uri)
-    path = _path(spark, uri)
-    try:
-        out = fs.create(path, overwrite)
-    except Exception as e:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
-        if not overwrite and ("FileAlreadyExists" in str(e) or "already exists" in str(e)):
-            return False
-        raise
+    p = _path(spark, uri)
+    if not fs.exists(p):
+        return None
+    return fs.getFileStatus(p).getModificationTime() / 1000.0
+
+
+def create_file(spark, uri: str, data: bytes) -> None:
+    """Write ``data`` as ``uri`` in one create (one PUT on an object store), replacing it."""
+    out = _fs(spark, uri).create(_path(spark, uri), True)
     try:
         out.write(bytearray(data))
     finally:
         out.close()
-    return True
 
 
 # Stores whose rename is a copy: there one PUT is the atomic way to replace a small file.

@@ -43,7 +43,7 @@ def test_a_second_run_of_a_stage_is_refused_while_the_first_lives(spark, collect
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and "build_index run i1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     m = run_build_index(spark, _cfg(collection, "i2"))  # released: it runs
-    assert m["run_id"] == "i2" and not fs.exists(spark, fs.join(table, lease.LEASE))
+    assert m["run_id"] == "i2" and fs.list_names(spark, fs.join(table, lease.LEASES)) == []
 
 
 @pytest.mark.parametrize("how", ["expired", "dead_pid"])
@@ -54,6 +54,6 @@ def test_a_dead_runs_lease_is_taken_over(spark, collection, how):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = {"holder": "x", "stage": "build_index", "run_id": "i0", "host": socket.gethostname() if how == "dead_pid" else "elsewhere",
              "pid": int(dead), "heartbeat": time.time() - (10 if how == "dead_pid" else 2 * lease.TTL_S)}
-    fs.write_bytes(spark, fs.join(table, lease.LEASE), json.dumps(stale).encode())
+    fs.write_bytes(spark, fs.join(table, lease.LEASES, "x.json"), json.dumps(stale).encode())
     assert run_build_index(spark, _cfg(collection, "i1"))["run_id"] == "i1"
-    assert not fs.exists(spark, fs.join(table, lease.LEASE))
+    assert fs.list_names(spark, fs.join(table, lease.LEASES)) == []
