@@ -10,7 +10,7 @@ export PYSPARK_PYTHON := $(abspath $(BIN))/python
 export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN))/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv demo test test-fast lint browser bench bench-extract bench-all-pairs bench-quality bench-finetune clean
+.PHONY: venv demo test test-fast test-faults lint browser bench bench-extract bench-all-pairs bench-quality bench-finetune clean
 
 venv: $(STAMP)
 
@@ -27,11 +27,15 @@ demo: $(STAMP)
 	$(BIN)/cbir demo --output output $(ARGS)
 
 test: lint browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not matrix" --durations=15 $(PYTEST_ARGS)
 
 # The fast tier: pure cores and local[2] adapters, no end-to-end job runs (pytest -m "not slow").
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The fault-injection suite with the whole kill -9 matrix (tests/faults, ~12 min here).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 # The gallery test drives a real headless Chromium: Debian's chromium + chromium-driver.
 browser:

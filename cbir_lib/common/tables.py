@@ -121,6 +121,7 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     from cbir_lib.common import faults
 
     tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
+    scope = table_uri.rstrip("/").rsplit("/", 1)[-1]  # the table's name, for faults scoped to it
     write(tmp)
     manifest.setdefault("spark", spark_settings(spark))
     # The content identity of this commit: a run id can be committed again with other
@@ -134,16 +135,16 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
     # no reader takes it for a snapshot. An earlier commit of this run id is moved aside,
     # not deleted, until the new one is in place.
     aside = None
-    faults.point("tables.commit.before_rename")
+    faults.point("tables.commit.before_rename", scope)
     if fs.exists(spark, dst):
         aside = fs.join(table_uri, "_tmp", f"replaced-{run_id}-{uuid.uuid4().hex[:8]}")
         fs.rename(spark, dst, aside)
     fs.rename(spark, tmp, dst)
-    faults.point("tables.commit.before_manifest")
+    faults.point("tables.commit.before_manifest", scope)
     fs.write_json(spark, fs.join(dst, MANIFEST), manifest)
     if aside is not None:
         fs.delete(spark, aside)
-    faults.point("tables.commit.before_pointer")
+    faults.point("tables.commit.before_pointer", scope)
     current = latest_run_id(spark, table_uri) if forward_only else None
     if current is None or run_id >= current or not fs.exists(spark, run_dir(table_uri, current)):
         fs.write_bytes(spark, fs.join(table_uri, LATEST), run_id.encode("utf-8"))

@@ -82,6 +82,9 @@ def deployment(tmp_path_factory, model_cache):
     # Re-ranking makes the neighbours stage rebuild in full every night (it says why);
     # without it the second date's neighbours are incremental, as the DAG runs them.
     text = text.replace("  rerank: dba+alpha_qe", "  rerank: none", 1)
+    # This test checks orchestration; the default verification band is tested in tests/dedup
+    # and by the demo fixture. Its signatures cost ~20 s a date here.
+    text += "dedup:\n  verify: \"off\"\n"
     profile.write_text(text)
     env = airflow_env(home, output, profile)
     airflow(env, "db", "migrate")

@@ -44,6 +44,34 @@ def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rer
     assert run_neighbors(spark, _cfg(tmp_path, "n1"))["noop"]  # and now it is current
 
 
+@pytest.mark.slow
+def test_a_crash_between_the_pairs_manifest_and_pointer_is_repaired_by_the_rerun(spark, tmp_path, monkeypatch):
+    """Found by the kill -9 matrix: the retry took a committed but unpointed pairs snapshot
+    for done, and the pairs table stayed without a ``_LATEST`` for good."""
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.neighbors.search import run_neighbors
+
+    x = np.random.default_rng(4).normal(size=(300, 8)).astype(np.float32)
+    write_embeddings(spark, str(tmp_path), np.arange(300, dtype=np.int64), x, "e1")
+    run_build_index(spark, _cfg(tmp_path, "i1"))
+    monkeypatch.setenv("CBIR_FAULTS", f"tables.commit.before_pointer@pairs:{tmp_path / 'markers'}")
+    with pytest.raises(faults.InjectedFault):
+        run_neighbors(spark, _cfg(tmp_path, "n1"))
+    pairs = fs.join(fs.qualify(spark, str(tmp_path)), "pairs")
+    assert tables.read_manifest(spark, pairs, "n1") is not None and tables.latest_run_id(spark, pairs) is None
+    assert run_neighbors(spark, _cfg(tmp_path, "n1")).get("pairs_only")  # the retry
+    assert tables.latest_run_id(spark, pairs) == "n1"
+    assert run_neighbors(spark, _cfg(tmp_path, "n1"))["noop"]
+
+
+def test_a_fault_scoped_to_a_table_fires_only_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBIR_FAULTS", f"tables.commit.before_rename@pairs:{tmp_path}")
+    faults.point("tables.commit.before_rename", "neighbors")  # another table: passes
+    with pytest.raises(faults.InjectedFault):
+        faults.point("tables.commit.before_rename", "pairs")
+    faults.point("tables.commit.before_rename", "pairs")  # fired once: the retry passes
+
+
 def test_a_crash_while_replacing_the_pointer_leaves_the_old_one_whole(spark, tmp_path, monkeypatch):
     df = spark.createDataFrame([(1,)], "x int")
     table = fs.join(fs.qualify(spark, str(tmp_path)), "t")
