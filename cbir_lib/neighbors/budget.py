@@ -19,6 +19,9 @@ final score is a pair score no product shape changes (:func:`~cbir_lib.neighbors
 Per method (a :class:`Sweep` is one task's passage over the groups):
 
 - dense, exact, annoy: :func:`topk`, one sweep (annoy reads the visited group's forests);
+- lsh: :func:`topk`, one sweep visiting every group, whose hash tables are built on the
+  visit from the same seeded hyperplanes: a row's bucket keys do not depend on the rows
+  beside it, so the union of the groups' candidates is the whole store's;
 - query expansion: :func:`expand`, the top-n, then a second sweep that adds each group's
   share of the neighbours into a fixed-point sum (order-free, so the expanded vector is the
   broadcast one), then the top-k of the expanded queries;
@@ -236,6 +239,12 @@ class Sweep:
             st.forests, st.lo, forest_bytes, self._forest_dir = group_forests(self.spec, g)
             self._forests_loaded = st.forests.loaded
             held += forest_bytes
+        if self.spec["method"] == "lsh" and getattr(st, "lsh", None) is None:
+            from cbir_lib.neighbors.lsh import LSHIndex
+
+            p = self.spec["lsh"]
+            st.lsh = LSHIndex(st.vectors, p["tables"], p["bits"], p["seed"])
+            held += st.lsh.nbytes
         self.held = max(self.held, self.base + self.extra + held)
         return st
 
@@ -308,9 +317,9 @@ def group_forests(spec: dict, g: int):
 
 def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
     """Each query's probed cells, and for every store group the queries that probe a cell in it
-    (every query visits every group for exact and hierarchical search)."""
+    (every query visits every group for exact, hierarchical and LSH search)."""
     spec, m = sweep.spec, len(queries)
-    if spec["method"] in ("exact", "hierarchical"):
+    if spec["method"] in ("exact", "hierarchical", "lsh"):
         return None, {g: np.arange(m) for g in range(sweep.n_groups)}
     qb = spec["query_block"]
     r = router(spec)
@@ -634,7 +643,7 @@ def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np
     n_groups = len(spec["bounds"]) - 1
     t0 = time.perf_counter()
     probes = None
-    if spec["method"] != "exact":  # once here, not once per group in every task
+    if spec["method"] not in ("exact", "lsh"):  # once here, not once per group in every task
         probes = router(spec).route(x, spec["nprobe"], own)
     routing = time.perf_counter() - t0
     parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
@@ -661,6 +670,12 @@ def core(spec: dict):
         return lambda store, q, qids, own, probes, kth, k: annoy_search(store, store.forests, q, qids, probes, k, spec["search_k"],
                                                                         annoy_candidates(spec["candidates"], k),
                                                                         whole_offsets=spec["offsets"], lo=store.lo)
+    if spec["method"] == "lsh":
+        from cbir_lib.neighbors.lsh import lsh_topk
+
+        # The visited group's tables (Sweep.store built them); its own ids are left out as
+        # on the whole store, and the per-group top-k merge by (-score, id).
+        return lambda store, q, qids, own, probes, kth, k: lsh_topk(store.lsh, store.vectors, store.ids, q, qids, k, spec["lsh"]["radius"])[:2]
     if spec["method"] == "dense":
         # With the reduced first pass each part returns its shortlist (reduced, ids, full).
         short = spec.get("shortlist") if uses_shortlist(spec) else None
@@ -676,14 +691,17 @@ def forest_bytes_per_row(dim: int, n_trees: int) -> int:
     return 4 * dim + 16 + 12 * n_trees
 
 
-def buffers_per_group(rerank: str, method: str, dim: int = 0, n_trees: int = 0) -> int:
+def buffers_per_group(rerank: str, method: str, dim: int = 0, n_trees: int = 0, lsh_tables: int = 0) -> int:
     """How many group-sized buffers a task holds at once: its queries and one store group;
     with re-ranking also the fixed-point sum of the expansion (two) or the expanded queries;
     hierarchical search adds a group's codes and hash tables (counted as one more); annoy a
-    group's forests, which hold the vectors again plus about 12 bytes per item and tree."""
+    group's forests, which hold the vectors again plus about 12 bytes per item and tree;
+    LSH a group's tables, 16 bytes per row and table (a key and a row number)."""
     extra = 0
     if method == "hierarchical":
         extra = 1
     elif method == "annoy":
         extra = math.ceil(forest_bytes_per_row(dim, n_trees) / max(1, 4 * dim))
+    elif method == "lsh":
+        extra = math.ceil(16 * lsh_tables / max(1, 4 * dim))
     return (4 if rerank != "none" else 2) + extra

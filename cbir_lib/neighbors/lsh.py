@@ -33,6 +33,11 @@ class LSHIndex:
             self.keys.append(k[o])
 
     @property
+    def nbytes(self) -> int:
+        """The tables' memory: a key and a row number per row and table."""
+        return sum(k.nbytes + o.nbytes for k, o in zip(self.keys, self.order, strict=True)) + self.planes.nbytes
+
+    @property
     def tables(self) -> int:
         return len(self.planes)
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from cbir_lib.common import faults, fs, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
-from cbir_lib.config import Config, ConfigError
+from cbir_lib.config import Config
 from cbir_lib.index.build import (
     ANNOY_METRIC,
     CENTROIDS,
@@ -529,9 +529,6 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     if method == "annoy":  # the forests go along, and hold the vectors again
         store_bytes += n * budget.forest_bytes_per_row(int(index["dim"]), int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
-    if grouped and method == "lsh":
-        raise ConfigError(f"neighbors.method=lsh searches the whole store on each executor: {store_bytes / 2**20:.0f} MB is above "
-                          f"neighbors.memory_budget ({budget_bytes / 2**20:.0f} MB); raise the budget or use method=dense")
     # Ship the store (and forests) to the executors, part file by part file.
     store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
     forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
@@ -896,7 +893,8 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     ``slots_per_executor`` tasks at once, so a group is that many times smaller than the budget.
     """
     n, dim = int(offsets[-1]), int(index["dim"])
-    per_task = budget.buffers_per_group(rerank, spec["method"], dim, int(index.get("n_trees") or 0)) * budget.slots_per_executor(spark)
+    per_task = (budget.buffers_per_group(rerank, spec["method"], dim, int(index.get("n_trees") or 0), (spec.get("lsh") or {}).get("tables", 0))
+                * budget.slots_per_executor(spark))
     rows = budget.group_rows(n, dim + spec["reduced_dim"], budget_bytes // per_task, min_groups=slots)
     bounds = budget.group_bounds(n, rows)
     groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")

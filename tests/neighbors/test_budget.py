@@ -157,10 +157,11 @@ def test_the_shipped_rerank_under_a_1mb_budget_gives_the_same_top_k_at_25k(spark
 # dropped for the suite's time (61 s of it).
 @pytest.mark.parametrize("method,rerank,n,size", [("exact", "alpha_qe", 10_000, "512k"),
                                                   ("hierarchical", "dba+alpha_qe", 1_000, "144k"),
-                                                  ("annoy", "alpha_qe", 3_000, "256k")])
+                                                  ("annoy", "alpha_qe", 3_000, "256k"),
+                                                  ("lsh", "none", 4_000, "256k")])
 def test_every_method_under_a_budget_gives_the_same_top_k(spark, tmp_path, method, rerank, n, size):
     ids, x = _mixture(n, 32, 5)
-    extra = {"code_candidates": 150} if method == "hierarchical" else {}
+    extra = {"code_candidates": 150} if method == "hierarchical" else {"lsh_tables": 6, "lsh_bits": 10} if method == "lsh" else {}
     whole, small = _whole_and_budgeted(spark, tmp_path, ids, x, size, codes=method == "hierarchical",
                                        method=method, nprobe=4, rerank=rerank, **extra)
     _same_top_k(spark, whole, small, n)

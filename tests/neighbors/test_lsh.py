@@ -42,3 +42,20 @@ def test_recall_on_5k_vectors_for_16_tables_of_16_bits_radius_1():
     assert not np.any(i == ids[:, None])  # never itself
     # scores are exact for what was found
     np.testing.assert_allclose(v[:, 0], np.einsum("ij,ij->i", x, x[(i[:, 0] + 7000) // 3]), rtol=1e-5)
+
+
+def test_groups_of_the_store_merged_give_the_whole_stores_top_k():
+    """The memory-budget layout: each group's own tables (the same seeded hyperplanes), its
+    top-k merged by (-score, id), is the whole store's top-k, bit for bit, ties included."""
+    from cbir_lib.neighbors.budget import merge
+
+    x = prepare(_clustered(3000, 24, seed=3), "angular")
+    x[:40] = x[40:80]  # exact duplicates: ties broken by id
+    ids = np.random.default_rng(1).permutation(10**6)[:3000].astype(np.int64)
+    q, qids = x[::7], ids[::7]
+    whole = lsh_topk(LSHIndex(x, 8, 10, seed=5), x, ids, q, qids, 10, radius=1)[:2]
+    best = None
+    for lo, hi in ((0, 700), (700, 1900), (1900, 3000)):
+        part = lsh_topk(LSHIndex(x[lo:hi], 8, 10, seed=5), x[lo:hi], ids[lo:hi], q, qids, 10, radius=1)[:2]
+        best = merge(best, part, 10)
+    assert np.array_equal(best[1], whole[1]) and np.array_equal(best[0], whole[0])
