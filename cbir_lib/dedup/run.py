@@ -95,17 +95,19 @@ def _verify_partition(min_inliers: int, min_agreement: float, early: bool):
         from cbir_lib.dedup.verify import verify_signatures
 
         cv2.setNumThreads(1)  # one task per core already
+        last_b = (None, None)  # the join hands a task its pairs sorted by b: decode b once for its run
         for pdf in batches:
             inliers, agreement, why = [], [], []
-            for ra, rb in zip(pdf[[f"a_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
-                              pdf[[f"b_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False), strict=True):
+            for b, ra, rb in zip(pdf["b"], pdf[[f"a_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
+                                 pdf[[f"b_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False), strict=True):
                 v, reason = None, None
                 if ra[0] is None or rb[0] is None:
                     reason = "unreadable_image: a file of the pair is gone or undecodable"
                 else:
                     try:
-                        v = verify_signatures(sig.decode(dict(zip(SIGNATURE_COLUMNS, ra, strict=True))),
-                                              sig.decode(dict(zip(SIGNATURE_COLUMNS, rb, strict=True))),
+                        if last_b[0] != b:
+                            last_b = (b, sig.decode(dict(zip(SIGNATURE_COLUMNS, rb, strict=True))))
+                        v = verify_signatures(sig.decode(dict(zip(SIGNATURE_COLUMNS, ra, strict=True))), last_b[1],
                                               min_inliers, min_agreement, early=early)
                     except Exception as e:  # noqa: BLE001 - one pair's failure is that pair's verdict, not the stage's
                         reason = f"verify_error: {type(e).__name__}: {str(e)[:200]}"
@@ -125,8 +127,8 @@ def verified_pairs(spark, pairs, sig, dd, early: bool = True):
     from pyspark.sql import functions as F
 
     side = {p: sig.select(F.col("image_id").alias(p), *[F.col(c).alias(f"{p}_{c}") for c in SIGNATURE_COLUMNS]) for p in ("a", "b")}
-    return (pairs.select("a", "b").distinct().join(side["a"], "a", "left").join(side["b"], "b", "left")
-            .repartition(4 * spark.sparkContext.defaultParallelism)
+    return (pairs.select("a", "b").distinct().join(side["a"], "a", "left")
+            .repartition(4 * spark.sparkContext.defaultParallelism, "b").join(side["b"], "b", "left")
             .mapInPandas(_verify_partition(dd.min_inliers, dd.min_agreement, early), VERDICT_DDL))
 
 

@@ -9,7 +9,11 @@ A signature holds what the cheap candidate rules and the pair verification need:
   8 hashes, the hash of the original. Variant 0 of an untrimmed image is exactly
   ``imagehash.phash`` on the same pixels (tested);
 - **ORB features** of the grayscale at most ``side`` px, and of its mirror image (ORB is
-  not mirror-invariant): keypoint positions (float32) and 32-byte descriptors;
+  not mirror-invariant): keypoint positions (float32) and 32-byte descriptors. The mirror's
+  features are the image's own keypoints mirrored (x to w - 1 - x, angle to 180 - angle),
+  described on the mirrored pixels: where a detection on the mirror finds a keypoint at
+  the same place, the same descriptor (99 % bit for bit, tested), for a quarter of that
+  detection's cost (4.8 ms per image at 384 px, 3.3 of them detecting);
 - the grayscale itself, PNG-compressed, for the photometric check.
 
 The variants' hashes come from one DCT: a reversed axis multiplies the DCT-II
@@ -20,6 +24,7 @@ hashes cost one 32x32 transform. Pure numpy + OpenCV + Pillow; the Spark adapter
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -88,11 +93,23 @@ class Signature:
     descriptors: np.ndarray  # (k, 32) uint8, ORB
     mirror_points: np.ndarray  # the same for the mirror image
     mirror_descriptors: np.ndarray
-    thumb: np.ndarray  # uint8 grayscale, at most ``photo_side`` px: the photometric check's pixels
+    # uint8 grayscale, at most ``photo_side`` px: the photometric check's pixels; or their PNG,
+    # decoded on first use (only a pair whose geometry passes looks at pixels: 0.3 ms saved
+    # per side of every other pair)
+    thumb_data: np.ndarray | bytes
+
+    @functools.cached_property
+    def thumb(self) -> np.ndarray:
+        if isinstance(self.thumb_data, bytes | bytearray | memoryview):
+            import cv2
+
+            return cv2.imdecode(np.frombuffer(self.thumb_data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        return self.thumb_data
 
 
-def orb(g: np.ndarray, n: int, grid: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` ORB features of ``g``, spread over a ``grid`` x ``grid`` split of the frame.
+def orb(g: np.ndarray, n: int, grid: int = 4, mirror: bool = False):
+    """``n`` ORB features of ``g``, spread over a ``grid`` x ``grid`` split of the frame:
+    ``(points, descriptors)``, and with ``mirror`` those of the mirror image after them.
 
     ORB's own top-``n`` by corner response crowds onto the strongest texture: a caption's
     letters take most of them, and a copy with a banner then matches its original on the few
@@ -115,6 +132,20 @@ def orb(g: np.ndarray, n: int, grid: int = 4) -> tuple[np.ndarray, np.ndarray]:
         keep = np.lexsort((-response, rank))[:n]
         kp = [kp[i] for i in sorted(keep.tolist())]
     kp, des = det.compute(g, kp)
+    out = _features(kp, des)
+    if not mirror:
+        return out
+    # FAST and the Harris ranking are symmetric, so the mirror's keypoints are these, mirrored;
+    # only the (not mirror-invariant) descriptors are computed again, at the given angles.
+    w = g.shape[1]
+    mk = [cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id) for k in kp or ()]
+    if not mk:
+        return (*out, *_features((), None))
+    mk, mdes = det.compute(np.ascontiguousarray(g[:, ::-1]), mk)
+    return (*out, *_features(mk, mdes))
+
+
+def _features(kp, des) -> tuple[np.ndarray, np.ndarray]:
     if des is None or not kp:
         return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
     return np.float32([k.pt for k in kp]).reshape(-1, 2), des
@@ -140,8 +171,7 @@ def signature(g: np.ndarray, features: int = 1000, photo_side: int = 256) -> Sig
     import cv2
 
     h, w = g.shape
-    p, d = orb(g, features)
-    mp, md = orb(np.ascontiguousarray(g[:, ::-1]), features)
+    p, d, mp, md = orb(g, features, mirror=True)
     f = min(1.0, photo_side / max(h, w))
     thumb = g if f == 1.0 else cv2.resize(g, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
     return Signature(dihedral_phashes(trim_borders(g)), (h, w), p, d, mp, md, thumb)
@@ -163,10 +193,7 @@ def encode(s: Signature) -> dict:
 
 
 def decode(row) -> Signature:
-    import cv2
-
     return Signature(np.asarray(row["hashes"], np.int64), (int(row["h"]), int(row["w"])),
                      np.frombuffer(row["points"], np.float32).reshape(-1, 2), np.frombuffer(row["descriptors"], np.uint8).reshape(-1, 32),
                      np.frombuffer(row["mirror_points"], np.float32).reshape(-1, 2),
-                     np.frombuffer(row["mirror_descriptors"], np.uint8).reshape(-1, 32),
-                     cv2.imdecode(np.frombuffer(row["thumb"], np.uint8), cv2.IMREAD_GRAYSCALE))
+                     np.frombuffer(row["mirror_descriptors"], np.uint8).reshape(-1, 32), bytes(row["thumb"]))

@@ -139,7 +139,6 @@ def verify_signatures(sa, sb, min_inliers: int = 15, min_agreement: float = 0.8,
             best = max(best, Verdict(len(good) if len(good) >= 3 else 0, -1.0, mirrored), key=_rank)
             continue
         src, dst = pa[[m.queryIdx for m in good]], sb.points[[m.trainIdx for m in good]]
-        thumb = np.ascontiguousarray(sa.thumb[:, ::-1]) if mirrored else sa.thumb
         # A similarity transform first (rotation, uniform scale, shift: the common edits), then
         # a full affine one (an aspect-ratio change, a shear).
         for estimate in (cv2.estimateAffinePartial2D, cv2.estimateAffine2D):
@@ -148,7 +147,10 @@ def verify_signatures(sa, sb, min_inliers: int = 15, min_agreement: float = 0.8,
             if transform is None:
                 continue
             inliers = int(mask.sum())
-            agreement = _photometric(thumb, sb.thumb, transform, sa.shape, sb.shape) if inliers >= min_inliers else -1.0
+            agreement = -1.0
+            if inliers >= min_inliers:  # the pixels (a signature's thumbnail is decoded on first use) only now
+                thumb = np.ascontiguousarray(sa.thumb[:, ::-1]) if mirrored else sa.thumb
+                agreement = _photometric(thumb, sb.thumb, transform, sa.shape, sb.shape)
             best = max(best, Verdict(inliers, agreement, mirrored), key=_rank)
             if early and inliers >= min_inliers and agreement >= min_agreement:
                 return best

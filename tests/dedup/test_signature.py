@@ -71,6 +71,30 @@ def test_orb_features_spread_over_the_frame_despite_a_caption():
     assert below >= 0.5, below  # ORB's own top-300 put most of them on the "text"
 
 
+def test_the_mirror_features_are_what_a_detection_on_the_mirror_finds_there():
+    """The mirror's features are the image's keypoints mirrored and described on the mirrored
+    pixels. Where a detection on the mirror (the old way, 4x the cost) finds a keypoint at
+    the same place, the descriptor is the same, bit for bit, but for one of another pyramid
+    level at that place now and then (99.0 % identical on 40 photos at the shipped 384 px
+    and 400 features). That a mirrored copy verifies: tests/dedup/test_verify.py."""
+    import cv2
+
+    same = []
+    for path in _photos("shoes", 8):
+        g = _gray(path, 384)
+        p, d, mp, md = sig.orb(g, 400, mirror=True)
+        assert len(mp) == len(md) and len(mp) >= 0.95 * len(p)
+        det = cv2.ORB_create(nfeatures=1600)
+        m = np.ascontiguousarray(g[:, ::-1])
+        kp, ref = det.compute(m, det.detect(m, None))
+        ref_xy = np.float32([k.pt for k in kp])
+        for xy, des in zip(mp, md, strict=True):
+            here = np.flatnonzero(np.hypot(*(ref_xy - xy).T) < 0.01)  # one place can hold keypoints of several levels
+            if len(here):
+                same.append(min(np.unpackbits(des ^ ref[j]).sum() for j in here) == 0)
+    assert len(same) >= 0.25 * 8 * 400 and np.mean(same) >= 0.95, (len(same), np.mean(same))
+
+
 def _loop_agreement(x, y, valid, grid=8, min_std=8.0):
     h, w = y.shape
     scores = []
