@@ -100,12 +100,17 @@ def _stale(store: ClaimStore, name: str, now: float, dead: Callable[[dict], bool
     return now - beat > TTL_S or dead(claim), claim
 
 
+def claim_bytes(me: dict, heartbeat: float) -> bytes:
+    """A claim's content: who holds it, and when it last said it was alive."""
+    return json.dumps({**me, "heartbeat": heartbeat}).encode("utf-8")
+
+
 def acquire(store: ClaimStore, me: dict, where: str, now: Callable[[], float] = time.time,
             dead: Callable[[dict], bool] = dead_here) -> str:
     """Write ``me``'s claim, then hold the lease or raise :class:`ConcurrentRun`; returns the
     claim's name (pass it to :func:`release`)."""
     mine = f"{me['holder']}{CLAIM}"
-    store.put(mine, json.dumps({**me, "heartbeat": now()}).encode("utf-8"))
+    store.put(mine, claim_bytes(me, now()))
     for name in store.names():
         if name == mine or not name.endswith(CLAIM):
             continue  # ours, or a replace's temporary sibling
@@ -164,7 +169,7 @@ def held(spark, table_uri: str, run_id: str, stage: str):
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                store.put(mine, json.dumps({**me, "heartbeat": time.time()}).encode("utf-8"))
+                store.put(mine, claim_bytes(me, time.time()))
             except Exception as e:  # noqa: BLE001 - a missed beat only shortens the lease
                 log.warning("%s: lease heartbeat failed: %s", table_uri, e)
 

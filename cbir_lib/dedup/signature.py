@@ -139,9 +139,7 @@ def orb(g: np.ndarray, n: int, grid: int = 4, mirror: bool = False):
     # only the (not mirror-invariant) descriptors are computed again, at the given angles.
     w = g.shape[1]
     mk = [cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id) for k in kp or ()]
-    if not mk:
-        return (*out, *_features((), None))
-    mk, mdes = det.compute(np.ascontiguousarray(g[:, ::-1]), mk)
+    mk, mdes = det.compute(np.ascontiguousarray(g[:, ::-1]), mk)  # none in, ((), None) out
     return (*out, *_features(mk, mdes))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import random
 import threading
 import time
@@ -142,7 +141,7 @@ def test_many_runs_racing_in_threads_never_overlap():
 
 
 def _claim(holder, heartbeat, **kw) -> bytes:
-    return json.dumps({**_me(holder, "old"), "heartbeat": heartbeat, **kw}).encode()
+    return lease.claim_bytes({**_me(holder, "old"), **kw}, heartbeat)
 
 
 def test_a_stale_or_dead_claim_is_taken_over_and_a_live_one_is_named():
