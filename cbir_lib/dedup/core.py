@@ -88,22 +88,30 @@ def brute_pairs(h: np.ndarray, t: int) -> set[tuple[int, int]]:
 
 
 def components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Union-find: each node's component label, the smallest node index in it."""
-    parent = np.arange(n)
+    """Each node's component label, the smallest node index in it.
 
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in np.asarray(edges, dtype=np.int64).reshape(-1, 2):
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+    Vectorised min-label propagation: each round every edge's smaller label goes to both
+    ends and to the nodes their labels name (hooking), then labels follow labels to a fixed
+    point (pointer jumping). Labels only fall and always name a node of the same component,
+    so at the fixed point, where every edge's two ends agree, a component's label is its
+    smallest node. About a second for a million edges (a Python union-find took several)."""
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    label = np.arange(n)
+    while len(e):
+        la, lb = label[e[:, 0]], label[e[:, 1]]
+        m = np.minimum(la, lb)
+        new = label.copy()
+        for target in (e[:, 0], e[:, 1], la, lb):
+            np.minimum.at(new, target, m)
+        while True:
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            break
+        label = new
+    return label
 
 
 def _adjacency(n: int, edges: np.ndarray) -> list[np.ndarray]:

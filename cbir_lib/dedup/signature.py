@@ -14,7 +14,8 @@ A signature holds what the cheap candidate rules and the pair verification need:
   described on the mirrored pixels: where a detection on the mirror finds a keypoint at
   the same place, the same descriptor (99 % bit for bit, tested), for a quarter of that
   detection's cost (4.8 ms per image at 384 px, 3.3 of them detecting);
-- the grayscale itself, PNG-compressed, for the photometric check.
+- the grayscale thumbnail, lossless (row differences, zlib level 1: the size of a PNG at
+  1 for half its decoding time), for the photometric check.
 
 The variants' hashes come from one DCT: a reversed axis multiplies the DCT-II
 coefficient ``k`` by ``(-1)^k`` and a transpose transposes the coefficients, so the 8
@@ -93,18 +94,46 @@ class Signature:
     descriptors: np.ndarray  # (k, 32) uint8, ORB
     mirror_points: np.ndarray  # the same for the mirror image
     mirror_descriptors: np.ndarray
-    # uint8 grayscale, at most ``photo_side`` px: the photometric check's pixels; or their PNG,
-    # decoded on first use (only a pair whose geometry passes looks at pixels: 0.3 ms saved
-    # per side of every other pair)
+    # uint8 grayscale, at most ``photo_side`` px: the photometric check's pixels; or their
+    # packed bytes (:func:`pack_thumb`), unpacked on first use (only a pair whose geometry
+    # passes looks at pixels)
     thumb_data: np.ndarray | bytes
 
     @functools.cached_property
     def thumb(self) -> np.ndarray:
         if isinstance(self.thumb_data, bytes | bytearray | memoryview):
-            import cv2
-
-            return cv2.imdecode(np.frombuffer(self.thumb_data, np.uint8), cv2.IMREAD_GRAYSCALE)
+            return unpack_thumb(self.thumb_data)
         return self.thumb_data
+
+
+def pack_thumb(g: np.ndarray) -> bytes:
+    """A uint8 grayscale as bytes, losslessly: its height and width (2 x uint16), then its
+    differences along rows (mod 256), zlib level 1. The same size as a PNG at level 1
+    (18 kB at 192 px), encoded in 0.36 ms instead of 0.52 and decoded in 0.15 instead of
+    0.28 (measured 2026-12-03 on 300 thumbnails)."""
+    import struct
+    import zlib
+
+    h, w = g.shape
+    d = np.diff(g, axis=1, prepend=np.uint8(0))  # uint8 arithmetic wraps: mod 256
+    return struct.pack("<HH", h, w) + zlib.compress(d.tobytes(), 1)
+
+
+def unpack_thumb(data: bytes) -> np.ndarray:
+    """The grayscale of :func:`pack_thumb`'s bytes; a ``ValueError`` for any other bytes."""
+    import struct
+    import zlib
+
+    if len(data) < 4:
+        raise ValueError("thumbnail: too short")
+    h, w = struct.unpack("<HH", bytes(data[:4]))
+    try:
+        d = np.frombuffer(zlib.decompress(bytes(data[4:])), np.uint8)
+    except zlib.error as e:
+        raise ValueError(f"thumbnail: {e}") from e
+    if d.size != h * w:
+        raise ValueError(f"thumbnail: {d.size} bytes for {h}x{w}")
+    return np.cumsum(d.reshape(h, w), axis=1, dtype=np.uint8)
 
 
 def orb(g: np.ndarray, n: int, grid: int = 4, mirror: bool = False):
@@ -180,14 +209,11 @@ SIGNATURE_DDL = ("hashes array<long>, h int, w int, points binary, descriptors b
 
 
 def encode(s: Signature) -> dict:
-    """A signature as Parquet-ready values (:data:`SIGNATURE_DDL`); the thumbnail as PNG."""
-    import cv2
-
-    _, png = cv2.imencode(".png", s.thumb, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    """A signature as Parquet-ready values (:data:`SIGNATURE_DDL`); the thumbnail packed."""
     return {"hashes": s.hashes.tolist(), "h": s.shape[0], "w": s.shape[1],
             "points": s.points.astype(np.float32).tobytes(), "descriptors": s.descriptors.tobytes(),
             "mirror_points": s.mirror_points.astype(np.float32).tobytes(), "mirror_descriptors": s.mirror_descriptors.tobytes(),
-            "thumb": png.tobytes()}
+            "thumb": pack_thumb(s.thumb)}
 
 
 def decode(row) -> Signature:

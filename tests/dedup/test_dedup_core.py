@@ -41,6 +41,32 @@ def test_components_by_hand():
     assert core.components(3, np.zeros((0, 2))).tolist() == [0, 1, 2]
 
 
+def _union_find(n: int, edges) -> np.ndarray:
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def test_vectorised_components_equal_a_union_find_on_random_graphs_and_long_chains():
+    rng = np.random.default_rng(11)
+    for t in range(200):
+        n = int(rng.integers(1, 300))
+        e = rng.integers(0, n, (int(rng.integers(0, 400)), 2))
+        if t % 3 == 0:  # a shuffled chain: many rounds of propagation
+            e = np.concatenate([e, np.stack([np.arange(n - 1), np.arange(1, n)], 1)[rng.permutation(max(0, n - 1))]])
+        assert np.array_equal(core.components(n, e), _union_find(n, e)), t
+
+
 def test_edge_betweenness_of_a_path_counts_the_pairs_each_edge_separates():
     from cbir_lib.dedup.core import _adjacency, edge_betweenness
 

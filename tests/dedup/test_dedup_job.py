@@ -149,15 +149,20 @@ def test_spark_components_match_union_find(spark):
     edges = np.concatenate([chain, rand])
     ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 10))[:n]
     df = spark.createDataFrame([(int(ids[a]), int(ids[b])) for a, b in edges], "a long, b long")
-    labels, rounds = connected_components(spark, df)
-    got = {r.image_id: r.cluster_id for r in labels.collect()}
     want = components(n, edges)
     nodes = np.unique(edges)
-    # the same partition, each labelled by its smallest image_id
-    for v in nodes:
-        members = nodes[want[nodes] == want[v]]
-        assert got[int(ids[v])] == int(ids[members].min())
-    assert len(got) == len(nodes) and rounds < 60
+    for driver_edges in (0, 10_000):  # on Spark, then on the driver
+        labels, rounds = connected_components(spark, df, driver_edges=driver_edges)
+        got = {r.image_id: r.cluster_id for r in labels.collect()}
+        # the same partition, each labelled by its smallest image_id
+        for v in nodes:
+            members = nodes[want[nodes] == want[v]]
+            assert got[int(ids[v])] == int(ids[members].min())
+        assert len(got) == len(nodes) and (0 < rounds < 60 if driver_edges == 0 else rounds == 0)
+    empty, rounds = connected_components(spark, df.limit(0))
+    assert empty.count() == 0 and rounds == 0
+    # one edge past the limit: Spark's rounds
+    assert connected_components(spark, df, driver_edges=len(edges) - 1)[1] > 0
 
 
 def test_spark_cluster_split_and_worst_pairs_match_the_cores(spark):

@@ -131,6 +131,54 @@ def test_encode_decode_round_trip():
     assert max(s.thumb.shape) == 96
 
 
+def test_packed_thumbnails_are_lossless_and_junk_is_refused():
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (5, 192), (192, 7), (96, 128)):
+        g = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(sig.unpack_thumb(sig.pack_thumb(g)), g)
+    flat = np.full((64, 64), 255, np.uint8)
+    assert len(sig.pack_thumb(flat)) < 200  # a white background costs next to nothing
+    for junk in (b"", b"\x89PNG broken payload", sig.pack_thumb(flat)[:-3]):
+        with pytest.raises(ValueError, match="thumbnail"):
+            sig.unpack_thumb(junk)
+
+
+def test_ratio_matches_are_knn_match_and_the_ratio_test():
+    import cv2
+
+    from cbir_lib.dedup.verify import _ratio_matches
+
+    photos = _photos("shoes", 4)
+    sigs = [sig.signature(_gray(p), 400) for p in photos]
+    copy = edits.edit(Image.open(photos[0]).convert("RGB"), "crop_heavy", random.Random(0))
+    sigs.append(sig.signature(_gray(copy), 400))
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    for a in sigs:
+        for b in sigs:
+            for da in (a.descriptors, a.mirror_descriptors):
+                want = sorted((m.queryIdx, m.trainIdx) for m, n in (p for p in matcher.knnMatch(da, b.descriptors, k=2) if len(p) == 2)
+                              if m.distance < 0.8 * n.distance)
+                query, train = _ratio_matches(da, b.descriptors, 0.8)
+                assert sorted(zip(query.tolist(), train.tolist(), strict=True)) == want
+
+
+def test_the_mirror_is_tried_first_for_a_mirrored_copy_and_the_verdict_does_not_depend_on_the_order(monkeypatch):
+    from cbir_lib.dedup import verify as V
+
+    path = _photos("dress", 2)[0]
+    with Image.open(path) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(buf, format="JPEG", quality=90)
+        flipped = buf.getvalue()
+    s0, s1, other = sig.signature(_gray(path)), sig.signature(_gray(flipped)), sig.signature(_gray(_photos("dress", 2)[1]))
+    assert V._orientations(s0, s1) == (True, False) and V._orientations(s0, s0) == (False, True)
+    verdicts = {}
+    for order in ((False, True), (True, False)):
+        monkeypatch.setattr(V, "_orientations", lambda a, b, order=order: order)
+        verdicts[order] = [_passes(verify_signatures(x, y)) for x, y in ((s0, s1), (s0, s0), (s0, other), (s1, other))]
+    assert verdicts[(False, True)] == verdicts[(True, False)] == [True, True, False, False]
+
+
 def _passes(v) -> bool:
     return v.inliers >= MIN_INLIERS and v.agreement >= MIN_AGREEMENT
 
