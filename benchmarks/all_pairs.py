@@ -199,7 +199,7 @@ def _drop_self(v: np.ndarray, i: np.ndarray, rows: np.ndarray) -> tuple[np.ndarr
 
 
 def recall(ids_at_pos: np.ndarray, scores_at_pos: np.ndarray, t: dict) -> float:
-    from cbir_lib.neighbors.topk import recall_at_k
+    from cbir_lib.vectors.topk import recall_at_k
 
     return recall_at_k(ids_at_pos, t["ids"], t["scores"], scores_at_pos)
 

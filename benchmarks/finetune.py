@@ -78,7 +78,7 @@ def float_search(q, g, k=10):
 
 
 def hamming_search(qc, gc, k=10):
-    from cbir_lib.neighbors.hamming import hamming_rank
+    from cbir_lib.vectors.codes import hamming_rank
 
     out = np.empty((len(qc), k), dtype=np.int64)
     for i in range(len(qc)):
@@ -124,10 +124,11 @@ def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, t
     import tensorflow as tf
 
     from cbir_lib.config import TrainConfig
-    from cbir_lib.finetune.head import apply_head, head_weights
+    from cbir_lib.finetune.head import head_weights
     from cbir_lib.finetune.train import fit_head
-    from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
+    from cbir_lib.models.head import apply_head
     from cbir_lib.neighbors.rerank import exact_rerank
+    from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
 
     classes = sorted(set(label))
     li = np.array([classes.index(c) for c in label], dtype=np.int32)

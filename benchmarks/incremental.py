@@ -126,7 +126,7 @@ def read_lists(root: Path, run_id: str, qids: np.ndarray):
 
 
 def recall(got_ids: np.ndarray, tv: np.ndarray, ti: np.ndarray, gv: np.ndarray) -> float:
-    from cbir_lib.neighbors.topk import recall_at_k
+    from cbir_lib.vectors.topk import recall_at_k
 
     return round(float(recall_at_k(got_ids, ti, tv, gv)), 5)
 

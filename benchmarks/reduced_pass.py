@@ -31,7 +31,7 @@ def main() -> None:
     from cbir_lib.index import reduce
     from cbir_lib.index.kmeans import assign, train_balanced
     from cbir_lib.neighbors.ivf import CellStore, dense_search
-    from cbir_lib.neighbors.topk import exact_topk, recall_at_k
+    from cbir_lib.vectors.topk import exact_topk, recall_at_k
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="fashion", choices=["fashion", "mixture1280"])

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbir_lib.common import layout
+
 
 class QueryError(RuntimeError):
     """A one-line reason the query cannot be answered (missing image, run, file...)."""
@@ -118,7 +120,7 @@ def embed_query(data: bytes, emb_manifest: dict, run_dir: str, model_cache: str 
     if (emb_manifest.get("whitening") or {}).get("file"):
         vec = Whitening.from_bytes(read_bytes(_join(run_dir, emb_manifest["whitening"]["file"]))).apply(vec)
     if emb_manifest.get("head"):  # a trained head: the floats of its code units
-        from cbir_lib.finetune.head import apply_head, load_weights_npz
+        from cbir_lib.models.head import apply_head, load_weights_npz
 
         vec = apply_head(load_weights_npz(read_bytes(_join(run_dir, emb_manifest["head"]["file"]))), vec)[0]
     return l2_normalize(vec).astype(np.float32)
@@ -141,7 +143,7 @@ def search_codes(q: np.ndarray, run_dir: str, thresholds: np.ndarray, k: int, ca
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
+    from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
 
     filesystem, path = _fs(run_dir)
     t = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True).to_table(
@@ -160,7 +162,7 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
     from annoy import AnnoyIndex
 
     from cbir_lib.index.build import ANNOY_METRIC
-    from cbir_lib.neighbors.topk import final_scores, prepare, rank_scores
+    from cbir_lib.vectors.topk import final_scores, prepare, rank_scores
 
     if not index.get("forests"):
         raise QueryError(f"index {index['run_id']} has no forests (build it with index.forests=true)")
@@ -233,9 +235,9 @@ def query_bytes(output_root: str, data: bytes, k: int = 10, nprobe: int | None =
     if type(k) is not int or k < 1:
         raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
     root = output_root if "://" in output_root or output_root.startswith("file:") else os.path.abspath(output_root)
-    emb_table = _join(root, "embeddings")
+    emb_table = _join(root, layout.EMBEDDINGS)
     emb_run, emb_manifest = latest_run(emb_table)
-    idx_table = _join(root, "index")
+    idx_table = _join(root, layout.INDEX)
     idx_run, index = latest_run(idx_table)
     if index.get("embeddings_run_id") != emb_run:
         raise QueryError(f"index {idx_run} was built from embeddings run {index.get('embeddings_run_id')}, not the latest ({emb_run}); rebuild it")

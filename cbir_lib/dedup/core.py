@@ -14,13 +14,7 @@ from itertools import combinations
 
 import numpy as np
 
-_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def hamming64(a, b) -> np.ndarray:
-    """Bit differences of signed or unsigned 64-bit integers (elementwise)."""
-    x = np.bitwise_xor(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)).view(np.uint64)
-    return _POP8[x.reshape(-1, 1).view(np.uint8)].sum(axis=1).reshape(np.shape(x)).astype(np.int32)
+from cbir_lib.vectors.codes import hamming64
 
 
 def chunk_bounds(m: int, bits: int = 64) -> list[tuple[int, int]]:

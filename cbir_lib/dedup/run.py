@@ -35,14 +35,14 @@ from __future__ import annotations
 import logging
 import time
 
-from cbir_lib.common import fs, lease, remote, tables
+from cbir_lib.common import fs, layout, lease, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.dedup.core import chunk_bounds, flips
 
 log = logging.getLogger(__name__)
 
-TABLE = "dedup"
+TABLE = layout.DEDUP
 VERDICT_DDL = "a long, b long, inliers int, agreement float, unverified string"
 
 
@@ -241,7 +241,7 @@ def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):
     """
     from pyspark.sql import functions as F
 
-    nb_uri = fs.join(root, "neighbors")
+    nb_uri = fs.join(root, layout.NEIGHBORS)
     run = tables.input_run(spark, nb_uri, run_cfg, "neighbors (or use dedup.sources=phash)")
     nb = spark.read.parquet(tables.run_dir(nb_uri, run))
     cand = nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b")).distinct()
@@ -426,7 +426,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     dd = cfg.dedup
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
-    img_uri = fs.join(root, "images")
+    img_uri = fs.join(root, layout.IMAGES)
     img_run = tables.input_run(spark, img_uri, cfg.run, "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
@@ -440,7 +440,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         for column in hashes:
             parts.append(phash_pairs(ok, getattr(dd, f"{column}_threshold"), dd.phash_chunks, column))
     if dd.sources in ("embedding", "both"):
-        emb_uri = fs.join(root, "embeddings")
+        emb_uri = fs.join(root, layout.EMBEDDINGS)
         emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
         tau = dd.verify_min_score if dd.verify != "off" else dd.min_score

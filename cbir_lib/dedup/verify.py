@@ -180,7 +180,7 @@ def _orientations(sa, sb) -> tuple[bool, bool]:
     reflected pHashes is nearer to ``b``'s than any of its plain ones. With ``early`` a pair
     passes if either attempt passes, so the order changes the work, never the verdict: a
     mirrored copy is matched once instead of twice."""
-    from cbir_lib.dedup.core import hamming64
+    from cbir_lib.vectors.codes import hamming64
 
     d = hamming64(sa.hashes, sb.hashes[0])
     return (True, False) if d[list(_REFLECTED)].min() < d[list(_PLAIN)].min() else (False, True)

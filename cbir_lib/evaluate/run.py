@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, lease, tables
+from cbir_lib.common import fs, layout, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.evaluate import metrics
@@ -33,7 +33,7 @@ from cbir_lib.neighbors.rerank import expands_queries, mode_alpha, split_mode
 
 log = logging.getLogger(__name__)
 
-TABLE = "evaluation"
+TABLE = layout.EVALUATION
 PER_QUERY_DDL = (
     "image_id long, label string, n_relevant int, precision_at_k double, recall_at_k double, ap_at_k double, "
     "ap double, hits_at_k int, cum_hits array<int>, neighbor_ids array<long>, scores array<float>, relevant array<boolean>"
@@ -97,7 +97,7 @@ def _neighbors_mode(spark, cfg: Config, universe, k_default: int | None):
     from pyspark.sql import functions as F
 
     root = fs.qualify(spark, cfg.run.output_root)
-    nb_uri = fs.join(root, "neighbors")
+    nb_uri = fs.join(root, layout.NEIGHBORS)
     nb_run = tables.input_run(spark, nb_uri, cfg.run, "neighbors (or use evaluate.mode=split)")
     nb_manifest = tables.read_manifest(spark, nb_uri, nb_run) or {}
     k = cfg.evaluate.k or nb_manifest.get("k") or k_default
@@ -232,7 +232,7 @@ def _union_lists(x_b, depth: int):
     def fn(batches):
         import pyarrow as pa
 
-        from cbir_lib.neighbors.topk import exact_topk
+        from cbir_lib.vectors.topk import exact_topk
 
         x, ids = x_b.value
         for b in batches:

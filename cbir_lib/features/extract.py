@@ -36,20 +36,20 @@ import time
 import numpy as np
 import pandas as pd
 
-from cbir_lib.common import faults, fs, lease, remote, shards, tables
+from cbir_lib.common import faults, fs, layout, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.features.embedder import EmbedSpec, configure_devices, embed_stream, get_embedder
 from cbir_lib.features.pooling import l2_normalize
 from cbir_lib.features.postprocess import Whitening, mean_threshold_bits
-from cbir_lib.finetune.head import apply_head, load_weights_npz
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK
 from cbir_lib.images.ingest import images_table_uri
 from cbir_lib.models.backbones import ModelArtifact, resolve_artifact
+from cbir_lib.models.head import BACKBONE_FILE, apply_head, backbone_extract_config, load_head, load_weights_npz
 
 log = logging.getLogger(__name__)
 
-TABLE = "embeddings"
+TABLE = layout.EMBEDDINGS
 RAW_DDL = "image_id long, content_sha256 string, embedding array<float>, status string, error string"
 FINAL_DDL = (
     "image_id long, path string, content_sha256 string, embedding array<float>, binary_code binary, "
@@ -296,9 +296,6 @@ def _resolve_head(spark, cfg: Config):
     file (``extract.model=custom``, GAP) instead of the configured model."""
     import dataclasses
 
-    from cbir_lib.finetune.full import BACKBONE_FILE, backbone_extract_config
-    from cbir_lib.finetune.train import load_head
-
     manifest, weights = load_head(spark, fs.qualify(spark, cfg.extract.head))
     if manifest.get("mode") == "full":
         sha = manifest["files"][BACKBONE_FILE]
@@ -332,7 +329,7 @@ def _check_head(head, key: str) -> None:
 
 def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray | None, meta: dict, head_bytes: bytes | None = None):
     def fn(batches):
-        from cbir_lib.neighbors.hamming import threshold
+        from cbir_lib.vectors.codes import threshold
 
         whitening = Whitening.from_bytes(whitening_bytes) if whitening_bytes else None
         head = load_weights_npz(head_bytes) if head_bytes else None
@@ -636,7 +633,7 @@ def run_extract(spark, cfg: Config) -> dict:
         extra["_binary_thresholds.npy"] = buf.getvalue()
     head_info = None
     if head is not None:
-        from cbir_lib.finetune.head import save_weights_npz
+        from cbir_lib.models.head import save_weights_npz
 
         h_manifest, h_weights = head
         dim = int(h_manifest["bits"])

@@ -73,13 +73,3 @@ def mean_threshold_bits(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != len(thresholds):
         raise ValueError(f"expected shape (n, {len(thresholds)}), got {x.shape}")
     return np.packbits(x > thresholds, axis=1)
-
-
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamming distances between packed codes: ``a`` (n, B) vs ``b`` (m, B) -> (n, m)."""
-    a = np.asarray(a, dtype=np.uint8)
-    b = np.asarray(b, dtype=np.uint8)
-    return _POPCOUNT[a[:, None, :] ^ b[None, :, :]].sum(axis=2, dtype=np.int32)

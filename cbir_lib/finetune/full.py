@@ -22,10 +22,10 @@ import tempfile
 
 from cbir_lib.common import fs
 from cbir_lib.config import Config, ConfigError
+from cbir_lib.models.head import BACKBONE_FILE, backbone_extract_config
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.keras"
 
 
 def trainable_layers(model, n_blocks: int) -> list[str]:
@@ -143,14 +143,6 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
         "weights": head_weights(clean_head), "model_bytes": model_bytes, "backbone_bytes": backbone_bytes,
         "history": history, "n_train": n_train, "dim": dim, "tuned_layers": tuned, "feature_key": key, "image_size": size,
     }
-
-
-def backbone_extract_config(cfg: Config, path: str, image_size: int):
-    """The extract settings that run a fine-tuned backbone file: custom model, GAP."""
-    import dataclasses
-
-    return dataclasses.replace(cfg.extract, model="custom", model_path=path, output_layer="head_activation",
-                               image_size=image_size, pooling="gap")
 
 
 def backbone_feature_key(cfg: Config, path: str, image_size: int) -> str:

@@ -14,14 +14,15 @@ Training adds two optional terms on the code activations (from the paper's follo
 Yang et al. TPAMI 2017): ``binarise`` pushes them away from 0.5 and ``balance`` pushes every
 bit towards firing for half the images. The saved model carries no custom objects, so any
 Keras loads it. Inference in extract and ``cbir query`` is the same arithmetic in numpy
-(:func:`apply_head`), so executors need no TensorFlow for it.
+(:func:`cbir_lib.models.head.apply_head`), so executors need no TensorFlow for it. This
+module holds the Keras side: building, the losses, reading the weights out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-LAYERS = ("hidden", "code", "classes")  # the layers with weights
+from cbir_lib.models.head import LAYERS
 
 
 def build_head(input_dim: int, n_classes: int, bits: int, hidden: int, dropout: float = 0.0,
@@ -114,32 +115,3 @@ def head_weights(model) -> dict[str, np.ndarray]:
         out[f"{name}/kernel"] = np.asarray(kernel, dtype=np.float32)
         out[f"{name}/bias"] = np.asarray(bias, dtype=np.float32)
     return out
-
-
-def apply_head(weights: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(features, code activations, class probabilities)`` of embeddings ``x``, in numpy;
-    the same numbers as the Keras model's outputs (dropout is off at inference)."""
-    x = np.asarray(x, dtype=np.float32)
-    h = np.maximum(x @ weights["hidden/kernel"] + weights["hidden/bias"], 0.0)
-    code = 1.0 / (1.0 + np.exp(-(h @ weights["code/kernel"] + weights["code/bias"])))
-    feats = 2.0 * code - 1.0
-    logits = code @ weights["classes/kernel"] + weights["classes/bias"]
-    logits = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return feats.astype(np.float32), code.astype(np.float32), probs.astype(np.float32)
-
-
-def save_weights_npz(weights: dict[str, np.ndarray]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **weights)
-    return buf.getvalue()
-
-
-def load_weights_npz(data: bytes) -> dict[str, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(data)) as z:
-        return {k: z[k] for k in z.files}

@@ -26,15 +26,15 @@ import time
 
 import numpy as np
 
-from cbir_lib.common import fs, lease, tables
+from cbir_lib.common import fs, layout, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config, ConfigError
+from cbir_lib.models.head import BACKBONE_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-TABLE = "models"
+TABLE = layout.MODELS
 MODEL_FILE = "model.keras"
-WEIGHTS_FILE = "head.npz"
 
 
 def labelled_embeddings(spark, cfg: Config, emb_uri: str, emb_run: str):
@@ -153,9 +153,9 @@ def run_train(spark, cfg: Config) -> dict:
     run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
     if tc.mode == "full":
-        src_uri, src_name = fs.join(root, "images"), "ingest"
+        src_uri, src_name = fs.join(root, layout.IMAGES), "ingest"
     else:
-        src_uri, src_name = fs.join(root, "embeddings"), "extract"
+        src_uri, src_name = fs.join(root, layout.EMBEDDINGS), "extract"
     src_run = tables.input_run(spark, src_uri, cfg.run, src_name)
     src_manifest = tables.read_manifest(spark, src_uri, src_run) or {}
     if tc.mode == "head":
@@ -179,7 +179,7 @@ def run_train(spark, cfg: Config) -> dict:
 
     with timer(f"training ({tc.mode}, {tc.epochs} epochs)") as t:
         if tc.mode == "full":
-            from cbir_lib.finetune.full import BACKBONE_FILE, train_full
+            from cbir_lib.finetune.full import train_full
 
             images_df = _with_content(spark, train_df.join(index_of, "label")).select("content", F.col("label_index").alias("label"))
             val_rows = []
@@ -212,7 +212,7 @@ def run_train(spark, cfg: Config) -> dict:
                     "pooling": extract_cfg.get("pooling"), "resize": extract_cfg.get("resize"), "tta": extract_cfg.get("tta", "none")}
     data.unpersist()
 
-    from cbir_lib.finetune.head import apply_head, save_weights_npz
+    from cbir_lib.models.head import apply_head, save_weights_npz
 
     weights_bytes = save_weights_npz(weights)
     metrics = {"train_accuracy": history[-1].get("accuracy"), "loss": history[-1].get("loss")}
@@ -285,43 +285,3 @@ def _train_head(spark, cfg: Config, data, train_df, index_of, val_df, root: str,
     finally:
         converter.delete()
     return model, history, n_train, dim, val
-
-
-def load_head(spark_or_none, uri: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """A trained head's manifest and weights from ``models/run=<id>`` (checksum verified).
-    ``uri`` may also be the ``models`` table, meaning its latest run."""
-    from cbir_lib.finetune.head import load_weights_npz
-
-    read_json, read_bytes, exists = _readers(spark_or_none)
-    if not exists(fs.join(uri, tables.MANIFEST)) and exists(fs.join(uri, tables.LATEST)):
-        uri = tables.run_dir(uri, read_bytes(fs.join(uri, tables.LATEST)).decode().strip())
-    if not exists(fs.join(uri, tables.MANIFEST)):
-        raise FileNotFoundError(f"extract.head: no trained model at {uri} (run cbir train first)")
-    manifest = read_json(fs.join(uri, tables.MANIFEST))
-    data = read_bytes(fs.join(uri, WEIGHTS_FILE))
-    if _sha256(data) != manifest["files"][WEIGHTS_FILE]:
-        raise ValueError(f"extract.head: {uri}/{WEIGHTS_FILE} does not match its manifest's checksum")
-    manifest["uri"] = uri
-    return manifest, load_weights_npz(data)
-
-
-def _readers(spark):
-    if spark is not None:
-        return (lambda u: fs.read_json(spark, u)), (lambda u: fs.read_bytes(spark, u)), (lambda u: fs.exists(spark, u))
-    import json
-
-    import pyarrow.fs as pafs
-
-    def _fs(u):
-        return pafs.FileSystem.from_uri(u if "://" in u else "file://" + os.path.abspath(u))
-
-    def read_bytes(u):
-        f, p = _fs(u)
-        with f.open_input_stream(p) as fh:
-            return fh.read()
-
-    def exists(u):
-        f, p = _fs(u)
-        return f.get_file_info(p).type != pafs.FileType.NotFound
-
-    return (lambda u: json.loads(read_bytes(u))), read_bytes, exists

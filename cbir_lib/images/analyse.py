@@ -38,10 +38,6 @@ def hash_to_int64(h: imagehash.ImageHash) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def hamming64(a: int, b: int) -> int:
-    return bin((a ^ b) & 0xFFFFFFFFFFFFFFFF).count("1")
-
-
 def analyse(path: str, content: bytes | None, max_pixels: int, hash_decode_side: int) -> dict[str, Any]:
     """Everything the images table records about one file; never raises for bad input."""
     data = content if content is not None else b""

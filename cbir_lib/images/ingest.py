@@ -12,14 +12,14 @@ import time
 
 import pandas as pd
 
-from cbir_lib.common import fs, lease, remote, tables
+from cbir_lib.common import fs, layout, lease, remote, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK, analyse
 
 log = logging.getLogger(__name__)
 
-TABLE = "images"
+TABLE = layout.IMAGES
 
 IMAGES_DDL = (
     "image_id long, path string, size_bytes long, modification_time timestamp, content_sha256 string, "

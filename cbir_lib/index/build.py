@@ -31,17 +31,17 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import fs, lease, tables
+from cbir_lib.common import fs, layout, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
-from cbir_lib.neighbors.topk import prepare
+from cbir_lib.vectors.topk import prepare
 
 log = logging.getLogger(__name__)
 
-TABLE = "index"
-EMBEDDINGS = "embeddings"
+TABLE = layout.INDEX
+EMBEDDINGS = layout.EMBEDDINGS
 STORE = "store"
 FORESTS = "forests"
 ANN = "ann"

@@ -116,7 +116,7 @@ def train_balanced(
 ) -> np.ndarray:
     """Centroids of about ``n_cells`` cells whose sample shares stay below ``balance`` x mean.
 
-    ``sample`` must be :func:`~cbir_lib.neighbors.topk.prepare`-d for the metric.
+    ``sample`` must be :func:`~cbir_lib.vectors.topk.prepare`-d for the metric.
     """
     centroids = kmeans(sample, n_cells, metric, n_iter=n_iter, seed=seed)
     route = "dot" if metric != "euclidean" else "euclidean"

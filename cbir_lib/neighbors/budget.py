@@ -11,10 +11,10 @@ routes them once, and visits, one at a time, every store group that holds a cell
 its queries probe (every group for exact and hierarchical search). Each visit is the same
 numpy core as the broadcast path on a sub-store whose offsets are clipped to the group
 (cells outside it are empty), and the task keeps each query's running top-k merged by
-``(-score, id)`` (:func:`~cbir_lib.neighbors.topk.select`). A cell split across groups
+``(-score, id)`` (:func:`~cbir_lib.vectors.topk.select`). A cell split across groups
 contributes all of its members over the visits, so the result is the same top-k as the
 unbudgeted search of the same index, ``nprobe`` and method: bit for bit, because every
-final score is a pair score no product shape changes (:func:`~cbir_lib.neighbors.topk.reselect`).
+final score is a pair score no product shape changes (:func:`~cbir_lib.vectors.topk.reselect`).
 
 Per method (a :class:`Sweep` is one task's passage over the groups):
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from cbir_lib.common import remote, shards
 from cbir_lib.neighbors.ivf import CellStore
-from cbir_lib.neighbors.topk import empty, empty_shortlist, select
+from cbir_lib.vectors.topk import empty, empty_shortlist, select
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, cell and position beside each vector
 
@@ -112,7 +112,7 @@ def finish(spec: dict, best: tuple, queries: np.ndarray, k: int) -> tuple[np.nda
     """A merged running list as the final top-k ``(scores, ids)``."""
     if len(best) == 2:
         return best
-    from cbir_lib.neighbors.topk import finish_shortlist
+    from cbir_lib.vectors.topk import finish_shortlist
 
     return finish_shortlist(*best, k, spec["metric"], queries)
 
@@ -392,12 +392,12 @@ _THRESHOLDS: dict[str, np.ndarray] = {}
 
 
 def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hierarchical search over groups, as :func:`~cbir_lib.neighbors.hamming.hierarchical_search`
+    """Hierarchical search over groups, as :func:`~cbir_lib.vectors.codes.hierarchical_search`
     over the whole store: the ``code_candidates`` Hamming-nearest codes by ``(distance, row)``
     (the top of each group, merged), then those candidates scored by the float vectors in a
     second sweep and ranked by ``(-score, row)``."""
-    from cbir_lib.neighbors.hamming import MultiIndex, threshold
-    from cbir_lib.neighbors.topk import NO_ID, row_dots
+    from cbir_lib.vectors.codes import MultiIndex, threshold
+    from cbir_lib.vectors.topk import NO_ID, row_dots
 
     spec = sweep.spec
     key = spec["groups_uri"]

@@ -45,7 +45,7 @@ from cbir_lib.config import Config
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.neighbors import search as S
 from cbir_lib.neighbors.ivf import reverse_scan
-from cbir_lib.neighbors.topk import recall_at_k, recall_lower_bound
+from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ with ``offsets[c]:offsets[c+1]`` the rows of cell ``c``. Queries are routed to t
 * ``dense``: all members of each probed cell, as one matrix product per (cell, the block
   of queries probing it). BLAS does the work; no per-item loop.
 * ``annoy``: candidates from the cell's Annoy forest (``search_k``), re-scored exactly.
-* ``exact``: every vector, in blocks (see :func:`~cbir_lib.neighbors.topk.exact_topk`).
+* ``exact``: every vector, in blocks (see :func:`~cbir_lib.vectors.topk.exact_topk`).
 
 All return final scores ranked by ``(-score, id)`` with the query itself excluded. BLAS
 finds the candidates; the final ranking (of cells too) is by pair scores that no product
-shape changes (:func:`~cbir_lib.neighbors.topk.reselect`), so a query gets the same answer
+shape changes (:func:`~cbir_lib.vectors.topk.reselect`), so a query gets the same answer
 in any block of queries and from any split of the store.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from cbir_lib.index.kmeans import assign
 from cbir_lib.index.reduce import project
-from cbir_lib.neighbors.topk import (
+from cbir_lib.vectors.topk import (
     empty,
     empty_shortlist,
     exact_topk,
@@ -155,7 +155,7 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     ``thresholds``: known lower bounds of each query's final k-th best *rank* score (a
     search over part of the store, :mod:`cbir_lib.neighbors.budget`, passes the running
     top-k of the parts before; for ``euclidean`` that is in rank units, see
-    :func:`~cbir_lib.neighbors.topk.rank_scores`). Scores tied with the bound are kept.
+    :func:`~cbir_lib.vectors.topk.rank_scores`). Scores tied with the bound are kept.
 
     ``shortlist`` (a store with ``reduced`` vectors): the two passes score the reduced
     vectors instead, keeping each query's top-``L`` (``L = max(shortlist, k)``) by reduced
@@ -163,8 +163,8 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     ``(-score, id)`` returned. At 1,280-d with r = 128 the passes cost a tenth. With
     ``raw`` the shortlist itself comes back, ``(reduced, ids, full)`` each ``(m, L)`` in
     rank units (``thresholds`` then bound the L-th reduced score): a search in parts
-    merges shortlists (:func:`~cbir_lib.neighbors.topk.select` with a payload) and finishes
-    once (:func:`~cbir_lib.neighbors.topk.finish_shortlist`), with the same result.
+    merges shortlists (:func:`~cbir_lib.vectors.topk.select` with a payload) and finishes
+    once (:func:`~cbir_lib.vectors.topk.finish_shortlist`), with the same result.
     """
     m = probes.shape[0]
     reduced = shortlist is not None and store.reduced is not None
@@ -248,7 +248,7 @@ def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     An incremental night runs this for the new vectors over the cells their own search
     probes: one matrix product per (cell, the queries probing it), as in
     :func:`dense_search`, compared while hot with the members' thresholds widened by the
-    BLAS error, then scored exactly by :func:`~cbir_lib.neighbors.topk.pair_scores` (the
+    BLAS error, then scored exactly by :func:`~cbir_lib.vectors.topk.pair_scores` (the
     score the member's own search would report, so merged lists rank like searched ones).
     A query never meets itself.
     """

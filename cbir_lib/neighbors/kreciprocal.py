@@ -161,7 +161,7 @@ def split_order(q: np.ndarray, g: np.ndarray, depth: int, k1: int, k2: int, lam:
     g = np.asarray(g, np.float32)
     nq, ng = len(q), len(g)
     ids = np.arange(ng + nq, dtype=np.int64)  # gallery 0..ng-1, then the queries
-    from cbir_lib.neighbors.topk import exact_topk
+    from cbir_lib.vectors.topk import exact_topk
 
     x = np.concatenate([g, q])
     sc, nbr = exact_topk(x, ids, x, ids, depth, "angular")  # ties by id; padding -inf

@@ -92,7 +92,7 @@ def lsh_topk(index: LSHIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.
     unit vectors, a pairwise sum per pair as every method scores), the query's own id left
     out, ties by id. Returns ``(scores, ids,
     candidates per query)``; short lists are padded with ``-inf`` / ``NO_ID``."""
-    from cbir_lib.neighbors.topk import NO_ID, row_dots
+    from cbir_lib.vectors.topk import NO_ID, row_dots
 
     vectors = np.asarray(vectors, np.float32)
     ids = np.asarray(ids, np.int64)

@@ -37,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import faults, fs, lease, remote, shards, tables
+from cbir_lib.common import faults, fs, layout, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
@@ -57,15 +57,15 @@ from cbir_lib.index.build import (
 )
 from cbir_lib.index.reduce import project
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.hamming import MultiIndex, hierarchical_search, threshold
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment, mode_alpha, split_mode
-from cbir_lib.neighbors.topk import NO_ID, recall_at_k, recall_lower_bound, select
+from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
+from cbir_lib.vectors.topk import NO_ID, recall_at_k, recall_lower_bound, select
 
 log = logging.getLogger(__name__)
 
-TABLE = "neighbors"
-PAIRS = "pairs"
+TABLE = layout.NEIGHBORS
+PAIRS = layout.PAIRS
 RESERVE = "_reserve"
 CHANGES = "_changes"
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
@@ -400,7 +400,7 @@ def _exact_partial(spec: dict, positions: np.ndarray):
     """RDD function over ``(lo, hi)`` ranges: the sample's ids and its exact top-k against those rows."""
 
     def fn(ranges):
-        from cbir_lib.neighbors.topk import exact_topk
+        from cbir_lib.vectors.topk import exact_topk
 
         limit_blas_threads(_task_threads())
         store = local_store(spec)

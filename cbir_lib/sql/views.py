@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cbir_lib.common import layout
+
 
 @dataclass(frozen=True)
 class Source:
@@ -23,22 +25,22 @@ class Source:
 
 
 SOURCES = (
-    Source("images", "images", "", "one row per file: id, path, hashes, size, status and error (ingest)"),
-    Source("embeddings", "embeddings", "", "one row per image: the embedding, model, status and error (extract)"),
-    Source("index_store", "index", "store", "the index's vectors by cell (build_index)"),
-    Source("neighbors", "neighbors", "", "every image's top-k: image_id, rank, neighbor_id, score"),
-    Source("changes", "neighbors", "_changes", "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
+    Source("images", layout.IMAGES, "", "one row per file: id, path, hashes, size, status and error (ingest)"),
+    Source("embeddings", layout.EMBEDDINGS, "", "one row per image: the embedding, model, status and error (extract)"),
+    Source("index_store", layout.INDEX, "store", "the index's vectors by cell (build_index)"),
+    Source("neighbors", layout.NEIGHBORS, "", "every image's top-k: image_id, rank, neighbor_id, score"),
+    Source("changes", layout.NEIGHBORS, "_changes", "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
            "removed; rebuilt after a full run), neighbors_run_id"),
-    Source("pairs", "pairs", "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
-    Source("dedup_clusters", "dedup", "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path, "
+    Source("pairs", layout.PAIRS, "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
+    Source("dedup_clusters", layout.DEDUP, "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path, "
            "diameter (hops), worst_score (the least similar two members' cosine)"),
-    Source("dedup_pairs", "dedup", "pairs", "the verified near-duplicate pairs and their evidence"),
-    Source("evaluation_per_query", "evaluation", "per_query", "retrieval quality per query (evaluate)"),
-    Source("evaluation_per_class", "evaluation", "per_class", "retrieval quality per class (evaluate)"),
+    Source("dedup_pairs", layout.DEDUP, "pairs", "the verified near-duplicate pairs and their evidence"),
+    Source("evaluation_per_query", layout.EVALUATION, "per_query", "retrieval quality per query (evaluate)"),
+    Source("evaluation_per_class", layout.EVALUATION, "per_class", "retrieval quality per class (evaluate)"),
 )
 
 # Tables whose manifests make up the ``runs`` view (models have no rows but a manifest).
-RUN_TABLES = ("images", "embeddings", "index", "neighbors", "pairs", "dedup", "evaluation", "models")
+RUN_TABLES = layout.TABLES
 
 # Convenience views: name -> (the views they need, SQL per engine). Paths come from the
 # images table (the one every other table's ids point back to).

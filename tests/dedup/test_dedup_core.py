@@ -4,12 +4,6 @@ import pytest
 from cbir_lib.dedup import core
 
 
-def test_hamming64_signed_and_by_hand():
-    assert core.hamming64(0, -1) == 64
-    assert core.hamming64(0b1011, 0b0001) == 2
-    np.testing.assert_array_equal(core.hamming64(np.array([1, 2]), np.array([1, 1])), [0, 2])
-
-
 def test_chunks_cover_all_bits():
     for m in (1, 3, 4, 9):
         b = core.chunk_bounds(m)

@@ -17,9 +17,9 @@ from PIL import Image
 
 from cbir_lib import edits
 from cbir_lib.dedup import signature as sig
-from cbir_lib.dedup.core import hamming64
 from cbir_lib.dedup.verify import _blockwise_agreement, _ncc, verify_signatures
 from cbir_lib.images.analyse import hash_to_int64
+from cbir_lib.vectors.codes import hamming64
 
 MIN_INLIERS, MIN_AGREEMENT = 15, 0.8  # dedup.min_inliers, dedup.min_agreement
 

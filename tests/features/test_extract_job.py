@@ -198,9 +198,9 @@ def test_whitening_and_codes(spark, extracted, model_cache):
 def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, extracted, model_cache):
     """cbir train on run e1's embeddings, then extract.head: the head's code floats and bits."""
     from cbir_lib.config import ConfigError
-    from cbir_lib.finetune.head import apply_head
-    from cbir_lib.finetune.train import load_head, run_train
-    from cbir_lib.neighbors.hamming import threshold
+    from cbir_lib.finetune.train import run_train
+    from cbir_lib.models.head import apply_head, load_head
+    from cbir_lib.vectors.codes import threshold
 
     out, first = extracted
     # Pinned to run e1 (later tests' runs are whitened); folders give the class, no split.

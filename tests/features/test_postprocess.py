@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cbir_lib.features.postprocess import Whitening, hamming, mean_threshold_bits
+from cbir_lib.features.postprocess import Whitening, mean_threshold_bits
+from cbir_lib.vectors.codes import hamming
 
 
 def test_whitening_decorrelates_its_sample():

@@ -34,8 +34,9 @@ def test_batch_hard_loss_against_numpy(kind):
 def test_the_metric_loss_decreases_on_a_tiny_labelled_set(kind):
     import tensorflow as tf
 
-    from cbir_lib.finetune.head import apply_head, head_weights
+    from cbir_lib.finetune.head import head_weights
     from cbir_lib.finetune.train import fit_head
+    from cbir_lib.models.head import apply_head
 
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(3, 16))

@@ -12,7 +12,8 @@ import pytest
 
 from cbir_lib.common import tables
 from cbir_lib.config import Config, ConfigError, RunConfig, TrainConfig
-from cbir_lib.finetune.head import apply_head, build_head, head_weights
+from cbir_lib.finetune.head import build_head, head_weights
+from cbir_lib.models.head import apply_head
 
 
 def test_numpy_head_equals_keras():
@@ -67,7 +68,8 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_model(spark, tmp_pat
     _fake_embeddings(spark, root)
     cfg = Config(run=RunConfig(output_root=root, run_id="20261102T000000Z"),
                  train=TrainConfig(bits=16, hidden=32, epochs=6, batch_size=16, learning_rate=1e-2, workers=1)).validate()
-    from cbir_lib.finetune.train import MODEL_FILE, WEIGHTS_FILE, load_head, run_train
+    from cbir_lib.finetune.train import MODEL_FILE, run_train
+    from cbir_lib.models.head import WEIGHTS_FILE, load_head
 
     m = run_train(spark, cfg)
     losses = [h["loss"] for h in m["history"]]
@@ -118,7 +120,7 @@ def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark,
     from cbir_lib.finetune.train import run_train
     from cbir_lib.images.decode import decode_for_model
     from cbir_lib.images.ingest import run_ingest
-    from cbir_lib.neighbors.hamming import threshold
+    from cbir_lib.vectors.codes import threshold
 
     photos = tmp_path / "photos"
     clothing_slice(photos / "train", ("dress", "hat", "shoes"), 3)

@@ -6,8 +6,9 @@ import pytest
 
 from cbir_lib import config
 from cbir_lib.common import tables
-from cbir_lib.images.analyse import hamming64, image_id_for
+from cbir_lib.images.analyse import image_id_for
 from cbir_lib.images.ingest import images_table_uri, run_ingest
+from cbir_lib.vectors.codes import hamming64
 
 
 def _cfg(out, run_id, *extra):

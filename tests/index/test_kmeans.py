@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cbir_lib.index.kmeans import assign, choose_n_cells, kmeans, train_balanced
-from cbir_lib.neighbors.topk import prepare
+from cbir_lib.vectors.topk import prepare
 
 
 def test_assign_is_nearest_first_with_ties_to_the_lower_cell():

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_embeddings
 
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.topk import exact_topk, prepare
+from cbir_lib.vectors.topk import exact_topk, prepare
 
 
 def test_groups_cover_every_cell_once_even_split_ones():
@@ -86,7 +86,7 @@ def test_a_budget_smaller_than_the_store_gives_the_same_top_k(spark, tmp_path, m
 def _codes_table(spark, root, ids, x):
     """An embeddings snapshot with a trained head's binary codes (the hierarchical method's input)."""
     from cbir_lib.common import fs, tables
-    from cbir_lib.neighbors.hamming import threshold
+    from cbir_lib.vectors.codes import threshold
 
     codes = threshold(x, 0.0)
     rows = [(int(i), f"/img/{i}.jpg", v.tolist(), bytes(c), x.shape[1], "ok") for i, v, c in zip(ids, x, codes, strict=True)]
@@ -194,7 +194,7 @@ def test_empty_cells_and_groups_under_a_budget(spark, tmp_path):
 
     from cbir_lib.index.build import run_build_index
     from cbir_lib.neighbors.search import run_neighbors
-    from cbir_lib.neighbors.topk import brute_force
+    from cbir_lib.vectors.topk import brute_force
 
     ids, x = _mixture(300, 8, 9)
     write_embeddings(spark, str(tmp_path), ids, x, "e1")

@@ -7,7 +7,7 @@ import pytest
 
 from cbir_lib.index.kmeans import assign, train_balanced
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
-from cbir_lib.neighbors.topk import brute_force, prepare, recall_at_k
+from cbir_lib.vectors.topk import brute_force, prepare, recall_at_k
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:

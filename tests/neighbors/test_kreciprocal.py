@@ -131,7 +131,7 @@ def test_padding_stays_last_and_pieces_by_hand():
 
 
 def test_the_lists_it_re_ranks_break_ties_by_id_at_the_cut():
-    from cbir_lib.neighbors.topk import exact_topk, row_dots  # what split_order and the split evaluation search with
+    from cbir_lib.vectors.topk import exact_topk, row_dots  # what split_order and the split evaluation search with
 
     x = _data(n=40, dups=6)
     x[10:14] = x[20]  # a block of ties

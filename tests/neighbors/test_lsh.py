@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cbir_lib.neighbors.lsh import LSHIndex, lsh_topk
-from cbir_lib.neighbors.topk import prepare, recall_at_k
+from cbir_lib.vectors.topk import prepare, recall_at_k
 
 
 def _clustered(n, d, seed=0):

@@ -20,7 +20,7 @@ from cbir_lib.common import fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
 from cbir_lib.index.build import IndexMismatch, run_build_index
 from cbir_lib.neighbors.search import RecallTooLow, run_neighbors, topk_arrays
-from cbir_lib.neighbors.topk import brute_force, exact_topk, prepare, recall_at_k
+from cbir_lib.vectors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -306,7 +306,7 @@ def test_hierarchical_search_on_codes(spark, tmp_path):
     """method=hierarchical: Hamming candidates from the codes, re-ranked by the floats. With
     every image a candidate it is exact search; with 100 its answers are all Hamming-near."""
     from cbir_lib.config import ConfigError
-    from cbir_lib.neighbors.hamming import hamming, threshold
+    from cbir_lib.vectors.codes import hamming, threshold
 
     x = prepare(clustered(1500, 32, seed=5), "angular")
     ids = signed_ids(1500, seed=5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbir_lib.neighbors.hamming import MultiIndex, hamming, hamming_rank, hierarchical_search, pack, threshold, unpack
+from cbir_lib.vectors.codes import MultiIndex, hamming, hamming64, hamming_rank, hierarchical_search, pack, threshold, unpack
 
 
 def _codes(rng, n, bits, clusters=0):
@@ -100,3 +100,9 @@ def test_hierarchical_search_against_exact_ranking():
     exact_wo_self = [[p for p in row if p != qi][:k] for row, qi in zip(exact, q, strict=True)]
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(pos.tolist(), exact_wo_self, strict=True)])
     assert recall > 0.8
+
+
+def test_hamming64_signed_and_by_hand():
+    assert hamming64(0, -1) == 64
+    assert hamming64(0b1011, 0b0001) == 2
+    np.testing.assert_array_equal(hamming64(np.array([1, 2]), np.array([1, 1])), [0, 2])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbir_lib.neighbors.topk import row_dots
+from cbir_lib.vectors.topk import row_dots
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -54,6 +54,13 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for i in range(0, len(a), step):
         out[i : i + step] = POPCOUNT[a[i : i + step, None, :] ^ b[None, :, :]].sum(axis=2, dtype=np.int32)
     return out
+
+
+def hamming64(a, b) -> np.ndarray:
+    """Bit differences of signed or unsigned 64-bit integers (elementwise, broadcast): the
+    perceptual hashes of the images table and of dedup's signatures."""
+    x = np.bitwise_xor(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)).view(np.uint64)
+    return POPCOUNT[x.reshape(-1, 1).view(np.uint8)].sum(axis=1).reshape(np.shape(x)).astype(np.int32)
 
 
 def hamming_rank(q: np.ndarray, g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbir_lib.neighbors.topk import (
+from cbir_lib.vectors.topk import (
     NO_ID,
     brute_force,
     exact_topk,
@@ -112,7 +112,7 @@ def test_prepare_rejects_unknown_metric():
 def test_shortlist_scores_are_the_pair_scores_bit_for_bit():
     """Scored query by query with the query's row read once: the same float32 values as
     pair_scores, so a shortlist's full scores do not depend on how candidates were batched."""
-    from cbir_lib.neighbors.topk import pair_scores, shortlist_scores
+    from cbir_lib.vectors.topk import pair_scores, shortlist_scores
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(500, 300)).astype(np.float32)

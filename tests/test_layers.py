@@ -1,0 +1,87 @@
+"""The import contract: every package of ``cbir_lib`` imports only the layers below it.
+
+The data flows one way (ingest -> extract -> index -> neighbours -> evaluate), and so must
+the code, or a change to a late stage can break an early one. Every ``import`` of the
+library is read from the source (at module level and inside functions alike, since most
+imports here are lazy) and checked against :data:`LAYERS`. Pure: no Spark, fast tier.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parents[1] / "cbir_lib"
+
+# Bottom first. A package may import its own modules and any package of a lower layer, never
+# a sibling of its own layer or anything above.
+LAYERS = (
+    ("common",),  # file systems, tables and their commits, leases, lineage
+    ("config",),  # the typed configuration
+    ("vectors", "sample", "edits"),  # pure numpy on vectors and codes; the demo's pictures; the copy edits
+    ("images",),  # ingest
+    ("models",),  # backbones and the trained head's numpy side
+    ("features",),  # extract
+    ("index",),
+    ("neighbors",),
+    ("evaluate",),
+    ("dedup",),
+    ("finetune",),  # trains on embeddings and ground truth; extract reads its artifacts through models.head
+    ("query", "sql"),  # the analysts' entry points
+    ("serve",),  # the local search page, over query and sql
+)
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+PURE = ("vectors",)  # numpy only: no Spark, no TensorFlow
+HEAVY = ("pyspark", "tensorflow", "keras")
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(LIB).with_suffix("")
+    return rel.parts[0] if len(rel.parts) > 1 else rel.parts[0]
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "cbir_lib":
+                out += [(node.lineno, f"cbir_lib.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+    return out
+
+
+MODULES = sorted(p for p in LIB.rglob("*.py") if p.name != "__init__.py" or p.parent != LIB)
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(p) for p in MODULES}
+    assert packages <= set(LAYER), f"give these a layer in LAYERS: {sorted(packages - set(LAYER))}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(LIB)))
+def test_imports_point_down(path):
+    me = _package(path)
+    wrong = []
+    for line, module in _imports(path):
+        if module == "jobs" or module.startswith("jobs."):
+            wrong.append(f"line {line}: {module} (the library never imports a job shell)")
+        if not module.startswith("cbir_lib."):
+            continue
+        target = module.split(".")[1]
+        if target != me and LAYER.get(target, len(LAYERS)) >= LAYER[me]:
+            wrong.append(f"line {line}: {module} ({target} is not below {me})")
+        if me in PURE and any(module == h or module.startswith(h + ".") for h in HEAVY):
+            wrong.append(f"line {line}: {module} ({me} is pure numpy)")
+    assert not wrong, f"{path.relative_to(LIB)}:\n" + "\n".join(wrong)
+
+
+def test_the_contract_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from cbir_lib.neighbors.search import run_neighbors\n")
+    assert _imports(bad) == [(2, "cbir_lib.neighbors.search")]
+    assert LAYER["neighbors"] > LAYER["features"]  # so features importing it is refused above
