@@ -38,6 +38,8 @@ def test_yaml_profile_and_overrides(tmp_path):
         (["dedup.min_inliers=1"], "dedup.min_inliers"),
         (["dedup.min_agreement=2"], "dedup.min_agreement"),
         (["dedup.verify_max_side=10"], "dedup.verify_max_side"),
+        (["dedup.dihedral_chunks=1"], "dedup.dihedral_chunks"),
+        (["dedup.dihedral_chunks=0"], "dedup.dihedral_chunks"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

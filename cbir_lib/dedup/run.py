@@ -455,7 +455,7 @@ def run_dedup(spark, cfg: Config) -> dict:
             signed = sig.filter(F.col("hashes").isNotNull()).count()
         timings["signatures_s"] = round(t["seconds"], 3)
         counts_extra["signed"] = signed
-        parts.append(dihedral_pairs(sig, dd.dihedral_threshold, dd.phash_chunks))
+        parts.append(dihedral_pairs(sig, dd.dihedral_threshold, dd.dihedral_chunks))
     if not parts:
         raise ConfigError("dedup.sources: nothing to find pairs with (exact is off and no source chosen)")
     pairs = parts[0]
@@ -532,7 +532,8 @@ def run_dedup(spark, cfg: Config) -> dict:
                    "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify, "max_diameter": dd.max_diameter,
                    **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
                        "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features,
-                       "verify_photo_side": dd.verify_photo_side, "dihedral_threshold": dd.dihedral_threshold} if dd.verify != "off" else {}),
+                       "verify_photo_side": dd.verify_photo_side, "dihedral_threshold": dd.dihedral_threshold,
+                       "dihedral_chunks": dd.dihedral_chunks} if dd.verify != "off" else {}),
                    **({"band_per_image": dd.band_per_image} if dd.verify == "band" else {})},
         "counts": {
             "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
