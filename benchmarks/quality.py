@@ -250,11 +250,15 @@ def other_photos() -> list[dict]:
     files = [os.path.join(images_dir(str(d)), r["file"]) for r in rows_csv]
     group = np.array([r["group"] for r in rows_csv])
     out = []
-    for backbone in BACKBONES:
-        art = resolve_artifact(ExtractConfig(model=f"efficientnet-{backbone}"))
-        emb = Embedder(EmbedSpec(artifact=art, resize="center_crop", pooling="rmac"), art.local_path)
+    # Each backbone (center_crop, R-MAC), then the seeds' colour histogram (extract.model=color_hist,
+    # HSV 8x12x3, whole image and 2 x 2 grid: a centred histogram, so cosine is Pearson correlation).
+    settings = [(b, ExtractConfig(model=f"efficientnet-{b}"), "rmac") for b in BACKBONES]
+    settings += [(f"color_hist 8x12x3 grid {g}", ExtractConfig(model="color_hist", hist_bins="8x12x3", hist_grid=g), "gap") for g in (1, 2)]
+    for backbone, ecfg, pooling in settings:
+        art = resolve_artifact(ecfg)
+        emb = Embedder(EmbedSpec(artifact=art, resize="center_crop", pooling=pooling), art.local_path)
         imgs = np.stack([decode_for_model(open(p, "rb").read(), art.image_size, "center_crop")[0] for p in files])
-        x = np.concatenate([pooled(emb.feature_maps(imgs[i : i + 16]), "rmac") for i in range(0, len(imgs), 16)])
+        x = np.concatenate([pooled(emb.feature_maps(imgs[i : i + 16]), pooling) for i in range(0, len(imgs), 16)])
         for mode in ("none", "dba+alpha_qe"):
             q, g = exact_rerank(x, x, mode, 10, 3.0, q_in_g=True)
             s = q @ g.T
