@@ -50,6 +50,7 @@ from cbir_lib.models.head import BACKBONE_FILE, apply_head, backbone_extract_con
 log = logging.getLogger(__name__)
 
 TABLE = layout.EMBEDDINGS
+WHITENING_SAMPLE_BYTES = 512 * 2**20  # the whitening sample on the driver, float64
 RAW_DDL = "image_id long, content_sha256 string, embedding array<float>, status string, error string"
 FINAL_DDL = (
     "image_id long, path string, content_sha256 string, embedding array<float>, binary_code binary, "
@@ -608,20 +609,27 @@ def run_extract(spark, cfg: Config) -> dict:
             whitening_bytes = fs.read_bytes(spark, w_uri)
         else:
             with timer("fitting PCA-whitening"):
+                # The sample is held on the driver as float64: at most WHITENING_SAMPLE_BYTES,
+                # so a 20,480-d PWA vector gets 3,276 rows (the fit's Gram route then needs an
+                # n x n matrix), the default 1,280-d all of whitening_sample.
+                n_sample = min(e.whitening_sample, max(2, WHITENING_SAMPLE_BYTES // (8 * dim)))
                 sample = (
                     combined.filter(F.col("status") == STATUS_OK)
                     .orderBy(F.xxhash64("image_id"))
-                    .limit(e.whitening_sample)
+                    .limit(n_sample)
                     .select("embedding")
-                    .collect()
+                    .toArrow()
+                    .column("embedding")
+                    .combine_chunks()
                 )
-                mat = np.stack([np.asarray(r.embedding, dtype=np.float64) for r in sample])
+                mat = sample.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(sample), -1)
                 whitening_bytes = Whitening.fit(mat, e.whitening_dim).to_bytes()
             fs.write_bytes(spark, w_uri, whitening_bytes)
         w = Whitening.from_bytes(whitening_bytes)
         dim = w.dim_out
         extra["_whitening.npz"] = whitening_bytes
-        whitening_info = {"dim_in": w.dim_in, "dim_out": w.dim_out, "file": "_whitening.npz", "sample": e.whitening_sample}
+        whitening_info = {"dim_in": w.dim_in, "dim_out": w.dim_out, "file": "_whitening.npz", "sample": e.whitening_sample,
+                          "sample_cap": max(2, WHITENING_SAMPLE_BYTES // (8 * w.dim_in))}
 
     meta = {"dim": dim, "model": e.model, "pooling": e.pooling, "run_id": run_id}
     thresholds = None

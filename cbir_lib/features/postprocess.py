@@ -42,10 +42,23 @@ class Whitening:
         max_dim = min(d, n - 1)
         dim = min(dim or max_dim, max_dim)
         mean = x.mean(axis=0)
-        cov = np.cov(x - mean, rowvar=False)
-        eigval, eigvec = np.linalg.eigh(cov)
-        order = np.argsort(eigval)[::-1][:dim]
-        eigval, eigvec = eigval[order], eigvec[:, order]
+        xc = x - mean
+        if n <= d:
+            # Fewer samples than dimensions (PWA's parts x channels, a small sample): the
+            # n x n Gram matrix has the covariance's nonzero eigenvalues, and its eigenvectors
+            # map onto the covariance's through xc.T. O(n^2 d) time and n^2 memory instead of a
+            # d x d covariance (20,480-d PWA: 3.4 GB) and its O(d^3) eigendecomposition. The
+            # axes are the covariance route's up to sign, which no cosine sees (tested).
+            eigval, u = np.linalg.eigh(xc @ xc.T / (n - 1))
+            order = np.argsort(eigval)[::-1][:dim]
+            eigval, u = eigval[order], u[:, order]
+            keep = eigval > 1e-12 * max(float(eigval.max()), 1e-300)  # a sample of rank below n - 1
+            eigval, u = eigval[keep], u[:, keep]
+            eigvec = xc.T @ u / np.sqrt(eigval * (n - 1))
+        else:
+            eigval, eigvec = np.linalg.eigh(np.cov(xc, rowvar=False))
+            order = np.argsort(eigval)[::-1][:dim]
+            eigval, eigvec = eigval[order], eigvec[:, order]
         # A small ridge keeps near-zero eigenvalues from exploding noise directions.
         scale = 1.0 / np.sqrt(eigval + shrinkage * max(eigval.max(), 1e-12))
         return cls(mean, (eigvec * scale).T, eigval)

@@ -25,6 +25,35 @@ def test_whitening_reduces_dimension_and_roundtrips():
         w.apply(x[:, :3])
 
 
+def _cov_fit(x: np.ndarray, dim: int) -> Whitening:
+    """The covariance route, written out: what Whitening.fit did for every sample before."""
+    mean = x.mean(axis=0)
+    eigval, eigvec = np.linalg.eigh(np.cov(x - mean, rowvar=False))
+    order = np.argsort(eigval)[::-1][:dim]
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    scale = 1.0 / np.sqrt(eigval + 1e-5 * eigval.max())
+    return Whitening(mean, (eigvec * scale).T, eigval)
+
+
+def test_whitening_fewer_samples_than_dimensions_equals_the_covariance_route_up_to_axis_signs():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(60, 300)) @ rng.normal(size=(300, 300)) * 0.1 + 1.0
+    queries = rng.normal(size=(25, 300)) @ rng.normal(size=(300, 300)) * 0.1 + 1.0
+    for dim in (None, 16):
+        gram, cov = Whitening.fit(x, dim), _cov_fit(x, dim or 59)
+        np.testing.assert_allclose(gram.eigenvalues, cov.eigenvalues, rtol=1e-8)
+        np.testing.assert_allclose(np.abs(gram.projection), np.abs(cov.projection), rtol=1e-6, atol=1e-9)
+        a, b = gram.apply(queries), cov.apply(queries)
+        np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-8)  # every cosine the same
+
+
+def test_whitening_of_a_rank_deficient_sample_keeps_only_its_rank():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 3)) @ rng.normal(size=(3, 100))  # 40 samples of rank 3
+    w = Whitening.fit(x)
+    assert w.dim_out == 3 and np.isfinite(w.projection).all()
+
+
 def test_whitening_never_exceeds_sample_rank():
     x = np.random.default_rng(2).normal(size=(10, 50))
     assert Whitening.fit(x).dim_out == 9
