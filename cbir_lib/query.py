@@ -93,8 +93,8 @@ def _embedder(emb_manifest: dict, model_cache: str | None, data: bytes | None = 
     if want and artifact.sha256 != want:
         raise QueryError(f"the model file {artifact.local_path} (sha256 {artifact.sha256[:12]}) is not the one the run used ({want[:12]})")
     image = _decoded(data, artifact, ec)
-    spec = EmbedSpec(artifact=artifact, pooling=ec.pooling, gem_p=ec.gem_p, rmac_levels=ec.rmac_levels, resize=ec.resize,
-                     tta=ec.tta, device="cpu", pwa_channels=tuple((emb_manifest.get("pwa") or {}).get("channels") or ()))
+    max_pixels = ((emb_manifest.get("config") or {}).get("ingest") or {}).get("max_pixels") or EmbedSpec.max_pixels
+    spec = EmbedSpec.from_config(ec, artifact, max_pixels, (emb_manifest.get("pwa") or {}).get("channels") or (), device="cpu")
     _EMBEDDERS[key] = (ec, artifact, Embedder(spec, artifact.local_path))
     return (*_EMBEDDERS[key], image)
 

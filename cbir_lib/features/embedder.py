@@ -42,6 +42,15 @@ class EmbedSpec:
     threads: int | None = None  # TF intra-op threads; None = TF's default
     pwa_channels: tuple = ()  # pooling=pwa: the fitted part channels
 
+    @classmethod
+    def from_config(cls, e, artifact: ModelArtifact, max_pixels: int, pwa_channels=(), device: str | None = None) -> "EmbedSpec":
+        """The spec of an ``ExtractConfig`` ``e``: how extract embeds, and how ``cbir query``
+        embeds a query image for the run ``e`` made (``device`` overrides ``e.device``). One
+        builder for both, so a query is embedded as the collection was (mixed precision too)."""
+        return cls(artifact=artifact, pooling=e.pooling, gem_p=e.gem_p, rmac_levels=e.rmac_levels, resize=e.resize, tta=e.tta,
+                   batch_size=e.batch_size, mixed_precision=e.mixed_precision, device=device or e.device,
+                   decode_threads=e.decode_threads, max_pixels=max_pixels, decoder=e.decoder, pwa_channels=tuple(pwa_channels))
+
 
 def configure_devices(device: str, gpu_addresses: list[str] | None) -> None:
     """Pin this process to its task's GPUs (or to none) before TensorFlow initialises.

@@ -514,21 +514,7 @@ def run_extract(spark, cfg: Config) -> dict:
         log.info("extract: nothing to do; %s is current", prev_manifest.get("run_id"))
         return {**prev_manifest, "noop": True}
 
-    spec = EmbedSpec(
-        artifact=artifact,
-        pooling=e.pooling,
-        gem_p=e.gem_p,
-        rmac_levels=e.rmac_levels,
-        resize=e.resize,
-        tta=e.tta,
-        batch_size=e.batch_size,
-        mixed_precision=e.mixed_precision,
-        device=e.device,
-        decode_threads=e.decode_threads,
-        max_pixels=cfg.ingest.max_pixels,
-        decoder=e.decoder,
-        pwa_channels=tuple(pwa_info["channels"]) if pwa_info else (),
-    )
+    spec = EmbedSpec.from_config(e, artifact, cfg.ingest.max_pixels, tuple(pwa_info["channels"]) if pwa_info else ())
     embed_started = time.time()
     shard_stats: list = []
     if n_todo:

@@ -28,3 +28,23 @@ def test_flip_sums_both_views_and_is_mirror_invariant(embedders):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     # Without TTA a mirrored image is a different descriptor (else the test proves nothing).
     assert (np.sum(plain.embed(images) * plain.embed(mirrored), axis=1) < 0.999).all()
+
+
+def test_one_spec_builder_carries_every_embedding_setting_of_the_config():
+    """extract and cbir query build their EmbedSpec through EmbedSpec.from_config: a query
+    image is embedded as the collection was (query once dropped mixed_precision)."""
+    import dataclasses
+
+    e = ExtractConfig(pooling="gem", gem_p=4.0, rmac_levels=2, resize="pad", tta="flip", batch_size=8, mixed_precision=True,
+                      device="gpu", decode_threads=3, decoder="simplejpeg")
+    spec = EmbedSpec.from_config(e, "artifact", 1234, [5, 6])
+    assert dataclasses.asdict(spec) == {**dataclasses.asdict(EmbedSpec(artifact="artifact")), "pooling": "gem", "gem_p": 4.0,
+                                        "rmac_levels": 2, "resize": "pad", "tta": "flip", "batch_size": 8, "mixed_precision": True,
+                                        "device": "gpu", "decode_threads": 3, "max_pixels": 1234, "decoder": "simplejpeg",
+                                        "pwa_channels": (5, 6)}
+    assert EmbedSpec.from_config(e, "artifact", 1234, device="cpu").device == "cpu"
+    import inspect
+
+    from cbir_lib import query
+
+    assert "EmbedSpec(" not in inspect.getsource(query).replace("EmbedSpec.from_config(", "")  # query builds none by hand
