@@ -503,6 +503,8 @@ def run_extract(spark, cfg: Config) -> dict:
     prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
     postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes,
                        "head": head[0]["files"]["head.npz"] if head else None}
+    if e.whitening:  # the sample the whitening is fitted on (absent without whitening: older manifests still match)
+        postprocess_sig["whitening_sample"] = e.whitening_sample
     if (
         not n_todo
         and prev_manifest
@@ -590,7 +592,7 @@ def run_extract(spark, cfg: Config) -> dict:
         raise ConfigError(f"extract.whitening_dim: {e.whitening_dim} is larger than the embedding's dimension {dim} "
                           f"({e.model}, pooling {e.pooling}); the extracted shards are kept, so a rerun with a smaller value reuses them")
     if e.whitening and n_ok:
-        w_uri = fs.join(work_dir, f"whitening-{e.whitening_dim or 'full'}.npz")
+        w_uri = fs.join(work_dir, f"whitening-{e.whitening_dim or 'full'}-sample{e.whitening_sample}.npz")
         if fs.exists(spark, w_uri):
             whitening_bytes = fs.read_bytes(spark, w_uri)
         else:

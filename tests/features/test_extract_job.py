@@ -193,6 +193,16 @@ def test_whitening_and_codes(spark, extracted, model_cache):
     thresholds = np.load(Path(str(out), TABLE, "run=w1", "_binary_thresholds.npy"))
     np.testing.assert_array_equal(codes, np.packbits(vecs > thresholds, axis=1))
     assert 0.3 < np.unpackbits(codes, axis=1).mean() < 0.7
+    # the same again is a no-op; another whitening sample is not (it was ignored until 2026-12-03)
+    assert run_extract(spark, _cfg(out, "w2", model_cache, "extract.whitening=true", "extract.whitening_dim=32",
+                                   "extract.binary_codes=true")).get("noop")
+    other = run_extract(spark, _cfg(out, "w3", model_cache, "extract.whitening=true", "extract.whitening_dim=32",
+                                    "extract.binary_codes=true", "extract.whitening_sample=40"))
+    assert not other.get("noop") and other["run_id"] == "w3" and other["whitening"]["sample"] == 40
+    refit = np.stack(_table(spark, out).query("status == 'ok'")["embedding"].to_numpy())
+    run_dir = Path(str(out), TABLE)
+    assert (run_dir / "run=w1" / "_whitening.npz").read_bytes() != (run_dir / "run=w3" / "_whitening.npz").read_bytes()
+    assert refit.shape == vecs.shape and not np.allclose(refit, vecs, atol=1e-3)  # fitted on 40 of the 48 rows, not on all
 
 
 def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, extracted, model_cache):
