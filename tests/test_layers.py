@@ -38,8 +38,7 @@ HEAVY = ("pyspark", "tensorflow", "keras")
 
 
 def _package(path: Path) -> str:
-    rel = path.relative_to(LIB).with_suffix("")
-    return rel.parts[0] if len(rel.parts) > 1 else rel.parts[0]
+    return path.relative_to(LIB).with_suffix("").parts[0]  # cbir_lib/query.py -> query, cbir_lib/dedup/run.py -> dedup
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

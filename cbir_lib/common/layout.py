@@ -20,12 +20,3 @@ MODELS = "models"
 PRODUCER = {IMAGES: "ingest", EMBEDDINGS: "extract", INDEX: "build_index", NEIGHBORS: "neighbors", PAIRS: "neighbors",
             DEDUP: "dedup", EVALUATION: "evaluate", MODELS: "train"}
 TABLES = tuple(PRODUCER)
-
-
-def table_uri(root: str, name: str) -> str:
-    """``<root>/<name>`` for a table of :data:`TABLES`; a ``ValueError`` for any other name."""
-    from cbir_lib.common import fs
-
-    if name not in PRODUCER:
-        raise ValueError(f"no table {name!r} in the output root (tables: {', '.join(TABLES)})")
-    return fs.join(root, name)

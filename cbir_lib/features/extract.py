@@ -45,7 +45,7 @@ from cbir_lib.features.postprocess import Whitening, mean_threshold_bits
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK
 from cbir_lib.images.ingest import images_table_uri
 from cbir_lib.models.backbones import ModelArtifact, resolve_artifact
-from cbir_lib.models.head import BACKBONE_FILE, apply_head, backbone_extract_config, load_head, load_weights_npz
+from cbir_lib.models.head import BACKBONE_FILE, WEIGHTS_FILE, apply_head, backbone_extract_config, load_head, load_weights_npz
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def run_extract(spark, cfg: Config) -> dict:
     prev_run = tables.base_run(spark, table, cfg.run)
     prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
     postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes,
-                       "head": head[0]["files"]["head.npz"] if head else None}
+                       "head": head[0]["files"][WEIGHTS_FILE] if head else None}
     if e.whitening:  # the sample the whitening is fitted on (absent without whitening: older manifests still match)
         postprocess_sig["whitening_sample"] = e.whitening_sample
     if (
@@ -592,19 +592,19 @@ def run_extract(spark, cfg: Config) -> dict:
         raise ConfigError(f"extract.whitening_dim: {e.whitening_dim} is larger than the embedding's dimension {dim} "
                           f"({e.model}, pooling {e.pooling}); the extracted shards are kept, so a rerun with a smaller value reuses them")
     if e.whitening and n_ok:
+        # The sample is held on the driver as float64: at most WHITENING_SAMPLE_BYTES, so a
+        # 20,480-d PWA vector gets 3,276 rows (the fit's Gram route then needs an n x n
+        # matrix), the default 1,280-d all of whitening_sample.
+        sample_cap = max(2, WHITENING_SAMPLE_BYTES // (8 * dim))
         w_uri = fs.join(work_dir, f"whitening-{e.whitening_dim or 'full'}-sample{e.whitening_sample}.npz")
         if fs.exists(spark, w_uri):
             whitening_bytes = fs.read_bytes(spark, w_uri)
         else:
             with timer("fitting PCA-whitening"):
-                # The sample is held on the driver as float64: at most WHITENING_SAMPLE_BYTES,
-                # so a 20,480-d PWA vector gets 3,276 rows (the fit's Gram route then needs an
-                # n x n matrix), the default 1,280-d all of whitening_sample.
-                n_sample = min(e.whitening_sample, max(2, WHITENING_SAMPLE_BYTES // (8 * dim)))
                 sample = (
                     combined.filter(F.col("status") == STATUS_OK)
                     .orderBy(F.xxhash64("image_id"))
-                    .limit(n_sample)
+                    .limit(min(e.whitening_sample, sample_cap))
                     .select("embedding")
                     .toArrow()
                     .column("embedding")
@@ -617,7 +617,7 @@ def run_extract(spark, cfg: Config) -> dict:
         dim = w.dim_out
         extra["_whitening.npz"] = whitening_bytes
         whitening_info = {"dim_in": w.dim_in, "dim_out": w.dim_out, "file": "_whitening.npz", "sample": e.whitening_sample,
-                          "sample_cap": max(2, WHITENING_SAMPLE_BYTES // (8 * w.dim_in))}
+                          "sample_cap": sample_cap}
 
     meta = {"dim": dim, "model": e.model, "pooling": e.pooling, "run_id": run_id}
     thresholds = None
@@ -637,7 +637,7 @@ def run_extract(spark, cfg: Config) -> dict:
         head_bytes = save_weights_npz(h_weights)
         extra["_head.npz"] = head_bytes
         head_info = {"uri": h_manifest["uri"], "run_id": h_manifest["run_id"], "bits": dim, "classes": h_manifest["classes"],
-                     "sha256": h_manifest["files"]["head.npz"], "file": "_head.npz"}
+                     "sha256": h_manifest["files"][WEIGHTS_FILE], "file": "_head.npz"}
     final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz")), FINAL_DDL)
 
     manifest = {

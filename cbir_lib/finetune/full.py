@@ -27,7 +27,6 @@ from cbir_lib.models.head import BACKBONE_FILE, backbone_extract_config
 log = logging.getLogger(__name__)
 
 
-
 def trainable_layers(model, n_blocks: int) -> list[str]:
     """Names of the layers fine-tuned: the last ``n_blocks`` blocks and ``head_conv``
     (BatchNorm layers excluded: they stay in inference mode with ImageNet statistics)."""
