@@ -14,6 +14,10 @@ JVM + Python workers), polled every 0.2 s.
                  table is written beforehand and not timed. ``build_s`` is the index
                  stage's own wall time, ``query_s`` the rest. ``CBIR_BENCH_TWO_JOBS=1``
                  with ``--label cbir_two_jobs`` runs the two jobs as two spark-submits.
+- cbir_lsh:      the same with ``neighbors.method=lsh`` at its shipped settings (16 tables of 16
+                 bits, radius 1). From 1M on the whole run would take hours here, so the index
+                 stage runs as a job and the search is the job's own LSH code timed on 10,000
+                 queries in two one-thread processes and extrapolated (``info.how``).
 - faiss_hnsw:    IndexHNSWFlat M=32, efConstruction 40; efSearch the smallest of 64..1024
                  reaching recall 0.95 on the sample (the sweep is not timed; at 100k, 64).
 - faiss_ivf:     IndexIVFFlat, 4 sqrt(N) cells, nprobe 16.
@@ -65,7 +69,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "all_pairs.json"
 CLOTHING = ROOT.parent / "shared" / "data" / "clothing-small"
 K = 10
 SAMPLE = 1000
-METHODS = ("cbir", "faiss_hnsw", "faiss_ivf", "hnswlib", "pynndescent", "annoy_single", "exact", "spark_brp_lsh")
+METHODS = ("cbir", "cbir_lsh", "faiss_hnsw", "faiss_ivf", "hnswlib", "pynndescent", "annoy_single", "exact", "spark_brp_lsh")
 sys.path.insert(0, str(ROOT))
 
 
@@ -336,14 +340,13 @@ def w_annoy_single(x, t):
     return build, secs, v, i, extrapolate
 
 
-def w_cbir(x, t, ids=None, tmp=None):
-    """Write the embeddings table (untimed), then time the two jobs as subprocesses."""
+def _write_embeddings(root: Path, ids: np.ndarray, x: np.ndarray) -> None:
+    """The vectors as an extract stage's committed embeddings run ``bench`` under ``root`` (untimed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cbir_lib.index.build import vectors_array
 
-    root = Path(tmp)
     emb = root / "embeddings" / "run=bench"
     emb.mkdir(parents=True)
     step = 200_000
@@ -358,6 +361,15 @@ def w_cbir(x, t, ids=None, tmp=None):
         }), emb / f"part-{s // step:05d}.parquet")
     (emb / "_manifest.json").write_text(json.dumps({"run_id": "bench", "dim": int(x.shape[1])}))
     (root / "embeddings" / "_LATEST").write_text("bench")
+
+
+def w_cbir(x, t, ids=None, tmp=None):
+    """Write the embeddings table (untimed), then time the two jobs as subprocesses."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(tmp)
+    _write_embeddings(root, ids, x)
     common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench"]
     extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
     index_args = ["index.forests=false", *[a for a in extra if a.startswith("index.")]]
@@ -396,6 +408,89 @@ def w_cbir(x, t, ids=None, tmp=None):
                                                               "index": {"n_cells": index_manifest["n_cells"], "timings": index_manifest.get("timings"),
                                                                         "reduction": index_manifest.get("reduction"),
                                                                         "build_seconds": index_manifest.get("build_seconds")}}
+
+
+# cbir_lsh: from this N on, the search is timed on a sample and extrapolated (the variable: to try it small)
+LSH_SAMPLED_FROM = int(os.environ.get("CBIR_BENCH_LSH_SAMPLED_FROM", 1_000_000))
+LSH_SAMPLE = 10_000
+
+
+def w_cbir_lsh(x, t, ids=None, tmp=None):
+    """``neighbors.method=lsh`` at its shipped settings. Below LSH_SAMPLED_FROM: the cbir
+    pipeline end to end, as ``cbir``. From it on, the whole run would take hours here (a
+    bucket's rows grow with N, so the candidates per query do too), so:
+
+    - the index stage runs as a job, timed whole (``build_s``, with the tables' build);
+    - two processes of one thread each (local[2]'s two tasks) each build the hash tables over
+      all N vectors, exactly as each task of the job does (``lsh.LSHIndex``), and search half
+      of LSH_SAMPLE queries (the 1,000 recall queries among them) with the job's own
+      ``lsh_topk``; the slower one's search time is scaled by N / LSH_SAMPLE;
+    - the neighbours job's other work (loading the store, the exact recall sample, writing) is
+      not in the figure, so it is a lower bound of the job's time."""
+    if len(x) < LSH_SAMPLED_FROM:
+        os.environ["CBIR_BENCH_ARGS"] = f"{os.environ.get('CBIR_BENCH_ARGS', '')} neighbors.method=lsh".strip()
+        return w_cbir(x, t, ids=ids, tmp=tmp)
+    import multiprocessing as mp
+
+    from cbir_lib.config import Config
+
+    root = Path(tmp)
+    _write_embeddings(root, ids, x)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_index.py"), "--output", str(root), "--master", "local[2]",
+                          "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench", "index.forests=false"],
+                         cwd=ROOT, capture_output=True, text=True)
+    index_s = time.perf_counter() - t0
+    if out.returncode:
+        raise SystemExit(f"build_index failed:\n{out.stderr[-4000:]}")
+    nb, ic = Config().neighbors, Config().index
+    params = {"tables": nb.lsh_tables, "bits": nb.lsh_bits, "radius": nb.lsh_radius, "seed": ic.seed}
+    rng = np.random.default_rng(11)
+    rest = np.setdiff1d(np.arange(len(x)), t["pos"])
+    rows = np.sort(np.concatenate([t["pos"], rng.choice(rest, max(0, min(LSH_SAMPLE, len(x)) - len(t["pos"])), replace=False)]))
+    global _LSH_JOB
+    _LSH_JOB = (x, ids, params)
+    with mp.get_context("fork").Pool(2) as pool:
+        parts = pool.map(_lsh_part, np.array_split(rows, 2))
+    tables_s = max(p["tables_s"] for p in parts)
+    search_s = max(p["search_s"] for p in parts)
+    scores = np.concatenate([p["scores"] for p in parts])
+    found = np.concatenate([p["ids"] for p in parts])
+    at = np.searchsorted(rows, t["pos"])
+    projected = search_s * len(x) / len(rows)
+    info = {"how": f"index stage timed whole; hash tables built over all {len(x)} vectors and {len(rows)} sampled queries searched "
+                   f"by the job's own LSHIndex/lsh_topk in 2 one-thread processes (local[2]'s tasks); search scaled by N / sample. "
+                   "The neighbours job's store load, recall sample and write are not included: a lower bound",
+            "lsh": params, "index_stage_s": round(index_s, 2), "tables_s": round(tables_s, 2), "sample": len(rows),
+            "sample_search_s": round(search_s, 2), "candidates_per_query": round(float(np.mean(np.concatenate([p["counts"] for p in parts]))), 1),
+            "table_bytes": parts[0]["nbytes"], "extrapolated": True}
+    return index_s + tables_s, projected, scores[at], found[at], info
+
+
+_LSH_JOB = None
+
+
+def _lsh_part(rows):
+    from threadpoolctl import threadpool_limits
+
+    from cbir_lib.neighbors.lsh import LSHIndex, lsh_topk
+
+    x, ids, p = _LSH_JOB
+    with threadpool_limits(1):
+        t0 = time.perf_counter()
+        index = LSHIndex(x, p["tables"], p["bits"], p["seed"])
+        tables_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out_s, out_i, counts = [], [], []
+        for s in range(0, len(rows), 250):
+            r = rows[s : s + 250]
+            v, i, c = lsh_topk(index, x, ids, x[r], ids[r], K, p["radius"])
+            out_s.append(v)
+            out_i.append(i)
+            counts.append(c)
+        search_s = time.perf_counter() - t0
+    return {"tables_s": tables_s, "search_s": search_s, "scores": np.concatenate(out_s), "ids": np.concatenate(out_i),
+            "counts": np.concatenate(counts), "nbytes": index.nbytes}
 
 
 def w_spark_brp_lsh(x, t, ids=None, tmp=None):
@@ -445,6 +540,7 @@ WORKERS = {
     "annoy_single": w_annoy_single,
     "exact": w_exact,
     "cbir": w_cbir,
+    "cbir_lsh": w_cbir_lsh,
     "spark_brp_lsh": w_spark_brp_lsh,
 }
 
@@ -454,13 +550,13 @@ def worker(method: str, data: str, n: int) -> None:
     x = np.ascontiguousarray(x, dtype=np.float32)
     t = truth(data, n)
     with tempfile.TemporaryDirectory(prefix=f"bench-{method}-") as tmp:
-        if method in ("cbir", "spark_brp_lsh", "faiss_hnsw"):
+        if method in ("cbir", "cbir_lsh", "spark_brp_lsh", "faiss_hnsw"):
             build, query, v, i, extra = WORKERS[method](x, t, ids=ids, tmp=tmp)
         else:
             build, query, v, i, extra = WORKERS[method](x, t)
     info = extra if isinstance(extra, dict) else {}
-    extrapolated = extra is True
-    if method == "cbir":
+    extrapolated = extra is True or bool(info.pop("extrapolated", False))
+    if method in ("cbir", "cbir_lsh"):
         gv, gi = v, i  # already image ids at the sampled positions, self excluded
     else:
         if len(i) == len(x):
