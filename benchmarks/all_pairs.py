@@ -359,7 +359,10 @@ def _write_embeddings(root: Path, ids: np.ndarray, x: np.ndarray) -> None:
             "status": pa.array(["ok"] * m),
             "error": pa.array([None] * m, pa.string()),
         }), emb / f"part-{s // step:05d}.parquet")
-    (emb / "_manifest.json").write_text(json.dumps({"run_id": "bench", "dim": int(x.shape[1])}))
+    # The fields an extract run's manifest always has that the index stage reads: without
+    # ``counts`` it counted the rows itself, a pass over every vector no user's run pays.
+    (emb / "_manifest.json").write_text(json.dumps({"stage": "extract", "run_id": "bench", "dim": int(x.shape[1]),
+                                                    "counts": {"input": len(x), "ok": len(x), "failed": 0}}))
     (root / "embeddings" / "_LATEST").write_text("bench")
 
 
