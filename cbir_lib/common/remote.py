@@ -162,6 +162,15 @@ def read_many(files: Files, items: Iterable[tuple], threads: int = 4, ahead: int
             yield (k, *fut.result())
 
 
+def read_parquet(files: Files, uri: str, columns: list[str] | None = None):
+    """One Parquet file as an Arrow table, read by this process (raises if it cannot be read:
+    these are the pipeline's own committed files, not user input)."""
+    import pyarrow.parquet as pq
+
+    fs_, path, _ = _filesystem(files, uri)
+    return pq.read_table(path, columns=columns, filesystem=fs_)
+
+
 def list_names(files: Files, uri: str) -> list[str]:
     """Names of the files directly under ``uri`` (empty if it does not exist)."""
     from pyarrow import fs as pafs

@@ -141,10 +141,10 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
     key = spec["thresholds_key"]
     if key not in _THRESHOLDS:
         import pyarrow as pa
-        import pyarrow.parquet as pq
-        from pyspark import SparkFiles
 
-        parts = [pq.read_table(SparkFiles.get(name)) for name in spec["thresholds_files"]]
+        from cbir_lib.common import remote
+
+        parts = [remote.read_parquet(remote.Files(**spec.get("files", {})), u) for u in spec["thresholds_files"]]
         t = pa.concat_tables(parts) if parts else None
         thr = np.full(len(store.ids), np.inf, dtype=np.float32)
         if t is not None and t.num_rows:
@@ -209,7 +209,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
         keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
-    thr_files = S._ship(sc, spark, thr_uri)
+    thr_files = S.part_uris(spark, thr_uri)
     spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{S._spec_key(thr_files)}"}
 
     with timer("loading the store on the executors") as t:

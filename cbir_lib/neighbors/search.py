@@ -5,9 +5,12 @@ How a run proceeds:
 1. Validate the index against the latest embeddings (dim, metric, the embeddings run it
    was built from) and the search asked of it; refuse a mismatch with a clear error.
 2. Past ``neighbors.memory_budget`` the store is searched in groups instead
-   (:mod:`cbir_lib.neighbors.budget`), with the same results. Within it, ship the index's
-   store (and, for ``annoy``, its forests) to every executor with
-   ``addFile``, one Parquet part at a time. An executor turns them into a cell-sorted
+   (:mod:`cbir_lib.neighbors.budget`), with the same results. Within it, every executor
+   reads the index's store (and, for ``annoy``, its forests) itself, part by part, from
+   the table's filesystem (:mod:`cbir_lib.common.remote`), never through the driver:
+   ``addFile`` served every byte from the driver to every executor, 1 GB per executor at
+   1M x 256, so hundreds of executors would have waited on one machine. An executor turns
+   the parts into a cell-sorted
    :class:`~cbir_lib.neighbors.ivf.CellStore` once, in local ``.npy`` files that every
    Python worker on it memory-maps: one copy per machine, not per task.
 3. The work is the store itself: every image is a query, and queries are taken in
@@ -111,27 +114,25 @@ def _local_once(name: str, build) -> str:
     return d
 
 
-def read_store_parts(paths: list[str], reduced: bool = False) -> tuple:
+def read_store_parts(uris: list[str], reduced: bool = False, files: remote.Files | None = None) -> tuple:
     """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``;
     with ``reduced``, the rows' reduced vectors fourth."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    parts = [pq.read_table(p, columns=["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for p in paths]
+    files = files or remote.Files()
+    parts = [remote.read_parquet(files, u, ["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for u in uris]
     return sorted_store(pa.concat_tables(parts) if parts else pa.table({"cell": pa.array([], pa.int32())}), reduced)
 
 
 def local_store(spec: dict) -> CellStore:
-    """The executor's copy of the store (built from the ``addFile``-d parts on first use)."""
+    """The executor's copy of the store (read from the table's parts on first use)."""
     key = spec["store_key"]
     if key in _STORES:
         return _STORES[key]
-    from pyspark import SparkFiles
-
     reduced = bool(spec.get("reduced_dim"))
 
     def build(tmp: str) -> None:
-        cells, ids, x, *xr = read_store_parts([SparkFiles.get(name) for name in spec["store_files"]], reduced)
+        cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
         counts = np.diff(np.asarray(spec["offsets"]))
         if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
             raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
@@ -156,13 +157,11 @@ def local_forests(spec: dict):
     key = spec["store_key"]
     if key in _FORESTS:
         return _FORESTS[key]
-    import pyarrow.parquet as pq
     from annoy import AnnoyIndex
-    from pyspark import SparkFiles
 
     def build(tmp: str) -> None:
-        for name in spec["forest_files"]:
-            t = pq.read_table(SparkFiles.get(name), columns=["cell", "ann"])
+        for uri in spec["forest_files"]:
+            t = remote.read_parquet(remote.Files(**spec.get("files", {})), uri, ["cell", "ann"])
             for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
                 with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
                     fh.write(blob)
@@ -530,8 +529,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         store_bytes += n * budget.forest_bytes_per_row(int(index["dim"]), int(index.get("n_trees") or 0))
     grouped = store_bytes > budget_bytes
     # Ship the store (and forests) to the executors, part file by part file.
-    store_files = [] if grouped else _ship(sc, spark, fs.join(index["uri"], STORE))
-    forest_files = _ship(sc, spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
+    # The parts the executors read themselves (their URIs; the store key names them).
+    store_files = [] if grouped else part_uris(spark, fs.join(index["uri"], STORE))
+    forest_files = part_uris(spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     reduction = index.get("reduction") or {}
     spec = {
@@ -542,6 +542,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
         "store_files": store_files,
         "forest_files": forest_files,
+        "files": {"s3": remote.settings_from_hadoop(spark).s3},
         "centroids": centroids,
         "offsets": offsets.tolist(),
         "metric": index["metric"],
@@ -881,7 +882,7 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
         tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
         df.mapInArrow(_augment_ranges({**spec, "expand": False}), "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")).write.mode("overwrite").parquet(tmp)
         fs.rename(spark, tmp, dba_dir)
-    files = _ship(sc, spark, dba_dir)
+    files = part_uris(spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
     spec = {**spec, "store_key": f"{index['run_id']}-dba-{_spec_key(files)}", "store_files": files,
             "method": "dense" if spec["method"] == "annoy" else spec["method"]}
@@ -955,14 +956,12 @@ def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, inde
     return buf.getvalue()
 
 
-def _ship(sc, spark, uri: str) -> list[str]:
-    """``addFile`` each Parquet part under ``uri`` (once per SparkContext); their names."""
-    names = [name for name in fs.list_names(spark, uri) if name.endswith(".parquet")]
-    shipped = {u.rsplit("/", 1)[-1] for u in sc.listFiles}
-    for name in names:
-        if name not in shipped:
-            sc.addFile(fs.join(uri, name))
-    return names
+def part_uris(spark, uri: str) -> list[str]:
+    """The URIs of the Parquet parts under ``uri`` (a committed directory), sorted, for the
+    executors to read themselves; refused here, on the driver, if no task could open them."""
+    uri = fs.qualify(spark, uri)
+    remote.check_scheme(uri)
+    return [fs.join(uri, name) for name in sorted(fs.list_names(spark, uri)) if name.endswith(".parquet")]
 
 
 def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, slots: int):
