@@ -153,7 +153,8 @@ def edge_betweenness(adj: list[np.ndarray], nodes: np.ndarray) -> dict[tuple[int
     allowed[nodes] = True
     score: dict[tuple[int, int], float] = {}
     for s in nodes.tolist():
-        order, preds = [], {s: []}
+        order: list[int] = []
+        preds: dict[int, list[int]] = {s: []}
         sigma, dist = {s: 1.0}, {s: 0}
         frontier = [s]
         while frontier:

@@ -120,6 +120,7 @@ class CellStore:
         cached = getattr(self, "_graph", None)
         if cached is not None and cached.shape[1] == pool:
             return cached
+        assert self.centroids is not None, "hash cells have no centroid graph"
         self._graph = assign(self.centroids, self.centroids, self.metric, pool)
         return self._graph
 
@@ -167,11 +168,11 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     once (:func:`~cbir_lib.vectors.topk.finish_shortlist`), with the same result.
     """
     m = probes.shape[0]
-    reduced = shortlist is not None and store.reduced is not None
-    width = max(int(shortlist), k) if reduced else k
+    reduced = shortlist is not None and store.reduced is not None and store.projection is not None
     vectors, sq = store.vectors, store.sqnorm
-    q = project(queries, store.projection) if reduced else queries
-    x = store.reduced if reduced else vectors
+    width, q, x = k, queries, vectors
+    if shortlist is not None and store.reduced is not None and store.projection is not None:
+        width, q, x = max(int(shortlist), k), project(queries, store.projection), store.reduced
     found = _gather(store, q, x, query_ids, probes, width, exclude_self, thresholds) if m else None
     if found is None:
         return empty_shortlist(m, width) if reduced and raw else empty(m, k)
@@ -268,7 +269,7 @@ def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         if not live.any():
             continue
         s = rank_scores(queries[rows], store.vectors[a:b], store.metric, None if sq is None else sq[a:b])
-        if euclid:  # compare in final units: -|q - x|
+        if q_sq is not None:  # euclidean: compare in final units, -|q - x|
             s = final_scores(s, "euclidean", q_sq[rows])
         r, c = np.nonzero((s >= slack(np.where(live, thr, np.float32(0)))[None, :]) & live[None, :])
         if r.size:
@@ -278,7 +279,7 @@ def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     qi, pos = np.concatenate(out_q), np.concatenate(out_r).astype(np.int64)
     exact = pair_scores(queries, qi, store.vectors, pos, store.metric, sq)
-    if euclid:
+    if q_sq is not None:  # euclidean
         exact = -np.sqrt(np.maximum(q_sq[qi] - 2.0 * exact, 0.0)).astype(np.float32)
     keep = (exact >= thr_all[pos]) & (np.asarray(store.ids)[pos] != query_ids[qi])
     return pos[keep], qi[keep], exact[keep].astype(np.float32)
@@ -351,7 +352,7 @@ def tf_exact_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray
         stop = min(start + block_size, len(store.vectors))
         x = tf.constant(store.vectors[start:stop])
         s = tf.matmul(q, x, transpose_b=True)
-        if store.metric == "euclidean":
+        if store.sqnorm is not None:  # euclidean
             s = s - 0.5 * tf.constant(store.sqnorm[start:stop])[None, :]
         bids = store.ids[start:stop]
         if exclude_self:

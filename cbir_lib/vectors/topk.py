@@ -50,6 +50,8 @@ def final_scores(rank: np.ndarray, metric: str, q_sqnorm: np.ndarray | None = No
     """The reported score from a ranking score of :func:`rank_scores` (rows = queries)."""
     if metric != "euclidean":
         return rank
+    if q_sqnorm is None:
+        raise ValueError("final_scores: euclidean scores need the queries' squared norms")
     d2 = np.maximum(q_sqnorm[:, None] - 2.0 * rank, 0.0)
     out = -np.sqrt(d2)
     out[~np.isfinite(rank)] = -np.inf
@@ -102,7 +104,7 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     take = rank < k
     out_v[rows[take], rank[take]] = scores[take]
     out_i[rows[take], rank[take]] = ids[take]
-    if payload is None:
+    if payload is None or out_p is None:
         return out_v, out_i
     out_p[rows[take], rank[take]] = payload[order][take]
     return out_v, out_i, out_p
@@ -173,11 +175,13 @@ def shortlist_scores(queries: np.ndarray, vectors: np.ndarray, pos: np.ndarray, 
     if m == 0 or L == 0:
         return out
     step = max(1, block_bytes // max(1, 4 * L * vectors.shape[1]))
+    if metric == "euclidean" and sqnorm is None:
+        sqnorm = np.einsum("ij,ij->i", vectors, vectors)
     for s in range(0, m, step):
         p = pos[s : s + step]
         g = np.asarray(vectors[np.maximum(p, 0)], dtype=np.float32)  # (b, L, d)
         v = (g * queries[s : s + step, None, :]).sum(axis=2, dtype=np.float32)
-        if metric == "euclidean":
+        if sqnorm is not None and metric == "euclidean":
             v -= np.float32(0.5) * sqnorm[np.maximum(p, 0)]
         out[s : s + step] = np.where(p >= 0, v, np.float32(-np.inf))
     return out
