@@ -52,12 +52,21 @@ def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def latest_run(table_uri: str) -> tuple[str, dict]:
+def _read_text(uri: str) -> str | None:
     try:
-        run_id = read_bytes(_join(table_uri, "_LATEST")).decode().strip()
-    except QueryError:
-        raise QueryError(f"no finished run under {table_uri}") from None
-    return run_id, json.loads(read_bytes(_join(table_uri, f"run={run_id}", "_manifest.json")))
+        return read_bytes(uri).decode("utf-8")
+    except (QueryError, OSError):
+        return None
+
+
+def latest_run(table_uri: str) -> tuple[str, dict]:
+    """The run id and manifest of the table's latest committed snapshot (:func:`layout.snapshot`)."""
+    snap = layout.snapshot(table_uri, read=_read_text)
+    if snap is None:
+        raise QueryError(f"no finished run under {table_uri}")
+    if snap.manifest is None:
+        raise QueryError(f"{snap.uri}: the run _LATEST names has no {layout.MANIFEST} (a commit that did not finish)")
+    return snap.run_id, snap.manifest
 
 
 @dataclass

@@ -31,6 +31,7 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    from cbir_lib.common import layout
     from cbir_lib.query import QueryError, query_bytes, read_bytes
     from cbir_lib.sql.duck import connect
     from cbir_lib.sql.views import RUN_TABLES
@@ -44,7 +45,7 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
         pointers = []
         for table in RUN_TABLES:
             try:
-                pointers.append(read_bytes(f"{output_root.rstrip('/')}/{table}/_LATEST"))
+                pointers.append(read_bytes(f"{output_root.rstrip('/')}/{table}/{layout.LATEST}"))
             except QueryError:
                 pointers.append(None)
         if cached.get("pointers") != pointers:

@@ -16,11 +16,9 @@ import logging
 import uuid
 
 from cbir_lib.common import fs
+from cbir_lib.common.layout import LATEST, MANIFEST  # noqa: F401 (the names every committer and reader shares)
 
 log = logging.getLogger(__name__)
-
-LATEST = "_LATEST"
-MANIFEST = "_manifest.json"
 
 
 def run_dir(table_uri: str, run_id: str) -> str:

@@ -108,7 +108,7 @@ def add_derived(resolved: "Resolved", engine: str, create) -> None:
 
 
 def snapshot_dir(root: str, table: str, run_id: str) -> str:
-    return f"{root.rstrip('/')}/{table}/run={run_id}"
+    return layout.run_dir(f"{root.rstrip('/')}/{table}", run_id)
 
 
 def parquet_glob(root: str, source: Source, run_id: str) -> str:
@@ -141,15 +141,13 @@ def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved
     notes: list[str] = []
     chosen: dict[str, str] = {}
     for table in sorted({s.table for s in SOURCES} | set(RUN_TABLES)):
-        uri = f"{root}/{table}"
-        latest = (read_text(f"{uri}/_LATEST") or "").strip() or None
-        run_id = run if run and read_text(f"{snapshot_dir(root, table, run)}/_manifest.json") is not None else latest
-        if run_id is None:
+        snap = layout.snapshot(f"{root}/{table}", run, read_text)
+        if snap is None:
             continue
-        if read_text(f"{snapshot_dir(root, table, run_id)}/_manifest.json") is None:
-            notes.append(f"{table}: run={run_id} has no manifest (a commit that did not finish); left out")
+        if not snap.committed:
+            notes.append(f"{table}: run={snap.run_id} has no manifest (a commit that did not finish); left out")
             continue
-        chosen[table] = run_id
+        chosen[table] = snap.run_id
     for s in SOURCES:
         if s.table in chosen:
             views[s.view] = parquet_glob(root, s, chosen[s.table])
@@ -158,7 +156,7 @@ def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved
     runs = []
     for table in RUN_TABLES:
         for run_id in sorted(list_runs(f"{root}/{table}")):
-            text = read_text(f"{snapshot_dir(root, table, run_id)}/_manifest.json")
+            text = read_text(f"{snapshot_dir(root, table, run_id)}/{layout.MANIFEST}")
             if text is None:
                 continue
             m = json.loads(text)
