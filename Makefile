@@ -45,6 +45,7 @@ browser:
 
 lint: $(STAMP)
 	$(BIN)/ruff check cbir_lib jobs tests airflow_dags benchmarks
+	$(BIN)/ruff format --check cbir_lib jobs tests airflow_dags benchmarks
 	$(BIN)/mypy
 
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -154,20 +154,48 @@ def labels(params) -> str:
 
 
 PARAMS = {
-    "images": Param(None, type=["null", "string"], pattern=PATTERNS["images"],
-                    description="directory or Hadoop URI; empty: Variable cbir_images, else the embedded sample"),
-    "output_root": Param(None, type=["null", "string"], pattern=PATTERNS["output_root"], description="table root; empty: Variable cbir_output_root"),
-    "profile": Param(None, type=["null", "string"], pattern=PATTERNS["profile"],
-                     description="conf/<name>.yaml of the checkout; empty: Variable cbir_profile, else conf/default.yaml"),
-    "extract_profile": Param(None, type=["null", "string"], pattern=PATTERNS["extract_profile"],
-                             description="profile for extract (e.g. conf/yarn-gpu.yaml); empty: the profile"),
-    "model": Param(None, type=["null", "string"], pattern=PATTERNS["model"], description="extract.model, a built-in name; empty: the profile's"),
+    "images": Param(
+        None,
+        type=["null", "string"],
+        pattern=PATTERNS["images"],
+        description="directory or Hadoop URI; empty: Variable cbir_images, else the embedded sample",
+    ),
+    "output_root": Param(
+        None, type=["null", "string"], pattern=PATTERNS["output_root"], description="table root; empty: Variable cbir_output_root"
+    ),
+    "profile": Param(
+        None,
+        type=["null", "string"],
+        pattern=PATTERNS["profile"],
+        description="conf/<name>.yaml of the checkout; empty: Variable cbir_profile, else conf/default.yaml",
+    ),
+    "extract_profile": Param(
+        None,
+        type=["null", "string"],
+        pattern=PATTERNS["extract_profile"],
+        description="profile for extract (e.g. conf/yarn-gpu.yaml); empty: the profile",
+    ),
+    "model": Param(
+        None, type=["null", "string"], pattern=PATTERNS["model"], description="extract.model, a built-in name; empty: the profile's"
+    ),
     "k": Param(None, type=["null", "integer"], minimum=1, maximum=1000, description="neighbors.k; empty: the profile's"),
-    "labels": Param(None, type=["null", "string"], pattern=PATTERNS["labels"], description="evaluate.labels: folders | groups | a labels .csv"),
-    "mode": Param(None, type=["null", "string"], enum=[None, "incremental", "full"], pattern=PATTERNS["mode"],
-                  description="incremental (default): update last night's index and neighbours; full: rebuild them"),
-    "full_rebuild_every": Param(None, type=["null", "integer"], minimum=0, maximum=1000,
-                                description="a full rebuild every this many index builds; empty: Variable, else 7"),
+    "labels": Param(
+        None, type=["null", "string"], pattern=PATTERNS["labels"], description="evaluate.labels: folders | groups | a labels .csv"
+    ),
+    "mode": Param(
+        None,
+        type=["null", "string"],
+        enum=[None, "incremental", "full"],
+        pattern=PATTERNS["mode"],
+        description="incremental (default): update last night's index and neighbours; full: rebuild them",
+    ),
+    "full_rebuild_every": Param(
+        None,
+        type=["null", "integer"],
+        minimum=0,
+        maximum=1000,
+        description="a full rebuild every this many index builds; empty: Variable, else 7",
+    ),
 }
 
 
@@ -181,9 +209,12 @@ class CbirStage(SparkSubmitOperator):
 
     def __init__(self, *, stage: str, profile: str = "profile", overrides: tuple[str, ...] = (), **kwargs):
         args = [
-            "--config", "{{ in_project(params, '%s') or in_project(params, 'profile') }}" % profile,
-            "--output", "{{ output_root(params) }}",
-            "--run-id", RUN_ID,
+            "--config",
+            "{{ in_project(params, '%s') or in_project(params, 'profile') }}" % profile,
+            "--output",
+            "{{ output_root(params) }}",
+            "--run-id",
+            RUN_ID,
             "run.pin_inputs=true",
             "run.keep_snapshots={{ deployment('keep_snapshots') }}",
             *overrides,
@@ -224,15 +255,25 @@ with DAG(
         "execution_timeout": dt.timedelta(hours=12),
     },
     params=PARAMS,
-    user_defined_macros={"setting": setting, "deployment": deployment, "in_project": in_project, "output_root": output_root, "labels": labels},
+    user_defined_macros={
+        "setting": setting,
+        "deployment": deployment,
+        "in_project": in_project,
+        "output_root": output_root,
+        "labels": labels,
+    },
     tags=["cbir"],
     doc_md=__doc__,
 ) as dag:
     ingest = CbirStage(stage="ingest", overrides=("ingest.images={{ setting(params, 'images') }}",))
     extract = CbirStage(stage="extract", profile="extract_profile", overrides=("extract.model={{ setting(params, 'model') }}",))
-    build_index = CbirStage(stage="build_index", overrides=("index.mode={{ setting(params, 'mode') }}",
-                                                            "index.full_rebuild_every={{ setting(params, 'full_rebuild_every') }}"))
-    neighbors = CbirStage(stage="neighbors", overrides=("neighbors.k={{ setting(params, 'k') }}", "neighbors.mode={{ setting(params, 'mode') }}"))
+    build_index = CbirStage(
+        stage="build_index",
+        overrides=("index.mode={{ setting(params, 'mode') }}", "index.full_rebuild_every={{ setting(params, 'full_rebuild_every') }}"),
+    )
+    neighbors = CbirStage(
+        stage="neighbors", overrides=("neighbors.k={{ setting(params, 'k') }}", "neighbors.mode={{ setting(params, 'mode') }}")
+    )
     evaluate = CbirStage(stage="evaluate", overrides=("evaluate.labels={{ labels(params) }}",))
     dedup = CbirStage(stage="dedup")
 

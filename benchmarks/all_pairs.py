@@ -352,17 +352,23 @@ def _write_embeddings(root: Path, ids: np.ndarray, x: np.ndarray) -> None:
     step = 200_000
     for s in range(0, len(x), step):
         m = min(step, len(x) - s)
-        pq.write_table(pa.table({
-            "image_id": pa.array(ids[s : s + m]),
-            "embedding": vectors_array(np.asarray(x[s : s + m])),
-            "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
-            "status": pa.array(["ok"] * m),
-            "error": pa.array([None] * m, pa.string()),
-        }), emb / f"part-{s // step:05d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": pa.array(ids[s : s + m]),
+                    "embedding": vectors_array(np.asarray(x[s : s + m])),
+                    "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+                    "status": pa.array(["ok"] * m),
+                    "error": pa.array([None] * m, pa.string()),
+                }
+            ),
+            emb / f"part-{s // step:05d}.parquet",
+        )
     # The fields an extract run's manifest always has that the index stage reads: without
     # ``counts`` it counted the rows itself, a pass over every vector no user's run pays.
-    (emb / "_manifest.json").write_text(json.dumps({"stage": "extract", "run_id": "bench", "dim": int(x.shape[1]),
-                                                    "counts": {"input": len(x), "ok": len(x), "failed": 0}}))
+    (emb / "_manifest.json").write_text(
+        json.dumps({"stage": "extract", "run_id": "bench", "dim": int(x.shape[1]), "counts": {"input": len(x), "ok": len(x), "failed": 0}})
+    )
     (root / "embeddings" / "_LATEST").write_text("bench")
 
 
@@ -376,11 +382,18 @@ def w_cbir(x, t, ids=None, tmp=None):
     common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench"]
     extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
     index_args = ["index.forests=false", *[a for a in extra if a.startswith("index.")]]
-    nb_args = ["neighbors.method=auto", "neighbors.min_recall=0.95", "neighbors.rerank=none", *[a for a in extra if a.startswith("neighbors.")]]
+    nb_args = [
+        "neighbors.method=auto",
+        "neighbors.min_recall=0.95",
+        "neighbors.rerank=none",
+        *[a for a in extra if a.startswith("neighbors.")],
+    ]
     times = {}
     if os.environ.get("CBIR_BENCH_TWO_JOBS"):  # one spark-submit per stage, as before jobs/pipeline.py
-        runs = (("build_index", [str(ROOT / "jobs" / "build_index.py"), *common, *index_args]),
-                ("neighbors", [str(ROOT / "jobs" / "neighbors.py"), *common, *nb_args]))
+        runs = (
+            ("build_index", [str(ROOT / "jobs" / "build_index.py"), *common, *index_args]),
+            ("neighbors", [str(ROOT / "jobs" / "neighbors.py"), *common, *nb_args]),
+        )
     else:  # both stages in one session
         runs = (("pipeline", [str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *common, *index_args, *nb_args]),)
     for job, cmd in runs:
@@ -404,13 +417,26 @@ def w_cbir(x, t, ids=None, tmp=None):
     qids = ids[t["pos"]]
     gv, gi = topk_arrays(nb.filter(pa.array(np.isin(nb.column("image_id").to_numpy(), qids))), qids, K)
     manifest = json.loads((root / "neighbors" / "run=bench" / "_manifest.json").read_text())
-    return times["build_index"], times["neighbors"], gv, gi, {"manifest_recall": manifest.get("recall_at_k"),
-                                                              "nprobe": manifest.get("nprobe"), "timings": manifest.get("timings"),
-                                                              "memory": manifest.get("memory"), "method": manifest.get("method"),
-                                                              "jobs": [job for job in ("pipeline", "build_index", "neighbors") if job + "_summary" in times],
-                                                              "index": {"n_cells": index_manifest["n_cells"], "timings": index_manifest.get("timings"),
-                                                                        "reduction": index_manifest.get("reduction"),
-                                                                        "build_seconds": index_manifest.get("build_seconds")}}
+    return (
+        times["build_index"],
+        times["neighbors"],
+        gv,
+        gi,
+        {
+            "manifest_recall": manifest.get("recall_at_k"),
+            "nprobe": manifest.get("nprobe"),
+            "timings": manifest.get("timings"),
+            "memory": manifest.get("memory"),
+            "method": manifest.get("method"),
+            "jobs": [job for job in ("pipeline", "build_index", "neighbors") if job + "_summary" in times],
+            "index": {
+                "n_cells": index_manifest["n_cells"],
+                "timings": index_manifest.get("timings"),
+                "reduction": index_manifest.get("reduction"),
+                "build_seconds": index_manifest.get("build_seconds"),
+            },
+        },
+    )
 
 
 # cbir_lsh: from this N on, the search is timed on a sample and extrapolated (the variable: to try it small)
@@ -440,9 +466,24 @@ def w_cbir_lsh(x, t, ids=None, tmp=None):
     root = Path(tmp)
     _write_embeddings(root, ids, x)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_index.py"), "--output", str(root), "--master", "local[2]",
-                          "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench", "index.forests=false"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "build_index.py"),
+            "--output",
+            str(root),
+            "--master",
+            "local[2]",
+            "--set",
+            "spark.conf.spark.driver.memory=8g",
+            "--run-id",
+            "bench",
+            "index.forests=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     index_s = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(f"build_index failed:\n{out.stderr[-4000:]}")
@@ -461,12 +502,19 @@ def w_cbir_lsh(x, t, ids=None, tmp=None):
     found = np.concatenate([p["ids"] for p in parts])
     at = np.searchsorted(rows, t["pos"])
     projected = search_s * len(x) / len(rows)
-    info = {"how": f"index stage timed whole; hash tables built over all {len(x)} vectors and {len(rows)} sampled queries searched "
-                   f"by the job's own LSHIndex/lsh_topk in 2 one-thread processes (local[2]'s tasks); search scaled by N / sample. "
-                   "The neighbours job's store load, recall sample and write are not included: a lower bound",
-            "lsh": params, "index_stage_s": round(index_s, 2), "tables_s": round(tables_s, 2), "sample": len(rows),
-            "sample_search_s": round(search_s, 2), "candidates_per_query": round(float(np.mean(np.concatenate([p["counts"] for p in parts]))), 1),
-            "table_bytes": parts[0]["nbytes"], "extrapolated": True}
+    info = {
+        "how": f"index stage timed whole; hash tables built over all {len(x)} vectors and {len(rows)} sampled queries searched "
+        f"by the job's own LSHIndex/lsh_topk in 2 one-thread processes (local[2]'s tasks); search scaled by N / sample. "
+        "The neighbours job's store load, recall sample and write are not included: a lower bound",
+        "lsh": params,
+        "index_stage_s": round(index_s, 2),
+        "tables_s": round(tables_s, 2),
+        "sample": len(rows),
+        "sample_search_s": round(search_s, 2),
+        "candidates_per_query": round(float(np.mean(np.concatenate([p["counts"] for p in parts]))), 1),
+        "table_bytes": parts[0]["nbytes"],
+        "extrapolated": True,
+    }
     return index_s + tables_s, projected, scores[at], found[at], info
 
 
@@ -492,8 +540,14 @@ def _lsh_part(rows):
             out_i.append(i)
             counts.append(c)
         search_s = time.perf_counter() - t0
-    return {"tables_s": tables_s, "search_s": search_s, "scores": np.concatenate(out_s), "ids": np.concatenate(out_i),
-            "counts": np.concatenate(counts), "nbytes": index.nbytes}
+    return {
+        "tables_s": tables_s,
+        "search_s": search_s,
+        "scores": np.concatenate(out_s),
+        "ids": np.concatenate(out_i),
+        "counts": np.concatenate(counts),
+        "nbytes": index.nbytes,
+    }
 
 
 def w_spark_brp_lsh(x, t, ids=None, tmp=None):
@@ -503,8 +557,13 @@ def w_spark_brp_lsh(x, t, ids=None, tmp=None):
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
-    spark = (SparkSession.builder.master("local[2]").config("spark.driver.memory", "8g")
-             .config("spark.sql.shuffle.partitions", "8").config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.driver.memory", "8g")
+        .config("spark.sql.shuffle.partitions", "8")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     # Threshold: 95th percentile of the exact 10th-neighbour distance (unit vectors).
     thr = float(np.percentile(np.sqrt(np.maximum(2 - 2 * t["scores"][:, -1], 0)), 95))
@@ -518,8 +577,11 @@ def w_spark_brp_lsh(x, t, ids=None, tmp=None):
     hashed.count()
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pairs = model.approxSimilarityJoin(hashed, hashed, thr, distCol="dist").select(
-        F.col("datasetA.id").alias("a"), F.col("datasetB.id").alias("b"), "dist").filter("a != b")
+    pairs = (
+        model.approxSimilarityJoin(hashed, hashed, thr, distCol="dist")
+        .select(F.col("datasetA.id").alias("a"), F.col("datasetB.id").alias("b"), "dist")
+        .filter("a != b")
+    )
     w = Window.partitionBy("a").orderBy("dist", "b")
     top = pairs.withColumn("r", F.row_number().over(w)).filter(F.col("r") <= K)
     top.write.mode("overwrite").parquet(str(Path(tmp) / "lsh"))
@@ -567,8 +629,17 @@ def worker(method: str, data: str, n: int) -> None:
         v, i = _drop_self(np.asarray(v, np.float32), i, t["pos"])
         gi = np.where(i >= 0, ids[np.maximum(i, 0)], -1)
         gv = np.where(i >= 0, v, -np.inf).astype(np.float32)
-    print(json.dumps({"build_s": round(build, 2), "query_s": round(query, 2), "recall_at_10": round(recall(gi, gv, t), 4),
-                      "extrapolated": extrapolated, **({"info": info} if info else {})}))
+    print(
+        json.dumps(
+            {
+                "build_s": round(build, 2),
+                "query_s": round(query, 2),
+                "recall_at_10": round(recall(gi, gv, t), 4),
+                "extrapolated": extrapolated,
+                **({"info": info} if info else {}),
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------ driver
@@ -607,13 +678,25 @@ def watch_peak_rss(pid: int, every: float = 0.2):
 
 
 def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "OPENBLAS_NUM_THREADS": "2",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     if memory_budget:
         env["CBIR_BENCH_ARGS"] = f"{env.get('CBIR_BENCH_ARGS', '')} neighbors.memory_budget={memory_budget}".strip()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", method, "--data", data, "--n", str(n)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", method, "--data", data, "--n", str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     peak, stop, th = watch_peak_rss(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -625,8 +708,14 @@ def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str 
         proc.kill()
         out, err = proc.communicate()
         stop.set()
-        return {"n": n, "dim": None, "data": data, "method": method, "status": f"did not finish in {timeout} s",
-                "peak_rss_mb": round(peak[0] / 2**20)}
+        return {
+            "n": n,
+            "dim": None,
+            "data": data,
+            "method": method,
+            "status": f"did not finish in {timeout} s",
+            "peak_rss_mb": round(peak[0] / 2**20),
+        }
     stop.set()
     th.join()
     wall = time.perf_counter() - t0
@@ -634,9 +723,19 @@ def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str 
         sys.stderr.write(err[-3000:])
         return {"n": n, "data": data, "method": method, "status": f"failed (exit {proc.returncode})", "error": err[-500:]}
     r = json.loads(out.strip().splitlines()[-1])
-    row = {"n": n, "dim": None, "data": data, "method": method, "build_s": r["build_s"], "query_s": r["query_s"],
-           "total_s": round(r["build_s"] + r["query_s"], 2), "recall_at_10": r["recall_at_10"],
-           "peak_rss_mb": round(peak[0] / 2**20), "extrapolated": r["extrapolated"], "process_wall_s": round(wall, 1)}
+    row = {
+        "n": n,
+        "dim": None,
+        "data": data,
+        "method": method,
+        "build_s": r["build_s"],
+        "query_s": r["query_s"],
+        "total_s": round(r["build_s"] + r["query_s"], 2),
+        "recall_at_10": r["recall_at_10"],
+        "peak_rss_mb": round(peak[0] / 2**20),
+        "extrapolated": r["extrapolated"],
+        "process_wall_s": round(wall, 1),
+    }
     if "info" in r:
         row["info"] = r["info"]
         held = (r["info"].get("memory") or {}).get("max_held_bytes")
@@ -699,20 +798,27 @@ def main() -> None:
 
 
 def _ratios(results: dict, data: str, n: int) -> None:
-    rows = {r["method"]: r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r and not r.get("memory_budget_mb")}
+    rows = {
+        r["method"]: r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r and not r.get("memory_budget_mb")
+    }
     budgeted = [r for r in results["runs"] if r["n"] == n and r["data"] == data and "total_s" in r and r.get("memory_budget_mb")]
     for r in budgeted:
         base_ = rows.get(r["method"])
-        print(f"{data} n={n}: {r['method']} under a {r['memory_budget_mb']} MB budget: total {r['total_s']} s, recall {r['recall_at_10']}, "
-              f"largest store share {r.get('largest_store_share_mb')} MB" + (f" -> {r['total_s'] / base_['total_s']:.2f}x unbudgeted" if base_ else ""))
+        print(
+            f"{data} n={n}: {r['method']} under a {r['memory_budget_mb']} MB budget: total {r['total_s']} s, recall {r['recall_at_10']}, "
+            f"largest store share {r.get('largest_store_share_mb')} MB"
+            + (f" -> {r['total_s'] / base_['total_s']:.2f}x unbudgeted" if base_ else "")
+        )
     base = rows.get("cbir")
     if not base:
         return
     print(f"\n{data} n={n}: cbir total {base['total_s']} s at recall {base['recall_at_10']}")
     for m, r in sorted(rows.items()):
         if m != "cbir":
-            print(f"  {m:14s} total {r['total_s']:9.1f} s  recall {r['recall_at_10']:.4f}  -> {r['total_s'] / base['total_s']:.2f}x cbir's time"
-                  + ("  (extrapolated)" if r.get("extrapolated") else ""))
+            print(
+                f"  {m:14s} total {r['total_s']:9.1f} s  recall {r['recall_at_10']:.4f}  "
+                f"-> {r['total_s'] / base['total_s']:.2f}x cbir's time" + ("  (extrapolated)" if r.get("extrapolated") else "")
+            )
 
 
 if __name__ == "__main__":

@@ -49,18 +49,33 @@ def main() -> None:
         step = 50_000
         for s in range(0, args.n, step):
             m = min(step, args.n - s)
-            pq.write_table(pa.table({
-                "image_id": pa.array(ids[s : s + m]),
-                "embedding": vectors_array(np.asarray(x[s : s + m])),
-                "dim": pa.array(np.full(m, args.dim, dtype=np.int32)),
-                "status": pa.array(["ok"] * m),
-                "error": pa.array([None] * m, pa.string()),
-            }), emb / f"part-{s // step:05d}.parquet")
+            pq.write_table(
+                pa.table(
+                    {
+                        "image_id": pa.array(ids[s : s + m]),
+                        "embedding": vectors_array(np.asarray(x[s : s + m])),
+                        "dim": pa.array(np.full(m, args.dim, dtype=np.int32)),
+                        "status": pa.array(["ok"] * m),
+                        "error": pa.array([None] * m, pa.string()),
+                    }
+                ),
+                emb / f"part-{s // step:05d}.parquet",
+            )
         (emb / "_manifest.json").write_text(json.dumps({"run_id": "bench", "dim": args.dim}))
         (root / "embeddings" / "_LATEST").write_text("bench")
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        cmd = [sys.executable, str(ROOT / "jobs" / "build_index.py"), "--output", str(root), "--master", "local[2]",
-               "--run-id", "bench", "--set", f"spark.conf.spark.driver.memory={args.driver_memory}"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "jobs" / "build_index.py"),
+            "--output",
+            str(root),
+            "--master",
+            "local[2]",
+            "--run-id",
+            "bench",
+            "--set",
+            f"spark.conf.spark.driver.memory={args.driver_memory}",
+        ]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peak, stop, _ = watch_peak_rss(proc.pid, every=0.5)
@@ -68,15 +83,25 @@ def main() -> None:
         stop.set()
         wall = time.perf_counter() - t0
         manifest = json.loads((root / "index" / "run=bench" / "_manifest.json").read_text()) if proc.returncode == 0 else {}
-    row = {"n": args.n, "dim": args.dim, "driver_memory": args.driver_memory, "defaults": True,
-           "status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
-           "wall_s": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20),
-           "n_cells": manifest.get("n_cells"), "trained_on": (manifest.get("centroids") or {}).get("trained_on"),
-           "timings": manifest.get("timings"), "measured": time.strftime("%Y-%m-%d")}
+    row = {
+        "n": args.n,
+        "dim": args.dim,
+        "driver_memory": args.driver_memory,
+        "defaults": True,
+        "status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})",
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak[0] / 2**20),
+        "n_cells": manifest.get("n_cells"),
+        "trained_on": (manifest.get("centroids") or {}).get("trained_on"),
+        "timings": manifest.get("timings"),
+        "measured": time.strftime("%Y-%m-%d"),
+    }
     if proc.returncode:
         row["error"] = err[-1500:]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
-    results["runs"] = [r for r in results["runs"] if (r["n"], r["dim"], r["driver_memory"]) != (args.n, args.dim, args.driver_memory)] + [row]
+    results["runs"] = [r for r in results["runs"] if (r["n"], r["dim"], r["driver_memory"]) != (args.n, args.dim, args.driver_memory)] + [
+        row
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "error"}))

@@ -95,8 +95,15 @@ def bench_petastorm(image_dir: Path, work: Path, model_path: str) -> dict:
         start = time.perf_counter()
         done = 0
         with converter.make_tf_dataset(batch_size=32, num_epochs=1) as ds:
-            images = ds.unbatch().map(lambda row: tf.ensure_shape(tf.numpy_function(decode, [row.content], tf.uint8), (224, 224, 3)),
-                                      num_parallel_calls=tf.data.AUTOTUNE).batch(32).prefetch(2)
+            images = (
+                ds.unbatch()
+                .map(
+                    lambda row: tf.ensure_shape(tf.numpy_function(decode, [row.content], tf.uint8), (224, 224, 3)),
+                    num_parallel_calls=tf.data.AUTOTUNE,
+                )
+                .batch(32)
+                .prefetch(2)
+            )
             for batch in images:
                 done += len(emb.embed(batch.numpy()))
         stream = time.perf_counter() - start
@@ -104,8 +111,12 @@ def bench_petastorm(image_dir: Path, work: Path, model_path: str) -> dict:
     finally:
         spark.stop()
     assert done == n, (done, n)
-    return {"ips": round(n / (materialise + stream), 3), "stream_ips": round(n / stream, 3),
-            "materialise_seconds": round(materialise, 1), "images": n}
+    return {
+        "ips": round(n / (materialise + stream), 3),
+        "stream_ips": round(n / stream, 3),
+        "materialise_seconds": round(materialise, 1),
+        "images": n,
+    }
 
 
 def bench_decode(files: list[Path], threads: int) -> float:
@@ -229,8 +240,14 @@ def bench_job(code_root: Path, images_table: Path, out: Path, model_cache: str, 
     summary, wall = _run(code_root, "jobs.extract", [*common, *extra])
     m = _manifest(out)
     n = m["counts"]["embedded_this_run"]
-    return {"images": n, "stage_ips": round(n / m["embed_seconds"], 3), "whole_job_ips": round(n / wall, 3),
-            "embed_seconds": m["embed_seconds"], "wall_seconds": round(wall, 2), "shards": m.get("shards")}
+    return {
+        "images": n,
+        "stage_ips": round(n / m["embed_seconds"], 3),
+        "whole_job_ips": round(n / wall, 3),
+        "embed_seconds": m["embed_seconds"],
+        "wall_seconds": round(wall, 2),
+        "shards": m.get("shards"),
+    }
 
 
 def bench_plain_read_decode(image_dir: Path, work: Path) -> float:
@@ -262,8 +279,9 @@ def bench_plain_read_decode(image_dir: Path, work: Path) -> float:
     return n / seconds
 
 
-def projection(shard_fixed_s: float, job_fixed_s: float, n_images: int, executors: int = 64, rate: float = 2000.0,
-               shard_size: int = 50_000) -> dict:
+def projection(
+    shard_fixed_s: float, job_fixed_s: float, n_images: int, executors: int = 64, rate: float = 2000.0, shard_size: int = 50_000
+) -> dict:
     """Time of the shard job on ``executors`` at ``rate`` img/s each, from measured fixed costs.
 
     Shards as planned (:func:`cbir_lib.common.shards.shard_count`): whole waves of one shard per
@@ -277,8 +295,14 @@ def projection(shard_fixed_s: float, job_fixed_s: float, n_images: int, executor
     per_shard = n_images / n_shards / rate + shard_fixed_s
     total = job_fixed_s + waves * per_shard
     ideal = n_images / (executors * rate)
-    return {"images": n_images, "shards": n_shards, "waves": waves, "seconds": round(total, 1),
-            "ideal_seconds": round(ideal, 1), "efficiency": round(ideal / total, 4)}
+    return {
+        "images": n_images,
+        "shards": n_shards,
+        "waves": waves,
+        "seconds": round(total, 1),
+        "ideal_seconds": round(ideal, 1),
+        "efficiency": round(ideal / total, 4),
+    }
 
 
 def main() -> None:
@@ -316,8 +340,16 @@ def main() -> None:
     naive = bench_naive(model_path, files[: args.naive])
     print(f"naive loop {naive:.2f} img/s", flush=True)
     free = near_free_model(work)
-    free_args = ["--set", "extract.model=custom", "--set", f"extract.model_path={free}", "--set", "extract.output_layer=feat",
-                 "--set", "extract.pooling=gap"]
+    free_args = [
+        "--set",
+        "extract.model=custom",
+        "--set",
+        f"extract.model_path={free}",
+        "--set",
+        "extract.output_layer=feat",
+        "--set",
+        "extract.pooling=gap",
+    ]
     table = ingest_once(work / "images", work / "ingested")
     plain = bench_plain_read_decode(work / "images", work)
     print(f"plain Spark read+decode {plain:.1f} img/s", flush=True)
@@ -327,7 +359,9 @@ def main() -> None:
         out["job"] = bench_job(code_root, table, work / f"{tag}-real", model_cache, [])
         print(f"[{tag}] (d) stage {out['job']['stage_ips']:.1f} img/s, (e) whole job {out['job']['whole_job_ips']:.1f} img/s", flush=True)
         out["free"] = bench_job(code_root, table, work / f"{tag}-free", model_cache, free_args)
-        print(f"[{tag}] (f) near-free stage {out['free']['stage_ips']:.1f} img/s = {out['free']['stage_ips'] / plain:.3f} x plain", flush=True)
+        print(
+            f"[{tag}] (f) near-free stage {out['free']['stage_ips']:.1f} img/s = {out['free']['stage_ips'] / plain:.3f} x plain", flush=True
+        )
         return out
 
     after = measure(ROOT, "after")
@@ -340,45 +374,53 @@ def main() -> None:
     slots = 2
     shard_fixed_s = max(0.0, (small_run["embed_seconds"] - after["free"]["embed_seconds"]) * slots / max(1, small_shards - big_shards))
     job_fixed_s = after["free"]["wall_seconds"] - after["free"]["embed_seconds"]
-    print(f"(g) fixed cost {shard_fixed_s:.3f} s per shard ({small_shards} vs {big_shards} shards), {job_fixed_s:.1f} s per job", flush=True)
+    print(
+        f"(g) fixed cost {shard_fixed_s:.3f} s per shard ({small_shards} vs {big_shards} shards), {job_fixed_s:.1f} s per job", flush=True
+    )
     proj = {str(n): projection(shard_fixed_s, job_fixed_s, n) for n in (10_000_000, 100_000_000)}
 
     job = after["job"]
-    result.update({
-        "raw_ips": round(raw, 3),
-        "decode_ips": round(decode, 3),
-        "cpu_limit_ips": round(cpu_limit, 3),
-        "naive_ips": round(naive, 3),
-        "pipeline_ips": job["stage_ips"],
-        "stage_over_cpu_limit": round(job["stage_ips"] / cpu_limit, 3),
-        "whole_job_ips": job["whole_job_ips"],
-        "whole_job_over_cpu_limit": round(job["whole_job_ips"] / cpu_limit, 3),
-        "pipeline_over_raw": round(job["stage_ips"] / raw, 3),
-        "pipeline_over_naive": round(job["stage_ips"] / naive, 3),
-        "plain_read_decode_ips": round(plain, 3),
-        "near_free_stage_ips": after["free"]["stage_ips"],
-        "orchestration_ratio": round(after["free"]["stage_ips"] / plain, 3),
-        "shard_fixed_s": round(shard_fixed_s, 4),
-        "job_fixed_s": round(job_fixed_s, 2),
-        "projected_efficiency_64x2000": proj["100000000"]["efficiency"],
-        "projection_64x2000": {"shard_size": 50_000, "rule": "job_fixed + waves x (shard images / 2000 + shard_fixed)", **proj},
-        "after": after,
-        "fixed_cost_runs": {"big": after["free"]["shards"], "small": small_run},
-        "images": job["images"],
-        "naive_images": args.naive,
-        "model": "efficientnet-lite0",
-        "pooling": "rmac",
-        "resize": "center_crop",
-        "image_size": 224,
-        "cores": cores,
-        "cpu": _cpu_name(),
-        "data": "clothing-small train+validation+test (3,781 JPEGs), hard-linked at several paths",
-        "measured": time.strftime("%Y-%m-%d"),
-    })
+    result.update(
+        {
+            "raw_ips": round(raw, 3),
+            "decode_ips": round(decode, 3),
+            "cpu_limit_ips": round(cpu_limit, 3),
+            "naive_ips": round(naive, 3),
+            "pipeline_ips": job["stage_ips"],
+            "stage_over_cpu_limit": round(job["stage_ips"] / cpu_limit, 3),
+            "whole_job_ips": job["whole_job_ips"],
+            "whole_job_over_cpu_limit": round(job["whole_job_ips"] / cpu_limit, 3),
+            "pipeline_over_raw": round(job["stage_ips"] / raw, 3),
+            "pipeline_over_naive": round(job["stage_ips"] / naive, 3),
+            "plain_read_decode_ips": round(plain, 3),
+            "near_free_stage_ips": after["free"]["stage_ips"],
+            "orchestration_ratio": round(after["free"]["stage_ips"] / plain, 3),
+            "shard_fixed_s": round(shard_fixed_s, 4),
+            "job_fixed_s": round(job_fixed_s, 2),
+            "projected_efficiency_64x2000": proj["100000000"]["efficiency"],
+            "projection_64x2000": {"shard_size": 50_000, "rule": "job_fixed + waves x (shard images / 2000 + shard_fixed)", **proj},
+            "after": after,
+            "fixed_cost_runs": {"big": after["free"]["shards"], "small": small_run},
+            "images": job["images"],
+            "naive_images": args.naive,
+            "model": "efficientnet-lite0",
+            "pooling": "rmac",
+            "resize": "center_crop",
+            "image_size": 224,
+            "cores": cores,
+            "cpu": _cpu_name(),
+            "data": "clothing-small train+validation+test (3,781 JPEGs), hard-linked at several paths",
+            "measured": time.strftime("%Y-%m-%d"),
+        }
+    )
     if before:
-        result["before"] = {**before, "code": str(args.baseline), "stage_over_cpu_limit": round(before["job"]["stage_ips"] / cpu_limit, 3),
-                            "whole_job_over_cpu_limit": round(before["job"]["whole_job_ips"] / cpu_limit, 3),
-                            "orchestration_ratio": round(before["free"]["stage_ips"] / plain, 3)}
+        result["before"] = {
+            **before,
+            "code": str(args.baseline),
+            "stage_over_cpu_limit": round(before["job"]["stage_ips"] / cpu_limit, 3),
+            "whole_job_over_cpu_limit": round(before["job"]["whole_job_ips"] / cpu_limit, 3),
+            "orchestration_ratio": round(before["free"]["stage_ips"] / plain, 3),
+        }
     kept = ["pipeline_variants"]
     if args.petastorm:
         peta = bench_petastorm(work / "images", work, model_path)
@@ -390,9 +432,25 @@ def main() -> None:
         if key in previous:
             result[key] = previous[key]
     result["not_remeasured"] = {"keys": kept, "measured": previous.get("not_remeasured", {}).get("measured") or previous.get("measured")}
-    print(json.dumps({k: result[k] for k in ("cpu_limit_ips", "pipeline_ips", "stage_over_cpu_limit", "whole_job_ips",
-                                             "whole_job_over_cpu_limit", "orchestration_ratio", "shard_fixed_s", "job_fixed_s",
-                                             "projected_efficiency_64x2000")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "cpu_limit_ips",
+                    "pipeline_ips",
+                    "stage_over_cpu_limit",
+                    "whole_job_ips",
+                    "whole_job_over_cpu_limit",
+                    "orchestration_ratio",
+                    "shard_fixed_s",
+                    "job_fixed_s",
+                    "projected_efficiency_64x2000",
+                )
+            },
+            indent=2,
+        )
+    )
     prev_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {prev_path}")
     shutil.rmtree(work, ignore_errors=True)

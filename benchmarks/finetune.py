@@ -98,7 +98,9 @@ def embeddings(tta: str, backbone: str = "lite0") -> np.ndarray:
     return x
 
 
-def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = "lite0", other_tta: bool = True, loss: str = "classify") -> dict:
+def run(
+    seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = "lite0", other_tta: bool = True, loss: str = "classify"
+) -> dict:
     import quality as Q
 
     files = Q.paths()
@@ -115,7 +117,9 @@ def run(seeds: int, bits: int, candidates: list[int], tta: str, backbone: str = 
     tr, va, te = split == "train", split == "validation", split == "test"
     ng, nq = int(tr.sum()), int(te.sum())
     out = summarise(rows, trainings, bits, seeds, tta, ng, nq, int(va.sum()))
-    out["setup"]["embedding"] = out["setup"]["embedding"].replace("efficientnet-lite0, center_crop 224", f"efficientnet-{backbone}, center_crop")
+    out["setup"]["embedding"] = out["setup"]["embedding"].replace(
+        "efficientnet-lite0, center_crop 224", f"efficientnet-{backbone}, center_crop"
+    )
     return out
 
 
@@ -161,8 +165,15 @@ def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, t
         feats, code, probs = apply_head(head_weights(model), x)
         f = _l2(feats)
         codes = threshold(code, 0.5)
-        trainings.append({"seed": seed, "train_s": round(train_s, 1), "test_accuracy": round(float((probs[te].argmax(1) == li[te]).mean()), 4) if loss == "classify" else None,
-                          "validation_accuracy": history[-1].get("val_accuracy"), "bits_on": round(float((code > 0.5).mean()), 3)})
+        trainings.append(
+            {
+                "seed": seed,
+                "train_s": round(train_s, 1),
+                "test_accuracy": round(float((probs[te].argmax(1) == li[te]).mean()), 4) if loss == "classify" else None,
+                "validation_accuracy": history[-1].get("val_accuracy"),
+                "bits_on": round(float((code > 0.5).mean()), 3),
+            }
+        )
         top, ms = _timed(lambda f=f: float_search(f[te], f[tr]), nq)
         add("finetuned", top, ms, 1.0, seed=seed)
         qq, gg = exact_rerank(f[te], f[tr], "dba+alpha_qe", 10, 3.0)  # the pipeline's default re-ranking
@@ -206,9 +217,15 @@ def summarise(rows, trainings, bits, seeds, tta, ng, nq, nv) -> dict:
     targets = {
         "finetuned_p_at_10": {"target": ">= 0.90", "measured": ft["p_at_10"], "met": ft["p_at_10"] >= 0.90},
         "hierarchical_keeps_float_p_at_10": (
-            {"target": ">= 0.98 of finetuned, scoring < 10 % of the gallery",
-             "ratio": round(best["p_at_10"] / ft["p_at_10"], 4), "scored_fraction": best["scored_fraction"],
-             "met": best["p_at_10"] / ft["p_at_10"] >= 0.98 and best["scored_fraction"] < 0.10} if best else None),
+            {
+                "target": ">= 0.98 of finetuned, scoring < 10 % of the gallery",
+                "ratio": round(best["p_at_10"] / ft["p_at_10"], 4),
+                "scored_fraction": best["scored_fraction"],
+                "met": best["p_at_10"] / ft["p_at_10"] >= 0.98 and best["scored_fraction"] < 0.10,
+            }
+            if best
+            else None
+        ),
         "speedup_hierarchical_vs_float_search": round(ft["ms_per_query"] / best["ms_per_query"], 2) if best else None,
         "finetuned_vs_imagenet_p_at_10": round(ft["p_at_10"] / im["p_at_10"], 3),
         "finetuned_with_default_reranking_p_at_10": next(r["p_at_10"] for r in table if r["method"] == "finetuned+dba+alpha_qe"),
@@ -222,11 +239,14 @@ def summarise(rows, trainings, bits, seeds, tta, ng, nq, nv) -> dict:
         "setup": {
             "data": f"clothing-small: {ng} train images are the gallery, {nq} test images the queries, {nv} validation",
             "embedding": f"efficientnet-lite0, center_crop 224, R-MAC (the pipeline default), dim 1280, extract.tta={tta} "
-                         "(the sweep's [tta=...] rows: the other setting)",
+            "(the sweep's [tta=...] rows: the other setting)",
             "tta": tta,
-            "head": {k: getattr(tc0, k) for k in ("bits", "hidden", "epochs", "batch_size", "learning_rate", "dropout", "binarise", "balance")},
+            "head": {
+                k: getattr(tc0, k) for k in ("bits", "hidden", "epochs", "batch_size", "learning_rate", "dropout", "binarise", "balance")
+            },
             "seeds": seeds,
-            "timing": "numpy on one process of this 2-core machine, per query (a product and a sort, or a Hamming scan, or multi-index + re-rank)",
+            "timing": "numpy on one process of this 2-core machine, per query "
+            "(a product and a sort, or a Hamming scan, or multi-index + re-rank)",
         },
     }
 
@@ -261,14 +281,28 @@ def pipeline(mode: str, epochs: int | None, tta: str) -> dict:
     for rerank in ("none", "dba+alpha_qe"):
         ev = cbir("evaluate", "evaluate.mode=split", f"neighbors.rerank={rerank}", "evaluate.report=false")
         metrics = json.loads((out / "evaluation" / f"run={ev['run_id']}" / "metrics.json").read_text())
-        rows.append({"method": name + ("" if rerank == "none" else "+dba+alpha_qe"),
-                     "p_at_10": round(metrics["precision_at_k"], 4), "map_at_10": round(metrics["map_at_k"], 4),
-                     "ms_per_query": None, "scored_fraction": 1.0})
+        rows.append(
+            {
+                "method": name + ("" if rerank == "none" else "+dba+alpha_qe"),
+                "p_at_10": round(metrics["precision_at_k"], 4),
+                "map_at_10": round(metrics["map_at_k"], 4),
+                "ms_per_query": None,
+                "scored_fraction": 1.0,
+            }
+        )
     manifest = json.loads((out / "models" / f"run={trained['run_id']}" / "_manifest.json").read_text())
-    return {"rows": rows, "mode": mode, "tta": tta, "epochs": epochs or manifest.get("config", {}).get("train", {}).get("epochs"),
-            "raw_extract_seconds": raw["seconds"] if raw else None, "train_seconds": trained["seconds"],
-            "extract_seconds": extracted["seconds"], "history": manifest["history"], "metrics": manifest["metrics"],
-            "tuned_layers": manifest["base"].get("tuned_layers")}
+    return {
+        "rows": rows,
+        "mode": mode,
+        "tta": tta,
+        "epochs": epochs or manifest.get("config", {}).get("train", {}).get("epochs"),
+        "raw_extract_seconds": raw["seconds"] if raw else None,
+        "train_seconds": trained["seconds"],
+        "extract_seconds": extracted["seconds"],
+        "history": manifest["history"],
+        "metrics": manifest["metrics"],
+        "tuned_layers": manifest["base"].get("tuned_layers"),
+    }
 
 
 def main() -> None:
@@ -276,16 +310,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bits", type=int, default=48)
     ap.add_argument("--candidates", type=int, nargs="+", default=[50, 100, 200, 300])
-    ap.add_argument("--tta", choices=("none", "flip"), default="flip",
-                    help="extract.tta of the recorded table and of --pipeline (the table's other setting goes to the sweep)")
-    ap.add_argument("--pipeline", choices=("head", "full"), action="append", default=[],
-                    help="also train this mode through the pipeline (repeatable; full on CPU: ~2 min per epoch)")
+    ap.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="flip",
+        help="extract.tta of the recorded table and of --pipeline (the table's other setting goes to the sweep)",
+    )
+    ap.add_argument(
+        "--pipeline",
+        choices=("head", "full"),
+        action="append",
+        default=[],
+        help="also train this mode through the pipeline (repeatable; full on CPU: ~2 min per epoch)",
+    )
     ap.add_argument("--epochs", type=int, default=None, help="--pipeline's train.epochs (default: the config's)")
     ap.add_argument("--only-pipeline", action="store_true", help="keep the recorded table; run only --pipeline")
-    ap.add_argument("--backbone", choices=("lite0", "lite1", "lite2"), default="lite0",
-                    help="another backbone's embeddings, at --tta only; recorded under backbone_<name> beside the lite0 table")
-    ap.add_argument("--loss", choices=("classify", "triplet", "contrastive"), default="classify",
-                    help="train.loss of the head; other than classify: recorded under backbone_<name>_tta_<t>_loss_<loss>")
+    ap.add_argument(
+        "--backbone",
+        choices=("lite0", "lite1", "lite2"),
+        default="lite0",
+        help="another backbone's embeddings, at --tta only; recorded under backbone_<name> beside the lite0 table",
+    )
+    ap.add_argument(
+        "--loss",
+        choices=("classify", "triplet", "contrastive"),
+        default="classify",
+        help="train.loss of the head; other than classify: recorded under backbone_<name>_tta_<t>_loss_<loss>",
+    )
     args = ap.parse_args()
     if args.backbone != "lite0" or args.loss != "classify":
         result = json.loads(RESULTS.read_text())

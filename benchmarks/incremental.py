@@ -69,26 +69,50 @@ def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, ve
     for s in range(0, len(x), step):
         m = min(step, len(x) - s)
         sha = [hashlib.sha256(f"{i}:{v}".encode()).hexdigest() for i, v in zip(ids[s : s + m], versions[s : s + m], strict=True)]
-        pq.write_table(pa.table({
-            "image_id": pa.array(ids[s : s + m]),
-            "content_sha256": pa.array(sha),
-            "embedding": vectors_array(np.asarray(x[s : s + m])),
-            "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
-            "status": pa.array(["ok"] * m),
-            "error": pa.array([None] * m, pa.string()),
-        }), emb / f"part-{s // step:05d}.parquet")
-    (emb / "_manifest.json").write_text(json.dumps({"run_id": run_id, "dim": int(x.shape[1]), "commit_id": f"bench-{run_id}",
-                                                    "counts": {"ok": int(len(x))}}))
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": pa.array(ids[s : s + m]),
+                    "content_sha256": pa.array(sha),
+                    "embedding": vectors_array(np.asarray(x[s : s + m])),
+                    "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+                    "status": pa.array(["ok"] * m),
+                    "error": pa.array([None] * m, pa.string()),
+                }
+            ),
+            emb / f"part-{s // step:05d}.parquet",
+        )
+    (emb / "_manifest.json").write_text(
+        json.dumps({"run_id": run_id, "dim": int(x.shape[1]), "commit_id": f"bench-{run_id}", "counts": {"ok": int(len(x))}})
+    )
     (root / "embeddings" / "_LATEST").write_text(run_id)
 
 
 def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
-    args = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", run_id,
-            "index.forests=false", f"index.mode={mode}", "neighbors.method=auto", "neighbors.min_recall=0.95",
-            "neighbors.rerank=none", f"neighbors.mode={mode}", *os.environ.get("CBIR_BENCH_ARGS", "").split()]
+    args = [
+        "--output",
+        str(root),
+        "--master",
+        "local[2]",
+        "--set",
+        "spark.conf.spark.driver.memory=8g",
+        "--run-id",
+        run_id,
+        "index.forests=false",
+        f"index.mode={mode}",
+        "neighbors.method=auto",
+        "neighbors.min_recall=0.95",
+        "neighbors.rerank=none",
+        f"neighbors.mode={mode}",
+        *os.environ.get("CBIR_BENCH_ARGS", "").split(),
+    ]
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     took = time.perf_counter() - t0
     with open(log, "a") as fh:
         fh.write(f"==== {root.name} {run_id} {mode} ({took:.1f} s)\n{out.stderr}")
@@ -199,7 +223,14 @@ def main() -> None:
         is_new = np.isin(ids, new_ids)
         q_new = np.sort(rng.choice(np.flatnonzero(is_new), min(SAMPLE, int(is_new.sum())), replace=False))
         q_old = np.sort(rng.choice(np.flatnonzero(~is_new), SAMPLE, replace=False))
-        row = {"night": night, "added": n_add, "deleted": n_del, "changed": n_chg, "incremental_s": round(inc_s, 1), "full_s": round(full_s, 1)}
+        row = {
+            "night": night,
+            "added": n_add,
+            "deleted": n_del,
+            "changed": n_chg,
+            "incremental_s": round(inc_s, 1),
+            "full_s": round(full_s, 1),
+        }
         exact = {which: exact_topk(x, ids, pos) for which, pos in (("new", q_new), ("old", q_old))}
         for name, root in (("incremental", inc), ("full", full)):
             for which, pos in (("new", q_new), ("old", q_old)):
@@ -210,21 +241,37 @@ def main() -> None:
                     want = np.isin(ti, new_ids)
                     row["reverse_pairs_in_sample"] = int(want.sum())
                     row[f"{'' if name == 'incremental' else 'full_'}reverse_recall"] = round(
-                        float((want & (ti[:, :, None] == gi[:, None, :]).any(2)).sum() / max(1, want.sum())), 4)
-            row[f"{'deleted_left_in_lists' if name == 'incremental' else 'full_deleted_left_in_lists'}"] = int(np.isin(neighbour_ids, deleted_ids).sum())
+                        float((want & (ti[:, :, None] == gi[:, None, :]).any(2)).sum() / max(1, want.sum())), 4
+                    )
+            row[f"{'deleted_left_in_lists' if name == 'incremental' else 'full_deleted_left_in_lists'}"] = int(
+                np.isin(neighbour_ids, deleted_ids).sum()
+            )
             if name == "incremental":
                 row["lists_changed"] = (manifest.get("changes") or {}).get("lists_changed")
                 row["incremental_mode"] = manifest.get("mode")
-                row["incremental_manifest"] = {"changes": manifest.get("changes"), "timings": manifest.get("timings"),
-                                               "wall_seconds": manifest.get("wall_seconds"), "recall_new": manifest.get("recall_new"),
-                                               "recall_old": manifest.get("recall_old"), "full_reason": manifest.get("full_reason")}
+                row["incremental_manifest"] = {
+                    "changes": manifest.get("changes"),
+                    "timings": manifest.get("timings"),
+                    "wall_seconds": manifest.get("wall_seconds"),
+                    "recall_new": manifest.get("recall_new"),
+                    "recall_old": manifest.get("recall_old"),
+                    "full_reason": manifest.get("full_reason"),
+                }
                 idx = json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())
-                row["incremental_index"] = {"mode": idx.get("mode"), "full_reason": idx.get("full_reason"), "build_seconds": idx.get("build_seconds"),
-                                            "timings": idx.get("timings"), "drift": idx.get("drift")}
+                row["incremental_index"] = {
+                    "mode": idx.get("mode"),
+                    "full_reason": idx.get("full_reason"),
+                    "build_seconds": idx.get("build_seconds"),
+                    "timings": idx.get("timings"),
+                    "drift": idx.get("drift"),
+                }
                 row["incremental_stages_s"] = round(float(idx.get("build_seconds") or 0) + float(manifest.get("wall_seconds") or 0), 1)
             else:
-                row["full_stages_s"] = round(float(json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())["build_seconds"])
-                                             + float(manifest.get("wall_seconds") or 0), 1)
+                row["full_stages_s"] = round(
+                    float(json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())["build_seconds"])
+                    + float(manifest.get("wall_seconds") or 0),
+                    1,
+                )
         row["ratio"] = round(inc_s / full_s, 4)
         row["stages_ratio"] = round(row["incremental_stages_s"] / max(row["full_stages_s"], 1e-9), 4)
         out["nights"].append(row)

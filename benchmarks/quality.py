@@ -147,7 +147,11 @@ def retrieval() -> list[dict]:
             if pooling in ("gap", "rmac"):
                 variants.append(("+pcaw256", Whitening.fit(x[tr], 256, shrinkage=0.1).apply(x).astype(np.float32)))
             for wname, y in variants:
-                modes = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe", "k_reciprocal", "dba+alpha_qe+k_reciprocal") if not wname else ("none", "dba+alpha_qe")
+                modes = (
+                    ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe", "k_reciprocal", "dba+alpha_qe+k_reciprocal")
+                    if not wname
+                    else ("none", "dba+alpha_qe")
+                )
                 for mode in modes:
                     rows.append({"method": f"lite0 {resize} {pooling}{wname} rerank={mode}", **rerank_score(y, tr, te, label, mode)})
                     print(rows[-1], flush=True)
@@ -163,8 +167,13 @@ def backbone_grid() -> list[dict]:
         for pooling in ("gap", "gem", "crow", "rmac"):
             x = pooled(fm, pooling)
             for mode in ("none", "dba+alpha_qe", "k_reciprocal", "dba+alpha_qe+k_reciprocal"):
-                rows.append({"method": f"{backbone} center_crop {pooling} rerank={mode}", "backbone": backbone,
-                             **rerank_score(x, tr, te, label, mode, with_map=True)})
+                rows.append(
+                    {
+                        "method": f"{backbone} center_crop {pooling} rerank={mode}",
+                        "backbone": backbone,
+                        **rerank_score(x, tr, te, label, mode, with_map=True),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -174,8 +183,16 @@ def kr_sweep(backbone: str = "lite0") -> list[dict]:
     tr, te, label = labels()
     x = pooled(feature_maps("center_crop", backbone=backbone), "rmac")
     rows = []
-    for k1, k2, lam, depth in ((20, 6, 0.3, 40), (20, 6, 0.3, 80), (20, 6, 0.3, 25), (10, 3, 0.3, 40), (30, 6, 0.3, 60),
-                               (20, 1, 0.3, 40), (20, 6, 0.1, 40), (20, 6, 0.5, 40)):
+    for k1, k2, lam, depth in (
+        (20, 6, 0.3, 40),
+        (20, 6, 0.3, 80),
+        (20, 6, 0.3, 25),
+        (10, 3, 0.3, 40),
+        (30, 6, 0.3, 60),
+        (20, 1, 0.3, 40),
+        (20, 6, 0.1, 40),
+        (20, 6, 0.5, 40),
+    ):
         kr = {"k1": k1, "k2": k2, "lam": lam, "depth": depth}
         for mode in ("k_reciprocal", "dba+alpha_qe+k_reciprocal"):
             rows.append({"backbone": backbone, "mode": mode, **kr, **rerank_score(x, tr, te, label, mode, kr)})
@@ -215,15 +232,31 @@ def stages() -> list[dict]:
             subprocess.run([*CBIR, stage, model, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
         neighbors_s = time.time() - t0
         t0 = time.time()
-        subprocess.run([*CBIR, "neighbors", model, "neighbors.rerank=dba+alpha_qe+k_reciprocal", "--output", str(out)],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [*CBIR, "neighbors", model, "neighbors.rerank=dba+alpha_qe+k_reciprocal", "--output", str(out)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         neighbors_kr_s = time.time() - t0
         kr_timing = _latest(out, "neighbors")["timings"].get("k_reciprocal_s")
-        ev = [{"rerank": mode, **_split_metrics(out, model, f"neighbors.rerank={mode}")} for mode in ("dba+alpha_qe", "dba+alpha_qe+k_reciprocal")]
-        rows.append({"backbone": backbone, "images": em.get("counts", {}).get("ok"), "extract_s": round(extract_s, 1),
-                     "extract_ips": em.get("images_per_second"), "embed_seconds": em.get("embed_seconds"),
-                     "neighbors_s": round(neighbors_s, 1), "neighbors_with_k_reciprocal_s": round(neighbors_kr_s, 1),
-                     "k_reciprocal_step_s": kr_timing, "evaluate_split": ev})
+        ev = [
+            {"rerank": mode, **_split_metrics(out, model, f"neighbors.rerank={mode}")}
+            for mode in ("dba+alpha_qe", "dba+alpha_qe+k_reciprocal")
+        ]
+        rows.append(
+            {
+                "backbone": backbone,
+                "images": em.get("counts", {}).get("ok"),
+                "extract_s": round(extract_s, 1),
+                "extract_ips": em.get("images_per_second"),
+                "embed_seconds": em.get("embed_seconds"),
+                "neighbors_s": round(neighbors_s, 1),
+                "neighbors_with_k_reciprocal_s": round(neighbors_kr_s, 1),
+                "k_reciprocal_step_s": kr_timing,
+                "evaluate_split": ev,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -286,9 +319,15 @@ def seed_methods() -> list[dict]:
         extract_s = time.time() - t0
         em = _latest(out, "embeddings")
         for mode in ("none", "dba+alpha_qe"):
-            rows.append({"method": f"color_hist hsv 8x12x3 grid {grid} rerank={mode}", "dim": em["dim"],
-                         **_split_metrics(out, *setting, f"neighbors.rerank={mode}"),
-                         "extract_ips": em.get("images_per_second"), "extract_s": round(extract_s, 1)})
+            rows.append(
+                {
+                    "method": f"color_hist hsv 8x12x3 grid {grid} rerank={mode}",
+                    "dim": em["dim"],
+                    **_split_metrics(out, *setting, f"neighbors.rerank={mode}"),
+                    "extract_ips": em.get("images_per_second"),
+                    "extract_s": round(extract_s, 1),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -316,8 +355,14 @@ def pwa_grid(backbone: str = "lite1") -> list[dict]:
         proj = vt[:1280] / np.sqrt(ev + 0.1 * ev.max())[:, None]
         for wname, y in (("", x), ("+pcaw1280", l2_normalize(((x - mu) @ proj.T).astype(np.float32)))):
             for mode in ("none", "dba+alpha_qe"):
-                rows.append({"method": f"{backbone} center_crop pwa parts={parts}{wname} rerank={mode}", "dim": int(y.shape[1]),
-                             **rerank_score(y, tr, te, label, mode, with_map=True), "pool_s": round(pool_s, 1)})
+                rows.append(
+                    {
+                        "method": f"{backbone} center_crop pwa parts={parts}{wname} rerank={mode}",
+                        "dim": int(y.shape[1]),
+                        **rerank_score(y, tr, te, label, mode, with_map=True),
+                        "pool_s": round(pool_s, 1),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -330,8 +375,14 @@ def pipeline() -> dict:
         subprocess.run([*CBIR, *args, "--output", str(out)], cwd=ROOT, check=True, capture_output=True)
     run = (out / "evaluation" / "_LATEST").read_text().strip()
     m = json.loads((out / "evaluation" / f"run={run}" / "metrics.json").read_text())
-    return {"method": "pipeline default (lite1 center_crop rmac, neighbors.rerank=dba+alpha_qe n=10 alpha=3): cbir evaluate evaluate.mode=split",
-            "p_at_10": round(m["precision_at_k"], 4), "map_at_10": round(m["map_at_k"], 4), "map": m["map"], "seconds": round(time.time() - t0, 1)}
+    return {
+        "method": "pipeline default (lite1 center_crop rmac, neighbors.rerank=dba+alpha_qe n=10 alpha=3): "
+        "cbir evaluate evaluate.mode=split",
+        "p_at_10": round(m["precision_at_k"], 4),
+        "map_at_10": round(m["map_at_k"], 4),
+        "map": m["map"],
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -395,7 +446,7 @@ def dedup_set(n_originals: int = 300, seed: int = 0, reuse: bool = False) -> tup
 
 
 def _norm(p: str) -> str:
-    return p[len("file:"):] if p.startswith("file:") else p
+    return p[len("file:") :] if p.startswith("file:") else p
 
 
 def clusters_of(edges: list[tuple[int, int]], paths_: list[str]) -> dict[int, list[str]]:
@@ -425,8 +476,14 @@ def pair_metrics(clusters: dict[int, list[str]], truth: dict[str, tuple[str, str
         copies = [p for p, (_, t) in truth.items() if t == kind]
         hit = sum(1 for p in copies if p in cluster_of and cluster_of[p] == cluster_of.get(p.replace(f"__{kind}", "__original")))
         per[kind] = {"recall_vs_original": round(hit / max(1, len(copies)), 4)}
-    return {"pair_precision": round(tp / max(1, found), 4), "pair_recall": round(tp / max(1, true), 4),
-            "pairs_found": found, "pairs_true": true, "false_pairs": found - tp, "per_transform": per}
+    return {
+        "pair_precision": round(tp / max(1, found), 4),
+        "pair_recall": round(tp / max(1, true), 4),
+        "pairs_found": found,
+        "pairs_true": true,
+        "false_pairs": found - tp,
+        "per_transform": per,
+    }
 
 
 def _tree_cpu(root: int) -> dict[int, float]:
@@ -488,8 +545,13 @@ def _extract_again(out: Path, n: int, recorded: dict) -> dict:
     job = _job(["extract"], scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     print("extract (again, this run)", job, flush=True)
-    return {**job, "images": n, "cpu_s_per_image": round(job["cpu_s"] / n, 5), "measured": "in this run",
-            "recorded_before": recorded.get("cpu_s_per_image")}
+    return {
+        **job,
+        "images": n,
+        "cpu_s_per_image": round(job["cpu_s"] / n, 5),
+        "measured": "in this run",
+        "recorded_before": recorded.get("cpu_s_per_image"),
+    }
 
 
 def _cost_scaling(d: Path, n: int, extract_cpu_s: float, dedup_cpu_s: float, frac: float = 0.25) -> dict:
@@ -504,35 +566,55 @@ def _cost_scaling(d: Path, n: int, extract_cpu_s: float, dedup_cpu_s: float, fra
     groups = sorted({p.name.split("__")[0] for p in (d / "dup").iterdir()})
     keep = set(groups[: round(len(groups) * frac)])
     others = sorted((d / "other").iterdir())
-    for folder, files in (("dup", [p for p in (d / "dup").iterdir() if p.name.split("__")[0] in keep]),
-                          ("other", others[: round(len(others) * frac)])):
+    for folder, files in (
+        ("dup", [p for p in (d / "dup").iterdir() if p.name.split("__")[0] in keep]),
+        ("other", others[: round(len(others) * frac)]),
+    ):
         (sub / folder).mkdir(parents=True)
         for p in files:
             shutil.copyfile(p, sub / folder / p.name)
     m = sum(1 for _ in sub.rglob("*.jpg"))
     small = {}
-    for name, args in (("ingest", ["ingest", "--images", str(sub)]), ("extract", ["extract"]), ("build_index", ["build_index"]),
-                       ("neighbors", ["neighbors"]), ("dedup", ["dedup"])):
+    for name, args in (
+        ("ingest", ["ingest", "--images", str(sub)]),
+        ("extract", ["extract"]),
+        ("build_index", ["build_index"]),
+        ("neighbors", ["neighbors"]),
+        ("dedup", ["dedup"]),
+    ):
         small[name] = _job(args, sub_out)
     print("quarter set", m, small, flush=True)
     fit = {}
     for job, full in (("extract", extract_cpu_s), ("dedup", dedup_cpu_s)):
         marginal = (full - small[job]["cpu_s"]) / (n - m)
-        fit[job] = {"images": [m, n], "cpu_s": [small[job]["cpu_s"], full], "marginal_ms_per_image": round(1000 * marginal, 2),
-                    "fixed_s": round(full - marginal * n, 1)}
+        fit[job] = {
+            "images": [m, n],
+            "cpu_s": [small[job]["cpu_s"], full],
+            "marginal_ms_per_image": round(1000 * marginal, 2),
+            "fixed_s": round(full - marginal * n, 1),
+        }
 
     def ratio(images: int) -> float:
-        return round((fit["dedup"]["fixed_s"] + fit["dedup"]["marginal_ms_per_image"] / 1000 * images)
-                     / (fit["extract"]["fixed_s"] + fit["extract"]["marginal_ms_per_image"] / 1000 * images), 3)
+        return round(
+            (fit["dedup"]["fixed_s"] + fit["dedup"]["marginal_ms_per_image"] / 1000 * images)
+            / (fit["extract"]["fixed_s"] + fit["extract"]["marginal_ms_per_image"] / 1000 * images),
+            3,
+        )
 
-    return {"rule": "cpu_s = fixed + marginal x images, fitted through two sizes of the same mix measured in this run; "
-                    "the ratios past the measured sizes are projections of that line",
-            **fit, "marginal_ratio": round(fit["dedup"]["marginal_ms_per_image"] / fit["extract"]["marginal_ms_per_image"], 3),
-            "measured_ratio": {str(m): round(small["dedup"]["cpu_s"] / small["extract"]["cpu_s"], 3), str(n): round(dedup_cpu_s / extract_cpu_s, 3)},
-            "projected_ratio": {str(k): ratio(k) for k in (100_000, 1_000_000)},
-            "caveat": "per-image work assumed constant: the band is bounded per image and the candidates come from k neighbours, but the "
-                      "dihedral multi-index (dedup.dihedral_chunks 3: 21-22-bit keys, radius 2) compares each probe with the stored "
-                      "hashes under its key: 84 per image at 7,981 images, growing with N (projected 10.6k at 1M, 1.06M at 100M)"}
+    return {
+        "rule": "cpu_s = fixed + marginal x images, fitted through two sizes of the same mix measured in this run; "
+        "the ratios past the measured sizes are projections of that line",
+        **fit,
+        "marginal_ratio": round(fit["dedup"]["marginal_ms_per_image"] / fit["extract"]["marginal_ms_per_image"], 3),
+        "measured_ratio": {
+            str(m): round(small["dedup"]["cpu_s"] / small["extract"]["cpu_s"], 3),
+            str(n): round(dedup_cpu_s / extract_cpu_s, 3),
+        },
+        "projected_ratio": {str(k): ratio(k) for k in (100_000, 1_000_000)},
+        "caveat": "per-image work assumed constant: the band is bounded per image and the candidates come from k neighbours, but the "
+        "dihedral multi-index (dedup.dihedral_chunks 3: 21-22-bit keys, radius 2) compares each probe with the stored "
+        "hashes under its key: 84 per image at 7,981 images, growing with N (projected 10.6k at 1M, 1.06M at 100M)",
+    }
 
 
 def dedup() -> dict:
@@ -545,8 +627,12 @@ def dedup() -> dict:
     jobs: dict[str, dict] = {}
     if not (reuse and (out / "neighbors" / "_LATEST").exists()):
         shutil.rmtree(out, ignore_errors=True)
-        for name, args in (("ingest", ["ingest", "--images", str(d)]), ("extract", ["extract"]),
-                           ("build_index", ["build_index"]), ("neighbors", ["neighbors"])):
+        for name, args in (
+            ("ingest", ["ingest", "--images", str(d)]),
+            ("extract", ["extract"]),
+            ("build_index", ["build_index"]),
+            ("neighbors", ["neighbors"]),
+        ):
             jobs[name] = _job(args, out)
             print(name, jobs[name], flush=True)
     pipeline_s = time.time() - t0
@@ -560,7 +646,9 @@ def dedup() -> dict:
     emb_manifest = _latest(out, "embeddings")
     reused = "extract" not in jobs
     if reused:  # --reuse: the recorded figures of the run that made the embeddings (measured again below)
-        jobs["extract"] = (json.loads(RESULTS.read_text()).get("dedup", {}).get("cost", {}).get("extract") or {}) if RESULTS.exists() else {}
+        jobs["extract"] = (
+            (json.loads(RESULTS.read_text()).get("dedup", {}).get("cost", {}).get("extract") or {}) if RESULTS.exists() else {}
+        )
     extract_cost = {**jobs["extract"], "images": len(ids), "wall_x_cores_s": round(emb_manifest["wall_seconds"] * (os.cpu_count() or 1), 2)}
     extract_cost["cpu_s_per_image"] = round(extract_cost["cpu_s"] / len(ids), 5) if extract_cost.get("cpu_s") else None
 
@@ -578,27 +666,53 @@ def dedup() -> dict:
         group = {p: g for p, (g, _) in t_truth.items()}
         name = {i: Path(p).name for i, p in zip(ids, paths_, strict=True)}
         edges = pq.read_table(out / "dedup" / f"run={run_id}" / "pairs").to_pylist()
-        m["false_edges"] = [{"a": name[e["a"]], "b": name[e["b"]], **{k: e.get(k) for k in ("source", "decision", "hamming", "score", "inliers", "agreement")}}
-                            for e in edges if group.get(path_of[e["a"]], path_of[e["a"]]) != group.get(path_of[e["b"]], path_of[e["b"]])]
-        cost = {**job, "cpu_s_per_image": round(job["cpu_s"] / len(ids), 5),
-                "wall_x_cores_per_image_s": manifest["cost"]["core_seconds_per_image"]}
-        row = {"settings": list(settings) or ["(the shipped defaults)"], **m, "cost": cost, "timings": manifest["timings"],
-               "counts": {k: manifest["counts"].get(k) for k in ("candidates", "pairs", "band", "verified", "signed", "not_verified")}}
+        m["false_edges"] = [
+            {
+                "a": name[e["a"]],
+                "b": name[e["b"]],
+                **{k: e.get(k) for k in ("source", "decision", "hamming", "score", "inliers", "agreement")},
+            }
+            for e in edges
+            if group.get(path_of[e["a"]], path_of[e["a"]]) != group.get(path_of[e["b"]], path_of[e["b"]])
+        ]
+        cost = {
+            **job,
+            "cpu_s_per_image": round(job["cpu_s"] / len(ids), 5),
+            "wall_x_cores_per_image_s": manifest["cost"]["core_seconds_per_image"],
+        }
+        row = {
+            "settings": list(settings) or ["(the shipped defaults)"],
+            **m,
+            "cost": cost,
+            "timings": manifest["timings"],
+            "counts": {k: manifest["counts"].get(k) for k in ("candidates", "pairs", "band", "verified", "signed", "not_verified")},
+        }
         print(run_id, settings, m["pair_precision"], m["pair_recall"], len(m["false_edges"]), "false edges", cost, flush=True)
         return row
 
     # The loose candidates once (the rules alone, verify=off), swept offline below.
-    loose = ["dedup.verify=off", "dedup.hash=any", "dedup.phash_threshold=16", "dedup.ahash_threshold=16", "dedup.dhash_threshold=16",
-             "dedup.phash_chunks=8", "dedup.min_score=0.7"]
+    loose = [
+        "dedup.verify=off",
+        "dedup.hash=any",
+        "dedup.phash_threshold=16",
+        "dedup.ahash_threshold=16",
+        "dedup.dhash_threshold=16",
+        "dedup.phash_chunks=8",
+        "dedup.min_score=0.7",
+    ]
     if not (reuse and (out / "dedup" / "run=loose").exists()):
         _job(["dedup", *loose, "--run-id", "loose", "run.keep_snapshots=50"], out)
     pairs = pq.read_table(out / "dedup" / "run=loose" / "pairs").to_pylist()
 
     def clusters_for(t: int | None, tau: float | None, hashes: dict[str, int] | None = None) -> dict[int, list[str]]:
         limits = hashes if hashes is not None else ({"phash": t} if t is not None else {})
-        keep = [(pos[p["a"]], pos[p["b"]]) for p in pairs if p["source"] == "exact"
-                or (p["source"] in limits and p["hamming"] <= limits[p["source"]])
-                or (tau is not None and p["source"] == "embedding" and p["score"] >= tau)]
+        keep = [
+            (pos[p["a"]], pos[p["b"]])
+            for p in pairs
+            if p["source"] == "exact"
+            or (p["source"] in limits and p["hamming"] <= limits[p["source"]])
+            or (tau is not None and p["source"] == "embedding" and p["score"] >= tau)
+        ]
         return clusters_of(keep, paths_)
 
     # dedup.hash: each perceptual hash alone, swept; its threshold is the loosest at pair
@@ -611,8 +725,9 @@ def dedup() -> dict:
             rows_h.append({"hash": h, "threshold": t, **m})
         ok_h = [r for r in rows_h if r["pair_precision"] >= 0.99]
         # none at 0.99: the most precise threshold (the loosest of equals), reported as such
-        chosen_t[h] = (max(ok_h, key=lambda r: r["pair_recall"]) if ok_h else
-                       max(rows_h, key=lambda r: (r["pair_precision"], r["threshold"])))["threshold"]
+        chosen_t[h] = (
+            max(ok_h, key=lambda r: r["pair_recall"]) if ok_h else max(rows_h, key=lambda r: (r["pair_precision"], r["threshold"]))
+        )["threshold"]
         hashes.extend(rows_h)
         print("hash", h, [(r["threshold"], r["pair_precision"], r["pair_recall"]) for r in rows_h], flush=True)
     any_m = pair_metrics(clusters_for(None, None, chosen_t), t_truth)
@@ -629,7 +744,15 @@ def dedup() -> dict:
     ok = [s for s in sweep if s["pair_precision"] >= 0.99]
     best = max(ok, key=lambda s: (s["pair_recall"], s["pair_precision"])) if ok else max(sweep, key=lambda s: s["pair_precision"])
     print("rules chosen", best, flush=True)
-    rules_args = ["dedup.verify=off", f"dedup.sources={'both' if best['phash_threshold'] is not None and best['min_score'] is not None else ('phash' if best['min_score'] is None else 'embedding')}"]
+    rules_args = [
+        "dedup.verify=off",
+        "dedup.sources="
+        + (
+            "both"
+            if best["phash_threshold"] is not None and best["min_score"] is not None
+            else ("phash" if best["min_score"] is None else "embedding")
+        ),
+    ]
     if best["phash_threshold"] is not None:
         rules_args.append(f"dedup.phash_threshold={best['phash_threshold']}")
     if best["min_score"] is not None:
@@ -646,32 +769,61 @@ def dedup() -> dict:
         variants = [{**v, "note": v.get("note") or note} for v in previous["variants"]]
     else:
         exhaustive = run("all", "dedup.verify=all")
-        variants = [run(f"v{j}", *v) for j, v in enumerate((["dedup.band_per_image=6"],
-                                                            ["dedup.band_per_image=6", "dedup.verify_max_side=512", "dedup.max_diameter=6"]))]
+        variants = [
+            run(f"v{j}", *v)
+            for j, v in enumerate(
+                (["dedup.band_per_image=6"], ["dedup.band_per_image=6", "dedup.verify_max_side=512", "dedup.max_diameter=6"])
+            )
+        ]
     n = len(ids)
     if reused:  # extract again here, so that both costs come from this run, on the same cores
         extract_cost = _extract_again(out, n, extract_cost)
         jobs["extract"] = {k: extract_cost[k] for k in ("wall_s", "cpu_s")}
     scaling = _cost_scaling(d, n, extract_cost["cpu_s"], default["cost"]["cpu_s"])
     worst = min(default["per_transform"].items(), key=lambda kv: kv[1]["recall_vs_original"])
-    return {**{k: default[k] for k in ("pair_precision", "pair_recall", "pairs_found", "pairs_true", "false_pairs", "per_transform")},
-            "cost_per_image_s": default["cost"]["cpu_s_per_image"],
-            "extract_cost_per_image_s": extract_cost["cpu_s_per_image"],
-            "cost": {"rule": "CPU seconds (user + system) of the job's whole process tree, per ok image, on the same photos and cores in one run; "
-                             "wall_x_cores is the stage's wall time on all its cores (an upper bound)",
-                     "dedup": default["cost"], "extract": extract_cost, "pipeline_jobs": jobs, "scaling": scaling},
-            "cost_runs": previous.get("cost_runs"),
-            "targets": {"pair_recall>=0.95": default["pair_recall"] >= 0.95, "pair_precision>=0.99": default["pair_precision"] >= 0.99,
-                        "every_transform>=0.85": worst[1]["recall_vs_original"] >= 0.85, "worst_transform": [worst[0], worst[1]["recall_vs_original"]],
-                        "cost<=extract": bool(extract_cost["cpu_s_per_image"]) and default["cost"]["cpu_s_per_image"] <= extract_cost["cpu_s_per_image"]},
-            "default": default, "verified": exhaustive, "rules": rules, "variants": variants, "chosen": best,
-            "images": n, "groups": len({g for g, _ in truth.values()}), "transforms": list(TRANSFORMS),
-            "distractors": n - len(truth), "pipeline_seconds": round(pipeline_s, 1), "dedup_job_seconds": default["cost"]["wall_s"],
-            "sweep": sweep, "hashes": {"rows": hashes, "chosen_thresholds": chosen_t,
-                                       "rule": "each hash alone (exact pairs included); threshold: the loosest with pair precision >= 0.99, else the most precise"},
-            "per_source_alone": {
-                "phash_only_t10": pair_metrics(clusters_for(10, None), t_truth),
-                "embedding_only_best": pair_metrics(clusters_for(None, best["min_score"] or 0.9), t_truth)}}
+    return {
+        **{k: default[k] for k in ("pair_precision", "pair_recall", "pairs_found", "pairs_true", "false_pairs", "per_transform")},
+        "cost_per_image_s": default["cost"]["cpu_s_per_image"],
+        "extract_cost_per_image_s": extract_cost["cpu_s_per_image"],
+        "cost": {
+            "rule": "CPU seconds (user + system) of the job's whole process tree, per ok image, on the same photos and cores in one run; "
+            "wall_x_cores is the stage's wall time on all its cores (an upper bound)",
+            "dedup": default["cost"],
+            "extract": extract_cost,
+            "pipeline_jobs": jobs,
+            "scaling": scaling,
+        },
+        "cost_runs": previous.get("cost_runs"),
+        "targets": {
+            "pair_recall>=0.95": default["pair_recall"] >= 0.95,
+            "pair_precision>=0.99": default["pair_precision"] >= 0.99,
+            "every_transform>=0.85": worst[1]["recall_vs_original"] >= 0.85,
+            "worst_transform": [worst[0], worst[1]["recall_vs_original"]],
+            "cost<=extract": bool(extract_cost["cpu_s_per_image"])
+            and default["cost"]["cpu_s_per_image"] <= extract_cost["cpu_s_per_image"],
+        },
+        "default": default,
+        "verified": exhaustive,
+        "rules": rules,
+        "variants": variants,
+        "chosen": best,
+        "images": n,
+        "groups": len({g for g, _ in truth.values()}),
+        "transforms": list(TRANSFORMS),
+        "distractors": n - len(truth),
+        "pipeline_seconds": round(pipeline_s, 1),
+        "dedup_job_seconds": default["cost"]["wall_s"],
+        "sweep": sweep,
+        "hashes": {
+            "rows": hashes,
+            "chosen_thresholds": chosen_t,
+            "rule": "each hash alone (exact pairs included); threshold: the loosest with pair precision >= 0.99, else the most precise",
+        },
+        "per_source_alone": {
+            "phash_only_t10": pair_metrics(clusters_for(10, None), t_truth),
+            "embedding_only_best": pair_metrics(clusters_for(None, best["min_score"] or 0.9), t_truth),
+        },
+    }
 
 
 def main() -> None:
@@ -685,7 +837,9 @@ def main() -> None:
     ap.add_argument("--other", action="store_true", help="each backbone on another kind of photo (the demo sample)")
     ap.add_argument("--stages", action="store_true", help="each backbone through the pipeline: extract img/s, neighbours s")
     ap.add_argument("--reuse", action="store_true", help="dedup: reuse the generated set and pipeline outputs in .cache")
-    ap.add_argument("--default-only", action="store_true", help="dedup: run the default and the rules; keep the recorded verify=all and variants")
+    ap.add_argument(
+        "--default-only", action="store_true", help="dedup: run the default and the rules; keep the recorded verify=all and variants"
+    )
     a = ap.parse_args()
     everything = not (a.retrieval or a.pipeline or a.dedup or a.backbones or a.stages or a.other or a.seeds or a.pwa)
     if not CLOTHING.exists():

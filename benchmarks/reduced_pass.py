@@ -65,14 +65,25 @@ def main() -> None:
                 r = np.arange(s, s + 2048)
                 qq = np.ascontiguousarray(store.vectors[r])
                 dense_search(store, qq, store.ids[r], store.route(qq, nprobe, store.cells_of_rows(r)), 10, shortlist=shortlist)
-            row = {"nprobe": nprobe, "shortlist": shortlist, "recall_at_10": round(recall_at_k(i, ti, tv, v), 4),
-                   "seconds_per_8192": round(time.perf_counter() - t0, 2)}
+            row = {
+                "nprobe": nprobe,
+                "shortlist": shortlist,
+                "recall_at_10": round(recall_at_k(i, ti, tv, v), 4),
+                "seconds_per_8192": round(time.perf_counter() - t0, 2),
+            }
             rows_out.append(row)
             print(json.dumps(row), flush=True)
     results = json.loads(RESULTS.read_text())
     results.setdefault("reduced_first_pass", {})[args.data] = {
-        "n": n, "dim": int(x.shape[1]), "cells": len(centroids), "mean_cell": round(n / len(centroids), 1),
-        "reduced_dim": 128, "energy": round(energy, 4), "threads": 1, "rows": rows_out}
+        "n": n,
+        "dim": int(x.shape[1]),
+        "cells": len(centroids),
+        "mean_cell": round(n / len(centroids), 1),
+        "reduced_dim": 128,
+        "energy": round(energy, 4),
+        "threads": 1,
+        "rows": rows_out,
+    }
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 

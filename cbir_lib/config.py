@@ -139,12 +139,18 @@ class ExtractConfig:
             _require(bool(self.output_layer), "extract.output_layer", "is required when extract.model is 'custom'")
         _require(self.pooling in POOLINGS, "extract.pooling", f"must be one of {POOLINGS}, got {self.pooling!r}")
         bins = str(self.hist_bins).lower().split("x")
-        _require(len(bins) == 3 and all(b.isdigit() and 1 <= int(b) <= 64 for b in bins), "extract.hist_bins",
-                 f"must be HxSxV bin counts in 1..64 such as 8x12x3, got {self.hist_bins!r}")
+        _require(
+            len(bins) == 3 and all(b.isdigit() and 1 <= int(b) <= 64 for b in bins),
+            "extract.hist_bins",
+            f"must be HxSxV bin counts in 1..64 such as 8x12x3, got {self.hist_bins!r}",
+        )
         _require(1 <= self.hist_grid <= 4, "extract.hist_grid", "must be in 1..4")
         _require(1 <= self.pwa_parts <= 64, "extract.pwa_parts", "must be in 1..64")
-        _require(not (self.pooling == "pwa" and self.model in ("color_hist", "vgg16-fc2")), "extract.pooling",
-                 f"pwa weights a convolutional feature map; extract.model={self.model} gives a vector")
+        _require(
+            not (self.pooling == "pwa" and self.model in ("color_hist", "vgg16-fc2")),
+            "extract.pooling",
+            f"pwa weights a convolutional feature map; extract.model={self.model} gives a vector",
+        )
         _require(self.pwa_sample >= 2, "extract.pwa_sample", "must be >= 2")
         _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
         _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
@@ -162,7 +168,11 @@ class ExtractConfig:
         _require(self.decode_threads >= 1, "extract.decode_threads", "must be >= 1")
         _require(0.0 <= self.max_failure_rate <= 1.0, "extract.max_failure_rate", "must be in [0, 1]")
         if self.head is not None:
-            _require(not self.whitening, "extract.whitening", "cannot be combined with extract.head (the head is trained on unwhitened embeddings)")
+            _require(
+                not self.whitening,
+                "extract.whitening",
+                "cannot be combined with extract.head (the head is trained on unwhitened embeddings)",
+            )
             _require(not self.binary_codes, "extract.binary_codes", "cannot be combined with extract.head (the head writes its own codes)")
         if self.model == "vgg16-fc2":
             _require(self.pooling == "gap", "extract.pooling", "vgg16-fc2 is a vector already; use pooling=gap")
@@ -328,8 +338,12 @@ class NeighborsConfig:
         _require(self.code_candidates >= self.k, "neighbors.code_candidates", f"must be >= neighbors.k ({self.k})")
         _require(self.query_block >= 1, "neighbors.query_block", "must be >= 1")
         if self.memory_budget is not None:
-            _require(bool(re.fullmatch(r"\s*\d+\s*[kmgt]b?\s*", str(self.memory_budget).lower())) and not str(self.memory_budget).strip().startswith("0"),
-                     "neighbors.memory_budget", f"must be a size such as 512m or 4g, got {self.memory_budget!r}")
+            _require(
+                bool(re.fullmatch(r"\s*\d+\s*[kmgt]b?\s*", str(self.memory_budget).lower()))
+                and not str(self.memory_budget).strip().startswith("0"),
+                "neighbors.memory_budget",
+                f"must be a size such as 512m or 4g, got {self.memory_budget!r}",
+            )
         _require(self.chunk_size >= 1, "neighbors.chunk_size", "must be >= 1")
         if self.shortlist is not None:
             _require(self.k <= self.shortlist <= 10_000, "neighbors.shortlist", f"must be in neighbors.k ({self.k})..10000")
@@ -403,14 +417,18 @@ class DedupConfig:
     #   all: every candidate but the byte-identical ones is verified (true is this);
     #   off: no verification, the rules alone (false is this; the default before 2026-12).
     verify: str = field(default="band", metadata={"bools": {True: "all", False: "off"}})
-    verify_min_score: float = 0.65  # embedding candidates to verify start here (quality.json: 4,183 of 4,200 copies had their best edge at 0.7 or more)
+    verify_min_score: float = (
+        0.65  # embedding candidates to verify start here (quality.json: 4,183 of 4,200 copies had their best edge at 0.7 or more)
+    )
     accept_hash_score: float = 0.85  # verify=band: a hash pair is an edge unverified only where the raw cosine is at least this
     dihedral_threshold: int = 8  # trimmed pHash bits under the best of the 8 symmetries, for a pair to be verified
     # The dihedral multi-index's chunks: 3 (22/21/21 bits, radius 2) finds the same pairs as
     # 4 (16 bits, radius 2) for the same cost at 7,981 images, with 84 comparisons per image
     # instead of 867 (measured): they grow with N, so 10x fewer at any size.
     dihedral_chunks: int = 3
-    band_per_image: int = 4  # verify=band: uncertain pairs verified per image, the best by dihedral distance, then cosine (quality.json: 3: recall 0.946 at 0.96x extract's CPU, 4: 0.969 at 1.03x)
+    # verify=band: uncertain pairs verified per image, the best by dihedral distance, then
+    # cosine (quality.json: 3: recall 0.946 at 0.96x extract's CPU, 4: 0.969 at 1.03x)
+    band_per_image: int = 4
     min_inliers: int = 15
     min_agreement: float = 0.8
     verify_max_side: int = 384  # features are found on the grayscale at most this size (512: 15 % more CPU, quality.json)
@@ -425,12 +443,17 @@ class DedupConfig:
         _require(-1.0 <= self.min_agreement <= 1.0, "dedup.min_agreement", "must be in [-1, 1]")
         _require(64 <= self.verify_max_side <= 4096, "dedup.verify_max_side", "must be in 64..4096")
         _require(self.verify_features >= 50, "dedup.verify_features", "must be >= 50")
-        _require(self.verify in DEDUP_VERIFY, "dedup.verify", f"must be one of {DEDUP_VERIFY} (true is all, false is off), got {self.verify!r}")
+        _require(
+            self.verify in DEDUP_VERIFY, "dedup.verify", f"must be one of {DEDUP_VERIFY} (true is all, false is off), got {self.verify!r}"
+        )
         _require(32 <= self.verify_photo_side <= self.verify_max_side, "dedup.verify_photo_side", "must be in 32..dedup.verify_max_side")
         _require(0 <= self.dihedral_threshold <= 32, "dedup.dihedral_threshold", "must be in 0..32")
         _require(1 <= self.dihedral_chunks <= 16, "dedup.dihedral_chunks", "must be in 1..16")
-        _require(self.dihedral_threshold // self.dihedral_chunks <= 3, "dedup.dihedral_chunks",
-                 f"too few for dedup.dihedral_threshold={self.dihedral_threshold}: use threshold // chunks <= 3")
+        _require(
+            self.dihedral_threshold // self.dihedral_chunks <= 3,
+            "dedup.dihedral_chunks",
+            f"too few for dedup.dihedral_threshold={self.dihedral_threshold}: use threshold // chunks <= 3",
+        )
         _require(1 <= self.band_per_image <= 1000, "dedup.band_per_image", "must be in 1..1000")
         _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
         _require(self.hash in DEDUP_HASHES, "dedup.hash", f"must be one of {DEDUP_HASHES}, got {self.hash!r}")
@@ -438,8 +461,11 @@ class DedupConfig:
         for name in ("phash", "ahash", "dhash"):
             t = getattr(self, f"{name}_threshold")
             _require(0 <= t <= 32, f"dedup.{name}_threshold", "must be in 0..32")
-            _require(t // self.phash_chunks <= 3, "dedup.phash_chunks",
-                     f"too few for dedup.{name}_threshold={t}: probes grow as C(64/chunks, threshold // chunks); use threshold // chunks <= 3")
+            _require(
+                t // self.phash_chunks <= 3,
+                "dedup.phash_chunks",
+                f"too few for dedup.{name}_threshold={t}: probes grow as C(64/chunks, threshold // chunks); use threshold // chunks <= 3",
+            )
         _require(self.max_iter >= 1, "dedup.max_iter", "must be >= 1")
         _require(self.max_diameter >= 1, "dedup.max_diameter", "must be >= 1 (1: every member an edge of every other)")
 
@@ -502,7 +528,9 @@ class TrainConfig:
         _require(0 <= self.seed < 2**31, "train.seed", "must be in 0..2^31-1")
         _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
         _require(self.loss in TRAIN_LOSSES, "train.loss", f"must be one of {TRAIN_LOSSES}, got {self.loss!r}")
-        _require(math.isfinite(self.margin) and 0 < self.margin <= 4, "train.margin", "must be in (0, 4] (squared distance of unit vectors)")
+        _require(
+            math.isfinite(self.margin) and 0 < self.margin <= 4, "train.margin", "must be in (0, 4] (squared distance of unit vectors)"
+        )
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,14 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 KINDS = ("crop_heavy", "rotate90", "pad_canvas", "meme", "rotate_shear", "greyscale", "blur_noise")
 
-_CAPTIONS = ("when the weekend finally arrives", "NEW IN - limited stock", "me vs the one I ordered",
-             "tag someone who needs this", "best deal of the year!!", "can't stop thinking about it")
+_CAPTIONS = (
+    "when the weekend finally arrives",
+    "NEW IN - limited stock",
+    "me vs the one I ordered",
+    "tag someone who needs this",
+    "best deal of the year!!",
+    "can't stop thinking about it",
+)
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -76,8 +82,12 @@ def edited(img: Image.Image, kind: str, rng: random.Random) -> Image.Image:
     if kind == "rotate_shear":
         angle = rng.uniform(3, 12) * rng.choice((-1, 1))
         shear = rng.uniform(0.05, 0.2) * rng.choice((-1, 1))
-        sheared = img.transform((w + round(abs(shear) * h), h), Image.Transform.AFFINE,
-                                (1, shear, -abs(shear) * h if shear > 0 else 0, 0, 1, 0), resample=Image.BILINEAR)
+        sheared = img.transform(
+            (w + round(abs(shear) * h), h),
+            Image.Transform.AFFINE,
+            (1, shear, -abs(shear) * h if shear > 0 else 0, 0, 1, 0),
+            resample=Image.BILINEAR,
+        )
         return sheared.rotate(angle, resample=Image.BILINEAR, expand=True, fillcolor=(0, 0, 0))
     if kind == "greyscale":
         return img.convert("L").convert("RGB")

@@ -29,11 +29,11 @@ def _fs(uri: str):
     import pyarrow.fs as pafs
 
     if uri.startswith("s3a://"):
-        uri = "s3://" + uri[len("s3a://"):]
+        uri = "s3://" + uri[len("s3a://") :]
     if "://" not in uri and not uri.startswith("file:"):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     if uri.startswith("file:") and not uri.startswith("file://"):
-        return pafs.LocalFileSystem(), uri[len("file:"):]
+        return pafs.LocalFileSystem(), uri[len("file:") :]
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -84,7 +84,11 @@ _EMBEDDERS: dict[tuple, tuple] = {}
 def _embedder(emb_manifest: dict, model_cache: str | None, data: bytes | None = None):
     """``(ExtractConfig, artifact, Embedder, decoded image)`` for a run, the model built once
     per process, and only after ``data`` decodes (a bad image fails before TensorFlow loads)."""
-    key = (emb_manifest.get("commit_id") or emb_manifest.get("run_id"), json.dumps(emb_manifest["config"]["extract"], sort_keys=True), model_cache)
+    key = (
+        emb_manifest.get("commit_id") or emb_manifest.get("run_id"),
+        json.dumps(emb_manifest["config"]["extract"], sort_keys=True),
+        model_cache,
+    )
     if key in _EMBEDDERS:
         ec, artifact, embedder = _EMBEDDERS[key]
         return ec, artifact, embedder, _decoded(data, artifact, ec)
@@ -156,7 +160,8 @@ def search_codes(q: np.ndarray, run_dir: str, thresholds: np.ndarray, k: int, ca
 
     filesystem, path = _fs(run_dir)
     t = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True).to_table(
-        columns=["image_id", "embedding", "binary_code"], filter=pc.field("status") == "ok")
+        columns=["image_id", "embedding", "binary_code"], filter=pc.field("status") == "ok"
+    )
     ids = np.asarray(t.column("image_id").to_numpy(), np.int64)
     dim = len(q[0])
     g = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, dim)
@@ -212,8 +217,10 @@ def _forest_blobs(index_dir: str, index: dict, cells: list[int]) -> dict[int, tu
         out = {}
         for cell in cells:
             name = f"cell-{cell:06d}"
-            out[cell] = (read_bytes(_join(index_dir, index["ann_files"], name + ".ann")),
-                         np.load(io.BytesIO(read_bytes(_join(index_dir, index["ann_files"], name + ".ids.npy")))))
+            out[cell] = (
+                read_bytes(_join(index_dir, index["ann_files"], name + ".ann")),
+                np.load(io.BytesIO(read_bytes(_join(index_dir, index["ann_files"], name + ".ids.npy")))),
+            )
         return out
     import pyarrow.dataset as ds
 
@@ -221,14 +228,24 @@ def _forest_blobs(index_dir: str, index: dict, cells: list[int]) -> dict[int, tu
         return {}
     filesystem, path = _fs(_join(index_dir, index["forests"]))
     t = ds.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True).to_table(
-        columns=["cell", "ids", "ann"], filter=ds.field("cell").isin(cells))
-    found = {int(c): (a, np.asarray(i, np.int64)) for c, i, a in zip(t.column("cell").to_pylist(), t.column("ids").to_pylist(),
-                                                                        t.column("ann").to_pylist(), strict=True)}
+        columns=["cell", "ids", "ann"], filter=ds.field("cell").isin(cells)
+    )
+    found = {
+        int(c): (a, np.asarray(i, np.int64))
+        for c, i, a in zip(t.column("cell").to_pylist(), t.column("ids").to_pylist(), t.column("ann").to_pylist(), strict=True)
+    }
     return {c: found[c] for c in cells if c in found}
 
 
-def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
-              model_cache: str | None = None, hierarchical: bool = False) -> tuple[list[Hit], dict]:
+def run_query(
+    output_root: str,
+    image: str,
+    k: int = 10,
+    nprobe: int | None = None,
+    candidates: int | None = None,
+    model_cache: str | None = None,
+    hierarchical: bool = False,
+) -> tuple[list[Hit], dict]:
     """The top-k of ``image`` in the latest index of ``output_root``; (hits, what was used)."""
     if type(k) is not int or k < 1:
         raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
@@ -238,8 +255,15 @@ def run_query(output_root: str, image: str, k: int = 10, nprobe: int | None = No
     return query_bytes(output_root, data, k, nprobe, candidates, model_cache, hierarchical)
 
 
-def query_bytes(output_root: str, data: bytes, k: int = 10, nprobe: int | None = None, candidates: int | None = None,
-                model_cache: str | None = None, hierarchical: bool = False) -> tuple[list[Hit], dict]:
+def query_bytes(
+    output_root: str,
+    data: bytes,
+    k: int = 10,
+    nprobe: int | None = None,
+    candidates: int | None = None,
+    model_cache: str | None = None,
+    hierarchical: bool = False,
+) -> tuple[list[Hit], dict]:
     """:func:`run_query` for an image's bytes (an upload to ``cbir serve``)."""
     if type(k) is not int or k < 1:
         raise QueryError(f"--k: must be a whole number >= 1, got {k!r}")
@@ -249,16 +273,25 @@ def query_bytes(output_root: str, data: bytes, k: int = 10, nprobe: int | None =
     idx_table = _join(root, layout.INDEX)
     idx_run, index = latest_run(idx_table)
     if index.get("embeddings_run_id") != emb_run:
-        raise QueryError(f"index {idx_run} was built from embeddings run {index.get('embeddings_run_id')}, not the latest ({emb_run}); rebuild it")
+        raise QueryError(
+            f"index {idx_run} was built from embeddings run {index.get('embeddings_run_id')}, not the latest ({emb_run}); rebuild it"
+        )
     if index.get("embeddings_commit") != emb_manifest.get("commit_id"):
-        raise QueryError(f"index {idx_run} was built from an earlier commit of embeddings run {emb_run} (committed again since); rebuild it")
+        raise QueryError(
+            f"index {idx_run} was built from an earlier commit of embeddings run {emb_run} (committed again since); rebuild it"
+        )
     q = embed_query(data, emb_manifest, _join(emb_table, f"run={emb_run}"), model_cache)
     if q.shape[1] != index["dim"]:
         raise QueryError(f"the query has dim {q.shape[1]} but index {idx_run} has dim {index['dim']}")
     n_cells = len(index["counts"]["per_cell"])
     nprobe = min(nprobe or 16, n_cells)
-    used = {"embeddings_run_id": emb_run, "index_run_id": idx_run, "model": (emb_manifest.get("model") or {}).get("name"),
-            "pooling": emb_manifest["config"]["extract"]["pooling"], "head": (emb_manifest.get("head") or {}).get("run_id")}
+    used = {
+        "embeddings_run_id": emb_run,
+        "index_run_id": idx_run,
+        "model": (emb_manifest.get("model") or {}).get("name"),
+        "pooling": emb_manifest["config"]["extract"]["pooling"],
+        "head": (emb_manifest.get("head") or {}).get("run_id"),
+    }
     emb_dir = _join(emb_table, f"run={emb_run}")
     if hierarchical:
         n_cand = candidates or 200

@@ -18,7 +18,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 # Photographs bundled in the scikit-image wheel (no download needed).
-ORIGINALS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "immunohistochemistry", "camera", "moon")
+ORIGINALS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+    "moon",
+)
 
 TRANSFORMS = ("original", "crop", "flip", "rotate", "rescale", "jpeg_q20", "brighten", "overlay_text")
 

@@ -83,8 +83,12 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
         except Exception as exc:  # noqa: BLE001 - logged here, a message there
             log.exception("cbir serve: query failed")
             return JSONResponse({"error": f"the query failed ({type(exc).__name__}); see the server's log"}, status_code=500)
-        return JSONResponse({"hits": [{"rank": h.rank, "image_id": str(h.image_id), "score": round(h.score, 4), "path": h.path} for h in hits],
-                             "used": {k_: v for k_, v in used.items() if isinstance(v, (str, int, float, type(None)))}})
+        return JSONResponse(
+            {
+                "hits": [{"rank": h.rank, "image_id": str(h.image_id), "score": round(h.score, 4), "path": h.path} for h in hits],
+                "used": {k_: v for k_, v in used.items() if isinstance(v, (str, int, float, type(None)))},
+            }
+        )
 
     async def api_neighbors(request: Request):
         try:
@@ -95,8 +99,13 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
         if path is None:
             return JSONResponse({"error": f"no image {image_id} in the images table"}, status_code=404)
         got = rows("SELECT rank, neighbor_id, score, neighbor_path FROM neighbors_by_path WHERE image_id = ? ORDER BY rank", [image_id])
-        return JSONResponse({"image_id": str(image_id), "path": path,
-                             "hits": [{"rank": r, "image_id": str(n), "score": round(float(s), 4), "path": p} for r, n, s, p in got]})
+        return JSONResponse(
+            {
+                "image_id": str(image_id),
+                "path": path,
+                "hits": [{"rank": r, "image_id": str(n), "score": round(float(s), 4), "path": p} for r, n, s, p in got],
+            }
+        )
 
     async def image(request: Request):
         q = request.query_params
@@ -117,23 +126,45 @@ def make_app(output_root: str, model_cache: str | None = None, k: int = 12, max_
             return Response("the image could not be read", status_code=404, media_type="text/plain")
 
     async def duplicates(request: Request):
-        got = rows("SELECT cluster_id, size, representative_path, member_paths FROM duplicate_groups ORDER BY size DESC, cluster_id LIMIT 200")
+        got = rows(
+            "SELECT cluster_id, size, representative_path, member_paths FROM duplicate_groups ORDER BY size DESC, cluster_id LIMIT 200"
+        )
         body = "".join(
             f"<tr><td>{c}</td><td>{n}</td><td>{_thumb_html(rep)}</td><td>{''.join(_thumb_html(m) for m in members[:12])}</td></tr>"
-            for c, n, rep, members in got)
-        return HTMLResponse(_frame("Duplicate groups", f"<table><tr><th>cluster</th><th>size</th><th>kept</th><th>members</th></tr>{body}</table>"
-                                   if got else "<p>No duplicate groups (run cbir dedup).</p>"))
+            for c, n, rep, members in got
+        )
+        return HTMLResponse(
+            _frame(
+                "Duplicate groups",
+                f"<table><tr><th>cluster</th><th>size</th><th>kept</th><th>members</th></tr>{body}</table>"
+                if got
+                else "<p>No duplicate groups (run cbir dedup).</p>",
+            )
+        )
 
     async def failures(request: Request):
         got = rows("SELECT path, stage, error_code, error FROM failures ORDER BY stage, error_code, path LIMIT 1000")
-        body = "".join(f"<tr><td>{html.escape(str(p))}</td><td>{s}</td><td>{html.escape(str(c))}</td><td>{html.escape(str(e or ''))}</td></tr>"
-                       for p, s, c, e in got)
-        return HTMLResponse(_frame("Failures", f"<table><tr><th>path</th><th>stage</th><th>code</th><th>error</th></tr>{body}</table>"
-                                   if got else "<p>No failures.</p>"))
+        body = "".join(
+            f"<tr><td>{html.escape(str(p))}</td><td>{s}</td><td>{html.escape(str(c))}</td><td>{html.escape(str(e or ''))}</td></tr>"
+            for p, s, c, e in got
+        )
+        return HTMLResponse(
+            _frame(
+                "Failures",
+                f"<table><tr><th>path</th><th>stage</th><th>code</th><th>error</th></tr>{body}</table>" if got else "<p>No failures.</p>",
+            )
+        )
 
-    return Starlette(routes=[Route("/", index), Route("/api/query", api_query, methods=["POST"]),
-                             Route("/api/neighbors", api_neighbors), Route("/image", image),
-                             Route("/duplicates", duplicates), Route("/failures", failures)])
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/query", api_query, methods=["POST"]),
+            Route("/api/neighbors", api_neighbors),
+            Route("/image", image),
+            Route("/duplicates", duplicates),
+            Route("/failures", failures),
+        ]
+    )
 
 
 def _thumbnail(data: bytes) -> bytes:
@@ -158,12 +189,17 @@ STYLE = """body{font-family:sans-serif;margin:1.5em}nav a{margin-right:1em}#drop
 
 
 def _frame(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>cbir: {title}</title><style>{STYLE}</style></head><body>"
-            f"<nav><a href='/'>search</a><a href='/duplicates'>duplicate groups</a><a href='/failures'>failures</a></nav>"
-            f"<h1>{title}</h1>{body}</body></html>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+        f"<title>cbir: {title}</title><style>{STYLE}</style></head><body>"
+        f"<nav><a href='/'>search</a><a href='/duplicates'>duplicate groups</a><a href='/failures'>failures</a></nav>"
+        f"<h1>{title}</h1>{body}</body></html>"
+    )
 
 
-PAGE = _frame("Search", """
+PAGE = _frame(
+    "Search",
+    """
 <div id="drop">Drop an image here, or <input type="file" id="file" accept="image/*"></div>
 <p id="status"></p>
 <div id="results" class="grid"></div>
@@ -199,7 +235,8 @@ document.getElementById('file').addEventListener('change', e => { if (e.target.f
 const drop = document.getElementById('drop');
 drop.addEventListener('dragover', e => e.preventDefault());
 drop.addEventListener('drop', e => { e.preventDefault(); if (e.dataTransfer.files[0]) search(e.dataTransfer.files[0]); });
-</script>""")
+</script>""",
+)
 
 
 def run(output_root: str, host: str = "127.0.0.1", port: int = 8080, model_cache: str | None = None) -> None:
@@ -207,4 +244,3 @@ def run(output_root: str, host: str = "127.0.0.1", port: int = 8080, model_cache
 
     log.info("cbir serve: http://%s:%d/ over %s (read-only)", host, port, output_root)
     uvicorn.run(make_app(output_root, model_cache), host=host, port=port, log_level="warning")
-

@@ -63,7 +63,9 @@ def _cluster_conf() -> dict[str, str] | None:
 
 def _defaults_file() -> dict[str, str]:
     """``spark-defaults.conf`` of ``SPARK_CONF_DIR`` / ``SPARK_HOME/conf``, as spark-submit reads it."""
-    conf_dir = os.environ.get("SPARK_CONF_DIR") or (os.path.join(os.environ["SPARK_HOME"], "conf") if os.environ.get("SPARK_HOME") else None)
+    conf_dir = os.environ.get("SPARK_CONF_DIR") or (
+        os.path.join(os.environ["SPARK_HOME"], "conf") if os.environ.get("SPARK_HOME") else None
+    )
     out: dict[str, str] = {}
     path = os.path.join(conf_dir, "spark-defaults.conf") if conf_dir else None
     if path and os.path.exists(path):
@@ -107,8 +109,13 @@ def session_settings(cfg: Config, cluster: dict[str, str] | None, env: dict[str,
                 given["spark.master"] = words[i + 1]
     out = {k: v for k, v in {**DEFAULTS, **dict(cfg.spark.conf)}.items() if k not in given}
     master = cfg.spark.master or given.get("spark.master") or "local[*]"
-    if (cluster is None and master.startswith("local") and "spark.driver.memory" not in given
-            and "spark.driver.memory" not in out and not env.get("SPARK_DRIVER_MEMORY")):
+    if (
+        cluster is None
+        and master.startswith("local")
+        and "spark.driver.memory" not in given
+        and "spark.driver.memory" not in out
+        and not env.get("SPARK_DRIVER_MEMORY")
+    ):
         out["spark.driver.memory"] = local_driver_memory()
     return out
 
@@ -126,8 +133,10 @@ def build_session(cfg: Config, ship_package: bool = True):
         builder = builder.master(cfg.spark.master)
     settings = session_settings(cfg, _cluster_conf())
     if "spark.driver.memory" in settings:
-        logging.getLogger(__name__).info("local mode: driver memory %s (a third of this machine's; set spark.driver.memory "
-                                         "or --driver-memory to choose)", settings["spark.driver.memory"])
+        logging.getLogger(__name__).info(
+            "local mode: driver memory %s (a third of this machine's; set spark.driver.memory " "or --driver-memory to choose)",
+            settings["spark.driver.memory"],
+        )
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -143,8 +152,14 @@ def parse_args(prog: str, description: str, argv: list[str] | None, extra=None):
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML profile, e.g. conf/default.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one config field; repeatable (e.g. --set extract.pooling=gem)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field; repeatable (e.g. --set extract.pooling=gem)",
+    )
     parser.add_argument("--output", help="shorthand for --set run.output_root=URI")
     parser.add_argument("--run-id", help="shorthand for --set run.run_id=ID")
     parser.add_argument("--master", help="shorthand for --set spark.master=URL")

@@ -23,12 +23,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     manifest = run_job(lambda spark: run_build_index(spark, cfg), cfg, args.verbose)
     counts = manifest.get("counts", {})
-    print(json.dumps({
-        "stage": "index", "run_id": manifest["run_id"], "embeddings_run_id": manifest["embeddings_run_id"],
-        "metric": manifest["metric"], "n_cells": manifest["n_cells"], "vectors": counts.get("vectors"),
-        "max_over_mean": counts.get("max_over_mean"), "build_seconds": manifest.get("build_seconds"),
-        "output": manifest.get("output"), "noop": manifest.get("noop", False),
-    }))
+    print(
+        json.dumps(
+            {
+                "stage": "index",
+                "run_id": manifest["run_id"],
+                "embeddings_run_id": manifest["embeddings_run_id"],
+                "metric": manifest["metric"],
+                "n_cells": manifest["n_cells"],
+                "vectors": counts.get("vectors"),
+                "max_over_mean": counts.get("max_over_mean"),
+                "build_seconds": manifest.get("build_seconds"),
+                "output": manifest.get("output"),
+                "noop": manifest.get("noop", False),
+            }
+        )
+    )
     return manifest
 
 

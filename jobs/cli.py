@@ -1,18 +1,18 @@
 """``cbir``: one command with a subcommand per stage; each runs the stage's job shell.
 
-    cbir demo                      # sample -> ingest -> extract -> index -> neighbours
-    cbir ingest --images DIR       # any directory or Hadoop URI
-    cbir extract --config conf/default.yaml extract.pooling=gem
-    cbir build_index index.metric=angular index.n_trees=16
-    cbir neighbors neighbors.k=10 neighbors.min_recall=0.95
-    cbir evaluate evaluate.mode=split evaluate.labels=folders
-    cbir dedup dedup.phash_threshold=8 dedup.min_score=0.9
-    cbir train train.bits=48 && cbir extract extract.head=output/models
-    cbir query IMAGE [--k 10] [--html out.html]
-    cbir pipeline --stages build_index,neighbors   # several stages in one Spark session
-    cbir sql --output out "SELECT * FROM neighbors_by_path LIMIT 10"   # DuckDB over the latest snapshots
-    cbir serve --output out [--port 8080]   # a local search page (127.0.0.1, read-only)
-    cbir sample DIR                # write the embedded sample photos to DIR
+cbir demo                      # sample -> ingest -> extract -> index -> neighbours
+cbir ingest --images DIR       # any directory or Hadoop URI
+cbir extract --config conf/default.yaml extract.pooling=gem
+cbir build_index index.metric=angular index.n_trees=16
+cbir neighbors neighbors.k=10 neighbors.min_recall=0.95
+cbir evaluate evaluate.mode=split evaluate.labels=folders
+cbir dedup dedup.phash_threshold=8 dedup.min_score=0.9
+cbir train train.bits=48 && cbir extract extract.head=output/models
+cbir query IMAGE [--k 10] [--html out.html]
+cbir pipeline --stages build_index,neighbors   # several stages in one Spark session
+cbir sql --output out "SELECT * FROM neighbors_by_path LIMIT 10"   # DuckDB over the latest snapshots
+cbir serve --output out [--port 8080]   # a local search page (127.0.0.1, read-only)
+cbir sample DIR                # write the embedded sample photos to DIR
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: 
     group_of = {os.path.join(sample_dir, g["file"]): g["group"] for g in read_groups(parent)}
     paths = {r.image_id: r.path.replace("file:", "", 1) for r in spark.read.parquet(embeddings_uri).select("image_id", "path").collect()}
     top1 = spark.read.parquet(neighbors_uri).filter(F.col("rank") == 1).select("image_id", "neighbor_id").collect()
-    copies = [(paths[r.image_id], paths[r.neighbor_id]) for r in top1 if paths[r.image_id] in group_of and "__original" not in paths[r.image_id]]
+    copies = [
+        (paths[r.image_id], paths[r.neighbor_id]) for r in top1 if paths[r.image_id] in group_of and "__original" not in paths[r.image_id]
+    ]
     hits = sum(group_of[q] == group_of.get(n) for q, n in copies)
     return hits, len(copies)
 
@@ -45,7 +47,9 @@ def _copy_dedup(spark, clusters_uri: str, sample_dir: str) -> tuple[int, int]:
     if not os.path.exists(os.path.join(parent, "groups.csv")):
         return 0, 0
     groups = read_groups(parent)
-    cluster_of = {r.path.replace("file:", "", 1): r.cluster_id for r in spark.read.parquet(clusters_uri).select("path", "cluster_id").collect()}
+    cluster_of = {
+        r.path.replace("file:", "", 1): r.cluster_id for r in spark.read.parquet(clusters_uri).select("path", "cluster_id").collect()
+    }
     original = {g["group"]: os.path.join(sample_dir, g["file"]) for g in groups if g["is_original"] == "1"}
     copies = [(os.path.join(sample_dir, g["file"]), original.get(g["group"])) for g in groups if g["is_original"] != "1"]
     hits = sum(1 for c, o in copies if c in cluster_of and cluster_of[c] == cluster_of.get(o))
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"              -> {ingest.get('output', '(unchanged, no-op)')}",
         f"  extract     {ec['input']} images: {ec['ok']} ok, {ec['failed']} failed; "
         f"{ec['embedded_this_run']} embedded this run at {extract.get('images_per_second') or '-'} img/s",
-        f"              model {extract['model']['name']} ({extract['model']['sha256'][:12]}), pooling {cfg.extract.pooling}, dim {extract['dim']}",
+        f"              model {extract['model']['name']} ({extract['model']['sha256'][:12]}), "
+        f"pooling {cfg.extract.pooling}, dim {extract['dim']}",
         f"              -> {extract.get('output', '(unchanged, no-op)')}",
         f"  index       {index['counts']['vectors']} vectors in {index['n_cells']} {index['partitioning']} cells "
         f"(largest {index['counts']['max_over_mean']}x the mean), {index['metric']}, Annoy forests of {index['n_trees']} trees",
@@ -114,15 +119,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"  dedup       {dc['clusters']} near-duplicate clusters holding {dc['images_in_clusters']} images "
         f"(pairs: {dc['pairs']}); {dc['removable']} removable",
         f"              -> {dedup['output']}",
-        *([f"  check       {dedup['copies_found'][0]}/{dedup['copies_found'][1]} edited copies are in their own original's dedup cluster"]
-          if dedup["copies_found"][1] else []),
+        *(
+            [f"  check       {dedup['copies_found'][0]}/{dedup['copies_found'][1]} edited copies are in their own original's dedup cluster"]
+            if dedup["copies_found"][1]
+            else []
+        ),
         f"  evaluate    labels {evaluation['labels']}: P@{em['k']} {em['precision_at_k']}, mAP@{em['k']} {em['map_at_k']}, "
         f"recall@{em['k']} {em['recall_at_k']} over {em['queries']} queries",
         f"  gallery     {evaluation.get('report', '(not written)').replace('file:', '', 1)}",
     ]
     print("\n".join(lines))
-    return {"ingest": ingest, "extract": extract, "index": index, "neighbors": neighbors, "copy_hits": hits, "copies": copies,
-            "dedup": dedup, "evaluate": evaluation}
+    return {
+        "ingest": ingest,
+        "extract": extract,
+        "index": index,
+        "neighbors": neighbors,
+        "copy_hits": hits,
+        "copies": copies,
+        "dedup": dedup,
+        "evaluate": evaluation,
+    }
 
 
 if __name__ == "__main__":

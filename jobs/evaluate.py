@@ -23,8 +23,18 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.evaluate.run import run_evaluate
 
     manifest = run_job(lambda spark: run_evaluate(spark, cfg), cfg, args.verbose)
-    print(json.dumps({"stage": "evaluate", "run_id": manifest["run_id"], "mode": manifest["mode"], **manifest["metrics"],
-                      "output": manifest["output"], "report": manifest.get("report")}))
+    print(
+        json.dumps(
+            {
+                "stage": "evaluate",
+                "run_id": manifest["run_id"],
+                "mode": manifest["mode"],
+                **manifest["metrics"],
+                "output": manifest["output"],
+                "report": manifest.get("report"),
+            }
+        )
+    )
     return manifest
 
 

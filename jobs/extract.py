@@ -21,11 +21,18 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.features.extract import run_extract
 
     manifest = run_job(lambda spark: run_extract(spark, cfg), cfg, args.verbose)
-    print(json.dumps({
-        "stage": "extract", "run_id": manifest["run_id"], "counts": manifest["counts"],
-        "images_per_second": manifest.get("images_per_second"), "output": manifest.get("output"),
-        "noop": manifest.get("noop", False),
-    }))
+    print(
+        json.dumps(
+            {
+                "stage": "extract",
+                "run_id": manifest["run_id"],
+                "counts": manifest["counts"],
+                "images_per_second": manifest.get("images_per_second"),
+                "output": manifest.get("output"),
+                "noop": manifest.get("noop", False),
+            }
+        )
+    )
     return manifest
 
 

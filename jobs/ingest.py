@@ -28,7 +28,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = cfg.ingest.images or sample_dir_for(cfg)
     manifest = run_job(lambda spark: run_ingest(spark, cfg, images), cfg, args.verbose)
-    print(json.dumps({"stage": "ingest", "run_id": manifest["run_id"], "counts": manifest["counts"], "output": manifest.get("output"), "noop": manifest.get("noop", False)}))
+    print(
+        json.dumps(
+            {
+                "stage": "ingest",
+                "run_id": manifest["run_id"],
+                "counts": manifest["counts"],
+                "output": manifest.get("output"),
+                "noop": manifest.get("noop", False),
+            }
+        )
+    )
     return manifest
 
 

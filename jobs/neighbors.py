@@ -22,13 +22,23 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.neighbors.search import run_neighbors
 
     manifest = run_job(lambda spark: run_neighbors(spark, cfg), cfg, args.verbose)
-    print(json.dumps({
-        "stage": "neighbors", "run_id": manifest["run_id"], "index_run_id": manifest["index_run_id"],
-        "method": manifest["method"], "nprobe": manifest.get("nprobe"), "k": manifest["k"],
-        "recall_at_k": manifest.get("recall_at_k"), "counts": manifest.get("counts"),
-        "wall_seconds": manifest.get("wall_seconds"), "output": manifest.get("output"),
-        "noop": manifest.get("noop", False),
-    }))
+    print(
+        json.dumps(
+            {
+                "stage": "neighbors",
+                "run_id": manifest["run_id"],
+                "index_run_id": manifest["index_run_id"],
+                "method": manifest["method"],
+                "nprobe": manifest.get("nprobe"),
+                "k": manifest["k"],
+                "recall_at_k": manifest.get("recall_at_k"),
+                "counts": manifest.get("counts"),
+                "wall_seconds": manifest.get("wall_seconds"),
+                "output": manifest.get("output"),
+                "noop": manifest.get("noop", False),
+            }
+        )
+    )
     return manifest
 
 

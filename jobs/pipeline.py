@@ -64,11 +64,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for stage in stages:
             m = stage_fn(stage)()
             out.append(m)
-            print(json.dumps({"stage": stage, "run_id": m.get("run_id"), "counts": m.get("counts") if stage != "build_index" else
-                              {k: v for k, v in (m.get("counts") or {}).items() if k != "per_cell"},
-                              "method": m.get("method"), "nprobe": m.get("nprobe"), "recall_at_k": m.get("recall_at_k"),
-                              "wall_seconds": m.get("wall_seconds") or m.get("build_seconds"), "output": m.get("output"),
-                              "noop": m.get("noop", False)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "stage": stage,
+                        "run_id": m.get("run_id"),
+                        "counts": m.get("counts")
+                        if stage != "build_index"
+                        else {k: v for k, v in (m.get("counts") or {}).items() if k != "per_cell"},
+                        "method": m.get("method"),
+                        "nprobe": m.get("nprobe"),
+                        "recall_at_k": m.get("recall_at_k"),
+                        "wall_seconds": m.get("wall_seconds") or m.get("build_seconds"),
+                        "output": m.get("output"),
+                        "noop": m.get("noop", False),
+                    }
+                ),
+                flush=True,
+            )
         return out
 
     return run_job(run, cfg, args.verbose)

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> list:
         p.add_argument("--k", type=int, default=10)
         p.add_argument("--nprobe", type=int, default=None, help="cells to probe (default neighbors.nprobe)")
         p.add_argument("--html", help="also write an HTML page with thumbnails here")
-        p.add_argument("--hierarchical", action="store_true",
-                       help="Hamming candidates from the run's binary codes, re-ranked by the floats (needs extract.head or extract.binary_codes)")
+        p.add_argument(
+            "--hierarchical",
+            action="store_true",
+            help="Hamming candidates from the run's binary codes, re-ranked by the floats (needs extract.head or extract.binary_codes)",
+        )
 
     args, overrides = parse_args("cbir query", __doc__, argv, extra)
     cfg = load_config(args.config, overrides)
@@ -37,13 +40,17 @@ def main(argv: list[str] | None = None) -> list:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cbir_lib.query import render_html, run_query
 
-    hits, used = run_query(cfg.run.output_root, args.image, args.k, args.nprobe or cfg.neighbors.nprobe,
-                           candidates=cfg.neighbors.code_candidates if args.hierarchical else None,
-                           model_cache=cfg.extract.model_cache, hierarchical=args.hierarchical)
-    how = (f"{used['vectors_scored']} Hamming candidates re-ranked" if args.hierarchical
-           else f"{used['nprobe']} of {used['cells']} cells")
-    print(f"top {len(hits)} of {args.image} (model {used['model']}, pooling {used['pooling']}, "
-          f"{how}, index {used['index_run_id']})")
+    hits, used = run_query(
+        cfg.run.output_root,
+        args.image,
+        args.k,
+        args.nprobe or cfg.neighbors.nprobe,
+        candidates=cfg.neighbors.code_candidates if args.hierarchical else None,
+        model_cache=cfg.extract.model_cache,
+        hierarchical=args.hierarchical,
+    )
+    how = f"{used['vectors_scored']} Hamming candidates re-ranked" if args.hierarchical else f"{used['nprobe']} of {used['cells']} cells"
+    print(f"top {len(hits)} of {args.image} (model {used['model']}, pooling {used['pooling']}, " f"{how}, index {used['index_run_id']})")
     print(f"{'rank':>4}  {'score':>7}  path")
     for h in hits:
         print(f"{h.rank:>4}  {h.score:>7.4f}  {printable(h.path)}")

@@ -34,8 +34,9 @@ def _emit(table, args) -> None:
     else:
         import pandas as pd
 
-        with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 50, "display.width", 200,
-                               "display.max_colwidth", 80):
+        with pd.option_context(
+            "display.max_rows", args.max_rows, "display.max_columns", 50, "display.width", 200, "display.max_colwidth", 80
+        ):
             print(table.to_pandas().to_string(index=False, max_rows=args.max_rows))
         print(f"({table.num_rows} rows)")
 

@@ -23,9 +23,19 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.finetune.train import run_train
 
     manifest = run_job(lambda spark: run_train(spark, cfg), cfg, args.verbose)
-    print(json.dumps({"stage": "train", "run_id": manifest["run_id"], "classes": len(manifest["classes"]),
-                      "bits": manifest["bits"], "data": {k: manifest["data"][k] for k in ("train", "validation")},
-                      "metrics": manifest["metrics"], "output": manifest.get("output")}))
+    print(
+        json.dumps(
+            {
+                "stage": "train",
+                "run_id": manifest["run_id"],
+                "classes": len(manifest["classes"]),
+                "bits": manifest["bits"],
+                "data": {k: manifest["data"][k] for k in ("train", "validation")},
+                "metrics": manifest["metrics"],
+                "output": manifest.get("output"),
+            }
+        )
+    )
     return manifest
 
 

@@ -131,8 +131,9 @@ def fixtures_run(spark, tmp_path_factory, model_cache):
     src = tmp_path_factory.mktemp("fixtures") / "images"
     shutil.copytree(DEDUP, src)
     out = tmp_path_factory.mktemp("dedup-out")
-    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10",
-                             "neighbors.rerank=none"])
+    cfg = config.load(
+        None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10", "neighbors.rerank=none"]
+    )
     run_ingest(spark, cfg, str(src))
     run_extract(spark, cfg)
     run_build_index(spark, cfg)
@@ -150,8 +151,10 @@ def demo_out(spark, tmp_path_factory, model_cache):
     return out, summary
 
 
-EMB_DDL = ("image_id long, path string, content_sha256 string, embedding array<float>, dim int, status string, error string, "
-           "extract_run_id string")
+EMB_DDL = (
+    "image_id long, path string, content_sha256 string, embedding array<float>, dim int, status string, error string, "
+    "extract_run_id string"
+)
 
 
 def write_embeddings(spark, root: str, ids, x, run_id: str, n_failed: int = 3) -> None:
@@ -161,8 +164,19 @@ def write_embeddings(spark, root: str, ids, x, run_id: str, n_failed: int = 3) -
     from cbir_lib.common import fs, tables
 
     # The content hash stands in for the image's: the vector's own bytes.
-    rows = [(int(i), f"/img/{i}.jpg", hashlib.sha256(np.asarray(v, np.float32).tobytes()).hexdigest(), v.tolist(), x.shape[1], "ok", None, run_id)
-            for i, v in zip(ids, x, strict=True)]
+    rows = [
+        (
+            int(i),
+            f"/img/{i}.jpg",
+            hashlib.sha256(np.asarray(v, np.float32).tobytes()).hexdigest(),
+            v.tolist(),
+            x.shape[1],
+            "ok",
+            None,
+            run_id,
+        )
+        for i, v in zip(ids, x, strict=True)
+    ]
     rows += [(10**15 + j, f"/img/bad{j}.jpg", None, None, None, "failed", "truncated", run_id) for j in range(n_failed)]
     df = spark.createDataFrame(rows, EMB_DDL)
     tables.commit(spark, df, fs.join(fs.qualify(spark, root), "embeddings"), run_id, {"run_id": run_id, "dim": int(x.shape[1])})

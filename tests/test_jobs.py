@@ -59,11 +59,24 @@ def test_spark_submit_conf_wins_over_the_project_defaults(tmp_path, odd_files):
     submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
     assert os.path.exists(submit), "pyspark's spark-submit is missing from the venv"
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    for out, conf in ((tmp_path / "given", ["--conf", "spark.sql.shuffle.partitions=3", "--driver-memory", "1500m"]), (tmp_path / "silent", [])):
-        proc = subprocess.run([submit, "--master", "local[1]", *conf, "jobs/ingest.py", "--images", str(src), "--output", str(out)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+    for out, conf in (
+        (tmp_path / "given", ["--conf", "spark.sql.shuffle.partitions=3", "--driver-memory", "1500m"]),
+        (tmp_path / "silent", []),
+    ):
+        proc = subprocess.run(
+            [submit, "--master", "local[1]", *conf, "jobs/ingest.py", "--images", str(src), "--output", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     given, silent = _ingest_manifest(tmp_path / "given")["spark"], _ingest_manifest(tmp_path / "silent")["spark"]
     assert given["spark.sql.shuffle.partitions"] == "3" and given["spark.driver.memory"] == "1500m"

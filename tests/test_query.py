@@ -15,8 +15,14 @@ pytestmark = pytest.mark.slow
 def _query(out, *args, model_cache=None):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     extra = [f"extract.model_cache={model_cache}"] if model_cache else []
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "query", *args, "--output", str(out), *extra],
-                          capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "query", *args, "--output", str(out), *extra],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        env=env,
+        timeout=300,
+    )
 
 
 def test_query_finds_the_image_and_its_copies(fixtures_run, model_cache, tmp_path):
@@ -59,15 +65,34 @@ def test_hierarchical_query_over_a_trained_heads_codes(spark, fixtures_run, mode
     src, _ = fixtures_run
     out = tmp_path / "out"
     shutil.copytree(src, out)  # the session's run stays as it is for the other tests
-    cfg = config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "train.split=",
-                             "train.validation_split=", "train.bits=16", "train.hidden=32", "train.epochs=2",
-                             "train.workers=1"])
+    cfg = config.load(
+        None,
+        [
+            f"run.output_root={out}",
+            f"extract.model_cache={model_cache}",
+            "train.split=",
+            "train.validation_split=",
+            "train.bits=16",
+            "train.hidden=32",
+            "train.epochs=2",
+            "train.workers=1",
+        ],
+    )
     run_train(spark, cfg)
-    m = run_extract(spark, config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", f"extract.head={out}/models"]))
+    m = run_extract(
+        spark, config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", f"extract.head={out}/models"])
+    )
     assert m["dim"] == 16 and m["counts"]["embedded_this_run"] == 0
     run_build_index(spark, cfg)
-    r = _query(out, str(DEDUP / "base_images" / "ukbench00120.jpg"), "--k", "3", "--hierarchical", "neighbors.code_candidates=20",
-               model_cache=model_cache)
+    r = _query(
+        out,
+        str(DEDUP / "base_images" / "ukbench00120.jpg"),
+        "--k",
+        "3",
+        "--hierarchical",
+        "neighbors.code_candidates=20",
+        model_cache=model_cache,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "20 Hamming candidates re-ranked" in r.stdout
     rows = [line.split(None, 2) for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]

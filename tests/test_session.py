@@ -28,5 +28,4 @@ def test_local_mode_driver_memory_from_the_machine_unless_chosen():
     assert _common.session_settings(_cfg(**{"spark.driver.memory": "2g"}), None, env={})["spark.driver.memory"] == "2g"
     conf = _common.session_settings(_cfg(), None, env={"PYSPARK_SUBMIT_ARGS": "--conf spark.sql.shuffle.partitions=5 pyspark-shell"})
     assert "spark.sql.shuffle.partitions" not in conf
-    assert "spark.driver.memory" not in _common.session_settings(
-        Config(spark=SparkConfig(master="spark://h:7077")), None, env={})
+    assert "spark.driver.memory" not in _common.session_settings(Config(spark=SparkConfig(master="spark://h:7077")), None, env={})

@@ -30,8 +30,12 @@ def _snapshot(root: Path, table: str, run: str, rows: dict, sub: str = "", manif
 
 
 def _images(n: int, failed: int = 0) -> dict:
-    return {"image_id": list(range(n)), "path": [f"/p/{i}.jpg" for i in range(n)],
-            "status": ["ok"] * (n - failed) + ["failed"] * failed, "error": [None] * (n - failed) + ["truncated: cut short"] * failed}
+    return {
+        "image_id": list(range(n)),
+        "path": [f"/p/{i}.jpg" for i in range(n)],
+        "status": ["ok"] * (n - failed) + ["failed"] * failed,
+        "error": [None] * (n - failed) + ["truncated: cut short"] * failed,
+    }
 
 
 def test_views_read_only_the_latest_committed_snapshot(tmp_path):
@@ -63,8 +67,13 @@ def test_neighbors_by_path_joins_the_paths(tmp_path):
 def test_a_root_with_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(NoRuns, match="no committed run"):
         connect(str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "sql", "--output", str(tmp_path), "SELECT 1"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "sql", "--output", str(tmp_path), "SELECT 1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 1 and "no committed run" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -74,7 +83,9 @@ def test_cli_prints_csv_and_writes_parquet(tmp_path):
     r = subprocess.run([*cmd, "--csv", "SELECT path, error_code FROM failures"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert list(csv.reader(r.stdout.splitlines())) == [["path", "error_code"], ["/p/3.jpg", "truncated"]]
-    r = subprocess.run([*cmd, "--parquet", str(tmp_path / "x.parquet"), "SELECT * FROM images"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [*cmd, "--parquet", str(tmp_path / "x.parquet"), "SELECT * FROM images"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0 and pq.read_table(tmp_path / "x.parquet").num_rows == 4
     r = subprocess.run(cmd, input="SELECT count(*) AS n\n FROM images;\n.quit\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "(1 rows)" in r.stdout and " 4" in r.stdout
@@ -87,8 +98,20 @@ def test_cli_prints_csv_and_writes_parquet(tmp_path):
 def test_the_readme_queries_on_the_demo_output(demo_out):
     out, summary = demo_out
     con, resolved = connect(str(out))
-    for view in ("images", "embeddings", "index_store", "neighbors", "dedup_clusters", "dedup_pairs", "evaluation_per_query",
-                 "evaluation_per_class", "neighbors_by_path", "duplicate_groups", "failures", "runs"):
+    for view in (
+        "images",
+        "embeddings",
+        "index_store",
+        "neighbors",
+        "dedup_clusters",
+        "dedup_pairs",
+        "evaluation_per_query",
+        "evaluation_per_class",
+        "neighbors_by_path",
+        "duplicate_groups",
+        "failures",
+        "runs",
+    ):
         assert view in resolved.views or view == "runs", (view, resolved.notes)
     # Counts are the latest manifests' counts.
     assert con.execute("SELECT count(*) FROM neighbors").fetchone()[0] == summary["neighbors"]["counts"]["rows"]

@@ -23,8 +23,16 @@ EVALUATION = "evaluation"
 MODELS = "models"
 
 # table -> the stage (job) that writes it, in the order of the flow
-PRODUCER = {IMAGES: "ingest", EMBEDDINGS: "extract", INDEX: "build_index", NEIGHBORS: "neighbors", PAIRS: "neighbors",
-            DEDUP: "dedup", EVALUATION: "evaluate", MODELS: "train"}
+PRODUCER = {
+    IMAGES: "ingest",
+    EMBEDDINGS: "extract",
+    INDEX: "build_index",
+    NEIGHBORS: "neighbors",
+    PAIRS: "neighbors",
+    DEDUP: "dedup",
+    EVALUATION: "evaluate",
+    MODELS: "train",
+}
 TABLES = tuple(PRODUCER)
 
 LATEST = "_LATEST"  # a table's pointer: the run id of its newest committed snapshot

@@ -105,8 +105,7 @@ def claim_bytes(me: dict, heartbeat: float) -> bytes:
     return json.dumps({**me, "heartbeat": heartbeat}).encode("utf-8")
 
 
-def acquire(store: ClaimStore, me: dict, where: str, now: Callable[[], float] = time.time,
-            dead: Callable[[dict], bool] = dead_here) -> str:
+def acquire(store: ClaimStore, me: dict, where: str, now: Callable[[], float] = time.time, dead: Callable[[dict], bool] = dead_here) -> str:
     """Write ``me``'s claim, then hold the lease or raise :class:`ConcurrentRun`; returns the
     claim's name (pass it to :func:`release`)."""
     mine = f"{me['holder']}{CLAIM}"
@@ -117,10 +116,15 @@ def acquire(store: ClaimStore, me: dict, where: str, now: Callable[[], float] = 
         stale, claim = _stale(store, name, now(), dead)
         if not stale:
             store.delete(mine)
-            who = (f"{claim.get('stage')} run {claim.get('run_id')} (host {claim.get('host')}, pid {claim.get('pid')})"
-                   if claim else f"a run whose claim {name} is being written")
-            raise ConcurrentRun(f"{where}: {who} is running on this table; retry when it ends, or delete "
-                                f"{where}/{LEASES}/{name} if that run is dead (a lease not refreshed for {TTL_S:.0f} s is taken over)")
+            who = (
+                f"{claim.get('stage')} run {claim.get('run_id')} (host {claim.get('host')}, pid {claim.get('pid')})"
+                if claim
+                else f"a run whose claim {name} is being written"
+            )
+            raise ConcurrentRun(
+                f"{where}: {who} is running on this table; retry when it ends, or delete "
+                f"{where}/{LEASES}/{name} if that run is dead (a lease not refreshed for {TTL_S:.0f} s is taken over)"
+            )
         store.delete(name)
         log.warning("%s: took over the stale lease of run %s", where, (claim or {}).get("run_id", name))
     return mine
@@ -161,8 +165,14 @@ class HadoopClaims:
 def held(spark, table_uri: str, run_id: str, stage: str):
     """Hold ``table_uri``'s lease for the block; :class:`ConcurrentRun` if a live run has it."""
     store = HadoopClaims(spark, table_uri)
-    me = {"holder": f"{time.time_ns():020d}-{uuid.uuid4().hex}", "stage": stage, "run_id": run_id,
-          "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    me = {
+        "holder": f"{time.time_ns():020d}-{uuid.uuid4().hex}",
+        "stage": stage,
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
     mine = acquire(store, me, table_uri)
     stop = threading.Event()
 

@@ -86,8 +86,7 @@ def check_scheme(uri: str) -> None:
     """Raise :class:`UnsupportedScheme` for a URI that tasks cannot open (checked on the driver)."""
     scheme = _split(uri)[0]
     if scheme not in SUPPORTED_SCHEMES:
-        raise UnsupportedScheme(
-            f"{uri}: scheme {scheme!r} cannot be read by executor tasks (supported: {', '.join(SUPPORTED_SCHEMES)})")
+        raise UnsupportedScheme(f"{uri}: scheme {scheme!r} cannot be read by executor tasks (supported: {', '.join(SUPPORTED_SCHEMES)})")
 
 
 _CACHE: dict = {}

@@ -45,13 +45,15 @@ def require_latest(spark, table_uri: str, produced_by: str) -> str:
 def _require_committed(spark, table_uri: str, run_id: str, produced_by: str) -> None:
     """Refuse the run ``_LATEST`` names when its snapshot has no manifest (the commit marker)."""
     if not fs.exists(spark, fs.join(run_dir(table_uri, run_id), MANIFEST)):
-        raise FileNotFoundError(f"{table_uri}: _LATEST names run={run_id}, which has no manifest (a commit that did not finish); "
-                                f"run {produced_by} for run {run_id} again")
+        raise FileNotFoundError(
+            f"{table_uri}: _LATEST names run={run_id}, which has no manifest (a commit that did not finish); "
+            f"run {produced_by} for run {run_id} again"
+        )
 
 
 def committed_runs(spark, table_uri: str) -> list[str]:
     """Run ids with a complete snapshot (its manifest is written last, inside the commit)."""
-    runs = [n[len("run="):] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
+    runs = [n[len("run=") :] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
     return sorted(r for r in runs if fs.exists(spark, fs.join(run_dir(table_uri, r), MANIFEST)))
 
 
@@ -61,7 +63,9 @@ def input_run(spark, table_uri: str, run, produced_by: str) -> str:
     if not run.pin_inputs:
         return require_latest(spark, table_uri, produced_by)
     if not fs.exists(spark, fs.join(run_dir(table_uri, run.run_id), MANIFEST)):
-        raise FileNotFoundError(f"no snapshot run={run.run_id} under {table_uri} (run.pin_inputs): run {produced_by} for run {run.run_id} first")
+        raise FileNotFoundError(
+            f"no snapshot run={run.run_id} under {table_uri} (run.pin_inputs): run {produced_by} for run {run.run_id} first"
+        )
     return run.run_id
 
 
@@ -97,8 +101,16 @@ def commit_of(manifest: dict | None) -> str | None:
     return (manifest or {}).get("commit_id")
 
 
-def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None,
-           keep: int = 2, forward_only: bool = False) -> str:
+def commit(
+    spark,
+    df,
+    table_uri: str,
+    run_id: str,
+    manifest: dict,
+    extra_files: dict[str, bytes] | None = None,
+    keep: int = 2,
+    forward_only: bool = False,
+) -> str:
     """Write ``df`` as snapshot ``run_id`` of the table, atomically, and point ``_LATEST`` at it.
 
     ``extra_files`` (name -> bytes) are written into the snapshot directory before it is
@@ -107,11 +119,21 @@ def commit(spark, df, table_uri: str, run_id: str, manifest: dict, extra_files: 
     names, so re-running an old date does not turn back the tables' current state.
     Returns the snapshot URI.
     """
-    return commit_dir(spark, lambda tmp: df.write.mode("overwrite").parquet(tmp), table_uri, run_id, manifest, extra_files, keep, forward_only)
+    return commit_dir(
+        spark, lambda tmp: df.write.mode("overwrite").parquet(tmp), table_uri, run_id, manifest, extra_files, keep, forward_only
+    )
 
 
-def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_files: dict[str, bytes] | None = None,
-               keep: int = 2, forward_only: bool = False) -> str:
+def commit_dir(
+    spark,
+    write,
+    table_uri: str,
+    run_id: str,
+    manifest: dict,
+    extra_files: dict[str, bytes] | None = None,
+    keep: int = 2,
+    forward_only: bool = False,
+) -> str:
     """Like :func:`commit`, for a snapshot made of several writes: ``write(tmp_uri)`` fills it.
 
     The manifest may be completed by ``write`` (it is written after it returns).
@@ -152,9 +174,17 @@ def commit_dir(spark, write, table_uri: str, run_id: str, manifest: dict, extra_
 
 
 # The settings that shape a run, recorded in every manifest (whose value won: the cluster's or ours).
-_RECORDED = ("spark.master", "spark.sql.shuffle.partitions", "spark.sql.execution.arrow.maxRecordsPerBatch",
-             "spark.task.cpus", "spark.executor.cores", "spark.executor.memory", "spark.driver.memory",
-             "spark.executor.instances", "spark.task.resource.gpu.amount")
+_RECORDED = (
+    "spark.master",
+    "spark.sql.shuffle.partitions",
+    "spark.sql.execution.arrow.maxRecordsPerBatch",
+    "spark.task.cpus",
+    "spark.executor.cores",
+    "spark.executor.memory",
+    "spark.driver.memory",
+    "spark.executor.instances",
+    "spark.task.resource.gpu.amount",
+)
 
 
 def cost(spark, wall_seconds: float, images: int) -> dict:
@@ -162,8 +192,11 @@ def cost(spark, wall_seconds: float, images: int) -> dict:
     bound of the core-seconds it used), in all and per image. extract and dedup record it,
     so the two compare on the same photos."""
     cores = spark.sparkContext.defaultParallelism
-    return {"cores": cores, "core_seconds": round(wall_seconds * cores, 3),
-            "core_seconds_per_image": round(wall_seconds * cores / max(1, images), 5)}
+    return {
+        "cores": cores,
+        "core_seconds": round(wall_seconds * cores, 3),
+        "core_seconds_per_image": round(wall_seconds * cores / max(1, images), 5),
+    }
 
 
 def spark_settings(spark) -> dict:
@@ -175,7 +208,7 @@ def spark_settings(spark) -> dict:
 
 
 def _prune(spark, table_uri: str, keep: int, current: str) -> None:
-    runs = [n[len("run="):] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
+    runs = [n[len("run=") :] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
     # Run ids are sortable timestamps or logical dates; keep the newest, always the current.
     stale = [r for r in sorted(runs)[:-keep] if r != current] if len(runs) > keep else []
     for r in stale:

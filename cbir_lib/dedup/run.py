@@ -80,10 +80,15 @@ def signatures(spark, todo, dd):
     number of its candidate pairs."""
     from cbir_lib.dedup.signature import SIGNATURE_DDL
 
-    return (todo.select("image_id", "path").repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
-            .mapInPandas(_signature_partition(dd.verify_max_side, dd.verify_features, dd.verify_photo_side,
-                                              remote.settings_from_hadoop(spark)), f"image_id long, {SIGNATURE_DDL}")
-            .localCheckpoint())
+    return (
+        todo.select("image_id", "path")
+        .repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
+        .mapInPandas(
+            _signature_partition(dd.verify_max_side, dd.verify_features, dd.verify_photo_side, remote.settings_from_hadoop(spark)),
+            f"image_id long, {SIGNATURE_DDL}",
+        )
+        .localCheckpoint()
+    )
 
 
 def _verify_partition(min_inliers: int, min_agreement: float, early: bool):
@@ -98,8 +103,12 @@ def _verify_partition(min_inliers: int, min_agreement: float, early: bool):
         last_b = (None, None)  # the join hands a task its pairs sorted by b: decode b once for its run
         for pdf in batches:
             inliers, agreement, why = [], [], []
-            for b, ra, rb in zip(pdf["b"], pdf[[f"a_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
-                                 pdf[[f"b_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False), strict=True):
+            for b, ra, rb in zip(
+                pdf["b"],
+                pdf[[f"a_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
+                pdf[[f"b_{c}" for c in SIGNATURE_COLUMNS]].itertuples(index=False),
+                strict=True,
+            ):
                 v, reason = None, None
                 if ra[0] is None or rb[0] is None:
                     reason = "unreadable_image: a file of the pair is gone or undecodable"
@@ -107,8 +116,9 @@ def _verify_partition(min_inliers: int, min_agreement: float, early: bool):
                     try:
                         if last_b[0] != b:
                             last_b = (b, sig.decode(dict(zip(SIGNATURE_COLUMNS, rb, strict=True))))
-                        v = verify_signatures(sig.decode(dict(zip(SIGNATURE_COLUMNS, ra, strict=True))), last_b[1],
-                                              min_inliers, min_agreement, early=early)
+                        v = verify_signatures(
+                            sig.decode(dict(zip(SIGNATURE_COLUMNS, ra, strict=True))), last_b[1], min_inliers, min_agreement, early=early
+                        )
                     except Exception as e:  # noqa: BLE001 - one pair's failure is that pair's verdict, not the stage's
                         reason = f"verify_error: {type(e).__name__}: {str(e)[:200]}"
                 inliers.append(v.inliers if v else 0)
@@ -127,9 +137,14 @@ def verified_pairs(spark, pairs, sig, dd, early: bool = True):
     from pyspark.sql import functions as F
 
     side = {p: sig.select(F.col("image_id").alias(p), *[F.col(c).alias(f"{p}_{c}") for c in SIGNATURE_COLUMNS]) for p in ("a", "b")}
-    return (pairs.select("a", "b").distinct().join(side["a"], "a", "left")
-            .repartition(4 * spark.sparkContext.defaultParallelism, "b").join(side["b"], "b", "left")
-            .mapInPandas(_verify_partition(dd.min_inliers, dd.min_agreement, early), VERDICT_DDL))
+    return (
+        pairs.select("a", "b")
+        .distinct()
+        .join(side["a"], "a", "left")
+        .repartition(4 * spark.sparkContext.defaultParallelism, "b")
+        .join(side["b"], "b", "left")
+        .mapInPandas(_verify_partition(dd.min_inliers, dd.min_agreement, early), VERDICT_DDL)
+    )
 
 
 def exact_pairs(images):
@@ -137,8 +152,17 @@ def exact_pairs(images):
     from pyspark.sql import functions as F
 
     firsts = images.groupBy("content_sha256").agg(F.min("image_id").alias("a"), F.count("*").alias("n")).filter("n > 1")
-    return (images.join(firsts, "content_sha256").filter(F.col("image_id") != F.col("a"))
-            .select("a", F.col("image_id").alias("b"), F.lit("exact").alias("source"), F.lit(0).alias("hamming"), F.lit(None).cast("float").alias("score")))
+    return (
+        images.join(firsts, "content_sha256")
+        .filter(F.col("image_id") != F.col("a"))
+        .select(
+            "a",
+            F.col("image_id").alias("b"),
+            F.lit("exact").alias("source"),
+            F.lit(0).alias("hamming"),
+            F.lit(None).cast("float").alias("score"),
+        )
+    )
 
 
 def _multi_index(store, probe, t: int, m: int):
@@ -151,14 +175,17 @@ def _multi_index(store, probe, t: int, m: int):
     radius = t // m
     stored, probes = [], []
     for j, (shift, width) in enumerate(chunk_bounds(m)):
+
         def chunk(col: str, shift: int = shift, width: int = width):
             return F.shiftrightunsigned(col, shift).bitwiseAND(F.lit((1 << width) - 1))
 
         masks = [int(x) for x in flips(width, min(radius, width))]
         stored.append(store.select(F.lit(j).alias("chunk"), chunk("ha").alias("key"), "a", "ha"))
-        probes.append(probe.select(F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"),
-                                   chunk("hb").alias("v"), "b", "hb")
-                      .select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb"))
+        probes.append(
+            probe.select(
+                F.lit(j).alias("chunk"), F.explode(F.array(*[F.lit(x) for x in masks])).alias("mask"), chunk("hb").alias("v"), "b", "hb"
+            ).select("chunk", F.col("v").bitwiseXOR(F.col("mask")).alias("key"), "b", "hb")
+        )
     st, pr = stored[0], probes[0]
     for s, p in zip(stored[1:], probes[1:], strict=True):
         st, pr = st.unionByName(s), pr.unionByName(p)
@@ -179,14 +206,28 @@ def phash_pairs(images, t: int, m: int, column: str = "phash"):
 
     every = images.select("image_id", F.col(column).alias("phash")).filter(F.col("phash").isNotNull())
     h = every.groupBy("phash").agg(F.min("image_id").alias("image_id"))
-    same = (every.join(h.withColumnRenamed("image_id", "a"), "phash").filter(F.col("image_id") != F.col("a"))
-            .select("a", F.col("image_id").alias("b"), F.lit(column).alias("source"), F.lit(0).alias("hamming"),
-                    F.lit(None).cast("float").alias("score")))
-    near = (_multi_index(h.select(F.col("image_id").alias("a"), F.col("phash").alias("ha")),
-                         h.select(F.col("image_id").alias("b"), F.col("phash").alias("hb")), t, m)
-            .filter(F.col("a") < F.col("b"))
-            .select("a", "b", F.lit(column).alias("source"), "hamming", F.lit(None).cast("float").alias("score"))
-            .dropDuplicates(["a", "b"]))
+    same = (
+        every.join(h.withColumnRenamed("image_id", "a"), "phash")
+        .filter(F.col("image_id") != F.col("a"))
+        .select(
+            "a",
+            F.col("image_id").alias("b"),
+            F.lit(column).alias("source"),
+            F.lit(0).alias("hamming"),
+            F.lit(None).cast("float").alias("score"),
+        )
+    )
+    near = (
+        _multi_index(
+            h.select(F.col("image_id").alias("a"), F.col("phash").alias("ha")),
+            h.select(F.col("image_id").alias("b"), F.col("phash").alias("hb")),
+            t,
+            m,
+        )
+        .filter(F.col("a") < F.col("b"))
+        .select("a", "b", F.lit(column).alias("source"), "hamming", F.lit(None).cast("float").alias("score"))
+        .dropDuplicates(["a", "b"])
+    )
     return near.unionByName(same)
 
 
@@ -201,15 +242,20 @@ def dihedral_pairs(sig, t: int, m: int):
 
     every = sig.filter(F.col("hashes").isNotNull()).select("image_id", F.col("hashes")[0].alias("h0"), "hashes")
     h = every.groupBy("h0").agg(F.min("image_id").alias("image_id"), F.first("hashes").alias("hashes"))
-    same = (every.join(h.select("h0", F.col("image_id").alias("a")), "h0").filter(F.col("image_id") != F.col("a"))
-            .select("a", F.col("image_id").alias("b"), F.lit(0).alias("hamming")))
+    same = (
+        every.join(h.select("h0", F.col("image_id").alias("a")), "h0")
+        .filter(F.col("image_id") != F.col("a"))
+        .select("a", F.col("image_id").alias("b"), F.lit(0).alias("hamming"))
+    )
     variants = h.select(F.col("image_id").alias("b"), F.posexplode("hashes").alias("variant", "hb")).select("b", "hb")
-    near = (_multi_index(h.select(F.col("image_id").alias("a"), F.col("h0").alias("ha")), variants, t, m)
-            .filter(F.col("a") != F.col("b"))
-            .select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), "hamming")
-            .groupBy("a", "b").agg(F.min("hamming").alias("hamming")))
-    return (near.unionByName(same).select("a", "b", F.lit("dihedral").alias("source"), "hamming",
-                                          F.lit(None).cast("float").alias("score")))
+    near = (
+        _multi_index(h.select(F.col("image_id").alias("a"), F.col("h0").alias("ha")), variants, t, m)
+        .filter(F.col("a") != F.col("b"))
+        .select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), "hamming")
+        .groupBy("a", "b")
+        .agg(F.min("hamming").alias("hamming"))
+    )
+    return near.unionByName(same).select("a", "b", F.lit("dihedral").alias("source"), "hamming", F.lit(None).cast("float").alias("score"))
 
 
 def _cosines(batches):
@@ -229,7 +275,9 @@ def _cosines(batches):
         x, y = matrix(batch.column("ea")), matrix(batch.column("eb"))
         with np.errstate(invalid="ignore", divide="ignore"):
             score = (x * y).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-        yield pa.RecordBatch.from_arrays([batch.column("a"), batch.column("b"), pa.array(score.astype(np.float32))], names=["a", "b", "score"])
+        yield pa.RecordBatch.from_arrays(
+            [batch.column("a"), batch.column("b"), pa.array(score.astype(np.float32))], names=["a", "b", "score"]
+        )
 
 
 def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):
@@ -247,10 +295,15 @@ def embedding_pairs(spark, root: str, tau: float, ok_ids, embeddings, run_cfg):
     cand = nb.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b")).distinct()
     ea = embeddings.select(F.col("image_id").alias("a"), F.col("embedding").alias("ea"))
     eb = embeddings.select(F.col("image_id").alias("b"), F.col("embedding").alias("eb"))
-    pairs = (cand.join(ok_ids.select(F.col("image_id").alias("a")), "a").join(ok_ids.select(F.col("image_id").alias("b")), "b")
-             .join(ea, "a").join(eb, "b").select("a", "b", "ea", "eb")
-             .mapInArrow(_cosines, "a long, b long, score float")
-             .filter(F.col("score") >= tau))
+    pairs = (
+        cand.join(ok_ids.select(F.col("image_id").alias("a")), "a")
+        .join(ok_ids.select(F.col("image_id").alias("b")), "b")
+        .join(ea, "a")
+        .join(eb, "b")
+        .select("a", "b", "ea", "eb")
+        .mapInArrow(_cosines, "a long, b long, score float")
+        .filter(F.col("score") >= tau)
+    )
     return pairs.select("a", "b", F.lit("embedding").alias("source"), F.lit(None).cast("int").alias("hamming"), "score"), run
 
 
@@ -272,14 +325,22 @@ def connected_components(spark, edges, max_iter: int = 60, driver_edges: int = D
         small = edges.select(F.col("a").cast("long"), F.col("b").cast("long")).limit(driver_edges + 1).toArrow()
         if small.num_rows <= driver_edges:
             return _driver_components(spark, small), 0
-    und = edges.select(F.col("a").alias("src"), F.col("b").alias("dst")).unionByName(
-        edges.select(F.col("b").alias("src"), F.col("a").alias("dst"))).distinct().localCheckpoint()
+    und = (
+        edges.select(F.col("a").alias("src"), F.col("b").alias("dst"))
+        .unionByName(edges.select(F.col("b").alias("src"), F.col("a").alias("dst")))
+        .distinct()
+        .localCheckpoint()
+    )
     labels = und.groupBy(F.col("src").alias("id")).agg(F.least(F.min("dst"), F.first("src")).alias("label")).localCheckpoint()
     for rounds in range(1, max_iter + 1):
         nbr = und.join(labels.withColumnRenamed("id", "src"), "src").groupBy(F.col("dst").alias("id")).agg(F.min("label").alias("nl"))
         step = labels.join(nbr, "id", "left").select("id", F.least("label", F.coalesce("nl", "label")).alias("label"))
-        jump = step.alias("s").join(step.alias("p"), F.col("s.label") == F.col("p.id"), "left").select(
-            F.col("s.id").alias("id"), F.least(F.col("s.label"), F.coalesce(F.col("p.label"), F.col("s.label"))).alias("label")).localCheckpoint()
+        jump = (
+            step.alias("s")
+            .join(step.alias("p"), F.col("s.label") == F.col("p.id"), "left")
+            .select(F.col("s.id").alias("id"), F.least(F.col("s.label"), F.coalesce(F.col("p.label"), F.col("s.label"))).alias("label"))
+            .localCheckpoint()
+        )
         changed = jump.alias("n").join(labels.alias("o"), "id").filter(F.col("n.label") != F.col("o.label")).count()
         labels = jump
         if changed == 0:
@@ -313,14 +374,21 @@ def evidence(pairs, dd, hashes):
 
     src = F.col("source")
     prio = F.when(src == "exact", 0).when(src.isin(*hashes), 1).when(src == "dihedral", 2).otherwise(3)
-    ev = (pairs.withColumn("p", prio)
-          .groupBy("a", "b").agg(F.min(F.struct("p", "source", "hamming")).alias("best"), F.max("score").alias("score"),
-                                 F.min(F.when(src == "dihedral", F.col("hamming"))).alias("dihedral_hamming"),
-                                 F.max(src == "exact").alias("exact"), F.max(src.isin(*hashes)).alias("hashed")))
+    ev = (
+        pairs.withColumn("p", prio)
+        .groupBy("a", "b")
+        .agg(
+            F.min(F.struct("p", "source", "hamming")).alias("best"),
+            F.max("score").alias("score"),
+            F.min(F.when(src == "dihedral", F.col("hamming"))).alias("dihedral_hamming"),
+            F.max(src == "exact").alias("exact"),
+            F.max(src.isin(*hashes)).alias("hashed"),
+        )
+    )
     conclusive = F.col("exact") | (F.col("hashed") & (F.col("score") >= dd.accept_hash_score)) | (F.col("score") >= dd.min_score)
-    return (ev.withColumn("accepted", F.coalesce(conclusive, F.col("exact")))
-            .select("a", "b", F.col("best.source").alias("source"), F.col("best.hamming").alias("hamming"), "score",
-                    "dihedral_hamming", "accepted"))
+    return ev.withColumn("accepted", F.coalesce(conclusive, F.col("exact"))).select(
+        "a", "b", F.col("best.source").alias("source"), F.col("best.hamming").alias("hamming"), "score", "dihedral_hamming", "accepted"
+    )
 
 
 def band_pairs(spark, uncertain, accepted, dd):
@@ -337,13 +405,22 @@ def band_pairs(spark, uncertain, accepted, dd):
     labels, _ = connected_components(spark, accepted.select("a", "b"), dd.max_iter)
     la = labels.select(F.col("image_id").alias("a"), F.col("cluster_id").alias("la"))
     lb = labels.select(F.col("image_id").alias("b"), F.col("cluster_id").alias("lb"))
-    open_ = (uncertain.join(la, "a", "left").join(lb, "b", "left")
-             .filter(F.col("la").isNull() | F.col("lb").isNull() | (F.col("la") != F.col("lb"))).drop("la", "lb"))
+    open_ = (
+        uncertain.join(la, "a", "left")
+        .join(lb, "b", "left")
+        .filter(F.col("la").isNull() | F.col("lb").isNull() | (F.col("la") != F.col("lb")))
+        .drop("la", "lb")
+    )
     order = [F.col("dihedral_hamming").asc_nulls_last(), F.col("score").desc_nulls_last(), F.col("a"), F.col("b")]
     ends = open_.select("a", "b", "dihedral_hamming", "score", F.col("a").alias("image")).unionByName(
-        open_.select("a", "b", "dihedral_hamming", "score", F.col("b").alias("image")))
-    best = (ends.withColumn("r", F.row_number().over(Window.partitionBy("image").orderBy(*order)))
-            .filter(F.col("r") <= dd.band_per_image).select("a", "b").distinct())
+        open_.select("a", "b", "dihedral_hamming", "score", F.col("b").alias("image"))
+    )
+    best = (
+        ends.withColumn("r", F.row_number().over(Window.partitionBy("image").orderBy(*order)))
+        .filter(F.col("r") <= dd.band_per_image)
+        .select("a", "b")
+        .distinct()
+    )
     band = open_.join(best, ["a", "b"], "left_semi").localCheckpoint()
     counts = {"uncertain": uncertain.count(), "open": open_.count(), "verified": band.count()}
     return band, counts
@@ -399,12 +476,17 @@ def worst_pairs(clusters, embeddings):
         x = np.stack([np.asarray(v, np.float32) for v in pdf["embedding"]])
         score, i, j = worst_pair(x)
         ids = pdf["image_id"].to_numpy()
-        return pd.DataFrame({"cluster_id": [int(pdf["cluster_id"].iloc[0])], "worst_score": [score],
-                             "worst_a": [int(ids[i])], "worst_b": [int(ids[j])]})
+        return pd.DataFrame(
+            {"cluster_id": [int(pdf["cluster_id"].iloc[0])], "worst_score": [score], "worst_a": [int(ids[i])], "worst_b": [int(ids[j])]}
+        )
 
-    members = (clusters.select("cluster_id", "image_id").join(embeddings, "image_id")
-               .withColumn("r", F.row_number().over(Window.partitionBy("cluster_id").orderBy("image_id")))
-               .filter(F.col("r") <= WORST_PAIR_MEMBERS).drop("r"))
+    members = (
+        clusters.select("cluster_id", "image_id")
+        .join(embeddings, "image_id")
+        .withColumn("r", F.row_number().over(Window.partitionBy("cluster_id").orderBy("image_id")))
+        .filter(F.col("r") <= WORST_PAIR_MEMBERS)
+        .drop("r")
+    )
     return members.groupBy("cluster_id").applyInPandas(fn, "cluster_id long, worst_score double, worst_a long, worst_b long")
 
 
@@ -412,9 +494,12 @@ def _unverified(edges):
     """Edges decided without verification: null verdict columns, ``decision`` exact or rule."""
     from pyspark.sql import functions as F
 
-    return (edges.withColumn("inliers", F.lit(None).cast("int")).withColumn("agreement", F.lit(None).cast("float"))
-            .withColumn("unverified", F.lit(None).cast("string"))
-            .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule")))
+    return (
+        edges.withColumn("inliers", F.lit(None).cast("int"))
+        .withColumn("agreement", F.lit(None).cast("float"))
+        .withColumn("unverified", F.lit(None).cast("string"))
+        .withColumn("decision", F.when(F.col("source") == "exact", "exact").otherwise("rule"))
+    )
 
 
 @lease.leased(TABLE, "dedup")
@@ -432,7 +517,11 @@ def run_dedup(spark, cfg: Config) -> dict:
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
     embeddings = None
-    ok = images.filter(F.col("status") == "ok").select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes").cache()
+    ok = (
+        images.filter(F.col("status") == "ok")
+        .select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes")
+        .cache()
+    )
     parts, lineage, timings, counts_extra = [], {"images_run_id": img_run}, {}, {}
     if dd.exact:
         parts.append(exact_pairs(ok))
@@ -480,14 +569,24 @@ def run_dedup(spark, cfg: Config) -> dict:
             band = ev.filter(F.col("source") != "exact")
         with timer("verifying candidate pairs") as t:
             verdicts = verified_pairs(spark, band, sig, dd).localCheckpoint()
-            not_verified = {r.kind: r["count"] for r in verdicts.filter(F.col("unverified").isNotNull())
-                            .groupBy(F.substring_index("unverified", ":", 1).alias("kind")).count().collect()}
-            examples = [{"a": r.a, "b": r.b, "reason": r.unverified}
-                        for r in verdicts.filter(F.col("unverified").isNotNull()).orderBy("a", "b").limit(5).collect()]
+            not_verified = {
+                r.kind: r["count"]
+                for r in verdicts.filter(F.col("unverified").isNotNull())
+                .groupBy(F.substring_index("unverified", ":", 1).alias("kind"))
+                .count()
+                .collect()
+            }
+            examples = [
+                {"a": r.a, "b": r.b, "reason": r.unverified}
+                for r in verdicts.filter(F.col("unverified").isNotNull()).orderBy("a", "b").limit(5).collect()
+            ]
             counts_extra["verified"] = verdicts.count()
         timings["verify_s"] = round(t["seconds"], 3)
-        passed = (band.join(verdicts, ["a", "b"]).filter((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
-                  .withColumn("decision", F.lit("verified")))
+        passed = (
+            band.join(verdicts, ["a", "b"])
+            .filter((F.col("inliers") >= dd.min_inliers) & (F.col("agreement") >= dd.min_agreement))
+            .withColumn("decision", F.lit("verified"))
+        )
         kept = _unverified(accepted)
         cols = ["a", "b", "source", "hamming", "score", "inliers", "agreement", "unverified", "decision"]
         pairs = kept.select(*cols).unionByName(passed.select(*cols)).localCheckpoint()
@@ -500,13 +599,17 @@ def run_dedup(spark, cfg: Config) -> dict:
         over = pieces.filter(F.col("component_diameter") > dd.max_diameter)
         counts_extra["split"] = {
             "components": over.join(labels.withColumnRenamed("cluster_id", "component"), "image_id").select("component").distinct().count(),
-            "pieces": over.select("cluster_id").distinct().count()}
+            "pieces": over.select("cluster_id").distinct().count(),
+        }
     timings["diameters_s"] = round(t["seconds"], 3)
     order = Window.partitionBy("cluster_id").orderBy(
-        F.desc(F.col("width").cast("long") * F.col("height")), F.desc("size_bytes"), F.asc("image_id"))
-    clusters = (pieces.join(ok, "image_id")
-                .withColumn("is_representative", F.row_number().over(order) == 1)
-                .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id"))))
+        F.desc(F.col("width").cast("long") * F.col("height")), F.desc("size_bytes"), F.asc("image_id")
+    )
+    clusters = (
+        pieces.join(ok, "image_id")
+        .withColumn("is_representative", F.row_number().over(order) == 1)
+        .withColumn("size", F.count("*").over(Window.partitionBy("cluster_id")))
+    )
     worst_examples = []
     if embeddings is not None:
         with timer("worst pairs") as t:
@@ -515,30 +618,72 @@ def run_dedup(spark, cfg: Config) -> dict:
             worst_examples = [r.asDict() for r in worst.orderBy("worst_score", "cluster_id").limit(5).collect()]
         timings["worst_pairs_s"] = round(t["seconds"], 3)
     else:
-        clusters = (clusters.withColumn("worst_score", F.lit(None).cast("double")).withColumn("worst_a", F.lit(None).cast("long"))
-                    .withColumn("worst_b", F.lit(None).cast("long")))
-    clusters = (clusters.select("cluster_id", "image_id", "is_representative", "size", "path", "diameter", "component_diameter",
-                                "worst_score", "worst_a", "worst_b")
-                .withColumn("dedup_run_id", F.lit(run_id))).localCheckpoint()
-    stats = clusters.agg(F.count_if("is_representative").alias("clusters"), F.count("*").alias("images"),
-                         F.max("size").alias("largest"), F.max("diameter").alias("diameter")).first()
+        clusters = (
+            clusters.withColumn("worst_score", F.lit(None).cast("double"))
+            .withColumn("worst_a", F.lit(None).cast("long"))
+            .withColumn("worst_b", F.lit(None).cast("long"))
+        )
+    clusters = (
+        clusters.select(
+            "cluster_id",
+            "image_id",
+            "is_representative",
+            "size",
+            "path",
+            "diameter",
+            "component_diameter",
+            "worst_score",
+            "worst_a",
+            "worst_b",
+        ).withColumn("dedup_run_id", F.lit(run_id))
+    ).localCheckpoint()
+    stats = clusters.agg(
+        F.count_if("is_representative").alias("clusters"),
+        F.count("*").alias("images"),
+        F.max("size").alias("largest"),
+        F.max("diameter").alias("diameter"),
+    ).first()
     table = fs.join(root, TABLE)
     manifest = {
         "stage": "dedup",
         "run_id": run_id,
         **lineage,
-        "params": {"sources": dd.sources, "exact": dd.exact, "phash_threshold": dd.phash_threshold,
-                   **({"hash": dd.hash, **{f"{c}_threshold": getattr(dd, f"{c}_threshold") for c in hashes}} if dd.hash != "phash" else {}),
-                   "phash_chunks": dd.phash_chunks, "min_score": dd.min_score, "verify": dd.verify, "max_diameter": dd.max_diameter,
-                   **({"verify_min_score": dd.verify_min_score, "min_inliers": dd.min_inliers, "min_agreement": dd.min_agreement,
-                       "verify_max_side": dd.verify_max_side, "verify_features": dd.verify_features,
-                       "verify_photo_side": dd.verify_photo_side, "dihedral_threshold": dd.dihedral_threshold,
-                       "dihedral_chunks": dd.dihedral_chunks} if dd.verify != "off" else {}),
-                   **({"band_per_image": dd.band_per_image} if dd.verify == "band" else {})},
+        "params": {
+            "sources": dd.sources,
+            "exact": dd.exact,
+            "phash_threshold": dd.phash_threshold,
+            **({"hash": dd.hash, **{f"{c}_threshold": getattr(dd, f"{c}_threshold") for c in hashes}} if dd.hash != "phash" else {}),
+            "phash_chunks": dd.phash_chunks,
+            "min_score": dd.min_score,
+            "verify": dd.verify,
+            "max_diameter": dd.max_diameter,
+            **(
+                {
+                    "verify_min_score": dd.verify_min_score,
+                    "min_inliers": dd.min_inliers,
+                    "min_agreement": dd.min_agreement,
+                    "verify_max_side": dd.verify_max_side,
+                    "verify_features": dd.verify_features,
+                    "verify_photo_side": dd.verify_photo_side,
+                    "dihedral_threshold": dd.dihedral_threshold,
+                    "dihedral_chunks": dd.dihedral_chunks,
+                }
+                if dd.verify != "off"
+                else {}
+            ),
+            **({"band_per_image": dd.band_per_image} if dd.verify == "band" else {}),
+        },
         "counts": {
-            "images": sum(status.values()), "ok": status.get("ok", 0), "skipped_failed": status.get("failed", 0),
-            "candidates": candidates, "pairs": by_source, "clusters": stats.clusters, "images_in_clusters": stats.images or 0,
-            "largest_cluster": stats.largest, "largest_diameter": stats.diameter, "removable": (stats.images or 0) - stats.clusters,
+            "images": sum(status.values()),
+            "ok": status.get("ok", 0),
+            "skipped_failed": status.get("failed", 0),
+            "candidates": candidates,
+            "pairs": by_source,
+            "clusters": stats.clusters,
+            "images_in_clusters": stats.images or 0,
+            "largest_cluster": stats.largest,
+            "largest_diameter": stats.diameter,
+            "removable": (stats.images or 0) - stats.clusters,
             "not_verified": not_verified,
             **counts_extra,
         },

@@ -204,20 +204,32 @@ def signature(g: np.ndarray, features: int = 1000, photo_side: int = 256) -> Sig
     return Signature(dihedral_phashes(trim_borders(g)), (h, w), p, d, mp, md, thumb)
 
 
-SIGNATURE_DDL = ("hashes array<long>, h int, w int, points binary, descriptors binary, "
-                 "mirror_points binary, mirror_descriptors binary, thumb binary")
+SIGNATURE_DDL = (
+    "hashes array<long>, h int, w int, points binary, descriptors binary, " "mirror_points binary, mirror_descriptors binary, thumb binary"
+)
 
 
 def encode(s: Signature) -> dict:
     """A signature as Parquet-ready values (:data:`SIGNATURE_DDL`); the thumbnail packed."""
-    return {"hashes": s.hashes.tolist(), "h": s.shape[0], "w": s.shape[1],
-            "points": s.points.astype(np.float32).tobytes(), "descriptors": s.descriptors.tobytes(),
-            "mirror_points": s.mirror_points.astype(np.float32).tobytes(), "mirror_descriptors": s.mirror_descriptors.tobytes(),
-            "thumb": pack_thumb(s.thumb)}
+    return {
+        "hashes": s.hashes.tolist(),
+        "h": s.shape[0],
+        "w": s.shape[1],
+        "points": s.points.astype(np.float32).tobytes(),
+        "descriptors": s.descriptors.tobytes(),
+        "mirror_points": s.mirror_points.astype(np.float32).tobytes(),
+        "mirror_descriptors": s.mirror_descriptors.tobytes(),
+        "thumb": pack_thumb(s.thumb),
+    }
 
 
 def decode(row) -> Signature:
-    return Signature(np.asarray(row["hashes"], np.int64), (int(row["h"]), int(row["w"])),
-                     np.frombuffer(row["points"], np.float32).reshape(-1, 2), np.frombuffer(row["descriptors"], np.uint8).reshape(-1, 32),
-                     np.frombuffer(row["mirror_points"], np.float32).reshape(-1, 2),
-                     np.frombuffer(row["mirror_descriptors"], np.uint8).reshape(-1, 32), bytes(row["thumb"]))
+    return Signature(
+        np.asarray(row["hashes"], np.int64),
+        (int(row["h"]), int(row["w"])),
+        np.frombuffer(row["points"], np.float32).reshape(-1, 2),
+        np.frombuffer(row["descriptors"], np.uint8).reshape(-1, 32),
+        np.frombuffer(row["mirror_points"], np.float32).reshape(-1, 2),
+        np.frombuffer(row["mirror_descriptors"], np.uint8).reshape(-1, 32),
+        bytes(row["thumb"]),
+    )

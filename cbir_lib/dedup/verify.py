@@ -113,8 +113,9 @@ def _photometric(a_thumb: np.ndarray, b_thumb: np.ndarray, transform: np.ndarray
     return _blockwise_agreement(warped, b_thumb.astype(np.float32), valid)
 
 
-def verify_signatures(sa, sb, min_inliers: int = 15, min_agreement: float = 0.8, ratio: float = 0.8,
-                      reproj: float = 4.0, early: bool = True) -> Verdict:
+def verify_signatures(
+    sa, sb, min_inliers: int = 15, min_agreement: float = 0.8, ratio: float = 0.8, reproj: float = 4.0, early: bool = True
+) -> Verdict:
     """Does ``sa`` show the picture of ``sb`` (two :class:`~cbir_lib.dedup.signature.Signature`)?
 
     ``a`` and then its mirror image are matched against ``b``; for each, a similarity and
@@ -129,7 +130,7 @@ def verify_signatures(sa, sb, min_inliers: int = 15, min_agreement: float = 0.8,
     best = Verdict(0, -1.0, False)
     if len(sb.descriptors) < 2:
         return best
-    for mirrored in (_orientations(sa, sb) if early else (False, True)):
+    for mirrored in _orientations(sa, sb) if early else (False, True):
         pa, da = (sa.mirror_points, sa.mirror_descriptors) if mirrored else (sa.points, sa.descriptors)
         if len(da) < 2:
             continue
@@ -190,8 +191,15 @@ def _rank(v: Verdict) -> tuple[float, int]:
     return (v.agreement, v.inliers)
 
 
-def verify(a: np.ndarray, b: np.ndarray, features: int = 1000, ratio: float = 0.8, reproj: float = 4.0,
-           min_inliers: int = 15, min_agreement: float = 0.8) -> Verdict:
+def verify(
+    a: np.ndarray,
+    b: np.ndarray,
+    features: int = 1000,
+    ratio: float = 0.8,
+    reproj: float = 4.0,
+    min_inliers: int = 15,
+    min_agreement: float = 0.8,
+) -> Verdict:
     """:func:`verify_signatures` of two grayscale images."""
     from cbir_lib.dedup.signature import signature
 

@@ -38,8 +38,8 @@ def normalise_path(col):
 
 def _norm(path: str) -> str:
     for prefix in ("file://", "file:"):
-        if path.startswith(prefix) and path[len(prefix):].startswith("/"):
-            return path[len(prefix):]
+        if path.startswith(prefix) and path[len(prefix) :].startswith("/"):
+            return path[len(prefix) :]
     return path
 
 
@@ -97,7 +97,9 @@ def from_csv(spark, images, uri: str, base: str | None = None):
     for r in rows:
         p = _norm(r[path_col])
         paths.append(p if "://" in p or p.startswith("/") else f"{base.rstrip('/')}/{p}")
-    lab = spark.createDataFrame([(p, r[label_col], s) for p, r, s in zip(paths, rows, split, strict=True)], "npath string, label string, split string")
+    lab = spark.createDataFrame(
+        [(p, r[label_col], s) for p, r, s in zip(paths, rows, split, strict=True)], "npath string, label string, split string"
+    )
     return images.select("image_id", normalise_path(F.col("path")).alias("npath")).join(lab, "npath").select("image_id", "label", "split")
 
 

@@ -49,13 +49,15 @@ table.kv td{padding:2px 10px;border-bottom:1px solid #eee;font-size:13px;vertica
 
 
 def page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<link rel=\"icon\" href=\"data:,\"><style>{CSS}</style></head><body>{body}</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<link rel="icon" href="data:,"><style>{CSS}</style></head><body>{body}</body></html>'
+    )
 
 
 def cell(uri: str | None, caption: str, kind: str = "") -> str:
-    img = f"<img src=\"{uri}\" alt=\"{html.escape(caption)}\">" if uri else "<div class=\"missing\">unreadable</div>"
-    return f"<div class=\"cell {kind}\">{img}<div>{html.escape(caption)}</div></div>"
+    img = f'<img src="{uri}" alt="{html.escape(caption)}">' if uri else '<div class="missing">unreadable</div>'
+    return f'<div class="cell {kind}">{img}<div>{html.escape(caption)}</div></div>'
 
 
 def kv_table(d: dict) -> str:
@@ -63,7 +65,7 @@ def kv_table(d: dict) -> str:
     for key, value in d.items():
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         rows.append(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(text)}</td></tr>")
-    return "<table class=\"kv\">" + "".join(rows) + "</table>"
+    return '<table class="kv">' + "".join(rows) + "</table>"
 
 
 def line_svg(values: list[float], title: str, w: int = 420, h: int = 240) -> str:
@@ -75,19 +77,27 @@ def line_svg(values: list[float], title: str, w: int = 420, h: int = 240) -> str
     xs = [pad + (w - 2 * pad) * (i / max(1, n - 1)) for i in range(n)]
     ys = [h - pad - (h - 2 * pad) * (v or 0.0) for v in values]
     pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
-    dots = "".join(f"<circle cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"3\" fill=\"#3366cc\"><title>P@{i + 1} = {values[i]}</title></circle>"
-                   for i, (x, y) in enumerate(zip(xs, ys, strict=True)))
-    axis = (f"<line x1=\"{pad}\" y1=\"{h - pad}\" x2=\"{w - pad}\" y2=\"{h - pad}\" stroke=\"#444\"/>"
-            f"<line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{h - pad}\" stroke=\"#444\"/>"
-            f"<text x=\"{pad - 4}\" y=\"{pad + 4}\" font-size=\"10\" text-anchor=\"end\">1.0</text>"
-            f"<text x=\"{pad - 4}\" y=\"{h - pad}\" font-size=\"10\" text-anchor=\"end\">0</text>"
-            f"<text x=\"{pad}\" y=\"{h - pad + 14}\" font-size=\"10\">1</text>"
-            f"<text x=\"{w - pad}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"end\">{n}</text>")
-    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg width=\"{w}\" "
-            f"height=\"{h}\" role=\"img\">{axis}<polyline points=\"{pts}\" fill=\"none\" stroke=\"#3366cc\" stroke-width=\"2\"/>{dots}</svg></figure>")
+    dots = "".join(
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#3366cc"><title>P@{i + 1} = {values[i]}</title></circle>'
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+    )
+    axis = (
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#444"/>'
+        f'<text x="{pad - 4}" y="{pad + 4}" font-size="10" text-anchor="end">1.0</text>'
+        f'<text x="{pad - 4}" y="{h - pad}" font-size="10" text-anchor="end">0</text>'
+        f'<text x="{pad}" y="{h - pad + 14}" font-size="10">1</text>'
+        f'<text x="{w - pad}" y="{h - pad + 14}" font-size="10" text-anchor="end">{n}</text>'
+    )
+    return (
+        f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{w}" '
+        f'height="{h}" role="img">{axis}<polyline points="{pts}" fill="none" stroke="#3366cc" stroke-width="2"/>{dots}</svg></figure>'
+    )
 
 
-def histogram_svg(series: dict[str, list[int]], colours: dict[str, str], lo: float, hi: float, title: str, w: int = 420, h: int = 240) -> str:
+def histogram_svg(
+    series: dict[str, list[int]], colours: dict[str, str], lo: float, hi: float, title: str, w: int = 420, h: int = 240
+) -> str:
     pad = 36
     bins = len(next(iter(series.values())))
     top = max(1, max(max(v) for v in series.values()))
@@ -98,15 +108,23 @@ def histogram_svg(series: dict[str, list[int]], colours: dict[str, str], lo: flo
             if c:
                 bh = (h - 2 * pad) * c / top
                 x = pad + i * bw + j * bw / len(series)
-                bars.append(f"<rect x=\"{x:.1f}\" y=\"{h - pad - bh:.1f}\" width=\"{bw / len(series):.1f}\" height=\"{bh:.1f}\" "
-                            f"fill=\"{colours[name]}\"><title>{name}: {c}</title></rect>")
-    legend = "".join(f"<text x=\"{w - pad}\" y=\"{pad + 14 * j}\" font-size=\"11\" text-anchor=\"end\" fill=\"{colours[name]}\">{html.escape(name)}</text>"
-                     for j, name in enumerate(series))
-    axis = (f"<line x1=\"{pad}\" y1=\"{h - pad}\" x2=\"{w - pad}\" y2=\"{h - pad}\" stroke=\"#444\"/>"
-            f"<text x=\"{pad}\" y=\"{h - pad + 14}\" font-size=\"10\">{lo}</text>"
-            f"<text x=\"{w - pad}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"end\">{hi}</text>")
-    return (f"<figure><figcaption>{html.escape(title)}</figcaption><svg width=\"{w}\" "
-            f"height=\"{h}\" role=\"img\">{axis}{''.join(bars)}{legend}</svg></figure>")
+                bars.append(
+                    f'<rect x="{x:.1f}" y="{h - pad - bh:.1f}" width="{bw / len(series):.1f}" height="{bh:.1f}" '
+                    f'fill="{colours[name]}"><title>{name}: {c}</title></rect>'
+                )
+    legend = "".join(
+        f'<text x="{w - pad}" y="{pad + 14 * j}" font-size="11" text-anchor="end" fill="{colours[name]}">{html.escape(name)}</text>'
+        for j, name in enumerate(series)
+    )
+    axis = (
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#444"/>'
+        f'<text x="{pad}" y="{h - pad + 14}" font-size="10">{lo}</text>'
+        f'<text x="{w - pad}" y="{h - pad + 14}" font-size="10" text-anchor="end">{hi}</text>'
+    )
+    return (
+        f"<figure><figcaption>{html.escape(title)}</figcaption><svg width=\"{w}\" "
+        f"height=\"{h}\" role=\"img\">{axis}{''.join(bars)}{legend}</svg></figure>"
+    )
 
 
 def read_thumbnails(spark, paths: dict[int, str]) -> dict[int, str | None]:
@@ -126,8 +144,12 @@ def render_report(spark, per_query, emb, summary: dict, manifest: dict, n_querie
     """The evaluation gallery for ``n_queries`` sampled queries."""
     from pyspark.sql import functions as F
 
-    sample = (per_query.select("image_id", "label", "precision_at_k", "neighbor_ids", "scores", "relevant")
-              .orderBy(F.xxhash64("image_id", F.lit(seed))).limit(n_queries).collect())
+    sample = (
+        per_query.select("image_id", "label", "precision_at_k", "neighbor_ids", "scores", "relevant")
+        .orderBy(F.xxhash64("image_id", F.lit(seed)))
+        .limit(n_queries)
+        .collect()
+    )
     wanted = {r.image_id for r in sample} | {i for r in sample for i in (r.neighbor_ids or []) if i is not None}
     paths = {r.image_id: r.path for r in emb.filter(F.col("image_id").isin(list(wanted))).select("image_id", "path").collect()}
     thumbs = read_thumbnails(spark, paths)
@@ -140,15 +162,24 @@ def render_report(spark, per_query, emb, summary: dict, manifest: dict, n_querie
             cells.append(cell(thumbs.get(nid), f"#{rank} {score:.3f}", "hit" if rel else "miss"))
         blocks.append(f"<div class=\"q\">{''.join(cells)}</div>")
     k = summary["k"]
-    m = {key: summary.get(key) for key in ("queries", "precision_at_k", "map_at_k", "map", "recall_at_k", "mean_precision_at_k", "ns_score")}
+    m = {
+        key: summary.get(key) for key in ("queries", "precision_at_k", "map_at_k", "map", "recall_at_k", "mean_precision_at_k", "ns_score")
+    }
     plots = line_svg(summary.get("precision_curve") or [], f"precision@i, i = 1..{k}")
     hist = summary.get("score_histogram")
     if hist and (any(hist["relevant"]) or any(hist["irrelevant"])):
-        plots += histogram_svg({"relevant": hist["relevant"], "irrelevant": hist["irrelevant"]},
-                               {"relevant": "#2a9d3a", "irrelevant": "#d33"}, hist["range"][0], hist["range"][1], "scores of the top-k neighbours")
+        plots += histogram_svg(
+            {"relevant": hist["relevant"], "irrelevant": hist["irrelevant"]},
+            {"relevant": "#2a9d3a", "irrelevant": "#d33"},
+            hist["range"][0],
+            hist["range"][1],
+            "scores of the top-k neighbours",
+        )
     lineage = {key: manifest.get(key) for key in manifest if key not in ("config", "metrics", "packages", "timings")}
-    per_class = "".join(f"<tr><td>{html.escape(c)}</td><td>{v['queries']}</td><td>{v['precision_at_k']}</td><td>{v['map_at_k']}</td></tr>"
-                        for c, v in summary.get("per_class", {}).items())
+    per_class = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{v['queries']}</td><td>{v['precision_at_k']}</td><td>{v['map_at_k']}</td></tr>"
+        for c, v in summary.get("per_class", {}).items()
+    )
     body = (
         f"<h1>cbir evaluation {html.escape(manifest['run_id'])}</h1>"
         f"<p>{m['queries']} queries against ground truth <code>{html.escape(str(manifest.get('labels')))}</code>, mode "
@@ -156,11 +187,10 @@ def render_report(spark, per_query, emb, summary: dict, manifest: dict, n_querie
         f"<b style=\"color:#d33\">not relevant</b>.</p>"
         f"<h2>Metrics</h2>{kv_table(m)}"
         f"<div class=\"plots\">{plots}</div>"
-        f"<h2>Per class</h2><table class=\"kv\"><tr><td><b>class</b></td><td><b>queries</b></td><td><b>P@k</b></td><td><b>mAP@k</b></td></tr>{per_class}</table>"
+        '<h2>Per class</h2><table class="kv"><tr><td><b>class</b></td><td><b>queries</b></td>'
+        f"<td><b>P@k</b></td><td><b>mAP@k</b></td></tr>{per_class}</table>"
         f"<h2>Sampled queries</h2>{''.join(blocks)}"
         f"<h2>Lineage</h2>{kv_table(lineage)}"
         f"<h2>Definitions</h2>{kv_table(summary.get('definitions', {}))}"
     )
     return page(f"cbir evaluation {manifest['run_id']}", body)
-
-

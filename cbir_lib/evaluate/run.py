@@ -50,10 +50,17 @@ def _per_query_rows(ids, labels, n_rel, rel, nid, score, full_ap=None):
     ap = full_ap if full_ap is not None else np.full(len(ids), np.nan)
     return pa.RecordBatch.from_arrays(
         [
-            pa.array(ids, pa.int64()), pa.array(labels, pa.string()), pa.array(n_rel.astype(np.int32)),
-            pa.array(m["precision_at_k"]), pa.array(m["recall_at_k"], from_pandas=True), pa.array(m["ap_at_k"], from_pandas=True),
-            pa.array(ap, from_pandas=True), pa.array(m["hits_at_k"]), pa.array(list(cum), pa.list_(pa.int32())),
-            pa.array(list(nid), pa.list_(pa.int64())), pa.array([list(s) for s in score], pa.list_(pa.float32())),
+            pa.array(ids, pa.int64()),
+            pa.array(labels, pa.string()),
+            pa.array(n_rel.astype(np.int32)),
+            pa.array(m["precision_at_k"]),
+            pa.array(m["recall_at_k"], from_pandas=True),
+            pa.array(m["ap_at_k"], from_pandas=True),
+            pa.array(ap, from_pandas=True),
+            pa.array(m["hits_at_k"]),
+            pa.array(list(cum), pa.list_(pa.int32())),
+            pa.array(list(nid), pa.list_(pa.int64())),
+            pa.array([list(s) for s in score], pa.list_(pa.float32())),
             pa.array(list(rel), pa.list_(pa.bool_())),
         ],
         schema=_schema(),
@@ -63,12 +70,22 @@ def _per_query_rows(ids, labels, n_rel, rel, nid, score, full_ap=None):
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("image_id", pa.int64()), ("label", pa.string()), ("n_relevant", pa.int32()), ("precision_at_k", pa.float64()),
-        ("recall_at_k", pa.float64()), ("ap_at_k", pa.float64()), ("ap", pa.float64()), ("hits_at_k", pa.int32()),
-        ("cum_hits", pa.list_(pa.int32())), ("neighbor_ids", pa.list_(pa.int64())), ("scores", pa.list_(pa.float32())),
-        ("relevant", pa.list_(pa.bool_())),
-    ])
+    return pa.schema(
+        [
+            ("image_id", pa.int64()),
+            ("label", pa.string()),
+            ("n_relevant", pa.int32()),
+            ("precision_at_k", pa.float64()),
+            ("recall_at_k", pa.float64()),
+            ("ap_at_k", pa.float64()),
+            ("ap", pa.float64()),
+            ("hits_at_k", pa.int32()),
+            ("cum_hits", pa.list_(pa.int32())),
+            ("neighbor_ids", pa.list_(pa.int64())),
+            ("scores", pa.list_(pa.float32())),
+            ("relevant", pa.list_(pa.bool_())),
+        ]
+    )
 
 
 def _from_lists(k: int):
@@ -106,14 +123,20 @@ def _neighbors_mode(spark, cfg: Config, universe, k_default: int | None):
     counts = q.groupBy("label").agg((F.count("*") - 1).alias("n_relevant"))
     n_lab = q.select(F.col("image_id").alias("neighbor_id"), F.col("label").alias("nlabel"))
     rows = (
-        nb.join(q, "image_id").join(n_lab, "neighbor_id", "left")
+        nb.join(q, "image_id")
+        .join(n_lab, "neighbor_id", "left")
         .select("image_id", "rank", "neighbor_id", "score", F.coalesce(F.col("nlabel") == F.col("label"), F.lit(False)).alias("rel"))
     )
     lists = rows.groupBy("image_id").agg(F.collect_list(F.struct("rank", "neighbor_id", "score", "rel")).alias("items"))
     queries = q.join(counts, "label").join(lists, "image_id", "left")
     per_query = queries.mapInArrow(_from_lists(k), PER_QUERY_DDL)
-    lineage = {"neighbors_run_id": nb_run, "neighbors": {key: nb_manifest.get(key) for key in
-               ("method", "nprobe", "k", "recall_at_k", "recall_of", "rerank", "index_run_id", "embeddings_run_id")}}
+    lineage = {
+        "neighbors_run_id": nb_run,
+        "neighbors": {
+            key: nb_manifest.get(key)
+            for key in ("method", "nprobe", "k", "recall_at_k", "recall_of", "rerank", "index_run_id", "embeddings_run_id")
+        },
+    }
     return per_query, k, lineage
 
 
@@ -192,8 +215,10 @@ def _split_mode(spark, cfg: Config, universe, emb):
     dim = gallery.select(F.size("embedding").alias("d")).first().d
     gallery_mb = n_gallery * dim * 4 / 2**20
     if gallery_mb > ev.max_gallery_mb:
-        raise ConfigError(f"evaluate.max_gallery_mb: the gallery is {n_gallery} x {dim} float32 = {gallery_mb:.0f} MB, above "
-                          f"{ev.max_gallery_mb} MB (it is collected on the driver and broadcast); use evaluate.mode=neighbors")
+        raise ConfigError(
+            f"evaluate.max_gallery_mb: the gallery is {n_gallery} x {dim} float32 = {gallery_mb:.0f} MB, above "
+            f"{ev.max_gallery_mb} MB (it is collected on the driver and broadcast); use evaluate.mode=neighbors"
+        )
     t = gallery.orderBy("image_id").toArrow()
     g = to_numpy(t, "embedding")
     g_ids = t.column("image_id").to_numpy()
@@ -218,11 +243,23 @@ def _split_mode(spark, cfg: Config, universe, emb):
     lab_b = sc.broadcast(g_lab)
     kr_b = _split_k_reciprocal(spark, queries, g, g_ids, mode, min(n, len(g)), alpha, nb, ev) if kr_on else None
     per_query = queries.repartition(max(1, sc.defaultParallelism)).mapInArrow(
-        _split_queries(g_b, lab_b, label_names, k, mode, min(n, len(g)), alpha, kr_b), PER_QUERY_DDL)
-    lineage = {"gallery_split": ev.gallery_split, "query_split": ev.query_split, "gallery_size": int(n_gallery),
-               "rerank": ({"mode": nb.rerank, "n": n, "alpha": alpha,
-                           **({"k_reciprocal": {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}} if kr_on else {})}
-                          if nb.rerank != "none" else None)}
+        _split_queries(g_b, lab_b, label_names, k, mode, min(n, len(g)), alpha, kr_b), PER_QUERY_DDL
+    )
+    lineage = {
+        "gallery_split": ev.gallery_split,
+        "query_split": ev.query_split,
+        "gallery_size": int(n_gallery),
+        "rerank": (
+            {
+                "mode": nb.rerank,
+                "n": n,
+                "alpha": alpha,
+                **({"k_reciprocal": {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}} if kr_on else {}),
+            }
+            if nb.rerank != "none"
+            else None
+        ),
+    }
     return per_query, k, lineage
 
 
@@ -243,8 +280,14 @@ def _union_lists(x_b, depth: int):
             d = nbr.shape[1]
             keep = np.isfinite(sc.ravel())  # a union smaller than the depth pads its lists
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.repeat(ids[pos], d)[keep]), pa.array(np.tile(np.arange(1, d + 1, dtype=np.int32), len(pos))[keep]),
-                 pa.array(nbr.ravel()[keep]), pa.array(sc.ravel()[keep])], names=["image_id", "rank", "neighbor_id", "score"])
+                [
+                    pa.array(np.repeat(ids[pos], d)[keep]),
+                    pa.array(np.tile(np.arange(1, d + 1, dtype=np.int32), len(pos))[keep]),
+                    pa.array(nbr.ravel()[keep]),
+                    pa.array(sc.ravel()[keep]),
+                ],
+                names=["image_id", "rank", "neighbor_id", "score"],
+            )
 
     return fn
 
@@ -267,8 +310,10 @@ def _split_k_reciprocal(spark, queries, g, g_ids, mode: str, n: int, alpha: floa
     q_ids = t.column("image_id").to_numpy()
     union_mb = (len(q) + len(g)) * g.shape[1] * 4 / 2**20
     if union_mb > ev.max_gallery_mb:
-        raise ConfigError(f"evaluate.max_gallery_mb: k-reciprocal re-ranking holds queries and gallery together, "
-                          f"{len(q) + len(g)} x {g.shape[1]} float32 = {union_mb:.0f} MB, above {ev.max_gallery_mb} MB")
+        raise ConfigError(
+            f"evaluate.max_gallery_mb: k-reciprocal re-ranking holds queries and gallery together, "
+            f"{len(q) + len(g)} x {g.shape[1]} float32 = {union_mb:.0f} MB, above {ev.max_gallery_mb} MB"
+        )
     if expands_queries(mode):
         q = augment_against(q, g, n, alpha)
     x = np.concatenate([g, q])
@@ -276,8 +321,13 @@ def _split_k_reciprocal(spark, queries, g, g_ids, mode: str, n: int, alpha: floa
     x_b = sc.broadcast((x, ids))
     pos = spark.createDataFrame([(int(i),) for i in range(len(x))], "pos long").repartition(max(1, sc.defaultParallelism))
     lists = pos.mapInArrow(_union_lists(x_b, nb.kr_depth), LISTS_DDL)
-    heads = (rerank_frame(lists, nb.kr_k1, nb.kr_k2, nb.kr_lambda).join(queries.select("image_id"), "image_id")
-             .groupBy("image_id").agg(F.collect_list(F.struct("rank", "neighbor_id")).alias("ranked")).collect())
+    heads = (
+        rerank_frame(lists, nb.kr_k1, nb.kr_k2, nb.kr_lambda)
+        .join(queries.select("image_id"), "image_id")
+        .groupBy("image_id")
+        .agg(F.collect_list(F.struct("rank", "neighbor_id")).alias("ranked"))
+        .collect()
+    )
     x_b.unpersist()
     g_pos = {int(i): p for p, i in enumerate(g_ids)}
     row = {int(i): r for r, i in enumerate(q_ids)}
@@ -294,22 +344,40 @@ def summary(per_query, k: int) -> dict:
     """Overall means, per-class means, the precision@i curve and score histograms (Spark)."""
     from pyspark.sql import functions as F
 
-    aggs = [F.count("*").alias("queries"), F.avg("precision_at_k").alias("precision_at_k"),
-            F.avg("ap_at_k").alias("map_at_k"), F.avg("recall_at_k").alias("recall_at_k"), F.avg("ap").alias("map"),
-            F.min("n_relevant").alias("_min_rel"), F.max("n_relevant").alias("_max_rel"),
-            F.avg(1 + F.element_at("cum_hits", F.least(F.lit(3), F.size("cum_hits")))).alias("_ns")]
+    aggs = [
+        F.count("*").alias("queries"),
+        F.avg("precision_at_k").alias("precision_at_k"),
+        F.avg("ap_at_k").alias("map_at_k"),
+        F.avg("recall_at_k").alias("recall_at_k"),
+        F.avg("ap").alias("map"),
+        F.min("n_relevant").alias("_min_rel"),
+        F.max("n_relevant").alias("_max_rel"),
+        F.avg(1 + F.element_at("cum_hits", F.least(F.lit(3), F.size("cum_hits")))).alias("_ns"),
+    ]
     overall = per_query.agg(*aggs).first().asDict()
     by_class = per_query.groupBy("label").agg(*aggs[:5]).orderBy("label").collect()
-    curve = (per_query.select(F.posexplode("cum_hits").alias("pos", "hits"))
-             .groupBy("pos").agg(F.avg(F.col("hits") / (F.col("pos") + 1)).alias("p")).orderBy("pos").collect())
-    scored = (per_query.select(F.explode(F.arrays_zip("scores", "relevant")).alias("z"))
-              .select(F.col("z.scores").alias("s"), F.col("z.relevant").alias("r")).filter(F.col("s").isNotNull() & ~F.isnan("s")))
+    curve = (
+        per_query.select(F.posexplode("cum_hits").alias("pos", "hits"))
+        .groupBy("pos")
+        .agg(F.avg(F.col("hits") / (F.col("pos") + 1)).alias("p"))
+        .orderBy("pos")
+        .collect()
+    )
+    scored = (
+        per_query.select(F.explode(F.arrays_zip("scores", "relevant")).alias("z"))
+        .select(F.col("z.scores").alias("s"), F.col("z.relevant").alias("r"))
+        .filter(F.col("s").isNotNull() & ~F.isnan("s"))
+    )
     lo_hi = scored.agg(F.min("s"), F.max("s")).first()
     lo = float(np.floor((lo_hi[0] if lo_hi[0] is not None else 0.0) * 20) / 20)
     hi = float(np.ceil((lo_hi[1] if lo_hi[1] is not None else 1.0) * 20) / 20)
     hi = hi if hi > lo else lo + 0.05
-    hist = (scored.select(F.least(F.floor((F.col("s") - lo) / (hi - lo) * HIST_BINS), F.lit(HIST_BINS - 1)).alias("bin"), "r")
-            .groupBy("bin", "r").count().collect())
+    hist = (
+        scored.select(F.least(F.floor((F.col("s") - lo) / (hi - lo) * HIST_BINS), F.lit(HIST_BINS - 1)).alias("bin"), "r")
+        .groupBy("bin", "r")
+        .count()
+        .collect()
+    )
 
     def r6(v):
         return None if v is None or (isinstance(v, float) and np.isnan(v)) else round(float(v), 6)
@@ -325,10 +393,22 @@ def summary(per_query, k: int) -> dict:
         # N-S is defined for groups of four: every query has exactly three relevant others.
         "ns_score": r6(overall["_ns"]) if overall["_min_rel"] == 3 and overall["_max_rel"] == 3 else None,
         "precision_curve": [r6(r.p) for r in curve],
-        "per_class": {r.label: {"queries": r.queries, "precision_at_k": r6(r.precision_at_k), "map_at_k": r6(r.map_at_k),
-                                "recall_at_k": r6(r.recall_at_k), "map": r6(r.map)} for r in by_class},
-        "score_histogram": {"bins": HIST_BINS, "range": [round(lo, 2), round(hi, 2)],
-                            "relevant": _hist(hist, True), "irrelevant": _hist(hist, False)},
+        "per_class": {
+            r.label: {
+                "queries": r.queries,
+                "precision_at_k": r6(r.precision_at_k),
+                "map_at_k": r6(r.map_at_k),
+                "recall_at_k": r6(r.recall_at_k),
+                "map": r6(r.map),
+            }
+            for r in by_class
+        },
+        "score_histogram": {
+            "bins": HIST_BINS,
+            "range": [round(lo, 2), round(hi, 2)],
+            "relevant": _hist(hist, True),
+            "irrelevant": _hist(hist, False),
+        },
         "definitions": metrics.DEFINITIONS,
     }
     return out
@@ -380,7 +460,10 @@ def run_evaluate(spark, cfg: Config) -> dict:
         "model": emb_manifest.get("model"),
         "pooling": (emb_manifest.get("config") or {}).get("extract", {}).get("pooling"),
         **lineage,
-        "metrics": {key: summ[key] for key in ("k", "queries", "precision_at_k", "map_at_k", "map", "recall_at_k", "mean_precision_at_k", "ns_score")},
+        "metrics": {
+            key: summ[key]
+            for key in ("k", "queries", "precision_at_k", "map_at_k", "map", "recall_at_k", "mean_precision_at_k", "ns_score")
+        },
         "config": cfg.to_dict(),
         "packages": package_versions(),
         "timings": {"metrics_s": round(t["seconds"], 3)},
@@ -396,16 +479,29 @@ def run_evaluate(spark, cfg: Config) -> dict:
     def write(tmp: str) -> None:
         per_query.coalesce(max(1, min(8, n_labelled // 200_000 + 1))).write.mode("overwrite").parquet(fs.join(tmp, "per_query"))
         rows = [(c, v["queries"], v["precision_at_k"], v["map_at_k"], v["recall_at_k"], v["map"]) for c, v in summ["per_class"].items()]
-        spark.createDataFrame(rows, "label string, queries long, precision_at_k double, map_at_k double, recall_at_k double, map double") \
-            .coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "per_class"))
+        spark.createDataFrame(
+            rows, "label string, queries long, precision_at_k double, map_at_k double, recall_at_k double, map double"
+        ).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "per_class"))
 
     manifest["wall_seconds"] = round(time.time() - started, 3)
-    extra = {"metrics.json": json.dumps({**summ, "lineage": {k_: manifest[k_] for k_ in manifest if k_ not in ("config", "metrics")}}, indent=2).encode()}
+    extra = {
+        "metrics.json": json.dumps(
+            {**summ, "lineage": {k_: manifest[k_] for k_ in manifest if k_ not in ("config", "metrics")}}, indent=2
+        ).encode()
+    }
     if report is not None:
         extra["report.html"] = report.encode("utf-8")
         manifest["report"] = fs.join(manifest["output"], "report.html")
     tables.commit_dir(spark, write, table, run_id, manifest, extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
     per_query.unpersist()
     universe.unpersist()
-    log.info("evaluate %s: P@%d %.4f mAP@%d %.4f over %d queries", run_id, k, summ["precision_at_k"] or 0, k, summ["map_at_k"] or 0, summ["queries"])
+    log.info(
+        "evaluate %s: P@%d %.4f mAP@%d %.4f over %d queries",
+        run_id,
+        k,
+        summ["precision_at_k"] or 0,
+        k,
+        summ["map_at_k"] or 0,
+        summ["queries"],
+    )
     return manifest

@@ -47,9 +47,21 @@ class EmbedSpec:
         """The spec of an ``ExtractConfig`` ``e``: how extract embeds, and how ``cbir query``
         embeds a query image for the run ``e`` made (``device`` overrides ``e.device``). One
         builder for both, so a query is embedded as the collection was (mixed precision too)."""
-        return cls(artifact=artifact, pooling=e.pooling, gem_p=e.gem_p, rmac_levels=e.rmac_levels, resize=e.resize, tta=e.tta,
-                   batch_size=e.batch_size, mixed_precision=e.mixed_precision, device=device or e.device,
-                   decode_threads=e.decode_threads, max_pixels=max_pixels, decoder=e.decoder, pwa_channels=tuple(pwa_channels))
+        return cls(
+            artifact=artifact,
+            pooling=e.pooling,
+            gem_p=e.gem_p,
+            rmac_levels=e.rmac_levels,
+            resize=e.resize,
+            tta=e.tta,
+            batch_size=e.batch_size,
+            mixed_precision=e.mixed_precision,
+            device=device or e.device,
+            decode_threads=e.decode_threads,
+            max_pixels=max_pixels,
+            decoder=e.decoder,
+            pwa_channels=tuple(pwa_channels),
+        )
 
 
 def configure_devices(device: str, gpu_addresses: list[str] | None) -> None:

@@ -116,8 +116,7 @@ def embed_shard(spec: EmbedSpec, embedder, files: remote.Files, items: list[tupl
     """
 
     def records():
-        for (image_id, sha), content, read_error in remote.read_many(
-                files, (((i, s), p) for i, p, s in items), threads=read_threads):
+        for (image_id, sha), content, read_error in remote.read_many(files, (((i, s), p) for i, p, s in items), threads=read_threads):
             if read_error:
                 yield (image_id, sha, read_error), b""
             elif hashlib.sha256(content).hexdigest() != sha:
@@ -210,9 +209,20 @@ def _committed_counts(files: remote.Files, uri: str) -> tuple[int, int]:
 
 def _stats(shard, unit, outcome, n, n_failed, started, executor, attempt) -> pd.DataFrame:
     now = time.time()
-    return pd.DataFrame({"shard": [int(shard)], "unit": [unit], "outcome": [outcome], "rows": [n], "failed": [n_failed],
-                         "seconds": [now - started], "started": [started], "finished": [now],
-                         "executor": [executor], "attempt": [attempt]})
+    return pd.DataFrame(
+        {
+            "shard": [int(shard)],
+            "unit": [unit],
+            "outcome": [outcome],
+            "rows": [n],
+            "failed": [n_failed],
+            "seconds": [now - started],
+            "started": [started],
+            "finished": [now],
+            "executor": [executor],
+            "attempt": [attempt],
+        }
+    )
 
 
 def _shard_summary(stats: list[dict], n_shards: int, plan: str, shard_size: int) -> dict:
@@ -227,9 +237,17 @@ def _shard_summary(stats: list[dict], n_shards: int, plan: str, shard_size: int)
         running += step
         peak = max(peak, running)
     work = [s["seconds"] for s in stats if s["outcome"] == "committed"]
-    return {"planned": n_shards, "plan": plan, "shard_size": shard_size, "outcomes": outcomes,
-            "executors": len(executors), "peak_concurrent": peak,
-            "shard_seconds": {"min": round(min(work), 3), "max": round(max(work), 3), "mean": round(sum(work) / len(work), 3)} if work else None}
+    return {
+        "planned": n_shards,
+        "plan": plan,
+        "shard_size": shard_size,
+        "outcomes": outcomes,
+        "executors": len(executors),
+        "peak_concurrent": peak,
+        "shard_seconds": {"min": round(min(work), 3), "max": round(max(work), 3), "mean": round(sum(work) / len(work), 3)}
+        if work
+        else None,
+    }
 
 
 def task_slots(spark) -> int:
@@ -248,8 +266,13 @@ def plan_shards(spark, todo, plan_uri: str, shard_size: int, slots: int) -> tupl
     plan = fs.read_json(spark, plan_uri) if fs.exists(spark, plan_uri) else None
     if plan is None or plan.get("shard_size") != shard_size:
         n_shards = shards.shard_count(n_todo, shard_size, slots)
-        plan = {"n_shards": n_shards, "shard_size": shard_size, "rows": n_todo, "slots": slots,
-                "tag": shards.plan_tag(plan_uri, n_shards, n_todo)}
+        plan = {
+            "n_shards": n_shards,
+            "shard_size": shard_size,
+            "rows": n_todo,
+            "slots": slots,
+            "tag": shards.plan_tag(plan_uri, n_shards, n_todo),
+        }
         if n_shards:
             fs.write_json(spark, plan_uri, plan)
     return n_todo, int(plan["n_shards"]), plan["tag"]
@@ -271,7 +294,7 @@ class _Progress:
         best = 0
         for job in self.tracker.getJobIdsForGroup(self.group):
             info = self.tracker.getJobInfo(job)
-            for stage in (info.stageIds if info else []):
+            for stage in info.stageIds if info else []:
                 s = self.tracker.getStageInfo(stage)
                 if s is not None and s.numTasks == self.n_shards:
                     best = max(best, s.numCompletedTasks)
@@ -325,7 +348,8 @@ def _check_head(head, key: str) -> None:
             f"extract.head: {manifest['uri']} was trained on embeddings {base.get('feature_key')} "
             f"(pooling {base.get('pooling')}, resize {base.get('resize')}, tta {base.get('tta') or 'none'}), "
             f"but this extract makes {key}; "
-            "extract with the settings it was trained on, or train again")
+            "extract with the settings it was trained on, or train again"
+        )
 
 
 def _postprocess_partition(whitening_bytes: bytes | None, thresholds: np.ndarray | None, meta: dict, head_bytes: bytes | None = None):
@@ -403,7 +427,11 @@ def _channel_sums(spec: EmbedSpec, files: remote.Files):
         for pdf in batches:
             ids, images = [], []
             for image_id, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
-                img = decode_for_model(content, spec.artifact.image_size, spec.resize, spec.max_pixels, spec.decoder)[0] if error is None else None
+                img = (
+                    decode_for_model(content, spec.artifact.image_size, spec.resize, spec.max_pixels, spec.decoder)[0]
+                    if error is None
+                    else None
+                )
                 if img is not None:
                     ids.append(image_id)
                     images.append(img)
@@ -430,20 +458,34 @@ def pwa_channels(spark, cfg: Config, artifact: ModelArtifact, images, table: str
     uri = fs.join(table, "_pwa", name)
     if fs.exists(spark, uri):
         return json.loads(fs.read_bytes(spark, uri))
-    sample = (images.filter(F.col("status") == STATUS_OK).select("image_id", "path")
-              .orderBy(F.xxhash64("image_id"), "image_id").limit(e.pwa_sample))
+    sample = (
+        images.filter(F.col("status") == STATUS_OK)
+        .select("image_id", "path")
+        .orderBy(F.xxhash64("image_id"), "image_id")
+        .limit(e.pwa_sample)
+    )
     spark.sparkContext.addFile(artifact.local_path, recursive=os.path.isdir(artifact.local_path))
-    spec = EmbedSpec(artifact=artifact, pooling="gap", resize=e.resize, max_pixels=cfg.ingest.max_pixels, decoder=e.decoder, device=e.device)
-    rows = (sample.repartition(max(1, task_slots(spark)))
-            .mapInPandas(_channel_sums(spec, remote.settings_from_hadoop(spark)), "image_id long, sums array<float>").collect())
+    spec = EmbedSpec(
+        artifact=artifact, pooling="gap", resize=e.resize, max_pixels=cfg.ingest.max_pixels, decoder=e.decoder, device=e.device
+    )
+    rows = (
+        sample.repartition(max(1, task_slots(spark)))
+        .mapInPandas(_channel_sums(spec, remote.settings_from_hadoop(spark)), "image_id long, sums array<float>")
+        .collect()
+    )
     if len(rows) < 2:
         from cbir_lib.config import ConfigError
 
         raise ConfigError(f"extract.pooling=pwa: {len(rows)} decodable image(s) to choose part channels from; it needs at least 2")
     rows.sort(key=lambda r: r.image_id)
     channels = pwa_select(np.array([r.sums for r in rows], np.float32), e.pwa_parts)
-    info = {"channels": channels.tolist(), "parts": e.pwa_parts, "sample": len(rows), "file": name,
-            "rule": "the channels whose sum-pooled response varies most over the sample (Xu et al. 2018)"}
+    info = {
+        "channels": channels.tolist(),
+        "parts": e.pwa_parts,
+        "sample": len(rows),
+        "file": name,
+        "rule": "the channels whose sum-pooled response varies most over the sample (Xu et al. 2018)",
+    }
     fs.write_bytes(spark, uri, json.dumps(info).encode())
     return info
 
@@ -501,8 +543,12 @@ def run_extract(spark, cfg: Config) -> dict:
         _check_head(head, key)
     prev_run = tables.base_run(spark, table, cfg.run)
     prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
-    postprocess_sig = {"whitening": e.whitening, "whitening_dim": e.whitening_dim, "binary_codes": e.binary_codes,
-                       "head": head[0]["files"][WEIGHTS_FILE] if head else None}
+    postprocess_sig = {
+        "whitening": e.whitening,
+        "whitening_dim": e.whitening_dim,
+        "binary_codes": e.binary_codes,
+        "head": head[0]["files"][WEIGHTS_FILE] if head else None,
+    }
     if e.whitening:  # the sample the whitening is fitted on (absent without whitening: older manifests still match)
         postprocess_sig["whitening_sample"] = e.whitening_sample
     if (
@@ -530,9 +576,11 @@ def run_extract(spark, cfg: Config) -> dict:
         try:
             # One job: metadata rows (not bytes) are shuffled to their shard; each task reads,
             # embeds and commits its own shards. The driver receives one stats row per shard.
-            work = (todo_df.withColumn("shard", F.expr(f"pmod(hash(image_id), {n_shards})").cast("int"))
-                    .repartition(n_shards, "image_id")
-                    .mapInPandas(_shard_task(spec, remote.settings_from_hadoop(spark), parts_dir, tmp_dir, plan, job), SHARD_STATS_DDL))
+            work = (
+                todo_df.withColumn("shard", F.expr(f"pmod(hash(image_id), {n_shards})").cast("int"))
+                .repartition(n_shards, "image_id")
+                .mapInPandas(_shard_task(spec, remote.settings_from_hadoop(spark), parts_dir, tmp_dir, plan, job), SHARD_STATS_DDL)
+            )
             with _Progress(spark, group, n_shards, n_todo):
                 shard_stats = [r.asDict() for r in work.collect()]
         finally:
@@ -545,22 +593,36 @@ def run_extract(spark, cfg: Config) -> dict:
     counted = list({s["unit"]: s for s in shard_stats if s["outcome"] in ("committed", "already_committed")}.values())
     processed = sum(s["rows"] for s in counted)
     failed_new = sum(s["failed"] for s in counted)
-    log.info("extract: %d images in %d shards in %.1f s (%.1f img/s)", processed, len(counted), embed_seconds,
-             processed / embed_seconds if embed_seconds > 0 else 0.0)
+    log.info(
+        "extract: %d images in %d shards in %.1f s (%.1f img/s)",
+        processed,
+        len(counted),
+        embed_seconds,
+        processed / embed_seconds if embed_seconds > 0 else 0.0,
+    )
 
     # Finalise: current images only (an image changed since an older part has a new checksum).
-    current = images.select("image_id", "path", "content_sha256", F.col("status").alias("ingest_status"), F.col("error").alias("ingest_error"))
+    current = images.select(
+        "image_id", "path", "content_sha256", F.col("status").alias("ingest_status"), F.col("error").alias("ingest_error")
+    )
     raw = read_parts()
-    embedded = current.filter(F.col("ingest_status") == STATUS_OK).join(raw, ["image_id", "content_sha256"], "inner").dropDuplicates(["image_id"])
+    embedded = (
+        current.filter(F.col("ingest_status") == STATUS_OK).join(raw, ["image_id", "content_sha256"], "inner").dropDuplicates(["image_id"])
+    )
     failed_ingest = current.filter(F.col("ingest_status") != STATUS_OK).select(
-        "image_id", "path", "content_sha256",
+        "image_id",
+        "path",
+        "content_sha256",
         F.lit(None).cast("array<float>").alias("embedding"),
         F.lit(STATUS_FAILED).alias("status"),
         F.col("ingest_error").alias("error"),
     )
     columns = ["image_id", "path", "content_sha256", "embedding", "status", "error"]
-    combined = (embedded.select(*columns, F.lit("extract").alias("_stage"))
-                .unionByName(failed_ingest.select(*columns, F.lit("ingest").alias("_stage"))).cache())
+    combined = (
+        embedded.select(*columns, F.lit("extract").alias("_stage"))
+        .unionByName(failed_ingest.select(*columns, F.lit("ingest").alias("_stage")))
+        .cache()
+    )
     counts = {(r["_stage"], r["status"]): r["count"] for r in combined.groupBy("_stage", "status").count().collect()}
     combined = combined.drop("_stage")
     n_input = images.count()
@@ -589,8 +651,10 @@ def run_extract(spark, cfg: Config) -> dict:
     if e.whitening and n_ok and e.whitening_dim is not None and e.whitening_dim > dim:
         from cbir_lib.config import ConfigError
 
-        raise ConfigError(f"extract.whitening_dim: {e.whitening_dim} is larger than the embedding's dimension {dim} "
-                          f"({e.model}, pooling {e.pooling}); the extracted shards are kept, so a rerun with a smaller value reuses them")
+        raise ConfigError(
+            f"extract.whitening_dim: {e.whitening_dim} is larger than the embedding's dimension {dim} "
+            f"({e.model}, pooling {e.pooling}); the extracted shards are kept, so a rerun with a smaller value reuses them"
+        )
     if e.whitening and n_ok:
         # The sample is held on the driver as float64: at most WHITENING_SAMPLE_BYTES, so a
         # 20,480-d PWA vector gets 3,276 rows (the fit's Gram route then needs an n x n
@@ -616,8 +680,13 @@ def run_extract(spark, cfg: Config) -> dict:
         w = Whitening.from_bytes(whitening_bytes)
         dim = w.dim_out
         extra["_whitening.npz"] = whitening_bytes
-        whitening_info = {"dim_in": w.dim_in, "dim_out": w.dim_out, "file": "_whitening.npz", "sample": e.whitening_sample,
-                          "sample_cap": sample_cap}
+        whitening_info = {
+            "dim_in": w.dim_in,
+            "dim_out": w.dim_out,
+            "file": "_whitening.npz",
+            "sample": e.whitening_sample,
+            "sample_cap": sample_cap,
+        }
 
     meta = {"dim": dim, "model": e.model, "pooling": e.pooling, "run_id": run_id}
     thresholds = None
@@ -636,8 +705,14 @@ def run_extract(spark, cfg: Config) -> dict:
         meta["dim"] = dim
         head_bytes = save_weights_npz(h_weights)
         extra["_head.npz"] = head_bytes
-        head_info = {"uri": h_manifest["uri"], "run_id": h_manifest["run_id"], "bits": dim, "classes": h_manifest["classes"],
-                     "sha256": h_manifest["files"][WEIGHTS_FILE], "file": "_head.npz"}
+        head_info = {
+            "uri": h_manifest["uri"],
+            "run_id": h_manifest["run_id"],
+            "bits": dim,
+            "classes": h_manifest["classes"],
+            "sha256": h_manifest["files"][WEIGHTS_FILE],
+            "file": "_head.npz",
+        }
     final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz")), FINAL_DDL)
 
     manifest = {
@@ -658,11 +733,22 @@ def run_extract(spark, cfg: Config) -> dict:
         "dim": dim,
         "whitening": whitening_info,
         "pwa": pwa_info,
-        "binary_codes": ({"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"} if thresholds is not None
-                         else {"bits": dim, "rule": "trained code unit > 0.5"} if head_info else None),
+        "binary_codes": (
+            {"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"}
+            if thresholds is not None
+            else {"bits": dim, "rule": "trained code unit > 0.5"}
+            if head_info
+            else None
+        ),
         "head": head_info,
         "packages": package_versions(),
-        "counts": {"input": n_input, "ok": n_ok, "failed": n_failed, "embedded_this_run": processed, "reused": n_ok - (processed - failed_new)},
+        "counts": {
+            "input": n_input,
+            "ok": n_ok,
+            "failed": n_failed,
+            "embedded_this_run": processed,
+            "reused": n_ok - (processed - failed_new),
+        },
         "embed_seconds": round(embed_seconds, 3),
         "images_per_second": round(processed / embed_seconds, 3) if processed and embed_seconds > 0 else None,
         "task_slots": slots,
@@ -671,7 +757,16 @@ def run_extract(spark, cfg: Config) -> dict:
     n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
     manifest["wall_seconds"] = round(time.time() - started, 3)
     manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)
-    out = tables.commit(spark, final.coalesce(n_files), table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    out = tables.commit(
+        spark,
+        final.coalesce(n_files),
+        table,
+        run_id,
+        manifest,
+        extra_files=extra,
+        keep=cfg.run.keep_snapshots,
+        forward_only=cfg.run.pin_inputs,
+    )
     combined.unpersist()
     manifest["output"] = out
     log.info("extract %s: %s", run_id, manifest["counts"])

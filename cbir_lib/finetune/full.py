@@ -34,8 +34,8 @@ def trainable_layers(model, n_blocks: int) -> list[str]:
 
     from cbir_lib.models.efficientnet_lite import FEATURE_LAYER
 
-    blocks = sorted({int(layer.name.split("_")[0][len("block"):]) for layer in model.layers if layer.name.startswith("block")})
-    keep = {f"block{i}_" for i in blocks[len(blocks) - n_blocks:]} if n_blocks else set()
+    blocks = sorted({int(layer.name.split("_")[0][len("block") :]) for layer in model.layers if layer.name.startswith("block")})
+    keep = {f"block{i}_" for i in blocks[len(blocks) - n_blocks :]} if n_blocks else set()
     names = []
     for layer in model.layers:
         tune = layer.name == "head_conv" or any(layer.name.startswith(p) for p in keep)
@@ -108,8 +108,9 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
     size = artifact.image_size
     tf.keras.utils.set_random_seed(tc.seed)
     trainer, full, backbone, head, tuned = build_full(artifact, len(classes), tc)
-    trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
-                    loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    trainer.compile(
+        optimizer=tf.keras.optimizers.Adam(tc.learning_rate), loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"]
+    )
     n_train = images_df.count()
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, fs.join(root, table, "_work", "petastorm"))
     converter = make_spark_converter(images_df)
@@ -120,8 +121,9 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
         vds = tf.data.Dataset.from_tensor_slices(([bytes(r.content) for r in val_rows], np.array([r.label for r in val_rows], np.int32)))
         val = image_pipeline(vds.batch(64), size, False, tc.seed).batch(tc.batch_size)
     try:
-        with converter.make_tf_dataset(batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers,
-                                       shuffling_queue_capacity=min(n_train, 2_000), seed=tc.seed) as ds:
+        with converter.make_tf_dataset(
+            batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers, shuffling_queue_capacity=min(n_train, 2_000), seed=tc.seed
+        ) as ds:
             ds = image_pipeline(ds.map(lambda b: (b.content, b.label)), size, True, tc.seed).batch(tc.batch_size).prefetch(2)
             hist = trainer.fit(ds, epochs=tc.epochs, steps_per_epoch=steps, validation_data=val, verbose=2, shuffle=False)
     finally:
@@ -139,8 +141,15 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
             model_bytes = fh.read()
         key = backbone_feature_key(cfg, bpath, size)
     return {
-        "weights": head_weights(clean_head), "model_bytes": model_bytes, "backbone_bytes": backbone_bytes,
-        "history": history, "n_train": n_train, "dim": dim, "tuned_layers": tuned, "feature_key": key, "image_size": size,
+        "weights": head_weights(clean_head),
+        "model_bytes": model_bytes,
+        "backbone_bytes": backbone_bytes,
+        "history": history,
+        "n_train": n_train,
+        "dim": dim,
+        "tuned_layers": tuned,
+        "feature_key": key,
+        "image_size": size,
     }
 
 

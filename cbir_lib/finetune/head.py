@@ -25,8 +25,9 @@ import numpy as np
 from cbir_lib.models.head import LAYERS
 
 
-def build_head(input_dim: int, n_classes: int, bits: int, hidden: int, dropout: float = 0.0,
-               binarise: float = 0.0, balance: float = 0.0, seed: int = 0):
+def build_head(
+    input_dim: int, n_classes: int, bits: int, hidden: int, dropout: float = 0.0, binarise: float = 0.0, balance: float = 0.0, seed: int = 0
+):
     """The Keras head. With ``binarise``/``balance`` > 0 the code layer carries the extra terms
     as an activity regulariser: train that model, then copy its weights into one built
     without them (:func:`clean_copy`) to save a model that needs no custom objects."""

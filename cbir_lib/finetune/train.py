@@ -44,8 +44,9 @@ def labelled_embeddings(spark, cfg: Config, emb_uri: str, emb_run: str):
     from cbir_lib.evaluate.groundtruth import ground_truth
 
     emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
-    labels = ground_truth(spark, emb.select("image_id", "path"), cfg.train.labels, cfg.train.labels_base,
-                          fs.qualify(spark, cfg.run.output_root))
+    labels = ground_truth(
+        spark, emb.select("image_id", "path"), cfg.train.labels, cfg.train.labels_base, fs.qualify(spark, cfg.run.output_root)
+    )
     return emb.select("image_id", "embedding").join(labels, "image_id").dropDuplicates(["image_id"])
 
 
@@ -67,8 +68,9 @@ def fit_head(dataset, steps_per_epoch: int, dim: int, classes: list[str], tc, va
     if tc.loss == "classify":
         # The classifier trains every layer; the code units' extra terms ride on their layer.
         trainer = tf.keras.Model(model.input, model.output["classes"])
-        trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate),
-                        loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        trainer.compile(
+            optimizer=tf.keras.optimizers.Adam(tc.learning_rate), loss=tf.keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"]
+        )
     else:
         # A metric loss on the code units' floats (the classifier above them stays untrained).
         from cbir_lib.finetune.head import metric_loss
@@ -76,8 +78,9 @@ def fit_head(dataset, steps_per_epoch: int, dim: int, classes: list[str], tc, va
         trainer = tf.keras.Model(model.input, model.output["features"])
         trainer.compile(optimizer=tf.keras.optimizers.Adam(tc.learning_rate), loss=metric_loss(tc.loss, tc.margin))
     val = validation if validation is not None and len(validation[0]) else None
-    hist = trainer.fit(dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val, shuffle=False,
-                       verbose=2 if log_every else 0)
+    hist = trainer.fit(
+        dataset, epochs=tc.epochs, steps_per_epoch=steps_per_epoch, validation_data=val, shuffle=False, verbose=2 if log_every else 0
+    )
     history = [{k: round(float(v[i]), 5) for k, v in hist.history.items()} for i in range(len(hist.history["loss"]))]
     for i, h in enumerate(history):
         h["epoch"] = i + 1
@@ -184,8 +187,10 @@ def run_train(spark, cfg: Config) -> dict:
             images_df = _with_content(spark, train_df.join(index_of, "label")).select("content", F.col("label_index").alias("label"))
             val_rows = []
             if val_df is not None:
-                val_rows, val_dropped = bounded_rows(_with_content(spark, val_df).select("path", "content", F.col("label_index").alias("label")),
-                                                     tc.max_validation_mb * 2**20)
+                val_rows, val_dropped = bounded_rows(
+                    _with_content(spark, val_df).select("path", "content", F.col("label_index").alias("label")),
+                    tc.max_validation_mb * 2**20,
+                )
                 if val_dropped:
                     log.warning("train: %d validation images beyond train.max_validation_mb=%s left out", val_dropped, tc.max_validation_mb)
             out = train_full(spark, cfg, images_df, classes, root, TABLE, val_rows)
@@ -193,9 +198,17 @@ def run_train(spark, cfg: Config) -> dict:
             extra_files[BACKBONE_FILE] = out["backbone_bytes"]
             val = None
             n_val = len(val_rows)
-            base = {"feature_key": out["feature_key"], "model": {"name": "custom", "file": BACKBONE_FILE, "finetuned_from": cfg.extract.model},
-                    "dim": dim, "pooling": "gap", "resize": cfg.extract.resize, "tta": cfg.extract.tta, "image_size": out["image_size"],
-                    "output_layer": "head_activation", "tuned_layers": out["tuned_layers"]}
+            base = {
+                "feature_key": out["feature_key"],
+                "model": {"name": "custom", "file": BACKBONE_FILE, "finetuned_from": cfg.extract.model},
+                "dim": dim,
+                "pooling": "gap",
+                "resize": cfg.extract.resize,
+                "tta": cfg.extract.tta,
+                "image_size": out["image_size"],
+                "output_layer": "head_activation",
+                "tuned_layers": out["tuned_layers"],
+            }
         else:
             model, history, n_train, dim, val = _train_head(spark, cfg, data, train_df, index_of, val_df, root, src_manifest)
             from cbir_lib.finetune.head import head_weights
@@ -208,8 +221,14 @@ def run_train(spark, cfg: Config) -> dict:
                     model_bytes = fh.read()
             n_val = 0 if val is None else len(val[1])
             extract_cfg = src_manifest.get("config", {}).get("extract", {})
-            base = {"feature_key": src_manifest.get("feature_key"), "model": src_manifest.get("model"), "dim": dim,
-                    "pooling": extract_cfg.get("pooling"), "resize": extract_cfg.get("resize"), "tta": extract_cfg.get("tta", "none")}
+            base = {
+                "feature_key": src_manifest.get("feature_key"),
+                "model": src_manifest.get("model"),
+                "dim": dim,
+                "pooling": extract_cfg.get("pooling"),
+                "resize": extract_cfg.get("resize"),
+                "tta": extract_cfg.get("tta", "none"),
+            }
     data.unpersist()
 
     from cbir_lib.models.head import apply_head, save_weights_npz
@@ -234,10 +253,20 @@ def run_train(spark, cfg: Config) -> dict:
         "classes": classes,
         "bits": tc.bits,
         "hidden": tc.hidden,
-        "data": {"labels": tc.labels, "split": tc.split, "validation_split": tc.validation_split, "train": n_train,
-                 "validation": n_val, "validation_left_out": val_dropped, "per_class": counts, "reader": "petastorm make_spark_converter -> tf.data"},
-        "params": {k: getattr(tc, k) for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance",
-                                               "seed", "trainable_blocks")},
+        "data": {
+            "labels": tc.labels,
+            "split": tc.split,
+            "validation_split": tc.validation_split,
+            "train": n_train,
+            "validation": n_val,
+            "validation_left_out": val_dropped,
+            "per_class": counts,
+            "reader": "petastorm make_spark_converter -> tf.data",
+        },
+        "params": {
+            k: getattr(tc, k)
+            for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance", "seed", "trainable_blocks")
+        },
         "history": history,
         "metrics": metrics,
         "files": {name: _sha256(data) for name, data in files.items()},
@@ -247,8 +276,9 @@ def run_train(spark, cfg: Config) -> dict:
         "wall_seconds": round(time.time() - started, 3),
     }
     table = fs.join(root, TABLE)
-    out = tables.commit_dir(spark, lambda tmp: None, table, run_id, manifest, extra_files=files,
-                            keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    out = tables.commit_dir(
+        spark, lambda tmp: None, table, run_id, manifest, extra_files=files, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
+    )
     manifest["output"] = out
     log.info("train %s: %s", run_id, metrics)
     return manifest
@@ -276,8 +306,9 @@ def _train_head(spark, cfg: Config, data, train_df, index_of, val_df, root: str,
     with timer(f"petastorm: materialising {n_train} training rows"):
         converter = make_spark_converter(train_df)
     try:
-        with converter.make_tf_dataset(batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers,
-                                       shuffling_queue_capacity=min(n_train, 10_000), seed=tc.seed) as ds:
+        with converter.make_tf_dataset(
+            batch_size=tc.batch_size, num_epochs=None, workers_count=tc.workers, shuffling_queue_capacity=min(n_train, 10_000), seed=tc.seed
+        ) as ds:
             ds = ds.map(lambda b: (tf.reshape(b.embedding, (-1, dim)), b.label))
             ds = augment(ds, tc.noise, tc.seed).prefetch(2)
             classes = [r.label for r in index_of.orderBy("label_index").collect()]

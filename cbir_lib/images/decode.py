@@ -209,8 +209,9 @@ def _decode_turbo(data: bytes, size: int, max_pixels: int) -> Image.Image | None
         if Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) != 1:
             return None
         scale = size / min(w, h)
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True,
-                                     min_height=max(1, int(h * scale + 0.999)), min_width=max(1, int(w * scale + 0.999)))
+        arr = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", strict=True, min_height=max(1, int(h * scale + 0.999)), min_width=max(1, int(w * scale + 0.999))
+        )
     except Exception:  # noqa: BLE001 - Pillow decides what is wrong with the file
         return None
     return Image.fromarray(arr)

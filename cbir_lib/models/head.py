@@ -92,5 +92,6 @@ def backbone_extract_config(cfg, path: str, image_size: int):
     """The extract settings that run a fine-tuned backbone file: custom model, GAP."""
     import dataclasses
 
-    return dataclasses.replace(cfg.extract, model="custom", model_path=path, output_layer="head_activation",
-                               image_size=image_size, pooling="gap")
+    return dataclasses.replace(
+        cfg.extract, model="custom", model_path=path, output_layer="head_activation", image_size=image_size, pooling="gap"
+    )

@@ -187,9 +187,7 @@ def load_legacy_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarra
     with open(path, "rb") as fh:
         head = fh.read(2)
         if head == b"PK":
-            raise LegacyCheckpointError(
-                f"{path} is a zip-format torch checkpoint; only the legacy format is supported"
-            )
+            raise LegacyCheckpointError(f"{path} is a zip-format torch checkpoint; only the legacy format is supported")
         fh.seek(0)
         # Every pickle goes through a restricted unpickler: the header and key list admit
         # plain data only, the object only tensor rebuilds, storages and OrderedDict.

@@ -75,8 +75,17 @@ def groups_of_cells(offsets: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray
     return first.astype(np.int64), last.astype(np.int64)
 
 
-def sub_store(offsets: np.ndarray, lo: int, hi: int, ids: np.ndarray, vectors: np.ndarray, centroids, metric: str,
-              reduced: np.ndarray | None = None, projection: np.ndarray | None = None) -> CellStore:
+def sub_store(
+    offsets: np.ndarray,
+    lo: int,
+    hi: int,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    centroids,
+    metric: str,
+    reduced: np.ndarray | None = None,
+    projection: np.ndarray | None = None,
+) -> CellStore:
     """Rows ``[lo, hi)`` of the sorted store as a store of all cells, those outside it empty."""
     clipped = np.clip(offsets, lo, hi) - lo
     return CellStore(ids, vectors, clipped.astype(np.int64), centroids, metric, reduced, projection)
@@ -171,8 +180,17 @@ def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
         from cbir_lib.index.build import IndexMismatch
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
-    return sub_store(np.asarray(spec["offsets"]), int(bounds[g]), int(bounds[g + 1]), ids, x, _centroids(spec), spec["metric"],
-                     xr, _parsed(spec, "projection"))
+    return sub_store(
+        np.asarray(spec["offsets"]),
+        int(bounds[g]),
+        int(bounds[g + 1]),
+        ids,
+        x,
+        _centroids(spec),
+        spec["metric"],
+        xr,
+        _parsed(spec, "projection"),
+    )
 
 
 _PARSED: dict[tuple[str, str], np.ndarray | None] = {}
@@ -196,8 +214,15 @@ def router(spec: dict) -> CellStore:
     """A store with no rows but every centroid: routes queries (its cell graph cached per process)."""
     key = spec["groups_uri"]
     if key not in _ROUTERS:
-        _ROUTERS[key] = sub_store(np.asarray(spec["offsets"]), 0, 0, np.zeros(0, np.int64),
-                                  np.zeros((0, spec["dim"]), np.float32), _centroids(spec), spec["metric"])
+        _ROUTERS[key] = sub_store(
+            np.asarray(spec["offsets"]),
+            0,
+            0,
+            np.zeros(0, np.int64),
+            np.zeros((0, spec["dim"]), np.float32),
+            _centroids(spec),
+            spec["metric"],
+        )
     return _ROUTERS[key]
 
 
@@ -292,7 +317,8 @@ def group_forests(spec: dict, g: int):
     total = 0
     if names and hi > lo:
         t = ds.dataset(names, format="parquet", filesystem=fs_).to_table(
-            columns=["cell", "ann"], filter=(ds.field("cell") >= first) & (ds.field("cell") <= last))
+            columns=["cell", "ann"], filter=(ds.field("cell") >= first) & (ds.field("cell") <= last)
+        )
         for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
             with open(os.path.join(d, f"{cell}.ann"), "wb") as fh:
                 fh.write(blob)
@@ -333,7 +359,9 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
     return probes, visits
 
 
-def topk(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def topk(
+    sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
 
     ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
@@ -352,7 +380,9 @@ def topk(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, o
         rows = visits[g]
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
-            part = search(st, np.ascontiguousarray(queries[r]), qids[r], own[r], None if probes is None else probes[r], best[0][r, width - 1], k)
+            part = search(
+                st, np.ascontiguousarray(queries[r]), qids[r], own[r], None if probes is None else probes[r], best[0][r, width - 1], k
+            )
             merged = merge(tuple(b[r] for b in best), part, width)
             for b, new_ in zip(best, merged, strict=True):
                 b[r] = new_
@@ -493,8 +523,14 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
             qids, vals, ids, held = search_group(spec, int(gq), search)
             table = pa.Table.from_batches([to_batch(qids, vals, ids)])
             remote.commit_parquet(files, table, f"{parts_uri}/{shards.attempt_name(unit)}", tmp_uri)
-            yield {"group": int(gq), "outcome": "committed", "held_bytes": int(held), "seconds": round(time.time() - t0, 3),
-                   "queries": int(len(qids)), "pid": os.getpid()}
+            yield {
+                "group": int(gq),
+                "outcome": "committed",
+                "held_bytes": int(held),
+                "seconds": round(time.time() - t0, 3),
+                "queries": int(len(qids)),
+                "pid": os.getpid(),
+            }
 
     return fn
 
@@ -625,12 +661,20 @@ def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> t
 
     from cbir_lib.index.build import binary_to_numpy
 
-    rows = (spark.read.parquet(groups_uri).filter(F.col("pos").isin([int(p) for p in positions]))
-            .select("pos", "cell", "image_id", "vector").toArrow())
+    rows = (
+        spark.read.parquet(groups_uri)
+        .filter(F.col("pos").isin([int(p) for p in positions]))
+        .select("pos", "cell", "image_id", "vector")
+        .toArrow()
+    )
     order = np.argsort(rows.column("pos").to_numpy())
     x = binary_to_numpy(rows.column("vector"), dim)[order]
-    return (np.ascontiguousarray(x), rows.column("image_id").to_numpy()[order], rows.column("cell").to_numpy()[order].astype(np.int32),
-            rows.column("pos").to_numpy()[order].astype(np.int64))
+    return (
+        np.ascontiguousarray(x),
+        rows.column("image_id").to_numpy()[order],
+        rows.column("cell").to_numpy()[order].astype(np.int32),
+        rows.column("pos").to_numpy()[order].astype(np.int64),
+    )
 
 
 def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -667,20 +711,32 @@ def core(spec: dict):
         from cbir_lib.neighbors.ivf import annoy_candidates, annoy_search
 
         # Per call, as the broadcast search: an expansion's top-rerank_n takes its own count.
-        return lambda store, q, qids, own, probes, kth, k: annoy_search(store, store.forests, q, qids, probes, k, spec["search_k"],
-                                                                        annoy_candidates(spec["candidates"], k),
-                                                                        whole_offsets=spec["offsets"], lo=store.lo)
+        return lambda store, q, qids, own, probes, kth, k: annoy_search(
+            store,
+            store.forests,
+            q,
+            qids,
+            probes,
+            k,
+            spec["search_k"],
+            annoy_candidates(spec["candidates"], k),
+            whole_offsets=spec["offsets"],
+            lo=store.lo,
+        )
     if spec["method"] == "lsh":
         from cbir_lib.neighbors.lsh import lsh_topk
 
         # The visited group's tables (Sweep.store built them); its own ids are left out as
         # on the whole store, and the per-group top-k merge by (-score, id).
-        return lambda store, q, qids, own, probes, kth, k: lsh_topk(store.lsh, store.vectors, store.ids, q, qids, k, spec["lsh"]["radius"])[:2]
+        return lambda store, q, qids, own, probes, kth, k: lsh_topk(store.lsh, store.vectors, store.ids, q, qids, k, spec["lsh"]["radius"])[
+            :2
+        ]
     if spec["method"] == "dense":
         # With the reduced first pass each part returns its shortlist (reduced, ids, full).
         short = spec.get("shortlist") if uses_shortlist(spec) else None
-        return lambda store, q, qids, own, probes, kth, k: dense_search(store, q, qids, probes, k, thresholds=kth if bound else None,
-                                                                        shortlist=short, raw=bool(short))
+        return lambda store, q, qids, own, probes, kth, k: dense_search(
+            store, q, qids, probes, k, thresholds=kth if bound else None, shortlist=short, raw=bool(short)
+        )
     return lambda store, q, qids, own, probes, kth, k: exact_search(store, q, qids, k)
 
 

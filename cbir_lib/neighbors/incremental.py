@@ -57,6 +57,7 @@ DELTA_BLOCK = 8192  # a night's queries searched together in one task step
 class NotIncremental(Exception):
     """This run cannot be incremental after all (the message says why): a full run follows."""
 
+
 KINDS = ("added", "updated", "refilled", "removed")  # and "rebuilt", every image of a full run
 
 
@@ -67,15 +68,19 @@ def why_not(prev: dict | None, index: dict, params: dict, grouped: bool) -> str 
     if prev is None:
         return "there are no earlier neighbours to update"
     if prev.get("index_run_id") != index.get("base_run_id") or prev.get("index_commit") != index.get("base_commit"):
-        return (f"the latest neighbours ({prev['run_id']}) were built on index {prev.get('index_run_id')}, not on "
-                f"{index.get('base_run_id')}, the base of index {index['run_id']}")
+        return (
+            f"the latest neighbours ({prev['run_id']}) were built on index {prev.get('index_run_id')}, not on "
+            f"{index.get('base_run_id')}, the base of index {index['run_id']}"
+        )
     if {k: v for k, v in (prev.get("params") or {}).items()} != params:
         return f"the neighbours settings differ from those of run {prev['run_id']}"
     if not (prev.get("reserve") or {}).get("output"):
         return f"neighbours run {prev['run_id']} has no _reserve (it predates incremental runs)"
     if params["rerank"] != "none":
-        return (f"neighbors.rerank={params['rerank']} re-ranks with every list's neighbours (DBA rewrites every vector), "
-                "which a night's change moves everywhere; only rerank=none is incremental")
+        return (
+            f"neighbors.rerank={params['rerank']} re-ranks with every list's neighbours (DBA rewrites every vector), "
+            "which a night's change moves everywhere; only rerank=none is incremental"
+        )
     if prev.get("method") not in ("dense", "exact"):
         return f"method {prev.get('method')!r} is not incremental (dense and exact are)"
     if grouped:
@@ -118,9 +123,15 @@ def _delta_search(spec: dict):
                 probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
                 pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
                 yield pa.RecordBatch.from_arrays(
-                    [pa.array(np.asarray(store.ids)[pos]), pa.array(np.zeros(pos.size, np.int32)), pa.array(qids[rev][qi]),
-                     pa.array(sc), pa.array(np.ones(pos.size, bool))],
-                    names=["image_id", "rank", "neighbor_id", "score", "reverse"])
+                    [
+                        pa.array(np.asarray(store.ids)[pos]),
+                        pa.array(np.zeros(pos.size, np.int32)),
+                        pa.array(qids[rev][qi]),
+                        pa.array(sc),
+                        pa.array(np.ones(pos.size, bool)),
+                    ],
+                    names=["image_id", "rank", "neighbor_id", "score", "reverse"],
+                )
 
     return fn
 
@@ -156,8 +167,20 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
     return _THRESHOLDS[key]
 
 
-def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, index: dict, spec: dict, params: dict,
-        slots: int, memory: dict, started: float) -> dict:
+def run(
+    spark,
+    cfg: Config,
+    run_id: str,
+    table: str,
+    root: str,
+    prev: dict,
+    index: dict,
+    spec: dict,
+    params: dict,
+    slots: int,
+    memory: dict,
+    started: float,
+) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -170,8 +193,15 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     spec = {**spec, "method": prev["method"], "nprobe": prev.get("nprobe") or spec["nprobe"], "shortlist": prev.get("shortlist")}
     n = int(S.cell_offsets(index)[-1])
     n_prev = int(prev.get("n") or 0)
-    work_key = S._spec_key({"prev": prev["run_id"], "prev_commit": tables.commit_of(prev), "index": index["run_id"],
-                            "index_commit": tables.commit_of(index), "params": params})
+    work_key = S._spec_key(
+        {
+            "prev": prev["run_id"],
+            "prev_commit": tables.commit_of(prev),
+            "index": index["run_id"],
+            "index_commit": tables.commit_of(index),
+            "params": params,
+        }
+    )
     work_dir = fs.join(table, "_work", f"incremental-{work_key}")
 
     delta = spark.read.parquet(fs.join(index["uri"], DELTA))
@@ -188,8 +218,9 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
         with timer("measuring the old lists (length, last score, removed neighbours)") as t:
             gone = id_frame(spark, removed, "neighbor_id").withColumn("gone", F.lit(1))
             marked = old.join(F.broadcast(gone), "neighbor_id", "left")
-            stats = marked.groupBy("image_id").agg(F.max("rank").alias("length"), F.min("score").alias("last"),
-                                                   F.sum(F.coalesce("gone", F.lit(0))).alias("lost"))
+            stats = marked.groupBy("image_id").agg(
+                F.max("rank").alias("length"), F.min("score").alias("last"), F.sum(F.coalesce("gone", F.lit(0))).alias("lost")
+            )
             stats.write.mode("overwrite").parquet(stats_uri)
         timings["list_stats_s"] = round(t["seconds"], 3)
     stats = spark.read.parquet(stats_uri)
@@ -222,9 +253,14 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
             n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))
-            qdf = columns_frame(spark, {"image_id": np.concatenate([added, refill]).astype(np.int64),
-                                        "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]},
-                                "image_id long, reverse boolean").repartition(n_parts)
+            qdf = columns_frame(
+                spark,
+                {
+                    "image_id": np.concatenate([added, refill]).astype(np.int64),
+                    "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)],
+                },
+                "image_id long, reverse boolean",
+            ).repartition(n_parts)
             tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
             qdf.mapInArrow(_delta_search(spec), DELTA_SEARCH_DDL).write.mode("overwrite").parquet(tmp)
             fs.delete(spark, searched_uri)
@@ -234,8 +270,7 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     searched = spark.read.schema(DELTA_SEARCH_DDL).parquet(searched_uri)
     fresh = searched.filter(~F.col("reverse")).drop("reverse")
     replaced = np.union1d(np.union1d(added, removed), refill)
-    reverse = (searched.filter(F.col("reverse")).drop("reverse")
-               .join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti"))
+    reverse = searched.filter(F.col("reverse")).drop("reverse").join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti")
     reverse_ids = np.unique(reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64))
     touched = np.union1d(reverse_ids, lost_only)
 
@@ -245,8 +280,12 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi")
     kept = kept.join(F.broadcast(id_frame(spark, removed, "neighbor_id")), "neighbor_id", "left_anti").select(*cols)
     order = Window.partitionBy("image_id").orderBy(F.col("score").desc(), F.col("neighbor_id").asc())
-    merged = (kept.unionByName(reverse.select(*cols)).withColumn("rank", F.row_number().over(order).cast("int"))
-              .filter(F.col("rank") <= width).select(*cols))
+    merged = (
+        kept.unionByName(reverse.select(*cols))
+        .withColumn("rank", F.row_number().over(order).cast("int"))
+        .filter(F.col("rank") <= width)
+        .select(*cols)
+    )
     # Kept for the table, its reserve and the recall check: three reads of one merge.
     lists = untouched.select(*cols).unionByName(merged).unionByName(fresh.select(*cols)).persist(StorageLevel.MEMORY_AND_DISK)
     n_files = S._output_files(spark, n)
@@ -257,14 +296,24 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     top_cols = ["image_id", "rank", "neighbor_id", "score"]
     was = old.filter(F.col("rank") <= k).join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*top_cols)
     now_ = lists.filter(F.col("rank") <= k).join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*top_cols)
-    differ = (was.withColumn("was", F.lit(1)).join(now_.withColumn("now", F.lit(1)), top_cols, "full_outer")
-              .filter(F.col("was").isNull() | F.col("now").isNull()).select("image_id").toArrow())
+    differ = (
+        was.withColumn("was", F.lit(1))
+        .join(now_.withColumn("now", F.lit(1)), top_cols, "full_outer")
+        .filter(F.col("was").isNull() | F.col("now").isNull())
+        .select("image_id")
+        .toArrow()
+    )
     top_changed = np.unique(differ.column("image_id").to_numpy().astype(np.int64))
     new_only = np.setdiff1d(added, changed)
     groups = {"added": new_only, "updated": np.union1d(changed, top_changed), "refilled": refill, "removed": np.setdiff1d(removed, changed)}
-    changes = columns_frame(spark, {"image_id": np.concatenate([v for v in groups.values()]).astype(np.int64),
-                                    "kind": np.array([kind for kind, v in groups.items() for _ in range(len(v))], dtype=object)},
-                            "image_id long, kind string").withColumn("neighbors_run_id", F.lit(run_id))
+    changes = columns_frame(
+        spark,
+        {
+            "image_id": np.concatenate([v for v in groups.values()]).astype(np.int64),
+            "kind": np.array([kind for kind, v in groups.items() for _ in range(len(v))], dtype=object),
+        },
+        "image_id long, kind string",
+    ).withColumn("neighbors_run_id", F.lit(run_id))
 
     # Recall on new and on old images, from the lists as committed, against exact search.
     try:
@@ -278,8 +327,10 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
         # its own sample; another sample scatters around it. Only a recall below the target
         # with 95 % confidence calls for a full run, which calibrates again.
         lists.unpersist()
-        raise NotIncremental(f"the measured recall@{k} (new images {recall_new}, old images {recall_old}) is below "
-                             f"neighbors.min_recall {nb.min_recall} with 95 % confidence (upper bounds {upper})")
+        raise NotIncremental(
+            f"the measured recall@{k} (new images {recall_new}, old images {recall_old}) is below "
+            f"neighbors.min_recall {nb.min_recall} with 95 % confidence (upper bounds {upper})"
+        )
 
     manifest = {
         **S.manifest_head(run_id, index, params, cfg, spec["method"], spec),
@@ -298,10 +349,17 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
         "recall_sample": sample_sizes,
         "recall_upper_bounds": upper,
         "rerank": None,
-        "changes": {"added": int(new_only.size), "changed": int(changed.size), "deleted": int(np.setdiff1d(removed, changed).size),
-                    "refilled": int(refill.size), "reverse_updated": int(reverse_ids.size), "lost_neighbours_only": int(lost_only.size),
-                    "lists_changed": int(np.union1d(top_changed, refill).size),
-                    "reserve_only_changed": int(touched.size - top_changed.size), "output": S.CHANGES},
+        "changes": {
+            "added": int(new_only.size),
+            "changed": int(changed.size),
+            "deleted": int(np.setdiff1d(removed, changed).size),
+            "refilled": int(refill.size),
+            "reverse_updated": int(reverse_ids.size),
+            "lost_neighbours_only": int(lost_only.size),
+            "lists_changed": int(np.union1d(top_changed, refill).size),
+            "reserve_only_changed": int(touched.size - top_changed.size),
+            "output": S.CHANGES,
+        },
         "searched_this_run": n_queries,
         "memory": memory,
         "timings": timings,
@@ -318,9 +376,21 @@ def run(spark, cfg: Config, run_id: str, table: str, root: str, prev: dict, inde
     lists.unpersist()
     fs.delete(spark, work_dir)
     c = manifest["changes"]
-    log.info("neighbors %s (incremental on %s): %d added, %d changed, %d deleted; %d lists updated by new images, %d refilled; "
-             "recall@%d new %s old %s; %.1f s", run_id, prev["run_id"], c["added"], c["changed"], c["deleted"], c["reverse_updated"],
-             c["refilled"], k, recall_new, recall_old, time.time() - started)
+    log.info(
+        "neighbors %s (incremental on %s): %d added, %d changed, %d deleted; %d lists updated by new images, %d refilled; "
+        "recall@%d new %s old %s; %.1f s",
+        run_id,
+        prev["run_id"],
+        c["added"],
+        c["changed"],
+        c["deleted"],
+        c["reverse_updated"],
+        c["refilled"],
+        k,
+        recall_new,
+        recall_old,
+        time.time() - started,
+    )
     return manifest
 
 

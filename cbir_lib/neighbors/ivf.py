@@ -138,8 +138,17 @@ def _pairs_by_cell(cells: np.ndarray, rows: np.ndarray):
         yield int(cells[lo]), rows[lo:hi]
 
 
-def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, exclude_self: bool = True,
-                 thresholds: np.ndarray | None = None, shortlist: int | None = None, raw: bool = False):
+def dense_search(
+    store: CellStore,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    probes: np.ndarray,
+    k: int,
+    exclude_self: bool = True,
+    thresholds: np.ndarray | None = None,
+    shortlist: int | None = None,
+    raw: bool = False,
+):
     """Top-k of each query over all members of its probed cells.
 
     ``probes`` is ``(m, nprobe)`` cell indices, nearest first. Every probed cell is one
@@ -178,22 +187,32 @@ def dense_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         return empty_shortlist(m, width) if reduced and raw else empty(m, k)
     rows, fast, pos = found
     if not reduced:
-        vals, ids = reselect(rows, fast, pos, m, k, lambda rr, pp: pair_scores(queries, rr, vectors, pp, store.metric, sq),
-                             lambda pp: store.ids[pp])
+        vals, ids = reselect(
+            rows, fast, pos, m, k, lambda rr, pp: pair_scores(queries, rr, vectors, pp, store.metric, sq), lambda pp: store.ids[pp]
+        )
         q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
         return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
     # The shortlist: the top-L by reduced pair score (ties by id) with their store rows, then
     # their full-dimension pair scores.
-    red_l, ids_l, pos_l = reselect(rows, fast, pos, m, width, lambda rr, pp: pair_scores(q, rr, x, pp, store.metric, sq),
-                                   lambda pp: store.ids[pp], with_cand=True)
+    red_l, ids_l, pos_l = reselect(
+        rows, fast, pos, m, width, lambda rr, pp: pair_scores(q, rr, x, pp, store.metric, sq), lambda pp: store.ids[pp], with_cand=True
+    )
     full_l = shortlist_scores(queries, vectors, pos_l, store.metric, sq)
     if raw:
         return red_l, ids_l, full_l
     return finish_shortlist(red_l, ids_l, full_l, k, store.metric, queries)
 
 
-def _gather(store: CellStore, queries: np.ndarray, x: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int,
-            exclude_self: bool, thresholds: np.ndarray | None):
+def _gather(
+    store: CellStore,
+    queries: np.ndarray,
+    x: np.ndarray,
+    query_ids: np.ndarray,
+    probes: np.ndarray,
+    k: int,
+    exclude_self: bool,
+    thresholds: np.ndarray | None,
+):
     """The two passes of :func:`dense_search` over vectors ``x`` (the store's, or their
     reductions): ``(query rows, BLAS scores, store rows)`` of the candidates, or None."""
     m, nprobe = probes.shape
@@ -290,8 +309,19 @@ def annoy_candidates(configured: int | None, k: int) -> int:
     return max(configured or 2 * k, k)
 
 
-def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, k: int, search_k: int, candidates: int,
-                 exclude_self: bool = True, whole_offsets: np.ndarray | None = None, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def annoy_search(
+    store: CellStore,
+    forests,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    probes: np.ndarray,
+    k: int,
+    search_k: int,
+    candidates: int,
+    exclude_self: bool = True,
+    whole_offsets: np.ndarray | None = None,
+    lo: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k from each probed cell's Annoy forest, re-scored exactly with the stored vectors.
 
     ``forests(cell)`` returns a loaded ``AnnoyIndex`` whose item ``i`` is row
@@ -329,11 +359,15 @@ def annoy_search(store: CellStore, forests, queries: np.ndarray, query_ids: np.n
     return final_scores(vals, store.metric, q_sq).astype(np.float32), ids
 
 
-def exact_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, k: int, block_size: int = 16384, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, k: int, block_size: int = 16384, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     return exact_topk(queries, query_ids, store.vectors, store.ids, k, store.metric, block_size, exclude_self)
 
 
-def tf_exact_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, k: int, block_size: int = 65536, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tf_exact_search(
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, k: int, block_size: int = 65536, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact search with TensorFlow (a GPU when one is visible): matmul + ``top_k`` per block.
 
     ``top_k`` keeps ``k + 8`` per block so that ties at the k-th score are still broken by

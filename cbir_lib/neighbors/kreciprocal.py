@@ -195,8 +195,9 @@ def _encode_rows(batches):
             r_p = np.sort(np.array((row["r"] or []) + [p], np.int64))
             halves = [np.sort(np.array((h["hs"] or []) + [h["q"]], np.int64)) for h in (row["halves"] or []) if h["q"] != p]
             members = expand(p, r_p, halves)
-            ids, w, d = encode(p, members, np.array([it["neighbor_id"] for it in items], np.int64),
-                               np.array([it["score"] for it in items], np.float32))
+            ids, w, d = encode(
+                p, members, np.array([it["neighbor_id"] for it in items], np.int64), np.array([it["score"] for it in items], np.float32)
+            )
             out["image_id"].append(p)
             out["v_ids"].append(ids.tolist())
             out["v_w"].append(w.tolist())
@@ -236,14 +237,17 @@ def _final_rows(lam: float):
                 cands = sorted(row["cands"], key=lambda it: it["rank"])
                 v_p = (np.array(row["p_ids"], np.int64), np.array(row["p_w"], np.float64)) if row["p_ids"] is not None else empty
                 v_c = [(np.array(c["v_ids"], np.int64), np.array(c["v_w"], np.float64)) if c["v_ids"] is not None else empty for c in cands]
-                ids, sc = final_order(np.array([c["neighbor_id"] for c in cands], np.int64),
-                                      np.array([c["score"] for c in cands], np.float32), v_p, v_c, lam)
+                ids, sc = final_order(
+                    np.array([c["neighbor_id"] for c in cands], np.int64), np.array([c["score"] for c in cands], np.float32), v_p, v_c, lam
+                )
                 out["image_id"] += [row["image_id"]] * len(ids)
                 out["rank"] += list(range(1, len(ids) + 1))
                 out["neighbor_id"] += ids.tolist()
                 out["score"] += sc.tolist()
-            yield pa.RecordBatch.from_pydict(out, schema=pa.schema([("image_id", pa.int64()), ("rank", pa.int32()),
-                                                                     ("neighbor_id", pa.int64()), ("score", pa.float32())]))
+            yield pa.RecordBatch.from_pydict(
+                out,
+                schema=pa.schema([("image_id", pa.int64()), ("rank", pa.int32()), ("neighbor_id", pa.int64()), ("score", pa.float32())]),
+            )
 
     return fn
 
@@ -255,17 +259,23 @@ def encodings(lists, k1: int):
     from pyspark.sql import functions as F
 
     h = half(k1)
-    edges = lists.filter(F.col("rank") <= k1).select(F.col("image_id").alias("p"), F.col("neighbor_id").alias("g"), F.col("rank").alias("r1"))
+    edges = lists.filter(F.col("rank") <= k1).select(
+        F.col("image_id").alias("p"), F.col("neighbor_id").alias("g"), F.col("rank").alias("r1")
+    )
     back = edges.select(F.col("g").alias("p"), F.col("p").alias("g"), F.col("r1").alias("r2"))
-    sets = (edges.join(back, ["p", "g"])
-            .groupBy("p").agg(F.collect_list("g").alias("r"),
-                              F.collect_list(F.when((F.col("r1") <= h) & (F.col("r2") <= h), F.col("g"))).alias("hs")))
-    halves = (sets.select("p", F.explode("r").alias("q"))
-              .join(sets.select(F.col("p").alias("q"), "hs"), "q")
-              .groupBy("p").agg(F.collect_list(F.struct("q", "hs")).alias("halves")))
+    sets = (
+        edges.join(back, ["p", "g"])
+        .groupBy("p")
+        .agg(F.collect_list("g").alias("r"), F.collect_list(F.when((F.col("r1") <= h) & (F.col("r2") <= h), F.col("g"))).alias("hs"))
+    )
+    halves = (
+        sets.select("p", F.explode("r").alias("q"))
+        .join(sets.select(F.col("p").alias("q"), "hs"), "q")
+        .groupBy("p")
+        .agg(F.collect_list(F.struct("q", "hs")).alias("halves"))
+    )
     items = lists.groupBy(F.col("image_id").alias("p")).agg(F.collect_list(F.struct("rank", "neighbor_id", "score")).alias("items"))
-    nodes = (items.join(sets, "p", "left").join(halves, "p", "left")
-             .select(F.col("p").alias("image_id"), "items", "r", "halves"))
+    nodes = items.join(sets, "p", "left").join(halves, "p", "left").select(F.col("p").alias("image_id"), "items", "r", "halves")
     return nodes.mapInArrow(_encode_rows, ENCODING_DDL)
 
 
@@ -282,14 +292,23 @@ def rerank_frame(lists, k1: int, k2: int, lam: float, base=None):
     base = encodings(lists, k1) if base is None else base
     enc = base
     if k2 > 1:
-        qe = (lists.filter(F.col("rank") <= k2 - 1).select(F.col("image_id").alias("p"), F.col("neighbor_id").alias("q"), "rank")
-              .unionByName(base.select(F.col("image_id").alias("p"), F.col("image_id").alias("q"), F.lit(0).alias("rank"))))
-        enc = (qe.join(base.select(F.col("image_id").alias("q"), "v_ids", "v_w"), "q")
-               .groupBy(F.col("p").alias("image_id")).agg(F.collect_list(F.struct("rank", "v_ids", "v_w")).alias("parts"))
-               .mapInArrow(_mean_rows, ENCODING_DDL))
-    cands = (lists.select(F.col("image_id").alias("p"), F.col("neighbor_id"), "rank", "score")
-             .join(enc.select(F.col("image_id").alias("neighbor_id"), "v_ids", "v_w"), "neighbor_id", "left")
-             .groupBy("p").agg(F.collect_list(F.struct("rank", "neighbor_id", "score", "v_ids", "v_w")).alias("cands"))
-             .join(enc.select(F.col("image_id").alias("p"), F.col("v_ids").alias("p_ids"), F.col("v_w").alias("p_w")), "p", "left")
-             .select(F.col("p").alias("image_id"), "cands", "p_ids", "p_w"))
+        qe = (
+            lists.filter(F.col("rank") <= k2 - 1)
+            .select(F.col("image_id").alias("p"), F.col("neighbor_id").alias("q"), "rank")
+            .unionByName(base.select(F.col("image_id").alias("p"), F.col("image_id").alias("q"), F.lit(0).alias("rank")))
+        )
+        enc = (
+            qe.join(base.select(F.col("image_id").alias("q"), "v_ids", "v_w"), "q")
+            .groupBy(F.col("p").alias("image_id"))
+            .agg(F.collect_list(F.struct("rank", "v_ids", "v_w")).alias("parts"))
+            .mapInArrow(_mean_rows, ENCODING_DDL)
+        )
+    cands = (
+        lists.select(F.col("image_id").alias("p"), F.col("neighbor_id"), "rank", "score")
+        .join(enc.select(F.col("image_id").alias("neighbor_id"), "v_ids", "v_w"), "neighbor_id", "left")
+        .groupBy("p")
+        .agg(F.collect_list(F.struct("rank", "neighbor_id", "score", "v_ids", "v_w")).alias("cands"))
+        .join(enc.select(F.col("image_id").alias("p"), F.col("v_ids").alias("p_ids"), F.col("v_w").alias("p_w")), "p", "left")
+        .select(F.col("p").alias("image_id"), "cands", "p_ids", "p_w")
+    )
     return cands.mapInArrow(_final_rows(lam), LISTS_DDL)

@@ -24,7 +24,7 @@ class LSHIndex:
         x = np.asarray(vectors, np.float32)
         rng = np.random.default_rng(seed)
         self.planes = rng.standard_normal((tables, bits, x.shape[1])).astype(np.float32)
-        self.weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
+        self.weights = np.int64(1) << np.arange(bits, dtype=np.int64)
         self.keys, self.order = [], []
         for t in range(tables):
             k = self.codes(x, t)
@@ -86,8 +86,9 @@ class LSHIndex:
         return np.split(rows, cuts)
 
 
-def lsh_topk(index: LSHIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, query_ids: np.ndarray, k: int,
-             radius: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lsh_topk(
+    index: LSHIndex, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, query_ids: np.ndarray, k: int, radius: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` of each query among its LSH candidates, scored exactly (the inner product of
     unit vectors, a pairwise sum per pair as every method scores), the query's own id left
     out, ties by id. Returns ``(scores, ids,

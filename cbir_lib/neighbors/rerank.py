@@ -109,7 +109,9 @@ def exact_rerank(q: np.ndarray, g: np.ndarray, mode: str, n: int, alpha: float, 
     return augment_against(q, g, n, a, self_rows=np.arange(len(q)) if q_in_g else None), g
 
 
-def augment_against(q: np.ndarray, g: np.ndarray, n: int, alpha: float, self_rows: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
+def augment_against(
+    q: np.ndarray, g: np.ndarray, n: int, alpha: float, self_rows: np.ndarray | None = None, block: int = 1024
+) -> np.ndarray:
     """Each row of ``q`` augmented with its top-``n`` rows of ``g`` by inner product.
 
     ``self_rows[i]``: the row of ``g`` that query ``i`` is (not its own neighbour), or None

@@ -238,7 +238,9 @@ def search_rows(store: CellStore, rows: np.ndarray, spec: dict, get_forest=None)
     return search_vectors(store, queries, query_ids, own, spec, get_forest)
 
 
-def search_vectors(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None, k: int | None = None):
+def search_vectors(
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None, k: int | None = None
+):
     k = k or spec["k"]
     method = spec["method"]
     if method in ("dense", "annoy"):
@@ -272,7 +274,9 @@ def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, sp
     index = _CODE_INDEXES[key]
     own = positions_of(store, query_ids)
     own = np.where(np.asarray(store.ids)[own] == query_ids, own, -1)
-    pos, vals, _ = hierarchical_search(queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own)
+    pos, vals, _ = hierarchical_search(
+        queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own
+    )
     ids = np.where(pos >= 0, np.asarray(store.ids)[np.maximum(pos, 0)], NO_ID)
     return vals.astype(np.float32), ids.astype(np.int64)
 
@@ -307,7 +311,9 @@ def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
     return np.where(sorted_ids[at] == ids, order[at], 0)
 
 
-def expand_queries(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None) -> np.ndarray:
+def expand_queries(
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None
+) -> np.ndarray:
     """Each query plus its weighted top-``rerank_n`` in the store (AQE / alpha-QE / DBA)."""
     vals, ids = search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k=spec["rerank_n"])
     neighbours = np.asarray(store.vectors)[positions_of(store, ids)]
@@ -406,7 +412,9 @@ def _exact_partial(spec: dict, positions: np.ndarray):
         q = np.ascontiguousarray(store.vectors[positions])
         qids = np.asarray(store.ids[positions])
         for lo, hi in ranges:
-            vals, ids = exact_topk(q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"])
+            vals, ids = exact_topk(
+                q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"]
+            )
             yield qids, vals, ids
 
     return fn
@@ -449,7 +457,11 @@ def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None
             f"neighbors.metric: {nb.metric!r} was asked for but index {index['run_id']} was built for metric "
             f"{index.get('metric')!r}; rebuild it with index.metric={nb.metric}"
         )
-    if emb_manifest is not None and index.get("embeddings_run_id") == emb_run and index.get("embeddings_commit") != tables.commit_of(emb_manifest):
+    if (
+        emb_manifest is not None
+        and index.get("embeddings_run_id") == emb_run
+        and index.get("embeddings_commit") != tables.commit_of(emb_manifest)
+    ):
         raise IndexMismatch(
             f"index {index['run_id']} was built from an earlier commit of embeddings run {emb_run} (the run was "
             f"committed again, e.g. re-extracted under the same id); rebuild the index (build_index)"
@@ -492,26 +504,48 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         method = "exact" if n <= nb.exact_max_n else "dense"
     nprobe = min(nb.nprobe, n_cells)
     table = fs.join(root, TABLE)
-    params = {"k": nb.k, "method": nb.method, "nprobe": nb.nprobe, "search_k": nb.search_k, "candidates": nb.candidates,
-              "min_score": nb.min_score, "pairs": nb.pairs, "recall_sample": nb.recall_sample, "min_recall": nb.min_recall,
-              "exact_max_n": nb.exact_max_n, "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-              "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None, "reserve": nb.reserve}
+    params = {
+        "k": nb.k,
+        "method": nb.method,
+        "nprobe": nb.nprobe,
+        "search_k": nb.search_k,
+        "candidates": nb.candidates,
+        "min_score": nb.min_score,
+        "pairs": nb.pairs,
+        "recall_sample": nb.recall_sample,
+        "min_recall": nb.min_recall,
+        "exact_max_n": nb.exact_max_n,
+        "rerank": nb.rerank,
+        "rerank_n": nb.rerank_n,
+        "alpha": nb.alpha,
+        "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None,
+        "reserve": nb.reserve,
+    }
     if method == "lsh":  # only then: the other runs keep their no-op signatures
         params["lsh"] = {"tables": nb.lsh_tables, "bits": nb.lsh_bits, "radius": nb.lsh_radius, "seed": int(index.get("seed", 0))}
         if index["metric"] != "angular":
-            raise IndexMismatch(f"neighbors.method=lsh hashes by the angle between vectors and needs metric 'angular'; "
-                                f"index {index['run_id']} is {index['metric']!r}")
+            raise IndexMismatch(
+                f"neighbors.method=lsh hashes by the angle between vectors and needs metric 'angular'; "
+                f"index {index['run_id']} is {index['metric']!r}"
+            )
     vector_mode, kr_on = split_mode(nb.rerank)
     if kr_on:  # only then: the other runs keep their no-op signatures
         params["k_reciprocal"] = {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}
         if index["metric"] != "angular":  # refused before any search, not after it
-            raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
-                                f"index {index['run_id']} is {index['metric']!r}")
+            raise IndexMismatch(
+                f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
+                f"index {index['run_id']} is {index['metric']!r}"
+            )
     prev_run = tables.base_run(spark, table, cfg.run)
     prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     forced_full = nb.mode == "full" and (prev or {}).get("mode") == "incremental"
-    if (prev and prev.get("index_run_id") == index["run_id"] and prev.get("params") == params
-            and prev.get("index_commit") == tables.commit_of(index) and not forced_full):
+    if (
+        prev
+        and prev.get("index_run_id") == index["run_id"]
+        and prev.get("params") == params
+        and prev.get("index_commit") == tables.commit_of(index)
+        and not forced_full
+    ):
         if nb.pairs and not _pairs_of(spark, root, prev["run_id"], cfg.run.pin_inputs):
             # A run killed between its two commits: the neighbours are current, the pairs not.
             log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
@@ -615,7 +649,9 @@ def _run_neighbors(spark, cfg: Config) -> dict:
                 # The reduced first pass pays where cells are big (1M x 1,280: half the time
                 # at the same nprobe) and not where they are small (70k: 13 % slower, lower
                 # ceiling): measure the full-dimension search too and keep the cheaper.
-                full_probe, full_secs = _calibrate(sc, {**spec, "shortlist": None}, sample, truth, start, n_cells, target, calibration, nb.k)
+                full_probe, full_secs = _calibrate(
+                    sc, {**spec, "shortlist": None}, sample, truth, start, n_cells, target, calibration, nb.k
+                )
                 if full_secs < secs:
                     nprobe, secs = full_probe, full_secs
                     spec["shortlist"] = None
@@ -626,11 +662,25 @@ def _run_neighbors(spark, cfg: Config) -> dict:
                 method = spec["method"] = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
-    work_key = _spec_key({"index": index["run_id"], "k": spec["k"], "method": method, "nprobe": spec["nprobe"], "shortlist": spec.get("shortlist"),
-                          "search_k": nb.search_k, "candidates": nb.candidates, "chunk_size": nb.chunk_size,
-                          "rerank": nb.rerank, "rerank_n": nb.rerank_n, "alpha": nb.alpha,
-                          "code_candidates": params["code_candidates"], "group_rows": spec.get("group_rows"), "lsh": params.get("lsh"),
-                          **({"k_reciprocal": params["k_reciprocal"]} if kr_on else {})})
+    work_key = _spec_key(
+        {
+            "index": index["run_id"],
+            "k": spec["k"],
+            "method": method,
+            "nprobe": spec["nprobe"],
+            "shortlist": spec.get("shortlist"),
+            "search_k": nb.search_k,
+            "candidates": nb.candidates,
+            "chunk_size": nb.chunk_size,
+            "rerank": nb.rerank,
+            "rerank_n": nb.rerank_n,
+            "alpha": nb.alpha,
+            "code_candidates": params["code_candidates"],
+            "group_rows": spec.get("group_rows"),
+            "lsh": params.get("lsh"),
+            **({"k_reciprocal": params["k_reciprocal"]} if kr_on else {}),
+        }
+    )
     work_dir = fs.join(table, "_work", work_key)
     base_spec = dict(spec)
     if vector_mode != "none":
@@ -661,9 +711,16 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             searched += hi - lo
     if not grouped:
         timings["search_s"] = round(t["seconds"], 3)
-    expected = ([f"rows-{lo:012d}-{hi:012d}" for lo, hi in chunks] if not grouped
-                else shards.winners([p for p in fs.list_names(spark, parts_dir) if p.endswith(".parquet")]))
-    raw = spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected]) if expected else spark.createDataFrame([], NEIGHBORS_DDL)
+    expected = (
+        [f"rows-{lo:012d}-{hi:012d}" for lo, hi in chunks]
+        if not grouped
+        else shards.winners([p for p in fs.list_names(spark, parts_dir) if p.endswith(".parquet")])
+    )
+    raw = (
+        spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected])
+        if expected
+        else spark.createDataFrame([], NEIGHBORS_DDL)
+    )
 
     recall = None
     if truth is not None and vector_mode != "none":
@@ -677,11 +734,22 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         # sample searched alone gives the rows the table holds for it; auto's calibration
         # has usually measured it already. (Reading the table back cost 1.2 s at 70k.)
         with timer("measuring recall on the sample") as t:
-            known = ([c["recall"] for c in calibration if c["nprobe"] == spec["nprobe"] and c["shortlist"] == spec.get("shortlist")]
-                     if method == "dense" else [])
+            known = (
+                [c["recall"] for c in calibration if c["nprobe"] == spec["nprobe"] and c["shortlist"] == spec.get("shortlist")]
+                if method == "dense"
+                else []
+            )
             recall = known[-1] if known else _sample_recall(sc, spec, sample, truth)[0]
         timings["recall_s"] = round(t["seconds"], 3)
-        log.info("neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)", run_id, nb.k, recall, len(sample_pos), method, spec["nprobe"])
+        log.info(
+            "neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)",
+            run_id,
+            nb.k,
+            recall,
+            len(sample_pos),
+            method,
+            spec["nprobe"],
+        )
     elif method == "exact":
         recall = 1.0
     if nb.min_recall is not None and recall is not None and recall < nb.min_recall:
@@ -707,9 +775,16 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         "n_cells": n_cells,
         "recall_at_k": round(recall, 5) if recall is not None else None,
         "recall_of": "the base search before re-ranking" if nb.rerank != "none" else "the final top-k",
-        "rerank": ({"mode": nb.rerank, "n": nb.rerank_n, "alpha": spec.get("alpha"),
-                    **({"k_reciprocal": {**params["k_reciprocal"], **kr_stats}} if kr_on else {})}
-                   if nb.rerank != "none" else None),
+        "rerank": (
+            {
+                "mode": nb.rerank,
+                "n": nb.rerank_n,
+                "alpha": spec.get("alpha"),
+                **({"k_reciprocal": {**params["k_reciprocal"], **kr_stats}} if kr_on else {}),
+            }
+            if nb.rerank != "none"
+            else None
+        ),
         "recall_sample": int(sample_pos.size) if truth is not None else 0,
         "calibration": calibration,
         "searched_this_run": searched,
@@ -726,8 +801,12 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     manifest["wall_seconds"] = round(time.time() - started, 3)
     with timer("committing the neighbours table"):
         # A full run may change any list: _changes names every image, kind "rebuilt".
-        rebuilt = (spark.read.parquet(fs.join(index["uri"], STORE)).select("image_id").withColumn("kind", F.lit("rebuilt"))
-                   .withColumn("neighbors_run_id", F.lit(run_id)))
+        rebuilt = (
+            spark.read.parquet(fs.join(index["uri"], STORE))
+            .select("image_id")
+            .withColumn("kind", F.lit("rebuilt"))
+            .withColumn("neighbors_run_id", F.lit(run_id))
+        )
         commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), table, run_id, manifest, cfg)
     faults.point("neighbors.between_commits")
     if nb.pairs:
@@ -764,7 +843,11 @@ def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
     public = lists.filter(F.col("rank") <= k)
     if min_score is not None:
         public = public.filter(F.col("score") >= F.lit(min_score))
-    rest = lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score))) if min_score is not None else lists.filter(F.col("rank") > k)
+    rest = (
+        lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score)))
+        if min_score is not None
+        else lists.filter(F.col("rank") > k)
+    )
     return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
@@ -807,8 +890,9 @@ def _pairs_of(spark, root: str, run_id: str, forward_only: bool) -> bool:
     table = fs.join(root, PAIRS)
     m = tables.read_manifest(spark, table, run_id)
     latest = tables.latest_run_id(spark, table)
-    return bool(m and m.get("neighbors_run_id") == run_id and latest is not None
-                and (latest == run_id or (forward_only and latest > run_id)))
+    return bool(
+        m and m.get("neighbors_run_id") == run_id and latest is not None and (latest == run_id or (forward_only and latest > run_id))
+    )
 
 
 def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_files: int) -> None:
@@ -817,11 +901,19 @@ def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_file
 
     pairs = (
         neighbours.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
-        .groupBy("a", "b").agg(F.max("score").alias("score"))
+        .groupBy("a", "b")
+        .agg(F.max("score").alias("score"))
         .withColumn("neighbors_run_id", F.lit(run_id))
     )
-    tables.commit(spark, pairs.coalesce(n_files), fs.join(root, PAIRS), run_id,
-                  {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id}, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    tables.commit(
+        spark,
+        pairs.coalesce(n_files),
+        fs.join(root, PAIRS),
+        run_id,
+        {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id},
+        keep=cfg.run.keep_snapshots,
+        forward_only=cfg.run.pin_inputs,
+    )
 
 
 def _k_reciprocal(spark, raw, nb, work_dir: str):
@@ -860,7 +952,10 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
     task per group (:func:`~cbir_lib.neighbors.budget.dba_task`), and searched in groups.
     """
     if index["metric"] != "angular":
-        raise IndexMismatch(f"neighbors.rerank: {nb.rerank!r} averages unit vectors and needs metric 'angular'; index {index['run_id']} is {index['metric']!r}")
+        raise IndexMismatch(
+            f"neighbors.rerank: {nb.rerank!r} averages unit vectors and needs metric 'angular'; "
+            f"index {index['run_id']} is {index['metric']!r}"
+        )
     mode = split_mode(nb.rerank)[0]
     spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(mode, nb.alpha), "expand": mode != "dba"}
     if not mode.startswith("dba"):
@@ -869,7 +964,9 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
         dba_uri = fs.join(work_dir, "dba_groups")
         if not fs.exists(spark, fs.join(dba_uri, "_SUCCESS")):
             n_groups = len(spec["bounds"]) - 1
-            task = budget.dba_task({**spec, "expand": False}, dba_uri, fs.join(work_dir, "_tmp"), shards.plan_tag(dba_uri), budget.core(spec))
+            task = budget.dba_task(
+                {**spec, "expand": False}, dba_uri, fs.join(work_dir, "_tmp"), shards.plan_tag(dba_uri), budget.core(spec)
+            )
             stats = sc.parallelize(range(n_groups), n_groups).mapPartitions(task).collect()
             memory["max_held_bytes"] = max([memory.get("max_held_bytes", 0)] + [s["held_bytes"] for s in stats])
             fs.write_bytes(spark, fs.join(dba_uri, "_SUCCESS"), b"")
@@ -880,12 +977,19 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
         units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
         df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
         tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
-        df.mapInArrow(_augment_ranges({**spec, "expand": False}), "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")).write.mode("overwrite").parquet(tmp)
+        df.mapInArrow(
+            _augment_ranges({**spec, "expand": False}),
+            "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else ""),
+        ).write.mode("overwrite").parquet(tmp)
         fs.rename(spark, tmp, dba_dir)
     files = part_uris(spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
-    spec = {**spec, "store_key": f"{index['run_id']}-dba-{_spec_key(files)}", "store_files": files,
-            "method": "dense" if spec["method"] == "annoy" else spec["method"]}
+    spec = {
+        **spec,
+        "store_key": f"{index['run_id']}-dba-{_spec_key(files)}",
+        "store_files": files,
+        "method": "dense" if spec["method"] == "annoy" else spec["method"],
+    }
     _warm_store(sc, spec, slots)
     return spec
 
@@ -898,26 +1002,41 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     ``slots_per_executor`` tasks at once, so a group is that many times smaller than the budget.
     """
     n, dim = int(offsets[-1]), int(index["dim"])
-    per_task = (budget.buffers_per_group(rerank, spec["method"], dim, int(index.get("n_trees") or 0), (spec.get("lsh") or {}).get("tables", 0))
-                * budget.slots_per_executor(spark))
+    per_task = budget.buffers_per_group(
+        rerank, spec["method"], dim, int(index.get("n_trees") or 0), (spec.get("lsh") or {}).get("tables", 0)
+    ) * budget.slots_per_executor(spark)
     rows = budget.group_rows(n, dim + spec["reduced_dim"], budget_bytes // per_task, min_groups=slots)
     bounds = budget.group_bounds(n, rows)
     groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
         fs.delete(spark, groups_uri)
-        budget.write_groups(spark, fs.join(index["uri"], STORE), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex))
+        budget.write_groups(
+            spark, fs.join(index["uri"], STORE), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex)
+        )
     first, last = budget.groups_of_cells(offsets, bounds)
     files = remote.settings_from_hadoop(spark)
-    log.info("neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20)
-    return {**spec, "groups_uri": groups_uri, "group_rows": rows, "bounds": bounds.tolist(), "forests_uri": fs.join(index["uri"], FORESTS),
-            "cell_groups": [first.tolist(), last.tolist()], "files": {"s3": files.s3}}
+    log.info(
+        "neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20
+    )
+    return {
+        **spec,
+        "groups_uri": groups_uri,
+        "group_rows": rows,
+        "bounds": bounds.tolist(),
+        "forests_uri": fs.join(index["uri"], FORESTS),
+        "cell_groups": [first.tolist(), last.tolist()],
+        "files": {"s3": files.s3},
+    }
 
 
 def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int]:
     """One task per query group (each commits its own part); returns (queries searched, largest bytes held)."""
     n_groups = len(spec["bounds"]) - 1
-    stats = sc.parallelize(range(n_groups), n_groups).mapPartitions(
-        budget.group_task(spec, parts_dir, tmp_dir, plan, budget.core(spec), _topk_batch)).collect()
+    stats = (
+        sc.parallelize(range(n_groups), n_groups)
+        .mapPartitions(budget.group_task(spec, parts_dir, tmp_dir, plan, budget.core(spec), _topk_batch))
+        .collect()
+    )
     committed = [s for s in stats if s["outcome"] == "committed"]
     return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
 
@@ -942,10 +1061,17 @@ def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, inde
     elif codes.get("file"):
         thresholds = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(tables.run_dir(emb_uri, emb_run), codes["file"]))))
     else:
-        raise ConfigError("neighbors.method: 'hierarchical' needs binary codes; extract with extract.head=<trained models> "
-                          "or extract.binary_codes=true first")
-    sample = (spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
-              .select("embedding", "binary_code").limit(256).collect())
+        raise ConfigError(
+            "neighbors.method: 'hierarchical' needs binary codes; extract with extract.head=<trained models> "
+            "or extract.binary_codes=true first"
+        )
+    sample = (
+        spark.read.parquet(tables.run_dir(emb_uri, emb_run))
+        .filter(F.col("status") == "ok")
+        .select("embedding", "binary_code")
+        .limit(256)
+        .collect()
+    )
     if sample:
         vecs = np.stack([np.asarray(r.embedding, np.float32) for r in sample])
         stored = np.stack([np.frombuffer(r.binary_code, np.uint8) for r in sample])
@@ -985,6 +1111,7 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
     scheduling at 100k here, for 0.1-0.3 s of search). In the grouped layout each nprobe
     tried is a sweep over the groups, from the driver."""
     if spec.get("groups_uri"):
+
         def measure(p: int) -> tuple[float, float, float]:
             return _sample_recall(sc, {**spec, "nprobe": p}, sample_pos, truth, with_bound=True)
 
@@ -992,10 +1119,24 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
     else:
         best, tried = sc.parallelize([0], 1).mapPartitions(_calibrate_task(spec, sample_pos, truth, nprobe, n_cells, target)).collect()[0]
     for p, r, bound, secs in tried:
-        steps.append({"nprobe": p, "shortlist": spec.get("shortlist"), "recall": round(r, 4), "lower_bound": round(bound, 4),
-                      "sample_seconds": round(secs, 3)})
-        log.info("auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)", p,
-                 f" (reduced, shortlist {spec['shortlist']})" if spec.get("shortlist") else "", k, r, bound, secs)
+        steps.append(
+            {
+                "nprobe": p,
+                "shortlist": spec.get("shortlist"),
+                "recall": round(r, 4),
+                "lower_bound": round(bound, 4),
+                "sample_seconds": round(secs, 3),
+            }
+        )
+        log.info(
+            "auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)",
+            p,
+            f" (reduced, shortlist {spec['shortlist']})" if spec.get("shortlist") else "",
+            k,
+            r,
+            bound,
+            secs,
+        )
     return best, next(secs for p, _, _, secs in tried if p == best)
 
 

@@ -13,9 +13,9 @@ from cbir_lib.sql.views import Resolved, add_derived, resolve
 
 def _local(root: str) -> str:
     if root.startswith("file://"):
-        return root[len("file://"):]
+        return root[len("file://") :]
     if root.startswith("file:"):
-        return root[len("file:"):]
+        return root[len("file:") :]
     return root
 
 
@@ -34,8 +34,10 @@ def connect(root: str, run: str | None = None, con=None):
             try:
                 con.execute("LOAD httpfs")
             except duckdb.Error as exc:
-                raise RuntimeError(f"--output {root}: DuckDB reads {scheme}:// through its httpfs extension, which is not "
-                                   f"installed here (INSTALL httpfs; needs the network once): {exc}") from None
+                raise RuntimeError(
+                    f"--output {root}: DuckDB reads {scheme}:// through its httpfs extension, which is not "
+                    f"installed here (INSTALL httpfs; needs the network once): {exc}"
+                ) from None
             root = root.replace("s3a://", "s3://", 1)
     else:
         root = os.path.abspath(root)
@@ -61,10 +63,13 @@ def connect(root: str, run: str | None = None, con=None):
                 return []
         else:
             try:
-                names = [r[0].rstrip("/").rsplit("/", 2)[-2] for r in con.execute("SELECT file FROM glob(?)", [f"{table_uri}/run=*/_manifest.json"]).fetchall()]
+                names = [
+                    r[0].rstrip("/").rsplit("/", 2)[-2]
+                    for r in con.execute("SELECT file FROM glob(?)", [f"{table_uri}/run=*/_manifest.json"]).fetchall()
+                ]
             except duckdb.Error:
                 return []
-        return [n[len("run="):] for n in names if n.startswith("run=")]
+        return [n[len("run=") :] for n in names if n.startswith("run=")]
 
     resolved = resolve(root, read_text, list_runs, run)
     for view, glob in list(resolved.views.items()):

@@ -19,7 +19,7 @@ def _resolve(spark, root: str, run: str | None) -> Resolved:
     def list_runs(table_uri: str) -> list[str]:
         if not fs.exists(spark, table_uri):
             return []
-        return [n[len("run="):] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
+        return [n[len("run=") :] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
 
     return resolve(root, read_text, list_runs, run)
 
@@ -39,8 +39,11 @@ def register_views(spark, root: str, run: str | None = None) -> Resolved:
             continue
         spark.read.parquet(location).createOrReplaceTempView(s.view)
     if resolved.runs:
-        spark.createDataFrame(resolved.runs, "table_name string, stage string, run_id string, in_view boolean, wall_seconds double, "
-                              "counts string, inputs string, recall_at_k double, commit_id string").createOrReplaceTempView("runs")
+        spark.createDataFrame(
+            resolved.runs,
+            "table_name string, stage string, run_id string, in_view boolean, wall_seconds double, "
+            "counts string, inputs string, recall_at_k double, commit_id string",
+        ).createOrReplaceTempView("runs")
     add_derived(resolved, "spark", lambda name, sql: spark.sql(sql).createOrReplaceTempView(name))
     return resolved
 

@@ -29,11 +29,21 @@ SOURCES = (
     Source("embeddings", layout.EMBEDDINGS, "", "one row per image: the embedding, model, status and error (extract)"),
     Source("index_store", layout.INDEX, "store", "the index's vectors by cell (build_index)"),
     Source("neighbors", layout.NEIGHBORS, "", "every image's top-k: image_id, rank, neighbor_id, score"),
-    Source("changes", layout.NEIGHBORS, "_changes", "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
-           "removed; rebuilt after a full run), neighbors_run_id"),
+    Source(
+        "changes",
+        layout.NEIGHBORS,
+        "_changes",
+        "what the latest neighbours run changed: image_id, kind (added, updated, refilled, "
+        "removed; rebuilt after a full run), neighbors_run_id",
+    ),
     Source("pairs", layout.PAIRS, "", "the neighbour pairs a < b with their score (neighbors.pairs=true)"),
-    Source("dedup_clusters", layout.DEDUP, "clusters", "near-duplicate clusters: cluster_id, image_id, is_representative, size, path, "
-           "diameter (hops), worst_score (the least similar two members' cosine)"),
+    Source(
+        "dedup_clusters",
+        layout.DEDUP,
+        "clusters",
+        "near-duplicate clusters: cluster_id, image_id, is_representative, size, path, "
+        "diameter (hops), worst_score (the least similar two members' cosine)",
+    ),
     Source("dedup_pairs", layout.DEDUP, "pairs", "the verified near-duplicate pairs and their evidence"),
     Source("evaluation_per_query", layout.EVALUATION, "per_query", "retrieval quality per query (evaluate)"),
     Source("evaluation_per_class", layout.EVALUATION, "per_class", "retrieval quality per class (evaluate)"),
@@ -162,12 +172,19 @@ def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved
             m = json.loads(text)
             inputs = {k: v for k, v in m.items() if k.endswith("_run_id") and k != "run_id" and isinstance(v, str)}
             wall = m.get("wall_seconds") or m.get("build_seconds")
-            runs.append({"table_name": table, "stage": m.get("stage"), "run_id": run_id, "in_view": chosen.get(table) == run_id,
-                         "wall_seconds": float(wall) if wall is not None else None,
-                         "counts": json.dumps({k: v for k, v in (m.get("counts") or {}).items() if k != "per_cell"}, sort_keys=True),
-                         "inputs": json.dumps(inputs, sort_keys=True),
-                         "recall_at_k": float(m["recall_at_k"]) if m.get("recall_at_k") is not None else None,
-                         "commit_id": m.get("commit_id")})
+            runs.append(
+                {
+                    "table_name": table,
+                    "stage": m.get("stage"),
+                    "run_id": run_id,
+                    "in_view": chosen.get(table) == run_id,
+                    "wall_seconds": float(wall) if wall is not None else None,
+                    "counts": json.dumps({k: v for k, v in (m.get("counts") or {}).items() if k != "per_cell"}, sort_keys=True),
+                    "inputs": json.dumps(inputs, sort_keys=True),
+                    "recall_at_k": float(m["recall_at_k"]) if m.get("recall_at_k") is not None else None,
+                    "commit_id": m.get("commit_id"),
+                }
+            )
     if not chosen:
         raise NoRuns(f"{root}: no committed run of any table here (run the pipeline first, e.g. cbir demo --output {root})")
     return Resolved(views, runs, notes)

@@ -116,7 +116,9 @@ def empty_shortlist(m: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return v, i, v.copy()
 
 
-def finish_shortlist(red: np.ndarray, ids: np.ndarray, full: np.ndarray, k: int, metric: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def finish_shortlist(
+    red: np.ndarray, ids: np.ndarray, full: np.ndarray, k: int, metric: str, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The final top-k ``(scores, ids)`` of a shortlist: ``(m, L)`` candidates ranked by their
     reduced scores ``red`` (padding: ``-inf``), each with its full-dimension rank score,
     ranked by ``(-full score, id)`` and reported in final-score units (:func:`final_scores`)."""
@@ -149,8 +151,15 @@ def row_dots(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (np.asarray(x, dtype=np.float32) * q).sum(axis=1, dtype=np.float32)
 
 
-def pair_scores(queries: np.ndarray, rows: np.ndarray, vectors: np.ndarray, pos: np.ndarray, metric: str,
-                sqnorm: np.ndarray | None = None, block_bytes: int = 32 << 20) -> np.ndarray:
+def pair_scores(
+    queries: np.ndarray,
+    rows: np.ndarray,
+    vectors: np.ndarray,
+    pos: np.ndarray,
+    metric: str,
+    sqnorm: np.ndarray | None = None,
+    block_bytes: int = 32 << 20,
+) -> np.ndarray:
     """Rank scores (:func:`rank_scores` units) of the pairs ``(queries[rows], vectors[pos])``,
     independent of the shape of any product, in blocks of ``block_bytes``."""
     out = np.empty(len(rows), dtype=np.float32)
@@ -165,8 +174,9 @@ def pair_scores(queries: np.ndarray, rows: np.ndarray, vectors: np.ndarray, pos:
     return out
 
 
-def shortlist_scores(queries: np.ndarray, vectors: np.ndarray, pos: np.ndarray, metric: str, sqnorm: np.ndarray | None = None,
-                     block_bytes: int = 32 << 20) -> np.ndarray:
+def shortlist_scores(
+    queries: np.ndarray, vectors: np.ndarray, pos: np.ndarray, metric: str, sqnorm: np.ndarray | None = None, block_bytes: int = 32 << 20
+) -> np.ndarray:
     """Rank scores of each query ``i`` against the store rows ``pos[i]`` (``(m, L)``, -1 for
     none: ``-inf``), the same values as :func:`pair_scores` (a pairwise sum per pair), with
     each query's row read once rather than once per candidate."""
@@ -208,8 +218,9 @@ def _sortable(x: np.ndarray) -> np.ndarray:
     return np.where(b & 0x80000000, ~b, b | 0x80000000).astype(np.uint32)
 
 
-def merge_topk(vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int | None = None,
-               rescore=None) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    vals: np.ndarray, ids: np.ndarray, block: np.ndarray, block_ids: np.ndarray, k: int | None = None, rescore=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Merge a block of candidate scores into a running top-k.
 
     Parameters
@@ -281,8 +292,9 @@ def exact_topk(
         if exclude_self:
             mask_self(block, query_ids, bids)
         block_x, block_sq = base[start:stop], None if base_sq is None else base_sq[start:stop]
-        vals, ids = merge_topk(vals, ids, block, bids, k,
-                               rescore=lambda rr, cc, x=block_x, sq=block_sq: pair_scores(queries, rr, x, cc, metric, sq))
+        vals, ids = merge_topk(
+            vals, ids, block, bids, k, rescore=lambda rr, cc, x=block_x, sq=block_sq: pair_scores(queries, rr, x, cc, metric, sq)
+        )
     q_sq = np.einsum("ij,ij->i", queries, queries) if metric == "euclidean" else None
     return final_scores(vals, metric, q_sq).astype(np.float32), ids
 
@@ -327,7 +339,9 @@ def brute_force(vectors: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tu
     return out_v, out_i
 
 
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None, approx_scores: np.ndarray | None = None) -> float:
+def recall_at_k(
+    approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None, approx_scores: np.ndarray | None = None
+) -> float:
     """Mean fraction of each query's exact top-k found by the approximate top-k.
 
     Padding slots are those with a non-finite score (or, without scores, the id
@@ -338,8 +352,13 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.
     return float(found.sum() / total.sum()) if total.sum() else 1.0
 
 
-def recall_lower_bound(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray | None = None,
-                       approx_scores: np.ndarray | None = None, z: float = 1.645) -> float:
+def recall_lower_bound(
+    approx_ids: np.ndarray,
+    exact_ids: np.ndarray,
+    exact_scores: np.ndarray | None = None,
+    approx_scores: np.ndarray | None = None,
+    z: float = 1.645,
+) -> float:
     """A one-sided bound (95 % at the default ``z``) on the collection's recall@k from a
     sample of queries: the sample's mean per-query recall less ``z`` standard errors."""
     found, total = _hits(approx_ids, exact_ids, exact_scores, approx_scores)

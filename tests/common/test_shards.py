@@ -23,14 +23,17 @@ def test_same_shard_in_another_job_is_another_unit():
     assert shards.unit_name("0badcafe", 3, "1234abcd") != shards.unit_name("0badcafe", 3, "99999999")
 
 
-@pytest.mark.parametrize(("rows", "size", "slots", "expected"), [
-    (0, 10, 4, 0),
-    (3, 10, 4, 3),        # fewer rows than slots: one row per shard
-    (40, 100, 4, 4),      # a small collection still fills every slot
-    (1000, 100, 4, 12),   # 10 shards -> 3 whole waves of 4
-    (1000, 100, 1, 10),
-    (10_000_000, 50_000, 64, 256),
-])
+@pytest.mark.parametrize(
+    ("rows", "size", "slots", "expected"),
+    [
+        (0, 10, 4, 0),
+        (3, 10, 4, 3),  # fewer rows than slots: one row per shard
+        (40, 100, 4, 4),  # a small collection still fills every slot
+        (1000, 100, 4, 12),  # 10 shards -> 3 whole waves of 4
+        (1000, 100, 1, 10),
+        (10_000_000, 50_000, 64, 256),
+    ],
+)
 def test_shard_count(rows, size, slots, expected):
     n = shards.shard_count(rows, size, slots)
     assert n == expected

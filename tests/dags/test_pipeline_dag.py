@@ -21,30 +21,38 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DAG_ID = "cbir_pipeline"
 # Each stage's table: what its task writes under <output_root>.
-TABLES = {"ingest": "images", "extract": "embeddings", "build_index": "index", "neighbors": "neighbors",
-          "evaluate": "evaluation", "dedup": "dedup"}
+TABLES = {
+    "ingest": "images",
+    "extract": "embeddings",
+    "build_index": "index",
+    "neighbors": "neighbors",
+    "evaluate": "evaluation",
+    "dedup": "dedup",
+}
 DATE1, RUN1 = "2026-11-20T02:00:00+00:00", "20261120T020000Z"
 DATE2, RUN2 = "2026-11-21T02:00:00+00:00", "20261121T020000Z"
 
 
 def airflow_env(home: Path, output: Path, profile: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SPARK_HOME"))}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        # The connection and variables a deployment would set in the UI or a secrets backend.
-        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
-        "AIRFLOW_VAR_CBIR_OUTPUT_ROOT": str(output),
-        "AIRFLOW_VAR_CBIR_PROFILE": str(profile),
-        "AIRFLOW_VAR_CBIR_PROJECT_DIR": str(ROOT),
-        "AIRFLOW_VAR_CBIR_PYTHON": sys.executable,
-        # spark-submit must be on PATH: pip's pyspark puts it beside this interpreter.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow_dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            # The connection and variables a deployment would set in the UI or a secrets backend.
+            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+            "AIRFLOW_VAR_CBIR_OUTPUT_ROOT": str(output),
+            "AIRFLOW_VAR_CBIR_PROFILE": str(profile),
+            "AIRFLOW_VAR_CBIR_PROJECT_DIR": str(ROOT),
+            "AIRFLOW_VAR_CBIR_PYTHON": sys.executable,
+            # spark-submit must be on PATH: pip's pyspark puts it beside this interpreter.
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
     return env
 
 
@@ -84,7 +92,7 @@ def deployment(tmp_path_factory, model_cache):
     text = text.replace("  rerank: dba+alpha_qe", "  rerank: none", 1)
     # This test checks orchestration; the default verification band is tested in tests/dedup
     # and by the demo fixture. Its signatures cost ~20 s a date here.
-    text += "dedup:\n  verify: \"off\"\n"
+    text += 'dedup:\n  verify: "off"\n'
     profile.write_text(text)
     env = airflow_env(home, output, profile)
     airflow(env, "db", "migrate")
@@ -116,8 +124,13 @@ print(json.dumps(out))
     assert out["dags"] == [DAG_ID]
     assert out["order"][:4] == ["ingest", "extract", "build_index", "neighbors"]
     assert sorted(out["order"][4:]) == ["dedup", "evaluate"]
-    assert out["edges"] == [["build_index", "neighbors"], ["extract", "build_index"], ["ingest", "extract"],
-                            ["neighbors", "dedup"], ["neighbors", "evaluate"]]
+    assert out["edges"] == [
+        ["build_index", "neighbors"],
+        ["extract", "build_index"],
+        ["ingest", "extract"],
+        ["neighbors", "dedup"],
+        ["neighbors", "evaluate"],
+    ]
     assert out["operators"] == ["SparkSubmitOperator"]
     assert out["retries"] == [2] and out["retry_delay"] == [300.0]
     assert out["catchup"] is False and out["max_active_runs"] == 1 and out["schedule"] == "0 2 * * *"
@@ -135,7 +148,8 @@ import json, sys, time, importlib.util
 t = time.time()
 spec = importlib.util.spec_from_file_location("cbir_pipeline", {str(ROOT / 'airflow_dags' / 'cbir_pipeline.py')!r})
 mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-heavy = sorted(m for m in ("pyspark", "tensorflow", "numpy", "pyarrow", "pandas", "annoy", "petastorm", "cbir_lib", "jobs") if m in sys.modules)
+modules = ("pyspark", "tensorflow", "numpy", "pyarrow", "pandas", "annoy", "petastorm", "cbir_lib", "jobs")
+heavy = sorted(m for m in modules if m in sys.modules)
 print(json.dumps({{"heavy": heavy, "seconds": time.time() - t}}))
 """
     out = json.loads(python(deployment["env"], code))

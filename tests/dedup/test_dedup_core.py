@@ -117,8 +117,9 @@ def test_cosines_of_embedding_pairs_in_numpy():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(50, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
     y[3] = x[3] * 2.5  # the same direction: cosine 1
-    batch = pa.RecordBatch.from_arrays([pa.array(np.arange(50)), pa.array(np.arange(50) + 100),
-                                        pa.array(list(x)), pa.array(list(y))], names=["a", "b", "ea", "eb"])
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(50)), pa.array(np.arange(50) + 100), pa.array(list(x)), pa.array(list(y))], names=["a", "b", "ea", "eb"]
+    )
     got = pa.Table.from_batches(list(_cosines(iter([batch.slice(0, 20), batch.slice(20)]))))
     want = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
     np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-6)

@@ -57,7 +57,9 @@ def test_fixture_clusters(spark, fixtures_run, sources):
     assert (df.diameter <= m["params"]["max_diameter"]).all() and (df.diameter >= 1).all()
     assert (df.worst_score.notna() if sources == "both" else df.worst_score.isna()).all()
     assert m["counts"]["largest_diameter"] == df.diameter.max()
-    images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
+    images = spark.read.parquet(
+        tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images")))
+    )
     ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
     precision, recall, found, truth = _pair_scores(df, ok_paths)
     assert precision == 1.0, sorted(map(sorted, found - truth))[:5]
@@ -90,8 +92,10 @@ def test_each_hash_finds_the_rescaled_copy_and_with_embeddings_the_flip(spark, f
         c = df[df.path.str.contains(name)].cluster_id.unique()
         return len(c) == 1 and (df[df.cluster_id == c[0]].path.str.contains("ukbench00120.jpg")).any(), df
 
-    alone = run_dedup(spark, config.load(None, [f"run.output_root={out}", "dedup.sources=phash", "dedup.hash=any", "dedup.verify=off",
-                                                "run.keep_snapshots=20"]))
+    alone = run_dedup(
+        spark,
+        config.load(None, [f"run.output_root={out}", "dedup.sources=phash", "dedup.hash=any", "dedup.verify=off", "run.keep_snapshots=20"]),
+    )
     found, df = cluster_with_original(alone, "ukbench00120_resize")
     assert found, df.path.tolist()
     assert alone["params"]["hash"] == "any" and set(alone["counts"]["candidates"]) <= {"phash", "ahash", "dhash", "exact"}
@@ -126,7 +130,9 @@ def test_verified_edges_add_the_rotations_and_keep_precision(spark, fixtures_run
     checked = pairs[pairs.source != "exact"]
     assert len(checked) and (checked.inliers >= 15).all() and (checked.agreement >= 0.8).all()
     assert (checked.decision == "verified").all() and pairs[pairs.source == "exact"].inliers.isna().all()
-    images = spark.read.parquet(tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images"))))
+    images = spark.read.parquet(
+        tables.run_dir(os.path.join(str(out), "images"), tables.latest_run_id(spark, os.path.join(str(out), "images")))
+    )
     ok_paths = [r.path for r in images.filter("status = 'ok'").select("path").collect()]
     p0, r0, _, _ = _pair_scores(_clusters(spark, plain), ok_paths)
     precision, recall, found, truth = _pair_scores(_clusters(spark, m), ok_paths)
@@ -194,4 +200,7 @@ def test_spark_cluster_split_and_worst_pairs_match_the_cores(spark):
     for c, members in got.reset_index().groupby("cluster_id"):
         pos = [int(np.flatnonzero(ids == m)[0]) for m in sorted(members.image_id)]
         s, i, j = worst_pair(x[pos])
-        assert abs(worst.loc[c, "worst_score"] - s) < 1e-5 and (worst.loc[c, "worst_a"], worst.loc[c, "worst_b"]) == (ids[pos[i]], ids[pos[j]])
+        assert abs(worst.loc[c, "worst_score"] - s) < 1e-5 and (worst.loc[c, "worst_a"], worst.loc[c, "worst_b"]) == (
+            ids[pos[i]],
+            ids[pos[j]],
+        )

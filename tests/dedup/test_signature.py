@@ -34,8 +34,16 @@ def _gray(path_or_bytes, side: int = 512) -> np.ndarray:
     return sig.decode_gray(data, side)
 
 
-SYMMETRIES = (lambda x: x, lambda x: x[:, ::-1], lambda x: x[::-1], lambda x: x[::-1, ::-1],
-              lambda x: x.T, lambda x: x.T[:, ::-1], lambda x: x.T[::-1], lambda x: x.T[::-1, ::-1])
+SYMMETRIES = (
+    lambda x: x,
+    lambda x: x[:, ::-1],
+    lambda x: x[::-1],
+    lambda x: x[::-1, ::-1],
+    lambda x: x.T,
+    lambda x: x.T[:, ::-1],
+    lambda x: x.T[::-1],
+    lambda x: x.T[::-1, ::-1],
+)
 
 
 def test_identity_variant_is_imagehash_phash_and_each_variant_is_its_symmetry():
@@ -46,16 +54,20 @@ def test_identity_variant_is_imagehash_phash_and_each_variant_is_its_symmetry():
         for v, t in enumerate(SYMMETRIES):
             # PIL rounds to 8 bits between its two resampling passes, whose order a transpose swaps
             assert hamming64(sig.dihedral_phashes(np.ascontiguousarray(t(g)))[0], h[v]) <= 2, (path.name, sig.VARIANTS[v])
-    assert sig.VARIANTS[1] == "mirror" and np.array_equal(SYMMETRIES[5](np.arange(6).reshape(2, 3)), np.rot90(np.arange(6).reshape(2, 3), -1))
+    assert sig.VARIANTS[1] == "mirror" and np.array_equal(
+        SYMMETRIES[5](np.arange(6).reshape(2, 3)), np.rot90(np.arange(6).reshape(2, 3), -1)
+    )
 
 
 def test_trim_removes_a_letterbox_and_keeps_a_blank_image():
     g = _gray(_photos("shoes", 1)[0])
     boxed = np.full((g.shape[0] + 120, g.shape[1] + 40), 7, np.uint8)
-    boxed[60:60 + g.shape[0], 20:20 + g.shape[1]] = g
+    boxed[60 : 60 + g.shape[0], 20 : 20 + g.shape[1]] = g
     again = sig.trim_borders(boxed)
-    assert np.array_equal(sig.trim_borders(g), again) or hamming64(sig.dihedral_phashes(sig.trim_borders(g))[0],
-                                                                  sig.dihedral_phashes(again)[0]) <= 2
+    assert (
+        np.array_equal(sig.trim_borders(g), again)
+        or hamming64(sig.dihedral_phashes(sig.trim_borders(g))[0], sig.dihedral_phashes(again)[0]) <= 2
+    )
     blank = np.full((100, 80), 255, np.uint8)
     assert sig.trim_borders(blank).shape == blank.shape
 
@@ -156,8 +168,11 @@ def test_ratio_matches_are_knn_match_and_the_ratio_test():
     for a in sigs:
         for b in sigs:
             for da in (a.descriptors, a.mirror_descriptors):
-                want = sorted((m.queryIdx, m.trainIdx) for m, n in (p for p in matcher.knnMatch(da, b.descriptors, k=2) if len(p) == 2)
-                              if m.distance < 0.8 * n.distance)
+                want = sorted(
+                    (m.queryIdx, m.trainIdx)
+                    for m, n in (p for p in matcher.knnMatch(da, b.descriptors, k=2) if len(p) == 2)
+                    if m.distance < 0.8 * n.distance
+                )
                 query, train = _ratio_matches(da, b.descriptors, 0.8)
                 assert sorted(zip(query.tolist(), train.tolist(), strict=True)) == want
 

@@ -46,8 +46,12 @@ def collection(spark, tmp_path_factory):
                 rows.append((image_id, f"file:{p}", v.astype(np.float32).tolist(), 16, "ok", None, "e1"))
                 meta.append((image_id, split, cls, v))
     rows.append((5, f"file:{root}/photos/train/boots/broken.jpg", None, None, "failed", "truncated", "e1"))
-    tables.commit(spark, spark.createDataFrame(rows, EMB_DDL), fs.join(fs.qualify(spark, str(root)), "embeddings"), "e1", {"run_id": "e1", "dim": 16})
-    cfg = config.load(None, [f"run.output_root={root}", "neighbors.rerank=none", "neighbors.k=5", "index.n_cells=3", "run.keep_snapshots=10"])
+    tables.commit(
+        spark, spark.createDataFrame(rows, EMB_DDL), fs.join(fs.qualify(spark, str(root)), "embeddings"), "e1", {"run_id": "e1", "dim": 16}
+    )
+    cfg = config.load(
+        None, [f"run.output_root={root}", "neighbors.rerank=none", "neighbors.k=5", "index.n_cells=3", "run.keep_snapshots=10"]
+    )
     run_build_index(spark, cfg)
     run_neighbors(spark, cfg)
     return root, meta
@@ -92,9 +96,23 @@ def test_split_mode_matches_the_oracle(spark, collection, rerank):
     from cbir_lib.neighbors.rerank import exact_rerank, split_mode
 
     root, meta = collection
-    m = run_evaluate(spark, config.load(None, [f"run.output_root={root}", "evaluate.mode=split", "evaluate.report=false",
-                                               f"neighbors.rerank={rerank}", "neighbors.rerank_n=4", "run.keep_snapshots=10",
-                                               "neighbors.kr_k1=8", "neighbors.kr_k2=3", "neighbors.kr_depth=16"]))
+    m = run_evaluate(
+        spark,
+        config.load(
+            None,
+            [
+                f"run.output_root={root}",
+                "evaluate.mode=split",
+                "evaluate.report=false",
+                f"neighbors.rerank={rerank}",
+                "neighbors.rerank_n=4",
+                "run.keep_snapshots=10",
+                "neighbors.kr_k1=8",
+                "neighbors.kr_k2=3",
+                "neighbors.kr_depth=16",
+            ],
+        ),
+    )
     tr = [r for r in meta if r[1] == "train"]
     te = [r for r in meta if r[1] == "test"]
     g = np.stack([r[3] for r in sorted(tr, key=lambda r: r[0])]).astype(np.float32)
@@ -121,8 +139,19 @@ def test_labels_csv_and_groups_and_bad_labels(spark, collection, tmp_path):
             for f in sorted(os.listdir(root / "photos" / split / cls)):
                 lines.append(f"{split}/{cls}/{f},{cls.upper()}")
     csv.write_text("\n".join(lines) + "\n")
-    m = run_evaluate(spark, config.load(None, [f"run.output_root={root}", f"evaluate.labels={csv}", f"evaluate.labels_base={root}/photos",
-                                               "evaluate.report=false", "run.keep_snapshots=10"]))
+    m = run_evaluate(
+        spark,
+        config.load(
+            None,
+            [
+                f"run.output_root={root}",
+                f"evaluate.labels={csv}",
+                f"evaluate.labels_base={root}/photos",
+                "evaluate.report=false",
+                "run.keep_snapshots=10",
+            ],
+        ),
+    )
     assert m["metrics"]["queries"] == len(meta)
     bad = tmp_path / "bad.csv"
     bad.write_text("file,colour\nx.jpg,red\n")
@@ -142,8 +171,7 @@ def check_page_in_browser(path: str, min_images: int) -> None:
     try:
         browser.get(f"file://{path}")
         assert browser.title
-        images = browser.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+        images = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
         assert len(images) >= min_images
         broken = [alt for complete, width, alt in images if not complete or width == 0]
         assert not broken, f"images that did not load: {broken[:5]}"

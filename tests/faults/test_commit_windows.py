@@ -13,9 +13,11 @@ from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
 
 
 def _cfg(root, run_id, **nb):
-    return Config(run=RunConfig(output_root=str(root), run_id=run_id),
-                  index=dataclasses.replace(IndexConfig(), n_cells=8, forests=False),
-                  neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "method": "exact", "pairs": True, **nb}))
+    return Config(
+        run=RunConfig(output_root=str(root), run_id=run_id),
+        index=dataclasses.replace(IndexConfig(), n_cells=8, forests=False),
+        neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "method": "exact", "pairs": True, **nb}),
+    )
 
 
 @pytest.mark.slow

@@ -26,19 +26,22 @@ def test_an_unquoted_number_for_a_string_field_in_a_file_is_refused(tmp_path):
     assert config.load(str(p)).run.run_id == "010"
 
 
-@pytest.mark.parametrize("override,field", [
-    ("neighbors.min_score=.nan", "neighbors.min_score"),
-    ("neighbors.min_score=.inf", "neighbors.min_score"),
-    ("extract.gem_p=.inf", "extract.gem_p"),
-    ("neighbors.alpha=.inf", "neighbors.alpha"),
-    ("train.learning_rate=.inf", "train.learning_rate"),
-    ("train.learning_rate=.nan", "train.learning_rate"),
-    ("index.seed=-1", "index.seed"),
-    ("train.seed=-1", "train.seed"),
-    ("evaluate.seed=-1", "evaluate.seed"),
-    ("dedup.min_score=3", "dedup.min_score"),
-    ("dedup.min_score=-1.5", "dedup.min_score"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("neighbors.min_score=.nan", "neighbors.min_score"),
+        ("neighbors.min_score=.inf", "neighbors.min_score"),
+        ("extract.gem_p=.inf", "extract.gem_p"),
+        ("neighbors.alpha=.inf", "neighbors.alpha"),
+        ("train.learning_rate=.inf", "train.learning_rate"),
+        ("train.learning_rate=.nan", "train.learning_rate"),
+        ("index.seed=-1", "index.seed"),
+        ("train.seed=-1", "train.seed"),
+        ("evaluate.seed=-1", "evaluate.seed"),
+        ("dedup.min_score=3", "dedup.min_score"),
+        ("dedup.min_score=-1.5", "dedup.min_score"),
+    ],
+)
 def test_nonsense_values_name_their_field(override, field):
     with pytest.raises(ConfigError, match=f"^{field}: "):
         config.load(None, [override])
@@ -66,8 +69,11 @@ def test_cli_reports_a_failed_gate_without_a_traceback(error, monkeypatch, capsy
 
     from jobs import cli
 
-    modules = {"RecallTooLow": "cbir_lib.neighbors.search", "ExtractFailed": "cbir_lib.features.extract",
-               "IngestFailed": "cbir_lib.images.ingest"}
+    modules = {
+        "RecallTooLow": "cbir_lib.neighbors.search",
+        "ExtractFailed": "cbir_lib.features.extract",
+        "IngestFailed": "cbir_lib.images.ingest",
+    }
     exc = getattr(importlib.import_module(modules[error]), error)
     job = importlib.import_module("jobs.neighbors")
 

@@ -110,8 +110,9 @@ def test_code_in_any_header_pickle_never_runs(tmp_path, where):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("offset,shape,stride", [(10, (4,), (1,)), (0, (2, 3), (100, 1)), (-1, (2,), (1,)), (0, (2,), (-1,)),
-                                                  (0, (3,), (1, 1))])
+@pytest.mark.parametrize(
+    "offset,shape,stride", [(10, (4,), (1,)), (0, (2, 3), (100, 1)), (-1, (2,), (1,)), (0, (2,), (-1,)), (0, (3,), (1, 1))]
+)
 def test_a_tensor_outside_its_storage_is_refused(tmp_path, offset, shape, stride):
     p = write_legacy(tmp_path / "oob.pth", {"w": ("0", offset, shape, stride)}, {"0": np.zeros(12)})
     with pytest.raises(LegacyCheckpointError, match="storage 0"):

@@ -39,8 +39,7 @@ def test_identical_hashes_give_linear_pairs_and_the_naive_components(spark):
     pairs = [(r.a, r.b) for r in got]
     assert all(a < b for a, b in pairs)
     h = np.array(hashes, dtype=np.int64).view(np.uint64)
-    naive = [(ids[i], ids[j]) for i in range(3000, len(ids)) for j in range(i + 1, len(ids))
-             if bin(int(h[i] ^ h[j])).count("1") <= 4]
+    naive = [(ids[i], ids[j]) for i in range(3000, len(ids)) for j in range(i + 1, len(ids)) if bin(int(h[i] ^ h[j])).count("1") <= 4]
     naive += [(ids[0], ids[j]) for j in range(1, 3000)]  # the placeholders: one component
     assert _components(ids, pairs) == _components(ids, naive)
 

@@ -8,8 +8,7 @@ EVIL = '"><script>alert(1)</script><img src=x onerror=alert(2)>\x1b[2J.jpg'
 
 
 def test_the_query_page_escapes_every_name(tmp_path):
-    page = render_html(str(tmp_path / EVIL), [Hit(1, 7, 0.9, str(tmp_path / EVIL))],
-                       {"model": EVIL, "index_run_id": "<b>i1</b>"})
+    page = render_html(str(tmp_path / EVIL), [Hit(1, 7, 0.9, str(tmp_path / EVIL))], {"model": EVIL, "index_run_id": "<b>i1</b>"})
     assert "<script>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;" in page and "&lt;b&gt;i1&lt;/b&gt;" in page
 

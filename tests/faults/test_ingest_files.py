@@ -41,8 +41,13 @@ def test_a_file_gone_since_the_listing_is_a_missing_file_row(tmp_path):
 
     present = tmp_path / "here.jpg"
     _jpeg(present, "green")
-    pdf = pd.DataFrame({"path": [f"file:{present}", f"file:{tmp_path}/gone.jpg", f"file:{tmp_path}/big.jpg"],
-                        "modificationTime": [None] * 3, "size_bytes": [present.stat().st_size, 100, 10**9]})
+    pdf = pd.DataFrame(
+        {
+            "path": [f"file:{present}", f"file:{tmp_path}/gone.jpg", f"file:{tmp_path}/big.jpg"],
+            "modificationTime": [None] * 3,
+            "size_bytes": [present.stat().st_size, 100, 10**9],
+        }
+    )
     out = pd.concat(list(_read_partition(remote.Files(), 10**6)(iter([pdf]))))
     assert out["read_error"].iloc[0] is None and len(out["content"].iloc[0]) == present.stat().st_size
     assert out["read_error"].iloc[1].startswith("missing_file") and out["content"].iloc[1] == b""

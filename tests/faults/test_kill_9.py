@@ -23,8 +23,14 @@ def _job(job: str, out, run_id: str, *extra: str, faults: str | None = None) -> 
     env.pop("CBIR_FAULTS", None)
     if faults:
         env["CBIR_FAULTS"] = faults
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--output", str(out), "--run-id", run_id,
-                           "--master", "local[2]", *extra], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--output", str(out), "--run-id", run_id, "--master", "local[2]", *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env,
+    )
 
 
 def _rows(out, view: str, columns: str) -> list[tuple]:
@@ -57,8 +63,10 @@ def clean_ingest(spark, tmp_path_factory):
 
 # CI runs the window where a renamed snapshot has no manifest; the chain below kills the
 # other two in other stages' commits (the same tables.commit), and make test-faults all three.
-@pytest.mark.parametrize("window", [pytest.param("before_rename", marks=pytest.mark.matrix), "before_manifest",
-                                    pytest.param("before_pointer", marks=pytest.mark.matrix)])
+@pytest.mark.parametrize(
+    "window",
+    [pytest.param("before_rename", marks=pytest.mark.matrix), "before_manifest", pytest.param("before_pointer", marks=pytest.mark.matrix)],
+)
 def test_ingest_killed_in_a_commit_window_then_rerun_is_the_clean_result(spark, tmp_path, window, clean_ingest):
     src, want = clean_ingest
     out = tmp_path / "out"
@@ -86,12 +94,21 @@ def test_build_index_killed_before_its_manifest_then_rerun_is_the_clean_result(s
         write_embeddings(spark, str(tmp_path / root), np.arange(600, dtype=np.int64) * 7, x, "e1")
 
     def cfg(root):
-        return Config(run=RunConfig(output_root=str(tmp_path / root), run_id="i1"),
-                      index=dataclasses.replace(IndexConfig(), forests=False, n_cells=6))
+        return Config(
+            run=RunConfig(output_root=str(tmp_path / root), run_id="i1"), index=dataclasses.replace(IndexConfig(), forests=False, n_cells=6)
+        )
 
     run_build_index(spark, cfg("clean"))
-    killed = _job("build_index", tmp_path / "out", "i1", "--set", "index.forests=false", "--set", "index.n_cells=6",
-                  faults=f"tables.commit.before_manifest:{tmp_path / 'm'}:kill")
+    killed = _job(
+        "build_index",
+        tmp_path / "out",
+        "i1",
+        "--set",
+        "index.forests=false",
+        "--set",
+        "index.n_cells=6",
+        faults=f"tables.commit.before_manifest:{tmp_path / 'm'}:kill",
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "index_store" not in connect(str(tmp_path / "out"))[1].views  # the snapshot without its manifest is not read
     run_build_index(spark, cfg("out"))
@@ -102,17 +119,29 @@ def test_build_index_killed_before_its_manifest_then_rerun_is_the_clean_result(s
 # Every commit window of every stage after ingest (whose own test is above), each table's
 # own (faults scoped by table name), in the order one pipeline process reaches them.
 WINDOWS = ("before_rename", "before_manifest", "before_pointer")
-CHAIN = ([f"tables.commit.{w}@{t}" for t in ("embeddings", "index", "neighbors") for w in WINDOWS]
-         + ["neighbors.between_commits"]
-         + [f"tables.commit.{w}@{t}" for t in ("pairs", "evaluation", "dedup") for w in WINDOWS])
+CHAIN = (
+    [f"tables.commit.{w}@{t}" for t in ("embeddings", "index", "neighbors") for w in WINDOWS]
+    + ["neighbors.between_commits"]
+    + [f"tables.commit.{w}@{t}" for t in ("pairs", "evaluation", "dedup") for w in WINDOWS]
+)
 # CI's share (3 of the 19, one process run each): every window at least once.
 CI_CHAIN = ["tables.commit.before_manifest@neighbors", "tables.commit.before_pointer@pairs", "tables.commit.before_rename@dedup"]
-STAGE = {"embeddings": "extract", "index": "build_index", "neighbors": "neighbors", "pairs": "neighbors", "evaluation": "evaluate",
-         "dedup": "dedup"}
-VIEWS = {"embeddings": ("embeddings", "image_id, status, embedding"), "index": ("index_store", "cell, image_id"),
-         "neighbors": ("neighbors", "image_id, rank, neighbor_id"), "pairs": ("pairs", "a, b"),
-         "evaluation": ("evaluation_per_query", "image_id, precision_at_k, ap_at_k"),
-         "dedup": ("dedup_clusters", "cluster_id, image_id")}
+STAGE = {
+    "embeddings": "extract",
+    "index": "build_index",
+    "neighbors": "neighbors",
+    "pairs": "neighbors",
+    "evaluation": "evaluate",
+    "dedup": "dedup",
+}
+VIEWS = {
+    "embeddings": ("embeddings", "image_id, status, embedding"),
+    "index": ("index_store", "cell, image_id"),
+    "neighbors": ("neighbors", "image_id, rank, neighbor_id"),
+    "pairs": ("pairs", "a, b"),
+    "evaluation": ("evaluation_per_query", "image_id, precision_at_k, ap_at_k"),
+    "dedup": ("dedup_clusters", "cluster_id, image_id"),
+}
 
 
 def _same(got: list[tuple], want: list[tuple]) -> bool:
@@ -120,8 +149,12 @@ def _same(got: list[tuple], want: list[tuple]) -> bool:
     import numpy as np
 
     return len(got) == len(want) and all(
-        all(np.allclose(a, b, atol=1e-5) if isinstance(a, list) and a and isinstance(a[0], float) else a == b for a, b in zip(g, w, strict=True))
-        for g, w in zip(got, want, strict=True))
+        all(
+            np.allclose(a, b, atol=1e-5) if isinstance(a, list) and a and isinstance(a[0], float) else a == b
+            for a, b in zip(g, w, strict=True)
+        )
+        for g, w in zip(got, want, strict=True)
+    )
 
 
 @pytest.mark.parametrize("chain", [pytest.param(CI_CHAIN, id="ci"), pytest.param(CHAIN, id="every-window", marks=pytest.mark.matrix)])
@@ -139,9 +172,19 @@ def test_each_stage_killed_in_each_commit_window_then_rerun_is_the_clean_result(
     shutil.copytree(src, out, ignore=lambda d, names: [n for n in names if d == str(src) and n in touched])
     markers = tmp_path / "markers"
     faults = ",".join(f"{p}:{markers}:kill" for p in chain)
-    args = ("--stages", ",".join(stages), "--set", "neighbors.pairs=true", "--set", f"extract.model_cache={model_cache}",
-            # the sample's groups, where the images are
-            "--set", f"evaluate.labels={src / 'sample' / 'groups.csv'}", "--set", f"evaluate.labels_base={src / 'sample' / 'images'}")
+    args = (
+        "--stages",
+        ",".join(stages),
+        "--set",
+        "neighbors.pairs=true",
+        "--set",
+        f"extract.model_cache={model_cache}",
+        # the sample's groups, where the images are
+        "--set",
+        f"evaluate.labels={src / 'sample' / 'groups.csv'}",
+        "--set",
+        f"evaluate.labels_base={src / 'sample' / 'images'}",
+    )
     seen: dict[str, list[list[tuple]]] = {t: [] for t in touched}
     for point in chain:
         killed = _job("pipeline", out, "k1", *args, faults=faults)

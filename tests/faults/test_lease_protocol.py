@@ -70,6 +70,7 @@ class Schedule:
                 if self.order:
                     self.order.pop(0)
                 self.cv.notify_all()
+
         return hook
 
 

@@ -14,9 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(root, run_id):
-    return Config(run=RunConfig(output_root=str(root), run_id=run_id),
-                  index=dataclasses.replace(IndexConfig(), n_cells=4, forests=False),
-                  neighbors=dataclasses.replace(NeighborsConfig(), rerank="none", method="exact", k=5))
+    return Config(
+        run=RunConfig(output_root=str(root), run_id=run_id),
+        index=dataclasses.replace(IndexConfig(), n_cells=4, forests=False),
+        neighbors=dataclasses.replace(NeighborsConfig(), rerank="none", method="exact", k=5),
+    )
 
 
 def test_a_re_extracted_run_id_is_not_a_stale_no_op(spark, tmp_path):

@@ -25,9 +25,14 @@ def test_a_pair_that_breaks_verification_gets_a_reason_and_the_others_their_verd
     broken = {**good, "thumb": b"\x89PNG broken payload"}
     missing = dict.fromkeys(SIGNATURE_COLUMNS)
     rows_a, rows_b = [good, broken, missing], [good, good, good]
-    pdf = pd.DataFrame({"a": [1, 2, 3], "b": [10, 20, 30],
-                        **{f"a_{c}": [r[c] for r in rows_a] for c in SIGNATURE_COLUMNS},
-                        **{f"b_{c}": [r[c] for r in rows_b] for c in SIGNATURE_COLUMNS}})
+    pdf = pd.DataFrame(
+        {
+            "a": [1, 2, 3],
+            "b": [10, 20, 30],
+            **{f"a_{c}": [r[c] for r in rows_a] for c in SIGNATURE_COLUMNS},
+            **{f"b_{c}": [r[c] for r in rows_b] for c in SIGNATURE_COLUMNS},
+        }
+    )
     out = pd.concat(list(_verify_partition(15, 0.8, True)(iter([pdf]))))
     assert out["a"].tolist() == [1, 2, 3]
     assert out["unverified"].iloc[0] is None and out["inliers"].iloc[0] > 15  # the same image verifies

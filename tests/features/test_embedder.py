@@ -35,13 +35,34 @@ def test_one_spec_builder_carries_every_embedding_setting_of_the_config():
     image is embedded as the collection was (query once dropped mixed_precision)."""
     import dataclasses
 
-    e = ExtractConfig(pooling="gem", gem_p=4.0, rmac_levels=2, resize="pad", tta="flip", batch_size=8, mixed_precision=True,
-                      device="gpu", decode_threads=3, decoder="simplejpeg")
+    e = ExtractConfig(
+        pooling="gem",
+        gem_p=4.0,
+        rmac_levels=2,
+        resize="pad",
+        tta="flip",
+        batch_size=8,
+        mixed_precision=True,
+        device="gpu",
+        decode_threads=3,
+        decoder="simplejpeg",
+    )
     spec = EmbedSpec.from_config(e, "artifact", 1234, [5, 6])
-    assert dataclasses.asdict(spec) == {**dataclasses.asdict(EmbedSpec(artifact="artifact")), "pooling": "gem", "gem_p": 4.0,
-                                        "rmac_levels": 2, "resize": "pad", "tta": "flip", "batch_size": 8, "mixed_precision": True,
-                                        "device": "gpu", "decode_threads": 3, "max_pixels": 1234, "decoder": "simplejpeg",
-                                        "pwa_channels": (5, 6)}
+    assert dataclasses.asdict(spec) == {
+        **dataclasses.asdict(EmbedSpec(artifact="artifact")),
+        "pooling": "gem",
+        "gem_p": 4.0,
+        "rmac_levels": 2,
+        "resize": "pad",
+        "tta": "flip",
+        "batch_size": 8,
+        "mixed_precision": True,
+        "device": "gpu",
+        "decode_threads": 3,
+        "max_pixels": 1234,
+        "decoder": "simplejpeg",
+        "pwa_channels": (5, 6),
+    }
     assert EmbedSpec.from_config(e, "artifact", 1234, device="cpu").device == "cpu"
     import inspect
 

@@ -28,7 +28,9 @@ PER_CLASS = 12
 
 def _cfg(out, run_id, model_cache, *extra):
     # keep every snapshot: later tests compare against the first run
-    return config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10", *extra])
+    return config.load(
+        None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}", "run.keep_snapshots=10", *extra]
+    )
 
 
 def _table(spark, out, run_id=None):
@@ -101,7 +103,12 @@ def test_spark_path_equals_direct_embedding(spark, extracted, model_cache):
     ec = ExtractConfig(model_cache=model_cache)
     artifact = resolve_artifact(ec)
     emb = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), artifact.local_path)
-    images = np.stack([decode_for_model(open(p.replace("file:", ""), "rb").read(), artifact.image_size, ec.resize, decoder=ec.decoder)[0] for p in ok["path"]])
+    images = np.stack(
+        [
+            decode_for_model(open(p.replace("file:", ""), "rb").read(), artifact.image_size, ec.resize, decoder=ec.decoder)[0]
+            for p in ok["path"]
+        ]
+    )
     np.testing.assert_allclose(emb.embed(images), np.stack(ok["embedding"].to_numpy()), atol=1e-5)
 
 
@@ -137,8 +144,10 @@ def test_pwa_pooling_fits_its_parts_once_and_matches_the_core_and_the_query_path
     # the sample: the first 10 ok images by xxhash64(image_id); the channels from their maps
     import pyspark.sql.functions as F
 
-    sample = [r.path.replace("file:", "") for r in spark.createDataFrame(ok[["image_id", "path"]])
-              .orderBy(F.xxhash64("image_id"), "image_id").limit(10).collect()]
+    sample = [
+        r.path.replace("file:", "")
+        for r in spark.createDataFrame(ok[["image_id", "path"]]).orderBy(F.xxhash64("image_id"), "image_id").limit(10).collect()
+    ]
     pos = [files.index(p) for p in sample]
     assert pwa_select(maps[pos].sum(axis=(1, 2)), 3).tolist() == info["channels"]
     got = {p.replace("file:", ""): v for p, v in zip(ok["path"], ok["embedding"], strict=True)}
@@ -194,10 +203,21 @@ def test_whitening_and_codes(spark, extracted, model_cache):
     np.testing.assert_array_equal(codes, np.packbits(vecs > thresholds, axis=1))
     assert 0.3 < np.unpackbits(codes, axis=1).mean() < 0.7
     # the same again is a no-op; another whitening sample is not (it was ignored until 2026-12-03)
-    assert run_extract(spark, _cfg(out, "w2", model_cache, "extract.whitening=true", "extract.whitening_dim=32",
-                                   "extract.binary_codes=true")).get("noop")
-    other = run_extract(spark, _cfg(out, "w3", model_cache, "extract.whitening=true", "extract.whitening_dim=32",
-                                    "extract.binary_codes=true", "extract.whitening_sample=40"))
+    assert run_extract(
+        spark, _cfg(out, "w2", model_cache, "extract.whitening=true", "extract.whitening_dim=32", "extract.binary_codes=true")
+    ).get("noop")
+    other = run_extract(
+        spark,
+        _cfg(
+            out,
+            "w3",
+            model_cache,
+            "extract.whitening=true",
+            "extract.whitening_dim=32",
+            "extract.binary_codes=true",
+            "extract.whitening_sample=40",
+        ),
+    )
     assert not other.get("noop") and other["run_id"] == "w3" and other["whitening"]["sample"] == 40
     refit = np.stack(_table(spark, out).query("status == 'ok'")["embedding"].to_numpy())
     run_dir = Path(str(out), TABLE)
@@ -214,8 +234,18 @@ def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, e
 
     out, first = extracted
     # Pinned to run e1 (later tests' runs are whitened); folders give the class, no split.
-    cfg = _cfg(out, "e1", model_cache, "run.pin_inputs=true", "train.split=", "train.validation_split=",
-               "train.bits=16", "train.hidden=32", "train.epochs=3", "train.workers=1")
+    cfg = _cfg(
+        out,
+        "e1",
+        model_cache,
+        "run.pin_inputs=true",
+        "train.split=",
+        "train.validation_split=",
+        "train.bits=16",
+        "train.hidden=32",
+        "train.epochs=3",
+        "train.workers=1",
+    )
     trained = run_train(spark, cfg)
     assert trained["data"]["train"] == len(CLASSES) * PER_CLASS and trained["classes"] == sorted(CLASSES)
     m = run_extract(spark, _cfg(out, "h1", model_cache, f"extract.head={out}/models"))
@@ -235,7 +265,16 @@ def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, e
 
 def _job(args, env=None, **kw):
     cmd = [sys.executable, "-m", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _last_json(stdout: str) -> dict:
@@ -251,8 +290,23 @@ def _rows_in(files) -> int:
 def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
     """kill -9 of the whole job mid-way: the rerun skips every committed shard, redoes the rest."""
     out, first = extracted
-    args = ["jobs.extract", "--output", str(out), "--run-id", "k1", "--master", "local[2]",
-            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=mac", "--set", "extract.shard_size=6", "--set", "run.keep_snapshots=10"]
+    args = [
+        "jobs.extract",
+        "--output",
+        str(out),
+        "--run-id",
+        "k1",
+        "--master",
+        "local[2]",
+        "--set",
+        f"extract.model_cache={model_cache}",
+        "--set",
+        "extract.pooling=mac",
+        "--set",
+        "extract.shard_size=6",
+        "--set",
+        "run.keep_snapshots=10",
+    ]
     parts = os.path.join(str(out), TABLE, "_work", "*", "parts", "*.parquet")
     before = set(glob.glob(parts))  # the other runs' parts: not this job's
     proc = _job(args)
@@ -300,8 +354,23 @@ def test_retried_attempt_after_its_commit_leaves_one_copy(spark, extracted, mode
     """A task that dies right after committing its shard is retried: the retry finds the shard
     committed and does nothing, so the table holds each image once."""
     out, first = extracted
-    args = ["jobs.extract", "--output", str(out), "--run-id", "r1", "--master", "local[2,3]",
-            "--set", f"extract.model_cache={model_cache}", "--set", "extract.pooling=gem", "--set", "extract.shard_size=12", "--set", "run.keep_snapshots=10"]
+    args = [
+        "jobs.extract",
+        "--output",
+        str(out),
+        "--run-id",
+        "r1",
+        "--master",
+        "local[2,3]",
+        "--set",
+        f"extract.model_cache={model_cache}",
+        "--set",
+        "extract.pooling=gem",
+        "--set",
+        "extract.shard_size=12",
+        "--set",
+        "run.keep_snapshots=10",
+    ]
     proc = _job(args, env={"CBIR_FAULTS": f"extract.after_commit:{tmp_path}/faults"})
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
@@ -333,13 +402,47 @@ def standalone_cluster(tmp_path):
     spark_class = os.path.join(spark_home, "bin", "spark-class")
     port = _free_port()
     env = {**os.environ, "SPARK_HOME": spark_home, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_WORKER_DIR": str(tmp_path / "work")}
-    procs = [subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(_free_port())],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            [
+                spark_class,
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--webui-port",
+                str(_free_port()),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    ]
     time.sleep(4)
     for _ in range(2):
-        procs.append(subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "3g",
-                                       "--webui-port", str(_free_port()), f"spark://127.0.0.1:{port}"],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    spark_class,
+                    "org.apache.spark.deploy.worker.Worker",
+                    "--host",
+                    "127.0.0.1",
+                    "--cores",
+                    "1",
+                    "--memory",
+                    "3g",
+                    "--webui-port",
+                    str(_free_port()),
+                    f"spark://127.0.0.1:{port}",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
     time.sleep(6)
     yield f"spark://127.0.0.1:{port}"
     for p in procs:
@@ -350,8 +453,18 @@ def standalone_cluster(tmp_path):
 
 def test_same_result_on_a_standalone_cluster(spark, photos, extracted, standalone_cluster, tmp_path, model_cache):
     out = tmp_path / "cluster-out"
-    common = ["--output", str(out), "--master", standalone_cluster, "--set", f"extract.model_cache={model_cache}",
-              "--set", "spark.conf.spark.executor.memory=2g", "--set", "spark.conf.spark.cores.max=2"]
+    common = [
+        "--output",
+        str(out),
+        "--master",
+        standalone_cluster,
+        "--set",
+        f"extract.model_cache={model_cache}",
+        "--set",
+        "spark.conf.spark.executor.memory=2g",
+        "--set",
+        "spark.conf.spark.cores.max=2",
+    ]
     env = {"SPARK_LOCAL_IP": "127.0.0.1"}
     for job in (["jobs.ingest", "--images", str(photos)], ["jobs.extract"]):
         proc = _job([*job, *common], env=env)
@@ -364,7 +477,9 @@ def test_same_result_on_a_standalone_cluster(spark, photos, extracted, standalon
     local = _table(spark, extracted[0], "e1").set_index("path")  # the gap run, same config
     assert sorted(cluster.index) == sorted(local.index)
     ok = local.index[local.status == "ok"]
-    np.testing.assert_allclose(np.stack(cluster.loc[ok, "embedding"].to_numpy()), np.stack(local.loc[ok, "embedding"].to_numpy()), atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack(cluster.loc[ok, "embedding"].to_numpy()), np.stack(local.loc[ok, "embedding"].to_numpy()), atol=1e-5
+    )
 
 
 def test_a_whitening_dim_beyond_the_embedding_is_a_config_error(spark, extracted, model_cache):

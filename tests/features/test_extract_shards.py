@@ -19,8 +19,10 @@ def test_the_to_do_set_is_planned_without_a_driver_side_list(spark, tmp_path, mo
     from pyspark.sql import functions as F
 
     images = spark.range(1_000_000).select(
-        F.xxhash64("id").alias("image_id"), F.concat(F.lit("file:/nowhere/"), F.col("id").cast("string"), F.lit(".jpg")).alias("path"),
-        F.sha2(F.col("id").cast("string"), 256).alias("content_sha256"))
+        F.xxhash64("id").alias("image_id"),
+        F.concat(F.lit("file:/nowhere/"), F.col("id").cast("string"), F.lit(".jpg")).alias("path"),
+        F.sha2(F.col("id").cast("string"), 256).alias("content_sha256"),
+    )
     done = images.filter(F.col("image_id") % 10 == 0).select("image_id", "content_sha256")
     todo = images.join(done, ["image_id", "content_sha256"], "left_anti")
     for name in ("collect", "toPandas", "toLocalIterator", "take", "tail"):
@@ -43,8 +45,17 @@ def test_failure_gate_counts_the_final_table_so_a_retry_cannot_pass_it(spark, tm
     out = tmp_path / "out"
 
     def cfg(run_id, *extra):
-        return config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}", f"extract.model_cache={model_cache}",
-                                  "extract.shard_size=3", "run.keep_snapshots=10", *extra])
+        return config.load(
+            None,
+            [
+                f"run.output_root={out}",
+                f"run.run_id={run_id}",
+                f"extract.model_cache={model_cache}",
+                "extract.shard_size=3",
+                "run.keep_snapshots=10",
+                *extra,
+            ],
+        )
 
     run_ingest(spark, cfg("i1"), str(photos))
     changed = sorted(photos.rglob("*.jpg"))[:4]

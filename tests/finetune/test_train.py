@@ -38,7 +38,11 @@ def test_petastorm_feeds_tf_data(spark, tmp_path):
     try:
         assert len(converter) == 50
         with converter.make_tf_dataset(batch_size=7, num_epochs=1, workers_count=1) as ds:
-            got = [(tuple(e), int(y)) for b in ds.map(lambda b: (tf.reshape(b.embedding, (-1, 2)), b.label)) for e, y in zip(*[t.numpy() for t in b], strict=True)]
+            got = [
+                (tuple(e), int(y))
+                for b in ds.map(lambda b: (tf.reshape(b.embedding, (-1, 2)), b.label))
+                for e, y in zip(*[t.numpy() for t in b], strict=True)
+            ]
     finally:
         converter.delete()
     assert sorted(got) == sorted((tuple(e), y) for e, y in rows)
@@ -56,8 +60,13 @@ def _fake_embeddings(spark, root, n_per_class=40, dim=16, seed=0):
             v /= np.linalg.norm(v)
             rows.append((c * 1000 + i, f"file:/data/{split}/class{c}/{i}.jpg", [float(a) for a in v], "ok"))
     df = spark.createDataFrame(rows, "image_id long, path string, embedding array<float>, status string")
-    manifest = {"run_id": "20261101T000000Z", "dim": dim, "feature_key": "fake-key", "model": {"name": "fake"},
-                "config": {"extract": {"pooling": "rmac", "resize": "center_crop"}}}
+    manifest = {
+        "run_id": "20261101T000000Z",
+        "dim": dim,
+        "feature_key": "fake-key",
+        "model": {"name": "fake"},
+        "config": {"extract": {"pooling": "rmac", "resize": "center_crop"}},
+    }
     tables.commit(spark, df, f"{root}/embeddings", "20261101T000000Z", manifest)
 
 
@@ -66,8 +75,10 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_model(spark, tmp_pat
 
     root = str(tmp_path / "out")
     _fake_embeddings(spark, root)
-    cfg = Config(run=RunConfig(output_root=root, run_id="20261102T000000Z"),
-                 train=TrainConfig(bits=16, hidden=32, epochs=6, batch_size=16, learning_rate=1e-2, workers=1)).validate()
+    cfg = Config(
+        run=RunConfig(output_root=root, run_id="20261102T000000Z"),
+        train=TrainConfig(bits=16, hidden=32, epochs=6, batch_size=16, learning_rate=1e-2, workers=1),
+    ).validate()
     from cbir_lib.finetune.train import MODEL_FILE, run_train
     from cbir_lib.models.head import WEIGHTS_FILE, load_head
 
@@ -131,8 +142,18 @@ def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark,
         return config.load(None, [f"run.output_root={out}", f"extract.model_cache={model_cache}", "run.keep_snapshots=5", *extra])
 
     run_ingest(spark, cfg(), str(photos))
-    m = run_train(spark, cfg("train.mode=full", "train.epochs=2", "train.batch_size=4",
-                             "train.trainable_blocks=1", "train.bits=8", "train.hidden=16", "train.workers=1"))
+    m = run_train(
+        spark,
+        cfg(
+            "train.mode=full",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.trainable_blocks=1",
+            "train.bits=8",
+            "train.hidden=16",
+            "train.workers=1",
+        ),
+    )
     assert m["mode"] == "full" and m["data"]["train"] == 9 and m["data"]["validation"] == 3 and len(m["history"]) == 2
     assert 0.0 <= m["metrics"]["validation_accuracy"] <= 1.0
     assert m["base"]["pooling"] == "gap" and "head_conv" in m["base"]["tuned_layers"]

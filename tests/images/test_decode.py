@@ -91,8 +91,12 @@ def test_simplejpeg_gives_the_same_status_rows_as_pillow(name):
         if a is not None:
             assert b.shape == a.shape and b.dtype == np.uint8
     if name in ("exif_rotated.jpg", "cmyk.jpg") or not name.endswith(".jpg"):  # Pillow's path, pixel for pixel
-        np.testing.assert_array_equal(*(decode_for_model(data, 32, decoder=d)[0] if decode_for_model(data, 32)[0] is not None
-                                        else np.zeros(1) for d in ("pillow", "simplejpeg")))
+        np.testing.assert_array_equal(
+            *(
+                decode_for_model(data, 32, decoder=d)[0] if decode_for_model(data, 32)[0] is not None else np.zeros(1)
+                for d in ("pillow", "simplejpeg")
+            )
+        )
 
 
 def test_simplejpeg_on_real_photos_is_close_to_pillow():

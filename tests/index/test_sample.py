@@ -13,7 +13,9 @@ def test_sample_reaches_the_driver_as_files_and_is_the_same_every_time(spark, tm
     rng = np.random.default_rng(0)
     n, dim = 6000, 1280
     x = rng.normal(size=(n, dim)).astype(np.float32)
-    emb = spark.createDataFrame([(int(i) * 7919 - 10**6, x[i].tolist()) for i in range(n)], "image_id long, embedding array<float>").repartition(3)
+    emb = spark.createDataFrame(
+        [(int(i) * 7919 - 10**6, x[i].tolist()) for i in range(n)], "image_id long, embedding array<float>"
+    ).repartition(3)
     emb = emb.localCheckpoint()
     collected = []
     original = type(emb).collect
@@ -42,8 +44,10 @@ def test_build_index_at_the_default_dimension_keeps_the_sample_within_its_bytes(
     x = rng.normal(size=(n, dim)).astype(np.float32)
     ids = np.arange(n, dtype=np.int64) * 31 - 5000
     write_embeddings(spark, str(tmp_path), ids, x, "e1")
-    cfg = Config(run=RunConfig(output_root=str(tmp_path), run_id="i1"),
-                 index=dataclasses.replace(IndexConfig(), n_cells=8, forests=False, train_sample_mb=2))
+    cfg = Config(
+        run=RunConfig(output_root=str(tmp_path), run_id="i1"),
+        index=dataclasses.replace(IndexConfig(), n_cells=8, forests=False, train_sample_mb=2),
+    )
     m = run_build_index(spark, cfg)
     trained = m["centroids"]["trained_on"]
     assert 0 < trained <= 2 * 2**20 // (4 * dim) and m["counts"]["vectors"] == n

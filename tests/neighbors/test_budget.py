@@ -41,9 +41,11 @@ def _cfg(root, run_id, **nb):
 
     from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
 
-    return Config(run=RunConfig(output_root=str(root), run_id=run_id, keep_snapshots=10),
-                  index=dataclasses.replace(IndexConfig(), n_cells=30, forests=False),
-                  neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "recall_sample": 200, **nb}))
+    return Config(
+        run=RunConfig(output_root=str(root), run_id=run_id, keep_snapshots=10),
+        index=dataclasses.replace(IndexConfig(), n_cells=30, forests=False),
+        neighbors=dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "recall_sample": 200, **nb}),
+    )
 
 
 def _topk(spark, m):
@@ -107,8 +109,12 @@ def _whole_and_budgeted(spark, tmp_path, ids, x, budget_size, codes=False, reduc
     else:
         write_embeddings(spark, str(tmp_path), ids, x, "e1")
     cfg = _cfg(tmp_path, "i1")
-    index = run_build_index(spark, dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, forests=nb.get("method") == "annoy", n_trees=4,
-                                                                                    reduced_dim=reduced_dim)))
+    index = run_build_index(
+        spark,
+        dataclasses.replace(
+            cfg, index=dataclasses.replace(cfg.index, forests=nb.get("method") == "annoy", n_trees=4, reduced_dim=reduced_dim)
+        ),
+    )
     assert (index["reduction"] or {}).get("dim", 0) == reduced_dim
     other = tmp_path.parent / f"{tmp_path.name}-budget"
     shutil.copytree(tmp_path, other)  # the same index, its own neighbours
@@ -155,15 +161,21 @@ def test_the_shipped_rerank_under_a_1mb_budget_gives_the_same_top_k_at_25k(spark
 # Each method once, with a re-ranking (the un-re-ranked searches run inside them, and dense
 # with dba+alpha_qe is the 25k test above): dense-dba, hierarchical-none and annoy-none were
 # dropped for the suite's time (61 s of it).
-@pytest.mark.parametrize("method,rerank,n,size", [("exact", "alpha_qe", 10_000, "512k"),
-                                                  ("hierarchical", "dba+alpha_qe", 1_000, "144k"),
-                                                  ("annoy", "alpha_qe", 3_000, "256k"),
-                                                  ("lsh", "none", 4_000, "256k")])
+@pytest.mark.parametrize(
+    "method,rerank,n,size",
+    [
+        ("exact", "alpha_qe", 10_000, "512k"),
+        ("hierarchical", "dba+alpha_qe", 1_000, "144k"),
+        ("annoy", "alpha_qe", 3_000, "256k"),
+        ("lsh", "none", 4_000, "256k"),
+    ],
+)
 def test_every_method_under_a_budget_gives_the_same_top_k(spark, tmp_path, method, rerank, n, size):
     ids, x = _mixture(n, 32, 5)
     extra = {"code_candidates": 150} if method == "hierarchical" else {"lsh_tables": 6, "lsh_bits": 10} if method == "lsh" else {}
-    whole, small = _whole_and_budgeted(spark, tmp_path, ids, x, size, codes=method == "hierarchical",
-                                       method=method, nprobe=4, rerank=rerank, **extra)
+    whole, small = _whole_and_budgeted(
+        spark, tmp_path, ids, x, size, codes=method == "hierarchical", method=method, nprobe=4, rerank=rerank, **extra
+    )
     _same_top_k(spark, whole, small, n)
 
 
@@ -233,9 +245,24 @@ def test_a_budgeted_run_killed_mid_search_resumes_to_the_same_result(spark, tmp_
     shutil.copytree(tmp_path, killed)
     whole = run_neighbors(spark, _cfg(tmp_path, "n1", method="dense", nprobe=4))
 
-    args = [sys.executable, "-m", "jobs.neighbors", "--output", str(killed), "--run-id", "n1", "--master", "local[1]",
-            "neighbors.memory_budget=256k", "neighbors.method=dense", "neighbors.nprobe=4", "neighbors.rerank=none",
-            "neighbors.recall_sample=200", "index.n_cells=30", "index.forests=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.neighbors",
+        "--output",
+        str(killed),
+        "--run-id",
+        "n1",
+        "--master",
+        "local[1]",
+        "neighbors.memory_budget=256k",
+        "neighbors.method=dense",
+        "neighbors.nprobe=4",
+        "neighbors.rerank=none",
+        "neighbors.recall_sample=200",
+        "index.n_cells=30",
+        "index.forests=false",
+    ]
     parts = os.path.join(str(killed), "neighbors", "_work", "*", "parts", "*.parquet")
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240

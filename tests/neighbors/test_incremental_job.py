@@ -129,7 +129,10 @@ def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
     ids2 = np.concatenate([ids[keep], new_ids])
     x2 = np.concatenate([x[keep], x[orig] + 0.001 * rng.normal(size=(40, 16)).astype(np.float32)])
     im, nm = night(spark, tmp_path, "d2", ids2, x2, neighbors=opts)
-    assert nm["mode"] == "incremental" and nm["nprobe"] == json.loads((tmp_path / "neighbors" / "run=d1" / "_manifest.json").read_text())["nprobe"]
+    assert (
+        nm["mode"] == "incremental"
+        and nm["nprobe"] == json.loads((tmp_path / "neighbors" / "run=d1" / "_manifest.json").read_text())["nprobe"]
+    )
     assert (first_neighbour(spark, nm, ids[orig]) == new_ids).all()
     # No list names a deleted image, and recall is measured on new and old images apart.
     names = np.array([r.neighbor_id for r in spark.read.parquet(nm["output"]).select("neighbor_id").collect()])
@@ -166,12 +169,27 @@ def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(
     write_embeddings(spark, str(tmp_path), ids2, x2, "d2")
     cfg = config(tmp_path, "d2", {**INC, "forests": False}, INC)
     assert run_build_index(spark, cfg)["mode"] == "incremental"
-    args = ["--output", str(tmp_path), "--run-id", "d2", "--master", "local[2]", "index.mode=incremental", "index.forests=false",
-            "neighbors.mode=incremental", "neighbors.rerank=none"]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "CBIR_FAULTS": f"neighbors.incremental.after_search:{tmp_path / 'faults'}:kill"}
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "neighbors.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=env)
+    args = [
+        "--output",
+        str(tmp_path),
+        "--run-id",
+        "d2",
+        "--master",
+        "local[2]",
+        "index.mode=incremental",
+        "index.forests=false",
+        "neighbors.mode=incremental",
+        "neighbors.rerank=none",
+    ]
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CBIR_FAULTS": f"neighbors.incremental.after_search:{tmp_path / 'faults'}:kill",
+    }
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "neighbors.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env
+    )
     assert out.returncode == -9, out.stderr[-2000:]
     assert (tmp_path / "neighbors" / "_LATEST").read_text() == "d1"
     assert any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())

@@ -177,8 +177,17 @@ def test_reduced_shortlists_of_parts_merge_to_the_whole_search():
     spec = {"shortlist": 40, "method": "dense", "metric": "angular"}
     best = None
     for lo, hi in ((0, 500), (500, 1400), (1400, 2000)):
-        part = budget.sub_store(store.offsets, lo, hi, store.ids[lo:hi], store.vectors[lo:hi], store.centroids, "angular",
-                                store.reduced[lo:hi], store.projection)
+        part = budget.sub_store(
+            store.offsets,
+            lo,
+            hi,
+            store.ids[lo:hi],
+            store.vectors[lo:hi],
+            store.centroids,
+            "angular",
+            store.reduced[lo:hi],
+            store.projection,
+        )
         kth = None if best is None else best[0][:, -1]
         best = budget.merge(best, dense_search(part, q, store.ids, probes, 10, thresholds=kth, shortlist=40, raw=True), 40)
     got_v, got_i = budget.finish(spec, best, q, 10)

@@ -14,7 +14,7 @@ def _data(n=60, d=8, seed=0, dups=4):
     rng = np.random.default_rng(seed)
     centres = _unit(rng.normal(size=(4, d)))
     x = _unit(centres[rng.integers(0, 4, n)] + 0.35 * rng.normal(size=(n, d)))
-    x[n - dups:] = x[:dups]  # exact duplicates: tied scores everywhere
+    x[n - dups :] = x[:dups]  # exact duplicates: tied scores everywhere
     return x
 
 

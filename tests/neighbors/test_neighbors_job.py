@@ -23,6 +23,8 @@ from cbir_lib.neighbors.search import RecallTooLow, run_neighbors, topk_arrays
 from cbir_lib.vectors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow
+
+
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spectrum = 1.0 / np.sqrt(np.arange(1, d + 1))
@@ -150,7 +152,9 @@ def test_min_recall_fails_loudly(spark, collection):
 
 
 def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
-    m = run_neighbors(spark, config(collection["root"], "n-auto", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.97}))
+    m = run_neighbors(
+        spark, config(collection["root"], "n-auto", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.97})
+    )
     assert m["method"] in ("dense", "exact") and m["recall_at_k"] >= 0.97
     steps = m["calibration"]
     assert steps[0]["nprobe"] == 1
@@ -244,13 +248,32 @@ def test_job_shells_run_under_python(spark, collection, tmp_path):
     root = str(collection["root"])
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     common = ["--output", root, "--master", "local[2]"]
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "neighbors.py"), *common, "--run-id", "n-shell",
-                          "neighbors.method=dense", "neighbors.recall_sample=100"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "neighbors.py"),
+            *common,
+            "--run-id",
+            "n-shell",
+            "neighbors.method=dense",
+            "neighbors.recall_sample=100",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["stage"] == "neighbors" and summary["counts"]["rows"] == 50000 and summary["recall_at_k"] > 0.8
-    bad = subprocess.run([sys.executable, "-m", "jobs.cli", "neighbors", *common, "neighbors.metric=dot"],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=str(ROOT))
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "neighbors", *common, "neighbors.metric=dot"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(ROOT),
+    )
     assert bad.returncode == 2 and "neighbors.metric" in bad.stderr
 
 

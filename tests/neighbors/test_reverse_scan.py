@@ -67,5 +67,7 @@ def test_reverse_scan_scores_are_the_members_own_pair_scores():
 def test_reverse_scan_of_nothing():
     x = clustered(50, 4)
     store = build(x, np.arange(50, dtype=np.int64), "angular", 2)
-    pos, qi, sc = reverse_scan(store, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 2), np.int32), np.zeros(50, np.float32))
+    pos, qi, sc = reverse_scan(
+        store, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 2), np.int32), np.zeros(50, np.float32)
+    )
     assert pos.size == qi.size == sc.size == 0
