@@ -345,7 +345,7 @@ def _write_embeddings(root: Path, ids: np.ndarray, x: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbir_lib.index.build import vectors_array
+    from cbir_lib.vectors.arrow import vectors_array
 
     emb = root / "embeddings" / "run=bench"
     emb.mkdir(parents=True)

@@ -33,7 +33,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from all_pairs import mixture, watch_peak_rss
 
-    from cbir_lib.index.build import vectors_array
+    from cbir_lib.vectors.arrow import vectors_array
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)

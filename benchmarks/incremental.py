@@ -59,7 +59,7 @@ def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, ve
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbir_lib.index.build import vectors_array
+    from cbir_lib.vectors.arrow import vectors_array
 
     emb = root / "embeddings" / f"run={run_id}"
     if emb.exists():

@@ -146,8 +146,8 @@ def _gallery_dba(g_b, n: int, alpha: float):
     def fn(batches):
         import pyarrow as pa
 
-        from cbir_lib.index.build import vectors_binary
         from cbir_lib.neighbors.rerank import augment_against
+        from cbir_lib.vectors.arrow import vectors_binary
 
         g = g_b.value
         for b in batches:
@@ -164,8 +164,8 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
     k-reciprocal head first, then the rest of the gallery by score."""
 
     def fn(batches):
-        from cbir_lib.index.build import to_numpy
         from cbir_lib.neighbors.rerank import augment_against
+        from cbir_lib.vectors.arrow import to_numpy
 
         g, g_ids = g_b.value
         g_lab = g_labels_b.value
@@ -200,7 +200,7 @@ def _split_queries(g_b, g_labels_b, label_names: list[str], k: int, mode: str, n
 def _split_mode(spark, cfg: Config, universe, emb):
     from pyspark.sql import functions as F
 
-    from cbir_lib.index.build import binary_to_numpy, to_numpy
+    from cbir_lib.vectors.arrow import binary_to_numpy, to_numpy
 
     ev, nb = cfg.evaluate, cfg.neighbors
     k = ev.k or nb.k
@@ -300,9 +300,9 @@ def _split_k_reciprocal(spark, queries, g, g_ids, mode: str, n: int, alpha: floa
     (its expanded vector, its re-ranked head as gallery positions)."""
     from pyspark.sql import functions as F
 
-    from cbir_lib.index.build import to_numpy
     from cbir_lib.neighbors.kreciprocal import LISTS_DDL, rerank_frame
     from cbir_lib.neighbors.rerank import augment_against
+    from cbir_lib.vectors.arrow import to_numpy
 
     sc = spark.sparkContext
     t = queries.select("image_id", "embedding").orderBy("image_id").toArrow()

@@ -36,6 +36,7 @@ from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
+from cbir_lib.vectors.arrow import binary_to_numpy, to_numpy, vectors_binary
 from cbir_lib.vectors.topk import prepare
 
 log = logging.getLogger(__name__)
@@ -65,22 +66,6 @@ def index_table_uri(spark, cfg: Config) -> str:
 
 def embeddings_table_uri(spark, cfg: Config) -> str:
     return fs.join(fs.qualify(spark, cfg.run.output_root), EMBEDDINGS)
-
-
-def to_numpy(table, column: str = "embedding", dim: int | None = None) -> np.ndarray:
-    """A list<float> column of an Arrow table or batch as an ``(n, dim)`` float32 array."""
-    import pyarrow as pa
-
-    col = table.column(column)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.float32()))
-    n = len(col)
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if dim is None:
-        dim = flat.size // n if n else 0
-    if flat.size != n * dim:
-        raise ValueError(f"{column}: expected {n} vectors of dim {dim}, got {flat.size} values (ragged or null vectors)")
-    return flat.reshape(n, dim)
 
 
 def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int, work_uri: str) -> np.ndarray:
@@ -143,45 +128,6 @@ def _sample_files(dim: int, work_uri: str, files):
         yield pa.RecordBatch.from_arrays([pa.array([uri]), pa.array([table.num_rows], pa.int64())], names=["uri", "rows"])
 
     return fn
-
-
-def vectors_binary(x: np.ndarray):
-    """An ``(n, d)`` float32 array as an Arrow binary array of ``4 d`` bytes per row (zero-copy)."""
-    import pyarrow as pa
-
-    x = np.ascontiguousarray(x, dtype="<f4")
-    n, d = x.shape
-    offsets = np.arange(0, (n + 1) * 4 * d, 4 * d, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
-
-
-def binary_to_numpy(col, dim: int | None = None) -> np.ndarray:
-    """The inverse of :func:`vectors_binary` for an Arrow binary array or chunked array."""
-    import pyarrow as pa
-
-    if isinstance(col, pa.ChunkedArray):
-        chunks = [binary_to_numpy(c, dim) for c in col.chunks]
-        return np.concatenate(chunks) if chunks else np.zeros((0, dim or 0), np.float32)
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, dim or 0), np.float32)
-    if col.null_count:
-        raise ValueError("vector: null vectors in the store")
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset : col.offset + n + 1]
-    width = int(offsets[1] - offsets[0])
-    if not (np.diff(offsets) == width).all() or width % 4:
-        raise ValueError("vector: rows of different byte lengths in the store")
-    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    return data.view("<f4").reshape(n, width // 4).astype(np.float32, copy=False)
-
-
-def vectors_array(x: np.ndarray):
-    """An ``(n, d)`` float32 array as an Arrow ``list<float>`` array (no Python objects)."""
-    import pyarrow as pa
-
-    n, d = x.shape
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, dtype=np.float32).ravel()))
 
 
 def _bytes_of(value: str) -> int | None:

@@ -109,7 +109,7 @@ def _distances(centroids_bytes: bytes | None, metric: str):
 
         import pyarrow as pa
 
-        from cbir_lib.index.build import binary_to_numpy
+        from cbir_lib.vectors.arrow import binary_to_numpy
 
         centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
         for b in batches:

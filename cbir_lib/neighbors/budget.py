@@ -145,7 +145,7 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
     if key in _GROUPS:
         return _GROUPS[key]
     _GROUPS.clear()
-    from cbir_lib.index.build import binary_to_numpy
+    from cbir_lib.vectors.arrow import binary_to_numpy
 
     files = remote.Files(**spec.get("files", {}))
     uri = f"{spec['groups_uri']}/group={g}"
@@ -543,8 +543,8 @@ def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
     def fn(groups):
         import pyarrow as pa
 
-        from cbir_lib.index.build import vectors_binary
         from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+        from cbir_lib.vectors.arrow import vectors_binary
 
         limit_blas_threads(_task_threads())
         files = remote.Files(**spec.get("files", {}))
@@ -659,7 +659,7 @@ def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> t
     """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small sample)."""
     from pyspark.sql import functions as F
 
-    from cbir_lib.index.build import binary_to_numpy
+    from cbir_lib.vectors.arrow import binary_to_numpy
 
     rows = (
         spark.read.parquet(groups_uri)

@@ -56,12 +56,12 @@ from cbir_lib.index.build import (
     index_table_uri,
     load_index_manifest,
     sorted_store,
-    vectors_binary,
 )
 from cbir_lib.index.reduce import project
 from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment, mode_alpha, split_mode
+from cbir_lib.vectors.arrow import vectors_binary
 from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
 from cbir_lib.vectors.topk import NO_ID, recall_at_k, recall_lower_bound, select
 
