@@ -548,7 +548,36 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self._check_across_sections()
         return self
+
+    def _check_across_sections(self) -> None:
+        """Settings of different sections that cannot work together, refused when the config
+        is loaded rather than minutes into a run (each once failed only in its stage)."""
+        nb, metric = self.neighbors, self.neighbors.metric or self.index.metric
+        where = f"neighbors.metric is {metric!r}" if self.neighbors.metric else f"index.metric is {metric!r}"
+        if metric != "angular":
+            _require(
+                nb.rerank == "none",
+                "neighbors.rerank",
+                f"{nb.rerank!r} averages and weighs unit vectors and needs the angular metric, but {where}; " "set neighbors.rerank=none",
+            )
+            _require(nb.method != "lsh", "neighbors.method", f"'lsh' hashes by the angle between vectors, but {where}")
+            _require(
+                nb.method != "hierarchical" or metric == "dot",
+                "neighbors.method",
+                f"'hierarchical' re-ranks by inner product, but {where}",
+            )
+        _require(
+            nb.method != "hierarchical" or self.extract.binary_codes or bool(self.extract.head),
+            "neighbors.method",
+            "'hierarchical' searches binary codes; set extract.binary_codes=true or extract.head=<trained models>",
+        )
+        _require(
+            self.train.mode != "full" or self.extract.model.startswith("efficientnet-lite"),
+            "train.mode",
+            f"'full' fine-tunes EfficientNet-Lite backbones, but extract.model is {self.extract.model!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -559,6 +588,10 @@ class Config:
 def _require(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {why}")
+
+
+# The field types _coerce checks ("X | None" also admits null).
+FIELD_TYPES = ("bool", "int", "float", "str", "Mapping[str, str]")
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
@@ -595,7 +628,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: must be a string, got {value!r} ({type(value).__name__}); quote it in YAML")
         return value
-    return value
+    # Every field is one of the types above (tests/test_config.py checks each section): a new
+    # type must get its own check here rather than pass unchecked.
+    raise TypeError(f"{name}: the config has no check for fields of type {hint!r}")
 
 
 def _section(cls, section: str, raw: Any):
@@ -610,17 +645,8 @@ def _section(cls, section: str, raw: Any):
     return cls(**{k: _coerce(section, known[k], v) for k, v in raw.items()})
 
 
-_SECTIONS = {
-    "run": RunConfig,
-    "ingest": IngestConfig,
-    "extract": ExtractConfig,
-    "index": IndexConfig,
-    "neighbors": NeighborsConfig,
-    "evaluate": EvaluateConfig,
-    "dedup": DedupConfig,
-    "train": TrainConfig,
-    "spark": SparkConfig,
-}
+# section name -> its class, derived from Config (one place declares the sections)
+_SECTIONS = {f.name: type(f.default_factory()) for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

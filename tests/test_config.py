@@ -1,7 +1,10 @@
+import dataclasses
+import re
+
 import pytest
 
 from cbir_lib import config
-from cbir_lib.config import ConfigError
+from cbir_lib.config import Config, ConfigError, load
 
 
 def test_defaults_are_valid():
@@ -105,3 +108,43 @@ def test_index_and_neighbors_fields_are_validated(override, field):
 def test_min_recall_needs_a_sample():
     with pytest.raises(ConfigError, match="^neighbors.recall_sample"):
         config.load(None, ["neighbors.min_recall=0.9", "neighbors.recall_sample=0"])
+
+
+def test_sections_are_configs_fields_and_every_field_type_is_checked():
+    from cbir_lib.config import _SECTIONS, FIELD_TYPES
+
+    assert list(_SECTIONS) == [f.name for f in dataclasses.fields(Config)]
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            base = str(f.type).removesuffix(" | None")
+            assert base in FIELD_TYPES, f"{section}.{f.name}: {f.type} has no check in config._coerce"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "says"),
+    [
+        (["index.metric=euclidean"], "neighbors.rerank", "set neighbors.rerank=none"),
+        (["neighbors.metric=dot"], "neighbors.rerank", "neighbors.metric is 'dot'"),
+        (["index.metric=euclidean", "neighbors.rerank=none", "neighbors.method=lsh"], "neighbors.method", "'lsh'"),
+        (
+            ["index.metric=euclidean", "neighbors.rerank=none", "neighbors.method=hierarchical", "extract.binary_codes=true"],
+            "neighbors.method",
+            "inner product",
+        ),
+        (["neighbors.method=hierarchical"], "neighbors.method", "extract.binary_codes=true or extract.head"),
+        (["train.mode=full", "extract.model=vgg16"], "train.mode", "EfficientNet-Lite"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_at_load(overrides, field, says):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: .*{re.escape(says)}"):
+        load(None, overrides)
+
+
+def test_settings_across_sections_that_work_together_load():
+    for overrides in (
+        ["index.metric=euclidean", "neighbors.rerank=none"],
+        ["index.metric=dot", "neighbors.rerank=none", "neighbors.method=hierarchical", "extract.binary_codes=true"],
+        ["neighbors.method=hierarchical", "extract.binary_codes=true"],
+        ["train.mode=full", "extract.model=efficientnet-lite0"],
+    ):
+        load(None, overrides)
