@@ -340,36 +340,50 @@ def w_annoy_single(x, t):
     return build, secs, v, i, extrapolate
 
 
-def _write_embeddings(root: Path, ids: np.ndarray, x: np.ndarray) -> None:
-    """The vectors as an extract stage's committed embeddings run ``bench`` under ``root`` (untimed)."""
+def write_embeddings(
+    root: Path, ids: np.ndarray, x: np.ndarray, run_id: str = "bench", sha: list[str] | None = None, commit_id: str | None = None
+) -> None:
+    """The vectors as an extract stage's committed embeddings run ``run_id`` under ``root``
+    (untimed; a run already there is replaced). ``sha``: a ``content_sha256`` per row (what
+    tells an incremental index a changed image), ``commit_id``: the manifest's commit id."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from cbir_lib.vectors.arrow import vectors_array
 
-    emb = root / "embeddings" / "run=bench"
+    emb = root / "embeddings" / f"run={run_id}"
+    if emb.exists():
+        shutil.rmtree(emb)
     emb.mkdir(parents=True)
     step = 200_000
     for s in range(0, len(x), step):
         m = min(step, len(x) - s)
-        pq.write_table(
-            pa.table(
-                {
-                    "image_id": pa.array(ids[s : s + m]),
-                    "embedding": vectors_array(np.asarray(x[s : s + m])),
-                    "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
-                    "status": pa.array(["ok"] * m),
-                    "error": pa.array([None] * m, pa.string()),
-                }
-            ),
-            emb / f"part-{s // step:05d}.parquet",
+        cols = {"image_id": pa.array(ids[s : s + m])}
+        if sha is not None:
+            cols["content_sha256"] = pa.array(sha[s : s + m])
+        cols.update(
+            {
+                "embedding": vectors_array(np.asarray(x[s : s + m])),
+                "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+                "status": pa.array(["ok"] * m),
+                "error": pa.array([None] * m, pa.string()),
+            }
         )
+        pq.write_table(pa.table(cols), emb / f"part-{s // step:05d}.parquet")
     # The fields an extract run's manifest always has that the index stage reads: without
     # ``counts`` it counted the rows itself, a pass over every vector no user's run pays.
-    (emb / "_manifest.json").write_text(
-        json.dumps({"stage": "extract", "run_id": "bench", "dim": int(x.shape[1]), "counts": {"input": len(x), "ok": len(x), "failed": 0}})
-    )
-    (root / "embeddings" / "_LATEST").write_text("bench")
+    manifest = {"stage": "extract", "run_id": run_id, "dim": int(x.shape[1]), "counts": {"input": len(x), "ok": len(x), "failed": 0}}
+    if commit_id is not None:
+        manifest["commit_id"] = commit_id
+    (emb / "_manifest.json").write_text(json.dumps(manifest))
+    (root / "embeddings" / "_LATEST").write_text(run_id)
+
+
+def _job_args(root: Path) -> list[str]:
+    """The arguments every timed cbir job here runs with: the output root, local[2], 8g, run id bench."""
+    return ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench"]
 
 
 def w_cbir(x, t, ids=None, tmp=None):
@@ -378,8 +392,8 @@ def w_cbir(x, t, ids=None, tmp=None):
     import pyarrow.parquet as pq
 
     root = Path(tmp)
-    _write_embeddings(root, ids, x)
-    common = ["--output", str(root), "--master", "local[2]", "--set", "spark.conf.spark.driver.memory=8g", "--run-id", "bench"]
+    write_embeddings(root, ids, x)
+    common = _job_args(root)
     extra = os.environ.get("CBIR_BENCH_ARGS", "").split()
     index_args = ["index.forests=false", *[a for a in extra if a.startswith("index.")]]
     nb_args = [
@@ -464,22 +478,10 @@ def w_cbir_lsh(x, t, ids=None, tmp=None):
     from cbir_lib.config import Config
 
     root = Path(tmp)
-    _write_embeddings(root, ids, x)
+    write_embeddings(root, ids, x)
     t0 = time.perf_counter()
     out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "build_index.py"),
-            "--output",
-            str(root),
-            "--master",
-            "local[2]",
-            "--set",
-            "spark.conf.spark.driver.memory=8g",
-            "--run-id",
-            "bench",
-            "index.forests=false",
-        ],
+        [sys.executable, str(ROOT / "jobs" / "build_index.py"), *_job_args(root), "index.forests=false"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -56,36 +56,10 @@ SAMPLE = 500
 def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, versions: np.ndarray) -> None:
     """A committed embeddings snapshot; ``content_sha256`` stands for the image's content
     (its id and version: a changed image gets a new version)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from all_pairs import write_embeddings as write
 
-    from cbir_lib.vectors.arrow import vectors_array
-
-    emb = root / "embeddings" / f"run={run_id}"
-    if emb.exists():
-        shutil.rmtree(emb)
-    emb.mkdir(parents=True)
-    step = 200_000
-    for s in range(0, len(x), step):
-        m = min(step, len(x) - s)
-        sha = [hashlib.sha256(f"{i}:{v}".encode()).hexdigest() for i, v in zip(ids[s : s + m], versions[s : s + m], strict=True)]
-        pq.write_table(
-            pa.table(
-                {
-                    "image_id": pa.array(ids[s : s + m]),
-                    "content_sha256": pa.array(sha),
-                    "embedding": vectors_array(np.asarray(x[s : s + m])),
-                    "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
-                    "status": pa.array(["ok"] * m),
-                    "error": pa.array([None] * m, pa.string()),
-                }
-            ),
-            emb / f"part-{s // step:05d}.parquet",
-        )
-    (emb / "_manifest.json").write_text(
-        json.dumps({"run_id": run_id, "dim": int(x.shape[1]), "commit_id": f"bench-{run_id}", "counts": {"ok": int(len(x))}})
-    )
-    (root / "embeddings" / "_LATEST").write_text(run_id)
+    sha = [hashlib.sha256(f"{i}:{v}".encode()).hexdigest() for i, v in zip(ids, versions, strict=True)]
+    write(root, ids, x, run_id, sha=sha, commit_id=f"bench-{run_id}")
 
 
 def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:

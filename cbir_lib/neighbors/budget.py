@@ -139,8 +139,6 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
     the cached one is dropped *before* another is read, so a task never holds two store groups
     at once. The task's own query group is held by its :class:`Sweep`, not here.
     """
-    import pyarrow.parquet as pq
-
     key = (spec["groups_uri"], g)
     if key in _GROUPS:
         return _GROUPS[key]
@@ -149,11 +147,10 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
 
     files = remote.Files(**spec.get("files", {}))
     uri = f"{spec['groups_uri']}/group={g}"
-    fs_, path, _ = remote._filesystem(files, uri)
     names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
     r = spec.get("reduced_dim")
     columns = ["pos", "cell", "image_id", "vector", *(["reduced"] if r else [])]
-    tables = [pq.read_table(f"{path}/{n}", columns=columns, filesystem=fs_) for n in names]
+    tables = [remote.read_parquet(files, f"{uri}/{n}", columns) for n in names]
     xr = None
     if tables:
         import pyarrow as pa

@@ -177,11 +177,10 @@ def dense_search(
     once (:func:`~cbir_lib.vectors.topk.finish_shortlist`), with the same result.
     """
     m = probes.shape[0]
-    reduced = shortlist is not None and store.reduced is not None and store.projection is not None
     vectors, sq = store.vectors, store.sqnorm
-    width, q, x = k, queries, vectors
+    width, q, x, reduced = k, queries, vectors, False
     if shortlist is not None and store.reduced is not None and store.projection is not None:
-        width, q, x = max(int(shortlist), k), project(queries, store.projection), store.reduced
+        width, q, x, reduced = max(int(shortlist), k), project(queries, store.projection), store.reduced, True
     found = _gather(store, q, x, query_ids, probes, width, exclude_self, thresholds) if m else None
     if found is None:
         return empty_shortlist(m, width) if reduced and raw else empty(m, k)

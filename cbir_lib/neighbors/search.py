@@ -1014,7 +1014,6 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
             spark, fs.join(index["uri"], STORE), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex)
         )
     first, last = budget.groups_of_cells(offsets, bounds)
-    files = remote.settings_from_hadoop(spark)
     log.info(
         "neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20
     )
@@ -1025,7 +1024,6 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
         "bounds": bounds.tolist(),
         "forests_uri": fs.join(index["uri"], FORESTS),
         "cell_groups": [first.tolist(), last.tolist()],
-        "files": {"s3": files.s3},
     }
 
 
