@@ -345,7 +345,9 @@ def write_embeddings(
 ) -> None:
     """The vectors as an extract stage's committed embeddings run ``run_id`` under ``root``
     (untimed; a run already there is replaced). ``sha``: a ``content_sha256`` per row (what
-    tells an incremental index a changed image), ``commit_id``: the manifest's commit id."""
+    tells an incremental index a changed image; by default the vector's own bytes' hash,
+    as every extract run has one), ``commit_id``: the manifest's commit id."""
+    import hashlib
     import shutil
 
     import pyarrow as pa
@@ -353,6 +355,8 @@ def write_embeddings(
 
     from cbir_lib.vectors.arrow import vectors_array
 
+    if sha is None:
+        sha = [hashlib.sha256(v.tobytes()).hexdigest() for v in np.asarray(x, np.float32)]
     emb = root / "embeddings" / f"run={run_id}"
     if emb.exists():
         shutil.rmtree(emb)
@@ -361,8 +365,7 @@ def write_embeddings(
     for s in range(0, len(x), step):
         m = min(step, len(x) - s)
         cols = {"image_id": pa.array(ids[s : s + m])}
-        if sha is not None:
-            cols["content_sha256"] = pa.array(sha[s : s + m])
+        cols["content_sha256"] = pa.array(sha[s : s + m])
         cols.update(
             {
                 "embedding": vectors_array(np.asarray(x[s : s + m])),

@@ -40,6 +40,9 @@ BUILTIN_MODELS = (
 )
 
 
+EXECUTIONS = ("auto", "driver", "executors")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_root: str = "output"
@@ -50,9 +53,18 @@ class RunConfig:
     # back to an older run: what a scheduler needs so that a retry, a re-run of an old date
     # or a backfill of several dates each gives that date's own complete run.
     pin_inputs: bool = False
+    # Where the index and neighbours stages run their vector work: auto | driver | executors.
+    # auto: in this process for a collection of at most driver_max_mb of vectors where
+    # Spark's fixed costs outweigh the executors' parallelism (always in local mode, whose
+    # executors are this machine's cores), else on the executors. The outputs are the same
+    # either way (cbir_lib/common/inprocess.py).
+    execution: str = "auto"
+    driver_max_mb: int = 1024
 
     def validate(self) -> None:
         _require(bool(self.output_root), "run.output_root", "must be a path or URI")
+        _require(self.execution in EXECUTIONS, "run.execution", f"must be one of {EXECUTIONS}, got {self.execution!r}")
+        _require(self.driver_max_mb >= 0, "run.driver_max_mb", "must be >= 0 (0: never the driver under auto)")
         if self.pin_inputs:
             _require(self.run_id is not None, "run.run_id", "is required when run.pin_inputs is true")
         if self.run_id is not None:

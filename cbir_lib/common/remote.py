@@ -206,6 +206,15 @@ def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str) -> Non
         pq.write_table(table, final_path, filesystem=fs_)
 
 
+def write_parquet(files: Files, table, uri: str, row_group_size: int | None = None) -> None:
+    """Write ``table`` at ``uri`` as it comes (inside a directory that is committed whole)."""
+    import pyarrow.parquet as pq
+
+    fs_, path, _ = _filesystem(files, uri)
+    fs_.create_dir(os.path.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=fs_, row_group_size=row_group_size)
+
+
 def write_bytes(files: Files, uri: str, data: bytes, tmp_dir_uri: str) -> None:
     """Write ``data`` so that ``uri`` appears whole or not at all (as :func:`commit_parquet`)."""
     fs_, final_path, atomic_rename = _filesystem(files, uri)

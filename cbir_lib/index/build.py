@@ -31,7 +31,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import fs, layout, lease, tables
+from cbir_lib.common import fs, inprocess, layout, lease, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
@@ -86,8 +86,7 @@ def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int, work_uri: str) 
 
     spark = emb.sparkSession
     files = remote.settings_from_hadoop(spark)
-    fraction = min(1.0, 1.2 * n_rows / n)
-    picked = emb.sample(fraction=fraction, seed=seed)
+    picked = emb.filter(sample_filter(sample_fraction(n_rows, n), seed))
     written = picked.mapInArrow(_sample_files(dim, work_uri, files), "uri string, rows long").collect()
     tables_ = []
     for row in written:
@@ -103,6 +102,36 @@ def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int, work_uri: str) 
     # trains the same cells on every run.
     order = np.argsort(keys, kind="stable")[:n_rows]
     return np.ascontiguousarray(x[order])
+
+
+def sample_fraction(n_rows: int, n: int) -> float:
+    """The share of rows hashed into the sample: 20 % over ``n_rows``, so that ``n_rows`` are nearly always there."""
+    return min(1.0, 1.2 * n_rows / max(1, n))
+
+
+SAMPLE_BITS = 53  # a hash's low bits compared with the sampled fraction of 2**53
+
+
+def sample_threshold(fraction: float) -> int:
+    return int(min(1.0, fraction) * 2**SAMPLE_BITS)
+
+
+def sampled(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each image is in the training sample: ``xxhash64(seed, image_id)``'s low
+    bits under ``fraction``, in numpy. :func:`sample_filter` is the same test as a Spark
+    column, so the executors and the driver (:func:`_build_in_process`) pick the same rows
+    whatever the partitioning (Spark's ``sample`` depends on it)."""
+    from cbir_lib.common.sparkhash import xxhash64
+
+    return (xxhash64(seed, ids) & (2**SAMPLE_BITS - 1)) < sample_threshold(fraction)
+
+
+def sample_filter(fraction: float, seed: int):
+    """:func:`sampled` as a Spark column: rows leave the JVM only if sampled."""
+    from pyspark.sql import functions as F
+
+    h = F.xxhash64(F.lit(seed).cast("long"), F.col("image_id").cast("long"))
+    return h.bitwiseAND(F.lit(2**SAMPLE_BITS - 1)) < F.lit(sample_threshold(fraction))
 
 
 def _sample_files(dim: int, work_uri: str, files):
@@ -128,6 +157,75 @@ def _sample_files(dim: int, work_uri: str, files):
         yield pa.RecordBatch.from_arrays([pa.array([uri]), pa.array([table.num_rows], pa.int64())], names=["uri", "rows"])
 
     return fn
+
+
+def read_vectors(spark, emb, emb_uri: str, emb_run: str, dim: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, fps, prepared vectors)`` of an embeddings run's ok rows, sorted by id, read
+    in this process: the vectors by pyarrow, file by file, from the run's Parquet parts;
+    the fingerprints (a hash of the content hash, as the executors compute it) by Spark,
+    16 bytes a row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
+
+    from cbir_lib.common import remote
+
+    files = remote.settings_from_hadoop(spark)
+    run = tables.run_dir(emb_uri, emb_run)
+    names = [n for n in sorted(fs.list_names(spark, run)) if n.endswith(".parquet") and not n.startswith(("_", "."))]
+    with ThreadPoolExecutor(1) as pool:  # Spark's job runs while this process reads the vectors (1.9 s of 6.6 at 70k)
+        keys_ = pool.submit(lambda: emb.select("image_id", "fp").toArrow())
+        ids, xs = [], []
+        for name in names:
+            t = remote.read_parquet(files, fs.join(run, name), ["image_id", "status", "embedding"])
+            ok = pc.equal(t.column("status"), "ok")
+            if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
+                t = t.filter(ok)
+            if t.num_rows:
+                ids.append(t.column("image_id").to_numpy())
+                xs.append(prepare(to_numpy(t, "embedding", dim), metric))
+            del t
+        keys = keys_.result()
+    key_ids, fps = keys.column("image_id").to_numpy(), keys.column("fp").to_numpy()
+    ids_ = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    order = np.argsort(ids_, kind="stable")
+    key_order = np.argsort(key_ids, kind="stable")
+    if not np.array_equal(ids_[order], key_ids[key_order]):
+        raise RuntimeError(f"build_index: the ok rows of {run} read in this process are not the ones Spark reads")
+    x = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
+    return ids_[order], fps[key_order], np.ascontiguousarray(x[order])
+
+
+def write_store_in_process(
+    spark, rows: tuple, centroids_bytes: bytes | None, metric: str, n_cells: int, reduction_bytes: bytes | None, n_parts: int, uri: str
+) -> np.ndarray:
+    """The store of ``rows`` (from :func:`read_vectors`) written by pyarrow as ``n_parts``
+    files, each vector assigned as :func:`_assign_cells` assigns it; its vectors per cell."""
+    import pyarrow as pa
+
+    from cbir_lib.common import remote
+    from cbir_lib.common.sparkhash import xxhash64
+
+    ids, fps, x = rows
+    centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
+    basis = np.load(io.BytesIO(reduction_bytes)) if reduction_bytes else None
+    step = vector_batch(x.shape[1])  # the executors' batch: the same products, the same cells
+    if centroids is not None:
+        cells = np.concatenate(
+            [assign(x[s : s + step], centroids, metric)[:, 0] for s in range(0, len(x), step)] or [np.zeros(0, np.int64)]
+        )
+    else:  # Spark's pmod(xxhash64(image_id), n_cells)
+        cells = np.mod(xxhash64(ids), n_cells)
+    cells = cells.astype(np.int32)
+    files = remote.settings_from_hadoop(spark)
+    per_row = 4 * (x.shape[1] + (basis.shape[1] if basis is not None else 0))
+    for j, (lo, hi) in enumerate((i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)):
+        cols = [pa.array(cells[lo:hi]), pa.array(ids[lo:hi]), vectors_binary(x[lo:hi]), pa.array(fps[lo:hi])]
+        if basis is not None:
+            cols.append(vectors_binary(reduce.project(x[lo:hi], basis)))
+        table = pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
+        remote.write_parquet(files, table, fs.join(uri, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // per_row))
+    return np.bincount(cells, minlength=n_cells).astype(np.int64)
 
 
 def _bytes_of(value: str) -> int | None:
@@ -361,6 +459,28 @@ def _run_build_index(spark, cfg: Config) -> dict:
         log.info("build_index: a full build instead of an incremental one: %s", full_reason)
         timings["incremental_check_s"] = round(time.time() - started_inc, 3)
 
+    # In this process or on the executors (cbir_lib/common/inprocess.py): the same index.
+    reduced_dim = ic.reduced_dim if ic.partitioning == "kmeans" and reduce.applies(dim, ic.reduced_dim) else 0
+    on_driver, why = inprocess.choose(
+        cfg.run.execution,
+        local=spark.sparkContext.master.startswith("local"),
+        store_bytes=n * 4 * ((dim or 1) + reduced_dim),
+        driver_max_bytes=inprocess.driver_max_bytes(spark, cfg.run.driver_max_mb),
+        grouped=False,
+        work_flops=2.0 * n * (dim or 1) * (reduced_dim or (dim or 1)) + 2.0 * n * n_cells * (reduced_dim or dim or 1),
+        driver_cores=inprocess.driver_threads(spark),
+        slots=spark.sparkContext.defaultParallelism,
+    )
+    execution = {"where": "driver" if on_driver else "executors", "why": why}
+    log.info("build_index: vectors on the %s (%s)", execution["where"], why)
+    rows = None
+    if on_driver:
+        with timer(f"reading {n} vectors in this process") as t:
+            rows = read_vectors(spark, emb, emb_uri, emb_run, dim, ic.metric)
+        timings["read_s"] = round(t["seconds"], 3)
+        if len(rows[0]) != n:
+            raise RuntimeError(f"build_index: {n} ok vectors counted but {len(rows[0])} read from {emb_uri} run {emb_run}")
+
     centroids = None
     trained_on = None
     reduction, reduction_bytes = None, None
@@ -369,10 +489,12 @@ def _run_build_index(spark, cfg: Config) -> dict:
         # The sample is bounded in bytes as well as rows (40,448 x 1,280 floats through
         # toArrow() overflowed Spark's default 1 GB driver), and streamed in small chunks.
         n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000), max(2, ic.train_sample_mb * 2**20 // (4 * (dim or 1))))
-        with timer(f"streaming a training sample of {n_train}") as t:
-            sample = prepare(
-                stream_sample(emb, n, n_train, dim, ic.seed, fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")), ic.metric
-            )
+        with timer(f"{'taking' if rows else 'streaming'} a training sample of {n_train}") as t:
+            if rows:  # the rows stream_sample takes: sampled by id hash, sorted by id, the first n_train
+                sample = np.ascontiguousarray(rows[2][sampled(rows[0], sample_fraction(n_train, n), ic.seed)][:n_train])
+            else:
+                work = fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")
+                sample = prepare(stream_sample(emb, n, n_train, dim, ic.seed, work), ic.metric)
             trained_on = len(sample)
         timings["sample_s"] = round(t["seconds"], 3)
         train_on = sample
@@ -439,14 +561,21 @@ def _run_build_index(spark, cfg: Config) -> dict:
         "forests": FORESTS if ic.forests else None,
         "ann_files": ANN if ic.forests and ic.export_ann_files else None,
         "packages": package_versions(),
+        "execution": execution,
     }
 
     def write(tmp: str) -> None:
         with timer("assigning vectors to cells and writing the store") as t:
-            store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+            if rows:
+                counts = write_store_in_process(
+                    spark, rows, centroids_bytes, ic.metric, n_cells, reduction_bytes, n_parts, fs.join(tmp, STORE)
+                )
+            else:
+                store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
-        written = spark.read.parquet(fs.join(tmp, STORE))
-        counts = store_counts(written, n_cells)
+        written = spark.read.parquet(fs.join(tmp, STORE)) if ic.forests or not rows else None
+        if not rows:
+            counts = store_counts(written, n_cells)
         if int(counts.sum()) != n:
             raise RuntimeError(f"build_index: {n} vectors in but {int(counts.sum())} in the store")
         manifest["counts"] = cell_counts(counts)

@@ -40,7 +40,7 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import faults, fs, layout, lease, remote, shards, tables
+from cbir_lib.common import faults, fs, inprocess, layout, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.build import (
@@ -130,12 +130,15 @@ def local_store(spec: dict) -> CellStore:
     if key in _STORES:
         return _STORES[key]
     reduced = bool(spec.get("reduced_dim"))
+    if inprocess.active():  # the driver's own copy, in memory: no .npy files for one process
+        cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+        _check_cells(spec, cells, ids)
+        _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
+        return _STORES[key]
 
     def build(tmp: str) -> None:
         cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
-        counts = np.diff(np.asarray(spec["offsets"]))
-        if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
-            raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
+        _check_cells(spec, cells, ids)
         np.save(os.path.join(tmp, "ids.npy"), ids)
         np.save(os.path.join(tmp, "vectors.npy"), x)
         if reduced:
@@ -145,11 +148,20 @@ def local_store(spec: dict) -> CellStore:
     ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
     x = np.load(os.path.join(d, "vectors.npy"), mmap_mode="r")
     xr = np.load(os.path.join(d, "reduced.npy"), mmap_mode="r") if reduced else None
+    _STORES[key] = _cell_store(spec, np.asarray(ids), x, xr)
+    return _STORES[key]
+
+
+def _check_cells(spec: dict, cells: np.ndarray, ids: np.ndarray) -> None:
+    counts = np.diff(np.asarray(spec["offsets"]))
+    if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
+        raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
+
+
+def _cell_store(spec: dict, ids: np.ndarray, x: np.ndarray, xr: np.ndarray | None) -> CellStore:
     centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
-    projection = np.load(io.BytesIO(spec["projection"])) if reduced else None
-    store = CellStore(np.asarray(ids), x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"], xr, projection)
-    _STORES[key] = store
-    return store
+    projection = np.load(io.BytesIO(spec["projection"])) if xr is not None else None
+    return CellStore(ids, x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"], xr, projection)
 
 
 def local_forests(spec: dict):
@@ -213,7 +225,9 @@ def _task_threads() -> int:
     from pyspark import TaskContext
 
     ctx = TaskContext.get()
-    return ctx.cpus() if ctx is not None else os.cpu_count() or 1
+    if ctx is not None:
+        return ctx.cpus()
+    return inprocess.threads() if inprocess.active() else os.cpu_count() or 1
 
 
 def _use_tf(device: str) -> bool:
@@ -483,6 +497,11 @@ def run_neighbors(spark, cfg: Config) -> dict:
 
 
 def _run_neighbors(spark, cfg: Config) -> dict:
+    with contextlib.ExitStack() as stack:  # holds the in-process runner, where one is chosen
+        return _run_neighbors_in(spark, cfg, stack)
+
+
+def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     from pyspark.sql import functions as F
 
     started = time.time()
@@ -612,6 +631,28 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             except incremental.NotIncremental as exc:
                 full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
+    # Where the tasks run: the driver itself for a store it can hold where Spark's fixed
+    # costs would outweigh the executors' parallelism (cbir_lib/neighbors/inprocess.py).
+    on_driver, why = inprocess.choose(
+        cfg.run.execution,
+        local=sc.master.startswith("local"),
+        store_bytes=store_bytes,
+        driver_max_bytes=inprocess.driver_max_bytes(spark, cfg.run.driver_max_mb),
+        grouped=grouped,
+        work_flops=2.0 * n * min(n, nprobe * n / max(1, n_cells)) * int(index["dim"]),
+        driver_cores=inprocess.driver_threads(spark),
+        slots=slots,
+    )
+    memory["execution"] = {"where": "driver" if on_driver else "executors", "why": why}
+    log.info("neighbors: tasks on the %s (%s)", memory["execution"]["where"], why)
+    if on_driver:
+        grouped = False  # the driver holds the whole store: memory_budget is the executors'
+        memory["layout"] = "broadcast"
+        store_files = store_files or part_uris(spark, fs.join(index["uri"], STORE))
+        spec.update(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
+        if method == "annoy" and not spec["forest_files"]:
+            spec["forest_files"] = part_uris(spark, fs.join(index["uri"], FORESTS))
+        sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), _STORES, _FORESTS))
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
@@ -627,7 +668,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     if grouped:
         sample = budget.sample_queries(spark, spec["groups_uri"], sample_pos, int(index["dim"])) if sample_pos.size else None
     else:
-        with timer("loading the store on the executors") as t:
+        with timer(f"loading the store on the {memory['execution']['where']}") as t:
             _warm_store(sc, spec, slots)
         timings["store_load_s"] = round(t["seconds"], 3)
     if sample_pos.size and method != "exact":
@@ -658,7 +699,8 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             spec["nprobe"] = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
-            if secs * n / sample_pos.size / slots > timings["exact_extrapolated_s"]:
+            # (In process both ran on every core.)
+            if secs * n / sample_pos.size / (1 if on_driver else slots) > timings["exact_extrapolated_s"]:
                 method = spec["method"] = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
@@ -703,11 +745,7 @@ def _run_neighbors(spark, cfg: Config) -> dict:
             if name in done:
                 continue
             units = split_rows(offsets, lo, hi, max(1, min(4 * slots, -(-(hi - lo) // nb.query_block))))
-            df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
-            out = df.mapInArrow(_search_ranges(spec), NEIGHBORS_DDL)
-            tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
-            out.write.mode("overwrite").parquet(tmp)
-            fs.rename(spark, tmp, fs.join(parts_dir, name))
+            _write_ranges(spark, sc, _search_ranges(spec), units, NEIGHBORS_DDL, fs.join(parts_dir, name), fs.join(work_dir, "_tmp"), spec)
             searched += hi - lo
     if not grouped:
         timings["search_s"] = round(t["seconds"], 3)
@@ -716,8 +754,13 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         if not grouped
         else shards.winners([p for p in fs.list_names(spark, parts_dir) if p.endswith(".parquet")])
     )
+    # In process the lists stay in Arrow and are committed from here (the Spark commit of
+    # 700k rows cost 7.3 s as the JVM's first real job at 70k); k-reciprocal is a Spark plan.
+    in_arrow = on_driver and not kr_on
     raw = (
-        spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected])
+        _read_parts(spec, [fs.join(parts_dir, p) for p in expected], spark)
+        if in_arrow
+        else spark.read.schema(NEIGHBORS_DDL).parquet(*[fs.join(parts_dir, p) for p in expected])
         if expected
         else spark.createDataFrame([], NEIGHBORS_DDL)
     )
@@ -763,7 +806,6 @@ def _run_neighbors(spark, cfg: Config) -> dict:
         with timer(f"k-reciprocal re-ranking of {n} lists ({spec['k']} deep)") as t:
             raw, kr_stats = _k_reciprocal(spark, raw, nb, work_dir)
         timings["k_reciprocal_s"] = round(t["seconds"], 3)
-    final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
     n_files = _output_files(spark, n)
     manifest = {
         **manifest_head(run_id, index, params, cfg, method, spec),
@@ -801,16 +843,22 @@ def _run_neighbors(spark, cfg: Config) -> dict:
     manifest["wall_seconds"] = round(time.time() - started, 3)
     with timer("committing the neighbours table"):
         # A full run may change any list: _changes names every image, kind "rebuilt".
-        rebuilt = (
-            spark.read.parquet(fs.join(index["uri"], STORE))
-            .select("image_id")
-            .withColumn("kind", F.lit("rebuilt"))
-            .withColumn("neighbors_run_id", F.lit(run_id))
-        )
-        commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), table, run_id, manifest, cfg)
+        if in_arrow:
+            ids = np.sort(np.asarray(local_store(base_spec).ids))
+            commit_arrow_lists(spark, raw, ids, nb.k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
+            final = None
+        else:
+            final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
+            rebuilt = (
+                spark.read.parquet(fs.join(index["uri"], STORE))
+                .select("image_id")
+                .withColumn("kind", F.lit("rebuilt"))
+                .withColumn("neighbors_run_id", F.lit(run_id))
+            )
+            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), table, run_id, manifest, cfg)
     faults.point("neighbors.between_commits")
     if nb.pairs:
-        _commit_pairs(spark, cfg, root, final, run_id, n_files)
+        _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)
     fs.delete(spark, work_dir)
     if grouped:
         fs.delete(spark, spec["groups_uri"])
@@ -866,6 +914,67 @@ def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manif
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
 
     return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def _read_parts(spec: dict, dirs: list[str], spark):
+    """The search's committed parts (directories of Parquet files) as one Arrow table."""
+    import pyarrow as pa
+
+    files = remote.Files(**spec.get("files", {}))
+    tables_ = [remote.read_parquet(files, u, ["image_id", "rank", "neighbor_id", "score"]) for d in dirs for u in part_uris(spark, d)]
+    return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
+
+
+def commit_arrow_lists(
+    spark,
+    lists,
+    ids: np.ndarray,
+    k: int,
+    min_score: float | None,
+    n_files: int,
+    table: str,
+    run_id: str,
+    manifest: dict,
+    cfg: Config,
+    spec: dict,
+) -> str:
+    """:func:`commit_lists` for lists held in this process as an Arrow table: the same
+    snapshot (table, ``_reserve/``, ``_changes/`` naming every image ``rebuilt``), written
+    by pyarrow instead of Spark tasks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.less_equal(lists.column("rank"), k)
+    if min_score is not None:
+        keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
+
+    def with_run(t):  # not null, as Spark's lit() writes it
+        return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
+
+    public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
+    changes = with_run(
+        pa.table(
+            [pa.array(ids, pa.int64()), pa.repeat(pa.scalar("rebuilt"), len(ids))],
+            schema=pa.schema([("image_id", pa.int64()), pa.field("kind", pa.string(), nullable=False)]),
+        )
+    )
+    files = remote.Files(**spec.get("files", {}))
+
+    def write(tmp: str) -> None:
+        for sub, t in (("", public), (RESERVE, reserve), (CHANGES, changes)):
+            d = fs.join(tmp, sub) if sub else tmp
+            step = -(-t.num_rows // n_files) if t.num_rows else 1
+            for j, lo in enumerate(range(0, max(1, t.num_rows), step)):
+                remote.write_parquet(files, t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet"))
+        manifest.setdefault("counts", {})["rows"] = public.num_rows
+
+    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def _arrow_schema(ddl: str):
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.type_for_alias(_ARROW_TYPES[kind])) for name, kind in (f.split() for f in ddl.split(","))])
 
 
 def read_lists(spark, manifest: dict):
@@ -975,13 +1084,8 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
     dba_dir = fs.join(work_dir, "dba_store")
     if not fs.exists(spark, dba_dir):
         units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
-        df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
-        tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
-        df.mapInArrow(
-            _augment_ranges({**spec, "expand": False}),
-            "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else ""),
-        ).write.mode("overwrite").parquet(tmp)
-        fs.rename(spark, tmp, dba_dir)
+        ddl = "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")
+        _write_ranges(spark, sc, _augment_ranges({**spec, "expand": False}), units, ddl, dba_dir, fs.join(work_dir, "_tmp"), spec)
     files = part_uris(spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
     spec = {
@@ -1037,6 +1141,27 @@ def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> 
     )
     committed = [s for s in stats if s["outcome"] == "committed"]
     return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
+
+
+_ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string"}
+
+
+def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: dict) -> None:
+    """``fn`` (a mapInArrow function over ``(lo, hi)`` row ranges) applied to ``units``, its
+    batches written as Parquet under ``out_dir``, which appears whole or not at all: by
+    Spark tasks, or in this process under :mod:`~cbir_lib.neighbors.inprocess`."""
+    tmp = fs.join(tmp_root, uuid.uuid4().hex)
+    if isinstance(sc, inprocess.InProcess):
+        import pyarrow as pa
+
+        schema = _arrow_schema(ddl)
+        ranges = pa.RecordBatch.from_arrays([pa.array([int(u[i]) for u in units], pa.int64()) for i in (0, 1)], names=["lo", "hi"])
+        table = pa.Table.from_batches(list(fn(iter([ranges]))), schema=schema)
+        remote.commit_parquet(remote.Files(**spec.get("files", {})), table, fs.join(tmp, "part-00000.parquet"), fs.join(tmp_root, "_files"))
+    else:
+        df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
+        df.mapInArrow(fn, ddl).write.mode("overwrite").parquet(tmp)
+    fs.rename(spark, tmp, out_dir)
 
 
 def _warm_store(sc, spec: dict, slots: int) -> None:

@@ -51,3 +51,18 @@ def test_build_index_at_the_default_dimension_keeps_the_sample_within_its_bytes(
     m = run_build_index(spark, cfg)
     trained = m["centroids"]["trained_on"]
     assert 0 < trained <= 2 * 2**20 // (4 * dim) and m["counts"]["vectors"] == n
+
+
+def test_the_driver_takes_the_rows_the_tasks_take(spark, tmp_path):
+    """The sample is an id hash (Spark's xxhash64, filtered in the JVM), so a process that
+    reads the table itself picks the very rows stream_sample streams."""
+    rng = np.random.default_rng(1)
+    n, dim = 4000, 16
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = np.unique(rng.integers(-(2**62), 2**62, n + 10))[:n].astype(np.int64)
+    emb = spark.createDataFrame([(int(i), v.tolist()) for i, v in zip(ids, x, strict=True)], "image_id long, embedding array<float>")
+    streamed = build.stream_sample(emb.repartition(3), n, 900, dim, 5, str(tmp_path / "s"))
+    order = np.argsort(ids)
+    keep = build.sampled(ids[order], build.sample_fraction(900, n), 5)
+    np.testing.assert_array_equal(streamed, x[order][keep][:900])
+    assert 0.15 < keep.mean() < 0.4  # about 1.2 x 900 / 4000
