@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 # Set while an InProcess block runs: the stage's store and thread helpers read them.
-_ACTIVE: dict[str, Any] = {"on": False, "threads": 1}
+# "threads": the driver's cores; "blas": BLAS threads for the slice running now (all of
+# them for a lone slice, one each while slices run side by side).
+_ACTIVE: dict[str, Any] = {"on": False, "threads": 1, "blas": 1}
+LOCK = threading.Lock()  # held while a slice loads what the others share (the store)
 
 # The cost model of neighbors.execution=auto off local mode (see choose()).
 SPARK_FIXED_S = 10.0  # store load on the executors and the stage's jobs, measured 8-12 s at 70k-100k here
@@ -37,11 +42,19 @@ def active() -> bool:
 
 
 def threads() -> int:
-    return int(_ACTIVE["threads"])
+    """BLAS threads for the partition function running now."""
+    return int(_ACTIVE["blas"])
 
 
 class _Slices:
-    """What ``parallelize`` returns: the items in ``n`` slices, as Spark cuts them."""
+    """What ``parallelize`` returns: the items in ``n`` slices, as Spark cuts them.
+
+    ``mapPartitions`` runs the slices side by side on the driver's cores, each with one
+    BLAS thread, as Spark's tasks would (numpy releases the GIL in its products, sorts and
+    gathers); a lone slice gets every core's BLAS thread instead. Measured at 1M x 256:
+    one process with two BLAS threads searched in 179 s what two tasks searched in 144 s,
+    as most products there are small (a cell of ~500 rows).
+    """
 
     def __init__(self, items: list, n: int):
         n = max(1, min(n, len(items))) if items else 1
@@ -54,7 +67,17 @@ class _Slices:
 
     def mapPartitions(self, fn: Callable[[Iterator], Iterable]) -> _Slices:  # noqa: N802 - Spark's name
         out = _Slices([], 1)
-        out.slices = [list(fn(iter(s))) for s in self.slices]
+        workers = min(len(self.slices), int(_ACTIVE["threads"]))
+        if workers <= 1:
+            _ACTIVE["blas"] = _ACTIVE["threads"]
+            out.slices = [list(fn(iter(s))) for s in self.slices]
+            return out
+        _ACTIVE["blas"] = 1
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="cbir-slice") as pool:
+                out.slices = list(pool.map(lambda s: list(fn(iter(s))), self.slices))
+        finally:
+            _ACTIVE["blas"] = _ACTIVE["threads"]
         return out
 
     def collect(self) -> list:
@@ -78,11 +101,11 @@ def running(threads: int, *caches: dict):
     What they put in ``caches`` (the stage's loaded stores and forests) is dropped when it
     ends, so a long-lived driver (a notebook, Airflow's worker) does not keep the store."""
     before = [set(c) for c in caches]
-    _ACTIVE.update(on=True, threads=max(1, threads))
+    _ACTIVE.update(on=True, threads=max(1, threads), blas=max(1, threads))
     try:
         yield InProcess(threads)
     finally:
-        _ACTIVE.update(on=False, threads=1)
+        _ACTIVE.update(on=False, threads=1, blas=1)
         for cache, keys in zip(caches, before, strict=True):
             for key in set(cache) - keys:
                 cache.pop(key, None)

@@ -131,9 +131,11 @@ def local_store(spec: dict) -> CellStore:
         return _STORES[key]
     reduced = bool(spec.get("reduced_dim"))
     if inprocess.active():  # the driver's own copy, in memory: no .npy files for one process
-        cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
-        _check_cells(spec, cells, ids)
-        _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
+        with inprocess.LOCK:  # slices side by side: one loads it, the others wait for it
+            if key not in _STORES:
+                cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+                _check_cells(spec, cells, ids)
+                _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
         return _STORES[key]
 
     def build(tmp: str) -> None:
@@ -1155,8 +1157,13 @@ def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir
         import pyarrow as pa
 
         schema = _arrow_schema(ddl)
-        ranges = pa.RecordBatch.from_arrays([pa.array([int(u[i]) for u in units], pa.int64()) for i in (0, 1)], names=["lo", "hi"])
-        table = pa.Table.from_batches(list(fn(iter([ranges]))), schema=schema)
+        # As many slices as the driver has cores, each a contiguous run of ranges (cells stay together).
+        w = max(1, min(len(units), sc.defaultParallelism))
+        groups = [units[i * len(units) // w : (i + 1) * len(units) // w] for i in range(w)]
+        batches = [
+            pa.RecordBatch.from_arrays([pa.array([int(u[i]) for u in g], pa.int64()) for i in (0, 1)], names=["lo", "hi"]) for g in groups
+        ]
+        table = pa.Table.from_batches(sc.parallelize(batches, len(batches)).mapPartitions(fn).collect(), schema=schema)
         remote.commit_parquet(remote.Files(**spec.get("files", {})), table, fs.join(tmp, "part-00000.parquet"), fs.join(tmp_root, "_files"))
     else:
         df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
