@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -83,6 +84,8 @@ class RecallTooLow(RuntimeError):
 
 _STORES: dict[str, CellStore] = {}
 _FORESTS: dict[str, object] = {}
+# What is built from a store once per process; in process, slices side by side build it once.
+_BUILDING = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -284,9 +287,10 @@ def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, sp
     the executor and an expanded query (QE, DBA) gets the code of its expanded vector."""
     thresholds = np.load(io.BytesIO(spec["code_thresholds"]))
     key = spec["store_key"]
-    if key not in _CODE_INDEXES:
-        codes = np.concatenate([threshold(store.vectors[i : i + 65536], thresholds) for i in range(0, len(store.vectors), 65536)])
-        _CODE_INDEXES[key] = MultiIndex(codes)
+    with _BUILDING:
+        if key not in _CODE_INDEXES:
+            codes = np.concatenate([threshold(store.vectors[i : i + 65536], thresholds) for i in range(0, len(store.vectors), 65536)])
+            _CODE_INDEXES[key] = MultiIndex(codes)
     index = _CODE_INDEXES[key]
     own = positions_of(store, query_ids)
     own = np.where(np.asarray(store.ids)[own] == query_ids, own, -1)
@@ -307,8 +311,9 @@ def lsh_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spe
 
     p = spec["lsh"]
     key = f"{spec['store_key']}-{p['tables']}-{p['bits']}-{p['seed']}"
-    if key not in _LSH_INDEXES:
-        _LSH_INDEXES[key] = LSHIndex(store.vectors, p["tables"], p["bits"], p["seed"])
+    with _BUILDING:
+        if key not in _LSH_INDEXES:
+            _LSH_INDEXES[key] = LSHIndex(store.vectors, p["tables"], p["bits"], p["seed"])
     vals, ids, _ = lsh_topk(_LSH_INDEXES[key], store.vectors, store.ids, queries, query_ids, k, p["radius"])
     return vals, ids
 
@@ -318,10 +323,11 @@ _POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
     """Rows of ``ids`` in the store (ids not in it, such as padding, map to row 0)."""
-    key = id(store)
-    if key not in _POSITIONS:
-        order = np.argsort(store.ids, kind="stable")
-        _POSITIONS[key] = (order, np.asarray(store.ids)[order])
+    key = id(store)  # the stores live as long as the process, or (in process) are dropped with this cache
+    with _BUILDING:
+        if key not in _POSITIONS:
+            order = np.argsort(store.ids, kind="stable")
+            _POSITIONS[key] = (order, np.asarray(store.ids)[order])
     order, sorted_ids = _POSITIONS[key]
     at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
     return np.where(sorted_ids[at] == ids, order[at], 0)
@@ -654,7 +660,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         spec.update(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
         if method == "annoy" and not spec["forest_files"]:
             spec["forest_files"] = part_uris(spark, fs.join(index["uri"], FORESTS))
-        sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), _STORES, _FORESTS))
+        caches = (_STORES, _FORESTS, _CODE_INDEXES, _LSH_INDEXES, _POSITIONS)  # _POSITIONS is keyed by id(store)
+        sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), *caches))
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)

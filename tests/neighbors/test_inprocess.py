@@ -85,6 +85,7 @@ CASES = {
     "dense_reduced": ({"n_cells": 24, "forests": False, "reduced_dim": 16}, {"method": "dense", "nprobe": 3}),
     "annoy": ({"n_cells": 24, "n_trees": 4}, {"method": "annoy", "nprobe": 3}),
     "exact_min_score": ({"n_cells": 24, "forests": False}, {"method": "exact", "min_score": 0.5}),
+    "lsh": ({"n_cells": 24, "forests": False}, {"method": "lsh", "lsh_tables": 4, "lsh_bits": 8}),
     "auto_dba": ({"n_cells": 24, "forests": False}, {"method": "auto", "exact_max_n": 100, "rerank": "dba+alpha_qe", "pairs": True}),
 }
 
@@ -102,13 +103,14 @@ def test_the_driver_writes_the_executors_snapshot(spark, tmp_path, case):
         run_build_index(
             spark, Config(run=RunConfig(output_root=str(root), run_id="i1"), index=dataclasses.replace(IndexConfig(), **index_cfg))
         )
-        cached = set(search._STORES)
+        caches = (search._STORES, search._FORESTS, search._CODE_INDEXES, search._LSH_INDEXES, search._POSITIONS)
+        cached = [set(c) for c in caches]
         nb = dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "recall_sample": 300, **nb_cfg})
         run = RunConfig(output_root=str(root), run_id="n1", execution=where)
         out[where] = search.run_neighbors(spark, Config(run=run, neighbors=nb))
         assert out[where]["memory"]["execution"]["where"] == where
         if where == "driver":
-            assert set(search._STORES) == cached, "the driver dropped its copy of the store"
+            assert [set(c) for c in caches] == cached, "the driver dropped its copy of the store and what it built from it"
     a, b = out["driver"], out["executors"]
     for key in ("method", "nprobe", "shortlist", "recall_at_k", "counts"):
         assert a[key] == b[key], key
