@@ -428,7 +428,7 @@ def w_cbir(x, t, ids=None, tmp=None):
     if "pipeline" in times:  # the index stage's own wall time, the rest (JVM start included) to the search
         times["build_index"] = index_manifest["build_seconds"]
         times["neighbors"] = times["pipeline"] - times["build_index"]
-    from cbir_lib.neighbors.search import topk_arrays
+    from cbir_lib.neighbors.lists import topk_arrays
 
     nb = pq.read_table(root / "neighbors" / "run=bench", columns=["image_id", "rank", "neighbor_id", "score"])
     qids = ids[t["pos"]]
@@ -747,7 +747,7 @@ def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str 
         if held:
             row["largest_store_share_mb"] = round(held / 2**20, 1)
     if memory_budget:
-        from cbir_lib.index.build import _bytes_of
+        from cbir_lib.index.store import _bytes_of
 
         row["memory_budget_mb"] = round(_bytes_of(memory_budget) / 2**20)
     return row

@@ -115,7 +115,7 @@ def read_lists(root: Path, run_id: str, qids: np.ndarray):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cbir_lib.neighbors.search import topk_arrays
+    from cbir_lib.neighbors.lists import topk_arrays
 
     t = pq.read_table(root / "neighbors" / f"run={run_id}", columns=["image_id", "rank", "neighbor_id", "score"])
     manifest = json.loads((root / "neighbors" / f"run={run_id}" / "_manifest.json").read_text())

@@ -175,7 +175,7 @@ def search_forests(q: np.ndarray, index_dir: str, index: dict, k: int, nprobe: i
     """Top-k ``(scores, ids)`` of one prepared query over the forests of its nearest cells."""
     from annoy import AnnoyIndex
 
-    from cbir_lib.index.build import ANNOY_METRIC
+    from cbir_lib.index.store import ANNOY_METRIC
     from cbir_lib.vectors.topk import final_scores, prepare, rank_scores
 
     if not index.get("forests"):

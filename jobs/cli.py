@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_lib.config import ConfigError
     from cbir_lib.features.extract import ExtractFailed
     from cbir_lib.images.ingest import IngestFailed
-    from cbir_lib.index.build import IndexMismatch
+    from cbir_lib.index.store import IndexMismatch
     from cbir_lib.neighbors.search import RecallTooLow
     from cbir_lib.query import QueryError
     from cbir_lib.sql.views import NoRuns

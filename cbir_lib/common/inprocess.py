@@ -27,14 +27,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 # Set while an InProcess block runs: the stage's store and thread helpers read them.
-# "threads": the driver's cores; "blas": BLAS threads for the slice running now (all of
-# them for a lone slice, one each while slices run side by side).
+# "threads": the driver's cores, as many slices side by side; "blas": BLAS threads per slice.
 _ACTIVE: dict[str, Any] = {"on": False, "threads": 1, "blas": 1}
 LOCK = threading.Lock()  # held while a slice loads what the others share (the store)
 
 # The cost model of neighbors.execution=auto off local mode (see choose()).
 SPARK_FIXED_S = 10.0  # store load on the executors and the stage's jobs, measured 8-12 s at 70k-100k here
 FLOPS_PER_CORE = 5e9  # dense search's effective float32 multiply-adds x 2 per second per core, measured ~6e9 here
+# Slices side by side are threads of one interpreter, and about 12 % of the search holds the
+# GIL (the per-cell Python between numpy calls, profiled at 70k x 1,280): by Amdahl they
+# stop scaling near 8 threads (projected; measured here with 2). A local master with more
+# cores than this is costed like a cluster.
+GIL_CORES = 8
 
 
 def active() -> bool:
@@ -50,8 +54,12 @@ class _Slices:
     """What ``parallelize`` returns: the items in ``n`` slices, as Spark cuts them.
 
     ``mapPartitions`` runs the slices side by side on the driver's cores, each with one
-    BLAS thread, as Spark's tasks would (numpy releases the GIL in its products, sorts and
-    gathers); a lone slice gets every core's BLAS thread instead. Measured at 1M x 256:
+    BLAS thread, as Spark's tasks with one core each would (numpy releases the GIL in its
+    products, sorts and gathers). A lone slice has one BLAS thread too, as a lone task
+    would: auto's calibration times the search as one slice of it, and compares that with
+    the exact sample's time over every slot, so both must be measured as the search runs
+    (with every BLAS thread, the calibration's small products measured slower than they
+    run, and auto took exact search where dense was cheaper). Measured at 1M x 256:
     one process with two BLAS threads searched in 179 s what two tasks searched in 144 s,
     as most products there are small (a cell of ~500 rows).
     """
@@ -69,15 +77,10 @@ class _Slices:
         out = _Slices([], 1)
         workers = min(len(self.slices), int(_ACTIVE["threads"]))
         if workers <= 1:
-            _ACTIVE["blas"] = _ACTIVE["threads"]
             out.slices = [list(fn(iter(s))) for s in self.slices]
             return out
-        _ACTIVE["blas"] = 1
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="cbir-slice") as pool:
-                out.slices = list(pool.map(lambda s: list(fn(iter(s))), self.slices))
-        finally:
-            _ACTIVE["blas"] = _ACTIVE["threads"]
+        with ThreadPoolExecutor(workers, thread_name_prefix="cbir-slice") as pool:
+            out.slices = list(pool.map(lambda s: list(fn(iter(s))), self.slices))
         return out
 
     def collect(self) -> list:
@@ -101,11 +104,13 @@ def running(threads: int, *caches: dict):
     What they put in ``caches`` (the stage's loaded stores and forests) is dropped when it
     ends, so a long-lived driver (a notebook, Airflow's worker) does not keep the store."""
     before = [set(c) for c in caches]
-    _ACTIVE.update(on=True, threads=max(1, threads), blas=max(1, threads))
+    _ACTIVE.update(on=True, threads=max(1, threads), blas=1)
     try:
         yield InProcess(threads)
     finally:
         _ACTIVE.update(on=False, threads=1, blas=1)
+        # The slices capped this process's BLAS; give later stages of the driver its default back.
+        limit_blas_threads(int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
         for cache, keys in zip(caches, before, strict=True):
             for key in set(cache) - keys:
                 cache.pop(key, None)
@@ -156,10 +161,11 @@ def choose(
 
     ``driver`` and ``executors`` are obeyed. ``auto`` keeps the store off the driver above
     ``driver_max_bytes``, and in the executors' groups where it is over their memory budget
-    (``grouped``: a budget set that low is asked for); otherwise, in local mode, the executors are this machine's cores
-    with Spark's costs on top, so the driver; on a cluster, the driver when its estimated
-    time (``work_flops`` over its cores) beats the executors' (over every slot) plus the
-    Spark path's fixed cost.
+    (``grouped``: a budget set that low is asked for). Otherwise, in local mode with at most
+    :data:`GIL_CORES` cores, the executors are this machine's cores with Spark's costs on
+    top, so the driver; on a cluster (or a bigger local machine), the driver when its
+    estimated time (``work_flops`` over at most ``GIL_CORES`` of its cores) beats the
+    executors' (over every slot) plus the Spark path's fixed cost.
     """
     if execution != "auto":
         return execution == "driver", f"run.execution={execution}"
@@ -167,9 +173,48 @@ def choose(
         return False, f"store {store_bytes / 2**20:.0f} MB > run.driver_max_mb {driver_max_bytes / 2**20:.0f} MB"
     if grouped:
         return False, "the store is over neighbors.memory_budget: searched in groups on the executors"
-    if local:
+    if local and driver_cores <= GIL_CORES:
         return True, f"local master; store {store_bytes / 2**20:.0f} MB fits the driver"
+    # Threads share one interpreter: past GIL_CORES of them, count the driver as GIL_CORES.
+    driver_cores = min(driver_cores, GIL_CORES)
     on_driver = work_flops / (FLOPS_PER_CORE * driver_cores)
     on_cluster = work_flops / (FLOPS_PER_CORE * max(1, slots)) + SPARK_FIXED_S
     why = f"estimated {on_driver:.1f} s on the driver's {driver_cores} cores against {on_cluster:.1f} s on {slots} slots"
     return on_driver <= on_cluster, why
+
+
+def limit_blas_threads(n: int) -> bool:
+    """Cap numpy's OpenBLAS at ``n`` threads in this process (a task's ``spark.task.cpus``).
+
+    Each Python worker is one task slot; letting every worker's BLAS spawn a thread per
+    core oversubscribes the machine (two workers x two threads on two cores here), and
+    OpenBLAS threads spin while they wait. Returns whether a cap could be set.
+    """
+    import ctypes
+    import glob
+
+    import numpy as np
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libopenblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(max(1, n)))
+                return True
+    return False
+
+
+def task_threads() -> int:
+    """The BLAS threads a partition function may use: its task's ``spark.task.cpus`` on an
+    executor, this block's share in process, else every core."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is not None:
+        return ctx.cpus()
+    return threads() if active() else os.cpu_count() or 1

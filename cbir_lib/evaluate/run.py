@@ -427,7 +427,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
     """Evaluate the latest outputs against the ground truth; return the manifest."""
     from pyspark.sql import functions as F
 
-    from cbir_lib.index.build import embeddings_table_uri
+    from cbir_lib.index.store import embeddings_table_uri
 
     started = time.time()
     ev = cfg.evaluate

@@ -33,7 +33,7 @@ from cbir_lib.common import fs, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import package_versions, timer
 from cbir_lib.config import Config
-from cbir_lib.index.build import (
+from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
     REDUCTION,

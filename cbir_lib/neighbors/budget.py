@@ -174,7 +174,7 @@ def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
     bounds = np.asarray(spec["bounds"])
     _, ids, x, xr = read_group(spec, g, keep)
     if len(ids) != bounds[g + 1] - bounds[g]:
-        from cbir_lib.index.build import IndexMismatch
+        from cbir_lib.index.store import IndexMismatch
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
     return sub_store(
@@ -301,7 +301,7 @@ def group_forests(spec: dict, g: int):
     import pyarrow.dataset as ds
     from annoy import AnnoyIndex
 
-    from cbir_lib.index.build import ANNOY_METRIC
+    from cbir_lib.index.store import ANNOY_METRIC
 
     bounds, offsets = np.asarray(spec["bounds"]), np.asarray(spec["offsets"])
     lo, hi = int(bounds[g]), int(bounds[g + 1])
@@ -507,9 +507,9 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
     def fn(groups):
         import pyarrow as pa
 
-        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+        from cbir_lib.common.inprocess import limit_blas_threads, task_threads
 
-        limit_blas_threads(_task_threads())
+        limit_blas_threads(task_threads())
         files = remote.Files(**spec.get("files", {}))
         for gq in groups:
             t0 = time.time()
@@ -540,10 +540,10 @@ def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
     def fn(groups):
         import pyarrow as pa
 
-        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+        from cbir_lib.common.inprocess import limit_blas_threads, task_threads
         from cbir_lib.vectors.arrow import vectors_binary
 
-        limit_blas_threads(_task_threads())
+        limit_blas_threads(task_threads())
         files = remote.Files(**spec.get("files", {}))
         for gq in groups:
             t0 = time.time()
@@ -576,9 +576,9 @@ def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: 
     (``probes`` routed once on the driver, ``None`` for exact)."""
 
     def fn(groups):
-        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+        from cbir_lib.common.inprocess import limit_blas_threads, task_threads
 
-        limit_blas_threads(_task_threads())
+        limit_blas_threads(task_threads())
         for g in groups:
             sweep = Sweep(spec, None, base_bytes=queries.nbytes)
             store = sweep.store(int(g))
@@ -595,9 +595,9 @@ def sample_whole(spec: dict, sample: tuple, search):
     (hierarchical search, whose candidates are global, is not a merge of per-group top-k)."""
 
     def fn(_):
-        from cbir_lib.neighbors.search import _task_threads, limit_blas_threads
+        from cbir_lib.common.inprocess import limit_blas_threads, task_threads
 
-        limit_blas_threads(_task_threads())
+        limit_blas_threads(task_threads())
         x, ids, own, pos = sample
         t0 = time.perf_counter()
         sweep = Sweep(spec, None, base_bytes=x.nbytes)
@@ -615,7 +615,7 @@ def sample_whole(spec: dict, sample: tuple, search):
 def resolve_budget(spark, configured: str | None) -> int:
     """``neighbors.memory_budget`` in bytes; unset, 40 % of an executor's memory (of the
     driver's in local mode, where the executor is the driver process)."""
-    from cbir_lib.index.build import _bytes_of, executor_memory
+    from cbir_lib.index.store import _bytes_of, executor_memory
 
     if configured:
         return int(_bytes_of(configured))

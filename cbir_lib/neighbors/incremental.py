@@ -38,12 +38,14 @@ import uuid
 
 import numpy as np
 
-from cbir_lib.common import faults, fs, tables
+from cbir_lib.common import faults, fs, inprocess, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.incremental import DELTA
-from cbir_lib.neighbors import search as S
+from cbir_lib.index.store import cell_offsets
+from cbir_lib.neighbors import lists as L
+from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
@@ -96,8 +98,8 @@ def _delta_search(spec: dict):
     def fn(batches):
         import pyarrow as pa
 
-        S.limit_blas_threads(S._task_threads())
-        store = S.local_store(spec)
+        inprocess.limit_blas_threads(inprocess.task_threads())
+        store = T.local_store(spec)
         thr = _local_thresholds(spec, store)
         # A night's queries are a sparse sample of the collection. Taken in store order and in
         # big blocks, those that share a probed cell share its matrix product; in blocks of
@@ -107,7 +109,7 @@ def _delta_search(spec: dict):
             return
         qids_all = np.concatenate([b.column("image_id").to_numpy() for b in parts])
         rev_all = np.concatenate([b.column("reverse").to_numpy(zero_copy_only=False) for b in parts]).astype(bool)
-        rows_all = S.positions_of(store, qids_all)
+        rows_all = T.positions_of(store, qids_all)
         if not np.array_equal(np.asarray(store.ids)[rows_all], qids_all):
             raise RuntimeError("neighbors: an image of the index's delta is not in its store")
         order = np.argsort(rows_all, kind="stable")
@@ -115,8 +117,8 @@ def _delta_search(spec: dict):
         for s in range(0, len(order), qb):
             take = order[s : s + qb]
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
-            vals, ids = S.search_rows(store, rows, spec)
-            out = S._topk_batch(qids, vals, ids)
+            vals, ids = T.search_rows(store, rows, spec)
+            out = T._topk_batch(qids, vals, ids)
             yield pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
             if rev.any():
                 q = np.ascontiguousarray(store.vectors[rows[rev]])
@@ -160,7 +162,7 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
         thr = np.full(len(store.ids), np.inf, dtype=np.float32)
         if t is not None and t.num_rows:
             ids = t.column("image_id").to_numpy()
-            rows = S.positions_of(store, ids)
+            rows = T.positions_of(store, ids)
             ok = np.asarray(store.ids)[rows] == ids
             thr[rows[ok]] = t.column("thr").to_numpy().astype(np.float32)[ok]
         _THRESHOLDS[key] = thr
@@ -191,9 +193,9 @@ def run(
     timings: dict[str, float] = {}
     # The base run's calibrated search, not a new calibration: the same lists for the same data.
     spec = {**spec, "method": prev["method"], "nprobe": prev.get("nprobe") or spec["nprobe"], "shortlist": prev.get("shortlist")}
-    n = int(S.cell_offsets(index)[-1])
+    n = int(cell_offsets(index)[-1])
     n_prev = int(prev.get("n") or 0)
-    work_key = S._spec_key(
+    work_key = L._spec_key(
         {
             "prev": prev["run_id"],
             "prev_commit": tables.commit_of(prev),
@@ -211,7 +213,7 @@ def run(
     added, removed = np.unique(delta_ids[kind == "added"]), np.unique(delta_ids[kind == "removed"])
     changed = np.intersect1d(added, removed)
 
-    old = S.read_lists(spark, prev)
+    old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.
     stats_uri = fs.join(work_dir, "list_stats")
     if not fs.exists(spark, fs.join(stats_uri, "_SUCCESS")):
@@ -240,11 +242,11 @@ def run(
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
         keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
-    thr_files = S.part_uris(spark, thr_uri)
-    spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{S._spec_key(thr_files)}"}
+    thr_files = L.part_uris(spark, thr_uri)
+    spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{L._spec_key(thr_files)}"}
 
     with timer("loading the store on the executors") as t:
-        S._warm_store(sc, spec, slots)
+        T._warm_store(sc, spec, slots)
     timings["store_load_s"] = round(t["seconds"], 3)
 
     # The searches: the added (with their reverse scans) and the refilled, committed once.
@@ -288,8 +290,8 @@ def run(
     )
     # Kept for the table, its reserve and the recall check: three reads of one merge.
     lists = untouched.select(*cols).unionByName(merged).unionByName(fresh.select(*cols)).persist(StorageLevel.MEMORY_AND_DISK)
-    n_files = S._output_files(spark, n)
-    public, reserve = S.public_and_reserve(lists, k, nb.min_score, run_id)
+    n_files = L._output_files(spark, n)
+    public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
 
     # "updated": a touched list whose top k (what the table holds) is not what it was; one
     # that changed only past k (its reserve) is no change to a reader of the table.
@@ -333,9 +335,9 @@ def run(
         )
 
     manifest = {
-        **S.manifest_head(run_id, index, params, cfg, spec["method"], spec),
+        **L.manifest_head(run_id, index, params, cfg, spec["method"], spec),
         "k": k,
-        "reserve": {"rows": nb.reserve, "output": S.RESERVE, "searched_k": width},
+        "reserve": {"rows": nb.reserve, "output": L.RESERVE, "searched_k": width},
         "mode": "incremental",
         "full_reason": None,
         "base_run_id": prev["run_id"],
@@ -358,7 +360,7 @@ def run(
             "lost_neighbours_only": int(lost_only.size),
             "lists_changed": int(np.union1d(top_changed, refill).size),
             "reserve_only_changed": int(touched.size - top_changed.size),
-            "output": S.CHANGES,
+            "output": L.CHANGES,
         },
         "searched_this_run": n_queries,
         "memory": memory,
@@ -369,10 +371,10 @@ def run(
     with timer("committing the neighbours table (incremental)") as t:
         manifest["counts"] = {"queries": n, "rows": None}  # counted by commit_lists from the files it writes
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        S.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
-        S._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
+        L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
     lists.unpersist()
     fs.delete(spark, work_dir)
     c = manifest["changes"]
@@ -407,19 +409,19 @@ def _recall(spark, sc, spec: dict, lists, added: np.ndarray, n: int, slots: int,
     cand = np.sort(rng.choice(n, min(n, 2 * half + added.size), replace=False))
 
     def locate(_):
-        store = S.local_store(spec)
-        pos = S.positions_of(store, new_ids)
+        store = T.local_store(spec)
+        pos = T.positions_of(store, new_ids)
         return [(pos, np.asarray(store.ids)[cand])]
 
     new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
     old_pos = cand[~np.isin(cand_ids, added)][:half]
     positions = np.sort(np.concatenate([new_pos, old_pos]))
     with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
-        qids, tv, ti = S._exact_sample(sc, spec, positions, n, slots)
+        qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
     k = nb.k
     got = lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow()
-    av, ai = S.topk_arrays(got, qids, spec["k"])
+    av, ai = L.topk_arrays(got, qids, spec["k"])
     is_new = np.isin(qids, added)
 
     def rec(mask):

@@ -1,5 +1,8 @@
 """Spark adapter of the neighbours stage: an index -> every image's top-k, with measured recall.
 
+This module is the full run; its tasks (what an executor runs) are in
+:mod:`cbir_lib.neighbors.tasks` and the snapshot it commits in :mod:`cbir_lib.neighbors.lists`.
+
 How a run proceeds:
 
 1. Validate the index against the latest embeddings (dim, metric, the embeddings run it
@@ -30,12 +33,9 @@ How a run proceeds:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
-import threading
 import time
 import uuid
 
@@ -44,8 +44,7 @@ import numpy as np
 from cbir_lib.common import faults, fs, inprocess, layout, lease, remote, shards, tables
 from cbir_lib.common.lineage import new_run_id, package_versions, timer
 from cbir_lib.config import Config
-from cbir_lib.index.build import (
-    ANNOY_METRIC,
+from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
     STORE,
@@ -56,23 +55,46 @@ from cbir_lib.index.build import (
     embeddings_table_uri,
     index_table_uri,
     load_index_manifest,
-    sorted_store,
 )
-from cbir_lib.index.reduce import project
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
-from cbir_lib.neighbors.rerank import augment, mode_alpha, split_mode
-from cbir_lib.vectors.arrow import vectors_binary
-from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
-from cbir_lib.vectors.topk import NO_ID, recall_at_k, recall_lower_bound, select
+from cbir_lib.neighbors.lists import (
+    NEIGHBORS_DDL,
+    RESERVE,
+    _arrow_schema,
+    _commit_pairs,
+    _output_files,
+    _pairs_of,
+    _read_parts,
+    _spec_key,
+    commit_arrow_lists,
+    commit_lists,
+    manifest_head,
+    part_uris,
+    public_and_reserve,
+)
+from cbir_lib.neighbors.rerank import mode_alpha, split_mode
+from cbir_lib.neighbors.tasks import (
+    _CODE_INDEXES,
+    _FORESTS,
+    _LSH_INDEXES,
+    _POSITIONS,
+    _STORES,
+    _augment_ranges,
+    _exact_sample,
+    _search_positions,
+    _search_ranges,
+    _topk_batch,
+    _warm_store,
+    local_store,
+    split_rows,
+)
+from cbir_lib.vectors.codes import threshold
+from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
 
 TABLE = layout.NEIGHBORS
 PAIRS = layout.PAIRS
-RESERVE = "_reserve"
-CHANGES = "_changes"
-NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
 
 
 class RecallTooLow(RuntimeError):
@@ -82,388 +104,9 @@ class RecallTooLow(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Executor side: the store, loaded once per machine and memory-mapped by every worker.
 
-_STORES: dict[str, CellStore] = {}
-_FORESTS: dict[str, object] = {}
-# What is built from a store once per process; in process, slices side by side build it once.
-_BUILDING = threading.RLock()
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    import fcntl
-
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _local_once(name: str, build) -> str:
-    """A directory ``name`` under this executor's SparkFiles root, filled once by
-    ``build(tmp_dir)`` under a file lock and renamed into place: every Python worker on
-    the machine then shares it."""
-    from pyspark import SparkFiles
-
-    d = os.path.join(SparkFiles.getRootDirectory(), name)
-    with _file_lock(d + ".lock"):
-        if not os.path.exists(os.path.join(d, "_done")):
-            tmp = f"{d}.{uuid.uuid4().hex}"
-            os.makedirs(tmp)
-            build(tmp)
-            open(os.path.join(tmp, "_done"), "w").close()
-            os.rename(tmp, d)
-    return d
-
-
-def read_store_parts(uris: list[str], reduced: bool = False, files: remote.Files | None = None) -> tuple:
-    """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``;
-    with ``reduced``, the rows' reduced vectors fourth."""
-    import pyarrow as pa
-
-    files = files or remote.Files()
-    parts = [remote.read_parquet(files, u, ["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for u in uris]
-    return sorted_store(pa.concat_tables(parts) if parts else pa.table({"cell": pa.array([], pa.int32())}), reduced)
-
-
-def local_store(spec: dict) -> CellStore:
-    """The executor's copy of the store (read from the table's parts on first use)."""
-    key = spec["store_key"]
-    if key in _STORES:
-        return _STORES[key]
-    reduced = bool(spec.get("reduced_dim"))
-    if inprocess.active():  # the driver's own copy, in memory: no .npy files for one process
-        with inprocess.LOCK:  # slices side by side: one loads it, the others wait for it
-            if key not in _STORES:
-                cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
-                _check_cells(spec, cells, ids)
-                _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
-        return _STORES[key]
-
-    def build(tmp: str) -> None:
-        cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
-        _check_cells(spec, cells, ids)
-        np.save(os.path.join(tmp, "ids.npy"), ids)
-        np.save(os.path.join(tmp, "vectors.npy"), x)
-        if reduced:
-            np.save(os.path.join(tmp, "reduced.npy"), xr[0])
-
-    d = _local_once(f"cbir-store-{key}", build)
-    ids = np.load(os.path.join(d, "ids.npy"), mmap_mode="r")
-    x = np.load(os.path.join(d, "vectors.npy"), mmap_mode="r")
-    xr = np.load(os.path.join(d, "reduced.npy"), mmap_mode="r") if reduced else None
-    _STORES[key] = _cell_store(spec, np.asarray(ids), x, xr)
-    return _STORES[key]
-
-
-def _check_cells(spec: dict, cells: np.ndarray, ids: np.ndarray) -> None:
-    counts = np.diff(np.asarray(spec["offsets"]))
-    if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
-        raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
-
-
-def _cell_store(spec: dict, ids: np.ndarray, x: np.ndarray, xr: np.ndarray | None) -> CellStore:
-    centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
-    projection = np.load(io.BytesIO(spec["projection"])) if xr is not None else None
-    return CellStore(ids, x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"], xr, projection)
-
-
-def local_forests(spec: dict):
-    """``cell -> AnnoyIndex`` over the executor's copy of the forests (memory-mapped files)."""
-    key = spec["store_key"]
-    if key in _FORESTS:
-        return _FORESTS[key]
-    from annoy import AnnoyIndex
-
-    def build(tmp: str) -> None:
-        for uri in spec["forest_files"]:
-            t = remote.read_parquet(remote.Files(**spec.get("files", {})), uri, ["cell", "ann"])
-            for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
-                with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
-                    fh.write(blob)
-
-    d = _local_once(f"cbir-forests-{key}", build)
-    loaded: dict[int, object] = {}
-    metric = ANNOY_METRIC[spec["metric"]]
-
-    def get(cell: int):
-        if cell not in loaded:
-            path = os.path.join(d, f"{cell}.ann")
-            if os.path.exists(path):
-                f = AnnoyIndex(spec["dim"], metric)
-                f.load(path)
-                loaded[cell] = f
-            else:
-                loaded[cell] = None
-        return loaded[cell]
-
-    _FORESTS[key] = get
-    return get
-
-
-def limit_blas_threads(n: int) -> bool:
-    """Cap numpy's OpenBLAS at ``n`` threads in this process (a task's ``spark.task.cpus``).
-
-    Each Python worker is one task slot; letting every worker's BLAS spawn a thread per
-    core oversubscribes the machine (two workers x two threads on two cores here), and
-    OpenBLAS threads spin while they wait. Returns whether a cap could be set.
-    """
-    import ctypes
-    import glob
-
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libopenblas*.so*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(max(1, n)))
-                return True
-    return False
-
-
-def _task_threads() -> int:
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    if ctx is not None:
-        return ctx.cpus()
-    return inprocess.threads() if inprocess.active() else os.cpu_count() or 1
-
-
-def _use_tf(device: str) -> bool:
-    if device == "gpu":
-        return True
-    if device == "cpu":
-        return False
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    return bool(ctx is not None and "gpu" in ctx.resources())
-
-
-def search_rows(store: CellStore, rows: np.ndarray, spec: dict, get_forest=None):
-    """Top-k of the store rows ``rows`` (every image is a query) by the spec's method, with
-    query expansion first when the spec asks for it (``expand``)."""
-    queries = np.ascontiguousarray(store.vectors[rows])
-    query_ids = np.asarray(store.ids[rows])
-    own = store.cells_of_rows(rows)
-    if spec.get("expand"):
-        queries = expand_queries(store, queries, query_ids, own, spec, get_forest)
-    return search_vectors(store, queries, query_ids, own, spec, get_forest)
-
-
-def search_vectors(
-    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None, k: int | None = None
-):
-    k = k or spec["k"]
-    method = spec["method"]
-    if method in ("dense", "annoy"):
-        probes = store.route(queries, spec["nprobe"], own_cells)
-        if method == "dense":
-            return dense_search(store, queries, query_ids, probes, k, shortlist=spec.get("shortlist"))
-        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], annoy_candidates(spec["candidates"], k))
-    if method == "hierarchical":
-        return code_search(store, queries, query_ids, spec, k)
-    if method == "lsh":
-        return lsh_search(store, queries, query_ids, spec, k)
-    if _use_tf(spec["device"]):
-        return tf_exact_search(store, queries, query_ids, k)
-    return exact_search(store, queries, query_ids, k)
-
-
-_CODE_INDEXES: dict[str, MultiIndex] = {}
-
-
-def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
-    """Hierarchical search: Hamming candidates from a multi-index over the store's codes,
-    re-ranked by the float vectors. A vector's code is its bits above ``code_thresholds``
-    (0 for a trained head, whose embedding is 2h - 1 of the code units; the collection
-    mean for mean-threshold codes), so the store's codes are derived from its vectors on
-    the executor and an expanded query (QE, DBA) gets the code of its expanded vector."""
-    thresholds = np.load(io.BytesIO(spec["code_thresholds"]))
-    key = spec["store_key"]
-    with _BUILDING:
-        if key not in _CODE_INDEXES:
-            codes = np.concatenate([threshold(store.vectors[i : i + 65536], thresholds) for i in range(0, len(store.vectors), 65536)])
-            _CODE_INDEXES[key] = MultiIndex(codes)
-    index = _CODE_INDEXES[key]
-    own = positions_of(store, query_ids)
-    own = np.where(np.asarray(store.ids)[own] == query_ids, own, -1)
-    pos, vals, _ = hierarchical_search(
-        queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own
-    )
-    ids = np.where(pos >= 0, np.asarray(store.ids)[np.maximum(pos, 0)], NO_ID)
-    return vals.astype(np.float32), ids.astype(np.int64)
-
-
-_LSH_INDEXES: dict[str, object] = {}
-
-
-def lsh_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
-    """Random-projection LSH over the whole store (:mod:`cbir_lib.neighbors.lsh`): the tables
-    are built once per executor process from the store's vectors, candidates scored exactly."""
-    from cbir_lib.neighbors.lsh import LSHIndex, lsh_topk
-
-    p = spec["lsh"]
-    key = f"{spec['store_key']}-{p['tables']}-{p['bits']}-{p['seed']}"
-    with _BUILDING:
-        if key not in _LSH_INDEXES:
-            _LSH_INDEXES[key] = LSHIndex(store.vectors, p["tables"], p["bits"], p["seed"])
-    vals, ids, _ = lsh_topk(_LSH_INDEXES[key], store.vectors, store.ids, queries, query_ids, k, p["radius"])
-    return vals, ids
-
-
-_POSITIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
-    """Rows of ``ids`` in the store (ids not in it, such as padding, map to row 0)."""
-    key = id(store)  # the stores live as long as the process, or (in process) are dropped with this cache
-    with _BUILDING:
-        if key not in _POSITIONS:
-            order = np.argsort(store.ids, kind="stable")
-            _POSITIONS[key] = (order, np.asarray(store.ids)[order])
-    order, sorted_ids = _POSITIONS[key]
-    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-    return np.where(sorted_ids[at] == ids, order[at], 0)
-
-
-def expand_queries(
-    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None
-) -> np.ndarray:
-    """Each query plus its weighted top-``rerank_n`` in the store (AQE / alpha-QE / DBA)."""
-    vals, ids = search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k=spec["rerank_n"])
-    neighbours = np.asarray(store.vectors)[positions_of(store, ids)]
-    return augment(queries, neighbours, vals, spec["alpha"])
-
-
-def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
-    import pyarrow as pa
-
-    m, k = ids.shape
-    keep = np.isfinite(vals).ravel()
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array(np.repeat(query_ids, k)[keep]),
-            pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), m)[keep]),
-            pa.array(ids.ravel()[keep]),
-            pa.array(vals.ravel()[keep].astype(np.float32)),
-        ],
-        names=["image_id", "rank", "neighbor_id", "score"],
-    )
-
-
-def _row_ranges(spec: dict, per_block):
-    """mapInArrow over ``(lo, hi)`` row ranges of the store, ``query_block`` rows at a time:
-    yields ``per_block(store, rows, get_forest)``."""
-
-    def fn(batches):
-        limit_blas_threads(_task_threads())
-        store = local_store(spec)
-        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        qb = spec["query_block"]
-        for batch in batches:
-            for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
-                for s in range(lo, hi, qb):
-                    yield per_block(store, np.arange(s, min(hi, s + qb)), get_forest)
-
-    return fn
-
-
-def _search_ranges(spec: dict):
-    """The rows' top-k, as neighbour rows."""
-
-    def block(store, rows, get_forest):
-        vals, ids = search_rows(store, rows, spec, get_forest)
-        return _topk_batch(store.ids[rows], vals, ids)
-
-    return _row_ranges(spec, block)
-
-
-def _augment_ranges(spec: dict):
-    """Each row's vector augmented with its top-``rerank_n`` (database-side augmentation),
-    as new store rows."""
-
-    def block(store, rows, get_forest):
-        import pyarrow as pa
-
-        own = store.cells_of_rows(rows)
-        ids = np.asarray(store.ids[rows])
-        y = expand_queries(store, np.ascontiguousarray(store.vectors[rows]), ids, own, spec, get_forest)
-        cols, names = [pa.array(own.astype(np.int32)), pa.array(ids), vectors_binary(y)], ["cell", "image_id", "vector"]
-        if store.projection is not None:  # the augmented vectors' own reductions
-            cols.append(vectors_binary(project(y, store.projection)))
-            names.append("reduced")
-        return pa.RecordBatch.from_arrays(cols, names=names)
-
-    return _row_ranges(spec, block)
-
-
-def _search_positions(spec: dict, positions: np.ndarray):
-    """RDD partition function: the top-k of the store rows at ``positions``, and the seconds it took."""
-
-    def fn(_):
-        limit_blas_threads(_task_threads())
-        store = local_store(spec)
-        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        t0 = time.perf_counter()
-        out = []
-        for s in range(0, len(positions), spec["query_block"]):
-            out.append(search_rows(store, positions[s : s + spec["query_block"]], spec, get_forest))
-        seconds = time.perf_counter() - t0
-        vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec["k"]), np.float32)
-        ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec["k"]), np.int64)
-        yield vals, ids, seconds
-
-    return fn
-
-
-def _exact_partial(spec: dict, positions: np.ndarray):
-    """RDD function over ``(lo, hi)`` ranges: the sample's ids and its exact top-k against those rows."""
-
-    def fn(ranges):
-        from cbir_lib.vectors.topk import exact_topk
-
-        limit_blas_threads(_task_threads())
-        store = local_store(spec)
-        q = np.ascontiguousarray(store.vectors[positions])
-        qids = np.asarray(store.ids[positions])
-        for lo, hi in ranges:
-            vals, ids = exact_topk(
-                q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"]
-            )
-            yield qids, vals, ids
-
-    return fn
-
 
 # ---------------------------------------------------------------------------------------
 # Driver side.
-
-
-def split_rows(offsets: np.ndarray, lo: int, hi: int, n: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` cut into about ``n`` ranges at cell boundaries (a cell is never split)."""
-    if hi <= lo:
-        return []
-    bounds = offsets[(offsets > lo) & (offsets < hi)]
-    cuts = [lo]
-    for j in range(1, n):
-        target = lo + (hi - lo) * j / n
-        if bounds.size:
-            b = int(bounds[np.argmin(np.abs(bounds - target))])
-            if b > cuts[-1]:
-                cuts.append(b)
-    cuts.append(hi)
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-
-
-def _spec_key(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None, cfg: Config) -> None:
@@ -708,8 +351,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             spec["nprobe"] = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
-            # (In process both ran on every core.)
-            if secs * n / sample_pos.size / (1 if on_driver else slots) > timings["exact_extrapolated_s"]:
+            if secs * n / sample_pos.size / slots > timings["exact_extrapolated_s"]:
                 method = spec["method"] = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
@@ -875,165 +517,6 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     return manifest
 
 
-def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: dict) -> dict:
-    """The fields every neighbours manifest starts with: lineage, settings and the search."""
-    return {
-        "stage": "neighbors",
-        "run_id": run_id,
-        "index_run_id": index["run_id"],
-        "index_commit": tables.commit_of(index),
-        "embeddings_run_id": index.get("embeddings_run_id"),
-        "params": params,
-        "config": cfg.to_dict(),
-        "method": method,
-        "nprobe": spec["nprobe"] if method != "exact" else None,
-        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
-        "metric": index["metric"],
-    }
-
-
-def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
-    """The table's rows (rank <= k, at least ``min_score``) and ``_reserve/``'s (the rest),
-    both with ``neighbors_run_id``: together they are every list whole."""
-    from pyspark.sql import functions as F
-
-    public = lists.filter(F.col("rank") <= k)
-    if min_score is not None:
-        public = public.filter(F.col("score") >= F.lit(min_score))
-    rest = (
-        lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score)))
-        if min_score is not None
-        else lists.filter(F.col("rank") > k)
-    )
-    return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
-
-
-def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manifest: dict, cfg: Config) -> str:
-    """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
-    table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
-    ``counts.rows`` to the table's rows as written."""
-
-    def write(tmp: str) -> None:
-        public.write.mode("overwrite").parquet(tmp)
-        # The rows as written, from the Parquet footers: counting the lists before writing
-        # them searched or decoded them once more (0.5-1 s at 100k here).
-        manifest.setdefault("counts", {})["rows"] = spark.read.parquet(tmp).count()
-        reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
-        if changes is not None:
-            changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
-
-    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
-
-
-def _read_parts(spec: dict, dirs: list[str], spark):
-    """The search's committed parts (directories of Parquet files) as one Arrow table."""
-    import pyarrow as pa
-
-    files = remote.Files(**spec.get("files", {}))
-    tables_ = [remote.read_parquet(files, u, ["image_id", "rank", "neighbor_id", "score"]) for d in dirs for u in part_uris(spark, d)]
-    return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
-
-
-def commit_arrow_lists(
-    spark,
-    lists,
-    ids: np.ndarray,
-    k: int,
-    min_score: float | None,
-    n_files: int,
-    table: str,
-    run_id: str,
-    manifest: dict,
-    cfg: Config,
-    spec: dict,
-) -> str:
-    """:func:`commit_lists` for lists held in this process as an Arrow table: the same
-    snapshot (table, ``_reserve/``, ``_changes/`` naming every image ``rebuilt``), written
-    by pyarrow instead of Spark tasks."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    keep = pc.less_equal(lists.column("rank"), k)
-    if min_score is not None:
-        keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
-
-    def with_run(t):  # not null, as Spark's lit() writes it
-        return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
-
-    public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
-    changes = with_run(
-        pa.table(
-            [pa.array(ids, pa.int64()), pa.repeat(pa.scalar("rebuilt"), len(ids))],
-            schema=pa.schema([("image_id", pa.int64()), pa.field("kind", pa.string(), nullable=False)]),
-        )
-    )
-    files = remote.Files(**spec.get("files", {}))
-
-    def write(tmp: str) -> None:
-        for sub, t in (("", public), (RESERVE, reserve), (CHANGES, changes)):
-            d = fs.join(tmp, sub) if sub else tmp
-            step = -(-t.num_rows // n_files) if t.num_rows else 1
-            for j, lo in enumerate(range(0, max(1, t.num_rows), step)):
-                remote.write_parquet(files, t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet"))
-        manifest.setdefault("counts", {})["rows"] = public.num_rows
-
-    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
-
-
-def _arrow_schema(ddl: str):
-    import pyarrow as pa
-
-    return pa.schema([(name, pa.type_for_alias(_ARROW_TYPES[kind])) for name, kind in (f.split() for f in ddl.split(","))])
-
-
-def read_lists(spark, manifest: dict):
-    """Every list of a committed neighbours snapshot whole: the table and its ``_reserve/``
-    (``image_id, rank, neighbor_id, score``), or None for a snapshot without a reserve."""
-    if not (manifest.get("reserve") or {}).get("output"):
-        return None
-    cols = ["image_id", "rank", "neighbor_id", "score"]
-    uri = manifest["output"]
-    return spark.read.parquet(uri).select(*cols).unionByName(spark.read.parquet(fs.join(uri, manifest["reserve"]["output"])).select(*cols))
-
-
-def _output_files(spark, n: int) -> int:
-    """Parquet files of a neighbours (or pairs) snapshot of ``n`` queries: one per 500k, at most one per slot."""
-    return max(1, min(spark.sparkContext.defaultParallelism, n // 500_000 + 1))
-
-
-def _pairs_of(spark, root: str, run_id: str, forward_only: bool) -> bool:
-    """Whether the pairs table holds the pairs of neighbours run ``run_id``, committed and
-    pointed at (a run killed between the pairs' manifest and their ``_LATEST`` left a
-    snapshot no reader follows: the kill -9 matrix in tests/faults/test_kill_9.py)."""
-    table = fs.join(root, PAIRS)
-    m = tables.read_manifest(spark, table, run_id)
-    latest = tables.latest_run_id(spark, table)
-    return bool(
-        m and m.get("neighbors_run_id") == run_id and latest is not None and (latest == run_id or (forward_only and latest > run_id))
-    )
-
-
-def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_files: int) -> None:
-    """``pairs(a < b, score)`` of a neighbours table, committed as run ``run_id`` of ``pairs``."""
-    from pyspark.sql import functions as F
-
-    pairs = (
-        neighbours.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
-        .groupBy("a", "b")
-        .agg(F.max("score").alias("score"))
-        .withColumn("neighbors_run_id", F.lit(run_id))
-    )
-    tables.commit(
-        spark,
-        pairs.coalesce(n_files),
-        fs.join(root, PAIRS),
-        run_id,
-        {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id},
-        keep=cfg.run.keep_snapshots,
-        forward_only=cfg.run.pin_inputs,
-    )
-
-
 def _k_reciprocal(spark, raw, nb, work_dir: str):
     """The lists re-ranked by k-reciprocal encoding (:mod:`cbir_lib.neighbors.kreciprocal`),
     committed under ``_work/`` (a resumed run reuses them) and read back: the table, the
@@ -1152,9 +635,6 @@ def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> 
     return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
 
 
-_ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string"}
-
-
 def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: dict) -> None:
     """``fn`` (a mapInArrow function over ``(lo, hi)`` row ranges) applied to ``units``, its
     batches written as Parquet under ``out_dir``, which appears whole or not at all: by
@@ -1176,11 +656,6 @@ def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir
         df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
         df.mapInArrow(fn, ddl).write.mode("overwrite").parquet(tmp)
     fs.rename(spark, tmp, out_dir)
-
-
-def _warm_store(sc, spec: dict, slots: int) -> None:
-    """Every worker maps the spec's store before anything is timed (the first builds the .npy copy)."""
-    sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
 
 
 def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, index: dict) -> bytes:
@@ -1217,26 +692,6 @@ def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, inde
     buf = io.BytesIO()
     np.save(buf, np.asarray(thresholds, np.float32))
     return buf.getvalue()
-
-
-def part_uris(spark, uri: str) -> list[str]:
-    """The URIs of the Parquet parts under ``uri`` (a committed directory), sorted, for the
-    executors to read themselves; refused here, on the driver, if no task could open them."""
-    uri = fs.qualify(spark, uri)
-    remote.check_scheme(uri)
-    return [fs.join(uri, name) for name in sorted(fs.list_names(spark, uri)) if name.endswith(".parquet")]
-
-
-def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, slots: int):
-    """Exact top-k of the sample over the whole store: (query ids, scores, ids)."""
-    ranges = [(a, b) for a, b in ((i * n // (2 * slots), (i + 1) * n // (2 * slots)) for i in range(2 * slots)) if b > a]
-    parts = sc.parallelize(ranges, len(ranges)).mapPartitions(_exact_partial(spec, positions)).collect()
-    m, k = len(positions), spec["k"]
-    rows = np.concatenate([np.repeat(np.arange(m), k) for _ in parts])
-    vals = np.concatenate([p[1].ravel() for p in parts])
-    ids = np.concatenate([p[2].ravel() for p in parts])
-    v, i = select(rows, vals, ids, m, k)
-    return parts[0][0], v, i
 
 
 def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, target: float, steps: list, k: int) -> tuple[int, float]:
@@ -1346,15 +801,3 @@ def _sample_recall(sc, spec: dict, positions, truth, with_bound: bool = False) -
         vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
     recall, bound = _recall_of(spec, vals, ids, truth)
     return (recall, bound, seconds) if with_bound else (recall, seconds)
-
-
-def topk_arrays(table, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour rows (an Arrow table with image_id, rank, neighbor_id, score) of the given
-    queries as ``(scores, ids)`` arrays of shape ``(len(query_ids), k)``, padded with -inf."""
-    pos = {int(q): j for j, q in enumerate(query_ids)}
-    vals, ids = np.full((len(query_ids), k), -np.inf, dtype=np.float32), np.full((len(query_ids), k), NO_ID, dtype=np.int64)
-    rows = np.array([pos[int(q)] for q in table.column("image_id").to_pylist()], dtype=np.int64)
-    ranks = table.column("rank").to_numpy() - 1
-    ids[rows, ranks] = table.column("neighbor_id").to_numpy()
-    vals[rows, ranks] = table.column("score").to_numpy()
-    return vals, ids

@@ -22,7 +22,8 @@ def _cfg(root, run_id):
 
 
 def test_a_re_extracted_run_id_is_not_a_stale_no_op(spark, tmp_path):
-    from cbir_lib.index.build import IndexMismatch, run_build_index
+    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.store import IndexMismatch
     from cbir_lib.neighbors.search import run_neighbors
 
     rng = np.random.default_rng(0)

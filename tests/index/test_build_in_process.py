@@ -58,3 +58,22 @@ def test_driver_and_executors_build_the_same_index(spark, tmp_path, index):
     if index.get("n_trees"):
         forests = [pq.read_table(m["output"] + "/forests").sort_by("cell").select(["cell", "n_items", "ids"]) for m in (a, b)]
         assert forests[0].equals(forests[1])
+
+
+def test_a_table_this_process_cannot_read_whole_goes_to_the_executors(spark, tmp_path, monkeypatch):
+    """Files the driver's reader does not list (nested folders, say) must not become a
+    smaller index: the ids read are checked against Spark's, and the executors take over."""
+    from cbir_lib.index import build
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    ids = np.arange(400, dtype=np.int64) * 7 - 100
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    listed = build.fs.list_names
+    monkeypatch.setattr(build.fs, "list_names", lambda spark_, uri: [] if "/embeddings/" in uri else listed(spark_, uri))
+    cfg = Config(
+        run=RunConfig(output_root=str(tmp_path), run_id="i1", execution="driver"),
+        index=dataclasses.replace(IndexConfig(), n_cells=4, forests=False),
+    )
+    m = run_build_index(spark, cfg)
+    assert m["execution"]["where"] == "executors" and m["counts"]["vectors"] == 400

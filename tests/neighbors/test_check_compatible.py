@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from cbir_lib.config import Config, NeighborsConfig
-from cbir_lib.index.build import IndexMismatch
+from cbir_lib.index.store import IndexMismatch
 from cbir_lib.neighbors.search import check_compatible
 
 INDEX = {"run_id": "i1", "dim": 32, "metric": "angular", "embeddings_run_id": "e1", "embeddings_commit": "c1", "forests": "forests"}

@@ -17,7 +17,7 @@ from conftest import write_embeddings
 from cbir_lib.common import inprocess
 from cbir_lib.config import Config, ConfigError, IndexConfig, NeighborsConfig, RunConfig
 from cbir_lib.index.build import run_build_index
-from cbir_lib.neighbors import search
+from cbir_lib.neighbors import search, tasks
 from cbir_lib.vectors.topk import exact_topk, prepare
 
 MB = 2**20
@@ -41,6 +41,14 @@ def test_auto_keeps_a_big_store_and_an_asked_for_budget_on_the_executors():
     on, why = inprocess.choose("auto", **{**FITS, "grouped": True}, **WORK)
     assert not on and "memory_budget" in why
     assert not inprocess.choose("auto", **{**FITS, "driver_max_bytes": 0}, **WORK)[0]
+
+
+def test_auto_on_a_big_local_machine_costs_its_threads_like_a_cluster():
+    """Past GIL_CORES threads of one interpreter the driver stops scaling: 64 local cores
+    with a lot of work go to 64 worker processes, a little work stays."""
+    big = {**FITS, "local": True}
+    assert not inprocess.choose("auto", **big, work_flops=1e13, driver_cores=64, slots=64)[0]
+    assert inprocess.choose("auto", **big, work_flops=1e10, driver_cores=64, slots=64)[0]
 
 
 def test_auto_on_a_cluster_compares_the_estimated_times():
@@ -86,7 +94,11 @@ CASES = {
     "annoy": ({"n_cells": 24, "n_trees": 4}, {"method": "annoy", "nprobe": 3}),
     "exact_min_score": ({"n_cells": 24, "forests": False}, {"method": "exact", "min_score": 0.5}),
     "lsh": ({"n_cells": 24, "forests": False}, {"method": "lsh", "lsh_tables": 4, "lsh_bits": 8}),
-    "auto_dba": ({"n_cells": 24, "forests": False}, {"method": "auto", "exact_max_n": 100, "rerank": "dba+alpha_qe", "pairs": True}),
+    # 64 cells, probing from 4: dense is clearly cheaper than exact, so auto picks it on both paths.
+    "auto_dba": (
+        {"n_cells": 64, "forests": False},
+        {"method": "auto", "exact_max_n": 100, "nprobe": 4, "rerank": "dba+alpha_qe", "pairs": True},
+    ),
 }
 
 
@@ -103,7 +115,7 @@ def test_the_driver_writes_the_executors_snapshot(spark, tmp_path, case):
         run_build_index(
             spark, Config(run=RunConfig(output_root=str(root), run_id="i1"), index=dataclasses.replace(IndexConfig(), **index_cfg))
         )
-        caches = (search._STORES, search._FORESTS, search._CODE_INDEXES, search._LSH_INDEXES, search._POSITIONS)
+        caches = (tasks._STORES, tasks._FORESTS, tasks._CODE_INDEXES, tasks._LSH_INDEXES, tasks._POSITIONS)
         cached = [set(c) for c in caches]
         nb = dataclasses.replace(NeighborsConfig(), **{"rerank": "none", "recall_sample": 300, **nb_cfg})
         run = RunConfig(output_root=str(root), run_id="n1", execution=where)

@@ -121,7 +121,7 @@ def test_routing_from_the_own_cell_equals_full_routing(metric):
 
 
 def test_split_rows_cuts_only_at_cell_boundaries():
-    from cbir_lib.neighbors.search import split_rows
+    from cbir_lib.neighbors.tasks import split_rows
 
     offsets = np.array([0, 5, 5, 12, 30, 31, 40])
     parts = split_rows(offsets, 0, 40, 4)

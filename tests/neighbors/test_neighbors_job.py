@@ -18,8 +18,10 @@ from conftest import ROOT, write_embeddings
 
 from cbir_lib.common import fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
-from cbir_lib.index.build import IndexMismatch, run_build_index
-from cbir_lib.neighbors.search import RecallTooLow, run_neighbors, topk_arrays
+from cbir_lib.index.build import run_build_index
+from cbir_lib.index.store import IndexMismatch
+from cbir_lib.neighbors.lists import topk_arrays
+from cbir_lib.neighbors.search import RecallTooLow, run_neighbors
 from cbir_lib.vectors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow

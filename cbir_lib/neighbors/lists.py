@@ -1,0 +1,216 @@
+"""A neighbours snapshot: its lists committed (by Spark or, in process, by pyarrow) and
+read back, its manifest's head, and the pairs table derived from it. Shared by the full
+run (:mod:`cbir_lib.neighbors.search`) and incremental nights
+(:mod:`cbir_lib.neighbors.incremental`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+
+from cbir_lib.common import fs, layout, remote, tables
+from cbir_lib.config import Config
+from cbir_lib.vectors.topk import NO_ID
+
+log = logging.getLogger(__name__)
+
+PAIRS = layout.PAIRS
+
+
+RESERVE = "_reserve"
+
+
+CHANGES = "_changes"
+
+
+NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
+
+
+_ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string"}
+
+
+def _arrow_schema(ddl: str):
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.type_for_alias(_ARROW_TYPES[kind])) for name, kind in (f.split() for f in ddl.split(","))])
+
+
+def _spec_key(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def part_uris(spark, uri: str) -> list[str]:
+    """The URIs of the Parquet parts under ``uri`` (a committed directory), sorted, for the
+    executors to read themselves; refused here, on the driver, if no task could open them."""
+    uri = fs.qualify(spark, uri)
+    remote.check_scheme(uri)
+    return [fs.join(uri, name) for name in sorted(fs.list_names(spark, uri)) if name.endswith(".parquet")]
+
+
+def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: dict) -> dict:
+    """The fields every neighbours manifest starts with: lineage, settings and the search."""
+    return {
+        "stage": "neighbors",
+        "run_id": run_id,
+        "index_run_id": index["run_id"],
+        "index_commit": tables.commit_of(index),
+        "embeddings_run_id": index.get("embeddings_run_id"),
+        "params": params,
+        "config": cfg.to_dict(),
+        "method": method,
+        "nprobe": spec["nprobe"] if method != "exact" else None,
+        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
+        "metric": index["metric"],
+    }
+
+
+def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
+    """The table's rows (rank <= k, at least ``min_score``) and ``_reserve/``'s (the rest),
+    both with ``neighbors_run_id``: together they are every list whole."""
+    from pyspark.sql import functions as F
+
+    public = lists.filter(F.col("rank") <= k)
+    if min_score is not None:
+        public = public.filter(F.col("score") >= F.lit(min_score))
+    rest = (
+        lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score)))
+        if min_score is not None
+        else lists.filter(F.col("rank") > k)
+    )
+    return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
+
+
+def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manifest: dict, cfg: Config) -> str:
+    """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
+    table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
+    ``counts.rows`` to the table's rows as written."""
+
+    def write(tmp: str) -> None:
+        public.write.mode("overwrite").parquet(tmp)
+        # The rows as written, from the Parquet footers: counting the lists before writing
+        # them searched or decoded them once more (0.5-1 s at 100k here).
+        manifest.setdefault("counts", {})["rows"] = spark.read.parquet(tmp).count()
+        reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
+        if changes is not None:
+            changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
+
+    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def _read_parts(spec: dict, dirs: list[str], spark):
+    """The search's committed parts (directories of Parquet files) as one Arrow table."""
+    import pyarrow as pa
+
+    files = remote.Files(**spec.get("files", {}))
+    tables_ = [remote.read_parquet(files, u, ["image_id", "rank", "neighbor_id", "score"]) for d in dirs for u in part_uris(spark, d)]
+    return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
+
+
+def commit_arrow_lists(
+    spark,
+    lists,
+    ids: np.ndarray,
+    k: int,
+    min_score: float | None,
+    n_files: int,
+    table: str,
+    run_id: str,
+    manifest: dict,
+    cfg: Config,
+    spec: dict,
+) -> str:
+    """:func:`commit_lists` for lists held in this process as an Arrow table: the same
+    snapshot (table, ``_reserve/``, ``_changes/`` naming every image ``rebuilt``), written
+    by pyarrow instead of Spark tasks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pc.less_equal(lists.column("rank"), k)
+    if min_score is not None:
+        keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
+
+    def with_run(t):  # not null, as Spark's lit() writes it
+        return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
+
+    public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
+    changes = with_run(
+        pa.table(
+            [pa.array(ids, pa.int64()), pa.repeat(pa.scalar("rebuilt"), len(ids))],
+            schema=pa.schema([("image_id", pa.int64()), pa.field("kind", pa.string(), nullable=False)]),
+        )
+    )
+    files = remote.Files(**spec.get("files", {}))
+
+    def write(tmp: str) -> None:
+        for sub, t in (("", public), (RESERVE, reserve), (CHANGES, changes)):
+            d = fs.join(tmp, sub) if sub else tmp
+            step = -(-t.num_rows // n_files) if t.num_rows else 1
+            for j, lo in enumerate(range(0, max(1, t.num_rows), step)):
+                remote.write_parquet(files, t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet"))
+        manifest.setdefault("counts", {})["rows"] = public.num_rows
+
+    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def read_lists(spark, manifest: dict):
+    """Every list of a committed neighbours snapshot whole: the table and its ``_reserve/``
+    (``image_id, rank, neighbor_id, score``), or None for a snapshot without a reserve."""
+    if not (manifest.get("reserve") or {}).get("output"):
+        return None
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    uri = manifest["output"]
+    return spark.read.parquet(uri).select(*cols).unionByName(spark.read.parquet(fs.join(uri, manifest["reserve"]["output"])).select(*cols))
+
+
+def _output_files(spark, n: int) -> int:
+    """Parquet files of a neighbours (or pairs) snapshot of ``n`` queries: one per 500k, at most one per slot."""
+    return max(1, min(spark.sparkContext.defaultParallelism, n // 500_000 + 1))
+
+
+def _pairs_of(spark, root: str, run_id: str, forward_only: bool) -> bool:
+    """Whether the pairs table holds the pairs of neighbours run ``run_id``, committed and
+    pointed at (a run killed between the pairs' manifest and their ``_LATEST`` left a
+    snapshot no reader follows: the kill -9 matrix in tests/faults/test_kill_9.py)."""
+    table = fs.join(root, PAIRS)
+    m = tables.read_manifest(spark, table, run_id)
+    latest = tables.latest_run_id(spark, table)
+    return bool(
+        m and m.get("neighbors_run_id") == run_id and latest is not None and (latest == run_id or (forward_only and latest > run_id))
+    )
+
+
+def _commit_pairs(spark, cfg: Config, root: str, neighbours, run_id: str, n_files: int) -> None:
+    """``pairs(a < b, score)`` of a neighbours table, committed as run ``run_id`` of ``pairs``."""
+    from pyspark.sql import functions as F
+
+    pairs = (
+        neighbours.select(F.least("image_id", "neighbor_id").alias("a"), F.greatest("image_id", "neighbor_id").alias("b"), "score")
+        .groupBy("a", "b")
+        .agg(F.max("score").alias("score"))
+        .withColumn("neighbors_run_id", F.lit(run_id))
+    )
+    tables.commit(
+        spark,
+        pairs.coalesce(n_files),
+        fs.join(root, PAIRS),
+        run_id,
+        {"stage": "pairs", "run_id": run_id, "neighbors_run_id": run_id},
+        keep=cfg.run.keep_snapshots,
+        forward_only=cfg.run.pin_inputs,
+    )
+
+
+def topk_arrays(table, query_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour rows (an Arrow table with image_id, rank, neighbor_id, score) of the given
+    queries as ``(scores, ids)`` arrays of shape ``(len(query_ids), k)``, padded with -inf."""
+    pos = {int(q): j for j, q in enumerate(query_ids)}
+    vals, ids = np.full((len(query_ids), k), -np.inf, dtype=np.float32), np.full((len(query_ids), k), NO_ID, dtype=np.int64)
+    rows = np.array([pos[int(q)] for q in table.column("image_id").to_pylist()], dtype=np.int64)
+    ranks = table.column("rank").to_numpy() - 1
+    ids[rows, ranks] = table.column("neighbor_id").to_numpy()
+    vals[rows, ranks] = table.column("score").to_numpy()
+    return vals, ids
