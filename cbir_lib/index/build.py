@@ -155,43 +155,62 @@ def _sample_files(dim: int, work_uri: str, files):
     return fn
 
 
-def read_vectors(spark, emb, emb_uri: str, emb_run: str, dim: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(ids, fps, prepared vectors)`` of an embeddings run's ok rows, sorted by id, read
-    in this process: the vectors by pyarrow, file by file, from the run's Parquet parts;
-    the fingerprints (a hash of the content hash, as the executors compute it) by Spark,
-    16 bytes a row. None where the two do not read the same rows (the caller then uses
-    the executors)."""
+def read_vectors(
+    spark, emb, emb_uri: str, emb_run: str, dim: int, metric: str, n: int, content_hashed: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(ids, fps, prepared vectors)`` of an embeddings run's ``n`` ok rows, in the files'
+    order, read in this process by pyarrow, file by file, from the run's Parquet parts. The
+    fingerprints are :func:`fingerprint`'s: ``xxhash64(content_sha256)`` computed here
+    (:func:`~cbir_lib.common.sparkhash.hash_strings`) where every row has a 64-character
+    hash (``content_hashed``), else by a Spark job beside the reads (16 bytes a row).
+    None where this reader does not find the ``n`` rows Spark counts (files in nested
+    folders): the caller then uses the executors."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.compute as pc
 
     from cbir_lib.common import remote
+    from cbir_lib.common.sparkhash import hash_strings
 
     files = remote.settings_from_hadoop(spark)
     run = tables.run_dir(emb_uri, emb_run)
-    names = [n for n in sorted(fs.list_names(spark, run)) if n.endswith(".parquet") and not n.startswith(("_", "."))]
-    with ThreadPoolExecutor(1) as pool:  # Spark's job runs while this process reads the vectors (1.9 s of 6.6 at 70k)
-        keys_ = pool.submit(lambda: emb.select("image_id", "fp").toArrow())
-        ids, xs = [], []
+    names = [f for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
+    columns = ["image_id", "status", "embedding"] + (["content_sha256"] if content_hashed else [])
+    with ThreadPoolExecutor(1) as pool:
+        # Without content hashes Spark hashes the vectors, while this process reads them.
+        keys_ = None if content_hashed else pool.submit(lambda: emb.select("image_id", "fp").toArrow())
+        ids, xs, fps = [], [], []
         for name in names:
-            t = remote.read_parquet(files, fs.join(run, name), ["image_id", "status", "embedding"])
+            t = remote.read_parquet(files, fs.join(run, name), columns)
             ok = pc.equal(t.column("status"), "ok")
             if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
                 t = t.filter(ok)
             if t.num_rows:
                 ids.append(t.column("image_id").to_numpy())
                 xs.append(prepare(to_numpy(t, "embedding", dim), metric))
+                if keys_ is None:
+                    fps.append(hash_strings(t.column("content_sha256")))
             del t
-        keys = keys_.result()
-    key_ids, fps = keys.column("image_id").to_numpy(), keys.column("fp").to_numpy()
+        if keys_ is None and any(f is None for f in fps):  # a null or odd-length hash: Spark's own
+            keys_ = pool.submit(lambda: emb.select("image_id", "fp").toArrow())
+        keys = keys_.result() if keys_ is not None else None
     ids_ = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    order = np.argsort(ids_, kind="stable")
-    key_order = np.argsort(key_ids, kind="stable")
-    if not np.array_equal(ids_[order], key_ids[key_order]):  # files this reader does not see (nested folders)
-        log.warning("build_index: the ok rows of %s read in this process are not the ones Spark reads; on the executors instead", run)
+    if len(ids_) != n:
+        log.warning("build_index: %d ok rows read in this process from %s, %d counted; on the executors instead", len(ids_), run, n)
         return None
-    x = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
-    return ids_[order], fps[key_order], np.ascontiguousarray(x[order])
+    if keys is None:
+        fp = np.concatenate(fps) if fps else np.zeros(0, np.int64)
+    else:
+        key_ids = keys.column("image_id").to_numpy()
+        key_order = np.argsort(key_ids, kind="stable")
+        at = np.clip(np.searchsorted(key_ids[key_order], ids_), 0, max(0, len(key_ids) - 1))
+        if len(key_ids) != n or not np.array_equal(key_ids[key_order][at], ids_):
+            log.warning("build_index: the ok rows of %s read in this process are not Spark's; on the executors instead", run)
+            return None
+        fp = keys.column("fp").to_numpy()[key_order][at]
+    # In the files' order: reordering 358 MB by id cost 1 s at 70k x 1,280, and nothing needs it.
+    x = xs[0] if len(xs) == 1 else np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
+    return ids_, fp, x
 
 
 def write_store_in_process(
@@ -323,12 +342,10 @@ def _run_build_index(spark, cfg: Config) -> dict:
     rows = None
     if on_driver:
         with timer(f"reading {n} vectors in this process") as t:
-            rows = read_vectors(spark, emb, emb_uri, emb_run, dim, ic.metric)
+            rows = read_vectors(spark, emb, emb_uri, emb_run, dim, ic.metric, n, "content_sha256" in emb_all.columns)
         timings["read_s"] = round(t["seconds"], 3)
         if rows is None:
             execution = {"where": "executors", "why": "the table's files are not all plain Parquet parts of its run folder"}
-        elif len(rows[0]) != n:
-            raise RuntimeError(f"build_index: {n} ok vectors counted but {len(rows[0])} read from {emb_uri} run {emb_run}")
 
     centroids = None
     trained_on = None
@@ -340,7 +357,9 @@ def _run_build_index(spark, cfg: Config) -> dict:
         n_train = min(n, ic.train_sample, max(64 * n_cells, 10_000), max(2, ic.train_sample_mb * 2**20 // (4 * (dim or 1))))
         with timer(f"{'taking' if rows else 'streaming'} a training sample of {n_train}") as t:
             if rows:  # the rows stream_sample takes: sampled by id hash, sorted by id, the first n_train
-                sample = np.ascontiguousarray(rows[2][sampled(rows[0], sample_fraction(n_train, n), ic.seed)][:n_train])
+                picked = np.flatnonzero(sampled(rows[0], sample_fraction(n_train, n), ic.seed))
+                picked = picked[np.argsort(rows[0][picked], kind="stable")][:n_train]
+                sample = np.ascontiguousarray(rows[2][picked])
             else:
                 work = fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")
                 sample = prepare(stream_sample(emb, n, n_train, dim, ic.seed, work), ic.metric)

@@ -77,3 +77,27 @@ def test_a_table_this_process_cannot_read_whole_goes_to_the_executors(spark, tmp
     )
     m = run_build_index(spark, cfg)
     assert m["execution"]["where"] == "executors" and m["counts"]["vectors"] == 400
+
+
+def test_without_content_hashes_the_fingerprints_are_sparks(spark, tmp_path):
+    """A table without content_sha256 fingerprints the vectors (Spark's xxhash64 of the
+    array): in process that job runs beside the reads, and the store is the executors'."""
+    from cbir_lib.common import fs, tables
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(600, 12)).astype(np.float32)
+    ids = np.unique(rng.integers(-(2**62), 2**62, 610))[:600].astype(np.int64)
+    stores = {}
+    for where in ("executors", "driver"):
+        root = tmp_path / where
+        write_embeddings(spark, str(root), ids, x, "e1")
+        emb = fs.join(fs.qualify(spark, str(root)), "embeddings")
+        tables.commit(spark, spark.read.parquet(tables.run_dir(emb, "e1")).drop("content_sha256"), emb, "e2", {"run_id": "e2", "dim": 12})
+        cfg = Config(
+            run=RunConfig(output_root=str(root), run_id="i1", execution=where),
+            index=dataclasses.replace(IndexConfig(), n_cells=5, forests=False),
+        )
+        m = run_build_index(spark, cfg)
+        assert m["embeddings_run_id"] == "e2" and m["execution"]["where"] == where
+        stores[where] = _store(m["output"]).select(["cell", "image_id", "fp", "vector"])
+    assert stores["driver"].equals(stores["executors"])
