@@ -24,6 +24,15 @@ def _rotl(x: np.ndarray, r: int) -> np.ndarray:
     return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
 
 
+def _fmix(h: np.ndarray) -> np.ndarray:
+    """XXH64's final avalanche (called under errstate(over="ignore"))."""
+    h = h ^ (h >> np.uint64(33))
+    h = h * _P2
+    h = h ^ (h >> np.uint64(29))
+    h = h * _P3
+    return h ^ (h >> np.uint64(32))
+
+
 def hash_long(values, seed) -> np.ndarray:
     """XXH64 of each int64 in ``values`` with ``seed`` (a scalar or one per value), as int64."""
     x = np.asarray(values, dtype=np.int64).view(np.uint64)
@@ -32,11 +41,7 @@ def hash_long(values, seed) -> np.ndarray:
         h = s + _P5 + np.uint64(8)
         h = h ^ (_rotl(x * _P2, 31) * _P1)
         h = _rotl(h, 27) * _P1 + _P4
-        h = h ^ (h >> np.uint64(33))
-        h = h * _P2
-        h = h ^ (h >> np.uint64(29))
-        h = h * _P3
-        h = h ^ (h >> np.uint64(32))
+        h = _fmix(h)
     return h.view(np.int64)
 
 
@@ -83,11 +88,7 @@ def hash_bytes(data: np.ndarray, seed=SEED) -> np.ndarray:
             at += 4
         for b in range(at, length):
             h = _rotl(h ^ (data[:, b].astype(np.uint64) * _P5), 11) * _P1
-        h = h ^ (h >> np.uint64(33))
-        h = h * _P2
-        h = h ^ (h >> np.uint64(29))
-        h = h * _P3
-        h = h ^ (h >> np.uint64(32))
+        h = _fmix(h)
     return h.view(np.int64)
 
 
