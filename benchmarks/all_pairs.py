@@ -747,9 +747,9 @@ def run_method(method: str, data: str, n: int, timeout: int, memory_budget: str 
         if held:
             row["largest_store_share_mb"] = round(held / 2**20, 1)
     if memory_budget:
-        from cbir_lib.index.store import _bytes_of
+        from cbir_lib.common.inprocess import bytes_of
 
-        row["memory_budget_mb"] = round(_bytes_of(memory_budget) / 2**20)
+        row["memory_budget_mb"] = round((bytes_of(memory_budget) or 0) / 2**20)
     return row
 
 

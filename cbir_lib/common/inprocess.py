@@ -8,8 +8,8 @@ sample 2.4 s, the search 12.1 s as Spark tasks (benchmarks/results/all_pairs.jso
 
 :class:`InProcess` answers the few calls the stage makes of a ``SparkContext``
 (``parallelize(items, n).mapPartitions(fn).collect()``, ``defaultParallelism``) by
-calling the same partition functions here, one slice after another, with BLAS on all
-the driver's cores. The store is read once into this process's memory (no ``.npy``
+calling the same partition functions here, its slices side by side in a thread pool as
+wide as the driver's cores, one BLAS thread each (as one-core tasks). The store is read once into this process's memory (no ``.npy``
 copy) and dropped when the block ends. The results are the same rows as the executors'
 by construction: the functions are the same, and a query's top-k does not depend on the
 block of queries it is searched in (:mod:`cbir_lib.vectors.topk`).
@@ -100,7 +100,7 @@ class InProcess:
 
 @contextlib.contextmanager
 def running(threads: int, *caches: dict):
-    """Run the block's partition functions in this process with ``threads`` BLAS threads.
+    """Run the block's partition functions in this process, ``threads`` slices side by side.
     What they put in ``caches`` (the stage's loaded stores and forests) is dropped when it
     ends, so a long-lived driver (a notebook, Airflow's worker) does not keep the store."""
     before = [set(c) for c in caches]
@@ -124,11 +124,12 @@ def driver_threads(spark) -> int:
     return max(1, int(sc.getConf().get("spark.driver.cores", "1")))
 
 
-def _bytes(value: str) -> int:
+def bytes_of(value: str) -> int | None:
+    """A Spark-style size ("512m", "4g", "1024") in bytes; None if it is not one."""
     import re
 
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)b?\s*", str(value).lower())
-    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ") if m else 0
+    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ") if m else None
 
 
 def driver_max_bytes(spark, configured_mb: int) -> int:
@@ -139,8 +140,8 @@ def driver_max_bytes(spark, configured_mb: int) -> int:
     conf = spark.sparkContext.getConf()
     limit = configured_mb << 20
     if conf.get("spark.submit.deployMode", "client") == "cluster":
-        overhead = _bytes(conf.get("spark.driver.memoryOverhead", "0")) or max(
-            384 << 20, int(0.1 * _bytes(conf.get("spark.driver.memory", "1g")))
+        overhead = bytes_of(conf.get("spark.driver.memoryOverhead", "0")) or max(
+            384 << 20, int(0.1 * (bytes_of(conf.get("spark.driver.memory", "1g")) or 0))
         )
         limit = min(limit, overhead // 3)
     return limit

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import tempfile
 
 import numpy as np
 
 from cbir_lib.common import fs, layout, tables
+from cbir_lib.common.inprocess import bytes_of
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign
@@ -61,20 +61,13 @@ def embeddings_table_uri(spark, cfg: Config) -> str:
     return fs.join(fs.qualify(spark, cfg.run.output_root), EMBEDDINGS)
 
 
-def _bytes_of(value: str) -> int | None:
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)b?\s*", str(value).lower())
-    if not m:
-        return None
-    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
-
-
 def executor_memory(spark) -> tuple[int | None, int]:
     """(bytes of memory per executor, cores per executor) from the Spark conf."""
     conf = spark.sparkContext.getConf()
     local = spark.sparkContext.master.startswith("local")
     mem = conf.get("spark.driver.memory" if local else "spark.executor.memory", "1g")
     cores = spark.sparkContext.defaultParallelism if local else int(conf.get("spark.executor.cores", "1"))
-    return _bytes_of(mem), max(1, cores)
+    return bytes_of(mem), max(1, cores)
 
 
 def _assign_cells(centroids_bytes: bytes | None, metric: str, n_cells: int, reduction_bytes: bytes | None = None):

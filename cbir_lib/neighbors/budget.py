@@ -615,10 +615,11 @@ def sample_whole(spec: dict, sample: tuple, search):
 def resolve_budget(spark, configured: str | None) -> int:
     """``neighbors.memory_budget`` in bytes; unset, 40 % of an executor's memory (of the
     driver's in local mode, where the executor is the driver process)."""
-    from cbir_lib.index.store import _bytes_of, executor_memory
+    from cbir_lib.common.inprocess import bytes_of
+    from cbir_lib.index.store import executor_memory
 
     if configured:
-        return int(_bytes_of(configured))
+        return int(bytes_of(configured) or 0)
     mem, _ = executor_memory(spark)
     return int(0.4 * (mem or 2**30))
 
