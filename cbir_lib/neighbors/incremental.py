@@ -35,15 +35,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 
-from cbir_lib.common import faults, fs, inprocess, tables
+from cbir_lib.common import faults, fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import package_versions, timer
 from cbir_lib.config import Config
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.index.store import cell_offsets
+from cbir_lib.neighbors import listops
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
@@ -54,6 +56,25 @@ log = logging.getLogger(__name__)
 DELTA_SEARCH_DDL = "image_id long, rank int, neighbor_id long, score float, reverse boolean"
 THRESHOLDS = "thresholds"
 DELTA_BLOCK = 8192  # a night's queries searched together in one task step
+
+
+LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory, ~3 copies at the merge
+
+
+@dataclass
+class _Night:
+    """What both ways of running a night share: sizes, the work folder, the delta."""
+
+    k: int
+    width: int  # each list's depth: k + neighbors.reserve
+    n: int  # the new store's vectors
+    n_prev: int
+    work_key: str
+    work_dir: str
+    added: np.ndarray  # sorted ids: new images and the new versions of changed ones
+    removed: np.ndarray  # sorted ids: deleted images and the old versions of changed ones
+    changed: np.ndarray
+    timings: dict
 
 
 class NotIncremental(Exception):
@@ -155,8 +176,6 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
     if key not in _THRESHOLDS:
         import pyarrow as pa
 
-        from cbir_lib.common import remote
-
         parts = [remote.read_parquet(remote.Files(**spec.get("files", {})), u) for u in spec["thresholds_files"]]
         t = pa.concat_tables(parts) if parts else None
         thr = np.full(len(store.ids), np.inf, dtype=np.float32)
@@ -167,6 +186,145 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
             thr[rows[ok]] = t.column("thr").to_numpy().astype(np.float32)[ok]
         _THRESHOLDS[key] = thr
     return _THRESHOLDS[key]
+
+
+def _delta(spark, index: dict, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The index's ``delta/``: the added and the removed ids, each sorted and unique."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    files = remote.Files(**spec.get("files", {}))
+    parts = [remote.read_parquet(files, u, ["image_id", "kind"]) for u in L.part_uris(spark, fs.join(index["uri"], DELTA))]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    t = pa.concat_tables(parts)
+    ids = t.column("image_id").to_numpy().astype(np.int64)
+    is_added = pc.equal(t.column("kind"), "added").to_numpy(zero_copy_only=False)
+    is_removed = pc.equal(t.column("kind"), "removed").to_numpy(zero_copy_only=False)
+    return np.unique(ids[is_added]), np.unique(ids[is_removed])
+
+
+def _probed_share(spec: dict, n: int) -> float:
+    """The share of the collection one query's search scores."""
+    n_cells = max(1, len(spec["offsets"]) - 1)
+    return 1.0 if spec["method"] == "exact" else min(1.0, spec["nprobe"] / n_cells)
+
+
+def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, params, memory, started, night: _Night) -> dict:
+    """The night in this process (``run.execution``): the same snapshot as :func:`run`'s
+    Spark plan, row for row, with the lists in numpy (:mod:`~cbir_lib.neighbors.listops`)
+    and the night's searches as the driver's slices. At 1M the Spark plan's list
+    statistics, merge and commit cost ~28 s of a 60 s night, and its store load 14 s."""
+    import pyarrow as pa
+
+    nb = cfg.neighbors
+    k, width, n, timings = night.k, night.width, night.n, night.timings
+    added, removed = night.added, night.removed
+    files = remote.Files(**spec.get("files", {}))
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+
+    with timer("reading the old lists in this process") as t:
+        snap = prev["output"]
+        dirs = [snap, fs.join(snap, prev["reserve"]["output"])]
+        parts = [remote.read_parquet(files, u, cols) for d in dirs for u in L.part_uris(spark, d)]
+        old = listops.Lists.from_arrow(pa.concat_tables(parts)) if parts else listops.Lists.empty()
+        del parts
+    timings["read_lists_s"] = round(t["seconds"], 3)
+
+    with timer("measuring the old lists (length, last score, removed neighbours)") as t:
+        ids, length, last, lost = listops.list_stats(old, removed)
+        # As run(): a list of a collection of more than k + reserve others is complete to its last score.
+        complete_only = night.n_prev - 1 < width
+        live = ~listops.member(ids, np.union1d(added, removed))
+        hit = live & (lost > 0)
+        lost_ids, short = ids[hit], (length - lost)[hit] < k
+        refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
+        lost_only = np.setdiff1d(lost_ids, refill)
+        keep_thr = live & ~listops.member(ids, refill)
+        thr_ids = ids[keep_thr]
+        thr_vals = np.full(thr_ids.size, -np.inf, np.float32) if complete_only else last[keep_thr].astype(np.float32)
+    timings["list_stats_s"] = round(t["seconds"], 3)
+
+    with timer("loading the store in this process") as t:
+        T._warm_store(sc, spec, sc.defaultParallelism)
+        store = T.local_store(spec)
+    timings["store_load_s"] = round(t["seconds"], 3)
+    # Each store row's reverse-scan threshold, as _local_thresholds makes it from the files.
+    thr = np.full(len(store.ids), np.inf, dtype=np.float32)
+    rows = T.positions_of(store, thr_ids)
+    ok = np.asarray(store.ids)[rows] == thr_ids
+    thr[rows[ok]] = thr_vals[ok]
+    spec = {**spec, "thresholds_files": [], "thresholds_key": f"{night.work_key}-in-process"}
+    _THRESHOLDS[spec["thresholds_key"]] = thr
+
+    searched_uri = fs.join(night.work_dir, "searched")
+    n_queries = int(added.size + refill.size)
+    schema = L._arrow_schema(DELTA_SEARCH_DDL)
+    if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
+        with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
+            qids = np.concatenate([added, refill]).astype(np.int64)
+            rev = np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]
+            # Slices of neighbouring store rows: a cell's product is shared by the queries of a slice.
+            order = np.argsort(T.positions_of(store, qids), kind="stable")
+            w = max(1, min(sc.defaultParallelism, -(-n_queries // DELTA_BLOCK)))
+            cuts = [order[i * order.size // w : (i + 1) * order.size // w] for i in range(w)]
+            batches = [
+                pa.RecordBatch.from_arrays([pa.array(qids[c]), pa.array(rev[c])], names=["image_id", "reverse"]) for c in cuts if c.size
+            ]
+            out = sc.parallelize(batches, len(batches)).mapPartitions(_delta_search(spec)).collect() if batches else []
+            tmp = fs.join(night.work_dir, "_tmp", uuid.uuid4().hex)
+            remote.write_parquet(files, pa.Table.from_batches(out, schema=schema), fs.join(tmp, "part-00000.parquet"))
+            fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
+            fs.delete(spark, searched_uri)
+            fs.rename(spark, tmp, searched_uri)
+        timings["search_s"] = round(t["seconds"], 3)
+    faults.point("neighbors.incremental.after_search")
+    found = [remote.read_parquet(files, u) for u in L.part_uris(spark, searched_uri)]
+    searched = pa.concat_tables(found).cast(schema) if found else schema.empty_table()
+    is_rev = searched.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
+    fresh = listops.Lists.from_arrow(searched.filter(pa.array(~is_rev)))
+    reverse = listops.Lists.from_arrow(searched.filter(pa.array(is_rev)))
+
+    with timer("merging the night into the lists") as t:
+        replaced = np.union1d(np.union1d(added, removed), refill)
+        reverse = reverse.where(~listops.member(reverse.qid, replaced))
+        reverse_ids = np.unique(reverse.qid)
+        touched = np.union1d(reverse_ids, lost_only)
+        untouched = old.of_lists(np.union1d(replaced, touched), keep=False)
+        kept = old.of_lists(touched)
+        kept = kept.where(~listops.member(kept.nid, removed))
+        merged = listops.ranked(np.r_[kept.qid, reverse.qid], np.r_[kept.nid, reverse.nid], np.r_[kept.score, reverse.score], width)
+        lists = listops.concat(untouched, merged, fresh)
+        del untouched, kept
+        top_changed = listops.top_changed(old, lists, touched, k)
+        del old
+    timings["merge_s"] = round(t["seconds"], 3)
+
+    def rows_of(q: np.ndarray):
+        return lists.of_lists(np.sort(q)).to_arrow()
+
+    recall = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings)
+    _check_recall(nb, *recall[:2], recall[3])
+    moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
+    manifest = _manifest(cfg, run_id, table, prev, index, spec, params, memory, night, moved, recall, n_queries)
+    groups = _change_groups(night, refill, top_changed)
+    changes = pa.table(
+        [
+            pa.array(np.concatenate(list(groups.values())).astype(np.int64)),
+            pa.array([kind for kind, v in groups.items() for _ in range(len(v))], pa.string()),
+        ],
+        names=["image_id", "kind"],
+    )
+    n_files = L._output_files(spark, n)
+    with timer("committing the neighbours table (incremental, in this process)") as t:
+        manifest["wall_seconds"] = round(time.time() - started, 3)
+        L.commit_arrow_lists(spark, lists.to_arrow(), changes, k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
+    timings["commit_s"] = round(t["seconds"], 3)
+    if nb.pairs:
+        L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
+    fs.delete(spark, night.work_dir)
+    _log_done(run_id, prev, manifest, k, started)
+    return manifest
 
 
 def run(
@@ -206,12 +364,27 @@ def run(
     )
     work_dir = fs.join(table, "_work", f"incremental-{work_key}")
 
-    delta = spark.read.parquet(fs.join(index["uri"], DELTA))
-    rows = delta.select("image_id", "kind").toArrow()
-    kind = np.asarray(rows.column("kind").to_pylist(), dtype=object)
-    delta_ids = rows.column("image_id").to_numpy().astype(np.int64)
-    added, removed = np.unique(delta_ids[kind == "added"]), np.unique(delta_ids[kind == "removed"])
+    added, removed = _delta(spark, index, spec)
     changed = np.intersect1d(added, removed)
+
+    # Where the night's work runs: as the full run decides (cbir_lib/common/inprocess.py),
+    # for the store, every old list (read whole) and the night's searches.
+    on_driver, why = inprocess.choose(
+        cfg.run.execution,
+        local=sc.master.startswith("local"),
+        store_bytes=int(memory["store_bytes"]) + n_prev * width * LIST_ROW_BYTES,
+        driver_max_bytes=inprocess.driver_max_bytes(spark, cfg.run.driver_max_mb),
+        grouped=False,
+        work_flops=2.0 * (added.size + nb.recall_sample) * n * int(index["dim"]) * _probed_share(spec, n),
+        driver_cores=inprocess.driver_threads(spark),
+        slots=slots,
+    )
+    memory = {**memory, "execution": {"where": "driver" if on_driver else "executors", "why": why}}
+    log.info("neighbors: the incremental night on the %s (%s)", memory["execution"]["where"], why)
+    night = _Night(k, width, n, n_prev, work_key, work_dir, added, removed, changed, timings)
+    if on_driver:
+        with inprocess.running(inprocess.driver_threads(spark), T._STORES, T._POSITIONS, _THRESHOLDS) as local_sc:
+            return _in_process(spark, local_sc, cfg, run_id, table, root, prev, index, spec, params, memory, started, night)
 
     old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.
@@ -306,8 +479,7 @@ def run(
         .toArrow()
     )
     top_changed = np.unique(differ.column("image_id").to_numpy().astype(np.int64))
-    new_only = np.setdiff1d(added, changed)
-    groups = {"added": new_only, "updated": np.union1d(changed, top_changed), "refilled": refill, "removed": np.setdiff1d(removed, changed)}
+    groups = _change_groups(night, refill, top_changed)
     changes = columns_frame(
         spark,
         {
@@ -319,30 +491,73 @@ def run(
 
     # Recall on new and on old images, from the lists as committed, against exact search.
     try:
-        recall_new, recall_old, sample_sizes, upper = _recall(spark, sc, spec, lists, added, n, slots, nb, index.get("seed", 0), timings)
+        recall_new, recall_old, sample_sizes, upper = _recall(
+            sc,
+            spec,
+            lambda qids: lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
+            added,
+            n,
+            slots,
+            nb,
+            index.get("seed", 0),
+            timings,
+        )
     except BaseException:
         lists.unpersist()
         raise
-    recalls = [r for r in (recall_new, recall_old) if r is not None]
-    if nb.min_recall is not None and upper and min(upper) < nb.min_recall:
-        # The old lists carry the base run's recall, calibrated to just meet the target on
-        # its own sample; another sample scatters around it. Only a recall below the target
-        # with 95 % confidence calls for a full run, which calibrates again.
+    try:
+        _check_recall(nb, recall_new, recall_old, upper)
+    except NotIncremental:
         lists.unpersist()
+        raise
+    moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
+    recall = (recall_new, recall_old, sample_sizes, upper)
+    manifest = _manifest(cfg, run_id, table, prev, index, spec, params, memory, night, moved, recall, n_queries)
+    with timer("committing the neighbours table (incremental)") as t:
+        manifest["wall_seconds"] = round(time.time() - started, 3)
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
+    timings["commit_s"] = round(t["seconds"], 3)
+    if nb.pairs:
+        L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
+    lists.unpersist()
+    fs.delete(spark, work_dir)
+    _log_done(run_id, prev, manifest, k, started)
+    return manifest
+
+
+def _check_recall(nb, recall_new, recall_old, upper) -> None:
+    """Refuse the night (a full run follows) when its recall is below ``min_recall``.
+
+    The old lists carry the base run's recall, calibrated to just meet the target on its
+    own sample; another sample scatters around it. Only a recall below the target with
+    95 % confidence calls for a full run, which calibrates again."""
+    if nb.min_recall is not None and upper and min(upper) < nb.min_recall:
         raise NotIncremental(
-            f"the measured recall@{k} (new images {recall_new}, old images {recall_old}) is below "
+            f"the measured recall@{nb.k} (new images {recall_new}, old images {recall_old}) is below "
             f"neighbors.min_recall {nb.min_recall} with 95 % confidence (upper bounds {upper})"
         )
 
-    manifest = {
+
+def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int) -> dict:
+    """The night's manifest, everything but ``counts.rows`` and ``wall_seconds``, set at the
+    commit. ``moved``: the sorted ids of the lists the night ``refill``-ed, ``reverse_ids``
+    (a new image entered), ``lost_only`` (a neighbour left), ``touched`` (either) and
+    ``top_changed``."""
+    recall_new, recall_old, sample_sizes, upper = recall
+    refill, reverse_ids, lost_only, touched, top_changed = (
+        moved[f] for f in ("refill", "reverse_ids", "lost_only", "touched", "top_changed")
+    )
+    recalls = [r for r in (recall_new, recall_old) if r is not None]
+    added, removed, changed = night.added, night.removed, night.changed
+    return {
         **L.manifest_head(run_id, index, params, cfg, spec["method"], spec),
-        "k": k,
-        "reserve": {"rows": nb.reserve, "output": L.RESERVE, "searched_k": width},
+        "k": night.k,
+        "reserve": {"rows": cfg.neighbors.reserve, "output": L.RESERVE, "searched_k": night.width},
         "mode": "incremental",
         "full_reason": None,
         "base_run_id": prev["run_id"],
         "base_commit": tables.commit_of(prev),
-        "n": n,
+        "n": night.n,
         "n_cells": len(spec["offsets"]) - 1,
         "recall_at_k": min(recalls) if recalls else None,
         "recall_new": recall_new,
@@ -352,7 +567,7 @@ def run(
         "recall_upper_bounds": upper,
         "rerank": None,
         "changes": {
-            "added": int(new_only.size),
+            "added": int(np.setdiff1d(added, changed).size),
             "changed": int(changed.size),
             "deleted": int(np.setdiff1d(removed, changed).size),
             "refilled": int(refill.size),
@@ -364,43 +579,48 @@ def run(
         },
         "searched_this_run": n_queries,
         "memory": memory,
-        "timings": timings,
+        "timings": night.timings,
         "packages": package_versions(),
+        "output": tables.run_dir(table, run_id),
+        "counts": {"queries": night.n, "rows": None},  # counted by the commit from the files it writes
     }
-    manifest["output"] = tables.run_dir(table, run_id)
-    with timer("committing the neighbours table (incremental)") as t:
-        manifest["counts"] = {"queries": n, "rows": None}  # counted by commit_lists from the files it writes
-        manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
-    timings["commit_s"] = round(t["seconds"], 3)
-    if nb.pairs:
-        L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
-    lists.unpersist()
-    fs.delete(spark, work_dir)
+
+
+def _change_groups(night: _Night, refill: np.ndarray, top_changed: np.ndarray) -> dict[str, np.ndarray]:
+    """``_changes``' kinds: the images of each (see :data:`KINDS`)."""
+    added, removed, changed = night.added, night.removed, night.changed
+    return {
+        "added": np.setdiff1d(added, changed),
+        "updated": np.union1d(changed, top_changed),
+        "refilled": refill,
+        "removed": np.setdiff1d(removed, changed),
+    }
+
+
+def _log_done(run_id: str, prev: dict, manifest: dict, k: int, started: float) -> None:
     c = manifest["changes"]
     log.info(
-        "neighbors %s (incremental on %s): %d added, %d changed, %d deleted; %d lists updated by new images, %d refilled; "
+        "neighbors %s (incremental on %s, %s): %d added, %d changed, %d deleted; %d lists updated by new images, %d refilled; "
         "recall@%d new %s old %s; %.1f s",
         run_id,
         prev["run_id"],
+        manifest["memory"].get("execution", {}).get("where"),
         c["added"],
         c["changed"],
         c["deleted"],
         c["reverse_updated"],
         c["refilled"],
         k,
-        recall_new,
-        recall_old,
+        manifest["recall_new"],
+        manifest["recall_old"],
         time.time() - started,
     )
-    return manifest
 
 
-def _recall(spark, sc, spec: dict, lists, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
+def _recall(sc, spec: dict, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
     """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
-    images (store positions drawn with the index's seed), against exact search."""
-    from pyspark.sql import functions as F
-
+    images (store positions drawn with the index's seed), against exact search.
+    ``rows_of(ids)``: the lists of ``ids`` as an Arrow table."""
     half = nb.recall_sample // 2
     if not half:
         return None, None, {"new": 0, "old": 0}, []
@@ -420,8 +640,7 @@ def _recall(spark, sc, spec: dict, lists, added: np.ndarray, n: int, slots: int,
         qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
     k = nb.k
-    got = lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow()
-    av, ai = L.topk_arrays(got, qids, spec["k"])
+    av, ai = L.topk_arrays(rows_of(qids), qids, spec["k"])
     is_new = np.isin(qids, added)
 
     def rec(mask):

@@ -30,7 +30,7 @@ CHANGES = "_changes"
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
 
 
-_ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string"}
+_ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string", "boolean": "bool"}
 
 
 def _arrow_schema(ddl: str):
@@ -113,7 +113,7 @@ def _read_parts(spec: dict, dirs: list[str], spark):
 def commit_arrow_lists(
     spark,
     lists,
-    ids: np.ndarray,
+    changes,
     k: int,
     min_score: float | None,
     n_files: int,
@@ -124,8 +124,8 @@ def commit_arrow_lists(
     spec: dict,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
-    snapshot (table, ``_reserve/``, ``_changes/`` naming every image ``rebuilt``), written
-    by pyarrow instead of Spark tasks."""
+    snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
+    ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -137,12 +137,7 @@ def commit_arrow_lists(
         return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
 
     public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
-    changes = with_run(
-        pa.table(
-            [pa.array(ids, pa.int64()), pa.repeat(pa.scalar("rebuilt"), len(ids))],
-            schema=pa.schema([("image_id", pa.int64()), pa.field("kind", pa.string(), nullable=False)]),
-        )
-    )
+    changes = with_run(changes)
     files = remote.Files(**spec.get("files", {}))
 
     def write(tmp: str) -> None:
@@ -154,6 +149,16 @@ def commit_arrow_lists(
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
     return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+
+
+def rebuilt_changes(ids: np.ndarray):
+    """A full run's ``_changes``: every image, kind ``rebuilt`` (not null, as Spark's lit() writes it)."""
+    import pyarrow as pa
+
+    return pa.table(
+        [pa.array(ids, pa.int64()), pa.repeat(pa.scalar("rebuilt"), len(ids))],
+        schema=pa.schema([("image_id", pa.int64()), pa.field("kind", pa.string(), nullable=False)]),
+    )
 
 
 def read_lists(spark, manifest: dict):

@@ -71,6 +71,7 @@ from cbir_lib.neighbors.lists import (
     manifest_head,
     part_uris,
     public_and_reserve,
+    rebuilt_changes,
 )
 from cbir_lib.neighbors.rerank import mode_alpha, split_mode
 from cbir_lib.neighbors.tasks import (
@@ -496,7 +497,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # A full run may change any list: _changes names every image, kind "rebuilt".
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
-            commit_arrow_lists(spark, raw, ids, nb.k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
+            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
             final = None
         else:
             final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)

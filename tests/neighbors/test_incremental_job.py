@@ -3,8 +3,10 @@ against exact search over the current collection (an exact oracle where exact is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,9 +24,10 @@ pytestmark = pytest.mark.slow
 INC = {"mode": "incremental"}
 
 
-def night(spark, root, run_id, ids, x, index=None, neighbors=None):
+def night(spark, root, run_id, ids, x, index=None, neighbors=None, execution="auto"):
     write_embeddings(spark, str(root), ids, x, run_id)
     cfg = config(root, run_id, {**INC, "forests": False, **(index or {})}, {**INC, **(neighbors or {})})
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, execution=execution))
     return run_build_index(spark, cfg), run_neighbors(spark, cfg)
 
 
@@ -75,6 +78,7 @@ def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
     assert im["mode"] == "incremental", im["full_reason"]
     assert im["delta_counts"] == {"added": 35, "removed": 40, "changed": 10, "new": 25, "deleted": 30}
     assert nm["mode"] == "incremental" and nm["base_run_id"] == "d1"
+    assert nm["memory"]["execution"]["where"] == "driver"  # local mode, small: the night in process
     check_exact(spark, nm, ids2, x2)
     c = nm["changes"]
     assert (c["added"], c["changed"], c["deleted"]) == (25, 10, 30) and c["refilled"] > 0 and c["reverse_updated"] > 0
@@ -143,6 +147,36 @@ def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
     gv, gi = read_topk(spark, nm["output"], ids2, 10)
     tv, ti = brute_force(prepare(x2, "angular"), ids2, 10, "angular")
     assert abs(recall_at_k(gi, ti, tv, gv) - nm["recall_old"]) < 0.05
+
+
+def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
+    """run.execution=driver and =executors on the same night (dense IVF; adds with near-copies,
+    deletes past a reserve of 2, changes): the same table, _reserve/ and _changes/, row for
+    row, and the same counts in the manifest."""
+    rng = np.random.default_rng(5)
+    ids, x = signed_ids(2000, seed=11), clustered(2060, 16, seed=11)
+    opts = {"exact_max_n": 0, "recall_sample": 200, "reserve": 2}
+    a, b = tmp_path / "driver", tmp_path / "executors"
+    night(spark, a, "d1", ids, x[:2000], neighbors=opts)
+    shutil.copytree(a, b)
+    orig = rng.choice(2000, 30, replace=False)
+    keep = np.ones(2000, bool)
+    keep[np.setdiff1d(np.arange(2000), orig)[:40]] = False
+    x2 = x[:2000].copy()
+    x2[np.flatnonzero(keep)[:10]] = x[2000:2010]  # changed
+    ids2 = np.concatenate([ids[keep], signed_ids(80, seed=12)])
+    x2 = np.concatenate([x2[keep], x[orig] + 0.001 * rng.normal(size=(30, 16)).astype(np.float32), x[2010:2060]])
+    got = {}
+    for root, where in ((a, "driver"), (b, "executors")):
+        im, nm = night(spark, root, "d2", ids2, x2, neighbors=opts, execution=where)
+        assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
+        got[where] = nm
+    da, ea = got["driver"], got["executors"]
+    assert da["changes"] == ea["changes"] and da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
+    assert da["counts"] == ea["counts"] and (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
+    for sub in ("", "/_reserve", "/_changes"):
+        rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
+        assert rows[0] == rows[1] and rows[0], sub
 
 
 def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
