@@ -319,7 +319,9 @@ def _run_build_index(spark, cfg: Config) -> dict:
         from cbir_lib.index import incremental  # it builds on this module's helpers
 
         started_inc = time.time()
-        done, full_reason = incremental.try_incremental(spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, emb, signature)
+        done, full_reason = incremental.try_incremental(
+            spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, emb, signature, "content_sha256" in emb_all.columns
+        )
         if done is not None:
             return done
         log.info("build_index: a full build instead of an incremental one: %s", full_reason)

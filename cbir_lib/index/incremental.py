@@ -24,12 +24,13 @@ vectors read are the added ones, and the store's rows are copied, not recomputed
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 
 import numpy as np
 
-from cbir_lib.common import fs, remote, tables
+from cbir_lib.common import fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import package_versions, timer
 from cbir_lib.config import Config
@@ -43,11 +44,13 @@ from cbir_lib.index.store import (
     _assign_cells,
     cell_counts,
     centroid_distance,
+    read_keys,
     store_counts,
     vector_space,
     write_forest_rows,
     write_forests,
 )
+from cbir_lib.vectors.arrow import binary_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +157,110 @@ def _read_added(files, ids: np.ndarray, fps: np.ndarray, assigner):
     return fn
 
 
+def diff_keys(old_ids, old_fps, now_ids, now_fps) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of the base's store (``old``) and of tonight's embeddings (``now``) have
+    no row of the same ``(image_id, fp)`` on the other side: ``(removed, added)`` masks,
+    as the full outer join of :func:`try_incremental`'s Spark plan finds them."""
+    old_ids, old_fps, now_ids, now_fps = (np.asarray(a, np.int64) for a in (old_ids, old_fps, now_ids, now_fps))
+    order = np.argsort(now_ids, kind="stable")
+    s_ids, s_fps = now_ids[order], now_fps[order]
+    if s_ids.size and (np.diff(s_ids) == 0).any():  # an id twice: compare the pairs themselves
+        pair = np.dtype([("i", "<i8"), ("f", "<i8")])
+        o, w = np.empty(old_ids.size, pair), np.empty(now_ids.size, pair)
+        o["i"], o["f"], w["i"], w["f"] = old_ids, old_fps, now_ids, now_fps
+        return ~np.isin(o, w), ~np.isin(w, o)
+    at = np.minimum(np.searchsorted(s_ids, old_ids), max(0, s_ids.size - 1))
+    same = (s_ids[at] == old_ids) & (s_fps[at] == old_fps) if s_ids.size else np.zeros(old_ids.size, bool)
+    matched = np.zeros(now_ids.size, bool)
+    matched[order[at[same]]] = True
+    return ~same, ~matched
+
+
+def _read_columns(spark, uri: str, columns: list[str]):
+    """The columns of every Parquet part under ``uri``, read in this process, as one Arrow table."""
+    import pyarrow as pa
+
+    files = remote.settings_from_hadoop(spark)
+    names = sorted(n for n in fs.list_names(spark, uri) if n.endswith(".parquet"))
+    return pa.concat_tables([remote.read_parquet(files, fs.join(uri, n), columns) for n in names])
+
+
+def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray, fps: np.ndarray, assigner, prev: dict, n_cells: int):
+    """The added rows (sorted ``ids``, with their fingerprints ``fps``) read from the
+    embeddings files by :func:`_read_added` and assigned to cells, here, a file per
+    slice on the driver's cores: an Arrow table of store rows."""
+    import pyarrow as pa
+
+    from cbir_lib.common.sparkhash import xxhash64
+
+    emb_dir = tables.run_dir(emb_uri, emb_run)
+    uris = [fs.join(emb_dir, name) for name in sorted(fs.list_names(spark, emb_dir)) if name.endswith(".parquet")]
+    assign = assigner
+    if prev.get("partitioning") == "hash":
+
+        def assign(batches):  # Spark's pmod(xxhash64(image_id), n_cells) first, as the executors' plan
+            def celled():
+                for b in batches:
+                    cells = np.mod(xxhash64(b.column("image_id").to_numpy()), n_cells).astype(np.int32)
+                    yield pa.RecordBatch.from_arrays([*b.columns, pa.array(cells)], names=[*b.schema.names, "cell"])
+
+            return assigner(celled())
+
+    batches = [pa.RecordBatch.from_arrays([pa.array([u])], names=["uri"]) for u in uris]
+    with inprocess.running(inprocess.driver_threads(spark)) as sc:
+        out = sc.parallelize(batches, len(batches)).mapPartitions(_read_added(files, ids, fps, assign)).collect()
+    return pa.Table.from_batches(out) if out else None
+
+
+def _write_store_in_process(
+    files, base: str, dst: str, removed: np.ndarray, added, reduced: bool, row_bytes: int, n_cells: int, threads: int
+) -> np.ndarray:
+    """The new store: each of the base's files less the ``removed`` rows, and the ``added``
+    rows (an Arrow table) as one more file, written by pyarrow, files side by side; the
+    vectors per cell written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    names = sorted(n for n in remote.list_names(files, base) if n.endswith(".parquet"))
+
+    def rewrite(j: int, t) -> np.ndarray:
+        if not reduced and "reduced" in t.column_names:
+            t = t.drop(["reduced"])
+        remote.write_parquet(files, t, fs.join(dst, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
+        return np.bincount(t.column("cell").to_numpy(), minlength=n_cells)
+
+    def kept(j: int) -> np.ndarray:
+        t = remote.read_parquet(files, fs.join(base, names[j]))
+        if removed.size:
+            t = t.filter(pa.array(~np.isin(t.column("image_id").to_numpy(), removed)))
+        return rewrite(j, t) if t.num_rows else np.zeros(n_cells, np.int64)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        counts = list(pool.map(kept, range(len(names))))
+    if added is not None and added.num_rows:
+        counts.append(rewrite(len(names), added))
+    return np.sum(counts, axis=0).astype(np.int64) if counts else np.zeros(n_cells, np.int64)
+
+
 def try_incremental(
-    spark, cfg: Config, run_id: str, table: str, prev: dict | None, emb_uri: str, emb_run: str, emb_manifest: dict, emb, signature: dict
+    spark,
+    cfg: Config,
+    run_id: str,
+    table: str,
+    prev: dict | None,
+    emb_uri: str,
+    emb_run: str,
+    emb_manifest: dict,
+    emb,
+    signature: dict,
+    content_hashed: bool = False,
 ) -> tuple[dict | None, str | None]:
-    """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``."""
+    """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``.
+
+    Where a full build of the collection would run in this process (``run.execution``),
+    so does the night: the diff of the keys, the added vectors' assignment and the store
+    rewritten file by file, by pyarrow (the forests stay Spark's)."""
     from pyspark.sql import functions as F
 
     ic = cfg.index
@@ -184,27 +287,58 @@ def try_incremental(
     centroids_bytes = fs.read_bytes(spark, fs.join(base_uri, CENTROIDS)) if prev.get("centroids") else None
     reduction = prev.get("reduction")
     reduction_bytes = fs.read_bytes(spark, fs.join(base_uri, REDUCTION)) if reduction else None
+    # Where a full build of this collection would run (build.py's choice, for the same sizes).
+    dim, rdim = int(prev["dim"] or 1), int((reduction or {}).get("dim") or 0)
+    n_est = int((prev.get("counts") or {}).get("vectors") or 0)
+    on_driver, why = inprocess.choose(
+        cfg.run.execution,
+        local=spark.sparkContext.master.startswith("local"),
+        store_bytes=n_est * 4 * (dim + rdim),
+        driver_max_bytes=inprocess.driver_max_bytes(spark, cfg.run.driver_max_mb),
+        grouped=False,
+        work_flops=2.0 * n_est * dim * (rdim or dim) + 2.0 * n_est * n_cells * (rdim or dim),
+        driver_cores=inprocess.driver_threads(spark),
+        slots=spark.sparkContext.defaultParallelism,
+    )
+    execution = {"where": "driver" if on_driver else "executors", "why": why}
+    log.info("build_index: the incremental build on the %s (%s)", execution["where"], why)
+    files = remote.settings_from_hadoop(spark)
 
-    with timer("finding the added and removed vectors by content fingerprint") as t:
-        # One shuffle of (id, fp) pairs; the vectors stay where they are.
-        now = emb.select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
-        diff = (
-            old.select("image_id", F.col("fp").alias("fp_key"), "cell")
-            .join(now, ["image_id", "fp_key"], "full_outer")
-            .filter(F.col("cell").isNull() | F.col("fp_now").isNull())
-            .select("image_id", "cell", "fp_now")
-            .toArrow()
-        )
+    if on_driver:
+        with timer("finding the added and removed vectors by content fingerprint (in this process)") as t:
+            base = _read_columns(spark, fs.join(base_uri, STORE), ["image_id", "fp", "cell"])
+            base_ids, base_fps = base.column("image_id").to_numpy(), base.column("fp").to_numpy()
+            n_ok = (emb_manifest.get("counts") or {}).get("ok")
+            now_ids, now_fps = read_keys(spark, emb, emb_uri, emb_run, int(n_ok) if n_ok is not None else None, content_hashed)
+            gone, new = diff_keys(base_ids, base_fps, now_ids, now_fps)
+            order = np.argsort(now_ids[new], kind="stable")
+            added_ids, added_fps = now_ids[new][order].astype(np.int64), now_fps[new][order].astype(np.int64)
+            removed_ids = base_ids[gone].astype(np.int64)
+            removed_cells = base.column("cell").to_numpy()[gone].astype(np.int64)
+            order = np.argsort(removed_ids, kind="stable")
+            removed_ids, removed_cells = removed_ids[order], removed_cells[order]
+            del base, base_ids, base_fps, now_ids, now_fps
+    else:
+        with timer("finding the added and removed vectors by content fingerprint") as t:
+            # One shuffle of (id, fp) pairs; the vectors stay where they are.
+            now = emb.select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
+            diff = (
+                old.select("image_id", F.col("fp").alias("fp_key"), "cell")
+                .join(now, ["image_id", "fp_key"], "full_outer")
+                .filter(F.col("cell").isNull() | F.col("fp_now").isNull())
+                .select("image_id", "cell", "fp_now")
+                .toArrow()
+            )
+        ids = diff.column("image_id").to_numpy().astype(np.int64)
+        fp_now = diff.column("fp_now")
+        is_added = fp_now.is_valid().to_numpy(zero_copy_only=False)
+        order = np.argsort(ids[is_added], kind="stable")
+        added_ids = ids[is_added][order]
+        added_fps = fp_now.filter(fp_now.is_valid()).to_numpy().astype(np.int64)[order]
+        removed_ids, removed_cells = ids[~is_added], diff.column("cell").to_numpy(zero_copy_only=False)[~is_added].astype(np.int64)
+        order = np.argsort(removed_ids, kind="stable")
+        removed_ids, removed_cells = removed_ids[order], removed_cells[order]
     timings["diff_s"] = round(t["seconds"], 3)
-    ids = diff.column("image_id").to_numpy().astype(np.int64)
-    fp_now = diff.column("fp_now")
-    is_added = fp_now.is_valid().to_numpy(zero_copy_only=False)
-    order = np.argsort(ids[is_added], kind="stable")
-    added_ids = ids[is_added][order]
-    added_fps = fp_now.filter(fp_now.is_valid()).to_numpy().astype(np.int64)[order]
-    removed_ids, removed_cells = ids[~is_added], diff.column("cell").to_numpy(zero_copy_only=False)[~is_added].astype(np.int64)
-    order = np.argsort(removed_ids, kind="stable")
-    removed_ids, removed_cells = removed_ids[order], removed_cells[order]
     changed = int(np.intersect1d(added_ids, removed_ids).size)
 
     added_rows = np.zeros(0, np.int64)  # the added ids in the order of added_cells
@@ -213,7 +347,9 @@ def try_incremental(
     ddl = STORE_DDL + (", reduced binary" if reduction_bytes else "")
     assigner = _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes)
     added_store = None
-    if added_ids.size and prev.get("partitioning") == "hash":
+    if on_driver:
+        pass  # read and assigned in write(), in this process
+    elif added_ids.size and prev.get("partitioning") == "hash":
         source = emb.join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi")
         added_store = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int")).mapInArrow(assigner, ddl)
     elif added_ids.size:
@@ -221,7 +357,6 @@ def try_incremental(
         # would turn every vector of the table into rows to keep 1 % of them.
         emb_dir = tables.run_dir(emb_uri, emb_run)
         uris = [fs.join(emb_dir, name) for name in fs.list_names(spark, emb_dir) if name.endswith(".parquet")]
-        files = remote.settings_from_hadoop(spark)
         added_store = (
             columns_frame(spark, {"uri": np.array(uris, dtype=object)}, "uri string")
             .repartition(max(1, len(uris)))
@@ -245,6 +380,7 @@ def try_incremental(
             "vector_space": space,
             "delta": DELTA,
             "packages": package_versions(),
+            "execution": execution,
         }
     )
     full = prev.get("full_build") or {
@@ -255,6 +391,20 @@ def try_incremental(
 
     def write(tmp: str) -> None:
         nonlocal added_rows, added_cells, distances
+        added_table = None
+        if on_driver and added_ids.size:
+            with timer(f"assigning {added_ids.size} added vectors to the base's {n_cells} cells (in this process)") as t:
+                added_table = _assign_in_process(spark, files, emb_uri, emb_run, added_ids, added_fps, assigner, prev, n_cells)
+                added_rows = added_table.column("image_id").to_numpy().astype(np.int64)
+                added_cells = added_table.column("cell").to_numpy().astype(np.int64)
+                if centroids_bytes:
+                    centroids = np.load(io.BytesIO(centroids_bytes))
+                    distances = centroid_distance(binary_to_numpy(added_table.column("vector").combine_chunks()), centroids, ic.metric)
+                else:
+                    distances = np.zeros(added_rows.size)
+            timings["assign_s"] = round(t["seconds"], 3)
+            if len(added_cells) != added_ids.size:
+                raise RuntimeError(f"build_index: {added_ids.size} vectors to add but {len(added_cells)} assigned")
         if added_store is not None:
             with timer(f"assigning {added_ids.size} added vectors to the base's {n_cells} cells") as t:
                 added_store.write.mode("overwrite").parquet(fs.join(tmp, "_added"))
@@ -281,15 +431,29 @@ def try_incremental(
         if why:
             raise _Drifted(why)
         with timer("writing the store: the base's rows less the removed, plus the added") as t:
-            kept = old.join(F.broadcast(id_frame(spark, removed_ids)), "image_id", "left_anti") if removed_ids.size else old
-            if reduction_bytes is None and "reduced" in kept.columns:
-                kept = kept.drop("reduced")
-            new_store = kept if added_store is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
-            new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+            if on_driver:
+                got_counts = _write_store_in_process(
+                    files,
+                    fs.join(base_uri, STORE),
+                    fs.join(tmp, STORE),
+                    removed_ids,
+                    added_table,
+                    reduction_bytes is not None,
+                    4 * (dim + rdim),
+                    n_cells,
+                    inprocess.driver_threads(spark),
+                )
+            else:
+                kept = old.join(F.broadcast(id_frame(spark, removed_ids)), "image_id", "left_anti") if removed_ids.size else old
+                if reduction_bytes is None and "reduced" in kept.columns:
+                    kept = kept.drop("reduced")
+                new_store = kept if added_store is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
+                new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         fs.delete(spark, fs.join(tmp, "_added"))
         written = spark.read.parquet(fs.join(tmp, STORE))
-        got_counts = store_counts(written, n_cells)
+        if not on_driver:
+            got_counts = store_counts(written, n_cells)
         if not np.array_equal(got_counts, counts):
             raise RuntimeError(
                 f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected"
@@ -312,15 +476,21 @@ def try_incremental(
                     fs.delete(spark, part)
             timings["forests_s"] = round(t["seconds"], 3)
         kinds = np.array(["added"] * len(added_rows) + ["removed"] * len(removed_ids), dtype=object)
-        columns_frame(
-            spark,
-            {
-                "image_id": np.concatenate([added_rows, removed_ids]),
-                "kind": kinds,
-                "cell": np.concatenate([added_cells, removed_cells]).astype(np.int32),
-            },
-            DELTA_DDL,
-        ).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
+        delta_cols = {
+            "image_id": np.concatenate([added_rows, removed_ids]).astype(np.int64),
+            "kind": kinds,
+            "cell": np.concatenate([added_cells, removed_cells]).astype(np.int32),
+        }
+        if on_driver:
+            import pyarrow as pa
+
+            delta = pa.table(
+                [pa.array(delta_cols["image_id"]), pa.array(kinds.tolist(), pa.string()), pa.array(delta_cols["cell"])],
+                names=["image_id", "kind", "cell"],
+            )
+            remote.write_parquet(files, delta, fs.join(tmp, DELTA, "part-00000.parquet"))
+        else:
+            columns_frame(spark, delta_cols, DELTA_DDL).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
         manifest["delta_counts"] = {
             "added": int(added_ids.size),
             "removed": int(removed_ids.size),

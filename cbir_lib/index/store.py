@@ -298,3 +298,32 @@ def load_index_manifest(spark, cfg: Config, run_id: str | None = None) -> dict:
 def cell_offsets(manifest: dict) -> np.ndarray:
     counts = np.asarray(manifest["counts"]["per_cell"], dtype=np.int64)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_hashed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_id, fp)`` of an embeddings run's ok rows, read in this process by pyarrow
+    without a vector: the fingerprints of the content hashes computed here
+    (:func:`~cbir_lib.common.sparkhash.hash_strings`, Spark's ``xxhash64`` of a string).
+    Spark's own (``emb``'s ``fp``) where the table has no content hashes, a hash is
+    missing or odd, or this reader does not find the ``n_ok`` rows the run counted."""
+    import pyarrow.compute as pc
+
+    from cbir_lib.common import remote
+    from cbir_lib.common.sparkhash import hash_strings
+
+    if content_hashed:
+        files = remote.settings_from_hadoop(spark)
+        run = tables.run_dir(emb_uri, emb_run)
+        names = [f for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
+        ids, fps = [], []
+        for name in names:
+            t = remote.read_parquet(files, fs.join(run, name), ["image_id", "status", "content_sha256"])
+            t = t.filter(pc.equal(t.column("status"), "ok"))
+            ids.append(t.column("image_id").to_numpy())
+            fps.append(hash_strings(t.column("content_sha256")))
+        got = sum(len(i) for i in ids)
+        if all(f is not None for f in fps) and (n_ok is None or got == n_ok):
+            empty = np.zeros(0, np.int64)
+            return (np.concatenate(ids) if ids else empty).astype(np.int64), (np.concatenate(fps) if fps else empty).astype(np.int64)
+    keys = emb.select("image_id", "fp").toArrow()
+    return keys.column("image_id").to_numpy().astype(np.int64), keys.column("fp").to_numpy().astype(np.int64)

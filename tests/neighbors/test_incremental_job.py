@@ -166,17 +166,43 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     x2[np.flatnonzero(keep)[:10]] = x[2000:2010]  # changed
     ids2 = np.concatenate([ids[keep], signed_ids(80, seed=12)])
     x2 = np.concatenate([x2[keep], x[orig] + 0.001 * rng.normal(size=(30, 16)).astype(np.float32), x[2010:2060]])
-    got = {}
+    got, built = {}, {}
     for root, where in ((a, "driver"), (b, "executors")):
         im, nm = night(spark, root, "d2", ids2, x2, neighbors=opts, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
-        got[where] = nm
+        assert im["execution"]["where"] == where
+        got[where], built[where] = nm, im
+    # The index: the same store rows, delta and counts.
+    assert (
+        built["driver"]["counts"] == built["executors"]["counts"] and built["driver"]["delta_counts"] == built["executors"]["delta_counts"]
+    )
+    for sub in ("/store", "/delta"):
+        frames = [spark.read.parquet(m["output"] + sub) for m in built.values()]
+        rows = [sorted(f.select(*sorted(f.columns)).collect()) for f in frames]  # by name: Spark's join puts image_id first
+        assert rows[0] == rows[1] and rows[0], sub
     da, ea = got["driver"], got["executors"]
     assert da["changes"] == ea["changes"] and da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
     assert da["counts"] == ea["counts"] and (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
     for sub in ("", "/_reserve", "/_changes"):
         rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
         assert rows[0] == rows[1] and rows[0], sub
+
+
+@pytest.mark.parametrize("where", ["driver", "executors"])
+def test_a_night_on_hash_cells_in_either_place(spark, tmp_path, where):
+    """index.partitioning=hash: the added rows' cells are Spark's pmod(xxhash64(id)) both ways."""
+    pool = clustered(540, 16, seed=9)
+    ids, x = signed_ids(500, seed=9), pool[:500]
+    opts = {"partitioning": "hash", "n_cells": 8}
+    night(spark, tmp_path, "d1", ids, x, index=opts, execution=where)
+    ids2, x2 = np.concatenate([ids[20:], signed_ids(40, seed=10)]), np.concatenate([x[20:], pool[500:]])
+    im, nm = night(spark, tmp_path, "d2", ids2, x2, index=opts, execution=where)
+    assert im["mode"] == nm["mode"] == "incremental" and im["execution"]["where"] == where
+    rows = spark.read.parquet(im["output"] + "/store").select("image_id", "cell").toArrow()
+    from cbir_lib.common.sparkhash import xxhash64
+
+    assert np.array_equal(rows.column("cell").to_numpy(), np.mod(xxhash64(rows.column("image_id").to_numpy()), 8))
+    check_exact(spark, nm, ids2, x2)
 
 
 def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
