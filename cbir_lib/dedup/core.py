@@ -10,11 +10,9 @@ missed, and only hashes sharing a (near) chunk are compared, never all pairs.
 
 from __future__ import annotations
 
-from itertools import combinations
-
 import numpy as np
 
-from cbir_lib.vectors.codes import hamming64
+from cbir_lib.vectors.codes import flip_masks, hamming64
 
 
 def chunk_bounds(m: int, bits: int = 64) -> list[tuple[int, int]]:
@@ -33,12 +31,9 @@ def chunk_values(h: np.ndarray, m: int) -> np.ndarray:
 
 
 def flips(width: int, radius: int) -> np.ndarray:
-    """Every XOR mask of ``width`` bits with at most ``radius`` bits set (0 first)."""
-    masks = [0]
-    for r in range(1, radius + 1):
-        for bits in combinations(range(width), r):
-            masks.append(sum(1 << b for b in bits))
-    return np.array(masks, dtype=np.int64)
+    """Every XOR mask of ``width`` bits with at most ``radius`` bits set (0 first): the
+    masks of :func:`~cbir_lib.vectors.codes.flip_masks`, radius by radius."""
+    return np.concatenate([flip_masks(width, r) for r in range(radius + 1)])
 
 
 def probe_keys(h: np.ndarray, m: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -94,7 +94,7 @@ def _keys(codes: np.ndarray, lo: int, hi: int) -> np.ndarray:
 _MASKS: dict[tuple[int, int], np.ndarray] = {}
 
 
-def _flip_masks(n_bits: int, s: int) -> np.ndarray:
+def flip_masks(n_bits: int, s: int) -> np.ndarray:
     """Every ``n_bits``-bit mask with exactly ``s`` bits set."""
     key = (n_bits, s)
     if key not in _MASKS:
@@ -154,7 +154,7 @@ class MultiIndex:
                 bits = 8 * (hi - lo)
                 if s > bits:
                     continue
-                cand = self._bucket(table, qk ^ _flip_masks(bits, s))
+                cand = self._bucket(table, qk ^ flip_masks(bits, s))
                 cand = cand[~seen[cand]]
                 seen[cand] = True
                 new.append(cand)
