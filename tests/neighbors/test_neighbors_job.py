@@ -59,42 +59,8 @@ def collection(spark, tmp_path_factory):
     write_embeddings(spark, str(root), ids, x, "e1")
     p = prepare(x, "angular")
     exact_v, exact_i = exact_topk(p, ids, p, ids, 10, "angular")
-    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8, "export_ann_files": True}))
+    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8}))
     return {"root": root, "x": x, "ids": ids, "exact": (exact_v, exact_i), "index": index}
-
-
-def test_query_reads_the_forests_table_as_it_reads_exported_files(collection):
-    """``cbir query``'s search with .ann files and, with the export off (the default), from the
-    forests table: the same hits."""
-    from cbir_lib.query import search_forests
-
-    m = collection["index"]
-    q = collection["x"][:3]
-    for row in range(3):
-        a = search_forests(q[row : row + 1], m["output"], m, 10, 6, 40)
-        b = search_forests(q[row : row + 1], m["output"], {**m, "ann_files": None}, 10, 6, 40)
-        assert a[1].tolist() == b[1].tolist() and len(a[1]) == 10 and a[1][0] == collection["ids"][row]
-        np.testing.assert_array_equal(a[0], b[0])
-
-
-def test_index_manifest_and_ann_files(spark, collection):
-    from annoy import AnnoyIndex
-
-    m = collection["index"]
-    assert m["dim"] == 32 and m["metric"] == "angular" and m["embeddings_run_id"] == "e1"
-    c = m["counts"]
-    assert c["vectors"] == 5000 and sum(c["per_cell"]) == 5000, "failed rows are not indexed"
-    assert c["max_cell"] <= 2.0 * 5000 / 40 + 1 and c["empty_cells"] == 0
-    assert m["ann_files_written"] == m["n_cells"]
-    # An exported forest answers by itself: its items map to image ids through the id map.
-    ann_dir = os.path.join(m["output"].replace("file:", ""), "ann")
-    cell = int(np.argmax(c["per_cell"]))
-    ids = np.load(os.path.join(ann_dir, f"cell-{cell:06d}.ids.npy"))
-    forest = AnnoyIndex(32, "angular")
-    forest.load(os.path.join(ann_dir, f"cell-{cell:06d}.ann"))
-    assert forest.get_n_items() == len(ids) == c["per_cell"][cell] and forest.get_n_trees() == 8
-    row = {int(i): r for r, i in enumerate(collection["ids"])}[int(ids[0])]
-    assert forest.get_nns_by_vector(collection["x"][row].tolist(), 1)[0] == 0
 
 
 @pytest.mark.parametrize("method", ["dense", "annoy", "lsh"])
