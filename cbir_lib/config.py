@@ -15,7 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
 import yaml  # type: ignore[import-untyped]
 
@@ -24,9 +24,16 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the field."""
 
 
-POOLINGS = ("gap", "mac", "gem", "crow", "rmac", "pwa")
-RESIZE_MODES = ("squash", "center_crop", "pad")
-TTA_MODES = ("none", "flip")
+Pooling = Literal["gap", "mac", "gem", "crow", "rmac", "pwa"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+ResizeMode = Literal["squash", "center_crop", "pad"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+TtaMode = Literal["none", "flip"]
+TTA_MODES: tuple[str, ...] = get_args(TtaMode)
+Decoder = Literal["pillow", "simplejpeg"]
+DECODERS: tuple[str, ...] = get_args(Decoder)
+Device = Literal["auto", "cpu", "gpu"]
+DEVICES: tuple[str, ...] = get_args(Device)
 BUILTIN_MODELS = (
     "efficientnet-lite0",
     "efficientnet-lite1",
@@ -40,7 +47,8 @@ BUILTIN_MODELS = (
 )
 
 
-EXECUTIONS = ("auto", "driver", "executors")
+Execution = Literal["auto", "driver", "executors"]
+EXECUTIONS: tuple[str, ...] = get_args(Execution)
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,12 @@ class RunConfig:
     # Spark's fixed costs outweigh the executors' parallelism (always in local mode, whose
     # executors are this machine's cores), else on the executors. The outputs are the same
     # either way (cbir_lib/common/inprocess.py).
-    execution: str = "auto"
+    execution: Execution = "auto"
     driver_max_mb: int = 1024
 
     def validate(self) -> None:
+        _check_choices(self)
         _require(bool(self.output_root), "run.output_root", "must be a path or URI")
-        _require(self.execution in EXECUTIONS, "run.execution", f"must be one of {EXECUTIONS}, got {self.execution!r}")
         _require(self.driver_max_mb >= 0, "run.driver_max_mb", "must be >= 0 (0: never the driver under auto)")
         if self.pin_inputs:
             _require(self.run_id is not None, "run.run_id", "is required when run.pin_inputs is true")
@@ -89,6 +97,7 @@ class IngestConfig:
     max_file_bytes: int = 512 * 2**20
 
     def validate(self) -> None:
+        _check_choices(self)
         _require(self.max_pixels > 0, "ingest.max_pixels", "must be > 0")
         _require(1 <= self.max_file_bytes < 2**31, "ingest.max_file_bytes", "must be in 1..2^31-1 (bytes)")
         _require(self.hash_decode_side >= 32, "ingest.hash_decode_side", "must be >= 32")
@@ -109,18 +118,18 @@ class ExtractConfig:
     # extract.model=color_hist: H x S x V bins, and a grid x grid split (1: whole image)
     hist_bins: str = "8x12x3"
     hist_grid: int = 1
-    resize: str = "center_crop"  # measured best on clothing-small (quality.json); squash | pad keep the whole frame
-    pooling: str = "rmac"
+    resize: ResizeMode = "center_crop"  # measured best on clothing-small (quality.json); squash | pad keep the whole frame
+    pooling: Pooling = "rmac"
     gem_p: float = 3.0
     rmac_levels: int = 3
     # Test-time augmentation: "flip" embeds each image and its mirror and sums the pooled
     # vectors (mirror-invariant descriptors; twice the CNN work). finetune.json: P@10 +0.006
     # ImageNet, +0.011 with a trained head on clothing-small.
-    tta: str = "none"
+    tta: TtaMode = "none"
     # JPEG decoder: simplejpeg (libjpeg-turbo) takes plain JPEGs at 1.38x Pillow's draft
     # (benchmarks/results/extract.json, decoders); anything else falls back to Pillow with
     # the same status rows. Part of the feature key, so vectors of the two never mix.
-    decoder: str = "simplejpeg"
+    decoder: Decoder = "simplejpeg"
     whitening: bool = False
     whitening_dim: int | None = None  # None keeps the full dimension
     whitening_sample: int = 20_000
@@ -134,12 +143,13 @@ class ExtractConfig:
     # CPU shard; GPU profiles use more (a GPU embeds 10,000 images in seconds).
     shard_size: int = 10_000
     mixed_precision: bool = False
-    device: str = "auto"  # auto | cpu | gpu
+    device: Device = "auto"
     decode_threads: int = 2
     max_failure_rate: float = 1.0
     model_cache: str = "~/.cache/cbir/models"
 
     def validate(self) -> None:
+        _check_choices(self)
         user_model = self.model == "custom"
         _require(
             self.model in BUILTIN_MODELS or user_model,
@@ -149,7 +159,6 @@ class ExtractConfig:
         if user_model:
             _require(bool(self.model_path), "extract.model_path", "is required when extract.model is 'custom'")
             _require(bool(self.output_layer), "extract.output_layer", "is required when extract.model is 'custom'")
-        _require(self.pooling in POOLINGS, "extract.pooling", f"must be one of {POOLINGS}, got {self.pooling!r}")
         bins = str(self.hist_bins).lower().split("x")
         _require(
             len(bins) == 3 and all(b.isdigit() and 1 <= int(b) <= 64 for b in bins),
@@ -164,9 +173,6 @@ class ExtractConfig:
             f"pwa weights a convolutional feature map; extract.model={self.model} gives a vector",
         )
         _require(self.pwa_sample >= 2, "extract.pwa_sample", "must be >= 2")
-        _require(self.resize in RESIZE_MODES, "extract.resize", f"must be one of {RESIZE_MODES}, got {self.resize!r}")
-        _require(self.tta in TTA_MODES, "extract.tta", f"must be one of {TTA_MODES}, got {self.tta!r}")
-        _require(self.decoder in ("pillow", "simplejpeg"), "extract.decoder", f"must be pillow or simplejpeg, got {self.decoder!r}")
         _require(math.isfinite(self.gem_p) and self.gem_p > 0, "extract.gem_p", "must be a finite number > 0")
         _require(1 <= self.rmac_levels <= 5, "extract.rmac_levels", "must be in 1..5")
         if self.image_size is not None:
@@ -176,7 +182,6 @@ class ExtractConfig:
         _require(self.whitening_sample >= 2, "extract.whitening_sample", "must be >= 2")
         _require(self.batch_size >= 1, "extract.batch_size", "must be >= 1")
         _require(self.shard_size >= 1, "extract.shard_size", "must be >= 1")
-        _require(self.device in ("auto", "cpu", "gpu"), "extract.device", "must be auto, cpu or gpu")
         _require(self.decode_threads >= 1, "extract.decode_threads", "must be >= 1")
         _require(0.0 <= self.max_failure_rate <= 1.0, "extract.max_failure_rate", "must be in [0, 1]")
         if self.head is not None:
@@ -194,19 +199,35 @@ class ExtractConfig:
         return os.path.expanduser(self.model_cache)
 
 
-METRICS = ("angular", "euclidean", "dot")
-PARTITIONINGS = ("kmeans", "hash")
-SEARCH_METHODS = ("auto", "dense", "annoy", "exact", "hierarchical", "lsh")
-VECTOR_RERANK_MODES = ("none", "aqe", "alpha_qe", "dba", "dba+alpha_qe")
+Metric = Literal["angular", "euclidean", "dot"]
+METRICS: tuple[str, ...] = get_args(Metric)
+Partitioning = Literal["kmeans", "hash"]
+PARTITIONINGS: tuple[str, ...] = get_args(Partitioning)
+SearchMethod = Literal["auto", "dense", "annoy", "exact", "hierarchical", "lsh"]
+SEARCH_METHODS: tuple[str, ...] = get_args(SearchMethod)
 # A vector mode, then optionally k-reciprocal re-ranking of the lists it gives.
-RERANK_MODES = VECTOR_RERANK_MODES + ("k_reciprocal",) + tuple(f"{m}+k_reciprocal" for m in VECTOR_RERANK_MODES[1:])
-BUILD_MODES = ("full", "incremental")
+RerankMode = Literal[
+    "none",
+    "aqe",
+    "alpha_qe",
+    "dba",
+    "dba+alpha_qe",
+    "k_reciprocal",
+    "aqe+k_reciprocal",
+    "alpha_qe+k_reciprocal",
+    "dba+k_reciprocal",
+    "dba+alpha_qe+k_reciprocal",
+]
+RERANK_MODES: tuple[str, ...] = get_args(RerankMode)
+VECTOR_RERANK_MODES = tuple(m for m in RERANK_MODES if "k_reciprocal" not in m)
+BuildMode = Literal["full", "incremental"]
+BUILD_MODES: tuple[str, ...] = get_args(BuildMode)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    metric: str = "angular"  # angular (cosine) | euclidean | dot
-    partitioning: str = "kmeans"  # kmeans: IVF cells from a coarse k-means | hash: pmod(hash(image_id), P)
+    metric: Metric = "angular"  # angular (cosine) | euclidean | dot
+    partitioning: Partitioning = "kmeans"  # kmeans: IVF cells from a coarse k-means | hash: pmod(hash(image_id), P)
     n_cells: int | None = None  # P; None: about 2 sqrt(N), more if executor memory demands
     balance: float = 2.0  # split cells holding more than this x the mean share of the sample
     train_sample: int = 100_000  # at most this many vectors train the coarse k-means (and at most 64 per cell)
@@ -228,7 +249,7 @@ class IndexConfig:
     # rebuild the forests of the touched cells only (cbir_lib/index/incremental.py). It
     # falls back to a full build, saying why, when there is no usable base or a drift
     # bound below is passed.
-    mode: str = "full"
+    mode: BuildMode = "full"
     # Drift bounds, each measured against the last full build: the largest cell over the
     # mean, as a multiple of what the full build had; new vectors' mean distance to their
     # centroid (1 - cosine; L2 for euclidean), as a multiple of the full build's sample's;
@@ -242,14 +263,12 @@ class IndexConfig:
     full_rebuild_every: int = 7
 
     def validate(self) -> None:
-        _require(self.mode in BUILD_MODES, "index.mode", f"must be one of {BUILD_MODES}, got {self.mode!r}")
+        _check_choices(self)
         _require(self.drift_max_imbalance >= 1.0, "index.drift_max_imbalance", "must be >= 1")
         _require(self.drift_max_distance >= 1.0, "index.drift_max_distance", "must be >= 1")
         _require(0.0 < self.drift_max_change <= 1.0, "index.drift_max_change", "must be in (0, 1]")
         _require(self.full_rebuild_every >= 0, "index.full_rebuild_every", "must be >= 0 (0: only when the drift asks)")
         _require(0 <= self.reduced_dim <= 4096, "index.reduced_dim", "must be in 0..4096 (0: no reduced first pass)")
-        _require(self.metric in METRICS, "index.metric", f"must be one of {METRICS}, got {self.metric!r}")
-        _require(self.partitioning in PARTITIONINGS, "index.partitioning", f"must be one of {PARTITIONINGS}, got {self.partitioning!r}")
         if self.n_cells is not None:
             _require(self.n_cells >= 1, "index.n_cells", "must be >= 1")
         _require(self.balance > 1.0, "index.balance", "must be > 1")
@@ -263,12 +282,12 @@ class IndexConfig:
 @dataclass(frozen=True)
 class NeighborsConfig:
     k: int = 10
-    method: str = "auto"  # auto | dense | annoy | exact
+    method: SearchMethod = "auto"
     nprobe: int = 16  # cells probed per query (dense and annoy)
     search_k: int = -1  # annoy: nodes inspected per probed forest; -1 = n_trees * candidates
     candidates: int | None = None  # annoy: candidates taken from each probed forest; None = 2k
-    metric: str | None = None  # None: the index's; set it to insist (a mismatch is refused)
-    device: str = "auto"  # exact: auto | cpu | gpu (TensorFlow matmul + top_k on a GPU)
+    metric: Metric | None = None  # None: the index's; set it to insist (a mismatch is refused)
+    device: Device = "auto"  # exact: (TensorFlow matmul + top_k on a GPU)
     min_score: float | None = None  # drop neighbours scoring below this (cosine, inner product or -L2)
     pairs: bool = False  # also write the de-duplicated symmetric pairs(a < b) table
     recall_sample: int = 1000  # queries whose top-k is checked against exact search on every run
@@ -292,7 +311,7 @@ class NeighborsConfig:
     shortlist: int | None = None
     # Re-ranking (angular only): none | aqe | alpha_qe | dba | dba+alpha_qe. The default
     # measured best on clothing-small (benchmarks/results/quality.json): P@10 0.754 -> 0.784.
-    rerank: str = "dba+alpha_qe"
+    rerank: RerankMode = "dba+alpha_qe"
     rerank_n: int = 10  # neighbours averaged into each vector
     alpha: float = 3.0  # weight max(score, 0)^alpha for the alpha modes (0: uniform)
     # k-reciprocal re-ranking (rerank=...k_reciprocal; Zhong et al. 2017,
@@ -307,7 +326,7 @@ class NeighborsConfig:
     # index, search only the new and changed images, merge them into the old lists they
     # now belong to, and re-search lists that lost a neighbour beyond their reserve
     # (cbir_lib/neighbors/incremental.py). Falls back to full, saying why.
-    mode: str = "full"
+    mode: BuildMode = "full"
     # method=lsh (random-projection LSH, the seed's nearpy; cbir_lib/neighbors/lsh.py): tables
     # of sign bits from random hyperplanes (fixed seed), buckets probed at Hamming radius 0
     # or 1, candidates scored exactly. Angular only; the store on every executor.
@@ -319,9 +338,8 @@ class NeighborsConfig:
     reserve: int = 5
 
     def validate(self) -> None:
-        _require(self.mode in BUILD_MODES, "neighbors.mode", f"must be one of {BUILD_MODES}, got {self.mode!r}")
+        _check_choices(self)
         _require(0 <= self.reserve <= 1000, "neighbors.reserve", "must be in 0..1000")
-        _require(self.rerank in RERANK_MODES, "neighbors.rerank", f"must be one of {RERANK_MODES}, got {self.rerank!r}")
         _require(1 <= self.rerank_n <= 100, "neighbors.rerank_n", "must be in 1..100")
         _require(2 <= self.kr_k1 <= 200, "neighbors.kr_k1", "must be in 2..200")
         _require(1 <= self.kr_k2 <= self.kr_k1, "neighbors.kr_k2", f"must be in 1..neighbors.kr_k1 ({self.kr_k1})")
@@ -331,7 +349,6 @@ class NeighborsConfig:
             _require(math.isfinite(self.min_score), "neighbors.min_score", f"must be a finite number, got {self.min_score!r}")
         _require(math.isfinite(self.alpha) and self.alpha >= 0, "neighbors.alpha", "must be a finite number >= 0")
         _require(1 <= self.k <= 1000, "neighbors.k", "must be in 1..1000")
-        _require(self.method in SEARCH_METHODS, "neighbors.method", f"must be one of {SEARCH_METHODS}, got {self.method!r}")
         _require(1 <= self.lsh_tables <= 256, "neighbors.lsh_tables", "must be in 1..256")
         _require(1 <= self.lsh_bits <= 62, "neighbors.lsh_bits", "must be in 1..62")
         _require(self.lsh_radius in (0, 1), "neighbors.lsh_radius", "must be 0 or 1")
@@ -339,9 +356,6 @@ class NeighborsConfig:
         _require(self.search_k == -1 or self.search_k >= 1, "neighbors.search_k", "must be -1 or >= 1")
         if self.candidates is not None:
             _require(self.candidates >= 1, "neighbors.candidates", "must be >= 1")
-        if self.metric is not None:
-            _require(self.metric in METRICS, "neighbors.metric", f"must be one of {METRICS}, got {self.metric!r}")
-        _require(self.device in ("auto", "cpu", "gpu"), "neighbors.device", "must be auto, cpu or gpu")
         _require(self.recall_sample >= 0, "neighbors.recall_sample", "must be >= 0")
         if self.min_recall is not None:
             _require(0.0 <= self.min_recall <= 1.0, "neighbors.min_recall", "must be in [0, 1]")
@@ -361,12 +375,13 @@ class NeighborsConfig:
             _require(self.k <= self.shortlist <= 10_000, "neighbors.shortlist", f"must be in neighbors.k ({self.k})..10000")
 
 
-EVALUATE_MODES = ("neighbors", "split")
+EvaluateMode = Literal["neighbors", "split"]
+EVALUATE_MODES: tuple[str, ...] = get_args(EvaluateMode)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    mode: str = "neighbors"  # neighbors: the neighbours table | split: query_split vs gallery_split, exact
+    mode: EvaluateMode = "neighbors"  # neighbors: the neighbours table | split: query_split vs gallery_split, exact
     labels: str = "folders"  # folders | groups (the demo sample's groups.csv) | a CSV path or URI
     labels_base: str | None = None  # where relative paths in a labels CSV start (default: its folder)
     k: int | None = None  # None: the neighbours run's k (neighbors) or neighbors.k (split)
@@ -379,7 +394,7 @@ class EvaluateConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _require(self.mode in EVALUATE_MODES, "evaluate.mode", f"must be one of {EVALUATE_MODES}, got {self.mode!r}")
+        _check_choices(self)
         _require(0 <= self.seed < 2**31, "evaluate.seed", "must be in 0..2^31-1")
         _require(bool(self.labels), "evaluate.labels", "must be folders, groups or a CSV path")
         if self.k is not None:
@@ -390,14 +405,17 @@ class EvaluateConfig:
         _require(self.report_queries >= 1, "evaluate.report_queries", "must be >= 1")
 
 
-DEDUP_SOURCES = ("phash", "embedding", "both")
-DEDUP_HASHES = ("phash", "ahash", "dhash", "any")
-DEDUP_VERIFY = ("band", "all", "off")  # which perceptual hash the phash source compares
+DedupSource = Literal["phash", "embedding", "both"]
+DEDUP_SOURCES: tuple[str, ...] = get_args(DedupSource)
+DedupHash = Literal["phash", "ahash", "dhash", "any"]
+DEDUP_HASHES: tuple[str, ...] = get_args(DedupHash)
+DedupVerify = Literal["band", "all", "off"]  # which perceptual hash the phash source compares
+DEDUP_VERIFY: tuple[str, ...] = get_args(DedupVerify)
 
 
 @dataclass(frozen=True)
 class DedupConfig:
-    sources: str = "both"  # phash | embedding | both (the union of their pairs)
+    sources: DedupSource = "both"  # phash | embedding | both (the union of their pairs)
     exact: bool = True  # the same content_sha256 is always a duplicate
     phash_threshold: int = 4  # Hamming distance of the 64-bit pHash (quality.json: 8 and up chain product photos together)
     phash_chunks: int = 4  # multi-index chunks (every hash): probes within radius threshold // chunks
@@ -406,7 +424,7 @@ class DedupConfig:
     # rules, each at its own threshold). The thresholds are the measured ones (quality.json
     # dedup.hashes): on product photos on white, aHash and dHash chain unrelated images from
     # 1 bit on (pair precision 0.22 and 0.95 at 1), so both default to identical hashes.
-    hash: str = "phash"
+    hash: DedupHash = "phash"
     ahash_threshold: int = 0
     dhash_threshold: int = 0
     min_score: float = 0.95  # embedding pairs: raw cosine at least this (quality.json: 0.92 keeps precision >= 0.985)
@@ -428,7 +446,7 @@ class DedupConfig:
     #     image, skipping pairs the accepted edges already join;
     #   all: every candidate but the byte-identical ones is verified (true is this);
     #   off: no verification, the rules alone (false is this; the default before 2026-12).
-    verify: str = field(default="band", metadata={"bools": {True: "all", False: "off"}})
+    verify: DedupVerify = field(default="band", metadata={"bools": {True: "all", False: "off"}})
     verify_min_score: float = (
         0.65  # embedding candidates to verify start here (quality.json: 4,183 of 4,200 copies had their best edge at 0.7 or more)
     )
@@ -448,6 +466,7 @@ class DedupConfig:
     verify_photo_side: int = 192  # the photometric check compares thumbnails at most this size
 
     def validate(self) -> None:
+        _check_choices(self)
         _require(-1.0 <= self.min_score <= 1.0, "dedup.min_score", "must be in [-1, 1] (a cosine)")
         _require(-1.0 <= self.verify_min_score <= 1.0, "dedup.verify_min_score", "must be in [-1, 1]")
         _require(-1.0 <= self.accept_hash_score <= 1.0, "dedup.accept_hash_score", "must be in [-1, 1] (a cosine)")
@@ -455,9 +474,6 @@ class DedupConfig:
         _require(-1.0 <= self.min_agreement <= 1.0, "dedup.min_agreement", "must be in [-1, 1]")
         _require(64 <= self.verify_max_side <= 4096, "dedup.verify_max_side", "must be in 64..4096")
         _require(self.verify_features >= 50, "dedup.verify_features", "must be >= 50")
-        _require(
-            self.verify in DEDUP_VERIFY, "dedup.verify", f"must be one of {DEDUP_VERIFY} (true is all, false is off), got {self.verify!r}"
-        )
         _require(32 <= self.verify_photo_side <= self.verify_max_side, "dedup.verify_photo_side", "must be in 32..dedup.verify_max_side")
         _require(0 <= self.dihedral_threshold <= 32, "dedup.dihedral_threshold", "must be in 0..32")
         _require(1 <= self.dihedral_chunks <= 16, "dedup.dihedral_chunks", "must be in 1..16")
@@ -467,8 +483,6 @@ class DedupConfig:
             f"too few for dedup.dihedral_threshold={self.dihedral_threshold}: use threshold // chunks <= 3",
         )
         _require(1 <= self.band_per_image <= 1000, "dedup.band_per_image", "must be in 1..1000")
-        _require(self.sources in DEDUP_SOURCES, "dedup.sources", f"must be one of {DEDUP_SOURCES}, got {self.sources!r}")
-        _require(self.hash in DEDUP_HASHES, "dedup.hash", f"must be one of {DEDUP_HASHES}, got {self.hash!r}")
         _require(1 <= self.phash_chunks <= 16, "dedup.phash_chunks", "must be in 1..16")
         for name in ("phash", "ahash", "dhash"):
             t = getattr(self, f"{name}_threshold")
@@ -489,18 +503,21 @@ class SparkConfig:
     conf: Mapping[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
+        _check_choices(self)
         _require(isinstance(self.conf, Mapping), "spark.conf", "must be a mapping of Spark settings")
 
 
-TRAIN_MODES = ("head", "full")
-TRAIN_LOSSES = ("classify", "triplet", "contrastive")
+TrainMode = Literal["head", "full"]
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+TrainLoss = Literal["classify", "triplet", "contrastive"]
+TRAIN_LOSSES: tuple[str, ...] = get_args(TrainLoss)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``cbir train``: the head of Lin et al. (features -> B sigmoid code units -> classes)."""
 
-    mode: str = "head"  # head: on the frozen embeddings (CPU default) | full: also the last backbone blocks (GPU)
+    mode: TrainMode = "head"  # head: on the frozen embeddings (CPU default) | full: also the last backbone blocks (GPU)
     trainable_blocks: int = 2  # full: the last N Lite blocks (and head_conv) are fine-tuned
     labels: str = "folders"  # folders | a labels CSV (as evaluate.labels)
     labels_base: str | None = None
@@ -521,11 +538,11 @@ class TrainConfig:
     # classify: softmax over the classes (Lin et al.). triplet | contrastive: metric losses on
     # the code units' floats with batch-hard mining (each anchor's farthest same-class and
     # nearest other-class image in its batch), margin on the squared distance of unit vectors.
-    loss: str = "classify"
+    loss: TrainLoss = "classify"
     margin: float = 0.2
 
     def validate(self) -> None:
-        _require(self.mode in TRAIN_MODES, "train.mode", f"must be one of {TRAIN_MODES}, got {self.mode!r}")
+        _check_choices(self)
         _require(8 <= self.bits <= 1024 and self.bits % 8 == 0, "train.bits", "must be a multiple of 8 in 8..1024")
         _require(self.hidden >= 8, "train.hidden", "must be >= 8")
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -539,7 +556,6 @@ class TrainConfig:
         _require(math.isfinite(self.max_validation_mb) and self.max_validation_mb > 0, "train.max_validation_mb", "must be > 0")
         _require(0 <= self.seed < 2**31, "train.seed", "must be in 0..2^31-1")
         _require(self.trainable_blocks >= 0, "train.trainable_blocks", "must be >= 0")
-        _require(self.loss in TRAIN_LOSSES, "train.loss", f"must be one of {TRAIN_LOSSES}, got {self.loss!r}")
         _require(
             math.isfinite(self.margin) and 0 < self.margin <= 4, "train.margin", "must be in (0, 4] (squared distance of unit vectors)"
         )
@@ -602,13 +618,43 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"{name}: {why}")
 
 
-# The field types _coerce checks ("X | None" also admits null).
+_CHOICES: dict[type, dict[str, tuple[tuple, bool]]] = {}
+
+
+def _choices_of(cls: type) -> dict[str, tuple[tuple, bool]]:
+    """A section's fields typed by a ``Literal`` alias (``| None``): name -> (choices, nullable).
+    The alias is the one declaration of a field's choices: the tuple beside it
+    (``get_args``), this check, the coercion of YAML values and mypy all read it."""
+    if cls not in _CHOICES:
+        out = {}
+        for name, hint in get_type_hints(cls).items():
+            args = get_args(hint) if get_origin(hint) is not Literal else (hint,)
+            lits = [a for a in args if get_origin(a) is Literal]
+            if lits:
+                out[name] = (get_args(lits[0]), type(None) in args)
+        _CHOICES[cls] = out
+    return _CHOICES[cls]
+
+
+def _check_choices(section) -> None:
+    """Every choice field of ``section`` holds one of its choices (``ConfigError`` naming it)."""
+    name = _SECTION_NAMES[type(section)]
+    for field_name, (choices, nullable) in _choices_of(type(section)).items():
+        value = getattr(section, field_name)
+        if not (value is None and nullable):
+            _require(value in choices, f"{name}.{field_name}", f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+# The field types _coerce checks ("X | None" also admits null; a Literal of strings is a str
+# whose choices validate() checks).
 FIELD_TYPES = ("bool", "int", "float", "str", "Mapping[str, str]")
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     name = f"{section}.{f.name}"
     hint = str(f.type)
+    if f.name in _choices_of(_SECTIONS[section]):  # a Literal of strings: a str whose choices validate() checks
+        hint = "str | None" if _choices_of(_SECTIONS[section])[f.name][1] else "str"
     if value is None:
         if "None" in hint:
             return None
@@ -659,6 +705,7 @@ def _section(cls, section: str, raw: Any):
 
 # section name -> its class, derived from Config (one place declares the sections)
 _SECTIONS = {f.name: type(f.default_factory()) for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

@@ -111,13 +111,31 @@ def test_min_recall_needs_a_sample():
 
 
 def test_sections_are_configs_fields_and_every_field_type_is_checked():
-    from cbir_lib.config import _SECTIONS, FIELD_TYPES
+    from cbir_lib.config import _SECTIONS, FIELD_TYPES, _choices_of
 
     assert list(_SECTIONS) == [f.name for f in dataclasses.fields(Config)]
     for section, cls in _SECTIONS.items():
+        choices = _choices_of(cls)
         for f in dataclasses.fields(cls):
             base = str(f.type).removesuffix(" | None")
+            if f.name in choices:  # a Literal of strings: a str whose choices validate() checks
+                assert f.name in choices and all(isinstance(c, str) for c in choices[f.name][0]), f"{section}.{f.name}"
+                assert f.default in choices[f.name][0] or f.default is None, f"{section}.{f.name}: its default is no choice"
+                continue
             assert base in FIELD_TYPES, f"{section}.{f.name}: {f.type} has no check in config._coerce"
+
+
+@pytest.mark.parametrize("section", ["run", "extract", "index", "neighbors", "evaluate", "dedup", "train"])
+def test_every_choice_field_refuses_what_is_not_a_choice_naming_it(section):
+    """The choices are declared once, as the field's Literal type: loading a value outside
+    them fails with the field's name and the choices, for every such field."""
+    from cbir_lib.config import _SECTIONS, _choices_of, load
+
+    fields = _choices_of(_SECTIONS[section])
+    assert fields, section
+    for name, (choices, _) in fields.items():
+        with pytest.raises(ConfigError, match=rf"^{section}\.{name}: must be one of {re.escape(', '.join(choices))}; got 'nope'"):
+            load(overrides=[f"{section}.{name}=nope"])
 
 
 @pytest.mark.parametrize(
