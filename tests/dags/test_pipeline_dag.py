@@ -31,6 +31,7 @@ TABLES = {
 }
 DATE1, RUN1 = "2026-11-20T02:00:00+00:00", "20261120T020000Z"
 DATE2, RUN2 = "2026-11-21T02:00:00+00:00", "20261121T020000Z"
+DATE3, RUN3 = "2026-11-22T02:00:00+00:00", "20261122T020000Z"
 
 
 def airflow_env(home: Path, output: Path, profile: Path) -> dict[str, str]:
@@ -171,7 +172,7 @@ def _rows(spark, output: Path, table: str, run_id: str, drop=()) -> list:
 
 
 @pytest.mark.slow
-def test_dags_test_runs_every_stage_then_reruns_and_a_second_date(deployment, spark):
+def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deployment, spark):
     env, output = deployment["env"], deployment["output"]
     proc = airflow(env, "dags", "test", DAG_ID, DATE1)
     assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
@@ -224,13 +225,27 @@ def test_dags_test_runs_every_stage_then_reruns_and_a_second_date(deployment, sp
     airflow(env, "tasks", "test", DAG_ID, "neighbors", DATE2)
     assert _run_manifest(output, "neighbors", RUN2)["mode"] == "incremental"
     assert _rows(spark, output, "neighbors", RUN2, drop=("neighbors_run_id",)) == incremental
-    # A forced full rebuild of the same date (the neighbours then rebuild in full too: the
+
+    # A third date, the original of the new photo deleted: the second incremental night in a
+    # row, on the second date's tables, and no list names the deleted image.
+    (photos / "chelsea__original.jpg").unlink()
+    proc = airflow(env, "dags", "test", DAG_ID, DATE3)
+    assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
+    index3, nb3 = _run_manifest(output, "index", RUN3), _run_manifest(output, "neighbors", RUN3)
+    assert index3["mode"] == "incremental" and index3["base_run_id"] == RUN2 and index3["delta_counts"]["deleted"] == 1
+    assert nb3["mode"] == "incremental" and nb3["base_run_id"] == RUN2 and nb3["changes"]["deleted"] == 1
+    assert nb3["counts"]["queries"] == n_ok
+    gone = spark.read.parquet(str(output / "index" / f"run={RUN3}" / "delta")).filter("kind = 'removed'").collect()
+    assert len(gone) == 1
+    lists3 = spark.read.parquet(str(output / "neighbors" / f"run={RUN3}"))
+    assert lists3.filter(f"neighbor_id = {gone[0].image_id} OR image_id = {gone[0].image_id}").count() == 0
+    # A forced full rebuild of that date (the neighbours then rebuild in full too: the
     # index they were built on is gone, tests/neighbors/test_incremental_job.py).
-    airflow(env, "tasks", "test", DAG_ID, "build_index", DATE2, "--task-params", json.dumps({"mode": "full"}))
-    forced = _run_manifest(output, "index", RUN2)
-    assert forced["mode"] == "full" and forced["full_reason"] is None and forced["commit_id"] != index2["commit_id"]
+    airflow(env, "tasks", "test", DAG_ID, "build_index", DATE3, "--task-params", json.dumps({"mode": "full"}))
+    forced = _run_manifest(output, "index", RUN3)
+    assert forced["mode"] == "full" and forced["full_reason"] is None and forced["commit_id"] != index3["commit_id"]
     # The first date's run is untouched and still complete.
     assert _run_manifest(output, "images", RUN1)["counts"]["ok"] == n_ok
     assert _rows(spark, output, "neighbors", RUN1, drop=("neighbors_run_id",)) == before["neighbors"]
-    # Every table's _LATEST is on the newer date.
-    assert (output / "index" / "_LATEST").read_text().strip() == RUN2
+    # Every table's _LATEST is on the newest date.
+    assert (output / "index" / "_LATEST").read_text().strip() == RUN3
