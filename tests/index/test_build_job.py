@@ -7,22 +7,15 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write_embeddings
 
-from cbir_lib.index.build import run_build_index
-from tests.neighbors.test_neighbors_job import clustered, config, signed_ids
+from tests.neighbors.test_neighbors_job import indexed_collection
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def collection(spark, tmp_path_factory):
-    root = tmp_path_factory.mktemp("index")
-    x = clustered(5000, 32, seed=1)
-    ids = signed_ids(5000)
-    write_embeddings(spark, str(root), ids, x, "e1")
-    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8, "export_ann_files": True}))
-    return {"root": root, "x": x, "ids": ids, "index": index}
+    return indexed_collection(spark, tmp_path_factory.mktemp("index"), export_ann_files=True)
 
 
 def test_query_reads_the_forests_table_as_it_reads_exported_files(collection):

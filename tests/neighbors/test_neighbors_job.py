@@ -51,15 +51,19 @@ def read_topk(spark, uri: str, query_ids: np.ndarray, k: int) -> tuple[np.ndarra
     return topk_arrays(spark.read.parquet(uri).select("image_id", "rank", "neighbor_id", "score").toArrow(), query_ids, k)
 
 
+def indexed_collection(spark, root, **index) -> dict:
+    """5,000 clustered 32-d vectors written as embeddings run e1 and indexed as i1 (40 cells, 8 trees)."""
+    x, ids = clustered(5000, 32, seed=1), signed_ids(5000)
+    write_embeddings(spark, str(root), ids, x, "e1")
+    return {"root": root, "x": x, "ids": ids, "index": run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8, **index}))}
+
+
 @pytest.fixture(scope="module")
 def collection(spark, tmp_path_factory):
-    root = tmp_path_factory.mktemp("nb")
-    x = clustered(5000, 32, seed=1)
-    ids = signed_ids(5000)
-    write_embeddings(spark, str(root), ids, x, "e1")
+    c = indexed_collection(spark, tmp_path_factory.mktemp("nb"))
+    root, x, ids, index = c["root"], c["x"], c["ids"], c["index"]
     p = prepare(x, "angular")
     exact_v, exact_i = exact_topk(p, ids, p, ids, 10, "angular")
-    index = run_build_index(spark, config(root, "i1", {"n_cells": 40, "n_trees": 8}))
     return {"root": root, "x": x, "ids": ids, "exact": (exact_v, exact_i), "index": index}
 
 
