@@ -9,6 +9,7 @@ collection pays for nothing. Prints one JSON summary line per stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -60,10 +61,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 from cbir_lib.dedup.run import run_dedup as fn
             return lambda: fn(spark, cfg)
 
-        out = []
-        for stage in stages:
+        def run_stage(stage: str) -> dict:
             m = stage_fn(stage)()
-            out.append(m)
             print(
                 json.dumps(
                     {
@@ -82,6 +81,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ),
                 flush=True,
             )
+            return m
+
+        # build_index keeps the store it wrote in process for the neighbours stage to take
+        # (cbir_lib/index/store.py: handing_off), dropped once that stage has run.
+        from cbir_lib.index.store import handing_off
+
+        both = {"build_index", "neighbors"} <= set(stages)
+        with handing_off() if both else contextlib.nullcontext():
+            out = [run_stage(s) for s in (stages[: stages.index("neighbors") + 1] if both else [])]
+        out += [run_stage(s) for s in stages[len(out) :]]
         return out
 
     return run_job(run, cfg, args.verbose)

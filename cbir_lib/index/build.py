@@ -51,7 +51,9 @@ from cbir_lib.index.store import (
     embeddings_table_uri,
     executor_memory,
     fingerprint,
+    handoff_wanted,
     index_table_uri,
+    offer_store,
     restored,
     store_counts,
     vector_batch,
@@ -214,10 +216,19 @@ def read_vectors(
 
 
 def write_store_in_process(
-    spark, rows: tuple, centroids_bytes: bytes | None, metric: str, n_cells: int, reduction_bytes: bytes | None, n_parts: int, uri: str
+    spark,
+    rows: tuple,
+    centroids_bytes: bytes | None,
+    metric: str,
+    n_cells: int,
+    reduction_bytes: bytes | None,
+    n_parts: int,
+    uri: str,
+    keep: list | None = None,
 ) -> np.ndarray:
     """The store of ``rows`` (from :func:`read_vectors`) written by pyarrow as ``n_parts``
-    files, each vector assigned as :func:`_assign_cells` assigns it; its vectors per cell."""
+    files, each vector assigned as :func:`_assign_cells` assigns it; its vectors per cell.
+    The files' tables are appended to ``keep``, if given (:func:`~cbir_lib.index.store.offer_store`)."""
     import pyarrow as pa
 
     from cbir_lib.common import remote
@@ -242,6 +253,8 @@ def write_store_in_process(
             cols.append(vectors_binary(reduce.project(x[lo:hi], basis)))
         table = pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
         remote.write_parquet(files, table, fs.join(uri, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // per_row))
+        if keep is not None:
+            keep.append(table)
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
 
 
@@ -438,7 +451,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         with timer("assigning vectors to cells and writing the store") as t:
             if rows:
                 counts = write_store_in_process(
-                    spark, rows, centroids_bytes, ic.metric, n_cells, reduction_bytes, n_parts, fs.join(tmp, STORE)
+                    spark, rows, centroids_bytes, ic.metric, n_cells, reduction_bytes, n_parts, fs.join(tmp, STORE), handed
                 )
             else:
                 store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
@@ -469,10 +482,13 @@ def _run_build_index(spark, cfg: Config) -> dict:
         write(tmp)
         manifest["build_seconds"] = round(time.time() - started, 3)
 
+    handed: list | None = [] if handoff_wanted() else None  # the store's tables, for the next stage of this process
     out = tables.commit_dir(
         spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
     )
     manifest["output"] = out
+    if handed:
+        offer_store(run_id, tables.commit_of(manifest), handed)
     c = manifest["counts"]
     log.info(
         "index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",

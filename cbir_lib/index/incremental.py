@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 
 import numpy as np
@@ -44,6 +45,8 @@ from cbir_lib.index.store import (
     _assign_cells,
     cell_counts,
     centroid_distance,
+    handoff_wanted,
+    offer_store,
     read_keys,
     store_counts,
     vector_space,
@@ -213,11 +216,11 @@ def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray
 
 
 def _write_store_in_process(
-    files, base: str, dst: str, removed: np.ndarray, added, reduced: bool, row_bytes: int, n_cells: int, threads: int
+    files, base: str, dst: str, removed: np.ndarray, added, reduced: bool, row_bytes: int, n_cells: int, threads: int, keep: list | None
 ) -> np.ndarray:
     """The new store: each of the base's files less the ``removed`` rows, and the ``added``
     rows (an Arrow table) as one more file, written by pyarrow, files side by side; the
-    vectors per cell written."""
+    vectors per cell written. The files' tables are appended to ``keep``, if given."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
@@ -228,6 +231,9 @@ def _write_store_in_process(
         if not reduced and "reduced" in t.column_names:
             t = t.drop(["reduced"])
         remote.write_parquet(files, t, fs.join(dst, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
+        if keep is not None:
+            with lock:
+                keep.append((j, t))
         return np.bincount(t.column("cell").to_numpy(), minlength=n_cells)
 
     def kept(j: int) -> np.ndarray:
@@ -236,10 +242,13 @@ def _write_store_in_process(
             t = t.filter(pa.array(~np.isin(t.column("image_id").to_numpy(), removed)))
         return rewrite(j, t) if t.num_rows else np.zeros(n_cells, np.int64)
 
+    lock = threading.Lock()
     with ThreadPoolExecutor(max(1, threads)) as pool:
         counts = list(pool.map(kept, range(len(names))))
     if added is not None and added.num_rows:
         counts.append(rewrite(len(names), added))
+    if keep is not None:  # in the files' order
+        keep[:] = [t for _, t in sorted(keep, key=lambda jt: jt[0])]
     return np.sum(counts, axis=0).astype(np.int64) if counts else np.zeros(n_cells, np.int64)
 
 
@@ -442,6 +451,7 @@ def try_incremental(
                     4 * (dim + rdim),
                     n_cells,
                     inprocess.driver_threads(spark),
+                    handed,
                 )
             else:
                 kept = old.join(F.broadcast(id_frame(spark, removed_ids)), "image_id", "left_anti") if removed_ids.size else old
@@ -504,6 +514,7 @@ def try_incremental(
     extra = {CENTROIDS: centroids_bytes} if centroids_bytes else {}
     if reduction_bytes:
         extra[REDUCTION] = reduction_bytes
+    handed: list | None = [] if on_driver and handoff_wanted() else None  # the store's tables, for the next stage
     try:
         out = tables.commit_dir(
             spark, write, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
@@ -511,6 +522,8 @@ def try_incremental(
     except _Drifted as e:
         return None, f"the drift check asks for one: {e}"
     manifest["output"] = out
+    if handed:
+        offer_store(run_id, tables.commit_of(manifest), handed)
     d = manifest["delta_counts"]
     log.info(
         "index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",

@@ -245,6 +245,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
         thr_vals = np.full(thr_ids.size, -np.inf, np.float32) if complete_only else last[keep_thr].astype(np.float32)
     timings["list_stats_s"] = round(t["seconds"], 3)
 
+    spec = {**spec, "handoff_key": f"{index['run_id']}@{tables.commit_of(index)}"}  # the store build_index may have kept
     with timer("loading the store in this process") as t:
         T._warm_store(sc, spec, sc.defaultParallelism)
         store = T.local_store(spec)

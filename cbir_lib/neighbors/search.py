@@ -302,6 +302,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         memory["layout"] = "broadcast"
         store_files = store_files or part_uris(spark, fs.join(index["uri"], STORE))
         spec.update(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
+        spec["handoff_key"] = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
         if method == "annoy" and not spec["forest_files"]:
             spec["forest_files"] = part_uris(spark, fs.join(index["uri"], FORESTS))
         caches = (_STORES, _FORESTS, _CODE_INDEXES, _LSH_INDEXES, _POSITIONS)  # _POSITIONS is keyed by id(store)

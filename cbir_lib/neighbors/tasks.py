@@ -25,6 +25,7 @@ from cbir_lib.index.store import (
     ANNOY_METRIC,
     IndexMismatch,
     sorted_store,
+    take_store,
 )
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment
@@ -93,7 +94,13 @@ def local_store(spec: dict) -> CellStore:
     if inprocess.active():  # the driver's own copy, in memory: no .npy files for one process
         with inprocess.LOCK:  # slices side by side: one loads it, the others wait for it
             if key not in _STORES:
-                cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+                # The store build_index of this process just wrote, if it kept it (jobs/pipeline.py).
+                handed = take_store(spec.get("handoff_key"))
+                if handed is not None and (not reduced or "reduced" in handed.column_names):
+                    cells, ids, x, *xr = sorted_store(handed, reduced)
+                else:
+                    cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+                del handed
                 _check_cells(spec, cells, ids)
                 _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
         return _STORES[key]

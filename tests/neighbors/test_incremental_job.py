@@ -3,6 +3,7 @@ against exact search over the current collection (an exact oracle where exact is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -203,6 +204,43 @@ def test_a_night_on_hash_cells_in_either_place(spark, tmp_path, where):
 
     assert np.array_equal(rows.column("cell").to_numpy(), np.mod(xxhash64(rows.column("image_id").to_numpy()), 8))
     check_exact(spark, nm, ids2, x2)
+
+
+@pytest.mark.parametrize("reduced_dim", [0, 8])
+def test_the_store_handed_from_build_index_gives_the_same_snapshots(spark, tmp_path, reduced_dim, monkeypatch):
+    """jobs/pipeline.py's hand-off (index.store.handing_off): build_index keeps the store it
+    wrote, and the neighbours stage takes it instead of reading it back, on a full and on an
+    incremental night (with and without a reduction). The same lists as without it."""
+    from cbir_lib.index import store
+    from cbir_lib.neighbors import tasks
+
+    taken = []
+    take = store.take_store
+
+    def take_and_note(key):
+        table = take(key)
+        if table is not None:
+            taken.append(key)
+        return table
+
+    monkeypatch.setattr(tasks, "take_store", take_and_note)
+    pool = clustered(640, 16, seed=21)
+    ids, x = signed_ids(600, seed=21), pool[:600]
+    ids2, x2 = np.concatenate([ids[20:], signed_ids(40, seed=22)]), np.concatenate([x[20:], pool[600:]])
+    opts = {"exact_max_n": 0, "recall_sample": 100}
+    index = {"reduced_dim": reduced_dim}
+    got = {}
+    for root, hand in ((tmp_path / "handed", True), (tmp_path / "read", False)):
+        for run_id, (i, v) in (("d1", (ids, x)), ("d2", (ids2, x2))):
+            with store.handing_off() if hand else contextlib.nullcontext():
+                im, nm = night(spark, root, run_id, i, v, index=index, neighbors=opts)
+                assert store._HANDOFF.get("store") is None  # taken
+            got[(hand, run_id)] = nm
+        assert nm["mode"] == "incremental"
+    assert [k.split("@")[0] for k in taken] == ["d1", "d2"]  # both nights took it, with the hand-off only
+    for run_id in ("d1", "d2"):
+        rows = [sorted(spark.read.parquet(got[(h, run_id)]["output"]).drop("neighbors_run_id").collect()) for h in (True, False)]
+        assert rows[0] == rows[1] and rows[0], run_id
 
 
 def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
