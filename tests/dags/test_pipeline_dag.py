@@ -226,9 +226,10 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
     assert _run_manifest(output, "neighbors", RUN2)["mode"] == "incremental"
     assert _rows(spark, output, "neighbors", RUN2, drop=("neighbors_run_id",)) == incremental
 
-    # A third date, the original of the new photo deleted: the second incremental night in a
-    # row, on the second date's tables, and no list names the deleted image.
-    (photos / "chelsea__original.jpg").unlink()
+    # A third date, the second date's new photo deleted (a photo of the embedded sample
+    # would be written again by the run): the second incremental night in a row, on the
+    # second date's tables, and no list names the deleted image.
+    (photos / "new_upload.jpg").unlink()
     proc = airflow(env, "dags", "test", DAG_ID, DATE3)
     assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
     index3, nb3 = _run_manifest(output, "index", RUN3), _run_manifest(output, "neighbors", RUN3)
