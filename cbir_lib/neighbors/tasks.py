@@ -97,6 +97,7 @@ def local_store(spec: dict) -> CellStore:
                 # The store build_index of this process just wrote, if it kept it (jobs/pipeline.py).
                 handed = take_store(spec.get("handoff_key"))
                 if handed is not None and (not reduced or "reduced" in handed.column_names):
+                    log.info("neighbors: the store build_index kept in this process (%d rows), not read back", handed.num_rows)
                     cells, ids, x, *xr = sorted_store(handed, reduced)
                 else:
                     cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
