@@ -48,10 +48,12 @@ from cbir_lib.index.store import (
     arrow_batch,
     cell_counts,
     centroid_distance,
+    embedding_parts,
     embeddings_table_uri,
     executor_memory,
     fingerprint,
     handoff_wanted,
+    hash_cells,
     index_table_uri,
     offer_store,
     restored,
@@ -176,14 +178,13 @@ def read_vectors(
 
     files = remote.settings_from_hadoop(spark)
     run = tables.run_dir(emb_uri, emb_run)
-    names = [f for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
     columns = ["image_id", "status", "embedding"] + (["content_sha256"] if content_hashed else [])
     with ThreadPoolExecutor(1) as pool:
         # Without content hashes Spark hashes the vectors, while this process reads them.
         keys_ = None if content_hashed else pool.submit(lambda: emb.select("image_id", "fp").toArrow())
         ids, xs, fps = [], [], []
-        for name in names:
-            t = remote.read_parquet(files, fs.join(run, name), columns)
+        for uri in embedding_parts(spark, emb_uri, emb_run):
+            t = remote.read_parquet(files, uri, columns)
             ok = pc.equal(t.column("status"), "ok")
             if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
                 t = t.filter(ok)
@@ -232,7 +233,6 @@ def write_store_in_process(
     import pyarrow as pa
 
     from cbir_lib.common import remote
-    from cbir_lib.common.sparkhash import xxhash64
 
     ids, fps, x = rows
     centroids = np.load(io.BytesIO(centroids_bytes)) if centroids_bytes else None
@@ -243,7 +243,7 @@ def write_store_in_process(
             [assign(x[s : s + step], centroids, metric)[:, 0] for s in range(0, len(x), step)] or [np.zeros(0, np.int64)]
         )
     else:  # Spark's pmod(xxhash64(image_id), n_cells)
-        cells = np.mod(xxhash64(ids), n_cells)
+        cells = hash_cells(ids, n_cells)
     cells = cells.astype(np.int32)
     files = remote.settings_from_hadoop(spark)
     per_row = 4 * (x.shape[1] + (basis.shape[1] if basis is not None else 0))

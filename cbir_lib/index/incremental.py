@@ -45,7 +45,9 @@ from cbir_lib.index.store import (
     _assign_cells,
     cell_counts,
     centroid_distance,
+    embedding_parts,
     handoff_wanted,
+    hash_cells,
     offer_store,
     read_keys,
     store_counts,
@@ -194,17 +196,14 @@ def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray
     slice on the driver's cores: an Arrow table of store rows."""
     import pyarrow as pa
 
-    from cbir_lib.common.sparkhash import xxhash64
-
-    emb_dir = tables.run_dir(emb_uri, emb_run)
-    uris = [fs.join(emb_dir, name) for name in sorted(fs.list_names(spark, emb_dir)) if name.endswith(".parquet")]
+    uris = embedding_parts(spark, emb_uri, emb_run)
     assign = assigner
     if prev.get("partitioning") == "hash":
 
         def assign(batches):  # Spark's pmod(xxhash64(image_id), n_cells) first, as the executors' plan
             def celled():
                 for b in batches:
-                    cells = np.mod(xxhash64(b.column("image_id").to_numpy()), n_cells).astype(np.int32)
+                    cells = hash_cells(b.column("image_id").to_numpy(), n_cells)
                     yield pa.RecordBatch.from_arrays([*b.columns, pa.array(cells)], names=[*b.schema.names, "cell"])
 
             return assigner(celled())
@@ -291,7 +290,6 @@ def try_incremental(
     started = time.time()
     timings: dict[str, float] = {}
     base_uri = tables.run_dir(table, prev["run_id"])
-    old = spark.read.parquet(fs.join(base_uri, STORE))
     n_cells = int(prev["n_cells"])
     centroids_bytes = fs.read_bytes(spark, fs.join(base_uri, CENTROIDS)) if prev.get("centroids") else None
     reduction = prev.get("reduction")
@@ -312,6 +310,7 @@ def try_incremental(
     execution = {"where": "driver" if on_driver else "executors", "why": why}
     log.info("build_index: the incremental build on the %s (%s)", execution["where"], why)
     files = remote.settings_from_hadoop(spark)
+    old = None if on_driver else spark.read.parquet(fs.join(base_uri, STORE))  # the Spark plans' base store
 
     if on_driver:
         with timer("finding the added and removed vectors by content fingerprint (in this process)") as t:
@@ -364,8 +363,7 @@ def try_incremental(
     elif added_ids.size:
         # The added rows read by the executors with pyarrow, a file per task: Spark's reader
         # would turn every vector of the table into rows to keep 1 % of them.
-        emb_dir = tables.run_dir(emb_uri, emb_run)
-        uris = [fs.join(emb_dir, name) for name in fs.list_names(spark, emb_dir) if name.endswith(".parquet")]
+        uris = embedding_parts(spark, emb_uri, emb_run)
         added_store = (
             columns_frame(spark, {"uri": np.array(uris, dtype=object)}, "uri string")
             .repartition(max(1, len(uris)))
@@ -461,7 +459,8 @@ def try_incremental(
                 new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         fs.delete(spark, fs.join(tmp, "_added"))
-        written = spark.read.parquet(fs.join(tmp, STORE))
+        # Spark reads the written store back only where it counts it or builds forests from it.
+        written = spark.read.parquet(fs.join(tmp, STORE)) if not on_driver or prev.get("forests") else None
         if not on_driver:
             got_counts = store_counts(written, n_cells)
         if not np.array_equal(got_counts, counts):

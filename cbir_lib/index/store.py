@@ -300,6 +300,20 @@ def cell_offsets(manifest: dict) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+def embedding_parts(spark, emb_uri: str, emb_run: str) -> list[str]:
+    """The URIs of an embeddings run's Parquet parts, sorted, without the hidden names
+    (``_``, ``.``) Spark's reader skips too: what every in-process reader of the run reads."""
+    run = tables.run_dir(emb_uri, emb_run)
+    return [fs.join(run, f) for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
+
+
+def hash_cells(ids: np.ndarray, n_cells: int) -> np.ndarray:
+    """Hash partitioning's cells, Spark's ``pmod(xxhash64(image_id), n_cells)``, in numpy."""
+    from cbir_lib.common.sparkhash import xxhash64
+
+    return np.mod(xxhash64(np.asarray(ids, np.int64)), n_cells).astype(np.int32)
+
+
 def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_hashed: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(image_id, fp)`` of an embeddings run's ok rows, read in this process by pyarrow
     without a vector: the fingerprints of the content hashes computed here
@@ -313,11 +327,9 @@ def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_
 
     if content_hashed:
         files = remote.settings_from_hadoop(spark)
-        run = tables.run_dir(emb_uri, emb_run)
-        names = [f for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
         ids, fps = [], []
-        for name in names:
-            t = remote.read_parquet(files, fs.join(run, name), ["image_id", "status", "content_sha256"])
+        for uri in embedding_parts(spark, emb_uri, emb_run):
+            t = remote.read_parquet(files, uri, ["image_id", "status", "content_sha256"])
             t = t.filter(pc.equal(t.column("status"), "ok"))
             ids.append(t.column("image_id").to_numpy())
             fps.append(hash_strings(t.column("content_sha256")))
