@@ -182,15 +182,24 @@ def read_vectors(
     with ThreadPoolExecutor(1) as pool:
         # Without content hashes Spark hashes the vectors, while this process reads them.
         keys_ = None if content_hashed else pool.submit(lambda: emb.select("image_id", "fp").toArrow())
-        ids, xs, fps = [], [], []
+        ids, fps = [], []
+        # The vectors go straight into one array: a concatenation would hold them twice,
+        # and fresh memory is the dearest part of a read (~2 s a GB here, measured).
+        x, filled = None, 0
         for uri in embedding_parts(spark, emb_uri, emb_run):
             t = remote.read_parquet(files, uri, columns)
             ok = pc.equal(t.column("status"), "ok")
             if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
                 t = t.filter(ok)
+            if filled + t.num_rows > n:  # more rows than Spark counts: refused below
+                filled += t.num_rows
+                break
             if t.num_rows:
                 ids.append(t.column("image_id").to_numpy())
-                xs.append(prepare(to_numpy(t, "embedding", dim), metric))
+                v = to_numpy(t, "embedding", dim)
+                x = np.empty((n, v.shape[1]), np.float32) if x is None else x
+                prepare(v, metric, out=x[filled : filled + t.num_rows])
+                filled += t.num_rows
                 if keys_ is None:
                     fps.append(hash_strings(t.column("content_sha256")))
             del t
@@ -198,8 +207,9 @@ def read_vectors(
             keys_ = pool.submit(lambda: emb.select("image_id", "fp").toArrow())
         keys = keys_.result() if keys_ is not None else None
     ids_ = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if len(ids_) != n:
-        log.warning("build_index: %d ok rows read in this process from %s, %d counted; on the executors instead", len(ids_), run, n)
+    if filled != n:
+        got = filled if filled < n else "more"
+        log.warning("build_index: %s ok rows read in this process from %s, %d counted; on the executors instead", got, run, n)
         return None
     if keys is None:
         fp = np.concatenate(fps) if fps else np.zeros(0, np.int64)
@@ -212,8 +222,7 @@ def read_vectors(
             return None
         fp = keys.column("fp").to_numpy()[key_order][at]
     # In the files' order: reordering 358 MB by id cost 1 s at 70k x 1,280, and nothing needs it.
-    x = xs[0] if len(xs) == 1 else np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
-    return ids_, fp, x
+    return ids_, fp, x if x is not None else np.zeros((0, dim or 0), np.float32)
 
 
 def write_store_in_process(
@@ -228,8 +237,14 @@ def write_store_in_process(
     keep: list | None = None,
 ) -> np.ndarray:
     """The store of ``rows`` (from :func:`read_vectors`) written by pyarrow as ``n_parts``
-    files, each vector assigned as :func:`_assign_cells` assigns it; its vectors per cell.
-    The files' tables are appended to ``keep``, if given (:func:`~cbir_lib.index.store.offer_store`)."""
+    files in ``(cell, image_id)`` order, each vector assigned as :func:`_assign_cells`
+    assigns it; its vectors per cell. With ``keep`` (a list), the sorted store itself is
+    appended to it, ``(cells, ids, vectors, reduced or None)``, for
+    :func:`~cbir_lib.index.store.offer_store`.
+
+    In cell order, a reader has nothing to reorder (:func:`~cbir_lib.index.store.sorted_store`
+    checks), and the store handed to the next stage is the very array written: at 1M x 256
+    the neighbours stage's load took 3.8 s, most of it two fresh copies of the vectors."""
     import pyarrow as pa
 
     from cbir_lib.common import remote
@@ -244,17 +259,20 @@ def write_store_in_process(
         )
     else:  # Spark's pmod(xxhash64(image_id), n_cells)
         cells = hash_cells(ids, n_cells)
-    cells = cells.astype(np.int32)
+    order = np.lexsort((ids, cells))
+    cells, ids, fps = cells[order].astype(np.int32), ids[order], fps[order]
+    x = np.take(x, order, axis=0)
+    xr = reduce.project(x, basis) if basis is not None else None  # row by row: any block gives the same
     files = remote.settings_from_hadoop(spark)
     per_row = 4 * (x.shape[1] + (basis.shape[1] if basis is not None else 0))
     for j, (lo, hi) in enumerate((i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)):
         cols = [pa.array(cells[lo:hi]), pa.array(ids[lo:hi]), vectors_binary(x[lo:hi]), pa.array(fps[lo:hi])]
-        if basis is not None:
-            cols.append(vectors_binary(reduce.project(x[lo:hi], basis)))
+        if xr is not None:
+            cols.append(vectors_binary(xr[lo:hi]))
         table = pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
         remote.write_parquet(files, table, fs.join(uri, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // per_row))
-        if keep is not None:
-            keep.append(table)
+    if keep is not None:
+        keep.append((cells, ids, x, xr))
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
 
 
@@ -482,13 +500,13 @@ def _run_build_index(spark, cfg: Config) -> dict:
         write(tmp)
         manifest["build_seconds"] = round(time.time() - started, 3)
 
-    handed: list | None = [] if handoff_wanted() else None  # the store's tables, for the next stage of this process
+    handed: list | None = [] if handoff_wanted() else None  # the sorted store, for the next stage of this process
     out = tables.commit_dir(
         spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
     )
     manifest["output"] = out
     if handed:
-        offer_store(run_id, tables.commit_of(manifest), handed)
+        offer_store(run_id, tables.commit_of(manifest), *handed[0])
     c = manifest["counts"]
     log.info(
         "index %s: %d vectors in %d cells (max %d, mean %.1f, %d empty) in %.1f s",

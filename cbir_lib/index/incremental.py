@@ -48,7 +48,7 @@ from cbir_lib.index.store import (
     embedding_parts,
     handoff_wanted,
     hash_cells,
-    offer_store,
+    offer_store_tables,
     read_keys,
     store_counts,
     vector_space,
@@ -522,7 +522,7 @@ def try_incremental(
         return None, f"the drift check asks for one: {e}"
     manifest["output"] = out
     if handed:
-        offer_store(run_id, tables.commit_of(manifest), handed)
+        offer_store_tables(run_id, tables.commit_of(manifest), handed)
     d = manifest["delta_counts"]
     log.info(
         "index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",

@@ -96,9 +96,9 @@ def local_store(spec: dict) -> CellStore:
             if key not in _STORES:
                 # The store build_index of this process just wrote, if it kept it (jobs/pipeline.py).
                 handed = take_store(spec.get("handoff_key"))
-                if handed is not None and (not reduced or "reduced" in handed.column_names):
-                    log.info("neighbors: the store build_index kept in this process (%d rows), not read back", handed.num_rows)
-                    cells, ids, x, *xr = sorted_store(handed, reduced)
+                if handed is not None and (not reduced or handed[3] is not None):
+                    log.info("neighbors: the store build_index kept in this process (%d rows), not read back", len(handed[1]))
+                    cells, ids, x, *xr = handed
                 else:
                     cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
                 del handed

@@ -21,14 +21,18 @@ METRICS = ("angular", "euclidean", "dot")
 NO_ID = -1
 
 
-def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """float32, C-contiguous, and unit-length for ``angular``."""
+def prepare(vectors: np.ndarray, metric: str, out: np.ndarray | None = None) -> np.ndarray:
+    """float32, C-contiguous, and unit-length for ``angular``; written into ``out`` (float32
+    rows of the same shape) if given, and returned: the same values either way."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "angular":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.maximum(norms, 1e-12)
-    elif metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return np.divide(x, norms, out=out) if out is not None else x / norms
+    if out is not None:
+        out[...] = x
+        return out
     return x
 
 

@@ -49,6 +49,14 @@ def test_driver_and_executors_build_the_same_index(spark, tmp_path, index):
             assert (tmp_path / "driver" / "index" / "run=i1" / name).read_bytes() == (
                 tmp_path / "executors" / "index" / "run=i1" / name
             ).read_bytes()
+    # The driver writes its store in (cell, image_id) order, part after part: a reader
+    # has nothing to reorder.
+    from cbir_lib.index.store import in_cell_order
+
+    files = sorted((tmp_path / "driver" / "index" / "run=i1" / "store").glob("part-*.parquet"))
+    written = [pq.read_table(f, columns=["cell", "image_id"]) for f in files]
+    cells = np.concatenate([t.column("cell").to_numpy() for t in written])
+    assert in_cell_order(cells, np.concatenate([t.column("image_id").to_numpy() for t in written]))
     got, want = _store(a["output"]), _store(b["output"])
     assert got.column_names == want.column_names
     assert got.select(["cell", "image_id", "fp"]).equals(want.select(["cell", "image_id", "fp"]))
