@@ -98,22 +98,30 @@ class CellStore:
             near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
             thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
         r, c = np.nonzero(sim >= slack(thr)[:, None])
-        fast = sim[r, c]
+        # The candidates, a few more than nprobe a query, as (m, width) matrices: row-major
+        # from nonzero, so each row's cells ascend. (Two sorts of the flat candidates by
+        # three keys took 43 % of the routing at 1M.)
+        counts = np.bincount(r, minlength=m)
+        col = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        fast = np.full((m, int(counts.max())), -np.inf, np.float32)
+        cand = np.zeros(fast.shape, np.int64)
+        fast[r, col], cand[r, col] = sim[r, c], c
         # The probed *set* must not depend on the shape of the product (the order within it
         # only steers pruning): cells clearly inside the nprobe best are kept as they are;
         # only those within the BLAS error of the nprobe-th best are scored exactly.
-        v, _ = select(r, fast, c, m, nprobe)
-        kth = v[:, nprobe - 1]
+        kth = -np.partition(-fast, nprobe - 1, axis=1)[:, nprobe - 1]
         low = slack(kth)
-        sure = fast > (kth + (kth - low))[r]
-        band = np.flatnonzero(~sure & (fast >= low[r]))
+        sure = fast > (kth + (kth - low))[:, None]
+        band = ~sure & (fast >= low[:, None])
         # Sure cells keep their BLAS score (nearest first: the first probe steers pruning).
         score = np.where(sure, fast, np.float32(-np.inf)).astype(np.float32)
         metric = "euclidean" if c_sq is not None else "dot"
-        score[band] = pair_scores(queries, r[band], self.centroids, c[band], metric, c_sq)
-        # Ranked by (-similarity, cell): ties go to the lower cell, as in assign().
-        _, cells = select(r, score, c, m, nprobe)
-        return cells.astype(np.int32)
+        br, bc = np.nonzero(band)
+        score[br, bc] = pair_scores(queries, br, self.centroids, cand[br, bc], metric, c_sq)
+        # Ranked by (-similarity, cell): ties go to the lower cell (a stable sort of cells
+        # in ascending order), as in assign().
+        order = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
+        return np.take_along_axis(cand, order, axis=1).astype(np.int32)
 
     def cell_graph(self, pool: int) -> np.ndarray:
         """``(P, pool)``: each centroid's ``pool`` nearest centroids, itself first (cached)."""
