@@ -15,10 +15,19 @@ from __future__ import annotations
 import logging
 import uuid
 
-from cbir_lib.common import fs
+from cbir_lib.common import fs, remote
 from cbir_lib.common.layout import LATEST, MANIFEST  # noqa: F401 (the names every committer and reader shares)
 
 log = logging.getLogger(__name__)
+
+
+def part_uris(spark, uri: str) -> list[str]:
+    """The URIs of the Parquet parts under ``uri`` (a committed directory), sorted: what
+    this process or an executor reads itself. Refused here, on the driver, if no task
+    could open them (:func:`~cbir_lib.common.remote.check_scheme`)."""
+    uri = fs.qualify(spark, uri)
+    remote.check_scheme(uri)
+    return [fs.join(uri, name) for name in sorted(fs.list_names(spark, uri)) if name.endswith(".parquet")]
 
 
 def run_dir(table_uri: str, run_id: str) -> str:

@@ -181,13 +181,12 @@ def diff_keys(old_ids, old_fps, now_ids, now_fps) -> tuple[np.ndarray, np.ndarra
     return ~same, ~matched
 
 
-def _read_columns(spark, uri: str, columns: list[str]):
-    """The columns of every Parquet part under ``uri``, read in this process, as one Arrow table."""
+def _read_columns(spark, uris: list[str], columns: list[str]):
+    """The columns of the Parquet parts ``uris``, read in this process, as one Arrow table."""
     import pyarrow as pa
 
     files = remote.settings_from_hadoop(spark)
-    names = sorted(n for n in fs.list_names(spark, uri) if n.endswith(".parquet"))
-    return pa.concat_tables([remote.read_parquet(files, fs.join(uri, n), columns) for n in names])
+    return pa.concat_tables([remote.read_parquet(files, u, columns) for u in uris])
 
 
 def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray, fps: np.ndarray, assigner, prev: dict, n_cells: int):
@@ -215,16 +214,24 @@ def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray
 
 
 def _write_store_in_process(
-    files, base: str, dst: str, removed: np.ndarray, added, reduced: bool, row_bytes: int, n_cells: int, threads: int, keep: list | None
+    files,
+    base: list[str],
+    dst: str,
+    removed: np.ndarray,
+    added,
+    reduced: bool,
+    row_bytes: int,
+    n_cells: int,
+    threads: int,
+    keep: list | None,
 ) -> np.ndarray:
-    """The new store: each of the base's files less the ``removed`` rows, and the ``added``
-    rows (an Arrow table) as one more file, written by pyarrow, files side by side; the
-    vectors per cell written. The files' tables are appended to ``keep``, if given."""
+    """The new store: each of the base's files (``base``, their URIs) less the ``removed``
+    rows, and the ``added`` rows (an Arrow table) as one more file, written by pyarrow,
+    files side by side; the vectors per cell written. The files' tables are appended to
+    ``keep``, if given."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
-
-    names = sorted(n for n in remote.list_names(files, base) if n.endswith(".parquet"))
 
     def rewrite(j: int, t) -> np.ndarray:
         if not reduced and "reduced" in t.column_names:
@@ -236,16 +243,16 @@ def _write_store_in_process(
         return np.bincount(t.column("cell").to_numpy(), minlength=n_cells)
 
     def kept(j: int) -> np.ndarray:
-        t = remote.read_parquet(files, fs.join(base, names[j]))
+        t = remote.read_parquet(files, base[j])
         if removed.size:
             t = t.filter(pa.array(~np.isin(t.column("image_id").to_numpy(), removed)))
         return rewrite(j, t) if t.num_rows else np.zeros(n_cells, np.int64)
 
     lock = threading.Lock()
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        counts = list(pool.map(kept, range(len(names))))
+        counts = list(pool.map(kept, range(len(base))))
     if added is not None and added.num_rows:
-        counts.append(rewrite(len(names), added))
+        counts.append(rewrite(len(base), added))
     if keep is not None:  # in the files' order
         keep[:] = [t for _, t in sorted(keep, key=lambda jt: jt[0])]
     return np.sum(counts, axis=0).astype(np.int64) if counts else np.zeros(n_cells, np.int64)
@@ -312,9 +319,10 @@ def try_incremental(
     files = remote.settings_from_hadoop(spark)
     old = None if on_driver else spark.read.parquet(fs.join(base_uri, STORE))  # the Spark plans' base store
 
+    base_parts = tables.part_uris(spark, fs.join(base_uri, STORE)) if on_driver else []  # listed once a night
     if on_driver:
         with timer("finding the added and removed vectors by content fingerprint (in this process)") as t:
-            base = _read_columns(spark, fs.join(base_uri, STORE), ["image_id", "fp", "cell"])
+            base = _read_columns(spark, base_parts, ["image_id", "fp", "cell"])
             base_ids, base_fps = base.column("image_id").to_numpy(), base.column("fp").to_numpy()
             n_ok = (emb_manifest.get("counts") or {}).get("ok")
             now_ids, now_fps = read_keys(spark, emb, emb_uri, emb_run, int(n_ok) if n_ok is not None else None, content_hashed)
@@ -441,7 +449,7 @@ def try_incremental(
             if on_driver:
                 got_counts = _write_store_in_process(
                     files,
-                    fs.join(base_uri, STORE),
+                    base_parts,
                     fs.join(tmp, STORE),
                     removed_ids,
                     added_table,

@@ -194,7 +194,7 @@ def _delta(spark, index: dict, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.compute as pc
 
     files = remote.Files(**spec.get("files", {}))
-    parts = [remote.read_parquet(files, u, ["image_id", "kind"]) for u in L.part_uris(spark, fs.join(index["uri"], DELTA))]
+    parts = [remote.read_parquet(files, u, ["image_id", "kind"]) for u in tables.part_uris(spark, fs.join(index["uri"], DELTA))]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     t = pa.concat_tables(parts)
@@ -226,7 +226,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
     with timer("reading the old lists in this process") as t:
         snap = prev["output"]
         dirs = [snap, fs.join(snap, prev["reserve"]["output"])]
-        parts = [remote.read_parquet(files, u, cols) for d in dirs for u in L.part_uris(spark, d)]
+        parts = [remote.read_parquet(files, u, cols) for d in dirs for u in tables.part_uris(spark, d)]
         old = listops.Lists.from_arrow(pa.concat_tables(parts)) if parts else listops.Lists.empty()
         del parts
     timings["read_lists_s"] = round(t["seconds"], 3)
@@ -280,7 +280,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
             fs.rename(spark, tmp, searched_uri)
         timings["search_s"] = round(t["seconds"], 3)
     faults.point("neighbors.incremental.after_search")
-    found = [remote.read_parquet(files, u) for u in L.part_uris(spark, searched_uri)]
+    found = [remote.read_parquet(files, u) for u in tables.part_uris(spark, searched_uri)]
     searched = pa.concat_tables(found).cast(schema) if found else schema.empty_table()
     is_rev = searched.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
     fresh = listops.Lists.from_arrow(searched.filter(pa.array(~is_rev)))
@@ -416,7 +416,7 @@ def run(
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
         keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
-    thr_files = L.part_uris(spark, thr_uri)
+    thr_files = tables.part_uris(spark, thr_uri)
     spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{L._spec_key(thr_files)}"}
 
     with timer("loading the store on the executors") as t:

@@ -43,14 +43,6 @@ def _spec_key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def part_uris(spark, uri: str) -> list[str]:
-    """The URIs of the Parquet parts under ``uri`` (a committed directory), sorted, for the
-    executors to read themselves; refused here, on the driver, if no task could open them."""
-    uri = fs.qualify(spark, uri)
-    remote.check_scheme(uri)
-    return [fs.join(uri, name) for name in sorted(fs.list_names(spark, uri)) if name.endswith(".parquet")]
-
-
 def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: dict) -> dict:
     """The fields every neighbours manifest starts with: lineage, settings and the search."""
     return {
@@ -106,7 +98,8 @@ def _read_parts(spec: dict, dirs: list[str], spark):
     import pyarrow as pa
 
     files = remote.Files(**spec.get("files", {}))
-    tables_ = [remote.read_parquet(files, u, ["image_id", "rank", "neighbor_id", "score"]) for d in dirs for u in part_uris(spark, d)]
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    tables_ = [remote.read_parquet(files, u, cols) for d in dirs for u in tables.part_uris(spark, d)]
     return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
 
 

@@ -69,7 +69,6 @@ from cbir_lib.neighbors.lists import (
     commit_arrow_lists,
     commit_lists,
     manifest_head,
-    part_uris,
     public_and_reserve,
     rebuilt_changes,
 )
@@ -235,8 +234,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     grouped = store_bytes > budget_bytes
     # Ship the store (and forests) to the executors, part file by part file.
     # The parts the executors read themselves (their URIs; the store key names them).
-    store_files = [] if grouped else part_uris(spark, fs.join(index["uri"], STORE))
-    forest_files = part_uris(spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
+    store_files = [] if grouped else tables.part_uris(spark, fs.join(index["uri"], STORE))
+    forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     reduction = index.get("reduction") or {}
     spec = {
@@ -300,11 +299,11 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if on_driver:
         grouped = False  # the driver holds the whole store: memory_budget is the executors'
         memory["layout"] = "broadcast"
-        store_files = store_files or part_uris(spark, fs.join(index["uri"], STORE))
+        store_files = store_files or tables.part_uris(spark, fs.join(index["uri"], STORE))
         spec.update(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
         spec["handoff_key"] = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
         if method == "annoy" and not spec["forest_files"]:
-            spec["forest_files"] = part_uris(spark, fs.join(index["uri"], FORESTS))
+            spec["forest_files"] = tables.part_uris(spark, fs.join(index["uri"], FORESTS))
         caches = (_STORES, _FORESTS, _CODE_INDEXES, _LSH_INDEXES, _POSITIONS)  # _POSITIONS is keyed by id(store)
         sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), *caches))
     if grouped:
@@ -580,7 +579,7 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
         units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
         ddl = "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")
         _write_ranges(spark, sc, _augment_ranges({**spec, "expand": False}), units, ddl, dba_dir, fs.join(work_dir, "_tmp"), spec)
-    files = part_uris(spark, dba_dir)
+    files = tables.part_uris(spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
     spec = {
         **spec,
