@@ -100,7 +100,7 @@ def _filesystem(files: Files, uri: str):
     scheme, authority, path = _split(uri)
     if scheme == "file":
         return pafs.LocalFileSystem(), path, True
-    key: tuple
+    key: tuple[object, ...]
     if scheme in ("hdfs", "viewfs"):
         host, _, port = authority.rpartition(":") if ":" in authority else (authority, "", "")
         key = ("hdfs", host or "default", int(port) if port.isdigit() else 0)
