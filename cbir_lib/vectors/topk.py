@@ -28,8 +28,13 @@ def prepare(vectors: np.ndarray, metric: str, out: np.ndarray | None = None) -> 
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "angular":
-        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return np.divide(x, norms, out=out) if out is not None else x / norms
+        # Row blocks: the norm's temporary (x * x) stays small. A row's value does not
+        # depend on the others, so the result is the same as in one call.
+        out = np.empty_like(x) if out is None else out
+        for s in range(0, len(x), 8192):
+            block = x[s : s + 8192]
+            np.divide(block, np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12), out=out[s : s + 8192])
+        return out
     if out is not None:
         out[...] = x
         return out
