@@ -16,7 +16,7 @@ The night's embeddings table is written (untimed) and read by two output roots: 
 neighbors.mode=incremental`` on last night's tables, the other the same with the full
 modes on its own copy. Both as a user runs them (one spark-submit, JVM start included,
 ``local[2]``, the settings of ``all_pairs.py``: method auto at recall 0.95, no re-ranking,
-no forests). The root of the full rebuilds starts each night from nothing but the
+no forests, and ``run.driver_max_mb=3072`` so that both run in the driver process). The root of the full rebuilds starts each night from nothing but the
 embeddings, so it is a real rebuild.
 
 After each night, both tables are read back and checked against exact search (numpy,
@@ -78,6 +78,9 @@ def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
         "neighbors.min_recall=0.95",
         "neighbors.rerank=none",
         f"neighbors.mode={mode}",
+        # Both runs in the driver process at 1M: a night's store and lists (~2.1 GB) pass
+        # the default 1 GB limit, and a night on the executors is another comparison.
+        "run.driver_max_mb=3072",
         *os.environ.get("CBIR_BENCH_ARGS", "").split(),
     ]
     t0 = time.perf_counter()
