@@ -16,8 +16,9 @@ The night's embeddings table is written (untimed) and read by two output roots: 
 neighbors.mode=incremental`` on last night's tables, the other the same with the full
 modes on its own copy. Both as a user runs them (one spark-submit, JVM start included,
 ``local[2]``, the settings of ``all_pairs.py``: method auto at recall 0.95, no re-ranking,
-no forests, and ``run.driver_max_mb=3072`` so that both run in the driver process). The root of the full rebuilds starts each night from nothing but the
-embeddings, so it is a real rebuild.
+no forests, and ``run.driver_max_mb=3072`` so that both run in the driver process). The
+root of the full rebuilds starts each night from nothing but the embeddings, so it is a
+real rebuild.
 
 After each night, both tables are read back and checked against exact search (numpy,
 blocked) over the current collection, on 500 new and 500 old images: recall@10, with
