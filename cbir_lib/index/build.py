@@ -186,8 +186,7 @@ def read_vectors(
         # The vectors go straight into one array: a concatenation would hold them twice,
         # and fresh memory is the dearest part of a read (~2 s a GB here, measured).
         x, filled = None, 0
-        for uri in embedding_parts(spark, emb_uri, emb_run):
-            t = remote.read_parquet(files, uri, columns)
+        for t in remote.read_parquets(files, embedding_parts(spark, emb_uri, emb_run), columns):
             ok = pc.equal(t.column("status"), "ok")
             if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
                 t = t.filter(ok)
