@@ -148,9 +148,11 @@ def _rows_in_order(col, order: np.ndarray | None) -> np.ndarray:
         return chunks[0]  # a view of the table's own buffer
     n, d = sum(len(c) for c in chunks), chunks[0].shape[1]
     out = np.empty((n, d), np.float32)
-    dest = np.arange(n) if order is None else np.empty(n, np.int64)
-    if order is not None:
-        dest[order] = np.arange(n)
+    if order is None:  # in order already: chunk after chunk
+        np.concatenate(chunks, out=out)
+        return out
+    dest = np.empty(n, np.int64)
+    dest[order] = np.arange(n)
     at = 0
     for c in chunks:
         out[dest[at : at + len(c)]] = c
