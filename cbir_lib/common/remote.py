@@ -141,40 +141,40 @@ def read(files: Files, uri: str) -> tuple[bytes | None, str | None]:
         return None, f"read_error: {type(exc).__name__}: {exc}"
 
 
+def _in_order(call, items: Iterable, threads: int, ahead: int) -> Iterator:
+    """``call(item)`` for each item, on ``threads`` threads with at most ``ahead`` in flight,
+    the results handed back in the items' order."""
+    import collections
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(call, item))
+            if len(pending) >= max(1, ahead):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def read_many(files: Files, items: Iterable[tuple], threads: int = 4, ahead: int = 64) -> Iterator[tuple]:
     """``(key, uri)`` items -> ``(key, bytes or None, reason or None)``, in order.
 
     Up to ``ahead`` reads are in flight on ``threads`` threads, so the consumer (decoding
     and the model) never waits for storage while the reads keep up.
     """
-    import collections
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending: collections.deque = collections.deque()
-        for key, uri in items:
-            pending.append((key, pool.submit(read, files, uri)))
-            if len(pending) >= ahead:
-                k, fut = pending.popleft()
-                yield (k, *fut.result())
-        while pending:
-            k, fut = pending.popleft()
-            yield (k, *fut.result())
+    def one(item: tuple) -> tuple:
+        key, uri = item
+        return (key, *read(files, uri))
+
+    return _in_order(one, items, threads, ahead)
 
 
 def read_parquets(files: Files, uris: Iterable[str], columns: list[str] | None = None, threads: int = 2) -> Iterator:
     """The Parquet files ``uris`` as Arrow tables, in order, ``threads`` of them read at
     once: a file of vectors decodes its one big column on one thread, so reading the next
     beside it nearly halves a read of many (no more than ``threads`` are held ahead)."""
-    import collections
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        pending: collections.deque = collections.deque()
-        for uri in uris:
-            pending.append(pool.submit(read_parquet, files, uri, columns))
-            if len(pending) >= max(1, threads):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return _in_order(lambda uri: read_parquet(files, uri, columns), uris, threads, threads)
 
 
 def read_parquet(files: Files, uri: str, columns: list[str] | None = None):
