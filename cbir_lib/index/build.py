@@ -48,6 +48,7 @@ from cbir_lib.index.store import (
     arrow_batch,
     cell_counts,
     centroid_distance,
+    embedding_columns,
     embedding_parts,
     embeddings_table_uri,
     executor_memory,
@@ -166,8 +167,8 @@ def read_vectors(
     order, read in this process by pyarrow, file by file, from the run's Parquet parts. The
     fingerprints are :func:`fingerprint`'s: ``xxhash64(content_sha256)`` computed here
     (:func:`~cbir_lib.common.sparkhash.hash_strings`) where every row has a 64-character
-    hash (``content_hashed``), else by a Spark job beside the reads (16 bytes a row).
-    None where this reader does not find the ``n`` rows Spark counts (files in nested
+    hash (``content_hashed``), else by a Spark job beside the reads (16 bytes a row) over
+    the ok rows' DataFrame that ``emb()`` makes. None where this reader does not find the ``n`` rows Spark counts (files in nested
     folders): the caller then uses the executors."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -181,7 +182,7 @@ def read_vectors(
     columns = ["image_id", "status", "embedding"] + (["content_sha256"] if content_hashed else [])
     with ThreadPoolExecutor(1) as pool:
         # Without content hashes Spark hashes the vectors, while this process reads them.
-        keys_ = None if content_hashed else pool.submit(lambda: emb.select("image_id", "fp").toArrow())
+        keys_ = None if content_hashed else pool.submit(lambda: emb().select("image_id", "fp").toArrow())
         ids, fps = [], []
         # The vectors go straight into one array: a concatenation would hold them twice,
         # and fresh memory is the dearest part of a read (~2 s a GB here, measured).
@@ -203,7 +204,7 @@ def read_vectors(
                     fps.append(hash_strings(t.column("content_sha256")))
             del t
         if keys_ is None and any(f is None for f in fps):  # a null or odd-length hash: Spark's own
-            keys_ = pool.submit(lambda: emb.select("image_id", "fp").toArrow())
+            keys_ = pool.submit(lambda: emb().select("image_id", "fp").toArrow())
         keys = keys_.result() if keys_ is not None else None
     ids_ = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if filled != n:
@@ -264,12 +265,16 @@ def write_store_in_process(
     xr = reduce.project(x, basis) if basis is not None else None  # row by row: any block gives the same
     files = remote.settings_from_hadoop(spark)
     per_row = 4 * (x.shape[1] + (basis.shape[1] if basis is not None else 0))
-    for j, (lo, hi) in enumerate((i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)):
+
+    def part(lo: int, hi: int):  # zero-copy views of the sorted arrays
         cols = [pa.array(cells[lo:hi]), pa.array(ids[lo:hi]), vectors_binary(x[lo:hi]), pa.array(fps[lo:hi])]
         if xr is not None:
             cols.append(vectors_binary(xr[lo:hi]))
-        table = pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
-        remote.write_parquet(files, table, fs.join(uri, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // per_row))
+        return pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
+
+    bounds = [(i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)]
+    jobs = ((part(lo, hi), fs.join(uri, f"part-{j:05d}.parquet")) for j, (lo, hi) in enumerate(bounds))
+    remote.write_parquets(files, jobs, row_group_size=max(1, ROW_GROUP_BYTES // per_row))
     if keep is not None:
         keep.append((cells, ids, x, xr))
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
@@ -330,10 +335,21 @@ def _run_build_index(spark, cfg: Config) -> dict:
         log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
         return {**prev, "noop": True}
 
-    emb_all = spark.read.parquet(tables.run_dir(emb_uri, emb_run))
-    emb = emb_all.filter(F.col("status") == "ok").select("image_id", fingerprint(emb_all), "embedding")
+    # The run's ok rows as a DataFrame, made only where a Spark job reads them: a build in
+    # this process reads the files itself, and the session's first DataFrame costs ~0.9 s
+    # of JVM warm-up (schema inference, the analyser), a twentieth of a 70k x 1,280 build.
+    frame: list = []
+
+    def embeddings():
+        if not frame:
+            emb_all = spark.read.parquet(tables.run_dir(emb_uri, emb_run))
+            frame.append(emb_all.filter(F.col("status") == "ok").select("image_id", fingerprint(emb_all), "embedding"))
+        return frame[0]
+
+    columns = embedding_columns(spark, emb_uri, emb_run)
+    content_hashed = "content_sha256" in (columns if columns is not None else embeddings().columns)
     # The extract manifest counts its ok rows (the store's own count checks it below).
-    n = int((emb_manifest.get("counts") or {}).get("ok") or 0) or emb.count()
+    n = int((emb_manifest.get("counts") or {}).get("ok") or 0) or embeddings().count()
     if n == 0:
         raise ValueError(f"build_index: embeddings run {emb_run} has no ok vectors to index")
     # Both restored by run_build_index. Parquet's vectorized reader holds a batch of 4,096
@@ -350,7 +366,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
 
         started_inc = time.time()
         done, full_reason = incremental.try_incremental(
-            spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, emb, signature, "content_sha256" in emb_all.columns
+            spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, embeddings(), signature, content_hashed
         )
         if done is not None:
             return done
@@ -374,7 +390,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
     rows = None
     if on_driver:
         with timer(f"reading {n} vectors in this process") as t:
-            rows = read_vectors(spark, emb, emb_uri, emb_run, dim, ic.metric, n, "content_sha256" in emb_all.columns)
+            rows = read_vectors(spark, embeddings, emb_uri, emb_run, dim, ic.metric, n, content_hashed)
         timings["read_s"] = round(t["seconds"], 3)
         if rows is None:
             execution = {"where": "executors", "why": "the table's files are not all plain Parquet parts of its run folder"}
@@ -394,7 +410,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
                 sample = np.ascontiguousarray(rows[2][picked])
             else:
                 work = fs.join(table, "_work", f"sample-{run_id}-{uuid.uuid4().hex[:8]}")
-                sample = prepare(stream_sample(emb, n, n_train, dim, ic.seed, work), ic.metric)
+                sample = prepare(stream_sample(embeddings(), n, n_train, dim, ic.seed, work), ic.metric)
             trained_on = len(sample)
         timings["sample_s"] = round(t["seconds"], 3)
         train_on = sample
@@ -421,19 +437,22 @@ def _run_build_index(spark, cfg: Config) -> dict:
             "mean_distance": round(float(centroid_distance(sample, centroids, ic.metric).mean()), 6),
             "of": "the training sample",
         }
-        source = emb
     else:
         centroids_bytes = None
         quantisation = None
-        source = emb.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
 
     n_parts = max(1, min(n_cells, max(spark.sparkContext.defaultParallelism, n // 200_000 + 1)))
+
     # The store is written as assigned, without a shuffle: its readers (executors loading
     # it for the search, the forest builder) sort by (cell, image_id) themselves, and a
     # shuffle of N x dim floats measured 5.4 s of the 100k build.
-    store = source.mapInArrow(
-        _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), STORE_DDL + (", reduced binary" if reduction_bytes else "")
-    )
+    def store():
+        source = embeddings()
+        if centroids_bytes is None:
+            source = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int"))
+        return source.mapInArrow(
+            _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), STORE_DDL + (", reduced binary" if reduction_bytes else "")
+        )
 
     manifest: dict = {
         "stage": "index",
@@ -471,7 +490,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
                     spark, rows, centroids_bytes, ic.metric, n_cells, reduction_bytes, n_parts, fs.join(tmp, STORE), handed
                 )
             else:
-                store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+                store().write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         written = spark.read.parquet(fs.join(tmp, STORE)) if ic.forests or not rows else None
         if not rows:

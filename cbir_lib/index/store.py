@@ -339,6 +339,20 @@ def embedding_parts(spark, emb_uri: str, emb_run: str) -> list[str]:
     return [fs.join(run, f) for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
 
 
+def embedding_columns(spark, emb_uri: str, emb_run: str) -> list[str] | None:
+    """The column names of an embeddings run, from its first Parquet part's footer (read
+    by pyarrow, no Spark job); None where it has no plain part or the footer cannot be read."""
+    from cbir_lib.common import remote
+
+    parts = embedding_parts(spark, emb_uri, emb_run)
+    if not parts:
+        return None
+    try:
+        return list(remote.read_schema(remote.settings_from_hadoop(spark), parts[0]).names)
+    except (OSError, ValueError):  # unreadable here (an unsupported scheme): Spark's schema instead
+        return None
+
+
 def hash_cells(ids: np.ndarray, n_cells: int) -> np.ndarray:
     """Hash partitioning's cells, Spark's ``pmod(xxhash64(image_id), n_cells)``, in numpy."""
     from cbir_lib.common.sparkhash import xxhash64

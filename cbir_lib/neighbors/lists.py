@@ -134,17 +134,12 @@ def commit_arrow_lists(
     files = remote.Files(**spec.get("files", {}))
 
     def write(tmp: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         jobs = []
         for sub, t in (("", public), (RESERVE, reserve), (CHANGES, changes)):
             d = fs.join(tmp, sub) if sub else tmp
             step = -(-t.num_rows // n_files) if t.num_rows else 1
             jobs += [(t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet")) for j, lo in enumerate(range(0, max(1, t.num_rows), step))]
-        # Two files at a time: pyarrow encodes a file on one thread (10M rows at 1M images
-        # took 3.6 s one after another).
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda job: remote.write_parquet(files, *job), jobs))
+        remote.write_parquets(files, jobs)
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
     return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
