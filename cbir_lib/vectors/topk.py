@@ -80,10 +80,10 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
     ``payload``: a value per candidate carried along (padding: ``-inf`` for floats, -1 for
     integers); then ``(scores, ids, payload)`` is returned.
 
-    One sort of a single int64 key (row, then score descending) finds each row's k-th
-    best score; only candidates at or above it (k plus ties) go through the exact
-    three-key sort that breaks ties by id. Measured: 2-3x faster than sorting every
-    candidate by three keys.
+    One sort of a single int64 key (row, then score descending) ranks the candidates, and
+    runs of equal keys, rare, are put in id order. Sorting every candidate by three keys
+    measured 2-3x slower, and even the three-key ``lexsort`` of only each row's k best
+    and their ties took a third of a selection (655k of 4.2M candidates, 0.10 s).
     """
     keep = np.isfinite(scores)
     rows, scores, ids = rows[keep], np.asarray(scores[keep], dtype=np.float32), ids[keep]
@@ -94,29 +94,39 @@ def select(rows: np.ndarray, scores: np.ndarray, ids: np.ndarray, m: int, k: int
         out_p = np.full((m, k), -np.inf if payload.dtype.kind == "f" else -1, dtype=payload.dtype)
     if rows.size == 0:
         return (out_v, out_i) if out_p is None else (out_v, out_i, out_p)
-    if rows.size > 4 * k * max(1, m) // 2:
-        key = (rows.astype(np.int64) << 32) | (0xFFFFFFFF - _sortable(scores)).astype(np.int64)
-        order = np.argsort(key)
-        srows = rows[order]
-        starts = np.searchsorted(srows, np.arange(m))
-        counts = np.bincount(srows, minlength=m)
-        kth_at = np.minimum(starts + k - 1, starts + counts - 1)
-        kth = np.where(counts > 0, scores[order][np.maximum(kth_at, 0)], np.inf)
-        near = scores >= kth[rows]
-        rows, scores, ids = rows[near], scores[near], ids[near]
-        if payload is not None:
-            payload = payload[near]
-    order = np.lexsort((ids, -scores, rows))
-    rows, scores, ids = rows[order], scores[order], ids[order]
-    starts = np.searchsorted(rows, np.arange(m))
-    rank = np.arange(rows.size) - starts[rows]
+    key = _row_score_key(rows, scores)
+    order = _ties_by_id(np.argsort(key), key, ids)
+    srows = rows[order]
+    starts = np.searchsorted(srows, np.arange(m))
+    rank = np.arange(order.size) - starts[srows]
     take = rank < k
-    out_v[rows[take], rank[take]] = scores[take]
-    out_i[rows[take], rank[take]] = ids[take]
+    at, rk = srows[take], rank[take]
+    order = order[take]
+    out_v[at, rk] = scores[order]
+    out_i[at, rk] = ids[order]
     if payload is None or out_p is None:
         return out_v, out_i
-    out_p[rows[take], rank[take]] = payload[order][take]
+    out_p[at, rk] = payload[order]
     return out_v, out_i, out_p
+
+
+def _row_score_key(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """int64 keys whose order is ``(row, -score)`` (rows below 2**31, finite scores; -0.0
+    and 0.0 equal, as ``-scores`` compares them)."""
+    return (rows.astype(np.int64) << 32) | (0xFFFFFFFF - _sortable(scores + np.float32(0.0))).astype(np.int64)
+
+
+def _ties_by_id(order: np.ndarray, key: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``order`` (ascending ``key``) with each run of equal keys put in ascending id order."""
+    ks = key[order]
+    tie = ks[1:] == ks[:-1]
+    if not tie.any():
+        return order
+    at = np.flatnonzero(np.r_[tie, False] | np.r_[False, tie])  # positions in a run of equal keys
+    sub = order[at]
+    order = order.copy()
+    order[at] = sub[np.lexsort((ids[sub], key[sub]))]
+    return order
 
 
 def empty_shortlist(m: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,8 +208,9 @@ def shortlist_scores(
         sqnorm = np.einsum("ij,ij->i", vectors, vectors)
     for s in range(0, m, step):
         p = pos[s : s + step]
-        g = np.asarray(vectors[np.maximum(p, 0)], dtype=np.float32)  # (b, L, d)
-        v = (g * queries[s : s + step, None, :]).sum(axis=2, dtype=np.float32)
+        g = np.asarray(vectors[np.maximum(p, 0)], dtype=np.float32)  # (b, L, d), a copy
+        g *= queries[s : s + step, None, :]  # in place: a second (b, L, d) array cost 5 %
+        v = g.sum(axis=2, dtype=np.float32)
         if sqnorm is not None and metric == "euclidean":
             v -= np.float32(0.5) * sqnorm[np.maximum(p, 0)]
         out[s : s + step] = np.where(p >= 0, v, np.float32(-np.inf))
@@ -222,9 +233,13 @@ def reselect(rows: np.ndarray, fast: np.ndarray, cand: np.ndarray, m: int, k: in
 
 
 def _sortable(x: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 whose unsigned order is the float order (finite values)."""
+    """float32 -> uint32 whose unsigned order is the float order (finite values): negative
+    floats have every bit flipped, the others their sign bit (an xor mask, not ``where``:
+    7x faster on 4M scores)."""
     b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return np.where(b & 0x80000000, ~b, b | 0x80000000).astype(np.uint32)
+    mask = (b >> np.uint32(31)) * np.uint32(0x7FFFFFFF)
+    mask |= np.uint32(0x80000000)
+    return b ^ mask
 
 
 def merge_topk(

@@ -126,3 +126,33 @@ def test_shortlist_scores_are_the_pair_scores_bit_for_bit():
         want = pair_scores(q, rows, x, np.maximum(pos.ravel(), 0), metric, sq).reshape(64, 7)
         want[pos < 0] = -np.inf
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_matches_a_sort_by_minus_score_then_id(seed):
+    """select against a plain per-row oracle: many ties (scores from a few values, and
+    -0.0 beside 0.0), rows with fewer than k candidates and rows with none, candidates in
+    any order, non-finite scores, and a payload that must travel with its candidate."""
+    rng = np.random.default_rng(seed)
+    m, k = 37, [1, 5, 40][seed % 3]
+    n = int(rng.integers(0, 3000))
+    rows = rng.integers(0, m - 3, n)  # the last three rows get nothing
+    scores = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 0.5, 2.0, np.inf, -np.inf, np.nan], np.float32), n)
+    smooth = rng.random(n) < 0.5
+    scores[smooth] = rng.normal(size=int(smooth.sum())).astype(np.float32)
+    ids = rng.integers(-50, 50, n)  # repeated ids too: two candidates may share (score, id)
+    payload = np.arange(n, dtype=np.int64) * 7
+    v, i, p = select(rows, scores, ids, m, k, payload=payload)
+    for r in range(m):
+        at = np.flatnonzero((rows == r) & np.isfinite(scores))
+        best = sorted(at, key=lambda j: (-float(scores[j]), int(ids[j])))[:k]
+        got = len(best)
+        assert v[r, :got].tolist() == [float(scores[j]) for j in best]
+        assert i[r, :got].tolist() == [int(ids[j]) for j in best]
+        # A payload of candidates tied on (score, id) may come from either of them.
+        keys = {(float(scores[j]), int(ids[j])): set() for j in best}
+        for j in at:
+            if (float(scores[j]), int(ids[j])) in keys:
+                keys[(float(scores[j]), int(ids[j]))].add(int(payload[j]))
+        assert all(int(p[r, c]) in keys[(float(v[r, c]), int(i[r, c]))] for c in range(got))
+        assert np.isneginf(v[r, got:]).all() and (i[r, got:] == NO_ID).all() and (p[r, got:] == -1).all()
