@@ -361,7 +361,12 @@ def write_embeddings(
     if emb.exists():
         shutil.rmtree(emb)
     emb.mkdir(parents=True)
-    step = 200_000
+    # One file per extract shard (extract.shard_size), as `cbir extract` commits them: until
+    # 2026-12-04 this wrote 200,000 rows a file, a layout extract never makes, which the
+    # index stage reads one file per thread (Fashion's 70k in one file: 1.0 s; in 7: 0.4 s).
+    from cbir_lib.config import ExtractConfig
+
+    step = ExtractConfig().shard_size
     for s in range(0, len(x), step):
         m = min(step, len(x) - s)
         cols = {"image_id": pa.array(ids[s : s + m])}
