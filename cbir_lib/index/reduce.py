@@ -70,9 +70,15 @@ def lift(sample: np.ndarray, reduced_sample: np.ndarray, reduced_centroids: np.n
     labels = labels[order]
     starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
     # Summed in float64 without a float64 copy of the sample (two of 347 MB at 34k x
-    # 1,280 took 1.5 s here, most of it fresh memory): the same sums.
-    sums = np.add.reduceat(np.asarray(sample)[order], starts, axis=0, dtype=np.float64)
-    centroids = sums / np.diff(np.r_[starts, len(labels)])[:, None]
+    # 1,280 took 1.5 s here, most of it fresh memory), cell by cell: np.add.reduceat
+    # casting to float64 took 0.39-0.94 s for 529 cells of Fashion's sample, these sums
+    # 0.03-0.06 s, the same values (rows added in order either way).
+    members = np.asarray(sample)[order]
+    ends = np.r_[starts[1:], len(labels)]
+    sums = np.empty((len(starts), members.shape[1]), dtype=np.float64)
+    for i, (a, b) in enumerate(zip(starts, ends, strict=True)):
+        sums[i] = members[a:b].sum(axis=0, dtype=np.float64)
+    centroids = sums / (ends - starts)[:, None]
     if metric != "euclidean":
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(centroids, dtype=np.float32)

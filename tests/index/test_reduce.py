@@ -20,3 +20,23 @@ def test_fit_spans_the_exact_top_directions_with_fixed_signs():
     assert (basis[np.abs(basis).argmax(axis=0), np.arange(6)] > 0).all()  # each direction's largest entry positive
     again, _ = reduce.fit(x.astype(np.float32), 6)
     assert np.array_equal(again, basis)
+
+
+def test_lift_gives_each_cells_mean_of_its_members_in_full_dimension():
+    """lift: the full-dimension mean of the members each reduced centroid takes (the same
+    assignment as kmeans.assign in the reduced space), normalised for angular. Oracle: float64 means of the members, row by row."""
+    from cbir_lib.index.kmeans import assign
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3000, 48)).astype(np.float32)
+    basis, _ = reduce.fit(x, 8)
+    xr = reduce.project(x, basis)
+    reduced_centroids = xr[rng.choice(3000, 20, replace=False)]
+    for metric in ("angular", "euclidean"):
+        got = reduce.lift(x, xr, reduced_centroids, metric)
+        labels = assign(xr, reduced_centroids, metric)[:, 0]
+        want = np.stack([x[labels == c].astype(np.float64).mean(axis=0) for c in np.unique(labels)])
+        if metric == "angular":
+            want /= np.linalg.norm(want, axis=1, keepdims=True)
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-6)
