@@ -47,6 +47,7 @@ import numpy as np
 
 from cbir_lib.common import remote, shards
 from cbir_lib.neighbors.ivf import CellStore
+from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.vectors.topk import empty, empty_shortlist, select
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, cell and position beside each vector
@@ -107,23 +108,23 @@ def merge(best: tuple | None, part: tuple, k: int) -> tuple:
     return select(rows, vals.ravel(), ids.ravel(), m, k)
 
 
-def uses_shortlist(spec: dict) -> bool:
+def uses_shortlist(spec: SearchSpec) -> bool:
     """Whether the spec's search is dense with the reduced first pass (its parts return shortlists)."""
-    return bool(spec.get("shortlist")) and spec["method"] == "dense"
+    return bool(spec.shortlist) and spec.method == "dense"
 
 
-def shortlist_width(spec: dict, k: int) -> int:
+def shortlist_width(spec: SearchSpec, k: int) -> int:
     """Entries of a query's running list: its shortlist with the reduced first pass, else k."""
-    return max(int(spec["shortlist"]), k) if uses_shortlist(spec) else k
+    return max(int(spec.shortlist), k) if uses_shortlist(spec) else k
 
 
-def finish(spec: dict, best: tuple, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def finish(spec: SearchSpec, best: tuple, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A merged running list as the final top-k ``(scores, ids)``."""
     if len(best) == 2:
         return best
     from cbir_lib.vectors.topk import finish_shortlist
 
-    return finish_shortlist(*best, k, spec["metric"], queries)
+    return finish_shortlist(*best, k, spec.metric, queries)
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,23 +133,23 @@ def finish(spec: dict, best: tuple, queries: np.ndarray, k: int) -> tuple[np.nda
 _GROUPS: dict[tuple[str, int], tuple] = {}
 
 
-def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
+def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
     """``(cells, ids, vectors, reduced vectors or None)`` of group ``g``, in store order.
 
     A worker caches one store group (the last visited, so the next sweep can start with it);
     the cached one is dropped *before* another is read, so a task never holds two store groups
     at once. The task's own query group is held by its :class:`Sweep`, not here.
     """
-    key = (spec["groups_uri"], g)
+    key = (spec.groups_uri, g)
     if key in _GROUPS:
         return _GROUPS[key]
     _GROUPS.clear()
     from cbir_lib.vectors.arrow import binary_to_numpy
 
-    files = remote.Files(**spec.get("files", {}))
-    uri = f"{spec['groups_uri']}/group={g}"
+    files = remote.Files(**spec.files)
+    uri = f"{spec.groups_uri}/group={g}"
     names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
-    r = spec.get("reduced_dim")
+    r = spec.reduced_dim
     columns = ["pos", "cell", "image_id", "vector", *(["reduced"] if r else [])]
     tables = [remote.read_parquet(files, f"{uri}/{n}", columns) for n in names]
     xr = None
@@ -159,32 +160,32 @@ def read_group(spec: dict, g: int, keep: bool = True) -> tuple:
         order = np.argsort(t.column("pos").to_numpy(), kind="stable")
         cells = t.column("cell").to_numpy()[order]
         ids = t.column("image_id").to_numpy()[order]
-        x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec["dim"])[order])
+        x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec.dim)[order])
         if r:
             xr = np.ascontiguousarray(binary_to_numpy(t.column("reduced"), r)[order])
     else:
-        cells, ids, x = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, spec["dim"]), np.float32)
+        cells, ids, x = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)
         xr = np.zeros((0, r), np.float32) if r else None
     if keep:
         _GROUPS[key] = (cells, ids, x, xr)
     return cells, ids, x, xr
 
 
-def group_store(spec: dict, g: int, keep: bool = True) -> CellStore:
-    bounds = np.asarray(spec["bounds"])
+def group_store(spec: SearchSpec, g: int, keep: bool = True) -> CellStore:
+    bounds = np.asarray(spec.bounds)
     _, ids, x, xr = read_group(spec, g, keep)
     if len(ids) != bounds[g + 1] - bounds[g]:
         from cbir_lib.index.store import IndexMismatch
 
         raise IndexMismatch(f"store group {g}: {len(ids)} rows, expected {bounds[g + 1] - bounds[g]}")
     return sub_store(
-        np.asarray(spec["offsets"]),
+        np.asarray(spec.offsets),
         int(bounds[g]),
         int(bounds[g + 1]),
         ids,
         x,
         _centroids(spec),
-        spec["metric"],
+        spec.metric,
         xr,
         _parsed(spec, "projection"),
     )
@@ -194,31 +195,31 @@ _PARSED: dict[tuple[str, str], np.ndarray | None] = {}
 _ROUTERS: dict[str, CellStore] = {}
 
 
-def _parsed(spec: dict, field: str) -> np.ndarray | None:
+def _parsed(spec: SearchSpec, field: str) -> np.ndarray | None:
     """The spec's ``.npy`` bytes in ``field`` (centroids, the reduction basis) as an array,
     parsed once per process (a group store is made per visit)."""
-    key = (spec["groups_uri"], field)
+    key = (spec.groups_uri, field)
     if key not in _PARSED:
-        _PARSED[key] = np.load(io.BytesIO(spec[field])) if spec.get(field) else None
+        _PARSED[key] = np.load(io.BytesIO(getattr(spec, field))) if getattr(spec, field) else None
     return _PARSED[key]
 
 
-def _centroids(spec: dict) -> np.ndarray | None:
+def _centroids(spec: SearchSpec) -> np.ndarray | None:
     return _parsed(spec, "centroids")
 
 
-def router(spec: dict) -> CellStore:
+def router(spec: SearchSpec) -> CellStore:
     """A store with no rows but every centroid: routes queries (its cell graph cached per process)."""
-    key = spec["groups_uri"]
+    key = spec.groups_uri
     if key not in _ROUTERS:
         _ROUTERS[key] = sub_store(
-            np.asarray(spec["offsets"]),
+            np.asarray(spec.offsets),
             0,
             0,
             np.zeros(0, np.int64),
-            np.zeros((0, spec["dim"]), np.float32),
+            np.zeros((0, spec.dim), np.float32),
             _centroids(spec),
-            spec["metric"],
+            spec.metric,
         )
     return _ROUTERS[key]
 
@@ -236,10 +237,10 @@ class Sweep:
     per-query buffers the task held at once: the share the budget bounds.
     """
 
-    def __init__(self, spec: dict, gq: int | None = None, base_bytes: int = 0):
+    def __init__(self, spec: SearchSpec, gq: int | None = None, base_bytes: int = 0):
         self.spec = spec
         self.gq = gq
-        self.bounds = np.asarray(spec["bounds"])
+        self.bounds = np.asarray(spec.bounds)
         self.n_groups = len(self.bounds) - 1
         self.qs = group_store(spec, gq, keep=False) if gq is not None else None
         self.base = base_bytes + (_nbytes(self.qs) if self.qs is not None else 0)
@@ -257,14 +258,14 @@ class Sweep:
         self.close()
         st = self.qs if g == self.gq else group_store(self.spec, g)
         held = 0 if g == self.gq else _nbytes(st)
-        if self.spec["method"] == "annoy":
+        if self.spec.method == "annoy":
             st.forests, st.lo, forest_bytes, self._forest_dir = group_forests(self.spec, g)
             self._forests_loaded = st.forests.loaded
             held += forest_bytes
-        if self.spec["method"] == "lsh" and getattr(st, "lsh", None) is None:
+        if self.spec.method == "lsh" and getattr(st, "lsh", None) is None:
             from cbir_lib.neighbors.lsh import LSHIndex
 
-            p = self.spec["lsh"]
+            p = self.spec.lsh
             st.lsh = LSHIndex(st.vectors, p["tables"], p["bits"], p["seed"])
             held += st.lsh.nbytes
         self.held = max(self.held, self.base + self.extra + held)
@@ -292,7 +293,7 @@ class Sweep:
         return gs
 
 
-def group_forests(spec: dict, g: int):
+def group_forests(spec: SearchSpec, g: int):
     """The Annoy forests of the cells with rows in group ``g``, read from the index's forests
     table (row groups pruned by cell) into a temporary directory and memory-mapped on use:
     ``(cell -> AnnoyIndex or None, group row start, bytes of the forests, directory)``."""
@@ -303,13 +304,13 @@ def group_forests(spec: dict, g: int):
 
     from cbir_lib.index.store import ANNOY_METRIC
 
-    bounds, offsets = np.asarray(spec["bounds"]), np.asarray(spec["offsets"])
+    bounds, offsets = np.asarray(spec.bounds), np.asarray(spec.offsets)
     lo, hi = int(bounds[g]), int(bounds[g + 1])
     first = int(np.searchsorted(offsets, lo, side="right") - 1)
     last = int(np.searchsorted(offsets, hi - 1, side="right") - 1)
-    files = remote.Files(**spec.get("files", {}))
-    fs_, path, _ = remote._filesystem(files, spec["forests_uri"])
-    names = [f"{path}/{n}" for n in remote.list_names(files, spec["forests_uri"]) if n.endswith(".parquet")]
+    files = remote.Files(**spec.files)
+    fs_, path, _ = remote._filesystem(files, spec.forests_uri)
+    names = [f"{path}/{n}" for n in remote.list_names(files, spec.forests_uri) if n.endswith(".parquet")]
     d = tempfile.mkdtemp(prefix=f"cbir-forests-g{g}-")
     total = 0
     if names and hi > lo:
@@ -322,14 +323,14 @@ def group_forests(spec: dict, g: int):
             total += len(blob)
         t = None
     loaded: dict[int, object] = {}
-    metric = ANNOY_METRIC[spec["metric"]]
+    metric = ANNOY_METRIC[spec.metric]
 
     def get(cell: int):
         if cell not in loaded:
             p = os.path.join(d, f"{cell}.ann")
             f = None
             if first <= cell <= last and os.path.exists(p):
-                f = AnnoyIndex(spec["dim"], metric)
+                f = AnnoyIndex(spec.dim, metric)
                 f.load(p)
             loaded[cell] = f
         return loaded[cell]
@@ -342,12 +343,12 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
     """Each query's probed cells, and for every store group the queries that probe a cell in it
     (every query visits every group for exact, hierarchical and LSH search)."""
     spec, m = sweep.spec, len(queries)
-    if spec["method"] in ("exact", "hierarchical", "lsh"):
+    if spec.method in ("exact", "hierarchical", "lsh"):
         return None, {g: np.arange(m) for g in range(sweep.n_groups)}
-    qb = spec["query_block"]
+    qb = spec.query_block
     r = router(spec)
-    probes = np.concatenate([r.route(queries[s : s + qb], spec["nprobe"], own[s : s + qb]) for s in range(0, m, qb)])
-    first, last = (np.asarray(a) for a in spec["cell_groups"])
+    probes = np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, m, qb)])
+    first, last = (np.asarray(a) for a in spec.cell_groups)
     visits = {}
     for g in range(sweep.n_groups):
         hit = ((first[probes] <= g) & (last[probes] >= g)).any(axis=1)
@@ -366,10 +367,10 @@ def topk(
     ``own_pos``: each query's row in the store (for hierarchical search, which excludes by row).
     """
     m = len(queries)
-    if sweep.spec["method"] == "hierarchical":
+    if sweep.spec.method == "hierarchical":
         return (*hierarchical_topk(sweep, queries, own_pos, k), list(range(sweep.n_groups)))
     probes, visits = route_visits(sweep, queries, own)
-    qb = sweep.spec["query_block"]
+    qb = sweep.spec.query_block
     width = shortlist_width(sweep.spec, k)
     best = empty_shortlist(m, width) if uses_shortlist(sweep.spec) else empty(m, width)
     for g in sweep.order(visits):
@@ -394,8 +395,8 @@ def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray,
     from cbir_lib.neighbors.rerank import fixed, unfixed, weights
 
     spec = sweep.spec
-    vals, ids, visited = topk(sweep, queries, qids, own, own_pos, spec["rerank_n"], search)
-    w = weights(vals, spec["alpha"])
+    vals, ids, visited = topk(sweep, queries, qids, own, own_pos, spec.rerank_n, search)
+    w = weights(vals, spec.alpha)
     acc = fixed(queries)
     sweep.hold(acc.nbytes)
     for g in sweep.order(visited, reverse=True):
@@ -427,11 +428,11 @@ def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k:
     from cbir_lib.vectors.topk import NO_ID, row_dots
 
     spec = sweep.spec
-    key = spec["groups_uri"]
+    key = spec.groups_uri
     if key not in _THRESHOLDS:
-        _THRESHOLDS[key] = np.load(io.BytesIO(spec["code_thresholds"]))
+        _THRESHOLDS[key] = np.load(io.BytesIO(spec.code_thresholds))
     thresholds = _THRESHOLDS[key]
-    m, want = len(queries), spec["code_candidates"] + 1
+    m, want = len(queries), spec.code_candidates + 1
     qcodes = threshold(queries, thresholds)
     far = np.iinfo(np.int64).max
     best_d = np.full((m, want), far, np.int64)
@@ -482,18 +483,18 @@ def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k:
     return vals.astype(np.float32), ids.astype(np.int64)
 
 
-def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def search_group(spec: SearchSpec, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Every query of group ``gq`` against the store, with query expansion first when the
     spec asks for it: ``(query ids, scores, ids, largest bytes held at once)``."""
     sweep = Sweep(spec, gq)
-    qs, k = sweep.qs, spec["k"]
+    qs, k = sweep.qs, spec.k
     m = len(qs.ids)
     if m == 0:
         return qs.ids, np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), 0
     own = qs.cells_of_rows(np.arange(m))
     own_pos = sweep.bounds[gq] + np.arange(m)
     queries = qs.vectors
-    if spec.get("expand"):
+    if spec.expand:
         queries = expand(sweep, queries, qs.ids, own, own_pos, search)
         sweep.hold(queries.nbytes)
     vals, ids, _ = topk(sweep, queries, qs.ids, own, own_pos, k, search)
@@ -501,7 +502,7 @@ def search_group(spec: dict, gq: int, search) -> tuple[np.ndarray, np.ndarray, n
     return qs.ids, vals, ids, sweep.held
 
 
-def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_batch):
+def group_task(spec: SearchSpec, parts_uri: str, tmp_uri: str, plan: str, search, to_batch):
     """RDD partition function over group numbers: search, commit one part per group, yield stats."""
 
     def fn(groups):
@@ -510,7 +511,7 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
         from cbir_lib.common.inprocess import limit_blas_threads, task_threads
 
         limit_blas_threads(task_threads())
-        files = remote.Files(**spec.get("files", {}))
+        files = remote.Files(**spec.files)
         for gq in groups:
             t0 = time.time()
             unit = shards.unit_name(plan, int(gq), "0" * 8)  # same content every run: resumable
@@ -532,7 +533,7 @@ def group_task(spec: dict, parts_uri: str, tmp_uri: str, plan: str, search, to_b
     return fn
 
 
-def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
+def dba_task(spec: SearchSpec, out_uri: str, tmp_uri: str, plan: str, search):
     """RDD partition function over group numbers: group ``g`` of the database-side augmented
     store (each vector with its top-``rerank_n`` of the original store), committed as
     ``out_uri/group=<g>/`` in the layout of :func:`write_groups`; yields stats."""
@@ -544,7 +545,7 @@ def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
         from cbir_lib.vectors.arrow import vectors_binary
 
         limit_blas_threads(task_threads())
-        files = remote.Files(**spec.get("files", {}))
+        files = remote.Files(**spec.files)
         for gq in groups:
             t0 = time.time()
             unit = shards.unit_name(plan, int(gq), "0" * 8)
@@ -571,7 +572,7 @@ def dba_task(spec: dict, out_uri: str, tmp_uri: str, plan: str, search):
     return fn
 
 
-def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: np.ndarray, probes, search):
+def sample_partial(spec: SearchSpec, queries: np.ndarray, query_ids: np.ndarray, own: np.ndarray, probes, search):
     """RDD partition function over store groups: the sample's partial top-k in each
     (``probes`` routed once on the driver, ``None`` for exact)."""
 
@@ -583,14 +584,14 @@ def sample_partial(spec: dict, queries: np.ndarray, query_ids: np.ndarray, own: 
             sweep = Sweep(spec, None, base_bytes=queries.nbytes)
             store = sweep.store(int(g))
             t0 = time.perf_counter()
-            part = search(store, queries, query_ids, own, probes, None, spec["k"])
+            part = search(store, queries, query_ids, own, probes, None, spec.k)
             sweep.close()
             yield part, time.perf_counter() - t0, int(sweep.held)
 
     return fn
 
 
-def sample_whole(spec: dict, sample: tuple, search):
+def sample_whole(spec: SearchSpec, sample: tuple, search):
     """RDD partition function: the sample's top-k in one task that sweeps every group
     (hierarchical search, whose candidates are global, is not a merge of per-group top-k)."""
 
@@ -601,7 +602,7 @@ def sample_whole(spec: dict, sample: tuple, search):
         x, ids, own, pos = sample
         t0 = time.perf_counter()
         sweep = Sweep(spec, None, base_bytes=x.nbytes)
-        v, i, _ = topk(sweep, x, ids, own, pos, spec["k"], search)
+        v, i, _ = topk(sweep, x, ids, own, pos, spec.k, search)
         sweep.close()
         yield v, i, time.perf_counter() - t0, sweep.held
 
@@ -675,28 +676,28 @@ def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> t
     )
 
 
-def sample_search(sc, spec: dict, sample: tuple, search) -> tuple[np.ndarray, np.ndarray, float, int]:
+def sample_search(sc, spec: SearchSpec, sample: tuple, search) -> tuple[np.ndarray, np.ndarray, float, int]:
     """The sample's top-k over every group (one task per group), merged on the driver:
     ``(scores, ids, seconds of work summed over the groups, largest bytes held)``."""
     x, ids, own, _ = sample
-    if spec["method"] == "hierarchical":
+    if spec.method == "hierarchical":
         v, i, seconds, held = sc.parallelize([0], 1).mapPartitions(sample_whole(spec, sample, search)).collect()[0]
         return v, i, seconds, held
-    n_groups = len(spec["bounds"]) - 1
+    n_groups = len(spec.bounds) - 1
     t0 = time.perf_counter()
     probes = None
-    if spec["method"] not in ("exact", "lsh"):  # once here, not once per group in every task
-        probes = router(spec).route(x, spec["nprobe"], own)
+    if spec.method not in ("exact", "lsh"):  # once here, not once per group in every task
+        probes = router(spec).route(x, spec.nprobe, own)
     routing = time.perf_counter() - t0
     parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
     best = None
     for part, _, _ in parts:
-        best = merge(best, part, shortlist_width(spec, spec["k"]))
-    v, i = finish(spec, best, x, spec["k"])
+        best = merge(best, part, shortlist_width(spec, spec.k))
+    v, i = finish(spec, best, x, spec.k)
     return v, i, routing + sum(p[1] for p in parts), max(p[2] for p in parts)
 
 
-def core(spec: dict):
+def core(spec: SearchSpec):
     """The method's numpy core on one sub-store: ``search(store, queries, ids, own_cells,
     probes, kth, k)`` as :func:`topk` calls it (hierarchical search has its own sweeps)."""
     from cbir_lib.neighbors.ivf import dense_search, exact_search
@@ -704,8 +705,8 @@ def core(spec: dict):
     # The running k-th best prunes the later groups as the query's own cell prunes the
     # broadcast search (without it every score in them is a candidate: 5x slower at 1M).
     # Euclidean's running scores are distances, not rank scores: no bound there.
-    bound = spec["metric"] != "euclidean"
-    if spec["method"] == "annoy":
+    bound = spec.metric != "euclidean"
+    if spec.method == "annoy":
         from cbir_lib.neighbors.ivf import annoy_candidates, annoy_search
 
         # Per call, as the broadcast search: an expansion's top-rerank_n takes its own count.
@@ -716,22 +717,20 @@ def core(spec: dict):
             qids,
             probes,
             k,
-            spec["search_k"],
-            annoy_candidates(spec["candidates"], k),
-            whole_offsets=spec["offsets"],
+            spec.search_k,
+            annoy_candidates(spec.candidates, k),
+            whole_offsets=spec.offsets,
             lo=store.lo,
         )
-    if spec["method"] == "lsh":
+    if spec.method == "lsh":
         from cbir_lib.neighbors.lsh import lsh_topk
 
         # The visited group's tables (Sweep.store built them); its own ids are left out as
         # on the whole store, and the per-group top-k merge by (-score, id).
-        return lambda store, q, qids, own, probes, kth, k: lsh_topk(store.lsh, store.vectors, store.ids, q, qids, k, spec["lsh"]["radius"])[
-            :2
-        ]
-    if spec["method"] == "dense":
+        return lambda store, q, qids, own, probes, kth, k: lsh_topk(store.lsh, store.vectors, store.ids, q, qids, k, spec.lsh["radius"])[:2]
+    if spec.method == "dense":
         # With the reduced first pass each part returns its shortlist (reduced, ids, full).
-        short = spec.get("shortlist") if uses_shortlist(spec) else None
+        short = spec.shortlist if uses_shortlist(spec) else None
         return lambda store, q, qids, own, probes, kth, k: dense_search(
             store, q, qids, probes, k, thresholds=kth if bound else None, shortlist=short, raw=bool(short)
         )

@@ -49,6 +49,7 @@ from cbir_lib.neighbors import listops
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
+from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def why_not(prev: dict | None, index: dict, params: dict, grouped: bool) -> str 
     return None
 
 
-def _delta_search(spec: dict):
+def _delta_search(spec: SearchSpec):
     """mapInArrow over ``(image_id, reverse)``: each id's list in the new store (``reverse``
     false), and for the added ones also the old rows they now belong with (``reverse``
     true: ``image_id`` the old row's id, ``neighbor_id`` the added one, rank 0)."""
@@ -134,7 +135,7 @@ def _delta_search(spec: dict):
         if not np.array_equal(np.asarray(store.ids)[rows_all], qids_all):
             raise RuntimeError("neighbors: an image of the index's delta is not in its store")
         order = np.argsort(rows_all, kind="stable")
-        qb = max(spec["query_block"], DELTA_BLOCK)
+        qb = max(spec.query_block, DELTA_BLOCK)
         for s in range(0, len(order), qb):
             take = order[s : s + qb]
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
@@ -159,24 +160,24 @@ def _delta_search(spec: dict):
     return fn
 
 
-def _probes(store, queries: np.ndarray, own: np.ndarray, spec: dict) -> np.ndarray:
+def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np.ndarray:
     """The cells a query's own search probes (every cell for exact search)."""
-    if spec["method"] == "exact":
+    if spec.method == "exact":
         return np.tile(np.arange(store.n_cells, dtype=np.int32), (len(queries), 1))
-    return store.route(queries, spec["nprobe"], own)
+    return store.route(queries, spec.nprobe, own)
 
 
 _THRESHOLDS: dict[str, np.ndarray] = {}
 
 
-def _local_thresholds(spec: dict, store) -> np.ndarray:
+def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
     """Each store row's threshold for the reverse scan, from the shipped thresholds files:
     ``+inf`` for rows not in them (the added: their lists are searched)."""
-    key = spec["thresholds_key"]
+    key = spec.thresholds_key
     if key not in _THRESHOLDS:
         import pyarrow as pa
 
-        parts = [remote.read_parquet(remote.Files(**spec.get("files", {})), u) for u in spec["thresholds_files"]]
+        parts = [remote.read_parquet(remote.Files(**spec.files), u) for u in spec.thresholds_files]
         t = pa.concat_tables(parts) if parts else None
         thr = np.full(len(store.ids), np.inf, dtype=np.float32)
         if t is not None and t.num_rows:
@@ -188,12 +189,12 @@ def _local_thresholds(spec: dict, store) -> np.ndarray:
     return _THRESHOLDS[key]
 
 
-def _delta(spark, index: dict, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+def _delta(spark, index: dict, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
     """The index's ``delta/``: the added and the removed ids, each sorted and unique."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    files = remote.Files(**spec.get("files", {}))
+    files = remote.Files(**spec.files)
     parts = [remote.read_parquet(files, u, ["image_id", "kind"]) for u in tables.part_uris(spark, fs.join(index["uri"], DELTA))]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -204,10 +205,10 @@ def _delta(spark, index: dict, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(ids[is_added]), np.unique(ids[is_removed])
 
 
-def _probed_share(spec: dict, n: int) -> float:
+def _probed_share(spec: SearchSpec, n: int) -> float:
     """The share of the collection one query's search scores."""
-    n_cells = max(1, len(spec["offsets"]) - 1)
-    return 1.0 if spec["method"] == "exact" else min(1.0, spec["nprobe"] / n_cells)
+    n_cells = max(1, len(spec.offsets) - 1)
+    return 1.0 if spec.method == "exact" else min(1.0, spec.nprobe / n_cells)
 
 
 def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, params, memory, started, night: _Night) -> dict:
@@ -220,7 +221,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
     nb = cfg.neighbors
     k, width, n, timings = night.k, night.width, night.n, night.timings
     added, removed = night.added, night.removed
-    files = remote.Files(**spec.get("files", {}))
+    files = remote.Files(**spec.files)
     cols = ["image_id", "rank", "neighbor_id", "score"]
 
     with timer("reading the old lists in this process") as t:
@@ -245,7 +246,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
         thr_vals = np.full(thr_ids.size, -np.inf, np.float32) if complete_only else last[keep_thr].astype(np.float32)
     timings["list_stats_s"] = round(t["seconds"], 3)
 
-    spec = {**spec, "handoff_key": f"{index['run_id']}@{tables.commit_of(index)}"}  # the store build_index may have kept
+    spec = spec.with_(handoff_key=f"{index['run_id']}@{tables.commit_of(index)}")  # the store build_index may have kept
     with timer("loading the store in this process") as t:
         T._warm_store(sc, spec, sc.defaultParallelism)
         store = T.local_store(spec)
@@ -255,8 +256,8 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
     rows = T.positions_of(store, thr_ids)
     ok = np.asarray(store.ids)[rows] == thr_ids
     thr[rows[ok]] = thr_vals[ok]
-    spec = {**spec, "thresholds_files": [], "thresholds_key": f"{night.work_key}-in-process"}
-    _THRESHOLDS[spec["thresholds_key"]] = thr
+    spec = spec.with_(thresholds_files=[], thresholds_key=f"{night.work_key}-in-process")
+    _THRESHOLDS[spec.thresholds_key] = thr
 
     searched_uri = fs.join(night.work_dir, "searched")
     n_queries = int(added.size + refill.size)
@@ -336,7 +337,7 @@ def run(
     root: str,
     prev: dict,
     index: dict,
-    spec: dict,
+    spec: SearchSpec,
     params: dict,
     slots: int,
     memory: dict,
@@ -348,10 +349,10 @@ def run(
 
     nb = cfg.neighbors
     sc = spark.sparkContext
-    k, width = nb.k, spec["k"]
+    k, width = nb.k, spec.k
     timings: dict[str, float] = {}
     # The base run's calibrated search, not a new calibration: the same lists for the same data.
-    spec = {**spec, "method": prev["method"], "nprobe": prev.get("nprobe") or spec["nprobe"], "shortlist": prev.get("shortlist")}
+    spec = spec.with_(method=prev["method"], nprobe=prev.get("nprobe") or spec.nprobe, shortlist=prev.get("shortlist"))
     n = int(cell_offsets(index)[-1])
     n_prev = int(prev.get("n") or 0)
     work_key = L._spec_key(
@@ -417,7 +418,7 @@ def run(
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
         keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
     thr_files = tables.part_uris(spark, thr_uri)
-    spec = {**spec, "thresholds_files": thr_files, "thresholds_key": f"{work_key}-{L._spec_key(thr_files)}"}
+    spec = spec.with_(thresholds_files=thr_files, thresholds_key=f"{work_key}-{L._spec_key(thr_files)}")
 
     with timer("loading the store on the executors") as t:
         T._warm_store(sc, spec, slots)
@@ -551,7 +552,7 @@ def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Nig
     recalls = [r for r in (recall_new, recall_old) if r is not None]
     added, removed, changed = night.added, night.removed, night.changed
     return {
-        **L.manifest_head(run_id, index, params, cfg, spec["method"], spec),
+        **L.manifest_head(run_id, index, params, cfg, spec.method, spec),
         "k": night.k,
         "reserve": {"rows": cfg.neighbors.reserve, "output": L.RESERVE, "searched_k": night.width},
         "mode": "incremental",
@@ -559,7 +560,7 @@ def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Nig
         "base_run_id": prev["run_id"],
         "base_commit": tables.commit_of(prev),
         "n": night.n,
-        "n_cells": len(spec["offsets"]) - 1,
+        "n_cells": len(spec.offsets) - 1,
         "recall_at_k": min(recalls) if recalls else None,
         "recall_new": recall_new,
         "recall_old": recall_old,
@@ -618,7 +619,7 @@ def _log_done(run_id: str, prev: dict, manifest: dict, k: int, started: float) -
     )
 
 
-def _recall(sc, spec: dict, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
+def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
     """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
     images (store positions drawn with the index's seed), against exact search.
     ``rows_of(ids)``: the lists of ``ids`` as an Arrow table."""
@@ -641,7 +642,7 @@ def _recall(sc, spec: dict, rows_of, added: np.ndarray, n: int, slots: int, nb, 
         qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
     k = nb.k
-    av, ai = L.topk_arrays(rows_of(qids), qids, spec["k"])
+    av, ai = L.topk_arrays(rows_of(qids), qids, spec.k)
     is_new = np.isin(qids, added)
 
     def rec(mask):

@@ -14,6 +14,7 @@ import numpy as np
 
 from cbir_lib.common import fs, layout, remote, tables
 from cbir_lib.config import Config
+from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.vectors.topk import NO_ID
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _spec_key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: dict) -> dict:
+def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: SearchSpec) -> dict:
     """The fields every neighbours manifest starts with: lineage, settings and the search."""
     return {
         "stage": "neighbors",
@@ -54,8 +55,8 @@ def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: s
         "params": params,
         "config": cfg.to_dict(),
         "method": method,
-        "nprobe": spec["nprobe"] if method != "exact" else None,
-        "shortlist": spec.get("shortlist") if method == "dense" else None,  # the reduced first pass's, None: full dimension
+        "nprobe": spec.nprobe if method != "exact" else None,
+        "shortlist": spec.shortlist if method == "dense" else None,  # the reduced first pass's, None: full dimension
         "metric": index["metric"],
     }
 
@@ -93,11 +94,11 @@ def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manif
     return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
 
 
-def _read_parts(spec: dict, dirs: list[str], spark):
+def _read_parts(spec: SearchSpec, dirs: list[str], spark):
     """The search's committed parts (directories of Parquet files) as one Arrow table."""
     import pyarrow as pa
 
-    files = remote.Files(**spec.get("files", {}))
+    files = remote.Files(**spec.files)
     cols = ["image_id", "rank", "neighbor_id", "score"]
     tables_ = [remote.read_parquet(files, u, cols) for d in dirs for u in tables.part_uris(spark, d)]
     return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
@@ -114,7 +115,7 @@ def commit_arrow_lists(
     run_id: str,
     manifest: dict,
     cfg: Config,
-    spec: dict,
+    spec: SearchSpec,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
     snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
@@ -131,7 +132,7 @@ def commit_arrow_lists(
 
     public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
     changes = with_run(changes)
-    files = remote.Files(**spec.get("files", {}))
+    files = remote.Files(**spec.files)
 
     def write(tmp: str) -> None:
         jobs = []

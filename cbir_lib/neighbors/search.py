@@ -73,6 +73,7 @@ from cbir_lib.neighbors.lists import (
     rebuilt_changes,
 )
 from cbir_lib.neighbors.rerank import mode_alpha, split_mode
+from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.neighbors.tasks import (
     _CODE_INDEXES,
     _FORESTS,
@@ -238,36 +239,36 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     reduction = index.get("reduction") or {}
-    spec = {
-        "reduced_dim": int(reduction.get("dim") or 0),
-        "projection": fs.read_bytes(spark, fs.join(index["uri"], reduction["file"])) if reduction else None,
+    spec = SearchSpec(
+        reduced_dim=int(reduction.get("dim") or 0),
+        projection=fs.read_bytes(spark, fs.join(index["uri"], reduction["file"])) if reduction else None,
         # Dense search on a reduced index: each query's top-L by reduced score, re-ranked.
-        "shortlist": (nb.shortlist or 4 * nb.k) if reduction else None,
-        "store_key": f"{index['run_id']}-{_spec_key(store_files)}",
-        "store_files": store_files,
-        "forest_files": forest_files,
-        "files": {"s3": remote.settings_from_hadoop(spark).s3},
-        "centroids": centroids,
-        "offsets": offsets.tolist(),
-        "metric": index["metric"],
-        "dim": index["dim"],
+        shortlist=(nb.shortlist or 4 * nb.k) if reduction else None,
+        store_key=f"{index['run_id']}-{_spec_key(store_files)}",
+        store_files=store_files,
+        forest_files=forest_files,
+        files={"s3": remote.settings_from_hadoop(spark).s3},
+        centroids=centroids,
+        offsets=offsets.tolist(),
+        metric=index["metric"],
+        dim=index["dim"],
         # Each list is searched k + reserve deep: the table holds the top k, _reserve/ the
         # rest (an incremental night refills a list that lost a neighbour from it).
         # k-reciprocal re-ranking re-orders each list kr_depth deep.
-        "k": max(nb.k + nb.reserve, nb.kr_depth) if kr_on else nb.k + nb.reserve,
-        "k_out": nb.k,
-        "method": method,
-        "nprobe": nprobe,
-        "search_k": nb.search_k,
-        "candidates": nb.candidates,
-        "device": nb.device,
-        "query_block": nb.query_block,
-    }
+        k=max(nb.k + nb.reserve, nb.kr_depth) if kr_on else nb.k + nb.reserve,
+        k_out=nb.k,
+        method=method,
+        nprobe=nprobe,
+        search_k=nb.search_k,
+        candidates=nb.candidates,
+        device=nb.device,
+        query_block=nb.query_block,
+    )
     if method == "lsh":
-        spec["lsh"] = params["lsh"]
+        spec.lsh = params["lsh"]
     if method == "hierarchical":
-        spec["code_thresholds"] = _code_thresholds(spark, emb_uri, emb_run, emb_manifest, index)
-        spec["code_candidates"] = nb.code_candidates
+        spec.code_thresholds = _code_thresholds(spark, emb_uri, emb_run, emb_manifest, index)
+        spec.code_candidates = nb.code_candidates
     slots = sc.defaultParallelism
     timings: dict[str, float] = {}
     memory = {"budget_bytes": budget_bytes, "store_bytes": store_bytes, "layout": "groups" if grouped else "broadcast"}
@@ -300,17 +301,17 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         grouped = False  # the driver holds the whole store: memory_budget is the executors'
         memory["layout"] = "broadcast"
         store_files = store_files or tables.part_uris(spark, fs.join(index["uri"], STORE))
-        spec.update(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
-        spec["handoff_key"] = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
-        if method == "annoy" and not spec["forest_files"]:
-            spec["forest_files"] = tables.part_uris(spark, fs.join(index["uri"], FORESTS))
+        spec = spec.with_(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
+        spec.handoff_key = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
+        if method == "annoy" and not spec.forest_files:
+            spec.forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS))
         caches = (_STORES, _FORESTS, _CODE_INDEXES, _LSH_INDEXES, _POSITIONS)  # _POSITIONS is keyed by id(store)
         sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), *caches))
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
         timings["groups_s"] = round(t["seconds"], 3)
-        memory.update({"groups": len(spec["bounds"]) - 1, "group_bytes": spec["group_rows"] * (4 * row_dim + budget.ROW_OVERHEAD)})
+        memory.update({"groups": len(spec.bounds) - 1, "group_bytes": spec.group_rows * (4 * row_dim + budget.ROW_OVERHEAD)})
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     rng = np.random.default_rng(index.get("seed", 0))
@@ -319,7 +320,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     calibration = []
     sample = sample_pos
     if grouped:
-        sample = budget.sample_queries(spark, spec["groups_uri"], sample_pos, int(index["dim"])) if sample_pos.size else None
+        sample = budget.sample_queries(spark, spec.groups_uri, sample_pos, int(index["dim"])) if sample_pos.size else None
     else:
         with timer(f"loading the store on the {memory['execution']['where']}") as t:
             _warm_store(sc, spec, slots)
@@ -327,7 +328,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if sample_pos.size and method != "exact":
         with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
             if grouped:
-                exact_spec = {**spec, "method": "exact"}
+                exact_spec = spec.with_(method="exact")
                 v, i, _, held = budget.sample_search(sc, exact_spec, sample, budget.core(exact_spec))
                 truth = (sample[1], v, i)
                 memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
@@ -339,30 +340,28 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             target = nb.min_recall if nb.min_recall is not None else 0.95
             start = nprobe
             nprobe, secs = _calibrate(sc, spec, sample, truth, start, n_cells, target, calibration, nb.k)
-            if spec.get("shortlist") and nb.shortlist is None:
+            if spec.shortlist and nb.shortlist is None:
                 # The reduced first pass pays where cells are big (1M x 1,280: half the time
                 # at the same nprobe) and not where they are small (70k: 13 % slower, lower
                 # ceiling): measure the full-dimension search too and keep the cheaper.
-                full_probe, full_secs = _calibrate(
-                    sc, {**spec, "shortlist": None}, sample, truth, start, n_cells, target, calibration, nb.k
-                )
+                full_probe, full_secs = _calibrate(sc, spec.with_(shortlist=None), sample, truth, start, n_cells, target, calibration, nb.k)
                 if full_secs < secs:
                     nprobe, secs = full_probe, full_secs
-                    spec["shortlist"] = None
-            spec["nprobe"] = nprobe
+                    spec.shortlist = None
+            spec.nprobe = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
             if secs * n / sample_pos.size / slots > timings["exact_extrapolated_s"]:
-                method = spec["method"] = "exact"
+                method = spec.method = "exact"
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
     work_key = _spec_key(
         {
             "index": index["run_id"],
-            "k": spec["k"],
+            "k": spec.k,
             "method": method,
-            "nprobe": spec["nprobe"],
-            "shortlist": spec.get("shortlist"),
+            "nprobe": spec.nprobe,
+            "shortlist": spec.shortlist,
             "search_k": nb.search_k,
             "candidates": nb.candidates,
             "chunk_size": nb.chunk_size,
@@ -370,13 +369,13 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             "rerank_n": nb.rerank_n,
             "alpha": nb.alpha,
             "code_candidates": params["code_candidates"],
-            "group_rows": spec.get("group_rows"),
+            "group_rows": spec.group_rows,
             "lsh": params.get("lsh"),
             **({"k_reciprocal": params["k_reciprocal"]} if kr_on else {}),
         }
     )
     work_dir = fs.join(table, "_work", work_key)
-    base_spec = dict(spec)
+    base_spec = spec.with_()
     if vector_mode != "none":
         with timer(f"re-ranking setup ({vector_mode}, n={nb.rerank_n})") as t:
             spec = _rerank_spec(spark, sc, spec, index, offsets, nb, work_dir, slots, memory)
@@ -387,7 +386,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     done = set(fs.list_names(spark, parts_dir))
     searched = 0
     if grouped:
-        with timer(f"{method} search of {n} queries in {len(spec['bounds']) - 1} groups") as t:
+        with timer(f"{method} search of {n} queries in {len(spec.bounds) - 1} groups") as t:
             searched, held = _grouped_search(sc, spec, parts_dir, fs.join(work_dir, "_tmp"), work_key[:8])
         memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
         timings["search_s"] = round(t["seconds"], 3)
@@ -430,7 +429,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # has usually measured it already. (Reading the table back cost 1.2 s at 70k.)
         with timer("measuring recall on the sample") as t:
             known = (
-                [c["recall"] for c in calibration if c["nprobe"] == spec["nprobe"] and c["shortlist"] == spec.get("shortlist")]
+                [c["recall"] for c in calibration if c["nprobe"] == spec.nprobe and c["shortlist"] == spec.shortlist]
                 if method == "dense"
                 else []
             )
@@ -443,26 +442,26 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             recall,
             len(sample_pos),
             method,
-            spec["nprobe"],
+            spec.nprobe,
         )
     elif method == "exact":
         recall = 1.0
     if nb.min_recall is not None and recall is not None and recall < nb.min_recall:
         raise RecallTooLow(
             f"neighbors.min_recall: measured recall@{nb.k} {recall:.4f} on {len(sample_pos)} queries is below {nb.min_recall} "
-            f"({method}, nprobe {spec['nprobe']}); raise neighbors.nprobe or use method=auto"
+            f"({method}, nprobe {spec.nprobe}); raise neighbors.nprobe or use method=auto"
         )
 
     kr_stats = None
     if kr_on:
-        with timer(f"k-reciprocal re-ranking of {n} lists ({spec['k']} deep)") as t:
+        with timer(f"k-reciprocal re-ranking of {n} lists ({spec.k} deep)") as t:
             raw, kr_stats = _k_reciprocal(spark, raw, nb, work_dir)
         timings["k_reciprocal_s"] = round(t["seconds"], 3)
     n_files = _output_files(spark, n)
     manifest = {
         **manifest_head(run_id, index, params, cfg, method, spec),
         "k": nb.k,
-        "reserve": {"rows": nb.reserve, "output": RESERVE, "searched_k": spec["k"]},
+        "reserve": {"rows": nb.reserve, "output": RESERVE, "searched_k": spec.k},
         "mode": "full",
         "full_reason": full_reason,
         "n": n,
@@ -473,7 +472,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             {
                 "mode": nb.rerank,
                 "n": nb.rerank_n,
-                "alpha": spec.get("alpha"),
+                "alpha": spec.alpha,
                 **({"k_reciprocal": {**params["k_reciprocal"], **kr_stats}} if kr_on else {}),
             }
             if nb.rerank != "none"
@@ -513,7 +512,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)
     fs.delete(spark, work_dir)
     if grouped:
-        fs.delete(spark, spec["groups_uri"])
+        fs.delete(spark, spec.groups_uri)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
 
@@ -543,7 +542,7 @@ def _k_reciprocal(spark, raw, nb, work_dir: str):
     return spark.read.schema(NEIGHBORS_DDL).parquet(out_dir), stats
 
 
-def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int, memory: dict) -> dict:
+def _rerank_spec(spark, sc, spec: SearchSpec, index: dict, offsets: np.ndarray, nb, work_dir: str, slots: int, memory: dict) -> SearchSpec:
     """The spec of the final, re-ranked search.
 
     Query expansion happens inside each search task (top-n, augment, search again), so it
@@ -559,39 +558,40 @@ def _rerank_spec(spark, sc, spec: dict, index: dict, offsets: np.ndarray, nb, wo
             f"index {index['run_id']} is {index['metric']!r}"
         )
     mode = split_mode(nb.rerank)[0]
-    spec = {**spec, "rerank_n": nb.rerank_n, "alpha": mode_alpha(mode, nb.alpha), "expand": mode != "dba"}
+    spec = spec.with_(rerank_n=nb.rerank_n, alpha=mode_alpha(mode, nb.alpha), expand=mode != "dba")
     if not mode.startswith("dba"):
         return spec
-    if spec.get("groups_uri"):
+    if spec.groups_uri:
         dba_uri = fs.join(work_dir, "dba_groups")
         if not fs.exists(spark, fs.join(dba_uri, "_SUCCESS")):
-            n_groups = len(spec["bounds"]) - 1
+            n_groups = len(spec.bounds) - 1
             task = budget.dba_task(
-                {**spec, "expand": False}, dba_uri, fs.join(work_dir, "_tmp"), shards.plan_tag(dba_uri), budget.core(spec)
+                spec.with_(expand=False), dba_uri, fs.join(work_dir, "_tmp"), shards.plan_tag(dba_uri), budget.core(spec)
             )
             stats = sc.parallelize(range(n_groups), n_groups).mapPartitions(task).collect()
             memory["max_held_bytes"] = max([memory.get("max_held_bytes", 0)] + [s["held_bytes"] for s in stats])
             fs.write_bytes(spark, fs.join(dba_uri, "_SUCCESS"), b"")
-        return {**spec, "groups_uri": dba_uri, "method": "dense" if spec["method"] == "annoy" else spec["method"]}
+        return spec.with_(groups_uri=dba_uri, method="dense" if spec.method == "annoy" else spec.method)
     n = int(offsets[-1])
     dba_dir = fs.join(work_dir, "dba_store")
     if not fs.exists(spark, dba_dir):
         units = split_rows(offsets, 0, n, max(1, min(4 * slots, -(-n // nb.query_block))))
-        ddl = "cell int, image_id long, vector binary" + (", reduced binary" if spec["reduced_dim"] else "")
-        _write_ranges(spark, sc, _augment_ranges({**spec, "expand": False}), units, ddl, dba_dir, fs.join(work_dir, "_tmp"), spec)
+        ddl = "cell int, image_id long, vector binary" + (", reduced binary" if spec.reduced_dim else "")
+        _write_ranges(spark, sc, _augment_ranges(spec.with_(expand=False)), units, ddl, dba_dir, fs.join(work_dir, "_tmp"), spec)
     files = tables.part_uris(spark, dba_dir)
     # The forests index the original vectors: searches of the augmented store are dense.
-    spec = {
-        **spec,
-        "store_key": f"{index['run_id']}-dba-{_spec_key(files)}",
-        "store_files": files,
-        "method": "dense" if spec["method"] == "annoy" else spec["method"],
-    }
+    spec = spec.with_(
+        store_key=f"{index['run_id']}-dba-{_spec_key(files)}",
+        store_files=files,
+        method="dense" if spec.method == "annoy" else spec.method,
+    )
     _warm_store(sc, spec, slots)
     return spec
 
 
-def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str) -> dict:
+def _grouped_spec(
+    spark, spec: SearchSpec, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str
+) -> SearchSpec:
     """The spec of the grouped layout: groups of the store written once (kept for reruns).
 
     A task holds its query group and one store group (and, re-ranking, the buffers of the
@@ -600,9 +600,9 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     """
     n, dim = int(offsets[-1]), int(index["dim"])
     per_task = budget.buffers_per_group(
-        rerank, spec["method"], dim, int(index.get("n_trees") or 0), (spec.get("lsh") or {}).get("tables", 0)
+        rerank, spec.method, dim, int(index.get("n_trees") or 0), (spec.lsh or {}).get("tables", 0)
     ) * budget.slots_per_executor(spark)
-    rows = budget.group_rows(n, dim + spec["reduced_dim"], budget_bytes // per_task, min_groups=slots)
+    rows = budget.group_rows(n, dim + spec.reduced_dim, budget_bytes // per_task, min_groups=slots)
     bounds = budget.group_bounds(n, rows)
     groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
@@ -614,19 +614,18 @@ def _grouped_spec(spark, spec: dict, index: dict, offsets: np.ndarray, table: st
     log.info(
         "neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20
     )
-    return {
-        **spec,
-        "groups_uri": groups_uri,
-        "group_rows": rows,
-        "bounds": bounds.tolist(),
-        "forests_uri": fs.join(index["uri"], FORESTS),
-        "cell_groups": [first.tolist(), last.tolist()],
-    }
+    return spec.with_(
+        groups_uri=groups_uri,
+        group_rows=rows,
+        bounds=bounds.tolist(),
+        forests_uri=fs.join(index["uri"], FORESTS),
+        cell_groups=[first.tolist(), last.tolist()],
+    )
 
 
-def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int]:
+def _grouped_search(sc, spec: SearchSpec, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int]:
     """One task per query group (each commits its own part); returns (queries searched, largest bytes held)."""
-    n_groups = len(spec["bounds"]) - 1
+    n_groups = len(spec.bounds) - 1
     stats = (
         sc.parallelize(range(n_groups), n_groups)
         .mapPartitions(budget.group_task(spec, parts_dir, tmp_dir, plan, budget.core(spec), _topk_batch))
@@ -636,7 +635,7 @@ def _grouped_search(sc, spec: dict, parts_dir: str, tmp_dir: str, plan: str) -> 
     return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
 
 
-def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: dict) -> None:
+def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: SearchSpec) -> None:
     """``fn`` (a mapInArrow function over ``(lo, hi)`` row ranges) applied to ``units``, its
     batches written as Parquet under ``out_dir``, which appears whole or not at all: by
     Spark tasks, or in this process under :mod:`~cbir_lib.neighbors.inprocess`."""
@@ -652,7 +651,7 @@ def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir
             pa.RecordBatch.from_arrays([pa.array([int(u[i]) for u in g], pa.int64()) for i in (0, 1)], names=["lo", "hi"]) for g in groups
         ]
         table = pa.Table.from_batches(sc.parallelize(batches, len(batches)).mapPartitions(fn).collect(), schema=schema)
-        remote.commit_parquet(remote.Files(**spec.get("files", {})), table, fs.join(tmp, "part-00000.parquet"), fs.join(tmp_root, "_files"))
+        remote.commit_parquet(remote.Files(**spec.files), table, fs.join(tmp, "part-00000.parquet"), fs.join(tmp_root, "_files"))
     else:
         df = spark.createDataFrame(sc.parallelize(units, len(units)).map(lambda u: (int(u[0]), int(u[1]))), "lo long, hi long")
         df.mapInArrow(fn, ddl).write.mode("overwrite").parquet(tmp)
@@ -695,7 +694,7 @@ def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, inde
     return buf.getvalue()
 
 
-def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, target: float, steps: list, k: int) -> tuple[int, float]:
+def _calibrate(sc, spec: SearchSpec, sample_pos, truth, nprobe: int, n_cells: int, target: float, steps: list, k: int) -> tuple[int, float]:
     """The smallest ``nprobe`` (to within 1/8) whose sample recall meets ``target``
     (:func:`smallest_nprobe`), and the sample search's seconds at it.
 
@@ -703,10 +702,10 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
     holds the store: one Spark job instead of one per nprobe tried (each cost ~0.5 s of
     scheduling at 100k here, for 0.1-0.3 s of search). In the grouped layout each nprobe
     tried is a sweep over the groups, from the driver."""
-    if spec.get("groups_uri"):
+    if spec.groups_uri:
 
         def measure(p: int) -> tuple[float, float, float]:
-            return _sample_recall(sc, {**spec, "nprobe": p}, sample_pos, truth, with_bound=True)
+            return _sample_recall(sc, spec.with_(nprobe=p), sample_pos, truth, with_bound=True)
 
         best, tried = smallest_nprobe(measure, nprobe, n_cells, target)
     else:
@@ -715,7 +714,7 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
         steps.append(
             {
                 "nprobe": p,
-                "shortlist": spec.get("shortlist"),
+                "shortlist": spec.shortlist,
                 "recall": round(r, 4),
                 "lower_bound": round(bound, 4),
                 "sample_seconds": round(secs, 3),
@@ -724,7 +723,7 @@ def _calibrate(sc, spec: dict, sample_pos, truth, nprobe: int, n_cells: int, tar
         log.info(
             "auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)",
             p,
-            f" (reduced, shortlist {spec['shortlist']})" if spec.get("shortlist") else "",
+            f" (reduced, shortlist {spec.shortlist})" if spec.shortlist else "",
             k,
             r,
             bound,
@@ -770,12 +769,12 @@ def smallest_nprobe(measure, nprobe: int, n_cells: int, target: float) -> tuple[
     return hi, tried
 
 
-def _calibrate_task(spec: dict, positions: np.ndarray, truth, nprobe: int, n_cells: int, target: float):
+def _calibrate_task(spec: SearchSpec, positions: np.ndarray, truth, nprobe: int, n_cells: int, target: float):
     """RDD partition function: :func:`smallest_nprobe` on this executor's store."""
 
     def fn(_):
         def measure(p: int) -> tuple[float, float, float]:
-            vals, ids, seconds = next(_search_positions({**spec, "nprobe": p}, positions)(None))
+            vals, ids, seconds = next(_search_positions(spec.with_(nprobe=p), positions)(None))
             return (*_recall_of(spec, vals, ids, truth), seconds)
 
         yield smallest_nprobe(measure, nprobe, n_cells, target)
@@ -783,20 +782,20 @@ def _calibrate_task(spec: dict, positions: np.ndarray, truth, nprobe: int, n_cel
     return fn
 
 
-def _recall_of(spec: dict, vals: np.ndarray, ids: np.ndarray, truth) -> tuple[float, float]:
+def _recall_of(spec: SearchSpec, vals: np.ndarray, ids: np.ndarray, truth) -> tuple[float, float]:
     """Recall@k of a sample's results against its exact ``truth``, and its one-sided 95 %
     lower bound. Lists are searched k + reserve deep; recall is of the top k the table holds."""
-    k = spec.get("k_out") or spec["k"]
+    k = spec.k_out or spec.k
     _, tv, ti = truth
     vals, ids, tv, ti = vals[:, :k], ids[:, :k], tv[:, :k], ti[:, :k]
     return recall_at_k(ids, ti, tv, vals), recall_lower_bound(ids, ti, tv, vals)
 
 
-def _sample_recall(sc, spec: dict, positions, truth, with_bound: bool = False) -> tuple:
+def _sample_recall(sc, spec: SearchSpec, positions, truth, with_bound: bool = False) -> tuple:
     """Recall of the spec's search on the sample (store positions; in the grouped layout the
     sample's ``(vectors, ids, cells)``) and the seconds it took; ``with_bound``: also the
     collection recall's one-sided 95 % lower bound, ``(recall, bound, seconds)``."""
-    if spec.get("groups_uri"):
+    if spec.groups_uri:
         vals, ids, seconds, _ = budget.sample_search(sc, spec, positions, budget.core(spec))
     else:
         vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]

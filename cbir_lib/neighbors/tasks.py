@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,9 +30,13 @@ from cbir_lib.index.store import (
 )
 from cbir_lib.neighbors.ivf import CellStore, annoy_candidates, annoy_search, dense_search, exact_search, tf_exact_search
 from cbir_lib.neighbors.rerank import augment
+from cbir_lib.neighbors.spec import SearchSpec, given
 from cbir_lib.vectors.arrow import vectors_binary
 from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
 from cbir_lib.vectors.topk import NO_ID, select
+
+if TYPE_CHECKING:
+    from cbir_lib.neighbors.lsh import LSHIndex
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +90,29 @@ def read_store_parts(uris: list[str], reduced: bool = False, files: remote.Files
     return sorted_store(pa.concat_tables(parts) if parts else pa.table({"cell": pa.array([], pa.int32())}), reduced)
 
 
-def local_store(spec: dict) -> CellStore:
+def local_store(spec: SearchSpec) -> CellStore:
     """The executor's copy of the store (read from the table's parts on first use)."""
-    key = spec["store_key"]
+    key = spec.store_key
     if key in _STORES:
         return _STORES[key]
-    reduced = bool(spec.get("reduced_dim"))
+    reduced = bool(spec.reduced_dim)
     if inprocess.active():  # the driver's own copy, in memory: no .npy files for one process
         with inprocess.LOCK:  # slices side by side: one loads it, the others wait for it
             if key not in _STORES:
                 # The store build_index of this process just wrote, if it kept it (jobs/pipeline.py).
-                handed = take_store(spec.get("handoff_key"))
+                handed = take_store(spec.handoff_key)
                 if handed is not None and (not reduced or handed[3] is not None):
                     log.info("neighbors: the store build_index kept in this process (%d rows), not read back", len(handed[1]))
                     cells, ids, x, *xr = handed
                 else:
-                    cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+                    cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files))
                 del handed
                 _check_cells(spec, cells, ids)
                 _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
         return _STORES[key]
 
     def build(tmp: str) -> None:
-        cells, ids, x, *xr = read_store_parts(spec["store_files"], reduced, remote.Files(**spec.get("files", {})))
+        cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files))
         _check_cells(spec, cells, ids)
         np.save(os.path.join(tmp, "ids.npy"), ids)
         np.save(os.path.join(tmp, "vectors.npy"), x)
@@ -122,41 +127,41 @@ def local_store(spec: dict) -> CellStore:
     return _STORES[key]
 
 
-def _check_cells(spec: dict, cells: np.ndarray, ids: np.ndarray) -> None:
-    counts = np.diff(np.asarray(spec["offsets"]))
+def _check_cells(spec: SearchSpec, cells: np.ndarray, ids: np.ndarray) -> None:
+    counts = np.diff(np.asarray(spec.offsets))
     if len(ids) != counts.sum() or not np.array_equal(np.bincount(cells, minlength=len(counts)), counts):
-        raise IndexMismatch(f"index store {spec['store_key']}: its cells do not match the manifest's counts")
+        raise IndexMismatch(f"index store {spec.store_key}: its cells do not match the manifest's counts")
 
 
-def _cell_store(spec: dict, ids: np.ndarray, x: np.ndarray, xr: np.ndarray | None) -> CellStore:
-    centroids = np.load(io.BytesIO(spec["centroids"])) if spec["centroids"] else None
-    projection = np.load(io.BytesIO(spec["projection"])) if xr is not None else None
-    return CellStore(ids, x, np.asarray(spec["offsets"], dtype=np.int64), centroids, spec["metric"], xr, projection)
+def _cell_store(spec: SearchSpec, ids: np.ndarray, x: np.ndarray, xr: np.ndarray | None) -> CellStore:
+    centroids = np.load(io.BytesIO(spec.centroids)) if spec.centroids else None
+    projection = np.load(io.BytesIO(given(spec.projection, "projection"))) if xr is not None else None
+    return CellStore(ids, x, np.asarray(spec.offsets, dtype=np.int64), centroids, spec.metric, xr, projection)
 
 
-def local_forests(spec: dict):
+def local_forests(spec: SearchSpec):
     """``cell -> AnnoyIndex`` over the executor's copy of the forests (memory-mapped files)."""
-    key = spec["store_key"]
+    key = spec.store_key
     if key in _FORESTS:
         return _FORESTS[key]
     from annoy import AnnoyIndex
 
     def build(tmp: str) -> None:
-        for uri in spec["forest_files"]:
-            t = remote.read_parquet(remote.Files(**spec.get("files", {})), uri, ["cell", "ann"])
+        for uri in spec.forest_files:
+            t = remote.read_parquet(remote.Files(**spec.files), uri, ["cell", "ann"])
             for cell, blob in zip(t.column("cell").to_pylist(), t.column("ann").to_pylist(), strict=True):
                 with open(os.path.join(tmp, f"{cell}.ann"), "wb") as fh:
                     fh.write(blob)
 
     d = _local_once(f"cbir-forests-{key}", build)
     loaded: dict[int, object] = {}
-    metric = ANNOY_METRIC[spec["metric"]]
+    metric = ANNOY_METRIC[spec.metric]
 
     def get(cell: int):
         if cell not in loaded:
             path = os.path.join(d, f"{cell}.ann")
             if os.path.exists(path):
-                f = AnnoyIndex(spec["dim"], metric)
+                f = AnnoyIndex(spec.dim, metric)  # type: ignore[arg-type]  # ANNOY_METRIC holds annoy's names
                 f.load(path)
                 loaded[cell] = f
             else:
@@ -178,32 +183,38 @@ def _use_tf(device: str) -> bool:
     return bool(ctx is not None and "gpu" in ctx.resources())
 
 
-def search_rows(store: CellStore, rows: np.ndarray, spec: dict, get_forest=None):
+def search_rows(store: CellStore, rows: np.ndarray, spec: SearchSpec, get_forest=None):
     """Top-k of the store rows ``rows`` (every image is a query) by the spec's method, with
     query expansion first when the spec asks for it (``expand``)."""
     queries = np.ascontiguousarray(store.vectors[rows])
     query_ids = np.asarray(store.ids[rows])
     own = store.cells_of_rows(rows)
-    if spec.get("expand"):
+    if spec.expand:
         queries = expand_queries(store, queries, query_ids, own, spec, get_forest)
     return search_vectors(store, queries, query_ids, own, spec, get_forest)
 
 
 def search_vectors(
-    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None, k: int | None = None
+    store: CellStore,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    own_cells: np.ndarray,
+    spec: SearchSpec,
+    get_forest=None,
+    k: int | None = None,
 ):
-    k = k or spec["k"]
-    method = spec["method"]
+    k = k or spec.k
+    method = spec.method
     if method in ("dense", "annoy"):
-        probes = store.route(queries, spec["nprobe"], own_cells)
+        probes = store.route(queries, spec.nprobe, own_cells)
         if method == "dense":
-            return dense_search(store, queries, query_ids, probes, k, shortlist=spec.get("shortlist"))
-        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec["search_k"], annoy_candidates(spec["candidates"], k))
+            return dense_search(store, queries, query_ids, probes, k, shortlist=spec.shortlist)
+        return annoy_search(store, get_forest, queries, query_ids, probes, k, spec.search_k, annoy_candidates(spec.candidates, k))
     if method == "hierarchical":
         return code_search(store, queries, query_ids, spec, k)
     if method == "lsh":
         return lsh_search(store, queries, query_ids, spec, k)
-    if _use_tf(spec["device"]):
+    if _use_tf(spec.device):
         return tf_exact_search(store, queries, query_ids, k)
     return exact_search(store, queries, query_ids, k)
 
@@ -211,14 +222,14 @@ def search_vectors(
 _CODE_INDEXES: dict[str, MultiIndex] = {}
 
 
-def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
+def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: SearchSpec, k: int):
     """Hierarchical search: Hamming candidates from a multi-index over the store's codes,
     re-ranked by the float vectors. A vector's code is its bits above ``code_thresholds``
     (0 for a trained head, whose embedding is 2h - 1 of the code units; the collection
     mean for mean-threshold codes), so the store's codes are derived from its vectors on
     the executor and an expanded query (QE, DBA) gets the code of its expanded vector."""
-    thresholds = np.load(io.BytesIO(spec["code_thresholds"]))
-    key = spec["store_key"]
+    thresholds = np.load(io.BytesIO(given(spec.code_thresholds, "code_thresholds")))
+    key = spec.store_key
     with _BUILDING:
         if key not in _CODE_INDEXES:
             codes = np.concatenate([threshold(store.vectors[i : i + 65536], thresholds) for i in range(0, len(store.vectors), 65536)])
@@ -227,22 +238,22 @@ def code_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, sp
     own = positions_of(store, query_ids)
     own = np.where(np.asarray(store.ids)[own] == query_ids, own, -1)
     pos, vals, _ = hierarchical_search(
-        queries, threshold(queries, thresholds), store.vectors, index, k, spec["code_candidates"], exclude=own
+        queries, threshold(queries, thresholds), store.vectors, index, k, given(spec.code_candidates, "code_candidates"), exclude=own
     )
     ids = np.where(pos >= 0, np.asarray(store.ids)[np.maximum(pos, 0)], NO_ID)
     return vals.astype(np.float32), ids.astype(np.int64)
 
 
-_LSH_INDEXES: dict[str, object] = {}
+_LSH_INDEXES: dict[str, LSHIndex] = {}
 
 
-def lsh_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: dict, k: int):
+def lsh_search(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, spec: SearchSpec, k: int):
     """Random-projection LSH over the whole store (:mod:`cbir_lib.neighbors.lsh`): the tables
     are built once per executor process from the store's vectors, candidates scored exactly."""
     from cbir_lib.neighbors.lsh import LSHIndex, lsh_topk
 
-    p = spec["lsh"]
-    key = f"{spec['store_key']}-{p['tables']}-{p['bits']}-{p['seed']}"
+    p = given(spec.lsh, "lsh")
+    key = f"{spec.store_key}-{p['tables']}-{p['bits']}-{p['seed']}"
     with _BUILDING:
         if key not in _LSH_INDEXES:
             _LSH_INDEXES[key] = LSHIndex(store.vectors, p["tables"], p["bits"], p["seed"])
@@ -266,12 +277,12 @@ def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
 
 
 def expand_queries(
-    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: dict, get_forest=None
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, own_cells: np.ndarray, spec: SearchSpec, get_forest=None
 ) -> np.ndarray:
     """Each query plus its weighted top-``rerank_n`` in the store (AQE / alpha-QE / DBA)."""
-    vals, ids = search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k=spec["rerank_n"])
+    vals, ids = search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k=spec.rerank_n)
     neighbours = np.asarray(store.vectors)[positions_of(store, ids)]
-    return augment(queries, neighbours, vals, spec["alpha"])
+    return augment(queries, neighbours, vals, given(spec.alpha, "alpha"))
 
 
 def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
@@ -290,15 +301,15 @@ def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
     )
 
 
-def _row_ranges(spec: dict, per_block):
+def _row_ranges(spec: SearchSpec, per_block):
     """mapInArrow over ``(lo, hi)`` row ranges of the store, ``query_block`` rows at a time:
     yields ``per_block(store, rows, get_forest)``."""
 
     def fn(batches):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = local_store(spec)
-        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
-        qb = spec["query_block"]
+        get_forest = local_forests(spec) if spec.method == "annoy" else None
+        qb = spec.query_block
         for batch in batches:
             for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
                 for s in range(lo, hi, qb):
@@ -307,7 +318,7 @@ def _row_ranges(spec: dict, per_block):
     return fn
 
 
-def _search_ranges(spec: dict):
+def _search_ranges(spec: SearchSpec):
     """The rows' top-k, as neighbour rows."""
 
     def block(store, rows, get_forest):
@@ -317,7 +328,7 @@ def _search_ranges(spec: dict):
     return _row_ranges(spec, block)
 
 
-def _augment_ranges(spec: dict):
+def _augment_ranges(spec: SearchSpec):
     """Each row's vector augmented with its top-``rerank_n`` (database-side augmentation),
     as new store rows."""
 
@@ -336,26 +347,26 @@ def _augment_ranges(spec: dict):
     return _row_ranges(spec, block)
 
 
-def _search_positions(spec: dict, positions: np.ndarray):
+def _search_positions(spec: SearchSpec, positions: np.ndarray):
     """RDD partition function: the top-k of the store rows at ``positions``, and the seconds it took."""
 
     def fn(_):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = local_store(spec)
-        get_forest = local_forests(spec) if spec["method"] == "annoy" else None
+        get_forest = local_forests(spec) if spec.method == "annoy" else None
         t0 = time.perf_counter()
         out = []
-        for s in range(0, len(positions), spec["query_block"]):
-            out.append(search_rows(store, positions[s : s + spec["query_block"]], spec, get_forest))
+        for s in range(0, len(positions), spec.query_block):
+            out.append(search_rows(store, positions[s : s + spec.query_block], spec, get_forest))
         seconds = time.perf_counter() - t0
-        vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec["k"]), np.float32)
-        ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec["k"]), np.int64)
+        vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec.k), np.float32)
+        ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec.k), np.int64)
         yield vals, ids, seconds
 
     return fn
 
 
-def _exact_partial(spec: dict, positions: np.ndarray):
+def _exact_partial(spec: SearchSpec, positions: np.ndarray):
     """RDD function over ``(lo, hi)`` ranges: the sample's ids and its exact top-k against those rows."""
 
     def fn(ranges):
@@ -366,24 +377,22 @@ def _exact_partial(spec: dict, positions: np.ndarray):
         q = np.ascontiguousarray(store.vectors[positions])
         qids = np.asarray(store.ids[positions])
         for lo, hi in ranges:
-            vals, ids = exact_topk(
-                q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec["k"], spec["metric"]
-            )
+            vals, ids = exact_topk(q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec.k, spec.metric)
             yield qids, vals, ids
 
     return fn
 
 
-def _warm_store(sc, spec: dict, slots: int) -> None:
+def _warm_store(sc, spec: SearchSpec, slots: int) -> None:
     """Every worker maps the spec's store before anything is timed (the first builds the .npy copy)."""
     sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
 
 
-def _exact_sample(sc, spec: dict, positions: np.ndarray, n: int, slots: int):
+def _exact_sample(sc, spec: SearchSpec, positions: np.ndarray, n: int, slots: int):
     """Exact top-k of the sample over the whole store: (query ids, scores, ids)."""
     ranges = [(a, b) for a, b in ((i * n // (2 * slots), (i + 1) * n // (2 * slots)) for i in range(2 * slots)) if b > a]
     parts = sc.parallelize(ranges, len(ranges)).mapPartitions(_exact_partial(spec, positions)).collect()
-    m, k = len(positions), spec["k"]
+    m, k = len(positions), spec.k
     rows = np.concatenate([np.repeat(np.arange(m), k) for _ in parts])
     vals = np.concatenate([p[1].ravel() for p in parts])
     ids = np.concatenate([p[2].ravel() for p in parts])

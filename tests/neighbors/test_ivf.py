@@ -7,6 +7,7 @@ import pytest
 
 from cbir_lib.index.kmeans import assign, train_balanced
 from cbir_lib.neighbors.ivf import CellStore, annoy_search, dense_search, exact_search, tf_exact_search
+from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.vectors.topk import brute_force, prepare, recall_at_k
 
 
@@ -174,7 +175,7 @@ def test_reduced_shortlists_of_parts_merge_to_the_whole_search():
     store = reduced_store(x, ids, "angular", 12, 32)
     q, probes = store.vectors, store.route(store.vectors, 5)
     want_v, want_i = dense_search(store, q, store.ids, probes, 10, shortlist=40)
-    spec = {"shortlist": 40, "method": "dense", "metric": "angular"}
+    spec = SearchSpec(method="dense", k=10, metric="angular", dim=128, shortlist=40)
     best = None
     for lo, hi in ((0, 500), (500, 1400), (1400, 2000)):
         part = budget.sub_store(

@@ -1,0 +1,73 @@
+"""What a neighbours search task needs to know, typed: :class:`SearchSpec`.
+
+The stage driver (:mod:`cbir_lib.neighbors.search`) builds one from the config and the
+index manifest, and hands it to every task (pickled into the Spark closures, or called in
+this process). A variant for one step is a copy with a few fields changed
+(:meth:`SearchSpec.with_`: the calibration's nprobe, the exact sample's method), so no
+task sees another's edits. It replaces a dict of about 30 string keys, whose typos and
+missing keys surfaced only as a ``KeyError`` inside a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class SearchSpec:
+    # The search.
+    method: str  # dense | annoy | exact | hierarchical | lsh
+    k: int  # each list's depth as searched (neighbors.k + reserve, or kr_depth)
+    metric: str  # angular | dot | euclidean
+    dim: int
+    nprobe: int = 1
+    k_out: int | None = None  # the depth the table keeps (neighbors.k); recall is of these
+    search_k: int = -1  # annoy
+    candidates: int | None = None  # annoy: candidates per probed forest
+    device: str = "auto"  # exact: cpu, gpu or auto (TensorFlow where a GPU is present)
+    query_block: int = 4096  # queries searched at once by a task
+    # The reduced first pass (index.reduced_dim): its width and the projection's .npy bytes.
+    reduced_dim: int = 0
+    shortlist: int | None = None
+    projection: bytes | None = None
+    # The store: the centroids' .npy bytes, each cell's first row, and where its rows live.
+    centroids: bytes | None = None
+    offsets: list[int] = field(default_factory=list)
+    store_key: str = ""  # names an executor's cached copy
+    store_files: list[str] = field(default_factory=list)
+    forest_files: list[str] = field(default_factory=list)
+    handoff_key: str | None = None  # the store build_index kept in this process, if any
+    files: dict[str, Any] = field(default_factory=dict)  # remote.Files(**files): the tasks' filesystem settings
+    # method lsh / hierarchical.
+    lsh: dict[str, int] | None = None  # tables, bits, radius, seed
+    code_thresholds: bytes | None = None
+    code_candidates: int | None = None
+    # The grouped layout (neighbors.memory_budget): the groups' folder, rows per group, each
+    # group's first row, and each cell's first and last group.
+    groups_uri: str | None = None
+    group_rows: int | None = None
+    bounds: list[int] | None = None
+    forests_uri: str | None = None
+    cell_groups: list[list[int]] | None = None
+    # Query expansion and DBA (neighbors.rerank): candidates per expansion and its weight.
+    expand: bool = False
+    rerank_n: int | None = None
+    alpha: float | None = None
+    # An incremental night: the old lists' k-th scores (thresholds of the reverse update).
+    thresholds_files: list[str] = field(default_factory=list)
+    thresholds_key: str | None = None
+
+    def with_(self, **changes: Any) -> SearchSpec:
+        """A copy with ``changes`` (unknown field names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def given(value: T | None, name: str) -> T:
+    """``value``, a field the search at hand needs; a spec built without it is a bug."""
+    if value is None:
+        raise ValueError(f"search spec: {name} is not set, and this search needs it")
+    return value
