@@ -36,6 +36,7 @@ from cbir_lib.vectors.topk import (
     self_positions,
     shortlist_scores,
     slack,
+    where2d,
 )
 
 
@@ -97,7 +98,7 @@ class CellStore:
         else:
             near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
             thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
-        r, c = np.nonzero(sim >= slack(thr)[:, None])
+        r, c = where2d(sim >= slack(thr)[:, None])
         # The candidates, a few more than nprobe a query, as (m, width) matrices: row-major
         # from nonzero, so each row's cells ascend. (Two sorts of the flat candidates by
         # three keys took 43 % of the routing at 1M.)
@@ -116,7 +117,7 @@ class CellStore:
         # Sure cells keep their BLAS score (nearest first: the first probe steers pruning).
         score = np.where(sure, fast, np.float32(-np.inf)).astype(np.float32)
         metric = "euclidean" if c_sq is not None else "dot"
-        br, bc = np.nonzero(band)
+        br, bc = where2d(band)
         score[br, bc] = pair_scores(queries, br, self.centroids, cand[br, bc], metric, c_sq)
         # Ranked by (-similarity, cell): ties go to the lower cell (a stable sort of cells
         # in ascending order), as in assign().
@@ -239,7 +240,7 @@ def _gather(
         return s
 
     def collect(cell: int, rows: np.ndarray, s: np.ndarray, t: np.ndarray) -> None:
-        r, c = np.nonzero(s >= t[:, None])
+        r, c = where2d(s >= t[:, None])
         if r.size:
             cand_rows.append(rows[r])
             cand_scores.append(s[r, c])
@@ -297,7 +298,7 @@ def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
         s = rank_scores(queries[rows], store.vectors[a:b], store.metric, None if sq is None else sq[a:b])
         if q_sq is not None:  # euclidean: compare in final units, -|q - x|
             s = final_scores(s, "euclidean", q_sq[rows])
-        r, c = np.nonzero((s >= slack(np.where(live, thr, np.float32(0)))[None, :]) & live[None, :])
+        r, c = where2d((s >= slack(np.where(live, thr, np.float32(0)))[None, :]) & live[None, :])
         if r.size:
             out_q.append(rows[r])
             out_r.append(a + c)

@@ -67,6 +67,14 @@ def final_scores(rank: np.ndarray, metric: str, q_sqnorm: np.ndarray | None = No
     return out
 
 
+def where2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-d mask, ``(rows, cols)`` in row-major order, from the flat
+    indices: 4x faster than ``nonzero`` on the (queries x cell) masks of the search
+    (55 x 405 at 1M: 10 against 40 us a call, 15 % of the dense search's time)."""
+    flat = np.flatnonzero(mask)
+    return np.divmod(flat, mask.shape[1]) if mask.shape[1] else (flat, flat)
+
+
 def empty(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A running top-k for ``m`` queries: scores ``-inf``, ids ``NO_ID``."""
     return np.full((m, k), -np.inf, dtype=np.float32), np.full((m, k), NO_ID, dtype=np.int64)
@@ -276,11 +284,11 @@ def merge_topk(
         sub = np.partition(block[:, :c], c - k, axis=1)[:, c - k]
         thr = np.maximum(thr, sub)
     if rescore is not None:
-        r, col = np.nonzero(block >= slack(thr)[:, None])
+        r, col = where2d(block >= slack(thr)[:, None])
         bv, bi = reselect(r, block[r, col], col, m, k, rescore, lambda cc: block_ids[cc])
         rows = np.repeat(np.arange(m), 2 * k)
         return select(rows, np.concatenate([vals, bv], axis=1).ravel(), np.concatenate([ids, bi], axis=1).ravel(), m, k)
-    r, col = np.nonzero(block >= thr[:, None])
+    r, col = where2d(block >= thr[:, None])
     cand_ids = block_ids[col] if block_ids.ndim == 1 else block_ids[r, col]
     rows = np.concatenate([np.repeat(np.arange(m), k), r])
     scores = np.concatenate([vals.ravel(), block[r, col].astype(np.float32, copy=False)])

@@ -14,6 +14,7 @@ from cbir_lib.vectors.topk import (
     prepare,
     recall_at_k,
     select,
+    where2d,
 )
 
 
@@ -156,3 +157,10 @@ def test_select_matches_a_sort_by_minus_score_then_id(seed):
                 keys[(float(scores[j]), int(ids[j]))].add(int(payload[j]))
         assert all(int(p[r, c]) in keys[(float(v[r, c]), int(i[r, c]))] for c in range(got))
         assert np.isneginf(v[r, got:]).all() and (i[r, got:] == NO_ID).all() and (p[r, got:] == -1).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (1, 1), (7, 3), (55, 405)])
+def test_where2d_is_nonzero_of_a_2d_mask(shape):
+    mask = np.random.default_rng(sum(shape)).random(shape) < 0.3
+    got, want = where2d(mask), np.nonzero(mask)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
