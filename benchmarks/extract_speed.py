@@ -5,8 +5,8 @@
 On at least 10,000 real photos (clothing-small's 3,781 photos hard-linked at several
 paths count as distinct images), in one invocation:
 
-- (a) raw:    the model's forward pass alone on decoded 224 px batches (batch 32), all cores.
-- (b) decode: bytes -> 224 px arrays alone (the pipeline's decoder), one thread per core.
+- (a) raw:    the shipped backbone's forward pass alone on decoded batches at its size (batch 32), all cores.
+- (b) decode: bytes -> arrays at that size alone (the pipeline's decoder), one thread per core.
 - (c) cpu_limit = 1 / (1/a + 1/b): on a CPU, decoding and inference share the cores.
 - (d) stage:  the extract stage over its embedding work (``embed_seconds``: the shard job,
               model loading in the workers included), inside (e).
@@ -41,6 +41,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
+def _shipped() -> tuple[str, int]:
+    """The shipped backbone and its input size: what the extract stage runs by default.
+    (It converted Lite0 and fed 224 px batches while the config's default is Lite1 at 240 px:
+    the raw forward failed, and the stage it is compared with runs Lite1.)"""
+    from cbir_lib.config import ExtractConfig
+    from cbir_lib.models.efficientnet_lite import VARIANTS
+
+    model = ExtractConfig().model
+    return model, int(VARIANTS[model][2])
+
+
 def bench_naive(model_path: str, files: list[Path]) -> float:
     """The seed's approach: one image at a time, full decode, model.predict per image."""
     import keras
@@ -49,10 +60,11 @@ def bench_naive(model_path: str, files: list[Path]) -> float:
 
     full = keras.models.load_model(model_path, compile=False)
     model = keras.Model(full.input, full.get_layer("head_activation").output)
-    model.predict(np.zeros((1, 224, 224, 3), np.float32), verbose=0)
+    size = _shipped()[1]
+    model.predict(np.zeros((1, size, size, 3), np.float32), verbose=0)
     start = time.perf_counter()
     for f in files:
-        img = Image.open(f).convert("RGB").resize((224, 224))
+        img = Image.open(f).convert("RGB").resize((size, size))
         fmap = model.predict(np.asarray(img, np.float32)[None], verbose=0)
         vec = fmap.mean(axis=(1, 2))
         vec /= np.linalg.norm(vec)
@@ -79,7 +91,8 @@ def bench_petastorm(image_dir: Path, work: Path, model_path: str) -> dict:
     ec = ExtractConfig(model_path=model_path)
     artifact = resolve_artifact(ec)
     emb = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), model_path)
-    emb.embed(np.zeros((32, 224, 224, 3), np.uint8))  # warm, as the pipeline's figure is
+    size = artifact.image_size
+    emb.embed(np.zeros((32, size, size, 3), np.uint8))  # warm, as the pipeline's figure is
     spark = build_session(config.load(None, [f"run.output_root={work}", "spark.master=local[2]"]))
     try:
         df = spark.read.format("binaryFile").load(str(image_dir)).select("content")
@@ -98,7 +111,7 @@ def bench_petastorm(image_dir: Path, work: Path, model_path: str) -> dict:
             images = (
                 ds.unbatch()
                 .map(
-                    lambda row: tf.ensure_shape(tf.numpy_function(decode, [row.content], tf.uint8), (224, 224, 3)),
+                    lambda row: tf.ensure_shape(tf.numpy_function(decode, [row.content], tf.uint8), (size, size, 3)),
                     num_parallel_calls=tf.data.AUTOTUNE,
                 )
                 .batch(32)
@@ -126,12 +139,12 @@ def bench_decode(files: list[Path], threads: int) -> float:
     from cbir_lib.config import ExtractConfig
     from cbir_lib.images.decode import decode_for_model
 
-    resize = ExtractConfig().resize
+    resize, size = ExtractConfig().resize, _shipped()[1]
     blobs = [f.read_bytes() for f in files]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda b: decode_for_model(b, 224, resize), blobs[:32]))
+        list(pool.map(lambda b: decode_for_model(b, size, resize), blobs[:32]))
         start = time.perf_counter()
-        results = list(pool.map(lambda b: decode_for_model(b, 224, resize), blobs))
+        results = list(pool.map(lambda b: decode_for_model(b, size, resize), blobs))
         seconds = time.perf_counter() - start
     assert all(r[0] is not None for r in results)
     return len(blobs) / seconds
@@ -187,7 +200,8 @@ def bench_raw_default(model_path: str, n: int) -> float:
     ec = ExtractConfig(model_path=model_path)
     artifact = resolve_artifact(ec)
     emb = Embedder(EmbedSpec(artifact=artifact, pooling=ec.pooling, resize=ec.resize), model_path)
-    batch = np.random.default_rng(0).integers(0, 255, (32, 224, 224, 3), dtype=np.uint8)
+    size = artifact.image_size
+    batch = np.random.default_rng(0).integers(0, 255, (32, size, size, 3), dtype=np.uint8)
     emb.embed(batch)
     reps = max(1, n // 32)
     start = time.perf_counter()
@@ -326,7 +340,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="cbir-bench-"))
     model_cache = str(work / "models")
-    model_path = converted_model("efficientnet-lite0", model_cache)
+    model_path = converted_model(_shipped()[0], model_cache)  # what the stage below runs
     files = _linked_photos(args.images, work / "images")
     cores = os.cpu_count() or 1
     result: dict = {}
@@ -403,10 +417,10 @@ def main() -> None:
             "fixed_cost_runs": {"big": after["free"]["shards"], "small": small_run},
             "images": job["images"],
             "naive_images": args.naive,
-            "model": "efficientnet-lite0",
+            "model": _shipped()[0],
             "pooling": "rmac",
             "resize": "center_crop",
-            "image_size": 224,
+            "image_size": _shipped()[1],
             "cores": cores,
             "cpu": _cpu_name(),
             "data": "clothing-small train+validation+test (3,781 JPEGs), hard-linked at several paths",
@@ -421,7 +435,7 @@ def main() -> None:
             "whole_job_over_cpu_limit": round(before["job"]["whole_job_ips"] / cpu_limit, 3),
             "orchestration_ratio": round(before["free"]["stage_ips"] / plain, 3),
         }
-    kept = ["pipeline_variants"]
+    kept = ["pipeline_variants", "decoders"]  # decoders: --decoders-only measures them
     if args.petastorm:
         peta = bench_petastorm(work / "images", work, model_path)
         result["petastorm"] = peta
