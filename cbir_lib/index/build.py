@@ -161,15 +161,15 @@ def _sample_files(dim: int, work_uri: str, files):
 
 
 def read_vectors(
-    spark, emb, emb_uri: str, emb_run: str, dim: int, metric: str, n: int, content_hashed: bool
+    spark, ok_rows, emb_uri: str, emb_run: str, dim: int, metric: str, n: int, content_hashed: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(ids, fps, prepared vectors)`` of an embeddings run's ``n`` ok rows, in the files'
     order, read in this process by pyarrow, file by file, from the run's Parquet parts. The
     fingerprints are :func:`fingerprint`'s: ``xxhash64(content_sha256)`` computed here
     (:func:`~cbir_lib.common.sparkhash.hash_strings`) where every row has a 64-character
     hash (``content_hashed``), else by a Spark job beside the reads (16 bytes a row) over
-    the ok rows' DataFrame that ``emb()`` makes. None where this reader does not find the ``n`` rows Spark counts (files in nested
-    folders): the caller then uses the executors."""
+    the DataFrame ``ok_rows()`` makes. None where this reader does not find the ``n`` rows
+    Spark counts (files in nested folders): the caller then uses the executors."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.compute as pc
@@ -182,7 +182,7 @@ def read_vectors(
     columns = ["image_id", "status", "embedding"] + (["content_sha256"] if content_hashed else [])
     with ThreadPoolExecutor(1) as pool:
         # Without content hashes Spark hashes the vectors, while this process reads them.
-        keys_ = None if content_hashed else pool.submit(lambda: emb().select("image_id", "fp").toArrow())
+        keys_ = None if content_hashed else pool.submit(lambda: ok_rows().select("image_id", "fp").toArrow())
         ids, fps = [], []
         # The vectors go straight into one array: a concatenation would hold them twice,
         # and fresh memory is the dearest part of a read (~2 s a GB here, measured).
@@ -204,7 +204,7 @@ def read_vectors(
                     fps.append(hash_strings(t.column("content_sha256")))
             del t
         if keys_ is None and any(f is None for f in fps):  # a null or odd-length hash: Spark's own
-            keys_ = pool.submit(lambda: emb().select("image_id", "fp").toArrow())
+            keys_ = pool.submit(lambda: ok_rows().select("image_id", "fp").toArrow())
         keys = keys_.result() if keys_ is not None else None
     ids_ = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if filled != n:
