@@ -125,12 +125,10 @@ def write_bytes(spark, uri: str, data: bytes) -> None:
 def read_bytes(spark, uri: str) -> bytes:
     """The bytes of ``uri``. A ``file:`` URI is read by this process: through py4j a file's
     bytes cross the gateway encoded, ~0.1 s per 3 MB of centroids here."""
-    if uri[:5].lower() == "file:":
-        path = uri[5:]
-        if path.startswith("//"):  # file:///a; file://host/a is not a local path
-            if not path.startswith("///"):
-                return _read_bytes_jvm(spark, uri)
-            path = path[2:]
+    from cbir_lib.common import remote
+
+    path = remote.local_path(uri)
+    if path is not None:
         with open(path, "rb") as fh:
             return fh.read()
     return _read_bytes_jvm(spark, uri)

@@ -82,6 +82,16 @@ def _split(uri: str) -> tuple[str, str, str]:
     return head.lower(), "", rest
 
 
+def local_path(uri: str) -> str | None:
+    """The path of an explicit ``file:`` URI on this machine (``file:/a``, ``file:///a``);
+    None for any other, a bare path included (Hadoop resolves that against its default
+    filesystem) and ``file://host/a``."""
+    if uri[:5].lower() != "file:":
+        return None
+    _, authority, path = _split(uri)
+    return None if authority else path
+
+
 def check_scheme(uri: str) -> None:
     """Raise :class:`UnsupportedScheme` for a URI that tasks cannot open (checked on the driver)."""
     scheme = _split(uri)[0]

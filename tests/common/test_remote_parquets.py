@@ -1,4 +1,4 @@
-"""common.remote.read_parquets: files read side by side, handed back in order."""
+"""common.remote: read_parquets (files read side by side, handed back in order) and local_path."""
 
 from __future__ import annotations
 
@@ -31,3 +31,15 @@ def test_a_reader_that_stops_early_leaves_nothing_running(tmp_path):
     reader = remote.read_parquets(remote.Files(), uris, threads=2)
     assert next(reader).column("a").to_pylist() == [0]
     reader.close()  # what a consumer's break does: the pool waits for its reads and closes
+
+
+def test_local_path_is_the_path_of_an_explicit_file_uri_only(tmp_path):
+    """fs.read_bytes reads these in Python; every other URI (a bare path resolves against
+    Hadoop's default filesystem; file://host/a names another machine) goes through Hadoop."""
+    assert remote.local_path("file:/a/b c#1") == "/a/b c#1"
+    assert remote.local_path("file:///a/b") == "/a/b"
+    assert remote.local_path("FILE:/a") == "/a"
+    assert remote.local_path("file://host/a") is None
+    assert remote.local_path("/a/b") is None
+    assert remote.local_path("hdfs://nn:8020/a") is None
+    assert remote.local_path("s3a://bucket/a") is None
