@@ -161,10 +161,11 @@ def _sample_files(dim: int, work_uri: str, files):
 
 
 def read_vectors(
-    spark, ok_rows, emb_uri: str, emb_run: str, dim: int, metric: str, n: int, content_hashed: bool
+    spark, ok_rows, parts: list[str], emb_uri: str, emb_run: str, dim: int, metric: str, n: int, content_hashed: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``(ids, fps, prepared vectors)`` of an embeddings run's ``n`` ok rows, in the files'
-    order, read in this process by pyarrow, file by file, from the run's Parquet parts. The
+    order, read in this process by pyarrow, file by file, from the run's Parquet ``parts``
+    (:func:`~cbir_lib.index.store.embedding_parts`). The
     fingerprints are :func:`fingerprint`'s: ``xxhash64(content_sha256)`` computed here
     (:func:`~cbir_lib.common.sparkhash.hash_strings`) where every row has a 64-character
     hash (``content_hashed``), else by a Spark job beside the reads (16 bytes a row) over
@@ -187,7 +188,7 @@ def read_vectors(
         # The vectors go straight into one array: a concatenation would hold them twice,
         # and fresh memory is the dearest part of a read (~2 s a GB here, measured).
         x, filled = None, 0
-        for t in remote.read_parquets(files, embedding_parts(spark, emb_uri, emb_run), columns):
+        for t in remote.read_parquets(files, parts, columns):
             ok = pc.equal(t.column("status"), "ok")
             if not pc.all(ok).as_py():  # a filter copies every vector: only where some row failed
                 t = t.filter(ok)
@@ -346,7 +347,8 @@ def _run_build_index(spark, cfg: Config) -> dict:
             frame.append(emb_all.filter(F.col("status") == "ok").select("image_id", fingerprint(emb_all), "embedding"))
         return frame[0]
 
-    columns = embedding_columns(spark, emb_uri, emb_run)
+    parts = embedding_parts(spark, emb_uri, emb_run)  # listed once: the columns and the read
+    columns = embedding_columns(spark, parts)
     content_hashed = "content_sha256" in (columns if columns is not None else embeddings().columns)
     # The extract manifest counts its ok rows (the store's own count checks it below).
     n = int((emb_manifest.get("counts") or {}).get("ok") or 0) or embeddings().count()
@@ -390,7 +392,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
     rows = None
     if on_driver:
         with timer(f"reading {n} vectors in this process") as t:
-            rows = read_vectors(spark, embeddings, emb_uri, emb_run, dim, ic.metric, n, content_hashed)
+            rows = read_vectors(spark, embeddings, parts, emb_uri, emb_run, dim, ic.metric, n, content_hashed)
         timings["read_s"] = round(t["seconds"], 3)
         if rows is None:
             execution = {"where": "executors", "why": "the table's files are not all plain Parquet parts of its run folder"}

@@ -339,12 +339,12 @@ def embedding_parts(spark, emb_uri: str, emb_run: str) -> list[str]:
     return [fs.join(run, f) for f in sorted(fs.list_names(spark, run)) if f.endswith(".parquet") and not f.startswith(("_", "."))]
 
 
-def embedding_columns(spark, emb_uri: str, emb_run: str) -> list[str] | None:
-    """The column names of an embeddings run, from its first Parquet part's footer (read
-    by pyarrow, no Spark job); None where it has no plain part or the footer cannot be read."""
+def embedding_columns(spark, parts: list[str]) -> list[str] | None:
+    """The column names of an embeddings run, from the footer of the first of its Parquet
+    ``parts`` (:func:`embedding_parts`; read by pyarrow, no Spark job); None where it has no
+    plain part or the footer cannot be read."""
     from cbir_lib.common import remote
 
-    parts = embedding_parts(spark, emb_uri, emb_run)
     if not parts:
         return None
     try:
