@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from cbir_lib.config import NeighborsConfig as _NB
+
 T = TypeVar("T")
 
 
@@ -26,10 +28,11 @@ class SearchSpec:
     dim: int
     nprobe: int = 1
     k_out: int | None = None  # the depth the table keeps (neighbors.k); recall is of these
-    search_k: int = -1  # annoy
-    candidates: int | None = None  # annoy: candidates per probed forest
-    device: str = "auto"  # exact: cpu, gpu or auto (TensorFlow where a GPU is present)
-    query_block: int = 4096  # queries searched at once by a task
+    # The defaults below are the config's own (the driver always sets them from it).
+    search_k: int = _NB.search_k  # annoy
+    candidates: int | None = _NB.candidates  # annoy: candidates per probed forest
+    device: str = _NB.device  # exact: cpu, gpu or auto (TensorFlow where a GPU is present)
+    query_block: int = _NB.query_block  # queries searched at once by a task
     # The reduced first pass (index.reduced_dim): its width and the projection's .npy bytes.
     reduced_dim: int = 0
     shortlist: int | None = None
