@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the field."""
 
 
+def _unsigned(default: Any) -> Any:
+    """A field left out of its stage's no-op signature (:func:`signature`): it changes how a
+    run goes (batch sizes, threads, devices, memory, failure gates, when to rebuild in full)
+    or which inputs it lists, never what a row of its output holds, so changing it never
+    makes a current snapshot stale. Every other field is signed, including fields added later."""
+    return field(default=default, metadata={"signed": False})
+
+
 Pooling = Literal["gap", "mac", "gem", "crow", "rmac", "pwa"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 ResizeMode = Literal["squash", "center_crop", "pad"]
@@ -86,12 +94,13 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    images: str | None = None  # directory or Hadoop URI; None = the embedded sample
-    glob: str | None = None  # pathGlobFilter, e.g. "*.{jpg,jpeg,png}"
-    recursive: bool = True
+    # Which files: ingest compares the listing itself with its base snapshot, file by file.
+    images: str | None = _unsigned(None)  # directory or Hadoop URI; None = the embedded sample
+    glob: str | None = _unsigned(None)  # pathGlobFilter, e.g. "*.{jpg,jpeg,png}"
+    recursive: bool = _unsigned(True)
     max_pixels: int = 100_000_000
     hash_decode_side: int = 128  # decode JPEGs at reduced scale for the perceptual hashes
-    max_failure_rate: float = 1.0  # fail the run when more than this fraction fails
+    max_failure_rate: float = _unsigned(1.0)  # fail the run when more than this fraction fails
     # Files larger than this are failed rows (file_too_large), decided from the listing's
     # length and never read: a task holds a file whole, and Spark's binary reads stop at 2 GiB.
     max_file_bytes: int = 512 * 2**20
@@ -137,16 +146,16 @@ class ExtractConfig:
     # A trained head (`cbir train`): a models/run=<id> directory or URI. Its features become
     # the embedding and its code units, thresholded at 0.5, the binary_code.
     head: str | None = None
-    batch_size: int = 32
+    batch_size: int = _unsigned(32)
     # Images per shard: one task embeds and commits a shard; the unit of retry and resume.
     # 10,000 keeps the fixed cost per shard (~0.2 s measured, extract.json) near 1 % of a
     # CPU shard; GPU profiles use more (a GPU embeds 10,000 images in seconds).
-    shard_size: int = 10_000
+    shard_size: int = _unsigned(10_000)
     mixed_precision: bool = False
-    device: Device = "auto"
-    decode_threads: int = 2
-    max_failure_rate: float = 1.0
-    model_cache: str = "~/.cache/cbir/models"
+    device: Device = _unsigned("auto")
+    decode_threads: int = _unsigned(2)
+    max_failure_rate: float = _unsigned(1.0)
+    model_cache: str = _unsigned("~/.cache/cbir/models")
 
     def validate(self) -> None:
         _check_choices(self)
@@ -249,18 +258,18 @@ class IndexConfig:
     # rebuild the forests of the touched cells only (cbir_lib/index/incremental.py). It
     # falls back to a full build, saying why, when there is no usable base or a drift
     # bound below is passed.
-    mode: BuildMode = "full"
+    mode: BuildMode = _unsigned("full")  # (a full build asked for after an incremental one is checked apart)
     # Drift bounds, each measured against the last full build: the largest cell over the
     # mean, as a multiple of what the full build had; new vectors' mean distance to their
     # centroid (1 - cosine; L2 for euclidean), as a multiple of the full build's sample's;
     # vectors added + removed since the full build, as a share of its size. (The distance
     # bound applies to nights that add at least 100 vectors: the mean of fewer is noise.)
-    drift_max_imbalance: float = 1.5
-    drift_max_distance: float = 1.5
-    drift_max_change: float = 0.3
+    drift_max_imbalance: float = _unsigned(1.5)
+    drift_max_distance: float = _unsigned(1.5)
+    drift_max_change: float = _unsigned(0.3)
     # Incremental: a full build every this many builds (the 7th after a full one is full
     # again), whatever the drift; 0: only when the drift asks.
-    full_rebuild_every: int = 7
+    full_rebuild_every: int = _unsigned(7)
 
     def validate(self) -> None:
         _check_choices(self)
@@ -287,7 +296,7 @@ class NeighborsConfig:
     search_k: int = -1  # annoy: nodes inspected per probed forest; -1 = n_trees * candidates
     candidates: int | None = None  # annoy: candidates taken from each probed forest; None = 2k
     metric: Metric | None = None  # None: the index's; set it to insist (a mismatch is refused)
-    device: Device = "auto"  # exact: (TensorFlow matmul + top_k on a GPU)
+    device: Device = _unsigned("auto")  # exact: (TensorFlow matmul + top_k on a GPU)
     min_score: float | None = None  # drop neighbours scoring below this (cosine, inner product or -L2)
     pairs: bool = False  # also write the de-duplicated symmetric pairs(a < b) table
     recall_sample: int = 1000  # queries whose top-k is checked against exact search on every run
@@ -300,12 +309,12 @@ class NeighborsConfig:
     # (multi-index over code chunks), re-ranked by the float embedding. Needs binary codes:
     # extract.head (trained) or extract.binary_codes (mean-threshold).
     code_candidates: int = 200
-    query_block: int = 2048  # queries scored together in one task step (memory ~ block x nprobe x cell)
+    query_block: int = _unsigned(2048)  # queries scored together in one task step (memory ~ block x nprobe x cell)
     # Most store bytes an executor may hold ("512m", "4g"). A store that fits is shipped to
     # every executor (fastest); a bigger one is searched in groups of cells that fit, with
     # the same top-k. None: 40 % of spark.executor.memory (the driver's in local mode).
-    memory_budget: str | None = None
-    chunk_size: int = 200_000  # queries per committed part: the unit of resume after a crash
+    memory_budget: str | None = _unsigned(None)
+    chunk_size: int = _unsigned(200_000)  # queries per committed part: the unit of resume after a crash
     # dense search on an index with reduced vectors: each query's top-shortlist by reduced
     # score is re-ranked at full dimension. None: 4k. Recall is measured as always.
     shortlist: int | None = None
@@ -326,7 +335,7 @@ class NeighborsConfig:
     # index, search only the new and changed images, merge them into the old lists they
     # now belong to, and re-search lists that lost a neighbour beyond their reserve
     # (cbir_lib/neighbors/incremental.py). Falls back to full, saying why.
-    mode: BuildMode = "full"
+    mode: BuildMode = _unsigned("full")
     # method=lsh (random-projection LSH, the seed's nearpy; cbir_lib/neighbors/lsh.py): tables
     # of sign bits from random hyperplanes (fixed seed), buckets probed at Hamming radius 0
     # or 1, candidates scored exactly. Angular only; the store on every executor.
@@ -534,7 +543,7 @@ class TrainConfig:
     binarise: float = 0.1  # weight of the term pushing code activations away from 0.5
     balance: float = 0.1  # weight of the term pushing each bit to fire for half the images
     seed: int = 42
-    workers: int = 2  # Petastorm reader threads
+    workers: int = _unsigned(2)  # Petastorm reader threads
     # classify: softmax over the classes (Lin et al.). triplet | contrastive: metric losses on
     # the code units' floats with batch-hard mining (each anchor's farthest same-class and
     # nearest other-class image in its batch), margin on the squared distance of unit vectors.
@@ -706,6 +715,25 @@ def _section(cls, section: str, raw: Any):
 # section name -> its class, derived from Config (one place declares the sections)
 _SECTIONS = {f.name: type(f.default_factory()) for f in dataclasses.fields(Config)}  # type: ignore[misc]
 _SECTION_NAMES = {cls: name for name, cls in _SECTIONS.items()}
+
+
+def signature(cfg: Config, declares: tuple[str, ...]) -> dict[str, Any]:
+    """The no-op signature of a stage that declares these sections (``"extract"``) or single
+    fields of other sections (``"ingest.max_pixels"``): every signed field's value, keyed
+    ``section.field``. Derived, never listed by hand: a field added to a declared section is
+    signed at once, unless it is marked :func:`_unsigned`."""
+    out: dict[str, Any] = {}
+    for name in declares:
+        section, _, only = name.partition(".")
+        if section not in _SECTIONS or (only and only not in {f.name for f in dataclasses.fields(_SECTIONS[section])}):
+            raise ValueError(f"signature: no config section or field {name!r}")
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            if (only and f.name != only) or not f.metadata.get("signed", True):
+                continue
+            value = getattr(values, f.name)
+            out[f"{section}.{f.name}"] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

@@ -8,11 +8,13 @@ need only the third-party packages, not this project installed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import tempfile
 import zipfile
+from typing import Any, Callable
 
 import cbir_lib
 from cbir_lib.config import Config
@@ -203,6 +205,50 @@ def run_job(fn, cfg: Config, verbose: bool = False):
     finally:
         if active is None:
             spark.stop()
+
+
+# What every stage's summary line says; a shell adds its stage's headline fields.
+SUMMARY = ("stage", "run_id", "counts", "wall_seconds", "output")
+
+
+def summary(manifest: dict, headline: tuple[str, ...] = ()) -> dict:
+    """A stage's one-line summary: the common fields, the stage's headline, and ``noop``."""
+    out = {key: manifest.get(key) for key in (*SUMMARY, *headline)}
+    out["noop"] = bool(manifest.get("noop", False))
+    return out
+
+
+def stage_main(
+    prog: str,
+    doc: str,
+    argv: list[str] | None,
+    run: str | Callable[[Any, Config], dict],
+    headline: tuple[str, ...] = (),
+    shorthands: dict[str, str] | None = None,
+) -> dict:
+    """A stage's whole job shell: parse ``--config`` and overrides (plus ``shorthands``:
+    ``--flag`` -> ``section.field``), load and validate the config before Spark starts, run
+    ``run(spark, cfg)`` in a session (``"module:function"`` is imported only then, so a bad
+    config fails fast), print the summary line and return the manifest."""
+
+    def extra(parser) -> None:
+        for flag, name in (shorthands or {}).items():
+            parser.add_argument(f"--{flag}", help=f"shorthand for --set {name}=VALUE")
+
+    args, overrides = parse_args(prog, doc, argv, extra if shorthands else None)
+    for flag, name in (shorthands or {}).items():
+        if getattr(args, flag.replace("-", "_")) is not None:
+            overrides.append(f"{name}={getattr(args, flag.replace('-', '_'))}")
+    cfg = load_config(args.config, overrides)
+    if isinstance(run, str):
+        import importlib
+
+        module, function = run.split(":")
+        run = getattr(importlib.import_module(module), function)
+    call = run
+    manifest = run_job(lambda spark: call(spark, cfg), cfg, args.verbose)
+    print(json.dumps(summary(manifest, headline), default=str))
+    return manifest
 
 
 def sample_dir_for(cfg: Config) -> str:

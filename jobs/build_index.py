@@ -7,39 +7,20 @@ with its manifest as ``index/run=<id>/`` under ``run.output_root``.
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/build_index.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ("embeddings_run_id", "metric", "n_cells", "mode", "build_seconds")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("build_index", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.index.build import run_build_index
-
-    manifest = run_job(lambda spark: run_build_index(spark, cfg), cfg, args.verbose)
-    counts = manifest.get("counts", {})
-    print(
-        json.dumps(
-            {
-                "stage": "index",
-                "run_id": manifest["run_id"],
-                "embeddings_run_id": manifest["embeddings_run_id"],
-                "metric": manifest["metric"],
-                "n_cells": manifest["n_cells"],
-                "vectors": counts.get("vectors"),
-                "max_over_mean": counts.get("max_over_mean"),
-                "build_seconds": manifest.get("build_seconds"),
-                "output": manifest.get("output"),
-                "noop": manifest.get("noop", False),
-            }
-        )
-    )
-    return manifest
+    return stage_main("build_index", __doc__, argv, "cbir_lib.index.build:run_build_index", HEADLINE)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,25 @@ from __future__ import annotations
 import importlib
 import sys
 
+if __package__ in (None, ""):  # run as a file (python jobs/cli.py): see _bootstrap
+    import _bootstrap
+
+    __package__ = _bootstrap.PACKAGE
+
 STAGES = {
-    "demo": "jobs.demo",
-    "ingest": "jobs.ingest",
-    "extract": "jobs.extract",
-    "build_index": "jobs.build_index",
-    "index": "jobs.build_index",
-    "neighbors": "jobs.neighbors",
-    "evaluate": "jobs.evaluate",
-    "dedup": "jobs.dedup",
-    "train": "jobs.train",
-    "query": "jobs.query",
-    "pipeline": "jobs.pipeline",
-    "sql": "jobs.sql",
-    "serve": "jobs.serve",
+    "demo": ".demo",
+    "ingest": ".ingest",
+    "extract": ".extract",
+    "build_index": ".build_index",
+    "index": ".build_index",
+    "neighbors": ".neighbors",
+    "evaluate": ".evaluate",
+    "dedup": ".dedup",
+    "train": ".train",
+    "query": ".query",
+    "pipeline": ".pipeline",
+    "sql": ".sql",
+    "serve": ".serve",
 }
 
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from cbir_lib.sql.views import NoRuns
 
     try:
-        importlib.import_module(STAGES[command]).main(rest)
+        importlib.import_module(STAGES[command], __package__).main(rest)
     except ConfigError as exc:
         print(f"cbir {command}: configuration error: {exc}", file=sys.stderr)
         return 2

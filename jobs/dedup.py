@@ -7,23 +7,20 @@ connected components on Spark; ``dedup/run=<id>/clusters`` and ``pairs``.
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/dedup.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ()
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("dedup", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.dedup.run import run_dedup
-
-    manifest = run_job(lambda spark: run_dedup(spark, cfg), cfg, args.verbose)
-    print(json.dumps({"stage": "dedup", "run_id": manifest["run_id"], "counts": manifest["counts"], "output": manifest["output"]}))
-    return manifest
+    return stage_main("dedup", __doc__, argv, "cbir_lib.dedup.run:run_dedup", HEADLINE)
 
 
 if __name__ == "__main__":

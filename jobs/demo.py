@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/demo.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job, sample_dir_for
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import load_config, parse_args, run_job, sample_dir_for
 
 
 def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: str) -> tuple[int, int]:

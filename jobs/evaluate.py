@@ -8,34 +8,20 @@ an HTML report.
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/evaluate.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ("mode", "metrics", "report")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("evaluate", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.evaluate.run import run_evaluate
-
-    manifest = run_job(lambda spark: run_evaluate(spark, cfg), cfg, args.verbose)
-    print(
-        json.dumps(
-            {
-                "stage": "evaluate",
-                "run_id": manifest["run_id"],
-                "mode": manifest["mode"],
-                **manifest["metrics"],
-                "output": manifest["output"],
-                "report": manifest.get("report"),
-            }
-        )
-    )
-    return manifest
+    return stage_main("evaluate", __doc__, argv, "cbir_lib.evaluate.run:run_evaluate", HEADLINE)
 
 
 if __name__ == "__main__":

@@ -6,34 +6,20 @@ Resumable: a killed run, started again, skips every chunk already committed.
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/extract.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ("images_per_second",)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("extract", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.features.extract import run_extract
-
-    manifest = run_job(lambda spark: run_extract(spark, cfg), cfg, args.verbose)
-    print(
-        json.dumps(
-            {
-                "stage": "extract",
-                "run_id": manifest["run_id"],
-                "counts": manifest["counts"],
-                "images_per_second": manifest.get("images_per_second"),
-                "output": manifest.get("output"),
-                "noop": manifest.get("noop", False),
-            }
-        )
-    )
-    return manifest
+    return stage_main("extract", __doc__, argv, "cbir_lib.features.extract:run_extract", HEADLINE)
 
 
 if __name__ == "__main__":

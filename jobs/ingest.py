@@ -6,40 +6,24 @@ Without ``--images`` (and without ``ingest.images``) it ingests the embedded sam
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/ingest.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job, sample_dir_for
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import sample_dir_for, stage_main
 
 
-def _extra(parser):
-    parser.add_argument("--images", help="directory or Hadoop URI to ingest (shorthand for ingest.images)")
+def _ingest(spark, cfg) -> dict:
+    from cbir_lib.images.ingest import run_ingest
+
+    return run_ingest(spark, cfg, cfg.ingest.images or sample_dir_for(cfg))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("ingest", __doc__, argv, _extra)
-    if args.images:
-        overrides.append(f"ingest.images={args.images}")
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.images.ingest import run_ingest
-
-    images = cfg.ingest.images or sample_dir_for(cfg)
-    manifest = run_job(lambda spark: run_ingest(spark, cfg, images), cfg, args.verbose)
-    print(
-        json.dumps(
-            {
-                "stage": "ingest",
-                "run_id": manifest["run_id"],
-                "counts": manifest["counts"],
-                "output": manifest.get("output"),
-                "noop": manifest.get("noop", False),
-            }
-        )
-    )
-    return manifest
+    return stage_main("ingest", __doc__, argv, _ingest, shorthands={"images": "ingest.images"})
 
 
 if __name__ == "__main__":

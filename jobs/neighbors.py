@@ -7,39 +7,20 @@ Resumable: a killed run, started again, skips every chunk of queries already com
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/neighbors.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ("index_run_id", "method", "nprobe", "k", "recall_at_k", "mode")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("neighbors", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.neighbors.search import run_neighbors
-
-    manifest = run_job(lambda spark: run_neighbors(spark, cfg), cfg, args.verbose)
-    print(
-        json.dumps(
-            {
-                "stage": "neighbors",
-                "run_id": manifest["run_id"],
-                "index_run_id": manifest["index_run_id"],
-                "method": manifest["method"],
-                "nprobe": manifest.get("nprobe"),
-                "k": manifest["k"],
-                "recall_at_k": manifest.get("recall_at_k"),
-                "counts": manifest.get("counts"),
-                "wall_seconds": manifest.get("wall_seconds"),
-                "output": manifest.get("output"),
-                "noop": manifest.get("noop", False),
-            }
-        )
-    )
-    return manifest
+    return stage_main("neighbors", __doc__, argv, "cbir_lib.neighbors.search:run_neighbors", HEADLINE)
 
 
 if __name__ == "__main__":

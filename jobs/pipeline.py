@@ -13,10 +13,12 @@ import contextlib
 import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/pipeline.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job, sample_dir_for
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import load_config, parse_args, run_job, sample_dir_for
 
 ORDER = ("ingest", "extract", "build_index", "neighbors", "evaluate", "dedup")
 

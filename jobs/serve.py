@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/serve.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, setup_logging
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import load_config, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/sql.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import load_config, parse_args, run_job
 
 
 def _emit(table, args) -> None:

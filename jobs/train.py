@@ -8,35 +8,20 @@ labelled embeddings, fed from Parquet to tf.data by Petastorm, into
 
 from __future__ import annotations
 
-import json
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401
+if __package__ in (None, ""):  # run as a file (spark-submit jobs/train.py): see _bootstrap
+    import _bootstrap
 
-from jobs._common import load_config, parse_args, run_job
+    __package__ = _bootstrap.PACKAGE
+
+from ._common import stage_main
+
+HEADLINE = ("mode", "bits", "metrics")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse_args("train", __doc__, argv)
-    cfg = load_config(args.config, overrides)
-    from cbir_lib.finetune.train import run_train
-
-    manifest = run_job(lambda spark: run_train(spark, cfg), cfg, args.verbose)
-    print(
-        json.dumps(
-            {
-                "stage": "train",
-                "run_id": manifest["run_id"],
-                "classes": len(manifest["classes"]),
-                "bits": manifest["bits"],
-                "data": {k: manifest["data"][k] for k in ("train", "validation")},
-                "metrics": manifest["metrics"],
-                "output": manifest.get("output"),
-            }
-        )
-    )
-    return manifest
+    return stage_main("train", __doc__, argv, "cbir_lib.finetune.train:run_train", HEADLINE)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ LIB = Path(__file__).resolve().parents[1] / "cbir_lib"
 LAYERS = (
     ("common",),  # file systems, tables and their commits, leases, lineage
     ("config",),  # the typed configuration
+    ("stage",),  # the skeleton every stage runs on: run ids, inputs, no-op signatures, commits
     ("vectors", "sample", "edits"),  # pure numpy on vectors and codes; the demo's pictures; the copy edits
     ("images",),  # ingest
     ("models",),  # backbones and the trained head's numpy side

@@ -33,12 +33,12 @@ part; failed ones are counted and left out.
 from __future__ import annotations
 
 import logging
-import time
 
 from cbir_lib.common import fs, layout, lease, remote, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.dedup.core import chunk_bounds, flips
+from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -507,12 +507,13 @@ def run_dedup(spark, cfg: Config) -> dict:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    started = time.time()
     dd = cfg.dedup
-    run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
+    table = fs.join(root, TABLE)
+    run = StageRun.start(spark, cfg, "dedup", table, ("dedup",))
+    run_id = run.run_id
     img_uri = fs.join(root, layout.IMAGES)
-    img_run = tables.input_run(spark, img_uri, cfg.run, "ingest")
+    img_run, _ = run.read_input(spark, img_uri, "images", "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
@@ -522,7 +523,7 @@ def run_dedup(spark, cfg: Config) -> dict:
         .select("image_id", "path", "content_sha256", *hashes, "width", "height", "size_bytes")
         .cache()
     )
-    parts, lineage, timings, counts_extra = [], {"images_run_id": img_run}, {}, {}
+    parts, lineage, timings, counts_extra = [], {}, {}, {}
     if dd.exact:
         parts.append(exact_pairs(ok))
     if dd.sources in ("phash", "both"):
@@ -530,11 +531,10 @@ def run_dedup(spark, cfg: Config) -> dict:
             parts.append(phash_pairs(ok, getattr(dd, f"{column}_threshold"), dd.phash_chunks, column))
     if dd.sources in ("embedding", "both"):
         emb_uri = fs.join(root, layout.EMBEDDINGS)
-        emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract (dedup.sources includes embedding)")
+        emb_run, _ = run.read_input(spark, emb_uri, "embeddings", "extract (dedup.sources includes embedding)")
         embeddings = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok").select("image_id", "embedding")
         tau = dd.verify_min_score if dd.verify != "off" else dd.min_score
         emb_pairs, nb_run = embedding_pairs(spark, root, tau, ok.select("image_id"), embeddings, cfg.run)
-        lineage["embeddings_run_id"] = emb_run
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
     sig = None
@@ -643,12 +643,9 @@ def run_dedup(spark, cfg: Config) -> dict:
         F.max("size").alias("largest"),
         F.max("diameter").alias("diameter"),
     ).first()
-    table = fs.join(root, TABLE)
-    manifest = {
-        "stage": "dedup",
-        "run_id": run_id,
+    manifest = run.manifest(
         **lineage,
-        "params": {
+        params={
             "sources": dd.sources,
             "exact": dd.exact,
             "phash_threshold": dd.phash_threshold,
@@ -673,7 +670,7 @@ def run_dedup(spark, cfg: Config) -> dict:
             ),
             **({"band_per_image": dd.band_per_image} if dd.verify == "band" else {}),
         },
-        "counts": {
+        counts={
             "images": sum(status.values()),
             "ok": status.get("ok", 0),
             "skipped_failed": status.get("failed", 0),
@@ -687,22 +684,20 @@ def run_dedup(spark, cfg: Config) -> dict:
             "not_verified": not_verified,
             **counts_extra,
         },
-        "not_verified_examples": examples,
-        "worst_pairs": worst_examples,
-        "component_rounds": rounds,
-        "timings": timings,
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-    }
+        not_verified_examples=examples,
+        worst_pairs=worst_examples,
+        component_rounds=rounds,
+        timings=timings,
+    )
     manifest["output"] = tables.run_dir(table, run_id)
 
     def write(tmp: str) -> None:
         clusters.coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "clusters"))
         pairs.withColumn("dedup_run_id", F.lit(run_id)).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "pairs"))
 
-    manifest["wall_seconds"] = round(time.time() - started, 3)
+    manifest["wall_seconds"] = run.seconds()
     manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], status.get("ok", 0))  # extract's manifest has the same
-    tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    run.commit(spark, write, manifest)
     ok.unpersist()
     log.info("dedup %s: %d clusters holding %d images", run_id, stats.clusters, stats.images or 0)
     return manifest

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 
 from cbir_lib.common import fs, layout, lease, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.evaluate import metrics
 from cbir_lib.evaluate.groundtruth import ground_truth
 from cbir_lib.neighbors.rerank import expands_queries, mode_alpha, split_mode
+from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -429,13 +429,13 @@ def run_evaluate(spark, cfg: Config) -> dict:
 
     from cbir_lib.index.store import embeddings_table_uri
 
-    started = time.time()
     ev = cfg.evaluate
-    run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
+    table = fs.join(root, TABLE)
+    run = StageRun.start(spark, cfg, "evaluate", table, ("evaluate",))
+    run_id = run.run_id
     emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
-    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
+    emb_run, emb_manifest = run.read_input(spark, emb_uri, "embeddings", "extract")
     emb = spark.read.parquet(tables.run_dir(emb_uri, emb_run)).filter(F.col("status") == "ok")
     labels = ground_truth(spark, emb.select("image_id", "path"), ev.labels, ev.labels_base, root)
     universe = emb.select("image_id").join(labels, "image_id").dropDuplicates(["image_id"]).cache()
@@ -450,24 +450,18 @@ def run_evaluate(spark, cfg: Config) -> dict:
         per_query = per_query.cache()
         summ = summary(per_query, k)
     summ["labelled_images"] = n_labelled
-    table = fs.join(root, TABLE)
-    manifest = {
-        "stage": "evaluate",
-        "run_id": run_id,
-        "mode": ev.mode,
-        "labels": ev.labels,
-        "embeddings_run_id": emb_run,
-        "model": emb_manifest.get("model"),
-        "pooling": (emb_manifest.get("config") or {}).get("extract", {}).get("pooling"),
+    manifest = run.manifest(
+        mode=ev.mode,
+        labels=ev.labels,
+        model=emb_manifest.get("model"),
+        pooling=(emb_manifest.get("config") or {}).get("extract", {}).get("pooling"),
         **lineage,
-        "metrics": {
+        metrics={
             key: summ[key]
             for key in ("k", "queries", "precision_at_k", "map_at_k", "map", "recall_at_k", "mean_precision_at_k", "ns_score")
         },
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-        "timings": {"metrics_s": round(t["seconds"], 3)},
-    }
+        timings={"metrics_s": round(t["seconds"], 3)},
+    )
     manifest["output"] = tables.run_dir(table, run_id)
     report = None
     if ev.report:
@@ -483,7 +477,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
             rows, "label string, queries long, precision_at_k double, map_at_k double, recall_at_k double, map double"
         ).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, "per_class"))
 
-    manifest["wall_seconds"] = round(time.time() - started, 3)
+    manifest["wall_seconds"] = run.seconds()
     extra = {
         "metrics.json": json.dumps(
             {**summ, "lineage": {k_: manifest[k_] for k_ in manifest if k_ not in ("config", "metrics")}}, indent=2
@@ -492,7 +486,7 @@ def run_evaluate(spark, cfg: Config) -> dict:
     if report is not None:
         extra["report.html"] = report.encode("utf-8")
         manifest["report"] = fs.join(manifest["output"], "report.html")
-    tables.commit_dir(spark, write, table, run_id, manifest, extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    run.commit(spark, write, manifest, extra)
     per_query.unpersist()
     universe.unpersist()
     log.info(

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cbir_lib.common import faults, fs, layout, lease, remote, shards, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
 from cbir_lib.features.embedder import EmbedSpec, configure_devices, embed_stream, get_embedder
 from cbir_lib.features.pooling import l2_normalize
@@ -46,6 +46,7 @@ from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK
 from cbir_lib.images.ingest import images_table_uri
 from cbir_lib.models.backbones import ModelArtifact, resolve_artifact
 from cbir_lib.models.head import BACKBONE_FILE, WEIGHTS_FILE, apply_head, backbone_extract_config, load_head, load_weights_npz
+from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -495,17 +496,18 @@ def run_extract(spark, cfg: Config) -> dict:
     """Embed the latest images snapshot into ``<output_root>/embeddings``; return the manifest."""
     from pyspark.sql import functions as F
 
-    started = time.time()
     head = None
     if cfg.extract.head:
         cfg, head = _resolve_head(spark, cfg)
     e = cfg.extract
-    run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
-    images_uri = images_table_uri(spark, cfg)
-    images_run = tables.input_run(spark, images_uri, cfg.run, "ingest")
-    images = spark.read.parquet(tables.run_dir(images_uri, images_run))
     table = fs.join(root, TABLE)
+    # ingest.max_pixels: the decoder's bound on the pixels of an image it opens
+    run = StageRun.start(spark, cfg, "extract", table, ("extract", "ingest.max_pixels"))
+    run_id = run.run_id
+    images_uri = images_table_uri(spark, cfg)
+    images_run, _ = run.read_input(spark, images_uri, "images", "ingest")
+    images = spark.read.parquet(tables.run_dir(images_uri, images_run))
 
     with timer("resolving model " + e.model):
         artifact = resolve_artifact(e)
@@ -541,8 +543,7 @@ def run_extract(spark, cfg: Config) -> dict:
 
     if head is not None:
         _check_head(head, key)
-    prev_run = tables.base_run(spark, table, cfg.run)
-    prev_manifest = tables.read_manifest(spark, table, prev_run) if prev_run else None
+    # The vector space's post-processing, which readers compare across runs (index.store.vector_space).
     postprocess_sig = {
         "whitening": e.whitening,
         "whitening_dim": e.whitening_dim,
@@ -551,16 +552,10 @@ def run_extract(spark, cfg: Config) -> dict:
     }
     if e.whitening:  # the sample the whitening is fitted on (absent without whitening: older manifests still match)
         postprocess_sig["whitening_sample"] = e.whitening_sample
-    if (
-        not n_todo
-        and prev_manifest
-        and prev_manifest.get("feature_key") == key
-        and prev_manifest.get("images_run_id") == images_run
-        and prev_manifest.get("images_commit") == tables.commit_of(tables.read_manifest(spark, images_uri, images_run))
-        and prev_manifest.get("postprocess") == postprocess_sig
-    ):
-        log.info("extract: nothing to do; %s is current", prev_manifest.get("run_id"))
-        return {**prev_manifest, "noop": True}
+    run.sign(feature_key=key, head_sha256=postprocess_sig["head"])
+    current = run.current() if not n_todo else None
+    if current is not None:
+        return {**current, "noop": True}
 
     spec = EmbedSpec.from_config(e, artifact, cfg.ingest.max_pixels, tuple(pwa_info["channels"]) if pwa_info else ())
     embed_started = time.time()
@@ -715,59 +710,43 @@ def run_extract(spark, cfg: Config) -> dict:
         }
     final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz")), FINAL_DDL)
 
-    manifest = {
-        "stage": "extract",
-        "run_id": run_id,
-        "images_run_id": images_run,
-        "images_commit": tables.commit_of(tables.read_manifest(spark, images_uri, images_run)),
-        "feature_key": key,
-        "postprocess": postprocess_sig,
-        "config": cfg.to_dict(),
-        "model": {
+    manifest = run.manifest(
+        feature_key=key,
+        postprocess=postprocess_sig,
+        model={
             "name": artifact.model,
             "file": artifact.file_name,
             "sha256": artifact.sha256,
             "image_size": artifact.image_size,
             "output_layer": artifact.output_layer,
         },
-        "dim": dim,
-        "whitening": whitening_info,
-        "pwa": pwa_info,
-        "binary_codes": (
+        dim=dim,
+        whitening=whitening_info,
+        pwa=pwa_info,
+        binary_codes=(
             {"bits": dim, "file": "_binary_thresholds.npy", "rule": "x > collection mean"}
             if thresholds is not None
             else {"bits": dim, "rule": "trained code unit > 0.5"}
             if head_info
             else None
         ),
-        "head": head_info,
-        "packages": package_versions(),
-        "counts": {
+        head=head_info,
+        counts={
             "input": n_input,
             "ok": n_ok,
             "failed": n_failed,
             "embedded_this_run": processed,
             "reused": n_ok - (processed - failed_new),
         },
-        "embed_seconds": round(embed_seconds, 3),
-        "images_per_second": round(processed / embed_seconds, 3) if processed and embed_seconds > 0 else None,
-        "task_slots": slots,
-        "shards": _shard_summary(shard_stats, n_shards, plan, e.shard_size),
-    }
-    n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
-    manifest["wall_seconds"] = round(time.time() - started, 3)
-    manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)
-    out = tables.commit(
-        spark,
-        final.coalesce(n_files),
-        table,
-        run_id,
-        manifest,
-        extra_files=extra,
-        keep=cfg.run.keep_snapshots,
-        forward_only=cfg.run.pin_inputs,
+        embed_seconds=round(embed_seconds, 3),
+        images_per_second=round(processed / embed_seconds, 3) if processed and embed_seconds > 0 else None,
+        task_slots=slots,
+        shards=_shard_summary(shard_stats, n_shards, plan, e.shard_size),
     )
+    n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
+    manifest["wall_seconds"] = run.seconds()
+    manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)
+    run.commit_frame(spark, final.coalesce(n_files), manifest, extra_files=extra)
     combined.unpersist()
-    manifest["output"] = out
     log.info("extract %s: %s", run_id, manifest["counts"])
     return manifest

@@ -22,14 +22,14 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 
 import numpy as np
 
 from cbir_lib.common import fs, layout, lease, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.models.head import BACKBONE_FILE, WEIGHTS_FILE
+from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,14 @@ def run_train(spark, cfg: Config) -> dict:
     from pyspark.sql import functions as F
 
     tc = cfg.train
-    started = time.time()
-    run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
+    run = StageRun.start(spark, cfg, "train", fs.join(root, TABLE), ("train",))
+    run_id = run.run_id
     if tc.mode == "full":
-        src_uri, src_name = fs.join(root, layout.IMAGES), "ingest"
+        src_uri, src_name, src_as = fs.join(root, layout.IMAGES), "ingest", "images"
     else:
-        src_uri, src_name = fs.join(root, layout.EMBEDDINGS), "extract"
-    src_run = tables.input_run(spark, src_uri, cfg.run, src_name)
-    src_manifest = tables.read_manifest(spark, src_uri, src_run) or {}
+        src_uri, src_name, src_as = fs.join(root, layout.EMBEDDINGS), "extract", "embeddings"
+    src_run, src_manifest = run.read_input(spark, src_uri, src_as, src_name)
     if tc.mode == "head":
         if src_manifest.get("head"):
             raise ConfigError("extract.head: the embeddings were made with a trained head already; train on plain backbone embeddings")
@@ -244,16 +243,13 @@ def run_train(spark, cfg: Config) -> dict:
         metrics["validation_bits_on"] = round(float((code > 0.5).mean()), 4)
         metrics["validation_bits_undecided"] = round(float((np.abs(code - 0.5) < 0.1).mean()), 4)
     files = {MODEL_FILE: model_bytes, WEIGHTS_FILE: weights_bytes, **extra_files}
-    manifest = {
-        "stage": "train",
-        "run_id": run_id,
-        "mode": tc.mode,
-        ("images_run_id" if tc.mode == "full" else "embeddings_run_id"): src_run,
-        "base": base,
-        "classes": classes,
-        "bits": tc.bits,
-        "hidden": tc.hidden,
-        "data": {
+    manifest = run.manifest(
+        mode=tc.mode,
+        base=base,
+        classes=classes,
+        bits=tc.bits,
+        hidden=tc.hidden,
+        data={
             "labels": tc.labels,
             "split": tc.split,
             "validation_split": tc.validation_split,
@@ -263,23 +259,17 @@ def run_train(spark, cfg: Config) -> dict:
             "per_class": counts,
             "reader": "petastorm make_spark_converter -> tf.data",
         },
-        "params": {
+        params={
             k: getattr(tc, k)
             for k in ("epochs", "batch_size", "learning_rate", "dropout", "noise", "binarise", "balance", "seed", "trainable_blocks")
         },
-        "history": history,
-        "metrics": metrics,
-        "files": {name: _sha256(data) for name, data in files.items()},
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-        "timings": {"train_s": round(t["seconds"], 3)},
-        "wall_seconds": round(time.time() - started, 3),
-    }
-    table = fs.join(root, TABLE)
-    out = tables.commit_dir(
-        spark, lambda tmp: None, table, run_id, manifest, extra_files=files, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
+        history=history,
+        metrics=metrics,
+        files={name: _sha256(data) for name, data in files.items()},
+        timings={"train_s": round(t["seconds"], 3)},
+        wall_seconds=run.seconds(),
     )
-    manifest["output"] = out
+    run.commit(spark, lambda tmp: None, manifest, extra_files=files)
     log.info("train %s: %s", run_id, metrics)
     return manifest
 

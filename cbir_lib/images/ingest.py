@@ -8,14 +8,14 @@ read (Spark's ``binaryFile`` source) and analysed. Files that disappeared drop o
 from __future__ import annotations
 
 import logging
-import time
 
 import pandas as pd
 
 from cbir_lib.common import fs, layout, lease, remote, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK, analyse
+from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
     """Ingest ``images_uri`` into ``<output_root>/images`` and return the run manifest."""
     from pyspark.sql import functions as F
 
-    started = time.time()
-    run_id = cfg.run.run_id or new_run_id()
     table = images_table_uri(spark, cfg)
+    run = StageRun.start(spark, cfg, "ingest", table, ("ingest",))
+    run_id = run.run_id
     source = fs.qualify(spark, images_uri)
     if not fs.exists(spark, source):
         raise FileNotFoundError(f"ingest.images: {images_uri} does not exist")
@@ -143,7 +143,13 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
             empties = spark.createDataFrame([(p, 0, None) for p in empty_paths], "path string, size_bytes long, modificationTime timestamp")
             listing = scanned.unionByName(empties)
 
-    prev_run = tables.base_run(spark, table, cfg.run)
+    prev_run = run.base_run
+    theirs = (run.base or {}).get("signature")
+    if prev_run and theirs is not None and theirs != run.signature:
+        # Rows analysed under other settings (hash decode side, pixel or size bounds) are not
+        # carried: every file is analysed again. (A base from before signatures is carried.)
+        log.info("ingest: %s; every file is analysed again", run.stale_because())
+        prev_run = None
     prev = spark.read.parquet(tables.run_dir(table, prev_run)) if prev_run else None
     if prev is not None:
         joined = listing.join(
@@ -215,14 +221,10 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
         for r in images.filter(F.col("status") == STATUS_FAILED).groupBy(F.split("error", ":").getItem(0).alias("reason")).count().collect()
     }
     total = sum(counts.values())
-    manifest = {
-        "stage": "ingest",
-        "run_id": run_id,
-        "source": source,
-        "previous_run_id": prev_run,
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-        "counts": {
+    manifest = run.manifest(
+        source=source,
+        previous_run_id=prev_run,
+        counts={
             "listed": n_listed,
             "new_or_changed": n_todo,
             "carried": total - sum(new_counts.values()),
@@ -232,19 +234,10 @@ def run_ingest(spark, cfg: Config, images_uri: str) -> dict:
             "failed": counts.get(STATUS_FAILED, 0),
             "failure_reasons": reasons,
         },
-        "wall_seconds": round(time.time() - started, 3),
-    }
-    out = tables.commit(
-        spark,
-        images.coalesce(max(1, min(parallelism, total // 20000 + 1))),
-        table,
-        run_id,
-        manifest,
-        keep=cfg.run.keep_snapshots,
-        forward_only=cfg.run.pin_inputs,
+        wall_seconds=run.seconds(),
     )
+    run.commit_frame(spark, images.coalesce(max(1, min(parallelism, total // 20000 + 1))), manifest)
     images.unpersist()
     scanned.unpersist()
-    manifest["output"] = out
     log.info("ingest %s: %s", run_id, manifest["counts"])
     return manifest

@@ -28,7 +28,7 @@ import uuid
 import numpy as np
 
 from cbir_lib.common import fs, inprocess, lease, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
@@ -63,6 +63,7 @@ from cbir_lib.index.store import (
     vector_space,
     write_forests,
 )
+from cbir_lib.stage import StageRun
 from cbir_lib.vectors.arrow import binary_to_numpy, to_numpy, vectors_binary
 from cbir_lib.vectors.topk import prepare
 
@@ -281,24 +282,6 @@ def write_store_in_process(
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
 
 
-def _index_signature(cfg: Config, dim: int) -> dict:
-    i = cfg.index
-    return {
-        "dim": dim,
-        "metric": i.metric,
-        "partitioning": i.partitioning,
-        "n_cells": i.n_cells,
-        "balance": i.balance,
-        "train_sample": i.train_sample,
-        "kmeans_iter": i.kmeans_iter,
-        "forests": i.forests,
-        "n_trees": i.n_trees,
-        "seed": i.seed,
-        "export_ann_files": i.export_ann_files,
-        "reduced_dim": i.reduced_dim if reduce.applies(dim, i.reduced_dim) and i.partitioning == "kmeans" else 0,
-    }
-
-
 @lease.leased(TABLE, "build_index")
 def run_build_index(spark, cfg: Config) -> dict:
     """Build ``<output_root>/index/run=<id>/`` from the latest embeddings; return the manifest.
@@ -313,28 +296,19 @@ def run_build_index(spark, cfg: Config) -> dict:
 def _run_build_index(spark, cfg: Config) -> dict:
     from pyspark.sql import functions as F
 
-    started = time.time()
     ic = cfg.index
-    run_id = cfg.run.run_id or new_run_id()
-    emb_uri = embeddings_table_uri(spark, cfg)
-    emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
-    emb_manifest = tables.read_manifest(spark, emb_uri, emb_run) or {}
-    dim = emb_manifest.get("dim")
     table = index_table_uri(spark, cfg)
-    signature = _index_signature(cfg, dim)
-    prev_run = tables.base_run(spark, table, cfg.run)
-    prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
+    run = StageRun.start(spark, cfg, "index", table, ("index",))
+    started, run_id, prev = run.started, run.run_id, run.base
+    emb_uri = embeddings_table_uri(spark, cfg)
+    emb_run, emb_manifest = run.read_input(spark, emb_uri, "embeddings", "extract")
+    dim = emb_manifest.get("dim")
+    run.sign(dim=dim)
     # A full build asked for is not answered by an incremental one of the same input.
     forced_full = ic.mode == "full" and (prev or {}).get("mode") == "incremental"
-    if (
-        prev
-        and prev.get("embeddings_run_id") == emb_run
-        and prev.get("signature") == signature
-        and prev.get("embeddings_commit") == tables.commit_of(emb_manifest)
-        and not forced_full
-    ):
-        log.info("build_index: nothing to do; index %s is current for embeddings %s", prev["run_id"], emb_run)
-        return {**prev, "noop": True}
+    current = run.current() if not forced_full else None
+    if current is not None:
+        return {**current, "noop": True}
 
     # The run's ok rows as a DataFrame, made only where a Spark job reads them: a build in
     # this process reads the files itself, and the session's first DataFrame costs ~0.9 s
@@ -367,9 +341,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         from cbir_lib.index import incremental  # it builds on this module's helpers
 
         started_inc = time.time()
-        done, full_reason = incremental.try_incremental(
-            spark, cfg, run_id, table, prev, emb_uri, emb_run, emb_manifest, embeddings(), signature, content_hashed
-        )
+        done, full_reason = incremental.try_incremental(spark, run, emb_uri, emb_run, emb_manifest, embeddings(), content_hashed)
         if done is not None:
             return done
         log.info("build_index: a full build instead of an incremental one: %s", full_reason)
@@ -456,34 +428,27 @@ def _run_build_index(spark, cfg: Config) -> dict:
             _assign_cells(centroids_bytes, ic.metric, n_cells, reduction_bytes), STORE_DDL + (", reduced binary" if reduction_bytes else "")
         )
 
-    manifest: dict = {
-        "stage": "index",
-        "run_id": run_id,
-        "embeddings_run_id": emb_run,
-        "embeddings_commit": tables.commit_of(emb_manifest),
-        "signature": signature,
-        "config": cfg.to_dict(),
-        "dim": dim,
-        "metric": ic.metric,
-        "partitioning": ic.partitioning,
-        "n_cells": n_cells,
-        "n_trees": ic.n_trees if ic.forests else None,
-        "seed": ic.seed,
-        "centroids": {"file": CENTROIDS, "shape": [n_cells, dim], "trained_on": trained_on} if centroids is not None else None,
-        "reduction": reduction,
-        "mode": "full",
-        "full_reason": full_reason,
-        "full_run_id": run_id,
-        "builds_since_full": 0,
-        "quantisation": quantisation,
-        "vector_space": vector_space(spark, emb_uri, emb_run, emb_manifest),
-        "store": STORE,
-        "store_fp": True,
-        "forests": FORESTS if ic.forests else None,
-        "ann_files": ANN if ic.forests and ic.export_ann_files else None,
-        "packages": package_versions(),
-        "execution": execution,
-    }
+    manifest: dict = run.manifest(
+        dim=dim,
+        metric=ic.metric,
+        partitioning=ic.partitioning,
+        n_cells=n_cells,
+        n_trees=ic.n_trees if ic.forests else None,
+        seed=ic.seed,
+        centroids={"file": CENTROIDS, "shape": [n_cells, dim], "trained_on": trained_on} if centroids is not None else None,
+        reduction=reduction,
+        mode="full",
+        full_reason=full_reason,
+        full_run_id=run_id,
+        builds_since_full=0,
+        quantisation=quantisation,
+        vector_space=vector_space(spark, emb_uri, emb_run, emb_manifest),
+        store=STORE,
+        store_fp=True,
+        forests=FORESTS if ic.forests else None,
+        ann_files=ANN if ic.forests and ic.export_ann_files else None,
+        execution=execution,
+    )
 
     def write(tmp: str) -> None:
         with timer("assigning vectors to cells and writing the store") as t:
@@ -521,10 +486,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         manifest["build_seconds"] = round(time.time() - started, 3)
 
     handed: list | None = [] if handoff_wanted() else None  # the sorted store, for the next stage of this process
-    out = tables.commit_dir(
-        spark, write_and_time, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
-    )
-    manifest["output"] = out
+    run.commit(spark, write_and_time, manifest, extra_files=extra)
     if handed:
         offer_store(run_id, tables.commit_of(manifest), *handed[0])
     c = manifest["counts"]

@@ -33,8 +33,7 @@ import numpy as np
 
 from cbir_lib.common import fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
-from cbir_lib.common.lineage import package_versions, timer
-from cbir_lib.config import Config
+from cbir_lib.common.lineage import timer
 from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
@@ -55,6 +54,7 @@ from cbir_lib.index.store import (
     write_forest_rows,
     write_forests,
 )
+from cbir_lib.stage import StageRun
 from cbir_lib.vectors.arrow import binary_to_numpy
 
 log = logging.getLogger(__name__)
@@ -260,28 +260,25 @@ def _write_store_in_process(
 
 def try_incremental(
     spark,
-    cfg: Config,
-    run_id: str,
-    table: str,
-    prev: dict | None,
+    run: StageRun,
     emb_uri: str,
     emb_run: str,
     emb_manifest: dict,
     emb,
-    signature: dict,
     content_hashed: bool = False,
 ) -> tuple[dict | None, str | None]:
-    """Build the index incrementally on ``prev``: ``(manifest, None)``, or ``(None, why not)``.
+    """Build the index incrementally on the run's base: ``(manifest, None)``, or ``(None, why not)``.
 
     Where a full build of the collection would run in this process (``run.execution``),
     so does the night: the diff of the keys, the added vectors' assignment and the store
     rewritten file by file, by pyarrow (the forests stay Spark's)."""
     from pyspark.sql import functions as F
 
+    cfg, run_id, table, prev = run.cfg, run.run_id, run.table, run.base
     ic = cfg.index
     if prev is None:
         return None, "there is no earlier index to build on"
-    if prev.get("signature") != signature:
+    if prev.get("signature") != run.signature:
         return None, f"the index settings differ from those of index {prev['run_id']}"
     if not prev.get("store_fp"):
         return None, f"index {prev['run_id']} has no content fingerprints in its store (built before incremental builds)"
@@ -378,25 +375,20 @@ def try_incremental(
             .mapInArrow(_read_added(files, added_ids, added_fps, assigner), ddl)
         )
 
-    manifest = {
-        k: v for k, v in prev.items() if k not in ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")
-    }
+    # The base's description of the index (cells, centroids, reduction, ...), then this run's.
+    carried = ("output", "noop", "commit_id", "spark", "timings", "build_seconds", "ann_files_written")
+    manifest = {k: v for k, v in prev.items() if k not in carried}
     manifest.update(
-        {
-            "run_id": run_id,
-            "embeddings_run_id": emb_run,
-            "embeddings_commit": tables.commit_of(emb_manifest),
-            "config": cfg.to_dict(),
-            "mode": "incremental",
-            "full_reason": None,
-            "base_run_id": prev["run_id"],
-            "base_commit": tables.commit_of(prev),
-            "builds_since_full": chain,
-            "vector_space": space,
-            "delta": DELTA,
-            "packages": package_versions(),
-            "execution": execution,
-        }
+        run.manifest(
+            mode="incremental",
+            full_reason=None,
+            base_run_id=prev["run_id"],
+            base_commit=tables.commit_of(prev),
+            builds_since_full=chain,
+            vector_space=space,
+            delta=DELTA,
+            execution=execution,
+        )
     )
     full = prev.get("full_build") or {
         "vectors": (prev.get("counts") or {}).get("vectors"),
@@ -523,12 +515,9 @@ def try_incremental(
         extra[REDUCTION] = reduction_bytes
     handed: list | None = [] if on_driver and handoff_wanted() else None  # the store's tables, for the next stage
     try:
-        out = tables.commit_dir(
-            spark, write, table, run_id, manifest, extra_files=extra, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs
-        )
+        run.commit(spark, write, manifest, extra_files=extra)
     except _Drifted as e:
         return None, f"the drift check asks for one: {e}"
-    manifest["output"] = out
     if handed:
         offer_store_tables(run_id, tables.commit_of(manifest), handed)
     d = manifest["delta_counts"]

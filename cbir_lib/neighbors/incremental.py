@@ -41,8 +41,7 @@ import numpy as np
 
 from cbir_lib.common import faults, fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
-from cbir_lib.common.lineage import package_versions, timer
-from cbir_lib.config import Config
+from cbir_lib.common.lineage import timer
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.index.store import cell_offsets
 from cbir_lib.neighbors import listops
@@ -50,6 +49,7 @@ from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
 from cbir_lib.neighbors.spec import SearchSpec
+from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class NotIncremental(Exception):
 KINDS = ("added", "updated", "refilled", "removed")  # and "rebuilt", every image of a full run
 
 
-def why_not(prev: dict | None, index: dict, params: dict, grouped: bool) -> str | None:
+def why_not(prev: dict | None, index: dict, params: dict, signature: dict, grouped: bool) -> str | None:
     """Why this run cannot be incremental (then a full one runs), or None."""
     if index.get("mode") != "incremental":
         return f"index {index['run_id']} was built in full" + (f" ({index['full_reason']})" if index.get("full_reason") else "")
@@ -96,7 +96,7 @@ def why_not(prev: dict | None, index: dict, params: dict, grouped: bool) -> str 
             f"the latest neighbours ({prev['run_id']}) were built on index {prev.get('index_run_id')}, not on "
             f"{index.get('base_run_id')}, the base of index {index['run_id']}"
         )
-    if {k: v for k, v in (prev.get("params") or {}).items()} != params:
+    if prev.get("signature") != signature:
         return f"the neighbours settings differ from those of run {prev['run_id']}"
     if not (prev.get("reserve") or {}).get("output"):
         return f"neighbours run {prev['run_id']} has no _reserve (it predates incremental runs)"
@@ -211,11 +211,12 @@ def _probed_share(spec: SearchSpec, n: int) -> float:
     return 1.0 if spec.method == "exact" else min(1.0, spec.nprobe / n_cells)
 
 
-def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, params, memory, started, night: _Night) -> dict:
+def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, night: _Night) -> dict:
     """The night in this process (``run.execution``): the same snapshot as :func:`run`'s
     Spark plan, row for row, with the lists in numpy (:mod:`~cbir_lib.neighbors.listops`)
     and the night's searches as the driver's slices. At 1M the Spark plan's list
     statistics, merge and commit cost ~28 s of a 60 s night, and its store load 14 s."""
+    cfg, run_id, prev, started = stage.cfg, stage.run_id, stage.base, stage.started
     import pyarrow as pa
 
     nb = cfg.neighbors
@@ -308,7 +309,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
     recall = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings)
     _check_recall(nb, *recall[:2], recall[3])
     moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
-    manifest = _manifest(cfg, run_id, table, prev, index, spec, params, memory, night, moved, recall, n_queries)
+    manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
     groups = _change_groups(night, refill, top_changed)
     changes = pa.table(
         [
@@ -320,7 +321,7 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
     n_files = L._output_files(spark, n)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_arrow_lists(spark, lists.to_arrow(), changes, k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
+        L.commit_arrow_lists(spark, lists.to_arrow(), changes, k, nb.min_score, n_files, stage, manifest, spec)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -331,22 +332,20 @@ def _in_process(spark, sc, cfg: Config, run_id, table, root, prev, index, spec, 
 
 def run(
     spark,
-    cfg: Config,
-    run_id: str,
-    table: str,
+    stage: StageRun,
     root: str,
-    prev: dict,
     index: dict,
     spec: SearchSpec,
     params: dict,
     slots: int,
     memory: dict,
-    started: float,
 ) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    cfg, run_id, table, prev, started = stage.cfg, stage.run_id, stage.table, stage.base, stage.started
+    assert prev is not None  # why_not() said so
     nb = cfg.neighbors
     sc = spark.sparkContext
     k, width = nb.k, spec.k
@@ -386,7 +385,7 @@ def run(
     night = _Night(k, width, n, n_prev, work_key, work_dir, added, removed, changed, timings)
     if on_driver:
         with inprocess.running(inprocess.driver_threads(spark), T._STORES, T._POSITIONS, _THRESHOLDS) as local_sc:
-            return _in_process(spark, local_sc, cfg, run_id, table, root, prev, index, spec, params, memory, started, night)
+            return _in_process(spark, local_sc, stage, root, index, spec, params, memory, night)
 
     old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.
@@ -514,10 +513,10 @@ def run(
         raise
     moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
     recall = (recall_new, recall_old, sample_sizes, upper)
-    manifest = _manifest(cfg, run_id, table, prev, index, spec, params, memory, night, moved, recall, n_queries)
+    manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), table, run_id, manifest, cfg)
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -540,11 +539,13 @@ def _check_recall(nb, recall_new, recall_old, upper) -> None:
         )
 
 
-def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int) -> dict:
+def _manifest(stage: StageRun, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int) -> dict:
     """The night's manifest, everything but ``counts.rows`` and ``wall_seconds``, set at the
     commit. ``moved``: the sorted ids of the lists the night ``refill``-ed, ``reverse_ids``
     (a new image entered), ``lost_only`` (a neighbour left), ``touched`` (either) and
     ``top_changed``."""
+    cfg, table, prev, run_id = stage.cfg, stage.table, stage.base, stage.run_id
+    assert prev is not None
     recall_new, recall_old, sample_sizes, upper = recall
     refill, reverse_ids, lost_only, touched, top_changed = (
         moved[f] for f in ("refill", "reverse_ids", "lost_only", "touched", "top_changed")
@@ -552,7 +553,7 @@ def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Nig
     recalls = [r for r in (recall_new, recall_old) if r is not None]
     added, removed, changed = night.added, night.removed, night.changed
     return {
-        **L.manifest_head(run_id, index, params, cfg, spec.method, spec),
+        **L.manifest_head(stage, index, params, spec.method, spec),
         "k": night.k,
         "reserve": {"rows": cfg.neighbors.reserve, "output": L.RESERVE, "searched_k": night.width},
         "mode": "incremental",
@@ -582,7 +583,6 @@ def _manifest(cfg, run_id, table, prev, index, spec, params, memory, night: _Nig
         "searched_this_run": n_queries,
         "memory": memory,
         "timings": night.timings,
-        "packages": package_versions(),
         "output": tables.run_dir(table, run_id),
         "counts": {"queries": night.n, "rows": None},  # counted by the commit from the files it writes
     }

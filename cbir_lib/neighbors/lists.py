@@ -15,6 +15,7 @@ import numpy as np
 from cbir_lib.common import fs, layout, remote, tables
 from cbir_lib.config import Config
 from cbir_lib.neighbors.spec import SearchSpec
+from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import NO_ID
 
 log = logging.getLogger(__name__)
@@ -44,21 +45,17 @@ def _spec_key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def manifest_head(run_id: str, index: dict, params: dict, cfg: Config, method: str, spec: SearchSpec) -> dict:
-    """The fields every neighbours manifest starts with: lineage, settings and the search."""
-    return {
-        "stage": "neighbors",
-        "run_id": run_id,
-        "index_run_id": index["run_id"],
-        "index_commit": tables.commit_of(index),
-        "embeddings_run_id": index.get("embeddings_run_id"),
-        "params": params,
-        "config": cfg.to_dict(),
-        "method": method,
-        "nprobe": spec.nprobe if method != "exact" else None,
-        "shortlist": spec.shortlist if method == "dense" else None,  # the reduced first pass's, None: full dimension
-        "metric": index["metric"],
-    }
+def manifest_head(stage: StageRun, index: dict, params: dict, method: str, spec: SearchSpec) -> dict:
+    """The fields every neighbours manifest starts with: the stage's common fields
+    (its input: the index), the embeddings behind the index, the settings and the search."""
+    return stage.manifest(
+        embeddings_run_id=index.get("embeddings_run_id"),
+        params=params,
+        method=method,
+        nprobe=spec.nprobe if method != "exact" else None,
+        shortlist=spec.shortlist if method == "dense" else None,  # the reduced first pass's, None: full dimension
+        metric=index["metric"],
+    )
 
 
 def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
@@ -77,7 +74,7 @@ def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
     return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
-def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manifest: dict, cfg: Config) -> str:
+def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict) -> str:
     """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
     table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
     ``counts.rows`` to the table's rows as written."""
@@ -91,7 +88,7 @@ def commit_lists(spark, public, reserve, changes, table: str, run_id: str, manif
         if changes is not None:
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
 
-    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    return stage.commit(spark, write, manifest)
 
 
 def _read_parts(spec: SearchSpec, dirs: list[str], spark):
@@ -111,10 +108,8 @@ def commit_arrow_lists(
     k: int,
     min_score: float | None,
     n_files: int,
-    table: str,
-    run_id: str,
+    stage: StageRun,
     manifest: dict,
-    cfg: Config,
     spec: SearchSpec,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
@@ -130,6 +125,7 @@ def commit_arrow_lists(
     def with_run(t):  # not null, as Spark's lit() writes it
         return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
 
+    run_id = stage.run_id
     public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
     changes = with_run(changes)
     files = remote.Files(**spec.files)
@@ -143,7 +139,7 @@ def commit_arrow_lists(
         remote.write_parquets(files, jobs)
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
-    return tables.commit_dir(spark, write, table, run_id, manifest, keep=cfg.run.keep_snapshots, forward_only=cfg.run.pin_inputs)
+    return stage.commit(spark, write, manifest)
 
 
 def rebuilt_changes(ids: np.ndarray):

@@ -42,7 +42,7 @@ import uuid
 import numpy as np
 
 from cbir_lib.common import faults, fs, inprocess, layout, lease, remote, shards, tables
-from cbir_lib.common.lineage import new_run_id, package_versions, timer
+from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
 from cbir_lib.index.store import (
     CENTROIDS,
@@ -89,6 +89,7 @@ from cbir_lib.neighbors.tasks import (
     local_store,
     split_rows,
 )
+from cbir_lib.stage import StageRun
 from cbir_lib.vectors.codes import threshold
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
@@ -156,16 +157,18 @@ def _run_neighbors(spark, cfg: Config) -> dict:
 def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     from pyspark.sql import functions as F
 
-    started = time.time()
     nb = cfg.neighbors
-    run_id = cfg.run.run_id or new_run_id()
     root = fs.qualify(spark, cfg.run.output_root)
+    table = fs.join(root, TABLE)
+    stage = StageRun.start(spark, cfg, "neighbors", table, ("neighbors",))
+    started, run_id, prev = stage.started, stage.run_id, stage.base
     emb_uri = embeddings_table_uri(spark, cfg)
     emb_run = tables.input_run(spark, emb_uri, cfg.run, "extract")
     emb_manifest = tables.read_manifest(spark, emb_uri, emb_run)
     index_run = tables.input_run(spark, index_table_uri(spark, cfg), cfg.run, "build_index") if cfg.run.pin_inputs else None
     index = load_index_manifest(spark, cfg, index_run)
     check_compatible(index, emb_manifest, emb_run, cfg)
+    stage.use_input("index", index)  # the index's commit stands for the embeddings it was built from
 
     offsets = cell_offsets(index)
     n = int(offsets[-1])
@@ -174,7 +177,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if method == "auto":
         method = "exact" if n <= nb.exact_max_n else "dense"
     nprobe = min(nb.nprobe, n_cells)
-    table = fs.join(root, TABLE)
+    # The settings as the search applies them, for readers of the manifest (the no-op
+    # signature is the stage's, derived from the neighbors section).
     params = {
         "k": nb.k,
         "method": nb.method,
@@ -192,7 +196,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "code_candidates": nb.code_candidates if nb.method == "hierarchical" else None,
         "reserve": nb.reserve,
     }
-    if method == "lsh":  # only then: the other runs keep their no-op signatures
+    if method == "lsh":
         params["lsh"] = {"tables": nb.lsh_tables, "bits": nb.lsh_bits, "radius": nb.lsh_radius, "seed": int(index.get("seed", 0))}
         if index["metric"] != "angular":
             raise IndexMismatch(
@@ -200,29 +204,22 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 f"index {index['run_id']} is {index['metric']!r}"
             )
     vector_mode, kr_on = split_mode(nb.rerank)
-    if kr_on:  # only then: the other runs keep their no-op signatures
+    if kr_on:
         params["k_reciprocal"] = {"k1": nb.kr_k1, "k2": nb.kr_k2, "lambda": nb.kr_lambda, "depth": nb.kr_depth}
         if index["metric"] != "angular":  # refused before any search, not after it
             raise IndexMismatch(
                 f"neighbors.rerank: {nb.rerank!r} weighs neighbours by exp(score - 1) and needs metric 'angular'; "
                 f"index {index['run_id']} is {index['metric']!r}"
             )
-    prev_run = tables.base_run(spark, table, cfg.run)
-    prev = tables.read_manifest(spark, table, prev_run) if prev_run else None
     forced_full = nb.mode == "full" and (prev or {}).get("mode") == "incremental"
-    if (
-        prev
-        and prev.get("index_run_id") == index["run_id"]
-        and prev.get("params") == params
-        and prev.get("index_commit") == tables.commit_of(index)
-        and not forced_full
-    ):
+    current = stage.current() if not forced_full else None
+    if current is not None:
+        prev = current
         if nb.pairs and not _pairs_of(spark, root, prev["run_id"], cfg.run.pin_inputs):
             # A run killed between its two commits: the neighbours are current, the pairs not.
             log.info("neighbors: %s is current but its pairs table is missing; committing it", prev["run_id"])
             _commit_pairs(spark, cfg, root, spark.read.parquet(prev["output"]), prev["run_id"], _output_files(spark, prev["n"]))
             return {**prev, "noop": False, "pairs_only": True}
-        log.info("neighbors: nothing to do; %s is current for index %s", prev["run_id"], index["run_id"])
         return {**prev, "noop": True}
 
     # The layout: the whole store on every executor while it fits the budget, else groups.
@@ -276,10 +273,10 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if nb.mode == "incremental":
         from cbir_lib.neighbors import incremental  # it builds on this module's helpers
 
-        full_reason = incremental.why_not(prev, index, params, grouped)
+        full_reason = incremental.why_not(prev, index, params, stage.signature, grouped)
         if full_reason is None:
             try:
-                return incremental.run(spark, cfg, run_id, table, root, prev, index, spec, params, slots, memory, started)
+                return incremental.run(spark, stage, root, index, spec, params, slots, memory)
             except incremental.NotIncremental as exc:
                 full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
@@ -459,7 +456,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         timings["k_reciprocal_s"] = round(t["seconds"], 3)
     n_files = _output_files(spark, n)
     manifest = {
-        **manifest_head(run_id, index, params, cfg, method, spec),
+        **manifest_head(stage, index, params, method, spec),
         "k": nb.k,
         "reserve": {"rows": nb.reserve, "output": RESERVE, "searched_k": spec.k},
         "mode": "full",
@@ -483,7 +480,6 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "searched_this_run": searched,
         "memory": memory,
         "timings": timings,
-        "packages": package_versions(),
     }
     # Everything the manifest records is known before the commit, so it is written once,
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
@@ -496,7 +492,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # A full run may change any list: _changes names every image, kind "rebuilt".
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
-            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, table, run_id, manifest, cfg, spec)
+            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec)
             final = None
         else:
             final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
@@ -506,7 +502,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 .withColumn("kind", F.lit("rebuilt"))
                 .withColumn("neighbors_run_id", F.lit(run_id))
             )
-            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), table, run_id, manifest, cfg)
+            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), stage, manifest)
     faults.point("neighbors.between_commits")
     if nb.pairs:
         _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)
