@@ -129,7 +129,7 @@ def evaluate_embedding(x, label, split, seeds, bits, candidates, suffix, rows, t
 
     from cbir_lib.config import TrainConfig
     from cbir_lib.finetune.head import head_weights
-    from cbir_lib.finetune.train import fit_head
+    from cbir_lib.finetune.run import fit_head
     from cbir_lib.models.head import apply_head
     from cbir_lib.neighbors.rerank import exact_rerank
     from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold

@@ -20,7 +20,7 @@ HEADLINE = ("embeddings_run_id", "metric", "n_cells", "mode", "build_seconds")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage_main("build_index", __doc__, argv, "cbir_lib.index.build:run_build_index", HEADLINE)
+    return stage_main("build_index", __doc__, argv, "cbir_lib.index.run:run_build_index", HEADLINE)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from cbir_lib.common.lease import ConcurrentRun
     from cbir_lib.config import ConfigError
-    from cbir_lib.features.extract import ExtractFailed
-    from cbir_lib.images.ingest import IngestFailed
+    from cbir_lib.features.run import ExtractFailed
+    from cbir_lib.images.run import IngestFailed
     from cbir_lib.index.store import IndexMismatch
-    from cbir_lib.neighbors.search import RecallTooLow
+    from cbir_lib.neighbors.run import RecallTooLow
     from cbir_lib.query import QueryError
     from cbir_lib.sql.views import NoRuns
 

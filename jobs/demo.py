@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     from cbir_lib.common import fs
     from cbir_lib.dedup.run import run_dedup
     from cbir_lib.evaluate.run import run_evaluate
-    from cbir_lib.features.extract import run_extract
-    from cbir_lib.images.ingest import run_ingest
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.features.run import run_extract
+    from cbir_lib.images.run import run_ingest
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     sample_dir = cfg.ingest.images or sample_dir_for(cfg)
 

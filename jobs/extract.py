@@ -19,7 +19,7 @@ HEADLINE = ("images_per_second",)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage_main("extract", __doc__, argv, "cbir_lib.features.extract:run_extract", HEADLINE)
+    return stage_main("extract", __doc__, argv, "cbir_lib.features.run:run_extract", HEADLINE)
 
 
 if __name__ == "__main__":

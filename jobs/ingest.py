@@ -17,7 +17,7 @@ from ._common import sample_dir_for, stage_main
 
 
 def _ingest(spark, cfg) -> dict:
-    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.images.run import run_ingest
 
     return run_ingest(spark, cfg, cfg.ingest.images or sample_dir_for(cfg))
 

@@ -20,7 +20,7 @@ HEADLINE = ("index_run_id", "method", "nprobe", "k", "recall_at_k", "mode")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage_main("neighbors", __doc__, argv, "cbir_lib.neighbors.search:run_neighbors", HEADLINE)
+    return stage_main("neighbors", __doc__, argv, "cbir_lib.neighbors.run:run_neighbors", HEADLINE)
 
 
 if __name__ == "__main__":

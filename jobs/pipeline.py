@@ -48,15 +48,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # Each stage's module is imported only when it runs (extract's imports TensorFlow).
         def stage_fn(stage: str):
             if stage == "ingest":
-                from cbir_lib.images.ingest import run_ingest
+                from cbir_lib.images.run import run_ingest
 
                 return lambda: run_ingest(spark, cfg, cfg.ingest.images or sample_dir_for(cfg))
             if stage == "extract":
-                from cbir_lib.features.extract import run_extract as fn
+                from cbir_lib.features.run import run_extract as fn
             elif stage == "build_index":
-                from cbir_lib.index.build import run_build_index as fn
+                from cbir_lib.index.run import run_build_index as fn
             elif stage == "neighbors":
-                from cbir_lib.neighbors.search import run_neighbors as fn
+                from cbir_lib.neighbors.run import run_neighbors as fn
             elif stage == "evaluate":
                 from cbir_lib.evaluate.run import run_evaluate as fn
             else:

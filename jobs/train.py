@@ -21,7 +21,7 @@ HEADLINE = ("mode", "bits", "metrics")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return stage_main("train", __doc__, argv, "cbir_lib.finetune.train:run_train", HEADLINE)
+    return stage_main("train", __doc__, argv, "cbir_lib.finetune.run:run_train", HEADLINE)
 
 
 if __name__ == "__main__":

@@ -122,10 +122,10 @@ def odd_files():
 def fixtures_run(spark, tmp_path_factory, model_cache):
     """The imagededup fixtures through ingest, extract, index and neighbours, once per session."""
     from cbir_lib import config
-    from cbir_lib.features.extract import run_extract
-    from cbir_lib.images.ingest import run_ingest
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.features.run import run_extract
+    from cbir_lib.images.run import run_ingest
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     need_shared(DEDUP)
     src = tmp_path_factory.mktemp("fixtures") / "images"

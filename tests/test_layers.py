@@ -82,8 +82,8 @@ def test_imports_point_down(path):
 
 def test_the_contract_catches_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from cbir_lib.neighbors.search import run_neighbors\n")
-    assert _imports(bad) == [(2, "cbir_lib.neighbors.search")]
+    bad.write_text("def f():\n    from cbir_lib.neighbors.run import run_neighbors\n")
+    assert _imports(bad) == [(2, "cbir_lib.neighbors.run")]
     assert LAYER["neighbors"] > LAYER["features"]  # so features importing it is refused above
 
 
@@ -138,3 +138,24 @@ def test_no_module_reaches_itself_through_its_imports():
     new = found - KNOWN_CYCLES
     assert not new, "import cycles: " + "; ".join(" -> ".join(sorted(c)) for c in new)
     assert not KNOWN_CYCLES - found, "a known cycle is gone: take it off KNOWN_CYCLES"
+
+
+# Each stage's Spark adapter is <package>/run.py, and it starts the stage skeleton there.
+ADAPTERS = {
+    "images": "run_ingest",
+    "features": "run_extract",
+    "index": "run_build_index",
+    "neighbors": "run_neighbors",
+    "evaluate": "run_evaluate",
+    "dedup": "run_dedup",
+    "finetune": "run_train",
+}
+
+
+@pytest.mark.parametrize("package", sorted(ADAPTERS))
+def test_every_stage_has_its_adapter_in_run_py_on_the_skeleton(package):
+    path = LIB / package / "run.py"
+    tree = ast.parse(path.read_text(), str(path))
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert ADAPTERS[package] in defined, f"{path.relative_to(LIB)} defines no {ADAPTERS[package]}"
+    assert "StageRun.start(" in path.read_text(), f"{path.relative_to(LIB)} does not start a StageRun (cbir_lib/stage.py)"

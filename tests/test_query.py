@@ -58,9 +58,9 @@ def test_hierarchical_query_over_a_trained_heads_codes(spark, fixtures_run, mode
     import shutil
 
     from cbir_lib import config
-    from cbir_lib.features.extract import run_extract
-    from cbir_lib.finetune.train import run_train
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.features.run import run_extract
+    from cbir_lib.finetune.run import run_train
+    from cbir_lib.index.run import run_build_index
 
     src, _ = fixtures_run
     out = tmp_path / "out"

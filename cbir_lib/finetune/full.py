@@ -156,7 +156,7 @@ def train_full(spark, cfg: Config, images_df, classes: list[str], root: str, tab
 def backbone_feature_key(cfg: Config, path: str, image_size: int) -> str:
     import dataclasses
 
-    from cbir_lib.features.extract import feature_key
+    from cbir_lib.features.run import feature_key
     from cbir_lib.models.backbones import resolve_artifact
 
     e = backbone_extract_config(cfg, path, image_size)

@@ -1,6 +1,6 @@
 """Per-file analysis for the images table: ids, checksums, header facts, perceptual hashes.
 
-Pure functions on bytes; the Spark adapter in :mod:`cbir_lib.images.ingest` only maps
+Pure functions on bytes; the Spark adapter in :mod:`cbir_lib.images.run` only maps
 them over partitions.
 
 Perceptual hashes come from ``imagehash`` (aHash, dHash, pHash, 8x8 = 64 bits each).

@@ -3,7 +3,7 @@
 ``index/run=<id>/`` holds the store (``STORE_DDL``), the forests (``FORESTS_DDL``), the
 centroids and the reduction; this module names them, assigns vectors to cells
 (:func:`_assign_cells`), builds Annoy forests, sorts store rows into cell order, and
-reads the manifest. The full build (:mod:`cbir_lib.index.build`) and the incremental one
+reads the manifest. The full build (:mod:`cbir_lib.index.run`) and the incremental one
 (:mod:`cbir_lib.index.incremental`) both write through it, and the neighbours stage reads
 through it, so neither build imports the other's module at load time.
 """

@@ -1,7 +1,7 @@
 """Neighbours under a memory budget: no task holds more than a group of the store.
 
 When the index's store fits ``neighbors.memory_budget`` it is shipped to every executor and
-memory-mapped once per machine (:mod:`cbir_lib.neighbors.search`): the fastest layout. Past
+memory-mapped once per machine (:mod:`cbir_lib.neighbors.run`): the fastest layout. Past
 the budget the store is cut into **groups**, row ranges of the ``(cell, image_id)``-sorted
 store of at most ``group_bytes`` each (a cell may span two groups). Each group is written
 once as its own Parquet files under ``neighbors/_work/<key>/groups/group=<g>/``.

@@ -1,6 +1,6 @@
 """A neighbours snapshot: its lists committed (by Spark or, in process, by pyarrow) and
 read back, its manifest's head, and the pairs table derived from it. Shared by the full
-run (:mod:`cbir_lib.neighbors.search`) and incremental nights
+run (:mod:`cbir_lib.neighbors.run`) and incremental nights
 (:mod:`cbir_lib.neighbors.incremental`).
 """
 

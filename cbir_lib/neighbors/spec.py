@@ -1,6 +1,6 @@
 """What a neighbours search task needs to know, typed: :class:`SearchSpec`.
 
-The stage driver (:mod:`cbir_lib.neighbors.search`) builds one from the config and the
+The stage driver (:mod:`cbir_lib.neighbors.run`) builds one from the config and the
 index manifest, and hands it to every task (pickled into the Spark closures, or called in
 this process). A variant for one step is a copy with a few fields changed
 (:meth:`SearchSpec.with_`: the calibration's nprobe, the exact sample's method), so no

@@ -3,7 +3,7 @@
 The store, loaded once per machine into ``.npy`` files every Python worker memory-maps
 (in process: once, in memory), the forests beside it, and the partition functions that
 search row ranges of it, expand queries, and score the recall sample exactly. The stage's
-full run (:mod:`cbir_lib.neighbors.search`) and its incremental nights
+full run (:mod:`cbir_lib.neighbors.run`) and its incremental nights
 (:mod:`cbir_lib.neighbors.incremental`) both launch these.
 """
 

@@ -47,7 +47,7 @@ def _table(ids):
 
 def test_racing_attempts_leave_one_file(tmp_path):
     """Two attempts of one unit commit; the one whose name comes later discards its own file."""
-    from cbir_lib.features.extract import commit_unit
+    from cbir_lib.features.run import commit_unit
 
     files = remote.Files()
     parts, tmp = str(tmp_path / "parts"), str(tmp_path / "_tmp")

@@ -18,8 +18,8 @@ from cbir_lib import config
 from cbir_lib.common import fs, tables
 from cbir_lib.evaluate import metrics
 from cbir_lib.evaluate.run import run_evaluate
-from cbir_lib.index.build import run_build_index
-from cbir_lib.neighbors.search import run_neighbors
+from cbir_lib.index.run import run_build_index
+from cbir_lib.neighbors.run import run_neighbors
 
 pytestmark = pytest.mark.slow
 EMB_DDL = "image_id long, path string, embedding array<float>, dim int, status string, error string, extract_run_id string"

@@ -22,8 +22,8 @@ def _cfg(root, run_id, **nb):
 
 @pytest.mark.slow
 def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rerun(spark, tmp_path, monkeypatch):
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     x = np.random.default_rng(3).normal(size=(800, 16)).astype(np.float32)
     ids = np.arange(800, dtype=np.int64) * 3 + 1
@@ -50,8 +50,8 @@ def test_a_crash_between_the_neighbours_and_pairs_commits_is_repaired_by_the_rer
 def test_a_crash_between_the_pairs_manifest_and_pointer_is_repaired_by_the_rerun(spark, tmp_path, monkeypatch):
     """Found by the kill -9 matrix: the retry took a committed but unpointed pairs snapshot
     for done, and the pairs table stayed without a ``_LATEST`` for good."""
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     x = np.random.default_rng(4).normal(size=(300, 8)).astype(np.float32)
     write_embeddings(spark, str(tmp_path), np.arange(300, dtype=np.int64), x, "e1")

@@ -31,7 +31,7 @@ def collection(spark, tmp_path):
 
 
 def test_a_second_run_of_a_stage_is_refused_while_the_first_lives(spark, collection):
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.run import run_build_index
 
     table = fs.join(fs.qualify(spark, str(collection)), "index")
     with lease.held(spark, table, "i1", "build_index"):
@@ -65,7 +65,7 @@ def test_a_second_run_of_a_stage_is_refused_while_the_first_lives(spark, collect
 
 @pytest.mark.parametrize("how", ["expired", "dead_pid"])
 def test_a_dead_runs_lease_is_taken_over(spark, collection, how):
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.run import run_build_index
 
     table = fs.join(fs.qualify(spark, str(collection)), "index")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()

@@ -70,9 +70,9 @@ def test_cli_reports_a_failed_gate_without_a_traceback(error, monkeypatch, capsy
     from jobs import cli
 
     modules = {
-        "RecallTooLow": "cbir_lib.neighbors.search",
-        "ExtractFailed": "cbir_lib.features.extract",
-        "IngestFailed": "cbir_lib.images.ingest",
+        "RecallTooLow": "cbir_lib.neighbors.run",
+        "ExtractFailed": "cbir_lib.features.run",
+        "IngestFailed": "cbir_lib.images.run",
     }
     exc = getattr(importlib.import_module(modules[error]), error)
     job = importlib.import_module("jobs.neighbors")

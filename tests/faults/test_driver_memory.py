@@ -45,7 +45,7 @@ def test_identical_hashes_give_linear_pairs_and_the_naive_components(spark):
 
 
 def test_full_trainings_validation_bytes_are_bounded(spark):
-    from cbir_lib.finetune.train import bounded_rows
+    from cbir_lib.finetune.run import bounded_rows
 
     df = spark.createDataFrame([(f"/v/{i}.jpg", bytes(1000), i % 3) for i in range(50)], "path string, content binary, label int")
     rows, dropped = bounded_rows(df, 10_500)

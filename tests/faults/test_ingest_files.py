@@ -10,7 +10,7 @@ from PIL import Image
 
 from cbir_lib import config
 from cbir_lib.common import tables
-from cbir_lib.images.ingest import _read_partition, images_table_uri, run_ingest
+from cbir_lib.images.run import _read_partition, images_table_uri, run_ingest
 
 
 def _jpeg(path, colour):

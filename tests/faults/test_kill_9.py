@@ -44,7 +44,7 @@ def _rows(out, view: str, columns: str) -> list[tuple]:
 def _ingest(spark, out, src, run_id: str = "r1") -> None:
     """The same stage in this process (the rerun: only the killed runs need processes of their own)."""
     from cbir_lib import config
-    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.images.run import run_ingest
 
     run_ingest(spark, config.load(None, [f"run.output_root={out}", f"run.run_id={run_id}"]), str(src))
 
@@ -87,7 +87,7 @@ def test_build_index_killed_before_its_manifest_then_rerun_is_the_clean_result(s
     import numpy as np
 
     from cbir_lib.config import Config, IndexConfig, RunConfig
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.run import run_build_index
 
     x = np.random.default_rng(5).normal(size=(600, 8)).astype(np.float32)
     for root in ("clean", "out"):

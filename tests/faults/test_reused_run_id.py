@@ -22,9 +22,9 @@ def _cfg(root, run_id):
 
 
 def test_a_re_extracted_run_id_is_not_a_stale_no_op(spark, tmp_path):
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.run import run_build_index
     from cbir_lib.index.store import IndexMismatch
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.neighbors.run import run_neighbors
 
     rng = np.random.default_rng(0)
     ids = np.arange(300, dtype=np.int64)

@@ -17,8 +17,8 @@ from conftest import ROOT, clothing_slice, need_shared
 
 from cbir_lib import config
 from cbir_lib.common import tables
-from cbir_lib.features.extract import TABLE, run_extract
-from cbir_lib.images.ingest import run_ingest
+from cbir_lib.features.run import TABLE, run_extract
+from cbir_lib.images.run import run_ingest
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +228,7 @@ def test_whitening_and_codes(spark, extracted, model_cache):
 def test_trained_head_gives_its_features_and_codes_without_re_embedding(spark, extracted, model_cache):
     """cbir train on run e1's embeddings, then extract.head: the head's code floats and bits."""
     from cbir_lib.config import ConfigError
-    from cbir_lib.finetune.train import run_train
+    from cbir_lib.finetune.run import run_train
     from cbir_lib.models.head import apply_head, load_head
     from cbir_lib.vectors.codes import threshold
 

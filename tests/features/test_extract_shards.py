@@ -9,8 +9,8 @@ from conftest import clothing_slice, need_shared
 
 from cbir_lib import config
 from cbir_lib.common import tables
-from cbir_lib.features.extract import TABLE, ExtractFailed, plan_shards, run_extract
-from cbir_lib.images.ingest import run_ingest
+from cbir_lib.features.run import TABLE, ExtractFailed, plan_shards, run_extract
+from cbir_lib.images.run import run_ingest
 
 
 def test_the_to_do_set_is_planned_without_a_driver_side_list(spark, tmp_path, monkeypatch):

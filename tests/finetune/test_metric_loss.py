@@ -35,7 +35,7 @@ def test_the_metric_loss_decreases_on_a_tiny_labelled_set(kind):
     import tensorflow as tf
 
     from cbir_lib.finetune.head import head_weights
-    from cbir_lib.finetune.train import fit_head
+    from cbir_lib.finetune.run import fit_head
     from cbir_lib.models.head import apply_head
 
     rng = np.random.default_rng(1)

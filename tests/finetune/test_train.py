@@ -79,7 +79,7 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_model(spark, tmp_pat
         run=RunConfig(output_root=root, run_id="20261102T000000Z"),
         train=TrainConfig(bits=16, hidden=32, epochs=6, batch_size=16, learning_rate=1e-2, workers=1),
     ).validate()
-    from cbir_lib.finetune.train import MODEL_FILE, run_train
+    from cbir_lib.finetune.run import MODEL_FILE, run_train
     from cbir_lib.models.head import WEIGHTS_FILE, load_head
 
     m = run_train(spark, cfg)
@@ -104,7 +104,7 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_model(spark, tmp_pat
 
 
 def test_train_refuses_what_it_cannot_do(spark, tmp_path):
-    from cbir_lib.finetune.train import run_train
+    from cbir_lib.finetune.run import run_train
 
     root = str(tmp_path / "out")
     _fake_embeddings(spark, root, n_per_class=4)
@@ -127,10 +127,10 @@ def test_full_mode_fine_tunes_the_last_blocks_and_extract_runs_the_result(spark,
     from conftest import clothing_slice
 
     from cbir_lib import config
-    from cbir_lib.features.extract import run_extract
-    from cbir_lib.finetune.train import run_train
+    from cbir_lib.features.run import run_extract
+    from cbir_lib.finetune.run import run_train
     from cbir_lib.images.decode import decode_for_model
-    from cbir_lib.images.ingest import run_ingest
+    from cbir_lib.images.run import run_ingest
     from cbir_lib.vectors.codes import threshold
 
     photos = tmp_path / "photos"

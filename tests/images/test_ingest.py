@@ -7,7 +7,7 @@ import pytest
 from cbir_lib import config
 from cbir_lib.common import tables
 from cbir_lib.images.analyse import image_id_for
-from cbir_lib.images.ingest import images_table_uri, run_ingest
+from cbir_lib.images.run import images_table_uri, run_ingest
 from cbir_lib.vectors.codes import hamming64
 
 
@@ -84,7 +84,7 @@ def test_glob_filter_and_missing_source(spark, tmp_path, odd_files):
 
 
 def test_failure_rate_stops_the_run_and_names_the_files(spark, tmp_path, odd_files):
-    from cbir_lib.images.ingest import IngestFailed
+    from cbir_lib.images.run import IngestFailed
 
     src = tmp_path / "in"
     src.mkdir()

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_embeddings
 
 from cbir_lib.config import Config, IndexConfig, RunConfig
-from cbir_lib.index.build import run_build_index
+from cbir_lib.index.run import run_build_index
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_driver_and_executors_build_the_same_index(spark, tmp_path, index):
 def test_a_table_this_process_cannot_read_whole_goes_to_the_executors(spark, tmp_path, monkeypatch):
     """Files the driver's reader does not list (nested folders, say) must not become a
     smaller index: the ids read are checked against Spark's, and the executors take over."""
-    from cbir_lib.index import build
+    from cbir_lib.index import run as build
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(400, 16)).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir_lib.index import build
+from cbir_lib.index import run as build
 
 
 def test_sample_reaches_the_driver_as_files_and_is_the_same_every_time(spark, tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_build_index_at_the_default_dimension_keeps_the_sample_within_its_bytes(
     from conftest import write_embeddings
 
     from cbir_lib.config import Config, IndexConfig, RunConfig
-    from cbir_lib.index.build import run_build_index
+    from cbir_lib.index.run import run_build_index
 
     rng = np.random.default_rng(3)
     n, dim = 3000, 1280

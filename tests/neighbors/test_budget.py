@@ -56,8 +56,8 @@ def _topk(spark, m):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dense", "exact"])
 def test_a_budget_smaller_than_the_store_gives_the_same_top_k(spark, tmp_path, method):
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     rng = np.random.default_rng(7)
     n, d = 12_000, 32
@@ -101,8 +101,8 @@ def _whole_and_budgeted(spark, tmp_path, ids, x, budget_size, codes=False, reduc
     """The same index searched without and with a budget smaller than its store."""
     import dataclasses
 
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     if codes:
         _codes_table(spark, tmp_path, ids, prepare(x, "angular"))
@@ -204,8 +204,8 @@ def test_empty_cells_and_groups_under_a_budget(spark, tmp_path):
     """Hash cells, most of them empty, in groups of a few rows: still the exact top-k."""
     import dataclasses
 
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
     from cbir_lib.vectors.topk import brute_force
 
     ids, x = _mixture(300, 8, 9)
@@ -232,8 +232,8 @@ def test_a_budgeted_run_killed_mid_search_resumes_to_the_same_result(spark, tmp_
 
     from conftest import ROOT
 
-    from cbir_lib.index.build import run_build_index
-    from cbir_lib.neighbors.search import run_neighbors
+    from cbir_lib.index.run import run_build_index
+    from cbir_lib.neighbors.run import run_neighbors
 
     rng = np.random.default_rng(11)
     n, d = 12_000, 32

@@ -7,7 +7,7 @@ import pytest
 
 from cbir_lib.config import Config, NeighborsConfig
 from cbir_lib.index.store import IndexMismatch
-from cbir_lib.neighbors.search import check_compatible
+from cbir_lib.neighbors.run import check_compatible
 
 INDEX = {"run_id": "i1", "dim": 32, "metric": "angular", "embeddings_run_id": "e1", "embeddings_commit": "c1", "forests": "forests"}
 EMB = {"dim": 32, "commit_id": "c1"}

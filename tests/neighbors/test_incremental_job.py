@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, write_embeddings
 
-from cbir_lib.index.build import run_build_index
-from cbir_lib.neighbors.search import run_neighbors
+from cbir_lib.index.run import run_build_index
+from cbir_lib.neighbors.run import run_neighbors
 from cbir_lib.vectors.topk import brute_force, prepare, recall_at_k
 from tests.neighbors.test_neighbors_job import clustered, config, read_topk, signed_ids
 

@@ -16,8 +16,9 @@ from conftest import write_embeddings
 
 from cbir_lib.common import inprocess
 from cbir_lib.config import Config, ConfigError, IndexConfig, NeighborsConfig, RunConfig
-from cbir_lib.index.build import run_build_index
-from cbir_lib.neighbors import search, tasks
+from cbir_lib.index.run import run_build_index
+from cbir_lib.neighbors import run as search
+from cbir_lib.neighbors import tasks
 from cbir_lib.vectors.topk import exact_topk, prepare
 
 MB = 2**20

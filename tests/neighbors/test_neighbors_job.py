@@ -18,10 +18,10 @@ from conftest import ROOT, write_embeddings
 
 from cbir_lib.common import fs, tables
 from cbir_lib.config import Config, IndexConfig, NeighborsConfig, RunConfig
-from cbir_lib.index.build import run_build_index
+from cbir_lib.index.run import run_build_index
 from cbir_lib.index.store import IndexMismatch
 from cbir_lib.neighbors.lists import topk_arrays
-from cbir_lib.neighbors.search import RecallTooLow, run_neighbors
+from cbir_lib.neighbors.run import RecallTooLow, run_neighbors
 from cbir_lib.vectors.topk import brute_force, exact_topk, prepare, recall_at_k
 
 pytestmark = pytest.mark.slow
@@ -186,7 +186,7 @@ def test_hash_cells_with_empty_cells_are_exact(spark, tmp_path):
 
 
 def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypatch):
-    import cbir_lib.neighbors.search as search
+    import cbir_lib.neighbors.run as search
 
     x = clustered(3000, 16, seed=3)
     ids = signed_ids(3000, seed=3)

@@ -120,7 +120,7 @@ def _with_content(spark, df):
     """``df`` (with ``path``) joined with its files' bytes, read by Spark's binaryFile source."""
     from pyspark.sql import functions as F
 
-    from cbir_lib.images.ingest import normalise_uri
+    from cbir_lib.images.run import normalise_uri
 
     paths = [r.path for r in df.select("path").collect()]
     if not paths:

@@ -43,7 +43,7 @@ from cbir_lib.features.embedder import EmbedSpec, configure_devices, embed_strea
 from cbir_lib.features.pooling import l2_normalize
 from cbir_lib.features.postprocess import Whitening, mean_threshold_bits
 from cbir_lib.images.analyse import STATUS_FAILED, STATUS_OK
-from cbir_lib.images.ingest import images_table_uri
+from cbir_lib.images.run import images_table_uri
 from cbir_lib.models.backbones import ModelArtifact, resolve_artifact
 from cbir_lib.models.head import BACKBONE_FILE, WEIGHTS_FILE, apply_head, backbone_extract_config, load_head, load_weights_npz
 from cbir_lib.stage import StageRun
