@@ -57,6 +57,7 @@ from cbir_lib.index.store import (
     load_index_manifest,
 )
 from cbir_lib.neighbors import budget
+from cbir_lib.neighbors.calibrate import calibrate, sample_recall
 from cbir_lib.neighbors.lists import (
     NEIGHBORS_DDL,
     RESERVE,
@@ -82,7 +83,6 @@ from cbir_lib.neighbors.tasks import (
     _STORES,
     _augment_ranges,
     _exact_sample,
-    _search_positions,
     _search_ranges,
     _topk_batch,
     _warm_store,
@@ -91,7 +91,6 @@ from cbir_lib.neighbors.tasks import (
 )
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.codes import threshold
-from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
 
@@ -336,12 +335,12 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         if nb.method == "auto":
             target = nb.min_recall if nb.min_recall is not None else 0.95
             start = nprobe
-            nprobe, secs = _calibrate(sc, spec, sample, truth, start, n_cells, target, calibration, nb.k)
+            nprobe, secs = calibrate(sc, spec, sample, truth, start, n_cells, target, calibration, nb.k)
             if spec.shortlist and nb.shortlist is None:
                 # The reduced first pass pays where cells are big (1M x 1,280: half the time
                 # at the same nprobe) and not where they are small (70k: 13 % slower, lower
                 # ceiling): measure the full-dimension search too and keep the cheaper.
-                full_probe, full_secs = _calibrate(sc, spec.with_(shortlist=None), sample, truth, start, n_cells, target, calibration, nb.k)
+                full_probe, full_secs = calibrate(sc, spec.with_(shortlist=None), sample, truth, start, n_cells, target, calibration, nb.k)
                 if full_secs < secs:
                     nprobe, secs = full_probe, full_secs
                     spec.shortlist = None
@@ -418,7 +417,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # Re-ranked results have no exact counterpart of the same queries: the recall
         # reported is the base search's (same method and nprobe) on the sample.
         with timer("measuring the base search's recall on the sample") as t:
-            recall, _ = _sample_recall(sc, base_spec, sample, truth)
+            recall, _ = sample_recall(sc, base_spec, sample, truth)
         timings["recall_s"] = round(t["seconds"], 3)
     elif truth is not None:
         # A query's top-k is the same in any block of queries (pair-score ranking), so the
@@ -430,7 +429,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 if method == "dense"
                 else []
             )
-            recall = known[-1] if known else _sample_recall(sc, spec, sample, truth)[0]
+            recall = known[-1] if known else sample_recall(sc, spec, sample, truth)[0]
         timings["recall_s"] = round(t["seconds"], 3)
         log.info(
             "neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)",
@@ -688,112 +687,3 @@ def _code_thresholds(spark, emb_uri: str, emb_run: str, emb_manifest: dict, inde
     buf = io.BytesIO()
     np.save(buf, np.asarray(thresholds, np.float32))
     return buf.getvalue()
-
-
-def _calibrate(sc, spec: SearchSpec, sample_pos, truth, nprobe: int, n_cells: int, target: float, steps: list, k: int) -> tuple[int, float]:
-    """The smallest ``nprobe`` (to within 1/8) whose sample recall meets ``target``
-    (:func:`smallest_nprobe`), and the sample search's seconds at it.
-
-    With the store on every executor, the whole search for it runs in one task, which
-    holds the store: one Spark job instead of one per nprobe tried (each cost ~0.5 s of
-    scheduling at 100k here, for 0.1-0.3 s of search). In the grouped layout each nprobe
-    tried is a sweep over the groups, from the driver."""
-    if spec.groups_uri:
-
-        def measure(p: int) -> tuple[float, float, float]:
-            return _sample_recall(sc, spec.with_(nprobe=p), sample_pos, truth, with_bound=True)
-
-        best, tried = smallest_nprobe(measure, nprobe, n_cells, target)
-    else:
-        best, tried = sc.parallelize([0], 1).mapPartitions(_calibrate_task(spec, sample_pos, truth, nprobe, n_cells, target)).collect()[0]
-    for p, r, bound, secs in tried:
-        steps.append(
-            {
-                "nprobe": p,
-                "shortlist": spec.shortlist,
-                "recall": round(r, 4),
-                "lower_bound": round(bound, 4),
-                "sample_seconds": round(secs, 3),
-            }
-        )
-        log.info(
-            "auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)",
-            p,
-            f" (reduced, shortlist {spec.shortlist})" if spec.shortlist else "",
-            k,
-            r,
-            bound,
-            secs,
-        )
-    return best, next(secs for p, _, _, secs in tried if p == best)
-
-
-def smallest_nprobe(measure, nprobe: int, n_cells: int, target: float) -> tuple[int, list[tuple[int, float, float, float]]]:
-    """The smallest ``nprobe`` (to within 1/8) whose ``measure(nprobe) -> (recall, bound,
-    seconds)`` bound meets ``target``, and every ``(nprobe, recall, bound, seconds)`` tried.
-
-    Doubles from ``nprobe`` until the target is met, then bisects between the last miss
-    and the first hit: doubling alone overshot at 1M (16 -> 32 missed, 64 gave 0.975
-    where about 48 would do, at 4/3 of the cost).
-    (Halving a start that already met the target was tried on Fashion-MNIST's 70k real
-    1,280-d vectors: 16 -> 11 cost four more sample searches, 3.3 s, and saved 0.4 s of
-    search; at that size the search hardly depends on nprobe.)
-
-    "Meets" is about the collection, not the sample: the sample's recall less 1.645
-    standard errors of its per-query mean (a one-sided 95 % bound) must reach ``target``.
-    """
-    tried: list[tuple[int, float, float, float]] = []
-    bounds: dict[int, float] = {}
-
-    def bound_at(p: int) -> float:
-        r, bound, secs = measure(p)
-        tried.append((p, float(r), float(bound), float(secs)))
-        bounds[p] = bound
-        return bound
-
-    lo = 0  # largest nprobe known to miss
-    while bound_at(nprobe) < target and nprobe < n_cells:
-        lo, nprobe = nprobe, min(n_cells, nprobe * 2)
-    hi = nprobe
-    if bounds[hi] >= target:
-        while lo and hi - lo > max(1, hi // 8):
-            mid = (lo + hi) // 2
-            if bound_at(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-    return hi, tried
-
-
-def _calibrate_task(spec: SearchSpec, positions: np.ndarray, truth, nprobe: int, n_cells: int, target: float):
-    """RDD partition function: :func:`smallest_nprobe` on this executor's store."""
-
-    def fn(_):
-        def measure(p: int) -> tuple[float, float, float]:
-            vals, ids, seconds = next(_search_positions(spec.with_(nprobe=p), positions)(None))
-            return (*_recall_of(spec, vals, ids, truth), seconds)
-
-        yield smallest_nprobe(measure, nprobe, n_cells, target)
-
-    return fn
-
-
-def _recall_of(spec: SearchSpec, vals: np.ndarray, ids: np.ndarray, truth) -> tuple[float, float]:
-    """Recall@k of a sample's results against its exact ``truth``, and its one-sided 95 %
-    lower bound. Lists are searched k + reserve deep; recall is of the top k the table holds."""
-    k = spec.k_out or spec.k
-    _, tv, ti = truth
-    vals, ids, tv, ti = vals[:, :k], ids[:, :k], tv[:, :k], ti[:, :k]
-    return recall_at_k(ids, ti, tv, vals), recall_lower_bound(ids, ti, tv, vals)
-
-
-def _sample_recall(sc, spec: SearchSpec, positions, truth, with_bound: bool = False) -> tuple:
-    """Recall of the spec's search on the sample (store positions; in the grouped layout the
-    sample's ``(vectors, ids, cells)``) and the seconds it took; ``with_bound``: also the
-    collection recall's one-sided 95 % lower bound, ``(recall, bound, seconds)``."""
-    if spec.groups_uri:
-        vals, ids, seconds, _ = budget.sample_search(sc, spec, positions, budget.core(spec))
-    else:
-        vals, ids, seconds = sc.parallelize([0], 1).mapPartitions(_search_positions(spec, positions)).collect()[0]
-    recall, bound = _recall_of(spec, vals, ids, truth)
-    return (recall, bound, seconds) if with_bound else (recall, seconds)

@@ -1,6 +1,6 @@
 """auto's nprobe search (smallest_nprobe), on a recall curve known in advance."""
 
-from cbir_lib.neighbors.run import smallest_nprobe
+from cbir_lib.neighbors.calibrate import smallest_nprobe
 
 
 def _curve(needed: int):
