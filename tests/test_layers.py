@@ -159,3 +159,22 @@ def test_every_stage_has_its_adapter_in_run_py_on_the_skeleton(package):
     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert ADAPTERS[package] in defined, f"{path.relative_to(LIB)} defines no {ADAPTERS[package]}"
     assert "StageRun.start(" in path.read_text(), f"{path.relative_to(LIB)} does not start a StageRun (cbir_lib/stage.py)"
+
+
+def test_the_tests_mirror_the_library():
+    """Every test module of a library package sits in the tests folder named after it
+    (tests/<package>/), and the top level holds only tests of top-level modules, the job
+    shells and the project as a whole."""
+    tests = LIB.parent / "tests"
+    packages = {p.name for p in LIB.iterdir() if (p / "__init__.py").exists()}
+    for path in tests.glob("test_*.py"):
+        stem = path.stem[len("test_") :]
+        assert stem not in {
+            "fs",
+            "tables",
+            "remote",
+            "layout",
+            "shards",
+            "lease",
+        }, f"{path.name} tests cbir_lib/common: move it to tests/common/"
+        assert stem not in packages, f"{path.name} tests cbir_lib/{stem}/: move it to tests/{stem}/"

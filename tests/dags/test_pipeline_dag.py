@@ -198,7 +198,7 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
 
     # A task run twice gives the same output: the second date's neighbours task below, rerun
     # after its partition is lost. (dedup's rerun: tests/dedup; re-running an older date
-    # leaves _LATEST on the newer run: tests/test_tables.py.)
+    # leaves _LATEST on the newer run: tests/common/test_tables.py.)
     before = {"neighbors": _rows(spark, output, "neighbors", RUN1, drop=("neighbors_run_id",))}
 
     # The next date, with one new photo: a separate complete run that reads and embeds only it.
