@@ -11,7 +11,6 @@ edited copy's nearest neighbour in the neighbours table is a picture of the same
 
 from __future__ import annotations
 
-import os
 import sys
 
 if __package__ in (None, ""):  # run as a file (spark-submit jobs/demo.py): see _bootstrap
@@ -22,42 +21,6 @@ if __package__ in (None, ""):  # run as a file (spark-submit jobs/demo.py): see 
 from ._common import load_config, parse_args, run_job, sample_dir_for
 
 
-def _copy_retrieval(spark, neighbors_uri: str, embeddings_uri: str, sample_dir: str) -> tuple[int, int]:
-    """(copies whose top-1 neighbour, read from the neighbours table, is in their group, copies)."""
-    from pyspark.sql import functions as F
-
-    from cbir_lib.sample import read_groups
-
-    parent = os.path.dirname(sample_dir)
-    if not os.path.exists(os.path.join(parent, "groups.csv")):
-        return 0, 0  # not the embedded sample: no ground truth to check against
-    group_of = {os.path.join(sample_dir, g["file"]): g["group"] for g in read_groups(parent)}
-    paths = {r.image_id: r.path.replace("file:", "", 1) for r in spark.read.parquet(embeddings_uri).select("image_id", "path").collect()}
-    top1 = spark.read.parquet(neighbors_uri).filter(F.col("rank") == 1).select("image_id", "neighbor_id").collect()
-    copies = [
-        (paths[r.image_id], paths[r.neighbor_id]) for r in top1 if paths[r.image_id] in group_of and "__original" not in paths[r.image_id]
-    ]
-    hits = sum(group_of[q] == group_of.get(n) for q, n in copies)
-    return hits, len(copies)
-
-
-def _copy_dedup(spark, clusters_uri: str, sample_dir: str) -> tuple[int, int]:
-    """(edited copies that dedup put in their own original's cluster, copies)."""
-    from cbir_lib.sample import read_groups
-
-    parent = os.path.dirname(sample_dir)
-    if not os.path.exists(os.path.join(parent, "groups.csv")):
-        return 0, 0
-    groups = read_groups(parent)
-    cluster_of = {
-        r.path.replace("file:", "", 1): r.cluster_id for r in spark.read.parquet(clusters_uri).select("path", "cluster_id").collect()
-    }
-    original = {g["group"]: os.path.join(sample_dir, g["file"]) for g in groups if g["is_original"] == "1"}
-    copies = [(os.path.join(sample_dir, g["file"]), original.get(g["group"])) for g in groups if g["is_original"] != "1"]
-    hits = sum(1 for c, o in copies if c in cluster_of and cluster_of[c] == cluster_of.get(o))
-    return hits, len(copies)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args("demo", __doc__, argv)
     cfg = load_config(args.config, overrides)
@@ -65,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from cbir_lib.common import fs
     from cbir_lib.dedup.run import run_dedup
+    from cbir_lib.evaluate.copies import copy_dedup, copy_retrieval
     from cbir_lib.evaluate.run import run_evaluate
     from cbir_lib.features.run import run_extract
     from cbir_lib.images.run import run_ingest
@@ -81,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
         from cbir_lib.common import tables
 
         root = fs.qualify(spark, cfg.run.output_root)
-        hits, copies = _copy_retrieval(
+        hits, copies = copy_retrieval(
             spark,
             tables.run_dir(fs.join(root, "neighbors"), neighbors["run_id"]),
             tables.run_dir(fs.join(root, "embeddings"), extract["run_id"]),
             sample_dir,
         )
         dedup = run_dedup(spark, cfg)
-        dedup["copies_found"] = _copy_dedup(spark, fs.join(dedup["output"], "clusters"), sample_dir)
+        dedup["copies_found"] = copy_dedup(spark, fs.join(dedup["output"], "clusters"), sample_dir)
         # The sample's ground truth is its groups (an original and its edited copies).
         labels = "groups" if copies and cfg.evaluate.labels == "folders" else cfg.evaluate.labels
         evaluation = run_evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, labels=labels)))
