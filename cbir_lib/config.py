@@ -42,6 +42,9 @@ Decoder = Literal["pillow", "simplejpeg"]
 DECODERS: tuple[str, ...] = get_args(Decoder)
 Device = Literal["auto", "cpu", "gpu"]
 DEVICES: tuple[str, ...] = get_args(Device)
+# The models cbir_lib.models builds (its registry: models.backbones.builtin_models), copied
+# here so that an unknown extract.model is refused when the config is loaded; a test holds
+# the two equal.
 BUILTIN_MODELS = (
     "efficientnet-lite0",
     "efficientnet-lite1",

@@ -41,6 +41,13 @@ class ModelArtifact:
     output_layer: str | None
 
 
+def builtin_models() -> tuple[str, ...]:
+    """The models this package builds, by ``extract.model`` name: the registry. (config.py
+    keeps a copy, ``BUILTIN_MODELS``, to refuse an unknown name when the config is loaded,
+    below this layer; ``tests/models/test_backbones.py`` holds the two equal.)"""
+    return (*efficientnet_lite.VARIANTS, *KERAS_APPS, color_hist.NAME)
+
+
 def keras_cache_dir() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models")
 

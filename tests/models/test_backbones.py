@@ -62,3 +62,10 @@ def test_lite_mixed_precision_agrees_with_float32(model_cache):
     half = Embedder(EmbedSpec(artifact=artifact, mixed_precision=True), artifact.local_path).embed(images)
     assert full.shape == (2, 1280)
     assert (np.sum(full * half, axis=1) > 0.99).all()
+
+
+def test_the_config_knows_exactly_the_models_the_registry_builds():
+    from cbir_lib.config import BUILTIN_MODELS
+    from cbir_lib.models.backbones import builtin_models
+
+    assert sorted(BUILTIN_MODELS) == sorted(builtin_models())
