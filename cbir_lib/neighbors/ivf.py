@@ -39,6 +39,11 @@ from cbir_lib.vectors.topk import (
     where2d,
 )
 
+# Queries routed, and selected, together: the (queries x cells) similarities of a routing
+# step and the candidate sort of a selection stay this many rows, whatever the block of
+# queries whose cell products are grouped (dense_search's ``queries``).
+SUB_BLOCK = 2048
+
 
 @dataclass
 class CellStore:
@@ -87,6 +92,13 @@ class CellStore:
         m = len(queries)
         if m == 0:
             return np.zeros((0, min(nprobe, n_cells)), np.int32)
+        if m > SUB_BLOCK:  # each row's route is its own: the same cells, in bounded memory
+            return np.concatenate(
+                [
+                    self.route(queries[s : s + SUB_BLOCK], nprobe, None if own_cells is None else np.asarray(own_cells)[s : s + SUB_BLOCK])
+                    for s in range(0, m, SUB_BLOCK)
+                ]
+            )
         nprobe = min(nprobe, n_cells)
         pool = min(n_cells, 3 * nprobe)
         c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids) if self.metric == "euclidean" else None
@@ -186,14 +198,34 @@ def dense_search(
     once (:func:`~cbir_lib.vectors.topk.finish_shortlist`), with the same result.
     """
     m = probes.shape[0]
-    vectors, sq = store.vectors, store.sqnorm
-    width, q, x, reduced = k, queries, vectors, False
+    width, q, x, reduced = k, queries, store.vectors, False
     if shortlist is not None and store.reduced is not None and store.projection is not None:
         width, q, x, reduced = max(int(shortlist), k), project(queries, store.projection), store.reduced, True
     found = _gather(store, q, x, query_ids, probes, width, exclude_self, thresholds) if m else None
     if found is None:
         return empty_shortlist(m, width) if reduced and raw else empty(m, k)
     rows, fast, pos = found
+    if m <= SUB_BLOCK:
+        return _finish(store, queries, q, x, rows, fast, pos, m, k, width, reduced, raw)
+    # The block's products were grouped by cell (bigger, faster products: 79 -> ~100 GFLOPS
+    # at 1M); its candidates are selected SUB_BLOCK rows at a time, where the sorts stay in
+    # cache (one sort of a 50k-row block's candidates cost 5x as much per candidate).
+    # Each row's result is its own, so the same as searched in small blocks.
+    key = (rows // SUB_BLOCK).astype(np.uint16)
+    order = np.argsort(key, kind="stable")  # a radix sort of small keys: linear
+    rows, fast, pos = rows[order], fast[order], pos[order]
+    bounds = np.searchsorted(key[order], np.arange((m - 1) // SUB_BLOCK + 2))
+    parts = []
+    for j in range(len(bounds) - 1):
+        lo, hi = j * SUB_BLOCK, min(m, (j + 1) * SUB_BLOCK)
+        a, b = bounds[j], bounds[j + 1]
+        parts.append(_finish(store, queries[lo:hi], q[lo:hi], x, rows[a:b] - lo, fast[a:b], pos[a:b], hi - lo, k, width, reduced, raw))
+    return tuple(np.concatenate(cols) for cols in zip(*parts, strict=True))
+
+
+def _finish(store: CellStore, queries, q, x, rows, fast, pos, m: int, k: int, width: int, reduced: bool, raw: bool):
+    """dense_search's selection of the candidates ``(rows, fast, pos)`` of ``m`` queries."""
+    vectors, sq = store.vectors, store.sqnorm
     if not reduced:
         vals, ids = reselect(
             rows, fast, pos, m, k, lambda rr, pp: pair_scores(queries, rr, vectors, pp, store.metric, sq), lambda pp: store.ids[pp]

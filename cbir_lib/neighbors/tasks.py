@@ -302,14 +302,14 @@ def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
 
 
 def _row_ranges(spec: SearchSpec, per_block):
-    """mapInArrow over ``(lo, hi)`` row ranges of the store, ``query_block`` rows at a time:
-    yields ``per_block(store, rows, get_forest)``."""
+    """mapInArrow over ``(lo, hi)`` row ranges of the store, :meth:`SearchSpec.rows_per_step`
+    rows at a time: yields ``per_block(store, rows, get_forest)``."""
 
     def fn(batches):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = local_store(spec)
         get_forest = local_forests(spec) if spec.method == "annoy" else None
-        qb = spec.query_block
+        qb = spec.rows_per_step()
         for batch in batches:
             for lo, hi in zip(batch.column("lo").to_pylist(), batch.column("hi").to_pylist(), strict=True):
                 for s in range(lo, hi, qb):
@@ -356,8 +356,9 @@ def _search_positions(spec: SearchSpec, positions: np.ndarray):
         get_forest = local_forests(spec) if spec.method == "annoy" else None
         t0 = time.perf_counter()
         out = []
-        for s in range(0, len(positions), spec.query_block):
-            out.append(search_rows(store, positions[s : s + spec.query_block], spec, get_forest))
+        qb = spec.rows_per_step()
+        for s in range(0, len(positions), qb):
+            out.append(search_rows(store, positions[s : s + qb], spec, get_forest))
         seconds = time.perf_counter() - t0
         vals = np.concatenate([o[0] for o in out]) if out else np.zeros((0, spec.k), np.float32)
         ids = np.concatenate([o[1] for o in out]) if out else np.zeros((0, spec.k), np.int64)

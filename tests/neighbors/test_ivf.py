@@ -194,3 +194,40 @@ def test_reduced_shortlists_of_parts_merge_to_the_whole_search():
     got_v, got_i = budget.finish(spec, best, q, 10)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_array_equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean"])
+@pytest.mark.parametrize("shortlist", [None, 30])
+def test_a_big_block_gives_each_query_what_small_blocks_give(metric, shortlist, monkeypatch):
+    """dense_search groups a block's cell products, and routes and selects SUB_BLOCK rows at a
+    time: every query's result, scores, ids and raw shortlists, is what it gets in small blocks."""
+    from cbir_lib.index.reduce import fit, project
+    from cbir_lib.neighbors import ivf
+
+    x = clustered(3000, 64, seed=4)
+    store = build(x, np.arange(3000, dtype=np.int64) * 3 - 4000, metric, 40)
+    if shortlist:
+        basis, _ = fit(store.vectors, 16)
+        store.projection, store.reduced = basis, project(store.vectors, basis)
+    q, qi = store.vectors[:1000], store.ids[:1000]
+    thresholds = np.full(1000, -np.inf, np.float32)
+    thresholds[::7] = 0.5  # a bound on some rows, as a search in parts passes
+    own = store.cells_of_rows(np.arange(1000))
+    monkeypatch.setattr(ivf, "SUB_BLOCK", 10_000)
+    small = [
+        dense_search(
+            store,
+            q[s : s + 128],
+            qi[s : s + 128],
+            store.route(q[s : s + 128], 6, own[s : s + 128]),
+            10,
+            thresholds=thresholds[s : s + 128],
+            shortlist=shortlist,
+            raw=bool(shortlist),
+        )
+        for s in range(0, 1000, 128)
+    ]
+    monkeypatch.setattr(ivf, "SUB_BLOCK", 128)  # so the 1,000-row block is routed and selected in 8 parts
+    big = dense_search(store, q, qi, store.route(q, 6, own), 10, thresholds=thresholds, shortlist=shortlist, raw=bool(shortlist))
+    for got, want in zip(big, zip(*small, strict=True), strict=True):
+        np.testing.assert_array_equal(got, np.concatenate(want))
