@@ -445,6 +445,9 @@ def main() -> None:
     for key in kept:  # not re-measured in this run
         if key in previous:
             result[key] = previous[key]
+    for key in previous:  # earlier runs' figures, recorded by hand beside the latest
+        if key.startswith("previous_run"):
+            result[key] = previous[key]
     result["not_remeasured"] = {"keys": kept, "measured": previous.get("not_remeasured", {}).get("measured") or previous.get("measured")}
     print(
         json.dumps(
