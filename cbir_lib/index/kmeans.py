@@ -64,54 +64,24 @@ def _normalise(c: np.ndarray) -> np.ndarray:
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 
-def seed_centroids(x: np.ndarray, k: int, rng: np.random.Generator, batch: int = 32, pool_size: int = 16384) -> np.ndarray:
-    """k-means++ seeding on a pool of at most ``pool_size`` points, ``batch`` centres a round.
-
-    Each round draws ``batch`` distinct pool points with probability proportional to their
-    squared distance to the nearest centre so far (D^2 sampling), then updates those
-    distances with one ``(pool x batch)`` product. ``batch=1`` is k-means++ itself; a batch
-    draws from distances a few centres stale, the trade k-means|| makes (Bahmani et al.,
-    VLDB 2012), and Lloyd's iterations follow. One matrix-vector product per centre read
-    the 16 MB pool ~2,500 times at 1M vectors (~2.4 s of a 9.9 s cell training here).
-    """
-    n = len(x)
-    pool = x if n <= pool_size else x[rng.choice(n, pool_size, replace=False)]
-    pool = np.ascontiguousarray(pool, dtype=np.float32)
-    p_sq = np.einsum("ij,ij->i", pool, pool)
-    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
-    centroids[0] = pool[rng.integers(len(pool))]
-    d2 = np.maximum(p_sq - 2 * pool @ centroids[0] + centroids[0] @ centroids[0], 0)
-    # A round places at most 1/64 of the centres: below 128 centres, one a round, so small
-    # codebooks are seeded exactly as k-means++ (the same draws as before batches).
-    batch = max(1, min(batch, k // 64))
-    i = 1
-    while i < k:
-        b = min(batch, k - i)
-        total = float(d2.sum())
-        if b == 1:
-            picks = np.array([rng.choice(len(pool), p=d2 / total) if total > 0 else rng.integers(len(pool))])
-        elif total > 0 and np.count_nonzero(d2) >= b:
-            picks = rng.choice(len(pool), b, replace=False, p=d2 / total)
-        else:  # fewer distinct points left than centres to place: any points
-            picks = rng.choice(len(pool), b, replace=len(pool) < b)
-        block = pool[picks]
-        centroids[i : i + b] = block
-        if b == 1:  # the matrix-vector product of k-means++ (bit for bit the same draws)
-            d2 = np.minimum(d2, np.maximum(p_sq - 2 * pool @ block[0] + block[0] @ block[0], 0))
-        else:
-            c_sq = np.einsum("ij,ij->i", block, block)
-            d2 = np.minimum(d2, np.maximum(p_sq[:, None] - 2 * (pool @ block.T) + c_sq[None, :], 0).min(axis=1))
-        i += b
-    return centroids
-
-
 def kmeans(x: np.ndarray, k: int, metric: str, n_iter: int = 20, seed: int = 0) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding (spherical for ``angular``/``dot``)."""
     rng = np.random.default_rng(seed)
     n = len(x)
     k = max(1, min(k, n))
     spherical = metric != "euclidean"
-    centroids = seed_centroids(x, k, rng)
+    # k-means++ seeding on a pool of at most 16k points, with squared distances updated
+    # through one matrix-vector product per centre (no (pool x d) temporaries).
+    pool = x if n <= 16384 else x[rng.choice(n, 16384, replace=False)]
+    p_sq = np.einsum("ij,ij->i", pool, pool)
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    centroids[0] = pool[rng.integers(len(pool))]
+    d2 = np.maximum(p_sq - 2 * pool @ centroids[0] + centroids[0] @ centroids[0], 0)
+    for i in range(1, k):
+        total = float(d2.sum())
+        j = rng.choice(len(pool), p=d2 / total) if total > 0 else rng.integers(len(pool))
+        centroids[i] = pool[j]
+        d2 = np.minimum(d2, np.maximum(p_sq - 2 * pool @ centroids[i] + centroids[i] @ centroids[i], 0))
     for _ in range(n_iter):
         labels = assign(x, centroids, "euclidean" if not spherical else "dot")[:, 0]
         counts = np.bincount(labels, minlength=k)

@@ -51,24 +51,3 @@ def test_choose_n_cells_bounds():
     assert choose_n_cells(100, 256) <= 100 // 8
     # A small executor forces smaller cells, hence more of them.
     assert choose_n_cells(1_000_000, 256, executor_memory_bytes=64 << 20, cores_per_executor=4) > 2000
-
-
-def test_seeding_in_batches_spreads_the_centres_like_kmeans_pp():
-    """A batch of D^2 draws a round (k-means||'s trade) against one a round (k-means++): the
-    seeds are distinct sample points, and they cover the sample about as well."""
-    from cbir_lib.index.kmeans import seed_centroids
-
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(400, 16)).astype(np.float32) * 4
-    x = (centres[rng.integers(0, 400, 20_000)] + rng.normal(size=(20_000, 16)) * 0.5).astype(np.float32)
-
-    def cost(c):
-        d = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]
-        return float(np.maximum(d, 0).min(1).mean())
-
-    batched = seed_centroids(x, 400, np.random.default_rng(0), batch=32)
-    single = seed_centroids(x, 400, np.random.default_rng(0), batch=1)
-    assert len(np.unique(batched, axis=0)) == 400
-    assert cost(batched) < 1.25 * cost(single)
-    # Small codebooks are seeded one centre a round: kmeans' old draws, bit for bit.
-    assert np.array_equal(seed_centroids(x, 100, np.random.default_rng(3)), seed_centroids(x, 100, np.random.default_rng(3), batch=1))
