@@ -229,7 +229,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         snap = prev["output"]
         dirs = [snap, fs.join(snap, prev["reserve"]["output"])]
         parts = [remote.read_parquet(files, u, cols) for d in dirs for u in tables.part_uris(spark, d)]
-        old = listops.Lists.from_arrow(pa.concat_tables(parts)) if parts else listops.Lists.empty()
+        old = listops.Dense.from_arrow(parts, width)
         del parts
     timings["read_lists_s"] = round(t["seconds"], 3)
 
@@ -285,7 +285,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     found = [remote.read_parquet(files, u) for u in tables.part_uris(spark, searched_uri)]
     searched = pa.concat_tables(found).cast(schema) if found else schema.empty_table()
     is_rev = searched.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
-    fresh = listops.Lists.from_arrow(searched.filter(pa.array(~is_rev)))
+    fresh = listops.Dense.from_arrow([searched.filter(pa.array(~is_rev))], width)
     reverse = listops.Lists.from_arrow(searched.filter(pa.array(is_rev)))
 
     with timer("merging the night into the lists") as t:
@@ -293,18 +293,14 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         reverse = reverse.where(~listops.member(reverse.qid, replaced))
         reverse_ids = np.unique(reverse.qid)
         touched = np.union1d(reverse_ids, lost_only)
-        untouched = old.of_lists(np.union1d(replaced, touched), keep=False)
-        kept = old.of_lists(touched)
-        kept = kept.where(~listops.member(kept.nid, removed))
-        merged = listops.ranked(np.r_[kept.qid, reverse.qid], np.r_[kept.nid, reverse.nid], np.r_[kept.score, reverse.score], width)
-        lists = listops.concat(untouched, merged, fresh)
-        del untouched, kept
-        top_changed = listops.top_changed(old, lists, touched, k)
-        del old
+        merged = listops.merged(old, touched, removed, reverse, width)
+        top_changed = listops.top_changed(old, merged, touched, k)
+        lists = listops.assemble(old, np.union1d(replaced, touched), merged, fresh)
+        del old, merged
     timings["merge_s"] = round(t["seconds"], 3)
 
     def rows_of(q: np.ndarray):
-        return lists.of_lists(np.sort(q)).to_arrow()
+        return lists.of_lists(np.unique(q)).to_arrow()
 
     recall = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings)
     _check_recall(nb, *recall[:2], recall[3])
@@ -321,7 +317,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     n_files = L._output_files(spark, n)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_arrow_lists(spark, lists.to_arrow(), changes, k, nb.min_score, n_files, stage, manifest, spec)
+        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)

@@ -114,19 +114,23 @@ def commit_arrow_lists(
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
     snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
-    ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks."""
+    ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks.
+    ``lists`` may also come split already, as ``(table rows, reserve rows)``: the rows of
+    rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    keep = pc.less_equal(lists.column("rank"), k)
-    if min_score is not None:
-        keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
 
     def with_run(t):  # not null, as Spark's lit() writes it
         return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
 
     run_id = stage.run_id
-    public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
+    if isinstance(lists, tuple):
+        public, reserve = (with_run(t) for t in lists)
+    else:
+        keep = pc.less_equal(lists.column("rank"), k)
+        if min_score is not None:
+            keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
+        public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
     changes = with_run(changes)
     files = remote.Files(**spec.files)
 
