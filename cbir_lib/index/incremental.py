@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 
 import numpy as np
@@ -38,21 +37,23 @@ from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
     REDUCTION,
-    ROW_GROUP_BYTES,
     STORE,
     STORE_DDL,
+    STORE_WRITE_OPTIONS,
     _assign_cells,
     cell_counts,
     centroid_distance,
     embedding_parts,
     handoff_wanted,
     hash_cells,
-    offer_store_tables,
+    offer_store,
     read_keys,
     store_counts,
+    store_parts,
     vector_space,
     write_forest_rows,
     write_forests,
+    write_sorted,
 )
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.arrow import binary_to_numpy
@@ -60,6 +61,8 @@ from cbir_lib.vectors.arrow import binary_to_numpy
 log = logging.getLogger(__name__)
 
 DELTA = "delta"
+# Rows copied at a time into the new store (a bounded temporary: 16 MB at 256-d).
+_COPY_ROWS = 16_384
 DELTA_DDL = "image_id long, kind string, cell int"
 
 
@@ -220,42 +223,63 @@ def _write_store_in_process(
     removed: np.ndarray,
     added,
     reduced: bool,
-    row_bytes: int,
     n_cells: int,
     threads: int,
+    n_parts: int,
     keep: list | None,
 ) -> np.ndarray:
-    """The new store: each of the base's files (``base``, their URIs) less the ``removed``
-    rows, and the ``added`` rows (an Arrow table) as one more file, written by pyarrow,
-    files side by side; the vectors per cell written. The files' tables are appended to
-    ``keep``, if given."""
+    """The new store: the rows of the base's files (``base``, their URIs) less the
+    ``removed`` ids, and the ``added`` rows (an Arrow table), in ``(cell, image_id)`` order,
+    written as ``n_parts`` files by :func:`~cbir_lib.index.store.write_sorted`, as a full
+    build writes them; the vectors per cell returned. With ``keep`` (a list), the sorted
+    store is appended to it, ``(cells, ids, vectors, reduced or None)``, for
+    :func:`~cbir_lib.index.store.offer_store`.
+
+    Each vector is copied once, from the batch it was read into to its place in the new
+    store. Filtering the base's files and then sorting the store for the next stage copied
+    them twice, and the added rows made one more file every night."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow as pa
-
-    def rewrite(j: int, t) -> np.ndarray:
-        if not reduced and "reduced" in t.column_names:
-            t = t.drop(["reduced"])
-        remote.write_parquet(files, t, fs.join(dst, f"part-{j:05d}.parquet"), row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
-        if keep is not None:
-            with lock:
-                keep.append((j, t))
-        return np.bincount(t.column("cell").to_numpy(), minlength=n_cells)
-
-    def kept(j: int) -> np.ndarray:
-        t = remote.read_parquet(files, base[j])
-        if removed.size:
-            t = t.filter(pa.array(~np.isin(t.column("image_id").to_numpy(), removed)))
-        return rewrite(j, t) if t.num_rows else np.zeros(n_cells, np.int64)
-
-    lock = threading.Lock()
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        counts = list(pool.map(kept, range(len(base))))
-    if added is not None and added.num_rows:
-        counts.append(rewrite(len(base), added))
-    if keep is not None:  # in the files' order
-        keep[:] = [t for _, t in sorted(keep, key=lambda jt: jt[0])]
-    return np.sum(counts, axis=0).astype(np.int64) if counts else np.zeros(n_cells, np.int64)
+        tables_ = list(pool.map(lambda uri: remote.read_parquet(files, uri), base))
+    batches = [(b, True) for t in tables_ for b in t.to_batches() if b.num_rows]
+    if added is not None:
+        batches += [(b, False) for b in added.to_batches() if b.num_rows]
+    cells_, ids_, fps_, sources = [], [], [], []
+    for b, of_base in batches:
+        ids = b.column("image_id").to_numpy().astype(np.int64, copy=False)
+        rows = np.flatnonzero(~np.isin(ids, removed)) if of_base and removed.size else None
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: B023 - used at once
+        cells_.append(pick(b.column("cell").to_numpy()).astype(np.int32))
+        ids_.append(pick(ids))
+        fps_.append(pick(b.column("fp").to_numpy().astype(np.int64, copy=False)))
+        vec = binary_to_numpy(b.column("vector"))
+        sources.append((vec, binary_to_numpy(b.column("reduced")) if reduced else None, rows))
+    if not sources:
+        return np.zeros(n_cells, np.int64)
+    cells, ids, fps = np.concatenate(cells_), np.concatenate(ids_), np.concatenate(fps_)
+    order = np.lexsort((ids, cells))
+    dest = np.empty(order.size, np.int64)
+    dest[order] = np.arange(order.size)
+    x = np.empty((order.size, sources[0][0].shape[1]), np.float32)
+    xr = np.empty((order.size, sources[0][1].shape[1]), np.float32) if reduced else None
+    at = 0
+    for vec, red, rows in sources:
+        m = len(vec) if rows is None else rows.size
+        for lo in range(0, m, _COPY_ROWS):  # a bounded temporary per step
+            hi = min(m, lo + _COPY_ROWS)
+            src = slice(lo, hi) if rows is None else rows[lo:hi]
+            to = dest[at + lo : at + hi]
+            x[to] = vec[src]
+            if xr is not None:
+                xr[to] = red[src]
+        at += m
+    del tables_, batches, sources
+    cells, ids, fps = cells[order], ids[order], fps[order]
+    write_sorted(files, dst, cells, ids, x, fps, xr, n_parts)
+    if keep is not None:
+        keep.append((cells, ids, x, xr))
+    return np.bincount(cells, minlength=n_cells).astype(np.int64)
 
 
 def try_incremental(
@@ -271,7 +295,8 @@ def try_incremental(
 
     Where a full build of the collection would run in this process (``run.execution``),
     so does the night: the diff of the keys, the added vectors' assignment and the store
-    rewritten file by file, by pyarrow (the forests stay Spark's)."""
+    rewritten file by file, by pyarrow (the forests stay Spark's). ``emb()``: the run's ok
+    rows as a DataFrame, asked for only by a Spark plan (the session's first costs ~1 s)."""
     from pyspark.sql import functions as F
 
     cfg, run_id, table, prev = run.cfg, run.run_id, run.table, run.base
@@ -334,7 +359,7 @@ def try_incremental(
     else:
         with timer("finding the added and removed vectors by content fingerprint") as t:
             # One shuffle of (id, fp) pairs; the vectors stay where they are.
-            now = emb.select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
+            now = emb().select("image_id", F.col("fp").alias("fp_now"), F.col("fp").alias("fp_key"))
             diff = (
                 old.select("image_id", F.col("fp").alias("fp_key"), "cell")
                 .join(now, ["image_id", "fp_key"], "full_outer")
@@ -363,7 +388,7 @@ def try_incremental(
     if on_driver:
         pass  # read and assigned in write(), in this process
     elif added_ids.size and prev.get("partitioning") == "hash":
-        source = emb.join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi")
+        source = emb().join(F.broadcast(id_frame(spark, added_ids)), "image_id", "left_semi")
         added_store = source.withColumn("cell", F.pmod(F.xxhash64("image_id"), F.lit(n_cells)).cast("int")).mapInArrow(assigner, ddl)
     elif added_ids.size:
         # The added rows read by the executors with pyarrow, a file per task: Spark's reader
@@ -446,9 +471,9 @@ def try_incremental(
                     removed_ids,
                     added_table,
                     reduction_bytes is not None,
-                    4 * (dim + rdim),
                     n_cells,
                     inprocess.driver_threads(spark),
+                    store_parts(int(counts.sum()), n_cells, spark.sparkContext.defaultParallelism),
                     handed,
                 )
             else:
@@ -456,7 +481,7 @@ def try_incremental(
                 if reduction_bytes is None and "reduced" in kept.columns:
                     kept = kept.drop("reduced")
                 new_store = kept if added_store is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
-                new_store.write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+                new_store.write.mode("overwrite").options(**STORE_WRITE_OPTIONS).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         fs.delete(spark, fs.join(tmp, "_added"))
         # Spark reads the written store back only where it counts it or builds forests from it.
@@ -519,7 +544,7 @@ def try_incremental(
     except _Drifted as e:
         return None, f"the drift check asks for one: {e}"
     if handed:
-        offer_store_tables(run_id, tables.commit_of(manifest), handed)
+        offer_store(run_id, tables.commit_of(manifest), *handed[0])
     d = manifest["delta_counts"]
     log.info(
         "index %s (incremental on %s): +%d -%d (%d changed) vectors, %d of %d cells touched, drift %s, in %.1f s",

@@ -38,9 +38,9 @@ from cbir_lib.index.store import (
     FORESTS,
     READER_BATCH_KEY,
     REDUCTION,
-    ROW_GROUP_BYTES,
     STORE,
     STORE_DDL,
+    STORE_WRITE_OPTIONS,
     TABLE,
     VECTOR_BATCH,
     _assign_cells,
@@ -59,9 +59,11 @@ from cbir_lib.index.store import (
     offer_store,
     restored,
     store_counts,
+    store_parts,
     vector_batch,
     vector_space,
     write_forests,
+    write_sorted,
 )
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.arrow import binary_to_numpy, to_numpy, vectors_binary
@@ -247,7 +249,6 @@ def write_store_in_process(
     In cell order, a reader has nothing to reorder (:func:`~cbir_lib.index.store.sorted_store`
     checks), and the store handed to the next stage is the very array written: at 1M x 256
     the neighbours stage's load took 3.8 s, most of it two fresh copies of the vectors."""
-    import pyarrow as pa
 
     from cbir_lib.common import remote
 
@@ -265,18 +266,7 @@ def write_store_in_process(
     cells, ids, fps = cells[order].astype(np.int32), ids[order], fps[order]
     x = np.take(x, order, axis=0)
     xr = reduce.project(x, basis) if basis is not None else None  # row by row: any block gives the same
-    files = remote.settings_from_hadoop(spark)
-    per_row = 4 * (x.shape[1] + (basis.shape[1] if basis is not None else 0))
-
-    def part(lo: int, hi: int):  # zero-copy views of the sorted arrays
-        cols = [pa.array(cells[lo:hi]), pa.array(ids[lo:hi]), vectors_binary(x[lo:hi]), pa.array(fps[lo:hi])]
-        if xr is not None:
-            cols.append(vectors_binary(xr[lo:hi]))
-        return pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
-
-    bounds = [(i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)]
-    jobs = ((part(lo, hi), fs.join(uri, f"part-{j:05d}.parquet")) for j, (lo, hi) in enumerate(bounds))
-    remote.write_parquets(files, jobs, row_group_size=max(1, ROW_GROUP_BYTES // per_row))
+    write_sorted(remote.settings_from_hadoop(spark), uri, cells, ids, x, fps, xr, n_parts)
     if keep is not None:
         keep.append((cells, ids, x, xr))
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
@@ -341,7 +331,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         from cbir_lib.index import incremental  # it builds on this module's helpers
 
         started_inc = time.time()
-        done, full_reason = incremental.try_incremental(spark, run, emb_uri, emb_run, emb_manifest, embeddings(), content_hashed)
+        done, full_reason = incremental.try_incremental(spark, run, emb_uri, emb_run, emb_manifest, embeddings, content_hashed)
         if done is not None:
             return done
         log.info("build_index: a full build instead of an incremental one: %s", full_reason)
@@ -415,7 +405,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
         centroids_bytes = None
         quantisation = None
 
-    n_parts = max(1, min(n_cells, max(spark.sparkContext.defaultParallelism, n // 200_000 + 1)))
+    n_parts = store_parts(n, n_cells, spark.sparkContext.defaultParallelism)
 
     # The store is written as assigned, without a shuffle: its readers (executors loading
     # it for the search, the forest builder) sort by (cell, image_id) themselves, and a
@@ -457,7 +447,7 @@ def _run_build_index(spark, cfg: Config) -> dict:
                     spark, rows, centroids_bytes, ic.metric, n_cells, reduction_bytes, n_parts, fs.join(tmp, STORE), handed
                 )
             else:
-                store().write.mode("overwrite").option("parquet.block.size", ROW_GROUP_BYTES).parquet(fs.join(tmp, STORE))
+                store().write.mode("overwrite").options(**STORE_WRITE_OPTIONS).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
         written = spark.read.parquet(fs.join(tmp, STORE)) if ic.forests or not rows else None
         if not rows:

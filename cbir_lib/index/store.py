@@ -220,6 +220,38 @@ VECTOR_BATCH_BYTES = 16 << 20
 
 ROW_GROUP_BYTES = 32 << 20
 
+# The store's columns of float bytes, written plain (no compression, no dictionary):
+# remote.write_parquet's ``raw``. Spark's writers of the store write it all uncompressed
+# (STORE_WRITE_OPTIONS); its other columns are 20 bytes of a row's 1 KB at 256-d.
+RAW_COLUMNS = ("vector", "reduced")
+STORE_WRITE_OPTIONS = {"parquet.block.size": ROW_GROUP_BYTES, "compression": "none"}
+
+
+def store_parts(n: int, n_cells: int, slots: int) -> int:
+    """Files of a store of ``n`` vectors: at least one per slot, one per 200k vectors, at
+    most one per cell."""
+    return max(1, min(n_cells, max(slots, n // 200_000 + 1)))
+
+
+def write_sorted(files, uri: str, cells, ids, x, fps, xr, n_parts: int) -> None:
+    """Store rows already in ``(cell, image_id)`` order, written by pyarrow as ``n_parts``
+    files of about equal rows, each a zero-copy slice of the arrays (``xr``: the reduced
+    vectors, or None)."""
+    import pyarrow as pa
+
+    from cbir_lib.common import remote
+
+    def part(lo: int, hi: int):
+        cols = [pa.array(cells[lo:hi]), pa.array(ids[lo:hi]), vectors_binary(x[lo:hi]), pa.array(fps[lo:hi])]
+        if xr is not None:
+            cols.append(vectors_binary(xr[lo:hi]))
+        return pa.Table.from_arrays(cols, names=["cell", "image_id", "vector", "fp", "reduced"][: len(cols)])
+
+    per_row = 4 * (x.shape[1] + (xr.shape[1] if xr is not None else 0))
+    bounds = [(i * len(ids) // n_parts, (i + 1) * len(ids) // n_parts) for i in range(n_parts)]
+    jobs = ((part(lo, hi), fs.join(uri, f"part-{j:05d}.parquet")) for j, (lo, hi) in enumerate(bounds))
+    remote.write_parquets(files, jobs, row_group_size=max(1, ROW_GROUP_BYTES // max(1, per_row)), raw=RAW_COLUMNS)
+
 
 def vector_batch(dim: int | None) -> int:
     """Rows per Arrow batch for vectors of ``dim`` floats."""
@@ -364,8 +396,9 @@ def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_
     """``(image_id, fp)`` of an embeddings run's ok rows, read in this process by pyarrow
     without a vector: the fingerprints of the content hashes computed here
     (:func:`~cbir_lib.common.sparkhash.hash_strings`, Spark's ``xxhash64`` of a string).
-    Spark's own (``emb``'s ``fp``) where the table has no content hashes, a hash is
-    missing or odd, or this reader does not find the ``n_ok`` rows the run counted."""
+    Spark's own (the ``fp`` of the DataFrame ``emb()`` returns, made only then) where the
+    table has no content hashes, a hash is missing or odd, or this reader does not find
+    the ``n_ok`` rows the run counted."""
     import pyarrow.compute as pc
 
     from cbir_lib.common import remote
@@ -383,7 +416,7 @@ def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_
         if all(f is not None for f in fps) and (n_ok is None or got == n_ok):
             empty = np.zeros(0, np.int64)
             return (np.concatenate(ids) if ids else empty).astype(np.int64), (np.concatenate(fps) if fps else empty).astype(np.int64)
-    keys = emb.select("image_id", "fp").toArrow()
+    keys = emb().select("image_id", "fp").toArrow()
     return keys.column("image_id").to_numpy().astype(np.int64), keys.column("fp").to_numpy().astype(np.int64)
 
 
@@ -393,7 +426,6 @@ def read_keys(spark, emb, emb_uri: str, emb_run: str, n_ok: int | None, content_
 # full run. Only in-process builds offer it, only in-process searches take it, and it is
 # dropped when the block ends, taken or not.
 _HANDOFF: dict = {"wanted": False}
-HANDOFF_COLUMNS = ("cell", "image_id", "vector", "reduced")
 
 
 @contextlib.contextmanager
@@ -417,22 +449,6 @@ def offer_store(run_id: str, commit_id: str | None, cells, ids, vectors, reduced
     if not _HANDOFF.get("wanted") or not commit_id:
         return
     _HANDOFF["store"] = (f"{run_id}@{commit_id}", (cells, ids, vectors, reduced))
-
-
-def offer_store_tables(run_id: str, commit_id: str | None, parts: list) -> None:
-    """:func:`offer_store` for store rows held as Arrow tables, in any order."""
-    import pyarrow as pa
-
-    if not _HANDOFF.get("wanted") or not commit_id:
-        return
-    parts = [t for t in parts if t is not None and t.num_rows]
-    cols = [c for c in HANDOFF_COLUMNS if parts and c in parts[0].column_names]
-    if not parts or any(c not in t.column_names for t in parts for c in cols):
-        return
-    schema = pa.schema([parts[0].schema.field(c).with_nullable(True) for c in cols])
-    reduced = "reduced" in cols
-    cells, ids, x, *xr = sorted_store(pa.concat_tables([t.select(cols).cast(schema) for t in parts]), reduced)
-    offer_store(run_id, commit_id, cells, ids, x, xr[0] if reduced else None)
 
 
 def take_store(key: str | None):
