@@ -101,6 +101,12 @@ def _read_parts(spec: SearchSpec, dirs: list[str], spark):
     return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
 
 
+# Columns of list rows written plain by pyarrow: neighbour ids and scores hardly repeat in a
+# file, so a dictionary attempt only costs (1M lists' 15M rows: 1.6 -> 0.9 s to write,
+# 209 -> 199 MB, the list ids and ranks still dictionary-encoded).
+LIST_RAW_COLUMNS = ("neighbor_id", "score")
+
+
 def commit_arrow_lists(
     spark,
     lists,
@@ -140,7 +146,7 @@ def commit_arrow_lists(
             d = fs.join(tmp, sub) if sub else tmp
             step = -(-t.num_rows // n_files) if t.num_rows else 1
             jobs += [(t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet")) for j, lo in enumerate(range(0, max(1, t.num_rows), step))]
-        remote.write_parquets(files, jobs)
+        remote.write_parquets(files, jobs, raw=LIST_RAW_COLUMNS)
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
     return stage.commit(spark, write, manifest)
