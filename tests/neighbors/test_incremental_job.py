@@ -227,7 +227,10 @@ def test_the_store_handed_from_build_index_gives_the_same_snapshots(spark, tmp_p
     pool = clustered(640, 16, seed=21)
     ids, x = signed_ids(600, seed=21), pool[:600]
     ids2, x2 = np.concatenate([ids[20:], signed_ids(40, seed=22)]), np.concatenate([x[20:], pool[600:]])
-    opts = {"exact_max_n": 0, "recall_sample": 100}
+    # dense at a set nprobe: auto picks exact over dense by the seconds it measures, and at
+    # 600 vectors the two are close enough for either run to pick either (3 runs in 6 failed
+    # so on 2026-12-04: one run dense, the other exact).
+    opts = {"exact_max_n": 0, "recall_sample": 100, "method": "dense", "nprobe": 4}
     index = {"reduced_dim": reduced_dim}
     got = {}
     for root, hand in ((tmp_path / "handed", True), (tmp_path / "read", False)):
@@ -296,3 +299,21 @@ def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(
     check_exact(spark, nm, ids2, x2)
     assert json.loads((tmp_path / "neighbors" / "run=d2" / "_manifest.json").read_text())["run_id"] == "d2"
     assert not any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
+
+
+def test_a_night_below_min_recall_is_refused_only_with_confidence_and_named_otherwise(caplog):
+    from types import SimpleNamespace
+
+    from cbir_lib.neighbors import incremental
+
+    nb = SimpleNamespace(min_recall=0.95, k=10)
+    with pytest.raises(incremental.NotIncremental, match="95 % confidence"):
+        incremental._check_recall(nb, 0.93, 0.96, [0.945, 0.97])
+    with caplog.at_level("WARNING", logger="cbir_lib.neighbors.incremental"):
+        incremental._check_recall(nb, 0.9436, 0.9596, [0.951, 0.965])
+    assert "new images 0.9436" in caplog.text and "calibrates it again" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cbir_lib.neighbors.incremental"):
+        incremental._check_recall(nb, 0.96, 0.955, [0.965, 0.96])
+        incremental._check_recall(SimpleNamespace(min_recall=None, k=10), 0.5, 0.5, [0.6, 0.6])
+    assert not caplog.text
