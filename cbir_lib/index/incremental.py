@@ -249,10 +249,10 @@ def _write_store_in_process(
     for b, of_base in batches:
         ids = b.column("image_id").to_numpy().astype(np.int64, copy=False)
         rows = np.flatnonzero(~np.isin(ids, removed)) if of_base and removed.size else None
-        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: B023 - used at once
-        cells_.append(pick(b.column("cell").to_numpy()).astype(np.int32))
-        ids_.append(pick(ids))
-        fps_.append(pick(b.column("fp").to_numpy().astype(np.int64, copy=False)))
+        sel = slice(None) if rows is None else rows  # a view where every row stays
+        cells_.append(b.column("cell").to_numpy()[sel].astype(np.int32))
+        ids_.append(ids[sel])
+        fps_.append(b.column("fp").to_numpy()[sel].astype(np.int64, copy=False))
         vec = binary_to_numpy(b.column("vector"))
         sources.append((vec, binary_to_numpy(b.column("reduced")) if reduced else None, rows))
     if not sources:

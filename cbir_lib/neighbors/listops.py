@@ -23,7 +23,7 @@ row for row:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,11 +70,6 @@ class Lists:
     rank: np.ndarray  # int32, 1.. within a list
     nid: np.ndarray  # int64
     score: np.ndarray  # float32
-    _lists: tuple | None = field(default=None, init=False, repr=False, compare=False)
-
-    @classmethod
-    def empty(cls) -> Lists:
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
     @classmethod
     def of(cls, qid, rank, nid, score, is_sorted: bool = False) -> Lists:
@@ -105,29 +100,8 @@ class Lists:
             names=["image_id", "rank", "neighbor_id", "score"],
         )
 
-    def __len__(self) -> int:
-        return int(self.qid.size)
-
     def where(self, mask: np.ndarray) -> Lists:
         return Lists(self.qid[mask], self.rank[mask], self.nid[mask], self.score[mask])
-
-    def of_lists(self, ids: np.ndarray, keep: bool = True) -> Lists:
-        """The rows of the lists of ``ids`` (sorted), or (``keep=False``) of every other list.
-        Decided list by list, then spread over the rows (1M lookups, not 15M)."""
-        _, list_ids, lengths = self.lists()
-        hit = np.repeat(member(list_ids, ids), lengths)
-        return self.where(hit if keep else ~hit)
-
-    def lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(starts, ids, lengths)``: each list's first row, image and rows (kept)."""
-        if self._lists is None:
-            if not self.qid.size:
-                z = np.zeros(0, np.int64)
-                self._lists = (z, z, z)
-            else:
-                s = np.flatnonzero(np.r_[True, self.qid[1:] != self.qid[:-1]])
-                self._lists = (s, self.qid[s], np.diff(np.r_[s, self.qid.size]))
-        return self._lists
 
 
 @dataclass
