@@ -57,7 +57,7 @@ from cbir_lib.index.store import (
     load_index_manifest,
 )
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.calibrate import calibrate, sample_recall
+from cbir_lib.neighbors.calibrate import calibrate, rows_of, sample_recall, verification_positions, verify
 from cbir_lib.neighbors.lists import (
     NEIGHBORS_DDL,
     RESERVE,
@@ -310,45 +310,63 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         memory.update({"groups": len(spec.bounds) - 1, "group_bytes": spec.group_rows * (4 * row_dim + budget.ROW_OVERHEAD)})
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
+    # auto also draws the verification sample: queries the calibration does not see, on
+    # which the nprobe it chose is checked and the recall reported is measured.
     rng = np.random.default_rng(index.get("seed", 0))
     sample_pos = np.sort(rng.choice(n, min(nb.recall_sample, n), replace=False)) if nb.recall_sample and n else np.zeros(0, np.int64)
+    calibrating = nb.method == "auto" and method != "exact" and sample_pos.size > 0
+    verify_pos = verification_positions(rng, n, sample_pos, nb.verify_sample if calibrating else 0)
+    checked_pos = np.union1d(sample_pos, verify_pos)  # sorted: the row order of truth and sample
     truth = None
     calibration = []
-    sample = sample_pos
+    verified = None
+    sample = checked_pos
     if grouped:
-        sample = budget.sample_queries(spark, spec.groups_uri, sample_pos, int(index["dim"])) if sample_pos.size else None
+        sample = budget.sample_queries(spark, spec.groups_uri, checked_pos, int(index["dim"])) if checked_pos.size else None
     else:
         with timer(f"loading the store on the {memory['execution']['where']}") as t:
             _warm_store(sc, spec, slots)
         timings["store_load_s"] = round(t["seconds"], 3)
-    if sample_pos.size and method != "exact":
-        with timer(f"exact top-{nb.k} of {sample_pos.size} sample queries over {n} vectors") as t:
+    if checked_pos.size and method != "exact":
+        with timer(f"exact top-{nb.k} of {checked_pos.size} sample queries over {n} vectors") as t:
             if grouped:
                 exact_spec = spec.with_(method="exact")
                 v, i, _, held = budget.sample_search(sc, exact_spec, sample, budget.core(exact_spec))
                 truth = (sample[1], v, i)
                 memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
             else:
-                truth = _exact_sample(sc, spec, sample_pos, n, slots)
+                truth = _exact_sample(sc, spec, checked_pos, n, slots)
         timings["exact_sample_s"] = round(t["seconds"], 3)
-        timings["exact_extrapolated_s"] = round(t["seconds"] * n / sample_pos.size, 1)
-        if nb.method == "auto":
+        timings["exact_extrapolated_s"] = round(t["seconds"] * n / checked_pos.size, 1)
+        in_verify = np.isin(checked_pos, verify_pos)
+        if calibrating:
             target = nb.min_recall if nb.min_recall is not None else 0.95
             start = nprobe
-            nprobe, secs = calibrate(sc, spec, sample, truth, start, n_cells, target, calibration, nb.k)
+            cal_sample, cal_truth = rows_of(sample, ~in_verify), rows_of(truth, ~in_verify)
+            nprobe, secs = calibrate(sc, spec, cal_sample, cal_truth, start, n_cells, target, calibration, nb.k)
             if spec.shortlist and nb.shortlist is None:
                 # The reduced first pass pays where cells are big (1M x 1,280: half the time
                 # at the same nprobe) and not where they are small (70k: 13 % slower, lower
                 # ceiling): measure the full-dimension search too and keep the cheaper.
-                full_probe, full_secs = calibrate(sc, spec.with_(shortlist=None), sample, truth, start, n_cells, target, calibration, nb.k)
+                full_probe, full_secs = calibrate(
+                    sc, spec.with_(shortlist=None), cal_sample, cal_truth, start, n_cells, target, calibration, nb.k
+                )
                 if full_secs < secs:
                     nprobe, secs = full_probe, full_secs
                     spec.shortlist = None
+            per_query = secs / max(1, int((~in_verify).sum()))
+            if verify_pos.size:
+                sample, truth = rows_of(sample, in_verify), rows_of(truth, in_verify)
+                checked = nprobe
+                nprobe, verified, vsecs = verify(sc, spec, sample, truth, nprobe, n_cells, target, calibration, nb.k)
+                if nprobe != checked:
+                    per_query = vsecs / verify_pos.size
             spec.nprobe = nprobe
             # Dense probing of most cells costs more than exact search: then do exact.
             # (The calibration ran as one task; the exact sample on every slot at once.)
-            if secs * n / sample_pos.size / slots > timings["exact_extrapolated_s"]:
+            if per_query * n / slots > timings["exact_extrapolated_s"]:
                 method = spec.method = "exact"
+    recall_n = int(verify_pos.size) if verified is not None else int(sample_pos.size)
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
     work_key = _spec_key(
@@ -429,14 +447,20 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 if method == "dense"
                 else []
             )
-            recall = known[-1] if known else sample_recall(sc, spec, sample, truth)[0]
+            recall = (
+                verified
+                if verified is not None and method == "dense"
+                else known[-1]
+                if known
+                else sample_recall(sc, spec, sample, truth)[0]
+            )
         timings["recall_s"] = round(t["seconds"], 3)
         log.info(
             "neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)",
             run_id,
             nb.k,
             recall,
-            len(sample_pos),
+            recall_n,
             method,
             spec.nprobe,
         )
@@ -444,7 +468,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         recall = 1.0
     if nb.min_recall is not None and recall is not None and recall < nb.min_recall:
         raise RecallTooLow(
-            f"neighbors.min_recall: measured recall@{nb.k} {recall:.4f} on {len(sample_pos)} queries is below {nb.min_recall} "
+            f"neighbors.min_recall: measured recall@{nb.k} {recall:.4f} on {recall_n} queries is below {nb.min_recall} "
             f"({method}, nprobe {spec.nprobe}); raise neighbors.nprobe or use method=auto"
         )
 
@@ -474,7 +498,10 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             if nb.rerank != "none"
             else None
         ),
-        "recall_sample": int(sample_pos.size) if truth is not None else 0,
+        "recall_sample": recall_n if truth is not None else 0,
+        "recall_sample_is": (
+            "the verification sample" if verified is not None else "the calibration sample" if calibration else "the recall sample"
+        ),
         "calibration": calibration,
         "searched_this_run": searched,
         "memory": memory,

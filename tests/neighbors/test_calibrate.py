@@ -1,6 +1,8 @@
 """auto's nprobe search (smallest_nprobe), on a recall curve known in advance."""
 
-from cbir_lib.neighbors.calibrate import smallest_nprobe
+import numpy as np
+
+from cbir_lib.neighbors.calibrate import rows_of, smallest_nprobe, step_up, verification_positions
 
 
 def _curve(needed: int):
@@ -28,3 +30,40 @@ def test_a_start_that_meets_the_target_is_kept():
 def test_stops_at_every_cell_when_nothing_meets_the_target():
     best, tried = smallest_nprobe(_curve(10_000), 16, 100, 0.95)
     assert best == 100 and [p for p, *_ in tried] == [16, 32, 64, 100]
+
+
+def test_verification_keeps_a_choice_its_own_sample_confirms():
+    best, tried = step_up(_curve(32), 32, 1000, 0.95)
+    assert best == 32 and [p for p, *_ in tried] == [32]
+
+
+def test_verification_steps_up_by_an_eighth_until_its_sample_meets_the_target():
+    """A calibration that chose 32 on a lucky sample, where this sample needs 40."""
+    best, tried = step_up(_curve(40), 32, 1000, 0.95)
+    assert [p for p, *_ in tried] == [32, 36, 40] and best == 40
+    assert tried[-1][1] >= 0.95 > tried[-2][1]
+
+
+def test_verification_decides_on_the_point_estimate_and_stops_at_every_cell():
+    measure = lambda p: (0.951, 0.94, 1.0)  # noqa: E731 - point meets, bound does not
+    assert step_up(measure, 8, 100, 0.95) == (8, [(8, 0.951, 0.94, 1.0)])
+    best, tried = step_up(_curve(10_000), 64, 80, 0.95)
+    assert best == 80 and [p for p, *_ in tried] == [64, 72, 80]
+
+
+def test_verification_queries_are_drawn_apart_from_the_calibration_sample():
+    rng = np.random.default_rng(0)
+    for n, cal, m in [(10, 4, 5), (10, 4, 6), (10, 4, 9), (100_000, 1000, 500), (1500, 1000, 500)]:
+        sample = np.sort(rng.choice(n, cal, replace=False))
+        got = verification_positions(rng, n, sample, m)
+        assert got.size == min(m, n - cal) and np.all(np.diff(got) > 0)
+        assert not np.isin(got, sample).any() and got.min(initial=0) >= 0 and got.max(initial=0) < n
+    assert verification_positions(rng, 10, np.arange(10), 5).size == 0
+    assert verification_positions(rng, 10, np.arange(3), 0).size == 0
+
+
+def test_rows_of_takes_the_same_rows_of_an_array_or_a_tuple():
+    rows = np.array([True, False, True])
+    assert rows_of(np.array([5, 6, 7]), rows).tolist() == [5, 7]
+    a, b = rows_of((np.array([1, 2, 3]), np.array([[1], [2], [3]])), rows)
+    assert a.tolist() == [1, 3] and b.tolist() == [[1], [3]]
