@@ -305,7 +305,7 @@ class NeighborsConfig:
     recall_sample: int = 1000  # queries whose top-k is checked against exact search on every run
     min_recall: float | None = None  # fail the run when the measured recall@k is below this
     # auto: more queries, drawn apart from recall_sample, on which the calibrated nprobe is
-    # checked (and stepped up while their recall is below the target); the recall reported
+    # checked (and stepped up while their 95 % bound is below the target); the recall reported
     # is theirs, not the calibration sample's, which chose the nprobe and so leans high
     verify_sample: int = 500
     # auto: exact search up to this many images without measuring; above, dense IVF tuned to

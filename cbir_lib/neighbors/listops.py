@@ -72,10 +72,10 @@ class Lists:
     score: np.ndarray  # float32
 
     @classmethod
-    def of(cls, qid, rank, nid, score, is_sorted: bool = False) -> Lists:
+    def of(cls, qid, rank, nid, score) -> Lists:
         qid, rank = np.asarray(qid, np.int64), np.asarray(rank, np.int32)
         nid, score = np.asarray(nid, np.int64), np.asarray(score, np.float32)
-        if not is_sorted and qid.size:
+        if qid.size:
             # A stable sort by list keeps each list's rows in the order they came, which is
             # rank order for every writer of a snapshot (0.7 s for 15M rows, the two-key
             # lexsort 2.2 s); where it is not, the lexsort.

@@ -57,7 +57,7 @@ from cbir_lib.index.store import (
     load_index_manifest,
 )
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.calibrate import calibrate, rows_of, sample_recall, verification_positions, verify
+from cbir_lib.neighbors.calibrate import choose, rows_of, sample_recall, verification_positions
 from cbir_lib.neighbors.lists import (
     NEIGHBORS_DDL,
     RESERVE,
@@ -320,6 +320,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     truth = None
     calibration = []
     verified = None
+    choice_file = None
     sample = checked_pos
     if grouped:
         sample = budget.sample_queries(spark, spec.groups_uri, checked_pos, int(index["dim"])) if checked_pos.size else None
@@ -341,31 +342,47 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         in_verify = np.isin(checked_pos, verify_pos)
         if calibrating:
             target = nb.min_recall if nb.min_recall is not None else 0.95
-            start = nprobe
-            cal_sample, cal_truth = rows_of(sample, ~in_verify), rows_of(truth, ~in_verify)
-            nprobe, secs = calibrate(sc, spec, cal_sample, cal_truth, start, n_cells, target, calibration, nb.k)
-            if spec.shortlist and nb.shortlist is None:
-                # The reduced first pass pays where cells are big (1M x 1,280: half the time
-                # at the same nprobe) and not where they are small (70k: 13 % slower, lower
-                # ceiling): measure the full-dimension search too and keep the cheaper.
-                full_probe, full_secs = calibrate(
-                    sc, spec.with_(shortlist=None), cal_sample, cal_truth, start, n_cells, target, calibration, nb.k
+            # The choice is kept under _work/ until the commit: a retry reuses it, so that a
+            # choice by measured seconds cannot flip and write other lists.
+            choice_file = fs.join(
+                table,
+                "_work",
+                "auto-"
+                + _spec_key(
+                    {
+                        "index": index["run_id"],
+                        "index_commit": tables.commit_of(index),
+                        "k": spec.k,
+                        "start": nprobe,
+                        "target": target,
+                        "samples": [nb.recall_sample, nb.verify_sample],
+                        "shortlist": [spec.shortlist, nb.shortlist],
+                    }
                 )
-                if full_secs < secs:
-                    nprobe, secs = full_probe, full_secs
-                    spec.shortlist = None
-            per_query = secs / max(1, int((~in_verify).sum()))
+                + ".json",
+            )
+            choice = fs.read_json(spark, choice_file) if fs.exists(spark, choice_file) else None
+            if choice is None:
+                choice = choose(
+                    sc,
+                    spec,
+                    (rows_of(sample, ~in_verify), rows_of(truth, ~in_verify)),
+                    (rows_of(sample, in_verify), rows_of(truth, in_verify)) if verify_pos.size else None,
+                    nprobe,
+                    n_cells,
+                    target,
+                    nb.k,
+                    dense_limit_s=timings["exact_extrapolated_s"] * slots / n,
+                    try_full=nb.shortlist is None,
+                )
+                fs.write_json(spark, choice_file, choice)
+            else:
+                log.info("auto: %s, nprobe %d: the choice an earlier attempt of this run made", choice["method"], choice["nprobe"])
+            calibration.extend(choice["steps"])
+            method = spec.method = choice["method"]
+            spec.nprobe, spec.shortlist, verified = choice["nprobe"], choice["shortlist"], choice["verified"]
             if verify_pos.size:
                 sample, truth = rows_of(sample, in_verify), rows_of(truth, in_verify)
-                checked = nprobe
-                nprobe, verified, vsecs = verify(sc, spec, sample, truth, nprobe, n_cells, target, calibration, nb.k)
-                if nprobe != checked:
-                    per_query = vsecs / verify_pos.size
-            spec.nprobe = nprobe
-            # Dense probing of most cells costs more than exact search: then do exact.
-            # (The calibration ran as one task; the exact sample on every slot at once.)
-            if per_query * n / slots > timings["exact_extrapolated_s"]:
-                method = spec.method = "exact"
     recall_n = int(verify_pos.size) if verified is not None else int(sample_pos.size)
 
     # The search, committed chunk by chunk under _work/<key>/ so a killed run resumes.
@@ -533,6 +550,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if nb.pairs:
         _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)
     fs.delete(spark, work_dir)
+    if choice_file:
+        fs.delete(spark, choice_file)
     if grouped:
         fs.delete(spark, spec.groups_uri)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])

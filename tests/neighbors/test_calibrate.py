@@ -41,12 +41,17 @@ def test_verification_steps_up_by_an_eighth_until_its_sample_meets_the_target():
     """A calibration that chose 32 on a lucky sample, where this sample needs 40."""
     best, tried = step_up(_curve(40), 32, 1000, 0.95)
     assert [p for p, *_ in tried] == [32, 36, 40] and best == 40
-    assert tried[-1][1] >= 0.95 > tried[-2][1]
+    assert tried[-1][2] >= 0.95 > tried[-2][2]
 
 
-def test_verification_decides_on_the_point_estimate_and_stops_at_every_cell():
-    measure = lambda p: (0.951, 0.94, 1.0)  # noqa: E731 - point meets, bound does not
-    assert step_up(measure, 8, 100, 0.95) == (8, [(8, 0.951, 0.94, 1.0)])
+def test_verification_decides_on_the_bound_and_stops_at_every_cell():
+    """A point estimate at the target is not enough: the promise is the 95 % bound's."""
+
+    def measure(p: int):
+        return (0.951, 0.94, 1.0) if p < 10 else (0.97, 0.955, 1.0)
+
+    best, tried = step_up(measure, 8, 100, 0.95)
+    assert best == 10 and [p for p, *_ in tried] == [8, 9, 10]
     best, tried = step_up(_curve(10_000), 64, 80, 0.95)
     assert best == 80 and [p for p, *_ in tried] == [64, 72, 80]
 

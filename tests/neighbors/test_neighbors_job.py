@@ -133,10 +133,11 @@ def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
     assert steps[0]["nprobe"] == 1 and all(s["lower_bound"] < s["recall"] for s in steps)
     # The calibration's choice is the smallest measured nprobe whose one-sided 95 % bound
     # meets the target; the verification sample checks it and steps it up while its own
-    # recall is below the target, and the recall reported is the verification sample's.
+    # bound is below the target, and the recall reported is the verification sample's.
     chosen = min(s["nprobe"] for s in steps if s["lower_bound"] >= 0.97)
     assert all(s["lower_bound"] < 0.97 for s in steps if s["nprobe"] < chosen)
-    assert checks[0]["nprobe"] == chosen and all(c["recall"] < 0.97 for c in checks[:-1])
+    assert checks[0]["nprobe"] == chosen and all(c["lower_bound"] < 0.97 for c in checks[:-1])
+    assert checks[-1]["lower_bound"] >= 0.97 or checks[-1]["nprobe"] == 40  # 40 cells: every one
     assert m["recall_sample"] == 500 and m["recall_sample_is"] == "the verification sample"
     if m["method"] == "dense":
         assert m["nprobe"] == checks[-1]["nprobe"] >= chosen and m["recall_at_k"] == pytest.approx(checks[-1]["recall"], abs=1e-4)
@@ -158,7 +159,7 @@ def test_auto_on_a_reduced_index_keeps_the_cheaper_first_pass_and_its_promise(sp
     chosen = [s for s in steps if s["shortlist"] == m["shortlist"] and s["nprobe"] == checks[0]["nprobe"]][-1]
     other = [s for s in steps if s["shortlist"] != m["shortlist"] and s["lower_bound"] >= 0.95]
     assert chosen["lower_bound"] >= 0.95 and all(chosen["sample_seconds"] <= s["sample_seconds"] for s in other[-1:])
-    assert checks[-1]["nprobe"] == m["nprobe"] and checks[-1]["recall"] >= 0.95
+    assert checks[-1]["nprobe"] == m["nprobe"] and (checks[-1]["lower_bound"] >= 0.95 or m["nprobe"] == 40)
     p = prepare(x, "angular")
     ev, ei = exact_topk(p, ids, p, ids, 10, "angular")
     gv, gi = read_topk(spark, m["output"], ids, 10)
@@ -221,6 +222,36 @@ def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypat
     assert not second.duplicated(["image_id", "rank"]).any() and len(second) == 30000
     # Unchanged index and parameters: a new run id is a no-op.
     assert run_neighbors(spark, dataclasses.replace(cfg2, run=RunConfig(output_root=str(tmp_path), run_id="n2")))["noop"]
+
+
+def test_a_retried_auto_run_keeps_the_choice_of_the_killed_attempt(spark, tmp_path, monkeypatch):
+    """auto chooses exact over dense, and the reduced pass over the full one, by measured
+    seconds: near a boundary a retry could choose otherwise and write other lists. The
+    choice is kept under _work/ until the commit, and a retry takes it as it is."""
+    import cbir_lib.neighbors.run as search
+
+    indexed_collection(spark, tmp_path)
+    cfg = config(tmp_path, "n1", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.9, "recall_sample": 300})
+    real_commit = search.tables.commit_dir
+    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        run_neighbors(spark, cfg)
+    work = os.path.join(str(tmp_path), "neighbors", "_work")
+    kept = [f for f in os.listdir(work) if f.startswith("auto-")]
+    assert len(kept) == 1
+    with open(os.path.join(work, kept[0])) as fh:
+        choice = json.load(fh)
+    assert choice["steps"] and choice["verified"] is not None
+
+    # The retry's own measurements would say otherwise: it must not ask them.
+    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
+    monkeypatch.setattr(search, "choose", lambda *a, **k: pytest.fail("the retry calibrated again"))
+    resumed = run_neighbors(spark, cfg)
+    assert (resumed["method"], resumed["nprobe"], resumed["calibration"]) == (choice["method"], choice["nprobe"], choice["steps"])
+    assert resumed["searched_this_run"] == 0
+    if resumed["method"] == "dense":
+        assert resumed["recall_at_k"] == pytest.approx(choice["verified"], abs=1e-5)
+    assert not [f for f in os.listdir(work) if f.startswith("auto-")], "the choice goes with the commit"
 
 
 def test_job_shells_run_under_python(spark, collection, tmp_path):
