@@ -40,26 +40,7 @@ def calibrate(sc, spec: SearchSpec, sample_pos, truth, nprobe: int, n_cells: int
         best, tried = smallest_nprobe(measure, nprobe, n_cells, target)
     else:
         best, tried = sc.parallelize([0], 1).mapPartitions(_calibrate_task(spec, sample_pos, truth, nprobe, n_cells, target)).collect()[0]
-    for p, r, bound, secs in tried:
-        steps.append(
-            {
-                "nprobe": p,
-                "shortlist": spec.shortlist,
-                "recall": round(r, 4),
-                "lower_bound": round(bound, 4),
-                "sample_seconds": round(secs, 3),
-                "sample": "calibrate",
-            }
-        )
-        log.info(
-            "auto: nprobe %d%s gives recall@%d %.4f on the sample (95 %% bound %.4f; %.2f s)",
-            p,
-            f" (reduced, shortlist {spec.shortlist})" if spec.shortlist else "",
-            k,
-            r,
-            bound,
-            secs,
-        )
+    _record(steps, spec, tried, "calibrate", k)
     return best, next(secs for p, _, _, secs in tried if p == best)
 
 
@@ -155,6 +136,14 @@ def verify(sc, spec: SearchSpec, sample, truth, nprobe: int, n_cells: int, targe
         return sample_recall(sc, spec.with_(nprobe=p), sample, truth, with_bound=True)
 
     best, tried = step_up(measure, nprobe, n_cells, target)
+    _record(steps, spec, tried, "verify", k)
+    _, r, _, secs = tried[-1]
+    return best, r, secs
+
+
+def _record(steps: list, spec: SearchSpec, tried: list, sample: str, k: int) -> None:
+    """Append the ``(nprobe, recall, bound, seconds)`` tried on a sample (``calibrate`` or
+    ``verify``) to the manifest's steps, and log them."""
     for p, r, bound, secs in tried:
         steps.append(
             {
@@ -163,12 +152,19 @@ def verify(sc, spec: SearchSpec, sample, truth, nprobe: int, n_cells: int, targe
                 "recall": round(r, 4),
                 "lower_bound": round(bound, 4),
                 "sample_seconds": round(secs, 3),
-                "sample": "verify",
+                "sample": sample,
             }
         )
-        log.info("auto: nprobe %d gives recall@%d %.4f on the verification sample (%.2f s)", p, k, r, secs)
-    _, r, _, secs = tried[-1]
-    return best, r, secs
+        log.info(
+            "auto: nprobe %d%s gives recall@%d %.4f on the %s sample (95 %% bound %.4f; %.2f s)",
+            p,
+            f" (reduced, shortlist {spec.shortlist})" if spec.shortlist else "",
+            k,
+            r,
+            "calibration" if sample == "calibrate" else "verification",
+            bound,
+            secs,
+        )
 
 
 def step_up(measure, nprobe: int, n_cells: int, target: float) -> tuple[int, list[tuple[int, float, float, float]]]:
