@@ -59,10 +59,10 @@ def choose(
     """auto's whole choice: ``{"method", "nprobe", "shortlist", "verified", "steps"}``.
 
     ``cal`` and ``ver`` are the calibration's and the verification's ``(sample, truth)``.
-    The calibration runs with the spec's reduced first pass and, with ``try_full``
-    (the config leaves the shortlist open), without it too, keeping the cheaper by measured seconds (the reduced pass pays
-    where cells are big, 1M x 1,280: half the time at the same nprobe, and not where they
-    are small, 70k: 13 % slower, lower ceiling). The verification then checks the choice
+    The calibration runs with the spec's reduced first pass and, with ``try_full`` (the
+    config leaves the shortlist open), without it too, keeping the cheaper by measured
+    seconds (the reduced pass pays where cells are big, 1M x 1,280: half the time at the
+    same nprobe, and not where they are small, 70k: 13 % slower, lower ceiling). The verification then checks the choice
     (:func:`verify`), and a dense search whose sample costs more than ``dense_limit_s`` a
     query (exact search's extrapolated seconds a query a slot) gives way to exact.
 

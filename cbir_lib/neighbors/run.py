@@ -448,11 +448,13 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     )
 
     recall = None
+    # auto's verification searched the sample with this run's search (base_spec) already.
+    verified_search = verified if verified is not None and method == "dense" else None
     if truth is not None and vector_mode != "none":
         # Re-ranked results have no exact counterpart of the same queries: the recall
         # reported is the base search's (same method and nprobe) on the sample.
         with timer("measuring the base search's recall on the sample") as t:
-            recall, _ = sample_recall(sc, base_spec, sample, truth)
+            recall = verified_search if verified_search is not None else sample_recall(sc, base_spec, sample, truth)[0]
         timings["recall_s"] = round(t["seconds"], 3)
     elif truth is not None:
         # A query's top-k is the same in any block of queries (pair-score ranking), so the
@@ -464,13 +466,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 if method == "dense"
                 else []
             )
-            recall = (
-                verified
-                if verified is not None and method == "dense"
-                else known[-1]
-                if known
-                else sample_recall(sc, spec, sample, truth)[0]
-            )
+            recall = verified_search if verified_search is not None else known[-1] if known else sample_recall(sc, spec, sample, truth)[0]
         timings["recall_s"] = round(t["seconds"], 3)
         log.info(
             "neighbors %s: recall@%d = %.4f on %d sample queries (%s, nprobe %d)",
