@@ -654,18 +654,22 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     fs.rename(spark, tmp_uri, groups_uri)
 
 
-def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small sample)."""
+def sample_queries(
+    spark, groups_uri: str, positions: np.ndarray | None, dim: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small sample),
+    or of the rows of ``ids`` (an incremental night's queries), in store order."""
     from pyspark.sql import functions as F
 
+    from cbir_lib.common.frames import id_frame
     from cbir_lib.vectors.arrow import binary_to_numpy
 
-    rows = (
-        spark.read.parquet(groups_uri)
-        .filter(F.col("pos").isin([int(p) for p in positions]))
-        .select("pos", "cell", "image_id", "vector")
-        .toArrow()
-    )
+    groups = spark.read.parquet(groups_uri)
+    if ids is not None:
+        picked = groups.join(F.broadcast(id_frame(spark, ids)), "image_id", "left_semi")
+    else:
+        picked = groups.filter(F.col("pos").isin([int(p) for p in np.asarray(positions)]))
+    rows = picked.select("pos", "cell", "image_id", "vector").toArrow()
     order = np.argsort(rows.column("pos").to_numpy())
     x = binary_to_numpy(rows.column("vector"), dim)[order]
     return (

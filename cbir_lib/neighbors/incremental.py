@@ -44,7 +44,7 @@ from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import timer
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.index.store import cell_offsets
-from cbir_lib.neighbors import listops
+from cbir_lib.neighbors import budget, listops
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
@@ -85,7 +85,7 @@ class NotIncremental(Exception):
 KINDS = ("added", "updated", "refilled", "removed")  # and "rebuilt", every image of a full run
 
 
-def why_not(prev: dict | None, index: dict, params: dict, signature: dict, grouped: bool) -> str | None:
+def why_not(prev: dict | None, index: dict, params: dict, signature: dict) -> str | None:
     """Why this run cannot be incremental (then a full one runs), or None."""
     if index.get("mode") != "incremental":
         return f"index {index['run_id']} was built in full" + (f" ({index['full_reason']})" if index.get("full_reason") else "")
@@ -107,9 +107,27 @@ def why_not(prev: dict | None, index: dict, params: dict, signature: dict, group
         )
     if prev.get("method") not in ("dense", "exact"):
         return f"method {prev.get('method')!r} is not incremental (dense and exact are)"
-    if grouped:
-        return "the store is past neighbors.memory_budget (the grouped layout is not incremental yet)"
     return None
+
+
+def _fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
+    """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false)."""
+    import pyarrow as pa
+
+    out = T._topk_batch(qids, vals, ids)
+    return pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
+
+
+def _reverse_rows(old_ids: np.ndarray, new_ids: np.ndarray, scores: np.ndarray):
+    """Reverse-scan pairs as rows of ``DELTA_SEARCH_DDL``: the old image's id, rank 0, the
+    added image as its candidate neighbour, ``reverse`` true."""
+    import pyarrow as pa
+
+    m = len(old_ids)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(old_ids), pa.array(np.zeros(m, np.int32)), pa.array(new_ids), pa.array(scores), pa.array(np.ones(m, bool))],
+        names=["image_id", "rank", "neighbor_id", "score", "reverse"],
+    )
 
 
 def _delta_search(spec: SearchSpec):
@@ -118,8 +136,6 @@ def _delta_search(spec: SearchSpec):
     true: ``image_id`` the old row's id, ``neighbor_id`` the added one, rank 0)."""
 
     def fn(batches):
-        import pyarrow as pa
-
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = T.local_store(spec)
         thr = _local_thresholds(spec, store)
@@ -139,23 +155,12 @@ def _delta_search(spec: SearchSpec):
         for s in range(0, len(order), qb):
             take = order[s : s + qb]
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
-            vals, ids = T.search_rows(store, rows, spec)
-            out = T._topk_batch(qids, vals, ids)
-            yield pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
+            yield _fresh_rows(qids, *T.search_rows(store, rows, spec))
             if rev.any():
                 q = np.ascontiguousarray(store.vectors[rows[rev]])
                 probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
                 pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
-                yield pa.RecordBatch.from_arrays(
-                    [
-                        pa.array(np.asarray(store.ids)[pos]),
-                        pa.array(np.zeros(pos.size, np.int32)),
-                        pa.array(qids[rev][qi]),
-                        pa.array(sc),
-                        pa.array(np.ones(pos.size, bool)),
-                    ],
-                    names=["image_id", "rank", "neighbor_id", "score", "reverse"],
-                )
+                yield _reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
 
     return fn
 
@@ -165,6 +170,93 @@ def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np
     if spec.method == "exact":
         return np.tile(np.arange(store.n_cells, dtype=np.int32), (len(queries), 1))
     return store.route(queries, spec.nprobe, own)
+
+
+def _group_part(spec: SearchSpec, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, probes, rev: np.ndarray, thr_uri: str):
+    """RDD partition function over store groups (the grouped layout): each visited group's
+    share of the night's searches, the partial top-``spec.k`` of every query (merged on the
+    driver by ``(-score, id)``, as a full run's sample is) and the reverse scan of the
+    added queries (``rev``) over the members of their probed cells in the group, against
+    the members' thresholds read from ``thr_uri/group=<g>/``: ``(partial top-k, (old ids,
+    query indices, scores), bytes held)``. A task holds the night's queries and one group."""
+
+    def fn(groups):
+        import pyarrow as pa
+
+        from cbir_lib.common import shards
+
+        inprocess.limit_blas_threads(inprocess.task_threads())
+        files = remote.Files(**spec.files)
+        search = budget.core(spec)
+        rq = np.flatnonzero(rev)
+        every = None if probes is not None else np.tile(np.arange(len(spec.offsets) - 1, dtype=np.int32), (rq.size, 1))
+        for g in groups:
+            sweep = budget.Sweep(spec, None, base_bytes=queries.nbytes)
+            store = sweep.store(int(g))
+            part = search(store, queries, qids, own, probes, None, spec.k)
+            pos, qi, sc = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+            if rq.size and len(store.ids):
+                thr = np.full(len(store.ids), np.inf, np.float32)
+                uri = f"{thr_uri}/group={int(g)}"
+                names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
+                if names:
+                    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
+                    # The group's rows by id (its ids are in cell order, not sorted).
+                    order = np.argsort(store.ids, kind="stable")
+                    sorted_ids = np.asarray(store.ids)[order]
+                    tid = t.column("image_id").to_numpy()
+                    at = np.clip(np.searchsorted(sorted_ids, tid), 0, len(sorted_ids) - 1)
+                    ok = sorted_ids[at] == tid
+                    thr[order[at[ok]]] = t.column("thr").to_numpy().astype(np.float32)[ok]
+                    sweep.hold(thr.nbytes + t.nbytes)
+                q = np.ascontiguousarray(queries[rq])
+                pos, qi, sc = reverse_scan(store, q, qids[rq], probes[rq] if probes is not None else every, thr)
+                pos, qi = np.asarray(store.ids)[pos], rq[qi]
+            sweep.close()
+            yield part, (pos, qi, sc), int(sweep.held)
+
+    return fn
+
+
+def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: str, budget_bytes: int):
+    """The night's searches in the grouped layout: the added and refilled lists (``qids``)
+    and the added images' reverse scans, as rows of ``DELTA_SEARCH_DDL``, the same rows as
+    :func:`_delta_search` on the whole store. The queries are read from the groups and
+    searched in chunks of at most half a group's rows, one task per store group a chunk
+    probes; yields ``(chunk number, its batches, largest bytes a task held)``."""
+
+    if not qids.size:
+        return
+    x, ids, own, _ = budget.sample_queries(spark, spec.groups_uri, None, int(spec.dim), ids=qids)
+    if ids.size != qids.size:
+        raise RuntimeError("neighbors: an image of the index's delta is not in its store")
+    rev = listops.member(ids, added)
+    first, last = (np.asarray(a) for a in spec.cell_groups)
+    n_groups = len(spec.bounds) - 1
+    width = budget.shortlist_width(spec, spec.k)
+    # A chunk's queries, and the partial lists of every group collected at once, stay small
+    # beside a group: at most half a group's rows, and ~budget/4 of collected partials.
+    per_query = 12 * width * n_groups + 4 * int(spec.dim)
+    chunk = int(max(1, min(int(spec.group_rows or ids.size) // 2, (budget_bytes // 4) // max(1, per_query))))
+    for c, s in enumerate(range(0, ids.size, chunk)):
+        out, held = [], 0
+        q, qi, qo, qr = np.ascontiguousarray(x[s : s + chunk]), ids[s : s + chunk], own[s : s + chunk], rev[s : s + chunk]
+        probes = None if spec.method == "exact" else budget.router(spec).route(q, spec.nprobe, qo)
+        if probes is None:
+            visit = list(range(n_groups))
+        else:
+            visit = [g for g in range(n_groups) if ((first[probes] <= g) & (last[probes] >= g)).any()]
+        parts = sc.parallelize(visit, len(visit)).mapPartitions(_group_part(spec, q, qi, qo, probes, qr, thr_uri)).collect()
+        best = None
+        for part, _, h in parts:
+            best = budget.merge(best, part, width)
+            held = max(held, h)
+        out.append(_fresh_rows(qi, *budget.finish(spec, best, q, spec.k)))
+        pos = np.concatenate([p[1][0] for p in parts]).astype(np.int64)
+        if pos.size:
+            who = np.concatenate([p[1][1] for p in parts])
+            out.append(_reverse_rows(pos, qi[who], np.concatenate([p[1][2] for p in parts]).astype(np.float32)))
+        yield c, out, held
 
 
 _THRESHOLDS: dict[str, np.ndarray] = {}
@@ -335,7 +427,11 @@ def run(
     params: dict,
     slots: int,
     memory: dict,
+    grouped_spec=None,
 ) -> dict:
+    """The night. ``grouped_spec(spec)``, where the store is past ``neighbors.memory_budget``:
+    the spec of the grouped layout (the new store written in groups), in which the night's
+    searches and its exact sample run a group at a time, as a full run's do."""
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -371,7 +467,7 @@ def run(
         local=sc.master.startswith("local"),
         store_bytes=int(memory["store_bytes"]) + n_prev * width * LIST_ROW_BYTES,
         driver_max_bytes=inprocess.driver_max_bytes(spark, cfg.run.driver_max_mb),
-        grouped=False,
+        grouped=grouped_spec is not None,
         work_flops=2.0 * (added.size + nb.recall_sample) * n * int(index["dim"]) * _probed_share(spec, n),
         driver_cores=inprocess.driver_threads(spark),
         slots=slots,
@@ -382,6 +478,13 @@ def run(
     if on_driver:
         with inprocess.running(inprocess.driver_threads(spark), T._STORES, T._POSITIONS, _THRESHOLDS) as local_sc:
             return _in_process(spark, local_sc, stage, root, index, spec, params, memory, night)
+    grouped = grouped_spec is not None
+    if grouped:
+        with timer("writing the store in groups that fit the memory budget") as t:
+            spec = grouped_spec(spec)
+        timings["groups_s"] = round(t["seconds"], 3)
+        row_bytes = 4 * (int(spec.dim) + spec.reduced_dim) + budget.ROW_OVERHEAD
+        memory.update({"groups": len(spec.bounds) - 1, "group_bytes": int(spec.group_rows) * row_bytes})
 
     old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.
@@ -411,30 +514,47 @@ def run(
     if not fs.exists(spark, fs.join(thr_uri, "_SUCCESS")):
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
-        keep_thr.select("image_id", thr_col.alias("thr")).coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
-    thr_files = tables.part_uris(spark, thr_uri)
-    spec = spec.with_(thresholds_files=thr_files, thresholds_key=f"{work_key}-{L._spec_key(thr_files)}")
-
-    with timer("loading the store on the executors") as t:
-        T._warm_store(sc, spec, slots)
-    timings["store_load_s"] = round(t["seconds"], 3)
+        thresholds = keep_thr.select("image_id", thr_col.alias("thr"))
+        if grouped:  # each group's rows' thresholds apart, read by the task visiting the group
+            where = spark.read.parquet(spec.groups_uri).select("image_id", "group")
+            thresholds.join(where, "image_id").repartition("group").write.mode("overwrite").partitionBy("group").parquet(thr_uri)
+        else:
+            thresholds.coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
+    if not grouped:
+        thr_files = tables.part_uris(spark, thr_uri)
+        spec = spec.with_(thresholds_files=thr_files, thresholds_key=f"{work_key}-{L._spec_key(thr_files)}")
+        with timer("loading the store on the executors") as t:
+            T._warm_store(sc, spec, slots)
+        timings["store_load_s"] = round(t["seconds"], 3)
 
     # The searches: the added (with their reverse scans) and the refilled, committed once.
     searched_uri = fs.join(work_dir, "searched")
     n_queries = int(added.size + refill.size)
     if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
-            n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))
-            qdf = columns_frame(
-                spark,
-                {
-                    "image_id": np.concatenate([added, refill]).astype(np.int64),
-                    "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)],
-                },
-                "image_id long, reverse boolean",
-            ).repartition(n_parts)
             tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
-            qdf.mapInArrow(_delta_search(spec), DELTA_SEARCH_DDL).write.mode("overwrite").parquet(tmp)
+            if grouped:
+                import pyarrow as pa
+
+                qids = np.concatenate([added, refill]).astype(np.int64)
+                schema = L._arrow_schema(DELTA_SEARCH_DDL)
+                # A file per chunk of queries: the driver holds one chunk's rows at a time.
+                for c, found, held in _grouped_search(spark, sc, spec, qids, added, thr_uri, int(memory["budget_bytes"])):
+                    memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)
+                    part = fs.join(tmp, f"part-{c:05d}.parquet")
+                    remote.write_parquet(remote.Files(**spec.files), pa.Table.from_batches(found, schema=schema), part)
+                fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
+            else:
+                n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))
+                qdf = columns_frame(
+                    spark,
+                    {
+                        "image_id": np.concatenate([added, refill]).astype(np.int64),
+                        "reverse": np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)],
+                    },
+                    "image_id long, reverse boolean",
+                ).repartition(n_parts)
+                qdf.mapInArrow(_delta_search(spec), DELTA_SEARCH_DDL).write.mode("overwrite").parquet(tmp)
             fs.delete(spark, searched_uri)
             fs.rename(spark, tmp, searched_uri)
         timings["search_s"] = round(t["seconds"], 3)
@@ -518,6 +638,8 @@ def run(
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
     lists.unpersist()
     fs.delete(spark, work_dir)
+    if grouped:
+        fs.delete(spark, spec.groups_uri)
     _log_done(run_id, prev, manifest, k, started)
     return manifest
 
@@ -644,11 +766,29 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
         pos = T.positions_of(store, new_ids)
         return [(pos, np.asarray(store.ids)[cand])]
 
-    new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
+    if spec.groups_uri:  # the grouped layout: positions from the groups, exact search a group at a time
+        from pyspark.sql import SparkSession
+        from pyspark.sql import functions as F
+
+        spark = SparkSession.getActiveSession()
+        keys = spark.read.parquet(spec.groups_uri).select("image_id", "pos")
+        of_new = keys.join(F.broadcast(id_frame(spark, new_ids)), "image_id", "left_semi").toArrow()
+        new_pos = np.sort(of_new.column("pos").to_numpy().astype(np.int64))
+        at = keys.join(F.broadcast(id_frame(spark, cand, "pos")), "pos", "left_semi").toArrow()
+        order = np.argsort(at.column("pos").to_numpy(), kind="stable")  # cand is sorted
+        cand_ids = at.column("image_id").to_numpy().astype(np.int64)[order]
+    else:
+        new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
     old_pos = cand[~np.isin(cand_ids, added)][:half]
     positions = np.sort(np.concatenate([new_pos, old_pos]))
     with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
-        qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
+        if spec.groups_uri:
+            exact = spec.with_(method="exact")
+            sample = budget.sample_queries(spark, spec.groups_uri, positions, int(spec.dim))
+            tv, ti, _, _ = budget.sample_search(sc, exact, sample, budget.core(exact))
+            qids = sample[1]
+        else:
+            qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
     k = nb.k
     av, ai = L.topk_arrays(rows_of(qids), qids, spec.k)

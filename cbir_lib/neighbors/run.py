@@ -272,10 +272,11 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if nb.mode == "incremental":
         from cbir_lib.neighbors import incremental  # it builds on this module's helpers
 
-        full_reason = incremental.why_not(prev, index, params, stage.signature, grouped)
+        full_reason = incremental.why_not(prev, index, params, stage.signature)
         if full_reason is None:
+            layout = (lambda s: _grouped_spec(spark, s, index, offsets, table, budget_bytes, slots, vector_mode)) if grouped else None
             try:
-                return incremental.run(spark, stage, root, index, spec, params, slots, memory)
+                return incremental.run(spark, stage, root, index, spec, params, slots, memory, layout)
             except incremental.NotIncremental as exc:
                 full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)

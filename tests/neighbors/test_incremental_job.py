@@ -151,15 +151,17 @@ def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path):
 
 
 def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
-    """run.execution=driver and =executors on the same night (dense IVF; adds with near-copies,
-    deletes past a reserve of 2, changes): the same table, _reserve/ and _changes/, row for
-    row, and the same counts in the manifest."""
+    """run.execution=driver, =executors, and the executors with the store past
+    neighbors.memory_budget (searched in groups) on the same night (dense IVF; adds with
+    near-copies, deletes past a reserve of 2, changes): the same table, _reserve/ and
+    _changes/, row for row, and the same counts in the manifest."""
     rng = np.random.default_rng(5)
     ids, x = signed_ids(2000, seed=11), clustered(2060, 16, seed=11)
     opts = {"exact_max_n": 0, "recall_sample": 200, "reserve": 2}
-    a, b = tmp_path / "driver", tmp_path / "executors"
+    a, b, c = tmp_path / "driver", tmp_path / "executors", tmp_path / "groups"
     night(spark, a, "d1", ids, x[:2000], neighbors=opts)
     shutil.copytree(a, b)
+    shutil.copytree(a, c)
     orig = rng.choice(2000, 30, replace=False)
     keep = np.ones(2000, bool)
     keep[np.setdiff1d(np.arange(2000), orig)[:40]] = False
@@ -168,11 +170,16 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     ids2 = np.concatenate([ids[keep], signed_ids(80, seed=12)])
     x2 = np.concatenate([x2[keep], x[orig] + 0.001 * rng.normal(size=(30, 16)).astype(np.float32), x[2010:2060]])
     got, built = {}, {}
-    for root, where in ((a, "driver"), (b, "executors")):
-        im, nm = night(spark, root, "d2", ids2, x2, neighbors=opts, execution=where)
+    for root, where, budget in ((a, "driver", None), (b, "executors", None), (c, "executors", "24k")):
+        im, nm = night(spark, root, "d2", ids2, x2, neighbors={**opts, "memory_budget": budget}, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
         assert im["execution"]["where"] == where
-        got[where], built[where] = nm, im
+        name = where if budget is None else "groups"
+        got[name], built[name] = nm, im
+    g = got["groups"]["memory"]
+    assert g["layout"] == "groups" and g["groups"] > 2 and 0 < g["max_held_bytes"] <= g["budget_bytes"], g
+    # The night's groups and its searches are gone with its commit.
+    assert [p.name for p in (c / "neighbors" / "_work").iterdir() if p.name != "_tmp"] == []
     # The index: the same store rows, delta and counts.
     assert (
         built["driver"]["counts"] == built["executors"]["counts"] and built["driver"]["delta_counts"] == built["executors"]["delta_counts"]
@@ -181,12 +188,14 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
         frames = [spark.read.parquet(m["output"] + sub) for m in built.values()]
         rows = [sorted(f.select(*sorted(f.columns)).collect()) for f in frames]  # by name: Spark's join puts image_id first
         assert rows[0] == rows[1] and rows[0], sub
-    da, ea = got["driver"], got["executors"]
-    assert da["changes"] == ea["changes"] and da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
-    assert da["counts"] == ea["counts"] and (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
-    for sub in ("", "/_reserve", "/_changes"):
-        rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
-        assert rows[0] == rows[1] and rows[0], sub
+    da = got["driver"]
+    assert da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
+    for ea in (got["executors"], got["groups"]):
+        assert da["changes"] == ea["changes"]
+        assert da["counts"] == ea["counts"] and (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
+        for sub in ("", "/_reserve", "/_changes"):
+            rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
+            assert rows[0] == rows[1] and rows[0], sub
 
 
 @pytest.mark.parametrize("where", ["driver", "executors"])
@@ -262,13 +271,17 @@ def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
     check_exact(spark, nm, ids3, x3)
 
 
-def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(spark, tmp_path):
+@pytest.mark.parametrize("budget", [None, "8k"])
+def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(spark, tmp_path, budget):
+    """Exact search (600 vectors), with the whole store on every executor, and in groups
+    past a memory budget of 8 KB (where the night runs on the executors a group at a time)."""
     pool = clustered(612, 16, seed=7)
     ids, x = signed_ids(600, seed=7), pool[:600]
-    night(spark, tmp_path, "d1", ids, x)
+    nb = {"memory_budget": budget}
+    night(spark, tmp_path, "d1", ids, x, neighbors=nb)
     ids2, x2 = np.concatenate([ids[10:], signed_ids(12, seed=8)]), np.concatenate([x[10:], pool[600:]])
     write_embeddings(spark, str(tmp_path), ids2, x2, "d2")
-    cfg = config(tmp_path, "d2", {**INC, "forests": False}, INC)
+    cfg = config(tmp_path, "d2", {**INC, "forests": False}, {**INC, **nb})
     assert run_build_index(spark, cfg)["mode"] == "incremental"
     args = [
         "--output",
@@ -281,6 +294,7 @@ def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(
         "index.forests=false",
         "neighbors.mode=incremental",
         "neighbors.rerank=none",
+        *([f"neighbors.memory_budget={budget}"] if budget else []),
     ]
     env = {
         **os.environ,
@@ -295,7 +309,7 @@ def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(
     assert (tmp_path / "neighbors" / "_LATEST").read_text() == "d1"
     assert any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
     nm = run_neighbors(spark, cfg)
-    assert nm["mode"] == "incremental"
+    assert nm["mode"] == "incremental" and nm["memory"]["layout"] == ("groups" if budget else "broadcast")
     check_exact(spark, nm, ids2, x2)
     assert json.loads((tmp_path / "neighbors" / "run=d2" / "_manifest.json").read_text())["run_id"] == "d2"
     assert not any(p.name.startswith("incremental-") for p in (tmp_path / "neighbors" / "_work").iterdir())
