@@ -25,6 +25,12 @@ that index's base, a run
    ``(image_id, kind, neighbors_run_id)``: ``added``, ``updated`` (a changed image, or an
    old list whose top k the night changed), ``refilled``, ``removed``.
 
+Where the store is past ``neighbors.memory_budget``, the night runs in the full run's
+grouped layout (:mod:`~cbir_lib.neighbors.budget`): the new store written in groups, the
+night's queries searched and reverse-scanned a store group at a time
+(:func:`_grouped_search`), and the exact sample searched in groups. The lists are the same
+as the whole store's, row for row.
+
 The searches are committed under ``_work/`` before the merge, so a killed run resumes
 with them; the result is a deterministic function of the inputs, so a retry commits the
 same snapshot.
