@@ -246,6 +246,7 @@ class Sweep:
         self.base = base_bytes + (_nbytes(self.qs) if self.qs is not None else 0)
         self.extra = 0
         self.held = self.base
+        self.start: int | None = None
 
     def hold(self, nbytes: int) -> None:
         self.extra += int(nbytes)
@@ -285,11 +286,14 @@ class Sweep:
 
     def order(self, groups, reverse: bool = False) -> list[int]:
         """The query group first (it is loaded), then the rest; ``reverse`` starts with the
-        group the last forward sweep ended on (still cached)."""
+        group the last forward sweep ended on (still cached). Without a query group, the
+        group in ``start`` goes first (the one holding most of the queries' own cells: their
+        running k-th best is high from the first visit on, and prunes the rest)."""
         gs = sorted(groups, reverse=reverse)
-        if self.gq in gs:
-            gs.remove(self.gq)
-            gs.insert(0, self.gq)
+        first = self.gq if self.gq is not None else self.start
+        if first in gs:
+            gs.remove(first)
+            gs.insert(0, first)
         return gs
 
 
@@ -358,13 +362,15 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
 
 
 def topk(
-    sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search
+    sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search, on_visit=None
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
 
     ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
     sub-store; ``kth``, each query's running k-th best, is a bound it may prune with.
     ``own_pos``: each query's row in the store (for hierarchical search, which excludes by row).
+    ``on_visit(g, store, probes)``, if given, is called with each visited group's sub-store
+    while it is loaded (``probes``: each query's probed cells, ``None`` for exact search).
     """
     m = len(queries)
     if sweep.spec.method == "hierarchical":
@@ -384,6 +390,8 @@ def topk(
             merged = merge(tuple(b[r] for b in best), part, width)
             for b, new_ in zip(best, merged, strict=True):
                 b[r] = new_
+        if on_visit is not None:
+            on_visit(g, st, probes)
         st = None  # noqa: F841 - drop this group before the next is read
     return (*finish(sweep.spec, best, queries, k), sorted(visits))
 

@@ -178,91 +178,98 @@ def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np
     return store.route(queries, spec.nprobe, own)
 
 
-def _group_part(spec: SearchSpec, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, probes, rev: np.ndarray, thr_uri: str):
-    """RDD partition function over store groups (the grouped layout): each visited group's
-    share of the night's searches, the partial top-``spec.k`` of every query (merged on the
-    driver by ``(-score, id)``, as a full run's sample is) and the reverse scan of the
-    added queries (``rev``) over the members of their probed cells in the group, against
-    the members' thresholds read from ``thr_uri/group=<g>/``: ``(partial top-k, (old ids,
-    query indices, scores), bytes held)``. A task holds the night's queries and one group."""
+def _group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
+    """The reverse-scan threshold of each row of store group ``g`` (``store``: its
+    sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added)."""
+    import pyarrow as pa
 
-    def fn(groups):
-        import pyarrow as pa
+    from cbir_lib.common import shards
 
-        from cbir_lib.common import shards
+    thr = np.full(len(store.ids), np.inf, np.float32)
+    uri = f"{thr_uri}/group={int(g)}"
+    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
+    if names and len(store.ids):
+        t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
+        order = np.argsort(store.ids, kind="stable")  # the group's ids are in cell order, not sorted
+        sorted_ids = np.asarray(store.ids)[order]
+        tid = t.column("image_id").to_numpy()
+        at = np.clip(np.searchsorted(sorted_ids, tid), 0, len(sorted_ids) - 1)
+        ok = sorted_ids[at] == tid
+        thr[order[at[ok]]] = t.column("thr").to_numpy().astype(np.float32)[ok]
+    return thr
 
+
+def _chunk_task(spec: SearchSpec, thr_uri: str):
+    """RDD partition function over chunks of the night's queries ``(vectors, ids, own
+    cells, store positions, reverse)`` in the grouped layout: each chunk's top-``spec.k``
+    over the whole store, a group at a time with its running k-th best pruning the later
+    groups (:func:`~cbir_lib.neighbors.budget.topk`, the full run's sweep), and on each
+    visit the reverse scan of its added queries (``reverse``) over the members of their
+    probed cells in the group, against the group's thresholds. Yields ``(ids, scores,
+    neighbour ids, (old ids, added ids, scores), bytes held)``; a task holds its chunk and
+    one group."""
+
+    def fn(chunks):
         inprocess.limit_blas_threads(inprocess.task_threads())
         files = remote.Files(**spec.files)
         search = budget.core(spec)
-        rq = np.flatnonzero(rev)
-        every = None if probes is not None else np.tile(np.arange(len(spec.offsets) - 1, dtype=np.int32), (rq.size, 1))
-        for g in groups:
-            sweep = budget.Sweep(spec, None, base_bytes=queries.nbytes)
-            store = sweep.store(int(g))
-            part = search(store, queries, qids, own, probes, None, spec.k)
-            pos, qi, sc = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-            if rq.size and len(store.ids):
-                thr = np.full(len(store.ids), np.inf, np.float32)
-                uri = f"{thr_uri}/group={int(g)}"
-                names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
-                if names:
-                    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
-                    # The group's rows by id (its ids are in cell order, not sorted).
-                    order = np.argsort(store.ids, kind="stable")
-                    sorted_ids = np.asarray(store.ids)[order]
-                    tid = t.column("image_id").to_numpy()
-                    at = np.clip(np.searchsorted(sorted_ids, tid), 0, len(sorted_ids) - 1)
-                    ok = sorted_ids[at] == tid
-                    thr[order[at[ok]]] = t.column("thr").to_numpy().astype(np.float32)[ok]
-                    sweep.hold(thr.nbytes + t.nbytes)
-                q = np.ascontiguousarray(queries[rq])
-                pos, qi, sc = reverse_scan(store, q, qids[rq], probes[rq] if probes is not None else every, thr)
-                pos, qi = np.asarray(store.ids)[pos], rq[qi]
+        n_cells = len(spec.offsets) - 1
+        first = np.asarray(spec.cell_groups[0])
+        for q, qi, own, pos, rev in chunks:
+            rq = np.flatnonzero(rev)
+            found: list[tuple] = []
+            sweep = budget.Sweep(spec, None, base_bytes=q.nbytes)
+
+            def reverse(g, store, probes, q=q, qi=qi, rq=rq, found=found, sweep=sweep):
+                if not rq.size or not len(store.ids):
+                    return
+                thr = _group_thresholds(files, thr_uri, g, store)
+                sweep.hold(thr.nbytes)
+                p = probes[rq] if probes is not None else np.tile(np.arange(n_cells, dtype=np.int32), (rq.size, 1))
+                rows, who, sc = reverse_scan(store, np.ascontiguousarray(q[rq]), qi[rq], p, thr)
+                found.append((np.asarray(store.ids)[rows], qi[rq][who], sc))
+                sweep.release(thr.nbytes)
+
+            sweep.start = int(np.bincount(first[own]).argmax()) if own.size else None  # most of the chunk's own cells
+            vals, ids, _ = budget.topk(sweep, q, qi, own, pos, spec.k, search, on_visit=reverse)
             sweep.close()
-            yield part, (pos, qi, sc), int(sweep.held)
+            old = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+            new = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+            scores = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.float32)
+            yield qi, vals, ids, (old.astype(np.int64), new, scores.astype(np.float32)), int(sweep.held)
 
     return fn
 
 
-def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: str, budget_bytes: int):
+def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: str, budget_bytes: int, slots: int):
     """The night's searches in the grouped layout: the added and refilled lists (``qids``)
     and the added images' reverse scans, as rows of ``DELTA_SEARCH_DDL``, the same rows as
-    :func:`_delta_search` on the whole store. The queries are read from the groups and
-    searched in chunks of at most half a group's rows, one task per store group a chunk
-    probes; yields ``(chunk number, its batches, largest bytes a task held)``."""
-
+    :func:`_delta_search` on the whole store. The queries are read from the groups (in store
+    order) and cut into chunks of at most half a group's rows, one task per chunk sweeping
+    the groups it probes (:func:`_chunk_task`), ``slots`` tasks a job; yields ``(job number,
+    its batches, largest bytes a task held)``, so the driver holds one job's rows at a time."""
     if not qids.size:
         return
-    x, ids, own, _ = budget.sample_queries(spark, spec.groups_uri, None, int(spec.dim), ids=qids)
+    x, ids, own, pos = budget.sample_queries(spark, spec.groups_uri, None, int(spec.dim), ids=qids)
     if ids.size != qids.size:
         raise RuntimeError("neighbors: an image of the index's delta is not in its store")
     rev = listops.member(ids, added)
-    first, last = (np.asarray(a) for a in spec.cell_groups)
-    n_groups = len(spec.bounds) - 1
-    width = budget.shortlist_width(spec, spec.k)
-    # A chunk's queries, and the partial lists of every group collected at once, stay small
-    # beside a group: at most half a group's rows, and ~budget/4 of collected partials.
-    per_query = 12 * width * n_groups + 4 * int(spec.dim)
-    chunk = int(max(1, min(int(spec.group_rows or ids.size) // 2, (budget_bytes // 4) // max(1, per_query))))
-    for c, s in enumerate(range(0, ids.size, chunk)):
-        out, held = [], 0
-        q, qi, qo, qr = np.ascontiguousarray(x[s : s + chunk]), ids[s : s + chunk], own[s : s + chunk], rev[s : s + chunk]
-        probes = None if spec.method == "exact" else budget.router(spec).route(q, spec.nprobe, qo)
-        if probes is None:
-            visit = list(range(n_groups))
-        else:
-            visit = [g for g in range(n_groups) if ((first[probes] <= g) & (last[probes] >= g)).any()]
-        parts = sc.parallelize(visit, len(visit)).mapPartitions(_group_part(spec, q, qi, qo, probes, qr, thr_uri)).collect()
-        best = None
-        for part, _, h in parts:
-            best = budget.merge(best, part, width)
-            held = max(held, h)
-        out.append(_fresh_rows(qi, *budget.finish(spec, best, q, spec.k)))
-        pos = np.concatenate([p[1][0] for p in parts]).astype(np.int64)
-        if pos.size:
-            who = np.concatenate([p[1][1] for p in parts])
-            out.append(_reverse_rows(pos, qi[who], np.concatenate([p[1][2] for p in parts]).astype(np.float32)))
-        yield c, out, held
+    width = int(spec.k)
+    # A chunk: at most half a group's rows, its results (~12 bytes a list entry) at most
+    # ~budget/4, and enough chunks to keep every slot busy.
+    per_query = 12 * width + 4 * int(spec.dim)
+    chunk = min(int(spec.group_rows or ids.size) // 2, (budget_bytes // 4) // per_query, -(-ids.size // max(1, slots)))
+    chunk = max(1, int(chunk))
+    cuts = [(s, min(ids.size, s + chunk)) for s in range(0, ids.size, chunk)]
+    for job, w in enumerate(range(0, len(cuts), max(1, slots))):
+        wave = [(np.ascontiguousarray(x[a:b]), ids[a:b], own[a:b], pos[a:b], rev[a:b]) for a, b in cuts[w : w + max(1, slots)]]
+        parts = sc.parallelize(wave, len(wave)).mapPartitions(_chunk_task(spec, thr_uri)).collect()
+        out = []
+        for qi, vals, nbr, (old, new, scores), _ in parts:
+            out.append(_fresh_rows(qi, vals, nbr))
+            if old.size:
+                out.append(_reverse_rows(old, new, scores))
+        yield job, out, max(p[4] for p in parts)
 
 
 _THRESHOLDS: dict[str, np.ndarray] = {}
@@ -545,7 +552,7 @@ def run(
                 qids = np.concatenate([added, refill]).astype(np.int64)
                 schema = L._arrow_schema(DELTA_SEARCH_DDL)
                 # A file per chunk of queries: the driver holds one chunk's rows at a time.
-                for c, found, held in _grouped_search(spark, sc, spec, qids, added, thr_uri, int(memory["budget_bytes"])):
+                for c, found, held in _grouped_search(spark, sc, spec, qids, added, thr_uri, int(memory["budget_bytes"]), slots):
                     memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)
                     part = fs.join(tmp, f"part-{c:05d}.parquet")
                     remote.write_parquet(remote.Files(**spec.files), pa.Table.from_batches(found, schema=schema), part)
