@@ -246,7 +246,6 @@ class Sweep:
         self.base = base_bytes + (_nbytes(self.qs) if self.qs is not None else 0)
         self.extra = 0
         self.held = self.base
-        self.start: int | None = None
 
     def hold(self, nbytes: int) -> None:
         self.extra += int(nbytes)
@@ -286,14 +285,11 @@ class Sweep:
 
     def order(self, groups, reverse: bool = False) -> list[int]:
         """The query group first (it is loaded), then the rest; ``reverse`` starts with the
-        group the last forward sweep ended on (still cached). Without a query group, the
-        group in ``start`` goes first (the one holding most of the queries' own cells: their
-        running k-th best is high from the first visit on, and prunes the rest)."""
+        group the last forward sweep ended on (still cached)."""
         gs = sorted(groups, reverse=reverse)
-        first = self.gq if self.gq is not None else self.start
-        if first in gs:
-            gs.remove(first)
-            gs.insert(0, first)
+        if self.gq in gs:
+            gs.remove(self.gq)
+            gs.insert(0, self.gq)
         return gs
 
 
@@ -362,15 +358,29 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
 
 
 def topk(
-    sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, k: int, search, on_visit=None
+    sweep: Sweep,
+    queries: np.ndarray,
+    qids: np.ndarray,
+    own: np.ndarray,
+    own_pos: np.ndarray,
+    k: int,
+    search,
+    on_visit=None,
+    own_first: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
 
     ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
     sub-store; ``kth``, each query's running k-th best, is a bound it may prune with.
     ``own_pos``: each query's row in the store (for hierarchical search, which excludes by row).
-    ``on_visit(g, store, probes)``, if given, is called with each visited group's sub-store
-    while it is loaded (``probes``: each query's probed cells, ``None`` for exact search).
+    ``on_visit(g, store, probes)``, if given, is called once with each visited group's
+    sub-store while it is loaded (``probes``: each query's probed cells, ``None`` for exact).
+
+    ``own_first``: for queries scattered over the store (an incremental night's), not one
+    query group's. Each query is first searched in the group of its own cell, whose k-th
+    best is a high bound for the rest, as a query group's own group is for its queries;
+    then the groups in reverse order (the last one is still cached) for the rest. At most
+    twice the reads of one sweep; the same top-k (the merge is order-free).
     """
     m = len(queries)
     if sweep.spec.method == "hierarchical":
@@ -379,9 +389,16 @@ def topk(
     qb = sweep.spec.query_block
     width = shortlist_width(sweep.spec, k)
     best = empty_shortlist(m, width) if uses_shortlist(sweep.spec) else empty(m, width)
-    for g in sweep.order(visits):
+    plan = [(g, visits[g]) for g in sweep.order(visits)]
+    if own_first and m:
+        home = np.asarray(sweep.spec.cell_groups[0])[own]
+        first = [(int(g), np.intersect1d(np.flatnonzero(home == g), visits.get(int(g), []))) for g in np.unique(home)]
+        seen = dict(first)
+        rest = [(g, np.setdiff1d(visits[g], seen.get(g, []))) for g in sorted(visits, reverse=True)]
+        plan = first + [(g, r) for g, r in rest if r.size or (on_visit is not None and g not in seen)]
+    scanned = set()
+    for g, rows in plan:
         st = sweep.store(g)
-        rows = visits[g]
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
             part = search(
@@ -390,8 +407,9 @@ def topk(
             merged = merge(tuple(b[r] for b in best), part, width)
             for b, new_ in zip(best, merged, strict=True):
                 b[r] = new_
-        if on_visit is not None:
+        if on_visit is not None and g not in scanned:
             on_visit(g, st, probes)
+            scanned.add(g)
         st = None  # noqa: F841 - drop this group before the next is read
     return (*finish(sweep.spec, best, queries, k), sorted(visits))
 

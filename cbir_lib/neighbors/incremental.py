@@ -214,7 +214,6 @@ def _chunk_task(spec: SearchSpec, thr_uri: str):
         files = remote.Files(**spec.files)
         search = budget.core(spec)
         n_cells = len(spec.offsets) - 1
-        first = np.asarray(spec.cell_groups[0])
         for q, qi, own, pos, rev in chunks:
             rq = np.flatnonzero(rev)
             found: list[tuple] = []
@@ -230,8 +229,7 @@ def _chunk_task(spec: SearchSpec, thr_uri: str):
                 found.append((np.asarray(store.ids)[rows], qi[rq][who], sc))
                 sweep.release(thr.nbytes)
 
-            sweep.start = int(np.bincount(first[own]).argmax()) if own.size else None  # most of the chunk's own cells
-            vals, ids, _ = budget.topk(sweep, q, qi, own, pos, spec.k, search, on_visit=reverse)
+            vals, ids, _ = budget.topk(sweep, q, qi, own, pos, spec.k, search, on_visit=reverse, own_first=True)
             sweep.close()
             old = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
             new = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
