@@ -243,7 +243,7 @@ def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.nda
     """The night's searches in the grouped layout: the added and refilled lists (``qids``)
     and the added images' reverse scans, as rows of ``DELTA_SEARCH_DDL``, the same rows as
     :func:`_delta_search` on the whole store. The queries are read from the groups (in store
-    order) and cut into chunks of at most half a group's rows, one task per chunk sweeping
+    order) and cut into chunks of at most a group's rows, one task per chunk sweeping
     the groups it probes (:func:`_chunk_task`), ``slots`` tasks a job; yields ``(job number,
     its batches, largest bytes a task held)``, so the driver holds one job's rows at a time."""
     if not qids.size:
@@ -253,10 +253,11 @@ def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.nda
         raise RuntimeError("neighbors: an image of the index's delta is not in its store")
     rev = listops.member(ids, added)
     width = int(spec.k)
-    # A chunk: at most half a group's rows, its results (~12 bytes a list entry) at most
-    # ~budget/4, and enough chunks to keep every slot busy.
+    # A chunk: at most a group's rows (a task holds it and one store group, as a full run's
+    # task holds its query group and one store group: the groups are sized for that), its
+    # lists (~12 bytes an entry) at most ~budget/4, and enough chunks for every slot.
     per_query = 12 * width + 4 * int(spec.dim)
-    chunk = min(int(spec.group_rows or ids.size) // 2, (budget_bytes // 4) // per_query, -(-ids.size // max(1, slots)))
+    chunk = min(int(spec.group_rows or ids.size), (budget_bytes // 4) // per_query, -(-ids.size // max(1, slots)))
     chunk = max(1, int(chunk))
     cuts = [(s, min(ids.size, s + chunk)) for s in range(0, ids.size, chunk)]
     for job, w in enumerate(range(0, len(cuts), max(1, slots))):
