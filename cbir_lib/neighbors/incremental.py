@@ -550,7 +550,7 @@ def run(
 
                 qids = np.concatenate([added, refill]).astype(np.int64)
                 schema = L._arrow_schema(DELTA_SEARCH_DDL)
-                # A file per chunk of queries: the driver holds one chunk's rows at a time.
+                # A file per job of chunks: the driver holds one job's rows at a time.
                 for c, found, held in _grouped_search(spark, sc, spec, qids, added, thr_uri, int(memory["budget_bytes"]), slots):
                     memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)
                     part = fs.join(tmp, f"part-{c:05d}.parquet")
@@ -630,6 +630,7 @@ def run(
             nb,
             index.get("seed", 0),
             timings,
+            memory,
         )
     except BaseException:
         lists.unpersist()
@@ -762,10 +763,11 @@ def _log_done(run_id: str, prev: dict, manifest: dict, k: int, started: float) -
     )
 
 
-def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict):
+def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict, memory: dict | None = None):
     """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
     images (store positions drawn with the index's seed), against exact search.
-    ``rows_of(ids)``: the lists of ``ids`` as an Arrow table."""
+    ``rows_of(ids)``: the lists of ``ids`` as an Arrow table. In the grouped layout the
+    exact search runs a group at a time, and its largest share goes into ``memory``."""
     half = nb.recall_sample // 2
     if not half:
         return None, None, {"new": 0, "old": 0}, []
@@ -797,7 +799,9 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
         if spec.groups_uri:
             exact = spec.with_(method="exact")
             sample = budget.sample_queries(spark, spec.groups_uri, positions, int(spec.dim))
-            tv, ti, _, _ = budget.sample_search(sc, exact, sample, budget.core(exact))
+            tv, ti, _, held = budget.sample_search(sc, exact, sample, budget.core(exact))
+            if memory is not None:
+                memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), int(held))
             qids = sample[1]
         else:
             qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
