@@ -639,6 +639,12 @@ def sample_whole(spec: SearchSpec, sample: tuple, search):
 # Driver side.
 
 
+def layout_memory(spec: SearchSpec) -> dict:
+    """The manifest's account of a grouped layout: how many groups, and the bytes of one."""
+    row_bytes = 4 * (int(spec.dim) + spec.reduced_dim) + ROW_OVERHEAD
+    return {"groups": len(spec.bounds) - 1, "group_bytes": int(spec.group_rows) * row_bytes}
+
+
 def resolve_budget(spark, configured: str | None) -> int:
     """``neighbors.memory_budget`` in bytes; unset, 40 % of an executor's memory (of the
     driver's in local mode, where the executor is the driver process)."""

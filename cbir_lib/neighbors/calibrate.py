@@ -62,9 +62,10 @@ def choose(
     The calibration runs with the spec's reduced first pass and, with ``try_full`` (the
     config leaves the shortlist open), without it too, keeping the cheaper by measured
     seconds (the reduced pass pays where cells are big, 1M x 1,280: half the time at the
-    same nprobe, and not where they are small, 70k: 13 % slower, lower ceiling). The verification then checks the choice
-    (:func:`verify`), and a dense search whose sample costs more than ``dense_limit_s`` a
-    query (exact search's extrapolated seconds a query a slot) gives way to exact.
+    same nprobe, and not where they are small, 70k: 13 % slower, lower ceiling). The
+    verification then checks the choice (:func:`verify`), and a dense search whose sample
+    costs more than ``dense_limit_s`` a query (exact search's extrapolated seconds a query
+    a slot) gives way to exact.
 
     Two of these choices are by measured seconds, so a retry could choose otherwise near
     a boundary; the run keeps the choice under ``_work/`` and a retry reuses it."""

@@ -178,6 +178,16 @@ def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np
     return store.route(queries, spec.nprobe, own)
 
 
+def _row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Each store row's reverse-scan threshold: ``vals`` at the rows of ``ids`` (``rows``,
+    their positions as :func:`~cbir_lib.neighbors.tasks.positions_of` gives them), ``+inf``
+    for the others (the added: their lists are searched)."""
+    thr = np.full(len(store_ids), np.inf, dtype=np.float32)
+    ok = np.asarray(store_ids)[rows] == ids
+    thr[rows[ok]] = np.asarray(vals, np.float32)[ok]
+    return thr
+
+
 def _group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
     """The reverse-scan threshold of each row of store group ``g`` (``store``: its
     sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added)."""
@@ -185,18 +195,13 @@ def _group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
 
     from cbir_lib.common import shards
 
-    thr = np.full(len(store.ids), np.inf, np.float32)
     uri = f"{thr_uri}/group={int(g)}"
     names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
-    if names and len(store.ids):
-        t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
-        order = np.argsort(store.ids, kind="stable")  # the group's ids are in cell order, not sorted
-        sorted_ids = np.asarray(store.ids)[order]
-        tid = t.column("image_id").to_numpy()
-        at = np.clip(np.searchsorted(sorted_ids, tid), 0, len(sorted_ids) - 1)
-        ok = sorted_ids[at] == tid
-        thr[order[at[ok]]] = t.column("thr").to_numpy().astype(np.float32)[ok]
-    return thr
+    if not names or not len(store.ids):
+        return np.full(len(store.ids), np.inf, dtype=np.float32)
+    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
+    ids = t.column("image_id").to_numpy()
+    return _row_thresholds(store.ids, T.positions_in(store.ids, ids), ids, t.column("thr").to_numpy())
 
 
 def _chunk_task(spec: SearchSpec, thr_uri: str):
@@ -283,13 +288,11 @@ def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
 
         parts = [remote.read_parquet(remote.Files(**spec.files), u) for u in spec.thresholds_files]
         t = pa.concat_tables(parts) if parts else None
-        thr = np.full(len(store.ids), np.inf, dtype=np.float32)
         if t is not None and t.num_rows:
             ids = t.column("image_id").to_numpy()
-            rows = T.positions_of(store, ids)
-            ok = np.asarray(store.ids)[rows] == ids
-            thr[rows[ok]] = t.column("thr").to_numpy().astype(np.float32)[ok]
-        _THRESHOLDS[key] = thr
+            _THRESHOLDS[key] = _row_thresholds(store.ids, T.positions_of(store, ids), ids, t.column("thr").to_numpy())
+        else:
+            _THRESHOLDS[key] = np.full(len(store.ids), np.inf, dtype=np.float32)
     return _THRESHOLDS[key]
 
 
@@ -357,10 +360,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         store = T.local_store(spec)
     timings["store_load_s"] = round(t["seconds"], 3)
     # Each store row's reverse-scan threshold, as _local_thresholds makes it from the files.
-    thr = np.full(len(store.ids), np.inf, dtype=np.float32)
-    rows = T.positions_of(store, thr_ids)
-    ok = np.asarray(store.ids)[rows] == thr_ids
-    thr[rows[ok]] = thr_vals[ok]
+    thr = _row_thresholds(store.ids, T.positions_of(store, thr_ids), thr_ids, thr_vals)
     spec = spec.with_(thresholds_files=[], thresholds_key=f"{night.work_key}-in-process")
     _THRESHOLDS[spec.thresholds_key] = thr
 
@@ -495,8 +495,7 @@ def run(
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = grouped_spec(spec)
         timings["groups_s"] = round(t["seconds"], 3)
-        row_bytes = 4 * (int(spec.dim) + spec.reduced_dim) + budget.ROW_OVERHEAD
-        memory.update({"groups": len(spec.bounds) - 1, "group_bytes": int(spec.group_rows) * row_bytes})
+        memory.update(budget.layout_memory(spec))
 
     old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.

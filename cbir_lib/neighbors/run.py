@@ -308,7 +308,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         with timer("writing the store in groups that fit the memory budget") as t:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
         timings["groups_s"] = round(t["seconds"], 3)
-        memory.update({"groups": len(spec.bounds) - 1, "group_bytes": spec.group_rows * (4 * row_dim + budget.ROW_OVERHEAD)})
+        memory.update(budget.layout_memory(spec))
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     # auto also draws the verification sample: queries the calibration does not see, on

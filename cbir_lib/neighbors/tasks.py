@@ -271,9 +271,19 @@ def positions_of(store: CellStore, ids: np.ndarray) -> np.ndarray:
         if key not in _POSITIONS:
             order = np.argsort(store.ids, kind="stable")
             _POSITIONS[key] = (order, np.asarray(store.ids)[order])
-    order, sorted_ids = _POSITIONS[key]
-    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-    return np.where(sorted_ids[at] == ids, order[at], 0)
+    return _positions(*_POSITIONS[key], ids)
+
+
+def positions_in(store_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """:func:`positions_of`, uncached: for a store made per visit (a group's), whose
+    ``id()`` a later one may reuse."""
+    order = np.argsort(store_ids, kind="stable")
+    return _positions(order, np.asarray(store_ids)[order], ids)
+
+
+def _positions(order: np.ndarray, sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    at = np.clip(np.searchsorted(sorted_ids, ids), 0, max(0, len(sorted_ids) - 1))
+    return np.where(sorted_ids[at] == ids, order[at], 0) if len(sorted_ids) else np.zeros(len(ids), np.int64)
 
 
 def expand_queries(
