@@ -648,7 +648,7 @@ def run(
 
 
 def _top_changed(spark, merged, stats, touched: np.ndarray, k: int) -> np.ndarray:
-    """"updated": the touched lists (sorted ids) whose top k, what the table holds, is not
+    """ "updated": the touched lists (sorted ids) whose top k, what the table holds, is not
     what it was; one that changed only past k (its reserve) is no change to a reader of
     the table.
 
