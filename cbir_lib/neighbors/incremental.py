@@ -445,7 +445,6 @@ def run(
     the spec of the grouped layout (the new store written in groups), in which the night's
     searches and its exact sample run a group at a time, as a full run's do."""
     from pyspark import StorageLevel
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     cfg, run_id, table, prev, started = stage.cfg, stage.run_id, stage.table, stage.base, stage.started
@@ -580,20 +579,10 @@ def run(
     # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
     cols = ["image_id", "rank", "neighbor_id", "score"]
     untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, touched))), "image_id", "left_anti")
-    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi")
-    kept = kept.join(F.broadcast(id_frame(spark, removed, "neighbor_id")), "neighbor_id", "left_anti")
-    order = Window.partitionBy("image_id").orderBy(F.col("score").desc(), F.col("neighbor_id").asc())
-    # The touched lists re-ranked, each row with its rank of last night (none for a new
-    # image's row). Only these are cached, for the table, its reserve, the recall check and
+    # Only the touched lists are cached, for the table, its reserve, the recall check and
     # the "updated" count; those read the untouched lists again. Caching every list (and
     # diffing the top k by a join) took 15.2 s of a 1M night on 2 cores; this, ~6 s.
-    merged = (
-        kept.select(*cols, F.col("rank").alias("was_rank"))
-        .unionByName(reverse.select(*cols, F.lit(None).cast("int").alias("was_rank")))
-        .withColumn("rank", F.row_number().over(order).cast("int"))
-        .filter(F.col("rank") <= width)
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
+    merged = _merge_plan(spark, old, touched, removed, reverse, width).persist(StorageLevel.MEMORY_AND_DISK)
     lists = untouched.select(*cols).unionByName(merged.select(*cols)).unionByName(fresh.select(*cols))
     n_files = L._output_files(spark, n)
     public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
@@ -645,6 +634,26 @@ def run(
         fs.delete(spark, spec.groups_uri)
     _log_done(run_id, prev, manifest, k, started)
     return manifest
+
+
+def _merge_plan(spark, old, touched: np.ndarray, removed: np.ndarray, reverse, width: int):
+    """The Spark twin of :func:`~cbir_lib.neighbors.listops.merged`: the lists of ``touched``
+    (sorted ids) from ``old`` less the neighbours in ``removed``, with the candidate rows
+    ``reverse``, ranked by ``(-score, neighbour id)`` and cut at ``width``. Each row keeps
+    its rank of last night as ``was_rank`` (null for a candidate's), for :func:`_top_changed`."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi")
+    kept = kept.join(F.broadcast(id_frame(spark, removed, "neighbor_id")), "neighbor_id", "left_anti")
+    order = Window.partitionBy("image_id").orderBy(F.col("score").desc(), F.col("neighbor_id").asc())
+    return (
+        kept.select(*cols, F.col("rank").alias("was_rank"))
+        .unionByName(reverse.select(*cols, F.lit(None).cast("int").alias("was_rank")))
+        .withColumn("rank", F.row_number().over(order).cast("int"))
+        .filter(F.col("rank") <= width)
+    )
 
 
 def _top_changed(spark, merged, stats, touched: np.ndarray, k: int) -> np.ndarray:
