@@ -1,0 +1,103 @@
+"""How many store groups a search reads: the cells' numbering against a numbering in space.
+
+    python benchmarks/group_locality.py INDEX_RUN_DIR [--queries 12000] [--nprobe 36]
+
+``INDEX_RUN_DIR``: a committed index run (``<output>/index/run=<id>``) with centroids, for
+example the base of ``benchmarks/incremental.py --keep``. The grouped layout cuts the
+cell-sorted store into groups of consecutive rows, so a group holds consecutive cell
+numbers. Cell numbers are k-means labels, in no order in space, so a query's ``nprobe``
+cells lie in many groups, and a chunk of queries (a night's chunk, a rebuild's query group)
+reaches nearly all of them. This draws ``--queries`` store rows (a night's 1.2 %), routes
+them to their ``nprobe`` nearest centroids, and counts the groups reached per query and per
+chunk of queries in store order, for 8, 64 and 256 groups, under the k-means labels and
+under a numbering in space: the centroids ordered by recursive bisection along their
+principal direction. Reads only; nothing is searched.
+
+Results: ``benchmarks/results/group_locality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "group_locality.json"
+
+
+def bisection_order(c: np.ndarray, ids: np.ndarray, leaf: int = 8) -> list[int]:
+    """``ids`` (rows of ``c``) in the order of a recursive bisection at the median of the
+    principal direction: nearby centroids get nearby positions."""
+    if len(ids) <= leaf:
+        return [int(i) for i in ids]
+    sub = c[ids] - c[ids].mean(0)
+    _, _, vt = np.linalg.svd(sub, full_matrices=False)
+    o = np.argsort(sub @ vt[0], kind="stable")
+    h = len(ids) // 2
+    return bisection_order(c, ids[o[:h]], leaf) + bisection_order(c, ids[o[h:]], leaf)
+
+
+def reach(position: np.ndarray, counts: np.ndarray, probes: np.ndarray, query_cells: np.ndarray, n_groups: int) -> dict:
+    """Groups reached when cell ``c`` is stored at ``position[c]``: per query, and per chunk
+    of queries in store order (2, 8 and 64 chunks)."""
+    order = np.argsort(position)
+    off = np.r_[0, np.cumsum(counts[order])]
+    rows = -(-int(off[-1]) // n_groups)
+    first, last = np.empty(len(counts), np.int64), np.empty(len(counts), np.int64)
+    first[order], last[order] = off[:-1] // rows, (off[1:] - 1) // rows
+    out = {"groups": n_groups, "per_query": round(float(np.mean([np.unique(r).size for r in first[probes]])), 2)}
+    in_store_order = np.argsort(position[query_cells], kind="stable")
+    for n_chunks in (2, 8, 64):
+        chunks = np.array_split(in_store_order, n_chunks)
+        reached = [np.unique(np.r_[first[probes[c]].ravel(), last[probes[c]].ravel()]).size for c in chunks]
+        out[f"per_chunk_of_{n_chunks}"] = round(float(np.mean(reached)), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("index_run")
+    ap.add_argument("--queries", type=int, default=12_000)
+    ap.add_argument("--nprobe", type=int, default=36)
+    args = ap.parse_args()
+    import pyarrow.parquet as pq
+
+    from cbir_lib.vectors.arrow import binary_to_numpy
+
+    run = Path(args.index_run)
+    c = np.load(run / "centroids.npy").astype(np.float32)
+    manifest = json.loads((run / "_manifest.json").read_text())
+    counts = np.asarray(manifest["counts"]["per_cell"], np.int64)
+    t = pq.read_table(run / "store", columns=["cell", "vector"])
+    pick = np.sort(np.random.default_rng(0).choice(t.num_rows, min(args.queries, t.num_rows), replace=False))
+    x = binary_to_numpy(t.column("vector").take(pick), c.shape[1])
+    cells = t.column("cell").to_numpy()[pick]
+    t0 = time.perf_counter()
+    probes = np.argsort(-(x @ c.T), axis=1)[:, : args.nprobe]
+    labels = np.arange(len(c))
+    bo = np.asarray(bisection_order(c, np.arange(len(c))))
+    in_space = np.empty(len(c), np.int64)
+    in_space[bo] = np.arange(len(c))
+    out = {
+        "index": manifest.get("run_id"),
+        "vectors": int(counts.sum()),
+        "cells": len(c),
+        "dim": int(c.shape[1]),
+        "queries": int(len(pick)),
+        "nprobe": args.nprobe,
+        "kmeans_labels": [reach(labels, counts, probes, cells, g) for g in (8, 64, 256)],
+        "bisection_order": [reach(in_space, counts, probes, cells, g) for g in (8, 64, 256)],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out, indent=1))
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
