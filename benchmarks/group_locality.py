@@ -45,18 +45,23 @@ def bisection_order(c: np.ndarray, ids: np.ndarray, leaf: int = 8) -> list[int]:
 
 def reach(position: np.ndarray, counts: np.ndarray, probes: np.ndarray, query_cells: np.ndarray, n_groups: int) -> dict:
     """Groups reached when cell ``c`` is stored at ``position[c]``: per query, and per chunk
-    of queries in store order (2, 8 and 64 chunks)."""
+    of queries in store order (2, 8 and 64 chunks). The groups are the grouped layout's
+    (``budget.group_bounds`` / ``groups_of_cells``), and a probed cell reaches every group
+    holding rows of it, as ``budget.route_visits`` counts them."""
+    from cbir_lib.neighbors import budget
+
     order = np.argsort(position)
-    off = np.r_[0, np.cumsum(counts[order])]
-    rows = -(-int(off[-1]) // n_groups)
+    offsets = np.r_[0, np.cumsum(counts[order])]
+    bounds = budget.group_bounds(int(offsets[-1]), -(-int(offsets[-1]) // n_groups))
+    g = np.arange(len(bounds) - 1)
     first, last = np.empty(len(counts), np.int64), np.empty(len(counts), np.int64)
-    first[order], last[order] = off[:-1] // rows, (off[1:] - 1) // rows
-    out = {"groups": n_groups, "per_query": round(float(np.mean([np.unique(r).size for r in first[probes]])), 2)}
+    first[order], last[order] = budget.groups_of_cells(offsets, bounds)
+    holds = (first[:, None] <= g[None, :]) & (last[:, None] >= g[None, :])  # cell x group
+    out = {"groups": int(g.size), "per_query": round(float(holds[probes].any(axis=1).sum(axis=1).mean()), 2)}
     in_store_order = np.argsort(position[query_cells], kind="stable")
     for n_chunks in (2, 8, 64):
         chunks = np.array_split(in_store_order, n_chunks)
-        reached = [np.unique(np.r_[first[probes[c]].ravel(), last[probes[c]].ravel()]).size for c in chunks]
-        out[f"per_chunk_of_{n_chunks}"] = round(float(np.mean(reached)), 2)
+        out[f"per_chunk_of_{n_chunks}"] = round(float(np.mean([holds[probes[c].ravel()].any(axis=0).sum() for c in chunks])), 2)
     return out
 
 
@@ -68,6 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     import pyarrow.parquet as pq
 
+    from cbir_lib.index.kmeans import assign
     from cbir_lib.vectors.arrow import binary_to_numpy
 
     run = Path(args.index_run)
@@ -79,7 +85,7 @@ def main() -> None:
     x = binary_to_numpy(t.column("vector").take(pick), c.shape[1])
     cells = t.column("cell").to_numpy()[pick]
     t0 = time.perf_counter()
-    probes = np.argsort(-(x @ c.T), axis=1)[:, : args.nprobe]
+    probes = assign(x, c, manifest.get("metric") or "angular", args.nprobe)  # the index's routing, nearest first
     labels = np.arange(len(c))
     bo = np.asarray(bisection_order(c, np.arange(len(c))))
     in_space = np.empty(len(c), np.int64)

@@ -657,9 +657,9 @@ def _merge_plan(spark, old, touched: np.ndarray, removed: np.ndarray, reverse, w
 
 
 def _top_changed(spark, merged, stats, touched: np.ndarray, k: int) -> np.ndarray:
-    """ "updated": the touched lists (sorted ids) whose top k, what the table holds, is not
-    what it was; one that changed only past k (its reserve) is no change to a reader of
-    the table.
+    """The "updated" lists: those of ``touched`` (sorted ids) whose top k, what the table
+    holds, is not what it was; one that changed only past k (its reserve) is no change to
+    a reader of the table.
 
     A top k is unchanged when it has as many rows as last night's (its length, at most k)
     and each of them holds the rank it had (``was_rank``): the same row in the same place.
