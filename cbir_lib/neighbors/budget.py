@@ -131,6 +131,7 @@ def finish(spec: SearchSpec, best: tuple, queries: np.ndarray, k: int) -> tuple[
 # Executor side.
 
 _GROUPS: dict[tuple[str, int], tuple] = {}
+READS = [0]  # store groups this process read from storage (a visit to the cached one reads nothing)
 
 
 def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
@@ -144,6 +145,7 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
     if key in _GROUPS:
         return _GROUPS[key]
     _GROUPS.clear()
+    READS[0] += 1
     from cbir_lib.vectors.arrow import binary_to_numpy
 
     files = remote.Files(**spec.files)
@@ -349,12 +351,30 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
     r = router(spec)
     probes = np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, m, qb)])
     first, last = (np.asarray(a) for a in spec.cell_groups)
-    visits = {}
-    for g in range(sweep.n_groups):
-        hit = ((first[probes] <= g) & (last[probes] >= g)).any(axis=1)
-        if hit.any():
-            visits[g] = np.flatnonzero(hit)
-    return probes, visits
+    return probes, visits_of(probes, first, last, sweep.n_groups, m)
+
+
+def visits_of(probes: np.ndarray | None, first: np.ndarray, last: np.ndarray, n_groups: int, m: int) -> dict[int, np.ndarray]:
+    """For every store group that holds a probed cell, the (sorted) queries probing one
+    there. ``probes``: each query's cells (``None``: every group, exact search); ``first``
+    and ``last``: each cell's groups (:func:`groups_of_cells`; ``first > last``: empty).
+    One pass over the (query, cell) pairs, not one per group (400 groups x 1.4M queries x
+    36 probes at 100M)."""
+    if probes is None:
+        return {g: np.arange(m) for g in range(n_groups)} if m else {}
+    probes = np.asarray(probes)
+    if not probes.size:
+        return {}
+    f = first[probes].ravel().astype(np.int64)
+    span = np.maximum(last[probes].ravel().astype(np.int64) - f + 1, 0)
+    q = np.repeat(np.arange(m, dtype=np.int64), probes.shape[1])
+    step = np.arange(int(span.sum()), dtype=np.int64) - np.repeat(np.cumsum(span) - span, span)
+    keys = np.unique((np.repeat(f, span) + step) * m + np.repeat(q, span))
+    if not keys.size:
+        return {}
+    gs, qs = np.divmod(keys, m)
+    cuts = np.flatnonzero(np.diff(gs)) + 1
+    return {int(a[0]): b for a, b in zip(np.split(gs, cuts), np.split(qs, cuts), strict=True)}
 
 
 def topk(

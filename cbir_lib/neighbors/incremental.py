@@ -27,8 +27,8 @@ that index's base, a run
 
 Where the store is past ``neighbors.memory_budget``, the night runs in the full run's
 grouped layout (:mod:`~cbir_lib.neighbors.budget`): the new store written in groups, the
-night's queries searched and reverse-scanned a store group at a time
-(:func:`_grouped_search`), and the exact sample searched in groups. The lists are the same
+night's queries searched and reverse-scanned group-major, each group read twice
+(:mod:`~cbir_lib.neighbors.routed`), and the exact sample searched in groups. The lists are the same
 as the whole store's, row for row.
 
 The searches are committed under ``_work/`` before the merge, so a killed run resumes
@@ -50,10 +50,11 @@ from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import timer
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.index.store import cell_offsets
-from cbir_lib.neighbors import budget, listops
+from cbir_lib.neighbors import budget, listops, routed
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
+from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_thresholds
 from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
@@ -116,26 +117,6 @@ def why_not(prev: dict | None, index: dict, params: dict, signature: dict) -> st
     return None
 
 
-def _fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
-    """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false)."""
-    import pyarrow as pa
-
-    out = T._topk_batch(qids, vals, ids)
-    return pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
-
-
-def _reverse_rows(old_ids: np.ndarray, new_ids: np.ndarray, scores: np.ndarray):
-    """Reverse-scan pairs as rows of ``DELTA_SEARCH_DDL``: the old image's id, rank 0, the
-    added image as its candidate neighbour, ``reverse`` true."""
-    import pyarrow as pa
-
-    m = len(old_ids)
-    return pa.RecordBatch.from_arrays(
-        [pa.array(old_ids), pa.array(np.zeros(m, np.int32)), pa.array(new_ids), pa.array(scores), pa.array(np.ones(m, bool))],
-        names=["image_id", "rank", "neighbor_id", "score", "reverse"],
-    )
-
-
 def _delta_search(spec: SearchSpec):
     """mapInArrow over ``(image_id, reverse)``: each id's list in the new store (``reverse``
     false), and for the added ones also the old rows they now belong with (``reverse``
@@ -161,12 +142,12 @@ def _delta_search(spec: SearchSpec):
         for s in range(0, len(order), qb):
             take = order[s : s + qb]
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
-            yield _fresh_rows(qids, *T.search_rows(store, rows, spec))
+            yield fresh_rows(qids, *T.search_rows(store, rows, spec))
             if rev.any():
                 q = np.ascontiguousarray(store.vectors[rows[rev]])
                 probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
                 pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
-                yield _reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
+                yield reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
 
     return fn
 
@@ -176,104 +157,6 @@ def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np
     if spec.method == "exact":
         return np.tile(np.arange(store.n_cells, dtype=np.int32), (len(queries), 1))
     return store.route(queries, spec.nprobe, own)
-
-
-def _row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """Each store row's reverse-scan threshold: ``vals`` at the rows of ``ids`` (``rows``,
-    their positions as :func:`~cbir_lib.neighbors.tasks.positions_of` gives them), ``+inf``
-    for the others (the added: their lists are searched)."""
-    thr = np.full(len(store_ids), np.inf, dtype=np.float32)
-    ok = np.asarray(store_ids)[rows] == ids
-    thr[rows[ok]] = np.asarray(vals, np.float32)[ok]
-    return thr
-
-
-def _group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
-    """The reverse-scan threshold of each row of store group ``g`` (``store``: its
-    sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added)."""
-    import pyarrow as pa
-
-    from cbir_lib.common import shards
-
-    uri = f"{thr_uri}/group={int(g)}"
-    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
-    if not names or not len(store.ids):
-        return np.full(len(store.ids), np.inf, dtype=np.float32)
-    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
-    ids = t.column("image_id").to_numpy()
-    return _row_thresholds(store.ids, T.positions_in(store.ids, ids), ids, t.column("thr").to_numpy())
-
-
-def _chunk_task(spec: SearchSpec, thr_uri: str):
-    """RDD partition function over chunks of the night's queries ``(vectors, ids, own
-    cells, store positions, reverse)`` in the grouped layout: each chunk's top-``spec.k``
-    over the whole store, a group at a time with its running k-th best pruning the later
-    groups (:func:`~cbir_lib.neighbors.budget.topk`, the full run's sweep), and on each
-    visit the reverse scan of its added queries (``reverse``) over the members of their
-    probed cells in the group, against the group's thresholds. Yields ``(ids, scores,
-    neighbour ids, (old ids, added ids, scores), bytes held)``; a task holds its chunk and
-    one group."""
-
-    def fn(chunks):
-        inprocess.limit_blas_threads(inprocess.task_threads())
-        files = remote.Files(**spec.files)
-        search = budget.core(spec)
-        n_cells = len(spec.offsets) - 1
-        for q, qi, own, pos, rev in chunks:
-            rq = np.flatnonzero(rev)
-            found: list[tuple] = []
-            sweep = budget.Sweep(spec, None, base_bytes=q.nbytes)
-
-            def reverse(g, store, probes, q=q, qi=qi, rq=rq, found=found, sweep=sweep):
-                if not rq.size or not len(store.ids):
-                    return
-                thr = _group_thresholds(files, thr_uri, g, store)
-                sweep.hold(thr.nbytes)
-                p = probes[rq] if probes is not None else np.tile(np.arange(n_cells, dtype=np.int32), (rq.size, 1))
-                rows, who, sc = reverse_scan(store, np.ascontiguousarray(q[rq]), qi[rq], p, thr)
-                found.append((np.asarray(store.ids)[rows], qi[rq][who], sc))
-                sweep.release(thr.nbytes)
-
-            vals, ids, _ = budget.topk(sweep, q, qi, own, pos, spec.k, search, on_visit=reverse, own_first=True)
-            sweep.close()
-            old = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-            new = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
-            scores = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.float32)
-            yield qi, vals, ids, (old.astype(np.int64), new, scores.astype(np.float32)), int(sweep.held)
-
-    return fn
-
-
-def _grouped_search(spark, sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: str, budget_bytes: int, slots: int):
-    """The night's searches in the grouped layout: the added and refilled lists (``qids``)
-    and the added images' reverse scans, as rows of ``DELTA_SEARCH_DDL``, the same rows as
-    :func:`_delta_search` on the whole store. The queries are read from the groups (in store
-    order) and cut into chunks of at most a group's rows, one task per chunk sweeping
-    the groups it probes (:func:`_chunk_task`), ``slots`` tasks a job; yields ``(job number,
-    its batches, largest bytes a task held)``, so the driver holds one job's rows at a time."""
-    if not qids.size:
-        return
-    x, ids, own, pos = budget.sample_queries(spark, spec.groups_uri, None, int(spec.dim), ids=qids)
-    if ids.size != qids.size:
-        raise RuntimeError("neighbors: an image of the index's delta is not in its store")
-    rev = listops.member(ids, added)
-    width = int(spec.k)
-    # A chunk: at most a group's rows (a task holds it and one store group, as a full run's
-    # task holds its query group and one store group: the groups are sized for that), its
-    # lists (~12 bytes an entry) at most ~budget/4, and enough chunks for every slot.
-    per_query = 12 * width + 4 * int(spec.dim)
-    chunk = min(int(spec.group_rows or ids.size), (budget_bytes // 4) // per_query, -(-ids.size // max(1, slots)))
-    chunk = max(1, int(chunk))
-    cuts = [(s, min(ids.size, s + chunk)) for s in range(0, ids.size, chunk)]
-    for job, w in enumerate(range(0, len(cuts), max(1, slots))):
-        wave = [(np.ascontiguousarray(x[a:b]), ids[a:b], own[a:b], pos[a:b], rev[a:b]) for a, b in cuts[w : w + max(1, slots)]]
-        parts = sc.parallelize(wave, len(wave)).mapPartitions(_chunk_task(spec, thr_uri)).collect()
-        out = []
-        for qi, vals, nbr, (old, new, scores), _ in parts:
-            out.append(_fresh_rows(qi, vals, nbr))
-            if old.size:
-                out.append(_reverse_rows(old, new, scores))
-        yield job, out, max(p[4] for p in parts)
 
 
 _THRESHOLDS: dict[str, np.ndarray] = {}
@@ -290,7 +173,7 @@ def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
         t = pa.concat_tables(parts) if parts else None
         if t is not None and t.num_rows:
             ids = t.column("image_id").to_numpy()
-            _THRESHOLDS[key] = _row_thresholds(store.ids, T.positions_of(store, ids), ids, t.column("thr").to_numpy())
+            _THRESHOLDS[key] = row_thresholds(store.ids, T.positions_of(store, ids), ids, t.column("thr").to_numpy())
         else:
             _THRESHOLDS[key] = np.full(len(store.ids), np.inf, dtype=np.float32)
     return _THRESHOLDS[key]
@@ -360,7 +243,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         store = T.local_store(spec)
     timings["store_load_s"] = round(t["seconds"], 3)
     # Each store row's reverse-scan threshold, as _local_thresholds makes it from the files.
-    thr = _row_thresholds(store.ids, T.positions_of(store, thr_ids), thr_ids, thr_vals)
+    thr = row_thresholds(store.ids, T.positions_of(store, thr_ids), thr_ids, thr_vals)
     spec = spec.with_(thresholds_files=[], thresholds_key=f"{night.work_key}-in-process")
     _THRESHOLDS[spec.thresholds_key] = thr
 
@@ -544,15 +427,14 @@ def run(
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
             tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
             if grouped:
-                import pyarrow as pa
-
+                # Group-major (cbir_lib/neighbors/routed.py): each group read twice, whatever the slots.
                 qids = np.concatenate([added, refill]).astype(np.int64)
                 schema = L._arrow_schema(DELTA_SEARCH_DDL)
-                # A file per job of chunks: the driver holds one job's rows at a time.
-                for c, found, held in _grouped_search(spark, sc, spec, qids, added, thr_uri, int(memory["budget_bytes"]), slots):
-                    memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)
-                    part = fs.join(tmp, f"part-{c:05d}.parquet")
-                    remote.write_parquet(remote.Files(**spec.files), pa.Table.from_batches(found, schema=schema), part)
+                found, _, held, reads = routed.search(sc, spec, qids, added, thr_uri, tmp, schema, int(memory["budget_bytes"]), slots)
+                if found != qids.size:
+                    raise RuntimeError("neighbors: an image of the index's delta is not in its store")
+                memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)
+                memory["search_group_reads"] = reads
                 fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
             else:
                 n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))

@@ -24,6 +24,30 @@ def test_groups_cover_every_cell_once_even_split_ones():
     assert sub.sizes.tolist() == [0, 0, 2, 8, 0] and sub.n_cells == 5
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_visits_are_the_groups_of_every_probed_cell(seed):
+    """budget.visits_of against the definition, a group at a time: with empty cells, cells
+    spanning up to four groups, repeated probes, and a query probing only empty cells."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 1, 3, 9, 35], 40)
+    offsets = np.r_[0, np.cumsum(sizes)]
+    bounds = budget.group_bounds(int(offsets[-1]), 9)
+    first, last = budget.groups_of_cells(offsets, bounds)
+    n_groups, m = len(bounds) - 1, 50
+    probes = rng.integers(0, 40, (m, 6)).astype(np.int32)
+    probes[0] = np.flatnonzero(sizes == 0)[0]
+    got = budget.visits_of(probes, first, last, n_groups, m)
+    want = {}
+    for g in range(n_groups):
+        hit = ((first[probes] <= g) & (last[probes] >= g)).any(axis=1)
+        if hit.any():
+            want[g] = np.flatnonzero(hit)
+    assert list(got) == list(want) and all(np.array_equal(got[g], want[g]) for g in want)
+    assert all(0 not in rows for rows in got.values())
+    assert set(budget.visits_of(None, first, last, n_groups, 3)) == set(range(n_groups))
+    assert budget.visits_of(probes[:0], first, last, n_groups, 0) == {}
+
+
 def test_merge_of_partials_is_the_top_k_with_ties_by_id():
     a = (np.array([[0.9, 0.5]], np.float32), np.array([[7, 3]]))
     b = (np.array([[0.9, 0.8]], np.float32), np.array([[2, 9]]))

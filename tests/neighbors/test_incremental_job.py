@@ -178,6 +178,8 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
         got[name], built[name] = nm, im
     g = got["groups"]["memory"]
     assert g["layout"] == "groups" and g["groups"] > 2 and 0 < g["max_held_bytes"] <= g["budget_bytes"], g
+    # Group-major (neighbors/routed.py): each group read at most twice by the night's search.
+    assert 0 < g["search_group_reads"] <= 2 * g["groups"], g
     # The night's groups and its searches are gone with its commit.
     assert [p.name for p in (c / "neighbors" / "_work").iterdir() if p.name != "_tmp"] == []
     # The index: the same store rows, delta and counts.

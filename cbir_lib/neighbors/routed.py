@@ -1,0 +1,327 @@
+"""The grouped night's search, group-major: each store group is read by one task per phase,
+and the night's queries are routed to the groups they probe.
+
+An incremental night in the grouped layout (:mod:`~cbir_lib.neighbors.incremental` past
+``neighbors.memory_budget``) searches its added and refilled lists against the whole store
+and reverse-scans the cells the added ones probe. The first form of that search cut the
+queries into a chunk per slot, and each chunk swept every group its queries probe. Cell
+numbers are k-means labels, in no order in space, so a chunk of any size probes nearly
+every group (``benchmarks/group_locality.py``: a 1/64 chunk reaches 247 of 256 groups at
+1M), and the reads grew as slots x groups: at 100M on 1,600 slots, ~160 TB a night, more
+than a rebuild reads. Here every group is read twice a night, whatever the slots:
+
+1. **home** (:func:`home_task`, one task per group): the night's queries stored in the
+   group are routed, searched in it, and reverse-scanned over it. Their k-th best there
+   bounds the rest of their search, as the sweep's own group first did. Each query is then
+   sent, with that bound, to every other group holding a cell it probes
+   (:func:`~cbir_lib.neighbors.budget.visits_of`), by a shuffle keyed by group;
+2. **visits** (:func:`visit_task`, one task per group): the queries sent to the group,
+   searched and reverse-scanned in it, one sender's batch at a time;
+3. **merge** (:func:`merge_task`, one task per bucket of query ids): each query's partial
+   lists merged by ``(-score, id)``. The merge is order-free and every pruning bound is a
+   lower bound of the final k-th best, so the lists are the sweep's, row for row. Each
+   bucket writes its rows of ``DELTA_SEARCH_DDL`` (the lists and the reverse pairs) as one
+   Parquet file of a directory the driver commits whole.
+
+A task holds one store group and one batch of queries (their vectors, probes and partial
+lists); the merge holds a bucket's partial lists, and the buckets are sized for that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cbir_lib.common import inprocess, remote, shards
+from cbir_lib.neighbors import budget, listops
+from cbir_lib.neighbors import tasks as T
+from cbir_lib.neighbors.ivf import reverse_scan
+from cbir_lib.neighbors.spec import SearchSpec
+from cbir_lib.vectors.topk import empty, empty_shortlist, select
+
+VISIT, PART, REVERSE, HELD = "visit", "part", "reverse", "held"
+
+
+def fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
+    """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false)."""
+    import pyarrow as pa
+
+    out = T._topk_batch(qids, vals, ids)
+    return pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
+
+
+def reverse_rows(old_ids: np.ndarray, new_ids: np.ndarray, scores: np.ndarray):
+    """Reverse-scan pairs as rows of ``DELTA_SEARCH_DDL``: the old image's id, rank 0, the
+    added image as its candidate neighbour, ``reverse`` true."""
+    import pyarrow as pa
+
+    m = len(old_ids)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.asarray(old_ids, np.int64)),
+            pa.array(np.zeros(m, np.int32)),
+            pa.array(np.asarray(new_ids, np.int64)),
+            pa.array(np.asarray(scores, np.float32)),
+            pa.array(np.ones(m, bool)),
+        ],
+        names=["image_id", "rank", "neighbor_id", "score", "reverse"],
+    )
+
+
+def row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Each store row's reverse-scan threshold: ``vals`` at the rows of ``ids`` (``rows``,
+    their positions as :func:`~cbir_lib.neighbors.tasks.positions_of` gives them), ``+inf``
+    for the others (the added: their lists are searched)."""
+    thr = np.full(len(store_ids), np.inf, dtype=np.float32)
+    ok = np.asarray(store_ids)[rows] == ids
+    thr[rows[ok]] = np.asarray(vals, np.float32)[ok]
+    return thr
+
+
+def group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
+    """The reverse-scan threshold of each row of store group ``g`` (``store``: its
+    sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added)."""
+    import pyarrow as pa
+
+    uri = f"{thr_uri}/group={int(g)}"
+    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
+    if not names or not len(store.ids):
+        return np.full(len(store.ids), np.inf, dtype=np.float32)
+    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
+    ids = t.column("image_id").to_numpy()
+    return row_thresholds(store.ids, T.positions_in(store.ids, ids), ids, t.column("thr").to_numpy())
+
+
+def buckets_for(n_queries: int, spec: SearchSpec, budget_bytes: int, slots: int) -> int:
+    """Merge tasks: one per slot at least, and enough that a bucket's partial lists (about
+    ``visits`` partial lists per query, 12 bytes an entry, and the vectors with the reduced
+    first pass) stay under a quarter of the budget."""
+    width = budget.shortlist_width(spec, int(spec.k))
+    per_query = 12 * width * _visits_per_query(spec) + (4 * int(spec.dim) if budget.uses_shortlist(spec) else 0)
+    return max(1, slots, math.ceil(n_queries * per_query / max(1, budget_bytes // 4)))
+
+
+def _visits_per_query(spec: SearchSpec) -> int:
+    """At most how many groups one query's search reaches: every group for exact search,
+    else at most two per probed cell (a cell spans two groups at most when a group holds
+    more rows than a cell; more when it does not)."""
+    n_groups = len(spec.bounds) - 1
+    return n_groups if spec.method == "exact" else min(n_groups, 2 * int(spec.nprobe))
+
+
+def _probes(spec: SearchSpec, queries: np.ndarray, own: np.ndarray) -> np.ndarray | None:
+    """Each query's probed cells, nearest first (``None`` for exact search: every cell)."""
+    if spec.method == "exact" or not len(queries):
+        return None
+    qb = spec.query_block
+    r = budget.router(spec)
+    return np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, len(queries), qb)])
+
+
+def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int) -> tuple:
+    """The partial lists of queries ``q`` over one sub-store, ``width`` deep, in blocks of
+    ``query_block``; ``kth``: each query's known lower bound of its final k-th best."""
+    m = len(q)
+    best = empty_shortlist(m, width) if budget.uses_shortlist(spec) else empty(m, width)
+    qb = spec.query_block
+    for s in range(0, m, qb):
+        sl = slice(s, s + qb)
+        part = search(store, np.ascontiguousarray(q[sl]), qi[sl], own[sl], None if probes is None else probes[sl], kth[sl], int(spec.k))
+        merged = budget.merge(tuple(b[sl] for b in best), part, width)
+        for b, new_ in zip(best, merged, strict=True):
+            b[sl] = new_
+    return best
+
+
+def _reverse(store, q, qi, probes, n_cells: int, thresholds):
+    """The reverse scan of queries ``q`` (added images) over a store group, against its
+    rows' ``thresholds``: ``(old ids, added ids, scores)``, or ``None``."""
+    if not len(q) or not len(store.ids):
+        return None
+    p = probes if probes is not None else np.tile(np.arange(n_cells, dtype=np.int32), (len(q), 1))
+    rows, who, sc = reverse_scan(store, np.ascontiguousarray(q), qi, p, thresholds)
+    if not rows.size:
+        return None
+    return np.asarray(store.ids)[rows].astype(np.int64), qi[who].astype(np.int64), sc.astype(np.float32)
+
+
+def _bucket_of(ids: np.ndarray, n_buckets: int) -> np.ndarray:
+    return np.remainder(np.asarray(ids, np.int64), n_buckets)
+
+
+def _parts(spec: SearchSpec, qi: np.ndarray, best: tuple, q: np.ndarray | None, n_buckets: int):
+    """A batch's partial lists as ``(PART, bucket, (ids, lists, vectors or None))`` records,
+    one per merge bucket (the vectors ride along where the reduced first pass's finish needs them)."""
+    b = _bucket_of(qi, n_buckets)
+    for u in np.unique(b):
+        r = np.flatnonzero(b == u)
+        yield PART, int(u), (qi[r], tuple(x[r] for x in best), None if q is None else q[r])
+
+
+def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
+    """RDD partition function over group numbers: each group's own night queries, searched
+    and reverse-scanned in it, then sent on. Yields ``(group, (VISIT, group, batch))`` for
+    every other group a query probes (``batch``: ids, vectors, own cells, probes, k-th
+    bounds, reverse flags), and ``(own group, (PART | REVERSE | HELD, bucket, payload))``
+    records, which the visits pass on to the merge."""
+
+    def fn(groups):
+        inprocess.limit_blas_threads(inprocess.task_threads())
+        files = remote.Files(**spec.files)
+        search = budget.core(spec)
+        width = budget.shortlist_width(spec, int(spec.k))
+        n_cells = len(spec.offsets) - 1
+        first, last = (np.asarray(a) for a in spec.cell_groups)
+        n_groups = len(spec.bounds) - 1
+        qids, added = qids_b.value, added_b.value
+        for g in groups:
+            reads = budget.READS[0]
+            sweep = budget.Sweep(spec)
+            st = sweep.store(g)
+            r = np.flatnonzero(listops.member(np.asarray(st.ids), qids))
+            if r.size:
+                q = np.ascontiguousarray(st.vectors[r])
+                qi = np.asarray(st.ids)[r].astype(np.int64)
+                own = np.asarray(budget.read_group(spec, g)[0])[r].astype(np.int32)
+                rev = listops.member(qi, added)
+                sweep.hold(q.nbytes)
+                probes = _probes(spec, q, own)
+                best = _search(spec, search, st, q, qi, own, probes, np.full(r.size, -np.inf, np.float32), width)
+                sweep.hold(sum(x.nbytes for x in best))
+                if rev.any():
+                    thr = group_thresholds(files, thr_uri, g, st)
+                    sweep.hold(thr.nbytes)
+                    found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
+                    if found is not None:
+                        yield g, (REVERSE, g % n_buckets, found)
+                for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, n_buckets):
+                    yield g, (kind, bucket, payload)
+                kth = best[0][:, width - 1]
+                for h, rows in budget.visits_of(probes, first, last, n_groups, r.size).items():
+                    if h != g:
+                        batch = (qi[rows], q[rows], own[rows], None if probes is None else probes[rows], kth[rows], rev[rows])
+                        yield h, (VISIT, h, batch)
+            sweep.close()
+            yield g, (HELD, g % n_buckets, (int(sweep.held), budget.READS[0] - reads))
+
+    return fn
+
+
+def visit_task(spec: SearchSpec, thr_uri: str, n_buckets: int):
+    """RDD partition function over one group's records (a partition per group): each
+    ``VISIT`` batch searched in the group, and its added queries reverse-scanned there
+    (the group and its thresholds read once, on the first batch that needs them). Yields
+    ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them."""
+
+    def fn(it):
+        inprocess.limit_blas_threads(inprocess.task_threads())
+        files = remote.Files(**spec.files)
+        search = budget.core(spec)
+        width = budget.shortlist_width(spec, int(spec.k))
+        n_cells = len(spec.offsets) - 1
+        sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
+        for _, (kind, key, payload) in it:
+            if kind != VISIT:
+                yield key, (kind, payload)
+                continue
+            qi, q, own, probes, kth, rev = payload
+            if st is None:
+                sweep, g = budget.Sweep(spec), key
+                st = sweep.store(g)
+            nbytes = q.nbytes + (probes.nbytes if probes is not None else 0)
+            sweep.hold(nbytes)
+            best = _search(spec, search, st, q, qi, own, probes, kth, width)
+            if rev.any():
+                if thr is None:
+                    thr = group_thresholds(files, thr_uri, g, st)
+                    sweep.hold(thr.nbytes)
+                found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
+                if found is not None:
+                    yield g % n_buckets, (REVERSE, found)
+            for kind_, bucket, part in _parts(spec, qi, best, None, n_buckets):
+                yield bucket, (kind_, part)
+            sweep.release(nbytes)
+        if sweep is not None:
+            sweep.close()
+            yield g % n_buckets, (HELD, (int(sweep.held), budget.READS[0] - reads))
+
+    return fn
+
+
+def merge_task(spec: SearchSpec, out_dir: str, schema):
+    """RDD partition function (with its index) over one bucket's ``(bucket, (kind,
+    payload))`` records: each query's partial lists merged by ``(-score, id)`` into its
+    top-k, written with the bucket's reverse pairs as ``out_dir/part-<bucket>.parquet``.
+    Yields ``(queries merged, rows written, largest bytes a search task held, store groups
+    the search tasks read)``."""
+
+    def fn(index, it):
+        import pyarrow as pa
+
+        width = budget.shortlist_width(spec, int(spec.k))
+        qis, parts, vecs, pairs, held, reads = [], [], {}, [], 0, 0
+        for _, (kind, payload) in it:
+            if kind == HELD:
+                held, reads = max(held, payload[0]), reads + payload[1]
+            elif kind == REVERSE:
+                pairs.append(payload)
+            else:
+                qi, best, q = payload
+                qis.append(qi)
+                parts.append(best)
+                if q is not None:
+                    vecs.update(zip(qi.tolist(), q, strict=True))
+        batches = []
+        n_merged = 0
+        if qis:
+            all_ids = np.concatenate(qis)
+            uq, inv = np.unique(all_ids, return_inverse=True)
+            rows = np.repeat(inv, width)
+            cols = [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+            if len(cols) == 3:
+                best = select(rows, cols[0].ravel(), cols[1].ravel(), uq.size, width, payload=cols[2].ravel())
+                queries = np.stack([vecs[int(i)] for i in uq])
+            else:
+                best = select(rows, cols[0].ravel(), cols[1].ravel(), uq.size, width)
+                queries = np.zeros((uq.size, 0), np.float32)
+            vals, ids = budget.finish(spec, best, queries, int(spec.k))
+            batches.append(fresh_rows(uq, vals, ids))
+            n_merged = int(uq.size)
+        if pairs:
+            batches.append(reverse_rows(*(np.concatenate([p[j] for p in pairs]) for j in range(3))))
+        n_rows = sum(b.num_rows for b in batches)
+        if batches:
+            table = pa.Table.from_batches(batches, schema=schema)
+            remote.write_parquet(remote.Files(**spec.files), table, f"{out_dir}/part-{index:05d}.parquet")
+        yield n_merged, n_rows, held, reads
+
+    return fn
+
+
+def search(sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: str, out_dir: str, schema, budget_bytes: int, slots: int):
+    """The night's searches (``qids``: the added and refilled lists) and the added images'
+    reverse scans in the grouped layout, group-major (this module's docstring), written as
+    Parquet files of ``DELTA_SEARCH_DDL`` rows under ``out_dir``: ``(queries searched,
+    rows written, largest bytes a task held, store groups read)``. The driver holds no
+    query vector."""
+    n_groups = len(spec.bounds) - 1
+    n_buckets = buckets_for(int(qids.size), spec, budget_bytes, slots)
+    qids_b = sc.broadcast(np.unique(np.asarray(qids, np.int64)))
+    added_b = sc.broadcast(np.unique(np.asarray(added, np.int64)))
+    # Two shuffles in a chain: the home tasks' records by group (the sends to each group,
+    # and their own partial lists, passed on), then everything by merge bucket.
+    try:
+        merged = (
+            sc.parallelize(range(n_groups), n_groups)
+            .mapPartitions(home_task(spec, qids_b, added_b, thr_uri, n_buckets))
+            .partitionBy(n_groups, lambda g: g)
+            .mapPartitions(visit_task(spec, thr_uri, n_buckets))
+            .partitionBy(n_buckets, lambda b: b)
+            .mapPartitionsWithIndex(merge_task(spec, out_dir, schema))
+            .collect()
+        )
+    finally:
+        qids_b.unpersist()
+        added_b.unpersist()
+    return sum(m[0] for m in merged), sum(m[1] for m in merged), max([m[2] for m in merged] or [0]), sum(m[3] for m in merged)
