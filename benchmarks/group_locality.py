@@ -11,7 +11,9 @@ reaches nearly all of them. This draws ``--queries`` store rows (a night's 1.2 %
 them to their ``nprobe`` nearest centroids, and counts the groups reached per query and per
 chunk of queries in store order, for 8, 64 and 256 groups, under the k-means labels and
 under a numbering in space: the centroids ordered by recursive bisection along their
-principal direction. Reads only; nothing is searched.
+principal direction (``kmeans.order_in_space``, which full builds number their cells by
+since 2026-12-05; an index built so is already in that order). Reads only; nothing is
+searched.
 
 Results: ``benchmarks/results/group_locality.json``.
 """
@@ -29,18 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "group_locality.json"
-
-
-def bisection_order(c: np.ndarray, ids: np.ndarray, leaf: int = 8) -> list[int]:
-    """``ids`` (rows of ``c``) in the order of a recursive bisection at the median of the
-    principal direction: nearby centroids get nearby positions."""
-    if len(ids) <= leaf:
-        return [int(i) for i in ids]
-    sub = c[ids] - c[ids].mean(0)
-    _, _, vt = np.linalg.svd(sub, full_matrices=False)
-    o = np.argsort(sub @ vt[0], kind="stable")
-    h = len(ids) // 2
-    return bisection_order(c, ids[o[:h]], leaf) + bisection_order(c, ids[o[h:]], leaf)
 
 
 def reach(position: np.ndarray, counts: np.ndarray, probes: np.ndarray, query_cells: np.ndarray, n_groups: int) -> dict:
@@ -73,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     import pyarrow.parquet as pq
 
-    from cbir_lib.index.kmeans import assign
+    from cbir_lib.index.kmeans import assign, order_in_space
     from cbir_lib.vectors.arrow import binary_to_numpy
 
     run = Path(args.index_run)
@@ -87,7 +77,7 @@ def main() -> None:
     t0 = time.perf_counter()
     probes = assign(x, c, manifest.get("metric") or "angular", args.nprobe)  # the index's routing, nearest first
     labels = np.arange(len(c))
-    bo = np.asarray(bisection_order(c, np.arange(len(c))))
+    bo = order_in_space(c)
     in_space = np.empty(len(c), np.int64)
     in_space[bo] = np.arange(len(c))
     out = {

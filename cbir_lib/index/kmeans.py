@@ -141,3 +141,39 @@ def train_balanced(
         log.info("balancing round %d: split %d oversized cells (largest %d, cap %.0f)", rnd + 1, big.size, counts.max(), cap)
         centroids = np.stack(keep).astype(np.float32)
     return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+def order_in_space(centroids: np.ndarray, leaf: int = 8, n_iter: int = 30) -> np.ndarray:
+    """A permutation of the centroids in which nearby centroids get nearby numbers: a
+    recursive bisection at the median of each part's principal direction (found by power
+    iteration from a fixed start, so the order is a function of the centroids alone).
+
+    Cells are numbered by this order, so a row range of the cell-sorted store (a group of
+    the budgeted layout) is a region of the space, and a query's probes fall in few
+    groups. Measured at 1M x 256 (2,472 cells, nprobe 36, ``benchmarks/group_locality.py``):
+    with k-means labels a query's probes reach 23.2 of 64 groups, numbered so 6.6."""
+    c = np.asarray(centroids, dtype=np.float64)
+    out: list[int] = []
+    stack = [np.arange(len(c))]
+    while stack:
+        ids = stack.pop()
+        if len(ids) <= leaf:
+            out.extend(int(i) for i in ids)
+            continue
+        sub = c[ids] - c[ids].mean(axis=0)
+        v = sub[np.argmax(np.einsum("ij,ij->i", sub, sub))].copy()  # the farthest point: a fixed start
+        for _ in range(n_iter):
+            w = sub.T @ (sub @ v)
+            norm = np.linalg.norm(w)
+            if norm == 0:
+                break
+            w /= norm
+            if np.abs(w - v).max() < 1e-7:
+                v = w
+                break
+            v = w
+        order = np.argsort(sub @ v, kind="stable")
+        h = len(ids) // 2
+        stack.append(ids[order[h:]])  # popped second: the lower half comes first
+        stack.append(ids[order[:h]])
+    return np.asarray(out, dtype=np.int64)

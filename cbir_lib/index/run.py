@@ -31,7 +31,7 @@ from cbir_lib.common import fs, inprocess, lease, tables
 from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
-from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
+from cbir_lib.index.kmeans import assign, choose_n_cells, order_in_space, train_balanced
 from cbir_lib.index.store import (
     ANN,
     CENTROIDS,
@@ -393,6 +393,9 @@ def _run_build_index(spark, cfg: Config) -> dict:
             )
             if reduction:
                 centroids = reduce.lift(sample, train_on, centroids, ic.metric)
+            # Cells numbered in space: a group of consecutive cells (the budgeted layout's
+            # unit of reads) is then a region, and a query's probes reach few groups.
+            centroids = np.ascontiguousarray(centroids[order_in_space(centroids)])
         timings["train_s"] = round(t["seconds"], 3)
         n_cells = len(centroids)
         centroids_bytes = _npy_bytes(centroids)

@@ -51,3 +51,23 @@ def test_choose_n_cells_bounds():
     assert choose_n_cells(100, 256) <= 100 // 8
     # A small executor forces smaller cells, hence more of them.
     assert choose_n_cells(1_000_000, 256, executor_memory_bytes=64 << 20, cores_per_executor=4) > 2000
+
+
+def test_order_in_space_numbers_nearby_centroids_nearby():
+    """A permutation, a function of the centroids alone, and local: consecutive centroids
+    in the order are far closer than in k-means label order, and a run of consecutive
+    numbers (a group of the budgeted layout) covers one region."""
+    from cbir_lib.index.kmeans import order_in_space
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(16, 24)) * 4
+    c = (centres[rng.integers(0, 16, 800)] + rng.normal(size=(800, 24))).astype(np.float32)
+    o = order_in_space(c)
+    assert sorted(o.tolist()) == list(range(800))
+    assert np.array_equal(o, order_in_space(c.copy()))
+    step = lambda a: float(np.linalg.norm(np.diff(a, axis=0), axis=1).mean())  # noqa: E731
+    assert step(c[o]) < 0.5 * step(c)
+    # Cut into 16 runs of 50 numbers: each run's rows come from few of the 16 blobs.
+    blob = np.argmin(((c[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)[o]
+    assert np.mean([len(np.unique(blob[s : s + 50])) for s in range(0, 800, 50)]) <= 3
+    assert order_in_space(c[:5]).tolist() == [0, 1, 2, 3, 4]
