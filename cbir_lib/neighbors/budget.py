@@ -385,22 +385,14 @@ def topk(
     own_pos: np.ndarray,
     k: int,
     search,
-    on_visit=None,
-    own_first: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
 
     ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
     sub-store; ``kth``, each query's running k-th best, is a bound it may prune with.
     ``own_pos``: each query's row in the store (for hierarchical search, which excludes by row).
-    ``on_visit(g, store, probes)``, if given, is called once with each visited group's
-    sub-store while it is loaded (``probes``: each query's probed cells, ``None`` for exact).
-
-    ``own_first``: for queries scattered over the store (an incremental night's), not one
-    query group's. Each query is first searched in the group of its own cell, whose k-th
-    best is a high bound for the rest, as a query group's own group is for its queries;
-    then the groups in reverse order (the last one is still cached) for the rest. At most
-    twice the reads of one sweep; the same top-k (the merge is order-free).
+    (An incremental night's queries, scattered over the store, are searched group-major
+    instead: :mod:`~cbir_lib.neighbors.routed`.)
     """
     m = len(queries)
     if sweep.spec.method == "hierarchical":
@@ -409,15 +401,7 @@ def topk(
     qb = sweep.spec.query_block
     width = shortlist_width(sweep.spec, k)
     best = empty_shortlist(m, width) if uses_shortlist(sweep.spec) else empty(m, width)
-    plan = [(g, visits[g]) for g in sweep.order(visits)]
-    if own_first and m:
-        home = np.asarray(sweep.spec.cell_groups[0])[own]
-        first = [(int(g), np.intersect1d(np.flatnonzero(home == g), visits.get(int(g), []))) for g in np.unique(home)]
-        seen = dict(first)
-        rest = [(g, np.setdiff1d(visits[g], seen.get(g, []))) for g in sorted(visits, reverse=True)]
-        plan = first + [(g, r) for g, r in rest if r.size or (on_visit is not None and g not in seen)]
-    scanned = set()
-    for g, rows in plan:
+    for g, rows in ((g, visits[g]) for g in sweep.order(visits)):
         st = sweep.store(g)
         for s in range(0, len(rows), qb):
             r = rows[s : s + qb]
@@ -427,9 +411,6 @@ def topk(
             merged = merge(tuple(b[r] for b in best), part, width)
             for b, new_ in zip(best, merged, strict=True):
                 b[r] = new_
-        if on_visit is not None and g not in scanned:
-            on_visit(g, st, probes)
-            scanned.add(g)
         st = None  # noqa: F841 - drop this group before the next is read
     return (*finish(sweep.spec, best, queries, k), sorted(visits))
 

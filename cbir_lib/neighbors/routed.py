@@ -253,8 +253,8 @@ def merge_task(spec: SearchSpec, out_dir: str, schema):
     """RDD partition function (with its index) over one bucket's ``(bucket, (kind,
     payload))`` records: each query's partial lists merged by ``(-score, id)`` into its
     top-k, written with the bucket's reverse pairs as ``out_dir/part-<bucket>.parquet``.
-    Yields ``(queries merged, rows written, largest bytes a search task held, store groups
-    the search tasks read)``."""
+    Yields ``(queries merged, rows written, largest bytes a task held (this one, or a search
+    task whose record came here), store groups the search tasks read)``."""
 
     def fn(index, it):
         import pyarrow as pa
@@ -279,6 +279,9 @@ def merge_task(spec: SearchSpec, out_dir: str, schema):
             uq, inv = np.unique(all_ids, return_inverse=True)
             rows = np.repeat(inv, width)
             cols = [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+            # This task's share, counted as the search tasks' are: the bucket's partial lists
+            # (held twice, as received and concatenated) and the vectors of the reduced pass.
+            held = max(held, 2 * sum(c.nbytes for c in cols) + sum(v.nbytes for v in vecs.values()))
             if len(cols) == 3:
                 best = select(rows, cols[0].ravel(), cols[1].ravel(), uq.size, width, payload=cols[2].ravel())
                 queries = np.stack([vecs[int(i)] for i in uq])
