@@ -668,6 +668,13 @@ def _log_done(run_id: str, prev: dict, manifest: dict, k: int, started: float) -
     )
 
 
+def old_sample(drawn: np.ndarray, cand: np.ndarray, cand_ids: np.ndarray, added: np.ndarray, half: int) -> np.ndarray:
+    """The old images' sample: the first ``half`` store positions, in the order ``drawn``,
+    whose ids (``cand_ids``, aligned with ``cand = sort(drawn)``) were not added; sorted."""
+    drawn_ids = np.asarray(cand_ids)[np.searchsorted(cand, drawn)]
+    return np.sort(drawn[~np.isin(drawn_ids, added)][:half])
+
+
 def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict, memory: dict | None = None):
     """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
     images (store positions drawn with the index's seed), against exact search.
@@ -678,7 +685,12 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
         return None, None, {"new": 0, "old": 0}, []
     rng = np.random.default_rng(seed)
     new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
-    cand = np.sort(rng.choice(n, min(n, 2 * half + added.size), replace=False))
+    # Candidates for the old images, kept in the order drawn: the first ``half`` not added
+    # are the sample. (Taking them from the sorted draw took the lowest store positions,
+    # the first ~4 % of the cells: once cells were numbered in space, one region, whose
+    # recall measured 0.92 where 300 random old images measured 0.966.)
+    drawn = rng.choice(n, min(n, 2 * half + added.size), replace=False)
+    cand = np.sort(drawn)
 
     def locate(_):
         store = T.local_store(spec)
@@ -698,7 +710,7 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
         cand_ids = at.column("image_id").to_numpy().astype(np.int64)[order]
     else:
         new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
-    old_pos = cand[~np.isin(cand_ids, added)][:half]
+    old_pos = old_sample(drawn, cand, cand_ids, added, half)
     positions = np.sort(np.concatenate([new_pos, old_pos]))
     with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
         if spec.groups_uri:

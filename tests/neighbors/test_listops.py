@@ -159,3 +159,22 @@ def test_split_divides_rows_as_the_snapshot_does(min_score):
     assert as_dict(top) == {q: v for q, v in want_top.items() if v}
     assert as_dict(rest) == {q: v for q, v in want_rest.items() if v}
     assert top.column("rank").type == pa.int32() and top.column("score").type == pa.float32()
+
+
+def test_the_nights_old_sample_is_drawn_over_the_whole_store():
+    """incremental.old_sample keeps the draw's order: the old images' sample spreads over
+    the store, not its lowest positions (with cells numbered in space, one region)."""
+    from cbir_lib.neighbors.incremental import old_sample
+
+    rng = np.random.default_rng(0)
+    n, half = 100_000, 500
+    ids = rng.permutation(n).astype(np.int64) + 10**9  # store position -> image id
+    added = np.sort(ids[rng.choice(n, 1_200, replace=False)])
+    drawn = rng.choice(n, 2 * half + added.size, replace=False)
+    cand = np.sort(drawn)
+    got = old_sample(drawn, cand, ids[cand], added, half)
+    assert got.size == half and np.all(np.diff(got) > 0)
+    assert not np.isin(ids[got], added).any()
+    assert got.max() > 0.9 * n and np.median(got) > 0.3 * n  # the sorted draw's first 500: all below ~0.2 n
+    new = set(added.tolist())
+    assert got.tolist() == sorted([int(p) for p in drawn if int(ids[p]) not in new][:half])
