@@ -159,6 +159,13 @@ def _parts(spec: SearchSpec, qi: np.ndarray, best: tuple, q: np.ndarray | None, 
         yield PART, int(u), (qi[r], tuple(x[r] for x in best), None if q is None else q[r])
 
 
+def _task_setup(spec: SearchSpec) -> tuple:
+    """A search task's start: one BLAS thread a task, and ``(files, the method's core,
+    list width, cells)``."""
+    inprocess.limit_blas_threads(inprocess.task_threads())
+    return remote.Files(**spec.files), budget.core(spec), budget.shortlist_width(spec, int(spec.k)), len(spec.offsets) - 1
+
+
 def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     """RDD partition function over group numbers: each group's own night queries, searched
     and reverse-scanned in it, then sent on. Yields ``(group, (VISIT, group, batch))`` for
@@ -167,11 +174,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     records, which the visits pass on to the merge."""
 
     def fn(groups):
-        inprocess.limit_blas_threads(inprocess.task_threads())
-        files = remote.Files(**spec.files)
-        search = budget.core(spec)
-        width = budget.shortlist_width(spec, int(spec.k))
-        n_cells = len(spec.offsets) - 1
+        files, search, width, n_cells = _task_setup(spec)
         first, last = (np.asarray(a) for a in spec.cell_groups)
         n_groups = len(spec.bounds) - 1
         qids, added = qids_b.value, added_b.value
@@ -215,11 +218,7 @@ def visit_task(spec: SearchSpec, thr_uri: str, n_buckets: int):
     ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them."""
 
     def fn(it):
-        inprocess.limit_blas_threads(inprocess.task_threads())
-        files = remote.Files(**spec.files)
-        search = budget.core(spec)
-        width = budget.shortlist_width(spec, int(spec.k))
-        n_cells = len(spec.offsets) - 1
+        files, search, width, n_cells = _task_setup(spec)
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
         for _, (kind, key, payload) in it:
             if kind != VISIT:
