@@ -345,13 +345,21 @@ def route_visits(sweep: Sweep, queries: np.ndarray, own: np.ndarray) -> tuple[np
     """Each query's probed cells, and for every store group the queries that probe a cell in it
     (every query visits every group for exact, hierarchical and LSH search)."""
     spec, m = sweep.spec, len(queries)
-    if spec.method in ("exact", "hierarchical", "lsh"):
+    probes = probes_of(spec, queries, own)
+    if probes is None:
         return None, {g: np.arange(m) for g in range(sweep.n_groups)}
-    qb = spec.query_block
-    r = router(spec)
-    probes = np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, m, qb)])
     first, last = (np.asarray(a) for a in spec.cell_groups)
     return probes, visits_of(probes, first, last, sweep.n_groups, m)
+
+
+def probes_of(spec: SearchSpec, queries: np.ndarray, own: np.ndarray) -> np.ndarray | None:
+    """Each query's ``nprobe`` probed cells, nearest first, routed ``query_block`` queries at
+    a time (a row's route is its own, so any blocks give the same cells); ``None`` where
+    every cell is searched (exact, hierarchical and LSH search)."""
+    if spec.method in ("exact", "hierarchical", "lsh"):
+        return None
+    qb, r = spec.query_block, router(spec)
+    return np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, max(1, len(queries)), qb)])
 
 
 def visits_of(probes: np.ndarray | None, first: np.ndarray, last: np.ndarray, n_groups: int, m: int) -> dict[int, np.ndarray]:
@@ -687,21 +695,14 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     fs.rename(spark, tmp_uri, groups_uri)
 
 
-def sample_queries(
-    spark, groups_uri: str, positions: np.ndarray | None, dim: int, ids: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small sample),
-    or of the rows of ``ids`` (an incremental night's queries), in store order."""
+def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small
+    sample), in store order."""
     from pyspark.sql import functions as F
 
-    from cbir_lib.common.frames import id_frame
     from cbir_lib.vectors.arrow import binary_to_numpy
 
-    groups = spark.read.parquet(groups_uri)
-    if ids is not None:
-        picked = groups.join(F.broadcast(id_frame(spark, ids)), "image_id", "left_semi")
-    else:
-        picked = groups.filter(F.col("pos").isin([int(p) for p in np.asarray(positions)]))
+    picked = spark.read.parquet(groups_uri).filter(F.col("pos").isin([int(p) for p in np.asarray(positions)]))
     rows = picked.select("pos", "cell", "image_id", "vector").toArrow()
     order = np.argsort(rows.column("pos").to_numpy())
     x = binary_to_numpy(rows.column("vector"), dim)[order]
@@ -722,9 +723,7 @@ def sample_search(sc, spec: SearchSpec, sample: tuple, search) -> tuple[np.ndarr
         return v, i, seconds, held
     n_groups = len(spec.bounds) - 1
     t0 = time.perf_counter()
-    probes = None
-    if spec.method not in ("exact", "lsh"):  # once here, not once per group in every task
-        probes = router(spec).route(x, spec.nprobe, own)
+    probes = probes_of(spec, x, own)  # once here, not once per group in every task
     routing = time.perf_counter() - t0
     parts = sc.parallelize(range(n_groups), n_groups).mapPartitions(sample_partial(spec, x, ids, own, probes, search)).collect()
     best = None

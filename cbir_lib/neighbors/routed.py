@@ -110,15 +110,6 @@ def _visits_per_query(spec: SearchSpec) -> int:
     return n_groups if spec.method == "exact" else min(n_groups, 2 * int(spec.nprobe))
 
 
-def _probes(spec: SearchSpec, queries: np.ndarray, own: np.ndarray) -> np.ndarray | None:
-    """Each query's probed cells, nearest first (``None`` for exact search: every cell)."""
-    if spec.method == "exact" or not len(queries):
-        return None
-    qb = spec.query_block
-    r = budget.router(spec)
-    return np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, len(queries), qb)])
-
-
 def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int) -> tuple:
     """The partial lists of queries ``q`` over one sub-store, ``width`` deep, in blocks of
     ``query_block``; ``kth``: each query's known lower bound of its final k-th best."""
@@ -189,7 +180,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                 own = np.asarray(budget.read_group(spec, g)[0])[r].astype(np.int32)
                 rev = listops.member(qi, added)
                 sweep.hold(q.nbytes)
-                probes = _probes(spec, q, own)
+                probes = budget.probes_of(spec, q, own)
                 best = _search(spec, search, st, q, qi, own, probes, np.full(r.size, -np.inf, np.float32), width)
                 sweep.hold(sum(x.nbytes for x in best))
                 if rev.any():
