@@ -137,14 +137,17 @@ def _reverse(store, q, qi, probes, n_cells: int, thresholds):
     return np.asarray(store.ids)[rows].astype(np.int64), qi[who].astype(np.int64), sc.astype(np.float32)
 
 
-def _bucket_of(ids: np.ndarray, n_buckets: int) -> np.ndarray:
-    return np.remainder(np.asarray(ids, np.int64), n_buckets)
+def _bucket_of(ids: np.ndarray, qids: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Merge buckets by rank among the night's sorted ``qids``: equal runs of ids, so no
+    bucket holds more than ``ceil(len(qids) / n_buckets)`` queries (a hash of ~1.5 queries a
+    bucket put three times that in some, past the budget the buckets are sized for)."""
+    return np.searchsorted(qids, ids) * n_buckets // max(1, len(qids))
 
 
-def _parts(spec: SearchSpec, qi: np.ndarray, best: tuple, q: np.ndarray | None, n_buckets: int):
+def _parts(spec: SearchSpec, qi: np.ndarray, best: tuple, q: np.ndarray | None, qids: np.ndarray, n_buckets: int):
     """A batch's partial lists as ``(PART, bucket, (ids, lists, vectors or None))`` records,
     one per merge bucket (the vectors ride along where the reduced first pass's finish needs them)."""
-    b = _bucket_of(qi, n_buckets)
+    b = _bucket_of(qi, qids, n_buckets)
     for u in np.unique(b):
         r = np.flatnonzero(b == u)
         yield PART, int(u), (qi[r], tuple(x[r] for x in best), None if q is None else q[r])
@@ -189,7 +192,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                     found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
                     if found is not None:
                         yield g, (REVERSE, g % n_buckets, found)
-                for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, n_buckets):
+                for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
                     yield g, (kind, bucket, payload)
                 kth = best[0][:, width - 1]
                 for h, rows in budget.visits_of(probes, first, last, n_groups, r.size).items():
@@ -202,7 +205,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     return fn
 
 
-def visit_task(spec: SearchSpec, thr_uri: str, n_buckets: int):
+def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
     """RDD partition function over one group's records (a partition per group): each
     ``VISIT`` batch searched in the group, and its added queries reverse-scanned there
     (the group and its thresholds read once, on the first batch that needs them). Yields
@@ -229,7 +232,7 @@ def visit_task(spec: SearchSpec, thr_uri: str, n_buckets: int):
                 found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
-            for kind_, bucket, part in _parts(spec, qi, best, None, n_buckets):
+            for kind_, bucket, part in _parts(spec, qi, best, None, qids_b.value, n_buckets):
                 yield bucket, (kind_, part)
             sweep.release(nbytes)
         if sweep is not None:
@@ -309,7 +312,7 @@ def search(sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: s
             sc.parallelize(range(n_groups), n_groups)
             .mapPartitions(home_task(spec, qids_b, added_b, thr_uri, n_buckets))
             .partitionBy(n_groups, lambda g: g)
-            .mapPartitions(visit_task(spec, thr_uri, n_buckets))
+            .mapPartitions(visit_task(spec, qids_b, thr_uri, n_buckets))
             .partitionBy(n_buckets, lambda b: b)
             .mapPartitionsWithIndex(merge_task(spec, out_dir, schema))
             .collect()

@@ -304,3 +304,15 @@ def test_a_budgeted_run_killed_mid_search_resumes_to_the_same_result(spark, tmp_
     a, b = _topk(spark, whole), _topk(spark, m)
     assert not b.duplicated(["image_id", "rank"]).any()
     assert (a["image_id"] == b["image_id"]).all() and (a["neighbor_id"] == b["neighbor_id"]).all()
+
+
+def test_the_nights_merge_buckets_are_equal_runs_of_ids():
+    """routed._bucket_of: every query in one bucket, and no bucket over ceil(n / buckets)
+    queries (the merge's memory is sized by that), whatever the ids."""
+    from cbir_lib.neighbors.routed import _bucket_of
+
+    qids = np.unique(np.random.default_rng(4).integers(-(2**62), 2**62, 110))
+    for n_buckets in (1, 2, 7, 73, 200):
+        b = _bucket_of(qids[::-1].copy(), qids, n_buckets)[::-1]
+        assert b.min() >= 0 and b.max() < n_buckets and np.all(np.diff(b) >= 0)
+        assert np.bincount(b).max() <= -(-qids.size // n_buckets)
