@@ -216,6 +216,22 @@ def spark_settings(spark) -> dict:
     return out
 
 
+def sweep_work(spark, table_uri: str) -> list[str]:
+    """Delete everything under ``<table>/_work/`` and return the names deleted.
+
+    For stages whose ``_work/`` holds only one run's resumable state (its searched
+    chunks, its store groups, auto's choice), called after the run returned, under the
+    table's lease: a run killed with one key and followed by a run with another (the
+    index moved on, a setting changed) left its state there for good, and in the
+    grouped layout that is a copy of the store (~100 GB at 100M x 256)."""
+    work = fs.join(table_uri, "_work")
+    names = fs.list_names(spark, work)
+    fs.delete(spark, work)
+    if names:
+        log.info("swept %d entries of %s: %s", len(names), work, ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""))
+    return names
+
+
 def _prune(spark, table_uri: str, keep: int, current: str) -> None:
     runs = [n[len("run=") :] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
     # Run ids are sortable timestamps or logical dates; keep the newest, always the current.

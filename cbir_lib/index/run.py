@@ -278,9 +278,12 @@ def run_build_index(spark, cfg: Config) -> dict:
 
     ``index.mode=incremental`` updates the latest index instead where it can
     (:mod:`cbir_lib.index.incremental`); where it cannot, the full build runs and its
-    manifest says why (``full_reason``)."""
+    manifest says why (``full_reason``). A run that returns sweeps ``index/_work/``
+    (:func:`~cbir_lib.common.tables.sweep_work`)."""
     with arrow_batch(spark, VECTOR_BATCH), restored(spark, READER_BATCH_KEY):
-        return _run_build_index(spark, cfg)
+        manifest = _run_build_index(spark, cfg)
+    tables.sweep_work(spark, index_table_uri(spark, cfg))
+    return manifest
 
 
 def _run_build_index(spark, cfg: Config) -> dict:

@@ -143,9 +143,14 @@ def check_compatible(index: dict, emb_manifest: dict | None, emb_run: str | None
 
 @lease.leased(TABLE, "neighbors")
 def run_neighbors(spark, cfg: Config) -> dict:
-    """Every image's top-k into ``<output_root>/neighbors/run=<id>/``; return the manifest."""
+    """Every image's top-k into ``<output_root>/neighbors/run=<id>/``; return the manifest.
+
+    A run that returns (committed, or a no-op) sweeps ``neighbors/_work/``: what is
+    there is resumable state of runs that will not resume (:func:`~cbir_lib.common.tables.sweep_work`)."""
     with arrow_batch(spark, VECTOR_BATCH):
-        return _run_neighbors(spark, cfg)
+        manifest = _run_neighbors(spark, cfg)
+    tables.sweep_work(spark, fs.join(fs.qualify(spark, cfg.run.output_root), TABLE))
+    return manifest
 
 
 def _run_neighbors(spark, cfg: Config) -> dict:

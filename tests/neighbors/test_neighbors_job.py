@@ -224,6 +224,36 @@ def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypat
     assert run_neighbors(spark, dataclasses.replace(cfg2, run=RunConfig(output_root=str(tmp_path), run_id="n2")))["noop"]
 
 
+def test_a_run_that_returns_sweeps_what_killed_runs_of_other_keys_left(spark, tmp_path, monkeypatch):
+    """A run killed under one key (here its chunk size) and never resumed left its chunks
+    under neighbors/_work/ (in the grouped layout, a copy of the store). The next run that
+    returns, under another key, deletes them; so does build_index with its own _work/."""
+    import cbir_lib.neighbors.run as search
+
+    x = clustered(1500, 16, seed=4)
+    ids = signed_ids(1500, seed=4)
+    write_embeddings(spark, str(tmp_path), ids, x, "e1")
+    stale = tmp_path / "index" / "_work" / "sample-old-0badc0de"
+    stale.mkdir(parents=True)
+    (stale / "part-00000.parquet").write_bytes(b"left by a killed build")
+    run_build_index(spark, config(tmp_path, "i1", {"n_cells": 12, "forests": False}))
+    assert not (tmp_path / "index" / "_work").exists()
+
+    killed = config(tmp_path, "n1", neighbors={"method": "dense", "nprobe": 3, "chunk_size": 400, "recall_sample": 100})
+    real_commit = search.tables.commit_dir
+    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        run_neighbors(spark, killed)
+    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
+    work = tmp_path / "neighbors" / "_work"
+    left = sorted(p.name for p in work.iterdir())
+    assert left and list(work.rglob("*.parquet")), left
+    other = dataclasses.replace(killed, neighbors=dataclasses.replace(killed.neighbors, chunk_size=500))
+    m = run_neighbors(spark, other)
+    assert m["searched_this_run"] == 1500, "another key: nothing of the killed run is reused"
+    assert not work.exists(), sorted(p.name for p in work.iterdir())
+
+
 def test_a_retried_auto_run_keeps_the_choice_of_the_killed_attempt(spark, tmp_path, monkeypatch):
     """auto chooses exact over dense, and the reduced pass over the full one, by measured
     seconds: near a boundary a retry could choose otherwise and write other lists. The
@@ -251,7 +281,7 @@ def test_a_retried_auto_run_keeps_the_choice_of_the_killed_attempt(spark, tmp_pa
     assert resumed["searched_this_run"] == 0
     if resumed["method"] == "dense":
         assert resumed["recall_at_k"] == pytest.approx(choice["verified"], abs=1e-5)
-    assert not [f for f in os.listdir(work) if f.startswith("auto-")], "the choice goes with the commit"
+    assert not os.path.exists(work), "the choice goes with the commit (and _work/ with the run)"
 
 
 def test_job_shells_run_under_python(spark, collection, tmp_path):
