@@ -132,6 +132,14 @@ def finish(spec: SearchSpec, best: tuple, queries: np.ndarray, k: int) -> tuple[
 
 _GROUPS: dict[tuple[str, int], tuple] = {}
 READS = [0]  # store groups this process read from storage (a visit to the cached one reads nothing)
+READ_S = [0.0]  # and the seconds those reads took (listing, Parquet decoding, the sort by position)
+
+
+def read_seconds() -> float:
+    """This process's seconds of group reads so far. Task closures call this (a module
+    function, pickled by reference) rather than name ``READ_S``, which cloudpickle would
+    copy into the closure."""
+    return READ_S[0]
 
 
 def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
@@ -146,6 +154,7 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
         return _GROUPS[key]
     _GROUPS.clear()
     READS[0] += 1
+    t0 = time.perf_counter()
     from cbir_lib.vectors.arrow import binary_to_numpy
 
     files = remote.Files(**spec.files)
@@ -170,6 +179,7 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
         xr = np.zeros((0, r), np.float32) if r else None
     if keep:
         _GROUPS[key] = (cells, ids, x, xr)
+    READ_S[0] += time.perf_counter() - t0
     return cells, ids, x, xr
 
 
@@ -548,10 +558,10 @@ def group_task(spec: SearchSpec, parts_uri: str, tmp_uri: str, plan: str, search
         limit_blas_threads(task_threads())
         files = remote.Files(**spec.files)
         for gq in groups:
-            t0 = time.time()
+            t0, read0 = time.time(), read_seconds()
             unit = shards.unit_name(plan, int(gq), "0" * 8)  # same content every run: resumable
             if shards.of_unit(remote.list_names(files, parts_uri), unit):
-                yield {"group": int(gq), "outcome": "already_committed", "held_bytes": 0, "seconds": 0.0, "queries": 0}
+                yield {"group": int(gq), "outcome": "already_committed", "held_bytes": 0, "seconds": 0.0, "read_s": 0.0, "queries": 0}
                 continue
             qids, vals, ids, held = search_group(spec, int(gq), search)
             table = pa.Table.from_batches([to_batch(qids, vals, ids)])
@@ -561,6 +571,7 @@ def group_task(spec: SearchSpec, parts_uri: str, tmp_uri: str, plan: str, search
                 "outcome": "committed",
                 "held_bytes": int(held),
                 "seconds": round(time.time() - t0, 3),
+                "read_s": round(read_seconds() - read0, 3),
                 "queries": int(len(qids)),
                 "pid": os.getpid(),
             }
@@ -678,20 +689,28 @@ def slots_per_executor(spark) -> int:
 
 def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int, groups_uri: str, tmp_uri: str) -> None:
     """The store as groups of ``rows_per_group`` consecutive rows in ``(cell, image_id)`` order:
-    ``groups_uri/group=<g>/`` with each row's global position ``pos``. Two shuffles of the
-    vectors, once per index and budget (kept under the run's ``_work/``)."""
+    ``groups_uri/group=<g>/`` with each row's global position ``pos``, once per index and
+    budget (kept under the run's ``_work/``).
+
+    One shuffle of the vectors: each row goes to the task of its cell's first group
+    (``g0``), which numbers its cells' rows by ``image_id`` (a window over ``(g0, cell)``,
+    which that partitioning already satisfies) and writes them to their groups: ``g0``,
+    and the next ones where a cell crosses a group's end. (A window over the cell, then a
+    shuffle by group, moved the vectors twice.)"""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from cbir_lib.common import fs
 
     starts = F.array(*[F.lit(int(o)) for o in offsets[:-1]])
+    first = F.array(*[F.lit(int(o) // rows_per_group) for o in offsets[:-1]])
+    n_groups = -(-int(offsets[-1]) // rows_per_group)
     store = spark.read.parquet(store_uri)
     store = store.select("cell", "image_id", "vector", *(["reduced"] if "reduced" in store.columns else []))
-    pos = F.element_at(starts, F.col("cell") + 1) + F.row_number().over(Window.partitionBy("cell").orderBy("image_id")) - 1
+    store = store.withColumn("g0", F.element_at(first, F.col("cell") + 1)).repartition(max(1, n_groups), "g0")
+    pos = F.element_at(starts, F.col("cell") + 1) + F.row_number().over(Window.partitionBy("g0", "cell").orderBy("image_id")) - 1
     grouped = store.withColumn("pos", pos.cast("long")).withColumn("group", (F.col("pos") / F.lit(rows_per_group)).cast("int"))
-    n_groups = -(-int(offsets[-1]) // rows_per_group)
-    grouped.repartition(max(1, n_groups), "group").write.mode("overwrite").partitionBy("group").parquet(tmp_uri)
+    grouped.drop("g0").write.mode("overwrite").partitionBy("group").parquet(tmp_uri)
     fs.rename(spark, tmp_uri, groups_uri)
 
 

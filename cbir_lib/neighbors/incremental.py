@@ -430,7 +430,10 @@ def run(
                 # Group-major (cbir_lib/neighbors/routed.py): each group read twice, whatever the slots.
                 qids = np.concatenate([added, refill]).astype(np.int64)
                 schema = L._arrow_schema(DELTA_SEARCH_DDL)
-                found, _, held, reads = routed.search(sc, spec, qids, added, thr_uri, tmp, schema, int(memory["budget_bytes"]), slots)
+                found, _, held, reads, spent = routed.search(
+                    sc, spec, qids, added, thr_uri, tmp, schema, int(memory["budget_bytes"]), slots
+                )
+                timings["search_tasks"] = spent
                 if found != qids.size:
                     raise RuntimeError("neighbors: an image of the index's delta is not in its store")
                 memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), held)

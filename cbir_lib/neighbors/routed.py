@@ -30,6 +30,7 @@ lists); the merge holds a bucket's partial lists, and the buckets are sized for 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
         n_groups = len(spec.bounds) - 1
         qids, added = qids_b.value, added_b.value
         for g in groups:
-            reads = budget.READS[0]
+            t0, reads, read0 = time.perf_counter(), budget.READS[0], budget.READ_S[0]
             sweep = budget.Sweep(spec)
             st = sweep.store(g)
             r = np.flatnonzero(listops.member(np.asarray(st.ids), qids))
@@ -200,7 +201,8 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                         batch = (qi[rows], q[rows], own[rows], None if probes is None else probes[rows], kth[rows], rev[rows])
                         yield h, (VISIT, h, batch)
             sweep.close()
-            yield g, (HELD, g % n_buckets, (int(sweep.held), budget.READS[0] - reads))
+            spent = ("home", time.perf_counter() - t0, budget.READ_S[0] - read0)
+            yield g, (HELD, g % n_buckets, (int(sweep.held), budget.READS[0] - reads, spent))
 
     return fn
 
@@ -212,6 +214,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
     ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them."""
 
     def fn(it):
+        t0, read0 = time.perf_counter(), budget.READ_S[0]
         files, search, width, n_cells = _task_setup(spec)
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
         for _, (kind, key, payload) in it:
@@ -237,7 +240,8 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             sweep.release(nbytes)
         if sweep is not None:
             sweep.close()
-            yield g % n_buckets, (HELD, (int(sweep.held), budget.READS[0] - reads))
+            spent = ("visit", time.perf_counter() - t0, budget.READ_S[0] - read0)
+            yield g % n_buckets, (HELD, (int(sweep.held), budget.READS[0] - reads, spent))
 
     return fn
 
@@ -247,16 +251,23 @@ def merge_task(spec: SearchSpec, out_dir: str, schema):
     payload))`` records: each query's partial lists merged by ``(-score, id)`` into its
     top-k, written with the bucket's reverse pairs as ``out_dir/part-<bucket>.parquet``.
     Yields ``(queries merged, rows written, largest bytes a task held (this one, or a search
-    task whose record came here), store groups the search tasks read)``."""
+    task whose record came here), store groups the search tasks read, seconds spent)``:
+    ``{"home_s", "visit_s", "merge_s", "read_s"}``, the seconds the search tasks whose
+    records came here ran, this task's, and the search tasks' seconds reading groups."""
 
     def fn(index, it):
         import pyarrow as pa
 
+        t0 = time.perf_counter()
         width = budget.shortlist_width(spec, int(spec.k))
         qis, parts, vecs, pairs, held, reads = [], [], {}, [], 0, 0
+        spent = {"home_s": 0.0, "visit_s": 0.0, "merge_s": 0.0, "read_s": 0.0}
         for _, (kind, payload) in it:
             if kind == HELD:
                 held, reads = max(held, payload[0]), reads + payload[1]
+                phase, task_s, read_s = payload[2]
+                spent[f"{phase}_s"] += task_s
+                spent["read_s"] += read_s
             elif kind == REVERSE:
                 pairs.append(payload)
             else:
@@ -290,7 +301,8 @@ def merge_task(spec: SearchSpec, out_dir: str, schema):
         if batches:
             table = pa.Table.from_batches(batches, schema=schema)
             remote.write_parquet(remote.Files(**spec.files), table, f"{out_dir}/part-{index:05d}.parquet")
-        yield n_merged, n_rows, held, reads
+        spent["merge_s"] = time.perf_counter() - t0
+        yield n_merged, n_rows, held, reads, spent
 
     return fn
 
@@ -299,8 +311,10 @@ def search(sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: s
     """The night's searches (``qids``: the added and refilled lists) and the added images'
     reverse scans in the grouped layout, group-major (this module's docstring), written as
     Parquet files of ``DELTA_SEARCH_DDL`` rows under ``out_dir``: ``(queries searched,
-    rows written, largest bytes a task held, store groups read)``. The driver holds no
-    query vector."""
+    rows written, largest bytes a task held, store groups read, seconds)``, the last the
+    tasks' seconds summed by phase (``home_s``, ``visit_s``, ``merge_s``) and the search
+    tasks' seconds reading groups (``read_s``): cluster time, which the wall time divides
+    by the slots. The driver holds no query vector."""
     n_groups = len(spec.bounds) - 1
     n_buckets = buckets_for(int(qids.size), spec, budget_bytes, slots)
     qids_b = sc.broadcast(np.unique(np.asarray(qids, np.int64)))
@@ -320,4 +334,5 @@ def search(sc, spec: SearchSpec, qids: np.ndarray, added: np.ndarray, thr_uri: s
     finally:
         qids_b.unpersist()
         added_b.unpersist()
-    return sum(m[0] for m in merged), sum(m[1] for m in merged), max([m[2] for m in merged] or [0]), sum(m[3] for m in merged)
+    spent = {key: round(sum(m[4][key] for m in merged), 3) for key in ("home_s", "visit_s", "merge_s", "read_s")}
+    return sum(m[0] for m in merged), sum(m[1] for m in merged), max([m[2] for m in merged] or [0]), sum(m[3] for m in merged), spent

@@ -424,9 +424,10 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     searched = 0
     if grouped:
         with timer(f"{method} search of {n} queries in {len(spec.bounds) - 1} groups") as t:
-            searched, held = _grouped_search(sc, spec, parts_dir, fs.join(work_dir, "_tmp"), work_key[:8])
+            searched, held, spent = _grouped_search(sc, spec, parts_dir, fs.join(work_dir, "_tmp"), work_key[:8])
         memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
         timings["search_s"] = round(t["seconds"], 3)
+        timings["search_tasks"] = spent
     with timer(f"{method} search of {n} queries in {len(chunks)} chunks") as t:
         for lo, hi in chunks:
             name = f"rows-{lo:012d}-{hi:012d}"
@@ -666,8 +667,10 @@ def _grouped_spec(
     )
 
 
-def _grouped_search(sc, spec: SearchSpec, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int]:
-    """One task per query group (each commits its own part); returns (queries searched, largest bytes held)."""
+def _grouped_search(sc, spec: SearchSpec, parts_dir: str, tmp_dir: str, plan: str) -> tuple[int, int, dict]:
+    """One task per query group (each commits its own part); returns (queries searched,
+    largest bytes held, ``{"task_s", "read_s"}``: the seconds the tasks ran and read store
+    groups, summed over the tasks: cluster time, which the wall time divides by the slots)."""
     n_groups = len(spec.bounds) - 1
     stats = (
         sc.parallelize(range(n_groups), n_groups)
@@ -675,7 +678,12 @@ def _grouped_search(sc, spec: SearchSpec, parts_dir: str, tmp_dir: str, plan: st
         .collect()
     )
     committed = [s for s in stats if s["outcome"] == "committed"]
-    return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0)
+    spent = {key: round(sum(s[key] for s in committed), 3) for key in ("seconds", "read_s")}
+    return (
+        sum(s["queries"] for s in committed),
+        max([s["held_bytes"] for s in committed], default=0),
+        {"task_s": spent["seconds"], "read_s": spent["read_s"]},
+    )
 
 
 def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: SearchSpec) -> None:

@@ -97,6 +97,8 @@ def test_a_budget_smaller_than_the_store_gives_the_same_top_k(spark, tmp_path, m
     mem = small["memory"]
     assert mem["store_bytes"] > mem["budget_bytes"] and mem["groups"] >= 4
     assert 0 < mem["max_held_bytes"] <= mem["budget_bytes"]  # measured, per task
+    spent = small["timings"]["search_tasks"]  # the tasks' seconds, summed: cluster time
+    assert 0 < spent["read_s"] < spent["task_s"], spent
     a, b = _topk(spark, whole), _topk(spark, small)
     assert len(a) == len(b) == n * 10
     assert (a["image_id"] == b["image_id"]).all() and (a["neighbor_id"] == b["neighbor_id"]).all()

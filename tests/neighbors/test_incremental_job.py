@@ -180,6 +180,8 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     assert g["layout"] == "groups" and g["groups"] > 2 and 0 < g["max_held_bytes"] <= g["budget_bytes"], g
     # Group-major (neighbors/routed.py): each group read at most twice by the night's search.
     assert 0 < g["search_group_reads"] <= 2 * g["groups"], g
+    spent = got["groups"]["timings"]["search_tasks"]  # by phase, summed over the tasks
+    assert min(spent["home_s"], spent["visit_s"], spent["merge_s"]) > 0 and 0 < spent["read_s"] < spent["home_s"] + spent["visit_s"], spent
     # The night's groups, its searches and every other run's leftovers go after its commit.
     assert not (c / "neighbors" / "_work").exists()
     # The index: the same store rows, delta and counts.
