@@ -153,10 +153,12 @@ def _delta_search(spec: SearchSpec):
 
 
 def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np.ndarray:
-    """The cells a query's own search probes (every cell for exact search)."""
+    """The cells an added image's reverse scan visits: ``REVERSE_PROBES`` x the cells its own
+    search probes (:meth:`~cbir_lib.neighbors.spec.SearchSpec.reverse_spec`; every cell for
+    exact search)."""
     if spec.method == "exact":
         return np.tile(np.arange(store.n_cells, dtype=np.int32), (len(queries), 1))
-    return store.route(queries, spec.nprobe, own)
+    return store.route(queries, spec.reverse_spec().nprobe, own)
 
 
 _THRESHOLDS: dict[str, np.ndarray] = {}

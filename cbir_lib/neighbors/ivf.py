@@ -137,13 +137,16 @@ class CellStore:
         return np.take_along_axis(cand, order, axis=1).astype(np.int32)
 
     def cell_graph(self, pool: int) -> np.ndarray:
-        """``(P, pool)``: each centroid's ``pool`` nearest centroids, itself first (cached)."""
-        cached = getattr(self, "_graph", None)
-        if cached is not None and cached.shape[1] == pool:
-            return cached
-        assert self.centroids is not None, "hash cells have no centroid graph"
-        self._graph = assign(self.centroids, self.centroids, self.metric, pool)
-        return self._graph
+        """``(P, pool)``: each centroid's ``pool`` nearest centroids, itself first (cached per
+        pool: a night routes its searches and its wider reverse scans in turn)."""
+        graphs: dict[int, np.ndarray] | None = getattr(self, "_graphs", None)
+        if graphs is None:
+            graphs = {}
+            self._graphs = graphs
+        if pool not in graphs:
+            assert self.centroids is not None, "hash cells have no centroid graph"
+            graphs[pool] = assign(self.centroids, self.centroids, self.metric, pool)
+        return graphs[pool]
 
     def cells_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """The cell of each store row."""

@@ -164,9 +164,10 @@ def _task_setup(spec: SearchSpec) -> tuple:
 def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     """RDD partition function over group numbers: each group's own night queries, searched
     and reverse-scanned in it, then sent on. Yields ``(group, (VISIT, group, batch))`` for
-    every other group a query probes (``batch``: ids, vectors, own cells, probes, k-th
-    bounds, reverse flags), and ``(own group, (PART | REVERSE | HELD, bucket, payload))``
-    records, which the visits pass on to the merge."""
+    every other group a query's search probes or an added query's wider reverse scan
+    visits (``batch``: ids, vectors, own cells, probes, k-th bounds, which rows to scan
+    there, their reverse-scan cells, which rows to search there), and ``(own group, (PART |
+    REVERSE | HELD, bucket, payload))`` records, which the visits pass on to the merge."""
 
     def fn(groups):
         files, search, width, n_cells = _task_setup(spec)
@@ -185,21 +186,50 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                 rev = listops.member(qi, added)
                 sweep.hold(q.nbytes)
                 probes = budget.probes_of(spec, q, own)
+                # The added images' reverse scans visit more cells than their searches
+                # (SearchSpec.reverse_spec); a row of a non-added query is never read.
+                rprobes = None
+                if probes is not None and rev.any():
+                    wide = budget.probes_of(spec.reverse_spec(), q[rev], own[rev])
+                    rprobes = np.zeros((r.size, wide.shape[1]), np.int32)
+                    rprobes[rev] = wide
+                    sweep.hold(rprobes.nbytes)
                 best = _search(spec, search, st, q, qi, own, probes, np.full(r.size, -np.inf, np.float32), width)
                 sweep.hold(sum(x.nbytes for x in best))
                 if rev.any():
                     thr = group_thresholds(files, thr_uri, g, st)
                     sweep.hold(thr.nbytes)
-                    found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
+                    found = _reverse(st, q[rev], qi[rev], None if rprobes is None else rprobes[rev], n_cells, thr)
                     if found is not None:
                         yield g, (REVERSE, g % n_buckets, found)
                 for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
                     yield g, (kind, bucket, payload)
                 kth = best[0][:, width - 1]
-                for h, rows in budget.visits_of(probes, first, last, n_groups, r.size).items():
-                    if h != g:
-                        batch = (qi[rows], q[rows], own[rows], None if probes is None else probes[rows], kth[rows], rev[rows])
-                        yield h, (VISIT, h, batch)
+                searches = budget.visits_of(probes, first, last, n_groups, r.size)
+                at_rev = np.flatnonzero(rev)
+                if rprobes is not None:
+                    scans = budget.visits_of(rprobes[rev], first, last, n_groups, at_rev.size)
+                else:  # every cell searched (exact): every group searched is scanned too
+                    scans = {h: np.arange(at_rev.size) for h in searches} if at_rev.size else {}
+                for h in sorted(set(searches) | set(scans)):
+                    if h == g:
+                        continue
+                    fwd = np.zeros(r.size, bool)
+                    fwd[searches.get(h, np.zeros(0, np.int64))] = True
+                    wide_rows = np.zeros(r.size, bool)
+                    wide_rows[at_rev[scans.get(h, np.zeros(0, np.int64))]] = True
+                    rows = np.flatnonzero(fwd | wide_rows)
+                    batch = (
+                        qi[rows],
+                        q[rows],
+                        own[rows],
+                        None if probes is None else probes[rows],
+                        kth[rows],
+                        wide_rows[rows],
+                        None if rprobes is None else rprobes[rows],
+                        fwd[rows],
+                    )
+                    yield h, (VISIT, h, batch)
             sweep.close()
             spent = ("home", time.perf_counter() - t0, budget.READ_S[0] - read0)
             yield g, (HELD, g % n_buckets, (int(sweep.held), budget.READS[0] - reads, spent))
@@ -221,22 +251,24 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             if kind != VISIT:
                 yield key, (kind, payload)
                 continue
-            qi, q, own, probes, kth, rev = payload
+            qi, q, own, probes, kth, rev, rprobes, fwd = payload
             if st is None:
                 sweep, g = budget.Sweep(spec), key
                 st = sweep.store(g)
-            nbytes = q.nbytes + (probes.nbytes if probes is not None else 0)
+            nbytes = q.nbytes + sum(p.nbytes for p in (probes, rprobes) if p is not None)
             sweep.hold(nbytes)
-            best = _search(spec, search, st, q, qi, own, probes, kth, width)
-            if rev.any():
+            if rev.any():  # the rows sent for their reverse scan here
                 if thr is None:
                     thr = group_thresholds(files, thr_uri, g, st)
                     sweep.hold(thr.nbytes)
-                found = _reverse(st, q[rev], qi[rev], None if probes is None else probes[rev], n_cells, thr)
+                found = _reverse(st, q[rev], qi[rev], None if rprobes is None else rprobes[rev], n_cells, thr)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
-            for kind_, bucket, part in _parts(spec, qi, best, None, qids_b.value, n_buckets):
-                yield bucket, (kind_, part)
+            if fwd.any():  # the rows sent for their search here
+                f = np.flatnonzero(fwd) if not fwd.all() else slice(None)
+                best = _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width)
+                for kind_, bucket, part in _parts(spec, qi[f], best, None, qids_b.value, n_buckets):
+                    yield bucket, (kind_, part)
             sweep.release(nbytes)
         if sweep is not None:
             sweep.close()

@@ -11,6 +11,7 @@ missing keys surfaced only as a ``KeyError`` inside a task.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +25,10 @@ T = TypeVar("T")
 # (ivf.SUB_BLOCK). One thread at 1M x 256, nprobe 36: 15.6-16.7 s -> 14.3 s per 100k queries.
 DENSE_STEP_ROWS = 16384
 DENSE_STEP_FLOATS = 4 << 20
+
+# An incremental night's reverse scans probe this many times the search's nprobe cells
+# (SearchSpec.reverse_spec).
+REVERSE_PROBES = 1.25
 
 
 @dataclass
@@ -78,6 +83,14 @@ class SearchSpec:
         if self.method == "dense" and not self.expand:
             return max(self.query_block, min(DENSE_STEP_ROWS, DENSE_STEP_FLOATS // max(1, self.dim)))
         return self.query_block
+
+    def reverse_spec(self) -> SearchSpec:
+        """The spec of an incremental night's reverse scans: :data:`REVERSE_PROBES` x
+        ``nprobe`` cells (at most every cell). A new image reaches an old one through the
+        cells the *new* one probes (at most every cell), while the old one's own search
+        would probe from its side; on a 1M night at ``nprobe`` 36 the new image's 36 cells reached 0.947 of the
+        exact (old, new) pairs against 0.971 from the old side, and 45 cells reached 0.971."""
+        return self.with_(nprobe=math.ceil(REVERSE_PROBES * self.nprobe))  # routing caps it at the cells
 
     def with_(self, **changes: Any) -> SearchSpec:
         """A copy with ``changes`` (unknown field names raise ``TypeError``)."""

@@ -157,7 +157,8 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     _changes/, row for row, and the same counts in the manifest."""
     rng = np.random.default_rng(5)
     ids, x = signed_ids(2000, seed=11), clustered(2060, 16, seed=11)
-    opts = {"exact_max_n": 0, "recall_sample": 200, "reserve": 2}
+    # dense at a fixed nprobe: auto may choose exact search on 2,000 images by measured seconds.
+    opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2}
     a, b, c = tmp_path / "driver", tmp_path / "executors", tmp_path / "groups"
     night(spark, a, "d1", ids, x[:2000], neighbors=opts)
     shutil.copytree(a, b)
@@ -200,6 +201,47 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
         for sub in ("", "/_reserve", "/_changes"):
             rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
             assert rows[0] == rows[1] and rows[0], sub
+    # One pair of this night lies beyond the search's nprobe cells: only the widening reaches it.
+    # Pairs of this night lie beyond the search's 3 cells (14 of them): only the widening reaches those.
+    assert reverse_reach(spark, built["driver"], da, ids2, x2) >= 1
+
+
+def reverse_reach(spark, im, nm, ids, x, k=10):
+    """Every old list whose exact top-k now holds an added image, where the old image's
+    cell is among the added image's reverse-scan cells (REVERSE_PROBES x nprobe, nearest
+    first), holds it: the scan over the wider cells is exact. Returns how many such pairs
+    lay beyond the search's own nprobe cells (reached only by the widening)."""
+    import io
+    import math
+
+    from cbir_lib.common import fs
+    from cbir_lib.neighbors.spec import REVERSE_PROBES
+
+    store = spark.read.parquet(im["output"] + "/store").select("image_id", "cell").toPandas()
+    cell_of = dict(zip(store.image_id.tolist(), store.cell.tolist(), strict=True))
+    centroids = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(im["output"], im["centroids"]["file"]))))
+    delta = spark.read.parquet(im["output"] + "/delta").toPandas()
+    added = set(delta[delta.kind == "added"].image_id.tolist())
+    refilled = changes_of(spark, nm).get("refilled", set())
+    got_v, got_i = read_topk(spark, nm["output"], ids, k)
+    xn = prepare(x, "angular")
+    sims = xn @ xn.T
+    np.fill_diagonal(sims, -np.inf)
+    kth = np.sort(sims, axis=1)[:, -k]
+    wide = math.ceil(REVERSE_PROBES * nm["nprobe"])
+    old = [o for o in np.flatnonzero(~np.isin(ids, list(added))) if ids[o] not in refilled]
+    reached = beyond = 0
+    for j in np.flatnonzero(np.isin(ids, list(added))):
+        cells = np.argsort(-(centroids @ xn[j]), kind="stable")[:wide]
+        for o in old:
+            if cell_of[int(ids[o])] not in cells:
+                continue
+            if sims[o, j] > kth[o] + 1e-5:  # strictly inside o's exact top-k
+                assert ids[j] in got_i[o], (ids[o], ids[j])
+                reached += 1
+                beyond += cell_of[int(ids[o])] not in cells[: nm["nprobe"]]
+    assert reached > 0
+    return beyond
 
 
 @pytest.mark.parametrize("where", ["driver", "executors"])
