@@ -193,9 +193,20 @@ def test_hash_cells_with_empty_cells_are_exact(spark, tmp_path):
         np.testing.assert_array_equal(got_i, want_i)
 
 
-def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypatch):
+def killed_before_commit(spark, cfg, monkeypatch) -> None:
+    """``run_neighbors(cfg)`` killed after its search, before its commit (the commit raises)."""
     import cbir_lib.neighbors.run as search
 
+    real_commit = search.tables.commit_dir
+    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_neighbors(spark, cfg)
+    finally:
+        monkeypatch.setattr(search.tables, "commit_dir", real_commit)
+
+
+def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypatch):
     x = clustered(3000, 16, seed=3)
     ids = signed_ids(3000, seed=3)
     write_embeddings(spark, str(tmp_path), ids, x, "e1")
@@ -204,11 +215,7 @@ def test_rerun_is_idempotent_and_a_killed_run_resumes(spark, tmp_path, monkeypat
     cfg = config(tmp_path, "n1", neighbors={"method": "dense", "nprobe": 4, "chunk_size": 700, "recall_sample": 200})
 
     # Killed after the search, before the commit: every chunk is already under _work/.
-    real_commit = search.tables.commit_dir
-    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
-    with pytest.raises(KeyboardInterrupt):
-        run_neighbors(spark, cfg)
-    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
+    killed_before_commit(spark, cfg, monkeypatch)
     resumed = run_neighbors(spark, cfg)
     assert resumed["searched_this_run"] == 0, "no chunk is searched twice"
     first = spark.read.parquet(resumed["output"]).orderBy("image_id", "rank").toPandas()
@@ -228,7 +235,6 @@ def test_a_run_that_returns_sweeps_what_killed_runs_of_other_keys_left(spark, tm
     """A run killed under one key (here its chunk size) and never resumed left its chunks
     under neighbors/_work/ (in the grouped layout, a copy of the store). The next run that
     returns, under another key, deletes them; so does build_index with its own _work/."""
-    import cbir_lib.neighbors.run as search
 
     x = clustered(1500, 16, seed=4)
     ids = signed_ids(1500, seed=4)
@@ -240,11 +246,7 @@ def test_a_run_that_returns_sweeps_what_killed_runs_of_other_keys_left(spark, tm
     assert not (tmp_path / "index" / "_work").exists()
 
     killed = config(tmp_path, "n1", neighbors={"method": "dense", "nprobe": 3, "chunk_size": 400, "recall_sample": 100})
-    real_commit = search.tables.commit_dir
-    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
-    with pytest.raises(KeyboardInterrupt):
-        run_neighbors(spark, killed)
-    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
+    killed_before_commit(spark, killed, monkeypatch)
     work = tmp_path / "neighbors" / "_work"
     left = sorted(p.name for p in work.iterdir())
     assert left and list(work.rglob("*.parquet")), left
@@ -262,10 +264,7 @@ def test_a_retried_auto_run_keeps_the_choice_of_the_killed_attempt(spark, tmp_pa
 
     indexed_collection(spark, tmp_path)
     cfg = config(tmp_path, "n1", neighbors={"method": "auto", "exact_max_n": 1000, "nprobe": 1, "min_recall": 0.9, "recall_sample": 300})
-    real_commit = search.tables.commit_dir
-    monkeypatch.setattr(search.tables, "commit_dir", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
-    with pytest.raises(KeyboardInterrupt):
-        run_neighbors(spark, cfg)
+    killed_before_commit(spark, cfg, monkeypatch)
     work = os.path.join(str(tmp_path), "neighbors", "_work")
     kept = [f for f in os.listdir(work) if f.startswith("auto-")]
     assert len(kept) == 1
@@ -274,7 +273,6 @@ def test_a_retried_auto_run_keeps_the_choice_of_the_killed_attempt(spark, tmp_pa
     assert choice["steps"] and choice["verified"] is not None
 
     # The retry's own measurements would say otherwise: it must not ask them.
-    monkeypatch.setattr(search.tables, "commit_dir", real_commit)
     monkeypatch.setattr(search, "choose", lambda *a, **k: pytest.fail("the retry calibrated again"))
     resumed = run_neighbors(spark, cfg)
     assert (resumed["method"], resumed["nprobe"], resumed["calibration"]) == (choice["method"], choice["nprobe"], choice["steps"])
