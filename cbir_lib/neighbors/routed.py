@@ -166,7 +166,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     and reverse-scanned in it, then sent on. Yields ``(group, (VISIT, group, batch))`` for
     every other group a query's search probes or an added query's wider reverse scan
     visits (``batch``: ids, vectors, own cells, probes, k-th bounds, which rows to scan
-    there, their reverse-scan cells, which rows to search there), and ``(own group, (PART |
+    there, the reverse-scan cells of those rows only, which rows to search there), and ``(own group, (PART |
     REVERSE | HELD, bucket, payload))`` records, which the visits pass on to the merge."""
 
     def fn(groups):
@@ -175,7 +175,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
         n_groups = len(spec.bounds) - 1
         qids, added = qids_b.value, added_b.value
         for g in groups:
-            t0, reads, read0 = time.perf_counter(), budget.READS[0], budget.READ_S[0]
+            t0, reads, read0 = time.perf_counter(), budget.READS[0], budget.read_seconds()
             sweep = budget.Sweep(spec)
             st = sweep.store(g)
             r = np.flatnonzero(listops.member(np.asarray(st.ids), qids))
@@ -187,19 +187,16 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                 sweep.hold(q.nbytes)
                 probes = budget.probes_of(spec, q, own)
                 # The added images' reverse scans visit more cells than their searches
-                # (SearchSpec.reverse_spec); a row of a non-added query is never read.
-                rprobes = None
-                if probes is not None and rev.any():
-                    wide = budget.probes_of(spec.reverse_spec(), q[rev], own[rev])
-                    rprobes = np.zeros((r.size, wide.shape[1]), np.int32)
-                    rprobes[rev] = wide
-                    sweep.hold(rprobes.nbytes)
+                # (SearchSpec.reverse_spec): one row per added query, in ``rev``'s order.
+                wide = budget.probes_of(spec.reverse_spec(), q[rev], own[rev]) if probes is not None and rev.any() else None
+                if wide is not None:
+                    sweep.hold(wide.nbytes)
                 best = _search(spec, search, st, q, qi, own, probes, np.full(r.size, -np.inf, np.float32), width)
                 sweep.hold(sum(x.nbytes for x in best))
                 if rev.any():
                     thr = group_thresholds(files, thr_uri, g, st)
                     sweep.hold(thr.nbytes)
-                    found = _reverse(st, q[rev], qi[rev], None if rprobes is None else rprobes[rev], n_cells, thr)
+                    found = _reverse(st, q[rev], qi[rev], wide, n_cells, thr)
                     if found is not None:
                         yield g, (REVERSE, g % n_buckets, found)
                 for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
@@ -207,31 +204,32 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                 kth = best[0][:, width - 1]
                 searches = budget.visits_of(probes, first, last, n_groups, r.size)
                 at_rev = np.flatnonzero(rev)
-                if rprobes is not None:
-                    scans = budget.visits_of(rprobes[rev], first, last, n_groups, at_rev.size)
+                if wide is not None:
+                    scans = budget.visits_of(wide, first, last, n_groups, at_rev.size)
                 else:  # every cell searched (exact): every group searched is scanned too
                     scans = {h: np.arange(at_rev.size) for h in searches} if at_rev.size else {}
                 for h in sorted(set(searches) | set(scans)):
                     if h == g:
                         continue
+                    scanned = scans.get(h, np.zeros(0, np.int64))  # ascending, as at_rev[scanned] is
                     fwd = np.zeros(r.size, bool)
                     fwd[searches.get(h, np.zeros(0, np.int64))] = True
-                    wide_rows = np.zeros(r.size, bool)
-                    wide_rows[at_rev[scans.get(h, np.zeros(0, np.int64))]] = True
-                    rows = np.flatnonzero(fwd | wide_rows)
+                    scan = np.zeros(r.size, bool)
+                    scan[at_rev[scanned]] = True
+                    rows = np.flatnonzero(fwd | scan)
                     batch = (
                         qi[rows],
                         q[rows],
                         own[rows],
                         None if probes is None else probes[rows],
                         kth[rows],
-                        wide_rows[rows],
-                        None if rprobes is None else rprobes[rows],
+                        scan[rows],
+                        None if wide is None else wide[scanned],  # the scanned rows' cells, in their order
                         fwd[rows],
                     )
                     yield h, (VISIT, h, batch)
             sweep.close()
-            spent = ("home", time.perf_counter() - t0, budget.READ_S[0] - read0)
+            spent = ("home", time.perf_counter() - t0, budget.read_seconds() - read0)
             yield g, (HELD, g % n_buckets, (int(sweep.held), budget.READS[0] - reads, spent))
 
     return fn
@@ -244,7 +242,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
     ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them."""
 
     def fn(it):
-        t0, read0 = time.perf_counter(), budget.READ_S[0]
+        t0, read0 = time.perf_counter(), budget.read_seconds()
         files, search, width, n_cells = _task_setup(spec)
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
         for _, (kind, key, payload) in it:
@@ -261,7 +259,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
                 if thr is None:
                     thr = group_thresholds(files, thr_uri, g, st)
                     sweep.hold(thr.nbytes)
-                found = _reverse(st, q[rev], qi[rev], None if rprobes is None else rprobes[rev], n_cells, thr)
+                found = _reverse(st, q[rev], qi[rev], rprobes, n_cells, thr)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
             if fwd.any():  # the rows sent for their search here
@@ -272,7 +270,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             sweep.release(nbytes)
         if sweep is not None:
             sweep.close()
-            spent = ("visit", time.perf_counter() - t0, budget.READ_S[0] - read0)
+            spent = ("visit", time.perf_counter() - t0, budget.read_seconds() - read0)
             yield g % n_buckets, (HELD, (int(sweep.held), budget.READS[0] - reads, spent))
 
     return fn

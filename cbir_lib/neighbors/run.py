@@ -678,12 +678,8 @@ def _grouped_search(sc, spec: SearchSpec, parts_dir: str, tmp_dir: str, plan: st
         .collect()
     )
     committed = [s for s in stats if s["outcome"] == "committed"]
-    spent = {key: round(sum(s[key] for s in committed), 3) for key in ("seconds", "read_s")}
-    return (
-        sum(s["queries"] for s in committed),
-        max([s["held_bytes"] for s in committed], default=0),
-        {"task_s": spent["seconds"], "read_s": spent["read_s"]},
-    )
+    spent = {"task_s": round(sum(s["seconds"] for s in committed), 3), "read_s": round(sum(s["read_s"] for s in committed), 3)}
+    return sum(s["queries"] for s in committed), max([s["held_bytes"] for s in committed], default=0), spent
 
 
 def _write_ranges(spark, sc, fn, units: list[tuple[int, int]], ddl: str, out_dir: str, tmp_root: str, spec: SearchSpec) -> None:

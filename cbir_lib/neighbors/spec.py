@@ -87,8 +87,8 @@ class SearchSpec:
     def reverse_spec(self) -> SearchSpec:
         """The spec of an incremental night's reverse scans: :data:`REVERSE_PROBES` x
         ``nprobe`` cells (at most every cell). A new image reaches an old one through the
-        cells the *new* one probes (at most every cell), while the old one's own search
-        would probe from its side; on a 1M night at ``nprobe`` 36 the new image's 36 cells reached 0.947 of the
+        cells the *new* one probes, while the old one's own search would probe from its
+        side; on a 1M night at ``nprobe`` 36 the new image's 36 cells reached 0.947 of the
         exact (old, new) pairs against 0.971 from the old side, and 45 cells reached 0.971."""
         return self.with_(nprobe=math.ceil(REVERSE_PROBES * self.nprobe))  # routing caps it at the cells
 
