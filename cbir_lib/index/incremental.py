@@ -36,6 +36,7 @@ from cbir_lib.common.lineage import timer
 from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
+    RAW_COLUMNS,
     REDUCTION,
     STORE,
     STORE_DDL,
@@ -64,6 +65,10 @@ DELTA = "delta"
 # Rows copied at a time into the new store (a bounded temporary: 16 MB at 256-d).
 _COPY_ROWS = 16_384
 DELTA_DDL = "image_id long, kind string, cell int"
+# The night's added store rows (the store's columns), kept with the run: a neighbours night
+# on a kept group layout reads the rows added since it from the chain of runs' added/
+# (cbir_lib/neighbors/layered.py) instead of the whole store.
+ADDED = "added"
 
 
 DRIFT_MIN_ADDED = 100
@@ -486,7 +491,10 @@ def try_incremental(
                 new_store = kept if added_store is None else kept.unionByName(spark.read.parquet(fs.join(tmp, "_added")))
                 new_store.write.mode("overwrite").options(**STORE_WRITE_OPTIONS).parquet(fs.join(tmp, STORE))
         timings["store_s"] = round(t["seconds"], 3)
-        fs.delete(spark, fs.join(tmp, "_added"))
+        if added_store is not None:
+            fs.rename(spark, fs.join(tmp, "_added"), fs.join(tmp, ADDED))
+        elif added_table is not None and added_table.num_rows:
+            remote.write_parquet(files, added_table, fs.join(tmp, ADDED, "part-00000.parquet"), raw=RAW_COLUMNS)
         # Spark reads the written store back only where it counts it or builds forests from it.
         written = spark.read.parquet(fs.join(tmp, STORE)) if not on_driver or prev.get("forests") else None
         if not on_driver:
@@ -528,6 +536,7 @@ def try_incremental(
             remote.write_parquet(files, delta, fs.join(tmp, DELTA, "part-00000.parquet"))
         else:
             columns_frame(spark, delta_cols, DELTA_DDL).coalesce(1).write.mode("overwrite").parquet(fs.join(tmp, DELTA))
+        manifest["added"] = ADDED if added_ids.size else None
         manifest["delta_counts"] = {
             "added": int(added_ids.size),
             "removed": int(removed_ids.size),

@@ -52,6 +52,52 @@ from cbir_lib.vectors.topk import empty, empty_shortlist, select
 
 ROW_OVERHEAD = 8 + 4 + 8  # id, cell and position beside each vector
 
+# A grouped run's groups are kept after it, under the table's _groups/, for the nights on
+# it (cbir_lib/neighbors/layered.py): the latest committed run's, and no other. They are
+# written KEPT_FILL of the budget full, so a night may add 1 / KEPT_FILL - 1 (11 %) to a
+# group before its groups are written afresh.
+KEPT_GROUPS = "_groups"
+KEPT_FILL = 0.9
+KEPT_OFFSETS = "_offsets.npy"  # beside the groups: the cell offsets of the store they hold
+KEPT_DELTA = "_delta"  # under the groups: each night's delta on them (cbir_lib/neighbors/incremental.py)
+
+
+def kept_record(spec: SearchSpec, index_run_id: str, index_commit) -> dict:
+    """The manifest's ``kept_groups``: the groups a grouped run wrote, kept for the nights."""
+    return {
+        "uri": spec.groups_uri,
+        "index_run_id": index_run_id,
+        "index_commit": index_commit,
+        # The index run whose store the groups and the delta hold (a night's, after it).
+        "at_index_run_id": index_run_id,
+        "at_index_commit": index_commit,
+        "delta_uri": None,
+        "rows": int(spec.group_rows),
+        "n": int(spec.bounds[-1]),
+        "reduced_dim": int(spec.reduced_dim),
+    }
+
+
+def prune_kept(spark, table: str, manifest: dict | None) -> None:
+    """Delete every kept group layout but the one the committed snapshot names (a run killed
+    after writing its groups left them; a later run on another index wrote others)."""
+    from cbir_lib.common import fs
+
+    kept = (manifest or {}).get("kept_groups") or {}
+    where = fs.join(table, KEPT_GROUPS)
+    for name in fs.list_names(spark, where):
+        if not kept or name != _name(kept["uri"]):
+            fs.delete(spark, fs.join(where, name))
+    if kept:
+        deltas = fs.join(kept["uri"], KEPT_DELTA)
+        for name in fs.list_names(spark, deltas):
+            if name != _name(kept.get("delta_uri") or ""):
+                fs.delete(spark, fs.join(deltas, name))
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
 
 def group_rows(n: int, dim: int, group_bytes: int, min_groups: int = 1) -> int:
     """Rows per group: at most ``group_bytes`` of store each, and at least ``min_groups`` groups."""
@@ -149,7 +195,7 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
     the cached one is dropped *before* another is read, so a task never holds two store groups
     at once. The task's own query group is held by its :class:`Sweep`, not here.
     """
-    key = (spec.groups_uri, g)
+    key = (*layout_key(spec), g)
     if key in _GROUPS:
         return _GROUPS[key]
     _GROUPS.clear()
@@ -158,17 +204,18 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
     from cbir_lib.vectors.arrow import binary_to_numpy
 
     files = remote.Files(**spec.files)
-    uri = f"{spec.groups_uri}/group={g}"
-    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
     r = spec.reduced_dim
     columns = ["pos", "cell", "image_id", "vector", *(["reduced"] if r else [])]
-    tables = [remote.read_parquet(files, f"{uri}/{n}", columns) for n in names]
+    tables = _group_tables(files, f"{spec.groups_uri}/group={g}", columns)
     xr = None
     if tables:
         import pyarrow as pa
 
         t = pa.concat_tables(tables)
-        order = np.argsort(t.column("pos").to_numpy(), kind="stable")
+        if spec.delta_uri:
+            t, order = _with_delta(files, spec.delta_uri, g, t, columns)
+        else:
+            order = np.argsort(t.column("pos").to_numpy(), kind="stable")
         cells = t.column("cell").to_numpy()[order]
         ids = t.column("image_id").to_numpy()[order]
         x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec.dim)[order])
@@ -181,6 +228,37 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
         _GROUPS[key] = (cells, ids, x, xr)
     READ_S[0] += time.perf_counter() - t0
     return cells, ids, x, xr
+
+
+def layout_key(spec: SearchSpec) -> tuple:
+    """What the per-process caches of a layout are keyed by: its groups and a night's delta
+    on them (a kept layout serves the full run that wrote it and the nights after it)."""
+    return (spec.groups_uri, spec.delta_uri)
+
+
+def _group_tables(files, uri: str, columns: list[str]) -> list:
+    names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
+    return [remote.read_parquet(files, f"{uri}/{n}", columns) for n in names]
+
+
+def _with_delta(files, delta_uri: str, g: int, base, columns: list[str]) -> tuple:
+    """Group ``g`` of a night on a kept layout: the base group's rows less the removed ones,
+    plus the delta's rows of ``g``, and the order of the night's positions
+    (:func:`~cbir_lib.neighbors.layered.group_order`)."""
+    import pyarrow as pa
+
+    from cbir_lib.neighbors import layered
+
+    gone = [t.column("pos").to_numpy() for t in _group_tables(files, f"{delta_uri}/gone/group={g}", ["pos"])]
+    if gone:
+        base = base.filter(pa.array(~np.isin(base.column("pos").to_numpy(), np.concatenate(gone))))
+    added = _group_tables(files, f"{delta_uri}/rows/group={g}", columns[1:])
+    n_added = sum(t.num_rows for t in added)
+    if n_added:
+        d = pa.concat_tables(added)
+        d = d.append_column("pos", pa.array(np.full(d.num_rows, -1, np.int64))).select(columns)
+        base = pa.concat_tables([base, d.cast(base.schema)])
+    return base, layered.group_order(base.column("cell").to_numpy(), base.column("image_id").to_numpy())
 
 
 def group_store(spec: SearchSpec, g: int, keep: bool = True) -> CellStore:
@@ -203,14 +281,14 @@ def group_store(spec: SearchSpec, g: int, keep: bool = True) -> CellStore:
     )
 
 
-_PARSED: dict[tuple[str, str], np.ndarray | None] = {}
-_ROUTERS: dict[str, CellStore] = {}
+_PARSED: dict[tuple, np.ndarray | None] = {}
+_ROUTERS: dict[tuple, CellStore] = {}
 
 
 def _parsed(spec: SearchSpec, field: str) -> np.ndarray | None:
     """The spec's ``.npy`` bytes in ``field`` (centroids, the reduction basis) as an array,
     parsed once per process (a group store is made per visit)."""
-    key = (spec.groups_uri, field)
+    key = (*layout_key(spec), field)
     if key not in _PARSED:
         _PARSED[key] = np.load(io.BytesIO(getattr(spec, field))) if getattr(spec, field) else None
     return _PARSED[key]
@@ -222,7 +300,7 @@ def _centroids(spec: SearchSpec) -> np.ndarray | None:
 
 def router(spec: SearchSpec) -> CellStore:
     """A store with no rows but every centroid: routes queries (its cell graph cached per process)."""
-    key = spec.groups_uri
+    key = layout_key(spec)
     if key not in _ROUTERS:
         _ROUTERS[key] = sub_store(
             np.asarray(spec.offsets),
@@ -461,7 +539,7 @@ def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray,
     return out
 
 
-_THRESHOLDS: dict[str, np.ndarray] = {}
+_THRESHOLDS: dict[tuple, np.ndarray] = {}
 
 
 def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -473,7 +551,7 @@ def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k:
     from cbir_lib.vectors.topk import NO_ID, row_dots
 
     spec = sweep.spec
-    key = spec.groups_uri
+    key = layout_key(spec)
     if key not in _THRESHOLDS:
         _THRESHOLDS[key] = np.load(io.BytesIO(spec.code_thresholds))
     thresholds = _THRESHOLDS[key]
@@ -711,25 +789,52 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     pos = F.element_at(starts, F.col("cell") + 1) + F.row_number().over(Window.partitionBy("g0", "cell").orderBy("image_id")) - 1
     grouped = store.withColumn("pos", pos.cast("long")).withColumn("group", (F.col("pos") / F.lit(rows_per_group)).cast("int"))
     grouped.drop("g0").write.mode("overwrite").partitionBy("group").parquet(tmp_uri)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(offsets, np.int64))
+    fs.write_bytes(spark, fs.join(tmp_uri, KEPT_OFFSETS), buf.getvalue())
     fs.rename(spark, tmp_uri, groups_uri)
 
 
-def sample_queries(spark, groups_uri: str, positions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def sample_queries(
+    spark, groups_uri: str, positions: np.ndarray, dim: int, delta_uri: str | None = None, night=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(vectors, ids, cells, positions)`` of the store rows at ``positions`` (a small
-    sample), in store order."""
+    sample), in store order. A night on kept groups (``night``: its
+    :class:`~cbir_lib.neighbors.layered.Night`) takes row numbers instead
+    (:func:`~cbir_lib.neighbors.layered.rows`), found in the groups and in its delta."""
+    import pyarrow as pa
     from pyspark.sql import functions as F
 
+    from cbir_lib.neighbors import layered
     from cbir_lib.vectors.arrow import binary_to_numpy
 
-    picked = spark.read.parquet(groups_uri).filter(F.col("pos").isin([int(p) for p in np.asarray(positions)]))
-    rows = picked.select("pos", "cell", "image_id", "vector").toArrow()
-    order = np.argsort(rows.column("pos").to_numpy())
+    positions = np.asarray(positions, np.int64)
+    cols = ["pos", "cell", "image_id", "vector"]
+    if night is None:
+        picked = spark.read.parquet(groups_uri).filter(F.col("pos").isin([int(p) for p in positions]))
+        rows = picked.select(*cols).toArrow()
+        at = rows.column("pos").to_numpy().astype(np.int64)
+    else:  # row numbers (layered.rows): the kept base rows', then the delta's
+        base, delta = layered.rows(night, positions)
+        picked = spark.read.parquet(groups_uri).filter(F.col("pos").isin([int(p) for p in base[base >= 0]])).select(*cols).toArrow()
+        want = night.delta_ids[delta[delta >= 0]]
+        added = picked.select(cols[1:]).schema.empty_table()
+        if want.size:
+            added = spark.read.parquet(f"{delta_uri}/rows").filter(F.col("image_id").isin([int(i) for i in want]))
+            added = added.select(*cols[1:]).toArrow()
+        at_base = positions[base >= 0][np.searchsorted(base[base >= 0], picked.column("pos").to_numpy())]
+        at_delta = layered.delta_rows(night, added.column("image_id").to_numpy())
+        rows = pa.concat_tables([picked.select(cols[1:]), added.cast(picked.select(cols[1:]).schema)])
+        at = np.concatenate([at_base, at_delta]).astype(np.int64)
+    if len(at) != len(np.unique(positions)):
+        raise RuntimeError(f"neighbors: {len(np.unique(positions))} sample rows asked of the groups, {len(at)} found")
+    order = np.argsort(at)
     x = binary_to_numpy(rows.column("vector"), dim)[order]
     return (
         np.ascontiguousarray(x),
         rows.column("image_id").to_numpy()[order],
         rows.column("cell").to_numpy()[order].astype(np.int32),
-        rows.column("pos").to_numpy()[order].astype(np.int64),
+        at[order].astype(np.int64),
     )
 
 

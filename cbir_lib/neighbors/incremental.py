@@ -38,6 +38,7 @@ same snapshot.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import uuid
@@ -49,8 +50,8 @@ from cbir_lib.common import faults, fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import timer
 from cbir_lib.index.incremental import DELTA
-from cbir_lib.index.store import cell_offsets
-from cbir_lib.neighbors import budget, listops, routed
+from cbir_lib.index.store import FORESTS, cell_offsets
+from cbir_lib.neighbors import budget, layered, listops, routed
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors.ivf import reverse_scan
@@ -83,6 +84,7 @@ class _Night:
     removed: np.ndarray  # sorted ids: deleted images and the old versions of changed ones
     changed: np.ndarray
     timings: dict
+    kept: dict | None = None  # the kept groups the snapshot names (cbir_lib/neighbors/layered.py)
 
 
 class NotIncremental(Exception):
@@ -183,18 +185,139 @@ def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
 
 def _delta(spark, index: dict, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
     """The index's ``delta/``: the added and the removed ids, each sorted and unique."""
+    added, removed, _ = _tonight(spark, spec, index)
+    return np.unique(added), removed
+
+
+KEPT_GONE_DDL = "pos long, image_id long, cell int, group int"  # the kept groups' rows the nights removed
+
+
+def kept_rows_ddl(spec: SearchSpec) -> str:
+    """The rows the nights added to the kept groups."""
+    return "cell int, image_id long, vector binary" + (", reduced binary" if spec.reduced_dim else "") + ", group int"
+
+
+def _kept_groups(spark, stage: StageRun, index: dict, spec: SearchSpec, group_bytes: int, work_key: str):
+    """The night's groups on the base run's kept ones: ``(spec, layered.Night, "")``; or
+    ``(None, None, why not)``.
+
+    The kept groups are the store of the grouped run that wrote them; each night on them
+    writes the **delta** since (``<groups>/_delta/<key>/``: every row added since, and every
+    kept row removed since), from the last night's delta and tonight's change in the index
+    (its ``delta/`` and ``added/``), so no night reads the whole store or an older index run."""
+    from pyspark.sql import functions as F
+
+    prev = stage.base or {}
+    kept = prev.get("kept_groups")
+    if not kept:
+        return None, None, "the base run kept no groups"
+    if kept.get("at_index_run_id") != prev.get("index_run_id") or kept.get("at_index_commit") != prev.get("index_commit"):
+        return None, None, "the kept groups are not those of the base run's index"
+    if not fs.exists(spark, fs.join(kept["uri"], "_SUCCESS")) or (
+        kept.get("delta_uri") and not fs.exists(spark, fs.join(kept["delta_uri"], "_SUCCESS"))
+    ):
+        return None, None, f"its kept groups {kept['uri']} are gone"
+    if int(kept["reduced_dim"]) != int(spec.reduced_dim):
+        return None, None, "the kept groups' reduced vectors differ"
+    if index.get("delta_counts", {}).get("added") and not index.get("added"):
+        return None, None, f"index run {index['run_id']} kept no added rows"
+    base_offsets = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(kept["uri"], budget.KEPT_OFFSETS))))
+    base_bounds = budget.group_bounds(int(kept["n"]), int(kept["rows"]))
+    if int(base_offsets[-1]) != int(kept["n"]) or len(base_offsets) != len(spec.offsets):
+        return None, None, "the kept groups do not match their index run"
+
+    # The last night's delta, and tonight's change.
+    rows_ddl = kept_rows_ddl(spec)
+    last_rows = last_gone = None
+    z = np.zeros(0, np.int64)
+    d_ids, d_cells, g_pos, g_ids, g_cells = z, z, z, z, z
+    if kept.get("delta_uri"):
+        last_rows = spark.read.schema(rows_ddl).parquet(fs.join(kept["delta_uri"], "rows"))
+        last_gone = spark.read.schema(KEPT_GONE_DDL).parquet(fs.join(kept["delta_uri"], "gone")).toArrow()
+        t = last_rows.select("image_id", "cell").toArrow()
+        d_ids, d_cells = (t.column(c).to_numpy().astype(np.int64) for c in ("image_id", "cell"))
+        g_pos, g_ids, g_cells = (last_gone.column(c).to_numpy().astype(np.int64) for c in ("pos", "image_id", "cell"))
+    added, removed, added_cells = _tonight(spark, spec, index)
+    # A row removed tonight leaves the delta if a night added it, else the kept groups.
+    from_base = np.setdiff1d(removed, d_ids)
+    keys = spark.read.parquet(kept["uri"]).select("image_id", "pos", "cell")
+    found = keys.join(F.broadcast(id_frame(spark, from_base)), "image_id", "left_semi").toArrow() if from_base.size else None
+    if (found.num_rows if found is not None else 0) != from_base.size or np.isin(from_base, g_ids).any():
+        return None, None, f"{from_base.size} ids removed tonight from the kept groups, {found.num_rows if found else 0} found in them"
+    if found is not None:
+        g_pos = np.r_[g_pos, found.column("pos").to_numpy()].astype(np.int64)
+        g_ids = np.r_[g_ids, found.column("image_id").to_numpy()].astype(np.int64)
+        g_cells = np.r_[g_cells, found.column("cell").to_numpy()].astype(np.int64)
+    stay = ~np.isin(d_ids, removed)
+    d_ids, d_cells = np.r_[d_ids[stay], added].astype(np.int64), np.r_[d_cells[stay], added_cells].astype(np.int64)
+    night = layered.plan(base_offsets, base_bounds, g_pos, d_ids, d_cells)
+    if not np.array_equal(night.offsets, np.asarray(spec.offsets)):
+        return None, None, "the kept groups and the delta do not add up to the index's cells"
+    limit = budget.group_rows(int(night.offsets[-1]), int(spec.dim) + int(spec.reduced_dim), group_bytes)
+    if night.sizes.max(initial=0) > limit or night.sizes.min(initial=1) == 0:
+        return None, None, f"a group would hold {int(night.sizes.max())} rows (at most {limit}) or none"
+
+    delta_uri = fs.join(kept["uri"], budget.KEPT_DELTA, f"{stage.run_id}-{work_key}")
+    if not fs.exists(spark, fs.join(delta_uri, "_SUCCESS")):
+        tmp = fs.join(kept["uri"], budget.KEPT_DELTA, f"_tmp-{uuid.uuid4().hex}")
+        group_of = F.array(*[F.lit(int(g)) for g in layered.delta_group(base_offsets, base_bounds, np.arange(len(base_offsets) - 1))])
+        columns = [c.split()[0] for c in rows_ddl.split(", ")][:-1]
+        rows = spark.createDataFrame([], rows_ddl)
+        if last_rows is not None and stay.size:
+            rows = rows.unionByName(
+                last_rows.join(F.broadcast(id_frame(spark, removed)), "image_id", "left_anti") if removed.size else last_rows
+            )
+        if added.size:
+            new = spark.read.parquet(fs.join(index["uri"], index["added"])).select(*columns)
+            rows = rows.unionByName(new.withColumn("group", F.element_at(group_of, F.col("cell") + 1).cast("int")))
+        rows.repartition("group").write.mode("overwrite").partitionBy("group").parquet(fs.join(tmp, "rows"))
+        if spark.read.schema(rows_ddl).parquet(fs.join(tmp, "rows")).count() != d_ids.size:
+            raise RuntimeError("neighbors: the last night's delta and the index's added rows do not hold the night's delta")
+        gone_group = np.searchsorted(base_bounds, g_pos, side="right") - 1
+        gone = {"pos": g_pos, "image_id": g_ids, "cell": g_cells.astype(np.int32), "group": gone_group.astype(np.int32)}
+        columns_frame(spark, gone, KEPT_GONE_DDL).repartition("group").write.mode("overwrite").partitionBy("group").parquet(
+            fs.join(tmp, "gone")
+        )
+        fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
+        fs.delete(spark, delta_uri)
+        fs.rename(spark, tmp, delta_uri)
+    first, last = budget.groups_of_cells(night.offsets, night.bounds)
+    log.info(
+        "neighbors: the night on the groups kept with index run %s: %d rows added and %d removed since, %d groups",
+        kept["index_run_id"],
+        d_ids.size,
+        g_pos.size,
+        len(night.bounds) - 1,
+    )
+    out = spec.with_(
+        groups_uri=kept["uri"],
+        delta_uri=delta_uri,
+        group_rows=int(kept["rows"]),
+        bounds=night.bounds.tolist(),
+        forests_uri=fs.join(index["uri"], FORESTS),
+        cell_groups=[first.tolist(), last.tolist()],
+    )
+    record = {**kept, "delta_uri": delta_uri, "at_index_run_id": index["run_id"], "at_index_commit": tables.commit_of(index)}
+    return out, night, record
+
+
+def _tonight(spark, spec: SearchSpec, index: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The index's ``delta/``: ``(added ids, removed ids, the added ones' cells)``, each sorted by id."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     files = remote.Files(**spec.files)
-    parts = [remote.read_parquet(files, u, ["image_id", "kind"]) for u in tables.part_uris(spark, fs.join(index["uri"], DELTA))]
+    parts = [remote.read_parquet(files, u, ["image_id", "kind", "cell"]) for u in tables.part_uris(spark, fs.join(index["uri"], DELTA))]
     if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        z = np.zeros(0, np.int64)
+        return z, z, z
     t = pa.concat_tables(parts)
     ids = t.column("image_id").to_numpy().astype(np.int64)
+    cells = t.column("cell").to_numpy().astype(np.int64)
     is_added = pc.equal(t.column("kind"), "added").to_numpy(zero_copy_only=False)
     is_removed = pc.equal(t.column("kind"), "removed").to_numpy(zero_copy_only=False)
-    return np.unique(ids[is_added]), np.unique(ids[is_removed])
+    order = np.argsort(ids[is_added], kind="stable")
+    return ids[is_added][order], np.unique(ids[is_removed]), cells[is_added][order]
 
 
 def _probed_share(spec: SearchSpec, n: int) -> float:
@@ -325,10 +448,13 @@ def run(
     slots: int,
     memory: dict,
     grouped_spec=None,
+    group_bytes: int = 0,
 ) -> dict:
     """The night. ``grouped_spec(spec)``, where the store is past ``neighbors.memory_budget``:
     the spec of the grouped layout (the new store written in groups), in which the night's
-    searches and its exact sample run a group at a time, as a full run's do."""
+    searches and its exact sample run a group at a time, as a full run's do. Where the base
+    run kept its groups, the night reads them plus its delta instead (:func:`_kept_groups`,
+    each group at most ``group_bytes`` of store)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -375,11 +501,23 @@ def run(
         with inprocess.running(inprocess.driver_threads(spark), T._STORES, T._POSITIONS, _THRESHOLDS) as local_sc:
             return _in_process(spark, local_sc, stage, root, index, spec, params, memory, night)
     grouped = grouped_spec is not None
+    layout = None  # the night's positions on the kept groups, where it reads them
     if grouped:
-        with timer("writing the store in groups that fit the memory budget") as t:
-            spec = grouped_spec(spec)
+        with timer("the store in groups: the kept ones and the night's delta, or written afresh") as t:
+            kept_spec, layout, why = _kept_groups(spark, stage, index, spec, group_bytes, work_key)
+            if kept_spec is not None:
+                spec, night.kept, why = kept_spec, why, ""
+            else:
+                log.info("neighbors: the night writes its store in groups afresh: %s", why)
+                spec = grouped_spec(spec)
+                night.kept = budget.kept_record(spec, index["run_id"], tables.commit_of(index))
         timings["groups_s"] = round(t["seconds"], 3)
         memory.update(budget.layout_memory(spec))
+        memory["kept_groups"] = (
+            {"used": True, "delta_rows": int(layout.delta_ids.size), "gone_rows": int(layout.gone.size)}
+            if layout is not None
+            else {"used": False, "why_not": why}
+        )
 
     old = L.read_lists(spark, prev)
     # Each old list's length, last score and removed neighbours, in one aggregation.
@@ -412,6 +550,11 @@ def run(
         thresholds = keep_thr.select("image_id", thr_col.alias("thr"))
         if grouped:  # each group's rows' thresholds apart, read by the task visiting the group
             where = spark.read.parquet(spec.groups_uri).select("image_id", "group")
+            if layout is not None:  # the kept groups less what left them, and the delta's rows
+                gone = spark.read.schema(KEPT_GONE_DDL).parquet(fs.join(spec.delta_uri, "gone")).select("image_id")
+                where = where.join(F.broadcast(gone), "image_id", "left_anti")
+                delta_rows = spark.read.schema(kept_rows_ddl(spec)).parquet(fs.join(spec.delta_uri, "rows"))
+                where = where.unionByName(delta_rows.select("image_id", "group"))
             thresholds.join(where, "image_id").repartition("group").write.mode("overwrite").partitionBy("group").parquet(thr_uri)
         else:
             thresholds.coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
@@ -497,6 +640,7 @@ def run(
             index.get("seed", 0),
             timings,
             memory,
+            layout,
         )
     except BaseException:
         merged.unpersist()
@@ -516,9 +660,7 @@ def run(
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
     merged.unpersist()
-    fs.delete(spark, work_dir)
-    if grouped:
-        fs.delete(spark, spec.groups_uri)
+    fs.delete(spark, work_dir)  # the delta on the kept groups with it; the groups stay for the next night
     _log_done(run_id, prev, manifest, k, started)
     return manifest
 
@@ -639,6 +781,7 @@ def _manifest(stage: StageRun, index, spec, params, memory, night: _Night, moved
         "timings": night.timings,
         "output": tables.run_dir(table, run_id),
         "counts": {"queries": night.n, "rows": None},  # counted by the commit from the files it writes
+        "kept_groups": night.kept,
     }
 
 
@@ -680,7 +823,19 @@ def old_sample(drawn: np.ndarray, cand: np.ndarray, cand_ids: np.ndarray, added:
     return np.sort(drawn[~np.isin(drawn_ids, added)][:half])
 
 
-def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int, nb, seed: int, timings: dict, memory: dict | None = None):
+def _recall(
+    sc,
+    spec: SearchSpec,
+    rows_of,
+    added: np.ndarray,
+    n: int,
+    slots: int,
+    nb,
+    seed: int,
+    timings: dict,
+    memory: dict | None = None,
+    layout=None,
+):
     """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
     images (store positions drawn with the index's seed), against exact search.
     ``rows_of(ids)``: the lists of ``ids`` as an Arrow table. In the grouped layout the
@@ -708,11 +863,21 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
 
         spark = SparkSession.getActiveSession()
         keys = spark.read.parquet(spec.groups_uri).select("image_id", "pos")
-        of_new = keys.join(F.broadcast(id_frame(spark, new_ids)), "image_id", "left_semi").toArrow()
-        new_pos = np.sort(of_new.column("pos").to_numpy().astype(np.int64))
-        at = keys.join(F.broadcast(id_frame(spark, cand, "pos")), "pos", "left_semi").toArrow()
-        order = np.argsort(at.column("pos").to_numpy(), kind="stable")  # cand is sorted
-        cand_ids = at.column("image_id").to_numpy().astype(np.int64)[order]
+        if layout is None:
+            of_new = keys.join(F.broadcast(id_frame(spark, new_ids)), "image_id", "left_semi").toArrow()
+            new_pos = np.sort(of_new.column("pos").to_numpy().astype(np.int64))
+            at = keys.join(F.broadcast(id_frame(spark, cand, "pos")), "pos", "left_semi").toArrow()
+            order = np.argsort(at.column("pos").to_numpy(), kind="stable")  # cand is sorted
+            cand_ids = at.column("image_id").to_numpy().astype(np.int64)[order]
+        else:  # on the kept groups, row numbers (layered.rows): the new images are the delta's
+            new_pos = np.sort(layered.delta_rows(layout, new_ids))
+            in_base, in_delta = layered.rows(layout, cand)
+            at = keys.join(F.broadcast(id_frame(spark, in_base[in_base >= 0], "pos")), "pos", "left_semi").toArrow()
+            by_pos = dict(zip(at.column("pos").to_numpy().tolist(), at.column("image_id").to_numpy().tolist(), strict=True))
+            if len(by_pos) != int((in_base >= 0).sum()):
+                raise RuntimeError("neighbors: sample positions of the kept groups not found in them")
+            cand_ids = np.where(in_base >= 0, [by_pos.get(int(p), -1) for p in in_base], layout.delta_ids[np.maximum(in_delta, 0)])
+            cand_ids = cand_ids.astype(np.int64)
     else:
         new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
     old_pos = old_sample(drawn, cand, cand_ids, added, half)
@@ -720,7 +885,7 @@ def _recall(sc, spec: SearchSpec, rows_of, added: np.ndarray, n: int, slots: int
     with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
         if spec.groups_uri:
             exact = spec.with_(method="exact")
-            sample = budget.sample_queries(spark, spec.groups_uri, positions, int(spec.dim))
+            sample = budget.sample_queries(spark, spec.groups_uri, positions, int(spec.dim), spec.delta_uri, layout)
             tv, ti, _, held = budget.sample_search(sc, exact, sample, budget.core(exact))
             if memory is not None:
                 memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), int(held))

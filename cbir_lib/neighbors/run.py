@@ -149,7 +149,9 @@ def run_neighbors(spark, cfg: Config) -> dict:
     there is resumable state of runs that will not resume (:func:`~cbir_lib.common.tables.sweep_work`)."""
     with arrow_batch(spark, VECTOR_BATCH):
         manifest = _run_neighbors(spark, cfg)
-    tables.sweep_work(spark, fs.join(fs.qualify(spark, cfg.run.output_root), TABLE))
+    table = fs.join(fs.qualify(spark, cfg.run.output_root), TABLE)
+    tables.sweep_work(spark, table)
+    budget.prune_kept(spark, table, manifest)
     return manifest
 
 
@@ -281,7 +283,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         if full_reason is None:
             layout = (lambda s: _grouped_spec(spark, s, index, offsets, table, budget_bytes, slots, vector_mode)) if grouped else None
             try:
-                return incremental.run(spark, stage, root, index, spec, params, slots, memory, layout)
+                group_bytes = group_budget(spark, spec, index, budget_bytes, vector_mode) if grouped else 0
+                return incremental.run(spark, stage, root, index, spec, params, slots, memory, layout, group_bytes)
             except incremental.NotIncremental as exc:
                 full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
@@ -314,6 +317,9 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
         timings["groups_s"] = round(t["seconds"], 3)
         memory.update(budget.layout_memory(spec))
+        kept = budget.kept_record(spec, index["run_id"], tables.commit_of(index))
+    else:
+        kept = None
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     # auto also draws the verification sample: queries the calibration does not see, on
@@ -526,6 +532,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "searched_this_run": searched,
         "memory": memory,
         "timings": timings,
+        "kept_groups": kept,
     }
     # Everything the manifest records is known before the commit, so it is written once,
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
@@ -555,8 +562,6 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     fs.delete(spark, work_dir)
     if choice_file:
         fs.delete(spark, choice_file)
-    if grouped:
-        fs.delete(spark, spec.groups_uri)
     log.info("neighbors %s: %s rows for %d images in %.1f s", run_id, manifest["counts"]["rows"], n, manifest["wall_seconds"])
     return manifest
 
@@ -633,22 +638,30 @@ def _rerank_spec(spark, sc, spec: SearchSpec, index: dict, offsets: np.ndarray, 
     return spec
 
 
+def group_budget(spark, spec: SearchSpec, index: dict, budget_bytes: int, rerank: str) -> int:
+    """The bytes of store one group may hold: the budget over what a task holds at once
+    (its query group, a store group and its method's buffers) and the tasks an executor runs."""
+    per_task = budget.buffers_per_group(
+        rerank, spec.method, int(index["dim"]), int(index.get("n_trees") or 0), (spec.lsh or {}).get("tables", 0)
+    ) * budget.slots_per_executor(spark)
+    return int(budget_bytes // per_task)
+
+
 def _grouped_spec(
     spark, spec: SearchSpec, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str
 ) -> SearchSpec:
-    """The spec of the grouped layout: groups of the store written once (kept for reruns).
+    """The spec of the grouped layout: groups of the store written once, kept for reruns and
+    for the nights after the run (``_groups/``, :mod:`cbir_lib.neighbors.layered`).
 
     A task holds its query group and one store group (and, re-ranking, the buffers of the
     expansion: :func:`~cbir_lib.neighbors.budget.buffers_per_group`), and an executor runs
     ``slots_per_executor`` tasks at once, so a group is that many times smaller than the budget.
     """
     n, dim = int(offsets[-1]), int(index["dim"])
-    per_task = budget.buffers_per_group(
-        rerank, spec.method, dim, int(index.get("n_trees") or 0), (spec.lsh or {}).get("tables", 0)
-    ) * budget.slots_per_executor(spark)
-    rows = budget.group_rows(n, dim + spec.reduced_dim, budget_bytes // per_task, min_groups=slots)
+    group_bytes = group_budget(spark, spec, index, budget_bytes, rerank)
+    rows = budget.group_rows(n, dim + spec.reduced_dim, int(group_bytes * budget.KEPT_FILL), min_groups=slots)
     bounds = budget.group_bounds(n, rows)
-    groups_uri = fs.join(table, "_work", f"groups-{index['run_id']}-{rows}")
+    groups_uri = fs.join(table, budget.KEPT_GROUPS, f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
         fs.delete(spark, groups_uri)
         budget.write_groups(

@@ -68,6 +68,9 @@ class SearchSpec:
     bounds: list[int] | None = None
     forests_uri: str | None = None
     cell_groups: list[list[int]] | None = None
+    # A night on a kept layout (cbir_lib/neighbors/layered.py): its delta, the rows added
+    # since the layout (rows/group=<g>/) and the base positions removed (gone/group=<g>/).
+    delta_uri: str | None = None
     # Query expansion and DBA (neighbors.rerank): candidates per expansion and its weight.
     expand: bool = False
     rerank_n: int | None = None

@@ -54,14 +54,34 @@ def changes_of(spark, nm) -> dict:
     return out
 
 
-def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
+@pytest.mark.parametrize("budget", [None, "24k"])
+def test_incremental_nights_give_exact_search_top_k(spark, tmp_path, budget):
     """Adds (near-copies among them), deletes, changes, an id deleted one night and back the
-    next with other content, and an empty night: after each, the table is exact search's."""
+    next with other content, and an empty night: after each, the table is exact search's.
+    Under a memory budget the full run keeps its store groups, and each night reads them
+    plus the rows added since, less those removed (cbir_lib/neighbors/layered.py)."""
     rng = np.random.default_rng(0)
     pool = clustered(760, 16, seed=1)  # the same distribution for old and new vectors
     ids, x = signed_ids(700, seed=1), pool[:700]
-    _, nm = night(spark, tmp_path, "d1", ids, x, neighbors={"reserve": 2})
+    nb = {"reserve": 2, **({"memory_budget": budget} if budget else {})}
+    where = "executors" if budget else "auto"
+
+    def night(spark, root, run_id, ids, x, neighbors):
+        return globals()["night"](spark, root, run_id, ids, x, neighbors=neighbors, execution=where)
+
+    def on_kept(nm):  # the night read the full run's kept groups, and only its delta on them stays
+        if budget:
+            assert nm["memory"]["kept_groups"]["used"], nm["memory"]["kept_groups"]
+            mine = nm["kept_groups"]
+            assert mine["uri"] == kept["uri"] and mine["at_index_run_id"] == nm["index_run_id"]
+            assert os.listdir(tmp_path / "neighbors" / "_groups") == [kept["uri"].rsplit("/", 1)[-1]]
+            deltas = os.listdir(kept["uri"].removeprefix("file:") + "/_delta")
+            assert deltas == [mine["delta_uri"].rsplit("/", 1)[-1]], deltas
+
+    _, nm = night(spark, tmp_path, "d1", ids, x, neighbors=nb)
     assert nm["mode"] == "full" and "built in full" in nm["full_reason"]
+    kept = nm["kept_groups"]
+    assert (kept is not None) == bool(budget)
     check_exact(spark, nm, ids, x)
 
     # Night 2: 30 deleted (more than a reserve of 2 in some lists: refills), 10 changed,
@@ -75,11 +95,13 @@ def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
     keep = np.ones(700, bool)
     keep[dele] = False
     ids2, x2 = np.concatenate([ids[keep], new_ids]), np.concatenate([x2[keep], new_x])
-    im, nm = night(spark, tmp_path, "d2", ids2, x2, neighbors={"reserve": 2})
+    im, nm = night(spark, tmp_path, "d2", ids2, x2, neighbors=nb)
     assert im["mode"] == "incremental", im["full_reason"]
     assert im["delta_counts"] == {"added": 35, "removed": 40, "changed": 10, "new": 25, "deleted": 30}
     assert nm["mode"] == "incremental" and nm["base_run_id"] == "d1"
-    assert nm["memory"]["execution"]["where"] == "driver"  # local mode, small: the night in process
+    # local mode, small: the night in process, unless the budget asks for groups
+    assert nm["memory"]["execution"]["where"] == ("executors" if budget else "driver")
+    on_kept(nm)
     check_exact(spark, nm, ids2, x2)
     c = nm["changes"]
     assert (c["added"], c["changed"], c["deleted"]) == (25, 10, 30) and c["refilled"] > 0 and c["reverse_updated"] > 0
@@ -101,19 +123,24 @@ def test_incremental_nights_give_exact_search_top_k(spark, tmp_path):
     back = np.array([ids[0]])
     ids3 = np.concatenate([ids2[ids2 != new_ids[20]], back])
     x3 = np.concatenate([x2[ids2 != new_ids[20]], pool[725:726]])
-    im, nm = night(spark, tmp_path, "d3", ids3, x3, neighbors={"reserve": 2})
+    im, nm = night(spark, tmp_path, "d3", ids3, x3, neighbors=nb)
     assert nm["mode"] == "incremental" and im["delta_counts"]["added"] == 1 and im["delta_counts"]["removed"] == 1
+    on_kept(nm)  # two index runs since the kept groups: the id is gone from them, and in the delta
+    if budget:
+        assert nm["memory"]["kept_groups"]["gone_rows"] == 40 and nm["memory"]["kept_groups"]["delta_rows"] == 35
     check_exact(spark, nm, ids3, x3)
 
     # An empty night: the same collection under a new run id.
-    im, nm = night(spark, tmp_path, "d4", ids3, x3, neighbors={"reserve": 2})
+    im, nm = night(spark, tmp_path, "d4", ids3, x3, neighbors=nb)
     assert im["mode"] == "incremental" and im["delta_counts"]["added"] == im["delta_counts"]["removed"] == 0
     assert nm["mode"] == "incremental" and nm["changes"]["lists_changed"] == 0
+    on_kept(nm)
     check_exact(spark, nm, ids3, x3)
     assert spark.read.parquet(nm["output"] + "/_changes").count() == 0
 
-    # A full run of the same collection writes the same table.
+    # A full run of the same collection writes the same table (and keeps its own groups only).
     full = run_neighbors(spark, config(tmp_path, "d5", {"forests": False}, {"reserve": 2}))
+    assert not (tmp_path / "neighbors" / "_groups").exists() or not os.listdir(tmp_path / "neighbors" / "_groups")
     a = spark.read.parquet(nm["output"]).select("image_id", "rank", "neighbor_id", "score").collect()
     b = spark.read.parquet(full["output"]).select("image_id", "rank", "neighbor_id", "score").collect()
     assert sorted(a) == sorted(b)
@@ -159,10 +186,13 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     ids, x = signed_ids(2000, seed=11), clustered(2060, 16, seed=11)
     # dense at a fixed nprobe: auto may choose exact search on 2,000 images by measured seconds.
     opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2}
-    a, b, c = tmp_path / "driver", tmp_path / "executors", tmp_path / "groups"
+    a, b, c, d = tmp_path / "driver", tmp_path / "executors", tmp_path / "groups", tmp_path / "kept"
     night(spark, a, "d1", ids, x[:2000], neighbors=opts)
     shutil.copytree(a, b)
     shutil.copytree(a, c)
+    # The same base, searched in groups that its nights then read (cbir_lib/neighbors/layered.py).
+    _, full = night(spark, d, "d1", ids, x[:2000], neighbors={**opts, "memory_budget": "24k"}, execution="executors")
+    assert full["kept_groups"] and full["memory"]["groups"] > 2
     orig = rng.choice(2000, 30, replace=False)
     keep = np.ones(2000, bool)
     keep[np.setdiff1d(np.arange(2000), orig)[:40]] = False
@@ -171,12 +201,19 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     ids2 = np.concatenate([ids[keep], signed_ids(80, seed=12)])
     x2 = np.concatenate([x2[keep], x[orig] + 0.001 * rng.normal(size=(30, 16)).astype(np.float32), x[2010:2060]])
     got, built = {}, {}
-    for root, where, budget in ((a, "driver", None), (b, "executors", None), (c, "executors", "24k")):
+    for root, where, budget, name in (
+        (a, "driver", None, "driver"),
+        (b, "executors", None, "executors"),
+        (c, "executors", "24k", "groups"),
+        (d, "executors", "24k", "kept"),
+    ):
         im, nm = night(spark, root, "d2", ids2, x2, neighbors={**opts, "memory_budget": budget}, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
         assert im["execution"]["where"] == where
-        name = where if budget is None else "groups"
         got[name], built[name] = nm, im
+    # The night in groups wrote them afresh (its base kept none) and keeps them; the other read the kept ones.
+    assert not got["groups"]["memory"]["kept_groups"]["used"] and got["groups"]["kept_groups"]["at_index_run_id"] == "d2"
+    assert got["kept"]["memory"]["kept_groups"] == {"used": True, "delta_rows": 90, "gone_rows": 50}
     g = got["groups"]["memory"]
     assert g["layout"] == "groups" and g["groups"] > 2 and 0 < g["max_held_bytes"] <= g["budget_bytes"], g
     # Group-major (neighbors/routed.py): each group read at most twice by the night's search.
@@ -195,9 +232,13 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
         assert rows[0] == rows[1] and rows[0], sub
     da = got["driver"]
     assert da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
-    for ea in (got["executors"], got["groups"]):
+    for name, ea in got.items():
         assert da["changes"] == ea["changes"]
-        assert da["counts"] == ea["counts"] and (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
+        assert da["counts"] == ea["counts"] and da["recall_sample"] == ea["recall_sample"]
+        # The recall sample is drawn by store position, and on the kept groups a cell's added
+        # rows follow its kept ones instead of sorting among them by id: another sample.
+        if name != "kept":
+            assert (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
         for sub in ("", "/_reserve", "/_changes"):
             rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
             assert rows[0] == rows[1] and rows[0], sub
