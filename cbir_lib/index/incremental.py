@@ -66,8 +66,8 @@ DELTA = "delta"
 _COPY_ROWS = 16_384
 DELTA_DDL = "image_id long, kind string, cell int"
 # The night's added store rows (the store's columns), kept with the run: a neighbours night
-# on a kept group layout reads the rows added since it from the chain of runs' added/
-# (cbir_lib/neighbors/layered.py) instead of the whole store.
+# on kept store groups adds them to the last night's delta on those groups
+# (cbir_lib/neighbors/layered.py), instead of reading the whole store.
 ADDED = "added"
 
 
