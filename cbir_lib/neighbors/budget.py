@@ -252,12 +252,10 @@ def _with_delta(files, delta_uri: str, g: int, base, columns: list[str]) -> tupl
     gone = [t.column("pos").to_numpy() for t in _group_tables(files, f"{delta_uri}/gone/group={g}", ["pos"])]
     if gone:
         base = base.filter(pa.array(~np.isin(base.column("pos").to_numpy(), np.concatenate(gone))))
-    added = _group_tables(files, f"{delta_uri}/rows/group={g}", columns[1:])
-    n_added = sum(t.num_rows for t in added)
-    if n_added:
-        d = pa.concat_tables(added)
-        d = d.append_column("pos", pa.array(np.full(d.num_rows, -1, np.int64))).select(columns)
-        base = pa.concat_tables([base, d.cast(base.schema)])
+    base = base.select(columns[1:])  # the kept rows' positions are not the night's: ordered by (cell, id) below
+    added = [t for t in _group_tables(files, f"{delta_uri}/rows/group={g}", columns[1:]) if t.num_rows]
+    if added:
+        base = pa.concat_tables([base, *(t.cast(base.schema) for t in added)])
     return base, layered.group_order(base.column("cell").to_numpy(), base.column("image_id").to_numpy())
 
 

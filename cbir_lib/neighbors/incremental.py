@@ -192,9 +192,15 @@ def _delta(spark, index: dict, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray
 KEPT_GONE_DDL = "pos long, image_id long, cell int, group int"  # the kept groups' rows the nights removed
 
 
+def kept_row_columns(spec: SearchSpec) -> list[str]:
+    """The store columns of the rows the nights added to the kept groups."""
+    return ["cell", "image_id", "vector", *(["reduced"] if spec.reduced_dim else [])]
+
+
 def kept_rows_ddl(spec: SearchSpec) -> str:
-    """The rows the nights added to the kept groups."""
-    return "cell int, image_id long, vector binary" + (", reduced binary" if spec.reduced_dim else "") + ", group int"
+    """The rows the nights added to the kept groups, with their group."""
+    types = {"cell": "int", "image_id": "long", "vector": "binary", "reduced": "binary"}
+    return ", ".join(f"{c} {types[c]}" for c in kept_row_columns(spec)) + ", group int"
 
 
 def _kept_groups(spark, stage: StageRun, index: dict, spec: SearchSpec, group_bytes: int, work_key: str):
@@ -261,7 +267,7 @@ def _kept_groups(spark, stage: StageRun, index: dict, spec: SearchSpec, group_by
     if not fs.exists(spark, fs.join(delta_uri, "_SUCCESS")):
         tmp = fs.join(kept["uri"], budget.KEPT_DELTA, f"_tmp-{uuid.uuid4().hex}")
         group_of = F.array(*[F.lit(int(g)) for g in layered.delta_group(base_offsets, base_bounds, np.arange(len(base_offsets) - 1))])
-        columns = [c.split()[0] for c in rows_ddl.split(", ")][:-1]
+        columns = kept_row_columns(spec)
         rows = spark.createDataFrame([], rows_ddl)
         if last_rows is not None and stay.size:
             rows = rows.unionByName(

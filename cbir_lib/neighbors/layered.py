@@ -40,12 +40,6 @@ class Night:
     delta_groups: np.ndarray  # each delta row's group
 
     @property
-    def kept(self) -> np.ndarray:
-        """Kept base rows per cell."""
-        c = len(self.base_offsets) - 1
-        return np.diff(self.base_offsets) - np.bincount(_cell_of(self.base_offsets, self.gone), minlength=c)
-
-    @property
     def sizes(self) -> np.ndarray:
         return np.diff(self.bounds)
 
