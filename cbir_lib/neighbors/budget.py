@@ -895,6 +895,21 @@ def core(spec: SearchSpec):
     return lambda store, q, qids, own, probes, kth, k: exact_search(store, q, qids, k)
 
 
+def scan_core(spec: SearchSpec):
+    """:func:`core` fused with an incremental night's reverse scan, where the search is dense
+    at full dimension: ``search(store, queries, ids, probes, kth, k, scan, wide,
+    row_thresholds)`` as :func:`~cbir_lib.neighbors.ivf.search_scan`; else None (the two
+    run apart)."""
+    if spec.method != "dense" or uses_shortlist(spec) or spec.expand:
+        return None
+    from cbir_lib.neighbors.ivf import search_scan
+
+    bound = spec.metric != "euclidean"  # as core's
+    return lambda store, q, qids, probes, kth, k, scan, wide, thr: search_scan(
+        store, q, qids, probes, k, scan, wide, thr, thresholds=kth if bound else None
+    )
+
+
 def forest_bytes_per_row(dim: int, n_trees: int) -> int:
     """About what one item costs in a cell's Annoy forest: its vector again, a node header,
     and about 12 bytes per tree (measured 2.49, 1.18 and 1.03 x the vectors at 32, 256 and

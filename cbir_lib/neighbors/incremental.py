@@ -128,6 +128,8 @@ def _delta_search(spec: SearchSpec):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = T.local_store(spec)
         thr = _local_thresholds(spec, store)
+        # Dense at full dimension: the added images' searches and reverse scans share products.
+        fused = budget.scan_core(spec)
         # A night's queries are a sparse sample of the collection. Taken in store order and in
         # big blocks, those that share a probed cell share its matrix product; in blocks of
         # query_block random queries a cell met a few of them at a time.
@@ -144,12 +146,19 @@ def _delta_search(spec: SearchSpec):
         for s in range(0, len(order), qb):
             take = order[s : s + qb]
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
-            yield fresh_rows(qids, *T.search_rows(store, rows, spec))
-            if rev.any():
+            if fused is not None and rev.any():  # one product per (cell, queries) for both
+                q, own = np.ascontiguousarray(store.vectors[rows]), store.cells_of_rows(rows)
+                wide = _probes(store, q[rev], own[rev], spec)
+                (vals, ids), (pos, qi, sc) = fused(store, q, qids, store.route(q, spec.nprobe, own), None, int(spec.k), rev, wide, thr)
+                yield fresh_rows(qids, vals, ids)
+            else:
+                yield fresh_rows(qids, *T.search_rows(store, rows, spec))
+                if not rev.any():
+                    continue
                 q = np.ascontiguousarray(store.vectors[rows[rev]])
                 probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
                 pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
-                yield reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
+            yield reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
 
     return fn
 

@@ -126,6 +126,31 @@ def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int
     return best
 
 
+def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int, scan, wide, thresholds) -> tuple:
+    """:func:`_search` of queries ``q`` and :func:`_reverse` of ``q[scan]`` over their cells
+    ``wide`` (a row per scanned query), one product per (cell, queries) where they meet
+    (``fused``: :func:`~cbir_lib.neighbors.budget.scan_core`): ``(partial lists, reverse
+    pairs or None)``, each what the two give."""
+    m = len(q)
+    best = empty(m, width)
+    at = np.cumsum(scan) - 1  # a scanned query's row of ``wide``
+    found = []
+    qb = spec.query_block
+    for s in range(0, m, qb):
+        sl = slice(s, s + qb)
+        sc_ = scan[sl]
+        part, (rows, who, sc) = fused(
+            store, np.ascontiguousarray(q[sl]), qi[sl], probes[sl], kth[sl], int(spec.k), sc_, wide[at[sl][sc_]], thresholds
+        )
+        for b, new_ in zip(best, budget.merge(tuple(b[sl] for b in best), part, width), strict=True):
+            b[sl] = new_
+        if rows.size:
+            found.append((np.asarray(store.ids)[rows].astype(np.int64), qi[sl][sc_][who].astype(np.int64), sc.astype(np.float32)))
+    if not found:
+        return best, None
+    return best, tuple(np.concatenate([f[j] for f in found]) for j in range(3))
+
+
 def _reverse(store, q, qi, probes, n_cells: int, thresholds):
     """The reverse scan of queries ``q`` (added images) over a store group, against its
     rows' ``thresholds``: ``(old ids, added ids, scores)``, or ``None``."""
@@ -171,6 +196,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
 
     def fn(groups):
         files, search, width, n_cells = _task_setup(spec)
+        fused = budget.scan_core(spec)
         first, last = (np.asarray(a) for a in spec.cell_groups)
         n_groups = len(spec.bounds) - 1
         qids, added = qids_b.value, added_b.value
@@ -191,14 +217,18 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
                 wide = budget.probes_of(spec.reverse_spec(), q[rev], own[rev]) if probes is not None and rev.any() else None
                 if wide is not None:
                     sweep.hold(wide.nbytes)
-                best = _search(spec, search, st, q, qi, own, probes, np.full(r.size, -np.inf, np.float32), width)
-                sweep.hold(sum(x.nbytes for x in best))
-                if rev.any():
-                    thr = group_thresholds(files, thr_uri, g, st)
+                no_bound = np.full(r.size, -np.inf, np.float32)
+                thr = group_thresholds(files, thr_uri, g, st) if rev.any() else None
+                if thr is not None:
                     sweep.hold(thr.nbytes)
-                    found = _reverse(st, q[rev], qi[rev], wide, n_cells, thr)
-                    if found is not None:
-                        yield g, (REVERSE, g % n_buckets, found)
+                if fused is not None and wide is not None:  # one product per (cell, queries) for both
+                    best, found = _search_scan(spec, fused, st, q, qi, probes, no_bound, width, rev, wide, thr)
+                else:
+                    best = _search(spec, search, st, q, qi, own, probes, no_bound, width)
+                    found = _reverse(st, q[rev], qi[rev], wide, n_cells, thr) if thr is not None else None
+                sweep.hold(sum(x.nbytes for x in best))
+                if found is not None:
+                    yield g, (REVERSE, g % n_buckets, found)
                 for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
                     yield g, (kind, bucket, payload)
                 kth = best[0][:, width - 1]
@@ -244,6 +274,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
     def fn(it):
         t0, read0 = time.perf_counter(), budget.read_seconds()
         files, search, width, n_cells = _task_setup(spec)
+        fused = budget.scan_core(spec)
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
         for _, (kind, key, payload) in it:
             if kind != VISIT:
@@ -255,16 +286,32 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
                 st = sweep.store(g)
             nbytes = q.nbytes + sum(p.nbytes for p in (probes, rprobes) if p is not None)
             sweep.hold(nbytes)
-            if rev.any():  # the rows sent for their reverse scan here
-                if thr is None:
-                    thr = group_thresholds(files, thr_uri, g, st)
-                    sweep.hold(thr.nbytes)
-                found = _reverse(st, q[rev], qi[rev], rprobes, n_cells, thr)
+            if rev.any() and thr is None:
+                thr = group_thresholds(files, thr_uri, g, st)
+                sweep.hold(thr.nbytes)
+            # The rows sent for their search here, and for their reverse scan: both at once
+            # where the core allows (the rows sent for both), the rest apart.
+            f = np.flatnonzero(fwd)
+            both = rev[f] if fused is not None and probes is not None and rprobes is not None else np.zeros(f.size, bool)
+            if both.any():
+                at = np.cumsum(rev) - 1  # a scanned row's row of ``rprobes``
+                best, found = _search_scan(spec, fused, st, q[f], qi[f], probes[f], kth[f], width, both, rprobes[at[f[both]]], thr)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
-            if fwd.any():  # the rows sent for their search here
-                f = np.flatnonzero(fwd) if not fwd.all() else slice(None)
-                best = _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width)
+                alone = rev & ~fwd
+                if alone.any():
+                    found = _reverse(st, q[alone], qi[alone], rprobes[at[alone]], n_cells, thr)
+                    if found is not None:
+                        yield g % n_buckets, (REVERSE, found)
+            else:
+                if rev.any():
+                    found = _reverse(st, q[rev], qi[rev], rprobes, n_cells, thr)
+                    if found is not None:
+                        yield g % n_buckets, (REVERSE, found)
+                best = (
+                    _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width) if f.size else None
+                )
+            if f.size:
                 for kind_, bucket, part in _parts(spec, qi[f], best, None, qids_b.value, n_buckets):
                     yield bucket, (kind_, part)
             sweep.release(nbytes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbir_lib.neighbors.ivf import dense_search, reverse_scan
+from cbir_lib.neighbors.ivf import dense_search, reverse_scan, search_scan
 from tests.neighbors.test_ivf import build, clustered
 
 
@@ -71,3 +71,54 @@ def test_reverse_scan_of_nothing():
         store, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros((0, 2), np.int32), np.zeros(50, np.float32)
     )
     assert pos.size == qi.size == sc.size == 0
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+@pytest.mark.parametrize("seed", range(6))
+def test_search_scan_is_the_search_and_the_scan(metric, seed):
+    """The fused night core gives, bit for bit, the search of every query and the reverse
+    scan of the scanned ones: wide cells that extend the probed ones, wide cells that are
+    another route altogether (a probed cell not scanned, a scanned one not probed), self
+    pairs, thresholds of -inf and +inf, and a block past SUB_BLOCK's sub-blocks."""
+    rng = np.random.default_rng(seed)
+    n = 900
+    x = clustered(n, 10, seed=seed)
+    ids = rng.permutation(n * 3)[:n].astype(np.int64) - n
+    store = build(x, ids, metric, 12)
+    m = 60
+    qpos = rng.choice(n, m, replace=False)
+    q, qids = np.ascontiguousarray(store.vectors[qpos]), store.ids[qpos]
+    v_all, _ = dense_search(store, store.vectors, store.ids, store.route(store.vectors, store.n_cells), 4)
+    thr = v_all[:, 3].copy()
+    thr[rng.random(n) < 0.05] = -np.inf
+    thr[rng.random(n) < 0.05] = np.inf
+    scan = rng.random(m) < (0.0, 0.5, 0.9, 1.0, 0.7, 0.7)[seed]
+    probes = store.route(q, 3)
+    wide = store.route(q[scan], 5)
+    if seed >= 4:  # routes that disagree: another cell first, or the probed cells shuffled away
+        wide = np.ascontiguousarray(np.roll(wide, seed - 3, axis=0))
+    kth = None if metric == "euclidean" else np.full(m, -np.inf, np.float32)
+    (v, i), (pos, qi, sc) = search_scan(store, q, qids, probes, 5, scan, wide, thr, thresholds=kth)
+    v0, i0 = dense_search(store, q, qids, probes, 5, thresholds=kth)
+    pos0, qi0, sc0 = reverse_scan(store, q[scan], qids[scan], wide, thr)
+    assert np.array_equal(i, i0) and np.array_equal(v, v0)
+    assert np.array_equal(pos, pos0) and np.array_equal(qi, qi0) and np.array_equal(sc, sc0)
+    assert scan.any() or pos.size == 0
+
+
+def test_search_scan_of_a_big_block_matches():
+    """Past SUB_BLOCK queries dense_search selects in sub-blocks; the scan sees every product."""
+    import cbir_lib.neighbors.ivf as ivf
+
+    x = clustered(3000, 8, seed=9)
+    store = build(x, np.arange(3000, dtype=np.int64), "angular", 6)
+    q, qids = np.ascontiguousarray(store.vectors[:2500]), store.ids[:2500]
+    scan = np.arange(2500) % 3 != 0
+    probes, wide = store.route(q, 2), store.route(q[scan], 3)
+    thr = np.full(3000, 0.9, np.float32)
+    assert len(q) > ivf.SUB_BLOCK
+    (v, i), got = search_scan(store, q, qids, probes, 5, scan, wide, thr)
+    v0, i0 = dense_search(store, q, qids, probes, 5)
+    want = reverse_scan(store, q[scan], qids[scan], wide, thr)
+    assert np.array_equal(i, i0) and np.array_equal(v, v0)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)) and want[0].size
