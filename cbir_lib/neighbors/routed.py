@@ -16,7 +16,8 @@ than a rebuild reads. Here every group is read twice a night, whatever the slots
    sent, with that bound, to every other group holding a cell it probes
    (:func:`~cbir_lib.neighbors.budget.visits_of`), by a shuffle keyed by group;
 2. **visits** (:func:`visit_task`, one task per group): the queries sent to the group,
-   searched and reverse-scanned in it, one sender's batch at a time;
+   searched and reverse-scanned in it, the senders' batches together (a cell's product
+   once, not once per sender);
 3. **merge** (:func:`merge_task`, one task per bucket of query ids): each query's partial
    lists merged by ``(-score, id)``. The merge is order-free and every pruning bound is a
    lower bound of the final k-th best, so the lists are the sweep's, row for row. Each
@@ -113,10 +114,12 @@ def _visits_per_query(spec: SearchSpec) -> int:
 
 def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int) -> tuple:
     """The partial lists of queries ``q`` over one sub-store, ``width`` deep, in blocks of
-    ``query_block``; ``kth``: each query's known lower bound of its final k-th best."""
+    :meth:`~cbir_lib.neighbors.spec.SearchSpec.rows_per_step` (a plain dense search's
+    queries share each cell's product the more, the bigger the block); ``kth``: each
+    query's known lower bound of its final k-th best."""
     m = len(q)
     best = empty_shortlist(m, width) if budget.uses_shortlist(spec) else empty(m, width)
-    qb = spec.query_block
+    qb = spec.rows_per_step()
     for s in range(0, m, qb):
         sl = slice(s, s + qb)
         part = search(store, np.ascontiguousarray(q[sl]), qi[sl], own[sl], None if probes is None else probes[sl], kth[sl], int(spec.k))
@@ -135,7 +138,7 @@ def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int,
     best = empty(m, width)
     at = np.cumsum(scan) - 1  # a scanned query's row of ``wide``
     found = []
-    qb = spec.query_block
+    qb = spec.rows_per_step()
     for s in range(0, m, qb):
         sl = slice(s, s + qb)
         sc_ = scan[sl]
@@ -265,27 +268,39 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int):
     return fn
 
 
+def _coalesced(batches: list) -> tuple:
+    """``VISIT`` batches as one: each field concatenated (``None`` fields stay ``None``;
+    ``rprobes`` is ``None`` in a batch with no row to scan)."""
+    if len(batches) == 1:
+        return batches[0]
+    fields = [[f for f in field if f is not None] for field in zip(*batches, strict=True)]
+    return tuple(np.concatenate(given) if given else None for given in fields)
+
+
 def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
-    """RDD partition function over one group's records (a partition per group): each
-    ``VISIT`` batch searched in the group, and its added queries reverse-scanned there
+    """RDD partition function over one group's records (a partition per group): the
+    ``VISIT`` batches searched in the group, and their added queries reverse-scanned there
     (the group and its thresholds read once, on the first batch that needs them). Yields
-    ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them."""
+    ``(bucket, (PART | REVERSE | HELD, payload))`` for the merge, the home tasks' among them.
+
+    The senders' batches are searched together, up to ``rows_per_step`` queries at a time:
+    a cell's product is then one, not one per sender. Searched a sender's batch at a time,
+    12,000 queries at ``nprobe`` 36 on 1M x 256 took 2.5x as long in 9 batches as in one
+    (5.1 s against 2.0 s, one thread), and 6x in 30; at 100M a group hears from hundreds
+    of senders. A query's result does not depend on the queries searched with it."""
 
     def fn(it):
         t0, read0 = time.perf_counter(), budget.read_seconds()
         files, search, width, n_cells = _task_setup(spec)
         fused = budget.scan_core(spec)
+        step = spec.rows_per_step()
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
-        for _, (kind, key, payload) in it:
-            if kind != VISIT:
-                yield key, (kind, payload)
-                continue
+        pending: list = []
+        held = 0
+
+        def visit(payload):
+            nonlocal thr
             qi, q, own, probes, kth, rev, rprobes, fwd = payload
-            if st is None:
-                sweep, g = budget.Sweep(spec), key
-                st = sweep.store(g)
-            nbytes = q.nbytes + sum(p.nbytes for p in (probes, rprobes) if p is not None)
-            sweep.hold(nbytes)
             if rev.any() and thr is None:
                 thr = group_thresholds(files, thr_uri, g, st)
                 sweep.hold(thr.nbytes)
@@ -314,7 +329,26 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             if f.size:
                 for kind_, bucket, part in _parts(spec, qi[f], best, None, qids_b.value, n_buckets):
                     yield bucket, (kind_, part)
-            sweep.release(nbytes)
+
+        for _, (kind, key, payload) in it:
+            if kind != VISIT:
+                yield key, (kind, payload)
+                continue
+            if st is None:
+                sweep, g = budget.Sweep(spec), key
+                st = sweep.store(g)
+            nbytes = sum(p.nbytes for p in payload if p is not None)
+            sweep.hold(nbytes)
+            held += nbytes
+            pending.append(payload)
+            if sum(len(p[0]) for p in pending) >= step:
+                batch, pending = _coalesced(pending), []  # the senders' arrays go with the list
+                yield from visit(batch)
+                sweep.release(held)
+                held = 0
+        if pending:
+            yield from visit(_coalesced(pending))
+            sweep.release(held)
         if sweep is not None:
             sweep.close()
             spent = ("visit", time.perf_counter() - t0, budget.read_seconds() - read0)
