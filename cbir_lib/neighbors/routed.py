@@ -112,21 +112,28 @@ def _visits_per_query(spec: SearchSpec) -> int:
     return n_groups if spec.method == "exact" else min(n_groups, 2 * int(spec.nprobe))
 
 
-def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int) -> tuple:
-    """The partial lists of queries ``q`` over one sub-store, ``width`` deep, in blocks of
-    :meth:`~cbir_lib.neighbors.spec.SearchSpec.rows_per_step` (a plain dense search's
-    queries share each cell's product the more, the bigger the block); ``kth``: each
-    query's known lower bound of its final k-th best."""
-    m = len(q)
+def _in_steps(spec: SearchSpec, m: int, width: int, part_of) -> tuple:
+    """The partial lists of ``m`` queries, ``width`` deep, from ``part_of(sl)`` (the lists of
+    the queries ``sl``) in blocks of :meth:`~cbir_lib.neighbors.spec.SearchSpec.rows_per_step`
+    (a plain dense search's queries share each cell's product the more, the bigger the block)."""
     best = empty_shortlist(m, width) if budget.uses_shortlist(spec) else empty(m, width)
     qb = spec.rows_per_step()
     for s in range(0, m, qb):
         sl = slice(s, s + qb)
-        part = search(store, np.ascontiguousarray(q[sl]), qi[sl], own[sl], None if probes is None else probes[sl], kth[sl], int(spec.k))
-        merged = budget.merge(tuple(b[sl] for b in best), part, width)
+        merged = budget.merge(tuple(b[sl] for b in best), part_of(sl), width)
         for b, new_ in zip(best, merged, strict=True):
             b[sl] = new_
     return best
+
+
+def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int) -> tuple:
+    """The partial lists of queries ``q`` over one sub-store, ``width`` deep (:func:`_in_steps`);
+    ``kth``: each query's known lower bound of its final k-th best."""
+
+    def part_of(sl):
+        return search(store, np.ascontiguousarray(q[sl]), qi[sl], own[sl], None if probes is None else probes[sl], kth[sl], int(spec.k))
+
+    return _in_steps(spec, len(q), width, part_of)
 
 
 def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int, scan, wide, thresholds) -> tuple:
@@ -134,21 +141,19 @@ def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int,
     ``wide`` (a row per scanned query), one product per (cell, queries) where they meet
     (``fused``: :func:`~cbir_lib.neighbors.budget.scan_core`): ``(partial lists, reverse
     pairs or None)``, each what the two give."""
-    m = len(q)
-    best = empty(m, width)
     at = np.cumsum(scan) - 1  # a scanned query's row of ``wide``
     found = []
-    qb = spec.rows_per_step()
-    for s in range(0, m, qb):
-        sl = slice(s, s + qb)
+
+    def part_of(sl):
         sc_ = scan[sl]
         part, (rows, who, sc) = fused(
             store, np.ascontiguousarray(q[sl]), qi[sl], probes[sl], kth[sl], int(spec.k), sc_, wide[at[sl][sc_]], thresholds
         )
-        for b, new_ in zip(best, budget.merge(tuple(b[sl] for b in best), part, width), strict=True):
-            b[sl] = new_
         if rows.size:
             found.append((np.asarray(store.ids)[rows].astype(np.int64), qi[sl][sc_][who].astype(np.int64), sc.astype(np.float32)))
+        return part
+
+    best = _in_steps(spec, len(q), width, part_of)
     if not found:
         return best, None
     return best, tuple(np.concatenate([f[j] for f in found]) for j in range(3))
@@ -296,7 +301,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
         step = spec.rows_per_step()
         sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
         pending: list = []
-        held = 0
+        held = rows = 0  # the pending batches' bytes and queries
 
         def visit(payload):
             nonlocal thr
@@ -307,25 +312,20 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             # The rows sent for their search here, and for their reverse scan: both at once
             # where the core allows (the rows sent for both), the rest apart.
             f = np.flatnonzero(fwd)
+            at = np.cumsum(rev) - 1  # a scanned row's row of ``rprobes``
             both = rev[f] if fused is not None and probes is not None and rprobes is not None else np.zeros(f.size, bool)
+            apart = rev.copy()
+            apart[f[both]] = False
             if both.any():
-                at = np.cumsum(rev) - 1  # a scanned row's row of ``rprobes``
                 best, found = _search_scan(spec, fused, st, q[f], qi[f], probes[f], kth[f], width, both, rprobes[at[f[both]]], thr)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
-                alone = rev & ~fwd
-                if alone.any():
-                    found = _reverse(st, q[alone], qi[alone], rprobes[at[alone]], n_cells, thr)
-                    if found is not None:
-                        yield g % n_buckets, (REVERSE, found)
-            else:
-                if rev.any():
-                    found = _reverse(st, q[rev], qi[rev], rprobes, n_cells, thr)
-                    if found is not None:
-                        yield g % n_buckets, (REVERSE, found)
-                best = (
-                    _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width) if f.size else None
-                )
+            elif f.size:
+                best = _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width)
+            if apart.any():
+                found = _reverse(st, q[apart], qi[apart], None if rprobes is None else rprobes[at[apart]], n_cells, thr)
+                if found is not None:
+                    yield g % n_buckets, (REVERSE, found)
             if f.size:
                 for kind_, bucket, part in _parts(spec, qi[f], best, None, qids_b.value, n_buckets):
                     yield bucket, (kind_, part)
@@ -341,11 +341,12 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int):
             sweep.hold(nbytes)
             held += nbytes
             pending.append(payload)
-            if sum(len(p[0]) for p in pending) >= step:
+            rows += len(payload[0])
+            if rows >= step:
                 batch, pending = _coalesced(pending), []  # the senders' arrays go with the list
                 yield from visit(batch)
                 sweep.release(held)
-                held = 0
+                held = rows = 0
         if pending:
             yield from visit(_coalesced(pending))
             sweep.release(held)
