@@ -551,6 +551,7 @@ def run(
     # last score (a list shorter than that lost neighbours on an earlier night): the reverse
     # scan must reach its last score. In a smaller one every list is everything there is.
     complete_only = n_prev - 1 < width
+    t_thr = time.perf_counter()
     live = stats.join(F.broadcast(id_frame(spark, np.union1d(added, removed))), "image_id", "left_anti")
     lost = live.filter(F.col("lost") > 0).select("image_id", (F.col("length") - F.col("lost") < k).alias("short")).toArrow()
     lost_ids = lost.column("image_id").to_numpy().astype(np.int64)
@@ -573,6 +574,7 @@ def run(
             thresholds.join(where, "image_id").repartition("group").write.mode("overwrite").partitionBy("group").parquet(thr_uri)
         else:
             thresholds.coalesce(max(1, slots)).write.mode("overwrite").parquet(thr_uri)
+    timings["thresholds_s"] = round(time.perf_counter() - t_thr, 3)
     if not grouped:
         thr_files = tables.part_uris(spark, thr_uri)
         spec = spec.with_(thresholds_files=thr_files, thresholds_key=f"{work_key}-{L._spec_key(thr_files)}")
@@ -614,6 +616,7 @@ def run(
             fs.rename(spark, tmp, searched_uri)
         timings["search_s"] = round(t["seconds"], 3)
     faults.point("neighbors.incremental.after_search")
+    t_merge = time.perf_counter()
     searched = spark.read.schema(DELTA_SEARCH_DDL).parquet(searched_uri)
     fresh = searched.filter(~F.col("reverse")).drop("reverse")
     replaced = np.union1d(np.union1d(added, removed), refill)
@@ -633,6 +636,7 @@ def run(
     public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
     top_changed = _top_changed(spark, merged, stats, touched, k)
     groups = _change_groups(night, refill, top_changed)
+    timings["merge_s"] = round(time.perf_counter() - t_merge, 3)
     changes = columns_frame(
         spark,
         {
@@ -858,6 +862,7 @@ def _recall(
     half = nb.recall_sample // 2
     if not half:
         return None, None, {"new": 0, "old": 0}, []
+    t_locate = time.perf_counter()
     rng = np.random.default_rng(seed)
     new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
     # Candidates for the old images, kept in the order drawn: the first ``half`` not added
@@ -897,6 +902,7 @@ def _recall(
         new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
     old_pos = old_sample(drawn, cand, cand_ids, added, half)
     positions = np.sort(np.concatenate([new_pos, old_pos]))
+    timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
     with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
         if spec.groups_uri:
             exact = spec.with_(method="exact")
@@ -909,7 +915,9 @@ def _recall(
             qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
     k = nb.k
+    t_rows = time.perf_counter()
     av, ai = L.topk_arrays(rows_of(qids), qids, spec.k)
+    timings["recall_rows_s"] = round(time.perf_counter() - t_rows, 3)
     is_new = np.isin(qids, added)
 
     def rec(mask):
