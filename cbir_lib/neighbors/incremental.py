@@ -585,6 +585,12 @@ def run(
     # The searches: the added (with their reverse scans) and the refilled, committed once.
     searched_uri = fs.join(work_dir, "searched")
     n_queries = int(added.size + refill.size)
+    # In groups, the exact recall sample rides along the search, which reads every group.
+    sample = None
+    if grouped:
+        t_locate = time.perf_counter()
+        sample = _sample(sc, spec, added, n, nb, index.get("seed", 0), layout)
+        timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
     if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
             tmp = fs.join(work_dir, "_tmp", uuid.uuid4().hex)
@@ -593,7 +599,7 @@ def run(
                 qids = np.concatenate([added, refill]).astype(np.int64)
                 schema = L._arrow_schema(DELTA_SEARCH_DDL)
                 found, _, held, reads, spent = routed.search(
-                    sc, spec, qids, added, thr_uri, tmp, schema, int(memory["budget_bytes"]), slots
+                    sc, spec, qids, added, thr_uri, tmp, schema, int(memory["budget_bytes"]), slots, sample.ids if sample else None
                 )
                 timings["search_tasks"] = spent
                 if found != qids.size:
@@ -623,6 +629,8 @@ def run(
     reverse = searched.filter(F.col("reverse")).drop("reverse").join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti")
     reverse_ids = np.unique(reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64))
     touched = np.union1d(reverse_ids, lost_only)
+    exact_uri = fs.join(searched_uri, routed.EXACT_DIR)
+    exact_uri = exact_uri if sample is not None and fs.exists(spark, exact_uri) else None
 
     # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
     cols = ["image_id", "rank", "neighbor_id", "score"]
@@ -660,6 +668,8 @@ def run(
             timings,
             memory,
             layout,
+            sample,
+            exact_uri,
         )
     except BaseException:
         merged.unpersist()
@@ -842,27 +852,24 @@ def old_sample(drawn: np.ndarray, cand: np.ndarray, cand_ids: np.ndarray, added:
     return np.sort(drawn[~np.isin(drawn_ids, added)][:half])
 
 
-def _recall(
-    sc,
-    spec: SearchSpec,
-    rows_of,
-    added: np.ndarray,
-    n: int,
-    slots: int,
-    nb,
-    seed: int,
-    timings: dict,
-    memory: dict | None = None,
-    layout=None,
-):
-    """Recall@k of the merged lists on up to ``recall_sample / 2`` new and as many old
-    images (store positions drawn with the index's seed), against exact search.
-    ``rows_of(ids)``: the lists of ``ids`` as an Arrow table. In the grouped layout the
-    exact search runs a group at a time, and its largest share goes into ``memory``."""
+@dataclass(frozen=True)
+class _Sample:
+    """A night's recall sample: store positions (sorted) and, in the grouped layout, their
+    ids in that order (``None`` elsewhere: the exact search finds them)."""
+
+    positions: np.ndarray
+    ids: np.ndarray | None
+    n_new: int
+    n_old: int
+
+
+def _sample(sc, spec: SearchSpec, added: np.ndarray, n: int, nb, seed: int, layout=None) -> _Sample | None:
+    """Up to ``recall_sample / 2`` new and as many old images (store positions drawn with
+    the index's seed); ``None`` without a sample. In the grouped layout positions are
+    looked up in the groups (on kept groups, row numbers: :func:`layered.rows`)."""
     half = nb.recall_sample // 2
     if not half:
-        return None, None, {"new": 0, "old": 0}, []
-    t_locate = time.perf_counter()
+        return None
     rng = np.random.default_rng(seed)
     new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
     # Candidates for the old images, kept in the order drawn: the first ``half`` not added
@@ -877,7 +884,8 @@ def _recall(
         pos = T.positions_of(store, new_ids)
         return [(pos, np.asarray(store.ids)[cand])]
 
-    if spec.groups_uri:  # the grouped layout: positions from the groups, exact search a group at a time
+    new_at = None  # the new images' ids, aligned with new_pos (grouped layout)
+    if spec.groups_uri:  # the grouped layout: positions from the groups
         from pyspark.sql import SparkSession
         from pyspark.sql import functions as F
 
@@ -885,12 +893,12 @@ def _recall(
         keys = spark.read.parquet(spec.groups_uri).select("image_id", "pos")
         if layout is None:
             of_new = keys.join(F.broadcast(id_frame(spark, new_ids)), "image_id", "left_semi").toArrow()
-            new_pos = np.sort(of_new.column("pos").to_numpy().astype(np.int64))
+            new_pos, new_at = of_new.column("pos").to_numpy().astype(np.int64), of_new.column("image_id").to_numpy().astype(np.int64)
             at = keys.join(F.broadcast(id_frame(spark, cand, "pos")), "pos", "left_semi").toArrow()
             order = np.argsort(at.column("pos").to_numpy(), kind="stable")  # cand is sorted
             cand_ids = at.column("image_id").to_numpy().astype(np.int64)[order]
         else:  # on the kept groups, row numbers (layered.rows): the new images are the delta's
-            new_pos = np.sort(layered.delta_rows(layout, new_ids))
+            new_pos, new_at = layered.delta_rows(layout, new_ids).astype(np.int64), new_ids
             in_base, in_delta = layered.rows(layout, cand)
             at = keys.join(F.broadcast(id_frame(spark, in_base[in_base >= 0], "pos")), "pos", "left_semi").toArrow()
             by_pos = dict(zip(at.column("pos").to_numpy().tolist(), at.column("image_id").to_numpy().tolist(), strict=True))
@@ -901,16 +909,67 @@ def _recall(
     else:
         new_pos, cand_ids = sc.parallelize([0], 1).mapPartitions(locate).collect()[0]
     old_pos = old_sample(drawn, cand, cand_ids, added, half)
-    positions = np.sort(np.concatenate([new_pos, old_pos]))
-    timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
-    with timer(f"exact top-{nb.k} of {positions.size} sample queries ({new_ids.size} new, {old_pos.size} old) over {n} vectors") as t:
-        if spec.groups_uri:
+    positions = np.concatenate([new_pos, old_pos]).astype(np.int64)
+    order = np.argsort(positions, kind="stable")
+    ids = None
+    if new_at is not None:
+        ids = np.concatenate([new_at, np.asarray(cand_ids)[np.searchsorted(cand, old_pos)]]).astype(np.int64)[order]
+    return _Sample(positions[order], ids, int(new_ids.size), int(old_pos.size))
+
+
+def _recall(
+    sc,
+    spec: SearchSpec,
+    rows_of,
+    added: np.ndarray,
+    n: int,
+    slots: int,
+    nb,
+    seed: int,
+    timings: dict,
+    memory: dict | None = None,
+    layout=None,
+    sample: _Sample | None = None,
+    exact_uri: str | None = None,
+):
+    """Recall@k of the merged lists on the night's sample (:func:`_sample`; drawn here
+    unless given), against exact search. ``rows_of(ids)``: the lists of ``ids`` as an Arrow
+    table. In the grouped layout the exact search runs a group at a time, and its largest
+    share goes into ``memory``; where the night's search computed it (``exact_uri``, the
+    routed search's ``_exact/``: :mod:`~cbir_lib.neighbors.routed`), it is read from there."""
+    if sample is None:
+        t_locate = time.perf_counter()
+        sample = _sample(sc, spec, added, n, nb, seed, layout)
+        timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
+    if sample is None:
+        return None, None, {"new": 0, "old": 0}, []
+    positions = sample.positions
+    what = f"exact top-{nb.k} of {positions.size} sample queries ({sample.n_new} new, {sample.n_old} old) over {n} vectors"
+    if exact_uri is not None:
+        what += ", computed in the night's search"
+    with timer(what) as t:
+        if exact_uri is not None:
+            import pyarrow as pa
+            from pyspark.sql import SparkSession
+
+            files = remote.Files(**spec.files)
+            names = tables.part_uris(SparkSession.getActiveSession(), exact_uri)
+            got = pa.concat_tables([remote.read_parquet(files, u, ["image_id", "rank", "neighbor_id", "score"]) for u in names])
+            qids = sample.ids
+            if n > 1 and not np.array_equal(np.unique(got.column("image_id").to_numpy()), np.unique(qids)):
+                raise RuntimeError("neighbors: the night's search did not return the exact lists of its sample, and only those")
+            tv, ti = L.topk_arrays(got, qids, spec.k)
+        elif spec.groups_uri:
+            from pyspark.sql import SparkSession
+
             exact = spec.with_(method="exact")
-            sample = budget.sample_queries(spark, spec.groups_uri, positions, int(spec.dim), spec.delta_uri, layout)
-            tv, ti, _, held = budget.sample_search(sc, exact, sample, budget.core(exact))
+            found = budget.sample_queries(
+                SparkSession.getActiveSession(), spec.groups_uri, positions, int(spec.dim), spec.delta_uri, layout
+            )
+            tv, ti, _, held = budget.sample_search(sc, exact, found, budget.core(exact))
             if memory is not None:
                 memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), int(held))
-            qids = sample[1]
+            qids = found[1]
         else:
             qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)

@@ -418,3 +418,54 @@ def test_a_night_below_min_recall_is_refused_only_with_confidence_and_named_othe
         incremental._check_recall(nb, 0.96, 0.955, [0.965, 0.96])
         incremental._check_recall(SimpleNamespace(min_recall=None, k=10), 0.5, 0.5, [0.6, 0.6])
     assert not caplog.text
+
+
+def test_the_exact_sample_rides_the_grouped_search_and_finds_what_its_own_search_finds(spark, tmp_path, monkeypatch):
+    """On kept groups, the night's exact recall sample searched by the routed search's home
+    and visit tasks (routed.py: RIDE, EXACT) gives the sample's exact top-k, score for score,
+    that budget.sample_search gives it apart (a search that returned no ``_exact/``, as one
+    committed by earlier code, is searched apart), and the same table."""
+    from cbir_lib.neighbors import incremental, routed
+
+    rng = np.random.default_rng(9)
+    ids, x = signed_ids(2000, seed=21), clustered(2060, 16, seed=21)
+    opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2, "memory_budget": "24k"}
+    base = tmp_path / "base"
+    _, full = night(spark, base, "d1", ids, x[:2000], neighbors=opts, execution="executors")
+    assert full["kept_groups"] and full["memory"]["groups"] > 2
+    keep = np.ones(2000, bool)
+    keep[rng.choice(2000, 40, replace=False)] = False
+    ids2 = np.concatenate([ids[keep], signed_ids(60, seed=22)])
+    x2 = np.concatenate([x[:2000][keep], x[2000:2060]])
+    seen: dict[str, list] = {}
+    real_recall, real_search = incremental.recall_at_k, routed.search
+
+    def recording(name):
+        def recall_at_k(got_i, true_i, true_v, got_v):
+            seen.setdefault(name, []).append((np.array(true_i), np.array(true_v), np.array(got_i)))
+            return real_recall(got_i, true_i, true_v, got_v)
+
+        return recall_at_k
+
+    got = {}
+    for name in ("riders", "apart"):
+        root = tmp_path / name
+        shutil.copytree(base, root)
+        monkeypatch.setattr(incremental, "recall_at_k", recording(name))
+        if name == "apart":  # the search as earlier code ran it: no sample along
+            monkeypatch.setattr(routed, "search", lambda *a, **kw: real_search(*a[:9]))
+        _, got[name] = night(spark, root, "d2", ids2, x2, neighbors=opts, execution="executors")
+        assert got[name]["mode"] == "incremental" and got[name]["memory"]["kept_groups"]["used"]
+    riders, apart = got["riders"], got["apart"]
+    assert riders["timings"]["search_tasks"]["exact_s"] > 0 and apart["timings"]["search_tasks"]["exact_s"] == 0
+    assert riders["recall_sample"]["new"] > 0 and riders["recall_sample"]["old"] > 0
+    assert len(seen["riders"]) == len(seen["apart"]) == 2  # new images, old images
+    for (ti, tv, ai), (tj, tw, aj) in zip(seen["riders"], seen["apart"], strict=True):
+        np.testing.assert_array_equal(ti, tj)
+        np.testing.assert_array_equal(tv, tw)
+        np.testing.assert_array_equal(ai, aj)
+    for key in ("recall_new", "recall_old", "recall_upper_bounds", "changes", "counts"):
+        assert riders[key] == apart[key], key
+    for sub in ("", "/_reserve", "/_changes"):
+        rows = [sorted(spark.read.parquet(m["output"] + sub).drop("neighbors_run_id").collect()) for m in (riders, apart)]
+        assert rows[0] == rows[1] and rows[0], sub
