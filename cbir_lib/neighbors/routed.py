@@ -59,15 +59,6 @@ def _exact(spec: SearchSpec, store, q: np.ndarray, qi: np.ndarray) -> tuple:
     return budget.core(spec.with_(method="exact"))(store, np.ascontiguousarray(q), qi, None, None, None, int(spec.k))
 
 
-def _exact_parts(qi: np.ndarray, part: tuple, sample: np.ndarray, n_buckets: int):
-    """A group's partial exact lists of sampled images ``qi`` as ``(EXACT, bucket, (ids,
-    lists))`` records, one per merge bucket (buckets by rank in the sorted ``sample``)."""
-    b = _bucket_of(qi, sample, n_buckets)
-    for u in np.unique(b):
-        r = np.flatnonzero(b == u)
-        yield EXACT, int(u), (qi[r], tuple(x[r] for x in part))
-
-
 def fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
     """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false)."""
     import pyarrow as pa
@@ -201,13 +192,15 @@ def _bucket_of(ids: np.ndarray, qids: np.ndarray, n_buckets: int) -> np.ndarray:
     return np.searchsorted(qids, ids) * n_buckets // max(1, len(qids))
 
 
-def _parts(spec: SearchSpec, qi: np.ndarray, best: tuple, q: np.ndarray | None, qids: np.ndarray, n_buckets: int):
-    """A batch's partial lists as ``(PART, bucket, (ids, lists, vectors or None))`` records,
-    one per merge bucket (the vectors ride along where the reduced first pass's finish needs them)."""
+def _parts(qi: np.ndarray, best: tuple, q: np.ndarray | None, qids: np.ndarray, n_buckets: int, kind: str = PART):
+    """A batch's partial lists as ``(kind, bucket, (ids, lists, vectors or None))`` records,
+    one per merge bucket (buckets by rank in the sorted ``qids``; the vectors ride along
+    where the reduced first pass's finish needs them). ``kind``: ``PART``, or ``EXACT`` for
+    the exact sample's (``qids`` its ids)."""
     b = _bucket_of(qi, qids, n_buckets)
     for u in np.unique(b):
         r = np.flatnonzero(b == u)
-        yield PART, int(u), (qi[r], tuple(x[r] for x in best), None if q is None else q[r])
+        yield kind, int(u), (qi[r], tuple(x[r] for x in best), None if q is None else q[r])
 
 
 def _task_setup(spec: SearchSpec) -> tuple:
@@ -268,7 +261,7 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int, s
                 sweep.hold(sum(x.nbytes for x in best))
                 if found is not None:
                     yield g, (REVERSE, g % n_buckets, found)
-                for kind, bucket, payload in _parts(spec, qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
+                for kind, bucket, payload in _parts(qi, best, q if budget.uses_shortlist(spec) else None, qids, n_buckets):
                     yield g, (kind, bucket, payload)
                 kth = best[0][:, width - 1]
                 searches = budget.visits_of(probes, first, last, n_groups, r.size)
@@ -363,7 +356,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int, sample_b=
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
             if f.size:
-                for kind_, bucket, part in _parts(spec, qi[f], best, None, qids_b.value, n_buckets):
+                for kind_, bucket, part in _parts(qi[f], best, None, qids_b.value, n_buckets):
                     yield bucket, (kind_, part)
 
         for _, (kind, key, payload) in it:
@@ -394,7 +387,7 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int, sample_b=
         if riders:
             t1 = time.perf_counter()
             si, xs = (np.concatenate(f) for f in zip(*riders, strict=True))
-            for kind, bucket, payload in _exact_parts(si, _exact(spec, st, xs, si), sample_b.value, n_buckets):
+            for kind, bucket, payload in _parts(si, _exact(spec, st, xs, si), None, sample_b.value, n_buckets, EXACT):
                 yield bucket, (kind, payload)
             exact_s = time.perf_counter() - t1
         if sweep is not None:
