@@ -68,6 +68,12 @@ DELTA_BLOCK = 8192  # a night's queries searched together in one task step
 
 
 LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory, ~3 copies at the merge
+# The merge on the executors (:func:`_merged_lists`): a touched list's row held by its task,
+# from the Arrow batches to the lists written (input, old and new dense lists, the top-k
+# selection's temporaries, output); the task's share of ``neighbors.memory_budget`` is half.
+MERGE_ROW_BYTES = 160
+MERGED_DDL = "image_id long, rank int, neighbor_id long, score float"
+CHANGED_RANK = 0  # the merge's one row (no neighbour) for each list whose top k changed
 
 
 @dataclass
@@ -627,7 +633,8 @@ def run(
     fresh = searched.filter(~F.col("reverse")).drop("reverse")
     replaced = np.union1d(np.union1d(added, removed), refill)
     reverse = searched.filter(F.col("reverse")).drop("reverse").join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti")
-    reverse_ids = np.unique(reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64))
+    reverse_rows_ids = reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64)
+    n_reverse_rows, reverse_ids = reverse_rows_ids.size, np.unique(reverse_rows_ids)
     touched = np.union1d(reverse_ids, lost_only)
     exact_uri = fs.join(searched_uri, routed.EXACT_DIR)
     exact_uri = exact_uri if sample is not None and fs.exists(spark, exact_uri) else None
@@ -638,11 +645,18 @@ def run(
     # Only the touched lists are cached, for the table, its reserve, the recall check and
     # the "updated" count; those read the untouched lists again. Caching every list (and
     # diffing the top k by a join) took 15.2 s of a 1M night on 2 cores; this, ~6 s.
-    merged = _merge_plan(spark, old, touched, removed, reverse, width).persist(StorageLevel.MEMORY_AND_DISK)
-    lists = untouched.select(*cols).unionByName(merged.select(*cols)).unionByName(fresh.select(*cols))
+    # The touched lists are merged by listops' numpy, a task's lists at a time, sized to
+    # the budget (a window's row_number over them was 7.3 s of it against 5.4 s, warm).
+    n_merge = int(touched.size) * width + int(n_reverse_rows)
+    n_parts = max(1, slots, -(-n_merge * MERGE_ROW_BYTES // max(1, int(memory["budget_bytes"]) // 2)))
+    merged = _merged_lists(spark, old, touched, removed, reverse, width, k, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = merged.filter(F.col("rank") > CHANGED_RANK)
+    lists = untouched.select(*cols).unionByName(rows).unionByName(fresh.select(*cols))
     n_files = L._output_files(spark, n)
     public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
-    top_changed = _top_changed(spark, merged, stats, touched, k)
+    marks = merged.filter(F.col("rank") == CHANGED_RANK).select("image_id").toArrow()
+    top_changed = np.sort(marks.column("image_id").to_numpy().astype(np.int64))
+    memory["merge_tasks"] = n_parts
     groups = _change_groups(night, refill, top_changed)
     timings["merge_s"] = round(time.perf_counter() - t_merge, 3)
     changes = columns_frame(
@@ -694,48 +708,56 @@ def run(
     return manifest
 
 
-def _merge_plan(spark, old, touched: np.ndarray, removed: np.ndarray, reverse, width: int):
-    """The Spark twin of :func:`~cbir_lib.neighbors.listops.merged`: the lists of ``touched``
-    (sorted ids) from ``old`` less the neighbours in ``removed``, with the candidate rows
-    ``reverse``, ranked by ``(-score, neighbour id)`` and cut at ``width``. Each row keeps
-    its rank of last night as ``was_rank`` (null for a candidate's), for :func:`_top_changed`."""
-    from pyspark.sql import Window
+def _merge_task(removed: np.ndarray, width: int, k: int):
+    """mapInArrow over the rows of whole lists (``old`` true: last night's, every rank;
+    false: a new candidate): each list merged by :func:`~cbir_lib.neighbors.listops.merged`,
+    and one more row, of rank ``CHANGED_RANK`` and no neighbour, for each list whose top
+    k is not last night's (:func:`~cbir_lib.neighbors.listops.top_changed`)."""
+
+    def fn(batches):
+        import pyarrow as pa
+
+        held = [b for b in batches if b.num_rows]
+        if not held:
+            return
+        t = pa.Table.from_batches(held)
+        del held
+        is_old = t.column("old").to_numpy(zero_copy_only=False).astype(bool)
+        ids = np.unique(t.column("image_id").to_numpy())
+        before = listops.Dense.from_arrow([t.filter(pa.array(is_old))], width)
+        extra = listops.Lists.from_arrow(t.filter(pa.array(~is_old)))
+        del t
+        after = listops.merged(before, ids, removed, extra, width)
+        changed = listops.top_changed(before, after, ids, k)
+        del before, extra
+        yield from after.to_arrow().to_batches()
+        if changed.size:
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.array(changed.astype(np.int64)),
+                    pa.array(np.full(changed.size, CHANGED_RANK, np.int32)),
+                    pa.nulls(changed.size, pa.int64()),
+                    pa.nulls(changed.size, pa.float32()),
+                ],
+                names=["image_id", "rank", "neighbor_id", "score"],
+            )
+
+    return fn
+
+
+def _merged_lists(spark, old, touched: np.ndarray, removed: np.ndarray, reverse, width: int, k: int, n_parts: int):
+    """The Spark side of :func:`~cbir_lib.neighbors.listops.merged`: the lists of
+    ``touched`` (sorted ids) from ``old`` less the neighbours in ``removed``, with the
+    candidate rows ``reverse``, ranked by ``(-score, neighbour id)`` and cut at ``width``,
+    in ``n_parts`` tasks of whole lists; with a row of rank ``CHANGED_RANK`` for each list
+    whose top k, what the table holds, is not last night's (the "updated" lists: one that
+    changed only past k, in its reserve, is no change to a reader of the table)."""
     from pyspark.sql import functions as F
 
     cols = ["image_id", "rank", "neighbor_id", "score"]
-    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi")
-    kept = kept.join(F.broadcast(id_frame(spark, removed, "neighbor_id")), "neighbor_id", "left_anti")
-    order = Window.partitionBy("image_id").orderBy(F.col("score").desc(), F.col("neighbor_id").asc())
-    return (
-        kept.select(*cols, F.col("rank").alias("was_rank"))
-        .unionByName(reverse.select(*cols, F.lit(None).cast("int").alias("was_rank")))
-        .withColumn("rank", F.row_number().over(order).cast("int"))
-        .filter(F.col("rank") <= width)
-    )
-
-
-def _top_changed(spark, merged, stats, touched: np.ndarray, k: int) -> np.ndarray:
-    """The "updated" lists: those of ``touched`` (sorted ids) whose top k, what the table
-    holds, is not what it was; one that changed only past k (its reserve) is no change to
-    a reader of the table.
-
-    A top k is unchanged when it has as many rows as last night's (its length, at most k)
-    and each of them holds the rank it had (``was_rank``): the same row in the same place.
-    One aggregation of ``merged``, already partitioned by list, instead of a join of last
-    night's rows to tonight's (a scan of every old list and a shuffle: 4.1 s at 1M)."""
-    from pyspark.sql import functions as F
-
-    if not touched.size:
-        return np.zeros(0, np.int64)
-    same_rank = F.coalesce(F.col("was_rank") == F.col("rank"), F.lit(False)).cast("int")
-    top = merged.filter(F.col("rank") <= k).groupBy("image_id").agg(F.count("*").alias("n"), F.min(same_rank).alias("same")).toArrow()
-    was = stats.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select("image_id", "length").toArrow()
-    n_now, same, n_was = np.zeros(touched.size, np.int64), np.ones(touched.size, bool), np.zeros(touched.size, np.int64)
-    at = np.searchsorted(touched, top.column("image_id").to_numpy())
-    n_now[at], same[at] = top.column("n").to_numpy(), top.column("same").to_numpy() == 1
-    at = np.searchsorted(touched, was.column("image_id").to_numpy())
-    n_was[at] = np.minimum(was.column("length").to_numpy(), k)
-    return touched[(n_now != n_was) | ~same]
+    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*cols, F.lit(True).alias("old"))
+    cand = reverse.select(*cols, F.lit(False).alias("old"))
+    return kept.unionByName(cand).repartition(n_parts, "image_id").mapInArrow(_merge_task(removed, width, k), MERGED_DDL)
 
 
 def _check_recall(nb, recall_new, recall_old, upper) -> None:

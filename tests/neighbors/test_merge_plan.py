@@ -1,5 +1,6 @@
-"""The executors' merge of an incremental night (a Spark plan) against its numpy twin in
-``listops``: the same re-ranked lists, and the same lists named "updated"."""
+"""The executors' merge of an incremental night (numpy in Spark tasks of whole lists)
+against its numpy twin in ``listops`` run on all lists at once: the same re-ranked lists,
+and the same lists named "updated", whatever the number of tasks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from cbir_lib.neighbors import listops
-from cbir_lib.neighbors.incremental import _merge_plan, _top_changed
+from cbir_lib.neighbors.incremental import CHANGED_RANK, _merged_lists
 from tests.neighbors.test_listops import as_dict, random_rows
 
 
@@ -16,10 +17,15 @@ def _frame(spark, t: pa.Table):
     return spark.createDataFrame(t.to_pandas(), "image_id long, rank int, neighbor_id long, score float")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_merge_plan_and_its_updated_lists_are_the_numpy_nights(spark, seed):
-    from pyspark.sql import functions as F
+def _split(merged):
+    t = merged.toArrow()
+    mark = t.column("rank").to_numpy() == CHANGED_RANK
+    changed = np.sort(t.column("image_id").to_numpy()[mark])
+    return t.filter(pa.array(~mark)), changed
 
+
+@pytest.mark.parametrize("seed,n_parts", [(0, 1), (1, 3), (2, 7)])
+def test_the_merge_and_its_updated_lists_are_the_numpy_nights(spark, seed, n_parts):
     rng = np.random.default_rng(seed)
     width, k = 6, 3
     t = random_rows(rng, n_lists=80, width=width)  # lists of 1..width rows, tied scores
@@ -39,14 +45,13 @@ def test_the_merge_plan_and_its_updated_lists_are_the_numpy_nights(spark, seed):
 
     old_df = _frame(spark, t)
     reverse = _frame(spark, extra.to_arrow())
-    stats = old_df.groupBy("image_id").agg(F.max("rank").alias("length"))
-    merged = _merge_plan(spark, old_df, touched, removed, reverse, width).cache()
-    got = merged.select("image_id", "rank", "neighbor_id", "score").toArrow()
+    got, changed = _split(_merged_lists(spark, old_df, touched, removed, reverse, width, k, n_parts))
     assert as_dict(got) == as_dict(want)
-    assert np.array_equal(_top_changed(spark, merged, stats, touched, k), want_changed)
+    assert got.num_rows == int(want.length.sum())
+    assert np.array_equal(changed, want_changed)
     # A list that lost every row and gained none has no rows tonight: it changed.
     gone = old.of_lists(touched[:1])
     all_gone = np.unique(gone.nid[gone.valid()])
-    m2 = _merge_plan(spark, old_df, touched[:1], all_gone, reverse.limit(0), width)
-    assert _top_changed(spark, m2, stats, touched[:1], k).tolist() == touched[:1].tolist()
-    merged.unpersist()
+    got2, changed2 = _split(_merged_lists(spark, old_df, touched[:1], all_gone, reverse.limit(0), width, k, n_parts))
+    assert got2.num_rows == 0
+    assert changed2.tolist() == touched[:1].tolist()
