@@ -641,17 +641,26 @@ def run(
 
     # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
     cols = ["image_id", "rank", "neighbor_id", "score"]
-    untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, touched))), "image_id", "left_anti")
+    # Where the sample is known (the grouped layout), its old images' untouched lists pass
+    # through the merge unchanged, so that the recall check reads its lists from the merge
+    # and the searches' output, not from another scan of every old list.
+    riders = np.zeros(0, np.int64)
+    if sample is not None and sample.ids is not None:
+        riders = np.setdiff1d(sample.ids, np.union1d(replaced, touched)).astype(np.int64)
+    in_merge = np.union1d(touched, riders)
+    untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, in_merge))), "image_id", "left_anti")
     # Only the touched lists are cached, for the table, its reserve, the recall check and
     # the "updated" count; those read the untouched lists again. Caching every list (and
     # diffing the top k by a join) took 15.2 s of a 1M night on 2 cores; this, ~6 s.
     # The touched lists are merged by listops' numpy, a task's lists at a time, sized to
     # the budget (a window's row_number over them was 7.3 s of it against 5.4 s, warm).
-    n_merge = int(touched.size) * width + int(n_reverse_rows)
+    n_merge = int(in_merge.size) * width + int(n_reverse_rows)
     n_parts = max(1, slots, -(-n_merge * MERGE_ROW_BYTES // max(1, int(memory["budget_bytes"]) // 2)))
-    merged = _merged_lists(spark, old, touched, removed, reverse, width, k, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+    merged = _merged_lists(spark, old, in_merge, removed, reverse, width, k, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
     rows = merged.filter(F.col("rank") > CHANGED_RANK)
     lists = untouched.select(*cols).unionByName(rows).unionByName(fresh.select(*cols))
+    # The sample's lists: every one is merged or searched tonight where riders were taken.
+    sampled = lists if sample is None or sample.ids is None else rows.unionByName(fresh.select(*cols))
     n_files = L._output_files(spark, n)
     public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
     marks = merged.filter(F.col("rank") == CHANGED_RANK).select("image_id").toArrow()
@@ -673,7 +682,7 @@ def run(
         recall_new, recall_old, sample_sizes, upper = _recall(
             sc,
             spec,
-            lambda qids: lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
+            lambda qids: sampled.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
             added,
             n,
             slots,
