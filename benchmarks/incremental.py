@@ -234,6 +234,7 @@ def main() -> None:
                     "recall_new": manifest.get("recall_new"),
                     "recall_old": manifest.get("recall_old"),
                     "full_reason": manifest.get("full_reason"),
+                    "nprobe": manifest.get("nprobe"),
                 }
                 idx = json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())
                 row["incremental_index"] = {
@@ -250,6 +251,8 @@ def main() -> None:
                     + float(manifest.get("wall_seconds") or 0),
                     1,
                 )
+                # What benchmarks/incremental_projection.py splits into arithmetic and reads.
+                row["full_neighbors"] = {k: manifest.get(k) for k in ("method", "nprobe", "wall_seconds", "timings")}
         row["ratio"] = round(inc_s / full_s, 4)
         row["stages_ratio"] = round(row["incremental_stages_s"] / max(row["full_stages_s"], 1e-9), 4)
         out["nights"].append(row)

@@ -1,0 +1,146 @@
+"""An incremental night and a full rebuild projected to 100M, from benchmark runs at several sizes.
+
+    python benchmarks/incremental_projection.py VARIANT [VARIANT ...] [--to 100000000] [--write NAME]
+
+Reads the runs ``variants/<VARIANT>`` of ``benchmarks/results/incremental.json`` (made by
+``benchmarks/incremental.py --label``, one per size, on one machine, one after another), and
+projects each night of the largest run, and its rebuild, to ``--to`` vectors:
+
+- **The search's arithmetic** (the search tasks' seconds less their group reads, and less
+  the exact recall sample's riders): x (N'/N)^1.5. A query probes a fixed number of cells
+  of a number of cells that grows as sqrt(N), so each query costs sqrt(N) more, and a
+  night has N times the queries. The rebuild's is scaled by the nights' ``nprobe`` over
+  its own, where its calibration chose another.
+- **The search's group reads**: x N'/N (each group read twice, whatever the size);
+  the rebuild's from x N'/N to x 4.7 N'/N (its chunked sweep, measured in session 26).
+- **The exact sample's riders** (1,000 queries against every vector): x N'/N.
+- **Everything else** (the wall time less the search's: JVM and session start, planning,
+  the index diff, assignment and store, the list statistics, thresholds, merge, recall
+  rows, the commit): fitted as ``a + b N`` over the sizes by least squares, for each night
+  apart, and taken at N'. ``a`` is what does not grow with the collection at these sizes
+  (start-up, Spark jobs' and stages' fixed costs); ``b`` the rest.
+
+Task seconds become wall seconds on the benchmark's 2 slots. Every figure is a projection
+from the runs' measured parts, not a measurement at N'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "incremental.json"
+SLOTS = 2  # the benchmark's local[2]
+REBUILD_READS = (1.0, 4.7)  # the rebuild's group reads: x N'/N up to its chunked sweep's 4.7x
+
+
+def night_parts(row: dict) -> dict:
+    """One benchmark night's measured parts (seconds): walls, searches' walls, and the
+    search tasks' seconds split into arithmetic, reads and the exact sample's riders."""
+    t = row["incremental_manifest"]["timings"]
+    st = t["search_tasks"]
+    fn = row["full_neighbors"]
+    ft = fn["timings"]
+    exact = float(st.get("exact_s") or 0.0)
+    return {
+        "n_inc_wall": float(row["incremental_s"]),
+        "n_search": float(t["search_s"]),
+        "n_arith": float(st["home_s"] + st["visit_s"] + st.get("merge_s", 0.0) - st["read_s"] - exact),
+        "n_reads": float(st["read_s"]),
+        "n_exact": exact,
+        "f_wall": float(row["full_s"]),
+        "f_search": float(ft["search_s"]),
+        "f_arith": float(ft["search_tasks"]["task_s"] - ft["search_tasks"]["read_s"]),
+        "f_reads": float(ft["search_tasks"]["read_s"]),
+        "f_nprobe": fn.get("nprobe"),
+        "n_nprobe": row["incremental_manifest"].get("nprobe"),
+    }
+
+
+def project(runs: dict[int, list[dict]], to: int) -> list[dict]:
+    sizes = sorted(runs)
+    big = sizes[-1]
+    out = []
+    for i in range(min(len(runs[n]) for n in sizes)):
+        parts = {n: night_parts(runs[n][i]) for n in sizes}
+        x = np.array(sizes, float)
+        fit = {}
+        for side, wall, search in (("night", "n_inc_wall", "n_search"), ("rebuild", "f_wall", "f_search")):
+            y = np.array([parts[n][wall] - parts[n][search] for n in sizes])
+            b, a = np.polyfit(x, y, 1) if len(sizes) > 1 else (y[0] / x[0], 0.0)
+            fit[side] = {
+                "fixed_s": round(float(a), 1),
+                "per_million_s": round(float(b) * 1e6, 1),
+                "measured": dict(zip(sizes, y.round(1).tolist(), strict=True)),
+            }
+        p = parts[big]
+        grow = to / big
+        nprobe = p["n_nprobe"] or p["f_nprobe"]
+        scale = (nprobe / p["f_nprobe"]) if nprobe and p["f_nprobe"] else 1.0
+        rest_n = fit["night"]["fixed_s"] + fit["night"]["per_million_s"] * to / 1e6
+        night = {
+            "rest": rest_n,
+            "arithmetic": p["n_arith"] / SLOTS * grow**1.5,
+            "reads": p["n_reads"] / SLOTS * grow,
+            "exact_sample": p["n_exact"] / SLOTS * grow,
+        }
+        rest_f = fit["rebuild"]["fixed_s"] + fit["rebuild"]["per_million_s"] * to / 1e6
+        reb_core = rest_f + p["f_arith"] / SLOTS * grow**1.5 * scale
+        rebuild = [reb_core + p["f_reads"] / SLOTS * grow * r for r in REBUILD_READS]
+        total = sum(night.values())
+        out.append(
+            {
+                "night": runs[big][i]["night"],
+                "fit_wall_less_search": fit,
+                "night_s": {k: round(v) for k, v in {**night, "total": total}.items()},
+                "rebuild_s": [round(v) for v in rebuild],
+                "rebuild_nprobe_scaled": [p["f_nprobe"], nprobe],
+                "ratio": [round(total / rebuild[1], 4), round(total / rebuild[0], 4)],
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--to", type=int, default=100_000_000)
+    ap.add_argument("--write", help="record the projection under projections/<NAME> of the results file")
+    args = ap.parse_args()
+    results = json.loads(RESULTS.read_text())
+    runs: dict[int, list[dict]] = {}
+    for v in args.variants:
+        rec = results["variants"][v]
+        n = int(rec["n_base"])
+        if n in runs:
+            sys.exit(f"two runs at {n}: {v}")
+        missing = [r["night"] for r in rec["nights"] if "full_neighbors" not in r]
+        if missing:
+            sys.exit(f"{v}: nights {missing} have no full_neighbors (the rebuild's search timings)")
+        runs[n] = rec["nights"]
+    got = project(runs, args.to)
+    for g in got:
+        f, lo, hi = g["fit_wall_less_search"], g["rebuild_s"][0], g["rebuild_s"][1]
+        for side in ("night", "rebuild"):
+            print(
+                f"night {g['night']}, the {side} less its search: {f[side]['measured']}"
+                f" -> {f[side]['fixed_s']} s + {f[side]['per_million_s']} s/M"
+            )
+        print(f"  at {args.to:,}: night {g['night_s']}, rebuild {lo:,}-{hi:,} s: {100 * g['ratio'][0]:.1f}-{100 * g['ratio'][1]:.1f} %")
+    if args.write:
+        results.setdefault("projections", {})[args.write] = {
+            "variants": args.variants,
+            "to": args.to,
+            "rule": "benchmarks/incremental_projection.py (its docstring)",
+            "nights": got,
+            "note": "projected, not measured",
+        }
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
