@@ -27,7 +27,8 @@ incremental run's count), how many rows of each table still name a deleted image
 the (old image, new image) pairs that exact search puts in an old sampled list, the share
 the incremental list holds (``reverse_recall``).
 
-Results: ``benchmarks/results/incremental.json``.
+Results: ``benchmarks/results/incremental.json``. Runs at several sizes (``--label``) project to
+100M with ``benchmarks/incremental_projection.py``.
 """
 
 from __future__ import annotations
