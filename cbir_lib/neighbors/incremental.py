@@ -74,7 +74,6 @@ LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory,
 # task's peak (3.15M rows of 200k lists of 15 and 150k candidates, peak RSS). A task is
 # sized to half of ``neighbors.memory_budget``.
 MERGE_ROW_BYTES = 192
-MERGED_DDL = "image_id long, rank int, neighbor_id long, score float"
 CHANGED_RANK = 0  # the merge's one row (no neighbour) for each list whose top k changed
 
 
@@ -751,7 +750,7 @@ def _merge_task(removed: np.ndarray, width: int, k: int):
                     pa.nulls(changed.size, pa.int64()),
                     pa.nulls(changed.size, pa.float32()),
                 ],
-                names=["image_id", "rank", "neighbor_id", "score"],
+                schema=L._arrow_schema(L.NEIGHBORS_DDL),
             )
 
     return fn
@@ -769,7 +768,7 @@ def _merged_lists(spark, old, touched: np.ndarray, removed: np.ndarray, reverse,
     cols = ["image_id", "rank", "neighbor_id", "score"]
     kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*cols, F.lit(True).alias("old"))
     cand = reverse.select(*cols, F.lit(False).alias("old"))
-    return kept.unionByName(cand).repartition(n_parts, "image_id").mapInArrow(_merge_task(removed, width, k), MERGED_DDL)
+    return kept.unionByName(cand).repartition(n_parts, "image_id").mapInArrow(_merge_task(removed, width, k), L.NEIGHBORS_DDL)
 
 
 def _check_recall(nb, recall_new, recall_old, upper) -> None:
