@@ -64,6 +64,32 @@ def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, ve
     write(root, ids, x, run_id, sha=sha, commit_id=f"bench-{run_id}")
 
 
+def disk_and_memory() -> dict:
+    """The machine's block devices' bytes read and written so far (``/proc/diskstats``,
+    whole disks only) and its available memory and page cache (``/proc/meminfo``), in MB:
+    a run that reads far more from disk than the data it reads did not find it in the page
+    cache, and its seconds measure the disk, not the code."""
+    read = written = 0
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) > 9 and Path(f"/sys/block/{f[2]}").exists():  # a disk, not a partition
+                read, written = read + int(f[5]), written + int(f[9])  # 512-byte sectors
+        mem = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()}
+    except OSError:
+        return {}
+    return {
+        "read_mb": round(read * 512 / 2**20),
+        "written_mb": round(written * 512 / 2**20),
+        "available_mb": round(mem.get("MemAvailable", 0) / 1024),
+        "cached_mb": round(mem.get("Cached", 0) / 1024),
+    }
+
+
+# Each pipeline run's disk traffic and the memory it started with (run_pipeline's record).
+IO: dict[str, dict] = {}
+
+
 def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
     args = [
         "--output",
@@ -85,6 +111,7 @@ def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
         "run.driver_max_mb=3072",
         *os.environ.get("CBIR_BENCH_ARGS", "").split(),
     ]
+    before = disk_and_memory()
     t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--stages", "build_index,neighbors", *args],
@@ -93,6 +120,14 @@ def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
         text=True,
     )
     took = time.perf_counter() - t0
+    after = disk_and_memory()
+    if before and after:
+        IO[mode] = {
+            "disk_read_mb": after["read_mb"] - before["read_mb"],
+            "disk_written_mb": after["written_mb"] - before["written_mb"],
+            "available_mb_at_start": before["available_mb"],
+            "cached_mb_at_start": before["cached_mb"],
+        }
     with open(log, "a") as fh:
         fh.write(f"==== {root.name} {run_id} {mode} ({took:.1f} s)\n{out.stderr}")
     if out.returncode:
@@ -210,6 +245,8 @@ def main() -> None:
             "incremental_s": round(inc_s, 1),
             "full_s": round(full_s, 1),
         }
+        if IO:
+            row["io"] = {"incremental": IO.get("incremental"), "full": IO.get("full")}
         exact = {which: exact_topk(x, ids, pos) for which, pos in (("new", q_new), ("old", q_old))}
         for name, root in (("incremental", inc), ("full", full)):
             for which, pos in (("new", q_new), ("old", q_old)):
