@@ -240,65 +240,6 @@ def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str) -> Non
         pq.write_table(table, final_path, filesystem=fs_)
 
 
-def _write_options(columns, raw: tuple[str, ...]) -> dict:
-    """pyarrow's Parquet options that write the columns named in ``raw`` plain."""
-    if not any(c in raw for c in columns):
-        return {}
-    return {"compression": {c: "none" if c in raw else "snappy" for c in columns}, "use_dictionary": [c for c in columns if c not in raw]}
-
-
-class ParquetStream:
-    """One Parquet file written from record batches as they come, which appears at
-    ``final_uri`` whole or not at all (as :func:`commit_parquet`): where the filesystem
-    renames atomically it is written under ``tmp_dir_uri`` (a unique name) and moved into
-    place by :meth:`close`; an object store's upload completes at close. Rows are held up
-    to ``row_group_rows`` and written as one row group (a task's Arrow batches are 10,000
-    rows: a row group each made small groups). Nothing is written until a row comes."""
-
-    def __init__(self, files: Files, final_uri: str, tmp_dir_uri: str, raw: tuple[str, ...] = (), row_group_rows: int = 1 << 20):
-        self.files, self.final_uri, self.tmp_dir_uri, self.raw, self.row_group_rows = files, final_uri, tmp_dir_uri, raw, row_group_rows
-        self.rows, self._held, self._held_rows, self._writer, self._fs, self._path, self._final = 0, [], 0, None, None, None, None
-
-    def write(self, batch) -> None:
-        if not batch.num_rows:
-            return
-        self._held.append(batch)
-        self._held_rows += batch.num_rows
-        if self._held_rows >= self.row_group_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not self._held:
-            return
-        table = pa.Table.from_batches(self._held)
-        if self._writer is None:
-            fs_, final, atomic_rename = _filesystem(self.files, self.final_uri)
-            path = final
-            if atomic_rename:
-                _, tmp_dir, _ = _filesystem(self.files, self.tmp_dir_uri)
-                fs_.create_dir(tmp_dir, recursive=True)
-                path = f"{tmp_dir}/{uuid.uuid4().hex}.parquet"
-            fs_.create_dir(os.path.dirname(final), recursive=True)
-            self._fs, self._path, self._final = fs_, path, final
-            self._writer = pq.ParquetWriter(path, table.schema, filesystem=fs_, **_write_options(table.column_names, self.raw))
-        self._writer.write_table(table)
-        self.rows += table.num_rows
-        self._held, self._held_rows = [], 0
-
-    def close(self) -> int:
-        """Write what is held and put the file in place: the rows written (0: no file)."""
-        self._flush()
-        if self._writer is not None:
-            self._writer.close()
-            if self._path != self._final:
-                self._fs.move(self._path, self._final)
-            self._writer = None
-        return self.rows
-
-
 def write_parquet(files: Files, table, uri: str, row_group_size: int | None = None, raw: tuple[str, ...] = ()) -> None:
     """Write ``table`` at ``uri`` as it comes (inside a directory that is committed whole).
     The columns named in ``raw`` are written plain: no compression, no dictionary (vectors'
@@ -308,7 +249,11 @@ def write_parquet(files: Files, table, uri: str, row_group_size: int | None = No
 
     fs_, path, _ = _filesystem(files, uri)
     fs_.create_dir(os.path.dirname(path), recursive=True)
-    pq.write_table(table, path, filesystem=fs_, row_group_size=row_group_size, **_write_options(table.column_names, raw))
+    options: dict = {}
+    if any(c in raw for c in table.column_names):
+        options["compression"] = {c: "none" if c in raw else "snappy" for c in table.column_names}
+        options["use_dictionary"] = [c for c in table.column_names if c not in raw]
+    pq.write_table(table, path, filesystem=fs_, row_group_size=row_group_size, **options)
 
 
 def write_parquets(

@@ -664,6 +664,7 @@ def run(
     # The sample's lists: every one is merged or searched tonight where riders were taken.
     sampled = lists if sample is None or sample.ids is None else rows.unionByName(fresh.select(*cols))
     n_files = L._output_files(spark, n)
+    public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
     marks = merged.filter(F.col("rank") == CHANGED_RANK).select("image_id").toArrow()
     top_changed = np.sort(marks.column("image_id").to_numpy().astype(np.int64))
     memory["merge_tasks"] = n_parts
@@ -708,7 +709,7 @@ def run(
     manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_lists(spark, lists, changes.coalesce(1), k, nb.min_score, n_files, stage, manifest)
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)

@@ -30,7 +30,6 @@ CHANGES = "_changes"
 
 
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
-NEIGHBORS_DDL_COLUMNS = [f.split()[0] for f in NEIGHBORS_DDL.split(",")]
 
 
 _ARROW_TYPES = {"long": "int64", "int": "int32", "float": "float32", "binary": "binary", "string": "string", "boolean": "bool"}
@@ -59,92 +58,33 @@ def manifest_head(stage: StageRun, index: dict, params: dict, method: str, spec:
     )
 
 
-# Columns of list rows written plain by pyarrow: neighbour ids and scores hardly repeat in a
-# file, so a dictionary attempt only costs (1M lists' 15M rows: 1.6 -> 0.9 s to write,
-# 209 -> 199 MB, the list ids and ranks still dictionary-encoded).
-LIST_RAW_COLUMNS = ("neighbor_id", "score")
+def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
+    """The table's rows (rank <= k, at least ``min_score``) and ``_reserve/``'s (the rest),
+    both with ``neighbors_run_id``: together they are every list whole."""
+    from pyspark.sql import functions as F
 
-
-def _public(t, k: int, min_score: float | None):
-    """Which rows of the Arrow table or batch ``t`` of lists are the table's (rank up to
-    ``k``, score from ``min_score``): the rest are the reserve's."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    keep = pc.less_equal(t.column("rank"), k)
+    public = lists.filter(F.col("rank") <= k)
     if min_score is not None:
-        keep = pc.and_(keep, pc.greater_equal(t.column("score"), pa.scalar(min_score, pa.float32())))
-    return keep
+        public = public.filter(F.col("score") >= F.lit(min_score))
+    rest = (
+        lists.filter((F.col("rank") > k) | (F.col("score") < F.lit(min_score)))
+        if min_score is not None
+        else lists.filter(F.col("rank") > k)
+    )
+    return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
-def _with_run(t, run_id: str):
-    """``t`` with ``neighbors_run_id`` (not null, as Spark's lit() writes it)."""
-    import pyarrow as pa
-
-    return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
-
-
-_ATTEMPTS = "_attempts"  # under a snapshot being written: the split writer's files until each is whole
-
-
-def _split_writer(files, tmp: str, k: int, min_score: float | None, run_id: str):
-    """mapInArrow over list rows (``NEIGHBORS_DDL``): the task's rows written as they come,
-    the table's (:func:`_public`) to ``tmp/part-<partition>.parquet`` and the rest to
-    ``tmp/_reserve/part-<partition>.parquet``, each file whole or not at all
-    (:class:`~cbir_lib.common.remote.ParquetStream`). A retried task writes the same names
-    with the same rows. Yields one row: ``(table rows, reserve rows)``."""
-
-    def fn(batches):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        from pyspark import TaskContext
-
-        name = f"part-{TaskContext.get().partitionId():05d}.parquet"
-        staging = fs.join(tmp, _ATTEMPTS)
-        public = remote.ParquetStream(files, fs.join(tmp, name), staging, raw=LIST_RAW_COLUMNS)
-        reserve = remote.ParquetStream(files, fs.join(tmp, RESERVE, name), staging, raw=LIST_RAW_COLUMNS)
-        for b in batches:
-            if not b.num_rows:
-                continue
-            t = _with_run(pa.Table.from_batches([b]), run_id)
-            keep = _public(t, k, min_score)
-            for out, rows in ((public, t.filter(keep)), (reserve, t.filter(pc.invert(keep)))):
-                for rb in rows.to_batches():
-                    out.write(rb)
-        counts = [pa.array([out.close()], pa.int64()) for out in (public, reserve)]
-        yield pa.RecordBatch.from_arrays(counts, names=["public", "reserve"])
-
-    return fn
-
-
-def commit_lists(spark, lists, changes, k: int, min_score: float | None, n_files: int, stage: StageRun, manifest: dict) -> str:
-    """Commit a neighbours snapshot from ``lists``, a DataFrame of whole lists
-    (``NEIGHBORS_DDL``): the table (rank up to ``k``, score from ``min_score``) and inside
-    it, hidden from readers of the table (which skip ``_`` names), ``_reserve/`` (the rest)
-    and ``_changes/`` (``changes``, with ``neighbors_run_id``). Sets the manifest's
-    ``counts.rows`` to the table's rows as written.
-
-    ``n_files`` tasks each write their rows once, split between a file of the table and one
-    of the reserve (:func:`_split_writer`). Written by two Spark jobs, one a side, every
-    row was computed twice: a night read all of last night's lists once more for the reserve."""
-    files = remote.settings_from_hadoop(spark)
-    run_id = stage.run_id
+def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict) -> str:
+    """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
+    table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
+    ``counts.rows`` to the table's rows as written."""
 
     def write(tmp: str) -> None:
-        tmp = fs.qualify(spark, tmp)
-        remote.check_scheme(tmp)  # the tasks write with pyarrow: fail here, not in every task
-        written = (
-            lists.select(*NEIGHBORS_DDL_COLUMNS)
-            .coalesce(n_files)
-            .mapInArrow(_split_writer(files, tmp, k, min_score, run_id), "public long, reserve long")
-            .collect()
-        )
-        fs.delete(spark, fs.join(tmp, _ATTEMPTS))
-        schema = _with_run(_arrow_schema(NEIGHBORS_DDL).empty_table(), run_id).schema
-        for sub, rows in (("", sum(r.public for r in written)), (RESERVE, sum(r.reserve for r in written))):
-            if not rows:  # an empty side is still a table, with the schema
-                remote.write_parquet(files, schema.empty_table(), fs.join(fs.join(tmp, sub) if sub else tmp, "part-00000.parquet"))
-        manifest.setdefault("counts", {})["rows"] = int(sum(r.public for r in written))
+        public.write.mode("overwrite").parquet(tmp)
+        # The rows as written, from the Parquet footers: counting the lists before writing
+        # them searched or decoded them once more (0.5-1 s at 100k here).
+        manifest.setdefault("counts", {})["rows"] = spark.read.parquet(tmp).count()
+        reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
         if changes is not None:
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
 
@@ -159,6 +99,12 @@ def _read_parts(spec: SearchSpec, dirs: list[str], spark):
     cols = ["image_id", "rank", "neighbor_id", "score"]
     tables_ = [remote.read_parquet(files, u, cols) for d in dirs for u in tables.part_uris(spark, d)]
     return pa.concat_tables(tables_) if tables_ else _arrow_schema(NEIGHBORS_DDL).empty_table()
+
+
+# Columns of list rows written plain by pyarrow: neighbour ids and scores hardly repeat in a
+# file, so a dictionary attempt only costs (1M lists' 15M rows: 1.6 -> 0.9 s to write,
+# 209 -> 199 MB, the list ids and ranks still dictionary-encoded).
+LIST_RAW_COLUMNS = ("neighbor_id", "score")
 
 
 def commit_arrow_lists(
@@ -177,15 +123,21 @@ def commit_arrow_lists(
     ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks.
     ``lists`` may also come split already, as ``(table rows, reserve rows)``: the rows of
     rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
+
+    def with_run(t):  # not null, as Spark's lit() writes it
+        return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
 
     run_id = stage.run_id
     if isinstance(lists, tuple):
-        public, reserve = (_with_run(t, run_id) for t in lists)
+        public, reserve = (with_run(t) for t in lists)
     else:
-        keep = _public(lists, k, min_score)
-        public, reserve = _with_run(lists.filter(keep), run_id), _with_run(lists.filter(pc.invert(keep)), run_id)
-    changes = _with_run(changes, run_id)
+        keep = pc.less_equal(lists.column("rank"), k)
+        if min_score is not None:
+            keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
+        public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
+    changes = with_run(changes)
     files = remote.Files(**spec.files)
 
     def write(tmp: str) -> None:

@@ -70,6 +70,7 @@ from cbir_lib.neighbors.lists import (
     commit_arrow_lists,
     commit_lists,
     manifest_head,
+    public_and_reserve,
     rebuilt_changes,
 )
 from cbir_lib.neighbors.rerank import mode_alpha, split_mode
@@ -545,17 +546,19 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
             commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec)
+            final = None
         else:
+            final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
             rebuilt = (
                 spark.read.parquet(fs.join(index["uri"], STORE))
                 .select("image_id")
                 .withColumn("kind", F.lit("rebuilt"))
                 .withColumn("neighbors_run_id", F.lit(run_id))
             )
-            commit_lists(spark, raw, rebuilt.coalesce(n_files), nb.k, nb.min_score, n_files, stage, manifest)
+            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), stage, manifest)
     faults.point("neighbors.between_commits")
     if nb.pairs:
-        _commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
+        _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)
     fs.delete(spark, work_dir)
     if choice_file:
         fs.delete(spark, choice_file)
