@@ -25,7 +25,10 @@ blocked) over the current collection, on 500 new and 500 old images: recall@10, 
 ties at the 10th score counted as found. Also: how many old lists changed (the
 incremental run's count), how many rows of each table still name a deleted image, and of
 the (old image, new image) pairs that exact search puts in an old sampled list, the share
-the incremental list holds (``reverse_recall``).
+the incremental list holds (``reverse_recall``). Each night's ``io`` holds both runs' disk
+reads and writes and the memory and page cache they started with (:func:`disk_and_memory`):
+at 2M on a 24 GB machine a rebuild's writes evict the other side's files, and the night
+reads them from disk.
 
 Results: ``benchmarks/results/incremental.json``. Runs at several sizes (``--label``) project to
 100M with ``benchmarks/incremental_projection.py``.
