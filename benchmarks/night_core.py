@@ -3,9 +3,10 @@ night's ``search_tasks`` arithmetic is the numpy core, at a given size.
 
     python benchmarks/night_core.py [--n 1000000] [--nprobe 36] [--threshold-lift 0.06]
 
-On ``n`` vectors of the cached 256-d mixture (``all_pairs.py``), normalised: k-means
-cells (``2 sqrt(n)``, trained on 40 vectors a cell), then 1.2 % of the vectors (a night's
-added images) as queries, in the routed search's steps of 16,384 rows, one BLAS thread:
+On ``n`` vectors of the cached 256-d mixture (``all_pairs.py``): k-means cells, as many
+as a full build chooses (``kmeans.choose_n_cells``, ``2 sqrt(n)``), trained on 40 vectors
+a cell; then 1.2 % of the vectors (a night's added images) as queries, in the routed
+search's steps of 16,384 rows, one BLAS thread:
 
 - ``route``: their ``nprobe`` cells and their reverse scans' ``REVERSE_PROBES`` x wider ones;
 - ``search``: :func:`~cbir_lib.neighbors.ivf.dense_search` at ``nprobe`` (a rebuild's
@@ -45,14 +46,13 @@ STEP = 16384
 def cells(n: int):
     from all_pairs import mixture
 
-    from cbir_lib.index.kmeans import assign, kmeans
+    from cbir_lib.index.kmeans import assign, choose_n_cells, kmeans
     from cbir_lib.neighbors.ivf import CellStore
 
     path = CACHE / f"night_core_{n}.npz"
     if not path.exists():
-        x = np.array(mixture(n)[:n], dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        p = round(2 * math.sqrt(n))
+        x = np.asarray(mixture(n))  # unit vectors already; the store below is a copy
+        p = choose_n_cells(n, x.shape[1])  # as a full build chooses when none is given
         c = kmeans(x[np.random.default_rng(0).choice(n, 40 * p, replace=False)], p, "angular", n_iter=10)
         st = CellStore.from_assignment(np.arange(n, dtype=np.int64), x, assign(x, c, "angular")[:, 0].astype(np.int64), c, "angular")
         np.savez(path, ids=st.ids, vectors=st.vectors, offsets=st.offsets, centroids=st.centroids)
