@@ -448,6 +448,19 @@ def probes_of(spec: SearchSpec, queries: np.ndarray, own: np.ndarray) -> np.ndar
     return np.concatenate([r.route(queries[s : s + qb], spec.nprobe, own[s : s + qb]) for s in range(0, max(1, len(queries)), qb)])
 
 
+def probes_and_wide(spec: SearchSpec, queries: np.ndarray, own: np.ndarray, rev: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`probes_of`, and for the queries ``rev`` (a mask) the wider cells of their
+    reverse scans (``spec.reverse_spec()``; a row per one of them, in order), routed
+    together (:meth:`~cbir_lib.neighbors.ivf.CellStore.route_wider`); ``(None, None)``
+    where every cell is searched, and ``wide`` None where no query is in ``rev``."""
+    rev = np.asarray(rev, bool)
+    if spec.method in ("exact", "hierarchical", "lsh") or not rev.any():
+        return probes_of(spec, queries, own), None
+    qb, r, wider = spec.query_block, router(spec), spec.reverse_spec().nprobe
+    blocks = [r.route_wider(queries[s : s + qb], spec.nprobe, wider, rev[s : s + qb], own[s : s + qb]) for s in range(0, len(queries), qb)]
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
 def visits_of(probes: np.ndarray | None, first: np.ndarray, last: np.ndarray, n_groups: int, m: int) -> dict[int, np.ndarray]:
     """For every store group that holds a probed cell, the (sorted) queries probing one
     there. ``probes``: each query's cells (``None``: every group, exact search); ``first``

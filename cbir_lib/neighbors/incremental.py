@@ -155,8 +155,11 @@ def _delta_search(spec: SearchSpec):
             qids, rev, rows = qids_all[take], rev_all[take], rows_all[take]
             if fused is not None and rev.any():  # one product per (cell, queries) for both
                 q, own = np.ascontiguousarray(store.vectors[rows]), store.cells_of_rows(rows)
-                wide = _probes(store, q[rev], own[rev], spec)
-                (vals, ids), (pos, qi, sc) = fused(store, q, qids, store.route(q, spec.nprobe, own), None, int(spec.k), rev, wide, thr)
+                if spec.method == "exact":
+                    probes, wide = store.route(q, spec.nprobe, own), _probes(store, q[rev], own[rev], spec)
+                else:  # the search's and the reverse scan's cells routed together
+                    probes, wide = store.route_wider(q, spec.nprobe, spec.reverse_spec().nprobe, rev, own)
+                (vals, ids), (pos, qi, sc) = fused(store, q, qids, probes, None, int(spec.k), rev, wide, thr)
                 yield fresh_rows(qids, vals, ids)
             else:
                 yield fresh_rows(qids, *T.search_rows(store, rows, spec))

@@ -86,30 +86,44 @@ class CellStore:
         centroid leaves only a few candidates to sort. (Ranking only that pool instead
         measured 0.882 recall against 0.911 on 100k vectors: boundary queries lose.)
         """
+        return self.routes(queries, (nprobe,), own_cells)[0]
+
+    def routes(self, queries: np.ndarray, nprobes: tuple[int, ...], own_cells: np.ndarray | None = None) -> list[np.ndarray]:
+        """:meth:`route` at each of ``nprobes``, from one product with the centroids: each
+        the same cells as its own call gives. A night routes each added image's search and
+        its wider reverse scan (``REVERSE_PROBES``); apart, the centroid product, the
+        threshold and the candidates were all computed twice. 24,000 queries at 2M, one
+        thread: 0.94 s together against 1.52 s apart; over 20,000 centroids (100M's
+        number), 4.6 s against 8.0 s (``benchmarks/night_core.py``).
+
+        The candidates are those of the widest route. Its threshold is a lower bound of the
+        widest ``nprobe``-th best, so of every narrower one too, and every cell a narrower
+        route keeps or scores exactly (within the BLAS error of its own ``nprobe``-th best)
+        is among them; each route then picks from them as its own call does."""
         n_cells = self.n_cells
-        if self.centroids is None:
-            return np.tile(np.arange(n_cells, dtype=np.int32), (len(queries), 1))
         m = len(queries)
+        if self.centroids is None:
+            return [np.tile(np.arange(n_cells, dtype=np.int32), (m, 1)) for _ in nprobes]
         if m == 0:
-            return np.zeros((0, min(nprobe, n_cells)), np.int32)
+            return [np.zeros((0, min(p, n_cells)), np.int32) for p in nprobes]
         if m > SUB_BLOCK:  # each row's route is its own: the same cells, in bounded memory
-            return np.concatenate(
-                [
-                    self.route(queries[s : s + SUB_BLOCK], nprobe, None if own_cells is None else np.asarray(own_cells)[s : s + SUB_BLOCK])
-                    for s in range(0, m, SUB_BLOCK)
-                ]
-            )
-        nprobe = min(nprobe, n_cells)
-        pool = min(n_cells, 3 * nprobe)
+            own = None if own_cells is None else np.asarray(own_cells)
+            blocks = [
+                self.routes(queries[s : s + SUB_BLOCK], nprobes, None if own is None else own[s : s + SUB_BLOCK])
+                for s in range(0, m, SUB_BLOCK)
+            ]
+            return [np.concatenate([b[i] for b in blocks]) for i in range(len(nprobes))]
+        widest = min(max(nprobes), n_cells)
+        pool = min(n_cells, 3 * widest)
         c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids) if self.metric == "euclidean" else None
         sim = queries @ self.centroids.T
         if c_sq is not None:
             sim -= 0.5 * c_sq[None, :]
         if own_cells is None or pool >= n_cells:
-            thr = np.partition(sim, n_cells - nprobe, axis=1)[:, n_cells - nprobe]
+            thr = np.partition(sim, n_cells - widest, axis=1)[:, n_cells - widest]
         else:
             near = np.take_along_axis(sim, self.cell_graph(pool)[np.asarray(own_cells)], axis=1)
-            thr = np.partition(near, pool - nprobe, axis=1)[:, pool - nprobe]
+            thr = np.partition(near, pool - widest, axis=1)[:, pool - widest]
         r, c = where2d(sim >= slack(thr)[:, None])
         # The candidates, a few more than nprobe a query, as (m, width) matrices: row-major
         # from nonzero, so each row's cells ascend. (Two sorts of the flat candidates by
@@ -119,6 +133,25 @@ class CellStore:
         fast = np.full((m, int(counts.max())), -np.inf, np.float32)
         cand = np.zeros(fast.shape, np.int64)
         fast[r, col], cand[r, col] = sim[r, c], c
+        return [self._pick(queries, fast, cand, min(p, n_cells), c_sq) for p in nprobes]
+
+    def route_wider(self, queries: np.ndarray, nprobe: int, wider: int, rows: np.ndarray, own_cells: np.ndarray | None = None):
+        """``(probes, wide)``: every query's :meth:`route` at ``nprobe``, and at ``wider``
+        for the queries ``rows`` (a mask), a row of ``wide`` per one of them, in order;
+        those two routed together (:meth:`routes`), the rest at ``nprobe`` alone."""
+        rows = np.asarray(rows, bool)
+        own = None if own_cells is None else np.asarray(own_cells)
+        if rows.all():
+            probes, wide = self.routes(queries, (nprobe, wider), own)
+            return probes, wide
+        probes = np.zeros((len(queries), min(nprobe, self.n_cells) if self.centroids is not None else self.n_cells), np.int32)
+        probes[rows], wide = self.routes(queries[rows], (nprobe, wider), None if own is None else own[rows])
+        probes[~rows] = self.route(queries[~rows], nprobe, None if own is None else own[~rows])
+        return probes, wide
+
+    def _pick(self, queries: np.ndarray, fast: np.ndarray, cand: np.ndarray, nprobe: int, c_sq: np.ndarray | None) -> np.ndarray:
+        """The ``nprobe`` best of each row's candidate cells ``cand`` (BLAS similarities
+        ``fast``, ``-inf`` padded), nearest first, ties to the lower cell."""
         # The probed *set* must not depend on the shape of the product (the order within it
         # only steers pruning): cells clearly inside the nprobe best are kept as they are;
         # only those within the BLAS error of the nprobe-th best are scored exactly.

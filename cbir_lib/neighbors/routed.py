@@ -243,10 +243,9 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int, s
                 own = np.asarray(budget.read_group(spec, g)[0])[r].astype(np.int32)
                 rev = listops.member(qi, added)
                 sweep.hold(q.nbytes)
-                probes = budget.probes_of(spec, q, own)
                 # The added images' reverse scans visit more cells than their searches
                 # (SearchSpec.reverse_spec): one row per added query, in ``rev``'s order.
-                wide = budget.probes_of(spec.reverse_spec(), q[rev], own[rev]) if probes is not None and rev.any() else None
+                probes, wide = budget.probes_and_wide(spec, q, own, rev)
                 if wide is not None:
                     sweep.hold(wide.nbytes)
                 no_bound = np.full(r.size, -np.inf, np.float32)

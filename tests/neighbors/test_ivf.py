@@ -121,6 +121,34 @@ def test_routing_from_the_own_cell_equals_full_routing(metric):
         np.testing.assert_array_equal(store.route(q, nprobe, store.cells_of_rows(rows)), assign(q, store.centroids, metric, nprobe))
 
 
+@pytest.mark.parametrize("metric", ["angular", "euclidean"])
+@pytest.mark.parametrize("own", [True, False])
+def test_routes_together_are_the_routes_apart(metric, own, monkeypatch):
+    """A night routes each added image's search and its wider reverse scan from one product
+    (CellStore.routes): the cells each route gives alone, tied centroids among them."""
+    import cbir_lib.neighbors.ivf as ivf
+
+    x = clustered(3000, 16, seed=5)
+    p = prepare(x, metric)
+    c = train_balanced(p, 60, metric, seed=0)
+    c = np.concatenate([c, c[:10]])  # ten centroids twice: tied cells (the copies stay empty)
+    store = CellStore.from_assignment(np.arange(3000, dtype=np.int64), p, assign(p, c, metric)[:, 0], c, metric)
+    rows = np.arange(0, 3000, 2)
+    q, cells = store.vectors[rows], (store.cells_of_rows(rows) if own else None)
+    mask = rows % 3 == 0
+    monkeypatch.setattr(ivf, "SUB_BLOCK", 256)  # several blocks a call
+    for nprobe, wider in ((1, 2), (7, 9), (16, 20), (60, 75)):
+        narrow, wide = store.routes(q, (nprobe, wider), cells)
+        np.testing.assert_array_equal(narrow, store.route(q, nprobe, cells))
+        np.testing.assert_array_equal(wide, store.route(q, wider, cells))
+        assert wide.shape[1] == min(wider, store.n_cells)
+        probes, w = store.route_wider(q, nprobe, wider, mask, cells)
+        # Routed in other blocks: the same cells (the order within may follow the BLAS).
+        np.testing.assert_array_equal(np.sort(probes, axis=1), np.sort(narrow, axis=1))
+        np.testing.assert_array_equal(np.sort(w, axis=1), np.sort(wide[mask], axis=1))
+        np.testing.assert_array_equal(store.route_wider(q, nprobe, wider, np.ones(len(q), bool), cells)[1], wide)
+
+
 def test_split_rows_cuts_only_at_cell_boundaries():
     from cbir_lib.neighbors.tasks import split_rows
 
