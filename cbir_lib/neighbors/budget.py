@@ -201,8 +201,6 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
     _GROUPS.clear()
     READS[0] += 1
     t0 = time.perf_counter()
-    from cbir_lib.vectors.arrow import binary_to_numpy
-
     files = remote.Files(**spec.files)
     r = spec.reduced_dim
     columns = ["pos", "cell", "image_id", "vector", *(["reduced"] if r else [])]
@@ -218,9 +216,9 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
             order = np.argsort(t.column("pos").to_numpy(), kind="stable")
         cells = t.column("cell").to_numpy()[order]
         ids = t.column("image_id").to_numpy()[order]
-        x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), spec.dim)[order])
+        x = gather_vectors(t.column("vector"), order, spec.dim)
         if r:
-            xr = np.ascontiguousarray(binary_to_numpy(t.column("reduced"), r)[order])
+            xr = gather_vectors(t.column("reduced"), order, r)
     else:
         cells, ids, x = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)
         xr = np.zeros((0, r), np.float32) if r else None
@@ -228,6 +226,31 @@ def read_group(spec: SearchSpec, g: int, keep: bool = True) -> tuple:
         _GROUPS[key] = (cells, ids, x, xr)
     READ_S[0] += time.perf_counter() - t0
     return cells, ids, x, xr
+
+
+def gather_vectors(col, order: np.ndarray, dim: int) -> np.ndarray:
+    """``binary_to_numpy(col, dim)[order]`` of a chunked binary column, the vectors of its
+    largest chunk copied once, straight into place (the other chunks' twice: a gather and
+    a scatter). Concatenating the chunks first, and on a kept layout filtering out the
+    removed rows before that, copied each of a group's vectors two or three times."""
+    from cbir_lib.vectors.arrow import binary_to_numpy
+
+    order = np.asarray(order, np.int64)
+    out = np.empty((order.size, dim), np.float32)
+    if not order.size:
+        return out
+    chunks = col.chunks
+    starts = np.cumsum([0, *(len(c) for c in chunks)])
+    which = np.searchsorted(starts, order, side="right") - 1
+    local = order - starts[which]
+    main = int(np.bincount(which, minlength=len(chunks)).argmax())
+    # Every row from the largest chunk (the others' rows from its first, then overwritten).
+    np.take(binary_to_numpy(chunks[main], dim), np.where(which == main, local, 0), axis=0, out=out, mode="clip")
+    for c, chunk in enumerate(chunks):
+        take = np.flatnonzero(which == c) if c != main else np.zeros(0, np.int64)
+        if take.size:
+            out[take] = binary_to_numpy(chunk, dim)[local[take]]
+    return out
 
 
 def layout_key(spec: SearchSpec) -> tuple:
@@ -250,13 +273,15 @@ def _with_delta(files, delta_uri: str, g: int, base, columns: list[str]) -> tupl
     from cbir_lib.neighbors import layered
 
     gone = [t.column("pos").to_numpy() for t in _group_tables(files, f"{delta_uri}/gone/group={g}", ["pos"])]
-    if gone:
-        base = base.filter(pa.array(~np.isin(base.column("pos").to_numpy(), np.concatenate(gone))))
+    # The removed rows stay in the table, left out of the order (not filtered out: a copy).
+    kept = np.flatnonzero(~np.isin(base.column("pos").to_numpy(), np.concatenate(gone))) if gone else np.arange(base.num_rows)
+    n_base = base.num_rows
     base = base.select(columns[1:])  # the kept rows' positions are not the night's: ordered by (cell, id) below
     added = [t for t in _group_tables(files, f"{delta_uri}/rows/group={g}", columns[1:]) if t.num_rows]
     if added:
         base = pa.concat_tables([base, *(t.cast(base.schema) for t in added)])
-    return base, layered.group_order(base.column("cell").to_numpy(), base.column("image_id").to_numpy())
+    rows = np.concatenate([kept, np.arange(n_base, base.num_rows)])
+    return base, rows[layered.group_order(base.column("cell").to_numpy()[rows], base.column("image_id").to_numpy()[rows])]
 
 
 def group_store(spec: SearchSpec, g: int, keep: bool = True) -> CellStore:

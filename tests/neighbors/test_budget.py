@@ -48,6 +48,23 @@ def test_visits_are_the_groups_of_every_probed_cell(seed):
     assert budget.visits_of(probes[:0], first, last, n_groups, 0) == {}
 
 
+@pytest.mark.parametrize("sizes", [(7,), (5, 0, 9, 1), (0, 6)])
+def test_gathered_vectors_are_the_concatenated_ones_in_order(sizes):
+    """A group's vectors straight from the chunks of its files (budget.gather_vectors): the
+    rows of the concatenated column in ``order``, removed rows left out, from any chunk."""
+    import pyarrow as pa
+
+    from cbir_lib.vectors.arrow import vectors_binary
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(sum(sizes), 4)).astype(np.float32)
+    col = pa.chunked_array([vectors_binary(x[a:b]) for a, b in zip(np.cumsum((0, *sizes[:-1])), np.cumsum(sizes), strict=True)], pa.binary())
+    for order in (np.arange(len(x)), rng.permutation(len(x))[: len(x) - 2], np.zeros(0, np.int64)):
+        got = budget.gather_vectors(col, order, 4)
+        np.testing.assert_array_equal(got, x[order])
+        assert got.flags.writeable and got.flags.c_contiguous
+
+
 def test_merge_of_partials_is_the_top_k_with_ties_by_id():
     a = (np.array([[0.9, 0.5]], np.float32), np.array([[7, 3]]))
     b = (np.array([[0.9, 0.8]], np.float32), np.array([[2, 9]]))
