@@ -163,6 +163,7 @@ class CellStore:
         score = np.where(sure, fast, np.float32(-np.inf)).astype(np.float32)
         metric = "euclidean" if c_sq is not None else "dot"
         br, bc = where2d(band)
+        assert self.centroids is not None, "hash cells are not routed"
         score[br, bc] = pair_scores(queries, br, self.centroids, cand[br, bc], metric, c_sq)
         # Ranked by (-similarity, cell): ties go to the lower cell (a stable sort of cells
         # in ascending order), as in assign().
