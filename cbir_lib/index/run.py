@@ -29,6 +29,7 @@ import numpy as np
 
 from cbir_lib.common import fs, inprocess, lease, tables
 from cbir_lib.common.lineage import timer
+from cbir_lib.common.sampling import sample_filter, sample_fraction, sampled
 from cbir_lib.config import Config
 from cbir_lib.index import reduce
 from cbir_lib.index.kmeans import assign, choose_n_cells, order_in_space, train_balanced
@@ -106,36 +107,6 @@ def stream_sample(emb, n: int, n_rows: int, dim: int, seed: int, work_uri: str) 
     # trains the same cells on every run.
     order = np.argsort(keys, kind="stable")[:n_rows]
     return np.ascontiguousarray(x[order])
-
-
-def sample_fraction(n_rows: int, n: int) -> float:
-    """The share of rows hashed into the sample: 20 % over ``n_rows``, so that ``n_rows`` are nearly always there."""
-    return min(1.0, 1.2 * n_rows / max(1, n))
-
-
-SAMPLE_BITS = 53  # a hash's low bits compared with the sampled fraction of 2**53
-
-
-def sample_threshold(fraction: float) -> int:
-    return int(min(1.0, fraction) * 2**SAMPLE_BITS)
-
-
-def sampled(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Whether each image is in the training sample: ``xxhash64(seed, image_id)``'s low
-    bits under ``fraction``, in numpy. :func:`sample_filter` is the same test as a Spark
-    column, so the executors and the driver (:func:`_build_in_process`) pick the same rows
-    whatever the partitioning (Spark's ``sample`` depends on it)."""
-    from cbir_lib.common.sparkhash import xxhash64
-
-    return (xxhash64(seed, ids) & (2**SAMPLE_BITS - 1)) < sample_threshold(fraction)
-
-
-def sample_filter(fraction: float, seed: int):
-    """:func:`sampled` as a Spark column: rows leave the JVM only if sampled."""
-    from pyspark.sql import functions as F
-
-    h = F.xxhash64(F.lit(seed).cast("long"), F.col("image_id").cast("long"))
-    return h.bitwiseAND(F.lit(2**SAMPLE_BITS - 1)) < F.lit(sample_threshold(fraction))
 
 
 def _sample_files(dim: int, work_uri: str, files):

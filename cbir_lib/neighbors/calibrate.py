@@ -16,9 +16,10 @@ import logging
 
 import numpy as np
 
+from cbir_lib.common import sampling
 from cbir_lib.neighbors import budget
 from cbir_lib.neighbors.spec import SearchSpec
-from cbir_lib.neighbors.tasks import _search_positions
+from cbir_lib.neighbors.tasks import _search_positions, local_store
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
 
 log = logging.getLogger(__name__)
@@ -188,14 +189,51 @@ def step_up(measure, nprobe: int, n_cells: int, target: float) -> tuple[int, lis
         nprobe = min(n_cells, nprobe + max(1, nprobe // 8))
 
 
-def verification_positions(rng: np.random.Generator, n: int, sample_pos: np.ndarray, m: int) -> np.ndarray:
-    """Up to ``m`` sorted store positions of ``[0, n)`` drawn by ``rng`` apart from
-    ``sample_pos``, without an O(n) array (draws of a few thousand at any n)."""
-    m = min(m, n - sample_pos.size)
+# The recall and verification samples' seed, apart from the k-means training sample's
+# (the index's seed itself): the cells were fitted to those images.
+SAMPLE_SEED_SALT = 0x72656361  # "reca"
+
+
+def sample_positions(sc, spec: SearchSpec, n: int, m: int, seed: int) -> np.ndarray:
+    """Store positions of the ``m`` images (all, if fewer) with the smallest
+    :func:`~cbir_lib.common.sampling.sample_key`, in key order: the first ``recall_sample``
+    are the calibration's sample, the next ``verify_sample`` its verification's.
+
+    By key, not ``rng.choice`` over positions, so that a rebuild of a collection that
+    changed by a few percent calibrates on nearly the same images: drawn by position,
+    every rebuild drew another sample, and auto's ``nprobe`` moved a step up or down with
+    it (a 1M base chose 36, the rebuild a night later 40), where the nights keep the
+    base's. Only the rows a ``fraction`` of the keys keep are read: in the grouped layout
+    the groups' ``image_id`` column filtered in the JVM, otherwise the store's ids in one
+    task on the executors that hold it."""
+    m = min(m, n)
     if m <= 0:
         return np.zeros(0, np.int64)
-    drawn = rng.choice(n, min(n, sample_pos.size + m), replace=False)
-    return np.sort(drawn[~np.isin(drawn, sample_pos)][:m]).astype(np.int64)
+    seed = int(seed) ^ SAMPLE_SEED_SALT
+    fraction = sampling.sample_fraction(m, n)
+    while True:
+        if spec.groups_uri:
+            from pyspark.sql import SparkSession
+
+            spark = SparkSession.getActiveSession()
+            got = spark.read.parquet(spec.groups_uri).filter(sampling.sample_filter(fraction, seed)).select("pos", "image_id").toArrow()
+            pos, ids = got.column("pos").to_numpy().astype(np.int64), got.column("image_id").to_numpy().astype(np.int64)
+        else:
+            pos, ids = sc.parallelize([0], 1).mapPartitions(_sampled_rows(spec, fraction, seed)).collect()[0]
+        if ids.size >= m or fraction >= 1.0:
+            return pos[sampling.first_by_key(ids, m, seed)]
+        fraction = min(1.0, 2 * fraction)  # short by chance (~8 standard deviations): a wider cut
+
+
+def _sampled_rows(spec: SearchSpec, fraction: float, seed: int):
+    """RDD partition function: ``(positions, ids)`` of this executor's store rows in the sample."""
+
+    def fn(_):
+        ids = np.asarray(local_store(spec).ids, np.int64)
+        pos = np.flatnonzero(sampling.sampled(ids, fraction, seed)).astype(np.int64)
+        yield pos, ids[pos]
+
+    return fn
 
 
 def rows_of(sample, rows: np.ndarray):

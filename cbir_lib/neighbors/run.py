@@ -57,7 +57,7 @@ from cbir_lib.index.store import (
     load_index_manifest,
 )
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.calibrate import choose, rows_of, sample_recall, verification_positions
+from cbir_lib.neighbors.calibrate import choose, rows_of, sample_positions, sample_recall
 from cbir_lib.neighbors.lists import (
     NEIGHBORS_DDL,
     RESERVE,
@@ -323,11 +323,17 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
 
     # The recall sample, its exact top-k (distributed over store ranges), and auto's nprobe.
     # auto also draws the verification sample: queries the calibration does not see, on
-    # which the nprobe it chose is checked and the recall reported is measured.
-    rng = np.random.default_rng(index.get("seed", 0))
-    sample_pos = np.sort(rng.choice(n, min(nb.recall_sample, n), replace=False)) if nb.recall_sample and n else np.zeros(0, np.int64)
-    calibrating = nb.method == "auto" and method != "exact" and sample_pos.size > 0
-    verify_pos = verification_positions(rng, n, sample_pos, nb.verify_sample if calibrating else 0)
+    # which the nprobe it chose is checked and the recall reported is measured. Both are
+    # the images first by an id hash (calibrate.sample_positions): the same on every run.
+    if not grouped:
+        with timer(f"loading the store on the {memory['execution']['where']}") as t:
+            _warm_store(sc, spec, slots)
+        timings["store_load_s"] = round(t["seconds"], 3)
+    calibrating = nb.method == "auto" and method != "exact" and nb.recall_sample > 0 and n > 0
+    n_sample = min(nb.recall_sample, n) if n else 0
+    drawn = sample_positions(sc, spec, n, n_sample + (nb.verify_sample if calibrating else 0), index.get("seed", 0)) if n_sample else None
+    sample_pos = np.sort(drawn[:n_sample]) if drawn is not None else np.zeros(0, np.int64)
+    verify_pos = np.sort(drawn[n_sample:]) if drawn is not None else np.zeros(0, np.int64)
     checked_pos = np.union1d(sample_pos, verify_pos)  # sorted: the row order of truth and sample
     truth = None
     calibration = []
@@ -336,10 +342,6 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     sample = checked_pos
     if grouped:
         sample = budget.sample_queries(spark, spec.groups_uri, checked_pos, int(index["dim"])) if checked_pos.size else None
-    else:
-        with timer(f"loading the store on the {memory['execution']['where']}") as t:
-            _warm_store(sc, spec, slots)
-        timings["store_load_s"] = round(t["seconds"], 3)
     if checked_pos.size and method != "exact":
         with timer(f"exact top-{nb.k} of {checked_pos.size} sample queries over {n} vectors") as t:
             if grouped:

@@ -143,6 +143,44 @@ def test_auto_raises_nprobe_until_the_recall_target(spark, collection):
         assert m["nprobe"] == checks[-1]["nprobe"] >= chosen and m["recall_at_k"] == pytest.approx(checks[-1]["recall"], abs=1e-4)
 
 
+def test_auto_calibrates_on_the_same_images_in_either_layout_and_a_night_later(spark, tmp_path, monkeypatch):
+    """The calibration and verification samples are the first images by an id hash: the
+    same whether the store is on every executor or in groups under a budget, and nearly
+    the same after a night that removed 1 % and added 2 % (drawn by store position, a
+    sample kept about a third of its images here, and at 1M, a thousandth)."""
+    import shutil
+
+    from cbir_lib.neighbors import run as nb_run
+
+    seen: list = []
+    real = nb_run.choose
+
+    def spy(sc, spec, cal, ver, *args, **kwargs):
+        seen.append((np.asarray(cal[1][0]), np.asarray(ver[1][0])))
+        return real(sc, spec, cal, ver, *args, **kwargs)
+
+    monkeypatch.setattr(nb_run, "choose", spy)
+    n = 3000
+    x, ids = clustered(n + 60, 32, seed=2), signed_ids(n + 60, seed=2)
+    nb = {"method": "auto", "exact_max_n": 1000, "nprobe": 2, "recall_sample": 300, "verify_sample": 200}
+    roots = [tmp_path / name for name in ("whole", "groups", "night")]
+    write_embeddings(spark, str(roots[0]), ids[:n], x[:n], "e1")
+    run_build_index(spark, config(roots[0], "i1", {"n_cells": 30, "forests": False}))
+    shutil.copytree(roots[0], roots[1])
+    whole = run_neighbors(spark, config(roots[0], "n1", neighbors=nb))
+    small = run_neighbors(spark, config(roots[1], "n1", neighbors={**nb, "memory_budget": "64k"}))
+    assert whole["memory"]["layout"] == "broadcast" and small["memory"]["layout"] == "groups"
+    gone = np.random.default_rng(3).choice(n, 30, replace=False)
+    keep = np.setdiff1d(np.arange(n + 60), gone)
+    write_embeddings(spark, str(roots[2]), ids[keep], x[keep], "e2")
+    run_build_index(spark, config(roots[2], "i2", {"n_cells": 30, "forests": False}))
+    run_neighbors(spark, config(roots[2], "n2", neighbors=nb))
+    (cal, ver), (cal_g, ver_g), (cal_n, ver_n) = seen
+    assert cal.size == 300 and ver.size == 200 and not np.isin(cal, ver).any()
+    assert set(cal) == set(cal_g) and set(ver) == set(ver_g)
+    assert np.isin(cal, cal_n).mean() > 0.95 and np.isin(ver, ver_n).mean() > 0.9
+
+
 def test_auto_on_a_reduced_index_keeps_the_cheaper_first_pass_and_its_promise(spark, tmp_path):
     """128-d vectors with a 32-d reduction: auto calibrates the reduced first pass and the
     full-dimension search, keeps the one measured cheaper, and meets the target against the
