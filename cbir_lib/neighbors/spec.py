@@ -27,8 +27,10 @@ DENSE_STEP_ROWS = 16384
 DENSE_STEP_FLOATS = 4 << 20
 
 # An incremental night's reverse scans probe this many times the search's nprobe cells
-# (SearchSpec.reverse_spec).
-REVERSE_PROBES = 1.25
+# (SearchSpec.reverse_spec). 1.25 until 2026-12-06: on a 1M night at nprobe 36 its 45
+# cells reached 0.938 of 593 exact (old, new) pairs, below the lists' own recall (0.960);
+# 72 cells reached 0.955, for ~0.5 task s more search arithmetic (7.2 -> 7.7) in a replay.
+REVERSE_PROBES = 2.0
 
 
 @dataclass
@@ -95,8 +97,9 @@ class SearchSpec:
         exact (old, new) pairs against 0.971 from the old side, and 45 cells reached 0.971
         (206 pairs, session 25's base). On 593 pairs of another base's night
         (``benchmarks/reverse_reach.py``, session 33) 45 cells reached 0.938 and the lists'
-        own recall was 0.960, which takes ~72-90 cells from the new side: a wider scan
-        trades against the night's arithmetic."""
+        own recall was 0.960; 72 cells (2x) reached 0.955. The reverse scans are the added
+        images' only, so the wider ones cost little: ~7 % more of the night's search
+        arithmetic in that replay."""
         return self.with_(nprobe=math.ceil(REVERSE_PROBES * self.nprobe))  # routing caps it at the cells
 
     def with_(self, **changes: Any) -> SearchSpec:
