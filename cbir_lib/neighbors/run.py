@@ -329,11 +329,10 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         with timer(f"loading the store on the {memory['execution']['where']}") as t:
             _warm_store(sc, spec, slots)
         timings["store_load_s"] = round(t["seconds"], 3)
-    calibrating = nb.method == "auto" and method != "exact" and nb.recall_sample > 0 and n > 0
-    n_sample = min(nb.recall_sample, n) if n else 0
-    drawn = sample_positions(sc, spec, n, n_sample + (nb.verify_sample if calibrating else 0), index.get("seed", 0)) if n_sample else None
-    sample_pos = np.sort(drawn[:n_sample]) if drawn is not None else np.zeros(0, np.int64)
-    verify_pos = np.sort(drawn[n_sample:]) if drawn is not None else np.zeros(0, np.int64)
+    n_sample = min(nb.recall_sample, n)
+    calibrating = nb.method == "auto" and method != "exact" and n_sample > 0
+    drawn = sample_positions(sc, spec, n, n_sample + (nb.verify_sample if calibrating else 0), index.get("seed", 0))
+    sample_pos, verify_pos = np.sort(drawn[:n_sample]), np.sort(drawn[n_sample:])
     checked_pos = np.union1d(sample_pos, verify_pos)  # sorted: the row order of truth and sample
     truth = None
     calibration = []
