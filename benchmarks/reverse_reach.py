@@ -8,19 +8,26 @@ exact top-10 over the night's collection gives the pairs (old image, new image i
 report says how many of them the night's committed list holds (the reverse recall), the
 lists' own recall@10 on the same images, and, for the route's widths, how many pairs the
 new image's cells reach: the old image's cell among its first W cells by centroid score,
-or its own. The benchmark's own reverse recall rests on the ~50 pairs of its 500 old
-images; this one on ~600.
+or its own. It checks the pairs held against those the night's width reaches
+(``REVERSE_PROBES`` x its ``nprobe``: the night must have run at the current setting).
+The benchmark's own reverse recall rests on the ~50 pairs of its 500 old images; this
+one on ~600.
 """
 
 import glob
 import json
+import math
 import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cbir_lib.neighbors.tasks import read_store_parts
+from cbir_lib.neighbors.lists import topk_arrays
+from cbir_lib.neighbors.spec import REVERSE_PROBES
+from cbir_lib.neighbors.tasks import positions_in, read_store_parts
 from cbir_lib.vectors.topk import exact_topk, recall_at_k
 
 W = sys.argv[1]
@@ -34,27 +41,19 @@ old_ids = np.setdiff1d(ids, added)
 m = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
 rng = np.random.default_rng(7)
 q_ids = np.sort(rng.choice(old_ids, m, replace=False))
-order = np.argsort(ids)
-qpos = order[np.searchsorted(ids[order], q_ids)]
+qpos = positions_in(ids, q_ids)
 assert (ids[qpos] == q_ids).all()
+nprobe = json.load(open(f"{W}/neighbors/run={RUN}/_manifest.json")).get("nprobe")
 t = time.time()
 tv, ti = exact_topk(x[qpos], q_ids, x, ids, 10, "angular")
 print("exact", round(time.time() - t, 1), "s", file=sys.stderr)
-nb = pq.read_table(f"{W}/neighbors/run={RUN}", columns=["image_id", "rank", "neighbor_id", "score"]).to_pandas()
-nb = nb[nb.image_id.isin(q_ids)]
-held = set(zip(nb.image_id.to_numpy().tolist(), nb.neighbor_id.to_numpy().tolist(), strict=True))
-is_new = np.isin(ti, added)
-rows, cols = np.nonzero(is_new)
+lists = pq.read_table(f"{W}/neighbors/run={RUN}", columns=["image_id", "rank", "neighbor_id", "score"])
+lists = lists.filter(pc.is_in(lists.column("image_id"), value_set=pa.array(q_ids)))
+gv, gi = topk_arrays(lists, q_ids, 10)  # the committed lists of the sample, as the exact top-k's arrays
+rows, cols = np.nonzero(np.isin(ti, added))
 pairs = [(int(q_ids[r]), int(ti[r, c])) for r, c in zip(rows, cols, strict=True)]
-got = sum(p in held for p in pairs)
-# the lists' recall on the same queries (recall@10 against exact)
-lists = nb.sort_values(["image_id", "rank"])
-gi = np.full((m, 10), -1, np.int64)
-gv = np.full((m, 10), -np.inf, np.float32)
-at = np.searchsorted(q_ids, lists.image_id.to_numpy())
-rk = lists["rank"].to_numpy() - 1
-gi[at, rk] = lists.neighbor_id.to_numpy()
-gv[at, rk] = lists.score.to_numpy()
+hit = (gi[rows] == ti[rows, cols][:, None]).any(axis=1)  # the old image's list holds the new one
+got = int(hit.sum())
 print(
     json.dumps(
         {
@@ -63,7 +62,7 @@ print(
             "held": got,
             "reverse_recall": round(got / max(1, len(pairs)), 4),
             "recall_old": round(float(recall_at_k(gi, ti, tv, gv)), 4),
-            "nprobe": json.load(open(f"{W}/neighbors/run={RUN}/_manifest.json")).get("nprobe"),
+            "nprobe": nprobe,
         }
     )
 )
@@ -71,24 +70,24 @@ print(
 # Where the misses are: the rank of the old image's cell among the new image's cells by
 # centroid score (the route's order), for every exact pair.
 cent = np.load(f"{W}/index/run={RUN}/centroids.npy").astype(np.float32)
-cell_of = dict(zip(ids.tolist(), cells.tolist(), strict=True))
-newpos = order[np.searchsorted(ids[order], np.array([p[1] for p in pairs]))]
-qv = x[newpos]
-sc = qv @ cent.T
-own = np.array([cell_of[p[1]] for p in pairs])
-xc = np.array([cell_of[p[0]] for p in pairs])
-rank = (sc > sc[np.arange(len(pairs)), xc][:, None]).sum(axis=1)
-hit = np.array([p in held for p in pairs])
-out = {}
-for w in (36, 45, 54, 63, 72, 90):
-    reach = (rank < w) | (xc == own)
-    out[w] = round(float(reach.mean()), 4)
+new_pos = positions_in(ids, ti[rows, cols])
+old_cell, own = cells[qpos[rows]], cells[new_pos]
+sc = x[new_pos] @ cent.T
+rank = (sc > sc[np.arange(len(pairs)), old_cell][:, None]).sum(axis=1)
+
+
+def reached(w: int) -> np.ndarray:
+    return (rank < w) | (old_cell == own)
+
+
+width = math.ceil(REVERSE_PROBES * nprobe)
 print(
     json.dumps(
         {
-            "pairs_reached_by_cells": out,
-            "held_but_not_reached_at_45": int((hit & ~((rank < 45) | (xc == own))).sum()),
-            "reached_at_45_not_held": int((~hit & ((rank < 45) | (xc == own))).sum()),
+            "pairs_reached_by_cells": {w: round(float(reached(w).mean()), 4) for w in (36, 45, 54, 63, 72, 90)},
+            "width": width,
+            "held_but_not_reached": int((hit & ~reached(width)).sum()),
+            "reached_not_held": int((~hit & reached(width)).sum()),
         }
     )
 )
