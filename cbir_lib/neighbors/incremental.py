@@ -72,8 +72,12 @@ LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory,
 # from the Arrow batches to the lists written (input, old and new dense lists, the top-k
 # selection's temporaries, output). Measured: 25 B a row of input and 149 B more at the
 # task's peak (3.15M rows of 200k lists of 15 and 150k candidates, peak RSS). A task is
-# sized to half of ``neighbors.memory_budget``.
+# sized to half of ``neighbors.memory_budget``, and to no less than MERGE_TASK_MIN_BYTES:
+# a Spark task costs ~0.1 s, so a budget of kilobytes (tests force groups with one) split
+# 6,000 rows over 40-50 tasks, 4-5 s a night where one task takes 0.2 s. A Python
+# worker alone holds more than that floor.
 MERGE_ROW_BYTES = 192
+MERGE_TASK_MIN_BYTES = 16 << 20
 CHANGED_RANK = 0  # the merge's one row (no neighbour) for each list whose top k changed
 
 
@@ -660,7 +664,7 @@ def run(
     # the budget, where a window's row_number ran before (measured apart at 1M: 5.4 s
     # against 7.3 s warm; in the night, ~1 s less at 250k and 500k, none measurable at 1M).
     n_merge = int(in_merge.size) * width + int(n_reverse_rows)
-    n_parts = max(1, slots, -(-n_merge * MERGE_ROW_BYTES // max(1, int(memory["budget_bytes"]) // 2)))
+    n_parts = max(1, slots, -(-n_merge * MERGE_ROW_BYTES // max(MERGE_TASK_MIN_BYTES, int(memory["budget_bytes"]) // 2)))
     merged = _merged_lists(spark, old, in_merge, removed, reverse, width, k, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
     rows = merged.filter(F.col("rank") > CHANGED_RANK)
     lists = untouched.select(*cols).unionByName(rows).unionByName(fresh.select(*cols))

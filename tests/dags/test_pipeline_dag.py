@@ -219,6 +219,11 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
     index2 = _run_manifest(output, "index", RUN2)
     assert index2["mode"] == "incremental" and index2["base_run_id"] == RUN1 and index2["delta_counts"]["new"] == 1
     assert nb2["mode"] == "incremental" and nb2["base_run_id"] == RUN1 and nb2["changes"]["added"] == 1
+    # evaluate and dedup read the night's tables as they read a full run's (the new photo is
+    # in none of the sample's labelled groups, so evaluate's queries stay the first date's).
+    ev2, dd2 = _run_manifest(output, "evaluation", RUN2), _run_manifest(output, "dedup", RUN2)
+    assert ev2["neighbors_run_id"] == RUN2 and ev2["metrics"]["queries"] == ev["metrics"]["queries"], ev2["metrics"]
+    assert dd2["neighbors_run_id"] == RUN2 and dd2["counts"]["ok"] == n_ok + 1, dd2["counts"]
     # Its task retried (the partition lost) gives the same snapshot; so does a forced full rebuild.
     incremental = _rows(spark, output, "neighbors", RUN2, drop=("neighbors_run_id",))
     shutil.rmtree(output / "neighbors" / f"run={RUN2}")
@@ -228,14 +233,16 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
 
     # A third date, the second date's new photo deleted (a photo of the embedded sample
     # would be written again by the run): the second incremental night in a row, on the
-    # second date's tables, and no list names the deleted image.
+    # second date's tables, and no list names the deleted image. evaluate and dedup are
+    # marked successful without running: the second date ran them on a night's tables.
     (photos / "new_upload.jpg").unlink()
-    proc = airflow(env, "dags", "test", DAG_ID, DATE3)
+    proc = airflow(env, "dags", "test", DAG_ID, DATE3, "--mark-success-pattern", "^(evaluate|dedup)$")
     assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
     index3, nb3 = _run_manifest(output, "index", RUN3), _run_manifest(output, "neighbors", RUN3)
     assert index3["mode"] == "incremental" and index3["base_run_id"] == RUN2 and index3["delta_counts"]["deleted"] == 1
     assert nb3["mode"] == "incremental" and nb3["base_run_id"] == RUN2 and nb3["changes"]["deleted"] == 1
     assert nb3["counts"]["queries"] == n_ok
+    assert not (output / "evaluation" / f"run={RUN3}").exists() and not (output / "dedup" / f"run={RUN3}").exists()
     gone = spark.read.parquet(str(output / "index" / f"run={RUN3}" / "delta")).filter("kind = 'removed'").collect()
     assert len(gone) == 1
     lists3 = spark.read.parquet(str(output / "neighbors" / f"run={RUN3}"))
