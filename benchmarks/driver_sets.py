@@ -21,7 +21,13 @@ proportions give at ``--n`` images (synthetic ids; nothing is read from disk):
 - ``broadcast_*``: ``id_frame`` of the ids and a ``left_anti`` broadcast join of a small
   frame against it (the build side's cost: pandas to Arrow to the JVM, the collect into
   the driver's hash relation, the broadcast), less the same join of an empty id frame;
-- ``changes``: the ``_changes`` frame (ids and a ``kind`` string) made and written.
+- ``changes``: the ``_changes`` frame (ids and a ``kind`` string) made and written;
+- ``not_in_total_s.broadcast_touched_from_spark``: the touched lists' broadcast with its ids
+  read by Spark from Parquet, not made in Python: the build side's cost where the sets stay
+  DataFrames (the collect into the driver's hash relation remains: a broadcast is built
+  there);
+- ``not_in_total_s.changes_by_kind``: the same ``_changes`` rows made as one ``long`` id
+  frame a kind, the kind a literal column.
 
 On a cluster the broadcast also travels to every executor (torrent: each executor
 fetches ~8-16 bytes an id); that is not measured here, only the bytes are reported.
@@ -102,6 +108,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="driver-sets-"))
     out: dict = {"n": n, "sizes": {**size, "reverse_rows": int(reverse_rows.size)}, "seconds": {}}
     s = out["seconds"]
+    extra = out["not_in_total_s"] = {}
     try:
         # The neighbours stage runs with vector-sized Arrow batches (run_neighbors), not the
         # images-sized default of 64 rows, which would cut 20M ids into 300k batches.
@@ -152,6 +159,14 @@ def main(argv=None) -> dict:
             ):
                 _, t = timed(lambda arr=arr: anti(arr))
                 s[name] = round(max(0.0, t - empty_s), 3)
+            # The same broadcast with its ids made by Spark (read from Parquet, as a set the
+            # night kept as a DataFrame would be), never through Python: what is left of the
+            # step if the sets stayed in Spark.
+            path = str(tmp / "touched")
+            id_frame(spark, touched).write.parquet(path)
+            jvm = spark.read.parquet(path)
+            _, t = timed(lambda: small.join(F.broadcast(jvm), "image_id", "left_anti").count())
+            extra["broadcast_touched_from_spark"] = round(max(0.0, t - empty_s), 3)
 
             def changes():
                 frame = columns_frame(
@@ -165,6 +180,15 @@ def main(argv=None) -> dict:
                 frame.coalesce(1).write.parquet(str(tmp / "changes"))
 
             _, s["changes"] = timed(changes)
+
+            def changes_by_kind():  # one int64 id frame a kind, the kind a literal: no strings from Python
+                frames = [id_frame(spark, v).withColumn("kind", F.lit(kind)) for kind, v in groups.items() if v.size]
+                frame = frames[0]
+                for f in frames[1:]:
+                    frame = frame.unionByName(f)
+                frame.withColumn("neighbors_run_id", F.lit("r")).coalesce(1).write.parquet(str(tmp / "changes_by_kind"))
+
+            _, extra["changes_by_kind"] = timed(changes_by_kind)
             out["sizes"]["changes_rows"] = int(sum(len(v) for v in groups.values()))
             out["broadcast_mb"] = {
                 "untouched_drop": round(drop.size * 16 / 2**20),
