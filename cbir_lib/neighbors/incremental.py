@@ -448,13 +448,8 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
     manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
     groups = _change_groups(night, refill, top_changed)
-    changes = pa.table(
-        [
-            pa.array(np.concatenate(list(groups.values())).astype(np.int64)),
-            pa.array([kind for kind, v in groups.items() for _ in range(len(v))], pa.string()),
-        ],
-        names=["image_id", "kind"],
-    )
+    ids, kinds = change_rows(groups)
+    changes = pa.table([pa.array(ids), pa.array(kinds, pa.string())], names=["image_id", "kind"])
     n_files = L._output_files(spark, n)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
@@ -677,14 +672,10 @@ def run(
     memory["merge_tasks"] = n_parts
     groups = _change_groups(night, refill, top_changed)
     timings["merge_s"] = round(time.perf_counter() - t_merge, 3)
-    changes = columns_frame(
-        spark,
-        {
-            "image_id": np.concatenate([v for v in groups.values()]).astype(np.int64),
-            "kind": np.array([kind for kind, v in groups.items() for _ in range(len(v))], dtype=object),
-        },
-        "image_id long, kind string",
-    ).withColumn("neighbors_run_id", F.lit(run_id))
+    ids, kinds = change_rows(groups)
+    changes = columns_frame(spark, {"image_id": ids, "kind": kinds}, "image_id long, kind string").withColumn(
+        "neighbors_run_id", F.lit(run_id)
+    )
 
     # Recall on new and on old images, from the lists as committed, against exact search.
     try:
@@ -863,6 +854,14 @@ def _change_groups(night: _Night, refill: np.ndarray, top_changed: np.ndarray) -
         "refilled": refill,
         "removed": np.setdiff1d(removed, changed),
     }
+
+
+def change_rows(groups: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``_changes``' two columns from :func:`_change_groups`: the ids (int64) and each one's
+    kind (an object array of ``str``), kind by kind in the groups' order."""
+    ids = np.concatenate(list(groups.values())).astype(np.int64)
+    kinds = np.repeat(np.array(list(groups), dtype=object), [len(v) for v in groups.values()])
+    return ids, kinds
 
 
 def _log_done(run_id: str, prev: dict, manifest: dict, k: int, started: float) -> None:
