@@ -37,7 +37,9 @@ import logging
 from cbir_lib.common import fs, layout, lease, remote, tables
 from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config, ConfigError
+from cbir_lib.dedup import cache
 from cbir_lib.dedup.core import chunk_bounds, flips
+from cbir_lib.dedup.signature import SIGNATURE_COLUMNS
 from cbir_lib.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,10 @@ TABLE = layout.DEDUP
 VERDICT_DDL = "a long, b long, inliers int, agreement float, unverified string"
 
 
-SIGNATURE_COLUMNS = ("hashes", "h", "w", "points", "descriptors", "mirror_points", "mirror_descriptors", "thumb")
-
-
-def _signature_partition(side: int, features: int, photo_side: int, files):
-    """mapInPandas: ``(image_id, path)`` -> ``(image_id, <signature>)``; each task reads its
-    own files, once. A file gone since ingest, or undecodable, gets a null signature."""
+def _signature_partition(side: int, features: int, photo_side: int, files, carry: tuple[str, ...] = ()):
+    """mapInPandas: ``(image_id, path, *carry)`` -> ``(image_id, *carry, <signature>)``; each
+    task reads its own files, once. A file gone since ingest, or undecodable, gets a null
+    signature."""
 
     def fn(batches):
         import cv2
@@ -66,7 +66,7 @@ def _signature_partition(side: int, features: int, photo_side: int, files):
             for _, content, error in remote.read_many(files, zip(pdf["image_id"], pdf["path"], strict=True)):
                 g = sig.decode_gray(content, side) if error is None and content else None
                 rows.append(sig.encode(sig.signature(g, features, photo_side)) if g is not None and min(g.shape) >= 8 else None)
-            out = {"image_id": pdf["image_id"]}
+            out = {"image_id": pdf["image_id"], **{c: pdf[c] for c in carry}}
             for c in SIGNATURE_COLUMNS:
                 out[c] = [r[c] if r is not None else None for r in rows]
             yield pd.DataFrame(out)
@@ -74,18 +74,21 @@ def _signature_partition(side: int, features: int, photo_side: int, files):
     return fn
 
 
-def signatures(spark, todo, dd):
+def signatures(spark, todo, dd, carry: tuple[str, ...] = ()):
     """The copy signature (:mod:`cbir_lib.dedup.signature`) of every row of ``todo(image_id,
-    path)``, checkpointed: each image is read and decoded once per run, whatever the
-    number of its candidate pairs."""
+    path, *carry)``, checkpointed: each image is read and decoded once per run, whatever the
+    number of its candidate pairs. ``carry``: string columns passed through (the cache's
+    ``content_sha256``)."""
     from cbir_lib.dedup.signature import SIGNATURE_DDL
 
     return (
-        todo.select("image_id", "path")
+        todo.select("image_id", "path", *carry)
         .repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id")
         .mapInPandas(
-            _signature_partition(dd.verify_max_side, dd.verify_features, dd.verify_photo_side, remote.settings_from_hadoop(spark)),
-            f"image_id long, {SIGNATURE_DDL}",
+            _signature_partition(
+                dd.verify_max_side, dd.verify_features, dd.verify_photo_side, remote.settings_from_hadoop(spark), tuple(carry)
+            ),
+            ", ".join(["image_id long", *(f"{c} string" for c in carry), SIGNATURE_DDL]),
         )
         .localCheckpoint()
     )
@@ -513,7 +516,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     run = StageRun.start(spark, cfg, "dedup", table, ("dedup",))
     run_id = run.run_id
     img_uri = fs.join(root, layout.IMAGES)
-    img_run, _ = run.read_input(spark, img_uri, "images", "ingest")
+    img_run, img_manifest = run.read_input(spark, img_uri, "images", "ingest")
     images = spark.read.parquet(tables.run_dir(img_uri, img_run))
     status = {r.status: r["count"] for r in images.groupBy("status").count().collect()}
     hashes = ("phash", "ahash", "dhash") if dd.hash == "any" else (dd.hash,)
@@ -540,7 +543,11 @@ def run_dedup(spark, cfg: Config) -> dict:
     sig = None
     if dd.verify != "off":
         with timer("copy signatures") as t:
-            sig = signatures(spark, ok, dd)
+            if dd.cache_signatures:
+                sign = lambda todo: signatures(spark, todo, dd, ("content_sha256",))  # noqa: E731
+                sig, lineage["signatures"] = cache.cached_signatures(spark, table, run.base, tables.commit_of(img_manifest), ok, dd, sign)
+            else:
+                sig = signatures(spark, ok, dd)
             signed = sig.filter(F.col("hashes").isNotNull()).count()
         timings["signatures_s"] = round(t["seconds"], 3)
         counts_extra["signed"] = signed
@@ -698,6 +705,7 @@ def run_dedup(spark, cfg: Config) -> dict:
     manifest["wall_seconds"] = run.seconds()
     manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], status.get("ok", 0))  # extract's manifest has the same
     run.commit(spark, write, manifest)
+    cache.collect_garbage(spark, table)
     ok.unpersist()
     log.info("dedup %s: %d clusters holding %d images", run_id, stats.clusters, stats.images or 0)
     return manifest

@@ -207,6 +207,7 @@ def signature(g: np.ndarray, features: int = 1000, photo_side: int = 256) -> Sig
 SIGNATURE_DDL = (
     "hashes array<long>, h int, w int, points binary, descriptors binary, " "mirror_points binary, mirror_descriptors binary, thumb binary"
 )
+SIGNATURE_COLUMNS = ("hashes", "h", "w", "points", "descriptors", "mirror_points", "mirror_descriptors", "thumb")
 
 
 def encode(s: Signature) -> dict:
