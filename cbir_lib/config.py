@@ -481,10 +481,12 @@ class DedupConfig:
     verify_max_side: int = 384  # features are found on the grayscale at most this size (512: 15 % more CPU, quality.json)
     verify_features: int = 400  # ORB keypoints per image (and per mirror image), spread over a 4x4 grid
     verify_photo_side: int = 192  # the photometric check compares thumbnails at most this size
-    # Keep the copy signatures between runs, by content hash (cbir_lib/dedup/cache.py,
-    # dedup/_signatures/): a run signs only the images no earlier run signed, ~11 ms of a
-    # core and a file read each, for ~48 KB of storage each. Off, every run signs every image.
-    cache_signatures: bool = _unsigned(True)
+    # Keep copy signatures and pair verdicts between runs, by content hash
+    # (cbir_lib/dedup/cache.py, dedup/_signatures/ and _verdicts/): a run signs only the
+    # images no earlier run signed (~11 ms of a core and a file read each, ~48 KB kept
+    # each) and verifies only pairs of contents no earlier run verified (~3 ms a pair).
+    # Off, every run signs every image and verifies every pair, as before 2026-12-06.
+    cache: bool = _unsigned(True)
 
     def validate(self) -> None:
         _check_choices(self)

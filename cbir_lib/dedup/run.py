@@ -36,6 +36,7 @@ import logging
 
 from cbir_lib.common import fs, layout, lease, remote, tables
 from cbir_lib.common.lineage import timer
+from cbir_lib.common.shards import plan_tag
 from cbir_lib.config import Config, ConfigError
 from cbir_lib.dedup import cache
 from cbir_lib.dedup.core import chunk_bounds, flips
@@ -541,11 +542,17 @@ def run_dedup(spark, cfg: Config) -> dict:
         parts.append(emb_pairs)
         lineage["neighbors_run_id"] = nb_run
     sig = None
+    images_commit = tables.commit_of(img_manifest)
+    # What the caches key on (cbir_lib/dedup/cache.py): the content hash, which ingest gives
+    # every file it read; a row without one is keyed to this images snapshot alone.
+    contents = ok.withColumn(
+        "content_sha256", F.coalesce("content_sha256", F.concat(F.lit(f"nohash:{images_commit}:"), F.col("image_id").cast("string")))
+    )
     if dd.verify != "off":
         with timer("copy signatures") as t:
-            if dd.cache_signatures:
+            if dd.cache:
                 sign = lambda todo: signatures(spark, todo, dd, ("content_sha256",))  # noqa: E731
-                sig, lineage["signatures"] = cache.cached_signatures(spark, table, run.base, tables.commit_of(img_manifest), ok, dd, sign)
+                sig, lineage["signatures"] = cache.cached_signatures(spark, table, run.base, images_commit, contents, dd, sign)
             else:
                 sig = signatures(spark, ok, dd)
             signed = sig.filter(F.col("hashes").isNotNull()).count()
@@ -575,7 +582,17 @@ def run_dedup(spark, cfg: Config) -> dict:
             accepted = ev.filter(F.col("source") == "exact")
             band = ev.filter(F.col("source") != "exact")
         with timer("verifying candidate pairs") as t:
-            verdicts = verified_pairs(spark, band, sig, dd).localCheckpoint()
+            if dd.cache:
+                sha = contents.select("image_id", "content_sha256")
+                keyed = band.select("a", "b").join(sha.toDF("a", "sha_a"), "a").join(sha.toDF("b", "sha_b"), "b")
+                check = lambda todo: verified_pairs(spark, todo, sig, dd).localCheckpoint()  # noqa: E731
+                inputs = plan_tag(sorted(run.inputs.items()), lineage.get("neighbors_run_id"), run.signature)
+                verdicts, lineage["verdicts"] = cache.cached_verdicts(
+                    spark, table, run.base, inputs, keyed, contents.select("content_sha256").distinct(), dd, check
+                )
+                verdicts = verdicts.localCheckpoint()
+            else:
+                verdicts = verified_pairs(spark, band, sig, dd).localCheckpoint()
             not_verified = {
                 r.kind: r["count"]
                 for r in verdicts.filter(F.col("unverified").isNotNull())
