@@ -170,8 +170,11 @@ def cached_signatures(spark, table: str, base: dict | None, inputs: str, ok, dd,
         return rows, counts["computed"]
 
     segments, resumed, _ = seg.add(inputs, compact, make)
-    # Left: an image whose content has no signature (unreadable tonight) gets nulls.
+    # Left: an image whose content has no signature (unreadable tonight) gets nulls. Held as a
+    # run that signs everything holds it (a checkpoint, hash-partitioned by image id), read
+    # by the dihedral pairs and the verification.
     sig = keyed.select("image_id", "content_sha256").join(seg.read(segments), "content_sha256", "left").drop("content_sha256")
+    sig = sig.repartition(max(1, 2 * spark.sparkContext.defaultParallelism), "image_id").localCheckpoint()
     record = seg.record(segments, **counts, reused=int(live), resumed=resumed, compacted=compact)
     _log(record)
     return sig, record
