@@ -1,9 +1,9 @@
 """What dedup costs a night: the copy signatures of every image, or of the change only.
 
-    python benchmarks/dedup_nights.py [--label L] [--share 0.01]
+    python benchmarks/dedup_nights.py [--label L] [--share 0.01] [--set clothing|copies]
 
-On the real photos of ``clothing-small`` (the images table cached by ``all_pairs.py``'s
-real-embeddings step, or ingested here), three ``cbir dedup`` runs, each a spark-submit
+On real photos (``--set``: see :func:`_images_table`; the images table cached, or
+ingested here), three ``cbir dedup`` runs, each a spark-submit
 with its JVM, one after the other on the same cores:
 
 1. ``base``: the collection less a held-out share (by image id), into an empty dedup table;
@@ -11,8 +11,10 @@ with its JVM, one after the other on the same cores:
 3. ``rerun``: the same images again under another run id (a retried or repeated night).
 
 Each row records the run's wall time, its ``signatures_s`` (reading, decoding and
-signing the images: ~11 ms of a core each at the defaults) and, where the manifest says,
-how many signatures it computed and how many it took from earlier runs. The ratios are
+signing the images: ~11 ms of a core each at the defaults), ``verify_s`` (the band's
+pairs, ~3 ms each) and ``pairs_s`` (the candidates: untouched by the caches, and the
+noisiest step here: the same dihedral multi-index took 4-27 s on the same 3,781 images),
+and, where the manifest says, what each cache computed and took from earlier runs. The ratios are
 against the ``base`` run of the same invocation. ``dedup.sources=phash``: the embedding
 pairs need a neighbours table, and are not what a night's signatures cost. Results go
 to ``benchmarks/results/dedup_nights.json`` under ``--label``.
@@ -38,13 +40,23 @@ RESULTS = ROOT / "benchmarks" / "results" / "dedup_nights.json"
 CBIR = [sys.executable, "-m", "jobs.cli"]
 
 
-def _images_table() -> Path:
-    """The clothing photos' images table: the cached one, or ingested into the cache."""
-    cached = CACHE / "clothing-run" / "images"
+def _images_table(which: str) -> Path:
+    """The images table of ``clothing`` (clothing-small's photos: few copies) or ``copies``
+    (quality.py's dedup set: 300 photos with 14 edited copies each among 3,481 others, so
+    most images have pairs to verify): the cached one, or ingested into the cache."""
+    if which == "clothing":
+        cached, photos = CACHE / "clothing-run" / "images", CLOTHING
+    else:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import quality
+
+        cached, photos = CACHE / "dedup-set-v2" / "run" / "images", quality.DEDUP_SET
+        if not (cached / "_LATEST").exists() and not photos.exists():
+            quality.dedup_set()
     if not (cached / "_LATEST").exists():
         if not CLOTHING.exists():
             raise SystemExit(f"{CLOTHING} is absent: the benchmark reads its photos")
-        subprocess.run([*CBIR, "ingest", "--images", str(CLOTHING), "--output", str(cached.parent)], cwd=ROOT, check=True)
+        subprocess.run([*CBIR, "ingest", "--images", str(photos), "--output", str(cached.parent)], cwd=ROOT, check=True)
     return cached
 
 
@@ -81,9 +93,13 @@ def _run(root: Path, run_id: str) -> dict:
         "submit_s": round(wall, 1),
         "wall_seconds": m["wall_seconds"],
         "signatures_s": m["timings"].get("signatures_s"),
+        "verify_s": m["timings"].get("verify_s"),
+        "pairs_s": m["timings"].get("pairs_s"),
         "ok": c["ok"],
         "signed": c.get("signed"),
         "signatures": m.get("signatures"),
+        "verdicts": m.get("verdicts"),
+        "band": c.get("band"),
         "clusters": c["clusters"],
         "images_in_clusters": c["images_in_clusters"],
         "pairs": c["pairs"],
@@ -94,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label", default="run")
     ap.add_argument("--share", type=float, default=0.01, help="the share of the photos the night adds")
+    ap.add_argument("--set", default="clothing", choices=("clothing", "copies"), help="which photos (see _images_table)")
     args = ap.parse_args(argv)
     import numpy as np
 
-    src = _images_table()
+    src = _images_table(args.set)
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     root = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
     try:
@@ -122,20 +139,22 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[0]
     for r in rows:
         r["wall_ratio"] = round(r["wall_seconds"] / base["wall_seconds"], 3)
-        if r["signatures_s"] is not None and base["signatures_s"]:
-            r["signatures_ratio"] = round(r["signatures_s"] / base["signatures_s"], 3)
+        for part in ("signatures_s", "verify_s"):
+            if r[part] is not None and base[part]:
+                r[part.replace("_s", "_ratio")] = round(r[part] / base[part], 3)
     record = {
         "label": args.label,
         "code": code,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
+        "set": args.set,
         "share_added": args.share,
         "runs": rows,
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     results["runs"][args.label] = record
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({r["run"]: (r["wall_seconds"], r["signatures_s"], r.get("signatures_ratio")) for r in rows}))
+    print(json.dumps({r["run"]: (r["wall_seconds"], r["signatures_s"], r["verify_s"], r["pairs_s"]) for r in rows}))
 
 
 if __name__ == "__main__":
