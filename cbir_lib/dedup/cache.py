@@ -130,9 +130,8 @@ class _Segments:
                 fs.rename(self.spark, tmp, uri)
                 fs.create_file(self.spark, fs.join(uri, "_SUCCESS"), b"")  # last: the segment is whole
                 faults.point(f"dedup.{self.kind.field}.after_segment")
-        out = self.segments
-        if n or compact:
-            out = [*([] if compact else self.segments), {"name": name, "rows": int(n)}]
+        # A compaction to nothing (every image gone or unreadable) leaves no segment at all.
+        out = [*([] if compact else self.segments), *([{"name": name, "rows": int(n)}] if n else [])]
         return out, resumed, int(n)
 
     def record(self, segments: list[dict], **counts) -> dict:
