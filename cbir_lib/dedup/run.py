@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TABLE = layout.DEDUP
 VERDICT_DDL = "a long, b long, inliers int, agreement float, unverified string"
-MULTI_INDEX_BROADCAST_ROWS = 2_000_000  # stored (chunk, key, id, hash) rows, ~24 B each
+MULTI_INDEX_ROW_BYTES = 24  # a stored (chunk, key, id, hash) row of the multi-index, for the broadcast threshold
 
 
 def _signature_partition(side: int, features: int, photo_side: int, files, carry: tuple[str, ...] = ()):
@@ -195,10 +195,13 @@ def _multi_index(store, probe, t: int, m: int):
     for s, p in zip(stored[1:], probes[1:], strict=True):
         st, pr = st.unionByName(s), pr.unionByName(p)
     # The stored side is the join's build side, never the probes (each hash's thousands of
-    # flipped keys): broadcast while it is small, else hashed in each shuffle partition. Left
-    # to the plan's size estimates, a store whose estimate came from a join (the kept
-    # signatures) had its probes broadcast instead: 56-68 s against 9 s at 7,981 images.
-    st = st.hint("broadcast") if store.count() * m <= MULTI_INDEX_BROADCAST_ROWS else st.hint("shuffle_hash")
+    # flipped keys): broadcast while it is within the session's broadcast threshold (the
+    # user's, if set; -1 never), else hashed in each shuffle partition. Left to the plan's
+    # size estimates, a store whose estimate came from a join (the kept signatures) had its
+    # probes broadcast instead: 56-68 s against 9 s at 7,981 images.
+    limit = int(store.sparkSession._jsparkSession.sessionState().conf().autoBroadcastJoinThreshold())
+    small = limit > 0 and store.count() * m * MULTI_INDEX_ROW_BYTES <= limit
+    st = st.hint("broadcast") if small else st.hint("shuffle_hash")
     dist = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
     return st.join(pr, ["chunk", "key"]).filter(dist <= t).select("a", "b", dist.cast("int").alias("hamming"))
 
