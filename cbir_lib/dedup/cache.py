@@ -140,7 +140,8 @@ class _Segments:
 
 def cached_signatures(spark, table: str, base: dict | None, inputs: str, ok, dd, compute):
     """``(sig, record)``: ``sig(image_id, <signature>)`` for every row of ``ok(image_id,
-    path, content_sha256)``, null where the image could not be signed, and the manifest's
+    path, content_sha256)`` (the content hash never null: the caller keys a row without one
+    to its snapshot), null where the image could not be signed, and the manifest's
     ``signatures`` record. ``compute(todo(image_id, path, content_sha256))`` signs the images
     not in the cache, checkpointed (:func:`cbir_lib.dedup.run.signatures` carrying
     ``content_sha256``). ``inputs``: what the run's images are (the images commit)."""
@@ -149,13 +150,17 @@ def cached_signatures(spark, table: str, base: dict | None, inputs: str, ok, dd,
     seg = _Segments(spark, table, SIGNATURES, signature_key(dd), base)
     cache = seg.read()
     keyed = ok.select("image_id", "path", "content_sha256")
-    known = keyed.filter(F.col("content_sha256").isNotNull())
-    todo = known.join(cache.select("content_sha256"), "content_sha256", "left_anti") if seg.segments else known
-    # One image per content (byte-identical copies share a signature): the smallest id.
+    contents = keyed.select("content_sha256").distinct()
+    # Each content, kept or not: one pass over the cache's hashes gives both what to sign
+    # and how many kept rows are live.
+    kept = F.lit(True).alias("kept")
+    marked = contents.join(cache.select("content_sha256", kept), "content_sha256", "left").localCheckpoint() if seg.segments else None
+    new_contents = marked.filter(F.col("kept").isNull()).select("content_sha256") if marked is not None else contents
+    live = marked.filter(F.col("kept")).count() if marked is not None else 0
+    # One image per new content (byte-identical copies share a signature): the smallest id.
     first = F.min(F.struct("image_id", "path")).alias("first")
-    todo = todo.groupBy("content_sha256").agg(first).select("first.image_id", "first.path", "content_sha256")
-    contents = known.select("content_sha256").distinct()
-    live = contents.join(cache.select("content_sha256"), "content_sha256", "left_semi").count() if seg.segments else 0
+    todo = keyed.join(new_contents, "content_sha256", "left_semi").groupBy("content_sha256").agg(first)
+    todo = todo.select("first.image_id", "first.path", "content_sha256")
     compact = bool(seg.segments) and (len(seg.segments) + 1 > MAX_SEGMENTS or seg.rows - live > DEAD_SHARE * seg.rows)
     counts = {"computed": 0, "failed": 0}
 
