@@ -174,25 +174,24 @@ def _rows(spark, output: Path, table: str, run_id: str, drop=()) -> list:
 @pytest.mark.slow
 def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deployment, spark):
     env, output = deployment["env"], deployment["output"]
-    proc = airflow(env, "dags", "test", DAG_ID, DATE1)
+    # The first date builds in full; evaluate and dedup are marked successful without running
+    # here (they run on the second date, on a night's tables; on a full run's: tests/evaluate,
+    # tests/dedup and the demo). Each task is a spark-submit of ~20 s on the sample.
+    proc = airflow(env, "dags", "test", DAG_ID, DATE1, "--mark-success-pattern", "^(evaluate|dedup)$")
     assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
-    for stage, table in TABLES.items():
+    for stage, table in list(TABLES.items())[:4]:
         assert _run_manifest(output, table, RUN1)["stage"] in (stage, "index")
 
     images = _run_manifest(output, "images", RUN1)
     emb = _run_manifest(output, "embeddings", RUN1)
     index = _run_manifest(output, "index", RUN1)
     nb = _run_manifest(output, "neighbors", RUN1)
-    ev = _run_manifest(output, "evaluation", RUN1)
-    dd = _run_manifest(output, "dedup", RUN1)
     n_ok = images["counts"]["ok"]
     assert n_ok >= 80 and images["counts"]["failed"] == 3, images["counts"]
     assert emb["counts"]["ok"] == n_ok and emb["images_run_id"] == RUN1
     assert index["embeddings_run_id"] == RUN1 and sum(index["counts"]["per_cell"]) == n_ok
     assert nb["index_run_id"] == RUN1 and nb["counts"]["queries"] == n_ok and nb["counts"]["rows"] == n_ok * nb["k"]
-    assert ev["neighbors_run_id"] == RUN1 and ev["metrics"]["queries"] == n_ok, ev["metrics"]
-    assert dd["images_run_id"] == RUN1
-    assert ev["metrics"]["precision_at_k"] > 0.5  # the sample's copies find each other
+    assert not (output / "evaluation" / f"run={RUN1}").exists() and not (output / "dedup" / f"run={RUN1}").exists()
     nb_rows = spark.read.parquet(str(output / "neighbors" / f"run={RUN1}"))
     assert nb_rows.select("image_id").distinct().count() == n_ok
 
@@ -201,13 +200,16 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
     # leaves _LATEST on the newer run: tests/common/test_tables.py.)
     before = {"neighbors": _rows(spark, output, "neighbors", RUN1, drop=("neighbors_run_id",))}
 
-    # The next date, with one new photo: a separate complete run that reads and embeds only it.
+    # The next date, with one new photo: a separate complete run of every stage that reads and
+    # embeds only it.
     photos = output / "sample" / "images" / "photos"
     from PIL import Image
 
     Image.open(photos / "chelsea__original.jpg").rotate(90, expand=True).save(photos / "new_upload.jpg", quality=90)
     proc = airflow(env, "dags", "test", DAG_ID, DATE2)
     assert re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr)
+    for stage, table in TABLES.items():
+        assert _run_manifest(output, table, RUN2)["stage"] in (stage, "index")
     images2 = _run_manifest(output, "images", RUN2)
     emb2 = _run_manifest(output, "embeddings", RUN2)
     nb2 = _run_manifest(output, "neighbors", RUN2)
@@ -220,10 +222,11 @@ def test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates(deploy
     assert index2["mode"] == "incremental" and index2["base_run_id"] == RUN1 and index2["delta_counts"]["new"] == 1
     assert nb2["mode"] == "incremental" and nb2["base_run_id"] == RUN1 and nb2["changes"]["added"] == 1
     # evaluate and dedup read the night's tables as they read a full run's (the new photo is
-    # in none of the sample's labelled groups, so evaluate's queries stay the first date's).
+    # in none of the sample's labelled groups, so evaluate's queries are the first date's images).
     ev2, dd2 = _run_manifest(output, "evaluation", RUN2), _run_manifest(output, "dedup", RUN2)
-    assert ev2["neighbors_run_id"] == RUN2 and ev2["metrics"]["queries"] == ev["metrics"]["queries"], ev2["metrics"]
-    assert dd2["neighbors_run_id"] == RUN2 and dd2["counts"]["ok"] == n_ok + 1, dd2["counts"]
+    assert ev2["neighbors_run_id"] == RUN2 and ev2["metrics"]["queries"] == n_ok, ev2["metrics"]
+    assert ev2["metrics"]["precision_at_k"] > 0.5  # the sample's copies find each other
+    assert dd2["images_run_id"] == RUN2 and dd2["neighbors_run_id"] == RUN2 and dd2["counts"]["ok"] == n_ok + 1, dd2["counts"]
     # Its task retried (the partition lost) gives the same snapshot; so does a forced full rebuild.
     incremental = _rows(spark, output, "neighbors", RUN2, drop=("neighbors_run_id",))
     shutil.rmtree(output / "neighbors" / f"run={RUN2}")

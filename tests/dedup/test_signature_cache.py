@@ -108,18 +108,6 @@ def test_a_night_signs_only_new_contents_and_finds_what_signing_everything_finds
     assert any({"reencoded.jpg", "same_bytes.jpg", photo.name} <= g for g in joined), "the new copies join their original"
 
 
-def test_new_settings_start_a_new_cache_and_the_old_one_goes_with_its_snapshots(spark, collection):
-    _, out = collection
-    first = run_dedup(spark, _cfg(out, "d1", "run.keep_snapshots=1"))
-    other = run_dedup(spark, _cfg(out, "d2", "run.keep_snapshots=1", "dedup.verify_features=300"))
-    s = other["signatures"]
-    assert s["key"] != first["signatures"]["key"] and s["fresh_because"].startswith("the key changed")
-    assert s["computed"] == first["signatures"]["computed"] and s["reused"] == 0
-    assert list(_segments(out)) == [s["key"]], "the old key's segments went with the only snapshot naming them"
-    v = other["verdicts"]
-    assert v["key"] != first["verdicts"]["key"] and v["reused"] == 0 and list(_segments(out, cache.VERDICTS)) == [v["key"]]
-
-
 def test_runs_killed_after_their_segments_take_them_when_run_again(spark, collection, monkeypatch, tmp_path):
     _, out = collection
     marks = tmp_path / "marks"
@@ -138,7 +126,7 @@ def test_runs_killed_after_their_segments_take_them_when_run_again(spark, collec
     assert next(iter(_segments(out).values())) == [seg], "no second segment, no leftovers"
 
 
-def test_segments_are_compacted_past_their_bound_and_dead_rows_leave(spark, collection, monkeypatch):
+def test_segments_are_compacted_past_their_bound_dead_rows_leave_and_new_settings_start_anew(spark, collection, monkeypatch):
     src, out = collection
     monkeypatch.setattr(cache, "MAX_SEGMENTS", 1)
     first = run_dedup(spark, _cfg(out, "d1", "run.keep_snapshots=1"))
@@ -167,3 +155,11 @@ def test_segments_are_compacted_past_their_bound_and_dead_rows_leave(spark, coll
     v = m["verdicts"]  # the verdicts of pairs whose contents are gone leave too
     assert v["compacted"] and (v["segments"][0]["rows"] if v["segments"] else 0) < kept_verdicts + v["computed"]
     assert _result(spark, m) == _oracle(spark, out, "d9")
+
+    # New settings start a new cache, and the old one goes with the only snapshot naming it.
+    other = run_dedup(spark, _cfg(out, "e1", "run.keep_snapshots=1", "dedup.verify_features=300"))
+    s2 = other["signatures"]
+    assert s2["key"] != s["key"] and s2["fresh_because"].startswith("the key changed")
+    assert (s2["computed"], s2["reused"]) == (5, 0) and list(_segments(out)) == [s2["key"]]
+    v2 = other["verdicts"]
+    assert v2["key"] != v["key"] and v2["reused"] == 0 and v["key"] not in _segments(out, cache.VERDICTS)
