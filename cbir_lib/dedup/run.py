@@ -254,7 +254,9 @@ def dihedral_pairs(sig, t: int, m: int):
     from pyspark.sql import functions as F
 
     every = sig.filter(F.col("hashes").isNotNull()).select("image_id", F.col("hashes")[0].alias("h0"), "hashes")
-    h = every.groupBy("h0").agg(F.min("image_id").alias("image_id"), F.first("hashes").alias("hashes"))
+    # The group's smallest id probes with its own 8 hashes (first() took any member's: the
+    # pairs could differ run to run where members' other symmetries differ).
+    h = every.groupBy("h0").agg(F.min("image_id").alias("image_id"), F.min_by("hashes", "image_id").alias("hashes"))
     same = (
         every.join(h.select("h0", F.col("image_id").alias("a")), "h0")
         .filter(F.col("image_id") != F.col("a"))

@@ -32,3 +32,19 @@ def test_the_same_pairs_as_brute_force_with_broadcasts_allowed_or_turned_off(spa
         assert _pairs(spark, rows) == truth
     finally:
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", before)
+
+
+def test_dihedral_groups_probe_with_their_smallest_ids_own_hashes(spark):
+    """Images 1 and 2 share their identity hash; only image 1's quarter-turn hash is image
+    3's identity hash. The group (its smallest id, 1) probes with image 1's hashes, whatever
+    order the rows come in: the pair (1, 3) is found on every run."""
+    from cbir_lib.dedup.run import dihedral_pairs
+
+    rng = np.random.default_rng(1)
+    far = [int(h) for h in rng.integers(-(2**62), 2**62, 30, dtype=np.int64)]
+    h0, turned = far.pop(), far.pop()
+    rows = [(2, [h0, *far[0:7]]), (3, [turned, *far[7:14]]), (1, [h0, turned, *far[14:20]])]
+    for order in (rows, rows[::-1]):
+        sig = spark.createDataFrame(order, "image_id long, hashes array<long>").repartition(3)
+        got = {(r.a, r.b, r.hamming) for r in dihedral_pairs(sig, 4, 5).collect()}
+        assert got == {(1, 2, 0), (1, 3, 0)}, got
