@@ -1,9 +1,12 @@
 """Incremental nights against full rebuilds of the same collection.
 
-    python benchmarks/incremental.py [--n 1000000] [--nights 5]
+    python benchmarks/incremental.py [--n 1000000] [--nights 5] [--data mixture|fashion|real]
 
 Start: ``n`` vectors of the 256-d mixture of ``all_pairs.py`` (the same cached file), a
-full ``build_index`` + ``neighbors``. Then ``--nights`` nights, each:
+full ``build_index`` + ``neighbors``. ``--data fashion`` (or ``real``) starts from real
+embeddings instead, made by this project's extract at its defaults (``all_pairs.py``:
+Fashion-MNIST or clothing-small), and draws the nights' fresh and changed vectors from the
+rest of them. Then ``--nights`` nights, each:
 
 - adds 1 % new vectors: 70 % fresh draws of the same mixture (rows past ``n`` of the
   cached 4M file), 30 % near-copies of old ones (the old vector plus noise of norm 0.05,
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +143,80 @@ def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
     return took
 
 
+def collection(data: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, x, pool)``: ``n`` vectors to start from and the rows the nights draw new and
+    changed vectors from. ``mixture``: the cached 256-d mixture's first ``n`` rows, the pool
+    its rows past ``n`` of the 4M file. ``fashion`` / ``real``: the real embeddings of
+    ``all_pairs.py`` (this project's extract at its defaults), in a fixed random order, the
+    first ``n`` to start from and the rest the pool."""
+    from all_pairs import dataset, mixture
+
+    if data == "mixture":
+        ids, x = dataset("mixture", n)
+        return ids, np.array(x, dtype=np.float32), np.asarray(mixture(4_000_000))[n:]
+    _, x = dataset(data, 0)
+    if n >= len(x):
+        raise SystemExit(f"--n {n}: {data} holds {len(x)} vectors; leave some to the nights' pool")
+    rng = np.random.default_rng(n)
+    x = x[rng.permutation(len(x))]
+    ids = rng.permutation(np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]).astype(np.int64)
+    return ids, np.ascontiguousarray(x[:n]), x[n:]
+
+
+@dataclass
+class Night:
+    """The collection after one night (``ids``, ``x``, ``versions``), what the night did, and
+    where the next one draws from (``used`` rows of the pool, ids from ``next_id``)."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    versions: np.ndarray
+    new_ids: np.ndarray
+    deleted_ids: np.ndarray
+    changed_ids: np.ndarray
+    used: int
+    next_id: int
+
+
+def draw_night(rng, ids: np.ndarray, x: np.ndarray, versions: np.ndarray, pool: np.ndarray, used: int, next_id: int) -> Night:
+    """One night of the issue's shape on the collection ``(ids, x, versions)``, which it
+    leaves as it was: 1 % added (30 % near-copies of old vectors: plus noise of norm 0.05,
+    renormalised; 70 % the pool's next rows), 0.2 % deleted and 0.2 % changed (the pool's
+    next rows, a new version), drawn at random."""
+    m = len(ids)
+    x, versions = np.array(x, dtype=np.float32), versions.copy()
+    n_add, n_del, n_chg = int(0.01 * m), int(0.002 * m), int(0.002 * m)
+    pick = rng.choice(m, n_del + n_chg, replace=False)
+    dele, chg = pick[:n_del], pick[n_del:]
+    n_copy = int(0.3 * n_add)
+    if used + n_chg + n_add - n_copy > len(pool):
+        raise SystemExit(f"the pool of {len(pool)} vectors is used up: fewer nights, or a smaller --n")
+    # changed: a fresh vector and a new version
+    x[chg] = pool[used : used + n_chg]
+    used += n_chg
+    versions[chg] += 1
+    src = rng.choice(np.setdiff1d(np.arange(m), pick), n_copy, replace=False)
+    noise = rng.normal(size=(n_copy, x.shape[1])).astype(np.float32)
+    copies = x[src] + 0.05 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    fresh = pool[used : used + n_add - n_copy]
+    used += n_add - n_copy
+    new_x = np.concatenate([copies, fresh]).astype(np.float32)
+    new_x /= np.linalg.norm(new_x, axis=1, keepdims=True)
+    new_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
+    keep = np.ones(m, bool)
+    keep[dele] = False
+    return Night(
+        ids=np.concatenate([ids[keep], new_ids]),
+        x=np.concatenate([x[keep], new_x]),
+        versions=np.concatenate([versions[keep], np.zeros(n_add, np.int64)]),
+        new_ids=new_ids,
+        deleted_ids=ids[dele],
+        changed_ids=ids[chg],
+        used=used,
+        next_id=next_id + n_add,
+    )
+
+
 def exact_topk(x: np.ndarray, ids: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-10 (itself excluded) of the rows ``pos`` over all of ``x``: scores, ids."""
     q = np.ascontiguousarray(x[pos])
@@ -184,12 +262,16 @@ def main() -> None:
     ap.add_argument("--nights", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the working directory")
     ap.add_argument("--label", help="record the run under variants/<label> (the 5 nights at 1M stay the file's top level)")
+    ap.add_argument(
+        "--data",
+        choices=("mixture", "fashion", "real"),
+        default="mixture",
+        help="mixture: the 256-d mixture (the issue's); fashion / real: real embeddings at the shipped defaults (all_pairs.py)",
+    )
     args = ap.parse_args()
-    from all_pairs import dataset, mixture
 
     n = args.n
-    ids0, x0 = dataset("mixture", n)
-    pool = np.asarray(mixture(4_000_000))[n:]
+    ids0, x0, pool = collection(args.data, n)
     rng = np.random.default_rng(17)
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     inc, full = work / "incremental", work / "full"
@@ -200,33 +282,20 @@ def main() -> None:
     write_embeddings(inc, "night-0", ids, x, versions)
     base_s = run_pipeline(inc, "night-0", "full", log)
     print(f"base: {n} vectors, full build {base_s:.1f} s", flush=True)
-    out = {"n_base": n, "dim": int(x.shape[1]), "base_full_s": round(base_s, 1), "machine_cores": os.cpu_count(), "nights": []}
+    out = {
+        "data": args.data,
+        "n_base": n,
+        "dim": int(x.shape[1]),
+        "base_full_s": round(base_s, 1),
+        "machine_cores": os.cpu_count(),
+        "nights": [],
+    }
     for night in range(1, args.nights + 1):
         run_id = f"night-{night}"
-        m = len(ids)
-        n_add, n_del, n_chg = int(0.01 * m), int(0.002 * m), int(0.002 * m)
-        pick = rng.choice(m, n_del + n_chg, replace=False)
-        dele, chg = pick[:n_del], pick[n_del:]
-        deleted_ids = ids[dele]
-        # changed: a fresh vector and a new version
-        x[chg] = pool[used : used + n_chg]
-        used += n_chg
-        versions[chg] += 1
-        n_copy = int(0.3 * n_add)
-        src = rng.choice(np.setdiff1d(np.arange(m), pick), n_copy, replace=False)
-        noise = rng.normal(size=(n_copy, x.shape[1])).astype(np.float32)
-        copies = x[src] + 0.05 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
-        fresh = pool[used : used + n_add - n_copy]
-        used += n_add - n_copy
-        new_x = np.concatenate([copies, fresh]).astype(np.float32)
-        new_x /= np.linalg.norm(new_x, axis=1, keepdims=True)
-        new_ids = np.arange(next_id, next_id + n_add, dtype=np.int64)
-        next_id += n_add
-        keep = np.ones(m, bool)
-        keep[dele] = False
-        ids = np.concatenate([ids[keep], new_ids])
-        x = np.concatenate([x[keep], new_x])
-        versions = np.concatenate([versions[keep], np.zeros(n_add, np.int64)])
+        d = draw_night(rng, ids, x, versions, pool, used, next_id)
+        ids, x, versions, used, next_id = d.ids, d.x, d.versions, d.used, d.next_id
+        n_add, n_del, n_chg = d.new_ids.size, d.deleted_ids.size, d.changed_ids.size
+        new_ids, deleted_ids = d.new_ids, d.deleted_ids
         write_embeddings(inc, run_id, ids, x, versions)
         inc_s = run_pipeline(inc, run_id, "incremental", log)
         # The full rebuild: the same embeddings, nothing else.
@@ -301,8 +370,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("incremental_") or k == "incremental_s"}), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        if args.label:
-            results.setdefault("variants", {})[args.label] = {**out, "code": _commit()}
+        if args.label or args.data != "mixture":
+            results.setdefault("variants", {})[args.label or f"{args.data}_{n}"] = {**out, "code": _commit()}
         elif n == 1_000_000:  # the issue's size: the file's top level
             results.update(out)
         else:
