@@ -99,19 +99,13 @@ def bound(x: np.ndarray, pos: np.ndarray, seed: int) -> dict:
     }
 
 
-def _commit() -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60_000)
     ap.add_argument("--queries", type=int, default=1000)
     args = ap.parse_args()
     from all_pairs import dataset, mixture
+    from incremental import _commit
 
     _, real = dataset("fashion", 0)
     real = np.ascontiguousarray(real[: args.n])

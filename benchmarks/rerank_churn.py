@@ -134,20 +134,13 @@ def churn(before: dict, after: dict, ids_b: np.ndarray, ids_a: np.ndarray, staye
     return out
 
 
-def _commit() -> str:
-    import subprocess
-
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", choices=("fashion", "real", "mixture"), default="fashion")
     ap.add_argument("--n", type=int, default=60_000, help="the collection before the first night")
     ap.add_argument("--nights", type=int, default=1)
     args = ap.parse_args()
-    from incremental import collection, draw_night
+    from incremental import _commit, collection, draw_night
 
     ids, x, pool = collection(args.data, args.n)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
