@@ -143,17 +143,24 @@ def run_pipeline(root: Path, run_id: str, mode: str, log: Path) -> float:
     return took
 
 
-def collection(data: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def collection(data: str, n: int, dim: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, x, pool)``: ``n`` vectors to start from and the rows the nights draw new and
     changed vectors from. ``mixture``: the cached 256-d mixture's first ``n`` rows, the pool
-    its rows past ``n`` of the 4M file. ``fashion`` / ``real``: the real embeddings of
-    ``all_pairs.py`` (this project's extract at its defaults), in a fixed random order, the
-    first ``n`` to start from and the rest the pool."""
+    its rows past ``n`` of the 4M file; at another ``dim``, the mixture fitted at that
+    dimension (``all_pairs.mixture(n + pool, dim)``, a pool of a tenth of ``n``, at least
+    20,000). ``fashion`` / ``real``: the real embeddings of ``all_pairs.py`` (this project's
+    extract at its defaults), in a fixed random order, the first ``n`` to start from and the
+    rest the pool."""
     from all_pairs import dataset, mixture
 
-    if data == "mixture":
+    if data == "mixture" and dim == 256:
         ids, x = dataset("mixture", n)
         return ids, np.array(x, dtype=np.float32), np.asarray(mixture(4_000_000))[n:]
+    if data == "mixture":
+        rng = np.random.default_rng(n)
+        ids = rng.permutation(np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]).astype(np.int64)
+        x = mixture(n + max(n // 10, 20_000), dim)
+        return ids, np.array(x[:n], dtype=np.float32), np.asarray(x[n:])
     _, x = dataset(data, 0)
     if n >= len(x):
         raise SystemExit(f"--n {n}: {data} holds {len(x)} vectors; leave some to the nights' pool")
@@ -268,10 +275,11 @@ def main() -> None:
         default="mixture",
         help="mixture: the 256-d mixture (the issue's); fashion / real: real embeddings at the shipped defaults (all_pairs.py)",
     )
+    ap.add_argument("--dim", type=int, default=256, help="--data mixture: the mixture's dimension (1280: the shipped models')")
     args = ap.parse_args()
 
     n = args.n
-    ids0, x0, pool = collection(args.data, n)
+    ids0, x0, pool = collection(args.data, n, args.dim)
     rng = np.random.default_rng(17)
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     inc, full = work / "incremental", work / "full"
@@ -370,8 +378,9 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("incremental_") or k == "incremental_s"}), flush=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        if args.label or args.data != "mixture":
-            results.setdefault("variants", {})[args.label or f"{args.data}_{n}"] = {**out, "code": _commit()}
+        if args.label or args.data != "mixture" or args.dim != 256:
+            label = args.label or (f"mixture{args.dim}_{n}" if args.data == "mixture" else f"{args.data}_{n}")
+            results.setdefault("variants", {})[label] = {**out, "code": _commit()}
         elif n == 1_000_000:  # the issue's size: the file's top level
             results.update(out)
         else:
