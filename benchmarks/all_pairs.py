@@ -172,9 +172,12 @@ def dataset(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     if name in ("real", "fashion"):
         ids, x = real_embeddings() if name == "real" else fashion_embeddings()
         return ids.astype(np.int64), (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    rng = np.random.default_rng(n)
-    ids = np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]
-    return rng.permutation(ids).astype(np.int64), np.asarray(mixture(n))
+    return random_ids(np.random.default_rng(n), n), np.asarray(mixture(n))
+
+
+def random_ids(rng, n: int) -> np.ndarray:
+    """``n`` distinct int64 ids in random order (the mixture's, and incremental.py's)."""
+    return rng.permutation(np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]).astype(np.int64)
 
 
 def truth(name: str, n: int) -> dict:

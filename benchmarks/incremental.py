@@ -151,14 +151,14 @@ def collection(data: str, n: int, dim: int = 256) -> tuple[np.ndarray, np.ndarra
     20,000). ``fashion`` / ``real``: the real embeddings of ``all_pairs.py`` (this project's
     extract at its defaults), in a fixed random order, the first ``n`` to start from and the
     rest the pool."""
-    from all_pairs import dataset, mixture
+    from all_pairs import dataset, mixture, random_ids
 
     if data == "mixture" and dim == 256:
         ids, x = dataset("mixture", n)
         return ids, np.array(x, dtype=np.float32), np.asarray(mixture(4_000_000))[n:]
     if data == "mixture":
         rng = np.random.default_rng(n)
-        ids = rng.permutation(np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]).astype(np.int64)
+        ids = random_ids(rng, n)
         x = mixture(n + max(n // 10, 20_000), dim)
         return ids, np.array(x[:n], dtype=np.float32), np.asarray(x[n:])
     _, x = dataset(data, 0)
@@ -166,7 +166,7 @@ def collection(data: str, n: int, dim: int = 256) -> tuple[np.ndarray, np.ndarra
         raise SystemExit(f"--n {n}: {data} holds {len(x)} vectors; leave some to the nights' pool")
     rng = np.random.default_rng(n)
     x = x[rng.permutation(len(x))]
-    ids = rng.permutation(np.unique(rng.integers(-(2**62), 2**62, size=n + 1000))[:n]).astype(np.int64)
+    ids = random_ids(rng, n)
     return ids, np.ascontiguousarray(x[:n]), x[n:]
 
 

@@ -106,8 +106,8 @@ def self_check(x: np.ndarray, m: int = 1500) -> None:
 
 def churn(before: dict, after: dict, ids_b: np.ndarray, ids_a: np.ndarray, stayed: np.ndarray) -> dict:
     """The shares of the ``stayed`` ids whose lists, database vectors and queries differ."""
-    pb, pa = np.searchsorted(ids_b, stayed, sorter=np.argsort(ids_b)), np.searchsorted(ids_a, stayed, sorter=np.argsort(ids_a))
-    rb, ra = np.argsort(ids_b)[pb], np.argsort(ids_a)[pa]
+    ob, oa = np.argsort(ids_b), np.argsort(ids_a)
+    rb, ra = ob[np.searchsorted(ids_b, stayed, sorter=ob)], oa[np.searchsorted(ids_a, stayed, sorter=oa)]
     assert (ids_b[rb] == stayed).all() and (ids_a[ra] == stayed).all()
     out = {}
     for mode in MODES:
