@@ -32,6 +32,8 @@ from cbir_lib.vectors.topk import exact_topk, recall_at_k
 
 W = sys.argv[1]
 RUN = sys.argv[3] if len(sys.argv) > 3 else open(f"{W}/neighbors/_LATEST").read().strip()
+if json.load(open(f"{W}/index/run={RUN}/_manifest.json")).get("store_layers"):
+    sys.exit(f"index run {RUN} keeps its store in layers (cbir_lib/index/layers.py): replay the night with index.max_store_layers=0")
 parts = sorted(glob.glob(f"{W}/index/run={RUN}/store/*.parquet"))
 cells, ids, x, *_ = read_store_parts(["file://" + p for p in parts])
 x = np.ascontiguousarray(x, np.float32)

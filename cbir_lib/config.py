@@ -273,6 +273,10 @@ class IndexConfig:
     # Incremental: a full build every this many builds (the 7th after a full one is full
     # again), whatever the drift; 0: only when the drift asks.
     full_rebuild_every: int = _unsigned(7)
+    # Incremental: a night's store is a layer over its base's (its added rows and removed
+    # ids), not a copy of every row (cbir_lib/index/layers.py); a night that would make
+    # more than this many layers writes the whole store again. 0 or 1: always write it.
+    max_store_layers: int = _unsigned(8)
 
     def validate(self) -> None:
         _check_choices(self)
@@ -280,6 +284,7 @@ class IndexConfig:
         _require(self.drift_max_distance >= 1.0, "index.drift_max_distance", "must be >= 1")
         _require(0.0 < self.drift_max_change <= 1.0, "index.drift_max_change", "must be in (0, 1]")
         _require(self.full_rebuild_every >= 0, "index.full_rebuild_every", "must be >= 0 (0: only when the drift asks)")
+        _require(self.max_store_layers >= 0, "index.max_store_layers", "must be >= 0 (0 or 1: every night writes the whole store)")
         _require(0 <= self.reduced_dim <= 4096, "index.reduced_dim", "must be in 0..4096 (0: no reduced first pass)")
         if self.n_cells is not None:
             _require(self.n_cells >= 1, "index.n_cells", "must be >= 1")

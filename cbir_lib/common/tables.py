@@ -232,10 +232,19 @@ def sweep_work(spark, table_uri: str) -> list[str]:
     return names
 
 
+# A manifest's list of the runs of its own table whose files the snapshot reads (an index
+# store in layers: cbir_lib/index/layers.py); pruning keeps them while the snapshot is kept.
+READS_RUNS = "reads_runs"
+
+
 def _prune(spark, table_uri: str, keep: int, current: str) -> None:
     runs = [n[len("run=") :] for n in fs.list_names(spark, table_uri) if n.startswith("run=")]
     # Run ids are sortable timestamps or logical dates; keep the newest, always the current.
     stale = [r for r in sorted(runs)[:-keep] if r != current] if len(runs) > keep else []
+    if stale:
+        kept = [r for r in runs if r not in stale]
+        needed = {r for k in kept for r in ((read_manifest(spark, table_uri, k) or {}).get(READS_RUNS) or [])}
+        stale = [r for r in stale if r not in needed]
     for r in stale:
         fs.delete(spark, run_dir(table_uri, r))
     fs.delete(spark, fs.join(table_uri, "_tmp"))

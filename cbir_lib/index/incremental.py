@@ -12,14 +12,18 @@ rebuilding every forest, an incremental build takes the latest index as its base
    how far the new vectors sit from their centroids against the full build's sample,
    and how much of the collection changed since the full build. Past a bound of
    ``index.drift_max_*`` it gives up, and the caller runs a full build, logging why;
-3. writes the new store (the base's rows less the removed, plus the added), rebuilds
-   the forests of the touched cells only and copies the others, and writes ``delta/``
-   ``(image_id, kind, cell)`` (kind ``added`` or ``removed``), which the neighbours
-   stage's incremental run reads;
-4. commits the result as a snapshot like any other, whose manifest names its base.
+3. writes ``added/`` (the added rows, the store's columns) and ``delta/`` ``(image_id,
+   kind, cell)`` (kind ``added`` or ``removed``), which the neighbours stage's
+   incremental run reads. They are the night's layer of the store
+   (:mod:`cbir_lib.index.layers`): the base's rows are not copied. A night that would
+   pass ``index.max_store_layers`` writes the whole store instead (the base's live rows
+   less the removed, plus the added). It rebuilds the forests of the touched cells only
+   and copies the others;
+4. commits the result as a snapshot like any other, whose manifest names its base and
+   the runs its store's layers are in (kept by pruning while it is).
 
 Everything that is read in full is read by column (ids, fingerprints, cells); the
-vectors read are the added ones, and the store's rows are copied, not recomputed.
+vectors read are the added ones. In layers, the vectors written are the added ones too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ import numpy as np
 from cbir_lib.common import fs, inprocess, remote, tables
 from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import timer
+from cbir_lib.index.layers import (
+    ADDED,
+    DELTA,
+    LAYERS,
+    LayerMissing,
+    frame_of,
+    layers_of,
+    live,
+    next_layers,
+    parts_of,
+    read_parts,
+    with_night,
+)
 from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
@@ -61,14 +78,13 @@ from cbir_lib.vectors.arrow import binary_to_numpy
 
 log = logging.getLogger(__name__)
 
-DELTA = "delta"
 # Rows copied at a time into the new store (a bounded temporary: 16 MB at 256-d).
 _COPY_ROWS = 16_384
 DELTA_DDL = "image_id long, kind string, cell int"
-# The night's added store rows (the store's columns), kept with the run: a neighbours night
-# on kept store groups adds them to the last night's delta on those groups
-# (cbir_lib/neighbors/layered.py), instead of reading the whole store.
-ADDED = "added"
+# DELTA: the night's change; ADDED: its added store rows (the store's columns), kept with
+# the run. They are the night's layer of the store (cbir_lib/index/layers.py), and a
+# neighbours night on kept store groups adds them to the last night's delta on those
+# groups (cbir_lib/neighbors/layered.py), instead of reading the whole store.
 
 
 DRIFT_MIN_ADDED = 100
@@ -189,14 +205,6 @@ def diff_keys(old_ids, old_fps, now_ids, now_fps) -> tuple[np.ndarray, np.ndarra
     return ~same, ~matched
 
 
-def _read_columns(spark, uris: list[str], columns: list[str]):
-    """The columns of the Parquet parts ``uris``, read in this process, as one Arrow table."""
-    import pyarrow as pa
-
-    files = remote.settings_from_hadoop(spark)
-    return pa.concat_tables([remote.read_parquet(files, u, columns) for u in uris])
-
-
 def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray, fps: np.ndarray, assigner, prev: dict, n_cells: int):
     """The added rows (sorted ``ids``, with their fingerprints ``fps``) read from the
     embeddings files by :func:`_read_added` and assigned to cells, here, a file per
@@ -224,7 +232,8 @@ def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray
 def _write_store_in_process(
     files,
     base: list[str],
-    dst: str,
+    drops: list,
+    dst: str | None,
     removed: np.ndarray,
     added,
     reduced: bool,
@@ -233,12 +242,14 @@ def _write_store_in_process(
     n_parts: int,
     keep: list | None,
 ) -> np.ndarray:
-    """The new store: the rows of the base's files (``base``, their URIs) less the
-    ``removed`` ids, and the ``added`` rows (an Arrow table), in ``(cell, image_id)`` order,
-    written as ``n_parts`` files by :func:`~cbir_lib.index.store.write_sorted`, as a full
-    build writes them; the vectors per cell returned. With ``keep`` (a list), the sorted
-    store is appended to it, ``(cells, ids, vectors, reduced or None)``, for
-    :func:`~cbir_lib.index.store.offer_store`.
+    """The new store: the live rows of the base's files (``base``, their URIs, with the ids
+    its later layers dropped from each: ``drops``, :func:`~cbir_lib.index.layers.parts_of`)
+    less the ``removed`` ids, and the ``added`` rows (an Arrow table), in ``(cell,
+    image_id)`` order, written as ``n_parts`` files by
+    :func:`~cbir_lib.index.store.write_sorted`, as a full build writes them (``dst`` None:
+    not written, a night in layers that only hands it on); the vectors per cell returned.
+    With ``keep`` (a list), the sorted store is appended to it, ``(cells, ids, vectors,
+    reduced or None)``, for :func:`~cbir_lib.index.store.offer_store`.
 
     Each vector is copied once, from the batch it was read into to its place in the new
     store. Filtering the base's files and then sorting the store for the next stage copied
@@ -247,13 +258,17 @@ def _write_store_in_process(
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         tables_ = list(pool.map(lambda uri: remote.read_parquet(files, uri), base))
-    batches = [(b, True) for t in tables_ for b in t.to_batches() if b.num_rows]
+    gone: dict[int, np.ndarray] = {}  # each drop array (shared by a layer's parts) with the removed ids
+    for d in drops:
+        if d is not None and id(d) not in gone:
+            gone[id(d)] = np.union1d(d, removed)
+    batches = [(b, gone.get(id(d), removed)) for t, d in zip(tables_, drops, strict=True) for b in t.to_batches() if b.num_rows]
     if added is not None:
-        batches += [(b, False) for b in added.to_batches() if b.num_rows]
+        batches += [(b, None) for b in added.to_batches() if b.num_rows]
     cells_, ids_, fps_, sources = [], [], [], []
-    for b, of_base in batches:
+    for b, drop in batches:
         ids = b.column("image_id").to_numpy().astype(np.int64, copy=False)
-        rows = np.flatnonzero(~np.isin(ids, removed)) if of_base and removed.size else None
+        rows = live(ids, drop)
         sel = slice(None) if rows is None else rows  # a view where every row stays
         cells_.append(b.column("cell").to_numpy()[sel].astype(np.int32))
         ids_.append(ids[sel])
@@ -281,7 +296,8 @@ def _write_store_in_process(
         at += m
     del tables_, batches, sources
     cells, ids, fps = cells[order], ids[order], fps[order]
-    write_sorted(files, dst, cells, ids, x, fps, xr, n_parts)
+    if dst is not None:
+        write_sorted(files, dst, cells, ids, x, fps, xr, n_parts)
     if keep is not None:
         keep.append((cells, ids, x, xr))
     return np.bincount(cells, minlength=n_cells).astype(np.int64)
@@ -344,12 +360,27 @@ def try_incremental(
     execution = {"where": "driver" if on_driver else "executors", "why": why}
     log.info("build_index: the incremental build on the %s (%s)", execution["where"], why)
     files = remote.settings_from_hadoop(spark)
-    old = None if on_driver else spark.read.parquet(fs.join(base_uri, STORE))  # the Spark plans' base store
+    try:
+        base_layers = layers_of(spark, {**prev, "uri": base_uri})
+    except LayerMissing as e:
+        return None, str(e)
+    # This night's store in layers over the base's (None: the whole store written again,
+    # as a run committed again under its base's run id must: it replaces that layer).
+    store_layers = next_layers(prev, ic.max_store_layers, len(base_layers))
+    if store_layers is not None and any(layer["run_id"] == run_id for layer in store_layers):
+        store_layers = None
+    old = None if on_driver else frame_of(spark, base_layers)  # the Spark plans' base store
 
-    base_parts = tables.part_uris(spark, fs.join(base_uri, STORE)) if on_driver else []  # listed once a night
+    base_parts, base_drops = parts_of(spark, base_layers) if on_driver else ([], [])  # listed once a night
     if on_driver:
         with timer("finding the added and removed vectors by content fingerprint (in this process)") as t:
-            base = _read_columns(spark, base_parts, ["image_id", "fp", "cell"])
+            base = read_parts(files, base_parts, base_drops, ["image_id", "fp", "cell"])
+            base_counts = np.bincount(base.column("cell").to_numpy(), minlength=n_cells)
+            if not np.array_equal(base_counts, np.asarray(prev["counts"]["per_cell"], np.int64)):
+                raise RuntimeError(
+                    f"build_index: the store of index {prev['run_id']} holds {int(base_counts.sum())} live vectors where its "
+                    f"manifest counts {int(np.sum(prev['counts']['per_cell']))}; build it again with index.mode=full"
+                )
             base_ids, base_fps = base.column("image_id").to_numpy(), base.column("fp").to_numpy()
             n_ok = (emb_manifest.get("counts") or {}).get("ok")
             now_ids, now_fps = read_keys(spark, emb, emb_uri, emb_run, int(n_ok) if n_ok is not None else None, content_hashed)
@@ -423,6 +454,20 @@ def try_incremental(
             execution=execution,
         )
     )
+    manifest.pop(LAYERS, None)  # the base's; this night's are set below
+    manifest.pop(tables.READS_RUNS, None)
+    if store_layers is not None:
+        manifest[LAYERS] = store_layers
+        manifest[tables.READS_RUNS] = [layer["run_id"] for layer in store_layers]  # kept while this snapshot is
+    manifest["store_layout"] = {
+        "layers": len(base_layers) + 1 if store_layers is not None else 1,
+        "written": store_layers is None,
+        "why": (
+            f"in layers over {len(base_layers)} (index.max_store_layers {ic.max_store_layers})"
+            if store_layers is not None
+            else f"written whole: {len(base_layers)} layers + this night's would pass index.max_store_layers {ic.max_store_layers}"
+        ),
+    }
     full = prev.get("full_build") or {
         "vectors": (prev.get("counts") or {}).get("vectors"),
         "max_over_mean": (prev.get("counts") or {}).get("max_over_mean"),
@@ -470,12 +515,22 @@ def try_incremental(
         why = drift_reason(drift, ic)
         if why:
             raise _Drifted(why)
-        with timer("writing the store: the base's rows less the removed, plus the added") as t:
-            if on_driver:
+        if on_driver and added_table is not None and added_table.num_rows:  # a layer's rows in store order
+            import pyarrow as pa
+
+            order = np.lexsort((added_table.column("image_id").to_numpy(), added_table.column("cell").to_numpy()))
+            added_table = added_table.take(pa.array(order))
+        layered = store_layers is not None
+        what = "handing the store on in this process" if layered else "writing the store: the base's rows less the removed, plus the added"
+        with timer(what) as t:
+            if layered and (not on_driver or handed is None):
+                got_counts = None  # nothing to write: the night's layer is its added/ and delta/
+            elif on_driver:
                 got_counts = _write_store_in_process(
                     files,
                     base_parts,
-                    fs.join(tmp, STORE),
+                    base_drops,
+                    None if layered else fs.join(tmp, STORE),
                     removed_ids,
                     added_table,
                     reduction_bytes is not None,
@@ -496,9 +551,17 @@ def try_incremental(
         elif added_table is not None and added_table.num_rows:
             remote.write_parquet(files, added_table, fs.join(tmp, ADDED, "part-00000.parquet"), raw=RAW_COLUMNS)
         # Spark reads the written store back only where it counts it or builds forests from it.
-        written = spark.read.parquet(fs.join(tmp, STORE)) if not on_driver or prev.get("forests") else None
+        written = None
+        if not on_driver or prev.get("forests"):
+            if layered:
+                night = with_night(base_layers, run_id, fs.join(tmp, ADDED) if added_ids.size else None, removed_ids)
+                written = frame_of(spark, night)
+            else:
+                written = spark.read.parquet(fs.join(tmp, STORE))
         if not on_driver:
             got_counts = store_counts(written, n_cells)
+        elif got_counts is None:  # the base's live rows counted in the diff, less the removed, plus the added
+            got_counts = base_counts - np.bincount(removed_cells, minlength=n_cells) + np.bincount(added_cells, minlength=n_cells)
         if not np.array_equal(got_counts, counts):
             raise RuntimeError(
                 f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected"

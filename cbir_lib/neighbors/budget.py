@@ -801,8 +801,9 @@ def slots_per_executor(spark) -> int:
     return max(1, cores // max(1, task_cpus))
 
 
-def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int, groups_uri: str, tmp_uri: str) -> None:
-    """The store as groups of ``rows_per_group`` consecutive rows in ``(cell, image_id)`` order:
+def write_groups(spark, store, offsets: np.ndarray, rows_per_group: int, groups_uri: str, tmp_uri: str) -> None:
+    """The store (a DataFrame of its live rows: :func:`~cbir_lib.index.layers.frame_of`) as
+    groups of ``rows_per_group`` consecutive rows in ``(cell, image_id)`` order:
     ``groups_uri/group=<g>/`` with each row's global position ``pos``, once per index and
     budget (kept under the run's ``_work/``).
 
@@ -819,7 +820,6 @@ def write_groups(spark, store_uri: str, offsets: np.ndarray, rows_per_group: int
     starts = F.array(*[F.lit(int(o)) for o in offsets[:-1]])
     first = F.array(*[F.lit(int(o) // rows_per_group) for o in offsets[:-1]])
     n_groups = -(-int(offsets[-1]) // rows_per_group)
-    store = spark.read.parquet(store_uri)
     store = store.select("cell", "image_id", "vector", *(["reduced"] if "reduced" in store.columns else []))
     store = store.withColumn("g0", F.element_at(first, F.col("cell") + 1)).repartition(max(1, n_groups), "g0")
     pos = F.element_at(starts, F.col("cell") + 1) + F.row_number().over(Window.partitionBy("g0", "cell").orderBy("image_id")) - 1

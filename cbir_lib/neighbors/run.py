@@ -44,10 +44,10 @@ import numpy as np
 from cbir_lib.common import faults, fs, inprocess, layout, lease, remote, shards, tables
 from cbir_lib.common.lineage import timer
 from cbir_lib.config import Config
+from cbir_lib.index.layers import frame_of, layers_of, parts_of
 from cbir_lib.index.store import (
     CENTROIDS,
     FORESTS,
-    STORE,
     VECTOR_BATCH,
     IndexMismatch,
     arrow_batch,
@@ -238,7 +238,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     grouped = store_bytes > budget_bytes
     # Ship the store (and forests) to the executors, part file by part file.
     # The parts the executors read themselves (their URIs; the store key names them).
-    store_files = [] if grouped else tables.part_uris(spark, fs.join(index["uri"], STORE))
+    layers = layers_of(spark, index)  # the store's layers: one, or an incremental build's (cbir_lib/index/layers.py)
+    store_files, store_drops = ([], None) if grouped else parts_of(spark, layers)
     forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS)) if method == "annoy" and not grouped else []
     centroids = fs.read_bytes(spark, fs.join(index["uri"], CENTROIDS)) if index.get("centroids") else None
     reduction = index.get("reduction") or {}
@@ -249,6 +250,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         shortlist=(nb.shortlist or 4 * nb.k) if reduction else None,
         store_key=f"{index['run_id']}-{_spec_key(store_files)}",
         store_files=store_files,
+        store_drops=store_drops if any(d is not None for d in store_drops or []) else None,
         forest_files=forest_files,
         files={"s3": remote.settings_from_hadoop(spark).s3},
         centroids=centroids,
@@ -305,8 +307,13 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     if on_driver:
         grouped = False  # the driver holds the whole store: memory_budget is the executors'
         memory["layout"] = "broadcast"
-        store_files = store_files or tables.part_uris(spark, fs.join(index["uri"], STORE))
-        spec = spec.with_(store_files=store_files, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
+        if not store_files:
+            store_files, store_drops = parts_of(spark, layers)
+        spec = spec.with_(
+            store_files=store_files,
+            store_drops=store_drops if any(d is not None for d in store_drops or []) else None,
+            store_key=f"{index['run_id']}-{_spec_key(store_files)}",
+        )
         spec.handoff_key = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
         if method == "annoy" and not spec.forest_files:
             spec.forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS))
@@ -551,7 +558,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         else:
             final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
             rebuilt = (
-                spark.read.parquet(fs.join(index["uri"], STORE))
+                frame_of(spark, layers)
                 .select("image_id")
                 .withColumn("kind", F.lit("rebuilt"))
                 .withColumn("neighbors_run_id", F.lit(run_id))
@@ -633,6 +640,7 @@ def _rerank_spec(spark, sc, spec: SearchSpec, index: dict, offsets: np.ndarray, 
     spec = spec.with_(
         store_key=f"{index['run_id']}-dba-{_spec_key(files)}",
         store_files=files,
+        store_drops=None,
         method="dense" if spec.method == "annoy" else spec.method,
     )
     _warm_store(sc, spec, slots)
@@ -666,7 +674,7 @@ def _grouped_spec(
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
         fs.delete(spark, groups_uri)
         budget.write_groups(
-            spark, fs.join(index["uri"], STORE), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex)
+            spark, frame_of(spark, layers_of(spark, index)), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex)
         )
     first, last = budget.groups_of_cells(offsets, bounds)
     log.info(

@@ -56,6 +56,9 @@ class SearchSpec:
     offsets: list[int] = field(default_factory=list)
     store_key: str = ""  # names an executor's cached copy
     store_files: list[str] = field(default_factory=list)
+    # Per file of store_files, the ids its later layers removed (cbir_lib/index/layers.py),
+    # or None; None for all: a store of one layer.
+    store_drops: list | None = None
     forest_files: list[str] = field(default_factory=list)
     handoff_key: str | None = None  # the store build_index kept in this process, if any
     files: dict[str, Any] = field(default_factory=dict)  # remote.Files(**files): the tasks' filesystem settings

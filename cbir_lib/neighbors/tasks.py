@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cbir_lib.common import inprocess, remote
+from cbir_lib.index.layers import read_parts
 from cbir_lib.index.reduce import project
 from cbir_lib.index.store import (
     ANNOY_METRIC,
@@ -80,14 +81,15 @@ def _local_once(name: str, build) -> str:
     return d
 
 
-def read_store_parts(uris: list[str], reduced: bool = False, files: remote.Files | None = None) -> tuple:
+def read_store_parts(uris: list[str], reduced: bool = False, files: remote.Files | None = None, drops: list | None = None) -> tuple:
     """(cells, ids, vectors) of the store's Parquet parts, sorted by ``(cell, image_id)``;
-    with ``reduced``, the rows' reduced vectors fourth."""
+    with ``reduced``, the rows' reduced vectors fourth. ``drops``: per part, the ids its
+    store's later layers removed (:func:`~cbir_lib.index.layers.parts_of`), or None."""
     import pyarrow as pa
 
     files = files or remote.Files()
-    parts = [remote.read_parquet(files, u, ["cell", "image_id", "vector", *(["reduced"] if reduced else [])]) for u in uris]
-    return sorted_store(pa.concat_tables(parts) if parts else pa.table({"cell": pa.array([], pa.int32())}), reduced)
+    table = read_parts(files, uris, drops, ["cell", "image_id", "vector", *(["reduced"] if reduced else [])])
+    return sorted_store(table if table is not None else pa.table({"cell": pa.array([], pa.int32())}), reduced)
 
 
 def local_store(spec: SearchSpec) -> CellStore:
@@ -105,14 +107,14 @@ def local_store(spec: SearchSpec) -> CellStore:
                     log.info("neighbors: the store build_index kept in this process (%d rows), not read back", len(handed[1]))
                     cells, ids, x, *xr = handed
                 else:
-                    cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files))
+                    cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files), spec.store_drops)
                 del handed
                 _check_cells(spec, cells, ids)
                 _STORES[key] = _cell_store(spec, ids, x, xr[0] if reduced else None)
         return _STORES[key]
 
     def build(tmp: str) -> None:
-        cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files))
+        cells, ids, x, *xr = read_store_parts(spec.store_files, reduced, remote.Files(**spec.files), spec.store_drops)
         _check_cells(spec, cells, ids)
         np.save(os.path.join(tmp, "ids.npy"), ids)
         np.save(os.path.join(tmp, "vectors.npy"), x)

@@ -8,7 +8,7 @@ once; this machine has none, so only local roots are tested here).
 
 from __future__ import annotations
 
-from cbir_lib.sql.views import Resolved, add_derived, resolve
+from cbir_lib.sql.views import Resolved, add_derived, layered_sql, resolve
 
 
 def _local(root: str) -> str:
@@ -74,6 +74,9 @@ def connect(root: str, run: str | None = None, con=None):
     resolved = resolve(root, read_text, list_runs, run)
     for view, glob in list(resolved.views.items()):
         try:
+            if view in resolved.layers:
+                con.execute(f"CREATE OR REPLACE VIEW {view} AS {layered_sql(resolved.layers[view], 'duckdb')}")
+                continue
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{_quote(glob)}')")
         except duckdb.Error as exc:  # e.g. a snapshot with no files: an empty stage
             resolved.notes.append(f"{view}: {glob} could not be read ({str(exc).splitlines()[0]}); no view")

@@ -5,7 +5,7 @@ statements for a metastore (re-run them after each night: a location is one snap
 from __future__ import annotations
 
 from cbir_lib.common import fs
-from cbir_lib.sql.views import SOURCES, Resolved, add_derived, resolve, snapshot_dir
+from cbir_lib.sql.views import SOURCES, Resolved, add_derived, layered_sql, resolve, snapshot_dir
 
 
 def _resolve(spark, root: str, run: str | None) -> Resolved:
@@ -30,6 +30,9 @@ def register_views(spark, root: str, run: str | None = None) -> Resolved:
     resolved = _resolve(spark, root, run)
     for s in SOURCES:
         if s.view not in resolved.views:
+            continue
+        if s.view in resolved.layers:
+            spark.sql(layered_sql(resolved.layers[s.view], "spark")).createOrReplaceTempView(s.view)
             continue
         base = snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table))
         location = fs.join(base, s.sub) if s.sub else base
@@ -57,7 +60,15 @@ def metastore_ddl(spark, root: str, run: str | None = None, database: str = "cbi
     resolved = _resolve(spark, root, run)
     out = [f"CREATE DATABASE IF NOT EXISTS {database};"]
     for s in SOURCES:
-        if s.view in resolved.views:
+        if s.view == "index_store" and s.view in resolved.views:
+            # A view, not a table: a store in layers (an incremental night's) is no one
+            # location, and a view one night and a table the next would not replace each other.
+            layers = resolved.layers.get(s.view) or [
+                (snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table)) + "/store", [])
+            ]
+            out.append(f"DROP VIEW IF EXISTS {database}.{s.view};")
+            out.append(f"CREATE VIEW {database}.{s.view} AS {layered_sql(layers, 'spark')};")
+        elif s.view in resolved.views:
             base = snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table))
             location = fs.join(base, s.sub) if s.sub else base
             out.append(f"DROP TABLE IF EXISTS {database}.{s.view};")

@@ -11,7 +11,7 @@ is there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cbir_lib.common import layout
 
@@ -138,6 +138,54 @@ class Resolved:
     views: dict[str, str]
     runs: list[dict]
     notes: list[str]
+    # A view over an index store in layers (cbir_lib/index/layers.py): each layer's rows
+    # folder and the delta folders of the layers after it, whose ``removed`` ids it loses.
+    layers: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+
+
+def store_layers(root: str, run_id: str, read_text) -> list[tuple[str, list[str]]] | None:
+    """The layers of index snapshot ``run_id``'s store, oldest first, as ``(rows folder,
+    [later layers' delta folders])``; None for a store of one folder. A layer gone or
+    committed again since raises ``FileNotFoundError``."""
+    import json
+
+    table = f"{root}/{layout.INDEX}"
+    own = json.loads(read_text(f"{layout.run_dir(table, run_id)}/{layout.MANIFEST}") or "{}")
+    earlier = own.get("store_layers") or []
+    if not earlier:
+        return None
+    rows: list[tuple[str | None, str | None]] = []
+    for i, entry in enumerate([*earlier, None]):
+        rid = run_id if entry is None else entry["run_id"]
+        d = layout.run_dir(table, rid)
+        m = own if entry is None else json.loads(read_text(f"{d}/{layout.MANIFEST}") or "{}")
+        if entry is not None and m.get("commit_id") != entry.get("commit_id"):
+            raise FileNotFoundError(f"index run {run_id}: its store's layer run={rid} is gone or was committed again")
+        if i == 0:
+            rows.append((f"{d}/store", None))
+        else:
+            rows.append((f"{d}/added" if m.get("added") else None, f"{d}/delta"))
+    return [(r, [d for _, d in rows[i + 1 :] if d]) for i, (r, _) in enumerate(rows) if r]
+
+
+def layered_sql(layers: list[tuple[str, list[str]]], engine: str) -> str:
+    """The SQL of a view over a store in layers (:func:`store_layers`) for ``engine``."""
+
+    def read(folder: str) -> str:
+        return f"read_parquet('{_quote(folder)}/*.parquet')" if engine == "duckdb" else f"parquet.`{folder}`"
+
+    parts = []
+    for rows, later in layers:
+        sql = f"SELECT * FROM {read(rows)}"
+        if later:
+            removed = " UNION ALL ".join(f"SELECT image_id FROM {read(d)} WHERE kind = 'removed'" for d in later)
+            sql += f" WHERE image_id NOT IN ({removed})"
+        parts.append(sql)
+    return (" UNION ALL BY NAME " if engine == "duckdb" else " UNION ALL ").join(parts)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved:
@@ -158,7 +206,18 @@ def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved
             notes.append(f"{table}: run={snap.run_id} has no manifest (a commit that did not finish); left out")
             continue
         chosen[table] = snap.run_id
+    layered: dict[str, list[tuple[str, list[str]]]] = {}
     for s in SOURCES:
+        if s.view == "index_store" and s.table in chosen:
+            try:
+                layers = store_layers(root, chosen[s.table], read_text)
+            except FileNotFoundError as exc:
+                notes.append(f"{s.view}: {exc}; no view")
+                continue
+            if layers:
+                layered[s.view] = layers
+                views[s.view] = f"{snapshot_dir(root, s.table, chosen[s.table])} (the store in {len(layers)} layers)"
+                continue
         if s.table in chosen:
             views[s.view] = parquet_glob(root, s, chosen[s.table])
         else:
@@ -187,4 +246,4 @@ def resolve(root: str, read_text, list_runs, run: str | None = None) -> Resolved
             )
     if not chosen:
         raise NoRuns(f"{root}: no committed run of any table here (run the pipeline first, e.g. cbir demo --output {root})")
-    return Resolved(views, runs, notes)
+    return Resolved(views, runs, notes, layered)

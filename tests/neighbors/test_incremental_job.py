@@ -40,6 +40,13 @@ def check_exact(spark, nm, ids, x, k=10):
     np.testing.assert_allclose(got_v, want_v, atol=1e-5)
 
 
+def store_frame(spark, im):
+    """The live rows of an index run's store, in layers or not (cbir_lib/index/layers.py)."""
+    from cbir_lib.index.layers import frame_of, layers_of
+
+    return frame_of(spark, layers_of(spark, {**im, "uri": im["output"]}))
+
+
 def first_neighbour(spark, nm, query_ids) -> np.ndarray:
     rows = dict(spark.read.parquet(nm["output"]).filter("rank = 1").select("image_id", "neighbor_id").collect())
     return np.array([rows[int(q)] for q in query_ids])
@@ -233,10 +240,11 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     assert (
         built["driver"]["counts"] == built["executors"]["counts"] and built["driver"]["delta_counts"] == built["executors"]["delta_counts"]
     )
-    for sub in ("/store", "/delta"):
-        frames = [spark.read.parquet(m["output"] + sub) for m in built.values()]
+    for sub in ("store", "delta"):  # the store: the base's layer and the night's (cbir_lib/index/layers.py)
+        frames = [store_frame(spark, m) if sub == "store" else spark.read.parquet(m["output"] + "/" + sub) for m in built.values()]
         rows = [sorted(f.select(*sorted(f.columns)).collect()) for f in frames]  # by name: Spark's join puts image_id first
         assert rows[0] == rows[1] and rows[0], sub
+    assert all(m["store_layout"] == {**m["store_layout"], "layers": 2, "written": False} for m in built.values())
     da = got["driver"]
     assert da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
     for name, ea in got.items():
@@ -265,7 +273,7 @@ def reverse_reach(spark, im, nm, ids, x, k=10):
     from cbir_lib.common import fs
     from cbir_lib.neighbors.spec import REVERSE_PROBES
 
-    store = spark.read.parquet(im["output"] + "/store").select("image_id", "cell").toPandas()
+    store = store_frame(spark, im).select("image_id", "cell").toPandas()
     cell_of = dict(zip(store.image_id.tolist(), store.cell.tolist(), strict=True))
     centroids = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(im["output"], im["centroids"]["file"]))))
     delta = spark.read.parquet(im["output"] + "/delta").toPandas()
@@ -302,7 +310,7 @@ def test_a_night_on_hash_cells_in_either_place(spark, tmp_path, where):
     ids2, x2 = np.concatenate([ids[20:], signed_ids(40, seed=10)]), np.concatenate([x[20:], pool[500:]])
     im, nm = night(spark, tmp_path, "d2", ids2, x2, index=opts, execution=where)
     assert im["mode"] == nm["mode"] == "incremental" and im["execution"]["where"] == where
-    rows = spark.read.parquet(im["output"] + "/store").select("image_id", "cell").toArrow()
+    rows = store_frame(spark, im).select("image_id", "cell").toArrow()
     from cbir_lib.common.sparkhash import xxhash64
 
     assert np.array_equal(rows.column("cell").to_numpy(), np.mod(xxhash64(rows.column("image_id").to_numpy()), 8))
