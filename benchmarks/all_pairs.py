@@ -344,12 +344,20 @@ def w_annoy_single(x, t):
 
 
 def write_embeddings(
-    root: Path, ids: np.ndarray, x: np.ndarray, run_id: str = "bench", sha: list[str] | None = None, commit_id: str | None = None
+    root: Path,
+    ids: np.ndarray,
+    x: np.ndarray,
+    run_id: str = "bench",
+    sha: list[str] | None = None,
+    commit_id: str | None = None,
+    fresh: np.ndarray | None = None,
 ) -> None:
     """The vectors as an extract stage's committed embeddings run ``run_id`` under ``root``
     (untimed; a run already there is replaced). ``sha``: a ``content_sha256`` per row (what
     tells an incremental index a changed image; by default the vector's own bytes' hash,
-    as every extract run has one), ``commit_id``: the manifest's commit id."""
+    as every extract run has one), ``commit_id``: the manifest's commit id. ``fresh``: the
+    rows embedded for this run's images (new and changed), written after the others in
+    files of their own, as extract writes them since 2026-12-07."""
     import hashlib
     import shutil
 
@@ -370,19 +378,25 @@ def write_embeddings(
     from cbir_lib.config import ExtractConfig
 
     step = ExtractConfig().shard_size
-    for s in range(0, len(x), step):
-        m = min(step, len(x) - s)
-        cols = {"image_id": pa.array(ids[s : s + m])}
-        cols["content_sha256"] = pa.array(sha[s : s + m])
-        cols.update(
-            {
-                "embedding": vectors_array(np.asarray(x[s : s + m])),
-                "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
-                "status": pa.array(["ok"] * m),
-                "error": pa.array([None] * m, pa.string()),
-            }
-        )
-        pq.write_table(pa.table(cols), emb / f"part-{s // step:05d}.parquet")
+    groups = [np.arange(len(x))] if fresh is None else [np.flatnonzero(~fresh), np.flatnonzero(fresh)]
+    sha = np.asarray(sha, dtype=object)
+    part = 0
+    for rows in groups:
+        for s in range(0, len(rows), step):
+            r = rows[s : s + step]
+            m = len(r)
+            cols = {"image_id": pa.array(ids[r])}
+            cols["content_sha256"] = pa.array(sha[r].tolist(), pa.string())
+            cols.update(
+                {
+                    "embedding": vectors_array(np.asarray(x[r])),
+                    "dim": pa.array(np.full(m, x.shape[1], dtype=np.int32)),
+                    "status": pa.array(["ok"] * m),
+                    "error": pa.array([None] * m, pa.string()),
+                }
+            )
+            pq.write_table(pa.table(cols), emb / f"part-{part:05d}.parquet")
+            part += 1
     # The fields an extract run's manifest always has that the index stage reads: without
     # ``counts`` it counted the rows itself, a pass over every vector no user's run pays.
     manifest = {"stage": "extract", "run_id": run_id, "dim": int(x.shape[1]), "counts": {"input": len(x), "ok": len(x), "failed": 0}}

@@ -62,13 +62,16 @@ K = 10
 SAMPLE = 500
 
 
-def write_embeddings(root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, versions: np.ndarray) -> None:
+def write_embeddings(
+    root: Path, run_id: str, ids: np.ndarray, x: np.ndarray, versions: np.ndarray, fresh: np.ndarray | None = None
+) -> None:
     """A committed embeddings snapshot; ``content_sha256`` stands for the image's content
-    (its id and version: a changed image gets a new version)."""
+    (its id and version: a changed image gets a new version). ``fresh``: the night's new
+    and changed rows, which extract writes in files of their own (cbir_lib/features/run.py)."""
     from all_pairs import write_embeddings as write
 
     sha = [hashlib.sha256(f"{i}:{v}".encode()).hexdigest() for i, v in zip(ids, versions, strict=True)]
-    write(root, ids, x, run_id, sha=sha, commit_id=f"bench-{run_id}")
+    write(root, ids, x, run_id, sha=sha, commit_id=f"bench-{run_id}", fresh=fresh)
 
 
 def disk_and_memory() -> dict:
@@ -276,6 +279,11 @@ def main() -> None:
         help="mixture: the 256-d mixture (the issue's); fashion / real: real embeddings at the shipped defaults (all_pairs.py)",
     )
     ap.add_argument("--dim", type=int, default=256, help="--data mixture: the mixture's dimension (1280: the shipped models')")
+    ap.add_argument(
+        "--mixed-files",
+        action="store_true",
+        help="each night's new and changed rows among the others' files (extract's layout before 2026-12-07)",
+    )
     args = ap.parse_args()
 
     n = args.n
@@ -304,7 +312,10 @@ def main() -> None:
         ids, x, versions, used, next_id = d.ids, d.x, d.versions, d.used, d.next_id
         n_add, n_del, n_chg = d.new_ids.size, d.deleted_ids.size, d.changed_ids.size
         new_ids, deleted_ids = d.new_ids, d.deleted_ids
-        write_embeddings(inc, run_id, ids, x, versions)
+        # The night's new and changed rows in files of their own, as extract writes them
+        # (--mixed-files: among the others, as extract wrote them until 2026-12-07).
+        fresh = None if args.mixed_files else np.isin(ids, np.concatenate([d.new_ids, d.changed_ids]))
+        write_embeddings(inc, run_id, ids, x, versions, fresh)
         inc_s = run_pipeline(inc, run_id, "incremental", log)
         # The full rebuild: the same embeddings, nothing else.
         if full.exists():

@@ -196,6 +196,15 @@ def read_parquet(files: Files, uri: str, columns: list[str] | None = None):
     return pq.read_table(path, columns=columns, filesystem=fs_)
 
 
+def open_parquet(files: Files, uri: str):
+    """A Parquet file opened for reads of its parts: a column of a row group is read alone
+    (a ranged GET on an object store), not the whole file. Close its ``reader``."""
+    import pyarrow.parquet as pq
+
+    fs_, path, _ = _filesystem(files, uri)
+    return pq.ParquetFile(fs_.open_input_file(path))
+
+
 def read_schema(files: Files, uri: str):
     """The Arrow schema in one Parquet file's footer (raises if it cannot be read)."""
     import pyarrow.parquet as pq

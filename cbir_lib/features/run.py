@@ -600,7 +600,11 @@ def run_extract(spark, cfg: Config) -> dict:
     current = images.select(
         "image_id", "path", "content_sha256", F.col("status").alias("ingest_status"), F.col("error").alias("ingest_error")
     )
+    # _fresh: embedded for this images snapshot (its raw part is of this run's plan). They
+    # are written to files of their own, so the next stage, which reads the night's new
+    # vectors, decodes those files' vectors and only the ids of the others.
     raw = read_parts()
+    raw = raw.withColumn("_fresh", F.col("_metadata.file_path").contains(f"/{plan}-") if committed_parts() else F.lit(False))
     embedded = (
         current.filter(F.col("ingest_status") == STATUS_OK).join(raw, ["image_id", "content_sha256"], "inner").dropDuplicates(["image_id"])
     )
@@ -611,14 +615,19 @@ def run_extract(spark, cfg: Config) -> dict:
         F.lit(None).cast("array<float>").alias("embedding"),
         F.lit(STATUS_FAILED).alias("status"),
         F.col("ingest_error").alias("error"),
+        F.lit(False).alias("_fresh"),
     )
-    columns = ["image_id", "path", "content_sha256", "embedding", "status", "error"]
+    columns = ["image_id", "path", "content_sha256", "embedding", "status", "error", "_fresh"]
     combined = (
         embedded.select(*columns, F.lit("extract").alias("_stage"))
         .unionByName(failed_ingest.select(*columns, F.lit("ingest").alias("_stage")))
         .cache()
     )
-    counts = {(r["_stage"], r["status"]): r["count"] for r in combined.groupBy("_stage", "status").count().collect()}
+    counts: dict[tuple, int] = {}
+    n_fresh = 0
+    for r in combined.groupBy("_stage", "status", "_fresh").count().collect():
+        counts[(r["_stage"], r["status"])] = counts.get((r["_stage"], r["status"]), 0) + r["count"]
+        n_fresh += r["count"] if r["_fresh"] else 0
     combined = combined.drop("_stage")
     n_input = images.count()
     n_ok = counts.get(("extract", STATUS_OK), 0)
@@ -708,7 +717,7 @@ def run_extract(spark, cfg: Config) -> dict:
             "sha256": h_manifest["files"][WEIGHTS_FILE],
             "file": "_head.npz",
         }
-    final = combined.mapInPandas(_postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz")), FINAL_DDL)
+    post = _postprocess_partition(whitening_bytes, thresholds, meta, extra.get("_head.npz"))
 
     manifest = run.manifest(
         feature_key=key,
@@ -743,10 +752,20 @@ def run_extract(spark, cfg: Config) -> dict:
         task_slots=slots,
         shards=_shard_summary(shard_stats, n_shards, plan, e.shard_size),
     )
-    n_files = max(1, min(spark.sparkContext.defaultParallelism, n_input // 50000 + 1))
+
+    def n_files(rows: int) -> int:
+        return max(1, min(spark.sparkContext.defaultParallelism, rows // 50000 + 1))
+
+    # The rows embedded for this images snapshot in files apart from the others (their raw
+    # vectors came from an earlier one): the index's incremental build finds its added rows
+    # among the fresh files' vectors, and reads only the ids of the rest.
+    halves = [(combined.filter(~F.col("_fresh")), n_input - n_fresh), (combined.filter(F.col("_fresh")), n_fresh)]
+    parts = [df.drop("_fresh").mapInPandas(post, FINAL_DDL).coalesce(n_files(rows)) for df, rows in halves if rows]
+    final = parts[0] if len(parts) == 1 else parts[0].union(parts[1]) if parts else combined.drop("_fresh").mapInPandas(post, FINAL_DDL)
+    manifest["fresh_rows"] = n_fresh
     manifest["wall_seconds"] = run.seconds()
     manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)
-    run.commit_frame(spark, final.coalesce(n_files), manifest, extra_files=extra)
+    run.commit_frame(spark, final, manifest, extra_files=extra)
     combined.unpersist()
     log.info("extract %s: %s", run_id, manifest["counts"])
     return manifest

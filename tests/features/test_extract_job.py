@@ -283,6 +283,37 @@ def _rows_in(files) -> int:
     return sum(pq.read_metadata(f).num_rows for f in files)
 
 
+def test_a_night_writes_the_rows_it_embedded_in_files_of_their_own(spark, tmp_path, model_cache):
+    """The second night's new and changed images are in files with no other row, and the
+    table is the same set of rows it was before that layout: the index's incremental build
+    reads only those files' vectors (cbir_lib/index/incremental.py: _read_added)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    src = clothing_slice(tmp_path / "photos", ("dress", "hat"), 6)
+    out = tmp_path / "out"
+    run_ingest(spark, _cfg(out, "n1", model_cache), str(src))
+    first = run_extract(spark, _cfg(out, "n1", model_cache, "extract.shard_size=4"))
+    assert first["fresh_rows"] == first["counts"]["ok"]
+    extra = clothing_slice(tmp_path / "more", ("pants",), 3)
+    shutil.copytree(extra / "pants", src / "pants")
+    changed = sorted((src / "dress").iterdir())[0]
+    shutil.copy2(sorted((extra / "pants").iterdir())[0], changed)  # another photo under the same path
+    run_ingest(spark, _cfg(out, "n2", model_cache), str(src))
+    m = run_extract(spark, _cfg(out, "n2", model_cache, "extract.shard_size=4"))
+    assert m["counts"]["embedded_this_run"] == m["fresh_rows"] == 4
+    before = set(_table(spark, out, "n1").query("status == 'ok'")["image_id"])
+    files = sorted(Path(str(out), TABLE, "run=n2").glob("*.parquet"))
+    kinds = []
+    for f in files:
+        t = pq.read_table(f, columns=["image_id", "content_sha256", "path"]).to_pandas()
+        old = t.image_id.isin(before) & ~t.path.str.endswith(changed.name)
+        kinds.append("old" if old.all() else "fresh" if not old.any() else "mixed")
+    assert "mixed" not in kinds and kinds.count("fresh") >= 1, kinds
+    assert len(_table(spark, out, "n2")) == first["counts"]["input"] + 3
+
+
 def test_killed_run_resumes_without_duplicates(spark, extracted, model_cache):
     """kill -9 of the whole job mid-way: the rerun skips every committed shard, redoes the rest."""
     out, first = extracted

@@ -108,3 +108,11 @@ def test_nights_in_layers_hold_a_full_builds_rows_compact_and_keep_their_base(sp
         layers_of(spark, m)
     m = build(root, "d7", "incremental")
     assert m["mode"] == "full" and "replaced" in m["full_reason"]
+
+    # Night 7 committed again with a change: its base is its own snapshot, whose layer the
+    # commit replaces, so it writes the whole store.
+    x[:5] = pool[nxt : nxt + 5]
+    again = build(root, "d7", "incremental")
+    assert again["mode"] == "incremental" and again["store_layout"]["written"], again["store_layout"]
+    assert "committed again" in again["store_layout"]["why"] and not again.get("store_layers")
+    assert _store_rows(spark, again) == _store_rows(spark, build(oracle, "d7", "full"))
