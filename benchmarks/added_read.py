@@ -5,8 +5,9 @@ A night of 5,000 new and 1,000 changed rows, written as extract writes embedding
 - *mixed*: the night's rows among the others' files (extract before 2026-12-07);
 - *fresh*: in files of their own (extract since, ``fresh_rows``).
 
-Each layout is read by the code before (every file read whole, then its row groups with
-an added row decoded) and after (ranged reads: a row group without one costs its ids).
+Each layout is read by ``_read_added`` with each file read whole, as before (its row groups
+with an added row then decoded) and opened for ranged reads, as after (a row group without
+one costs its ids).
 Best of 3 per cell, on one thread, the files in the page cache.
 
 Run: ``python benchmarks/added_read.py`` (needs ``benchmarks/.cache/mixture_550000_1280.npy``,
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -30,32 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
-def whole(files, ids, fps, assigner):
-    """``_read_added`` as it was at 82cd571: each file read whole into memory."""
+def whole_file(files, uri: str):
+    """What ``_read_added`` opened before 7fc316e: the file read whole into memory (its loop
+    over the row groups is the same)."""
+    import pyarrow.parquet as pq
+
     from cbir_lib.common import remote
 
-    def fn(batches):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        def picked():
-            for b in batches:
-                for uri in b.column("uri").to_pylist():
-                    data, _ = remote.read(files, uri)
-                    pf = pq.ParquetFile(io.BytesIO(data))
-                    for g in range(pf.num_row_groups):
-                        key = pf.read_row_group(g, columns=["image_id"]).column(0).to_numpy()
-                        at = np.minimum(np.searchsorted(ids, key), len(ids) - 1)
-                        hit = ids[at] == key
-                        if not hit.any():
-                            continue
-                        t = pf.read_row_group(g, columns=["image_id", "embedding"]).filter(pa.array(hit))
-                        t = t.append_column("fp", pa.array(fps[at[hit]]))
-                        yield from t.combine_chunks().to_batches()
-
-        yield from assigner(picked())
-
-    return fn
+    data, err = remote.read(files, uri)
+    if data is None:
+        raise OSError(err)
+    return pq.ParquetFile(io.BytesIO(data))
 
 
 def main() -> None:
@@ -63,7 +50,7 @@ def main() -> None:
     from all_pairs import write_embeddings
 
     from cbir_lib.common import remote
-    from cbir_lib.index.incremental import _read_added as ranged
+    from cbir_lib.index.incremental import _read_added
 
     x = np.load(ROOT / "benchmarks" / ".cache" / "mixture_550000_1280.npy", mmap_mode="r")[:500_000]
     n = len(x)
@@ -80,12 +67,13 @@ def main() -> None:
             write_embeddings(root, ids, x, "e", sha=[str(i) for i in range(n)], fresh=None if layout == "mixed" else fresh)
             uris = sorted("file://" + str(p) for p in (root / "embeddings" / "run=e").glob("*.parquet"))
             batch = [pa.RecordBatch.from_arrays([pa.array(uris)], names=["uri"])]
-            for name, read in (("whole", whole), ("ranged", ranged)):
+            for name, opener in (("whole", whole_file), ("ranged", remote.open_parquet)):
                 best = float("inf")
-                for _ in range(3):
-                    t = time.perf_counter()
-                    got = sum(b.num_rows for b in read(remote.Files(), added, added, lambda bs: bs)(iter(batch)))
-                    best = min(best, time.perf_counter() - t)
+                with mock.patch.object(remote, "open_parquet", opener):
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        got = sum(b.num_rows for b in _read_added(remote.Files(), added, added, lambda bs: bs)(iter(batch)))
+                        best = min(best, time.perf_counter() - t)
                 assert got == added.size, got
                 out[f"{layout}_{name}_s"] = round(best, 2)
         finally:

@@ -525,8 +525,8 @@ def run_extract(spark, cfg: Config) -> dict:
         names = fs.list_names(spark, parts_dir)
         return shards.winners([n for n in names if n.startswith("part-") or n.endswith(".parquet")])
 
-    def read_parts():
-        names = committed_parts()
+    def read_parts(names=None):
+        names = committed_parts() if names is None else names
         if not names:
             return spark.createDataFrame([], RAW_DDL)
         return spark.read.schema(RAW_DDL).parquet(*[fs.join(parts_dir, n) for n in names])
@@ -603,8 +603,8 @@ def run_extract(spark, cfg: Config) -> dict:
     # _fresh: embedded for this images snapshot (its raw part is of this run's plan). They
     # are written to files of their own, so the next stage, which reads the night's new
     # vectors, decodes those files' vectors and only the ids of the others.
-    raw = read_parts()
-    raw = raw.withColumn("_fresh", F.col("_metadata.file_path").contains(f"/{plan}-") if committed_parts() else F.lit(False))
+    names = committed_parts()
+    raw = read_parts(names).withColumn("_fresh", F.col("_metadata.file_path").contains(f"/{plan}-") if names else F.lit(False))
     embedded = (
         current.filter(F.col("ingest_status") == STATUS_OK).join(raw, ["image_id", "content_sha256"], "inner").dropDuplicates(["image_id"])
     )
@@ -761,7 +761,8 @@ def run_extract(spark, cfg: Config) -> dict:
     # among the fresh files' vectors, and reads only the ids of the rest.
     halves = [(combined.filter(~F.col("_fresh")), n_input - n_fresh), (combined.filter(F.col("_fresh")), n_fresh)]
     parts = [df.drop("_fresh").mapInPandas(post, FINAL_DDL).coalesce(n_files(rows)) for df, rows in halves if rows]
-    final = parts[0] if len(parts) == 1 else parts[0].union(parts[1]) if parts else combined.drop("_fresh").mapInPandas(post, FINAL_DDL)
+    parts = parts or [combined.drop("_fresh").mapInPandas(post, FINAL_DDL).coalesce(1)]  # no rows at all
+    final = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
     manifest["fresh_rows"] = n_fresh
     manifest["wall_seconds"] = run.seconds()
     manifest["cost"] = tables.cost(spark, manifest["wall_seconds"], n_ok)

@@ -236,7 +236,7 @@ def _assign_in_process(spark, files, emb_uri: str, emb_run: str, ids: np.ndarray
 def _write_store_in_process(
     files,
     base: list[str],
-    drops: list,
+    drops: list | None,
     dst: str | None,
     removed: np.ndarray,
     added,
@@ -262,6 +262,7 @@ def _write_store_in_process(
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         tables_ = list(pool.map(lambda uri: remote.read_parquet(files, uri), base))
+    drops = drops or [None] * len(tables_)
     gone: dict[int, np.ndarray] = {}  # each drop array (shared by a layer's parts) with the removed ids
     for d in drops:
         if d is not None and id(d) not in gone:
@@ -529,7 +530,7 @@ def try_incremental(
         what = "handing the store on in this process" if layered else "writing the store: the base's rows less the removed, plus the added"
         with timer(what) as t:
             if layered and (not on_driver or handed is None):
-                got_counts = None  # nothing to write: the night's layer is its added/ and delta/
+                got_counts = None  # nothing to write: the night's layer is its added/ and delta/ (counted below on the executors)
             elif on_driver:
                 got_counts = _write_store_in_process(
                     files,
@@ -565,9 +566,10 @@ def try_incremental(
                 written = spark.read.parquet(fs.join(tmp, STORE))
         if not on_driver:
             got_counts = store_counts(written, n_cells)
-        elif got_counts is None:  # the base's live rows counted in the diff, less the removed, plus the added
-            got_counts = base_counts - np.bincount(removed_cells, minlength=n_cells) + np.bincount(added_cells, minlength=n_cells)
-        if not np.array_equal(got_counts, counts):
+        # got_counts None: in layers, in process, nothing was written or merged to count; the
+        # base's live rows were counted against its manifest in the diff, and counts is
+        # that less the removed, plus the added.
+        if got_counts is not None and not np.array_equal(got_counts, counts):
             raise RuntimeError(
                 f"build_index: the incremental store holds {int(got_counts.sum())} vectors where {int(counts.sum())} were expected"
             )

@@ -98,9 +98,9 @@ def layers_of(spark, manifest: dict) -> list[Layer]:
     return out[::-1]
 
 
-def parts_of(spark, layers: list[Layer]) -> tuple[list[str], list[np.ndarray | None]]:
-    """Each layer's Parquet parts, and per part the ids to drop from it (None: none); the
-    parts of one layer share one array."""
+def parts_of(spark, layers: list[Layer]) -> tuple[list[str], list[np.ndarray | None] | None]:
+    """Each layer's Parquet parts, and per part the ids to drop from it (None: none; the
+    parts of one layer share one array), or None for the drops where no part drops any."""
     uris: list[str] = []
     drops: list[np.ndarray | None] = []
     for layer in layers:
@@ -109,7 +109,7 @@ def parts_of(spark, layers: list[Layer]) -> tuple[list[str], list[np.ndarray | N
         parts = tables.part_uris(spark, layer.rows_uri)
         uris += parts
         drops += [layer.drop if layer.drop.size else None] * len(parts)
-    return uris, drops
+    return uris, drops if any(d is not None for d in drops) else None
 
 
 def live(ids: np.ndarray, drop: np.ndarray | None) -> np.ndarray | None:

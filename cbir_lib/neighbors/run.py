@@ -250,7 +250,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         shortlist=(nb.shortlist or 4 * nb.k) if reduction else None,
         store_key=f"{index['run_id']}-{_spec_key(store_files)}",
         store_files=store_files,
-        store_drops=store_drops if any(d is not None for d in store_drops or []) else None,
+        store_drops=store_drops,
         forest_files=forest_files,
         files={"s3": remote.settings_from_hadoop(spark).s3},
         centroids=centroids,
@@ -283,10 +283,13 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
 
         full_reason = incremental.why_not(prev, index, params, stage.signature)
         if full_reason is None:
-            layout = (lambda s: _grouped_spec(spark, s, index, offsets, table, budget_bytes, slots, vector_mode)) if grouped else None
+
+            def layout(s: SearchSpec) -> SearchSpec:  # the grouped layout, where the store passes the budget
+                return _grouped_spec(spark, s, index, layers, offsets, table, budget_bytes, slots, vector_mode)
+
             try:
                 group_bytes = group_budget(spark, spec, index, budget_bytes, vector_mode) if grouped else 0
-                return incremental.run(spark, stage, root, index, spec, params, slots, memory, layout, group_bytes)
+                return incremental.run(spark, stage, root, index, spec, params, slots, memory, layout if grouped else None, group_bytes)
             except incremental.NotIncremental as exc:
                 full_reason = str(exc)
         log.info("neighbors: a full run instead of an incremental one: %s", full_reason)
@@ -309,11 +312,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         memory["layout"] = "broadcast"
         if not store_files:
             store_files, store_drops = parts_of(spark, layers)
-        spec = spec.with_(
-            store_files=store_files,
-            store_drops=store_drops if any(d is not None for d in store_drops or []) else None,
-            store_key=f"{index['run_id']}-{_spec_key(store_files)}",
-        )
+        spec = spec.with_(store_files=store_files, store_drops=store_drops, store_key=f"{index['run_id']}-{_spec_key(store_files)}")
         spec.handoff_key = f"{index['run_id']}@{tables.commit_of(index)}"  # the store build_index may have kept
         if method == "annoy" and not spec.forest_files:
             spec.forest_files = tables.part_uris(spark, fs.join(index["uri"], FORESTS))
@@ -321,7 +320,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         sc = stack.enter_context(inprocess.running(inprocess.driver_threads(spark), *caches))
     if grouped:
         with timer("writing the store in groups that fit the memory budget") as t:
-            spec = _grouped_spec(spark, spec, index, offsets, table, budget_bytes, slots, vector_mode)
+            spec = _grouped_spec(spark, spec, index, layers, offsets, table, budget_bytes, slots, vector_mode)
         timings["groups_s"] = round(t["seconds"], 3)
         memory.update(budget.layout_memory(spec))
         kept = budget.kept_record(spec, index["run_id"], tables.commit_of(index))
@@ -657,9 +656,10 @@ def group_budget(spark, spec: SearchSpec, index: dict, budget_bytes: int, rerank
 
 
 def _grouped_spec(
-    spark, spec: SearchSpec, index: dict, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str
+    spark, spec: SearchSpec, index: dict, layers: list, offsets: np.ndarray, table: str, budget_bytes: int, slots: int, rerank: str
 ) -> SearchSpec:
-    """The spec of the grouped layout: groups of the store written once, kept for reruns and
+    """The spec of the grouped layout (``layers``: the index's store, :func:`~cbir_lib.index.layers.layers_of`):
+    groups of the store written once, kept for reruns and
     for the nights after the run (``_groups/``, :mod:`cbir_lib.neighbors.layered`).
 
     A task holds its query group and one store group (and, re-ranking, the buffers of the
@@ -673,9 +673,7 @@ def _grouped_spec(
     groups_uri = fs.join(table, budget.KEPT_GROUPS, f"groups-{index['run_id']}-{rows}")
     if not fs.exists(spark, fs.join(groups_uri, "_SUCCESS")):
         fs.delete(spark, groups_uri)
-        budget.write_groups(
-            spark, frame_of(spark, layers_of(spark, index)), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex)
-        )
+        budget.write_groups(spark, frame_of(spark, layers), offsets, rows, groups_uri, fs.join(table, "_work", "_tmp", uuid.uuid4().hex))
     first, last = budget.groups_of_cells(offsets, bounds)
     log.info(
         "neighbors: store of %d vectors in %d groups of <= %d rows (memory_budget %.0f MB)", n, len(bounds) - 1, rows, budget_bytes / 2**20

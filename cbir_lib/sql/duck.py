@@ -8,7 +8,7 @@ once; this machine has none, so only local roots are tested here).
 
 from __future__ import annotations
 
-from cbir_lib.sql.views import Resolved, add_derived, layered_sql, resolve
+from cbir_lib.sql.views import Resolved, add_derived, layered_sql, quote, resolve
 
 
 def _local(root: str) -> str:
@@ -77,7 +77,7 @@ def connect(root: str, run: str | None = None, con=None):
             if view in resolved.layers:
                 con.execute(f"CREATE OR REPLACE VIEW {view} AS {layered_sql(resolved.layers[view], 'duckdb')}")
                 continue
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{_quote(glob)}')")
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{quote(glob)}')")
         except duckdb.Error as exc:  # e.g. a snapshot with no files: an empty stage
             resolved.notes.append(f"{view}: {glob} could not be read ({str(exc).splitlines()[0]}); no view")
             del resolved.views[view]
@@ -87,10 +87,6 @@ def connect(root: str, run: str | None = None, con=None):
         con.execute("CREATE OR REPLACE VIEW runs AS SELECT * FROM _cbir_runs")
     add_derived(resolved, "duckdb", lambda name, sql: con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}"))
     return con, resolved
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def describe(resolved: Resolved) -> str:

@@ -60,17 +60,17 @@ def metastore_ddl(spark, root: str, run: str | None = None, database: str = "cbi
     resolved = _resolve(spark, root, run)
     out = [f"CREATE DATABASE IF NOT EXISTS {database};"]
     for s in SOURCES:
-        if s.view == "index_store" and s.view in resolved.views:
+        if s.view not in resolved.views:
+            continue
+        base = snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table))
+        location = fs.join(base, s.sub) if s.sub else base
+        if s.view == "index_store":
             # A view, not a table: a store in layers (an incremental night's) is no one
             # location, and a view one night and a table the next would not replace each other.
-            layers = resolved.layers.get(s.view) or [
-                (snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table)) + "/store", [])
-            ]
+            layers = resolved.layers.get(s.view) or [(location, [])]
             out.append(f"DROP VIEW IF EXISTS {database}.{s.view};")
             out.append(f"CREATE VIEW {database}.{s.view} AS {layered_sql(layers, 'spark')};")
-        elif s.view in resolved.views:
-            base = snapshot_dir(fs.qualify(spark, root), s.table, _run_of(resolved, s.table))
-            location = fs.join(base, s.sub) if s.sub else base
+        else:
             out.append(f"DROP TABLE IF EXISTS {database}.{s.view};")
             out.append(f"CREATE TABLE {database}.{s.view} USING parquet LOCATION '{location}';")
     return out

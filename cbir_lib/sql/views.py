@@ -172,7 +172,7 @@ def layered_sql(layers: list[tuple[str, list[str]]], engine: str) -> str:
     """The SQL of a view over a store in layers (:func:`store_layers`) for ``engine``."""
 
     def read(folder: str) -> str:
-        return f"read_parquet('{_quote(folder)}/*.parquet')" if engine == "duckdb" else f"parquet.`{folder}`"
+        return f"read_parquet('{quote(folder)}/*.parquet')" if engine == "duckdb" else f"parquet.`{folder}`"
 
     parts = []
     for rows, later in layers:
@@ -184,7 +184,8 @@ def layered_sql(layers: list[tuple[str, list[str]]], engine: str) -> str:
     return (" UNION ALL BY NAME " if engine == "duckdb" else " UNION ALL ").join(parts)
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
+    """``text`` inside a single-quoted SQL string literal."""
     return text.replace("'", "''")
 
 
