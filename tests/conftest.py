@@ -27,6 +27,43 @@ SHORT_JVM = "-XX:TieredStopAtLevel=1"
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_JVM)
 
 
+# The DAG test's dates start with the session and run beside the other tests
+# (tests/dags/test_pipeline_dag.py, Dates); the test that checks them runs last. (These hooks
+# live here: a conftest.py under tests/dags would shadow this one for `from conftest import`.)
+DAG_DATES_TEST = "test_dags_test_runs_every_stage_then_reruns_and_two_incremental_dates"
+
+
+def _dag_dates_items(items) -> list:
+    return [it for it in items if getattr(it, "originalname", it.name) == DAG_DATES_TEST]
+
+
+def pytest_collection_modifyitems(config, items):
+    for it in _dag_dates_items(items):  # last: by then the dates have had the whole run to finish
+        items.remove(it)
+        items.append(it)
+
+
+def pytest_collection_finish(session):
+    found = _dag_dates_items(session.items)
+    if not found or session.config.option.collectonly:
+        return
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cbir-dag-dates-"))
+    session.config._cbir_dag_dates = (found[0].module.DATES, base)
+    found[0].module.DATES.start(base)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    held = getattr(session.config, "_cbir_dag_dates", None)
+    if held is None:
+        return
+    dates, base = held
+    dates.stop()
+    if exitstatus == 0:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def need_shared(path: Path = CLOTHING) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared photo data lives beside the project at ../shared/data")
