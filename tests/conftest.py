@@ -47,21 +47,14 @@ def pytest_collection_finish(session):
     found = _dag_dates_items(session.items)
     if not found or session.config.option.collectonly:
         return
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="cbir-dag-dates-"))
-    session.config._cbir_dag_dates = (found[0].module.DATES, base)
-    found[0].module.DATES.start(base)
+    session.config._cbir_dag_dates = found[0].module.DATES
+    found[0].module.DATES.start()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    held = getattr(session.config, "_cbir_dag_dates", None)
-    if held is None:
-        return
-    dates, base = held
-    dates.stop()
-    if exitstatus == 0:
-        shutil.rmtree(base, ignore_errors=True)
+    dates = getattr(session.config, "_cbir_dag_dates", None)
+    if dates is not None:
+        dates.stop(passed=exitstatus == 0)
 
 
 def need_shared(path: Path = CLOTHING) -> Path:

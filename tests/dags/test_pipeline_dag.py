@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -183,8 +184,12 @@ print(json.dumps({{"heavy": heavy, "seconds": time.time() - t}}))
 
 
 def _run_manifest(output: Path, table: str, run_id: str) -> dict:
-    path = output / table / f"run={run_id}" / "_manifest.json"
-    assert path.exists(), f"{table} has no snapshot for run {run_id}"
+    return _manifest_in(output / table / f"run={run_id}")
+
+
+def _manifest_in(snapshot: Path) -> dict:
+    path = snapshot / "_manifest.json"
+    assert path.exists(), f"{snapshot} has no manifest"
     return json.loads(path.read_text())
 
 
@@ -215,8 +220,9 @@ class Dates:
         self.result: dict | None = None
         self.error: BaseException | None = None
 
-    def start(self, base: Path) -> None:
-        self.base = base
+    def start(self) -> None:
+        """Start the dates in a directory of their own (kept if the session fails: :meth:`stop`)."""
+        self.base = base = Path(tempfile.mkdtemp(prefix="cbir-dag-dates-"))
         # The environment is read here, in the caller's thread: the ``spark`` fixture takes
         # SPARK_SUBMIT_OPTS out of os.environ while it starts the suite's session.
         env = dict(os.environ)
@@ -238,14 +244,17 @@ class Dates:
         assert self.result is not None
         return self.result
 
-    def stop(self) -> None:
-        """End the processes of dates still running (a session cut short)."""
+    def stop(self, passed: bool) -> None:
+        """End the processes of dates still running (a session cut short); remove their
+        directory if the session ``passed``."""
         _STOP.set()
         for proc in list(_LIVE):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         if self.thread is not None:
             self.thread.join(60)
+        if passed and self.base is not None:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 DATES = Dates()
@@ -273,14 +282,14 @@ def drive_dates(dep: dict) -> dict:
     # Its neighbours task retried after its partition is lost.
     shutil.copytree(output / "neighbors" / f"run={RUN2}", copies / "neighbors2")
     shutil.rmtree(output / "neighbors" / f"run={RUN2}")
-    out["retry2"] = airflow(env, "tasks", "test", DAG_ID, "neighbors", DATE2)
+    airflow(env, "tasks", "test", DAG_ID, "neighbors", DATE2)
     # A third date, the second date's new photo deleted (a photo of the embedded sample
     # would be written again by the run), evaluate and dedup marked successful.
     (photos / "new_upload.jpg").unlink()
     out["date3"] = airflow(env, "dags", "test", DAG_ID, DATE3, "--mark-success-pattern", "^(evaluate|dedup)$")
     shutil.copytree(output / "index" / f"run={RUN3}", copies / "index3", ignore=shutil.ignore_patterns("store", "forests"))
     # A forced full rebuild of that date.
-    out["forced3"] = airflow(env, "tasks", "test", DAG_ID, "build_index", DATE3, "--task-params", json.dumps({"mode": "full"}))
+    airflow(env, "tasks", "test", DAG_ID, "build_index", DATE3, "--task-params", json.dumps({"mode": "full"}))
     return out
 
 
@@ -291,10 +300,6 @@ def dates() -> dict:
 
 def _finished(proc: subprocess.CompletedProcess) -> bool:
     return bool(re.search(r"DagRun Finished: dag_id=cbir_pipeline.*state=success", proc.stdout + proc.stderr))
-
-
-def _manifest_in(path: Path) -> dict:
-    return json.loads((path / "_manifest.json").read_text())
 
 
 @pytest.mark.slow
