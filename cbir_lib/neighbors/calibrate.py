@@ -194,6 +194,11 @@ def step_up(measure, nprobe: int, n_cells: int, target: float) -> tuple[int, lis
 SAMPLE_SEED_SALT = 0x72656361  # "reca"
 
 
+def sample_seed(seed: int) -> int:
+    """The seed of the recall sample's keys, from the index's seed."""
+    return int(seed) ^ SAMPLE_SEED_SALT
+
+
 def sample_positions(sc, spec: SearchSpec, n: int, m: int, seed: int) -> np.ndarray:
     """Store positions of the ``m`` images (all, if fewer) with the smallest
     :func:`~cbir_lib.common.sampling.sample_key`, in key order: the first ``recall_sample``
@@ -209,7 +214,7 @@ def sample_positions(sc, spec: SearchSpec, n: int, m: int, seed: int) -> np.ndar
     m = min(m, n)
     if m <= 0:
         return np.zeros(0, np.int64)
-    seed = int(seed) ^ SAMPLE_SEED_SALT
+    seed = sample_seed(seed)
     fraction = sampling.sample_fraction(m, n)
     while True:
         if spec.groups_uri:

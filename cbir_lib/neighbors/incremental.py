@@ -20,8 +20,11 @@ that index's base, a run
    ``(-score, neighbour id)``, capped at ``k + reserve``; the added and refilled lists are
    the new searches; every other list is copied as it is;
 5. measures recall@k on a sample of new images and one of old images against exact
-   search over the current collection (``neighbors.min_recall`` applies to both), and
-   commits a complete snapshot as a full run does, with ``_changes/``
+   search over the current collection (``neighbors.min_recall`` applies to both). The old
+   images' exact lists are carried from the base run (its ``_truth/``) and advanced by an
+   exact scan of the night's added rows alone (:mod:`~cbir_lib.neighbors.truth`); only the
+   new images, and the few carried lists too short to stay exact, scan every vector. It
+   commits a complete snapshot as a full run does, with ``_truth/`` and ``_changes/``
    ``(image_id, kind, neighbors_run_id)``: ``added``, ``updated`` (a changed image, or an
    old list whose top k the night changed), ``refilled``, ``removed``.
 
@@ -54,6 +57,7 @@ from cbir_lib.index.store import FORESTS, cell_offsets
 from cbir_lib.neighbors import budget, layered, listops, routed
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
+from cbir_lib.neighbors import truth as TR
 from cbir_lib.neighbors.ivf import reverse_scan
 from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_thresholds
 from cbir_lib.neighbors.spec import SearchSpec
@@ -96,6 +100,7 @@ class _Night:
     changed: np.ndarray
     timings: dict
     kept: dict | None = None  # the kept groups the snapshot names (cbir_lib/neighbors/layered.py)
+    carry: _Carry | None = None  # the base run's exact lists of the sample (cbir_lib/neighbors/truth.py)
 
 
 class NotIncremental(Exception):
@@ -443,17 +448,18 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     def rows_of(q: np.ndarray):
         return lists.of_lists(np.unique(q)).to_arrow()
 
-    recall = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings)
+    *recall, truth = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings, carry=night.carry)
     _check_recall(nb, *recall[:2], recall[3])
     moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
-    manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
+    manifest = _manifest(stage, index, spec, params, memory, night, moved, tuple(recall), n_queries, truth)
     groups = _change_groups(night, refill, top_changed)
     ids, kinds = change_rows(groups)
     changes = pa.table([pa.array(ids), pa.array(kinds, pa.string())], names=["image_id", "kind"])
     n_files = L._output_files(spark, n)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec)
+        extra = (files, TR.TRUTH, TR.to_arrow(truth)) if truth is not None else None
+        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -521,6 +527,13 @@ def run(
     memory = {**memory, "execution": {"where": "driver" if on_driver else "executors", "why": why}}
     log.info("neighbors: the incremental night on the %s (%s)", memory["execution"]["where"], why)
     night = _Night(k, width, n, n_prev, work_key, work_dir, added, removed, changed, timings)
+    if nb.recall_sample // 2:
+        truth, why_no_truth = _read_truth(spark, prev, index, spec, added)
+        if truth is None:
+            log.info("neighbors: the old images' exact lists are searched in full tonight: %s", why_no_truth)
+        else:
+            added_uris = tables.part_uris(spark, fs.join(index["uri"], index["added"])) if index.get("added") else []
+            night.carry = _Carry(truth, removed, added_uris)
     if on_driver:
         with inprocess.running(inprocess.driver_threads(spark), T._STORES, T._POSITIONS, _THRESHOLDS) as local_sc:
             return _in_process(spark, local_sc, stage, root, index, spec, params, memory, night)
@@ -598,7 +611,7 @@ def run(
     sample = None
     if grouped:
         t_locate = time.perf_counter()
-        sample = _sample(sc, spec, added, n, nb, index.get("seed", 0), layout)
+        sample = _sample(sc, spec, added, n, nb, index.get("seed", 0), layout, night.carry)
         timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
     if not fs.exists(spark, fs.join(searched_uri, "_SUCCESS")):
         with timer(f"searching {added.size} added and {refill.size} refilled lists, with the added images' reverse scans") as t:
@@ -648,8 +661,8 @@ def run(
     # through the merge unchanged, so that the recall check reads its lists from the merge
     # and the searches' output, not from another scan of every old list.
     riders = np.zeros(0, np.int64)
-    if sample is not None and sample.ids is not None:
-        riders = np.setdiff1d(sample.ids, np.union1d(replaced, touched)).astype(np.int64)
+    if sample is not None and sample.lists is not None:
+        riders = np.setdiff1d(sample.lists, np.union1d(replaced, touched)).astype(np.int64)
     in_merge = np.union1d(touched, riders)
     untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, in_merge))), "image_id", "left_anti")
     # Only the touched lists are cached, for the table, its reserve, the recall check and
@@ -664,7 +677,7 @@ def run(
     rows = merged.filter(F.col("rank") > CHANGED_RANK)
     lists = untouched.select(*cols).unionByName(rows).unionByName(fresh.select(*cols))
     # The sample's lists: every one is merged or searched tonight where riders were taken.
-    sampled = lists if sample is None or sample.ids is None else rows.unionByName(fresh.select(*cols))
+    sampled = lists if sample is None or sample.lists is None else rows.unionByName(fresh.select(*cols))
     n_files = L._output_files(spark, n)
     public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
     marks = merged.filter(F.col("rank") == CHANGED_RANK).select("image_id").toArrow()
@@ -679,7 +692,7 @@ def run(
 
     # Recall on new and on old images, from the lists as committed, against exact search.
     try:
-        recall_new, recall_old, sample_sizes, upper = _recall(
+        recall_new, recall_old, sample_sizes, upper, truth = _recall(
             sc,
             spec,
             lambda qids: sampled.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
@@ -693,6 +706,7 @@ def run(
             layout,
             sample,
             exact_uri,
+            night.carry,
         )
     except BaseException:
         merged.unpersist()
@@ -704,10 +718,11 @@ def run(
         raise
     moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
     recall = (recall_new, recall_old, sample_sizes, upper)
-    manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries)
+    manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries, truth)
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest)
+        extra = (remote.Files(**spec.files), TR.TRUTH, TR.to_arrow(truth)) if truth is not None else None
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest, extra)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -795,7 +810,9 @@ def _check_recall(nb, recall_new, recall_old, upper) -> None:
         )
 
 
-def _manifest(stage: StageRun, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int) -> dict:
+def _manifest(
+    stage: StageRun, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int, truth: TR.Truth | None = None
+) -> dict:
     """The night's manifest, everything but ``counts.rows`` and ``wall_seconds``, set at the
     commit. ``moved``: the sorted ids of the lists the night ``refill``-ed, ``reverse_ids``
     (a new image entered), ``lost_only`` (a neighbour left), ``touched`` (either) and
@@ -842,6 +859,10 @@ def _manifest(stage: StageRun, index, spec, params, memory, night: _Night, moved
         "output": tables.run_dir(table, run_id),
         "counts": {"queries": night.n, "rows": None},  # counted by the commit from the files it writes
         "kept_groups": night.kept,
+        "truth": TR.record(truth) if truth is not None else None,
+        "recall_old_from": (
+            "the carried exact lists (_truth), advanced by an exact scan of the added rows" if night.carry is not None else "exact search"
+        ),
     }
 
 
@@ -892,23 +913,144 @@ def old_sample(drawn: np.ndarray, cand: np.ndarray, cand_ids: np.ndarray, added:
 
 
 @dataclass(frozen=True)
+class _Carried:
+    """The night's part of the carried truth (:mod:`~cbir_lib.neighbors.truth`): the members
+    that stay, advanced to tonight, which of them are searched again (``refresh``), the
+    samples' ids and the members added tonight (each sorted), and the vectors of the
+    queries searched exactly over everything (``riders``: the new sample, the members added
+    tonight and those searched again)."""
+
+    truth: TR.Truth
+    refresh: np.ndarray
+    new: np.ndarray
+    old: np.ndarray
+    added: np.ndarray
+    riders: np.ndarray
+    riders_x: np.ndarray
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.riders_x[np.searchsorted(self.riders, ids)]
+
+
+@dataclass(frozen=True)
 class _Sample:
-    """A night's recall sample: store positions (sorted) and, in the grouped layout, their
-    ids in that order (``None`` elsewhere: the exact search finds them)."""
+    """A night's recall sample. ``positions`` (sorted) and, in the grouped layout, ``ids``
+    in that order (``None`` elsewhere: the exact search finds them) are the queries searched
+    exactly over everything: the whole sample, or with a carried truth (``carried``) its new
+    images and the members searched again."""
 
     positions: np.ndarray
     ids: np.ndarray | None
     n_new: int
     n_old: int
+    carried: _Carried | None = None
+
+    @property
+    def lists(self) -> np.ndarray | None:
+        """The ids whose lists the recall reads (grouped layout), or None."""
+        if self.carried is not None:
+            return np.union1d(self.carried.new, self.carried.old)
+        return self.ids
 
 
-def _sample(sc, spec: SearchSpec, added: np.ndarray, n: int, nb, seed: int, layout=None) -> _Sample | None:
+@dataclass(frozen=True)
+class _Carry:
+    """The base run's truth and what a night needs to advance it: the ids removed tonight
+    and the index's added rows' files."""
+
+    truth: TR.Truth
+    removed: np.ndarray
+    added_uris: list[str]
+
+
+def _read_truth(spark, prev: dict, index: dict, spec: SearchSpec, added: np.ndarray) -> tuple[TR.Truth | None, str]:
+    """The base run's carried truth (:mod:`~cbir_lib.neighbors.truth`), or ``(None, why not)``."""
+    rec = prev.get("truth")
+    if not rec:
+        return None, f"neighbours run {prev['run_id']} kept no exact lists (_truth)"
+    if int(rec["width"]) != int(spec.k) or int(rec["dim"]) != int(spec.dim):
+        return None, "its exact lists were searched to another depth or dimension"
+    if added.size and not index.get("added"):
+        return None, f"index run {index['run_id']} kept no added rows"
+    import pyarrow as pa
+
+    files = remote.Files(**spec.files)
+    parts = [remote.read_parquet(files, u) for u in tables.part_uris(spark, fs.join(prev["output"], rec["output"]))]
+    if not parts or sum(p.num_rows for p in parts) != int(rec["rows"]):
+        return None, f"its _truth holds {sum(p.num_rows for p in parts)} rows, not {rec['rows']}"
+    return TR.from_arrow(pa.concat_tables(parts), rec), ""
+
+
+def _scan_task(spec: SearchSpec, queries: np.ndarray, qids: np.ndarray, want: np.ndarray):
+    """RDD function over added-row files: each file's exact partial top-``spec.k`` of the
+    ``queries``, and the vectors of its rows in ``want``."""
+
+    def fn(uris):
+        from cbir_lib.vectors.arrow import binary_to_numpy
+        from cbir_lib.vectors.topk import exact_topk
+
+        inprocess.limit_blas_threads(inprocess.task_threads())
+        files = remote.Files(**spec.files)
+        for uri in uris:
+            t = remote.read_parquet(files, uri, ["image_id", "vector"])
+            ids = t.column("image_id").to_numpy().astype(np.int64)
+            x = np.ascontiguousarray(binary_to_numpy(t.column("vector"), int(spec.dim)))
+            v, i = exact_topk(queries, qids, x, ids, int(spec.k), spec.metric)
+            hit = np.isin(ids, want)
+            yield v, i, ids[hit], x[hit]
+
+    return fn
+
+
+def _carried_sample(sc, spec: SearchSpec, added: np.ndarray, nb, carry: _Carry, layout=None) -> _Sample:
+    """The night's sample on a carried truth: the first ``recall_sample / 2`` added images
+    by key (new), the first as many members that stay (old), their lists advanced by an
+    exact scan of the added rows alone (:func:`~cbir_lib.neighbors.truth.advance`); searched
+    over everything: the new ones, the members added tonight and those left too short."""
+    from cbir_lib.vectors.topk import select
+
+    half, t, removed = nb.recall_sample // 2, carry.truth, carry.removed
+    stay = t.take(np.flatnonzero(~np.isin(t.ids, removed)))
+    new_ids = TR.first(added, half, t.seed)
+    joined = np.sort(added[TR.in_bound(added, t.seed, t.bound)])
+    m, w = stay.ids.size, int(spec.k)
+    cv, ci = np.full((m, w), -np.inf, np.float32), np.full((m, w), -1, np.int64)
+    got_ids, got_x = np.zeros(0, np.int64), np.zeros((0, int(spec.dim)), np.float32)
+    if carry.added_uris and (m or new_ids.size):
+        scan = _scan_task(spec, stay.vectors, stay.ids, np.union1d(new_ids, joined))
+        parts = sc.parallelize(carry.added_uris, len(carry.added_uris)).mapPartitions(scan).collect()
+        rows = np.concatenate([np.repeat(np.arange(m), w) for _ in parts])
+        cv, ci = select(rows, np.concatenate([p[0].ravel() for p in parts]), np.concatenate([p[1].ravel() for p in parts]), m, w)
+        got_ids = np.concatenate([p[2] for p in parts]).astype(np.int64)
+        got_x = np.concatenate([p[3] for p in parts]).astype(np.float32)
+    if not np.array_equal(np.sort(got_ids), np.union1d(new_ids, joined)):
+        raise RuntimeError("neighbors: the index's added rows do not hold tonight's added images")
+    adv, refresh = TR.advance(stay, removed, cv, ci, nb.k)
+    old_ids = np.sort(adv.ids[:half])
+    rx = np.concatenate([got_x, adv.vectors[refresh]])
+    rid = np.r_[got_ids, adv.ids[refresh]].astype(np.int64)
+    riders, first_at = np.unique(rid, return_index=True)
+    carried = _Carried(adv, refresh, new_ids, old_ids, joined, riders, np.ascontiguousarray(rx[first_at]))
+    if spec.groups_uri:  # the routed search takes them by id
+        return _Sample(np.zeros(0, np.int64), riders, int(new_ids.size), int(old_ids.size), carried)
+
+    def locate(_):
+        return [T.positions_of(T.local_store(spec), riders)]
+
+    pos = sc.parallelize([0], 1).mapPartitions(locate).collect()[0] if riders.size else np.zeros(0, np.int64)
+    return _Sample(np.sort(pos).astype(np.int64), None, int(new_ids.size), int(old_ids.size), carried)
+
+
+def _sample(sc, spec: SearchSpec, added: np.ndarray, n: int, nb, seed: int, layout=None, carry: _Carry | None = None) -> _Sample | None:
     """Up to ``recall_sample / 2`` new and as many old images (store positions drawn with
     the index's seed); ``None`` without a sample. In the grouped layout positions are
-    looked up in the groups (on kept groups, row numbers: :func:`layered.rows`)."""
+    looked up in the groups (on kept groups, row numbers: :func:`layered.rows`). With the
+    base run's truth (``carry``): :func:`_carried_sample`."""
     half = nb.recall_sample // 2
     if not half:
         return None
+    if carry is not None:
+        return _carried_sample(sc, spec, added, nb, carry, layout)
     rng = np.random.default_rng(seed)
     new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
     # Candidates for the old images, kept in the order drawn: the first ``half`` not added
@@ -970,24 +1112,34 @@ def _recall(
     layout=None,
     sample: _Sample | None = None,
     exact_uri: str | None = None,
+    carry: _Carry | None = None,
 ):
     """Recall@k of the merged lists on the night's sample (:func:`_sample`; drawn here
-    unless given), against exact search. ``rows_of(ids)``: the lists of ``ids`` as an Arrow
+    unless given), against exact search: ``(recall of new, of old, sample sizes, upper
+    bounds, the truth to carry)``. ``rows_of(ids)``: the lists of ``ids`` as an Arrow
     table. In the grouped layout the exact search runs a group at a time, and its largest
     share goes into ``memory``; where the night's search computed it (``exact_uri``, the
-    routed search's ``_exact/``: :mod:`~cbir_lib.neighbors.routed`), it is read from there."""
+    routed search's ``_exact/``: :mod:`~cbir_lib.neighbors.routed`), it is read from there.
+    With a carried truth only the sample's new images and the members searched again are
+    searched exactly; the old images' exact lists are the truth's, advanced."""
     if sample is None:
         t_locate = time.perf_counter()
-        sample = _sample(sc, spec, added, n, nb, seed, layout)
+        sample = _sample(sc, spec, added, n, nb, seed, layout, carry)
         timings["recall_locate_s"] = round(time.perf_counter() - t_locate, 3)
     if sample is None:
-        return None, None, {"new": 0, "old": 0}, []
+        return None, None, {"new": 0, "old": 0}, [], None
     positions = sample.positions
-    what = f"exact top-{nb.k} of {positions.size} sample queries ({sample.n_new} new, {sample.n_old} old) over {n} vectors"
+    n_exact = positions.size if sample.ids is None else sample.ids.size
+    what = f"exact top-{nb.k} of {n_exact} sample queries ({sample.n_new} new, {sample.n_old} old) over {n} vectors"
+    if sample.carried is not None:
+        what = f"exact top-{nb.k} of {n_exact} queries over {n} vectors ({sample.n_new} new; {sample.n_old} old from the carried truth)"
     if exact_uri is not None:
         what += ", computed in the night's search"
     with timer(what) as t:
-        if exact_uri is not None:
+        if n_exact == 0:
+            qids = np.zeros(0, np.int64)
+            tv, ti = np.zeros((0, spec.k), np.float32), np.zeros((0, spec.k), np.int64)
+        elif exact_uri is not None:
             import pyarrow as pa
             from pyspark.sql import SparkSession
 
@@ -1002,9 +1154,13 @@ def _recall(
             from pyspark.sql import SparkSession
 
             exact = spec.with_(method="exact")
-            found = budget.sample_queries(
-                SparkSession.getActiveSession(), spec.groups_uri, positions, int(spec.dim), spec.delta_uri, layout
-            )
+            if sample.carried is not None:  # the vectors are at hand (exact search uses no cell)
+                c, z = sample.carried, np.zeros(sample.carried.riders.size, np.int64)
+                found = (c.riders_x, c.riders, z.astype(np.int32), z)
+            else:
+                found = budget.sample_queries(
+                    SparkSession.getActiveSession(), spec.groups_uri, positions, int(spec.dim), spec.delta_uri, layout
+                )
             tv, ti, _, held = budget.sample_search(sc, exact, found, budget.core(exact))
             if memory is not None:
                 memory["max_held_bytes"] = max(int(memory.get("max_held_bytes", 0)), int(held))
@@ -1012,6 +1168,11 @@ def _recall(
         else:
             qids, tv, ti = T._exact_sample(sc, spec, positions, n, slots)
     timings["exact_sample_s"] = round(t["seconds"], 3)
+    timings["exact_sample_queries"] = int(n_exact)  # searched exactly over everything
+    qids = np.asarray(qids, np.int64)
+    truth = None
+    if sample.carried is not None:
+        qids, tv, ti, truth = _with_carried(sample.carried, qids, tv, ti)
     k = nb.k
     t_rows = time.perf_counter()
     av, ai = L.topk_arrays(rows_of(qids), qids, spec.k)
@@ -1023,4 +1184,34 @@ def _recall(
 
     # One-sided 95 % upper bounds, for the min_recall check.
     upper = [round(recall_lower_bound(ai[m, :k], ti[m, :k], tv[m, :k], av[m, :k], z=-1.645), 5) for m in (is_new, ~is_new) if m.any()]
-    return rec(is_new), rec(~is_new), {"new": int(is_new.sum()), "old": int((~is_new).sum())}, upper
+    return rec(is_new), rec(~is_new), {"new": int(is_new.sum()), "old": int((~is_new).sum())}, upper, truth
+
+
+def _with_carried(c: _Carried, qids: np.ndarray, tv: np.ndarray, ti: np.ndarray):
+    """The recall sample's exact lists, from the queries searched exactly (``qids``) and
+    the advanced truth; and the truth tonight carries on: its members that stay (searched
+    again where too short) and those added tonight."""
+    at = {int(q): j for j, q in enumerate(qids)}
+
+    def searched(ids: np.ndarray):
+        rows = np.array([at[int(q)] for q in ids], np.int64)
+        return tv[rows], ti[rows]
+
+    kept = c.truth.take(np.flatnonzero(~c.refresh))
+    redo = c.truth.take(np.flatnonzero(c.refresh))
+    again = TR.searched(
+        np.r_[redo.ids, c.added],
+        np.concatenate([redo.vectors, c.vectors_of(c.added)]),
+        *(np.concatenate(p) for p in zip(searched(redo.ids), searched(c.added), strict=True)),
+        c.truth.seed,
+        c.truth.bound,
+    )
+    truth = TR.combine(kept, again)
+    old_v, old_i = TR.lists_of(truth, c.old)
+    new_v, new_i = searched(c.new)
+    return (
+        np.r_[c.new, c.old].astype(np.int64),
+        np.concatenate([new_v, old_v]),
+        np.concatenate([new_i, old_i]),
+        truth,
+    )

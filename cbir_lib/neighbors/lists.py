@@ -74,10 +74,11 @@ def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
     return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
-def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict) -> str:
+def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict, extra: tuple | None = None) -> str:
     """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
     table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
-    ``counts.rows`` to the table's rows as written."""
+    ``counts.rows`` to the table's rows as written. ``extra``: ``(files, name, Arrow
+    table)``, a small table written by this process as ``<name>/`` (the carried truth)."""
 
     def write(tmp: str) -> None:
         public.write.mode("overwrite").parquet(tmp)
@@ -87,8 +88,16 @@ def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dic
         reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
         if changes is not None:
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
+        write_extra(tmp, extra)
 
     return stage.commit(spark, write, manifest)
+
+
+def write_extra(tmp: str, extra: tuple | None) -> None:
+    """:func:`commit_lists`' ``extra`` table into the snapshot being written at ``tmp``."""
+    if extra is not None:
+        files, name, table = extra
+        remote.write_parquet(files, table, fs.join(tmp, name, "part-00000.parquet"), raw=("vector", "scores", "neighbor_ids"))
 
 
 def _read_parts(spec: SearchSpec, dirs: list[str], spark):
@@ -117,12 +126,14 @@ def commit_arrow_lists(
     stage: StageRun,
     manifest: dict,
     spec: SearchSpec,
+    extra: tuple | None = None,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
     snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
     ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks.
     ``lists`` may also come split already, as ``(table rows, reserve rows)``: the rows of
-    rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``)."""
+    rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``).
+    ``extra``: as :func:`commit_lists`'."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -147,6 +158,7 @@ def commit_arrow_lists(
             step = -(-t.num_rows // n_files) if t.num_rows else 1
             jobs += [(t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet")) for j, lo in enumerate(range(0, max(1, t.num_rows), step))]
         remote.write_parquets(files, jobs, raw=LIST_RAW_COLUMNS)
+        write_extra(tmp, extra)
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
     return stage.commit(spark, write, manifest)

@@ -57,7 +57,8 @@ from cbir_lib.index.store import (
     load_index_manifest,
 )
 from cbir_lib.neighbors import budget
-from cbir_lib.neighbors.calibrate import choose, rows_of, sample_positions, sample_recall
+from cbir_lib.neighbors import truth as TR
+from cbir_lib.neighbors.calibrate import choose, rows_of, sample_positions, sample_recall, sample_seed
 from cbir_lib.neighbors.lists import (
     NEIGHBORS_DDL,
     RESERVE,
@@ -341,6 +342,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
     sample_pos, verify_pos = np.sort(drawn[:n_sample]), np.sort(drawn[n_sample:])
     checked_pos = np.union1d(sample_pos, verify_pos)  # sorted: the row order of truth and sample
     truth = None
+    carried = None  # the exact lists a night carries on (cbir_lib/neighbors/truth.py)
     calibration = []
     verified = None
     choice_file = None
@@ -353,9 +355,14 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 exact_spec = spec.with_(method="exact")
                 v, i, _, held = budget.sample_search(sc, exact_spec, sample, budget.core(exact_spec))
                 truth = (sample[1], v, i)
+                sample_x = sample[0]
                 memory["max_held_bytes"] = max(memory.get("max_held_bytes", 0), held)
             else:
-                truth = _exact_sample(sc, spec, checked_pos, n, slots)
+                *truth, sample_x = _exact_sample(sc, spec, checked_pos, n, slots, vectors=True)
+                truth = tuple(truth)
+        if nb.rerank == "none":  # the first members by key, carried to the nights (cbir_lib/neighbors/truth.py)
+            seed = sample_seed(index.get("seed", 0))
+            carried = TR.from_full(truth[0], sample_x, truth[1], truth[2], seed, TR.carry_size(nb.recall_sample))
         timings["exact_sample_s"] = round(t["seconds"], 3)
         timings["exact_extrapolated_s"] = round(t["seconds"] * n / checked_pos.size, 1)
         in_verify = np.isin(checked_pos, verify_pos)
@@ -541,6 +548,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "timings": timings,
         "kept_groups": kept,
     }
+    manifest["truth"] = TR.record(carried) if carried is not None else None
+    extra = (remote.Files(**spec.files), TR.TRUTH, TR.to_arrow(carried)) if carried is not None else None
     # Everything the manifest records is known before the commit, so it is written once,
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
     manifest["output"] = tables.run_dir(table, run_id)
@@ -552,7 +561,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # A full run may change any list: _changes names every image, kind "rebuilt".
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
-            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec)
+            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec, extra)
             final = None
         else:
             final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
@@ -562,7 +571,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 .withColumn("kind", F.lit("rebuilt"))
                 .withColumn("neighbors_run_id", F.lit(run_id))
             )
-            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), stage, manifest)
+            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), stage, manifest, extra)
     faults.point("neighbors.between_commits")
     if nb.pairs:
         _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)

@@ -391,7 +391,7 @@ def _exact_partial(spec: SearchSpec, positions: np.ndarray):
         qids = np.asarray(store.ids[positions])
         for lo, hi in ranges:
             vals, ids = exact_topk(q, qids, np.ascontiguousarray(store.vectors[lo:hi]), np.asarray(store.ids[lo:hi]), spec.k, spec.metric)
-            yield qids, vals, ids
+            yield qids, vals, ids, q if lo == 0 else None  # the queries' vectors once
 
     return fn
 
@@ -401,8 +401,9 @@ def _warm_store(sc, spec: SearchSpec, slots: int) -> None:
     sc.parallelize(range(2 * slots), 2 * slots).mapPartitions(lambda _: [len(local_store(spec).ids)]).collect()
 
 
-def _exact_sample(sc, spec: SearchSpec, positions: np.ndarray, n: int, slots: int):
-    """Exact top-k of the sample over the whole store: (query ids, scores, ids)."""
+def _exact_sample(sc, spec: SearchSpec, positions: np.ndarray, n: int, slots: int, vectors: bool = False):
+    """Exact top-k of the sample over the whole store: (query ids, scores, ids), and with
+    ``vectors`` the queries' vectors last."""
     ranges = [(a, b) for a, b in ((i * n // (2 * slots), (i + 1) * n // (2 * slots)) for i in range(2 * slots)) if b > a]
     parts = sc.parallelize(ranges, len(ranges)).mapPartitions(_exact_partial(spec, positions)).collect()
     m, k = len(positions), spec.k
@@ -410,6 +411,8 @@ def _exact_sample(sc, spec: SearchSpec, positions: np.ndarray, n: int, slots: in
     vals = np.concatenate([p[1].ravel() for p in parts])
     ids = np.concatenate([p[2].ravel() for p in parts])
     v, i = select(rows, vals, ids, m, k)
+    if vectors:
+        return parts[0][0], v, i, next(p[3] for p in parts if p[3] is not None)
     return parts[0][0], v, i
 
 

@@ -201,7 +201,8 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     # dense at a fixed nprobe: auto may choose exact search on 2,000 images by measured seconds.
     opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2}
     a, b, c, d = tmp_path / "driver", tmp_path / "executors", tmp_path / "groups", tmp_path / "kept"
-    night(spark, a, "d1", ids, x[:2000], neighbors=opts)
+    _, base = night(spark, a, "d1", ids, x[:2000], neighbors=opts)
+    check_truth(base, ids, x[:2000])  # the full run keeps its sample's first members' exact lists
     shutil.copytree(a, b)
     shutil.copytree(a, c)
     # The same base, searched in groups that its nights then read (cbir_lib/neighbors/layered.py).
@@ -247,19 +248,43 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
     assert all(m["store_layout"] == {**m["store_layout"], "layers": 2, "written": False} for m in built.values())
     da = got["driver"]
     assert da["changes"]["refilled"] > 0 and da["changes"]["reverse_updated"] > 0
-    for name, ea in got.items():
+    for ea in got.values():
         assert da["changes"] == ea["changes"]
         assert da["counts"] == ea["counts"] and da["recall_sample"] == ea["recall_sample"]
-        # The recall sample is drawn by store position, and on the kept groups a cell's added
-        # rows follow its kept ones instead of sorting among them by id: another sample.
-        if name != "kept":
-            assert (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
-        for sub in ("", "/_reserve", "/_changes"):
+        # The sample is drawn by key, so the same images wherever the night runs.
+        assert (da["recall_new"], da["recall_old"]) == (ea["recall_new"], ea["recall_old"])
+        for sub in ("", "/_reserve", "/_changes", "/_truth"):
             rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
             assert rows[0] == rows[1] and rows[0], sub
+        # The old images' exact lists are the base run's, advanced (cbir_lib/neighbors/truth.py):
+        # only the new images (and members searched again) are searched over everything.
+        assert ea["recall_old_from"].startswith("the carried exact lists"), ea["recall_old_from"]
+        assert ea["timings"]["exact_sample_queries"] < ea["recall_sample"]["new"] + ea["recall_sample"]["old"]
+    check_truth(da, ids2, x2)
     # One pair of this night lies beyond the search's nprobe cells: only the widening reaches it.
     # Pairs of this night lie beyond the search's 3 cells (14 of them): only the widening reaches those.
     assert reverse_reach(spark, built["driver"], da, ids2, x2) >= 1
+
+
+def check_truth(nm, ids, x):
+    """The snapshot's carried exact lists (``_truth/``) are exact search's over the collection
+    ``(ids, x)``, each to its depth, and its members are the collection's first by key."""
+    import pyarrow.parquet as pq
+
+    from cbir_lib.neighbors import truth as TR
+
+    rec = nm["truth"]
+    t = TR.from_arrow(pq.read_table(nm["output"].removeprefix("file:") + "/_truth"), rec)
+    assert t.ids.size == rec["rows"] > 0
+    np.testing.assert_array_equal(np.sort(t.ids), np.sort(ids[TR.in_bound(ids, t.seed, t.bound)]))
+    want_v, want_i = brute_force(prepare(x, "angular"), ids, rec["width"], "angular")
+    at = np.searchsorted(ids, t.ids, sorter=np.argsort(ids))
+    rows = np.argsort(ids)[at]
+    for r, row in enumerate(rows):
+        d = int(t.depth[r])
+        assert d >= nm["k"]
+        np.testing.assert_array_equal(t.nbrs[r, :d], want_i[row, :d])
+        np.testing.assert_allclose(t.scores[r, :d], want_v[row, :d], atol=1e-5)
 
 
 def reverse_reach(spark, im, nm, ids, x, k=10):
