@@ -1012,7 +1012,7 @@ def _carried_sample(sc, spec: SearchSpec, added: np.ndarray, nb, carry: _Carry, 
     half, t, removed = nb.recall_sample // 2, carry.truth, carry.removed
     stay = t.take(np.flatnonzero(~np.isin(t.ids, removed)))
     new_ids = TR.first(added, half, t.seed)
-    joined = np.sort(added[TR.in_bound(added, t.seed, t.bound)])
+    joined = np.sort(added[TR.in_bound(added, t.seed, t.bound, t.after)])
     m, w = stay.ids.size, int(spec.k)
     cv, ci = np.full((m, w), -np.inf, np.float32), np.full((m, w), -1, np.int64)
     got_ids, got_x = np.zeros(0, np.int64), np.zeros((0, int(spec.dim)), np.float32)
@@ -1205,6 +1205,7 @@ def _with_carried(c: _Carried, qids: np.ndarray, tv: np.ndarray, ti: np.ndarray)
         *(np.concatenate(p) for p in zip(searched(redo.ids), searched(c.added), strict=True)),
         c.truth.seed,
         c.truth.bound,
+        c.truth.after,
     )
     truth = TR.combine(kept, again)
     old_v, old_i = TR.lists_of(truth, c.old)

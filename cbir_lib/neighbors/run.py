@@ -360,9 +360,13 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             else:
                 *truth, sample_x = _exact_sample(sc, spec, checked_pos, n, slots, vectors=True)
                 truth = tuple(truth)
-        if nb.rerank == "none":  # the first members by key, carried to the nights (cbir_lib/neighbors/truth.py)
+        if nb.rerank == "none":  # the members carried to the nights (cbir_lib/neighbors/truth.py)
             seed = sample_seed(index.get("seed", 0))
-            carried = TR.from_full(truth[0], sample_x, truth[1], truth[2], seed, TR.carry_size(nb.recall_sample))
+            # Calibrating, nprobe is chosen on the first images by key: the nights measure on
+            # the verification images after them, as this run reports its recall on.
+            calibrated = np.asarray(truth[0])[np.isin(checked_pos, sample_pos)] if calibrating and verify_pos.size else None
+            after = TR.last_by_key(calibrated, seed) if calibrated is not None and calibrated.size else None
+            carried = TR.from_full(truth[0], sample_x, truth[1], truth[2], seed, TR.carry_size(nb.recall_sample), after)
         timings["exact_sample_s"] = round(t["seconds"], 3)
         timings["exact_extrapolated_s"] = round(t["seconds"] * n / checked_pos.size, 1)
         in_verify = np.isin(checked_pos, verify_pos)

@@ -6,8 +6,11 @@ scanned every vector: at 100M x 1,280 about 1,800 s of a night on 2 slots, the o
 as much as the new. But an old image's exact list changes only by what the night changed.
 
 A run keeps the exact lists of its **members**: the images whose sample key
-(:func:`~cbir_lib.common.sampling.sample_key`) is at most a **bound** the full run set, the
-first :func:`carry_size` images by ``(key, id)``. Each list is the exact top-``depth``
+(:func:`~cbir_lib.common.sampling.sample_key`) lies in a range the full run set: at most a
+**bound**, the first :func:`carry_size` images by ``(key, id)``, or, where the full run
+calibrated ``nprobe`` on its first images by key, its verification images, after those
+(``after``): a night's recall is then not measured on the images ``nprobe`` was chosen
+on. Each list is the exact top-``depth``
 of its collection (``depth`` up to ``k + reserve``), with the member's vector. A night
 then, for each member that stays,
 
@@ -64,6 +67,7 @@ class Truth:
     depth: np.ndarray  # (m,) int32: each list is its collection's exact top-depth
     seed: int
     bound: tuple[int, int]  # the last member's (key, id) at the full run
+    after: tuple[int, int] | None = None  # members come after this (key, id), if any
 
     @property
     def width(self) -> int:
@@ -81,11 +85,21 @@ class Truth:
         )
 
 
-def in_bound(ids: np.ndarray, seed: int, bound: tuple[int, int]) -> np.ndarray:
-    """Whether each of ``ids`` is a member: ``(key, id)`` at most ``bound``."""
+def in_bound(ids: np.ndarray, seed: int, bound: tuple[int, int], after: tuple[int, int] | None = None) -> np.ndarray:
+    """Whether each of ``ids`` is a member: ``(key, id)`` at most ``bound`` (and past ``after``)."""
     ids = np.asarray(ids, np.int64)
     key = sampling.sample_key(ids, seed)
-    return (key < bound[0]) | ((key == bound[0]) & (ids <= bound[1]))
+    inside = (key < bound[0]) | ((key == bound[0]) & (ids <= bound[1]))
+    if after is not None:
+        inside &= (key > after[0]) | ((key == after[0]) & (ids > after[1]))
+    return inside
+
+
+def last_by_key(ids: np.ndarray, seed: int) -> tuple[int, int]:
+    """The ``(key, id)`` of the last of ``ids`` (not empty) by ``(key, id)``."""
+    ids = np.asarray(ids, np.int64)
+    last = int(ids[by_key(ids, seed)[-1]])
+    return int(sampling.sample_key(np.array([last]), seed)[0]), last
 
 
 def by_key(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -100,10 +114,14 @@ def first(ids: np.ndarray, m: int, seed: int) -> np.ndarray:
     return np.sort(ids[by_key(ids, seed)[: max(0, int(m))]])
 
 
-def from_full(ids, vectors, scores, nbrs, seed: int, m: int) -> Truth | None:
+def from_full(ids, vectors, scores, nbrs, seed: int, m: int, after: tuple[int, int] | None = None) -> Truth | None:
     """A full run's truth: of its exact sample (``ids`` with their vectors and exact lists,
-    any order, ``ids`` its first images by key), the first ``m`` by key. None without any."""
+    any order, ``ids`` its first images by key), the first ``m`` by key (past ``after``,
+    if given). None without any."""
     ids = np.asarray(ids, np.int64)
+    if after is not None:
+        take = np.flatnonzero(in_bound(ids, seed, (2**63 - 1, 2**63 - 1), after))
+        ids, vectors, scores, nbrs = ids[take], np.asarray(vectors)[take], np.asarray(scores)[take], np.asarray(nbrs)[take]
     if m <= 0 or ids.size == 0:
         return None
     order = by_key(ids, seed)[:m]
@@ -119,6 +137,7 @@ def from_full(ids, vectors, scores, nbrs, seed: int, m: int) -> Truth | None:
         np.full(ids.size, width, np.int32),
         int(seed),
         (int(keys[-1]), int(ids[-1])),
+        after,
     )
 
 
@@ -149,7 +168,7 @@ def advance(t: Truth, removed: np.ndarray, cand_scores: np.ndarray, cand_ids: np
     return replace(t, scores=v, nbrs=i, depth=depth), depth < k
 
 
-def searched(ids, vectors, scores, nbrs, seed: int, bound: tuple[int, int]) -> Truth:
+def searched(ids, vectors, scores, nbrs, seed: int, bound: tuple[int, int], after: tuple[int, int] | None = None) -> Truth:
     """Members searched whole tonight (their lists at full depth), for :func:`combine`."""
     ids = np.asarray(ids, np.int64)
     w = int(np.asarray(scores).shape[1]) if np.asarray(scores).ndim == 2 else 0
@@ -163,6 +182,7 @@ def searched(ids, vectors, scores, nbrs, seed: int, bound: tuple[int, int]) -> T
         np.full(ids.size, w, np.int32),
         int(seed),
         bound,
+        after,
     )
 
 
@@ -211,6 +231,7 @@ def from_arrow(table, record: dict) -> Truth:
 
     seed, w, dim = int(record["seed"]), int(record["width"]), int(record["dim"])
     bound = (int(record["bound"][0]), int(record["bound"][1]))
+    after = (int(record["after"][0]), int(record["after"][1])) if record.get("after") else None
     ids = table.column("image_id").to_numpy().astype(np.int64)
     m = ids.size
 
@@ -228,6 +249,7 @@ def from_arrow(table, record: dict) -> Truth:
         table.column("depth").to_numpy().astype(np.int32),
         seed,
         bound,
+        after,
     )
     return t.take(by_key(t.ids, seed))
 
@@ -246,6 +268,7 @@ def record(t: Truth) -> dict:
         "rows": int(t.ids.size),
         "seed": int(t.seed),
         "bound": [int(t.bound[0]), int(t.bound[1])],
+        "after": [int(t.after[0]), int(t.after[1])] if t.after is not None else None,
         "width": t.width,
         "dim": int(t.vectors.shape[1]),
     }

@@ -276,7 +276,7 @@ def check_truth(nm, ids, x):
     rec = nm["truth"]
     t = TR.from_arrow(pq.read_table(nm["output"].removeprefix("file:") + "/_truth"), rec)
     assert t.ids.size == rec["rows"] > 0
-    np.testing.assert_array_equal(np.sort(t.ids), np.sort(ids[TR.in_bound(ids, t.seed, t.bound)]))
+    np.testing.assert_array_equal(np.sort(t.ids), np.sort(ids[TR.in_bound(ids, t.seed, t.bound, t.after)]))
     want_v, want_i = brute_force(prepare(x, "angular"), ids, rec["width"], "angular")
     at = np.searchsorted(ids, t.ids, sorter=np.argsort(ids))
     rows = np.argsort(ids)[at]

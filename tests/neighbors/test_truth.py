@@ -105,3 +105,28 @@ def test_a_list_that_loses_neighbours_keeps_only_the_depth_that_is_still_exact()
 def test_carry_size_keeps_a_margin_over_the_old_half():
     assert TR.carry_size(0) == 0 and TR.carry_size(1) == 0
     assert TR.carry_size(1000) == 600 and TR.carry_size(2) == 2
+
+
+def test_after_a_calibration_sample_the_members_are_the_images_past_it():
+    """A full run that calibrated nprobe on its first images by key carries the ones after
+    them (its verification images): the nights' recall is not measured where nprobe was chosen."""
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.choice(10**6, 300, replace=False)).astype(np.int64)
+    x = rng.normal(size=(300, DIM)).astype(np.float32)
+    v, i = exact(x, ids, x, ids)
+    order = TR.by_key(ids, SEED)
+    calibrated, verify = ids[order[:100]], ids[order[100:150]]
+    after = TR.last_by_key(calibrated, SEED)
+    t = TR.from_full(
+        np.r_[calibrated, verify],
+        x[np.r_[order[:100], order[100:150]]],
+        *(a[np.r_[order[:100], order[100:150]]] for a in (v, i)),
+        SEED,
+        60,
+        after,
+    )
+    assert t is not None and t.after == after
+    np.testing.assert_array_equal(np.sort(t.ids), np.sort(verify))  # 50 of them, fewer than the 60 asked
+    np.testing.assert_array_equal(np.sort(ids[TR.in_bound(ids, SEED, t.bound, t.after)]), np.sort(verify))
+    back = TR.from_arrow(TR.to_arrow(t), TR.record(t))
+    assert back.after == after and back.bound == t.bound
