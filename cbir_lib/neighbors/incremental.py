@@ -1002,7 +1002,7 @@ def _scan_task(spec: SearchSpec, queries: np.ndarray, qids: np.ndarray, want: np
     return fn
 
 
-def _carried_sample(sc, spec: SearchSpec, added: np.ndarray, nb, carry: _Carry, layout=None) -> _Sample:
+def _carried_sample(sc, spec: SearchSpec, added: np.ndarray, nb, carry: _Carry) -> _Sample:
     """The night's sample on a carried truth: the first ``recall_sample / 2`` added images
     by key (new), the first as many members that stay (old), their lists advanced by an
     exact scan of the added rows alone (:func:`~cbir_lib.neighbors.truth.advance`); searched
@@ -1050,7 +1050,7 @@ def _sample(sc, spec: SearchSpec, added: np.ndarray, n: int, nb, seed: int, layo
     if not half:
         return None
     if carry is not None:
-        return _carried_sample(sc, spec, added, nb, carry, layout)
+        return _carried_sample(sc, spec, added, nb, carry)
     rng = np.random.default_rng(seed)
     new_ids = np.sort(rng.choice(added, min(half, added.size), replace=False)) if added.size else np.zeros(0, np.int64)
     # Candidates for the old images, kept in the order drawn: the first ``half`` not added
