@@ -197,30 +197,25 @@ def combine(a: Truth, b: Truth) -> Truth:
 
 def lists_of(t: Truth, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, nbrs)`` of the members ``ids`` (all of them members)."""
-    at = np.searchsorted(t.ids, ids, sorter=np.argsort(t.ids))
-    rows = np.argsort(t.ids)[at]
+    order = np.argsort(t.ids)
+    rows = order[np.searchsorted(t.ids, ids, sorter=order)]
     return t.scores[rows], t.nbrs[rows]
 
 
 def to_arrow(t: Truth):
-    """The members as an Arrow table, one row each (fixed-width binary lists and vectors)."""
+    """The members as an Arrow table, one row each: the vectors, scores and neighbour ids as
+    fixed-width binary (:func:`~cbir_lib.vectors.arrow.vectors_binary`; the ids' bytes viewed as float32)."""
     import pyarrow as pa
 
     from cbir_lib.vectors.arrow import vectors_binary
-
-    def fixed(x: np.ndarray):
-        x = np.ascontiguousarray(x)
-        n, width = x.shape[0], x.itemsize * (x.shape[1] if x.ndim == 2 else 1)
-        offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
-        return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(x)])
 
     return pa.table(
         {
             "image_id": pa.array(t.ids, pa.int64()),
             "depth": pa.array(t.depth, pa.int32()),
             "vector": vectors_binary(t.vectors),
-            "scores": fixed(t.scores.astype("<f4")),
-            "neighbor_ids": fixed(t.nbrs.astype("<i8")),
+            "scores": vectors_binary(t.scores.astype("<f4")),
+            "neighbor_ids": vectors_binary(np.ascontiguousarray(t.nbrs, "<i8").view("<f4")),
         }
     )
 
@@ -233,32 +228,18 @@ def from_arrow(table, record: dict) -> Truth:
     bound = (int(record["bound"][0]), int(record["bound"][1]))
     after = (int(record["after"][0]), int(record["after"][1])) if record.get("after") else None
     ids = table.column("image_id").to_numpy().astype(np.int64)
-    m = ids.size
-
-    def fixed(col, dtype):
-        b = b"".join(_values(c) for c in col.chunks)
-        return np.frombuffer(b, dtype=dtype).reshape(m, w) if m else np.zeros((0, w), dtype)
-
-    vectors = binary_to_numpy(table.column("vector"), dim) if m else np.zeros((0, dim), np.float32)
     t = Truth(
         ids,
         sampling.sample_key(ids, seed),
-        np.ascontiguousarray(vectors, np.float32),
-        fixed(table.column("scores"), "<f4").astype(np.float32),
-        fixed(table.column("neighbor_ids"), "<i8").astype(np.int64),
+        np.array(binary_to_numpy(table.column("vector"), dim), np.float32).reshape(ids.size, dim),
+        np.array(binary_to_numpy(table.column("scores"), w), np.float32).reshape(ids.size, w),
+        np.ascontiguousarray(binary_to_numpy(table.column("neighbor_ids"), 2 * w), "<f4").view("<i8").astype(np.int64).reshape(ids.size, w),
         table.column("depth").to_numpy().astype(np.int32),
         seed,
         bound,
         after,
     )
     return t.take(by_key(t.ids, seed))
-
-
-def _values(chunk) -> bytes:
-    """The value bytes of a binary chunk's rows, in order."""
-    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
-    data = chunk.buffers()[2]
-    return data.to_pybytes()[offsets[0] : offsets[-1]] if len(chunk) else b""
 
 
 def record(t: Truth) -> dict:
