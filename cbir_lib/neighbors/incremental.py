@@ -458,7 +458,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     n_files = L._output_files(spark, n)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        extra = (files, TR.TRUTH, TR.to_arrow(truth)) if truth is not None else None
+        extra = TR.snapshot_part(files, truth)
         L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
@@ -721,7 +721,7 @@ def run(
     manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries, truth)
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        extra = (remote.Files(**spec.files), TR.TRUTH, TR.to_arrow(truth)) if truth is not None else None
+        extra = TR.snapshot_part(remote.Files(**spec.files), truth)
         L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest, extra)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:

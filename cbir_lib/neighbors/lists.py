@@ -78,7 +78,8 @@ def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dic
     """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
     table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
     ``counts.rows`` to the table's rows as written. ``extra``: ``(files, name, Arrow
-    table)``, a small table written by this process as ``<name>/`` (the carried truth)."""
+    table, raw columns)``, a small table written by this process as ``<name>/`` (the
+    carried truth: :func:`~cbir_lib.neighbors.truth.snapshot_part`)."""
 
     def write(tmp: str) -> None:
         public.write.mode("overwrite").parquet(tmp)
@@ -96,8 +97,8 @@ def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dic
 def write_extra(tmp: str, extra: tuple | None) -> None:
     """:func:`commit_lists`' ``extra`` table into the snapshot being written at ``tmp``."""
     if extra is not None:
-        files, name, table = extra
-        remote.write_parquet(files, table, fs.join(tmp, name, "part-00000.parquet"), raw=("vector", "scores", "neighbor_ids"))
+        files, name, table, raw = extra
+        remote.write_parquet(files, table, fs.join(tmp, name, "part-00000.parquet"), raw=raw)
 
 
 def _read_parts(spec: SearchSpec, dirs: list[str], spark):

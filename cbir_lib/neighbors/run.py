@@ -553,7 +553,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "kept_groups": kept,
     }
     manifest["truth"] = TR.record(carried) if carried is not None else None
-    extra = (remote.Files(**spec.files), TR.TRUTH, TR.to_arrow(carried)) if carried is not None else None
+    extra = TR.snapshot_part(remote.Files(**spec.files), carried)
     # Everything the manifest records is known before the commit, so it is written once,
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
     manifest["output"] = tables.run_dir(table, run_id)

@@ -44,6 +44,7 @@ from cbir_lib.common import sampling
 from cbir_lib.vectors.topk import NO_ID, select
 
 TRUTH = "_truth"
+RAW_COLUMNS = ("vector", "scores", "neighbor_ids")  # float bytes: written plain (remote.write_parquet)
 # Members past the old sample's half of recall_sample: the images nights remove (0.4 % a
 # night in the benchmark's shape) leave the old sample full for many nights.
 CARRY_MARGIN = 0.2
@@ -240,6 +241,11 @@ def from_arrow(table, record: dict) -> Truth:
         after,
     )
     return t.take(by_key(t.ids, seed))
+
+
+def snapshot_part(files, t: Truth | None) -> tuple | None:
+    """The ``extra`` a snapshot's commit writes as ``_truth/`` (:func:`~cbir_lib.neighbors.lists.commit_lists`), or None."""
+    return (files, TRUTH, to_arrow(t), RAW_COLUMNS) if t is not None else None
 
 
 def record(t: Truth) -> dict:
