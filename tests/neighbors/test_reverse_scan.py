@@ -122,3 +122,106 @@ def test_search_scan_of_a_big_block_matches():
     want = reverse_scan(store, q[scan], qids[scan], wide, thr)
     assert np.array_equal(i, i0) and np.array_equal(v, v0)
     assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)) and want[0].size
+
+
+def reduced_store(x: np.ndarray, ids: np.ndarray, metric: str, n_cells: int, r: int):
+    """``build``'s store with the reduced first pass's vectors on an r-d basis, and the
+    same store without them."""
+    from cbir_lib.index import reduce
+    from cbir_lib.neighbors.ivf import CellStore
+
+    full = build(x, ids, metric, n_cells)
+    basis, _ = reduce.fit(full.vectors, r)
+    red = CellStore(full.ids, full.vectors, full.offsets, full.centroids, metric, reduce.project(full.vectors, basis), basis)
+    return full, red
+
+
+def night_thresholds(store, seed: int) -> np.ndarray:
+    """Each member's 5th-best score, a few -inf (takes anything) and +inf (takes nothing)."""
+    rng = np.random.default_rng(seed)
+    v, _ = dense_search(store, store.vectors, store.ids, store.route(store.vectors, store.n_cells), 5)
+    thr = v[:, 4].copy()
+    thr[rng.random(len(thr)) < 0.03] = -np.inf
+    thr[rng.random(len(thr)) < 0.03] = np.inf
+    return thr
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+@pytest.mark.parametrize("seed", range(3))
+def test_reduced_reverse_scan_at_the_full_bound_is_the_full_scan(metric, seed, monkeypatch):
+    """At REVERSE_RESIDUAL 1 the reduced first step is an upper bound of every pair's score
+    (Cauchy-Schwarz off the basis, rounded up), so the two-step scan finds the full
+    scan's pairs and scores, bit for bit, on a basis that holds little of the energy."""
+    import cbir_lib.neighbors.ivf as ivf
+
+    monkeypatch.setattr(ivf, "REVERSE_RESIDUAL", 1.0)
+    rng = np.random.default_rng(seed)
+    x = clustered(900, 32, seed=seed)
+    full, red = reduced_store(x, rng.permutation(5000)[:900].astype(np.int64), metric, 9, 6)
+    thr = night_thresholds(full, seed)
+    qpos = rng.choice(900, 70, replace=False)
+    q, qids = np.ascontiguousarray(full.vectors[qpos]), full.ids[qpos]
+    probes = full.route(q, 4)
+    want = reverse_scan(full, q, qids, probes, thr)
+    got = reverse_scan(red, q, qids, probes, thr)
+    assert want[0].size > 50
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean"])
+def test_reduced_reverse_scan_keeps_the_pairs_its_bound_passes(metric):
+    """At the shipped REVERSE_RESIDUAL the scan is a subset of the full scan's pairs, with
+    the same scores, holding every pair whose reduced bound (in float64) clears the
+    member's threshold."""
+    from cbir_lib.index.reduce import project, residual_norms
+    from cbir_lib.neighbors.ivf import REVERSE_RESIDUAL
+
+    rng = np.random.default_rng(4)
+    x = clustered(1200, 32, seed=4)
+    full, red = reduced_store(x, np.arange(1200, dtype=np.int64), metric, 10, 8)
+    thr = night_thresholds(full, 4)
+    qpos = rng.choice(1200, 80, replace=False)
+    q, qids = np.ascontiguousarray(full.vectors[qpos]), full.ids[qpos]
+    probes = full.route(q, 5)
+    want = set(zip(*(a.tolist() for a in reverse_scan(full, q, qids, probes, thr)), strict=True))
+    got = set(zip(*(a.tolist() for a in reverse_scan(red, q, qids, probes, thr)), strict=True))
+    assert got <= want and len(got) < len(want)
+    qr, xr = project(q, red.projection).astype(np.float64), red.reduced.astype(np.float64)
+    q_res, x_res = residual_norms(q, qr), red.residual_norms()
+    x64 = red.vectors.astype(np.float64)
+    for row, j, _ in want - got:
+        bound = qr[j] @ xr[row] + REVERSE_RESIDUAL * float(q_res[j]) * float(x_res[row])
+        if metric == "euclidean":
+            sq_q, sq_x = float(q[j].astype(np.float64) @ q[j]), float(x64[row] @ x64[row])
+            bound = -np.sqrt(max(sq_q + sq_x - 2 * bound, 0.0))
+        assert bound < thr[row] + 1e-4
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+@pytest.mark.parametrize("seed", range(6))
+def test_search_scan_with_the_shortlist_is_the_search_and_the_scan(metric, seed):
+    """With the reduced first pass the fused core gives, bit for bit, the shortlist search
+    (finished, or raw as a search in parts takes it, with a running bound) and the reduced
+    reverse scan: routes that agree and that do not, self pairs, -inf and +inf thresholds."""
+    rng = np.random.default_rng(seed)
+    n = 900
+    x = clustered(n, 32, seed=seed)
+    _, store = reduced_store(x, rng.permutation(n * 3)[:n].astype(np.int64) - n, metric, 12, 8)
+    thr = night_thresholds(store, seed)
+    m = 60
+    qpos = rng.choice(n, m, replace=False)
+    q, qids = np.ascontiguousarray(store.vectors[qpos]), store.ids[qpos]
+    scan = rng.random(m) < (0.0, 0.5, 0.9, 1.0, 0.7, 0.7)[seed]
+    probes = store.route(q, 3)
+    wide = store.route(q[scan], 5)
+    if seed >= 4:
+        wide = np.ascontiguousarray(np.roll(wide, seed - 3, axis=0))
+    raw = seed % 2 == 1
+    kth = None if metric == "euclidean" or not raw else np.full(m, -np.inf, np.float32)
+    found, (pos, qi, sc) = search_scan(store, q, qids, probes, 5, scan, wide, thr, thresholds=kth, shortlist=12, raw=raw)
+    want = dense_search(store, q, qids, probes, 5, thresholds=kth, shortlist=12, raw=raw)
+    pos0, qi0, sc0 = reverse_scan(store, q[scan], qids[scan], wide, thr)
+    assert len(found) == len(want) == (3 if raw else 2)
+    assert all(np.array_equal(a, b) for a, b in zip(found, want, strict=True))
+    assert np.array_equal(pos, pos0) and np.array_equal(qi, qi0) and np.array_equal(sc, sc0)
+    assert scan.any() or pos.size == 0
