@@ -50,29 +50,6 @@ def project(x: np.ndarray, basis: np.ndarray, block: int = 8192) -> np.ndarray:
     return out
 
 
-# How far :func:`residual_norms` rounds up, relative to a row's squared norm. The reduced
-# bound ``<q, x> <= <Pq, Px> + |q_perp| |x_perp|`` (Cauchy-Schwarz on the parts off the
-# basis) then holds with a margin of ``RESIDUAL_EPS |q| |x|`` (by AM-GM,
-# ``sqrt((a + eA)(b + eB)) >= sqrt(ab) + e sqrt(AB)``), about 5x the float32 error of a
-# 128-term product and the basis's departure from orthonormal (~1e-7 an entry). A row
-# wholly inside the basis gets ``0.0063 |x|`` instead of 0; one 0.3 off it, 7e-5 more.
-RESIDUAL_EPS = 4e-5
-
-
-def residual_norms(x: np.ndarray, reduced: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Each row's norm off the basis, ``sqrt(|x|^2 - |Bᵀx|^2)`` from the rows ``x`` and their
-    projections ``reduced`` (:func:`project`), rounded up by :data:`RESIDUAL_EPS`; float32,
-    summed in float64."""
-    out = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), block):
-        # einsum casts as it sums: no float64 copy of the rows (a search task's memory is budgeted)
-        xb, rb = x[s : s + block], reduced[s : s + block]
-        sq = np.einsum("ij,ij->i", xb, xb, dtype=np.float64)
-        off = np.maximum(sq - np.einsum("ij,ij->i", rb, rb, dtype=np.float64), 0.0) + RESIDUAL_EPS * sq
-        out[s : s + block] = np.sqrt(off)
-    return out
-
-
 def applies(dim: int | None, reduced_dim: int) -> bool:
     """Whether ``index.reduced_dim`` reduces vectors of ``dim``: only at 4x or more, where
     the first pass costs a quarter or less of a full one."""

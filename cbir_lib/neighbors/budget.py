@@ -933,21 +933,18 @@ def core(spec: SearchSpec):
     return lambda store, q, qids, own, probes, kth, k: exact_search(store, q, qids, k)
 
 
-def scan_core(spec: SearchSpec, raw: bool = True):
-    """:func:`core` fused with an incremental night's reverse scan, where the search is
-    dense (at full dimension or with the reduced first pass): ``search(store, queries, ids,
-    probes, kth, k, scan, wide, row_thresholds)`` as :func:`~cbir_lib.neighbors.ivf.search_scan`;
-    else None (the two run apart). ``raw``: the reduced first pass's shortlists, as
-    :func:`core` gives a search in parts; false: the finished top-k (a search of the whole
-    store)."""
-    if spec.method != "dense" or spec.expand:
+def scan_core(spec: SearchSpec):
+    """:func:`core` fused with an incremental night's reverse scan, where the search is dense
+    at full dimension: ``search(store, queries, ids, probes, kth, k, scan, wide,
+    row_thresholds)`` as :func:`~cbir_lib.neighbors.ivf.search_scan`; else None (the two
+    run apart)."""
+    if spec.method != "dense" or uses_shortlist(spec) or spec.expand:
         return None
     from cbir_lib.neighbors.ivf import search_scan
 
     bound = spec.metric != "euclidean"  # as core's
-    short = spec.shortlist if uses_shortlist(spec) else None
     return lambda store, q, qids, probes, kth, k, scan, wide, thr: search_scan(
-        store, q, qids, probes, k, scan, wide, thr, thresholds=kth if bound else None, shortlist=short, raw=raw and short is not None
+        store, q, qids, probes, k, scan, wide, thr, thresholds=kth if bound else None
     )
 
 

@@ -144,9 +144,8 @@ def _delta_search(spec: SearchSpec):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = T.local_store(spec)
         thr = _local_thresholds(spec, store)
-        # Dense: the added images' searches and reverse scans share products (with the
-        # reduced first pass, the reduced ones: the first step of the scan's bound).
-        fused = budget.scan_core(spec, raw=False)
+        # Dense at full dimension: the added images' searches and reverse scans share products.
+        fused = budget.scan_core(spec)
         # A night's queries are a sparse sample of the collection. Taken in store order and in
         # big blocks, those that share a probed cell share its matrix product; in blocks of
         # query_block random queries a cell met a few of them at a time.

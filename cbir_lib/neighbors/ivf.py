@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbir_lib.index.kmeans import assign
-from cbir_lib.index.reduce import project, residual_norms
+from cbir_lib.index.reduce import project
 from cbir_lib.vectors.topk import (
     empty,
     empty_shortlist,
@@ -43,17 +43,6 @@ from cbir_lib.vectors.topk import (
 # step and the candidate sort of a selection stay this many rows, whatever the block of
 # queries whose cell products are grouped (dense_search's ``queries``).
 SUB_BLOCK = 2048
-
-# The reverse scan on a store with reduced vectors (index.reduced_dim) compares each pair by
-# ``<Pq, Px> + REVERSE_RESIDUAL |q_perp| |x_perp|`` first, then scores at full dimension
-# only the queries and members of the pairs that pass (_Reverse.add_reduced). At 1.0 that
-# is Cauchy-Schwarz on the parts off the basis: an upper bound, the same pairs as a scan at
-# full dimension. But at r = 128 (90 % of the energy) it passes 13.6 % of the pairs, and
-# the two steps then cost 5x the full product. The parts off the basis of a (member, added
-# image) pair that passes are far from aligned: on 840 added Fashion-MNIST images (real
-# 1,280-d) at 0.5, 1.8 % of the pairs pass and none of the 12,654 the full scan finds is
-# lost (40 at 0.4) (``benchmarks/reverse_bound.py``).
-REVERSE_RESIDUAL = 0.5
 
 
 @dataclass
@@ -196,16 +185,6 @@ class CellStore:
     def cells_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """The cell of each store row."""
         return (np.searchsorted(self.offsets, rows, side="right") - 1).astype(np.int32)
-
-    def residual_norms(self) -> np.ndarray:
-        """Each row's norm off the reduced basis, ``|x - B Bᵀx|``, rounded up (cached): with
-        the reduced product, the bound :func:`reduced_bound` of a full pair score."""
-        got: np.ndarray | None = getattr(self, "_residual", None)
-        if got is None:
-            assert self.reduced is not None, "a store without reduced vectors has no residuals"
-            got = residual_norms(self.vectors, self.reduced)
-            self._residual = got
-        return got
 
 
 def _pairs_by_cell(cells: np.ndarray, rows: np.ndarray):
@@ -371,11 +350,7 @@ def _gather(
 class _Reverse:
     """The reverse scan's candidates, collected cell product by cell product: the pairs
     whose score passes the member's threshold widened by the BLAS error, finished by
-    :meth:`pairs` with exact pair scores (:func:`reverse_scan`).
-
-    On a store with the reduced first pass's vectors, a cell is scanned in two steps
-    (:meth:`add_reduced`): the pairs whose *reduced bound* passes the threshold, then the
-    full-dimension product of only the queries and members those pairs hold."""
+    :meth:`pairs` with exact pair scores (:func:`reverse_scan`)."""
 
     def __init__(self, store: CellStore, queries: np.ndarray, thresholds: np.ndarray):
         self.store, self.queries = store, queries
@@ -383,23 +358,6 @@ class _Reverse:
         self.q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
         self.rows: list[np.ndarray] = []
         self.pos: list[np.ndarray] = []
-        self.reduced = store.reduced is not None and store.projection is not None
-        if store.projection is not None and self.reduced and len(queries):
-            qr = project(queries, store.projection)
-            self.q_red, self.q_res = qr, residual_norms(queries, qr)
-
-    def bounds(self, rows: np.ndarray, a: int, b: int, reduced: np.ndarray | None = None) -> np.ndarray:
-        """The reduced bound of ``queries[rows]`` against the store rows ``a:b`` in rank
-        units: ``<Pq, Px> + REVERSE_RESIDUAL |q_perp| |x_perp|`` (less ``|x|^2 / 2`` for
-        euclidean, whose final score grows with ``<q, x>`` too). ``reduced``: the rank
-        scores of the reduced vectors already computed (a shortlist search's product)."""
-        store, sq = self.store, self.store.sqnorm
-        if reduced is None:
-            assert store.reduced is not None
-            reduced = rank_scores(self.q_red[rows], store.reduced[a:b], store.metric, None if sq is None else sq[a:b])
-        out = np.multiply.outer(np.float32(REVERSE_RESIDUAL) * self.q_res[rows], store.residual_norms()[a:b])
-        out += reduced
-        return out
 
     def live(self, cell: int) -> np.ndarray:
         """Which members of ``cell`` take a new neighbour at all (``+inf``: none)."""
@@ -423,39 +381,9 @@ class _Reverse:
             self.rows.append(rows[r])
             self.pos.append(a + c)
 
-    def add_reduced(
-        self, cell: int, rows: np.ndarray, bound: np.ndarray, live: np.ndarray | None = None, take: np.ndarray | None = None
-    ) -> None:
-        """Candidates of ``queries[rows]`` against ``cell``'s members from their reduced
-        ``bound`` (:meth:`bounds`): the pairs it passes, kept where the full-dimension
-        product of the queries and members among them passes too (as :meth:`add`'s)."""
-        store, sq = self.store, self.store.sqnorm
-        a, b = int(store.offsets[cell]), int(store.offsets[cell + 1])
-        live = self.live(cell) if live is None else live
-        if not live.any() or not rows.size:
-            return
-        low = np.where(live, slack(np.where(live, self.thr[a:b], np.float32(0))), np.float32(np.inf))
-        if self.q_sq is not None:
-            bound = final_scores(bound, "euclidean", self.q_sq[rows])
-        mask = bound >= low[None, :]  # a member that takes nothing (+inf) never passes
-        if take is not None:
-            mask &= np.asarray(take, bool)[:, None]
-        qs = np.flatnonzero(mask.any(axis=1))
-        if not qs.size:
-            return
-        cs = np.flatnonzero(mask.any(axis=0))
-        q_rows = rows[qs]
-        s = rank_scores(self.queries[q_rows], store.vectors[a + cs], store.metric, None if sq is None else sq[a + cs])
-        if self.q_sq is not None:
-            s = final_scores(s, "euclidean", self.q_sq[q_rows])
-        r, c = where2d(mask[np.ix_(qs, cs)] & (s >= low[cs][None, :]))
-        if r.size:
-            self.rows.append(q_rows[r])
-            self.pos.append(a + cs[c])
-
     def scan(self, probes: np.ndarray, queries_of: np.ndarray) -> None:
         """Score and collect the (query, cell) pairs ``(queries_of, probes)`` (parallel arrays)."""
-        store = self.store
+        store, sq = self.store, self.store.sqnorm
         for cell, rows in _pairs_by_cell(probes, queries_of):
             a, b = int(store.offsets[cell]), int(store.offsets[cell + 1])
             if b == a:
@@ -463,11 +391,7 @@ class _Reverse:
             live = self.live(cell)
             if not live.any():
                 continue
-            if self.reduced:
-                self.add_reduced(cell, rows, self.bounds(rows, a, b), live)
-            else:
-                sq = None if store.sqnorm is None else store.sqnorm[a:b]
-                self.add(cell, rows, rank_scores(self.queries[rows], store.vectors[a:b], store.metric, sq), live)
+            self.add(cell, rows, rank_scores(self.queries[rows], store.vectors[a:b], store.metric, None if sq is None else sq[a:b]), live)
 
     def pairs(self, query_ids: np.ndarray):
         """``(store rows, query indices, scores)`` of the candidates that pass exactly."""
@@ -514,23 +438,19 @@ def search_scan(
     wide: np.ndarray,
     row_thresholds: np.ndarray,
     thresholds: np.ndarray | None = None,
-    shortlist: int | None = None,
-    raw: bool = False,
 ):
-    """:func:`dense_search` of all ``queries`` (with ``shortlist`` and ``raw`` as it takes
-    them), and :func:`reverse_scan` of ``queries[scan]`` (a mask) over their cells ``wide``
-    (a row per scanned query, in order), with one matrix product per (cell, queries) where
-    the two meet: ``(what dense_search gives, (store rows, indices among the scanned,
-    scores))``, each what the two calls give.
+    """:func:`dense_search` of all ``queries`` (full dimension), and :func:`reverse_scan`
+    of ``queries[scan]`` (a mask) over their cells ``wide`` (a row per scanned query, in
+    order), with one matrix product per (cell, queries) where the two meet:
+    ``((vals, ids), (store rows, indices among the scanned, scores))``, each what the two
+    calls give.
 
     A night's added images are both searched (``probes``) and reverse-scanned over wider
     cells (``wide``, a superset of ``probes`` where the routes agree). Scored apart, each
     (added image, probed cell) product was computed twice: 2.0 s for the search and 2.0 s
     for the scan of 12,000 added images at ``nprobe`` 36 and 45, 1M x 256, one thread.
     Here the search shows its products to the scan (``dense_search``'s ``also``), and only
-    the pairs of ``wide`` that the search did not probe are multiplied again. With the
-    reduced first pass (``shortlist`` on a store with reduced vectors) those products are
-    the reduced ones, the first step of the scan's bound (:meth:`_Reverse.add_reduced`).
+    the pairs of ``wide`` that the search did not probe are multiplied again.
     """
     scan = np.asarray(scan, bool)
     m, n_cells = len(queries), np.int64(store.n_cells)
@@ -540,25 +460,17 @@ def search_scan(
     scan_c = np.asarray(wide, np.int64).ravel() if scanned.size else np.zeros(0, np.int64)
     searched = np.repeat(np.arange(m, dtype=np.int64), probes.shape[1]) * n_cells + np.asarray(probes, np.int64).ravel()
     both = np.isin(scan_q * n_cells + scan_c, searched) if scan_q.size else np.zeros(0, bool)
-    short = shortlist if shortlist is not None and rev.reduced else None
-
-    def add_reduced(cell: int, rows: np.ndarray, s: np.ndarray, take: np.ndarray | None = None) -> None:
-        a, b = int(store.offsets[cell]), int(store.offsets[cell + 1])
-        rev.add_reduced(cell, rows, rev.bounds(rows, a, b, reduced=s), take=take)
-
-    # With the shortlist the search's products are the reduced vectors': the bound's first term.
-    add = add_reduced if short is not None else rev.add
 
     def also(cell: int, rows: np.ndarray, s: np.ndarray) -> None:
         take = scan[rows]  # a scanned query's probed cell is one of its wide ones
         if take.any():
-            add(cell, rows, s, take=None if take.all() else take)
+            rev.add(cell, rows, s, take=None if take.all() else take)
 
     # Where every probed cell of a scanned query is one of its wide ones (the routes agree:
     # the usual case), the search's products go to the scan as they are.
     agree = int(both.sum()) == scanned.size * probes.shape[1]
-    hook = also if agree else _only(add, scan_q[both], scan_c[both], n_cells)
-    found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, shortlist=short, raw=raw, also=hook)
+    hook = also if agree else _only(rev.add, scan_q[both], scan_c[both], n_cells)
+    found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, also=hook)
     if (~both).any():
         rev.scan(scan_c[~both], scan_q[~both])
     pos, qi, sc = rev.pairs(query_ids)
@@ -566,9 +478,9 @@ def search_scan(
 
 
 def _only(add, rows: np.ndarray, cells: np.ndarray, n_cells: np.int64):
-    """A ``dense_search`` hook that passes ``add`` (:meth:`_Reverse.add`, or its reduced
-    form) only the (query row, cell) pairs given: where a scanned query's search probes a
-    cell its wider scan does not (routes that disagree), that pair is not scanned."""
+    """A ``dense_search`` hook that passes ``add`` (:meth:`_Reverse.add`) only the (query
+    row, cell) pairs given: where a scanned query's search probes a cell its wider scan does
+    not (routes that disagree), that pair is not scanned."""
     keys = np.sort(rows * n_cells + cells)
 
     def fn(cell: int, rows_: np.ndarray, s: np.ndarray) -> None:
