@@ -12,7 +12,8 @@ search (README, "At the shipped 1,280 dimensions"), and the night's search 12-13
 rebuild's, against ~5 % at 256-d.
 
 A pair the member's own search would not shortlist, ``<Pq, Px>`` below the member's
-``L``-th reduced score (its *cut*), is a pair a rebuild would not find either. So a scan
+``L``-th reduced score (its *cut*), is a pair a rebuild would not find either (unless the
+night deleted one of the member's ``L``: that can only lower its cut). So a scan
 that first compares each pair's reduced score with the member's cut, and scores at full
 dimension only the pairs that pass, asks what the rebuild asks. This measures, on the
 same collection and night as ``reverse_bound``'s prototype (79083e0, reverted):
