@@ -28,10 +28,18 @@ same collection and night as ``reverse_bound``'s prototype (79083e0, reverted):
   the candidates' pair scores), one thread, best of two. A night fused with its shortlist
   search would have the reduced products of the probed half already.
 
+- ``night_core``: the night's search core, the shortlist search and the full-dimension
+  scan apart (as a night runs them today), against the library's fused core with the cuts
+  (``ivf.search_scan(..., shortlist, row_cuts)``), whose scan takes the search's own
+  reduced products for the probed cells. It must give the same lists, and the prototype's
+  pairs less at most 0.1 % (the core checks the cut by exact reduced pair scores).
+
 The members' cuts and last scores come from the shortlist search of every row at the
 night's ``nprobe`` (its raw shortlist, ``ivf.dense_search(..., raw=True)``), as a full run
 would find them. What is not built: a full run and a night would have to write each list's
-cut beside it, and the nights carry it (see the README).
+cut beside it, the nights carry it and hand it to the scan (see the README). The numpy
+core is built and tested (``tests/neighbors/test_reverse_scan.py``); nothing calls it with
+cuts yet.
 """
 
 from __future__ import annotations
@@ -136,6 +144,27 @@ def main() -> None:
             t = time.perf_counter()
             cpos, cqi, n_cand = cut_scan(full, xr, q, qr, wide, thr, cut)
             times["cut"].append(time.perf_counter() - t)
+        # The night's search core as the library's numpy core runs it: the shortlist
+        # search and the full-dimension scan apart (the night today), against the fused core
+        # whose scan takes the search's reduced products and the members' cuts.
+        from cbir_lib.neighbors.ivf import search_scan
+
+        every_q = np.ones(m, bool)
+        core = {"before": [], "after": []}
+        for _ in range(2):
+            t = time.perf_counter()
+            fb = dense_search(red, q, qids, probes, 10, shortlist=SHORTLIST)
+            reverse_scan(full, q, qids, wide, thr)
+            core["before"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fa, ra = search_scan(red, q, qids, probes, 10, every_q, wide, thr, shortlist=SHORTLIST, row_cuts=cut)
+            core["after"].append(time.perf_counter() - t)
+        if not all(np.array_equal(a_, b_) for a_, b_ in zip(fa, fb, strict=True)):
+            raise SystemExit("the fused core's lists are not the shortlist search's")
+        lib, proto = set(zip(ra[0].tolist(), ra[1].tolist(), strict=True)), set(zip(cpos.tolist(), cqi.tolist(), strict=True))
+        # The library checks the cut by exact reduced pair scores; the prototype by the product's.
+        if not lib <= proto or len(proto - lib) > 1e-3 * len(proto):
+            raise SystemExit("the fused core's reverse pairs are not the prototype's")
     got = set(zip(pos.tolist(), qi.tolist(), strict=True))
     truth = set(zip(every[0].tolist(), every[1].tolist(), strict=True))
     cut_pairs = set(zip(cpos.tolist(), cqi.tolist(), strict=True))
@@ -167,8 +196,16 @@ def main() -> None:
         "cut_s": round(cut_s, 3),
         "ratio": round(cut_s / full_s, 3),
         "runs_s": {k: [round(t, 3) for t in v_] for k, v_ in times.items()},
+        "night_core": {
+            "before_s": round(min(core["before"]), 3),
+            "after_s": round(min(core["after"]), 3),
+            "ratio": round(min(core["after"]) / min(core["before"]), 3),
+            "runs_s": {k: [round(t, 3) for t in v_] for k, v_ in core.items()},
+            "pairs": len(lib),
+            "what": "the shortlist search and the full-dimension scan apart, against search_scan(shortlist, row_cuts) (built, not wired)",
+        },
         "threads": 1,
-        "note": "measured, not built: a prototype in this script",
+        "note": "cut_s: a prototype in this script; night_core: the library's numpy core (session 41), which no run calls with cuts yet",
     }
     print(json.dumps(out), flush=True)
     if args.write:

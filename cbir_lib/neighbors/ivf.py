@@ -350,14 +350,24 @@ def _gather(
 class _Reverse:
     """The reverse scan's candidates, collected cell product by cell product: the pairs
     whose score passes the member's threshold widened by the BLAS error, finished by
-    :meth:`pairs` with exact pair scores (:func:`reverse_scan`)."""
+    :meth:`pairs` with exact pair scores (:func:`reverse_scan`).
 
-    def __init__(self, store: CellStore, queries: np.ndarray, thresholds: np.ndarray):
+    With ``cuts`` on a store with the reduced first pass's vectors, the candidates are the
+    pairs whose *reduced* score reaches the member's cut instead (:meth:`add_reduced`): the
+    ``L``-th reduced score of the member's own shortlist, below which its own search, and a
+    rebuild's, would not take the query. Those are few (0.13-0.42 % of the pairs at
+    1,280-d, ``benchmarks/reverse_cutoff.py``), so the full-dimension products are skipped."""
+
+    def __init__(self, store: CellStore, queries: np.ndarray, thresholds: np.ndarray, cuts: np.ndarray | None = None):
         self.store, self.queries = store, queries
         self.thr = np.asarray(thresholds, dtype=np.float32)
         self.q_sq = np.einsum("ij,ij->i", queries, queries) if store.metric == "euclidean" else None
         self.rows: list[np.ndarray] = []
         self.pos: list[np.ndarray] = []
+        self.cuts: np.ndarray | None = None
+        if cuts is not None and store.reduced is not None and store.projection is not None:
+            self.cuts = np.asarray(cuts, dtype=np.float32)
+            self.q_red = project(queries, store.projection)
 
     def live(self, cell: int) -> np.ndarray:
         """Which members of ``cell`` take a new neighbour at all (``+inf``: none)."""
@@ -381,6 +391,26 @@ class _Reverse:
             self.rows.append(rows[r])
             self.pos.append(a + c)
 
+    def add_reduced(
+        self, cell: int, rows: np.ndarray, s: np.ndarray, live: np.ndarray | None = None, take: np.ndarray | None = None
+    ) -> None:
+        """Candidates from ``s``: the reduced rank scores of ``queries[rows]`` against
+        ``cell``'s members (as the shortlist search scores them), at or above the member's
+        cut widened by the BLAS error; :meth:`pairs` checks both conditions exactly."""
+        assert self.cuts is not None
+        a, b = int(self.store.offsets[cell]), int(self.store.offsets[cell + 1])
+        live = self.live(cell) if live is None else live
+        if not live.any() or not rows.size:
+            return
+        low = np.where(live, slack(self.cuts[a:b]), np.float32(np.inf))  # -inf (no cut) takes every pair
+        r, c = where2d(s >= low[None, :])
+        if take is not None:
+            keep = take[r]
+            r, c = r[keep], c[keep]
+        if r.size:
+            self.rows.append(rows[r])
+            self.pos.append(a + c)
+
     def scan(self, probes: np.ndarray, queries_of: np.ndarray) -> None:
         """Score and collect the (query, cell) pairs ``(queries_of, probes)`` (parallel arrays)."""
         store, sq = self.store, self.store.sqnorm
@@ -391,7 +421,12 @@ class _Reverse:
             live = self.live(cell)
             if not live.any():
                 continue
-            self.add(cell, rows, rank_scores(self.queries[rows], store.vectors[a:b], store.metric, None if sq is None else sq[a:b]), live)
+            sq_c = None if sq is None else sq[a:b]
+            if self.cuts is not None:
+                assert store.reduced is not None
+                self.add_reduced(cell, rows, rank_scores(self.q_red[rows], store.reduced[a:b], store.metric, sq_c), live)
+            else:
+                self.add(cell, rows, rank_scores(self.queries[rows], store.vectors[a:b], store.metric, sq_c), live)
 
     def pairs(self, query_ids: np.ndarray):
         """``(store rows, query indices, scores)`` of the candidates that pass exactly."""
@@ -399,6 +434,11 @@ class _Reverse:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         store = self.store
         qi, pos = np.concatenate(self.rows), np.concatenate(self.pos).astype(np.int64)
+        if self.cuts is not None:  # the cut by exact reduced pair scores, as the shortlist ranks
+            assert store.reduced is not None
+            red = pair_scores(self.q_red, qi, store.reduced, pos, store.metric, store.sqnorm)
+            at = red >= self.cuts[pos]
+            qi, pos = qi[at], pos[at]
         exact = pair_scores(self.queries, qi, store.vectors, pos, store.metric, store.sqnorm)
         if self.q_sq is not None:  # euclidean
             exact = -np.sqrt(np.maximum(self.q_sq[qi] - 2.0 * exact, 0.0)).astype(np.float32)
@@ -408,7 +448,9 @@ class _Reverse:
         return pos[order], qi[order], exact[order].astype(np.float32)
 
 
-def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, thresholds: np.ndarray):
+def reverse_scan(
+    store: CellStore, queries: np.ndarray, query_ids: np.ndarray, probes: np.ndarray, thresholds: np.ndarray, cuts: np.ndarray | None = None
+):
     """The store rows each query now belongs with: ``(store rows, query indices, scores)`` of
     every pair, over the members of each query's probed cells, whose final score is at
     least the row's own threshold (``thresholds``, one per store row in final-score units:
@@ -420,9 +462,13 @@ def reverse_scan(store: CellStore, queries: np.ndarray, query_ids: np.ndarray, p
     BLAS error, then scored exactly by :func:`~cbir_lib.vectors.topk.pair_scores` (the
     score the member's own search would report, so merged lists rank like searched ones).
     A query never meets itself.
+
+    ``cuts`` (a store with reduced vectors, lists from the shortlist search): each member's
+    shortlist cut (:class:`_Reverse`); a pair must reach it by its exact reduced pair score
+    too, and only the pairs whose reduced product reaches it are scored at full dimension.
     """
     m = len(queries)
-    rev = _Reverse(store, queries, thresholds)
+    rev = _Reverse(store, queries, thresholds, cuts)
     if m and probes.size:
         rev.scan(probes.ravel(), np.repeat(np.arange(m), probes.shape[1]))
     return rev.pairs(query_ids)
@@ -438,39 +484,54 @@ def search_scan(
     wide: np.ndarray,
     row_thresholds: np.ndarray,
     thresholds: np.ndarray | None = None,
+    shortlist: int | None = None,
+    raw: bool = False,
+    row_cuts: np.ndarray | None = None,
 ):
-    """:func:`dense_search` of all ``queries`` (full dimension), and :func:`reverse_scan`
-    of ``queries[scan]`` (a mask) over their cells ``wide`` (a row per scanned query, in
-    order), with one matrix product per (cell, queries) where the two meet:
-    ``((vals, ids), (store rows, indices among the scanned, scores))``, each what the two
-    calls give.
+    """:func:`dense_search` of all ``queries`` (with ``shortlist`` and ``raw`` as it takes
+    them), and :func:`reverse_scan` of ``queries[scan]`` (a mask) over their cells ``wide``
+    (a row per scanned query, in order), with one matrix product per (cell, queries) where
+    the two meet: ``(what dense_search gives, (store rows, indices among the scanned,
+    scores))``, each what the two calls give.
 
     A night's added images are both searched (``probes``) and reverse-scanned over wider
     cells (``wide``, a superset of ``probes`` where the routes agree). Scored apart, each
     (added image, probed cell) product was computed twice: 2.0 s for the search and 2.0 s
     for the scan of 12,000 added images at ``nprobe`` 36 and 45, 1M x 256, one thread.
     Here the search shows its products to the scan (``dense_search``'s ``also``), and only
-    the pairs of ``wide`` that the search did not probe are multiplied again.
+    the pairs of ``wide`` that the search did not probe are multiplied again. With the
+    reduced first pass and the members' shortlist cuts (``row_cuts``: the scan of
+    :func:`reverse_scan` with ``cuts``) those products are the reduced ones; without the
+    cuts, the shortlist search's products cannot serve the full-dimension scan, which then
+    runs apart.
     """
     scan = np.asarray(scan, bool)
     m, n_cells = len(queries), np.int64(store.n_cells)
     scanned = np.flatnonzero(scan)
-    rev = _Reverse(store, queries, row_thresholds)
+    short = shortlist if shortlist is not None and store.reduced is not None and store.projection is not None else None
+    rev = _Reverse(store, queries, row_thresholds, row_cuts if short is not None else None)
     scan_q = np.repeat(scanned, np.asarray(wide).shape[1] if scanned.size else 0)
     scan_c = np.asarray(wide, np.int64).ravel() if scanned.size else np.zeros(0, np.int64)
+    if short is not None and rev.cuts is None:
+        found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, shortlist=short, raw=raw)
+        if scan_q.size:
+            rev.scan(scan_c, scan_q)
+        pos, qi, sc = rev.pairs(query_ids)
+        return found, (pos, (np.cumsum(scan) - 1)[qi], sc)
     searched = np.repeat(np.arange(m, dtype=np.int64), probes.shape[1]) * n_cells + np.asarray(probes, np.int64).ravel()
     both = np.isin(scan_q * n_cells + scan_c, searched) if scan_q.size else np.zeros(0, bool)
+    add = rev.add if short is None else rev.add_reduced
 
     def also(cell: int, rows: np.ndarray, s: np.ndarray) -> None:
         take = scan[rows]  # a scanned query's probed cell is one of its wide ones
         if take.any():
-            rev.add(cell, rows, s, take=None if take.all() else take)
+            add(cell, rows, s, take=None if take.all() else take)
 
     # Where every probed cell of a scanned query is one of its wide ones (the routes agree:
     # the usual case), the search's products go to the scan as they are.
     agree = int(both.sum()) == scanned.size * probes.shape[1]
-    hook = also if agree else _only(rev.add, scan_q[both], scan_c[both], n_cells)
-    found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, also=hook)
+    hook = also if agree else _only(add, scan_q[both], scan_c[both], n_cells)
+    found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, shortlist=short, raw=raw, also=hook)
     if (~both).any():
         rev.scan(scan_c[~both], scan_q[~both])
     pos, qi, sc = rev.pairs(query_ids)

@@ -122,3 +122,84 @@ def test_search_scan_of_a_big_block_matches():
     want = reverse_scan(store, q[scan], qids[scan], wide, thr)
     assert np.array_equal(i, i0) and np.array_equal(v, v0)
     assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)) and want[0].size
+
+
+def shortlisted(x: np.ndarray, ids: np.ndarray, metric: str, n_cells: int, r: int, nprobe: int, L: int, seed: int):
+    """A store with the reduced first pass's vectors (an r-d basis), every member's
+    threshold (the last score of its top-5, a few -inf and +inf) and shortlist cut (the
+    L-th reduced score of its shortlist at ``nprobe``, a few -inf), as a full run finds them."""
+    from cbir_lib.index import reduce
+    from cbir_lib.neighbors.ivf import CellStore
+
+    rng = np.random.default_rng(seed)
+    base = build(x, ids, metric, n_cells)
+    basis, _ = reduce.fit(base.vectors, r)
+    store = CellStore(base.ids, base.vectors, base.offsets, base.centroids, metric, reduce.project(base.vectors, basis), basis)
+    probes = store.route(store.vectors, nprobe)
+    red, _, _ = dense_search(store, store.vectors, store.ids, probes, 5, shortlist=L, raw=True)
+    v, _ = dense_search(store, store.vectors, store.ids, probes, 5, shortlist=L)
+    thr, cuts = v[:, 4].copy(), red[:, L - 1].copy()
+    thr[rng.random(len(thr)) < 0.03] = -np.inf
+    thr[rng.random(len(thr)) < 0.03] = np.inf
+    cuts[rng.random(len(cuts)) < 0.03] = -np.inf
+    return store, thr, cuts
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+@pytest.mark.parametrize("seed", range(3))
+def test_reverse_scan_with_cuts_keeps_the_pairs_the_members_shortlists_take(metric, seed):
+    """With the members' shortlist cuts the scan finds exactly the full scan's pairs whose
+    reduced pair score reaches the member's cut (as its own shortlist search ranks it),
+    with the same scores; a cut of -inf takes every pair."""
+    from cbir_lib.index.reduce import project
+    from cbir_lib.neighbors.ivf import CellStore
+    from cbir_lib.vectors.topk import pair_scores
+
+    rng = np.random.default_rng(seed)
+    x = clustered(1000, 32, seed=seed)
+    store, thr, cuts = shortlisted(x, rng.permutation(4000)[:1000].astype(np.int64), metric, 10, 8, 3, 12, seed)
+    plain = CellStore(store.ids, store.vectors, store.offsets, store.centroids, metric)
+    qpos = rng.choice(1000, 80, replace=False)
+    q, qids = np.ascontiguousarray(store.vectors[qpos]), store.ids[qpos]
+    probes = store.route(q, 5)
+    pos0, qi0, sc0 = reverse_scan(plain, q, qids, probes, thr)
+    red = pair_scores(project(q, store.projection), qi0, store.reduced, pos0, metric, store.sqnorm)
+    want = red >= cuts[pos0]
+    assert 0 < want.sum() < want.size
+    pos, qi, sc = reverse_scan(store, q, qids, probes, thr, cuts)
+    assert np.array_equal(pos, pos0[want]) and np.array_equal(qi, qi0[want]) and np.array_equal(sc, sc0[want])
+    # No cut at all: the full scan's pairs.
+    got = reverse_scan(store, q, qids, probes, thr, np.full(1000, -np.inf, np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(got, (pos0, qi0, sc0), strict=True))
+
+
+@pytest.mark.parametrize("metric", ["angular", "euclidean", "dot"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("with_cuts", [True, False])
+def test_search_scan_with_the_shortlist_is_the_search_and_the_scan(metric, seed, with_cuts):
+    """With the reduced first pass the fused core gives, bit for bit, the shortlist search
+    (finished, or raw with a running bound as a search in parts takes it) and the reverse
+    scan with the members' cuts (or, without them, at full dimension): routes that agree
+    and that do not, self pairs, -inf and +inf thresholds, -inf cuts."""
+    rng = np.random.default_rng(seed)
+    n = 900
+    x = clustered(n, 32, seed=seed)
+    store, thr, cuts = shortlisted(x, rng.permutation(n * 3)[:n].astype(np.int64) - n, metric, 12, 8, 3, 12, seed)
+    m = 60
+    qpos = rng.choice(n, m, replace=False)
+    q, qids = np.ascontiguousarray(store.vectors[qpos]), store.ids[qpos]
+    scan = rng.random(m) < (0.0, 0.5, 0.9, 1.0, 0.7, 0.7)[seed]
+    probes = store.route(q, 3)
+    wide = store.route(q[scan], 5)
+    if seed >= 4:
+        wide = np.ascontiguousarray(np.roll(wide, seed - 3, axis=0))
+    raw = seed % 2 == 1
+    kth = None if metric == "euclidean" or not raw else np.full(m, -np.inf, np.float32)
+    row_cuts = cuts if with_cuts else None
+    found, (pos, qi, sc) = search_scan(store, q, qids, probes, 5, scan, wide, thr, thresholds=kth, shortlist=12, raw=raw, row_cuts=row_cuts)
+    want = dense_search(store, q, qids, probes, 5, thresholds=kth, shortlist=12, raw=raw)
+    pos0, qi0, sc0 = reverse_scan(store, q[scan], qids[scan], wide, thr, row_cuts)
+    assert len(found) == len(want) == (3 if raw else 2)
+    assert all(np.array_equal(a, b) for a, b in zip(found, want, strict=True))
+    assert np.array_equal(pos, pos0) and np.array_equal(qi, qi0) and np.array_equal(sc, sc0)
+    assert scan.any() or pos.size == 0
