@@ -86,7 +86,11 @@ width = math.ceil(REVERSE_PROBES * nprobe)
 print(
     json.dumps(
         {
-            "pairs_reached_by_cells": {w: round(float(reached(w).mean()), 4) for w in (36, 45, 54, 63, 72, 90)},
+            # widths as session 33 read them at 1M x 256 (nprobe 36), and as multiples of this night's nprobe
+            "pairs_reached_by_cells": {
+                w: round(float(reached(w).mean()), 4)
+                for w in sorted({36, 45, 54, 63, 72, 90} | {math.ceil(f * nprobe) for f in (1.0, 1.25, 1.5, 2.0)})
+            },
             "width": width,
             "held_but_not_reached": int((hit & ~reached(width)).sum()),
             "reached_not_held": int((~hit & reached(width)).sum()),
