@@ -376,20 +376,9 @@ class _Reverse:
 
     def add(self, cell: int, rows: np.ndarray, s: np.ndarray, live: np.ndarray | None = None, take: np.ndarray | None = None) -> None:
         """Candidates from ``s``: the rank scores of ``queries[rows]`` against ``cell``'s
-        members; with ``take`` (a mask over ``rows``), of those rows only."""
-        a, b = int(self.store.offsets[cell]), int(self.store.offsets[cell + 1])
-        live = self.live(cell) if live is None else live
-        if not live.any() or not rows.size:
-            return
-        if self.q_sq is not None:  # euclidean: compare in final units, -|q - x|
-            s = final_scores(s, "euclidean", self.q_sq[rows])
-        r, c = where2d((s >= slack(np.where(live, self.thr[a:b], np.float32(0)))[None, :]) & live[None, :])
-        if take is not None:  # few pairs pass: cheaper to drop the others' than to copy their rows out of s
-            keep = take[r]
-            r, c = r[keep], c[keep]
-        if r.size:
-            self.rows.append(rows[r])
-            self.pos.append(a + c)
+        members, at or above the member's threshold widened by the BLAS error; with
+        ``take`` (a mask over ``rows``), of those rows only."""
+        self._collect(cell, rows, s, False, live, take)
 
     def add_reduced(
         self, cell: int, rows: np.ndarray, s: np.ndarray, live: np.ndarray | None = None, take: np.ndarray | None = None
@@ -398,13 +387,23 @@ class _Reverse:
         ``cell``'s members (as the shortlist search scores them), at or above the member's
         cut widened by the BLAS error; :meth:`pairs` checks both conditions exactly."""
         assert self.cuts is not None
+        self._collect(cell, rows, s, True, live, take)
+
+    def _collect(self, cell: int, rows: np.ndarray, s: np.ndarray, reduced: bool, live: np.ndarray | None, take: np.ndarray | None) -> None:
+        """:meth:`add` (the members' thresholds) or :meth:`add_reduced` (their cuts; -inf: no cut, every pair)."""
         a, b = int(self.store.offsets[cell]), int(self.store.offsets[cell + 1])
         live = self.live(cell) if live is None else live
         if not live.any() or not rows.size:
             return
-        low = np.where(live, slack(self.cuts[a:b]), np.float32(np.inf))  # -inf (no cut) takes every pair
-        r, c = where2d(s >= low[None, :])
-        if take is not None:
+        if reduced:
+            assert self.cuts is not None
+            bound = self.cuts[a:b]
+        else:
+            bound = self.thr[a:b]
+            if self.q_sq is not None:  # euclidean: compare in final units, -|q - x|
+                s = final_scores(s, "euclidean", self.q_sq[rows])
+        r, c = where2d((s >= slack(np.where(live, bound, np.float32(0)))[None, :]) & live[None, :])
+        if take is not None:  # few pairs pass: cheaper to drop the others' than to copy their rows out of s
             keep = take[r]
             r, c = r[keep], c[keep]
         if r.size:
@@ -512,25 +511,23 @@ def search_scan(
     rev = _Reverse(store, queries, row_thresholds, row_cuts if short is not None else None)
     scan_q = np.repeat(scanned, np.asarray(wide).shape[1] if scanned.size else 0)
     scan_c = np.asarray(wide, np.int64).ravel() if scanned.size else np.zeros(0, np.int64)
-    if short is not None and rev.cuts is None:
-        found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, shortlist=short, raw=raw)
-        if scan_q.size:
-            rev.scan(scan_c, scan_q)
-        pos, qi, sc = rev.pairs(query_ids)
-        return found, (pos, (np.cumsum(scan) - 1)[qi], sc)
-    searched = np.repeat(np.arange(m, dtype=np.int64), probes.shape[1]) * n_cells + np.asarray(probes, np.int64).ravel()
-    both = np.isin(scan_q * n_cells + scan_c, searched) if scan_q.size else np.zeros(0, bool)
-    add = rev.add if short is None else rev.add_reduced
+    hook = None
+    if short is not None and rev.cuts is None:  # reduced products cannot serve a full-dimension scan
+        both = np.zeros(scan_q.size, bool)
+    else:
+        searched = np.repeat(np.arange(m, dtype=np.int64), probes.shape[1]) * n_cells + np.asarray(probes, np.int64).ravel()
+        both = np.isin(scan_q * n_cells + scan_c, searched) if scan_q.size else np.zeros(0, bool)
+        add = rev.add if short is None else rev.add_reduced
 
-    def also(cell: int, rows: np.ndarray, s: np.ndarray) -> None:
-        take = scan[rows]  # a scanned query's probed cell is one of its wide ones
-        if take.any():
-            add(cell, rows, s, take=None if take.all() else take)
+        def also(cell: int, rows: np.ndarray, s: np.ndarray) -> None:
+            take = scan[rows]  # a scanned query's probed cell is one of its wide ones
+            if take.any():
+                add(cell, rows, s, take=None if take.all() else take)
 
-    # Where every probed cell of a scanned query is one of its wide ones (the routes agree:
-    # the usual case), the search's products go to the scan as they are.
-    agree = int(both.sum()) == scanned.size * probes.shape[1]
-    hook = also if agree else _only(add, scan_q[both], scan_c[both], n_cells)
+        # Where every probed cell of a scanned query is one of its wide ones (the routes agree:
+        # the usual case), the search's products go to the scan as they are.
+        agree = int(both.sum()) == scanned.size * probes.shape[1]
+        hook = also if agree else _only(add, scan_q[both], scan_c[both], n_cells)
     found = dense_search(store, queries, query_ids, probes, k, thresholds=thresholds, shortlist=short, raw=raw, also=hook)
     if (~both).any():
         rev.scan(scan_c[~both], scan_q[~both])
