@@ -108,7 +108,7 @@ def main() -> None:
     from cbir_lib.index.kmeans import assign, choose_n_cells, train_balanced
     from cbir_lib.neighbors.ivf import CellStore, dense_search, reverse_scan
     from cbir_lib.neighbors.spec import REVERSE_PROBES
-    from cbir_lib.vectors.topk import prepare
+    from cbir_lib.vectors.topk import finish_shortlist, prepare
 
     x = prepare(vectors(args.data, args.n), "angular")
     n, d = x.shape
@@ -125,8 +125,9 @@ def main() -> None:
     with threadpool_limits(2):
         own = full.cells_of_rows(np.arange(n))
         probes_all = full.route(full.vectors, nprobe, own)
-        red_l, _, _ = dense_search(red, full.vectors, full.ids, probes_all, K, shortlist=SHORTLIST, raw=True)
-        v, _ = dense_search(red, full.vectors, full.ids, probes_all, K, shortlist=SHORTLIST)
+        shortlists = dense_search(red, full.vectors, full.ids, probes_all, K, shortlist=SHORTLIST, raw=True)
+        red_l = shortlists[0]
+        v, _ = finish_shortlist(*shortlists, K, "angular", full.vectors)  # as the finished search gives them
     thr, cut = v[:, K - 1].copy(), red_l[:, SHORTLIST - 1].copy()
     m = int(args.added * n)
     rows = np.sort(rng.choice(n, m, replace=False))

@@ -130,14 +130,16 @@ def shortlisted(x: np.ndarray, ids: np.ndarray, metric: str, n_cells: int, r: in
     L-th reduced score of its shortlist at ``nprobe``, a few -inf), as a full run finds them."""
     from cbir_lib.index import reduce
     from cbir_lib.neighbors.ivf import CellStore
+    from cbir_lib.vectors.topk import finish_shortlist
 
     rng = np.random.default_rng(seed)
     base = build(x, ids, metric, n_cells)
     basis, _ = reduce.fit(base.vectors, r)
     store = CellStore(base.ids, base.vectors, base.offsets, base.centroids, metric, reduce.project(base.vectors, basis), basis)
     probes = store.route(store.vectors, nprobe)
-    red, _, _ = dense_search(store, store.vectors, store.ids, probes, 5, shortlist=L, raw=True)
-    v, _ = dense_search(store, store.vectors, store.ids, probes, 5, shortlist=L)
+    shortlists = dense_search(store, store.vectors, store.ids, probes, 5, shortlist=L, raw=True)
+    red = shortlists[0]
+    v, _ = finish_shortlist(*shortlists, 5, metric, store.vectors)  # the finished search, once
     thr, cuts = v[:, 4].copy(), red[:, L - 1].copy()
     thr[rng.random(len(thr)) < 0.03] = -np.inf
     thr[rng.random(len(thr)) < 0.03] = np.inf
