@@ -517,8 +517,9 @@ def topk(
     own_pos: np.ndarray,
     k: int,
     search,
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids, groups visited)``.
+) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray | None]:
+    """The top-k of ``queries`` over the whole store, a group at a time: ``(scores, ids,
+    groups visited, shortlist cuts or None)``.
 
     ``search(store, queries, ids, own_cells, probes, kth, k)`` is the method's core on one
     sub-store; ``kth``, each query's running k-th best, is a bound it may prune with.
@@ -528,7 +529,7 @@ def topk(
     """
     m = len(queries)
     if sweep.spec.method == "hierarchical":
-        return (*hierarchical_topk(sweep, queries, own_pos, k), list(range(sweep.n_groups)))
+        return (*hierarchical_topk(sweep, queries, own_pos, k), list(range(sweep.n_groups)), None)
     probes, visits = route_visits(sweep, queries, own)
     qb = sweep.spec.query_block
     width = shortlist_width(sweep.spec, k)
@@ -544,7 +545,16 @@ def topk(
             for b, new_ in zip(best, merged, strict=True):
                 b[r] = new_
         st = None  # noqa: F841 - drop this group before the next is read
-    return (*finish(sweep.spec, best, queries, k), sorted(visits))
+    return (*finish(sweep.spec, best, queries, k), sorted(visits), cut_of(best))
+
+
+def cut_of(best: tuple) -> np.ndarray | None:
+    """A merged running list's shortlist cuts (:func:`~cbir_lib.neighbors.tasks.shortlist_cut`), or None without a shortlist."""
+    if len(best) != 3:
+        return None
+    from cbir_lib.neighbors.tasks import shortlist_cut
+
+    return shortlist_cut(best)
 
 
 def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray, own_pos: np.ndarray, search) -> np.ndarray:
@@ -554,7 +564,7 @@ def expand(sweep: Sweep, queries: np.ndarray, qids: np.ndarray, own: np.ndarray,
     from cbir_lib.neighbors.rerank import fixed, unfixed, weights
 
     spec = sweep.spec
-    vals, ids, visited = topk(sweep, queries, qids, own, own_pos, spec.rerank_n, search)
+    vals, ids, visited, _ = topk(sweep, queries, qids, own, own_pos, spec.rerank_n, search)
     w = weights(vals, spec.alpha)
     acc = fixed(queries)
     sweep.hold(acc.nbytes)
@@ -642,23 +652,24 @@ def hierarchical_topk(sweep: Sweep, queries: np.ndarray, own_pos: np.ndarray, k:
     return vals.astype(np.float32), ids.astype(np.int64)
 
 
-def search_group(spec: SearchSpec, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def search_group(spec: SearchSpec, gq: int, search) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray | None]:
     """Every query of group ``gq`` against the store, with query expansion first when the
-    spec asks for it: ``(query ids, scores, ids, largest bytes held at once)``."""
+    spec asks for it: ``(query ids, scores, ids, largest bytes held at once, shortlist cuts
+    or None)``."""
     sweep = Sweep(spec, gq)
     qs, k = sweep.qs, spec.k
     m = len(qs.ids)
     if m == 0:
-        return qs.ids, np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), 0
+        return qs.ids, np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), 0, None
     own = qs.cells_of_rows(np.arange(m))
     own_pos = sweep.bounds[gq] + np.arange(m)
     queries = qs.vectors
     if spec.expand:
         queries = expand(sweep, queries, qs.ids, own, own_pos, search)
         sweep.hold(queries.nbytes)
-    vals, ids, _ = topk(sweep, queries, qs.ids, own, own_pos, k, search)
+    vals, ids, _, cuts = topk(sweep, queries, qs.ids, own, own_pos, k, search)
     sweep.close()
-    return qs.ids, vals, ids, sweep.held
+    return qs.ids, vals, ids, sweep.held, None if spec.expand else cuts
 
 
 def group_task(spec: SearchSpec, parts_uri: str, tmp_uri: str, plan: str, search, to_batch):
@@ -677,8 +688,8 @@ def group_task(spec: SearchSpec, parts_uri: str, tmp_uri: str, plan: str, search
             if shards.of_unit(remote.list_names(files, parts_uri), unit):
                 yield {"group": int(gq), "outcome": "already_committed", "held_bytes": 0, "seconds": 0.0, "read_s": 0.0, "queries": 0}
                 continue
-            qids, vals, ids, held = search_group(spec, int(gq), search)
-            table = pa.Table.from_batches([to_batch(qids, vals, ids)])
+            qids, vals, ids, held, cuts = search_group(spec, int(gq), search)
+            table = pa.Table.from_batches([to_batch(qids, vals, ids, cuts)])
             remote.commit_parquet(files, table, f"{parts_uri}/{shards.attempt_name(unit)}", tmp_uri)
             yield {
                 "group": int(gq),
@@ -762,7 +773,7 @@ def sample_whole(spec: SearchSpec, sample: tuple, search):
         x, ids, own, pos = sample
         t0 = time.perf_counter()
         sweep = Sweep(spec, None, base_bytes=x.nbytes)
-        v, i, _ = topk(sweep, x, ids, own, pos, spec.k, search)
+        v, i, _, _ = topk(sweep, x, ids, own, pos, spec.k, search)
         sweep.close()
         yield v, i, time.perf_counter() - t0, sweep.held
 
@@ -934,17 +945,20 @@ def core(spec: SearchSpec):
 
 
 def scan_core(spec: SearchSpec):
-    """:func:`core` fused with an incremental night's reverse scan, where the search is dense
-    at full dimension: ``search(store, queries, ids, probes, kth, k, scan, wide,
-    row_thresholds)`` as :func:`~cbir_lib.neighbors.ivf.search_scan`; else None (the two
-    run apart)."""
-    if spec.method != "dense" or uses_shortlist(spec) or spec.expand:
+    """:func:`core` fused with an incremental night's reverse scan, where the search is dense:
+    ``search(store, queries, ids, probes, kth, k, scan, wide, row_thresholds, row_cuts=None)``
+    as :func:`~cbir_lib.neighbors.ivf.search_scan`; else None (the two run apart). With the
+    reduced first pass the search's part is its raw shortlist, as :func:`core`'s, and the
+    scan takes the members' shortlist cuts (``row_cuts``; None: every pair, scored at full
+    dimension apart from the search's reduced products)."""
+    if spec.method != "dense" or spec.expand:
         return None
     from cbir_lib.neighbors.ivf import search_scan
 
     bound = spec.metric != "euclidean"  # as core's
-    return lambda store, q, qids, probes, kth, k, scan, wide, thr: search_scan(
-        store, q, qids, probes, k, scan, wide, thr, thresholds=kth if bound else None
+    short = spec.shortlist if uses_shortlist(spec) else None
+    return lambda store, q, qids, probes, kth, k, scan, wide, thr, cuts=None: search_scan(
+        store, q, qids, probes, k, scan, wide, thr, thresholds=kth if bound else None, shortlist=short, raw=bool(short), row_cuts=cuts
     )
 
 

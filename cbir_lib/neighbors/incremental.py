@@ -59,7 +59,7 @@ from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors import truth as TR
 from cbir_lib.neighbors.ivf import reverse_scan
-from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_thresholds
+from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_cuts, row_thresholds
 from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
@@ -101,6 +101,7 @@ class _Night:
     timings: dict
     kept: dict | None = None  # the kept groups the snapshot names (cbir_lib/neighbors/layered.py)
     carry: _Carry | None = None  # the base run's exact lists of the sample (cbir_lib/neighbors/truth.py)
+    base_cuts: bool = False  # whether the reverse scan took the base's shortlist cuts (lists._cuts)
 
 
 class NotIncremental(Exception):
@@ -143,8 +144,9 @@ def _delta_search(spec: SearchSpec):
     def fn(batches):
         inprocess.limit_blas_threads(inprocess.task_threads())
         store = T.local_store(spec)
-        thr = _local_thresholds(spec, store)
-        # Dense at full dimension: the added images' searches and reverse scans share products.
+        thr, cuts = _local_thresholds(spec, store)
+        # Dense: the added images' searches and reverse scans share products (with the reduced
+        # first pass, its reduced products, where the members' shortlist cuts are known).
         fused = budget.scan_core(spec)
         # A night's queries are a sparse sample of the collection. Taken in store order and in
         # big blocks, those that share a probed cell share its matrix product; in blocks of
@@ -168,15 +170,18 @@ def _delta_search(spec: SearchSpec):
                     probes, wide = store.route(q, spec.nprobe, own), _probes(store, q[rev], own[rev], spec)
                 else:  # the search's and the reverse scan's cells routed together
                     probes, wide = store.route_wider(q, spec.nprobe, spec.reverse_spec().nprobe, rev, own)
-                (vals, ids), (pos, qi, sc) = fused(store, q, qids, probes, None, int(spec.k), rev, wide, thr)
-                yield fresh_rows(qids, vals, ids)
+                found, (pos, qi, sc) = fused(store, q, qids, probes, None, int(spec.k), rev, wide, thr, cuts)
+                if len(found) == 3:  # the raw shortlists: finished here, their cuts kept
+                    yield fresh_rows(qids, *budget.finish(spec, found, q, int(spec.k)), T.shortlist_cut(found))
+                else:
+                    yield fresh_rows(qids, *found)
             else:
-                yield fresh_rows(qids, *T.search_rows(store, rows, spec))
+                yield fresh_rows(qids, *T.search_rows(store, rows, spec, cut=True))
                 if not rev.any():
                     continue
                 q = np.ascontiguousarray(store.vectors[rows[rev]])
                 probes = _probes(store, q, store.cells_of_rows(rows[rev]), spec)
-                pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr)
+                pos, qi, sc = reverse_scan(store, q, qids[rev], probes, thr, cuts)
             yield reverse_rows(np.asarray(store.ids)[pos], qids[rev][qi], sc)
 
     return fn
@@ -191,12 +196,13 @@ def _probes(store, queries: np.ndarray, own: np.ndarray, spec: SearchSpec) -> np
     return store.route(queries, spec.reverse_spec().nprobe, own)
 
 
-_THRESHOLDS: dict[str, np.ndarray] = {}
+_THRESHOLDS: dict[str, tuple] = {}
 
 
-def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
+def _local_thresholds(spec: SearchSpec, store) -> tuple[np.ndarray, np.ndarray | None]:
     """Each store row's threshold for the reverse scan, from the shipped thresholds files:
-    ``+inf`` for rows not in them (the added: their lists are searched)."""
+    ``+inf`` for rows not in them (the added: their lists are searched); and each row's
+    shortlist cut where the files hold them (:func:`~cbir_lib.neighbors.routed.row_cuts`)."""
     key = spec.thresholds_key
     if key not in _THRESHOLDS:
         import pyarrow as pa
@@ -205,9 +211,11 @@ def _local_thresholds(spec: SearchSpec, store) -> np.ndarray:
         t = pa.concat_tables(parts) if parts else None
         if t is not None and t.num_rows:
             ids = t.column("image_id").to_numpy()
-            _THRESHOLDS[key] = row_thresholds(store.ids, T.positions_of(store, ids), ids, t.column("thr").to_numpy())
+            rows = T.positions_of(store, ids)
+            cuts = row_cuts(store.ids, rows, ids, t.column("cut").to_numpy()) if "cut" in t.column_names else None
+            _THRESHOLDS[key] = (row_thresholds(store.ids, rows, ids, t.column("thr").to_numpy()), cuts)
         else:
-            _THRESHOLDS[key] = np.full(len(store.ids), np.inf, dtype=np.float32)
+            _THRESHOLDS[key] = (np.full(len(store.ids), np.inf, dtype=np.float32), None)
     return _THRESHOLDS[key]
 
 
@@ -401,10 +409,14 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         T._warm_store(sc, spec, sc.defaultParallelism)
         store = T.local_store(spec)
     timings["store_load_s"] = round(t["seconds"], 3)
-    # Each store row's reverse-scan threshold, as _local_thresholds makes it from the files.
+    # Each store row's reverse-scan threshold and shortlist cut, as _local_thresholds makes them from the files.
     thr = row_thresholds(store.ids, T.positions_of(store, thr_ids), thr_ids, thr_vals)
+    keeps_cuts = L.cuts_record(spec, spec.method) is not None
+    base_cuts = L.read_cuts(spark, files, prev) if keeps_cuts else None
+    cut = row_cuts(store.ids, T.positions_of(store, base_cuts[0]), *base_cuts) if base_cuts is not None and T.cuts_of(spec, store) else None
+    night.base_cuts = cut is not None
     spec = spec.with_(thresholds_files=[], thresholds_key=f"{night.work_key}-in-process")
-    _THRESHOLDS[spec.thresholds_key] = thr
+    _THRESHOLDS[spec.thresholds_key] = (thr, cut)
 
     searched_uri = fs.join(night.work_dir, "searched")
     n_queries = int(added.size + refill.size)
@@ -431,7 +443,8 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     found = [remote.read_parquet(files, u) for u in tables.part_uris(spark, searched_uri)]
     searched = pa.concat_tables(found).cast(schema) if found else schema.empty_table()
     is_rev = searched.column("reverse").to_numpy(zero_copy_only=False).astype(bool)
-    fresh = listops.Dense.from_arrow([searched.filter(pa.array(~is_rev))], width)
+    lists_rows, fresh_cuts = L.split_cuts(searched.filter(pa.array(~is_rev)))
+    fresh = listops.Dense.from_arrow([lists_rows], width)
     reverse = listops.Lists.from_arrow(searched.filter(pa.array(is_rev)))
 
     with timer("merging the night into the lists") as t:
@@ -459,7 +472,8 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
         extra = TR.snapshot_part(files, truth)
-        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra)
+        cuts = _next_cuts(base_cuts, replaced, fresh_cuts) if keeps_cuts else None
+        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra, cuts)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -581,11 +595,21 @@ def run(
     refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
     lost_only = np.setdiff1d(lost_ids, refill)
 
+    # The base's shortlist cuts (cbir_lib/neighbors/lists.py: CUTS), where the search keeps them.
+    keeps_cuts = L.cuts_record(spec, spec.method) is not None
+    base_cuts = None
+    if keeps_cuts and prev.get("cuts"):
+        base_cuts = spark.read.schema(L.CUTS_DDL).parquet(fs.join(prev["output"], prev["cuts"]["output"]))
+    night.base_cuts = base_cuts is not None and bool(int(spec.reduced_dim))
     thr_uri = fs.join(work_dir, THRESHOLDS)
     if not fs.exists(spark, fs.join(thr_uri, "_SUCCESS")):
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live
         thr_col = F.lit(float("-inf")).cast("float") if complete_only else F.col("last").cast("float")
         thresholds = keep_thr.select("image_id", thr_col.alias("thr"))
+        if base_cuts is not None:  # each list's shortlist cut beside its threshold (-inf: none)
+            thresholds = thresholds.join(base_cuts, "image_id", "left").select(
+                "image_id", "thr", F.coalesce("cut", F.lit(float("-inf")).cast("float")).alias("cut")
+            )
         if grouped:  # each group's rows' thresholds apart, read by the task visiting the group
             where = spark.read.parquet(spec.groups_uri).select("image_id", "group")
             if layout is not None:  # the kept groups less what left them, and the delta's rows
@@ -646,7 +670,7 @@ def run(
     faults.point("neighbors.incremental.after_search")
     t_merge = time.perf_counter()
     searched = spark.read.schema(DELTA_SEARCH_DDL).parquet(searched_uri)
-    fresh = searched.filter(~F.col("reverse")).drop("reverse")
+    fresh, fresh_cuts = L.split_cuts(searched.filter(~F.col("reverse")).drop("reverse"))
     replaced = np.union1d(np.union1d(added, removed), refill)
     reverse = searched.filter(F.col("reverse")).drop("reverse").join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti")
     reverse_rows_ids = reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64)
@@ -722,7 +746,13 @@ def run(
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
         extra = TR.snapshot_part(remote.Files(**spec.files), truth)
-        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest, extra)
+        cuts = None
+        if keeps_cuts:  # as _next_cuts: the base's less the lists searched or gone, and tonight's searched lists'
+            cuts = fresh_cuts
+            if base_cuts is not None:
+                cuts = base_cuts.join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti").unionByName(fresh_cuts)
+            cuts = cuts.coalesce(n_files)
+        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest, extra, cuts)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -730,6 +760,23 @@ def run(
     fs.delete(spark, work_dir)  # the delta on the kept groups with it; the groups stay for the next night
     _log_done(run_id, prev, manifest, k, started)
     return manifest
+
+
+def _next_cuts(base: tuple | None, replaced: np.ndarray, fresh):
+    """The night's ``_cuts`` (an Arrow table): the base's, less the lists searched tonight
+    or gone (``replaced``), and tonight's searched lists' (``fresh``). A list the night
+    merged keeps its cut: a new neighbour only raises its shortlist's L-th score, so the
+    base's stays a lower bound. (Not quite: a deleted image that sat in a shortlist below
+    the list's depth lowers its L-th score unseen. A night deletes ~0.2 %; the recall
+    measured on old images every night covers it.)"""
+    import pyarrow as pa
+
+    if base is None:
+        return fresh
+    ids, cuts = base
+    keep = ~listops.member(ids, replaced)
+    old = pa.table([pa.array(ids[keep]), pa.array(cuts[keep])], names=["image_id", "cut"])
+    return pa.concat_tables([old, fresh.cast(old.schema)])
 
 
 def _merge_task(removed: np.ndarray, width: int, k: int):
@@ -860,6 +907,7 @@ def _manifest(
         "counts": {"queries": night.n, "rows": None},  # counted by the commit from the files it writes
         "kept_groups": night.kept,
         "truth": TR.record(truth) if truth is not None else None,
+        "cuts": {**cuts, "base_cuts_used": night.base_cuts} if (cuts := L.cuts_record(spec, spec.method)) else None,
         "recall_old_from": (
             "the carried exact lists (_truth), advanced by an exact scan of the added rows" if night.carry is not None else "exact search"
         ),

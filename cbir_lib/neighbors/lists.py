@@ -29,6 +29,13 @@ RESERVE = "_reserve"
 CHANGES = "_changes"
 
 
+# Each list's shortlist cut (cbir_lib/neighbors/tasks.py: shortlist_cut), for the next
+# night's reverse scan: ``image_id, cut``, one row per list searched with the reduced first
+# pass (none for a cut of -inf). The manifest's ``cuts`` names it; readers of the table skip it.
+CUTS = "_cuts"
+CUTS_DDL = "image_id long, cut float"
+
+
 NEIGHBORS_DDL = "image_id long, rank int, neighbor_id long, score float"
 
 
@@ -74,12 +81,13 @@ def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
     return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
-def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict, extra: tuple | None = None) -> str:
+def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict, extra: tuple | None = None, cuts=None) -> str:
     """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
     table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
     ``counts.rows`` to the table's rows as written. ``extra``: ``(files, name, Arrow
     table, raw columns)``, a small table written by this process as ``<name>/`` (the
-    carried truth: :func:`~cbir_lib.neighbors.truth.snapshot_part`)."""
+    carried truth: :func:`~cbir_lib.neighbors.truth.snapshot_part`). ``cuts``: the lists'
+    shortlist cuts (``CUTS_DDL``), written as ``_cuts/``."""
 
     def write(tmp: str) -> None:
         public.write.mode("overwrite").parquet(tmp)
@@ -89,6 +97,8 @@ def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dic
         reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
         if changes is not None:
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
+        if cuts is not None:
+            cuts.write.mode("overwrite").parquet(fs.join(tmp, CUTS))
         write_extra(tmp, extra)
 
     return stage.commit(spark, write, manifest)
@@ -128,13 +138,14 @@ def commit_arrow_lists(
     manifest: dict,
     spec: SearchSpec,
     extra: tuple | None = None,
+    cuts=None,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
     snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
     ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks.
     ``lists`` may also come split already, as ``(table rows, reserve rows)``: the rows of
     rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``).
-    ``extra``: as :func:`commit_lists`'."""
+    ``extra`` and ``cuts`` (here an Arrow table): as :func:`commit_lists`'."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -154,7 +165,8 @@ def commit_arrow_lists(
 
     def write(tmp: str) -> None:
         jobs = []
-        for sub, t in (("", public), (RESERVE, reserve), (CHANGES, changes)):
+        subs = [("", public), (RESERVE, reserve), (CHANGES, changes)] + ([(CUTS, cuts)] if cuts is not None else [])
+        for sub, t in subs:
             d = fs.join(tmp, sub) if sub else tmp
             step = -(-t.num_rows // n_files) if t.num_rows else 1
             jobs += [(t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet")) for j, lo in enumerate(range(0, max(1, t.num_rows), step))]
@@ -163,6 +175,47 @@ def commit_arrow_lists(
         manifest.setdefault("counts", {})["rows"] = public.num_rows
 
     return stage.commit(spark, write, manifest)
+
+
+def split_cuts(rows) -> tuple:
+    """A search's list rows (an Arrow table, or a Spark frame) as ``(the lists' rows, their
+    cuts as CUTS_DDL rows)``: the rows of rank ``CUT_RANK`` out of the lists."""
+    from cbir_lib.neighbors.tasks import CUT_RANK
+
+    if hasattr(rows, "num_rows"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        at = pc.equal(rows.column("rank"), CUT_RANK)
+        c = rows.filter(at)
+        cuts = pa.table([c.column("image_id"), c.column("score")], names=["image_id", "cut"])
+        return rows.filter(pc.invert(at)), cuts
+    from pyspark.sql import functions as F
+
+    at = F.col("rank") == F.lit(CUT_RANK)
+    return rows.filter(~at), rows.filter(at).select("image_id", F.col("score").alias("cut"))
+
+
+def cuts_record(spec: SearchSpec, method: str) -> dict | None:
+    """The manifest's ``cuts``: where the lists' shortlist cuts are (None without them)."""
+    if method != "dense" or not spec.shortlist or spec.expand:
+        return None
+    return {"output": CUTS, "of": f"the {max(int(spec.shortlist), int(spec.k))}th reduced score of each list's shortlist"}
+
+
+def read_cuts(spark, files, manifest: dict | None):
+    """A snapshot's ``_cuts/`` as ``(ids, cuts)`` arrays, or None where it has none."""
+    rec = (manifest or {}).get("cuts")
+    if not rec:
+        return None
+    import pyarrow as pa
+
+    uris = tables.part_uris(spark, fs.join(manifest["output"], rec["output"]))
+    parts = [remote.read_parquet(files, u, ["image_id", "cut"]) for u in uris]
+    t = pa.concat_tables(parts) if parts else None
+    if t is None or not t.num_rows:
+        return None
+    return t.column("image_id").to_numpy().astype(np.int64), t.column("cut").to_numpy().astype(np.float32)
 
 
 def rebuilt_changes(ids: np.ndarray):

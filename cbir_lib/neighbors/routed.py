@@ -59,11 +59,12 @@ def _exact(spec: SearchSpec, store, q: np.ndarray, qi: np.ndarray) -> tuple:
     return budget.core(spec.with_(method="exact"))(store, np.ascontiguousarray(q), qi, None, None, None, int(spec.k))
 
 
-def fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
-    """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false)."""
+def fresh_rows(qids: np.ndarray, vals: np.ndarray, ids: np.ndarray, cuts: np.ndarray | None = None):
+    """The searched lists of ``qids`` as rows of ``DELTA_SEARCH_DDL`` (``reverse`` false),
+    with their shortlist cuts as rows of rank ``CUT_RANK`` (:func:`~cbir_lib.neighbors.tasks._topk_batch`)."""
     import pyarrow as pa
 
-    out = T._topk_batch(qids, vals, ids)
+    out = T._topk_batch(qids, vals, ids, cuts)
     return pa.RecordBatch.from_arrays([*out.columns, pa.array(np.zeros(out.num_rows, bool))], names=[*out.schema.names, "reverse"])
 
 
@@ -95,18 +96,31 @@ def row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, val
     return thr
 
 
-def group_thresholds(files, thr_uri: str, g: int, store) -> np.ndarray:
+def row_cuts(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, cuts: np.ndarray) -> np.ndarray | None:
+    """Each store row's shortlist cut (:func:`row_thresholds`' alignment), ``-inf`` for rows
+    without one (every pair); None where no row has one (the scan then takes every pair at
+    full dimension, which costs less than checking every pair's reduced score)."""
+    out = np.full(len(store_ids), -np.inf, dtype=np.float32)
+    ok = np.asarray(store_ids)[rows] == ids
+    out[rows[ok]] = np.asarray(cuts, np.float32)[ok]
+    return out if np.isfinite(out).any() else None
+
+
+def group_thresholds(files, thr_uri: str, g: int, store) -> tuple[np.ndarray, np.ndarray | None]:
     """The reverse-scan threshold of each row of store group ``g`` (``store``: its
-    sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added)."""
+    sub-store), from ``thr_uri/group=<g>/``: ``+inf`` for rows not there (the added); and
+    their shortlist cuts (:func:`row_cuts`) where the files hold them."""
     import pyarrow as pa
 
     uri = f"{thr_uri}/group={int(g)}"
     names = shards.winners([n for n in remote.list_names(files, uri) if n.endswith(".parquet")])
     if not names or not len(store.ids):
-        return np.full(len(store.ids), np.inf, dtype=np.float32)
-    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}", ["image_id", "thr"]) for n in names])
+        return np.full(len(store.ids), np.inf, dtype=np.float32), None
+    t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}") for n in names])
     ids = t.column("image_id").to_numpy()
-    return row_thresholds(store.ids, T.positions_in(store.ids, ids), ids, t.column("thr").to_numpy())
+    rows = T.positions_in(store.ids, ids)
+    cuts = row_cuts(store.ids, rows, ids, t.column("cut").to_numpy()) if "cut" in t.column_names else None
+    return row_thresholds(store.ids, rows, ids, t.column("thr").to_numpy()), cuts
 
 
 def buckets_for(n_queries: int, spec: SearchSpec, budget_bytes: int, slots: int) -> int:
@@ -150,7 +164,7 @@ def _search(spec: SearchSpec, search, store, q, qi, own, probes, kth, width: int
     return _in_steps(spec, len(q), width, part_of)
 
 
-def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int, scan, wide, thresholds) -> tuple:
+def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int, scan, wide, thresholds, cuts=None) -> tuple:
     """:func:`_search` of queries ``q`` and :func:`_reverse` of ``q[scan]`` over their cells
     ``wide`` (a row per scanned query), one product per (cell, queries) where they meet
     (``fused``: :func:`~cbir_lib.neighbors.budget.scan_core`): ``(partial lists, reverse
@@ -161,7 +175,7 @@ def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int,
     def part_of(sl):
         sc_ = scan[sl]
         part, (rows, who, sc) = fused(
-            store, np.ascontiguousarray(q[sl]), qi[sl], probes[sl], kth[sl], int(spec.k), sc_, wide[at[sl][sc_]], thresholds
+            store, np.ascontiguousarray(q[sl]), qi[sl], probes[sl], kth[sl], int(spec.k), sc_, wide[at[sl][sc_]], thresholds, cuts
         )
         if rows.size:
             found.append((np.asarray(store.ids)[rows].astype(np.int64), qi[sl][sc_][who].astype(np.int64), sc.astype(np.float32)))
@@ -173,13 +187,13 @@ def _search_scan(spec: SearchSpec, fused, store, q, qi, probes, kth, width: int,
     return best, tuple(np.concatenate([f[j] for f in found]) for j in range(3))
 
 
-def _reverse(store, q, qi, probes, n_cells: int, thresholds):
+def _reverse(store, q, qi, probes, n_cells: int, thresholds, cuts=None):
     """The reverse scan of queries ``q`` (added images) over a store group, against its
-    rows' ``thresholds``: ``(old ids, added ids, scores)``, or ``None``."""
+    rows' ``thresholds`` (and shortlist ``cuts``): ``(old ids, added ids, scores)``, or ``None``."""
     if not len(q) or not len(store.ids):
         return None
     p = probes if probes is not None else np.tile(np.arange(n_cells, dtype=np.int32), (len(q), 1))
-    rows, who, sc = reverse_scan(store, np.ascontiguousarray(q), qi, p, thresholds)
+    rows, who, sc = reverse_scan(store, np.ascontiguousarray(q), qi, p, thresholds, cuts)
     if not rows.size:
         return None
     return np.asarray(store.ids)[rows].astype(np.int64), qi[who].astype(np.int64), sc.astype(np.float32)
@@ -249,14 +263,14 @@ def home_task(spec: SearchSpec, qids_b, added_b, thr_uri: str, n_buckets: int, s
                 if wide is not None:
                     sweep.hold(wide.nbytes)
                 no_bound = np.full(r.size, -np.inf, np.float32)
-                thr = group_thresholds(files, thr_uri, g, st) if rev.any() else None
+                thr, cuts = group_thresholds(files, thr_uri, g, st) if rev.any() else (None, None)
                 if thr is not None:
-                    sweep.hold(thr.nbytes)
+                    sweep.hold(thr.nbytes + (0 if cuts is None else cuts.nbytes))
                 if fused is not None and wide is not None:  # one product per (cell, queries) for both
-                    best, found = _search_scan(spec, fused, st, q, qi, probes, no_bound, width, rev, wide, thr)
+                    best, found = _search_scan(spec, fused, st, q, qi, probes, no_bound, width, rev, wide, thr, cuts)
                 else:
                     best = _search(spec, search, st, q, qi, own, probes, no_bound, width)
-                    found = _reverse(st, q[rev], qi[rev], wide, n_cells, thr) if thr is not None else None
+                    found = _reverse(st, q[rev], qi[rev], wide, n_cells, thr, cuts) if thr is not None else None
                 sweep.hold(sum(x.nbytes for x in best))
                 if found is not None:
                     yield g, (REVERSE, g % n_buckets, found)
@@ -326,17 +340,17 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int, sample_b=
         files, search, width, n_cells = _task_setup(spec)
         fused = budget.scan_core(spec)
         step = spec.rows_per_step()
-        sweep, st, thr, g, reads = None, None, None, None, budget.READS[0]
+        sweep, st, thr, cuts, g, reads = None, None, None, None, None, budget.READS[0]
         pending: list = []
         held = rows = 0  # the pending batches' bytes and queries
         riders: list = []
 
         def visit(payload):
-            nonlocal thr
+            nonlocal thr, cuts
             qi, q, own, probes, kth, rev, rprobes, fwd = payload
             if rev.any() and thr is None:
-                thr = group_thresholds(files, thr_uri, g, st)
-                sweep.hold(thr.nbytes)
+                thr, cuts = group_thresholds(files, thr_uri, g, st)
+                sweep.hold(thr.nbytes + (0 if cuts is None else cuts.nbytes))
             # The rows sent for their search here, and for their reverse scan: both at once
             # where the core allows (the rows sent for both), the rest apart.
             f = np.flatnonzero(fwd)
@@ -345,13 +359,13 @@ def visit_task(spec: SearchSpec, qids_b, thr_uri: str, n_buckets: int, sample_b=
             apart = rev.copy()
             apart[f[both]] = False
             if both.any():
-                best, found = _search_scan(spec, fused, st, q[f], qi[f], probes[f], kth[f], width, both, rprobes[at[f[both]]], thr)
+                best, found = _search_scan(spec, fused, st, q[f], qi[f], probes[f], kth[f], width, both, rprobes[at[f[both]]], thr, cuts)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
             elif f.size:
                 best = _search(spec, search, st, q[f], qi[f], own[f], None if probes is None else probes[f], kth[f], width)
             if apart.any():
-                found = _reverse(st, q[apart], qi[apart], None if rprobes is None else rprobes[at[apart]], n_cells, thr)
+                found = _reverse(st, q[apart], qi[apart], None if rprobes is None else rprobes[at[apart]], n_cells, thr, cuts)
                 if found is not None:
                     yield g % n_buckets, (REVERSE, found)
             if f.size:
@@ -449,7 +463,7 @@ def merge_task(spec: SearchSpec, out_dir: str, schema):
                 best = select(rows, cols[0].ravel(), cols[1].ravel(), uq.size, width)
                 queries = np.zeros((uq.size, 0), np.float32)
             vals, ids = budget.finish(spec, best, queries, int(spec.k))
-            batches.append(fresh_rows(uq, vals, ids))
+            batches.append(fresh_rows(uq, vals, ids, budget.cut_of(best)))
             n_merged = int(uq.size)
         if pairs:
             batches.append(reverse_rows(*(np.concatenate([p[j] for p in pairs]) for j in range(3))))

@@ -70,9 +70,11 @@ from cbir_lib.neighbors.lists import (
     _spec_key,
     commit_arrow_lists,
     commit_lists,
+    cuts_record,
     manifest_head,
     public_and_reserve,
     rebuilt_changes,
+    split_cuts,
 )
 from cbir_lib.neighbors.rerank import mode_alpha, split_mode
 from cbir_lib.neighbors.spec import SearchSpec
@@ -477,6 +479,9 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         if expected
         else spark.createDataFrame([], NEIGHBORS_DDL)
     )
+    # Each list's shortlist cut rides among its rows; the snapshot keeps the cuts apart.
+    raw, cuts = split_cuts(raw)
+    cuts_rec = cuts_record(spec, method) if not kr_on else None
 
     recall = None
     # auto's verification searched the sample with this run's search (base_spec) already.
@@ -553,6 +558,7 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         "kept_groups": kept,
     }
     manifest["truth"] = TR.record(carried) if carried is not None else None
+    manifest["cuts"] = cuts_rec
     extra = TR.snapshot_part(remote.Files(**spec.files), carried)
     # Everything the manifest records is known before the commit, so it is written once,
     # inside the snapshot, and a reader following _LATEST never sees it incomplete.
@@ -565,7 +571,9 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         # A full run may change any list: _changes names every image, kind "rebuilt".
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
-            commit_arrow_lists(spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec, extra)
+            commit_arrow_lists(
+                spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec, extra, cuts if cuts_rec else None
+            )
             final = None
         else:
             final, reserve = public_and_reserve(raw, nb.k, nb.min_score, run_id)
@@ -575,7 +583,16 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
                 .withColumn("kind", F.lit("rebuilt"))
                 .withColumn("neighbors_run_id", F.lit(run_id))
             )
-            commit_lists(spark, final.coalesce(n_files), reserve.coalesce(n_files), rebuilt.coalesce(n_files), stage, manifest, extra)
+            commit_lists(
+                spark,
+                final.coalesce(n_files),
+                reserve.coalesce(n_files),
+                rebuilt.coalesce(n_files),
+                stage,
+                manifest,
+                extra,
+                cuts.coalesce(n_files) if cuts_rec else None,
+            )
     faults.point("neighbors.between_commits")
     if nb.pairs:
         _commit_pairs(spark, cfg, root, final if final is not None else spark.read.parquet(manifest["output"]), run_id, n_files)

@@ -34,7 +34,7 @@ from cbir_lib.neighbors.rerank import augment
 from cbir_lib.neighbors.spec import SearchSpec, given
 from cbir_lib.vectors.arrow import vectors_binary
 from cbir_lib.vectors.codes import MultiIndex, hierarchical_search, threshold
-from cbir_lib.vectors.topk import NO_ID, select
+from cbir_lib.vectors.topk import NO_ID, finish_shortlist, select
 
 if TYPE_CHECKING:
     from cbir_lib.neighbors.lsh import LSHIndex
@@ -185,15 +185,34 @@ def _use_tf(device: str) -> bool:
     return bool(ctx is not None and "gpu" in ctx.resources())
 
 
-def search_rows(store: CellStore, rows: np.ndarray, spec: SearchSpec, get_forest=None):
+def search_rows(store: CellStore, rows: np.ndarray, spec: SearchSpec, get_forest=None, cut: bool = False):
     """Top-k of the store rows ``rows`` (every image is a query) by the spec's method, with
-    query expansion first when the spec asks for it (``expand``)."""
+    query expansion first when the spec asks for it (``expand``). With ``cut``:
+    ``(scores, ids, cuts)``, each list's shortlist cut (:func:`shortlist_cut`) or None."""
     queries = np.ascontiguousarray(store.vectors[rows])
     query_ids = np.asarray(store.ids[rows])
     own = store.cells_of_rows(rows)
     if spec.expand:
         queries = expand_queries(store, queries, query_ids, own, spec, get_forest)
-    return search_vectors(store, queries, query_ids, own, spec, get_forest)
+        found = search_vectors(store, queries, query_ids, own, spec, get_forest)
+        return (*found, None) if cut else found
+    return search_vectors(store, queries, query_ids, own, spec, get_forest, cut=cut)
+
+
+def cuts_of(spec: SearchSpec, store: CellStore | None = None) -> bool:
+    """Whether the spec's lists have shortlist cuts: dense with the reduced first pass, no
+    query expansion (an expanded query's shortlist is not its image's)."""
+    has = store is None or (store.reduced is not None and store.projection is not None)
+    return bool(spec.shortlist) and spec.method == "dense" and not spec.expand and has
+
+
+def shortlist_cut(raw: tuple) -> np.ndarray:
+    """Each list's **shortlist cut**: the L-th (last) reduced rank score of its raw shortlist
+    ``(reduced, ids, full)`` (``-inf`` where fewer than L were scored). An image added later
+    whose reduced score with this one falls below it is not in this list's shortlist, so
+    not in its list: an incremental night's reverse scan skips those pairs
+    (:func:`~cbir_lib.neighbors.ivf.reverse_scan`'s ``cuts``)."""
+    return np.ascontiguousarray(raw[0][:, -1], dtype=np.float32)
 
 
 def search_vectors(
@@ -204,9 +223,18 @@ def search_vectors(
     spec: SearchSpec,
     get_forest=None,
     k: int | None = None,
+    cut: bool = False,
 ):
+    """The top-``k`` of ``queries`` by the spec's method; with ``cut``, ``(scores, ids,
+    cuts)`` (:func:`shortlist_cut`; None where the search has none)."""
     k = k or spec.k
     method = spec.method
+    if cut:
+        if not cuts_of(spec, store):
+            return (*search_vectors(store, queries, query_ids, own_cells, spec, get_forest, k), None)
+        probes = store.route(queries, spec.nprobe, own_cells)
+        red, ids, full = dense_search(store, queries, query_ids, probes, k, shortlist=spec.shortlist, raw=True)
+        return (*finish_shortlist(red, ids, full, k, store.metric, queries), shortlist_cut((red, ids, full)))
     if method in ("dense", "annoy"):
         probes = store.route(queries, spec.nprobe, own_cells)
         if method == "dense":
@@ -297,18 +325,27 @@ def expand_queries(
     return augment(queries, neighbours, vals, given(spec.alpha, "alpha"))
 
 
-def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray):
+# A list's shortlist cut travels among the search's list rows as one row of this rank, no
+# neighbour (NO_ID), the cut as its score; the snapshot's commit takes those rows out into
+# ``_cuts/`` (cbir_lib/neighbors/lists.py). None where the cut is -inf.
+CUT_RANK = -1
+
+
+def _topk_batch(query_ids: np.ndarray, vals: np.ndarray, ids: np.ndarray, cuts: np.ndarray | None = None):
+    """Lists as rows (``image_id, rank, neighbor_id, score``), and with ``cuts`` each
+    list's cut as a row of rank ``CUT_RANK`` after them."""
     import pyarrow as pa
 
     m, k = ids.shape
     keep = np.isfinite(vals).ravel()
+    q, rank = np.repeat(query_ids, k)[keep], np.tile(np.arange(1, k + 1, dtype=np.int32), m)[keep]
+    nid, score = ids.ravel()[keep], vals.ravel()[keep]
+    if cuts is not None:
+        at = np.isfinite(cuts)
+        q, nid = np.r_[q, np.asarray(query_ids)[at]], np.r_[nid, np.full(int(at.sum()), NO_ID, np.int64)]
+        rank, score = np.r_[rank, np.full(int(at.sum()), CUT_RANK, np.int32)], np.r_[score, np.asarray(cuts)[at]]
     return pa.RecordBatch.from_arrays(
-        [
-            pa.array(np.repeat(query_ids, k)[keep]),
-            pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), m)[keep]),
-            pa.array(ids.ravel()[keep]),
-            pa.array(vals.ravel()[keep].astype(np.float32)),
-        ],
+        [pa.array(q.astype(np.int64)), pa.array(rank.astype(np.int32)), pa.array(nid.astype(np.int64)), pa.array(score.astype(np.float32))],
         names=["image_id", "rank", "neighbor_id", "score"],
     )
 
@@ -334,8 +371,8 @@ def _search_ranges(spec: SearchSpec):
     """The rows' top-k, as neighbour rows."""
 
     def block(store, rows, get_forest):
-        vals, ids = search_rows(store, rows, spec, get_forest)
-        return _topk_batch(store.ids[rows], vals, ids)
+        vals, ids, cuts = search_rows(store, rows, spec, get_forest, cut=True)
+        return _topk_batch(store.ids[rows], vals, ids, cuts)
 
     return _row_ranges(spec, block)
 

@@ -511,3 +511,128 @@ def test_the_exact_sample_rides_the_grouped_search_and_finds_what_its_own_search
     for sub in ("", "/_reserve", "/_changes"):
         rows = [sorted(spark.read.parquet(m["output"] + sub).drop("neighbors_run_id").collect()) for m in (riders, apart)]
         assert rows[0] == rows[1] and rows[0], sub
+
+
+def read_cuts(nm) -> dict:
+    """A snapshot's ``_cuts/`` as ``{image_id: cut}``."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(nm["output"].removeprefix("file:") + "/" + nm["cuts"]["output"])
+    return dict(zip(t.column("image_id").to_pylist(), t.column("cut").to_pylist(), strict=True))
+
+
+def shortlist_cuts(spark, im, nm, ids, x) -> dict:
+    """Exact search's oracle of every list's shortlist cut: the L-th reduced score among the
+    members of the image's ``nprobe`` nearest cells (itself left out), from the index's
+    centroids, basis and stored reduced vectors; ``-inf`` with fewer than L members."""
+    import io
+
+    from cbir_lib.common import fs
+
+    rows = store_frame(spark, im).select("image_id", "cell", "reduced").toArrow()
+    sid, cell = rows.column("image_id").to_numpy(), rows.column("cell").to_numpy()
+    red = np.stack([np.frombuffer(b, np.float32) for b in rows.column("reduced").to_pylist()])
+    centroids = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(im["output"], im["centroids"]["file"]))))
+    basis = np.load(io.BytesIO(fs.read_bytes(spark, fs.join(im["output"], im["reduction"]["file"]))))
+    L = max(nm["shortlist"], nm["reserve"]["searched_k"])
+    p = prepare(x, "angular")
+    out = {}
+    for i, q in zip(ids.tolist(), p, strict=True):
+        cells = np.argsort(-(centroids @ q), kind="stable")[: nm["nprobe"]]
+        members = np.isin(cell, cells) & (sid != i)
+        s = np.sort(red[members] @ (q @ basis))[::-1]
+        out[i] = float(s[L - 1]) if s.size >= L else -np.inf
+    return out
+
+
+def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(spark, tmp_path):
+    """With the reduced first pass (32-d, r = 8, shortlist 40) a full run keeps each list's
+    shortlist cut (``_cuts/``), and a night's reverse scan takes only the pairs that reach
+    the old image's cut. In process, on the executors, in groups written afresh and on kept
+    groups: the same table, _reserve/, _changes/ and _cuts/. The cuts are exact search's
+    over the probed cells (tonight's searched lists) or the base's (the others). Against
+    the same night with the base's cuts withheld (every pair, at full dimension), the lists
+    differ only where an added image's reduced score falls below the old image's cut."""
+    rng = np.random.default_rng(6)
+    ids, x = signed_ids(2000, seed=13), clustered(2060, 32, seed=13)
+    opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2, "min_recall": None}
+    index = {"reduced_dim": 8}
+    a, b, c, d, e = (tmp_path / n for n in ("driver", "executors", "groups", "kept", "withheld"))
+    base_i, base = night(spark, a, "d1", ids, x[:2000], index=index, neighbors=opts)
+    assert base["shortlist"] == 40 and base["cuts"]["output"] == "_cuts"
+    cuts0 = read_cuts(base)
+    want0 = shortlist_cuts(spark, base_i, base, ids, x[:2000])
+    assert set(cuts0) == {i for i, v in want0.items() if np.isfinite(v)} and len(cuts0) > 1500
+    np.testing.assert_allclose([cuts0[i] for i in sorted(cuts0)], [want0[i] for i in sorted(cuts0)], rtol=1e-4, atol=1e-5)
+    for root in (b, c, e):
+        shutil.copytree(a, root)
+    _, full = night(spark, d, "d1", ids, x[:2000], index=index, neighbors={**opts, "memory_budget": "48k"}, execution="executors")
+    assert full["kept_groups"] and full["memory"]["groups"] > 2
+    assert read_cuts(full) == cuts0  # the grouped full run keeps the same cuts
+    # Withheld: the base's manifest names no cuts, the night scans every pair at full dimension.
+    manifest = e / "neighbors" / "run=d1" / "_manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "cuts": None}))
+    orig = rng.choice(2000, 30, replace=False)
+    keep = np.ones(2000, bool)
+    keep[np.setdiff1d(np.arange(2000), orig)[:40]] = False
+    x2 = x[:2000].copy()
+    x2[np.flatnonzero(keep)[:10]] = x[2000:2010]  # changed
+    ids2 = np.concatenate([ids[keep], signed_ids(80, seed=14)])
+    x2 = np.concatenate([x2[keep], x[orig] + 0.001 * rng.normal(size=(30, 32)).astype(np.float32), x[2010:2060]])
+    got, built = {}, {}
+    for root, where, budget, name in (
+        (a, "driver", None, "driver"),
+        (b, "executors", None, "executors"),
+        (c, "executors", "48k", "groups"),
+        (d, "executors", "48k", "kept"),
+        (e, "driver", None, "withheld"),
+    ):
+        im, nm = night(spark, root, "d2", ids2, x2, index=index, neighbors={**opts, "memory_budget": budget}, execution=where)
+        assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
+        got[name], built[name] = nm, im
+    assert got["kept"]["memory"]["kept_groups"]["used"] and got["groups"]["memory"]["layout"] == "groups"
+    assert got["withheld"]["cuts"]["base_cuts_used"] is False
+    da = got["driver"]
+    assert da["cuts"]["base_cuts_used"] is True and da["changes"]["reverse_updated"] > 0 and da["changes"]["refilled"] > 0
+    for name in ("executors", "groups", "kept"):
+        ea = got[name]
+        assert ea["cuts"] == da["cuts"] and da["changes"] == ea["changes"], name
+        for sub in ("", "/_reserve", "/_changes", "/_cuts"):
+            rows = [sorted(spark.read.parquet(m["output"] + sub).collect()) for m in (da, ea)]
+            assert rows[0] == rows[1] and rows[0], (name, sub)
+    # Tonight's searched lists (added, changed, refilled) have exact search's cut; the others keep the base's.
+    cuts1 = read_cuts(da)
+    added = set(np.setdiff1d(ids2, ids).tolist()) | set(ids[keep][:10].tolist())  # new, and the changed
+    searched = added | changes_of(spark, da).get("refilled", set())
+    want1 = shortlist_cuts(spark, built["driver"], da, ids2, x2)
+    gone = set(ids.tolist()) - set(ids2.tolist())
+    for i, v in cuts1.items():
+        assert i not in gone
+        if i in searched or i not in cuts0:
+            assert v == pytest.approx(want1[i], rel=1e-4, abs=1e-5), i
+        else:
+            assert v == cuts0[i], i
+    # The cut skips only pairs no shortlist takes: where the lists differ from the withheld
+    # night's, the missing entries are added images below the old image's cut.
+    p2 = prepare(x2, "angular")
+    basis = _basis(spark, built["driver"])
+    at = {int(i): r for r, i in enumerate(ids2)}
+    _, ia = read_topk(spark, da["output"], ids2, 10)
+    _, iw = read_topk(spark, got["withheld"]["output"], ids2, 10)
+    skipped = 0
+    for r in range(len(ids2)):
+        if set(ia[r].tolist()) == set(iw[r].tolist()):
+            continue
+        for j in set(iw[r].tolist()) - set(ia[r].tolist()):
+            reduced = float((p2[r] @ basis) @ (p2[at[j]] @ basis))
+            assert j in added and reduced < cuts0[int(ids2[r])] + 1e-5, (ids2[r], j)
+            skipped += 1
+    assert skipped > 0
+
+
+def _basis(spark, im) -> np.ndarray:
+    import io
+
+    from cbir_lib.common import fs
+
+    return np.load(io.BytesIO(fs.read_bytes(spark, fs.join(im["output"], im["reduction"]["file"]))))

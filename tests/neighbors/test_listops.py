@@ -178,3 +178,39 @@ def test_the_nights_old_sample_is_drawn_over_the_whole_store():
     assert got.max() > 0.9 * n and np.median(got) > 0.3 * n  # the sorted draw's first 500: all below ~0.2 n
     new = set(added.tolist())
     assert got.tolist() == sorted([int(p) for p in drawn if int(ids[p]) not in new][:half])
+
+
+def test_cut_rows_ride_with_the_lists_and_split_out_whole():
+    """A search's lists with their shortlist cuts as rows of rank CUT_RANK (none for -inf):
+    split_cuts gives back the lists as _topk_batch writes them without cuts, and the cuts."""
+    from cbir_lib.neighbors.lists import split_cuts
+    from cbir_lib.neighbors.tasks import CUT_RANK, _topk_batch
+
+    rng = np.random.default_rng(3)
+    qids = np.array([7, -3, 11, 5], np.int64)
+    vals = np.sort(rng.random((4, 5)).astype(np.float32), axis=1)[:, ::-1].copy()
+    vals[2, 3:] = -np.inf  # a short list
+    ids = rng.integers(-50, 50, (4, 5)).astype(np.int64)
+    cuts = np.array([0.25, -np.inf, 0.5, -0.125], np.float32)
+    with_cuts = pa.Table.from_batches([_topk_batch(qids, vals, ids, cuts)])
+    assert (with_cuts.column("rank").to_numpy() == CUT_RANK).sum() == 3
+    lists, got = split_cuts(with_cuts)
+    assert lists.equals(pa.Table.from_batches([_topk_batch(qids, vals, ids)]))
+    assert dict(zip(got.column("image_id").to_pylist(), got.column("cut").to_pylist(), strict=True)) == {7: 0.25, 11: 0.5, 5: -0.125}
+
+
+def test_a_nights_cuts_are_the_bases_less_the_replaced_lists_and_tonights():
+    from cbir_lib.neighbors.incremental import _next_cuts
+
+    base = (np.array([1, 2, 3, 4, 5], np.int64), np.array([0.1, 0.2, 0.3, 0.4, 0.5], np.float32))
+    fresh = pa.table([pa.array([2, 9], pa.int64()), pa.array([0.7, 0.9], pa.float32())], names=["image_id", "cut"])
+    got = _next_cuts(base, np.array([2, 4, 9], np.int64), fresh)
+    cut = np.round(got.column("cut").to_numpy().astype(np.float64), 3)
+    assert dict(zip(got.column("image_id").to_pylist(), cut.tolist(), strict=True)) == {
+        1: 0.1,
+        3: 0.3,
+        5: 0.5,
+        2: 0.7,
+        9: 0.9,
+    }
+    assert _next_cuts(None, np.array([2], np.int64), fresh) is fresh
