@@ -365,6 +365,7 @@ def main() -> None:
                     "recall_old": manifest.get("recall_old"),
                     "full_reason": manifest.get("full_reason"),
                     "nprobe": manifest.get("nprobe"),
+                    "cuts": manifest.get("cuts"),
                 }
                 idx = json.loads((root / "index" / f"run={run_id}" / "_manifest.json").read_text())
                 row["incremental_index"] = {

@@ -22,6 +22,14 @@ projects each night of the largest run, and its rebuild, to ``--to`` vectors:
 
 Task seconds become wall seconds on the benchmark's 2 slots. Every figure is a projection
 from the runs' measured parts, not a measurement at N'.
+
+``--in-process``: runs whose night and rebuild ran in the driver process (1,280-d at
+500k, ``run.driver_max_mb``), which have no search tasks to split. Each side's **stage
+seconds** (index build and neighbours walls; the JVM and the commit left out) are its
+search's wall x (N'/N)^1.5 from the largest run, plus the rest fitted as ``a + b N`` over
+the sizes; also with the night's search at the rebuild's ``nprobe`` (x its own over the
+night's: a night keeps its base's), and with the searches scaled from the smallest run.
+(Session 41 computed ``projections.s41_1280_in_process`` by this rule by hand.)
 """
 
 from __future__ import annotations
@@ -105,11 +113,65 @@ def project(runs: dict[int, list[dict]], to: int) -> list[dict]:
     return out
 
 
+def project_in_process(runs: dict[int, list[dict]], to: int) -> list[dict]:
+    """The ``--in-process`` rule (the docstring): stage seconds, each side's search x (N'/N)^1.5."""
+    sizes = sorted(runs)
+    small, big = sizes[0], sizes[-1]
+    out = []
+    for i in range(min(len(runs[n]) for n in sizes)):
+        m = {}
+        for n in sizes:
+            r = runs[n][i]
+            m[n] = {
+                "n_stages": float(r["incremental_stages_s"]),
+                "n_search": float(r["incremental_manifest"]["timings"]["search_s"]),
+                "f_stages": float(r["full_stages_s"]),
+                "f_search": float(r["full_neighbors"]["timings"]["search_s"]),
+                "n_nprobe": r["incremental_manifest"].get("nprobe"),
+                "f_nprobe": r["full_neighbors"].get("nprobe"),
+            }
+        x = np.array(sizes, float)
+        fit = {}
+        for side in ("n", "f"):
+            y = np.array([m[n][f"{side}_stages"] - m[n][f"{side}_search"] for n in sizes])
+            b, a = np.polyfit(x, y, 1) if len(sizes) > 1 else (y[0] / x[0], 0.0)
+            fit[side] = (float(a), float(b), y)
+        rest = {side: fit[side][0] + fit[side][1] * to for side in fit}
+        p = m[big]
+        night_search = p["n_search"] * (to / big) ** 1.5
+        rebuild_search = p["f_search"] * (to / big) ** 1.5
+        at_f = night_search * (p["f_nprobe"] / p["n_nprobe"]) if p["n_nprobe"] and p["f_nprobe"] else night_search
+        q = m[small]
+        from_small = (q["n_search"] * (to / small) ** 1.5 + rest["n"]) / (q["f_search"] * (to / small) ** 1.5 + rest["f"])
+        out.append(
+            {
+                "night": runs[big][i]["night"],
+                "measured": {str(n): {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m[n].items()} for n in sizes},
+                "search_share_measured": {str(n): round(m[n]["n_search"] / m[n]["f_search"], 4) for n in sizes},
+                "rest_fit": {
+                    side: {
+                        "fixed_s": round(fit[key][0], 1),
+                        "per_million_s": round(fit[key][1] * 1e6, 1),
+                        "measured": dict(zip(map(str, sizes), fit[key][2].round(1).tolist(), strict=True)),
+                    }
+                    for side, key in (("night", "n"), ("rebuild", "f"))
+                },
+                "night_s": {"search": round(night_search), "search_at_rebuild_nprobe": round(at_f), "rest": round(rest["n"])},
+                "rebuild_s": {"search": round(rebuild_search), "rest": round(rest["f"])},
+                "ratio": round((night_search + rest["n"]) / (rebuild_search + rest["f"]), 4),
+                "ratio_at_rebuild_nprobe": round((at_f + rest["n"]) / (rebuild_search + rest["f"]), 4),
+                f"ratio_from_{small // 1000}k_search": round(from_small, 4),
+            }
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--to", type=int, default=100_000_000)
     ap.add_argument("--write", help="record the projection under projections/<NAME> of the results file")
+    ap.add_argument("--in-process", action="store_true", help="runs in the driver process: stage seconds (the docstring)")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text())
     runs: dict[int, list[dict]] = {}
@@ -122,6 +184,21 @@ def main() -> None:
         if missing:
             sys.exit(f"{v}: nights {missing} have no full_neighbors (the rebuild's search timings)")
         runs[n] = rec["nights"]
+    if args.in_process:
+        got = project_in_process(runs, args.to)
+        for g in got:
+            print(json.dumps({k: g[k] for k in ("night", "search_share_measured", "night_s", "rebuild_s", "ratio")}))
+            print(f"  ratio {g['ratio']}, at the rebuild's nprobe {g['ratio_at_rebuild_nprobe']}")
+        if args.write:
+            results.setdefault("projections", {})[args.write] = {
+                "variants": args.variants,
+                "to": args.to,
+                "rule": "benchmarks/incremental_projection.py --in-process (its docstring)",
+                "nights": got,
+                "note": "projected, not measured",
+            }
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        return
     got = project(runs, args.to)
     for g in got:
         f, lo, hi = g["fit_wall_less_search"], g["rebuild_s"][0], g["rebuild_s"][1]

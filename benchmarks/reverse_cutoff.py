@@ -1,4 +1,4 @@
-"""A lever for the night's reverse scan at 1,280-d, measured and not built: ask of each
+"""A lever for the night's reverse scan at 1,280-d, measured in isolation: ask of each
 (member, added image) pair what the member's own search would ask, its shortlist's cut.
 
     python benchmarks/reverse_cutoff.py [--data fashion|mixture1280] [--n 70000] [--write LABEL]
@@ -36,10 +36,10 @@ same collection and night as ``reverse_bound``'s prototype (79083e0, reverted):
 
 The members' cuts and last scores come from the shortlist search of every row at the
 night's ``nprobe`` (its raw shortlist, ``ivf.dense_search(..., raw=True)``), as a full run
-would find them. What is not built: a full run and a night would have to write each list's
-cut beside it, the nights carry it and hand it to the scan (see the README). The numpy
-core is built and tested (``tests/neighbors/test_reverse_scan.py``); nothing calls it with
-cuts yet.
+would find them. Session 42 wired the core into the pipeline: every dense run keeps each
+list's cut (the snapshot's ``_cuts/``) and a night's reverse scan takes them
+(``benchmarks/incremental.py`` measures the night). ``cut_s`` here is still this script's
+prototype, recorded before the core existed; ``night_core`` is the library's.
 """
 
 from __future__ import annotations
@@ -203,10 +203,10 @@ def main() -> None:
             "ratio": round(min(core["after"]) / min(core["before"]), 3),
             "runs_s": {k: [round(t, 3) for t in v_] for k, v_ in core.items()},
             "pairs": len(lib),
-            "what": "the shortlist search and the full-dimension scan apart, against search_scan(shortlist, row_cuts) (built, not wired)",
+            "what": "the shortlist search and the full-dimension scan apart, against search_scan(shortlist, row_cuts)",
         },
         "threads": 1,
-        "note": "cut_s: a prototype in this script; night_core: the library's numpy core (session 41), which no run calls with cuts yet",
+        "note": "cut_s: a prototype in this script; night_core: the library's numpy core, which nights call since session 42",
     }
     print(json.dumps(out), flush=True)
     if args.write:
