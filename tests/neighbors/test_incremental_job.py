@@ -548,8 +548,9 @@ def shortlist_cuts(spark, im, nm, ids, x) -> dict:
 def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(spark, tmp_path):
     """With the reduced first pass (32-d, r = 8, shortlist 40) a full run keeps each list's
     shortlist cut (``_cuts/``), and a night's reverse scan takes only the pairs that reach
-    the old image's cut. In process, on the executors, in groups written afresh and on kept
-    groups: the same table, _reserve/, _changes/ and _cuts/. The cuts are exact search's
+    the old image's cut. In process, on the executors and on kept groups (groups written
+    afresh run the same tasks: test_a_night_in_process_commits_the_executors_snapshot): the
+    same table, _reserve/, _changes/ and _cuts/. The cuts are exact search's
     over the probed cells (tonight's searched lists) or the base's (the others). Against
     the same night with the base's cuts withheld (every pair, at full dimension), the lists
     differ only where an added image's reduced score falls below the old image's cut."""
@@ -557,14 +558,14 @@ def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(
     ids, x = signed_ids(2000, seed=13), clustered(2060, 32, seed=13)
     opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2, "min_recall": None}
     index = {"reduced_dim": 8}
-    a, b, c, d, e = (tmp_path / n for n in ("driver", "executors", "groups", "kept", "withheld"))
+    a, b, d, e = (tmp_path / n for n in ("driver", "executors", "kept", "withheld"))
     base_i, base = night(spark, a, "d1", ids, x[:2000], index=index, neighbors=opts)
     assert base["shortlist"] == 40 and base["cuts"]["output"] == "_cuts"
     cuts0 = read_cuts(base)
     want0 = shortlist_cuts(spark, base_i, base, ids, x[:2000])
     assert set(cuts0) == {i for i, v in want0.items() if np.isfinite(v)} and len(cuts0) > 1500
     np.testing.assert_allclose([cuts0[i] for i in sorted(cuts0)], [want0[i] for i in sorted(cuts0)], rtol=1e-4, atol=1e-5)
-    for root in (b, c, e):
+    for root in (b, e):
         shutil.copytree(a, root)
     _, full = night(spark, d, "d1", ids, x[:2000], index=index, neighbors={**opts, "memory_budget": "48k"}, execution="executors")
     assert full["kept_groups"] and full["memory"]["groups"] > 2
@@ -583,18 +584,17 @@ def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(
     for root, where, budget, name in (
         (a, "driver", None, "driver"),
         (b, "executors", None, "executors"),
-        (c, "executors", "48k", "groups"),
         (d, "executors", "48k", "kept"),
         (e, "driver", None, "withheld"),
     ):
         im, nm = night(spark, root, "d2", ids2, x2, index=index, neighbors={**opts, "memory_budget": budget}, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
         got[name], built[name] = nm, im
-    assert got["kept"]["memory"]["kept_groups"]["used"] and got["groups"]["memory"]["layout"] == "groups"
+    assert got["kept"]["memory"]["kept_groups"]["used"] and got["kept"]["memory"]["layout"] == "groups"
     assert got["withheld"]["cuts"]["base_cuts_used"] is False
     da = got["driver"]
     assert da["cuts"]["base_cuts_used"] is True and da["changes"]["reverse_updated"] > 0 and da["changes"]["refilled"] > 0
-    for name in ("executors", "groups", "kept"):
+    for name in ("executors", "kept"):
         ea = got[name]
         assert ea["cuts"] == da["cuts"] and da["changes"] == ea["changes"], name
         for sub in ("", "/_reserve", "/_changes", "/_cuts"):
