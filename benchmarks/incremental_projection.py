@@ -189,30 +189,21 @@ def main() -> None:
         for g in got:
             print(json.dumps({k: g[k] for k in ("night", "search_share_measured", "night_s", "rebuild_s", "ratio")}))
             print(f"  ratio {g['ratio']}, at the rebuild's nprobe {g['ratio_at_rebuild_nprobe']}")
-        if args.write:
-            results.setdefault("projections", {})[args.write] = {
-                "variants": args.variants,
-                "to": args.to,
-                "rule": "benchmarks/incremental_projection.py --in-process (its docstring)",
-                "nights": got,
-                "note": "projected, not measured",
-            }
-            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-        return
-    got = project(runs, args.to)
-    for g in got:
-        f, lo, hi = g["fit_wall_less_search"], g["rebuild_s"][0], g["rebuild_s"][1]
-        for side in ("night", "rebuild"):
-            print(
-                f"night {g['night']}, the {side} less its search: {f[side]['measured']}"
-                f" -> {f[side]['fixed_s']} s + {f[side]['per_million_s']} s/M"
-            )
-        print(f"  at {args.to:,}: night {g['night_s']}, rebuild {lo:,}-{hi:,} s: {100 * g['ratio'][0]:.1f}-{100 * g['ratio'][1]:.1f} %")
+    else:
+        got = project(runs, args.to)
+        for g in got:
+            f, lo, hi = g["fit_wall_less_search"], g["rebuild_s"][0], g["rebuild_s"][1]
+            for side in ("night", "rebuild"):
+                print(
+                    f"night {g['night']}, the {side} less its search: {f[side]['measured']}"
+                    f" -> {f[side]['fixed_s']} s + {f[side]['per_million_s']} s/M"
+                )
+            print(f"  at {args.to:,}: night {g['night_s']}, rebuild {lo:,}-{hi:,} s: {100 * g['ratio'][0]:.1f}-{100 * g['ratio'][1]:.1f} %")
     if args.write:
         results.setdefault("projections", {})[args.write] = {
             "variants": args.variants,
             "to": args.to,
-            "rule": "benchmarks/incremental_projection.py (its docstring)",
+            "rule": "benchmarks/incremental_projection.py" + (" --in-process" if args.in_process else "") + " (its docstring)",
             "nights": got,
             "note": "projected, not measured",
         }
