@@ -59,7 +59,7 @@ from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors import truth as TR
 from cbir_lib.neighbors.ivf import reverse_scan
-from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_cuts, row_thresholds
+from cbir_lib.neighbors.routed import fresh_rows, reverse_rows, row_cuts, row_thresholds, table_thresholds
 from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import recall_at_k, recall_lower_bound
@@ -210,10 +210,7 @@ def _local_thresholds(spec: SearchSpec, store) -> tuple[np.ndarray, np.ndarray |
         parts = [remote.read_parquet(remote.Files(**spec.files), u) for u in spec.thresholds_files]
         t = pa.concat_tables(parts) if parts else None
         if t is not None and t.num_rows:
-            ids = t.column("image_id").to_numpy()
-            rows = T.positions_of(store, ids)
-            cuts = row_cuts(store.ids, rows, ids, t.column("cut").to_numpy()) if "cut" in t.column_names else None
-            _THRESHOLDS[key] = (row_thresholds(store.ids, rows, ids, t.column("thr").to_numpy()), cuts)
+            _THRESHOLDS[key] = table_thresholds(store.ids, T.positions_of(store, t.column("image_id").to_numpy()), t)
         else:
             _THRESHOLDS[key] = (np.full(len(store.ids), np.inf, dtype=np.float32), None)
     return _THRESHOLDS[key]
@@ -600,7 +597,7 @@ def run(
     base_cuts = None
     if keeps_cuts and prev.get("cuts"):
         base_cuts = spark.read.schema(L.CUTS_DDL).parquet(fs.join(prev["output"], prev["cuts"]["output"]))
-    night.base_cuts = base_cuts is not None and bool(int(spec.reduced_dim))
+    night.base_cuts = base_cuts is not None
     thr_uri = fs.join(work_dir, THRESHOLDS)
     if not fs.exists(spark, fs.join(thr_uri, "_SUCCESS")):
         keep_thr = live.join(F.broadcast(id_frame(spark, refill)), "image_id", "left_anti") if refill.size else live

@@ -197,8 +197,11 @@ def split_cuts(rows) -> tuple:
 
 
 def cuts_record(spec: SearchSpec, method: str) -> dict | None:
-    """The manifest's ``cuts``: where the lists' shortlist cuts are (None without them)."""
-    if method != "dense" or not spec.shortlist or spec.expand:
+    """The manifest's ``cuts``: where the lists' shortlist cuts are (None without them:
+    :func:`~cbir_lib.neighbors.tasks.cuts_of`)."""
+    from cbir_lib.neighbors.tasks import cuts_of
+
+    if not cuts_of(spec.with_(method=method)):
         return None
     return {"output": CUTS, "of": f"the {max(int(spec.shortlist), int(spec.k))}th reduced score of each list's shortlist"}
 

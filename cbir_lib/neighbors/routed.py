@@ -86,11 +86,11 @@ def reverse_rows(old_ids: np.ndarray, new_ids: np.ndarray, scores: np.ndarray):
     )
 
 
-def row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
+def row_thresholds(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray, fill: float = np.inf) -> np.ndarray:
     """Each store row's reverse-scan threshold: ``vals`` at the rows of ``ids`` (``rows``,
-    their positions as :func:`~cbir_lib.neighbors.tasks.positions_of` gives them), ``+inf``
-    for the others (the added: their lists are searched)."""
-    thr = np.full(len(store_ids), np.inf, dtype=np.float32)
+    their positions as :func:`~cbir_lib.neighbors.tasks.positions_of` gives them), ``fill``
+    (``+inf``) for the others (the added: their lists are searched)."""
+    thr = np.full(len(store_ids), fill, dtype=np.float32)
     ok = np.asarray(store_ids)[rows] == ids
     thr[rows[ok]] = np.asarray(vals, np.float32)[ok]
     return thr
@@ -100,10 +100,16 @@ def row_cuts(store_ids: np.ndarray, rows: np.ndarray, ids: np.ndarray, cuts: np.
     """Each store row's shortlist cut (:func:`row_thresholds`' alignment), ``-inf`` for rows
     without one (every pair); None where no row has one (the scan then takes every pair at
     full dimension, which costs less than checking every pair's reduced score)."""
-    out = np.full(len(store_ids), -np.inf, dtype=np.float32)
-    ok = np.asarray(store_ids)[rows] == ids
-    out[rows[ok]] = np.asarray(cuts, np.float32)[ok]
+    out = row_thresholds(store_ids, rows, ids, cuts, fill=-np.inf)
     return out if np.isfinite(out).any() else None
+
+
+def table_thresholds(store_ids: np.ndarray, rows: np.ndarray, t) -> tuple[np.ndarray, np.ndarray | None]:
+    """A thresholds table's rows (``image_id, thr`` and, where the night has them, ``cut``;
+    ``rows``: their store positions) as each store row's ``(threshold, shortlist cut or None)``."""
+    ids = t.column("image_id").to_numpy()
+    cuts = row_cuts(store_ids, rows, ids, t.column("cut").to_numpy()) if "cut" in t.column_names else None
+    return row_thresholds(store_ids, rows, ids, t.column("thr").to_numpy()), cuts
 
 
 def group_thresholds(files, thr_uri: str, g: int, store) -> tuple[np.ndarray, np.ndarray | None]:
@@ -117,10 +123,7 @@ def group_thresholds(files, thr_uri: str, g: int, store) -> tuple[np.ndarray, np
     if not names or not len(store.ids):
         return np.full(len(store.ids), np.inf, dtype=np.float32), None
     t = pa.concat_tables([remote.read_parquet(files, f"{uri}/{n}") for n in names])
-    ids = t.column("image_id").to_numpy()
-    rows = T.positions_in(store.ids, ids)
-    cuts = row_cuts(store.ids, rows, ids, t.column("cut").to_numpy()) if "cut" in t.column_names else None
-    return row_thresholds(store.ids, rows, ids, t.column("thr").to_numpy()), cuts
+    return table_thresholds(store.ids, T.positions_in(store.ids, t.column("image_id").to_numpy()), t)
 
 
 def buckets_for(n_queries: int, spec: SearchSpec, budget_bytes: int, slots: int) -> int:

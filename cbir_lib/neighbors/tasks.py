@@ -193,9 +193,7 @@ def search_rows(store: CellStore, rows: np.ndarray, spec: SearchSpec, get_forest
     query_ids = np.asarray(store.ids[rows])
     own = store.cells_of_rows(rows)
     if spec.expand:
-        queries = expand_queries(store, queries, query_ids, own, spec, get_forest)
-        found = search_vectors(store, queries, query_ids, own, spec, get_forest)
-        return (*found, None) if cut else found
+        queries = expand_queries(store, queries, query_ids, own, spec, get_forest)  # no cuts then: cuts_of
     return search_vectors(store, queries, query_ids, own, spec, get_forest, cut=cut)
 
 
