@@ -69,6 +69,14 @@ log = logging.getLogger(__name__)
 DELTA_SEARCH_DDL = "image_id long, rank int, neighbor_id long, score float, reverse boolean"
 THRESHOLDS = "thresholds"
 DELTA_BLOCK = 8192  # a night's queries searched together in one task step
+# A night's queries are split over the slots down to this many a slice. Each slice then
+# multiplies every cell it probes on fewer rows, and in process the slices share the GIL;
+# still, at 500k x 1,280 in process two slices searched 6,000 queries 1.66x as fast as one,
+# 3,000 1.42x, and 1,000 0.98x (benchmarks/night_slices.py, core_checks.s43_night_slices).
+# Before, slices of at least DELTA_BLOCK left a slot idle in every night under 8,192
+# queries (under ~700k images), and a night with the whole store on each executor at most
+# queries / 8,192 tasks, whatever the slots (a night in groups is group-major: routed.py).
+DELTA_SLICE = 1024
 
 
 LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory, ~3 copies at the merge
@@ -424,7 +432,8 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
             rev = np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]
             # Slices of neighbouring store rows: a cell's product is shared by the queries of a slice.
             order = np.argsort(T.positions_of(store, qids), kind="stable")
-            w = max(1, min(sc.defaultParallelism, -(-n_queries // DELTA_BLOCK)))
+            w = max(1, min(sc.defaultParallelism, -(-n_queries // DELTA_SLICE)))
+            timings["search_slices"] = w
             cuts = [order[i * order.size // w : (i + 1) * order.size // w] for i in range(w)]
             batches = [
                 pa.RecordBatch.from_arrays([pa.array(qids[c]), pa.array(rev[c])], names=["image_id", "reverse"]) for c in cuts if c.size
@@ -651,7 +660,8 @@ def run(
                 memory["search_group_reads"] = reads
                 fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
             else:
-                n_parts = max(1, min(slots, -(-n_queries // DELTA_BLOCK)))
+                n_parts = max(1, min(slots, -(-n_queries // DELTA_SLICE)))
+                timings["search_slices"] = n_parts
                 qdf = columns_frame(
                     spark,
                     {

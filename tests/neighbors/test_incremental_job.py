@@ -191,11 +191,17 @@ def test_dense_night_puts_near_copies_in_their_originals_lists(spark, tmp_path, 
     assert abs(recall_at_k(gi, ti, tv, gv) - nm["recall_old"]) < 0.05
 
 
-def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
+def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path, monkeypatch):
     """run.execution=driver, =executors, and the executors with the store past
     neighbors.memory_budget (searched in groups) on the same night (dense IVF; adds with
     near-copies, deletes past a reserve of 2, changes): the same table, _reserve/ and
-    _changes/, row for row, and the same counts in the manifest."""
+    _changes/, row for row, and the same counts in the manifest. Slices of at least 32
+    queries: the night's searches (90 added or changed images, and the refilled lists) are
+    split over both slots, as a night of thousands is (two threads in process, two tasks
+    on the executors)."""
+    from cbir_lib.neighbors import incremental
+
+    monkeypatch.setattr(incremental, "DELTA_SLICE", 32)
     rng = np.random.default_rng(5)
     ids, x = signed_ids(2000, seed=11), clustered(2060, 16, seed=11)
     # dense at a fixed nprobe: auto may choose exact search on 2,000 images by measured seconds.
@@ -225,6 +231,7 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path):
         im, nm = night(spark, root, "d2", ids2, x2, neighbors={**opts, "memory_budget": budget}, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
         assert im["execution"]["where"] == where
+        assert nm["timings"].get("search_slices") == (None if budget else 2), (name, nm["timings"])
         got[name], built[name] = nm, im
     # The night in groups wrote them afresh (its base kept none) and keeps them; the other read the kept ones.
     assert not got["groups"]["memory"]["kept_groups"]["used"] and got["groups"]["kept_groups"]["at_index_run_id"] == "d2"
