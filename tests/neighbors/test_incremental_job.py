@@ -61,7 +61,7 @@ def changes_of(spark, nm) -> dict:
     return out
 
 
-@pytest.mark.parametrize("budget", [None, "24k"])
+@pytest.mark.parametrize("budget", [None, "48k"])
 def test_incremental_nights_give_exact_search_top_k(spark, tmp_path, budget):
     """Adds (near-copies among them), deletes, changes, an id deleted one night and back the
     next with other content, and an empty night: after each, the table is exact search's.
@@ -212,7 +212,7 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path, monk
     shutil.copytree(a, b)
     shutil.copytree(a, c)
     # The same base, searched in groups that its nights then read (cbir_lib/neighbors/layered.py).
-    _, full = night(spark, d, "d1", ids, x[:2000], neighbors={**opts, "memory_budget": "24k"}, execution="executors")
+    _, full = night(spark, d, "d1", ids, x[:2000], neighbors={**opts, "memory_budget": "96k"}, execution="executors")
     assert full["kept_groups"] and full["memory"]["groups"] > 2
     orig = rng.choice(2000, 30, replace=False)
     keep = np.ones(2000, bool)
@@ -225,8 +225,8 @@ def test_a_night_in_process_commits_the_executors_snapshot(spark, tmp_path, monk
     for root, where, budget, name in (
         (a, "driver", None, "driver"),
         (b, "executors", None, "executors"),
-        (c, "executors", "24k", "groups"),
-        (d, "executors", "24k", "kept"),
+        (c, "executors", "96k", "groups"),
+        (d, "executors", "96k", "kept"),
     ):
         im, nm = night(spark, root, "d2", ids2, x2, neighbors={**opts, "memory_budget": budget}, execution=where)
         assert im["mode"] == nm["mode"] == "incremental" and nm["memory"]["execution"]["where"] == where
@@ -405,10 +405,10 @@ def test_drift_past_its_bound_falls_back_to_a_full_build(spark, tmp_path):
     check_exact(spark, nm, ids3, x3)
 
 
-@pytest.mark.parametrize("budget", [None, "8k"])
+@pytest.mark.parametrize("budget", [None, "32k"])
 def test_an_incremental_night_killed_after_its_search_resumes_to_the_same_table(spark, tmp_path, budget):
     """Exact search (600 vectors), with the whole store on every executor, and in groups
-    past a memory budget of 8 KB (where the night runs on the executors a group at a time)."""
+    past a memory budget of 32 KB (where the night runs on the executors a group at a time)."""
     pool = clustered(612, 16, seed=7)
     ids, x = signed_ids(600, seed=7), pool[:600]
     nb = {"memory_budget": budget}
@@ -476,7 +476,7 @@ def test_the_exact_sample_rides_the_grouped_search_and_finds_what_its_own_search
 
     rng = np.random.default_rng(9)
     ids, x = signed_ids(2000, seed=21), clustered(2060, 16, seed=21)
-    opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2, "memory_budget": "24k"}
+    opts = {"method": "dense", "nprobe": 3, "recall_sample": 200, "reserve": 2, "memory_budget": "96k"}
     base = tmp_path / "base"
     _, full = night(spark, base, "d1", ids, x[:2000], neighbors=opts, execution="executors")
     assert full["kept_groups"] and full["memory"]["groups"] > 2
@@ -574,7 +574,7 @@ def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(
     np.testing.assert_allclose([cuts0[i] for i in sorted(cuts0)], [want0[i] for i in sorted(cuts0)], rtol=1e-4, atol=1e-5)
     for root in (b, e):
         shutil.copytree(a, root)
-    _, full = night(spark, d, "d1", ids, x[:2000], index=index, neighbors={**opts, "memory_budget": "48k"}, execution="executors")
+    _, full = night(spark, d, "d1", ids, x[:2000], index=index, neighbors={**opts, "memory_budget": "192k"}, execution="executors")
     assert full["kept_groups"] and full["memory"]["groups"] > 2
     assert read_cuts(full) == cuts0  # the grouped full run keeps the same cuts
     # Withheld: the base's manifest names no cuts, the night scans every pair at full dimension.
@@ -591,7 +591,7 @@ def test_a_reduced_night_keeps_shortlist_cuts_and_skips_what_no_shortlist_takes(
     for root, where, budget, name in (
         (a, "driver", None, "driver"),
         (b, "executors", None, "executors"),
-        (d, "executors", "48k", "kept"),
+        (d, "executors", "192k", "kept"),
         (e, "driver", None, "withheld"),
     ):
         im, nm = night(spark, root, "d2", ids2, x2, index=index, neighbors={**opts, "memory_budget": budget}, execution=where)
