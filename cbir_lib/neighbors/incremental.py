@@ -79,6 +79,12 @@ DELTA_BLOCK = 8192  # a night's queries searched together in one task step
 DELTA_SLICE = 1024
 
 
+def _search_slices(n_queries: int, slots: int) -> int:
+    """The slices (tasks, or threads in process) a night's searches go in: one a slot, each
+    of at least ``DELTA_SLICE`` queries."""
+    return max(1, min(slots, -(-n_queries // DELTA_SLICE)))
+
+
 LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory, ~3 copies at the merge
 # The merge on the executors (:func:`_merged_lists`): a touched list's row held by its task,
 # from the Arrow batches to the lists written (input, old and new dense lists, the top-k
@@ -432,11 +438,10 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
             rev = np.r_[np.ones(added.size, bool), np.zeros(refill.size, bool)]
             # Slices of neighbouring store rows: a cell's product is shared by the queries of a slice.
             order = np.argsort(T.positions_of(store, qids), kind="stable")
-            w = max(1, min(sc.defaultParallelism, -(-n_queries // DELTA_SLICE)))
-            timings["search_slices"] = w
-            cuts = [order[i * order.size // w : (i + 1) * order.size // w] for i in range(w)]
+            w = timings["search_slices"] = _search_slices(n_queries, sc.defaultParallelism)
+            slices = [order[i * order.size // w : (i + 1) * order.size // w] for i in range(w)]
             batches = [
-                pa.RecordBatch.from_arrays([pa.array(qids[c]), pa.array(rev[c])], names=["image_id", "reverse"]) for c in cuts if c.size
+                pa.RecordBatch.from_arrays([pa.array(qids[c]), pa.array(rev[c])], names=["image_id", "reverse"]) for c in slices if c.size
             ]
             out = sc.parallelize(batches, len(batches)).mapPartitions(_delta_search(spec)).collect() if batches else []
             tmp = fs.join(night.work_dir, "_tmp", uuid.uuid4().hex)
@@ -660,8 +665,7 @@ def run(
                 memory["search_group_reads"] = reads
                 fs.create_file(spark, fs.join(tmp, "_SUCCESS"), b"")
             else:
-                n_parts = max(1, min(slots, -(-n_queries // DELTA_SLICE)))
-                timings["search_slices"] = n_parts
+                n_parts = timings["search_slices"] = _search_slices(n_queries, slots)
                 qdf = columns_frame(
                     spark,
                     {
