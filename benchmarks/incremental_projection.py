@@ -30,6 +30,16 @@ search's wall x (N'/N)^1.5 from the largest run, plus the rest fitted as ``a + b
 the sizes; also with the night's search at the rebuild's ``nprobe`` (x its own over the
 night's: a night keeps its base's), and with the searches scaled from the smallest run.
 (Session 41 computed ``projections.s41_1280_in_process`` by this rule by hand.)
+
+``--cluster 64,200``: also the ratio on that many slots, for each night. Every projected
+part above is divided by the slots (ideally: no skew, no group reads beyond the ones
+counted), and the parts that do not divide are added whole: Spark's fixed cost of a stage
+run (``--spark-fixed``, 29 s: session 34's fit of the night's fixed part at 1M in groups)
+on both sides, and on the night's the driver-side id sets measured at ``--to`` images
+(``driver_sets.json``, ``benchmarks/driver_sets.py``: collections, set operations, two
+broadcast joins' build sides, the ``_changes`` frame; 55 s at 100M). Those are in the
+2-slot figures already, inside the fitted rest; dividing them too and adding them whole
+counts them twice, so the cluster figures lean high. A projection, not a measurement.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "incremental.json"
+DRIVER_SETS = RESULTS.parent / "driver_sets.json"
 SLOTS = 2  # the benchmark's local[2]
 REBUILD_READS = (1.0, 4.7)  # the rebuild's group reads: x N'/N up to its chunked sweep's 4.7x
 
@@ -166,13 +177,36 @@ def project_in_process(runs: dict[int, list[dict]], to: int) -> list[dict]:
     return out
 
 
+def driver_sets_s(n: int) -> float:
+    """The slowest measured run of the night's driver-side id sets at ``n`` images."""
+    runs = [r for r in json.loads(DRIVER_SETS.read_text())["runs"].values() if int(r["n"]) == n]
+    if not runs:
+        sys.exit(f"--cluster: {DRIVER_SETS.name} has no run at {n:,} images (benchmarks/driver_sets.py --n {n})")
+    return max(float(r["total_s"]) for r in runs)
+
+
+def on_cluster(night_s: float, rebuild_s: float, slots: list[int], serial_night: float, fixed: float) -> dict:
+    """The ratio on each number of slots: the 2-slot projections divided by the slots, the
+    serial parts added whole (the module docstring)."""
+    out = {}
+    for s in slots:
+        night = night_s * SLOTS / s + fixed + serial_night
+        rebuild = rebuild_s * SLOTS / s + fixed
+        out[str(s)] = {"night_s": round(night, 1), "rebuild_s": round(rebuild, 1), "ratio": round(night / rebuild, 4)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--to", type=int, default=100_000_000)
     ap.add_argument("--write", help="record the projection under projections/<NAME> of the results file")
     ap.add_argument("--in-process", action="store_true", help="runs in the driver process: stage seconds (the docstring)")
+    ap.add_argument("--cluster", help="comma-separated slot counts: the ratio on that many slots (the docstring)")
+    ap.add_argument("--spark-fixed", type=float, default=29.0, help="--cluster: Spark's fixed seconds a stage run, each side")
     args = ap.parse_args()
+    slots = [int(v) for v in args.cluster.split(",")] if args.cluster else []
+    serial = driver_sets_s(args.to) if slots else 0.0
     results = json.loads(RESULTS.read_text())
     runs: dict[int, list[dict]] = {}
     for v in args.variants:
@@ -189,6 +223,10 @@ def main() -> None:
         for g in got:
             print(json.dumps({k: g[k] for k in ("night", "search_share_measured", "night_s", "rebuild_s", "ratio")}))
             print(f"  ratio {g['ratio']}, at the rebuild's nprobe {g['ratio_at_rebuild_nprobe']}")
+            if slots:
+                night, rebuild = g["night_s"]["search"] + g["night_s"]["rest"], g["rebuild_s"]["search"] + g["rebuild_s"]["rest"]
+                g["on_cluster"] = on_cluster(night, rebuild, slots, serial, args.spark_fixed)
+                print("  on a cluster: " + ", ".join(f"{s} slots {100 * v['ratio']:.1f} %" for s, v in g["on_cluster"].items()))
     else:
         got = project(runs, args.to)
         for g in got:
@@ -199,11 +237,17 @@ def main() -> None:
                     f" -> {f[side]['fixed_s']} s + {f[side]['per_million_s']} s/M"
                 )
             print(f"  at {args.to:,}: night {g['night_s']}, rebuild {lo:,}-{hi:,} s: {100 * g['ratio'][0]:.1f}-{100 * g['ratio'][1]:.1f} %")
+            if slots:  # against the rebuild's cheaper read figure: the higher ratio
+                g["on_cluster"] = on_cluster(g["night_s"]["total"], lo, slots, serial, args.spark_fixed)
+                print("  on a cluster: " + ", ".join(f"{s} slots {100 * v['ratio']:.1f} %" for s, v in g["on_cluster"].items()))
     if args.write:
         results.setdefault("projections", {})[args.write] = {
             "variants": args.variants,
             "to": args.to,
-            "rule": "benchmarks/incremental_projection.py" + (" --in-process" if args.in_process else "") + " (its docstring)",
+            "rule": "benchmarks/incremental_projection.py"
+            + (" --in-process" if args.in_process else "")
+            + (f" --cluster {args.cluster} --spark-fixed {args.spark_fixed:g}" if slots else "")
+            + " (its docstring)",
             "nights": got,
             "note": "projected, not measured",
         }
