@@ -29,6 +29,14 @@ proportions give at ``--n`` images (synthetic ids; nothing is read from disk):
 - ``not_in_total_s.changes_by_kind``: the same ``_changes`` rows made as one ``long`` id
   frame a kind, the kind a literal column.
 
+``--path bucketed`` (session 45): the steps that stay on the driver since the night merges
+its lists bucket by bucket (``cbir_lib/neighbors/buckets.py``): no reverse rows, lost lists
+or marks are collected (the buckets' tasks find them), no touched or untouched set is
+broadcast; left are the set operations on the night's own ids (added, removed, changed,
+replaced), two broadcasts of them (the live lists' ``left_anti``, the cuts' ``replaced``),
+and ``_changes``' rows of those kinds, written by pyarrow from the driver (the top-changed
+lists' rows are the buckets'). ``--path broadcast``: the steps before it (above).
+
 On a cluster the broadcast also travels to every executor (torrent: each executor
 fetches ~8-16 bytes an id); that is not measured here, only the bytes are reported.
 Writes ``benchmarks/results/driver_sets.json``'s ``runs`` (by ``--label``).
@@ -67,6 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=100_000_000, help="the collection's size the sets are drawn for")
     ap.add_argument("--label", default=None)
     ap.add_argument("--driver-memory", default="8g")
+    ap.add_argument("--path", choices=("bucketed", "broadcast"), default="bucketed", help="the night's merge (the docstring)")
     args = ap.parse_args(argv)
 
     from pyspark.sql import functions as F
@@ -101,10 +110,14 @@ def main(argv=None) -> dict:
     )
     spark = build_session(cfg, ship_package=False)
     tmp = Path(tempfile.mkdtemp(prefix="driver-sets-"))
-    out: dict = {"n": n, "sizes": {**size, "reverse_rows": int(reverse_rows.size)}, "seconds": {}}
+    out: dict = {"n": n, "path": args.path, "sizes": {**size, "reverse_rows": int(reverse_rows.size)}, "seconds": {}}
     s = out["seconds"]
     extra = out["not_in_total_s"] = {}
     try:
+        if args.path == "bucketed":
+            with arrow_batch(spark, VECTOR_BATCH):
+                _bucketed(spark, tmp, out, added, removed)
+            return _finish(spark, tmp, out, args)
         # The neighbours stage runs with vector-sized Arrow batches (run_neighbors), not the
         # images-sized default of 64 rows, which would cut 20M ids into 300k batches.
         with arrow_batch(spark, VECTOR_BATCH):
@@ -185,9 +198,64 @@ def main(argv=None) -> dict:
                 "touched": round(touched.size * 16 / 2**20),
             }
             out["total_s"] = round(sum(s.values()) - s["broadcast_empty"], 1)
-    finally:
+    except BaseException:
         spark.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(spark, tmp, out, args)
+
+
+def _bucketed(spark, tmp: Path, out: dict, added: np.ndarray, removed: np.ndarray) -> None:
+    """``--path bucketed``'s steps (the module docstring)."""
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    from cbir_lib.common import remote
+    from cbir_lib.common.frames import id_frame
+    from cbir_lib.common.lineage import timer
+    from cbir_lib.neighbors import lists as L
+    from cbir_lib.neighbors.incremental import change_rows
+
+    s = out["seconds"]
+    with timer("the set operations") as t:
+        changed = np.intersect1d(added, removed)
+        live_drop = np.union1d(added, removed)
+        refill = np.zeros(0, np.int64)
+        replaced = np.union1d(live_drop, refill)
+        groups = {
+            "added": np.setdiff1d(added, changed),
+            "updated": changed,
+            "refilled": refill,
+            "removed": np.setdiff1d(removed, changed),
+        }
+    s["sets"] = round(t["seconds"], 3)
+    small = spark.range(100_000).select(F.col("id").alias("image_id")).cache()
+    small.count()
+
+    def anti(ids):
+        return small.join(F.broadcast(id_frame(spark, ids)), "image_id", "left_anti").count()
+
+    anti(np.zeros(0, np.int64))  # warm
+    with timer("broadcast_empty") as t:
+        anti(np.zeros(0, np.int64))
+    s["broadcast_empty"] = empty_s = round(t["seconds"], 3)
+    for name, arr in (("broadcast_live_drop", live_drop), ("broadcast_replaced", replaced)):
+        with timer(name) as t:
+            anti(arr)
+        s[name] = round(max(0.0, t["seconds"] - empty_s), 3)
+    with timer("the _changes rows of the night's own kinds") as t:
+        ids, kinds = change_rows(groups)
+        table = pa.table([pa.array(ids, pa.int64()), pa.array(kinds, pa.string())], names=["image_id", "kind"])
+        remote.write_parquet(remote.Files(), L.with_run(table, "r"), str(tmp / "changes" / "part-night.parquet"))
+    s["changes"] = round(t["seconds"], 3)
+    out["sizes"]["changes_rows"] = int(ids.size)
+    out["broadcast_mb"] = {"live_drop": round(live_drop.size * 16 / 2**20), "replaced": round(replaced.size * 16 / 2**20)}
+    out["total_s"] = round(sum(s.values()) - s["broadcast_empty"], 1)
+
+
+def _finish(spark, tmp: Path, out: dict, args) -> dict:
+    spark.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     out["machine_cores"] = os.cpu_count()
     print(json.dumps(out))
     if args.label:

@@ -36,8 +36,10 @@ part above is divided by the slots (ideally: no skew, no group reads beyond the 
 counted), and the parts that do not divide are added whole: Spark's fixed cost of a stage
 run (``--spark-fixed``, 29 s: session 34's fit of the night's fixed part at 1M in groups)
 on both sides, and on the night's the driver-side id sets measured at ``--to`` images
-(``driver_sets.json``, ``benchmarks/driver_sets.py``: collections, set operations, two
-broadcast joins' build sides, the ``_changes`` frame; 55 s at 100M). Those are in the
+(``driver_sets.json``, ``benchmarks/driver_sets.py``; ``--driver-path``: before session
+45's bucketed merge, collections, set operations, two broadcast joins' build sides of ~17M
+ids and the ``_changes`` frame, 55 s at 100M; since, the night's own small sets and two
+broadcasts of them). Those are in the
 2-slot figures already, inside the fitted rest; dividing them too and adding them whole
 counts them twice, so the cluster figures lean high. A projection, not a measurement.
 """
@@ -177,11 +179,12 @@ def project_in_process(runs: dict[int, list[dict]], to: int) -> list[dict]:
     return out
 
 
-def driver_sets_s(n: int) -> float:
-    """The slowest measured run of the night's driver-side id sets at ``n`` images."""
-    runs = [r for r in json.loads(DRIVER_SETS.read_text())["runs"].values() if int(r["n"]) == n]
+def driver_sets_s(n: int, path: str) -> float:
+    """The slowest measured run of the night's driver-side id sets at ``n`` images, for
+    the night's merge ``path`` (``driver_sets.py --path``; runs before it: ``broadcast``)."""
+    runs = [r for r in json.loads(DRIVER_SETS.read_text())["runs"].values() if int(r["n"]) == n and r.get("path", "broadcast") == path]
     if not runs:
-        sys.exit(f"--cluster: {DRIVER_SETS.name} has no run at {n:,} images (benchmarks/driver_sets.py --n {n})")
+        sys.exit(f"--cluster: {DRIVER_SETS.name} has no run at {n:,} images (benchmarks/driver_sets.py --n {n} --path {path})")
     return max(float(r["total_s"]) for r in runs)
 
 
@@ -204,9 +207,15 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="runs in the driver process: stage seconds (the docstring)")
     ap.add_argument("--cluster", help="comma-separated slot counts: the ratio on that many slots (the docstring)")
     ap.add_argument("--spark-fixed", type=float, default=29.0, help="--cluster: Spark's fixed seconds a stage run, each side")
+    ap.add_argument(
+        "--driver-path",
+        choices=("bucketed", "broadcast"),
+        default="bucketed",
+        help="--cluster: whose driver-side id sets are added whole (driver_sets.py --path; broadcast: before session 45)",
+    )
     args = ap.parse_args()
     slots = [int(v) for v in args.cluster.split(",")] if args.cluster else []
-    serial = driver_sets_s(args.to) if slots else 0.0
+    serial = driver_sets_s(args.to, args.driver_path) if slots else 0.0
     results = json.loads(RESULTS.read_text())
     runs: dict[int, list[dict]] = {}
     for v in args.variants:
@@ -246,7 +255,7 @@ def main() -> None:
             "to": args.to,
             "rule": "benchmarks/incremental_projection.py"
             + (" --in-process" if args.in_process else "")
-            + (f" --cluster {args.cluster} --spark-fixed {args.spark_fixed:g}" if slots else "")
+            + (f" --cluster {args.cluster} --spark-fixed {args.spark_fixed:g} --driver-path {args.driver_path}" if slots else "")
             + " (its docstring)",
             "nights": got,
             "note": "projected, not measured",

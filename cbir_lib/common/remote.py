@@ -233,20 +233,32 @@ def delete(files: Files, uri: str) -> None:
         pass
 
 
-def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str) -> None:
-    """Write ``table`` so that ``final_uri`` appears whole or not at all."""
+def commit_parquet(files: Files, table, final_uri: str, tmp_dir_uri: str, raw: tuple[str, ...] = ()) -> None:
+    """Write ``table`` so that ``final_uri`` appears whole or not at all (``raw``: as
+    :func:`write_parquet`'s)."""
     import pyarrow.parquet as pq
 
     fs_, final_path, atomic_rename = _filesystem(files, final_uri)
+    options = _raw_options(table, raw)
     if atomic_rename:
         _, tmp_dir, _ = _filesystem(files, tmp_dir_uri)
         fs_.create_dir(tmp_dir, recursive=True)
         fs_.create_dir(os.path.dirname(final_path), recursive=True)
         tmp = f"{tmp_dir}/{uuid.uuid4().hex}.parquet"
-        pq.write_table(table, tmp, filesystem=fs_)
+        pq.write_table(table, tmp, filesystem=fs_, **options)
         fs_.move(tmp, final_path)
     else:
-        pq.write_table(table, final_path, filesystem=fs_)
+        pq.write_table(table, final_path, filesystem=fs_, **options)
+
+
+def _raw_options(table, raw: tuple[str, ...]) -> dict:
+    """pyarrow's write options that leave the columns in ``raw`` plain (no compression, no dictionary)."""
+    if not any(c in raw for c in table.column_names):
+        return {}
+    return {
+        "compression": {c: "none" if c in raw else "snappy" for c in table.column_names},
+        "use_dictionary": [c for c in table.column_names if c not in raw],
+    }
 
 
 def write_parquet(files: Files, table, uri: str, row_group_size: int | None = None, raw: tuple[str, ...] = ()) -> None:
@@ -258,11 +270,7 @@ def write_parquet(files: Files, table, uri: str, row_group_size: int | None = No
 
     fs_, path, _ = _filesystem(files, uri)
     fs_.create_dir(os.path.dirname(path), recursive=True)
-    options: dict = {}
-    if any(c in raw for c in table.column_names):
-        options["compression"] = {c: "none" if c in raw else "snappy" for c in table.column_names}
-        options["use_dictionary"] = [c for c in table.column_names if c not in raw]
-    pq.write_table(table, path, filesystem=fs_, row_group_size=row_group_size, **options)
+    pq.write_table(table, path, filesystem=fs_, row_group_size=row_group_size, **_raw_options(table, raw))
 
 
 def write_parquets(

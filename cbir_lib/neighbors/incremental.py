@@ -54,7 +54,7 @@ from cbir_lib.common.frames import columns_frame, id_frame
 from cbir_lib.common.lineage import timer
 from cbir_lib.index.incremental import DELTA
 from cbir_lib.index.store import FORESTS, cell_offsets
-from cbir_lib.neighbors import budget, layered, listops, routed
+from cbir_lib.neighbors import buckets, budget, layered, listops, routed
 from cbir_lib.neighbors import lists as L
 from cbir_lib.neighbors import tasks as T
 from cbir_lib.neighbors import truth as TR
@@ -86,17 +86,6 @@ def _search_slices(n_queries: int, slots: int) -> int:
 
 
 LIST_ROW_BYTES = 24 * 3  # a list row (image, rank, neighbour, score) in memory, ~3 copies at the merge
-# The merge on the executors (:func:`_merged_lists`): a touched list's row held by its task,
-# from the Arrow batches to the lists written (input, old and new dense lists, the top-k
-# selection's temporaries, output). Measured: 25 B a row of input and 149 B more at the
-# task's peak (3.15M rows of 200k lists of 15 and 150k candidates, peak RSS). A task is
-# sized to half of ``neighbors.memory_budget``, and to no less than MERGE_TASK_MIN_BYTES:
-# a Spark task costs ~0.1 s, so a budget of kilobytes (tests force groups with one) split
-# 6,000 rows over 40-50 tasks, 4-5 s a night where one task takes 0.2 s. A Python
-# worker alone holds more than that floor.
-MERGE_ROW_BYTES = 192
-MERGE_TASK_MIN_BYTES = 16 << 20
-CHANGED_RANK = 0  # the merge's one row (no neighbour) for each list whose top k changed
 
 
 @dataclass
@@ -409,7 +398,6 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         hit = live & (lost > 0)
         lost_ids, short = ids[hit], (length - lost)[hit] < k
         refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
-        lost_only = np.setdiff1d(lost_ids, refill)
         keep_thr = live & ~listops.member(ids, refill)
         thr_ids = ids[keep_thr]
         thr_vals = np.full(thr_ids.size, -np.inf, np.float32) if complete_only else last[keep_thr].astype(np.float32)
@@ -460,13 +448,9 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
 
     with timer("merging the night into the lists") as t:
         replaced = np.union1d(np.union1d(added, removed), refill)
-        reverse = reverse.where(~listops.member(reverse.qid, replaced))
-        reverse_ids = np.unique(reverse.qid)
-        touched = np.union1d(reverse_ids, lost_only)
-        merged = listops.merged(old, touched, removed, reverse, width)
-        top_changed = listops.top_changed(old, merged, touched, k)
-        lists = listops.assemble(old, np.union1d(replaced, touched), merged, fresh)
-        del old, merged
+        done = listops.night(old, fresh, reverse, added, removed, refill, k, width)
+        lists, top_changed = done.lists, done.top_changed
+        del old
     timings["merge_s"] = round(t["seconds"], 3)
 
     def rows_of(q: np.ndarray):
@@ -474,17 +458,21 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
 
     *recall, truth = _recall(sc, spec, rows_of, added, n, sc.defaultParallelism, nb, index.get("seed", 0), timings, carry=night.carry)
     _check_recall(nb, *recall[:2], recall[3])
-    moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
+    moved = _moved(refill, done)
     manifest = _manifest(stage, index, spec, params, memory, night, moved, tuple(recall), n_queries, truth)
     groups = _change_groups(night, refill, top_changed)
     ids, kinds = change_rows(groups)
     changes = pa.table([pa.array(ids), pa.array(kinds, pa.string())], names=["image_id", "kind"])
     n_files = L._output_files(spark, n)
+    # The base's buckets, or new ones (a base written before buckets): the next night on the executors merges by them.
+    count = buckets.count_of(prev) or buckets.count_for(n, width, int(memory["budget_bytes"]), spark.sparkContext.defaultParallelism)
     with timer("committing the neighbours table (incremental, in this process)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
         extra = TR.snapshot_part(files, truth)
         cuts = _next_cuts(base_cuts, replaced, fresh_cuts) if keeps_cuts else None
-        L.commit_arrow_lists(spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra, cuts)
+        L.commit_arrow_lists(
+            spark, lists.split(k, nb.min_score), changes, k, nb.min_score, n_files, stage, manifest, spec, extra, cuts, buckets=count
+        )
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -510,7 +498,6 @@ def run(
     searches and its exact sample run a group at a time, as a full run's do. Where the base
     run kept its groups, the night reads them plus its delta instead (:func:`_kept_groups`,
     each group at most ``group_bytes`` of store)."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     cfg, run_id, table, prev, started = stage.cfg, stage.run_id, stage.table, stage.base, stage.started
@@ -600,11 +587,12 @@ def run(
     complete_only = n_prev - 1 < width
     t_thr = time.perf_counter()
     live = stats.join(F.broadcast(id_frame(spark, np.union1d(added, removed))), "image_id", "left_anti")
-    lost = live.filter(F.col("lost") > 0).select("image_id", (F.col("length") - F.col("lost") < k).alias("short")).toArrow()
-    lost_ids = lost.column("image_id").to_numpy().astype(np.int64)
-    short = lost.column("short").to_numpy(zero_copy_only=False).astype(bool)
-    refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
-    lost_only = np.setdiff1d(lost_ids, refill)
+    # Only the lists left too short come to the driver (they are searched again); those
+    # that only lost a neighbour are found again by the merge, in their buckets.
+    refill = np.zeros(0, np.int64)
+    if not complete_only:
+        short = live.filter((F.col("lost") > 0) & (F.col("length") - F.col("lost") < k)).select("image_id").toArrow()
+        refill = np.sort(short.column("image_id").to_numpy().astype(np.int64))
 
     # The base's shortlist cuts (cbir_lib/neighbors/lists.py: CUTS), where the search keeps them.
     keeps_cuts = L.cuts_record(spec, spec.method) is not None
@@ -681,96 +669,152 @@ def run(
     faults.point("neighbors.incremental.after_search")
     t_merge = time.perf_counter()
     searched = spark.read.schema(DELTA_SEARCH_DDL).parquet(searched_uri)
-    fresh, fresh_cuts = L.split_cuts(searched.filter(~F.col("reverse")).drop("reverse"))
+    fresh_cuts = L.split_cuts(searched.filter(~F.col("reverse")).drop("reverse"))[1]
     replaced = np.union1d(np.union1d(added, removed), refill)
-    reverse = searched.filter(F.col("reverse")).drop("reverse").join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti")
-    reverse_rows_ids = reverse.select("image_id").toArrow().column("image_id").to_numpy().astype(np.int64)
-    n_reverse_rows, reverse_ids = reverse_rows_ids.size, np.unique(reverse_rows_ids)
-    touched = np.union1d(reverse_ids, lost_only)
-    exact_uri = fs.join(searched_uri, routed.EXACT_DIR)
-    exact_uri = exact_uri if sample is not None and fs.exists(spark, exact_uri) else None
-
-    # The merge: touched lists re-ranked, replaced ones new, the rest as they were.
-    cols = ["image_id", "rank", "neighbor_id", "score"]
-    # Where the sample is known (the grouped layout), its old images' untouched lists pass
-    # through the merge unchanged, so that the recall check reads its lists from the merge
-    # and the searches' output, not from another scan of every old list.
-    riders = np.zeros(0, np.int64)
-    if sample is not None and sample.lists is not None:
-        riders = np.setdiff1d(sample.lists, np.union1d(replaced, touched)).astype(np.int64)
-    in_merge = np.union1d(touched, riders)
-    untouched = old.join(F.broadcast(id_frame(spark, np.union1d(replaced, in_merge))), "image_id", "left_anti")
-    # Only the touched lists are cached, for the table, its reserve, the recall check and
-    # the "updated" count; those read the untouched lists again. Caching every list (and
-    # diffing the top k by a join) took 15.2 s of a 1M night on 2 cores; this, ~6 s.
-    # The touched lists are merged by listops' numpy, a task's lists at a time, sized to
-    # the budget, where a window's row_number ran before (measured apart at 1M: 5.4 s
-    # against 7.3 s warm; in the night, ~1 s less at 250k and 500k, none measurable at 1M).
-    n_merge = int(in_merge.size) * width + int(n_reverse_rows)
-    n_parts = max(1, slots, -(-n_merge * MERGE_ROW_BYTES // max(MERGE_TASK_MIN_BYTES, int(memory["budget_bytes"]) // 2)))
-    merged = _merged_lists(spark, old, in_merge, removed, reverse, width, k, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
-    rows = merged.filter(F.col("rank") > CHANGED_RANK)
-    lists = untouched.select(*cols).unionByName(rows).unionByName(fresh.select(*cols))
-    # The sample's lists: every one is merged or searched tonight where riders were taken.
-    sampled = lists if sample is None or sample.lists is None else rows.unionByName(fresh.select(*cols))
-    n_files = L._output_files(spark, n)
-    public, reserve = L.public_and_reserve(lists, k, nb.min_score, run_id)
-    marks = merged.filter(F.col("rank") == CHANGED_RANK).select("image_id").toArrow()
-    top_changed = np.sort(marks.column("image_id").to_numpy().astype(np.int64))
-    memory["merge_tasks"] = n_parts
-    groups = _change_groups(night, refill, top_changed)
+    files = remote.Files(**spec.files)
+    # The merge, bucket by bucket (cbir_lib/neighbors/buckets.py): the night's candidates
+    # shuffled into the base's buckets, each task one bucket's old lists and candidates.
+    count = buckets.count_of(prev) or buckets.count_for(n, width, int(memory["budget_bytes"]), slots)
+    old_dirs = _bucketed_base(spark, prev, count, work_dir, files)
+    merged_uri = fs.join(work_dir, "merged")
+    moved = _bucket_merge(spark, searched, old_dirs, merged_uri, count, night, refill, nb.min_score, run_id, files)
+    memory["merge_tasks"] = count
     timings["merge_s"] = round(time.perf_counter() - t_merge, 3)
-    ids, kinds = change_rows(groups)
-    changes = columns_frame(spark, {"image_id": ids, "kind": kinds}, "image_id long, kind string").withColumn(
-        "neighbors_run_id", F.lit(run_id)
-    )
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+    lists = spark.read.parquet(merged_uri).select(*cols).unionByName(spark.read.parquet(fs.join(merged_uri, L.RESERVE)).select(*cols))
 
     # Recall on new and on old images, from the lists as committed, against exact search.
-    try:
-        recall_new, recall_old, sample_sizes, upper, truth = _recall(
-            sc,
-            spec,
-            lambda qids: sampled.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
-            added,
-            n,
-            slots,
-            nb,
-            index.get("seed", 0),
-            timings,
-            memory,
-            layout,
-            sample,
-            exact_uri,
-            night.carry,
-        )
-    except BaseException:
-        merged.unpersist()
-        raise
-    try:
-        _check_recall(nb, recall_new, recall_old, upper)
-    except NotIncremental:
-        merged.unpersist()
-        raise
-    moved = {"refill": refill, "reverse_ids": reverse_ids, "lost_only": lost_only, "touched": touched, "top_changed": top_changed}
+    exact_uri = fs.join(searched_uri, routed.EXACT_DIR)
+    exact_uri = exact_uri if sample is not None and fs.exists(spark, exact_uri) else None
+    recall_new, recall_old, sample_sizes, upper, truth = _recall(
+        sc,
+        spec,
+        lambda qids: lists.join(F.broadcast(id_frame(spark, qids)), "image_id", "left_semi").toArrow(),
+        added,
+        n,
+        slots,
+        nb,
+        index.get("seed", 0),
+        timings,
+        memory,
+        layout,
+        sample,
+        exact_uri,
+        night.carry,
+    )
+    _check_recall(nb, recall_new, recall_old, upper)
     recall = (recall_new, recall_old, sample_sizes, upper)
     manifest = _manifest(stage, index, spec, params, memory, night, moved, recall, n_queries, truth)
-    with timer("committing the neighbours table (incremental)") as t:
-        manifest["wall_seconds"] = round(time.time() - started, 3)
-        extra = TR.snapshot_part(remote.Files(**spec.files), truth)
-        cuts = None
+    manifest["buckets"] = buckets.record(count)
+    n_files = L._output_files(spark, n)
+    groups = _change_groups(night, refill, np.zeros(0, np.int64))  # the top-changed lists' rows: the buckets'
+    ids, kinds = change_rows(groups)
+
+    def write(tmp: str) -> None:
+        import pyarrow as pa
+
+        fs.rename(spark, merged_uri, tmp)
+        fs.delete(spark, fs.join(tmp, MERGE_DONE))
+        changes = pa.table([pa.array(ids, pa.int64()), pa.array(kinds, pa.string())], names=["image_id", "kind"])
+        remote.write_parquet(files, L.with_run(changes, run_id), fs.join(tmp, L.CHANGES, "part-night.parquet"))
         if keeps_cuts:  # as _next_cuts: the base's less the lists searched or gone, and tonight's searched lists'
             cuts = fresh_cuts
             if base_cuts is not None:
                 cuts = base_cuts.join(F.broadcast(id_frame(spark, replaced)), "image_id", "left_anti").unionByName(fresh_cuts)
-            cuts = cuts.coalesce(n_files)
-        L.commit_lists(spark, public.coalesce(n_files), reserve.coalesce(n_files), changes.coalesce(1), stage, manifest, extra, cuts)
+            cuts.coalesce(n_files).write.mode("overwrite").parquet(fs.join(tmp, L.CUTS))
+        L.write_extra(tmp, TR.snapshot_part(files, truth))
+        manifest["counts"]["rows"] = int(moved["rows"])
+
+    with timer("committing the neighbours table (incremental)") as t:
+        manifest["wall_seconds"] = round(time.time() - started, 3)
+        stage.commit(spark, write, manifest)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
-    merged.unpersist()
     fs.delete(spark, work_dir)  # the delta on the kept groups with it; the groups stay for the next night
     _log_done(run_id, prev, manifest, k, started)
     return manifest
+
+
+MERGE_DONE = "_merged.json"  # the merge's per-bucket counts, summed: its commit marker under _work/
+
+
+def _bucketed_base(spark, prev: dict, count: int, work_dir: str, files: remote.Files) -> list[str]:
+    """The directories of last night's lists in ``count`` buckets: the snapshot's own (the
+    table and its reserve) where it is bucketed so, else its lists written in buckets once
+    under ``_work/`` (a snapshot written before buckets: one shuffle of every list)."""
+    if buckets.count_of(prev) == count:
+        return [prev["output"], fs.join(prev["output"], prev["reserve"]["output"])]
+    out = fs.join(work_dir, "base_buckets")
+    if not fs.exists(spark, fs.join(out, "_SUCCESS")):
+        with timer(f"writing last night's lists in {count} buckets (a snapshot written before buckets)"):
+            fs.delete(spark, out)
+            buckets.write_frame(spark, L.read_lists(spark, prev), out, count, files, raw=L.LIST_RAW_COLUMNS)
+            fs.create_file(spark, fs.join(out, "_SUCCESS"), b"")
+    return [out]
+
+
+def _bucket_merge(spark, searched, old_dirs: list[str], out_uri: str, count: int, night: _Night, refill, min_score, run_id, files) -> dict:
+    """The night's merge (:func:`~cbir_lib.neighbors.listops.night`) bucket by bucket on
+    the executors: ``searched`` (tonight's searches' rows, ``reverse`` marking the reverse
+    candidates) written partitioned by bucket, then one task a bucket reading its old lists
+    (``old_dirs``) and its candidates, and writing the bucket's table, ``_reserve/`` and
+    ``_changes/`` (its top-changed lists, kind ``updated``) under ``out_uri``. Returns the
+    counts summed over the buckets (:func:`_moved`'s, and ``rows``: the table's). Committed
+    by its counts file, so a resumed night skips a finished merge."""
+
+    done_uri = fs.join(out_uri, MERGE_DONE)
+    if fs.exists(spark, done_uri):
+        return fs.read_json(spark, done_uri)
+    cand_uri = out_uri.rstrip("/") + "_candidates"
+    if not fs.exists(spark, fs.join(cand_uri, "_SUCCESS")):
+        with_b = searched.withColumn("bucket", buckets.column(count))
+        with_b.repartition("bucket").write.mode("overwrite").partitionBy("bucket").parquet(cand_uri)
+    fs.delete(spark, out_uri)
+    task = _bucket_task(files, old_dirs, cand_uri, out_uri, night, refill, min_score, run_id)
+    got = spark.sparkContext.parallelize(range(count), count).mapPartitions(task).collect()
+    if sorted(g["bucket"] for g in got) != list(range(count)):
+        raise RuntimeError("neighbors: the merge did not return every bucket once")
+    totals = {"refill": int(refill.size), **{f: int(sum(g[f] for g in got)) for f in (*MOVED, "rows")}}
+    fs.delete(spark, fs.join(out_uri, "_tmp"))  # the tasks' atomic writes' folder, empty now
+    fs.write_json(spark, done_uri, totals)
+    fs.delete(spark, cand_uri)
+    return totals
+
+
+def _bucket_task(files, old_dirs: list[str], cand_uri: str, out_uri: str, night: _Night, refill, min_score, run_id: str):
+    """mapPartitions over bucket numbers: :func:`_bucket_merge`'s task."""
+    added, removed, k, width = night.added, night.removed, night.k, night.width
+    cols = ["image_id", "rank", "neighbor_id", "score"]
+
+    def fn(numbers):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        for b in numbers:
+            name = buckets.name(b)
+            old = listops.Dense.from_arrow([remote.read_parquet(files, fs.join(d, name), cols) for d in old_dirs], width)
+            found = budget._group_tables(files, f"{cand_uri}/bucket={b}", [*cols, "reverse"])
+            cand = pa.concat_tables(found) if found else L._arrow_schema(DELTA_SEARCH_DDL).empty_table()
+            is_rev = pc.fill_null(cand.column("reverse"), False)
+            rows, _ = L.split_cuts(cand.filter(pc.invert(is_rev)).select(cols))
+            fresh = listops.Dense.from_arrow([rows], width)
+            reverse = listops.Lists.from_arrow(cand.filter(is_rev).select(cols))
+            del found, cand, rows
+            done = listops.night(old, fresh, reverse, added, removed, refill, k, width)
+            del old, fresh, reverse
+            public, reserve = done.lists.split(k, min_score)
+            updated = pa.table(
+                [pa.array(done.top_changed, pa.int64()), pa.array(np.full(done.top_changed.size, "updated", object), pa.string())],
+                names=["image_id", "kind"],
+            )
+            tmp = fs.join(out_uri, "_tmp")
+            for sub, t, raw in (("", public, L.LIST_RAW_COLUMNS), (L.RESERVE, reserve, L.LIST_RAW_COLUMNS), (L.CHANGES, updated, ())):
+                d = fs.join(out_uri, sub) if sub else out_uri
+                remote.commit_parquet(files, L.with_run(t, run_id), fs.join(d, name), tmp, raw=raw)
+            yield {"bucket": int(b), "rows": int(public.num_rows), **{f: int(getattr(done, f).size) for f in MOVED}}
+
+    return fn
 
 
 def _next_cuts(base: tuple | None, replaced: np.ndarray, fresh):
@@ -788,58 +832,6 @@ def _next_cuts(base: tuple | None, replaced: np.ndarray, fresh):
     keep = ~listops.member(ids, replaced)
     old = pa.table([pa.array(ids[keep]), pa.array(cuts[keep])], names=["image_id", "cut"])
     return pa.concat_tables([old, fresh.cast(old.schema)])
-
-
-def _merge_task(removed: np.ndarray, width: int, k: int):
-    """mapInArrow over the rows of whole lists (``old`` true: last night's, every rank;
-    false: a new candidate): each list merged by :func:`~cbir_lib.neighbors.listops.merged`,
-    and one more row, of rank ``CHANGED_RANK`` and no neighbour, for each list whose top
-    k is not last night's (:func:`~cbir_lib.neighbors.listops.top_changed`)."""
-
-    def fn(batches):
-        import pyarrow as pa
-
-        held = [b for b in batches if b.num_rows]
-        if not held:
-            return
-        t = pa.Table.from_batches(held)
-        del held
-        is_old = t.column("old").to_numpy(zero_copy_only=False).astype(bool)
-        ids = np.unique(t.column("image_id").to_numpy())
-        before = listops.Dense.from_arrow([t.filter(pa.array(is_old))], width)
-        extra = listops.Lists.from_arrow(t.filter(pa.array(~is_old)))
-        del t
-        after = listops.merged(before, ids, removed, extra, width)
-        changed = listops.top_changed(before, after, ids, k)
-        del before, extra
-        yield from after.to_arrow().to_batches()
-        if changed.size:
-            yield pa.RecordBatch.from_arrays(
-                [
-                    pa.array(changed.astype(np.int64)),
-                    pa.array(np.full(changed.size, CHANGED_RANK, np.int32)),
-                    pa.nulls(changed.size, pa.int64()),
-                    pa.nulls(changed.size, pa.float32()),
-                ],
-                schema=L._arrow_schema(L.NEIGHBORS_DDL),
-            )
-
-    return fn
-
-
-def _merged_lists(spark, old, touched: np.ndarray, removed: np.ndarray, reverse, width: int, k: int, n_parts: int):
-    """The Spark side of :func:`~cbir_lib.neighbors.listops.merged`: the lists of
-    ``touched`` (sorted ids) from ``old`` less the neighbours in ``removed``, with the
-    candidate rows ``reverse``, ranked by ``(-score, neighbour id)`` and cut at ``width``,
-    in ``n_parts`` tasks of whole lists; with a row of rank ``CHANGED_RANK`` for each list
-    whose top k, what the table holds, is not last night's (the "updated" lists: one that
-    changed only past k, in its reserve, is no change to a reader of the table)."""
-    from pyspark.sql import functions as F
-
-    cols = ["image_id", "rank", "neighbor_id", "score"]
-    kept = old.join(F.broadcast(id_frame(spark, touched)), "image_id", "left_semi").select(*cols, F.lit(True).alias("old"))
-    cand = reverse.select(*cols, F.lit(False).alias("old"))
-    return kept.unionByName(cand).repartition(n_parts, "image_id").mapInArrow(_merge_task(removed, width, k), L.NEIGHBORS_DDL)
 
 
 def _check_recall(nb, recall_new, recall_old, upper) -> None:
@@ -872,15 +864,10 @@ def _manifest(
     stage: StageRun, index, spec, params, memory, night: _Night, moved: dict, recall: tuple, n_queries: int, truth: TR.Truth | None = None
 ) -> dict:
     """The night's manifest, everything but ``counts.rows`` and ``wall_seconds``, set at the
-    commit. ``moved``: the sorted ids of the lists the night ``refill``-ed, ``reverse_ids``
-    (a new image entered), ``lost_only`` (a neighbour left), ``touched`` (either) and
-    ``top_changed``."""
+    commit. ``moved``: how many lists the night ``refill``-ed, and :func:`_moved`'s others."""
     cfg, table, prev, run_id = stage.cfg, stage.table, stage.base, stage.run_id
     assert prev is not None
     recall_new, recall_old, sample_sizes, upper = recall
-    refill, reverse_ids, lost_only, touched, top_changed = (
-        moved[f] for f in ("refill", "reverse_ids", "lost_only", "touched", "top_changed")
-    )
     recalls = [r for r in (recall_new, recall_old) if r is not None]
     added, removed, changed = night.added, night.removed, night.changed
     return {
@@ -904,11 +891,12 @@ def _manifest(
             "added": int(np.setdiff1d(added, changed).size),
             "changed": int(changed.size),
             "deleted": int(np.setdiff1d(removed, changed).size),
-            "refilled": int(refill.size),
-            "reverse_updated": int(reverse_ids.size),
-            "lost_neighbours_only": int(lost_only.size),
-            "lists_changed": int(np.union1d(top_changed, refill).size),
-            "reserve_only_changed": int(touched.size - top_changed.size),
+            "refilled": moved["refill"],
+            "reverse_updated": moved["reverse_ids"],
+            "lost_neighbours_only": moved["lost_only"],
+            # A refilled list is replaced, never merged, so it is not among the top-changed ones.
+            "lists_changed": moved["refill"] + moved["top_changed"],
+            "reserve_only_changed": moved["touched"] - moved["top_changed"],
             "output": L.CHANGES,
         },
         "searched_this_run": n_queries,
@@ -923,6 +911,16 @@ def _manifest(
             "the carried exact lists (_truth), advanced by an exact scan of the added rows" if night.carry is not None else "exact search"
         ),
     }
+
+
+MOVED = ("reverse_ids", "lost_only", "touched", "top_changed")
+
+
+def _moved(refill: np.ndarray, done: listops.Night) -> dict[str, int]:
+    """:func:`_manifest`'s ``moved``: how many lists were refilled, and of
+    :class:`~cbir_lib.neighbors.listops.Night`'s sets (a new image entered, a neighbour
+    only left, either, the top k changed)."""
+    return {"refill": int(refill.size), **{f: int(getattr(done, f).size) for f in MOVED}}
 
 
 def _change_groups(night: _Night, refill: np.ndarray, top_changed: np.ndarray) -> dict[str, np.ndarray]:

@@ -268,3 +268,39 @@ def top_changed(old: Dense, new: Dense, ids: np.ndarray, k: int) -> np.ndarray:
     same = (a.nid[:, :kk] == b.nid[:, :kk]) & (a.score[:, :kk] == b.score[:, :kk])
     same |= np.arange(kk)[None, :] >= la[:, None]
     return ids[(la != lb) | ~same.all(axis=1)]
+
+
+@dataclass
+class Night:
+    """What :func:`night` did to a set of lists: the lists, and the sorted ids of those a
+    new image entered (``reverse_ids``), of those that only lost a neighbour
+    (``lost_only``), of both together (``touched``), and of the touched ones whose top k
+    changed (``top_changed``)."""
+
+    lists: Dense
+    reverse_ids: np.ndarray
+    lost_only: np.ndarray
+    touched: np.ndarray
+    top_changed: np.ndarray
+
+
+def night(
+    old: Dense, fresh: Dense, reverse: Lists, added: np.ndarray, removed: np.ndarray, refill: np.ndarray, k: int, width: int
+) -> Night:
+    """An incremental night's merge of last night's lists ``old``: the lists of ``added``,
+    ``removed`` and ``refill`` (sorted ids) dropped, and ``fresh`` (tonight's searches of
+    the added and refilled) put in their place; every other list that lost a neighbour in
+    ``removed`` or gained a candidate row of ``reverse`` re-ranked by :func:`merged`; the
+    rest as they were. Any subset of whole lists (a bucket) gives that subset's part of the
+    whole collection's result."""
+    ids, _, _, lost = list_stats(old, removed)
+    live = ~member(ids, np.union1d(added, removed))
+    lost_only = np.setdiff1d(ids[live & (lost > 0)], refill)
+    replaced = np.union1d(np.union1d(added, removed), refill)
+    reverse = reverse.where(~member(reverse.qid, replaced))
+    reverse_ids = np.unique(reverse.qid)
+    touched = np.union1d(reverse_ids, lost_only)
+    new = merged(old, touched, removed, reverse, width)
+    changed = top_changed(old, new, touched, k)
+    lists = assemble(old, np.union1d(replaced, touched), new, fresh)
+    return Night(lists, reverse_ids, lost_only, touched, changed)

@@ -14,6 +14,7 @@ import numpy as np
 
 from cbir_lib.common import fs, layout, remote, tables
 from cbir_lib.config import Config
+from cbir_lib.neighbors import buckets as B
 from cbir_lib.neighbors.spec import SearchSpec
 from cbir_lib.stage import StageRun
 from cbir_lib.vectors.topk import NO_ID
@@ -81,20 +82,39 @@ def public_and_reserve(lists, k: int, min_score: float | None, run_id: str):
     return public.withColumn("neighbors_run_id", F.lit(run_id)), rest.withColumn("neighbors_run_id", F.lit(run_id))
 
 
-def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dict, extra: tuple | None = None, cuts=None) -> str:
+def commit_lists(
+    spark,
+    public,
+    reserve,
+    changes,
+    stage: StageRun,
+    manifest: dict,
+    extra: tuple | None = None,
+    cuts=None,
+    buckets: int | None = None,
+    files: remote.Files | None = None,
+) -> str:
     """Commit a neighbours snapshot: the table, and inside it (hidden from readers of the
     table, which skip ``_`` names) ``_reserve/`` and ``_changes/``. Sets the manifest's
     ``counts.rows`` to the table's rows as written. ``extra``: ``(files, name, Arrow
     table, raw columns)``, a small table written by this process as ``<name>/`` (the
     carried truth: :func:`~cbir_lib.neighbors.truth.snapshot_part`). ``cuts``: the lists'
-    shortlist cuts (``CUTS_DDL``), written as ``_cuts/``."""
+    shortlist cuts (``CUTS_DDL``), written as ``_cuts/``. ``buckets``: the table and its
+    reserve written in that many buckets by image id (:mod:`~cbir_lib.neighbors.buckets`,
+    by tasks with ``files``); the manifest's ``buckets`` records it."""
 
     def write(tmp: str) -> None:
-        public.write.mode("overwrite").parquet(tmp)
-        # The rows as written, from the Parquet footers: counting the lists before writing
-        # them searched or decoded them once more (0.5-1 s at 100k here).
-        manifest.setdefault("counts", {})["rows"] = spark.read.parquet(tmp).count()
-        reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
+        if buckets is not None:
+            assert files is not None
+            manifest.setdefault("counts", {})["rows"] = B.write_frame(spark, public, tmp, buckets, files, raw=LIST_RAW_COLUMNS)
+            B.write_frame(spark, reserve, fs.join(tmp, RESERVE), buckets, files, raw=LIST_RAW_COLUMNS)
+            manifest["buckets"] = B.record(buckets)
+        else:
+            public.write.mode("overwrite").parquet(tmp)
+            # The rows as written, from the Parquet footers: counting the lists before writing
+            # them searched or decoded them once more (0.5-1 s at 100k here).
+            manifest.setdefault("counts", {})["rows"] = spark.read.parquet(tmp).count()
+            reserve.write.mode("overwrite").parquet(fs.join(tmp, RESERVE))
         if changes is not None:
             changes.write.mode("overwrite").parquet(fs.join(tmp, CHANGES))
         if cuts is not None:
@@ -102,6 +122,13 @@ def commit_lists(spark, public, reserve, changes, stage: StageRun, manifest: dic
         write_extra(tmp, extra)
 
     return stage.commit(spark, write, manifest)
+
+
+def with_run(t, run_id: str):
+    """An Arrow table with ``neighbors_run_id`` appended (not null, as Spark's lit() writes it)."""
+    import pyarrow as pa
+
+    return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
 
 
 def write_extra(tmp: str, extra: tuple | None) -> None:
@@ -139,28 +166,26 @@ def commit_arrow_lists(
     spec: SearchSpec,
     extra: tuple | None = None,
     cuts=None,
+    buckets: int | None = None,
 ) -> str:
     """:func:`commit_lists` for lists held in this process as an Arrow table: the same
     snapshot (table, ``_reserve/``, and ``_changes/`` from ``changes``, an Arrow table of
     ``image_id, kind``: see :func:`rebuilt_changes`), written by pyarrow instead of Spark tasks.
     ``lists`` may also come split already, as ``(table rows, reserve rows)``: the rows of
     rank up to ``k`` and score from ``min_score``, and the rest (``listops.Dense.split``).
-    ``extra`` and ``cuts`` (here an Arrow table): as :func:`commit_lists`'."""
+    ``extra`` and ``cuts`` (here an Arrow table), ``buckets``: as :func:`commit_lists`'."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def with_run(t):  # not null, as Spark's lit() writes it
-        return t.append_column(pa.field("neighbors_run_id", pa.string(), nullable=False), pa.repeat(pa.scalar(run_id), t.num_rows))
-
     run_id = stage.run_id
     if isinstance(lists, tuple):
-        public, reserve = (with_run(t) for t in lists)
+        public, reserve = (with_run(t, run_id) for t in lists)
     else:
         keep = pc.less_equal(lists.column("rank"), k)
         if min_score is not None:
             keep = pc.and_(keep, pc.greater_equal(lists.column("score"), pa.scalar(min_score, pa.float32())))
-        public, reserve = with_run(lists.filter(keep)), with_run(lists.filter(pc.invert(keep)))
-    changes = with_run(changes)
+        public, reserve = with_run(lists.filter(keep), run_id), with_run(lists.filter(pc.invert(keep)), run_id)
+    changes = with_run(changes, run_id)
     files = remote.Files(**spec.files)
 
     def write(tmp: str) -> None:
@@ -168,11 +193,16 @@ def commit_arrow_lists(
         subs = [("", public), (RESERVE, reserve), (CHANGES, changes)] + ([(CUTS, cuts)] if cuts is not None else [])
         for sub, t in subs:
             d = fs.join(tmp, sub) if sub else tmp
+            if buckets is not None and sub in ("", RESERVE):
+                jobs += B.arrow_jobs(t, d, buckets)
+                continue
             step = -(-t.num_rows // n_files) if t.num_rows else 1
             jobs += [(t.slice(lo, step), fs.join(d, f"part-{j:05d}.parquet")) for j, lo in enumerate(range(0, max(1, t.num_rows), step))]
         remote.write_parquets(files, jobs, raw=LIST_RAW_COLUMNS)
         write_extra(tmp, extra)
         manifest.setdefault("counts", {})["rows"] = public.num_rows
+        if buckets is not None:
+            manifest["buckets"] = B.record(buckets)
 
     return stage.commit(spark, write, manifest)
 

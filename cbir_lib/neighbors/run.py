@@ -56,7 +56,7 @@ from cbir_lib.index.store import (
     index_table_uri,
     load_index_manifest,
 )
-from cbir_lib.neighbors import budget
+from cbir_lib.neighbors import buckets, budget
 from cbir_lib.neighbors import truth as TR
 from cbir_lib.neighbors.calibrate import choose, rows_of, sample_positions, sample_recall, sample_seed
 from cbir_lib.neighbors.lists import (
@@ -527,6 +527,8 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             raw, kr_stats = _k_reciprocal(spark, raw, nb, work_dir)
         timings["k_reciprocal_s"] = round(t["seconds"], 3)
     n_files = _output_files(spark, n)
+    # The lists in buckets by image id, so that a night merges bucket by bucket (buckets.py).
+    n_buckets = buckets.count_for(n, spec.k, int(memory["budget_bytes"]), slots)
     manifest = {
         **manifest_head(stage, index, params, method, spec),
         "k": nb.k,
@@ -572,7 +574,18 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
         if in_arrow:
             ids = np.sort(np.asarray(local_store(base_spec).ids))
             commit_arrow_lists(
-                spark, raw, rebuilt_changes(ids), nb.k, nb.min_score, n_files, stage, manifest, spec, extra, cuts if cuts_rec else None
+                spark,
+                raw,
+                rebuilt_changes(ids),
+                nb.k,
+                nb.min_score,
+                n_files,
+                stage,
+                manifest,
+                spec,
+                extra,
+                cuts if cuts_rec else None,
+                buckets=n_buckets,
             )
             final = None
         else:
@@ -585,13 +598,15 @@ def _run_neighbors_in(spark, cfg: Config, stack: contextlib.ExitStack) -> dict:
             )
             commit_lists(
                 spark,
-                final.coalesce(n_files),
-                reserve.coalesce(n_files),
+                final,
+                reserve,
                 rebuilt.coalesce(n_files),
                 stage,
                 manifest,
                 extra,
                 cuts.coalesce(n_files) if cuts_rec else None,
+                buckets=n_buckets,
+                files=remote.Files(**spec.files),
             )
     faults.point("neighbors.between_commits")
     if nb.pairs:
