@@ -150,25 +150,16 @@ def main(argv=None) -> dict:
             s["sets"] = round(t["seconds"], 3)
             out["sizes"].update(touched=int(touched.size), untouched_drop=int(drop.size))
 
-            small = spark.range(100_000).select(F.col("id").alias("image_id")).cache()
-            small.count()
-
-            def anti(ids):
-                return small.join(F.broadcast(id_frame(spark, ids)), "image_id", "left_anti").count()
-
-            anti(np.zeros(0, np.int64))  # warm
-            with timer("broadcast_empty") as t:
-                anti(np.zeros(0, np.int64))
-            s["broadcast_empty"] = empty_s = round(t["seconds"], 3)
-            for name, arr in (
-                ("broadcast_live_drop", live_drop),
-                ("broadcast_replaced", replaced),
-                ("broadcast_untouched_drop", drop),
-                ("broadcast_touched", touched),
-            ):
-                with timer(name) as t:
-                    anti(arr)
-                s[name] = round(max(0.0, t["seconds"] - empty_s), 3)
+            small, empty_s = _broadcasts(
+                spark,
+                s,
+                {
+                    "broadcast_live_drop": live_drop,
+                    "broadcast_replaced": replaced,
+                    "broadcast_untouched_drop": drop,
+                    "broadcast_touched": touched,
+                },
+            )
             # The same broadcast with its ids made by Spark (read from Parquet, as a set the
             # night kept as a DataFrame would be), never through Python: what is left of the
             # step if the sets stayed in Spark.
@@ -208,10 +199,8 @@ def main(argv=None) -> dict:
 def _bucketed(spark, tmp: Path, out: dict, added: np.ndarray, removed: np.ndarray) -> None:
     """``--path bucketed``'s steps (the module docstring)."""
     import pyarrow as pa
-    from pyspark.sql import functions as F
 
     from cbir_lib.common import remote
-    from cbir_lib.common.frames import id_frame
     from cbir_lib.common.lineage import timer
     from cbir_lib.neighbors import lists as L
     from cbir_lib.neighbors.incremental import change_rows
@@ -229,6 +218,26 @@ def _bucketed(spark, tmp: Path, out: dict, added: np.ndarray, removed: np.ndarra
             "removed": np.setdiff1d(removed, changed),
         }
     s["sets"] = round(t["seconds"], 3)
+    _broadcasts(spark, s, {"broadcast_live_drop": live_drop, "broadcast_replaced": replaced})
+    with timer("the _changes rows of the night's own kinds") as t:
+        ids, kinds = change_rows(groups)
+        table = pa.table([pa.array(ids, pa.int64()), pa.array(kinds, pa.string())], names=["image_id", "kind"])
+        remote.write_parquet(remote.Files(), L.with_run(table, "r"), str(tmp / "changes" / "part-night.parquet"))
+    s["changes"] = round(t["seconds"], 3)
+    out["sizes"]["changes_rows"] = int(ids.size)
+    out["broadcast_mb"] = {"live_drop": round(live_drop.size * 16 / 2**20), "replaced": round(replaced.size * 16 / 2**20)}
+    out["total_s"] = round(sum(s.values()) - s["broadcast_empty"], 1)
+
+
+def _broadcasts(spark, s: dict, sets: dict[str, np.ndarray]):
+    """Each set's ``left_anti`` broadcast join against a small frame, in ``s`` by name, less
+    the same join of an empty id frame (``s["broadcast_empty"]``). Returns the small frame
+    and the empty join's seconds."""
+    from pyspark.sql import functions as F
+
+    from cbir_lib.common.frames import id_frame
+    from cbir_lib.common.lineage import timer
+
     small = spark.range(100_000).select(F.col("id").alias("image_id")).cache()
     small.count()
 
@@ -239,18 +248,11 @@ def _bucketed(spark, tmp: Path, out: dict, added: np.ndarray, removed: np.ndarra
     with timer("broadcast_empty") as t:
         anti(np.zeros(0, np.int64))
     s["broadcast_empty"] = empty_s = round(t["seconds"], 3)
-    for name, arr in (("broadcast_live_drop", live_drop), ("broadcast_replaced", replaced)):
+    for name, arr in sets.items():
         with timer(name) as t:
             anti(arr)
         s[name] = round(max(0.0, t["seconds"] - empty_s), 3)
-    with timer("the _changes rows of the night's own kinds") as t:
-        ids, kinds = change_rows(groups)
-        table = pa.table([pa.array(ids, pa.int64()), pa.array(kinds, pa.string())], names=["image_id", "kind"])
-        remote.write_parquet(remote.Files(), L.with_run(table, "r"), str(tmp / "changes" / "part-night.parquet"))
-    s["changes"] = round(t["seconds"], 3)
-    out["sizes"]["changes_rows"] = int(ids.size)
-    out["broadcast_mb"] = {"live_drop": round(live_drop.size * 16 / 2**20), "replaced": round(replaced.size * 16 / 2**20)}
-    out["total_s"] = round(sum(s.values()) - s["broadcast_empty"], 1)
+    return small, empty_s
 
 
 def _finish(spark, tmp: Path, out: dict, args) -> dict:

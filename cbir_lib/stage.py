@@ -124,9 +124,12 @@ class StageRun:
     def seconds(self) -> float:
         return round(time.time() - self.started, 3)
 
-    def commit(self, spark, write: Callable[[str], None], manifest: dict, extra_files: dict[str, bytes] | None = None) -> str:
-        """Commit the snapshot ``write(tmp)`` fills, atomically (:func:`tables.commit_dir`),
-        keeping ``run.keep_snapshots`` and, under ``run.pin_inputs``, moving ``_LATEST`` forward only."""
+    def commit(
+        self, spark, write: Callable[[str], None], manifest: dict, extra_files: dict[str, bytes] | None = None, staging: str | None = None
+    ) -> str:
+        """Commit the snapshot ``write(tmp)`` fills, atomically (:func:`tables.commit_dir`;
+        ``staging``: its folder, written into already), keeping ``run.keep_snapshots`` and,
+        under ``run.pin_inputs``, moving ``_LATEST`` forward only."""
         out = tables.commit_dir(
             spark,
             write,
@@ -136,6 +139,7 @@ class StageRun:
             extra_files=extra_files,
             keep=self.cfg.run.keep_snapshots,
             forward_only=self.cfg.run.pin_inputs,
+            staging=staging,
         )
         manifest["output"] = out
         return out

@@ -142,14 +142,18 @@ def commit_dir(
     extra_files: dict[str, bytes] | None = None,
     keep: int = 2,
     forward_only: bool = False,
+    staging: str | None = None,
 ) -> str:
     """Like :func:`commit`, for a snapshot made of several writes: ``write(tmp_uri)`` fills it.
 
     The manifest may be completed by ``write`` (it is written after it returns).
+    ``staging``: a folder the snapshot's files were written into already (by tasks, on
+    the table's filesystem), used as ``tmp_uri``: renamed into place, so an object store
+    copies the files once, as it copies any snapshot.
     """
     from cbir_lib.common import faults
 
-    tmp = fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
+    tmp = staging or fs.join(table_uri, "_tmp", f"{run_id}-{uuid.uuid4().hex[:8]}")
     scope = table_uri.rstrip("/").rsplit("/", 1)[-1]  # the table's name, for faults scoped to it
     write(tmp)
     manifest.setdefault("spark", spark_settings(spark))

@@ -89,12 +89,13 @@ def arrow_jobs(table, uri: str, count: int) -> list[tuple]:
     return [(t, f"{uri.rstrip('/')}/{name(i)}") for i, t in enumerate(split(table, count))]
 
 
-WRITTEN_DDL = "bucket long, rows long"
+WRITTEN_DDL = "bucket long, part int, rows long"
 
 
-def _writer(files: remote.Files, uri: str, schema, raw: tuple[str, ...]):
-    """mapInArrow: the rows of whole buckets (column ``_bucket``), each bucket written as
-    its file under ``uri``, atomically; one ``(bucket, rows)`` row per bucket out."""
+def _writer(files: remote.Files, uris: list[str], schema, raw: tuple[str, ...]):
+    """mapInArrow: rows of whole buckets (column ``_bucket``) of several tables (column
+    ``_part``: the index of its folder in ``uris``), each bucket of each table written as
+    its file, atomically; one ``(bucket, part, rows)`` row out per file."""
 
     def fn(batches):
         import pyarrow as pa
@@ -104,35 +105,44 @@ def _writer(files: remote.Files, uri: str, schema, raw: tuple[str, ...]):
             return
         t = pa.Table.from_batches(held)
         del held
-        b = t.column("_bucket").to_numpy()
-        order = np.argsort(b, kind="stable")
-        t, b = t.take(pa.array(order)).drop(["_bucket"]).cast(schema), b[order]
-        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-        ends = np.r_[starts[1:], b.size]
-        for lo, hi in zip(starts, ends, strict=True):
-            part = t.slice(int(lo), int(hi - lo))
-            remote.commit_parquet(files, part, f"{uri.rstrip('/')}/{name(int(b[lo]))}", f"{uri.rstrip('/')}/_tmp", raw=raw)
-            yield pa.RecordBatch.from_arrays([pa.array([int(b[lo])], pa.int64()), pa.array([int(hi - lo)], pa.int64())], ["bucket", "rows"])
+        key = t.column("_bucket").to_numpy() * len(uris) + t.column("_part").to_numpy()
+        order = np.argsort(key, kind="stable")
+        t, key = t.take(pa.array(order)).drop(["_bucket", "_part"]).cast(schema), key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        for lo, hi in zip(starts, np.r_[starts[1:], key.size], strict=True):
+            b, p = divmod(int(key[lo]), len(uris))
+            remote.commit_parquet(files, t.slice(int(lo), int(hi - lo)), f"{uris[p]}/{name(b)}", f"{uris[0]}/_tmp", raw=raw)
+            cols = [pa.array([b], pa.int64()), pa.array([p], pa.int32()), pa.array([int(hi - lo)], pa.int64())]
+            yield pa.RecordBatch.from_arrays(cols, ["bucket", "part", "rows"])
 
     return fn
 
 
-def write_frame(spark, df, uri: str, count: int, files: remote.Files, raw: tuple[str, ...] = ()) -> int:
-    """Write a Spark frame of list rows bucketed into directory ``uri``: the rows shuffled
-    by bucket (a range partitioning of the bucket numbers, so that tasks take whole buckets
-    of about equal size), each bucket one file, and an empty file for a bucket with no rows.
-    Returns the rows written."""
+def write_frames(spark, frames: dict[str, object], count: int, files: remote.Files, raw: tuple[str, ...] = ()) -> dict[str, int]:
+    """Write Spark frames of list rows with one schema (a snapshot's table and its reserve),
+    each bucketed into its folder (``frames``' keys), in one shuffle: the rows of every
+    frame by bucket (a range partitioning of the bucket numbers, so that a task takes whole
+    buckets of about equal size), each bucket of each frame one file, and an empty file for
+    a bucket with no rows. Returns the rows written into each folder."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
     from cbir_lib.common import fs
 
-    schema = _arrow_schema_of(df)
-    with_b = df.withColumn("_bucket", column(count))
-    got = with_b.repartitionByRange(count, "_bucket").mapInArrow(_writer(files, uri, schema, raw), WRITTEN_DDL).collect()
-    written = {int(r["bucket"]) for r in got}
-    for b in range(count):
-        if b not in written:
-            remote.commit_parquet(files, schema.empty_table(), f"{uri.rstrip('/')}/{name(b)}", f"{uri.rstrip('/')}/_tmp")
-    fs.delete(spark, f"{uri.rstrip('/')}/_tmp")
-    return int(sum(int(r["rows"]) for r in got))
+    uris = [u.rstrip("/") for u in frames]
+    dfs = list(frames.values())
+    schema = _arrow_schema_of(dfs[0])
+    tagged = [df.withColumn("_part", F.lit(i)) for i, df in enumerate(dfs)]
+    both = reduce(lambda a, b: a.unionByName(b), tagged).withColumn("_bucket", column(count))
+    got = both.repartitionByRange(count, "_bucket").mapInArrow(_writer(files, uris, schema, raw), WRITTEN_DDL).collect()
+    written = {(int(r["bucket"]), int(r["part"])) for r in got}
+    for p, u in enumerate(uris):
+        for b in range(count):
+            if (b, p) not in written:
+                remote.commit_parquet(files, schema.empty_table(), f"{u}/{name(b)}", f"{uris[0]}/_tmp")
+    fs.delete(spark, f"{uris[0]}/_tmp")
+    return {u: int(sum(int(r["rows"]) for r in got if int(r["part"]) == p)) for p, u in enumerate(uris)}
 
 
 def _arrow_schema_of(df):

@@ -16,9 +16,12 @@ that index's base, a run
    entries are still the best of the old collection, in order, down to its last one, so
    the reverse scan of later nights compares against that last score. Only a list left
    with fewer than ``k`` is **refilled**: searched again, whole;
-4. merges: a list touched by a reverse candidate or a removal is re-ranked by
-   ``(-score, neighbour id)``, capped at ``k + reserve``; the added and refilled lists are
-   the new searches; every other list is copied as it is;
+4. merges (:func:`~cbir_lib.neighbors.listops.night`): a list touched by a reverse
+   candidate or a removal is re-ranked by ``(-score, neighbour id)``, capped at ``k +
+   reserve``; the added and refilled lists are the new searches; every other list is
+   copied as it is. On the executors this runs one task a bucket of lists
+   (:mod:`~cbir_lib.neighbors.buckets`), with the night's candidates shuffled into the
+   buckets, so the driver never holds the touched lists' ids;
 5. measures recall@k on a sample of new images and one of old images against exact
    search over the current collection (``neighbors.min_recall`` applies to both). The old
    images' exact lists are carried from the base run (its ``_truth/``) and advanced by an
@@ -713,7 +716,7 @@ def run(
     def write(tmp: str) -> None:
         import pyarrow as pa
 
-        fs.rename(spark, merged_uri, tmp)
+        assert tmp == merged_uri  # the buckets' files are the snapshot's, renamed into place once
         fs.delete(spark, fs.join(tmp, MERGE_DONE))
         changes = pa.table([pa.array(ids, pa.int64()), pa.array(kinds, pa.string())], names=["image_id", "kind"])
         remote.write_parquet(files, L.with_run(changes, run_id), fs.join(tmp, L.CHANGES, "part-night.parquet"))
@@ -727,7 +730,7 @@ def run(
 
     with timer("committing the neighbours table (incremental)") as t:
         manifest["wall_seconds"] = round(time.time() - started, 3)
-        stage.commit(spark, write, manifest)
+        stage.commit(spark, write, manifest, staging=merged_uri)
     timings["commit_s"] = round(t["seconds"], 3)
     if nb.pairs:
         L._commit_pairs(spark, cfg, root, spark.read.parquet(manifest["output"]), run_id, n_files)
@@ -749,7 +752,7 @@ def _bucketed_base(spark, prev: dict, count: int, work_dir: str, files: remote.F
     if not fs.exists(spark, fs.join(out, "_SUCCESS")):
         with timer(f"writing last night's lists in {count} buckets (a snapshot written before buckets)"):
             fs.delete(spark, out)
-            buckets.write_frame(spark, L.read_lists(spark, prev), out, count, files, raw=L.LIST_RAW_COLUMNS)
+            buckets.write_frames(spark, {out: L.read_lists(spark, prev)}, count, files, raw=L.LIST_RAW_COLUMNS)
             fs.create_file(spark, fs.join(out, "_SUCCESS"), b"")
     return [out]
 

@@ -106,8 +106,8 @@ def commit_lists(
     def write(tmp: str) -> None:
         if buckets is not None:
             assert files is not None
-            manifest.setdefault("counts", {})["rows"] = B.write_frame(spark, public, tmp, buckets, files, raw=LIST_RAW_COLUMNS)
-            B.write_frame(spark, reserve, fs.join(tmp, RESERVE), buckets, files, raw=LIST_RAW_COLUMNS)
+            rows = B.write_frames(spark, {tmp: public, fs.join(tmp, RESERVE): reserve}, buckets, files, raw=LIST_RAW_COLUMNS)
+            manifest.setdefault("counts", {})["rows"] = rows[tmp.rstrip("/")]
             manifest["buckets"] = B.record(buckets)
         else:
             public.write.mode("overwrite").parquet(tmp)
