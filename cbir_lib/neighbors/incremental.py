@@ -401,6 +401,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
         hit = live & (lost > 0)
         lost_ids, short = ids[hit], (length - lost)[hit] < k
         refill = np.sort(lost_ids[short]) if not complete_only else np.zeros(0, np.int64)
+        lost_only = np.setdiff1d(lost_ids, refill)
         keep_thr = live & ~listops.member(ids, refill)
         thr_ids = ids[keep_thr]
         thr_vals = np.full(thr_ids.size, -np.inf, np.float32) if complete_only else last[keep_thr].astype(np.float32)
@@ -451,7 +452,7 @@ def _in_process(spark, sc, stage: StageRun, root, index, spec, params, memory, n
 
     with timer("merging the night into the lists") as t:
         replaced = np.union1d(np.union1d(added, removed), refill)
-        done = listops.night(old, fresh, reverse, added, removed, refill, k, width)
+        done = listops.night(old, fresh, reverse, added, removed, refill, k, width, lost_only)
         lists, top_changed = done.lists, done.top_changed
         del old
     timings["merge_s"] = round(t["seconds"], 3)

@@ -285,17 +285,27 @@ class Night:
 
 
 def night(
-    old: Dense, fresh: Dense, reverse: Lists, added: np.ndarray, removed: np.ndarray, refill: np.ndarray, k: int, width: int
+    old: Dense,
+    fresh: Dense,
+    reverse: Lists,
+    added: np.ndarray,
+    removed: np.ndarray,
+    refill: np.ndarray,
+    k: int,
+    width: int,
+    lost_only: np.ndarray | None = None,
 ) -> Night:
     """An incremental night's merge of last night's lists ``old``: the lists of ``added``,
     ``removed`` and ``refill`` (sorted ids) dropped, and ``fresh`` (tonight's searches of
     the added and refilled) put in their place; every other list that lost a neighbour in
     ``removed`` or gained a candidate row of ``reverse`` re-ranked by :func:`merged`; the
     rest as they were. Any subset of whole lists (a bucket) gives that subset's part of the
-    whole collection's result."""
-    ids, _, _, lost = list_stats(old, removed)
-    live = ~member(ids, np.union1d(added, removed))
-    lost_only = np.setdiff1d(ids[live & (lost > 0)], refill)
+    whole collection's result. ``lost_only``: the live lists that lost a neighbour and are
+    not refilled, where the caller measured them already (else from :func:`list_stats`)."""
+    if lost_only is None:
+        ids, _, _, lost = list_stats(old, removed)
+        live = ~member(ids, np.union1d(added, removed))
+        lost_only = np.setdiff1d(ids[live & (lost > 0)], refill)
     replaced = np.union1d(np.union1d(added, removed), refill)
     reverse = reverse.where(~member(reverse.qid, replaced))
     reverse_ids = np.unique(reverse.qid)
